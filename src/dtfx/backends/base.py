@@ -1,0 +1,243 @@
+"""The storage contract every backend implements.
+
+A backend stores, per task hub:
+
+* **instances**: one row per orchestration (or entity) instance, with its status,
+  payloads, timestamps and a *lease* (lock token + expiry);
+* **history**: the events of each instance's current execution, in order;
+* an **inbox** per instance: events waiting to be processed, each with a
+  visible-at time (timers and scheduled starts are inbox messages that become
+  visible later);
+* an **activity queue**: scheduled activities, each with its own lease.
+
+Work is handed out as leased work items. Completing a work item is one transaction
+that checks the lease first, so a worker that lost its lease (it stalled, its
+lease expired, another worker took the instance) changes nothing: there is no
+split brain. Several work items can be locked in one call and completed in one
+transaction (group commit).
+
+Delivery rules shared by every backend live in :mod:`dtfx.backends.delivery`;
+the contract suite in ``tests/backends`` checks every rule on every backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import ClassVar
+
+from dtfx.backends.signals import KeyedSignal, Signal, Waiter
+from dtfx.core.history import ExecutionStarted, HistoryEvent
+from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
+from dtfx.core.workitems import (
+    ActivityResult,
+    ActivityWorkItem,
+    OrchestrationCheckpoint,
+    OrchestrationWorkItem,
+)
+
+
+class WorkKind(enum.Enum):
+    """The queues a dispatcher can wait on."""
+
+    ORCHESTRATION = "orchestration"
+    ACTIVITY = "activity"
+    ENTITY = "entity"
+
+
+def utc_now() -> datetime:
+    """The backends' clock."""
+    return datetime.now(UTC)
+
+
+class Backend(ABC):
+    """The storage contract (see the module docstring).
+
+    Every method is a coroutine and may be called from any thread and any event
+    loop: a sync :class:`~dtfx.Client` runs its own loop next to a worker's.
+    """
+
+    poll_interval: ClassVar[float] = 1.0
+    """Longest idle wait of a dispatcher before it looks for work again. Changes made
+    in this process wake dispatchers at once; this bounds the delay for changes made
+    by other processes (and for expired leases)."""
+
+    max_messages_per_work_item: ClassVar[int] = 10_000
+    """An orchestration work item carries at most this many inbox messages."""
+
+    def __init__(self) -> None:
+        self._work_signals = {kind: Signal() for kind in WorkKind}
+        self._instance_signals = KeyedSignal()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:  # noqa: B027 - an optional hook
+        """Prepare the store (create or migrate the schema). Idempotent."""
+
+    async def close(self) -> None:  # noqa: B027 - an optional hook
+        """Release connections and threads. The backend is not used afterwards."""
+
+    # -- instances ------------------------------------------------------------------------
+
+    @abstractmethod
+    async def create_instance(
+        self,
+        start: ExecutionStarted,
+        *,
+        scheduled_start_at: datetime | None = None,
+        reuse_policy: OrchestrationIdReusePolicy | None = None,
+    ) -> None:
+        """Create the instance ``start.instance.instance_id`` in one transaction.
+
+        If an instance with that id exists and its status is not in
+        ``reuse_policy.replaceable_statuses`` (any existing instance, without a
+        policy), raise :class:`~dtfx.OrchestrationAlreadyExistsError` and change
+        nothing. Otherwise replace it: a PENDING row built by
+        :func:`~dtfx.backends.delivery.new_instance_state` (with a new lease-free
+        state), its history, inbox and activity tasks deleted, and ``start`` in its
+        inbox, visible at ``scheduled_start_at`` (or now).
+        """
+
+    @abstractmethod
+    async def send_event(self, instance_id: str, event: HistoryEvent, *, visible_at: datetime | None = None) -> None:
+        """Put ``event`` in the instance's inbox (one insert), following the delivery rules.
+
+        Raise :class:`~dtfx.OrchestrationNotFoundError` if the instance does not
+        exist (an entity id creates its entity instead). An instance that has ended
+        only accepts what :func:`~dtfx.backends.delivery.accepts` allows; anything
+        else is dropped silently.
+        """
+
+    @abstractmethod
+    async def get_instance(self, instance_id: str, *, fetch_payloads: bool = True) -> OrchestrationState | None:
+        """The instance's state, or ``None``. Without ``fetch_payloads`` the input,
+        output and custom status are left out."""
+
+    @abstractmethod
+    async def get_history(self, instance_id: str) -> list[HistoryEvent]:
+        """The current execution's history in order (empty for an unknown instance)."""
+
+    @abstractmethod
+    async def query_instances(
+        self, query: OrchestrationQuery, continuation_token: str | None = None, *, entities: bool = False
+    ) -> Page[OrchestrationState]:
+        """One page of instances matching ``query``, ordered by creation time then id.
+
+        ``continuation_token`` is the token of the previous page; the page's token is
+        ``None`` when no instance is left. ``entities`` selects entity instances
+        instead of orchestrations.
+        """
+
+    @abstractmethod
+    async def purge_instances(self, instance_ids: Collection[str]) -> int:
+        """Delete those of the instances that have ended, with their history, inbox and
+        activity tasks, in one transaction. Return how many were deleted."""
+
+    # -- orchestration work items -------------------------------------------------------------
+
+    @abstractmethod
+    async def lock_orchestration_work_items(
+        self, max_count: int, lock_for: timedelta, *, entities: bool = False
+    ) -> list[OrchestrationWorkItem]:
+        """Lease up to ``max_count`` instances that have visible inbox messages and no
+        live lease, in one transaction, and return them with those messages (oldest
+        first, at most :attr:`max_messages_per_work_item`) but without their history.
+
+        ``entities`` selects entity instances instead of orchestrations. Each lease
+        gets a new lock token and lasts ``lock_for``.
+        """
+
+    @abstractmethod
+    async def complete_orchestration_work_items(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> list[bool]:
+        """Commit the checkpoints in one transaction; return, per checkpoint, whether it
+        was committed.
+
+        For each checkpoint whose lease is still held (same lock token): append its
+        history (or replace it), update the instance row, delete the consumed inbox
+        messages, queue its activity tasks, deliver its messages following
+        :mod:`~dtfx.backends.delivery`, and release the lease. A checkpoint whose
+        lease was lost changes nothing and reports ``False``; the others still commit.
+        """
+
+    @abstractmethod
+    async def abandon_orchestration_work_item(
+        self, item: OrchestrationWorkItem, *, retry_at: datetime | None = None
+    ) -> None:
+        """Release the lease without consuming anything (if it is still held). With
+        ``retry_at``, the instance is not leased again before then."""
+
+    @abstractmethod
+    async def renew_orchestration_lease(self, item: OrchestrationWorkItem, lock_for: timedelta) -> bool:
+        """Extend the lease to now + ``lock_for``; False if it was lost."""
+
+    # -- activity work items -------------------------------------------------------------------
+
+    @abstractmethod
+    async def lock_activity_work_items(self, max_count: int, lock_for: timedelta) -> list[ActivityWorkItem]:
+        """Lease up to ``max_count`` visible activity tasks (oldest first) in one transaction."""
+
+    @abstractmethod
+    async def complete_activity_work_items(self, results: Sequence[ActivityResult]) -> list[bool]:
+        """In one transaction, for each result whose lease is still held: delete the task
+        and put the result event in its instance's inbox (addressed to the task's
+        execution). Return, per result, whether it was committed."""
+
+    @abstractmethod
+    async def abandon_activity_work_item(self, item: ActivityWorkItem, *, retry_at: datetime | None = None) -> None:
+        """Release the lease (if still held); with ``retry_at``, not leased again before then."""
+
+    @abstractmethod
+    async def renew_activity_lease(self, item: ActivityWorkItem, lock_for: timedelta) -> bool:
+        """Extend the lease to now + ``lock_for``; False if it was lost."""
+
+    # -- waiting ------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def next_visible_at(self, kind: WorkKind) -> datetime | None:
+        """When the earliest inbox message (or activity task) that is not visible yet
+        becomes visible, or ``None``."""
+
+    def subscribe(self, kind: WorkKind) -> Waiter:
+        """A waiter that is woken when work of ``kind`` may have arrived.
+
+        The base class wakes it for changes made through this object; a backend
+        shared by several processes also wakes it for theirs (PostgreSQL
+        LISTEN/NOTIFY) or relies on :attr:`poll_interval`.
+        """
+        return self._work_signals[kind].subscribe()
+
+    def _notify_work(self, *kinds: WorkKind) -> None:
+        for kind in kinds:
+            self._work_signals[kind].notify()
+
+    def _notify_instance(self, instance_id: str) -> None:
+        self._instance_signals.notify(instance_id)
+
+    async def wait_for_instance(
+        self,
+        instance_id: str,
+        predicate: Callable[[OrchestrationState], bool],
+        timeout: float | None,
+        *,
+        fetch_payloads: bool = True,
+    ) -> OrchestrationState | None:
+        """Wait until the instance's state satisfies ``predicate`` and return it.
+
+        Returns ``None`` at once for an unknown instance; raises ``TimeoutError``
+        when ``timeout`` seconds pass first. Built from :meth:`get_instance`, woken by
+        this object's own commits and polling otherwise; backends may do better.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        with self._instance_signals.subscribe(instance_id) as waiter:
+            while True:
+                state = await self.get_instance(instance_id, fetch_payloads=fetch_payloads)
+                if state is None or predicate(state):
+                    return state
+                remaining = self.poll_interval if deadline is None else min(self.poll_interval, deadline - loop.time())
+                if remaining <= 0:
+                    raise TimeoutError(instance_id)
+                await waiter.wait(remaining)

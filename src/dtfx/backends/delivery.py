@@ -1,0 +1,108 @@
+"""Delivery rules every backend applies when it puts a message in an inbox.
+
+They are pure functions, so the rules are written once; backends only carry out
+what :func:`route` decides, inside their transaction.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from dtfx.core.errors import OrchestrationAlreadyExistsError
+from dtfx.core.history import (
+    ExecutionRewound,
+    ExecutionStarted,
+    FailureDetails,
+    HistoryEvent,
+    OrchestrationStatus,
+    SubOrchestrationInstanceFailed,
+)
+from dtfx.core.state import OrchestrationState
+from dtfx.core.workitems import OutboundMessage
+
+
+class Route(enum.Enum):
+    """What to do with one outbound message."""
+
+    CREATE = "create"
+    """Create (or replace) the target instance from the message's ``ExecutionStarted``, then deliver it."""
+    CREATE_ENTITY = "create_entity"
+    """Create the target entity instance (:func:`new_entity_state`), then deliver the message."""
+    DELIVER = "deliver"
+    """Insert the message into the target's inbox."""
+    DROP = "drop"
+    """Discard the message."""
+    REFUSE_START = "refuse_start"
+    """Discard it and send :func:`refused_start` to the parent instead."""
+
+
+def is_entity_id(instance_id: str) -> bool:
+    """Entity instances have ids of the form ``@name@key``."""
+    return instance_id.startswith("@") and instance_id.find("@", 1) > 0
+
+
+def accepts(status: OrchestrationStatus, event: HistoryEvent) -> bool:
+    """Whether an existing instance in ``status`` takes ``event`` into its inbox."""
+    if not status.is_terminal:
+        return True
+    return isinstance(event, ExecutionRewound) and status == OrchestrationStatus.FAILED
+
+
+def route(message: OutboundMessage, sender_id: str, target: OrchestrationState | None) -> Route:
+    """Decide the fate of ``message`` sent by ``sender_id`` to ``target`` (``None``: no such instance)."""
+    event = message.event
+    if isinstance(event, ExecutionStarted) and message.instance_id != sender_id:
+        if target is None or target.runtime_status.is_terminal:
+            return Route.CREATE
+        return Route.REFUSE_START
+    if target is None:
+        return Route.CREATE_ENTITY if is_entity_id(message.instance_id) else Route.DROP
+    return Route.DELIVER if accepts(target.runtime_status, event) else Route.DROP
+
+
+def refused_start(message: OutboundMessage, existing: OrchestrationStatus, now: datetime) -> OutboundMessage | None:
+    """The failure a parent receives when its sub-orchestration's id is taken."""
+    event = message.event
+    assert isinstance(event, ExecutionStarted)
+    parent = event.parent
+    if parent is None:
+        return None
+    error = OrchestrationAlreadyExistsError(message.instance_id, existing)
+    failure = SubOrchestrationInstanceFailed(
+        timestamp=now,
+        task_scheduled_id=parent.task_scheduled_id,
+        failure_details=FailureDetails(error_type=type(error).__name__, message=str(error), is_non_retriable=True),
+    )
+    return OutboundMessage(parent.instance_id, failure, parent.execution_id)
+
+
+def new_instance_state(
+    start: ExecutionStarted, now: datetime, scheduled_start_at: datetime | None = None
+) -> OrchestrationState:
+    """The row of an instance created from ``start``."""
+    return OrchestrationState(
+        instance_id=start.instance.instance_id,
+        name=start.name,
+        runtime_status=OrchestrationStatus.PENDING,
+        created_at=now,
+        last_updated_at=now,
+        serialized_input=start.input,
+        version=start.version,
+        execution_id=start.instance.execution_id,
+        parent_instance_id=start.parent.instance_id if start.parent else None,
+        scheduled_start_at=scheduled_start_at,
+        tags=start.tags,
+    )
+
+
+def new_entity_state(instance_id: str, now: datetime) -> OrchestrationState:
+    """The row of an entity instance created by its first message."""
+    name = instance_id[1 : instance_id.index("@", 1)]
+    return OrchestrationState(
+        instance_id=instance_id,
+        name=name,
+        runtime_status=OrchestrationStatus.RUNNING,
+        created_at=now,
+        last_updated_at=now,
+    )

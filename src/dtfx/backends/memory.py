@@ -1,0 +1,384 @@
+"""The in-memory backend: the whole storage contract in a few dicts.
+
+For tests (yours and ours) and for trying things out; nothing survives the process.
+Share one ``MemoryBackend`` object between a worker and a client to use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import uuid
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from dtfx.backends.base import Backend, WorkKind, utc_now
+from dtfx.backends.delivery import (
+    Route,
+    is_entity_id,
+    new_entity_state,
+    new_instance_state,
+    refused_start,
+    route,
+)
+from dtfx.backends.paging import decode_token, encode_token
+from dtfx.core.errors import OrchestrationAlreadyExistsError, OrchestrationNotFoundError
+from dtfx.core.history import ExecutionStarted, HistoryEvent
+from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
+from dtfx.core.workitems import (
+    ActivityResult,
+    ActivityTask,
+    ActivityWorkItem,
+    InboxMessage,
+    OrchestrationCheckpoint,
+    OrchestrationWorkItem,
+    OutboundMessage,
+)
+
+
+@dataclass
+class _Message:
+    id: int
+    event: HistoryEvent
+    execution_id: str | None
+    visible_at: datetime
+
+
+@dataclass
+class _Instance:
+    state: OrchestrationState
+    history: list[HistoryEvent] = field(default_factory=list)
+    inbox: list[_Message] = field(default_factory=list)
+    lock_token: str | None = None
+    locked_until: datetime | None = None
+
+
+@dataclass
+class _Task:
+    id: int
+    task: ActivityTask
+    visible_at: datetime
+    lock_token: str | None = None
+    locked_until: datetime | None = None
+    dequeue_count: int = 0
+
+
+class MemoryBackend(Backend):
+    """Keeps a task hub in this process's memory."""
+
+    poll_interval = 5.0  # every change goes through this object, so waiters are woken anyway
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._instances: dict[str, _Instance] = {}
+        self._tasks: dict[int, _Task] = {}
+        self._ids = itertools.count(1)
+
+    @property
+    def url(self) -> str:
+        """``memory://``."""
+        return "memory://"
+
+    # -- instances ------------------------------------------------------------------------
+
+    async def create_instance(
+        self,
+        start: ExecutionStarted,
+        *,
+        scheduled_start_at: datetime | None = None,
+        reuse_policy: OrchestrationIdReusePolicy | None = None,
+    ) -> None:
+        instance_id = start.instance.instance_id
+        now = utc_now()
+        with self._lock:
+            existing = self._instances.get(instance_id)
+            if existing is not None:
+                status = existing.state.runtime_status
+                if reuse_policy is None or status not in reuse_policy.replaceable_statuses:
+                    raise OrchestrationAlreadyExistsError(instance_id, status)
+            self._create(start, now, scheduled_start_at)
+        self._notify_work(WorkKind.ORCHESTRATION)
+        self._notify_instance(instance_id)
+
+    def _create(self, start: ExecutionStarted, now: datetime, scheduled_start_at: datetime | None = None) -> None:
+        instance_id = start.instance.instance_id
+        self._drop_tasks_of(instance_id)
+        instance = _Instance(new_instance_state(start, now, scheduled_start_at))
+        self._instances[instance_id] = instance
+        self._enqueue(instance, start, start.instance.execution_id, scheduled_start_at or now)
+
+    def _drop_tasks_of(self, instance_id: str) -> None:
+        for task_id in [key for key, task in self._tasks.items() if task.task.instance_id == instance_id]:
+            del self._tasks[task_id]
+
+    def _enqueue(
+        self, instance: _Instance, event: HistoryEvent, execution_id: str | None, visible_at: datetime
+    ) -> None:
+        instance.inbox.append(_Message(next(self._ids), event, execution_id, visible_at))
+
+    async def send_event(self, instance_id: str, event: HistoryEvent, *, visible_at: datetime | None = None) -> None:
+        now = utc_now()
+        with self._lock:
+            instance = self._instances.get(instance_id)
+            if instance is None and not is_entity_id(instance_id):
+                raise OrchestrationNotFoundError(instance_id)
+            self._deliver(OutboundMessage(instance_id, event, visible_at=visible_at), "", now)
+        self._notify_work(WorkKind.ENTITY if is_entity_id(instance_id) else WorkKind.ORCHESTRATION)
+
+    async def get_instance(self, instance_id: str, *, fetch_payloads: bool = True) -> OrchestrationState | None:
+        with self._lock:
+            instance = self._instances.get(instance_id)
+            return None if instance is None else _snapshot(instance.state, fetch_payloads)
+
+    async def get_history(self, instance_id: str) -> list[HistoryEvent]:
+        with self._lock:
+            instance = self._instances.get(instance_id)
+            return [] if instance is None else list(instance.history)
+
+    async def query_instances(
+        self, query: OrchestrationQuery, continuation_token: str | None = None, *, entities: bool = False
+    ) -> Page[OrchestrationState]:
+        after = decode_token(continuation_token) if continuation_token else None
+        with self._lock:
+            matches = sorted(
+                (i.state for i in self._instances.values() if is_entity_id(i.state.instance_id) == entities),
+                key=lambda state: (state.created_at, state.instance_id),
+            )
+            selected: list[OrchestrationState] = []
+            for state in matches:
+                if after is not None and (state.created_at, state.instance_id) <= after:
+                    continue
+                if _matches(state, query):
+                    selected.append(_snapshot(state, query.fetch_inputs_and_outputs))
+                    if len(selected) > query.max_instance_count:
+                        break
+        if len(selected) > query.max_instance_count:
+            del selected[query.max_instance_count :]
+            last = selected[-1]
+            return Page(selected, encode_token(last.created_at, last.instance_id))
+        return Page(selected, None)
+
+    async def purge_instances(self, instance_ids: Collection[str]) -> int:
+        deleted = 0
+        with self._lock:
+            for instance_id in instance_ids:
+                instance = self._instances.get(instance_id)
+                if instance is not None and instance.state.runtime_status.is_terminal:
+                    del self._instances[instance_id]
+                    self._drop_tasks_of(instance_id)
+                    deleted += 1
+        return deleted
+
+    # -- orchestration work items -------------------------------------------------------------
+
+    async def lock_orchestration_work_items(
+        self, max_count: int, lock_for: timedelta, *, entities: bool = False
+    ) -> list[OrchestrationWorkItem]:
+        now = utc_now()
+        items: list[OrchestrationWorkItem] = []
+        with self._lock:
+            for instance_id, instance in self._instances.items():
+                if len(items) >= max_count:
+                    break
+                if is_entity_id(instance_id) != entities or not instance.inbox:
+                    continue
+                if instance.locked_until is not None and instance.locked_until > now:
+                    continue
+                visible = [m for m in instance.inbox if m.visible_at <= now][: self.max_messages_per_work_item]
+                if not visible:
+                    continue
+                instance.lock_token = uuid.uuid4().hex
+                instance.locked_until = now + lock_for
+                items.append(
+                    OrchestrationWorkItem(
+                        instance_id=instance_id,
+                        lock_token=instance.lock_token,
+                        locked_until=instance.locked_until,
+                        state=_snapshot(instance.state, True),
+                        messages=[InboxMessage(m.id, m.event, m.execution_id) for m in visible],
+                        history_size=len(instance.history),
+                    )
+                )
+        return items
+
+    async def complete_orchestration_work_items(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> list[bool]:
+        now = utc_now()
+        results: list[bool] = []
+        changed: list[str] = []
+        with self._lock:
+            for checkpoint in checkpoints:
+                instance = self._instances.get(checkpoint.instance_id)
+                if instance is None or instance.lock_token != checkpoint.lock_token:
+                    results.append(False)
+                    continue
+                self._commit(instance, checkpoint, now)
+                results.append(True)
+                changed.append(checkpoint.instance_id)
+                changed.extend(message.instance_id for message in checkpoint.messages)
+        if changed:
+            self._notify_work(*WorkKind)
+            for instance_id in dict.fromkeys(changed):
+                self._notify_instance(instance_id)
+        return results
+
+    def _commit(self, instance: _Instance, checkpoint: OrchestrationCheckpoint, now: datetime) -> None:
+        if checkpoint.replace_history:
+            instance.history = list(checkpoint.new_history)
+        else:
+            instance.history.extend(checkpoint.new_history)
+        instance.state = dataclasses.replace(
+            instance.state,
+            runtime_status=checkpoint.status,
+            execution_id=checkpoint.execution_id,
+            serialized_input=checkpoint.input,
+            serialized_output=checkpoint.output,
+            serialized_custom_status=checkpoint.custom_status,
+            failure_details=checkpoint.failure_details,
+            version=checkpoint.version,
+            completed_at=checkpoint.completed_at,
+            last_updated_at=checkpoint.updated_at,
+        )
+        consumed = set(checkpoint.consumed)
+        instance.inbox = [m for m in instance.inbox if m.id not in consumed]
+        instance.lock_token = instance.locked_until = None
+        for task in checkpoint.activity_tasks:
+            task_id = next(self._ids)
+            self._tasks[task_id] = _Task(task_id, task, now)
+        for message in checkpoint.messages:
+            self._deliver(message, checkpoint.instance_id, now)
+
+    def _deliver(self, message: OutboundMessage, sender_id: str, now: datetime) -> None:
+        target = self._instances.get(message.instance_id)
+        decision = route(message, sender_id, target.state if target else None)
+        if decision is Route.DROP:
+            return
+        if decision is Route.REFUSE_START:
+            assert target is not None
+            refusal = refused_start(message, target.state.runtime_status, now)
+            if refusal is not None:
+                self._deliver(refusal, message.instance_id, now)
+            return
+        if decision is Route.CREATE:
+            assert isinstance(message.event, ExecutionStarted)
+            self._create(message.event, now)
+            return
+        if decision is Route.CREATE_ENTITY:
+            target = _Instance(new_entity_state(message.instance_id, now))
+            self._instances[message.instance_id] = target
+        assert target is not None
+        self._enqueue(target, message.event, message.execution_id, message.visible_at or now)
+
+    async def abandon_orchestration_work_item(
+        self, item: OrchestrationWorkItem, *, retry_at: datetime | None = None
+    ) -> None:
+        with self._lock:
+            instance = self._instances.get(item.instance_id)
+            if instance is not None and instance.lock_token == item.lock_token:
+                instance.lock_token = None
+                instance.locked_until = retry_at
+        self._notify_work(WorkKind.ORCHESTRATION, WorkKind.ENTITY)
+
+    async def renew_orchestration_lease(self, item: OrchestrationWorkItem, lock_for: timedelta) -> bool:
+        with self._lock:
+            instance = self._instances.get(item.instance_id)
+            if instance is None or instance.lock_token != item.lock_token:
+                return False
+            instance.locked_until = item.locked_until = utc_now() + lock_for
+            return True
+
+    # -- activity work items -------------------------------------------------------------------
+
+    async def lock_activity_work_items(self, max_count: int, lock_for: timedelta) -> list[ActivityWorkItem]:
+        now = utc_now()
+        items: list[ActivityWorkItem] = []
+        with self._lock:
+            for task in self._tasks.values():
+                if len(items) >= max_count:
+                    break
+                if task.visible_at > now or (task.locked_until is not None and task.locked_until > now):
+                    continue
+                task.lock_token = uuid.uuid4().hex
+                task.locked_until = now + lock_for
+                task.dequeue_count += 1
+                items.append(
+                    ActivityWorkItem(task.id, task.lock_token, task.locked_until, task.task, task.dequeue_count)
+                )
+        return items
+
+    async def complete_activity_work_items(self, results: Sequence[ActivityResult]) -> list[bool]:
+        now = utc_now()
+        committed: list[bool] = []
+        with self._lock:
+            for result in results:
+                item = result.work_item
+                task = self._tasks.get(int(item.id))
+                if task is None or task.lock_token != item.lock_token:
+                    committed.append(False)
+                    continue
+                del self._tasks[task.id]
+                message = OutboundMessage(task.task.instance_id, result.event, task.task.execution_id)
+                self._deliver(message, "", now)
+                committed.append(True)
+        if any(committed):
+            self._notify_work(WorkKind.ORCHESTRATION)
+        return committed
+
+    async def abandon_activity_work_item(self, item: ActivityWorkItem, *, retry_at: datetime | None = None) -> None:
+        with self._lock:
+            task = self._tasks.get(int(item.id))
+            if task is not None and task.lock_token == item.lock_token:
+                task.lock_token = task.locked_until = None
+                task.visible_at = retry_at or utc_now()
+        self._notify_work(WorkKind.ACTIVITY)
+
+    async def renew_activity_lease(self, item: ActivityWorkItem, lock_for: timedelta) -> bool:
+        with self._lock:
+            task = self._tasks.get(int(item.id))
+            if task is None or task.lock_token != item.lock_token:
+                return False
+            task.locked_until = item.locked_until = utc_now() + lock_for
+            return True
+
+    # -- waiting ------------------------------------------------------------------------------
+
+    async def next_visible_at(self, kind: WorkKind) -> datetime | None:
+        now = utc_now()
+        with self._lock:
+            if kind is WorkKind.ACTIVITY:
+                moments: Iterator[datetime] = (t.visible_at for t in self._tasks.values() if t.visible_at > now)
+            else:
+                entities = kind is WorkKind.ENTITY
+                moments = itertools.chain.from_iterable(
+                    (
+                        [m.visible_at for m in i.inbox if m.visible_at > now]
+                        + ([i.locked_until] if i.locked_until and i.locked_until > now and i.inbox else [])
+                    )
+                    for instance_id, i in self._instances.items()
+                    if is_entity_id(instance_id) == entities
+                )
+            return min(moments, default=None)
+
+
+def _snapshot(state: OrchestrationState, fetch_payloads: bool) -> OrchestrationState:
+    if fetch_payloads:
+        return dataclasses.replace(state)
+    return dataclasses.replace(state, serialized_input=None, serialized_output=None, serialized_custom_status=None)
+
+
+def _matches(state: OrchestrationState, query: OrchestrationQuery) -> bool:
+    if query.runtime_status and state.runtime_status not in query.runtime_status:
+        return False
+    if query.created_time_from and state.created_at < query.created_time_from:
+        return False
+    if query.created_time_to and state.created_at > query.created_time_to:
+        return False
+    if query.instance_id_prefix and not state.instance_id.startswith(query.instance_id_prefix):
+        return False
+    if query.completed_time_from and (state.completed_at is None or state.completed_at < query.completed_time_from):
+        return False
+    return not (
+        query.completed_time_to and (state.completed_at is None or state.completed_at > query.completed_time_to)
+    )

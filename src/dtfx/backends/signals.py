@@ -1,0 +1,146 @@
+"""Wake-up signals that cross threads and event loops.
+
+A dispatcher waits for "work may be available"; a client waits for "this instance
+changed". The notifying side may run in another thread or another event loop (a
+sync ``Client`` runs its own loop; a PostgreSQL listener runs in its own task), so a
+waiter's future is always resolved through its own loop's ``call_soon_threadsafe``.
+
+A :class:`Waiter` is level-triggered: a notification that arrives while nobody waits
+is kept until the next :meth:`Waiter.wait`, so "check, then wait" never misses one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Hashable
+from contextlib import suppress
+
+
+class Waiter:
+    """One subscriber's wake-up flag."""
+
+    def __init__(self, on_close: Signal | KeyedSignal | None = None, key: Hashable = None) -> None:
+        self._lock = threading.Lock()
+        self._flag = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._future: asyncio.Future[None] | None = None
+        self._owner = on_close
+        self._key = key
+
+    def set(self) -> None:
+        """Wake the waiter (from any thread)."""
+        with self._lock:
+            self._flag = True
+            loop, future = self._loop, self._future
+        if loop is not None and future is not None:
+            with suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(_resolve, future)
+
+    def clear(self) -> None:
+        """Forget a pending notification."""
+        with self._lock:
+            self._flag = False
+
+    async def wait(self, timeout: float | None) -> bool:
+        """Wait until notified or ``timeout`` seconds pass; True if notified. Clears the flag."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._flag:
+                self._flag = False
+                return True
+            if timeout is not None and timeout <= 0:
+                return False
+            future: asyncio.Future[None] = loop.create_future()
+            self._loop, self._future = loop, future
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._loop = self._future = None
+                notified = self._flag
+                self._flag = False
+        return notified
+
+    def close(self) -> None:
+        """Stop receiving notifications."""
+        if isinstance(self._owner, KeyedSignal):
+            self._owner._remove(self._key, self)
+        elif self._owner is not None:
+            self._owner._remove(self)
+
+    def __enter__(self) -> Waiter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Signal:
+    """Wakes every subscribed :class:`Waiter`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: set[Waiter] = set()
+
+    def subscribe(self) -> Waiter:
+        """A new waiter; close it when done."""
+        waiter = Waiter(self)
+        with self._lock:
+            self._waiters.add(waiter)
+        return waiter
+
+    def notify(self) -> None:
+        """Wake all waiters (from any thread)."""
+        with self._lock:
+            waiters = list(self._waiters)
+        for waiter in waiters:
+            waiter.set()
+
+    def _remove(self, waiter: Waiter) -> None:
+        with self._lock:
+            self._waiters.discard(waiter)
+
+
+class KeyedSignal:
+    """Wakes the waiters subscribed to one key (an instance id)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: dict[Hashable, set[Waiter]] = {}
+
+    def subscribe(self, key: Hashable) -> Waiter:
+        """A new waiter for ``key``; close it when done."""
+        waiter = Waiter(self, key)
+        with self._lock:
+            self._waiters.setdefault(key, set()).add(waiter)
+        return waiter
+
+    def notify(self, key: Hashable) -> None:
+        """Wake the waiters of ``key`` (from any thread)."""
+        with self._lock:
+            waiters = list(self._waiters.get(key, ()))
+        for waiter in waiters:
+            waiter.set()
+
+    def notify_all(self) -> None:
+        """Wake every waiter of every key."""
+        with self._lock:
+            waiters = [waiter for group in self._waiters.values() for waiter in group]
+        for waiter in waiters:
+            waiter.set()
+
+    def _remove(self, key: Hashable, waiter: Waiter) -> None:
+        with self._lock:
+            group = self._waiters.get(key)
+            if group is not None:
+                group.discard(waiter)
+                if not group:
+                    del self._waiters[key]

@@ -1,0 +1,487 @@
+"""Clients: start, query and manage orchestration instances.
+
+:class:`AsyncClient` does the work; :class:`Client` is the same API for sync code,
+running each call on a private event loop. Method names and signatures follow the
+official ``durabletask`` SDK's ``TaskHubGrpcClient``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Collection
+from datetime import datetime, timedelta
+from typing import Any
+
+from dtfx._portal import LoopThread
+from dtfx.backends import open_backend
+from dtfx.backends.base import Backend, utc_now
+from dtfx.core.context import as_utc, function_name
+from dtfx.core.errors import (
+    OrchestrationNotFoundError,
+    OrchestrationStateError,
+    OrchestrationTimeoutError,
+)
+from dtfx.core.history import (
+    EventRaised,
+    ExecutionResumed,
+    ExecutionRewound,
+    ExecutionStarted,
+    ExecutionSuspended,
+    ExecutionTerminated,
+    HistoryEvent,
+    OrchestrationInstance,
+    OrchestrationStatus,
+    SubOrchestrationInstanceCreated,
+)
+from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter
+from dtfx.core.state import (
+    TERMINAL_REUSE_POLICY,
+    OrchestrationIdReusePolicy,
+    OrchestrationQuery,
+    OrchestrationState,
+    Page,
+    PurgeResult,
+)
+
+_TERMINAL = sorted(
+    (
+        OrchestrationStatus.COMPLETED,
+        OrchestrationStatus.FAILED,
+        OrchestrationStatus.TERMINATED,
+        OrchestrationStatus.CANCELED,
+    )
+)
+
+
+class AsyncClient:
+    """Manage orchestrations from async code.
+
+    Args:
+        backend: A backend object or URL (as for :class:`~dtfx.Worker`). A backend
+            given as a URL is owned by the client and closed with it; pass the same
+            ``MemoryBackend`` object to a worker and a client to share it.
+        data_converter: How payloads are (de)serialized.
+        default_version: The version given to new orchestrations that name none.
+    """
+
+    def __init__(
+        self,
+        backend: Backend | str | None = None,
+        *,
+        data_converter: DataConverter | None = None,
+        default_version: str | None = None,
+    ) -> None:
+        self._owns_backend = not isinstance(backend, Backend)
+        self.backend: Backend = backend if isinstance(backend, Backend) else open_backend(backend)
+        self.converter = data_converter or DEFAULT_CONVERTER
+        self.default_version = default_version
+        self._started = False
+
+    async def _ready(self) -> Backend:
+        if not self._started:
+            await self.backend.start()
+            self._started = True
+        return self.backend
+
+    async def close(self) -> None:
+        """Close the backend if this client opened it."""
+        if self._owns_backend:
+            await self.backend.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        await self._ready()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- starting -----------------------------------------------------------------------------
+
+    async def schedule_new_orchestration(
+        self,
+        orchestrator: Callable[..., Any] | str,
+        *,
+        input: Any = None,
+        instance_id: str | None = None,
+        start_at: datetime | None = None,
+        reuse_id_policy: OrchestrationIdReusePolicy | None = None,
+        tags: dict[str, str] | None = None,
+        version: str | None = None,
+    ) -> str:
+        """Start a new instance of ``orchestrator`` (a function or a registered name); returns its id.
+
+        If the id is taken, the existing instance is replaced only if its status is in
+        ``reuse_id_policy``; otherwise :class:`~dtfx.OrchestrationAlreadyExistsError`
+        is raised. ``start_at`` delays the start; the instance is PENDING until then.
+        """
+        backend = await self._ready()
+        instance_id = instance_id or uuid.uuid4().hex
+        scheduled = as_utc(start_at) if start_at is not None else None
+        start = ExecutionStarted(
+            timestamp=utc_now(),
+            name=function_name(orchestrator),
+            instance=OrchestrationInstance(instance_id=instance_id, execution_id=uuid.uuid4().hex),
+            version=version or self.default_version,
+            input=self.converter.serialize(input),
+            scheduled_start_time=scheduled,
+            tags=tags,
+        )
+        await backend.create_instance(start, scheduled_start_at=scheduled, reuse_policy=reuse_id_policy)
+        return instance_id
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def get_orchestration_state(
+        self, instance_id: str, *, fetch_payloads: bool = True
+    ) -> OrchestrationState | None:
+        """The instance's state, or ``None`` if there is no such instance."""
+        backend = await self._ready()
+        return self._with_converter(await backend.get_instance(instance_id, fetch_payloads=fetch_payloads))
+
+    async def get_orchestration_history(self, instance_id: str) -> list[HistoryEvent]:
+        """The history events of the instance's current execution."""
+        backend = await self._ready()
+        if await backend.get_instance(instance_id, fetch_payloads=False) is None:
+            raise OrchestrationNotFoundError(instance_id)
+        return await backend.get_history(instance_id)
+
+    async def query_orchestrations(
+        self, query: OrchestrationQuery | None = None, continuation_token: str | None = None
+    ) -> Page[OrchestrationState]:
+        """One page of instances matching ``query`` (``max_instance_count`` per page)."""
+        backend = await self._ready()
+        page = await backend.query_instances(query or OrchestrationQuery(), continuation_token)
+        for state in page.items:
+            state.converter = self.converter
+        return page
+
+    async def get_all_orchestration_states(self, query: OrchestrationQuery | None = None) -> list[OrchestrationState]:
+        """Every instance matching ``query``, across all pages."""
+        states: list[OrchestrationState] = []
+        token: str | None = None
+        while True:
+            page = await self.query_orchestrations(query, token)
+            states.extend(page.items)
+            token = page.continuation_token
+            if token is None:
+                return states
+
+    async def list_instance_ids(
+        self,
+        runtime_status: Collection[OrchestrationStatus] | None = None,
+        completed_time_from: datetime | None = None,
+        completed_time_to: datetime | None = None,
+        page_size: int | None = None,
+        continuation_token: str | None = None,
+    ) -> Page[str]:
+        """Ids of instances that have ended, one page at a time."""
+        query = OrchestrationQuery(
+            runtime_status=runtime_status or _TERMINAL,
+            completed_time_from=completed_time_from,
+            completed_time_to=completed_time_to,
+            max_instance_count=page_size or 100,
+        )
+        page = await self.query_orchestrations(query, continuation_token)
+        return Page([state.instance_id for state in page.items], page.continuation_token)
+
+    async def wait_for_orchestration_start(
+        self, instance_id: str, *, fetch_payloads: bool = False, timeout: float = 60
+    ) -> OrchestrationState | None:
+        """Wait until the instance has left PENDING; ``None`` if it does not exist.
+
+        Raises :class:`~dtfx.OrchestrationTimeoutError` (a ``TimeoutError``) after ``timeout`` seconds.
+        """
+        return await self._wait(
+            instance_id, lambda s: s.runtime_status != OrchestrationStatus.PENDING, "start", timeout, fetch_payloads
+        )
+
+    async def wait_for_orchestration_completion(
+        self, instance_id: str, *, fetch_payloads: bool = True, timeout: float = 60
+    ) -> OrchestrationState | None:
+        """Wait until the instance has ended; ``None`` if it does not exist.
+
+        Raises :class:`~dtfx.OrchestrationTimeoutError` (a ``TimeoutError``) after ``timeout`` seconds.
+        """
+        return await self._wait(
+            instance_id, lambda s: s.runtime_status.is_terminal, "complete", timeout, fetch_payloads
+        )
+
+    async def _wait(
+        self,
+        instance_id: str,
+        predicate: Callable[[OrchestrationState], bool],
+        what: str,
+        timeout: float,
+        fetch_payloads: bool,
+    ) -> OrchestrationState | None:
+        backend = await self._ready()
+        try:
+            state = await backend.wait_for_instance(instance_id, predicate, timeout, fetch_payloads=fetch_payloads)
+        except TimeoutError:
+            raise OrchestrationTimeoutError(instance_id, what, timeout) from None
+        return self._with_converter(state)
+
+    # -- acting ---------------------------------------------------------------------------------
+
+    async def raise_orchestration_event(self, instance_id: str, event_name: str, *, data: Any = None) -> None:
+        """Send an external event; it waits in the instance's inbox until the orchestrator asks for it."""
+        event = EventRaised(timestamp=utc_now(), name=event_name, input=self.converter.serialize(data))
+        await (await self._ready()).send_event(instance_id, event)
+
+    async def terminate_orchestration(self, instance_id: str, *, output: Any = None, recursive: bool = True) -> None:
+        """End the instance (and, if ``recursive``, its running sub-orchestrations) as TERMINATED."""
+        event = ExecutionTerminated(timestamp=utc_now(), input=self.converter.serialize(output), recurse=recursive)
+        await (await self._ready()).send_event(instance_id, event)
+
+    async def suspend_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
+        """Pause the instance; events that arrive meanwhile are kept for when it resumes."""
+        event = ExecutionSuspended(timestamp=utc_now(), input=reason)
+        await (await self._ready()).send_event(instance_id, event)
+
+    async def resume_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
+        """Resume a suspended instance."""
+        event = ExecutionResumed(timestamp=utc_now(), input=reason)
+        await (await self._ready()).send_event(instance_id, event)
+
+    async def rewind_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
+        """Run a FAILED instance again from its last good state: failed activities and
+        sub-orchestrations run again; what succeeded is not repeated."""
+        backend = await self._ready()
+        state = await backend.get_instance(instance_id, fetch_payloads=False)
+        if state is None:
+            raise OrchestrationNotFoundError(instance_id)
+        if state.runtime_status != OrchestrationStatus.FAILED:
+            raise OrchestrationStateError(instance_id, state.runtime_status, "only failed instances can be rewound.")
+        await backend.send_event(instance_id, ExecutionRewound(timestamp=utc_now(), reason=reason))
+
+    async def restart_orchestration(self, instance_id: str, *, restart_with_new_instance_id: bool = False) -> str:
+        """Start an ended instance again with its original name, input, version and tags; returns the id."""
+        backend = await self._ready()
+        state = await backend.get_instance(instance_id)
+        if state is None:
+            raise OrchestrationNotFoundError(instance_id)
+        if not state.runtime_status.is_terminal:
+            raise OrchestrationStateError(instance_id, state.runtime_status, "only ended instances can be restarted.")
+        new_id = uuid.uuid4().hex if restart_with_new_instance_id else instance_id
+        start = ExecutionStarted(
+            timestamp=utc_now(),
+            name=state.name,
+            instance=OrchestrationInstance(instance_id=new_id, execution_id=uuid.uuid4().hex),
+            version=state.version,
+            input=await self._original_input(state),
+            tags=state.tags,
+        )
+        await backend.create_instance(start, reuse_policy=TERMINAL_REUSE_POLICY)
+        return new_id
+
+    async def _original_input(self, state: OrchestrationState) -> str | None:
+        history = await self.backend.get_history(state.instance_id)
+        started = next((event for event in history if isinstance(event, ExecutionStarted)), None)
+        return started.input if started is not None else state.serialized_input
+
+    async def purge_orchestration(self, instance_id: str, recursive: bool = True) -> PurgeResult:
+        """Delete an ended instance and its history (and its sub-orchestrations', if ``recursive``)."""
+        backend = await self._ready()
+        state = await backend.get_instance(instance_id, fetch_payloads=False)
+        if state is None:
+            return PurgeResult(0)
+        ids = await self._with_children([instance_id]) if recursive else [instance_id]
+        return PurgeResult(await backend.purge_instances(ids))
+
+    async def purge_orchestrations_by(
+        self,
+        created_time_from: datetime | None = None,
+        created_time_to: datetime | None = None,
+        runtime_status: Collection[OrchestrationStatus] | None = None,
+        recursive: bool = False,
+        timeout: timedelta | None = None,
+    ) -> PurgeResult:
+        """Delete every ended instance matching the filter; returns how many were deleted.
+
+        ``timeout`` bounds the time spent; the result's ``is_complete`` says whether
+        the purge got through everything.
+        """
+        backend = await self._ready()
+        statuses = [status for status in (runtime_status or _TERMINAL) if status.is_terminal]
+        query = OrchestrationQuery(
+            runtime_status=statuses,
+            created_time_from=created_time_from,
+            created_time_to=created_time_to,
+            max_instance_count=500,
+        )
+        deadline = None if timeout is None else utc_now() + timeout
+        deleted = 0
+        while True:
+            page = await backend.query_instances(query)
+            ids = [state.instance_id for state in page.items]
+            if not ids:
+                return PurgeResult(deleted, True)
+            if recursive:
+                ids = await self._with_children(ids)
+            removed = await backend.purge_instances(ids)
+            deleted += removed
+            if removed == 0:  # what is left changed status meanwhile
+                return PurgeResult(deleted, False)
+            if deadline is not None and utc_now() >= deadline:
+                return PurgeResult(deleted, False)
+
+    async def _with_children(self, instance_ids: list[str]) -> list[str]:
+        """The instances and, transitively, the sub-orchestrations their histories created."""
+        found = dict.fromkeys(instance_ids)
+        pending = list(instance_ids)
+        while pending:
+            history = await self.backend.get_history(pending.pop())
+            for event in history:
+                if isinstance(event, SubOrchestrationInstanceCreated) and event.instance_id not in found:
+                    found[event.instance_id] = None
+                    pending.append(event.instance_id)
+        return list(found)
+
+    def _with_converter(self, state: OrchestrationState | None) -> OrchestrationState | None:
+        if state is not None:
+            state.converter = self.converter
+        return state
+
+
+class Client:
+    """The :class:`AsyncClient` API for sync code (each call runs on a private event loop)."""
+
+    def __init__(
+        self,
+        backend: Backend | str | None = None,
+        *,
+        data_converter: DataConverter | None = None,
+        default_version: str | None = None,
+    ) -> None:
+        self._async = AsyncClient(backend, data_converter=data_converter, default_version=default_version)
+        self._portal = LoopThread("dtfx-client")
+        self.backend = self._async.backend
+
+    def close(self) -> None:
+        """Close the backend if this client opened it, and the client's loop."""
+        try:
+            self._portal.run(self._async.close())
+        finally:
+            self._portal.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def schedule_new_orchestration(
+        self,
+        orchestrator: Callable[..., Any] | str,
+        *,
+        input: Any = None,
+        instance_id: str | None = None,
+        start_at: datetime | None = None,
+        reuse_id_policy: OrchestrationIdReusePolicy | None = None,
+        tags: dict[str, str] | None = None,
+        version: str | None = None,
+    ) -> str:
+        """See :meth:`AsyncClient.schedule_new_orchestration`."""
+        return self._portal.run(
+            self._async.schedule_new_orchestration(
+                orchestrator,
+                input=input,
+                instance_id=instance_id,
+                start_at=start_at,
+                reuse_id_policy=reuse_id_policy,
+                tags=tags,
+                version=version,
+            )
+        )
+
+    def get_orchestration_state(self, instance_id: str, *, fetch_payloads: bool = True) -> OrchestrationState | None:
+        """See :meth:`AsyncClient.get_orchestration_state`."""
+        return self._portal.run(self._async.get_orchestration_state(instance_id, fetch_payloads=fetch_payloads))
+
+    def get_orchestration_history(self, instance_id: str) -> list[HistoryEvent]:
+        """See :meth:`AsyncClient.get_orchestration_history`."""
+        return self._portal.run(self._async.get_orchestration_history(instance_id))
+
+    def query_orchestrations(
+        self, query: OrchestrationQuery | None = None, continuation_token: str | None = None
+    ) -> Page[OrchestrationState]:
+        """See :meth:`AsyncClient.query_orchestrations`."""
+        return self._portal.run(self._async.query_orchestrations(query, continuation_token))
+
+    def get_all_orchestration_states(self, query: OrchestrationQuery | None = None) -> list[OrchestrationState]:
+        """See :meth:`AsyncClient.get_all_orchestration_states`."""
+        return self._portal.run(self._async.get_all_orchestration_states(query))
+
+    def list_instance_ids(
+        self,
+        runtime_status: Collection[OrchestrationStatus] | None = None,
+        completed_time_from: datetime | None = None,
+        completed_time_to: datetime | None = None,
+        page_size: int | None = None,
+        continuation_token: str | None = None,
+    ) -> Page[str]:
+        """See :meth:`AsyncClient.list_instance_ids`."""
+        return self._portal.run(
+            self._async.list_instance_ids(
+                runtime_status, completed_time_from, completed_time_to, page_size, continuation_token
+            )
+        )
+
+    def wait_for_orchestration_start(
+        self, instance_id: str, *, fetch_payloads: bool = False, timeout: float = 60
+    ) -> OrchestrationState | None:
+        """See :meth:`AsyncClient.wait_for_orchestration_start`."""
+        return self._portal.run(
+            self._async.wait_for_orchestration_start(instance_id, fetch_payloads=fetch_payloads, timeout=timeout)
+        )
+
+    def wait_for_orchestration_completion(
+        self, instance_id: str, *, fetch_payloads: bool = True, timeout: float = 60
+    ) -> OrchestrationState | None:
+        """See :meth:`AsyncClient.wait_for_orchestration_completion`."""
+        return self._portal.run(
+            self._async.wait_for_orchestration_completion(instance_id, fetch_payloads=fetch_payloads, timeout=timeout)
+        )
+
+    def raise_orchestration_event(self, instance_id: str, event_name: str, *, data: Any = None) -> None:
+        """See :meth:`AsyncClient.raise_orchestration_event`."""
+        self._portal.run(self._async.raise_orchestration_event(instance_id, event_name, data=data))
+
+    def terminate_orchestration(self, instance_id: str, *, output: Any = None, recursive: bool = True) -> None:
+        """See :meth:`AsyncClient.terminate_orchestration`."""
+        self._portal.run(self._async.terminate_orchestration(instance_id, output=output, recursive=recursive))
+
+    def suspend_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
+        """See :meth:`AsyncClient.suspend_orchestration`."""
+        self._portal.run(self._async.suspend_orchestration(instance_id, reason=reason))
+
+    def resume_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
+        """See :meth:`AsyncClient.resume_orchestration`."""
+        self._portal.run(self._async.resume_orchestration(instance_id, reason=reason))
+
+    def rewind_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
+        """See :meth:`AsyncClient.rewind_orchestration`."""
+        self._portal.run(self._async.rewind_orchestration(instance_id, reason=reason))
+
+    def restart_orchestration(self, instance_id: str, *, restart_with_new_instance_id: bool = False) -> str:
+        """See :meth:`AsyncClient.restart_orchestration`."""
+        return self._portal.run(
+            self._async.restart_orchestration(instance_id, restart_with_new_instance_id=restart_with_new_instance_id)
+        )
+
+    def purge_orchestration(self, instance_id: str, recursive: bool = True) -> PurgeResult:
+        """See :meth:`AsyncClient.purge_orchestration`."""
+        return self._portal.run(self._async.purge_orchestration(instance_id, recursive))
+
+    def purge_orchestrations_by(
+        self,
+        created_time_from: datetime | None = None,
+        created_time_to: datetime | None = None,
+        runtime_status: Collection[OrchestrationStatus] | None = None,
+        recursive: bool = False,
+        timeout: timedelta | None = None,
+    ) -> PurgeResult:
+        """See :meth:`AsyncClient.purge_orchestrations_by`."""
+        return self._portal.run(
+            self._async.purge_orchestrations_by(created_time_from, created_time_to, runtime_status, recursive, timeout)
+        )

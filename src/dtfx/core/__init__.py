@@ -1,0 +1,1 @@
+"""The durable orchestration model: pure, no I/O, no asyncio."""

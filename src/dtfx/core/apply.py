@@ -1,0 +1,463 @@
+"""From a locked work item to a checkpoint: the one place actions become history and messages.
+
+An orchestration episode has three steps, whoever executes the orchestrator:
+
+1. :func:`plan_episode` decides what the work item's inbox means: new events to run
+   (after an ``OrchestratorStarted`` that sets the episode's time), or messages to
+   discard (a stale execution, an ended instance), or a checkpoint computed without
+   running any code (rewind, terminating an instance that never started), or a
+   deferral (events for an instance whose scheduled start is still ahead).
+2. An executor turns the new events into actions: the local replay engine, or a
+   remote SDK worker over gRPC.
+3. :func:`apply_actions` turns the actions into history events, the instance's new
+   state and the outbound messages, as one :class:`~dtfx.core.workitems.OrchestrationCheckpoint`
+   that the backend commits atomically.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from dtfx.core.actions import (
+    CompleteOrchestration,
+    CreateSubOrchestration,
+    CreateTimer,
+    OrchestratorAction,
+    ScheduleTask,
+    SendEntityMessage,
+    SendEvent,
+    TerminateOrchestration,
+)
+from dtfx.core.history import (
+    EventRaised,
+    EventSent,
+    ExecutionCompleted,
+    ExecutionResumed,
+    ExecutionRewound,
+    ExecutionStarted,
+    ExecutionSuspended,
+    ExecutionTerminated,
+    FailureDetails,
+    GenericEvent,
+    HistoryEvent,
+    OrchestrationInstance,
+    OrchestrationStatus,
+    OrchestratorCompleted,
+    OrchestratorStarted,
+    ParentInstance,
+    SubOrchestrationInstanceCompleted,
+    SubOrchestrationInstanceCreated,
+    SubOrchestrationInstanceFailed,
+    TaskFailed,
+    TaskScheduled,
+    TimerCreated,
+    TimerFired,
+)
+from dtfx.core.workitems import (
+    ActivityTask,
+    MessageId,
+    OrchestrationCheckpoint,
+    OrchestrationWorkItem,
+    OutboundMessage,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFER_RETRY = timedelta(seconds=1)
+"""How long to wait before looking again at events for an instance that has not started."""
+
+
+class EpisodeKind(enum.Enum):
+    """What a work item calls for."""
+
+    RUN = "run"
+    """Run the orchestrator on ``new_events``."""
+    CHECKPOINT = "checkpoint"
+    """Commit ``checkpoint`` as it is; no orchestrator code runs."""
+    DEFER = "defer"
+    """Leave the messages in the inbox and look again at ``defer_until``."""
+
+
+@dataclass
+class EpisodePlan:
+    """The outcome of :func:`plan_episode`."""
+
+    kind: EpisodeKind
+    new_events: list[HistoryEvent] = field(default_factory=list)
+    consumed: list[MessageId] = field(default_factory=list)
+    checkpoint: OrchestrationCheckpoint | None = None
+    defer_until: datetime | None = None
+
+
+def needs_history(item: OrchestrationWorkItem) -> bool:
+    """True if planning or applying this work item reads the history, whatever the cache holds."""
+    if item.state.runtime_status.is_terminal:
+        return any(isinstance(m.event, ExecutionRewound) for m in item.messages)
+    return any(isinstance(m.event, ExecutionTerminated) and m.event.recurse for m in item.messages)
+
+
+def plan_episode(item: OrchestrationWorkItem, history: Sequence[HistoryEvent] | None, now: datetime) -> EpisodePlan:
+    """Decide what the work item's messages mean (see the module docstring)."""
+    state = item.state
+    consumed = [message.id for message in item.messages]
+    started = item.history_size > 0
+    start: ExecutionStarted | None = None
+    events: list[HistoryEvent] = []
+    for message in item.messages:
+        event = message.event
+        if isinstance(event, ExecutionStarted):
+            if not started and start is None and event.instance.execution_id == state.execution_id:
+                start = event
+            continue
+        if isinstance(event, GenericEvent):  # a wake-up call; it carries nothing to run
+            continue
+        if message.execution_id is not None and message.execution_id != state.execution_id:
+            continue
+        events.append(event)
+
+    if state.runtime_status.is_terminal:
+        rewind = next((e for e in events if isinstance(e, ExecutionRewound)), None)
+        if rewind is not None and state.runtime_status == OrchestrationStatus.FAILED and history:
+            return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=rewind_checkpoint(item, history, consumed, now))
+        return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=unchanged_checkpoint(item, consumed, now))
+
+    if not started and start is None:
+        terminate = next((e for e in events if isinstance(e, ExecutionTerminated)), None)
+        if terminate is not None:
+            return EpisodePlan(
+                EpisodeKind.CHECKPOINT, checkpoint=terminate_unstarted_checkpoint(item, terminate, consumed, now)
+            )
+        if not events:
+            return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=unchanged_checkpoint(item, consumed, now))
+        scheduled = state.scheduled_start_at
+        return EpisodePlan(
+            EpisodeKind.DEFER, defer_until=scheduled if scheduled and scheduled > now else now + DEFER_RETRY
+        )
+
+    new_events: list[HistoryEvent] = [OrchestratorStarted(timestamp=now)]
+    if start is not None:
+        new_events.append(start)
+    new_events.extend(events)
+    return EpisodePlan(EpisodeKind.RUN, new_events=new_events, consumed=consumed)
+
+
+def apply_actions(
+    item: OrchestrationWorkItem,
+    started: ExecutionStarted,
+    new_events: list[HistoryEvent],
+    actions: Sequence[OrchestratorAction],
+    custom_status: str | None,
+    consumed: list[MessageId],
+    now: datetime,
+    *,
+    history: Sequence[HistoryEvent] | None = None,
+    new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+) -> OrchestrationCheckpoint:
+    """Turn an episode's actions into a checkpoint.
+
+    ``started`` is the execution's ``ExecutionStarted`` (from history or ``new_events``);
+    ``history`` is the past history, needed only when :func:`needs_history` says so.
+    """
+    state = item.state
+    instance_id = item.instance_id
+    execution_id = state.execution_id
+    appended: list[HistoryEvent] = list(new_events)
+    tasks: list[ActivityTask] = []
+    messages: list[OutboundMessage] = []
+    completion: CompleteOrchestration | None = None
+
+    for action in actions:
+        if isinstance(action, ScheduleTask):
+            scheduled = TaskScheduled(
+                event_id=action.id,
+                timestamp=now,
+                name=action.name,
+                version=action.version,
+                input=action.input,
+                tags=action.tags,
+            )
+            appended.append(scheduled)
+            tasks.append(ActivityTask(instance_id, execution_id, scheduled))
+        elif isinstance(action, CreateTimer):
+            appended.append(
+                TimerCreated(event_id=action.id, timestamp=now, fire_at=action.fire_at, retry_of=action.retry_of)
+            )
+            fired = TimerFired(timestamp=action.fire_at, timer_id=action.id, fire_at=action.fire_at)
+            messages.append(OutboundMessage(instance_id, fired, execution_id, visible_at=action.fire_at))
+        elif isinstance(action, CreateSubOrchestration):
+            appended.append(
+                SubOrchestrationInstanceCreated(
+                    event_id=action.id,
+                    timestamp=now,
+                    instance_id=action.instance_id,
+                    name=action.name,
+                    version=action.version,
+                    input=action.input,
+                )
+            )
+            child_start = ExecutionStarted(
+                timestamp=now,
+                name=action.name,
+                instance=OrchestrationInstance(instance_id=action.instance_id, execution_id=new_id()),
+                version=action.version,
+                input=action.input,
+                parent=ParentInstance(
+                    instance_id=instance_id,
+                    execution_id=execution_id,
+                    name=state.name,
+                    version=state.version,
+                    task_scheduled_id=action.id,
+                ),
+                tags=action.tags,
+            )
+            messages.append(OutboundMessage(action.instance_id, child_start))
+        elif isinstance(action, SendEvent):
+            appended.append(
+                EventSent(
+                    event_id=action.id,
+                    timestamp=now,
+                    instance_id=action.instance_id,
+                    name=action.name,
+                    input=action.data,
+                )
+            )
+            raised = EventRaised(timestamp=now, name=action.name, input=action.data)
+            messages.append(OutboundMessage(action.instance_id, raised))
+        elif isinstance(action, TerminateOrchestration):
+            terminated = ExecutionTerminated(timestamp=now, input=action.reason, recurse=action.recurse)
+            messages.append(OutboundMessage(action.instance_id, terminated))
+        elif isinstance(action, SendEntityMessage):
+            appended.append(action.event)
+            messages.append(OutboundMessage(_entity_target(action.event), action.event))
+        elif isinstance(action, CompleteOrchestration):
+            completion = action
+        else:
+            logger.warning("Instance %s: ignoring unsupported action %s", instance_id, type(action).__name__)
+
+    appended.append(OrchestratorCompleted(timestamp=now))
+    status = _status_after(state.runtime_status, new_events)
+    checkpoint = OrchestrationCheckpoint(
+        instance_id=instance_id,
+        lock_token=item.lock_token,
+        consumed=consumed,
+        new_history=appended,
+        status=status,
+        execution_id=execution_id,
+        input=state.serialized_input,
+        output=None,
+        custom_status=custom_status,
+        failure_details=None,
+        version=state.version,
+        completed_at=None,
+        updated_at=now,
+        activity_tasks=tasks,
+        messages=messages,
+    )
+    if completion is None:
+        return checkpoint
+    if completion.status == OrchestrationStatus.CONTINUED_AS_NEW:
+        _continue_as_new(checkpoint, started, completion, now, new_id())
+        return checkpoint
+
+    checkpoint.status = completion.status
+    checkpoint.completed_at = now
+    checkpoint.failure_details = completion.failure_details
+    checkpoint.output = completion.result
+    appended.append(
+        ExecutionCompleted(
+            event_id=completion.id,
+            timestamp=now,
+            status=completion.status,
+            result=completion.result,
+            failure_details=completion.failure_details,
+        )
+    )
+    if started.parent is not None:
+        messages.append(_notify_parent(started.parent, completion, instance_id, now))
+    terminate = next((e for e in new_events if isinstance(e, ExecutionTerminated)), None)
+    if completion.status == OrchestrationStatus.TERMINATED and terminate is not None and terminate.recurse:
+        for child_id in open_children([*(history or []), *appended]):
+            child_terminated = ExecutionTerminated(timestamp=now, input=terminate.input, recurse=True)
+            messages.append(OutboundMessage(child_id, child_terminated))
+    return checkpoint
+
+
+def _status_after(status: OrchestrationStatus, new_events: Sequence[HistoryEvent]) -> OrchestrationStatus:
+    suspended = status == OrchestrationStatus.SUSPENDED
+    for event in new_events:
+        if isinstance(event, ExecutionSuspended):
+            suspended = True
+        elif isinstance(event, ExecutionResumed):
+            suspended = False
+    return OrchestrationStatus.SUSPENDED if suspended else OrchestrationStatus.RUNNING
+
+
+def _continue_as_new(
+    checkpoint: OrchestrationCheckpoint,
+    started: ExecutionStarted,
+    completion: CompleteOrchestration,
+    now: datetime,
+    execution_id: str,
+) -> None:
+    """Start the next execution: a fresh history, and its ``ExecutionStarted`` in the inbox."""
+    version = completion.new_version or checkpoint.version
+    restart = ExecutionStarted(
+        timestamp=now,
+        name=started.name,
+        instance=OrchestrationInstance(instance_id=checkpoint.instance_id, execution_id=execution_id),
+        version=version,
+        input=completion.result,
+        parent=started.parent,
+        tags=started.tags,
+    )
+    checkpoint.replace_history = True
+    checkpoint.new_history = []
+    checkpoint.status = OrchestrationStatus.RUNNING
+    checkpoint.execution_id = execution_id
+    checkpoint.input = completion.result
+    checkpoint.version = version
+    checkpoint.activity_tasks = []
+    # Timers and other self-addressed messages belong to the old execution.
+    checkpoint.messages = [m for m in checkpoint.messages if m.instance_id != checkpoint.instance_id]
+    checkpoint.messages.append(OutboundMessage(checkpoint.instance_id, restart, execution_id))
+    for event in completion.carryover_events:
+        checkpoint.messages.append(OutboundMessage(checkpoint.instance_id, event, execution_id))
+
+
+def _notify_parent(
+    parent: ParentInstance, completion: CompleteOrchestration, instance_id: str, now: datetime
+) -> OutboundMessage:
+    event: HistoryEvent
+    if completion.status == OrchestrationStatus.COMPLETED:
+        event = SubOrchestrationInstanceCompleted(
+            timestamp=now, task_scheduled_id=parent.task_scheduled_id, result=completion.result
+        )
+    else:
+        details = completion.failure_details or FailureDetails(
+            error_type="OrchestrationTerminated",
+            message=f"Sub-orchestration '{instance_id}' was terminated"
+            + (f": {completion.result}" if completion.result else "."),
+        )
+        event = SubOrchestrationInstanceFailed(
+            timestamp=now, task_scheduled_id=parent.task_scheduled_id, failure_details=details
+        )
+    return OutboundMessage(parent.instance_id, event, parent.execution_id)
+
+
+def _entity_target(event: HistoryEvent) -> str:
+    target = getattr(event, "target_instance_id", None)
+    if target is None:
+        lock_set = getattr(event, "lock_set", None)
+        position = getattr(event, "position", 0)
+        if lock_set:
+            return str(lock_set[position])
+        raise ValueError(f"{type(event).__name__} has no target entity")
+    return str(target)
+
+
+def open_children(history: Sequence[HistoryEvent]) -> list[str]:
+    """Ids of sub-orchestrations created in ``history`` that have not reported back."""
+    created: dict[int, str] = {}
+    for event in history:
+        if isinstance(event, SubOrchestrationInstanceCreated):
+            created[event.event_id] = event.instance_id
+        elif isinstance(event, SubOrchestrationInstanceCompleted | SubOrchestrationInstanceFailed):
+            created.pop(event.task_scheduled_id, None)
+    return list(dict.fromkeys(created.values()))
+
+
+def unchanged_checkpoint(
+    item: OrchestrationWorkItem, consumed: list[MessageId], now: datetime
+) -> OrchestrationCheckpoint:
+    """A checkpoint that only deletes ``consumed`` messages."""
+    state = item.state
+    return OrchestrationCheckpoint(
+        instance_id=item.instance_id,
+        lock_token=item.lock_token,
+        consumed=consumed,
+        new_history=[],
+        status=state.runtime_status,
+        execution_id=state.execution_id,
+        input=state.serialized_input,
+        output=state.serialized_output,
+        custom_status=state.serialized_custom_status,
+        failure_details=state.failure_details,
+        version=state.version,
+        completed_at=state.completed_at,
+        updated_at=state.last_updated_at,
+    )
+
+
+def terminate_unstarted_checkpoint(
+    item: OrchestrationWorkItem, terminate: ExecutionTerminated, consumed: list[MessageId], now: datetime
+) -> OrchestrationCheckpoint:
+    """Terminate an instance whose (scheduled) start has not been processed yet."""
+    checkpoint = unchanged_checkpoint(item, consumed, now)
+    checkpoint.new_history = [
+        OrchestratorStarted(timestamp=now),
+        terminate,
+        OrchestratorCompleted(timestamp=now),
+        ExecutionCompleted(timestamp=now, status=OrchestrationStatus.TERMINATED, result=terminate.input),
+    ]
+    checkpoint.status = OrchestrationStatus.TERMINATED
+    checkpoint.output = terminate.input
+    checkpoint.completed_at = now
+    checkpoint.updated_at = now
+    return checkpoint
+
+
+def rewind_checkpoint(
+    item: OrchestrationWorkItem, history: Sequence[HistoryEvent], consumed: list[MessageId], now: datetime
+) -> OrchestrationCheckpoint:
+    """Rewind a failed instance: drop its failed work from history and run it again.
+
+    Failed activities lose their ``TaskScheduled`` and ``TaskFailed`` events, so the
+    replay schedules them again; failed sub-orchestrations lose their failure and are
+    rewound themselves. An attempt that a retry policy retried stays: the retry
+    chain replays as before and only its last attempt runs again.
+    """
+    retried = {event.retry_of for event in history if isinstance(event, TimerCreated) and event.retry_of is not None}
+    failed_tasks = {
+        event.task_scheduled_id
+        for event in history
+        if isinstance(event, TaskFailed) and event.task_scheduled_id not in retried
+    }
+    failed_children = {
+        event.task_scheduled_id
+        for event in history
+        if isinstance(event, SubOrchestrationInstanceFailed) and event.task_scheduled_id not in retried
+    }
+    kept: list[HistoryEvent] = []
+    children: list[str] = []
+    for event in history:
+        if isinstance(event, ExecutionCompleted):
+            continue
+        if isinstance(event, TaskFailed | TaskScheduled):
+            task_id = event.task_scheduled_id if isinstance(event, TaskFailed) else event.event_id
+            if task_id in failed_tasks:
+                continue
+        if isinstance(event, SubOrchestrationInstanceFailed) and event.task_scheduled_id in failed_children:
+            continue
+        if isinstance(event, SubOrchestrationInstanceCreated) and event.event_id in failed_children:
+            children.append(event.instance_id)
+        kept.append(event)
+
+    checkpoint = unchanged_checkpoint(item, consumed, now)
+    checkpoint.replace_history = True
+    checkpoint.new_history = kept
+    checkpoint.status = OrchestrationStatus.RUNNING
+    checkpoint.output = None
+    checkpoint.failure_details = None
+    checkpoint.completed_at = None
+    checkpoint.updated_at = now
+    reason = next((m.event.reason for m in item.messages if isinstance(m.event, ExecutionRewound)), None)
+    for child_id in dict.fromkeys(children):
+        checkpoint.messages.append(OutboundMessage(child_id, ExecutionRewound(timestamp=now, reason=reason)))
+    wake_up = GenericEvent(timestamp=now, data="rewound")
+    checkpoint.messages.append(OutboundMessage(item.instance_id, wake_up, item.state.execution_id))
+    return checkpoint

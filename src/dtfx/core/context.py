@@ -1,0 +1,320 @@
+"""The orchestration context: the API an orchestrator function programs against.
+
+Every call that does durable work records an action with the next sequence number
+and returns a task; the replay engine (:mod:`dtfx.core.replay`) completes the task
+when the matching history event is applied. The names and signatures follow the
+official ``durabletask`` Python SDK.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from dtfx.core.actions import (
+    CompleteOrchestration,
+    CreateSubOrchestration,
+    CreateTimer,
+    OrchestratorAction,
+    ScheduleTask,
+    SendEvent,
+)
+from dtfx.core.history import EventRaised, OrchestrationStatus, ParentInstance
+from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter, output_type_of
+from dtfx.core.tasks import CancellableTask, CompletableTask, RetryableTask, RetryPolicy, TimerTask
+
+T = TypeVar("T")
+
+# The namespace .NET's DurableTask.Core uses for deterministic orchestration UUIDs.
+_UUID_NAMESPACE = uuid.UUID("9e952958-5e33-4daf-827f-2fa12937b875")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def function_name(fn: Callable[..., Any] | str) -> str:
+    """The name an orchestrator, activity or entity is registered and called by."""
+    if isinstance(fn, str):
+        return fn
+    registered = getattr(fn, "__dtfx_name__", None)
+    if isinstance(registered, str):
+        return registered
+    name = getattr(fn, "__name__", None)
+    if not name or name == "<lambda>":
+        raise ValueError(f"Cannot infer a name for {fn!r}; register it with an explicit name.")
+    return str(name)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """Naive datetimes are taken to be UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+@dataclass
+class PendingTask:
+    """A task waiting for the history event that answers action ``id``."""
+
+    task: CompletableTask[Any]
+    retry: RetryCall | None = None
+    is_retry_timer: bool = False
+
+
+@dataclass
+class RetryCall:
+    """How to schedule the next attempt of a call that has a retry policy."""
+
+    task: RetryableTask[Any]
+    make_action: Callable[[int], OrchestratorAction]
+
+
+class ReplaySafeLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger adapter that stays silent while the orchestrator replays."""
+
+    def __init__(self, logger: logging.Logger, context: OrchestrationContext) -> None:
+        super().__init__(logger, {"instance_id": context.instance_id})
+        self._context = context
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - logging's own name
+        return not self._context.is_replaying and self.logger.isEnabledFor(level)
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        kwargs.setdefault("extra", {}).setdefault("instance_id", self._context.instance_id)
+        return msg, kwargs
+
+
+class OrchestrationContext:
+    """What an orchestrator function receives as ``ctx``."""
+
+    def __init__(
+        self,
+        instance_id: str,
+        *,
+        converter: DataConverter = DEFAULT_CONVERTER,
+        default_version: str | None = None,
+    ) -> None:
+        self._instance_id = instance_id
+        self._converter = converter
+        self._default_version = default_version
+        self._name = ""
+        self._version: str | None = None
+        self._parent: ParentInstance | None = None
+        self._execution_id: str | None = None
+        self._current_utc_datetime = _EPOCH
+        self._is_replaying = False
+        self._sequence = 0
+        self._uuid_counter = 0
+        self._custom_status: str | None = None
+        self._save_events = False
+        # Engine state, read and written by the replay engine.
+        self.pending_actions: dict[int, OrchestratorAction] = {}
+        self.pending_tasks: dict[int, PendingTask] = {}
+        self.event_waiters: dict[str, list[CancellableTask[Any]]] = {}
+        self.buffered_events: dict[str, list[EventRaised]] = {}
+        self.completion: CompleteOrchestration | None = None
+
+    # -- properties ---------------------------------------------------------------
+
+    @property
+    def instance_id(self) -> str:
+        """The id of this orchestration instance."""
+        return self._instance_id
+
+    @property
+    def execution_id(self) -> str | None:
+        """The id of the current execution (it changes with continue-as-new)."""
+        return self._execution_id
+
+    @property
+    def name(self) -> str:
+        """The orchestrator's registered name."""
+        return self._name
+
+    @property
+    def version(self) -> str | None:
+        """The orchestration's version, from ``ExecutionStarted``."""
+        return self._version
+
+    @property
+    def parent_instance_id(self) -> str | None:
+        """The id of the orchestration that started this one as a sub-orchestration."""
+        return self._parent.instance_id if self._parent else None
+
+    @property
+    def current_utc_datetime(self) -> datetime:
+        """Deterministic 'now': the time the current episode started, replayed from history."""
+        return self._current_utc_datetime
+
+    @property
+    def is_replaying(self) -> bool:
+        """True while the orchestrator re-runs code for events already in history."""
+        return self._is_replaying
+
+    @property
+    def custom_status(self) -> str | None:
+        """The serialized custom status set by :meth:`set_custom_status`."""
+        return self._custom_status
+
+    # -- durable operations -----------------------------------------------------------
+
+    def set_custom_status(self, custom_status: Any) -> None:
+        """Publish a JSON value that clients see in the instance's state."""
+        self._custom_status = self._converter.serialize(custom_status)
+
+    def create_timer(self, fire_at: datetime | timedelta) -> TimerTask:
+        """A task that completes at ``fire_at`` (a moment, or a delay from now)."""
+        moment = self._current_utc_datetime + fire_at if isinstance(fire_at, timedelta) else as_utc(fire_at)
+        task = TimerTask()
+        action_id = self._record(lambda action_id: CreateTimer(id=action_id, fire_at=moment))
+        self.pending_tasks[action_id] = PendingTask(task)
+        return task
+
+    def call_activity(
+        self,
+        activity: Callable[..., Any] | str,
+        *,
+        input: Any = None,
+        retry_policy: RetryPolicy | None = None,
+        tags: dict[str, str] | None = None,
+        return_type: Any = None,
+    ) -> CompletableTask[Any]:
+        """Schedule an activity; the task completes with its result."""
+        name = function_name(activity)
+        if return_type is None and not isinstance(activity, str):
+            return_type = output_type_of(activity)
+        payload = self._converter.serialize(input)
+        return self._call(
+            lambda action_id: ScheduleTask(id=action_id, name=name, input=payload, tags=tags),
+            retry_policy,
+            return_type,
+        )
+
+    def call_sub_orchestrator(
+        self,
+        orchestrator: Callable[..., Any] | str,
+        *,
+        input: Any = None,
+        instance_id: str | None = None,
+        retry_policy: RetryPolicy | None = None,
+        version: str | None = None,
+        return_type: Any = None,
+    ) -> CompletableTask[Any]:
+        """Start a sub-orchestration; the task completes with its output.
+
+        Without ``instance_id`` the child gets ``"<parent id>:<action id as 4 hex digits>"``.
+        """
+        name = function_name(orchestrator)
+        if return_type is None and not isinstance(orchestrator, str):
+            return_type = output_type_of(orchestrator)
+        payload = self._converter.serialize(input)
+        child_version = version or self._default_version
+
+        def make_action(action_id: int) -> OrchestratorAction:
+            child_id = instance_id or f"{self._instance_id}:{action_id:04x}"
+            return CreateSubOrchestration(
+                id=action_id, instance_id=child_id, name=name, version=child_version, input=payload
+            )
+
+        return self._call(make_action, retry_policy, return_type)
+
+    def wait_for_external_event(self, name: str, *, data_type: Any = None) -> CancellableTask[Any]:
+        """A task that completes with the data of the next event named ``name`` (any case).
+
+        Events raised before anyone waits are buffered and delivered in arrival order.
+        """
+        key = name.casefold()
+        task: CancellableTask[Any] = CancellableTask(data_type)
+        buffered = self.buffered_events.get(key)
+        if buffered:
+            event = buffered.pop(0)
+            if not buffered:
+                del self.buffered_events[key]
+            task.complete(self._converter.deserialize(event.input, data_type))
+            return task
+        waiters = self.event_waiters.setdefault(key, [])
+        waiters.append(task)
+
+        def stop_waiting() -> None:
+            if task in waiters:
+                waiters.remove(task)
+
+        task._on_cancel = stop_waiting
+        return task
+
+    def send_event(self, instance_id: str, event_name: str, *, data: Any = None) -> None:
+        """Raise an event on another instance; dropped if it does not exist or has ended."""
+        payload = self._converter.serialize(data)
+        self._record(lambda action_id: SendEvent(id=action_id, instance_id=instance_id, name=event_name, data=payload))
+
+    def continue_as_new(self, new_input: Any, *, save_events: bool = False, new_version: str | None = None) -> None:
+        """Restart this instance with a fresh history; return right after calling it.
+
+        With ``save_events``, external events not yet received carry over to the new run.
+        """
+        self._save_events = save_events
+        carryover = [event for events in self.buffered_events.values() for event in events] if save_events else []
+        self.complete(
+            OrchestrationStatus.CONTINUED_AS_NEW,
+            result=self._converter.serialize(new_input),
+            new_version=new_version,
+            carryover_events=sorted(carryover, key=lambda event: event.timestamp),
+        )
+
+    def new_uuid(self) -> str:
+        """A UUID that is the same on every replay (name-based, RFC 4122 section 4.3)."""
+        name = f"{self._instance_id}_{self._current_utc_datetime.isoformat()}_{self._uuid_counter}"
+        self._uuid_counter += 1
+        return str(uuid.uuid5(_UUID_NAMESPACE, name))
+
+    def create_replay_safe_logger(self, logger: logging.Logger) -> ReplaySafeLogger:
+        """Wrap ``logger`` so that it logs nothing while the orchestrator replays."""
+        return ReplaySafeLogger(logger, self)
+
+    # -- engine-facing -------------------------------------------------------------------
+
+    def next_action_id(self) -> int:
+        """Action ids are sequential per execution and start at 1, as in the Python SDK."""
+        self._sequence += 1
+        return self._sequence
+
+    def complete(
+        self,
+        status: OrchestrationStatus,
+        *,
+        result: str | None = None,
+        failure_details: Any = None,
+        new_version: str | None = None,
+        carryover_events: list[Any] | None = None,
+    ) -> None:
+        """Record the orchestration's end; later events are ignored."""
+        if self.completion is not None:
+            return
+        self.completion = CompleteOrchestration(
+            id=self.next_action_id(),
+            status=status,
+            result=result,
+            failure_details=failure_details,
+            new_version=new_version,
+            carryover_events=carryover_events or [],
+        )
+
+    def _record(self, make_action: Callable[[int], OrchestratorAction]) -> int:
+        action_id = self.next_action_id()
+        self.pending_actions[action_id] = make_action(action_id)
+        return action_id
+
+    def _call(
+        self,
+        make_action: Callable[[int], OrchestratorAction],
+        retry_policy: RetryPolicy | None,
+        return_type: Any,
+    ) -> CompletableTask[Any]:
+        action_id = self._record(make_action)
+        if retry_policy is None:
+            task: CompletableTask[Any] = CompletableTask(return_type)
+            self.pending_tasks[action_id] = PendingTask(task)
+            return task
+        retryable: RetryableTask[Any] = RetryableTask(retry_policy, return_type, self._current_utc_datetime)
+        self.pending_tasks[action_id] = PendingTask(retryable, retry=RetryCall(retryable, make_action))
+        return retryable

@@ -1,0 +1,353 @@
+"""History events: the durable record an orchestration is replayed from.
+
+The event types and their fields follow the Durable Task model (DurableTask.Core
+``History/*`` and the sidecar protocol's ``HistoryEvent``), so the gRPC layer maps
+them one to one. Payloads (inputs, outputs, event data) are kept as serialized
+JSON strings: the engine moves them around without ever decoding user data.
+
+Events are immutable ``msgspec`` structs; a history is encoded as a tagged union,
+which is what the SQL backends store.
+"""
+
+from __future__ import annotations
+
+import enum
+import traceback
+from datetime import datetime
+
+import msgspec
+
+
+class OrchestrationStatus(enum.IntEnum):
+    """Runtime status of an orchestration instance (values match the protocol)."""
+
+    RUNNING = 0
+    COMPLETED = 1
+    CONTINUED_AS_NEW = 2
+    FAILED = 3
+    CANCELED = 4
+    TERMINATED = 5
+    PENDING = 6
+    SUSPENDED = 7
+
+    @property
+    def is_terminal(self) -> bool:
+        """True for statuses an instance never leaves on its own."""
+        return self in TERMINAL_STATUSES
+
+    def __str__(self) -> str:
+        return self.name
+
+
+TERMINAL_STATUSES = frozenset(
+    {
+        OrchestrationStatus.COMPLETED,
+        OrchestrationStatus.FAILED,
+        OrchestrationStatus.CANCELED,
+        OrchestrationStatus.TERMINATED,
+    }
+)
+
+
+class FailureDetails(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Why an activity, sub-orchestration or orchestration failed."""
+
+    error_type: str
+    message: str
+    stack_trace: str | None = None
+    inner_failure: FailureDetails | None = None
+    is_non_retriable: bool = False
+    properties: dict[str, str] | None = None
+
+    def __str__(self) -> str:
+        return f"{self.error_type}: {self.message}"
+
+    def is_caused_by(self, error_type: str | type[BaseException]) -> bool:
+        """True if the failure's error type is ``error_type`` (a class or a type name).
+
+        A class matches its own name and the names of its already-imported subclasses;
+        a string matches the full qualified name or, if unqualified, the class name.
+        """
+        if isinstance(error_type, str):
+            return self.error_type == error_type or self.error_type.rsplit(".", 1)[-1] == error_type
+        pending: list[type[BaseException]] = [error_type]
+        while pending:
+            candidate = pending.pop()
+            if self.error_type == qualified_name(candidate):
+                return True
+            pending.extend(candidate.__subclasses__())
+        return False
+
+    @classmethod
+    def from_exception(cls, error: BaseException, *, non_retriable: bool | None = None) -> FailureDetails:
+        """Describe an exception, its stack trace and its cause chain."""
+        cause = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        inner = getattr(error, "failure_details", None)
+        if not isinstance(inner, FailureDetails):
+            inner = cls.from_exception(cause) if cause is not None else None
+        if non_retriable is None:
+            non_retriable = bool(getattr(error, "is_non_retriable", False))
+        return cls(
+            error_type=qualified_name(type(error)),
+            message=str(error),
+            stack_trace="".join(traceback.format_exception(type(error), error, error.__traceback__)),
+            inner_failure=inner,
+            is_non_retriable=non_retriable,
+        )
+
+
+def qualified_name(error_type: type[BaseException]) -> str:
+    """``ValueError`` for builtins, ``package.module.Name`` for everything else."""
+    if error_type.__module__ == "builtins":
+        return error_type.__qualname__
+    return f"{error_type.__module__}.{error_type.__qualname__}"
+
+
+class OrchestrationInstance(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """An instance id with the execution (generation) it refers to."""
+
+    instance_id: str
+    execution_id: str | None = None
+
+
+class ParentInstance(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The orchestration that started a sub-orchestration."""
+
+    instance_id: str
+    execution_id: str | None = None
+    name: str | None = None
+    version: str | None = None
+    task_scheduled_id: int = -1
+
+
+class HistoryEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
+    """Base of every history event."""
+
+    event_id: int = -1
+    timestamp: datetime
+
+
+class ExecutionStarted(HistoryEvent, tag="ExecutionStarted", frozen=True, kw_only=True, omit_defaults=True):
+    name: str
+    instance: OrchestrationInstance
+    version: str | None = None
+    input: str | None = None
+    parent: ParentInstance | None = None
+    scheduled_start_time: datetime | None = None
+    tags: dict[str, str] | None = None
+
+
+class ExecutionCompleted(HistoryEvent, tag="ExecutionCompleted", frozen=True, kw_only=True, omit_defaults=True):
+    status: OrchestrationStatus
+    result: str | None = None
+    failure_details: FailureDetails | None = None
+
+
+class ExecutionTerminated(HistoryEvent, tag="ExecutionTerminated", frozen=True, kw_only=True, omit_defaults=True):
+    input: str | None = None
+    recurse: bool = False
+
+
+class ExecutionSuspended(HistoryEvent, tag="ExecutionSuspended", frozen=True, kw_only=True, omit_defaults=True):
+    input: str | None = None
+
+
+class ExecutionResumed(HistoryEvent, tag="ExecutionResumed", frozen=True, kw_only=True, omit_defaults=True):
+    input: str | None = None
+
+
+class ExecutionRewound(HistoryEvent, tag="ExecutionRewound", frozen=True, kw_only=True, omit_defaults=True):
+    reason: str | None = None
+
+
+class TaskScheduled(HistoryEvent, tag="TaskScheduled", frozen=True, kw_only=True, omit_defaults=True):
+    name: str
+    version: str | None = None
+    input: str | None = None
+    tags: dict[str, str] | None = None
+
+
+class TaskCompleted(HistoryEvent, tag="TaskCompleted", frozen=True, kw_only=True, omit_defaults=True):
+    task_scheduled_id: int
+    result: str | None = None
+
+
+class TaskFailed(HistoryEvent, tag="TaskFailed", frozen=True, kw_only=True, omit_defaults=True):
+    task_scheduled_id: int
+    failure_details: FailureDetails
+
+
+class SubOrchestrationInstanceCreated(
+    HistoryEvent, tag="SubOrchestrationInstanceCreated", frozen=True, kw_only=True, omit_defaults=True
+):
+    instance_id: str
+    name: str
+    version: str | None = None
+    input: str | None = None
+
+
+class SubOrchestrationInstanceCompleted(
+    HistoryEvent, tag="SubOrchestrationInstanceCompleted", frozen=True, kw_only=True, omit_defaults=True
+):
+    task_scheduled_id: int
+    result: str | None = None
+
+
+class SubOrchestrationInstanceFailed(
+    HistoryEvent, tag="SubOrchestrationInstanceFailed", frozen=True, kw_only=True, omit_defaults=True
+):
+    task_scheduled_id: int
+    failure_details: FailureDetails
+
+
+class TimerCreated(HistoryEvent, tag="TimerCreated", frozen=True, kw_only=True, omit_defaults=True):
+    fire_at: datetime
+    retry_of: int | None = None
+    """For the wait before a retry: the id of the failed attempt (rewind keeps such attempts)."""
+
+
+class TimerFired(HistoryEvent, tag="TimerFired", frozen=True, kw_only=True, omit_defaults=True):
+    timer_id: int
+    fire_at: datetime
+
+
+class OrchestratorStarted(HistoryEvent, tag="OrchestratorStarted", frozen=True, kw_only=True, omit_defaults=True):
+    pass
+
+
+class OrchestratorCompleted(HistoryEvent, tag="OrchestratorCompleted", frozen=True, kw_only=True, omit_defaults=True):
+    pass
+
+
+class EventSent(HistoryEvent, tag="EventSent", frozen=True, kw_only=True, omit_defaults=True):
+    instance_id: str
+    name: str
+    input: str | None = None
+
+
+class EventRaised(HistoryEvent, tag="EventRaised", frozen=True, kw_only=True, omit_defaults=True):
+    name: str
+    input: str | None = None
+
+
+class GenericEvent(HistoryEvent, tag="GenericEvent", frozen=True, kw_only=True, omit_defaults=True):
+    """Carries no meaning for the orchestrator; used to wake an instance up."""
+
+    data: str | None = None
+
+
+class EntityOperationSignaled(
+    HistoryEvent, tag="EntityOperationSignaled", frozen=True, kw_only=True, omit_defaults=True
+):
+    request_id: str
+    operation: str
+    target_instance_id: str
+    input: str | None = None
+    scheduled_time: datetime | None = None
+
+
+class EntityOperationCalled(HistoryEvent, tag="EntityOperationCalled", frozen=True, kw_only=True, omit_defaults=True):
+    request_id: str
+    operation: str
+    target_instance_id: str
+    parent_instance_id: str
+    parent_execution_id: str | None = None
+    input: str | None = None
+    scheduled_time: datetime | None = None
+
+
+class EntityOperationCompleted(
+    HistoryEvent, tag="EntityOperationCompleted", frozen=True, kw_only=True, omit_defaults=True
+):
+    request_id: str
+    output: str | None = None
+
+
+class EntityOperationFailed(HistoryEvent, tag="EntityOperationFailed", frozen=True, kw_only=True, omit_defaults=True):
+    request_id: str
+    failure_details: FailureDetails
+
+
+class EntityLockRequested(HistoryEvent, tag="EntityLockRequested", frozen=True, kw_only=True, omit_defaults=True):
+    critical_section_id: str
+    lock_set: list[str]
+    position: int
+    parent_instance_id: str
+
+
+class EntityLockGranted(HistoryEvent, tag="EntityLockGranted", frozen=True, kw_only=True, omit_defaults=True):
+    critical_section_id: str
+
+
+class EntityUnlockSent(HistoryEvent, tag="EntityUnlockSent", frozen=True, kw_only=True, omit_defaults=True):
+    critical_section_id: str
+    parent_instance_id: str
+    target_instance_id: str
+
+
+AnyHistoryEvent = (
+    ExecutionStarted
+    | ExecutionCompleted
+    | ExecutionTerminated
+    | ExecutionSuspended
+    | ExecutionResumed
+    | ExecutionRewound
+    | TaskScheduled
+    | TaskCompleted
+    | TaskFailed
+    | SubOrchestrationInstanceCreated
+    | SubOrchestrationInstanceCompleted
+    | SubOrchestrationInstanceFailed
+    | TimerCreated
+    | TimerFired
+    | OrchestratorStarted
+    | OrchestratorCompleted
+    | EventSent
+    | EventRaised
+    | GenericEvent
+    | EntityOperationSignaled
+    | EntityOperationCalled
+    | EntityOperationCompleted
+    | EntityOperationFailed
+    | EntityLockRequested
+    | EntityLockGranted
+    | EntityUnlockSent
+)
+
+_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(AnyHistoryEvent)
+_events_decoder = msgspec.json.Decoder(list[AnyHistoryEvent])
+_failure_decoder = msgspec.json.Decoder(FailureDetails)
+
+
+def encode_event(event: HistoryEvent) -> bytes:
+    """One event as JSON (with its ``type`` tag)."""
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes | str) -> HistoryEvent:
+    """The inverse of :func:`encode_event`."""
+    event: HistoryEvent = _event_decoder.decode(data)
+    return event
+
+
+def encode_events(events: list[HistoryEvent]) -> bytes:
+    """A list of events as one JSON array."""
+    return _encoder.encode(events)
+
+
+def decode_events(data: bytes | str) -> list[HistoryEvent]:
+    """The inverse of :func:`encode_events`."""
+    events: list[HistoryEvent] = list(_events_decoder.decode(data))
+    return events
+
+
+def encode_failure(details: FailureDetails) -> bytes:
+    """Failure details as JSON, for storage."""
+    return _encoder.encode(details)
+
+
+def decode_failure(data: bytes | str) -> FailureDetails:
+    """The inverse of :func:`encode_failure`."""
+    details: FailureDetails = _failure_decoder.decode(data)
+    return details

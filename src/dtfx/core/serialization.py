@@ -1,0 +1,163 @@
+"""JSON payloads: how user values become the strings stored in history, and back.
+
+The default converter writes plain JSON. Dataclasses, pydantic models, datetimes,
+enums, UUIDs and namedtuples are encoded; on the way back a *target type* (an
+explicit ``return_type=`` / ``data_type=``, or the annotation of the function that
+receives the value) rebuilds them. Without a target type the raw JSON value is
+returned, never a type read from the payload.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Generator
+from typing import Any
+
+import msgspec
+
+from dtfx.core.errors import SerializationError
+
+# Older Durable Task SDKs marked auto-serialized objects with this key; drop it on read.
+_SDK_OBJECT_MARKER = "__durabletask_autoobject__"
+
+
+class DataConverter(ABC):
+    """Turns payload values into JSON strings and back; must be deterministic."""
+
+    @abstractmethod
+    def serialize(self, value: Any) -> str | None:
+        """The JSON text of ``value``, or ``None`` when ``value`` is ``None``."""
+
+    @abstractmethod
+    def deserialize(self, data: str | None, target_type: Any = None) -> Any:
+        """The value encoded in ``data``, rebuilt as ``target_type`` when one is given."""
+
+
+def _encode_hook(value: Any) -> Any:
+    model_dump = getattr(value, "model_dump", None)
+    if callable(model_dump):  # a pydantic model
+        return model_dump(mode="json")
+    to_json = getattr(value, "to_json", None)
+    if callable(to_json):
+        return to_json()
+    if isinstance(value, types.SimpleNamespace):
+        return vars(value)
+    raise NotImplementedError(f"Objects of type {type(value).__qualname__} are not JSON-serializable")
+
+
+def _drop_sdk_markers(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _drop_sdk_markers(item) for key, item in value.items() if key != _SDK_OBJECT_MARKER}
+    if isinstance(value, list):
+        return [_drop_sdk_markers(item) for item in value]
+    return value
+
+
+class JsonDataConverter(DataConverter):
+    """The default converter: compact JSON via msgspec, typed decoding via msgspec or pydantic."""
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.json.Encoder(enc_hook=_encode_hook)
+
+    def serialize(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        try:
+            return self._encoder.encode(value).decode()
+        except (TypeError, NotImplementedError, msgspec.EncodeError, OverflowError) as error:
+            raise SerializationError(f"Cannot serialize {type(value).__qualname__} to JSON: {error}") from error
+
+    def deserialize(self, data: str | None, target_type: Any = None) -> Any:
+        if data is None or data == "":
+            return None
+        try:
+            value = msgspec.json.decode(data)
+        except msgspec.DecodeError as error:
+            raise SerializationError(f"Invalid JSON payload: {error}") from error
+        if isinstance(value, dict) and _SDK_OBJECT_MARKER in value:
+            value = _drop_sdk_markers(value)
+        if target_type is None or not needs_conversion(target_type):
+            return value
+        return convert(value, target_type)
+
+
+def convert(value: Any, target_type: Any) -> Any:
+    """Rebuild a decoded JSON value as ``target_type`` (dataclass, pydantic model, ...)."""
+    model_validate = getattr(target_type, "model_validate", None)
+    try:
+        if callable(model_validate):
+            return model_validate(value)
+        return msgspec.convert(value, target_type, strict=False)
+    except msgspec.ValidationError as error:
+        raise SerializationError(f"Cannot read payload as {_type_name(target_type)}: {error}") from error
+    except TypeError:
+        return _convert_with_pydantic(value, target_type)
+    except Exception as error:
+        raise SerializationError(f"Cannot read payload as {_type_name(target_type)}: {error}") from error
+
+
+def _convert_with_pydantic(value: Any, target_type: Any) -> Any:
+    """For types msgspec cannot build (a pydantic model inside a dataclass, say)."""
+    try:
+        return _type_adapter(target_type).validate_python(value)
+    except ImportError as error:  # pragma: no cover - pydantic is an install away
+        raise SerializationError(f"Cannot read payload as {_type_name(target_type)} without pydantic") from error
+    except Exception as error:
+        raise SerializationError(f"Cannot read payload as {_type_name(target_type)}: {error}") from error
+
+
+@functools.lru_cache(maxsize=256)
+def _type_adapter(target_type: Any) -> Any:
+    import pydantic
+
+    return pydantic.TypeAdapter(target_type)
+
+
+def _type_name(target_type: Any) -> str:
+    return getattr(target_type, "__qualname__", None) or repr(target_type)
+
+
+_PLAIN_JSON_TYPES: frozenset[Any] = frozenset({Any, object, str, int, float, bool, dict, list, type(None)})
+
+
+def needs_conversion(target_type: Any) -> bool:
+    """False for annotations that plain JSON values already satisfy."""
+    if target_type in _PLAIN_JSON_TYPES:
+        return False
+    origin = typing.get_origin(target_type)
+    if origin in (dict, list):
+        return any(needs_conversion(argument) for argument in typing.get_args(target_type))
+    return not isinstance(target_type, typing.TypeVar)
+
+
+@functools.lru_cache(maxsize=1024)
+def _hints(fn: Callable[..., Any]) -> tuple[Any, Any]:
+    """(type of the second parameter, return type) of a user function, or ``None``s."""
+    try:
+        hints = typing.get_type_hints(fn)
+        parameters = list(inspect.signature(fn).parameters.values())
+    except Exception:  # unresolvable forward references, builtins, callables without signatures
+        return None, None
+    input_type = hints.get(parameters[1].name) if len(parameters) >= 2 else None
+    return input_type, hints.get("return")
+
+
+def input_type_of(fn: Callable[..., Any]) -> Any:
+    """The annotated type of ``fn(ctx, input)``'s input, or ``None``."""
+    return _hints(fn)[0]
+
+
+def output_type_of(fn: Callable[..., Any]) -> Any:
+    """The annotated result type of an activity or orchestrator (a generator's return type)."""
+    output = _hints(fn)[1]
+    if typing.get_origin(output) in (Generator, typing.Generator):
+        arguments = typing.get_args(output)
+        return arguments[2] if len(arguments) == 3 else None
+    return output
+
+
+DEFAULT_CONVERTER: DataConverter = JsonDataConverter()

@@ -1,0 +1,117 @@
+"""The records a backend and a worker exchange: work items, and what completing them writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from dtfx.core.history import (
+    FailureDetails,
+    HistoryEvent,
+    OrchestrationStatus,
+    TaskCompleted,
+    TaskFailed,
+    TaskScheduled,
+)
+from dtfx.core.state import OrchestrationState
+
+MessageId = int | str
+"""Backend-assigned identity of an inbox message or activity task (opaque to the worker)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InboxMessage:
+    """An event waiting in an instance's inbox."""
+
+    id: MessageId
+    event: HistoryEvent
+    execution_id: str | None = None
+    """The execution it is addressed to; ``None`` means whichever execution is current."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    """An event to put in an instance's inbox when a work item completes.
+
+    An ``ExecutionStarted`` event creates the instance (a sub-orchestration, or the
+    next execution after continue-as-new); any other event to an instance that does
+    not exist is dropped.
+    """
+
+    instance_id: str
+    event: HistoryEvent
+    execution_id: str | None = None
+    visible_at: datetime | None = None
+    """Not delivered before this moment (timers); ``None`` means now."""
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityTask:
+    """An activity to run, as queued when its orchestration schedules it."""
+
+    instance_id: str
+    execution_id: str | None
+    event: TaskScheduled
+    """Its ``event_id`` is the task id the result refers to."""
+
+
+@dataclass(slots=True)
+class OrchestrationWorkItem:
+    """A locked orchestration instance with the new events it should process."""
+
+    instance_id: str
+    lock_token: str
+    locked_until: datetime
+    state: OrchestrationState
+    messages: list[InboxMessage]
+    history_size: int
+    """How many events the instance's history holds (lets a cached executor skip loading it)."""
+    history: list[HistoryEvent] | None = None
+    """The history, once loaded (``Backend.load_history``)."""
+
+
+@dataclass(slots=True)
+class OrchestrationCheckpoint:
+    """Everything completing one orchestration work item writes, in one transaction."""
+
+    instance_id: str
+    lock_token: str
+    consumed: list[MessageId]
+    """Inbox messages to delete."""
+    new_history: list[HistoryEvent]
+    """Events to append (or, with ``replace_history``, the whole new history)."""
+    status: OrchestrationStatus
+    execution_id: str | None
+    input: str | None
+    output: str | None
+    custom_status: str | None
+    failure_details: FailureDetails | None
+    version: str | None
+    completed_at: datetime | None
+    updated_at: datetime
+    replace_history: bool = False
+    activity_tasks: list[ActivityTask] = field(default_factory=list)
+    messages: list[OutboundMessage] = field(default_factory=list)
+
+    def history_size_after(self, previous_size: int) -> int:
+        """How many events the history holds once this checkpoint is committed."""
+        return len(self.new_history) if self.replace_history else previous_size + len(self.new_history)
+
+
+@dataclass(slots=True)
+class ActivityWorkItem:
+    """A locked activity task."""
+
+    id: MessageId
+    lock_token: str
+    locked_until: datetime
+    task: ActivityTask
+    dequeue_count: int = 1
+
+
+@dataclass(slots=True)
+class ActivityResult:
+    """Completing an activity: the result goes to the instance's inbox and the task is deleted."""
+
+    work_item: ActivityWorkItem
+    event: TaskCompleted | TaskFailed

@@ -1,0 +1,1 @@
+"""Workers: registries, dispatchers and the processing of work items."""

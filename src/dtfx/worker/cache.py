@@ -1,0 +1,61 @@
+"""Live orchestrations kept between episodes, so a cached instance is never replayed.
+
+An entry is valid for a work item only if the instance is still on the same
+execution and its history has exactly the size this worker left it at: any other
+writer (another worker after a lost lease, a rewind, continue-as-new) changes one
+of the two, and the entry is dropped in favour of a replay from history.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from dtfx.core.history import ExecutionStarted
+from dtfx.core.replay import OrchestrationExecutor
+from dtfx.core.workitems import OrchestrationWorkItem
+
+
+@dataclass
+class CachedExecution:
+    """An executor and what it must match to be reused."""
+
+    executor: OrchestrationExecutor
+    started: ExecutionStarted
+    execution_id: str | None
+    history_size: int
+
+
+class ExecutorCache:
+    """A least-recently-used map of instance id to :class:`CachedExecution`."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._entries: OrderedDict[str, CachedExecution] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, item: OrchestrationWorkItem) -> CachedExecution | None:
+        """The entry for the work item's instance if it is still valid; a stale one is dropped."""
+        entry = self._entries.get(item.instance_id)
+        if entry is None:
+            return None
+        if entry.execution_id != item.state.execution_id or entry.history_size != item.history_size:
+            del self._entries[item.instance_id]
+            return None
+        self._entries.move_to_end(item.instance_id)
+        return entry
+
+    def store(self, instance_id: str, entry: CachedExecution) -> None:
+        """Keep ``entry``, evicting the least recently used one beyond capacity."""
+        if self._capacity <= 0:
+            return
+        self._entries[instance_id] = entry
+        self._entries.move_to_end(instance_id)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+
+    def evict(self, instance_id: str) -> None:
+        """Forget the instance."""
+        self._entries.pop(instance_id, None)

@@ -1,0 +1,183 @@
+"""The generic work-item dispatcher (DurableTask.Core's ``WorkItemDispatcher``).
+
+A dispatcher runs ``dispatcher_count`` fetch loops. Each loop waits for a free
+concurrency slot, fetches as many work items as there are free slots (one backend
+call), and starts one task per item. When there is nothing to fetch it waits for a
+wake-up. Fetch errors and processing errors back off exponentially. A work item
+fetched after :meth:`stop` began is released at once; on stop, in-flight items get a
+grace period to finish, and the ones still running are cancelled and released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Backoff:
+    """Exponential back-off: ``initial``, doubling up to ``maximum``; reset by successes."""
+
+    initial: float
+    maximum: float
+    failures: int = 0
+    successes_to_reset: int = 5
+    _successes: int = 0
+
+    def failed(self) -> float:
+        """Record a failure; return how long to wait."""
+        self.failures += 1
+        self._successes = 0
+        return float(min(self.maximum, self.initial * 2 ** (self.failures - 1)))
+
+    def succeeded(self) -> None:
+        """Record a success; enough of them in a row clear the back-off."""
+        if self.failures:
+            self._successes += 1
+            if self._successes >= self.successes_to_reset:
+                self.failures = self._successes = 0
+
+
+class WorkItemDispatcher(Generic[T]):
+    """Fetches and processes work items of one kind with bounded concurrency."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        fetch: Callable[[int], Awaitable[list[T]]],
+        process: Callable[[T], Awaitable[None]],
+        release: Callable[[T], Awaitable[None]],
+        wait_for_work: Callable[[], Awaitable[None]],
+        describe: Callable[[T], str],
+        max_concurrent: int,
+        dispatcher_count: int = 1,
+        max_batch: int = 100,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 10.0,
+    ) -> None:
+        self.name = name
+        self._fetch = fetch
+        self._process = process
+        self._release = release
+        self._wait_for_work = wait_for_work
+        self._describe = describe
+        self._max_concurrent = max_concurrent
+        self._dispatcher_count = dispatcher_count
+        self._max_batch = max_batch
+        self._fetch_backoff = Backoff(backoff_initial, backoff_max)
+        self._process_backoff = Backoff(backoff_initial, backoff_max)
+        self._delay = 0.0
+        self._running = False
+        self._in_flight: dict[asyncio.Task[None], T] = {}
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+
+    @property
+    def in_flight(self) -> int:
+        """Work items being processed right now."""
+        return len(self._in_flight)
+
+    def start(self) -> None:
+        """Start the fetch loops on the running event loop."""
+        if self._running:
+            raise RuntimeError(f"Dispatcher {self.name} has already started")
+        self._running = True
+        self._stopping.clear()
+        self._loops = [
+            asyncio.create_task(self._dispatch(index), name=f"{self.name}-{index}")
+            for index in range(self._dispatcher_count)
+        ]
+        logger.debug("%s started with %d fetch loop(s)", self.name, self._dispatcher_count)
+
+    async def stop(self, grace_period: float) -> None:
+        """Stop fetching; give in-flight items ``grace_period`` seconds, then cancel and release them."""
+        if not self._running:
+            return
+        self._running = False
+        self._stopping.set()
+        self._slot_freed.set()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._in_flight:
+            _done, pending = await asyncio.wait(list(self._in_flight), timeout=grace_period)
+            for task in pending:
+                task.cancel()
+            if pending:
+                logger.warning("%s: cancelled %d work item(s) still running at shutdown", self.name, len(pending))
+                await asyncio.gather(*pending, return_exceptions=True)
+        logger.debug("%s stopped", self.name)
+
+    async def _dispatch(self, index: int) -> None:
+        while self._running:
+            free = self._max_concurrent - len(self._in_flight)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            if self._delay > 0:
+                delay, self._delay = self._delay, 0.0
+                await self._sleep(delay)
+                continue
+            try:
+                items = await self._fetch(min(free, self._max_batch))
+            except Exception:
+                if not self._running:
+                    break
+                delay = self._fetch_backoff.failed()
+                logger.warning("%s: fetching work items failed; retrying in %.1fs", self.name, delay, exc_info=True)
+                await self._sleep(delay)
+                continue
+            self._fetch_backoff.succeeded()
+            if not self._running:
+                await asyncio.gather(*(self._safe_release(item) for item in items))
+                break
+            if not items:
+                await self._idle()
+                continue
+            for item in items:
+                task = asyncio.create_task(self._run(item))
+                self._in_flight[task] = item
+
+    async def _run(self, item: T) -> None:
+        try:
+            await self._process(item)
+            self._process_backoff.succeeded()
+        except asyncio.CancelledError:
+            await self._safe_release(item)
+            raise
+        except Exception:
+            delay = self._process_backoff.failed()
+            self._delay = max(self._delay, delay)
+            logger.exception("%s: processing %s failed; backing off %.1fs", self.name, self._describe(item), delay)
+            await self._safe_release(item)
+        finally:
+            self._in_flight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            self._slot_freed.set()
+
+    async def _safe_release(self, item: T) -> None:
+        try:
+            await self._release(item)
+        except Exception:
+            logger.warning("%s: releasing %s failed", self.name, self._describe(item), exc_info=True)
+
+    async def _idle(self) -> None:
+        waiting = asyncio.ensure_future(self._wait_for_work())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for future in (waiting, stopping):
+                future.cancel()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)

@@ -1,0 +1,95 @@
+"""Worker configuration: concurrency, versioning and dispatcher tuning."""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+
+def _default_concurrency() -> int:
+    return 100 * (os.cpu_count() or 1)
+
+
+@dataclass(kw_only=True)
+class ConcurrencyOptions:
+    """How much work a worker takes on at once (names as in the official SDK)."""
+
+    maximum_concurrent_orchestration_work_items: int = field(default_factory=_default_concurrency)
+    """Orchestration episodes in flight at once."""
+    maximum_concurrent_activity_work_items: int = field(default_factory=_default_concurrency)
+    """Activities running at once."""
+    maximum_concurrent_entity_work_items: int = field(default_factory=_default_concurrency)
+    """Entity batches in flight at once."""
+    maximum_thread_pool_workers: int | None = None
+    """Threads for sync activities (``None``: Python's default for a thread pool)."""
+    orchestration_dispatcher_count: int = 1
+    """Fetch loops for orchestration work items."""
+    activity_dispatcher_count: int = 1
+    """Fetch loops for activity work items."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "maximum_concurrent_orchestration_work_items",
+            "maximum_concurrent_activity_work_items",
+            "maximum_concurrent_entity_work_items",
+            "orchestration_dispatcher_count",
+            "activity_dispatcher_count",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+class VersionMatchStrategy(enum.Enum):
+    """Which orchestration versions a worker runs."""
+
+    NONE = 1
+    """Any version."""
+    STRICT = 2
+    """Only its own version."""
+    CURRENT_OR_OLDER = 3
+    """Its own version and older ones."""
+
+
+class VersionFailureStrategy(enum.Enum):
+    """What a worker does with an orchestration whose version it does not run."""
+
+    REJECT = 1
+    """Leave it for another worker (the work item is abandoned)."""
+    FAIL = 2
+    """Fail the instance with a ``VersionMismatch`` error."""
+
+
+@dataclass(kw_only=True)
+class VersioningOptions:
+    """Orchestration versioning, as in the official SDK and DurableTask.Core."""
+
+    version: str | None = None
+    """The version of the orchestrations this worker runs."""
+    default_version: str | None = None
+    """The version sub-orchestrations get when the call does not give one."""
+    match_strategy: VersionMatchStrategy = VersionMatchStrategy.NONE
+    """Which orchestration versions this worker runs."""
+    failure_strategy: VersionFailureStrategy = VersionFailureStrategy.REJECT
+    """What happens to the others."""
+
+
+@dataclass(kw_only=True)
+class WorkerOptions:
+    """Dispatcher tuning; the defaults suit most uses."""
+
+    lease_duration: timedelta = timedelta(seconds=60)
+    """How long a work item stays locked; long activities have their lease renewed."""
+    fetch_batch_size: int = 100
+    """Most work items locked in one backend call."""
+    cached_instances: int = 10_000
+    """Live orchestrations kept in memory between episodes, so they need no replay."""
+    shutdown_grace_period: timedelta = timedelta(seconds=30)
+    """How long :meth:`Worker.stop` lets in-flight work finish."""
+    reject_retry_delay: timedelta = timedelta(seconds=1)
+    """How long a rejected (version mismatch) work item waits before it is offered again."""
+    backoff_initial: timedelta = timedelta(milliseconds=100)
+    """First wait after a failed fetch or a failed work item."""
+    backoff_max: timedelta = timedelta(seconds=10)
+    """Longest such wait; the wait doubles on each further failure."""

@@ -1,0 +1,226 @@
+"""Processing orchestration work items: plan, execute, apply, commit.
+
+:class:`OrchestrationProcessor` is the same for every executor; what runs the
+orchestrator code is an :class:`EpisodeRunner`: :class:`LocalRunner` here (Python
+generators in this process, kept live in an :class:`~dtfx.worker.cache.ExecutorCache`),
+or the gRPC sidecar's runner that streams the episode to an SDK worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from dtfx.backends.base import Backend, utc_now
+from dtfx.core.actions import CompleteOrchestration, OrchestratorAction
+from dtfx.core.apply import EpisodeKind, apply_actions, needs_history, plan_episode, unchanged_checkpoint
+from dtfx.core.errors import NotRegisteredError
+from dtfx.core.history import ExecutionStarted, FailureDetails, HistoryEvent, OrchestrationStatus
+from dtfx.core.replay import OrchestrationExecutor
+from dtfx.core.serialization import DataConverter
+from dtfx.core.versioning import compare_versions
+from dtfx.core.workitems import OrchestrationCheckpoint, OrchestrationWorkItem
+from dtfx.worker.cache import CachedExecution, ExecutorCache
+from dtfx.worker.commit import GroupCommitter
+from dtfx.worker.options import VersionFailureStrategy, VersioningOptions, VersionMatchStrategy
+from dtfx.worker.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EpisodeOutcome:
+    """What an executor returned for one episode."""
+
+    actions: list[OrchestratorAction]
+    custom_status: str | None
+
+
+@dataclass
+class Abandon:
+    """The executor declines the work item; offer it again at ``retry_at``."""
+
+    retry_at: datetime | None = None
+
+
+class EpisodeRunner(Protocol):
+    """Runs orchestrator code for one episode."""
+
+    def cached_start(self, item: OrchestrationWorkItem) -> ExecutionStarted | None:
+        """The instance's ``ExecutionStarted`` if the runner can continue it without its history."""
+
+    async def run(
+        self,
+        item: OrchestrationWorkItem,
+        started: ExecutionStarted,
+        past_events: Sequence[HistoryEvent] | None,
+        new_events: list[HistoryEvent],
+    ) -> EpisodeOutcome | Abandon:
+        """Execute the episode; ``past_events`` is ``None`` when :meth:`cached_start` said so."""
+
+    def finished(
+        self, item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint | None, committed: bool
+    ) -> None:
+        """Called after the commit (``checkpoint`` is ``None`` when nothing was run or committed)."""
+
+
+class OrchestrationProcessor:
+    """Takes an orchestration work item from lock to commit."""
+
+    def __init__(
+        self, backend: Backend, runner: EpisodeRunner, committer: GroupCommitter[OrchestrationCheckpoint]
+    ) -> None:
+        self._backend = backend
+        self._runner = runner
+        self._committer = committer
+
+    async def process(self, item: OrchestrationWorkItem) -> None:
+        """Run one episode of the work item's instance and commit it."""
+        now = utc_now()
+        cached = self._runner.cached_start(item)
+        history: list[HistoryEvent] | None = None
+        if cached is None or needs_history(item):
+            history = await self._backend.get_history(item.instance_id)
+        plan = plan_episode(item, history, now)
+        if plan.kind is EpisodeKind.DEFER:
+            self._runner.finished(item, None, False)
+            await self._backend.abandon_orchestration_work_item(item, retry_at=plan.defer_until)
+            return
+        if plan.kind is EpisodeKind.CHECKPOINT:
+            assert plan.checkpoint is not None
+            self._runner.finished(item, None, False)
+            await self._commit(item, plan.checkpoint)
+            return
+
+        started = cached or _find_start([*(history or []), *plan.new_events])
+        if started is None:
+            logger.error("Instance %s has events but no ExecutionStarted; discarding them", item.instance_id)
+            await self._commit(item, unchanged_checkpoint(item, plan.consumed, now))
+            return
+        outcome = await self._runner.run(item, started, history if cached is None else None, plan.new_events)
+        if isinstance(outcome, Abandon):
+            self._runner.finished(item, None, False)
+            await self._backend.abandon_orchestration_work_item(item, retry_at=outcome.retry_at)
+            return
+        checkpoint = apply_actions(
+            item, started, plan.new_events, outcome.actions, outcome.custom_status, plan.consumed, now, history=history
+        )
+        committed = await self._commit(item, checkpoint)
+        self._runner.finished(item, checkpoint, committed)
+
+    async def release(self, item: OrchestrationWorkItem) -> None:
+        """Give the work item back after a failure or at shutdown."""
+        self._runner.finished(item, None, False)
+        await self._backend.abandon_orchestration_work_item(item)
+
+    async def _commit(self, item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint) -> bool:
+        committed = await self._committer.commit(checkpoint)
+        if not committed:
+            logger.warning("Instance %s: the lease was lost before the episode could be committed", item.instance_id)
+        return committed
+
+
+def _find_start(events: Sequence[HistoryEvent]) -> ExecutionStarted | None:
+    return next((event for event in events if isinstance(event, ExecutionStarted)), None)
+
+
+def version_failure(versioning: VersioningOptions | None, version: str | None) -> FailureDetails | None:
+    """Why ``versioning`` refuses an orchestration of ``version``, or ``None``."""
+    if versioning is None or versioning.match_strategy is VersionMatchStrategy.NONE:
+        return None
+    comparison = compare_versions(version, versioning.version)
+    if versioning.match_strategy is VersionMatchStrategy.STRICT and comparison != 0:
+        message = f"The orchestration version '{version}' does not match the worker version '{versioning.version}'."
+    elif versioning.match_strategy is VersionMatchStrategy.CURRENT_OR_OLDER and comparison > 0:
+        message = f"The orchestration version '{version}' is greater than the worker version '{versioning.version}'."
+    else:
+        return None
+    return FailureDetails(error_type="VersionMismatch", message=message, is_non_retriable=True)
+
+
+def _failed(details: FailureDetails) -> EpisodeOutcome:
+    return EpisodeOutcome(
+        [CompleteOrchestration(id=-1, status=OrchestrationStatus.FAILED, failure_details=details)], None
+    )
+
+
+class LocalRunner:
+    """Runs registered Python orchestrators, keeping them live between episodes."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        converter: DataConverter,
+        *,
+        cache_capacity: int,
+        versioning: VersioningOptions | None = None,
+        reject_retry_delay: timedelta = timedelta(seconds=1),
+    ) -> None:
+        self._registry = registry
+        self._converter = converter
+        self._cache = ExecutorCache(cache_capacity)
+        self._versioning = versioning
+        self._reject_retry_delay = reject_retry_delay
+        self._running: dict[str, CachedExecution] = {}
+
+    @property
+    def cache(self) -> ExecutorCache:
+        """The live orchestrations."""
+        return self._cache
+
+    def cached_start(self, item: OrchestrationWorkItem) -> ExecutionStarted | None:
+        entry = self._cache.lookup(item)
+        return entry.started if entry is not None else None
+
+    async def run(
+        self,
+        item: OrchestrationWorkItem,
+        started: ExecutionStarted,
+        past_events: Sequence[HistoryEvent] | None,
+        new_events: list[HistoryEvent],
+    ) -> EpisodeOutcome | Abandon:
+        failure = version_failure(self._versioning, started.version)
+        if failure is not None:
+            assert self._versioning is not None
+            if self._versioning.failure_strategy is VersionFailureStrategy.REJECT:
+                logger.info("Instance %s: %s Leaving it to another worker.", item.instance_id, failure.message)
+                return Abandon(utc_now() + self._reject_retry_delay)
+            return _failed(failure)
+
+        entry = self._cache.lookup(item) if past_events is None else None
+        if entry is None:
+            orchestrator = self._registry.orchestrators.get(started.name)
+            if orchestrator is None:
+                return _failed(FailureDetails.from_exception(NotRegisteredError("orchestrator", started.name)))
+            default_version = self._versioning.default_version if self._versioning else None
+            executor = OrchestrationExecutor(
+                orchestrator, item.instance_id, converter=self._converter, default_version=default_version
+            )
+            executor.replay(past_events or [])
+            entry = CachedExecution(executor, started, item.state.execution_id, item.history_size)
+        self._running[item.instance_id] = entry
+        actions = entry.executor.execute(new_events)
+        return EpisodeOutcome(actions, entry.executor.context.custom_status)
+
+    def finished(
+        self, item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint | None, committed: bool
+    ) -> None:
+        entry = self._running.pop(item.instance_id, None)
+        keep = (
+            entry is not None
+            and checkpoint is not None
+            and committed
+            and not entry.executor.is_complete
+            and not checkpoint.replace_history
+            and not checkpoint.status.is_terminal
+        )
+        if not keep:
+            self._cache.evict(item.instance_id)
+            return
+        assert entry is not None and checkpoint is not None
+        entry.history_size = checkpoint.history_size_after(item.history_size)
+        entry.execution_id = checkpoint.execution_id
+        self._cache.store(item.instance_id, entry)

@@ -1,0 +1,110 @@
+"""Registries of orchestrators, activities and entities, and the decorator-based :class:`App`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any, Protocol, TypeVar, overload
+
+from dtfx.core.context import function_name
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Decorator(Protocol):
+    def __call__(self, fn: F, /) -> F: ...
+
+
+def _name_function(fn: Callable[..., Any], name: str | None) -> str:
+    registered = name or function_name(fn)
+    if name is not None:
+        with suppress(AttributeError, TypeError):  # lets ctx.call_activity(fn) find the name
+            fn.__dtfx_name__ = name  # type: ignore[attr-defined]
+    return registered
+
+
+class Registry:
+    """Named orchestrators, activities and entities."""
+
+    def __init__(self) -> None:
+        self.orchestrators: dict[str, Callable[..., Any]] = {}
+        self.activities: dict[str, Callable[..., Any]] = {}
+        self.entities: dict[str, Any] = {}
+
+    def add_orchestrator(self, fn: Callable[..., Any], name: str | None = None) -> str:
+        """Register an orchestrator ``fn(ctx, input)``; returns the name it is registered under."""
+        registered = _name_function(fn, name)
+        self._check_free(self.orchestrators, "orchestrator", registered, fn)
+        self.orchestrators[registered] = fn
+        return registered
+
+    def add_activity(self, fn: Callable[..., Any], name: str | None = None) -> str:
+        """Register an activity ``fn(ctx, input)`` (sync or async); returns its name."""
+        registered = _name_function(fn, name)
+        self._check_free(self.activities, "activity", registered, fn)
+        self.activities[registered] = fn
+        return registered
+
+    def update(self, other: Registry) -> None:
+        """Add every registration of ``other``."""
+        for name, fn in other.orchestrators.items():
+            self.add_orchestrator(fn, name)
+        for name, fn in other.activities.items():
+            self.add_activity(fn, name)
+        self.entities.update(other.entities)
+
+    @staticmethod
+    def _check_free(table: dict[str, Any], kind: str, name: str, fn: Any) -> None:
+        existing = table.get(name)
+        if existing is not None and existing is not fn:
+            raise ValueError(f"An {kind} named '{name}' is already registered.")
+
+
+class App(Registry):
+    """Register orchestrators and activities with decorators, then hand the app to a worker.
+
+    Example::
+
+        app = dtfx.App()
+
+        @app.activity
+        def say_hello(ctx, city: str) -> str:
+            return f"Hello, {city}!"
+
+        @app.orchestrator(name="hello_cities")
+        def hello(ctx, _):
+            greetings = []
+            for city in ("Tokyo", "London"):
+                greetings.append((yield ctx.call_activity(say_hello, input=city)))
+            return greetings
+    """
+
+    @overload
+    def orchestrator(self, fn: F, /) -> F: ...
+
+    @overload
+    def orchestrator(self, /, *, name: str | None = None) -> _Decorator: ...
+
+    def orchestrator(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None) -> Any:
+        """Register an orchestrator (usable bare or with ``name=``)."""
+
+        def register(target: Callable[..., Any]) -> Callable[..., Any]:
+            self.add_orchestrator(target, name)
+            return target
+
+        return register(fn) if fn is not None else register
+
+    @overload
+    def activity(self, fn: F, /) -> F: ...
+
+    @overload
+    def activity(self, /, *, name: str | None = None) -> _Decorator: ...
+
+    def activity(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None) -> Any:
+        """Register an activity (usable bare or with ``name=``)."""
+
+        def register(target: Callable[..., Any]) -> Callable[..., Any]:
+            self.add_activity(target, name)
+            return target
+
+        return register(fn) if fn is not None else register

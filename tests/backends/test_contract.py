@@ -1,0 +1,577 @@
+"""The storage contract, run unchanged against every backend (see ``tests/conftest.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime, timedelta
+
+import pytest
+
+from dtfx.backends.base import Backend, WorkKind, utc_now
+from dtfx.core.errors import OrchestrationAlreadyExistsError, OrchestrationNotFoundError
+from dtfx.core.history import (
+    EntityOperationSignaled,
+    EventRaised,
+    ExecutionCompleted,
+    ExecutionRewound,
+    ExecutionStarted,
+    FailureDetails,
+    OrchestrationInstance,
+    OrchestrationStatus,
+    OrchestratorCompleted,
+    OrchestratorStarted,
+    ParentInstance,
+    SubOrchestrationInstanceFailed,
+    TaskCompleted,
+    TaskFailed,
+    TaskScheduled,
+    TimerFired,
+)
+from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery
+from dtfx.core.workitems import (
+    ActivityResult,
+    ActivityTask,
+    OrchestrationCheckpoint,
+    OrchestrationWorkItem,
+    OutboundMessage,
+)
+
+LEASE = timedelta(seconds=30)
+Status = OrchestrationStatus
+
+
+def start_event(
+    instance_id: str,
+    name: str = "orch",
+    *,
+    input: str | None = '"in"',
+    parent: ParentInstance | None = None,
+    tags: dict[str, str] | None = None,
+    version: str | None = None,
+) -> ExecutionStarted:
+    return ExecutionStarted(
+        timestamp=utc_now(),
+        name=name,
+        instance=OrchestrationInstance(instance_id=instance_id, execution_id=uuid.uuid4().hex),
+        input=input,
+        parent=parent,
+        tags=tags,
+        version=version,
+    )
+
+
+def checkpoint_for(
+    item: OrchestrationWorkItem,
+    *,
+    status: OrchestrationStatus = Status.RUNNING,
+    history: list | None = None,
+    consumed: list | None = None,
+    **changes: object,
+) -> OrchestrationCheckpoint:
+    now = utc_now()
+    fields: dict[str, object] = dict(
+        instance_id=item.instance_id,
+        lock_token=item.lock_token,
+        consumed=[m.id for m in item.messages] if consumed is None else consumed,
+        new_history=[OrchestratorStarted(timestamp=now), *[m.event for m in item.messages]]
+        if history is None
+        else history,
+        status=status,
+        execution_id=item.state.execution_id,
+        input=item.state.serialized_input,
+        output=None,
+        custom_status=None,
+        failure_details=None,
+        version=item.state.version,
+        completed_at=now if status.is_terminal else None,
+        updated_at=now,
+    )
+    fields.update(changes)
+    return OrchestrationCheckpoint(**fields)  # type: ignore[arg-type]
+
+
+async def lock_one(backend: Backend, instance_id: str, *, lock_for: timedelta = LEASE) -> OrchestrationWorkItem:
+    items = await backend.lock_orchestration_work_items(100, lock_for)
+    matching = [item for item in items if item.instance_id == instance_id]
+    assert matching, f"{instance_id} was not locked (got {[i.instance_id for i in items]})"
+    return matching[0]
+
+
+async def run_to(backend: Backend, instance_id: str, status: OrchestrationStatus, **changes: object) -> None:
+    """Create an instance and commit one episode that leaves it in ``status``."""
+    await backend.create_instance(start_event(instance_id))
+    item = await lock_one(backend, instance_id)
+    assert await backend.complete_orchestration_work_items([checkpoint_for(item, status=status, **changes)]) == [True]
+
+
+# -- creating instances ---------------------------------------------------------------------------
+
+
+async def test_create_instance_is_pending_with_its_start_in_the_inbox(backend: Backend) -> None:
+    start = start_event("a", tags={"team": "x"}, version="1.2")
+    await backend.create_instance(start)
+
+    state = await backend.get_instance("a")
+    assert state is not None
+    assert state.runtime_status == Status.PENDING
+    assert (state.name, state.serialized_input, state.version, state.tags) == ("orch", '"in"', "1.2", {"team": "x"})
+    assert state.execution_id == start.instance.execution_id
+    assert state.created_at <= utc_now()
+
+    item = await lock_one(backend, "a")
+    assert item.history_size == 0
+    assert [m.event for m in item.messages] == [start]
+    assert item.state.runtime_status == Status.PENDING
+
+
+async def test_create_refuses_an_existing_id_without_a_matching_reuse_policy(backend: Backend) -> None:
+    await backend.create_instance(start_event("a"))
+    with pytest.raises(OrchestrationAlreadyExistsError) as raised:
+        await backend.create_instance(start_event("a"))
+    assert raised.value.instance_id == "a"
+    with pytest.raises(OrchestrationAlreadyExistsError):
+        await backend.create_instance(start_event("a"), reuse_policy=OrchestrationIdReusePolicy.of(Status.COMPLETED))
+
+
+async def test_create_replaces_an_instance_whose_status_the_policy_lists(backend: Backend) -> None:
+    await run_to(backend, "a", Status.COMPLETED, output='"old"')
+    replacement = start_event("a", input='"new"')
+    await backend.create_instance(replacement, reuse_policy=OrchestrationIdReusePolicy.of(Status.COMPLETED))
+
+    state = await backend.get_instance("a")
+    assert state is not None
+    assert state.runtime_status == Status.PENDING
+    assert state.serialized_input == '"new"'
+    assert state.serialized_output is None
+    assert state.execution_id == replacement.instance.execution_id
+    assert await backend.get_history("a") == []
+    item = await lock_one(backend, "a")
+    assert [m.event for m in item.messages] == [replacement]
+
+
+async def test_scheduled_start_is_invisible_until_due(backend: Backend) -> None:
+    due = utc_now() + timedelta(milliseconds=400)
+    await backend.create_instance(start_event("later"), scheduled_start_at=due)
+    state = await backend.get_instance("later")
+    assert state is not None and state.scheduled_start_at is not None
+    assert abs((state.scheduled_start_at - due).total_seconds()) < 0.01
+    assert await backend.lock_orchestration_work_items(10, LEASE) == []
+    next_due = await backend.next_visible_at(WorkKind.ORCHESTRATION)
+    assert next_due is not None and abs((next_due - due).total_seconds()) < 0.01
+    await asyncio.sleep(0.45)
+    assert [i.instance_id for i in await backend.lock_orchestration_work_items(10, LEASE)] == ["later"]
+
+
+# -- events -------------------------------------------------------------------------------------------
+
+
+async def test_send_event_to_unknown_instance_raises(backend: Backend) -> None:
+    with pytest.raises(OrchestrationNotFoundError):
+        await backend.send_event("nobody", EventRaised(timestamp=utc_now(), name="x"))
+
+
+async def test_events_to_an_ended_instance_are_dropped_except_rewind_of_a_failure(backend: Backend) -> None:
+    await run_to(backend, "done", Status.COMPLETED)
+    await backend.send_event("done", EventRaised(timestamp=utc_now(), name="late"))
+    assert await backend.lock_orchestration_work_items(10, LEASE) == []
+
+    details = FailureDetails(error_type="ValueError", message="boom")
+    await run_to(backend, "failed", Status.FAILED, failure_details=details)
+    await backend.send_event("failed", EventRaised(timestamp=utc_now(), name="late"))
+    assert await backend.lock_orchestration_work_items(10, LEASE) == []
+    rewind = ExecutionRewound(timestamp=utc_now(), reason="retry")
+    await backend.send_event("failed", rewind)
+    item = await lock_one(backend, "failed")
+    assert [m.event for m in item.messages] == [rewind]
+    assert item.state.failure_details == details
+
+
+async def test_events_to_an_entity_create_it(backend: Backend) -> None:
+    signal = EntityOperationSignaled(
+        timestamp=utc_now(), request_id="r1", operation="add", target_instance_id="@counter@a", input="1"
+    )
+    await backend.send_event("@counter@a", signal)
+    state = await backend.get_instance("@counter@a")
+    assert state is not None and state.name == "counter"
+    assert await backend.lock_orchestration_work_items(10, LEASE) == []
+    items = await backend.lock_orchestration_work_items(10, LEASE, entities=True)
+    assert [(i.instance_id, [m.event for m in i.messages]) for i in items] == [("@counter@a", [signal])]
+
+
+async def test_messages_arriving_during_a_lease_stay_for_the_next_work_item(backend: Backend) -> None:
+    await backend.create_instance(start_event("a"))
+    item = await lock_one(backend, "a")
+    late = EventRaised(timestamp=utc_now(), name="late", input="1")
+    await backend.send_event("a", late)
+    assert await backend.lock_orchestration_work_items(10, LEASE) == []  # still leased
+    assert await backend.complete_orchestration_work_items([checkpoint_for(item)]) == [True]
+    item = await lock_one(backend, "a")
+    assert [m.event for m in item.messages] == [late]
+    assert item.history_size == 2
+
+
+# -- leases ---------------------------------------------------------------------------------------------
+
+
+async def test_a_leased_instance_is_not_handed_out_twice(backend: Backend) -> None:
+    for index in range(5):
+        await backend.create_instance(start_event(f"i{index}"))
+    first, second = await asyncio.gather(
+        backend.lock_orchestration_work_items(3, LEASE), backend.lock_orchestration_work_items(3, LEASE)
+    )
+    ids = [i.instance_id for i in first + second]
+    assert sorted(ids) == [f"i{index}" for index in range(5)]
+    assert len(first) <= 3 and len(second) <= 3
+
+
+async def test_an_expired_lease_is_taken_over_and_the_old_holder_cannot_commit(backend: Backend) -> None:
+    await backend.create_instance(start_event("a"))
+    stale = await lock_one(backend, "a", lock_for=timedelta(milliseconds=100))
+    await asyncio.sleep(0.2)
+    fresh = await lock_one(backend, "a")
+    assert fresh.lock_token != stale.lock_token
+
+    results = await backend.complete_orchestration_work_items(
+        [checkpoint_for(stale, status=Status.COMPLETED, output='"stale"')]
+    )
+    assert results == [False]
+    state = await backend.get_instance("a")
+    assert state is not None and state.runtime_status == Status.PENDING
+    assert await backend.get_history("a") == []
+    assert await backend.renew_orchestration_lease(stale, LEASE) is False
+    assert await backend.complete_orchestration_work_items([checkpoint_for(fresh)]) == [True]
+
+
+async def test_group_commit_skips_only_the_checkpoints_that_lost_their_lease(backend: Backend) -> None:
+    for name in ("a", "b", "c"):
+        await backend.create_instance(start_event(name))
+    items = {i.instance_id: i for i in await backend.lock_orchestration_work_items(10, LEASE)}
+    items["b"].lock_token = "not-the-token"
+    results = await backend.complete_orchestration_work_items(
+        [checkpoint_for(items[name], status=Status.COMPLETED) for name in ("a", "b", "c")]
+    )
+    assert results == [True, False, True]
+    statuses = {name: (await backend.get_instance(name)).runtime_status for name in "abc"}  # type: ignore[union-attr]
+    assert statuses == {"a": Status.COMPLETED, "b": Status.PENDING, "c": Status.COMPLETED}
+
+
+async def test_renewing_a_lease_keeps_the_instance(backend: Backend) -> None:
+    await backend.create_instance(start_event("a"))
+    item = await lock_one(backend, "a", lock_for=timedelta(milliseconds=300))
+    await asyncio.sleep(0.15)
+    assert await backend.renew_orchestration_lease(item, timedelta(seconds=5)) is True
+    await asyncio.sleep(0.25)
+    assert await backend.lock_orchestration_work_items(10, LEASE) == []
+    assert await backend.complete_orchestration_work_items([checkpoint_for(item)]) == [True]
+
+
+async def test_abandon_releases_now_or_at_retry_time(backend: Backend) -> None:
+    await backend.create_instance(start_event("a"))
+    item = await lock_one(backend, "a")
+    await backend.abandon_orchestration_work_item(item)
+    again = await lock_one(backend, "a")
+    assert [m.id for m in again.messages] == [m.id for m in item.messages]
+
+    await backend.abandon_orchestration_work_item(again, retry_at=utc_now() + timedelta(milliseconds=300))
+    assert await backend.lock_orchestration_work_items(10, LEASE) == []
+    await asyncio.sleep(0.35)
+    await lock_one(backend, "a")
+
+
+async def test_lock_returns_at_most_max_count(backend: Backend) -> None:
+    for index in range(7):
+        await backend.create_instance(start_event(f"i{index}"))
+    assert len(await backend.lock_orchestration_work_items(4, LEASE)) == 4
+    assert len(await backend.lock_orchestration_work_items(4, LEASE)) == 3
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+
+
+async def test_checkpoint_writes_history_state_tasks_and_timers(backend: Backend) -> None:
+    await backend.create_instance(start_event("a"))
+    item = await lock_one(backend, "a")
+    now = utc_now()
+    scheduled = TaskScheduled(event_id=1, timestamp=now, name="act", input='"x"', tags={"k": "v"})
+    fire_at = now + timedelta(milliseconds=300)
+    timer = TimerFired(timestamp=fire_at, timer_id=2, fire_at=fire_at)
+    history = [OrchestratorStarted(timestamp=now), item.messages[0].event, scheduled, OrchestratorCompleted(timestamp=now)]
+    checkpoint = checkpoint_for(
+        item,
+        history=history,
+        custom_status='{"step":1}',
+        activity_tasks=[ActivityTask("a", item.state.execution_id, scheduled)],
+        messages=[OutboundMessage("a", timer, item.state.execution_id, visible_at=fire_at)],
+    )
+    assert await backend.complete_orchestration_work_items([checkpoint]) == [True]
+
+    assert await backend.get_history("a") == history
+    state = await backend.get_instance("a")
+    assert state is not None
+    assert state.runtime_status == Status.RUNNING
+    assert state.serialized_custom_status == '{"step":1}'
+    state = await backend.get_instance("a", fetch_payloads=False)
+    assert state is not None and state.serialized_custom_status is None and state.serialized_input is None
+
+    tasks = await backend.lock_activity_work_items(10, LEASE)
+    assert [(t.task.instance_id, t.task.execution_id, t.task.event) for t in tasks] == [
+        ("a", item.state.execution_id, scheduled)
+    ]
+    assert await backend.lock_orchestration_work_items(10, LEASE) == []
+    assert await backend.next_visible_at(WorkKind.ORCHESTRATION) is not None
+    await asyncio.sleep(0.35)
+    item = await lock_one(backend, "a")
+    assert [(m.event, m.execution_id) for m in item.messages] == [(timer, item.state.execution_id)]
+    assert item.history_size == 4
+
+
+async def test_completing_an_instance_stores_output_and_failure(backend: Backend) -> None:
+    details = FailureDetails(
+        error_type="ValueError",
+        message="bad",
+        stack_trace="trace",
+        inner_failure=FailureDetails(error_type="KeyError", message="k"),
+        is_non_retriable=True,
+    )
+    await run_to(backend, "a", Status.FAILED, failure_details=details)
+    state = await backend.get_instance("a")
+    assert state is not None
+    assert state.runtime_status == Status.FAILED
+    assert state.failure_details == details
+    assert state.completed_at is not None
+
+    await run_to(backend, "b", Status.COMPLETED, output='{"ok":true}')
+    state = await backend.get_instance("b")
+    assert state is not None and state.serialized_output == '{"ok":true}' and state.failure_details is None
+
+
+async def test_replace_history_resets_the_execution(backend: Backend) -> None:
+    await run_to(backend, "a", Status.RUNNING)
+    assert len(await backend.get_history("a")) == 2
+    await backend.send_event("a", EventRaised(timestamp=utc_now(), name="go"))
+    item = await lock_one(backend, "a")
+    restart = start_event("a", input='"gen2"')
+    checkpoint = checkpoint_for(
+        item,
+        history=[],
+        replace_history=True,
+        execution_id=restart.instance.execution_id,
+        input='"gen2"',
+        messages=[OutboundMessage("a", restart, restart.instance.execution_id)],
+    )
+    assert await backend.complete_orchestration_work_items([checkpoint]) == [True]
+    assert await backend.get_history("a") == []
+    item = await lock_one(backend, "a")
+    assert item.history_size == 0
+    assert [m.event for m in item.messages] == [restart]
+    assert item.state.execution_id == restart.instance.execution_id
+    assert item.state.serialized_input == '"gen2"'
+
+
+async def test_messages_to_other_instances_follow_the_delivery_rules(backend: Backend) -> None:
+    await run_to(backend, "target", Status.RUNNING)
+    await run_to(backend, "ended", Status.COMPLETED)
+    await backend.create_instance(start_event("parent"))
+    item = await lock_one(backend, "parent")
+    now = utc_now()
+    raised = EventRaised(timestamp=now, name="hello", input='"hi"')
+    child = start_event("child", name="sub", parent=ParentInstance(instance_id="parent", task_scheduled_id=3))
+    duplicate = start_event("target", name="sub", parent=ParentInstance(instance_id="parent", task_scheduled_id=4))
+    checkpoint = checkpoint_for(
+        item,
+        messages=[
+            OutboundMessage("target", raised),
+            OutboundMessage("missing", raised),
+            OutboundMessage("ended", raised),
+            OutboundMessage("child", child),
+            OutboundMessage("target", duplicate),
+        ],
+    )
+    assert await backend.complete_orchestration_work_items([checkpoint]) == [True]
+
+    assert await backend.get_instance("missing") is None
+    items = {i.instance_id: i for i in await backend.lock_orchestration_work_items(10, LEASE)}
+    assert set(items) == {"target", "child", "parent"}
+    assert [m.event for m in items["target"].messages] == [raised]
+    assert [m.event for m in items["child"].messages] == [child]
+    assert items["child"].state.runtime_status == Status.PENDING
+    assert items["child"].state.parent_instance_id == "parent"
+    assert items["child"].state.name == "sub"
+    refusal = items["parent"].messages[0].event
+    assert isinstance(refusal, SubOrchestrationInstanceFailed)
+    assert refusal.task_scheduled_id == 4
+    assert "already exists" in refusal.failure_details.message
+
+
+async def test_a_start_message_replaces_an_ended_child(backend: Backend) -> None:
+    await run_to(backend, "child", Status.FAILED)
+    await backend.create_instance(start_event("parent"))
+    item = await lock_one(backend, "parent")
+    child = start_event("child", name="sub", parent=ParentInstance(instance_id="parent", task_scheduled_id=1))
+    assert await backend.complete_orchestration_work_items([checkpoint_for(item, messages=[OutboundMessage("child", child)])])
+    state = await backend.get_instance("child")
+    assert state is not None
+    assert state.runtime_status == Status.PENDING and state.execution_id == child.instance.execution_id
+    assert await backend.get_history("child") == []
+
+
+# -- activities -----------------------------------------------------------------------------------------
+
+
+async def _with_activity(backend: Backend, instance_id: str = "a") -> tuple[OrchestrationWorkItem, TaskScheduled]:
+    await backend.create_instance(start_event(instance_id))
+    item = await lock_one(backend, instance_id)
+    scheduled = TaskScheduled(event_id=5, timestamp=utc_now(), name="act", input='"x"')
+    checkpoint = checkpoint_for(item, activity_tasks=[ActivityTask(instance_id, item.state.execution_id, scheduled)])
+    assert await backend.complete_orchestration_work_items([checkpoint]) == [True]
+    return item, scheduled
+
+
+async def test_activity_completion_delivers_the_result_to_its_execution(backend: Backend) -> None:
+    item, scheduled = await _with_activity(backend)
+    [task] = await backend.lock_activity_work_items(10, LEASE)
+    assert task.dequeue_count == 1
+    assert await backend.lock_activity_work_items(10, LEASE) == []
+    result = TaskCompleted(timestamp=utc_now(), task_scheduled_id=5, result='"done"')
+    assert await backend.complete_activity_work_items([ActivityResult(task, result)]) == [True]
+    assert await backend.lock_activity_work_items(10, LEASE) == []
+
+    orchestration = await lock_one(backend, "a")
+    assert [(m.event, m.execution_id) for m in orchestration.messages] == [(result, item.state.execution_id)]
+
+
+async def test_activity_lease_loss_and_abandon(backend: Backend) -> None:
+    await _with_activity(backend)
+    [stale] = await backend.lock_activity_work_items(10, timedelta(milliseconds=100))
+    await asyncio.sleep(0.2)
+    [fresh] = await backend.lock_activity_work_items(10, LEASE)
+    assert fresh.dequeue_count == 2
+    failure = TaskFailed(
+        timestamp=utc_now(), task_scheduled_id=5, failure_details=FailureDetails(error_type="E", message="m")
+    )
+    assert await backend.complete_activity_work_items([ActivityResult(stale, failure)]) == [False]
+    assert await backend.renew_activity_lease(stale, LEASE) is False
+    assert await backend.renew_activity_lease(fresh, LEASE) is True
+
+    await backend.abandon_activity_work_item(fresh, retry_at=utc_now() + timedelta(milliseconds=300))
+    assert await backend.lock_activity_work_items(10, LEASE) == []
+    assert await backend.next_visible_at(WorkKind.ACTIVITY) is not None
+    await asyncio.sleep(0.35)
+    [again] = await backend.lock_activity_work_items(10, LEASE)
+    assert again.dequeue_count == 3
+    assert await backend.complete_activity_work_items([ActivityResult(again, failure)]) == [True]
+    orchestration = await lock_one(backend, "a")
+    assert [m.event for m in orchestration.messages] == [failure]
+
+
+async def test_activity_results_for_a_replaced_instance_are_not_delivered_to_the_new_one(backend: Backend) -> None:
+    await _with_activity(backend)
+    [task] = await backend.lock_activity_work_items(10, LEASE)
+    await backend.create_instance(start_event("a"), reuse_policy=OrchestrationIdReusePolicy.of(Status.RUNNING))
+    result = TaskCompleted(timestamp=utc_now(), task_scheduled_id=5, result='"late"')
+    # The task was removed with the old execution, so its completion finds no lease.
+    assert await backend.complete_activity_work_items([ActivityResult(task, result)]) == [False]
+    item = await lock_one(backend, "a")
+    assert [type(m.event).__name__ for m in item.messages] == ["ExecutionStarted"]
+
+
+# -- queries and purge -----------------------------------------------------------------------------------
+
+
+async def test_query_filters_and_pages(backend: Backend) -> None:
+    await run_to(backend, "done-1", Status.COMPLETED)
+    await run_to(backend, "done-2", Status.COMPLETED)
+    await run_to(backend, "run-1", Status.RUNNING)
+    before = utc_now()
+    await asyncio.sleep(0.01)
+    await backend.create_instance(start_event("new-1"))
+    await backend.send_event("@counter@x", EventRaised(timestamp=utc_now(), name="op"))
+
+    everything = await backend.query_instances(OrchestrationQuery(max_instance_count=100))
+    assert [s.instance_id for s in everything.items] == ["done-1", "done-2", "run-1", "new-1"]
+    assert everything.continuation_token is None
+    assert everything.items[0].serialized_input is None
+
+    completed = await backend.query_instances(OrchestrationQuery(runtime_status=[Status.COMPLETED]))
+    assert [s.instance_id for s in completed.items] == ["done-1", "done-2"]
+    prefixed = await backend.query_instances(OrchestrationQuery(instance_id_prefix="run-", fetch_inputs_and_outputs=True))
+    assert [(s.instance_id, s.serialized_input) for s in prefixed.items] == [("run-1", '"in"')]
+    recent = await backend.query_instances(OrchestrationQuery(created_time_from=before))
+    assert [s.instance_id for s in recent.items] == ["new-1"]
+    older = await backend.query_instances(OrchestrationQuery(created_time_to=before))
+    assert [s.instance_id for s in older.items] == ["done-1", "done-2", "run-1"]
+    ended = await backend.query_instances(OrchestrationQuery(completed_time_from=before - timedelta(minutes=1)))
+    assert [s.instance_id for s in ended.items] == ["done-1", "done-2"]
+
+    pages: list[list[str]] = []
+    token = None
+    while True:
+        page = await backend.query_instances(OrchestrationQuery(max_instance_count=3), token)
+        pages.append([s.instance_id for s in page.items])
+        token = page.continuation_token
+        if token is None:
+            break
+    assert pages == [["done-1", "done-2", "run-1"], ["new-1"]]
+
+    entities = await backend.query_instances(OrchestrationQuery(), entities=True)
+    assert [s.instance_id for s in entities.items] == ["@counter@x"]
+
+
+async def test_purge_removes_only_ended_instances(backend: Backend) -> None:
+    await run_to(backend, "done", Status.COMPLETED)
+    await run_to(backend, "running", Status.RUNNING)
+    assert await backend.purge_instances(["done", "running", "missing"]) == 1
+    assert await backend.get_instance("done") is None
+    assert await backend.get_history("done") == []
+    assert await backend.get_instance("running") is not None
+
+
+async def test_history_of_unknown_instance_is_empty(backend: Backend) -> None:
+    assert await backend.get_history("nobody") == []
+    assert await backend.get_instance("nobody") is None
+
+
+# -- waiting -------------------------------------------------------------------------------------------------
+
+
+async def test_wait_for_instance_wakes_on_commit_and_times_out(backend: Backend) -> None:
+    await backend.create_instance(start_event("a"))
+    assert await backend.wait_for_instance("nobody", lambda s: True, 1) is None
+    with pytest.raises(TimeoutError):
+        await backend.wait_for_instance("a", lambda s: s.runtime_status.is_terminal, 0.2)
+
+    async def finish() -> None:
+        await asyncio.sleep(0.05)
+        item = await lock_one(backend, "a")
+        history = [*checkpoint_for(item).new_history, ExecutionCompleted(timestamp=utc_now(), status=Status.COMPLETED)]
+        await backend.complete_orchestration_work_items([checkpoint_for(item, status=Status.COMPLETED, history=history)])
+
+    finisher = asyncio.create_task(finish())
+    state = await backend.wait_for_instance("a", lambda s: s.runtime_status.is_terminal, 5)
+    await finisher
+    assert state is not None and state.runtime_status == Status.COMPLETED
+
+
+async def test_subscribers_are_woken_by_new_work(backend: Backend) -> None:
+    with backend.subscribe(WorkKind.ORCHESTRATION) as orchestrations, backend.subscribe(WorkKind.ACTIVITY) as activities:
+        orchestrations.clear()
+        activities.clear()
+        await backend.create_instance(start_event("a"))
+        assert await orchestrations.wait(2) is True
+        item = await lock_one(backend, "a")
+        scheduled = TaskScheduled(event_id=1, timestamp=utc_now(), name="act")
+        await backend.complete_orchestration_work_items(
+            [checkpoint_for(item, activity_tasks=[ActivityTask("a", item.state.execution_id, scheduled)])]
+        )
+        assert await activities.wait(2) is True
+
+
+async def test_timestamps_are_timezone_aware(backend: Backend) -> None:
+    await run_to(backend, "a", Status.COMPLETED)
+    state = await backend.get_instance("a")
+    assert state is not None
+    for moment in (state.created_at, state.last_updated_at, state.completed_at):
+        assert isinstance(moment, datetime) and moment.tzinfo is not None
+    for event in await backend.get_history("a"):
+        assert event.timestamp.tzinfo is not None

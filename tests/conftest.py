@@ -1,0 +1,42 @@
+"""Shared fixtures: the backends every contract and end-to-end test runs against.
+
+``DTFX_TEST_BACKENDS`` (comma-separated, default ``memory,sqlite,postgres``) picks
+the backends of the contract suite. PostgreSQL tests skip when no server is
+reachable, except in CI (``CI=true``), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+
+from dtfx.backends import Backend, MemoryBackend, open_backend
+from tests.postgres import postgres_url
+
+CONTRACT_BACKENDS = os.environ.get("DTFX_TEST_BACKENDS", "memory,sqlite,postgres").split(",")
+
+
+async def make_backend(kind: str, tmp_path: os.PathLike[str]) -> Backend:
+    """A started backend of ``kind`` with an empty task hub."""
+    if kind == "memory":
+        backend: Backend = MemoryBackend()
+    elif kind == "sqlite":
+        backend = open_backend(f"sqlite:///{tmp_path}/taskhub.db")
+    elif kind == "postgres":
+        backend = open_backend(postgres_url())
+    else:
+        raise ValueError(kind)
+    await backend.start()
+    return backend
+
+
+@pytest.fixture(params=CONTRACT_BACKENDS)
+async def backend(request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> AsyncIterator[Backend]:
+    """A fresh backend of each kind under test."""
+    instance = await make_backend(request.param, tmp_path)
+    try:
+        yield instance
+    finally:
+        await instance.close()
