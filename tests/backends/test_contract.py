@@ -286,6 +286,23 @@ async def test_lock_returns_at_most_max_count(backend: Backend) -> None:
     assert len(await backend.lock_orchestration_work_items(4, LEASE)) == 3
 
 
+async def test_locks_can_be_restricted_to_names(backend: Backend) -> None:
+    await backend.create_instance(start_event("a", name="alpha"))
+    await backend.create_instance(start_event("b", name="beta"))
+    assert await backend.lock_orchestration_work_items(10, LEASE, names=["gamma"]) == []
+    items = await backend.lock_orchestration_work_items(10, LEASE, names=["beta", "gamma"])
+    assert [i.instance_id for i in items] == ["b"]
+    item = await lock_one(backend, "a")
+    tasks = [
+        ActivityTask("a", item.state.execution_id, TaskScheduled(event_id=n, timestamp=utc_now(), name=name))
+        for n, name in ((1, "one"), (2, "two"))
+    ]
+    assert await backend.complete_orchestration_work_items([checkpoint_for(item, activity_tasks=tasks)]) == [True]
+    assert await backend.lock_activity_work_items(10, LEASE, names=["three"]) == []
+    [task] = await backend.lock_activity_work_items(10, LEASE, names=["two"])
+    assert task.task.event.name == "two"
+
+
 # -- checkpoints ---------------------------------------------------------------------------------------
 
 
@@ -296,7 +313,12 @@ async def test_checkpoint_writes_history_state_tasks_and_timers(backend: Backend
     scheduled = TaskScheduled(event_id=1, timestamp=now, name="act", input='"x"', tags={"k": "v"})
     fire_at = now + timedelta(milliseconds=300)
     timer = TimerFired(timestamp=fire_at, timer_id=2, fire_at=fire_at)
-    history = [OrchestratorStarted(timestamp=now), item.messages[0].event, scheduled, OrchestratorCompleted(timestamp=now)]
+    history = [
+        OrchestratorStarted(timestamp=now),
+        item.messages[0].event,
+        scheduled,
+        OrchestratorCompleted(timestamp=now),
+    ]
     checkpoint = checkpoint_for(
         item,
         history=history,
@@ -409,7 +431,9 @@ async def test_a_start_message_replaces_an_ended_child(backend: Backend) -> None
     await backend.create_instance(start_event("parent"))
     item = await lock_one(backend, "parent")
     child = start_event("child", name="sub", parent=ParentInstance(instance_id="parent", task_scheduled_id=1))
-    assert await backend.complete_orchestration_work_items([checkpoint_for(item, messages=[OutboundMessage("child", child)])])
+    assert await backend.complete_orchestration_work_items(
+        [checkpoint_for(item, messages=[OutboundMessage("child", child)])]
+    )
     state = await backend.get_instance("child")
     assert state is not None
     assert state.runtime_status == Status.PENDING and state.execution_id == child.instance.execution_id
@@ -432,6 +456,7 @@ async def test_activity_completion_delivers_the_result_to_its_execution(backend:
     item, scheduled = await _with_activity(backend)
     [task] = await backend.lock_activity_work_items(10, LEASE)
     assert task.dequeue_count == 1
+    assert task.task.event == scheduled
     assert await backend.lock_activity_work_items(10, LEASE) == []
     result = TaskCompleted(timestamp=utc_now(), task_scheduled_id=5, result='"done"')
     assert await backend.complete_activity_work_items([ActivityResult(task, result)]) == [True]
@@ -495,7 +520,9 @@ async def test_query_filters_and_pages(backend: Backend) -> None:
 
     completed = await backend.query_instances(OrchestrationQuery(runtime_status=[Status.COMPLETED]))
     assert [s.instance_id for s in completed.items] == ["done-1", "done-2"]
-    prefixed = await backend.query_instances(OrchestrationQuery(instance_id_prefix="run-", fetch_inputs_and_outputs=True))
+    prefixed = await backend.query_instances(
+        OrchestrationQuery(instance_id_prefix="run-", fetch_inputs_and_outputs=True)
+    )
     assert [(s.instance_id, s.serialized_input) for s in prefixed.items] == [("run-1", '"in"')]
     recent = await backend.query_instances(OrchestrationQuery(created_time_from=before))
     assert [s.instance_id for s in recent.items] == ["new-1"]
@@ -545,7 +572,9 @@ async def test_wait_for_instance_wakes_on_commit_and_times_out(backend: Backend)
         await asyncio.sleep(0.05)
         item = await lock_one(backend, "a")
         history = [*checkpoint_for(item).new_history, ExecutionCompleted(timestamp=utc_now(), status=Status.COMPLETED)]
-        await backend.complete_orchestration_work_items([checkpoint_for(item, status=Status.COMPLETED, history=history)])
+        await backend.complete_orchestration_work_items(
+            [checkpoint_for(item, status=Status.COMPLETED, history=history)]
+        )
 
     finisher = asyncio.create_task(finish())
     state = await backend.wait_for_instance("a", lambda s: s.runtime_status.is_terminal, 5)
@@ -554,7 +583,10 @@ async def test_wait_for_instance_wakes_on_commit_and_times_out(backend: Backend)
 
 
 async def test_subscribers_are_woken_by_new_work(backend: Backend) -> None:
-    with backend.subscribe(WorkKind.ORCHESTRATION) as orchestrations, backend.subscribe(WorkKind.ACTIVITY) as activities:
+    with (
+        backend.subscribe(WorkKind.ORCHESTRATION) as orchestrations,
+        backend.subscribe(WorkKind.ACTIVITY) as activities,
+    ):
         orchestrations.clear()
         activities.clear()
         await backend.create_instance(start_event("a"))

@@ -140,14 +140,20 @@ class Backend(ABC):
 
     @abstractmethod
     async def lock_orchestration_work_items(
-        self, max_count: int, lock_for: timedelta, *, entities: bool = False
+        self,
+        max_count: int,
+        lock_for: timedelta,
+        *,
+        entities: bool = False,
+        names: Collection[str] | None = None,
     ) -> list[OrchestrationWorkItem]:
         """Lease up to ``max_count`` instances that have visible inbox messages and no
         live lease, in one transaction, and return them with those messages (oldest
         first, at most :attr:`max_messages_per_work_item`) but without their history.
 
-        ``entities`` selects entity instances instead of orchestrations. Each lease
-        gets a new lock token and lasts ``lock_for``.
+        ``entities`` selects entity instances instead of orchestrations. ``names``, if
+        given, restricts the lease to instances with one of those (orchestration or
+        entity) names. Each lease gets a new lock token and lasts ``lock_for``.
         """
 
     @abstractmethod
@@ -176,8 +182,11 @@ class Backend(ABC):
     # -- activity work items -------------------------------------------------------------------
 
     @abstractmethod
-    async def lock_activity_work_items(self, max_count: int, lock_for: timedelta) -> list[ActivityWorkItem]:
-        """Lease up to ``max_count`` visible activity tasks (oldest first) in one transaction."""
+    async def lock_activity_work_items(
+        self, max_count: int, lock_for: timedelta, *, names: Collection[str] | None = None
+    ) -> list[ActivityWorkItem]:
+        """Lease up to ``max_count`` visible activity tasks (oldest first) in one transaction;
+        ``names``, if given, restricts the lease to activities with one of those names."""
 
     @abstractmethod
     async def complete_activity_work_items(self, results: Sequence[ActivityResult]) -> list[bool]:

@@ -175,7 +175,12 @@ class MemoryBackend(Backend):
     # -- orchestration work items -------------------------------------------------------------
 
     async def lock_orchestration_work_items(
-        self, max_count: int, lock_for: timedelta, *, entities: bool = False
+        self,
+        max_count: int,
+        lock_for: timedelta,
+        *,
+        entities: bool = False,
+        names: Collection[str] | None = None,
     ) -> list[OrchestrationWorkItem]:
         now = utc_now()
         items: list[OrchestrationWorkItem] = []
@@ -184,6 +189,8 @@ class MemoryBackend(Backend):
                 if len(items) >= max_count:
                     break
                 if is_entity_id(instance_id) != entities or not instance.inbox:
+                    continue
+                if names is not None and instance.state.name not in names:
                     continue
                 if instance.locked_until is not None and instance.locked_until > now:
                     continue
@@ -291,7 +298,9 @@ class MemoryBackend(Backend):
 
     # -- activity work items -------------------------------------------------------------------
 
-    async def lock_activity_work_items(self, max_count: int, lock_for: timedelta) -> list[ActivityWorkItem]:
+    async def lock_activity_work_items(
+        self, max_count: int, lock_for: timedelta, *, names: Collection[str] | None = None
+    ) -> list[ActivityWorkItem]:
         now = utc_now()
         items: list[ActivityWorkItem] = []
         with self._lock:
@@ -299,6 +308,8 @@ class MemoryBackend(Backend):
                 if len(items) >= max_count:
                     break
                 if task.visible_at > now or (task.locked_until is not None and task.locked_until > now):
+                    continue
+                if names is not None and task.task.event.name not in names:
                     continue
                 task.lock_token = uuid.uuid4().hex
                 task.locked_until = now + lock_for
