@@ -182,6 +182,8 @@ async def test_events_to_an_ended_instance_are_dropped_except_rewind_of_a_failur
     assert await backend.lock_orchestration_work_items(10, LEASE) == []
     rewind = ExecutionRewound(timestamp=utc_now(), reason="retry")
     await backend.send_event("failed", rewind)
+    rewound = await backend.get_instance("failed")
+    assert rewound is not None and rewound.runtime_status == Status.RUNNING  # delivery.status_on_delivery
     item = await lock_one(backend, "failed")
     assert [m.event for m in item.messages] == [rewind]
     assert item.state.failure_details == details

@@ -49,6 +49,17 @@ def accepts(status: OrchestrationStatus, event: HistoryEvent) -> bool:
     return isinstance(event, ExecutionRewound) and status == OrchestrationStatus.FAILED
 
 
+def status_on_delivery(status: OrchestrationStatus, event: HistoryEvent) -> OrchestrationStatus:
+    """The target's status once ``event`` sits in its inbox.
+
+    Rewinding a failed instance makes it RUNNING at once, so a client that rewinds
+    and then waits for completion waits for the new outcome, not the old failure.
+    """
+    if isinstance(event, ExecutionRewound) and status == OrchestrationStatus.FAILED:
+        return OrchestrationStatus.RUNNING
+    return status
+
+
 def route(message: OutboundMessage, sender_id: str, target: OrchestrationState | None) -> Route:
     """Decide the fate of ``message`` sent by ``sender_id`` to ``target`` (``None``: no such instance)."""
     event = message.event

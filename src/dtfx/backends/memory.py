@@ -22,6 +22,7 @@ from dtfx.backends.delivery import (
     new_instance_state,
     refused_start,
     route,
+    status_on_delivery,
 )
 from dtfx.backends.paging import decode_token, encode_token
 from dtfx.core.errors import OrchestrationAlreadyExistsError, OrchestrationNotFoundError
@@ -276,6 +277,9 @@ class MemoryBackend(Backend):
             target = _Instance(new_entity_state(message.instance_id, now))
             self._instances[message.instance_id] = target
         assert target is not None
+        status = status_on_delivery(target.state.runtime_status, message.event)
+        if status != target.state.runtime_status:
+            target.state = dataclasses.replace(target.state, runtime_status=status, last_updated_at=now)
         self._enqueue(target, message.event, message.execution_id, message.visible_at or now)
 
     async def abandon_orchestration_work_item(

@@ -96,9 +96,10 @@ class EpisodePlan:
 
 def needs_history(item: OrchestrationWorkItem) -> bool:
     """True if planning or applying this work item reads the history, whatever the cache holds."""
-    if item.state.runtime_status.is_terminal:
-        return any(isinstance(m.event, ExecutionRewound) for m in item.messages)
-    return any(isinstance(m.event, ExecutionTerminated) and m.event.recurse for m in item.messages)
+    return any(
+        isinstance(m.event, ExecutionRewound) or (isinstance(m.event, ExecutionTerminated) and m.event.recurse)
+        for m in item.messages
+    )
 
 
 def plan_episode(item: OrchestrationWorkItem, history: Sequence[HistoryEvent] | None, now: datetime) -> EpisodePlan:
@@ -120,10 +121,9 @@ def plan_episode(item: OrchestrationWorkItem, history: Sequence[HistoryEvent] | 
             continue
         events.append(event)
 
+    if any(isinstance(e, ExecutionRewound) for e in events) and history and _failed(history):
+        return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=rewind_checkpoint(item, history, consumed, now))
     if state.runtime_status.is_terminal:
-        rewind = next((e for e in events if isinstance(e, ExecutionRewound)), None)
-        if rewind is not None and state.runtime_status == OrchestrationStatus.FAILED and history:
-            return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=rewind_checkpoint(item, history, consumed, now))
         return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=unchanged_checkpoint(item, consumed, now))
 
     if not started and start is None:
@@ -144,6 +144,14 @@ def plan_episode(item: OrchestrationWorkItem, history: Sequence[HistoryEvent] | 
         new_events.append(start)
     new_events.extend(events)
     return EpisodePlan(EpisodeKind.RUN, new_events=new_events, consumed=consumed)
+
+
+def _failed(history: Sequence[HistoryEvent]) -> bool:
+    """True if the execution in ``history`` ended in failure."""
+    for event in reversed(history):
+        if isinstance(event, ExecutionCompleted):
+            return event.status == OrchestrationStatus.FAILED
+    return False
 
 
 def apply_actions(

@@ -1,0 +1,298 @@
+"""plan_episode and apply_actions: work items to checkpoints."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from dtfx.core.actions import (
+    CompleteOrchestration,
+    CreateSubOrchestration,
+    CreateTimer,
+    ScheduleTask,
+    SendEvent,
+    TerminateOrchestration,
+)
+from dtfx.core.apply import EpisodeKind, apply_actions, needs_history, plan_episode, rewind_checkpoint
+from dtfx.core.history import (
+    EventRaised,
+    ExecutionCompleted,
+    ExecutionRewound,
+    ExecutionStarted,
+    ExecutionSuspended,
+    ExecutionTerminated,
+    FailureDetails,
+    GenericEvent,
+    HistoryEvent,
+    OrchestrationInstance,
+    OrchestrationStatus,
+    OrchestratorCompleted,
+    OrchestratorStarted,
+    ParentInstance,
+    SubOrchestrationInstanceCompleted,
+    SubOrchestrationInstanceCreated,
+    SubOrchestrationInstanceFailed,
+    TaskCompleted,
+    TaskFailed,
+    TaskScheduled,
+    TimerCreated,
+    TimerFired,
+)
+from dtfx.core.state import OrchestrationState
+from dtfx.core.workitems import InboxMessage, OrchestrationWorkItem
+
+NOW = datetime(2026, 3, 1, tzinfo=UTC)
+Status = OrchestrationStatus
+
+
+def start(parent: ParentInstance | None = None) -> ExecutionStarted:
+    return ExecutionStarted(
+        timestamp=NOW,
+        name="orch",
+        instance=OrchestrationInstance(instance_id="i", execution_id="e1"),
+        input='"in"',
+        parent=parent,
+        tags={"t": "1"},
+    )
+
+
+def item(
+    *events: HistoryEvent | tuple[HistoryEvent, str | None],
+    status: Status = Status.RUNNING,
+    history_size: int = 4,
+    scheduled_start_at: datetime | None = None,
+) -> OrchestrationWorkItem:
+    messages = []
+    for index, entry in enumerate(events):
+        event, execution = entry if isinstance(entry, tuple) else (entry, None)
+        messages.append(InboxMessage(index, event, execution))
+    state = OrchestrationState(
+        instance_id="i",
+        name="orch",
+        runtime_status=status,
+        created_at=NOW,
+        last_updated_at=NOW,
+        serialized_input='"in"',
+        execution_id="e1",
+        version="1",
+        scheduled_start_at=scheduled_start_at,
+    )
+    return OrchestrationWorkItem("i", "token", NOW, state, messages, history_size)
+
+
+def raised(name: str = "ev") -> EventRaised:
+    return EventRaised(timestamp=NOW, name=name, input="1")
+
+
+def test_plan_starts_with_orchestrator_started_then_execution_started() -> None:
+    event = raised()
+    plan = plan_episode(item(event, start(), history_size=0, status=Status.PENDING), [], NOW)
+    assert plan.kind is EpisodeKind.RUN
+    assert plan.new_events == [OrchestratorStarted(timestamp=NOW), start(), event]
+    assert plan.consumed == [0, 1]
+
+
+def test_plan_drops_messages_for_other_executions_and_wake_ups() -> None:
+    current, stale = raised("current"), raised("stale")
+    work = item((current, "e1"), (stale, "e0"), GenericEvent(timestamp=NOW, data="x"))
+    plan = plan_episode(work, None, NOW)
+    assert plan.new_events == [OrchestratorStarted(timestamp=NOW), current]
+    assert plan.consumed == [0, 1, 2]
+
+
+def test_plan_drops_a_duplicate_start() -> None:
+    plan = plan_episode(item(start(), raised()), None, NOW)
+    assert plan.new_events == [OrchestratorStarted(timestamp=NOW), raised()]
+
+
+def test_plan_for_an_ended_instance_only_consumes() -> None:
+    plan = plan_episode(item(raised(), status=Status.COMPLETED), [], NOW)
+    assert plan.kind is EpisodeKind.CHECKPOINT
+    assert plan.checkpoint is not None
+    assert plan.checkpoint.consumed == [0]
+    assert plan.checkpoint.new_history == [] and plan.checkpoint.status == Status.COMPLETED
+
+
+def test_plan_defers_events_for_an_instance_that_has_not_started() -> None:
+    due = NOW + timedelta(hours=1)
+    plan = plan_episode(item(raised(), history_size=0, status=Status.PENDING, scheduled_start_at=due), [], NOW)
+    assert plan.kind is EpisodeKind.DEFER and plan.defer_until == due
+
+
+def test_plan_terminates_an_instance_that_has_not_started() -> None:
+    terminate = ExecutionTerminated(timestamp=NOW, input='"bye"')
+    plan = plan_episode(item(terminate, history_size=0, status=Status.PENDING), [], NOW)
+    assert plan.kind is EpisodeKind.CHECKPOINT and plan.checkpoint is not None
+    assert (plan.checkpoint.status, plan.checkpoint.output) == (Status.TERMINATED, '"bye"')
+    assert isinstance(plan.checkpoint.new_history[-1], ExecutionCompleted)
+
+
+def test_needs_history_for_rewind_and_recursive_terminate_only() -> None:
+    assert not needs_history(item(raised()))
+    assert needs_history(item(ExecutionRewound(timestamp=NOW)))
+    assert needs_history(item(ExecutionTerminated(timestamp=NOW, recurse=True)))
+    assert not needs_history(item(ExecutionTerminated(timestamp=NOW, recurse=False)))
+
+
+def test_apply_turns_actions_into_history_tasks_and_messages() -> None:
+    work = item(raised())
+    new_events = [OrchestratorStarted(timestamp=NOW), raised()]
+    fire_at = NOW + timedelta(minutes=5)
+    actions = [
+        ScheduleTask(id=1, name="act", input='"x"', tags={"k": "v"}),
+        CreateTimer(id=2, fire_at=fire_at),
+        CreateSubOrchestration(id=3, instance_id="child", name="sub", version="2", input="3"),
+        SendEvent(id=4, instance_id="other", name="hello", data='"hi"'),
+        TerminateOrchestration(id=5, instance_id="victim", reason='"why"', recurse=True),
+    ]
+    checkpoint = apply_actions(work, start(), new_events, actions, '"status"', [0], NOW, new_id=lambda: "new-exec")
+
+    assert [type(e).__name__ for e in checkpoint.new_history] == [
+        "OrchestratorStarted",
+        "EventRaised",
+        "TaskScheduled",
+        "TimerCreated",
+        "SubOrchestrationInstanceCreated",
+        "EventSent",
+        "OrchestratorCompleted",
+    ]
+    assert [e.event_id for e in checkpoint.new_history[2:6]] == [1, 2, 3, 4]
+    assert checkpoint.status == Status.RUNNING and checkpoint.custom_status == '"status"'
+    [task] = checkpoint.activity_tasks
+    assert (task.instance_id, task.execution_id, task.event.event_id, task.event.tags) == ("i", "e1", 1, {"k": "v"})
+    timer, child, event, terminate = checkpoint.messages
+    assert (timer.instance_id, timer.execution_id, timer.visible_at) == ("i", "e1", fire_at)
+    assert timer.event == TimerFired(timestamp=fire_at, timer_id=2, fire_at=fire_at)
+    assert isinstance(child.event, ExecutionStarted) and child.instance_id == "child"
+    assert child.event.instance.execution_id == "new-exec"
+    assert child.event.parent == ParentInstance(
+        instance_id="i", execution_id="e1", name="orch", version="1", task_scheduled_id=3
+    )
+    assert (event.instance_id, event.event) == ("other", EventRaised(timestamp=NOW, name="hello", input='"hi"'))
+    assert terminate.instance_id == "victim"
+    assert terminate.event == ExecutionTerminated(timestamp=NOW, input='"why"', recurse=True)
+
+
+def test_apply_completion_notifies_the_parent() -> None:
+    parent = ParentInstance(instance_id="p", execution_id="pe", task_scheduled_id=7)
+    done = CompleteOrchestration(id=2, status=Status.COMPLETED, result='"out"')
+    checkpoint = apply_actions(item(), start(parent), [OrchestratorStarted(timestamp=NOW)], [done], None, [], NOW)
+    assert (checkpoint.status, checkpoint.output, checkpoint.completed_at) == (Status.COMPLETED, '"out"', NOW)
+    assert checkpoint.new_history[-1] == ExecutionCompleted(
+        event_id=2, timestamp=NOW, status=Status.COMPLETED, result='"out"'
+    )
+    [notice] = checkpoint.messages
+    assert (notice.instance_id, notice.execution_id) == ("p", "pe")
+    assert notice.event == SubOrchestrationInstanceCompleted(timestamp=NOW, task_scheduled_id=7, result='"out"')
+
+
+def test_a_terminated_child_reports_a_failure_to_its_parent() -> None:
+    parent = ParentInstance(instance_id="p", task_scheduled_id=7)
+    terminated = CompleteOrchestration(id=2, status=Status.TERMINATED, result='"stopped"')
+    checkpoint = apply_actions(item(), start(parent), [OrchestratorStarted(timestamp=NOW)], [terminated], None, [], NOW)
+    [notice] = checkpoint.messages
+    assert isinstance(notice.event, SubOrchestrationInstanceFailed)
+    assert notice.event.failure_details.error_type == "OrchestrationTerminated"
+
+
+def test_recursive_terminate_reaches_open_children() -> None:
+    history: list[HistoryEvent] = [
+        SubOrchestrationInstanceCreated(event_id=1, timestamp=NOW, instance_id="done-child", name="c"),
+        SubOrchestrationInstanceCreated(event_id=2, timestamp=NOW, instance_id="open-child", name="c"),
+        SubOrchestrationInstanceCompleted(timestamp=NOW, task_scheduled_id=1),
+    ]
+    terminate = ExecutionTerminated(timestamp=NOW, input='"x"', recurse=True)
+    end = CompleteOrchestration(id=3, status=Status.TERMINATED, result='"x"')
+    checkpoint = apply_actions(
+        item(terminate),
+        start(),
+        [OrchestratorStarted(timestamp=NOW), terminate],
+        [end],
+        None,
+        [0],
+        NOW,
+        history=history,
+    )
+    assert [(m.instance_id, m.event) for m in checkpoint.messages] == [
+        ("open-child", ExecutionTerminated(timestamp=NOW, input='"x"', recurse=True))
+    ]
+
+
+def test_continue_as_new_resets_history_and_queues_the_next_start() -> None:
+    carried = raised("carried")
+    end = CompleteOrchestration(
+        id=3, status=Status.CONTINUED_AS_NEW, result='"next"', new_version="2", carryover_events=[carried]
+    )
+    actions = [ScheduleTask(id=1, name="dropped"), SendEvent(id=2, instance_id="other", name="kept"), end]
+    checkpoint = apply_actions(
+        item(), start(), [OrchestratorStarted(timestamp=NOW)], actions, '"cs"', [], NOW, new_id=lambda: "e2"
+    )
+    assert checkpoint.replace_history and checkpoint.new_history == []
+    assert (checkpoint.status, checkpoint.execution_id, checkpoint.input, checkpoint.version) == (
+        Status.RUNNING,
+        "e2",
+        '"next"',
+        "2",
+    )
+    assert checkpoint.custom_status == '"cs"' and checkpoint.activity_tasks == []
+    kept, restart, carry = checkpoint.messages
+    assert kept.instance_id == "other"
+    assert isinstance(restart.event, ExecutionStarted) and restart.execution_id == "e2"
+    assert (restart.event.input, restart.event.version, restart.event.tags) == ('"next"', "2", {"t": "1"})
+    assert (carry.event, carry.execution_id) == (carried, "e2")
+
+
+def test_suspend_and_resume_set_the_status() -> None:
+    suspended = apply_actions(
+        item(), start(), [OrchestratorStarted(timestamp=NOW), ExecutionSuspended(timestamp=NOW)], [], None, [], NOW
+    )
+    assert suspended.status == Status.SUSPENDED
+    still = apply_actions(
+        item(status=Status.SUSPENDED), start(), [OrchestratorStarted(timestamp=NOW)], [], None, [], NOW
+    )
+    assert still.status == Status.SUSPENDED
+
+
+def test_rewind_drops_final_failures_keeps_retried_attempts_and_rewinds_children() -> None:
+    failure = FailureDetails(error_type="E", message="m")
+    history: list[HistoryEvent] = [
+        OrchestratorStarted(timestamp=NOW),
+        start(),
+        TaskScheduled(event_id=1, timestamp=NOW, name="ok"),
+        TaskCompleted(timestamp=NOW, task_scheduled_id=1),
+        TaskScheduled(event_id=2, timestamp=NOW, name="retried"),
+        TaskFailed(timestamp=NOW, task_scheduled_id=2, failure_details=failure),
+        TimerCreated(event_id=3, timestamp=NOW, fire_at=NOW, retry_of=2),
+        TimerFired(timestamp=NOW, timer_id=3, fire_at=NOW),
+        TaskScheduled(event_id=4, timestamp=NOW, name="retried"),
+        TaskFailed(timestamp=NOW, task_scheduled_id=4, failure_details=failure),
+        SubOrchestrationInstanceCreated(event_id=5, timestamp=NOW, instance_id="kid", name="c"),
+        SubOrchestrationInstanceFailed(timestamp=NOW, task_scheduled_id=5, failure_details=failure),
+        OrchestratorCompleted(timestamp=NOW),
+        ExecutionCompleted(event_id=6, timestamp=NOW, status=Status.FAILED, failure_details=failure),
+    ]
+    rewind = ExecutionRewound(timestamp=NOW, reason="fixed")
+    work = item(rewind, status=Status.RUNNING)
+    plan = plan_episode(work, history, NOW)
+    assert plan.kind is EpisodeKind.CHECKPOINT and plan.checkpoint is not None
+    assert plan.checkpoint == rewind_checkpoint(work, history, [0], NOW)
+    checkpoint = plan.checkpoint
+    kept = [
+        (type(e).__name__, e.event_id if e.event_id >= 0 else getattr(e, "task_scheduled_id", None))
+        for e in checkpoint.new_history
+    ]
+    assert kept == [
+        ("OrchestratorStarted", None),
+        ("ExecutionStarted", None),
+        ("TaskScheduled", 1),
+        ("TaskCompleted", 1),
+        ("TaskScheduled", 2),
+        ("TaskFailed", 2),
+        ("TimerCreated", 3),
+        ("TimerFired", None),
+        ("SubOrchestrationInstanceCreated", 5),
+        ("OrchestratorCompleted", None),
+    ]
+    assert checkpoint.replace_history and checkpoint.status == Status.RUNNING and checkpoint.failure_details is None
+    child, wake_up = checkpoint.messages
+    assert (child.instance_id, child.event) == ("kid", ExecutionRewound(timestamp=NOW, reason="fixed"))
+    assert wake_up.instance_id == "i" and isinstance(wake_up.event, GenericEvent)

@@ -1,0 +1,133 @@
+"""Payload JSON and the history codec."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Generator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any
+
+import pydantic
+import pytest
+
+from dtfx.core.errors import SerializationError
+from dtfx.core.history import (
+    EventRaised,
+    ExecutionStarted,
+    FailureDetails,
+    OrchestrationInstance,
+    TaskFailed,
+    decode_event,
+    decode_events,
+    encode_event,
+    encode_events,
+)
+from dtfx.core.serialization import JsonDataConverter, input_type_of, output_type_of
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+@dataclass
+class Point:
+    x: int
+    y: int
+
+
+@dataclass
+class Shape:
+    name: str
+    points: list[Point]
+    color: Color
+
+
+class Model(pydantic.BaseModel):
+    title: str
+    at: datetime
+
+
+converter = JsonDataConverter()
+
+
+def test_plain_values_and_none() -> None:
+    assert converter.serialize(None) is None
+    assert converter.deserialize(None) is None
+    assert converter.deserialize("") is None
+    value = {"a": [1, 2.5, True, None, "x"]}
+    assert converter.deserialize(converter.serialize(value)) == value
+
+
+def test_dataclasses_round_trip_with_a_target_type() -> None:
+    shape = Shape("tri", [Point(0, 0), Point(1, 2)], Color.RED)
+    text = converter.serialize(shape)
+    assert converter.deserialize(text) == {
+        "name": "tri",
+        "points": [{"x": 0, "y": 0}, {"x": 1, "y": 2}],
+        "color": "red",
+    }
+    assert converter.deserialize(text, Shape) == shape
+    assert converter.deserialize(converter.serialize([shape]), list[Shape]) == [shape]
+
+
+def test_pydantic_models_round_trip() -> None:
+    model = Model(title="t", at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
+    assert converter.deserialize(converter.serialize(model), Model) == model
+
+
+def test_other_encodable_values() -> None:
+    identifier = uuid.uuid4()
+    assert converter.deserialize(converter.serialize(identifier), uuid.UUID) == identifier
+    assert converter.deserialize(converter.serialize(SimpleNamespace(a=1))) == {"a": 1}
+    moment = datetime(2026, 5, 6, tzinfo=UTC)
+    assert converter.deserialize(converter.serialize(moment), datetime) == moment
+
+
+def test_errors_are_clear() -> None:
+    with pytest.raises(SerializationError, match="Cannot serialize object"):
+        converter.serialize(object())
+    with pytest.raises(SerializationError, match="Invalid JSON"):
+        converter.deserialize("{not json")
+    with pytest.raises(SerializationError, match="Point"):
+        converter.deserialize('{"x": "not a number"}', Point)
+
+
+def test_the_old_sdk_object_marker_is_ignored() -> None:
+    text = '{"__durabletask_autoobject__": true, "x": 1, "y": 2}'
+    assert converter.deserialize(text, Point) == Point(1, 2)
+    assert converter.deserialize(text) == {"x": 1, "y": 2}
+
+
+def test_types_come_from_annotations() -> None:
+    def activity(ctx: Any, point: Point) -> Shape:
+        raise NotImplementedError
+
+    def orchestrator(ctx: Any, value: int) -> Generator[Any, Any, Shape]:
+        raise NotImplementedError
+        yield
+
+    def untyped(ctx, value):  # type: ignore[no-untyped-def]
+        return value
+
+    assert input_type_of(activity) is Point and output_type_of(activity) is Shape
+    assert output_type_of(orchestrator) is Shape
+    assert input_type_of(untyped) is None and output_type_of(untyped) is None
+
+
+def test_history_events_round_trip() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    started = ExecutionStarted(
+        timestamp=now, name="n", instance=OrchestrationInstance(instance_id="i", execution_id="e"), tags={"a": "b"}
+    )
+    failure = FailureDetails(error_type="E", message="m", inner_failure=FailureDetails(error_type="I", message="n"))
+    events = [
+        started,
+        EventRaised(timestamp=now, name="x", input="1"),
+        TaskFailed(timestamp=now, task_scheduled_id=3, failure_details=failure),
+    ]
+    assert decode_events(encode_events(events)) == events
+    assert [decode_event(encode_event(e)) for e in events] == events
+    assert b'"type":"EventRaised"' in encode_event(events[1])

@@ -1,0 +1,288 @@
+"""Failures, retries and nondeterminism, end to end."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import dtfx
+from dtfx import OrchestrationStatus as Status
+from dtfx.core.history import TaskCompleted, TaskScheduled, TimerCreated
+from tests.e2e.conftest import Hub
+
+FAST_RETRY = dtfx.RetryPolicy(first_retry_interval=timedelta(milliseconds=50), max_number_of_attempts=3)
+
+
+class PaymentError(Exception):
+    pass
+
+
+async def test_activity_failure_reaches_the_orchestrator_with_details(hub: Hub, app: dtfx.App) -> None:
+    @app.activity
+    def charge(ctx: dtfx.ActivityContext, amount: int) -> None:
+        try:
+            raise KeyError("card")
+        except KeyError as cause:
+            raise PaymentError(f"declined {amount}") from cause
+
+    @app.orchestrator
+    def checkout(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        try:
+            yield ctx.call_activity(charge, input=7)
+        except dtfx.TaskFailedError as error:
+            details = error.details
+            return {
+                "type": details.error_type,
+                "message": details.message,
+                "has_trace": "raise PaymentError" in (details.stack_trace or ""),
+                "inner": details.inner_failure.error_type if details.inner_failure else None,
+                "caused_by": details.is_caused_by(PaymentError),
+            }
+        return None
+
+    async with hub.worker(app):
+        state = await hub.run(checkout)
+    assert state.get_output() == {
+        "type": "tests.e2e.test_failures.PaymentError",
+        "message": "declined 7",
+        "has_trace": True,
+        "inner": "KeyError",
+        "caused_by": True,
+    }
+
+
+async def test_unhandled_orchestrator_exception_fails_the_instance(hub: Hub, app: dtfx.App) -> None:
+    @app.activity
+    def fail(ctx: dtfx.ActivityContext, _: Any) -> None:
+        raise ValueError("bad input")
+
+    @app.orchestrator
+    def careless(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        yield ctx.call_activity(fail)
+
+    @app.orchestrator
+    def direct(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        raise RuntimeError("orchestrator bug")
+
+    async with hub.worker(app):
+        propagated = await hub.run(careless)
+        raised = await hub.run(direct)
+    assert propagated.runtime_status == Status.FAILED
+    details = propagated.failure_details
+    assert details is not None
+    assert details.error_type == "dtfx.core.errors.TaskFailedError"
+    assert "bad input" in details.message
+    assert details.inner_failure is not None and details.inner_failure.error_type == "ValueError"
+    assert raised.failure_details is not None
+    assert (raised.failure_details.error_type, raised.failure_details.message) == ("RuntimeError", "orchestrator bug")
+    assert "raise RuntimeError" in (raised.failure_details.stack_trace or "")
+    try:
+        raised.raise_if_failed()
+    except dtfx.OrchestrationFailedError as error:
+        assert error.failure_details.message == "orchestrator bug"
+    else:
+        raise AssertionError("raise_if_failed did not raise")
+
+
+async def test_unknown_names_fail_the_instance_and_the_worker_carries_on(hub: Hub, app: dtfx.App) -> None:
+    @app.orchestrator
+    def calls_missing_activity(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        yield ctx.call_activity("no_such_activity")
+
+    @app.orchestrator
+    def fine(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return "still working"
+
+    async with hub.worker(app):
+        unknown_orchestrator = await hub.run("no_such_orchestrator")
+        unknown_activity = await hub.run(calls_missing_activity)
+        healthy = await hub.run(fine)
+    assert unknown_orchestrator.runtime_status == Status.FAILED
+    assert unknown_orchestrator.failure_details is not None
+    assert unknown_orchestrator.failure_details.message == (
+        "No orchestrator named 'no_such_orchestrator' is registered with this worker."
+    )
+    assert unknown_activity.runtime_status == Status.FAILED
+    inner = unknown_activity.failure_details.inner_failure if unknown_activity.failure_details else None
+    assert inner is not None and "No activity named 'no_such_activity'" in inner.message
+    assert healthy.get_output() == "still working"
+
+
+async def test_retries_use_durable_timers_until_success(hub: Hub, app: dtfx.App) -> None:
+    attempts: list[int] = []
+
+    @app.activity
+    def flaky(ctx: dtfx.ActivityContext, _: Any) -> str:
+        attempts.append(ctx.task_id)
+        if len(attempts) < 3:
+            raise ConnectionError("try again")
+        return "finally"
+
+    @app.orchestrator
+    def persistent(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(flaky, retry_policy=FAST_RETRY))
+
+    async with hub.worker(app):
+        state = await hub.run(persistent)
+    assert state.get_output() == "finally"
+    assert len(attempts) == 3
+    history = await hub.client.get_orchestration_history(state.instance_id)
+    retry_timers = [e for e in history if isinstance(e, TimerCreated)]
+    assert [t.retry_of for t in retry_timers] == attempts[:2]
+
+
+async def test_retries_stop_after_max_attempts_and_back_off(hub: Hub, app: dtfx.App) -> None:
+    @app.activity
+    def always_fails(ctx: dtfx.ActivityContext, _: Any) -> None:
+        raise ConnectionError("down")
+
+    policy = dtfx.RetryPolicy(
+        first_retry_interval=timedelta(milliseconds=50),
+        backoff_coefficient=2.0,
+        max_number_of_attempts=3,
+    )
+
+    @app.orchestrator
+    def gives_up(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        try:
+            yield ctx.call_activity(always_fails, retry_policy=policy)
+        except dtfx.TaskFailedError as error:
+            return error.details.message
+        return None
+
+    async with hub.worker(app):
+        state = await hub.run(gives_up)
+    assert state.get_output() == "down"
+    history = await hub.client.get_orchestration_history(state.instance_id)
+    assert sum(isinstance(e, TaskScheduled) for e in history) == 3
+    waits = [(e.fire_at - e.timestamp).total_seconds() for e in history if isinstance(e, TimerCreated)]
+    assert len(waits) == 2
+    assert 0.04 < waits[0] < 0.06 and 0.09 < waits[1] < 0.11
+
+
+async def test_non_retriable_failures_are_not_retried(hub: Hub, app: dtfx.App) -> None:
+    calls: list[str] = []
+
+    class InvalidOrder(dtfx.NonRetriableError):
+        pass
+
+    @app.activity
+    def validate(ctx: dtfx.ActivityContext, _: Any) -> None:
+        calls.append("validate")
+        raise InvalidOrder("quantity must be positive")
+
+    @app.orchestrator
+    def order(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        try:
+            yield ctx.call_activity(validate, retry_policy=FAST_RETRY)
+        except dtfx.TaskFailedError as error:
+            return [error.details.is_non_retriable, error.details.message]
+        return None
+
+    async with hub.worker(app):
+        state = await hub.run(order)
+    assert state.get_output() == [True, "quantity must be positive"]
+    assert calls == ["validate"]
+
+
+async def test_retry_timeout_stops_retrying(hub: Hub, app: dtfx.App) -> None:
+    calls: list[int] = []
+
+    @app.activity
+    def slow_failure(ctx: dtfx.ActivityContext, _: Any) -> None:
+        calls.append(1)
+        raise TimeoutError("upstream")
+
+    policy = dtfx.RetryPolicy(
+        first_retry_interval=timedelta(milliseconds=150),
+        max_number_of_attempts=10,
+        retry_timeout=timedelta(milliseconds=100),
+    )
+
+    @app.orchestrator
+    def bounded(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        try:
+            yield ctx.call_activity(slow_failure, retry_policy=policy)
+        except dtfx.TaskFailedError:
+            return "gave up"
+        return None
+
+    async with hub.worker(app):
+        state = await hub.run(bounded)
+    assert state.get_output() == "gave up"
+    assert len(calls) == 2  # the second attempt starts after the timeout has passed
+
+
+async def test_sub_orchestration_retries(hub: Hub, app: dtfx.App) -> None:
+    runs: list[str] = []
+
+    @app.orchestrator
+    def shaky(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        if not ctx.is_replaying:
+            runs.append(ctx.instance_id)
+        if len(runs) < 2:
+            raise RuntimeError("first run fails")
+        return "child ok"
+
+    @app.orchestrator
+    def parent(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_sub_orchestrator(shaky, instance_id="the-child", retry_policy=FAST_RETRY))
+
+    async with hub.worker(app):
+        state = await hub.run(parent)
+    assert state.get_output() == "child ok"
+    assert runs == ["the-child", "the-child"]
+
+
+code_version = {"v": 1}
+
+
+async def test_nondeterminism_fails_the_instance_naming_both_actions(hub: Hub, app: dtfx.App) -> None:
+    @app.activity
+    def step(ctx: dtfx.ActivityContext, _: Any) -> str:
+        return "ok"
+
+    @app.orchestrator
+    def changing(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        if code_version["v"] == 1:
+            yield ctx.call_activity(step)
+        else:
+            yield ctx.create_timer(timedelta(milliseconds=1))
+        yield ctx.wait_for_external_event("next")
+        return "done"
+
+    async with hub.worker(app, options=dtfx.WorkerOptions(cached_instances=0)):
+        instance_id = await hub.client.schedule_new_orchestration(changing)
+        await hub.wait_for_history(instance_id, lambda history: any(isinstance(e, TaskCompleted) for e in history))
+        code_version["v"] = 2  # "deploy" changed code while the instance waits
+        await hub.client.raise_orchestration_event(instance_id, "next")
+        state = await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+    code_version["v"] = 1
+    assert state is not None and state.runtime_status == Status.FAILED
+    details = state.failure_details
+    assert details is not None and details.error_type == "dtfx.core.errors.NonDeterminismError"
+    assert "call_activity" in details.message and "create_timer" in details.message
+
+
+async def test_an_activity_that_raises_never_kills_the_worker(hub: Hub, app: dtfx.App) -> None:
+    @app.activity
+    def explode(ctx: dtfx.ActivityContext, n: int) -> int:
+        if n % 2:
+            raise SystemError(f"boom {n}")
+        return n
+
+    @app.orchestrator
+    def many(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        tasks = [ctx.call_activity(explode, input=n) for n in range(10)]
+        outcomes = []
+        for task in tasks:
+            try:
+                outcomes.append((yield task))
+            except dtfx.TaskFailedError as error:
+                outcomes.append(error.details.message)
+        return outcomes
+
+    async with hub.worker(app) as worker:
+        state = await hub.run(many)
+        assert worker.is_running
+    assert state.get_output() == [0, "boom 1", 2, "boom 3", 4, "boom 5", 6, "boom 7", 8, "boom 9"]

@@ -1,0 +1,390 @@
+"""Client operations: scheduling options, state, waits, terminate, suspend, restart, rewind, purge, query."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+import dtfx
+from dtfx import OrchestrationStatus as Status
+from dtfx.backends.base import utc_now
+from dtfx.core.history import ExecutionStarted, TaskCompleted
+from tests.e2e.conftest import Hub
+
+
+def _waiter_app(app: dtfx.App) -> None:
+    @app.orchestrator
+    def waiter(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.wait_for_external_event("go"))
+
+
+async def test_schedule_options_are_stored(hub: Hub, app: dtfx.App) -> None:
+    _waiter_app(app)
+    start_at = utc_now() + timedelta(milliseconds=400)
+    instance_id = await hub.client.schedule_new_orchestration(
+        "waiter", input={"x": 1}, instance_id="custom-id", start_at=start_at, tags={"team": "a"}, version="2.0"
+    )
+    assert instance_id == "custom-id"
+    async with hub.worker(app):
+        state = await hub.client.get_orchestration_state("custom-id")
+        assert state is not None
+        assert state.runtime_status == Status.PENDING
+        assert (state.name, state.get_input(), state.tags, state.version) == ("waiter", {"x": 1}, {"team": "a"}, "2.0")
+        started = await hub.client.wait_for_orchestration_start("custom-id", timeout=10)
+        assert started is not None and started.runtime_status == Status.RUNNING
+        assert utc_now() >= start_at
+        await hub.client.raise_orchestration_event("custom-id", "go", data="went")
+        done = await hub.client.wait_for_orchestration_completion("custom-id", timeout=10)
+    assert done is not None
+    assert done.get_output() == "went"
+    assert done.completed_at is not None and done.completed_at >= done.created_at
+    assert done.last_updated_at >= done.created_at
+    history = await hub.client.get_orchestration_history("custom-id")
+    start = next(e for e in history if isinstance(e, ExecutionStarted))
+    assert start.tags == {"team": "a"} and start.version == "2.0"
+
+
+async def test_reuse_policy_decides_which_existing_instances_are_replaced(hub: Hub, app: dtfx.App) -> None:
+    _waiter_app(app)
+    async with hub.worker(app):
+        await hub.client.schedule_new_orchestration("waiter", instance_id="dup")
+        with pytest.raises(dtfx.OrchestrationAlreadyExistsError):
+            await hub.client.schedule_new_orchestration("waiter", instance_id="dup")
+        completed_only = dtfx.OrchestrationIdReusePolicy.of(Status.COMPLETED)
+        with pytest.raises(dtfx.OrchestrationAlreadyExistsError):
+            await hub.client.schedule_new_orchestration("waiter", instance_id="dup", reuse_id_policy=completed_only)
+        await hub.client.raise_orchestration_event("dup", "go", data=1)
+        await hub.client.wait_for_orchestration_completion("dup", timeout=10)
+        await hub.client.schedule_new_orchestration("waiter", instance_id="dup", reuse_id_policy=completed_only)
+        await hub.client.raise_orchestration_event("dup", "go", data=2)
+        state = await hub.client.wait_for_orchestration_completion("dup", timeout=10)
+    assert state is not None and state.get_output() == 2
+
+
+async def test_waits_time_out_and_unknown_instances_give_none(hub: Hub, app: dtfx.App) -> None:
+    _waiter_app(app)
+    async with hub.worker(app):
+        instance_id = await hub.client.schedule_new_orchestration("waiter")
+        with pytest.raises(dtfx.OrchestrationTimeoutError) as raised:
+            await hub.client.wait_for_orchestration_completion(instance_id, timeout=0.2)
+        assert isinstance(raised.value, TimeoutError)
+        assert await hub.client.get_orchestration_state("nope") is None
+        assert await hub.client.wait_for_orchestration_completion("nope", timeout=1) is None
+    with pytest.raises(dtfx.OrchestrationNotFoundError):
+        await hub.client.raise_orchestration_event("nope", "go")
+    with pytest.raises(dtfx.OrchestrationNotFoundError):
+        await hub.client.terminate_orchestration("nope")
+    with pytest.raises(dtfx.OrchestrationNotFoundError):
+        await hub.client.get_orchestration_history("nope")
+
+
+async def test_terminate_is_recursive_and_keeps_the_output(hub: Hub, app: dtfx.App) -> None:
+    _waiter_app(app)
+
+    @app.orchestrator
+    def parent(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        yield ctx.call_sub_orchestrator("waiter", instance_id="child-1")
+
+    async with hub.worker(app):
+        parent_id = await hub.client.schedule_new_orchestration(parent)
+        await hub.wait_for_state("child-1", lambda s: s.runtime_status == Status.RUNNING)
+        await hub.client.terminate_orchestration(parent_id, output={"reason": "cancelled by user"})
+        parent_state = await hub.client.wait_for_orchestration_completion(parent_id, timeout=10)
+        child_state = await hub.client.wait_for_orchestration_completion("child-1", timeout=10)
+    assert parent_state is not None and child_state is not None
+    assert parent_state.runtime_status == Status.TERMINATED
+    assert parent_state.get_output() == {"reason": "cancelled by user"}
+    assert child_state.runtime_status == Status.TERMINATED
+
+
+async def test_terminate_without_recursion_leaves_children_running(hub: Hub, app: dtfx.App) -> None:
+    _waiter_app(app)
+
+    @app.orchestrator
+    def parent(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        yield ctx.call_sub_orchestrator("waiter", instance_id="child-2")
+
+    async with hub.worker(app):
+        parent_id = await hub.client.schedule_new_orchestration(parent)
+        await hub.wait_for_state("child-2", lambda s: s.runtime_status == Status.RUNNING)
+        await hub.client.terminate_orchestration(parent_id, recursive=False)
+        await hub.client.wait_for_orchestration_completion(parent_id, timeout=10)
+        await asyncio.sleep(0.1)
+        child = await hub.client.get_orchestration_state("child-2")
+    assert child is not None and child.runtime_status == Status.RUNNING
+
+
+async def test_terminate_a_scheduled_instance_before_it_starts(hub: Hub, app: dtfx.App) -> None:
+    _waiter_app(app)
+    async with hub.worker(app):
+        instance_id = await hub.client.schedule_new_orchestration("waiter", start_at=utc_now() + timedelta(hours=1))
+        await hub.client.terminate_orchestration(instance_id, output="never mind")
+        state = await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None
+    assert state.runtime_status == Status.TERMINATED and state.get_output() == "never mind"
+
+
+async def test_restart_with_the_same_or_a_new_id(hub: Hub, app: dtfx.App) -> None:
+    @app.orchestrator
+    def echo(ctx: dtfx.OrchestrationContext, value: Any) -> Any:
+        return {"value": value, "execution": ctx.execution_id}
+
+    async with hub.worker(app):
+        first = await hub.run(echo, "payload", instance_id="r1")
+        same_id = await hub.client.restart_orchestration("r1")
+        assert same_id == "r1"
+        again = await hub.client.wait_for_orchestration_completion("r1", timeout=10)
+        new_id = await hub.client.restart_orchestration("r1", restart_with_new_instance_id=True)
+        fresh = await hub.client.wait_for_orchestration_completion(new_id, timeout=10)
+    assert again is not None and fresh is not None and new_id != "r1"
+    assert again.get_output()["value"] == fresh.get_output()["value"] == "payload"
+    assert again.get_output()["execution"] != first.get_output()["execution"]
+
+
+async def test_restart_refuses_running_and_unknown_instances(hub: Hub, app: dtfx.App) -> None:
+    _waiter_app(app)
+    async with hub.worker(app):
+        instance_id = await hub.client.schedule_new_orchestration("waiter")
+        with pytest.raises(dtfx.OrchestrationStateError):
+            await hub.client.restart_orchestration(instance_id)
+    with pytest.raises(dtfx.OrchestrationNotFoundError):
+        await hub.client.restart_orchestration("nope")
+
+
+async def test_rewind_reruns_only_what_failed(hub: Hub, app: dtfx.App) -> None:
+    calls: dict[str, int] = {"good": 0, "flaky": 0, "child": 0}
+    broken = {"value": True}
+
+    @app.activity
+    def good(ctx: dtfx.ActivityContext, _: Any) -> str:
+        calls["good"] += 1
+        return "good"
+
+    @app.activity
+    def flaky(ctx: dtfx.ActivityContext, _: Any) -> str:
+        calls["flaky"] += 1
+        if broken["value"]:
+            raise RuntimeError("dependency down")
+        return "flaky"
+
+    @app.orchestrator
+    def child(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        if not ctx.is_replaying:
+            calls["child"] += 1
+        return (yield ctx.call_activity(flaky))
+
+    @app.orchestrator
+    def pipeline(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        first = yield ctx.call_activity(good)
+        second = yield ctx.call_activity(flaky)
+        third = yield ctx.call_sub_orchestrator(child, instance_id="rewind-child")
+        return [first, second, third]
+
+    async with hub.worker(app):
+        failed = await hub.run(pipeline, instance_id="rw")
+        assert failed.runtime_status == Status.FAILED
+        broken["value"] = False
+        await hub.client.rewind_orchestration("rw", reason="fixed the dependency")
+        state = await hub.client.wait_for_orchestration_completion("rw", timeout=10)
+    assert state is not None and state.runtime_status == Status.COMPLETED
+    assert state.get_output() == ["good", "flaky", "flaky"]
+    assert calls["good"] == 1  # what succeeded is not repeated
+    assert calls["flaky"] == 3  # the failed call, its rerun, and the child's call
+    assert calls["child"] == 1
+
+
+async def test_rewind_of_a_failed_sub_orchestration(hub: Hub, app: dtfx.App) -> None:
+    broken = {"value": True}
+    calls = {"ok": 0}
+
+    @app.activity
+    def ok(ctx: dtfx.ActivityContext, _: Any) -> str:
+        calls["ok"] += 1
+        return "ok"
+
+    @app.activity
+    def fragile(ctx: dtfx.ActivityContext, _: Any) -> str:
+        if broken["value"]:
+            raise RuntimeError("still broken")
+        return "fixed"
+
+    @app.orchestrator
+    def child(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        first = yield ctx.call_activity(ok)
+        second = yield ctx.call_activity(fragile)
+        return [first, second]
+
+    @app.orchestrator
+    def parent(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_sub_orchestrator(child, instance_id="sub-rw"))
+
+    async with hub.worker(app):
+        failed = await hub.run(parent, instance_id="parent-rw")
+        assert failed.runtime_status == Status.FAILED
+        child_state = await hub.client.get_orchestration_state("sub-rw")
+        assert child_state is not None and child_state.runtime_status == Status.FAILED
+        broken["value"] = False
+        await hub.client.rewind_orchestration("parent-rw")
+        state = await hub.client.wait_for_orchestration_completion("parent-rw", timeout=10)
+    assert state is not None and state.get_output() == ["ok", "fixed"]
+    assert calls["ok"] == 1
+
+
+async def test_rewind_refuses_instances_that_did_not_fail(hub: Hub, app: dtfx.App) -> None:
+    _waiter_app(app)
+    async with hub.worker(app):
+        instance_id = await hub.client.schedule_new_orchestration("waiter")
+        with pytest.raises(dtfx.OrchestrationStateError):
+            await hub.client.rewind_orchestration(instance_id)
+    with pytest.raises(dtfx.OrchestrationNotFoundError):
+        await hub.client.rewind_orchestration("nope")
+
+
+async def test_rewind_keeps_succeeded_retries(hub: Hub, app: dtfx.App) -> None:
+    attempts = {"retried": 0, "final": 0}
+    broken = {"value": True}
+
+    @app.activity
+    def retried(ctx: dtfx.ActivityContext, _: Any) -> str:
+        attempts["retried"] += 1
+        if attempts["retried"] == 1:
+            raise ConnectionError("once")
+        return "retried ok"
+
+    @app.activity
+    def final(ctx: dtfx.ActivityContext, _: Any) -> str:
+        attempts["final"] += 1
+        if broken["value"]:
+            raise ConnectionError("always")
+        return "final ok"
+
+    policy = dtfx.RetryPolicy(first_retry_interval=timedelta(milliseconds=20), max_number_of_attempts=2)
+
+    @app.orchestrator
+    def chain(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        first = yield ctx.call_activity(retried, retry_policy=policy)
+        second = yield ctx.call_activity(final, retry_policy=policy)
+        return [first, second]
+
+    async with hub.worker(app):
+        failed = await hub.run(chain)
+        assert failed.runtime_status == Status.FAILED
+        broken["value"] = False
+        await hub.client.rewind_orchestration(failed.instance_id)
+        state = await hub.client.wait_for_orchestration_completion(failed.instance_id, timeout=10)
+    assert state is not None and state.get_output() == ["retried ok", "final ok"]
+    assert attempts == {"retried": 2, "final": 3}
+
+
+async def test_purge_single_recursive_and_by_filter(hub: Hub, app: dtfx.App) -> None:
+    _waiter_app(app)
+
+    @app.orchestrator
+    def leaf(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return "leaf"
+
+    @app.orchestrator
+    def tree(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_sub_orchestrator(leaf, instance_id=f"{ctx.instance_id}-leaf"))
+
+    async with hub.worker(app):
+        await hub.run(leaf, instance_id="lonely")
+        await hub.run(tree, instance_id="t1")
+        await hub.run(tree, instance_id="t2")
+        running = await hub.client.schedule_new_orchestration("waiter")
+        await hub.client.wait_for_orchestration_start(running, timeout=5)
+
+        assert (await hub.client.purge_orchestration("lonely")).deleted_instance_count == 1
+        assert await hub.client.get_orchestration_state("lonely") is None
+        assert (await hub.client.purge_orchestration("missing")).deleted_instance_count == 0
+        assert (await hub.client.purge_orchestration(running)).deleted_instance_count == 0
+        assert (await hub.client.purge_orchestration("t1", recursive=True)).deleted_instance_count == 2
+        assert await hub.client.get_orchestration_state("t1-leaf") is None
+        result = await hub.client.purge_orchestrations_by(
+            created_time_from=utc_now() - timedelta(minutes=5), runtime_status=[Status.COMPLETED]
+        )
+        assert result.deleted_instance_count == 2 and result.is_complete
+        remaining = await hub.client.get_all_orchestration_states()
+    assert [s.instance_id for s in remaining] == [running]
+
+
+async def test_query_filters_and_paging(hub: Hub, app: dtfx.App) -> None:
+    _waiter_app(app)
+
+    @app.orchestrator
+    def quick(ctx: dtfx.OrchestrationContext, n: int) -> Any:
+        return n
+
+    async with hub.worker(app):
+        for n in range(5):
+            await hub.run(quick, n, instance_id=f"batch-{n}")
+        before = utc_now()
+        await hub.client.schedule_new_orchestration("waiter", instance_id="pending-one")
+        await hub.client.wait_for_orchestration_start("pending-one", timeout=5)
+
+        page = await hub.client.query_orchestrations(dtfx.OrchestrationQuery(max_instance_count=2))
+        assert [s.instance_id for s in page.items] == ["batch-0", "batch-1"]
+        everything = await hub.client.get_all_orchestration_states(dtfx.OrchestrationQuery(max_instance_count=2))
+        assert len(everything) == 6
+        running = await hub.client.get_all_orchestration_states(
+            dtfx.OrchestrationQuery(runtime_status=[Status.RUNNING])
+        )
+        assert [s.instance_id for s in running] == ["pending-one"]
+        recent = await hub.client.get_all_orchestration_states(dtfx.OrchestrationQuery(created_time_from=before))
+        assert [s.instance_id for s in recent] == ["pending-one"]
+        prefixed = await hub.client.get_all_orchestration_states(
+            dtfx.OrchestrationQuery(instance_id_prefix="batch-", fetch_inputs_and_outputs=True)
+        )
+        assert [s.get_output() for s in prefixed] == [0, 1, 2, 3, 4]
+        ids = await hub.client.list_instance_ids(page_size=3)
+        assert ids.items == ["batch-0", "batch-1", "batch-2"] and ids.continuation_token
+        rest = await hub.client.list_instance_ids(page_size=3, continuation_token=ids.continuation_token)
+        assert rest.items == ["batch-3", "batch-4"] and rest.continuation_token is None
+
+
+async def test_history_tells_the_story(hub: Hub, app: dtfx.App) -> None:
+    @app.activity
+    def hello(ctx: dtfx.ActivityContext, name: str) -> str:
+        return f"hi {name}"
+
+    @app.orchestrator
+    def greet(ctx: dtfx.OrchestrationContext, name: str) -> Any:
+        return (yield ctx.call_activity(hello, input=name))
+
+    async with hub.worker(app):
+        state = await hub.run(greet, "ann")
+    history = await hub.client.get_orchestration_history(state.instance_id)
+    assert [type(e).__name__ for e in history] == [
+        "OrchestratorStarted",
+        "ExecutionStarted",
+        "TaskScheduled",
+        "OrchestratorCompleted",
+        "OrchestratorStarted",
+        "TaskCompleted",
+        "OrchestratorCompleted",
+        "ExecutionCompleted",
+    ]
+    completed = next(e for e in history if isinstance(e, TaskCompleted))
+    assert completed.result == '"hi ann"'
+
+
+def test_the_sync_client_and_a_threaded_worker(app: dtfx.App) -> None:
+    @app.activity
+    def add(ctx: dtfx.ActivityContext, pair: list[int]) -> int:
+        return pair[0] + pair[1]
+
+    @app.orchestrator
+    def adder(ctx: dtfx.OrchestrationContext, pair: list[int]) -> Any:
+        return (yield ctx.call_activity(add, input=pair))
+
+    backend = dtfx.MemoryBackend()
+    with dtfx.Worker(backend, app=app), dtfx.Client(backend) as client:
+        instance_id = client.schedule_new_orchestration(adder, input=[2, 3])
+        state = client.wait_for_orchestration_completion(instance_id, timeout=10)
+        assert state is not None and state.get_output() == 5
+        assert client.get_orchestration_state(instance_id) is not None
+        assert [s.instance_id for s in client.get_all_orchestration_states()] == [instance_id]
+        assert client.purge_orchestration(instance_id).deleted_instance_count == 1

@@ -1,0 +1,100 @@
+"""Versioning: versions travel with instances, and workers choose which versions they run."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import dtfx
+from dtfx import OrchestrationStatus as Status
+from dtfx import VersionFailureStrategy, VersioningOptions, VersionMatchStrategy
+from tests.e2e.conftest import Hub
+
+
+def _version_app(app: dtfx.App) -> None:
+    @app.orchestrator
+    def report(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return ctx.version
+
+
+async def test_version_travels_to_the_context_and_sub_orchestrations(hub: Hub, app: dtfx.App) -> None:
+    _version_app(app)
+
+    @app.orchestrator
+    def parent(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        explicit = yield ctx.call_sub_orchestrator("report", version="3.1")
+        default = yield ctx.call_sub_orchestrator("report")
+        return [ctx.version, explicit, default]
+
+    versioning = VersioningOptions(version="2.0", default_version="2.5")
+    async with hub.worker(app, versioning=versioning):
+        state = await hub.run(parent, version="2.0")
+    assert state.version == "2.0"
+    assert state.get_output() == ["2.0", "3.1", "2.5"]
+
+
+async def test_continue_as_new_may_set_a_new_version(hub: Hub, app: dtfx.App) -> None:
+    @app.orchestrator
+    def upgrade(ctx: dtfx.OrchestrationContext, seen: list[str | None]) -> Any:
+        seen = [*seen, ctx.version]
+        if len(seen) == 1:
+            ctx.continue_as_new(seen, new_version="2.0")
+            return None
+        return seen
+
+    async with hub.worker(app):
+        state = await hub.run(upgrade, [], version="1.0")
+    assert state.get_output() == ["1.0", "2.0"]
+    assert state.version == "2.0"
+
+
+async def test_strict_matching_with_fail_fails_other_versions(hub: Hub, app: dtfx.App) -> None:
+    _version_app(app)
+    versioning = VersioningOptions(
+        version="2.0", match_strategy=VersionMatchStrategy.STRICT, failure_strategy=VersionFailureStrategy.FAIL
+    )
+    async with hub.worker(app, versioning=versioning):
+        matching = await hub.run("report", version="2.0")
+        older = await hub.run("report", version="1.0")
+    assert matching.get_output() == "2.0"
+    assert older.runtime_status == Status.FAILED
+    assert older.failure_details is not None
+    assert older.failure_details.error_type == "VersionMismatch"
+    assert older.failure_details.is_non_retriable
+    assert "'1.0' does not match the worker version '2.0'" in older.failure_details.message
+
+
+async def test_current_or_older_with_reject_leaves_newer_versions_to_another_worker(hub: Hub, app: dtfx.App) -> None:
+    _version_app(app)
+    old_worker = VersioningOptions(
+        version="1.5",
+        match_strategy=VersionMatchStrategy.CURRENT_OR_OLDER,
+        failure_strategy=VersionFailureStrategy.REJECT,
+    )
+    new_worker = VersioningOptions(version="3.0", match_strategy=VersionMatchStrategy.CURRENT_OR_OLDER)
+    options = dtfx.WorkerOptions(reject_retry_delay=timedelta(milliseconds=50))
+    async with hub.worker(app, versioning=old_worker, options=options):
+        older = await hub.run("report", version="1.0")
+        same = await hub.run("report", version="1.5")
+        newer_id = await hub.client.schedule_new_orchestration("report", version="2.0")
+        await asyncio.sleep(0.4)
+        waiting = await hub.client.get_orchestration_state(newer_id)
+        assert waiting is not None and waiting.runtime_status == Status.PENDING
+        async with hub.worker(app, versioning=new_worker):
+            newer = await hub.client.wait_for_orchestration_completion(newer_id, timeout=10)
+    assert older.get_output() == "1.0" and same.get_output() == "1.5"
+    assert newer is not None and newer.get_output() == "2.0"
+
+
+def test_versions_compare_numerically_then_as_text() -> None:
+    from dtfx.core.versioning import compare_versions
+
+    assert compare_versions(None, None) == 0
+    assert compare_versions("", "1.0") == -1
+    assert compare_versions("1.0", None) == 1
+    assert compare_versions("1.10", "1.9") == 1
+    assert compare_versions("1.0", "1.0.0") == 0
+    assert compare_versions("2.0", "10.0") == -1
+    assert compare_versions("beta", "Alpha") == 1
+    assert compare_versions("V1", "v1") == 0

@@ -1,0 +1,187 @@
+"""The generic work-item dispatcher: concurrency, back-off, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from dtfx.worker.dispatcher import Backoff, WorkItemDispatcher
+
+
+class Recorder:
+    """Fake work: a queue of items, with a record of what happened to each."""
+
+    def __init__(self, items: int, *, work: Callable[[int], Awaitable[None]] | None = None) -> None:
+        self.pending = list(range(items))
+        self.processed: list[int] = []
+        self.released: list[int] = []
+        self.fetch_sizes: list[int] = []
+        self.running = 0
+        self.peak = 0
+        self._work = work
+        self.idle = asyncio.Event()
+
+    async def fetch(self, count: int) -> list[int]:
+        self.fetch_sizes.append(count)
+        batch, self.pending = self.pending[:count], self.pending[count:]
+        return batch
+
+    async def process(self, item: int) -> None:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            if self._work is not None:
+                await self._work(item)
+            else:
+                await asyncio.sleep(0.01)
+            self.processed.append(item)
+        finally:
+            self.running -= 1
+
+    async def release(self, item: int) -> None:
+        self.released.append(item)
+
+    async def wait_for_work(self) -> None:
+        self.idle.set()
+        await asyncio.sleep(0.01)
+
+    def dispatcher(self, **options: object) -> WorkItemDispatcher[int]:
+        settings: dict[str, object] = {"max_concurrent": 3, "backoff_initial": 0.01, "backoff_max": 0.05}
+        settings.update(options)
+        return WorkItemDispatcher(
+            "test",
+            fetch=self.fetch,
+            process=self.process,
+            release=self.release,
+            wait_for_work=self.wait_for_work,
+            describe=str,
+            **settings,  # type: ignore[arg-type]
+        )
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.005)
+
+
+async def test_concurrency_is_bounded_and_fetches_ask_for_free_slots_only() -> None:
+    recorder = Recorder(20)
+    dispatcher = recorder.dispatcher(max_concurrent=3)
+    dispatcher.start()
+    await until(lambda: len(recorder.processed) == 20)
+    await dispatcher.stop(1)
+    assert recorder.peak == 3
+    assert max(recorder.fetch_sizes) == 3
+    assert sorted(recorder.processed) == list(range(20))
+    assert recorder.released == []
+
+
+async def test_several_fetch_loops_share_the_limit() -> None:
+    recorder = Recorder(30)
+    dispatcher = recorder.dispatcher(max_concurrent=4, dispatcher_count=3)
+    dispatcher.start()
+    await until(lambda: len(recorder.processed) == 30)
+    await dispatcher.stop(1)
+    assert recorder.peak <= 4 + 2  # each loop checks the free slots before it fetches
+    assert sorted(recorder.processed) == list(range(30))
+
+
+async def test_fetch_errors_back_off_and_recover() -> None:
+    recorder = Recorder(5)
+    failures = {"left": 3}
+    fetch = recorder.fetch
+
+    async def flaky_fetch(count: int) -> list[int]:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("database away")
+        return await fetch(count)
+
+    recorder.fetch = flaky_fetch  # type: ignore[method-assign]
+    dispatcher = recorder.dispatcher()
+    dispatcher.start()
+    await until(lambda: len(recorder.processed) == 5)
+    await dispatcher.stop(1)
+    assert failures["left"] == 0
+
+
+async def test_a_failed_work_item_is_released_and_the_dispatcher_carries_on() -> None:
+    async def work(item: int) -> None:
+        if item == 2:
+            raise RuntimeError("bad item")
+
+    recorder = Recorder(6, work=work)
+    dispatcher = recorder.dispatcher()
+    dispatcher.start()
+    await until(lambda: len(recorder.processed) == 5)
+    await dispatcher.stop(1)
+    assert recorder.released == [2]
+    assert sorted(recorder.processed) == [0, 1, 3, 4, 5]
+
+
+async def test_items_fetched_during_shutdown_are_released() -> None:
+    recorder = Recorder(3)
+    fetching = asyncio.Event()
+    stopping = asyncio.Event()
+    fetch = recorder.fetch
+
+    async def slow_fetch(count: int) -> list[int]:
+        fetching.set()
+        await stopping.wait()
+        return await fetch(count)
+
+    recorder.fetch = slow_fetch  # type: ignore[method-assign]
+    dispatcher = recorder.dispatcher()
+    dispatcher.start()
+    await fetching.wait()
+    stopper = asyncio.create_task(dispatcher.stop(1))
+    await asyncio.sleep(0)
+    stopping.set()
+    await stopper
+    assert recorder.processed == []
+    assert recorder.released == [0, 1, 2]
+
+
+async def test_graceful_stop_lets_in_flight_work_finish() -> None:
+    started = asyncio.Event()
+
+    async def work(item: int) -> None:
+        started.set()
+        await asyncio.sleep(0.2)
+
+    recorder = Recorder(1, work=work)
+    dispatcher = recorder.dispatcher()
+    dispatcher.start()
+    await started.wait()
+    await dispatcher.stop(5)
+    assert recorder.processed == [0] and recorder.released == []
+
+
+async def test_work_still_running_after_the_grace_period_is_cancelled_and_released() -> None:
+    started = asyncio.Event()
+
+    async def work(item: int) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    recorder = Recorder(1, work=work)
+    dispatcher = recorder.dispatcher()
+    dispatcher.start()
+    await started.wait()
+    await dispatcher.stop(0.05)
+    assert recorder.processed == [] and recorder.released == [0]
+
+
+def test_backoff_doubles_up_to_the_maximum_and_resets_after_successes() -> None:
+    backoff = Backoff(0.1, 0.5)
+    assert [backoff.failed() for _ in range(5)] == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])
+    for _ in range(4):
+        backoff.succeeded()
+    assert backoff.failed() == pytest.approx(0.5)  # four successes are not enough
+    for _ in range(5):
+        backoff.succeeded()
+    assert backoff.failed() == pytest.approx(0.1)

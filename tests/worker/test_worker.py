@@ -1,0 +1,116 @@
+"""The worker as a whole: limits, thread pool, failing backends, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from datetime import timedelta
+from typing import Any
+
+import dtfx
+from dtfx.backends.memory import MemoryBackend
+from dtfx.core.workitems import OrchestrationWorkItem
+
+
+async def test_activity_concurrency_limit_is_respected() -> None:
+    app = dtfx.App()
+    running = {"now": 0, "peak": 0}
+
+    @app.activity
+    async def slow(ctx: dtfx.ActivityContext, _: Any) -> None:
+        running["now"] += 1
+        running["peak"] = max(running["peak"], running["now"])
+        await asyncio.sleep(0.05)
+        running["now"] -= 1
+
+    @app.orchestrator
+    def fan(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        yield dtfx.when_all([ctx.call_activity(slow) for _ in range(8)])
+        return "done"
+
+    backend = MemoryBackend()
+    client = dtfx.AsyncClient(backend)
+    concurrency = dtfx.ConcurrencyOptions(maximum_concurrent_activity_work_items=2)
+    async with dtfx.Worker(backend, app=app, concurrency=concurrency):
+        instance_id = await client.schedule_new_orchestration(fan)
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == "done"
+    assert running["peak"] == 2
+
+
+async def test_sync_activities_run_in_the_worker_thread_pool() -> None:
+    app = dtfx.App()
+
+    @app.activity
+    def where(ctx: dtfx.ActivityContext, _: Any) -> str:
+        return threading.current_thread().name
+
+    @app.orchestrator
+    def ask(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(where))
+
+    backend = MemoryBackend()
+    client = dtfx.AsyncClient(backend)
+    async with dtfx.Worker(backend, app=app):
+        instance_id = await client.schedule_new_orchestration(ask)
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output().startswith("dtfx-activity")
+
+
+class FlakyBackend(MemoryBackend):
+    """Fails the first few orchestration fetches, as a database that is briefly away would."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def lock_orchestration_work_items(self, *args: Any, **kwargs: Any) -> list[OrchestrationWorkItem]:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("database unavailable")
+        return await super().lock_orchestration_work_items(*args, **kwargs)
+
+
+async def test_worker_backs_off_after_fetch_errors_and_carries_on() -> None:
+    app = dtfx.App()
+
+    @app.orchestrator
+    def simple(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return "ok"
+
+    backend = FlakyBackend(failures=3)
+    client = dtfx.AsyncClient(backend)
+    options = dtfx.WorkerOptions(backoff_initial=timedelta(milliseconds=10))
+    async with dtfx.Worker(backend, app=app, options=options):
+        instance_id = await client.schedule_new_orchestration(simple)
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == "ok"
+    assert backend.failures == 0
+
+
+async def test_stop_lets_a_running_activity_finish_and_commit() -> None:
+    app = dtfx.App()
+    started = asyncio.Event()
+
+    @app.activity
+    async def slow(ctx: dtfx.ActivityContext, _: Any) -> str:
+        started.set()
+        await asyncio.sleep(0.2)
+        return "finished"
+
+    @app.orchestrator
+    def one(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(slow))
+
+    backend = MemoryBackend()
+    client = dtfx.AsyncClient(backend)
+    worker = dtfx.Worker(backend, app=app)
+    await worker.start_async()
+    instance_id = await client.schedule_new_orchestration(one)
+    await started.wait()
+    await worker.stop_async(grace_period=5)
+    tasks = await backend.lock_activity_work_items(10, timedelta(seconds=1))
+    assert tasks == []  # the activity's result was committed, not released
+    async with dtfx.Worker(backend, app=app):
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == "finished"
