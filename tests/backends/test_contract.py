@@ -189,6 +189,22 @@ async def test_events_to_an_ended_instance_are_dropped_except_rewind_of_a_failur
     assert item.state.failure_details == details
 
 
+async def test_entities_take_requests_whatever_their_status(backend: Backend) -> None:
+    signal = EntityOperationSignaled(
+        timestamp=utc_now(), request_id="r1", operation="add", target_instance_id="@counter@a", input="1"
+    )
+    await backend.send_event("@counter@a", signal)
+    [item] = await backend.lock_orchestration_work_items(10, LEASE, entities=True)
+    # An empty entity is stored as COMPLETED; a new request makes it RUNNING again.
+    assert await backend.complete_orchestration_work_items([checkpoint_for(item, status=Status.COMPLETED, history=[])])
+    assert (await backend.get_instance("@counter@a")).runtime_status == Status.COMPLETED  # type: ignore[union-attr]
+    await backend.send_event("@counter@a", signal)
+    assert (await backend.get_instance("@counter@a")).runtime_status == Status.RUNNING  # type: ignore[union-attr]
+    assert await backend.purge_instances(["@counter@a"]) == 0
+    [item] = await backend.lock_orchestration_work_items(10, LEASE, entities=True)
+    assert [m.event for m in item.messages] == [signal]
+
+
 async def test_events_to_an_entity_create_it(backend: Backend) -> None:
     signal = EntityOperationSignaled(
         timestamp=utc_now(), request_id="r1", operation="add", target_instance_id="@counter@a", input="1"
@@ -545,6 +561,16 @@ async def test_query_filters_and_pages(backend: Backend) -> None:
 
     entities = await backend.query_instances(OrchestrationQuery(), entities=True)
     assert [s.instance_id for s in entities.items] == ["@counter@x"]
+
+    touched_after = utc_now()
+    await asyncio.sleep(0.01)
+    await backend.send_event("run-1", EventRaised(timestamp=utc_now(), name="poke"))
+    running = await lock_one(backend, "run-1")
+    assert await backend.complete_orchestration_work_items([checkpoint_for(running)]) == [True]
+    updated = await backend.query_instances(OrchestrationQuery(last_updated_time_from=touched_after))
+    assert [s.instance_id for s in updated.items] == ["run-1"]
+    not_updated = await backend.query_instances(OrchestrationQuery(last_updated_time_to=touched_after))
+    assert [s.instance_id for s in not_updated.items] == ["done-1", "done-2", "new-1"]
 
 
 async def test_purge_removes_only_ended_instances(backend: Backend) -> None:

@@ -11,6 +11,10 @@ from datetime import datetime
 
 from dtfx.core.errors import OrchestrationAlreadyExistsError
 from dtfx.core.history import (
+    EntityLockRequested,
+    EntityOperationCalled,
+    EntityOperationSignaled,
+    EntityUnlockSent,
     ExecutionRewound,
     ExecutionStarted,
     FailureDetails,
@@ -42,9 +46,14 @@ def is_entity_id(instance_id: str) -> bool:
     return instance_id.startswith("@") and instance_id.find("@", 1) > 0
 
 
+ENTITY_REQUESTS = (EntityOperationSignaled, EntityOperationCalled, EntityLockRequested, EntityUnlockSent)
+"""Events addressed to entities. An entity that is empty is stored as COMPLETED (so that
+cleaning up can purge it); a request makes it RUNNING again."""
+
+
 def accepts(status: OrchestrationStatus, event: HistoryEvent) -> bool:
     """Whether an existing instance in ``status`` takes ``event`` into its inbox."""
-    if not status.is_terminal:
+    if not status.is_terminal or isinstance(event, ENTITY_REQUESTS):
         return True
     return isinstance(event, ExecutionRewound) and status == OrchestrationStatus.FAILED
 
@@ -54,8 +63,12 @@ def status_on_delivery(status: OrchestrationStatus, event: HistoryEvent) -> Orch
 
     Rewinding a failed instance makes it RUNNING at once, so a client that rewinds
     and then waits for completion waits for the new outcome, not the old failure.
+    A request to an empty (COMPLETED) entity makes it RUNNING, so that it is not purged
+    with the request in its inbox.
     """
     if isinstance(event, ExecutionRewound) and status == OrchestrationStatus.FAILED:
+        return OrchestrationStatus.RUNNING
+    if isinstance(event, ENTITY_REQUESTS) and status.is_terminal:
         return OrchestrationStatus.RUNNING
     return status
 

@@ -384,16 +384,16 @@ def _snapshot(state: OrchestrationState, fetch_payloads: bool) -> OrchestrationS
 
 
 def _matches(state: OrchestrationState, query: OrchestrationQuery) -> bool:
+    ranges = (
+        (state.created_at, query.created_time_from, query.created_time_to),
+        (state.completed_at, query.completed_time_from, query.completed_time_to),
+        (state.last_updated_at, query.last_updated_time_from, query.last_updated_time_to),
+    )
+    for moment, start, end in ranges:
+        if (start or end) and moment is None:
+            return False
+        if (start and moment < start) or (end and moment > end):  # type: ignore[operator]
+            return False
     if query.runtime_status and state.runtime_status not in query.runtime_status:
         return False
-    if query.created_time_from and state.created_at < query.created_time_from:
-        return False
-    if query.created_time_to and state.created_at > query.created_time_to:
-        return False
-    if query.instance_id_prefix and not state.instance_id.startswith(query.instance_id_prefix):
-        return False
-    if query.completed_time_from and (state.completed_at is None or state.completed_at < query.completed_time_from):
-        return False
-    return not (
-        query.completed_time_to and (state.completed_at is None or state.completed_at > query.completed_time_to)
-    )
+    return not (query.instance_id_prefix and not state.instance_id.startswith(query.instance_id_prefix))

@@ -72,6 +72,10 @@ class OrchestrationQuery:
     """Only instances that ended at or after this moment."""
     completed_time_to: datetime | None = None
     """Only instances that ended at or before this moment."""
+    last_updated_time_from: datetime | None = None
+    """Only instances last updated at or after this moment."""
+    last_updated_time_to: datetime | None = None
+    """Only instances last updated at or before this moment."""
     max_instance_count: int = 100
     """The page size."""
     fetch_inputs_and_outputs: bool = False
