@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from dtfx.backends import Backend, MemoryBackend, open_backend
-from tests.postgres import postgres_url
+from tests.postgres import drop_postgres_schemas, postgres_url  # noqa: F401 (an autouse fixture)
 
 CONTRACT_BACKENDS = os.environ.get("DTFX_TEST_BACKENDS", "memory,sqlite,postgres").split(",")
 

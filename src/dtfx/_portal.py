@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 T = TypeVar("T")
 
@@ -20,10 +22,14 @@ class LoopThread:
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on the loop and wait for its result."""
+        return self.submit(coroutine).result()
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start ``coroutine`` on the loop; async callers await ``asyncio.wrap_future(...)`` of the result."""
         if not self._thread.is_alive():
             coroutine.close()
             raise RuntimeError("This object has been closed.")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     def close(self) -> None:
         """Stop the loop and its thread."""
@@ -32,3 +38,58 @@ class LoopThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+
+class BackgroundRunnable(ABC):
+    """The lifecycle of something that runs on an event loop (a worker, the sidecar server).
+
+    Subclasses write :meth:`start_async` and :meth:`stop_async`; ``async with`` runs
+    them on the caller's loop, ``with`` or :meth:`start` on a loop thread of their own.
+    """
+
+    _thread_name: ClassVar[str] = "dtfx"
+    _portal: LoopThread | None = None
+
+    @abstractmethod
+    async def start_async(self) -> None:
+        """Start on the running event loop."""
+
+    @abstractmethod
+    async def stop_async(self, grace_period: float | None = None) -> None:
+        """Stop; in-flight work gets ``grace_period`` seconds (``None``: the configured default)."""
+
+    async def __aenter__(self) -> Self:
+        await self.start_async()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop_async()
+
+    def start(self) -> None:
+        """Start on a background thread."""
+        if self._portal is not None:
+            raise RuntimeError(f"The {type(self).__name__} is already running.")
+        self._portal = LoopThread(self._thread_name)
+        try:
+            self._portal.run(self.start_async())
+        except BaseException:
+            self._portal.close()
+            self._portal = None
+            raise
+
+    def stop(self, grace_period: float | None = None) -> None:
+        """Stop what :meth:`start` started."""
+        portal, self._portal = self._portal, None
+        if portal is None:
+            return
+        try:
+            portal.run(self.stop_async(grace_period))
+        finally:
+            portal.close()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -635,3 +635,73 @@ async def test_timestamps_are_timezone_aware(backend: Backend) -> None:
         assert isinstance(moment, datetime) and moment.tzinfo is not None
     for event in await backend.get_history("a"):
         assert event.timestamp.tzinfo is not None
+
+
+# -- ordering, replacement and clean-up (added with the SQL backends) -------------------------------------
+
+
+async def test_history_grows_episode_by_episode_in_order(backend: Backend) -> None:
+    await backend.create_instance(start_event("a"))
+    expected = []
+    for episode in range(3):
+        if episode:
+            await backend.send_event("a", EventRaised(timestamp=utc_now(), name=f"e{episode}"))
+        item = await lock_one(backend, "a")
+        assert item.history_size == len(expected)
+        checkpoint = checkpoint_for(item)
+        expected += checkpoint.new_history
+        assert await backend.complete_orchestration_work_items([checkpoint]) == [True]
+    assert await backend.get_history("a") == expected
+
+
+async def test_a_group_commit_applies_its_checkpoints_in_order(backend: Backend) -> None:
+    await backend.create_instance(start_event("ending"))
+    await backend.create_instance(start_event("sender"))
+    items = {i.instance_id: i for i in await backend.lock_orchestration_work_items(10, LEASE)}
+    late = OutboundMessage("ending", EventRaised(timestamp=utc_now(), name="too-late"))
+    results = await backend.complete_orchestration_work_items(
+        [
+            checkpoint_for(items["ending"], status=Status.COMPLETED),
+            checkpoint_for(items["sender"], messages=[late]),
+        ]
+    )
+    assert results == [True, True]
+    assert await backend.lock_orchestration_work_items(10, LEASE) == []  # "ending" had ended: dropped
+
+
+async def test_replacing_or_purging_an_instance_removes_its_tasks_and_messages(backend: Backend) -> None:
+    await backend.create_instance(start_event("purged"))
+    item = await lock_one(backend, "purged")
+    scheduled = TaskScheduled(event_id=1, timestamp=utc_now(), name="act")
+    timer = OutboundMessage("purged", EventRaised(timestamp=utc_now(), name="later"), visible_at=utc_now())
+    checkpoint = checkpoint_for(
+        item,
+        status=Status.COMPLETED,
+        activity_tasks=[ActivityTask("purged", item.state.execution_id, scheduled)],
+        messages=[timer],
+    )
+    assert await backend.complete_orchestration_work_items([checkpoint]) == [True]
+    assert await backend.purge_instances(["purged"]) == 1
+    assert await backend.lock_activity_work_items(10, LEASE) == []
+    assert await backend.lock_orchestration_work_items(10, LEASE) == []
+
+    await _with_activity(backend, "replaced")
+    await backend.create_instance(start_event("replaced"), reuse_policy=OrchestrationIdReusePolicy.of(Status.RUNNING))
+    assert await backend.lock_activity_work_items(10, LEASE) == []
+    [item] = await backend.lock_orchestration_work_items(10, LEASE)
+    assert [type(m.event).__name__ for m in item.messages] == ["ExecutionStarted"]
+
+
+async def test_an_event_sent_for_later_waits_until_then(backend: Backend) -> None:
+    assert await backend.next_visible_at(WorkKind.ORCHESTRATION) is None
+    assert await backend.next_visible_at(WorkKind.ACTIVITY) is None
+    await run_to(backend, "a", Status.RUNNING)
+    due = utc_now() + timedelta(milliseconds=300)
+    later = EventRaised(timestamp=utc_now(), name="later")
+    await backend.send_event("a", later, visible_at=due)
+    assert await backend.lock_orchestration_work_items(10, LEASE) == []
+    next_due = await backend.next_visible_at(WorkKind.ORCHESTRATION)
+    assert next_due is not None and abs((next_due - due).total_seconds()) < 0.01
+    await asyncio.sleep(0.35)
+    item = await lock_one(backend, "a")
+    assert [m.event for m in item.messages] == [later]

@@ -65,6 +65,11 @@ class Backend(ABC):
     in this process wake dispatchers at once; this bounds the delay for changes made
     by other processes (and for expired leases)."""
 
+    instance_poll_interval: ClassVar[float | None] = None
+    """Longest wait of :meth:`wait_for_instance` between two reads of the instance (``None``:
+    :attr:`poll_interval`). A backend that watches waited-for instances itself, and wakes
+    their waiters when they change, sets it longer."""
+
     max_messages_per_work_item: ClassVar[int] = 10_000
     """An orchestration work item carries at most this many inbox messages."""
 
@@ -246,7 +251,8 @@ class Backend(ABC):
                 state = await self.get_instance(instance_id, fetch_payloads=fetch_payloads)
                 if state is None or predicate(state):
                     return state
-                remaining = self.poll_interval if deadline is None else min(self.poll_interval, deadline - loop.time())
+                interval = self.instance_poll_interval or self.poll_interval
+                remaining = interval if deadline is None else min(interval, deadline - loop.time())
                 if remaining <= 0:
                     raise TimeoutError(instance_id)
                 await waiter.wait(remaining)

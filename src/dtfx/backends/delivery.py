@@ -6,6 +6,7 @@ what :func:`route` decides, inside their transaction.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from datetime import datetime
 
@@ -23,7 +24,7 @@ from dtfx.core.history import (
     SubOrchestrationInstanceFailed,
 )
 from dtfx.core.state import OrchestrationState
-from dtfx.core.workitems import OutboundMessage
+from dtfx.core.workitems import OrchestrationCheckpoint, OutboundMessage
 
 
 class Route(enum.Enum):
@@ -129,4 +130,20 @@ def new_entity_state(instance_id: str, now: datetime) -> OrchestrationState:
         runtime_status=OrchestrationStatus.RUNNING,
         created_at=now,
         last_updated_at=now,
+    )
+
+
+def checkpointed_state(state: OrchestrationState, checkpoint: OrchestrationCheckpoint) -> OrchestrationState:
+    """The instance's row once ``checkpoint`` is committed."""
+    return dataclasses.replace(
+        state,
+        runtime_status=checkpoint.status,
+        execution_id=checkpoint.execution_id,
+        serialized_input=checkpoint.input,
+        serialized_output=checkpoint.output,
+        serialized_custom_status=checkpoint.custom_status,
+        failure_details=checkpoint.failure_details,
+        version=checkpoint.version,
+        completed_at=checkpoint.completed_at,
+        last_updated_at=checkpoint.updated_at,
     )

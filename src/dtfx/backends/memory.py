@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from dtfx.backends.base import Backend, WorkKind, utc_now
 from dtfx.backends.delivery import (
     Route,
+    checkpointed_state,
     is_entity_id,
     new_entity_state,
     new_instance_state,
@@ -237,18 +238,7 @@ class MemoryBackend(Backend):
             instance.history = list(checkpoint.new_history)
         else:
             instance.history.extend(checkpoint.new_history)
-        instance.state = dataclasses.replace(
-            instance.state,
-            runtime_status=checkpoint.status,
-            execution_id=checkpoint.execution_id,
-            serialized_input=checkpoint.input,
-            serialized_output=checkpoint.output,
-            serialized_custom_status=checkpoint.custom_status,
-            failure_details=checkpoint.failure_details,
-            version=checkpoint.version,
-            completed_at=checkpoint.completed_at,
-            last_updated_at=checkpoint.updated_at,
-        )
+        instance.state = checkpointed_state(instance.state, checkpoint)
         consumed = set(checkpoint.consumed)
         instance.inbox = [m for m in instance.inbox if m.id not in consumed]
         instance.lock_token = instance.locked_until = None
@@ -271,7 +261,7 @@ class MemoryBackend(Backend):
             return
         if decision is Route.CREATE:
             assert isinstance(message.event, ExecutionStarted)
-            self._create(message.event, now)
+            self._create(message.event, now, message.visible_at)
             return
         if decision is Route.CREATE_ENTITY:
             target = _Instance(new_entity_state(message.instance_id, now))

@@ -130,6 +130,11 @@ class KeyedSignal:
         for waiter in waiters:
             waiter.set()
 
+    def subscribed_keys(self) -> list[Hashable]:
+        """The keys that have waiters now."""
+        with self._lock:
+            return list(self._waiters)
+
     def notify_all(self) -> None:
         """Wake every waiter of every key."""
         with self._lock:

@@ -1,0 +1,396 @@
+"""Scale-out backend: a task hub in a PostgreSQL schema, shared by any number of workers.
+
+URL: ``postgresql://user:password@host:port/database?schema=dtfx`` (``schema`` names
+the task hub; default ``dtfx``; it is created and migrated on first use). Optional
+``pool_min_size`` / ``pool_max_size`` size the connection pool.
+
+Work items are leased with ``FOR UPDATE SKIP LOCKED``, so concurrent workers never
+wait for each other's picks; completing one is one transaction guarded by the lease.
+Commits announce new work with ``NOTIFY``; each backend object ``LISTEN``s and wakes
+its dispatchers and waiting clients at once, whichever process committed (polling
+every :attr:`PostgresBackend.poll_interval` stays as a fallback).
+
+psycopg's async pool belongs to one event loop, so the driver runs on a loop of its
+own in a background thread; the backend can be awaited from any loop or thread (a
+worker's, a sync client's). A transaction that fails before its commit because the
+connection was lost (a database restart) is retried on a fresh connection with
+back-off; one lost during its commit is reported, since it may or may not have
+committed (the lease guards keep that safe: the work item is simply redone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from functools import lru_cache
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import msgspec
+
+from dtfx._portal import LoopThread
+from dtfx.backends.base import WorkKind
+from dtfx.backends.sql.backend import Coalesced, SqlBackend
+from dtfx.backends.sql.program import Dialect, Execute, Fetch, Notify, Program, Step, Stepper
+from dtfx.backends.sql.schema import migrate
+from dtfx.core.errors import BackendError, ConfigurationError
+
+try:
+    import psycopg
+    from psycopg import errors as pg_errors
+    from psycopg_pool import AsyncConnectionPool
+except ImportError as error:  # pragma: no cover - depends on the installed extras
+    raise ImportError(f"PostgreSQL support needs `pip install 'dtfx[postgres]'` ({error})") from error
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SCHEMA = "dtfx"
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
+_MAX_PAYLOAD = 7000  # NOTIFY payloads must stay below 8000 bytes
+_CONFLICTS = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.UniqueViolation)
+_MAX_CONFLICT_RETRIES = 10
+_MAX_CONNECTION_RETRIES = 5
+_KIND_CODES = {WorkKind.ORCHESTRATION: "o", WorkKind.ACTIVITY: "a", WorkKind.ENTITY: "e"}
+_CODE_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
+
+
+class _Announcement(msgspec.Struct, frozen=True):
+    """A NOTIFY payload: who committed, which queues got work, which instances changed status."""
+
+    sender: str
+    kinds: str
+    instances: list[str]
+
+
+class PostgresDialect(Dialect):
+    """PostgreSQL's SQL: arrays for lists, row locks, and NOTIFY on ``channel``."""
+
+    for_update = " FOR UPDATE"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+    new_token = "replace(gen_random_uuid()::text, '-', '')"
+    serial_key = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+    bigint = "BIGINT"
+
+    def __init__(self, channel: str, sender: str) -> None:
+        self.channel = channel
+        self.sender = sender
+
+    def in_list(self, column: str) -> str:
+        return f"{column} = ANY(?)"
+
+    def list_param(self, values: Sequence[Any]) -> Any:
+        return list(values)
+
+    def notify(self, notify: Notify) -> Sequence[Step]:
+        kinds = "".join(sorted(_KIND_CODES[kind] for kind in notify.kinds))
+        chunks: list[list[str]] = [[]]
+        size = 0
+        for instance_id in notify.instances:
+            if size + len(instance_id) > _MAX_PAYLOAD and chunks[-1]:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(instance_id)
+            size += len(instance_id.encode()) + 3
+        announcements: list[Step] = [
+            Execute(
+                "SELECT pg_notify(?, ?)",
+                (self.channel, msgspec.json.encode(_Announcement(self.sender, kinds, chunk)).decode()),
+            )
+            for chunk in chunks
+        ]
+        return [*announcements, notify]
+
+
+def parse_postgres_url(url: str) -> tuple[str, str, dict[str, int]]:
+    """The libpq connection URL, the task hub's schema and the pool options of a backend URL."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower().partition("+")[0]
+    if scheme not in ("postgresql", "postgres"):
+        raise ConfigurationError(f"Not a PostgreSQL URL: {url!r}")
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    schema = DEFAULT_SCHEMA
+    pool: dict[str, int] = {}
+    passed: list[tuple[str, str]] = []
+    has_application_name = False
+    for key, value in options:
+        if key == "schema":
+            schema = value
+        elif key in ("pool_min_size", "pool_max_size"):
+            try:
+                pool[key.removeprefix("pool_")] = int(value)
+            except ValueError:
+                raise ConfigurationError(f"{key} must be an integer (got {value!r})") from None
+        else:
+            has_application_name = has_application_name or key == "application_name"
+            passed.append((key, value))
+    if not _SCHEMA_NAME.fullmatch(schema):
+        raise ConfigurationError(
+            f"The schema name must be lowercase letters, digits and underscores, at most 48 (got {schema!r})"
+        )
+    if not has_application_name:  # lets operators (and tests) find a hub's connections
+        passed.append(("application_name", f"dtfx:{schema}"))
+    conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(passed), parts.fragment))
+    return conninfo, schema, pool
+
+
+@lru_cache(maxsize=512)
+def _placeholders(sql: str) -> str:
+    """Programs' ``?`` placeholders in psycopg's style."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class PostgresBackend(SqlBackend):
+    """A task hub in a PostgreSQL schema (see the module docstring).
+
+    Args:
+        url: ``postgresql://user@host/database``, optionally with ``?schema=name``.
+    """
+
+    poll_interval = 0.5
+
+    def __init__(self, url: str) -> None:
+        self._conninfo, self.schema, pool_options = parse_postgres_url(url)
+        self._sender = uuid.uuid4().hex
+        self._channel = f"dtfx_{self.schema}"
+        super().__init__(PostgresDialect(self._channel, self._sender))
+        self._url = url
+        self._pool_min_size = pool_options.get("min_size", 2)
+        self._pool_max_size = max(pool_options.get("max_size", 10), self._pool_min_size)
+        self._lock = threading.Lock()
+        self._driver: LoopThread | None = None
+        self._startup: Future[None] | None = None
+        self._pool: AsyncConnectionPool | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        """The URL this backend was opened with."""
+        return self._url
+
+    async def start(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise BackendError("This PostgreSQL backend has been closed.")
+            if self._driver is None:
+                self._driver = LoopThread(f"dtfx-postgres-{self.schema}")
+            startup = self._startup
+            if startup is None or (startup.done() and (startup.cancelled() or startup.exception() is not None)):
+                startup = self._startup = self._driver.submit(self._open())
+        await asyncio.wrap_future(startup)
+
+    async def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            driver, self._driver = self._driver, None
+        if driver is not None:
+            try:
+                await asyncio.wrap_future(driver.submit(self._shut_down()))
+            finally:
+                driver.close()
+
+    async def _run(self, program: Callable[[], Program[T]], *, write: bool) -> T:
+        if self._pool is None:
+            await self.start()
+        driver = self._driver
+        if driver is None:
+            raise BackendError("This PostgreSQL backend has been closed.")
+        return await asyncio.wrap_future(driver.submit(self._transact(program, write)))
+
+    async def _ensure_started(self) -> None:
+        if self._pool is None:
+            await self.start()
+
+    def _start_draining(self, kind: Coalesced) -> None:
+        driver = self._driver
+        try:
+            if driver is None:
+                raise RuntimeError("closed")
+            driver.submit(self._drain_now(kind))
+        except RuntimeError:  # closed meanwhile
+            drained = self._drain(kind)
+            if drained is not None:
+                self._settle(drained[1], BackendError("This PostgreSQL backend has been closed."))
+
+    # -- on the driver's loop ----------------------------------------------------------------
+
+    async def _drain_now(self, kind: Coalesced) -> None:
+        drained = self._drain(kind)
+        if drained is None:
+            return
+        program, futures = drained
+        try:
+            results: list[Any] | BaseException = await self._transact(program, kind.write)
+        except Exception as error:
+            results = error
+        self._settle(futures, results)
+
+    async def _open(self) -> None:
+        if self._pool is not None:
+            return
+        pool = AsyncConnectionPool(
+            self._conninfo,
+            min_size=self._pool_min_size,
+            max_size=self._pool_max_size,
+            kwargs={"autocommit": True, "options": f"-c search_path={self.schema}"},
+            name=f"dtfx-{self.schema}",
+            timeout=10.0,
+            open=False,
+        )
+        try:
+            await pool.open(wait=True, timeout=10.0)
+        except Exception as error:
+            await pool.close()
+            raise BackendError(f"Cannot connect to PostgreSQL ({error})") from error
+        self._pool = pool
+        try:
+            await self._transact(self._migration, write=True)
+        except BaseException:
+            self._pool = None
+            await pool.close()
+            raise
+        self._listener = asyncio.create_task(self._listen())
+        self._watcher = asyncio.create_task(self._watch())
+        logger.debug("PostgreSQL task hub %r ready", self.schema)
+
+    def _migration(self) -> Program[int]:
+        # Concurrent first starts (several workers) take turns; the schema is created once.
+        yield Execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"dtfx-migrate-{self.schema}",))
+        yield Execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+        return (yield from migrate(self._dialect))
+
+    async def _shut_down(self) -> None:
+        tasks = [task for task in (self._listener, self._watcher) if task is not None]
+        self._listener = self._watcher = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def _transact(self, program: Callable[[], Program[T]], write: bool) -> T:
+        pool = self._pool
+        if pool is None:
+            raise BackendError("This PostgreSQL backend has been closed.")
+        conflicts = 0
+        lost = 0
+        while True:
+            stepper = Stepper(program())
+            committing = False
+            try:
+                async with pool.connection() as connection:
+                    if write:
+                        async with connection.transaction():
+                            # Statements whose results are not read go out without waiting.
+                            async with connection.pipeline():
+                                result = await _drive(connection, stepper)
+                            committing = True
+                    else:
+                        result = await _drive(connection, stepper)
+            except _CONFLICTS as error:
+                conflicts += 1
+                if conflicts > _MAX_CONFLICT_RETRIES:
+                    raise BackendError(f"PostgreSQL: {error}") from error
+                logger.debug("Retrying a transaction after a conflict: %s", error)
+                continue
+            except psycopg.OperationalError as error:
+                lost += 1
+                if committing or lost > _MAX_CONNECTION_RETRIES:
+                    raise BackendError(f"PostgreSQL connection failed: {error}") from error
+                delay = min(2.0, 0.05 * 2**lost)
+                logger.warning("PostgreSQL connection failed (%s); retrying in %.2fs", error, delay)
+                await pool.check()
+                await asyncio.sleep(delay)
+                continue
+            except psycopg.Error as error:
+                raise BackendError(f"PostgreSQL: {error}") from error
+            self._after_commit(stepper.notifications)
+            return result
+
+    async def _listen(self) -> None:
+        """Wake this process's waiters for what other processes commit; reconnect when the connection drops."""
+        failures = 0
+        while True:
+            try:
+                connection = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+            except psycopg.Error as error:
+                failures += 1
+                delay = min(5.0, 0.1 * 2**failures)
+                logger.warning("Cannot listen for PostgreSQL notifications (%s); retrying in %.1fs", error, delay)
+                await asyncio.sleep(delay)
+                continue
+            try:
+                async with connection:
+                    await connection.execute(f"LISTEN {self._channel}")
+                    if failures:
+                        logger.info("Listening for PostgreSQL notifications again")
+                        self._wake_everyone()  # what was announced meanwhile is lost
+                    failures = 0
+                    async for notification in connection.notifies():
+                        self._announced(notification.payload)
+            except psycopg.Error as error:
+                failures += 1
+                logger.warning("Lost the PostgreSQL notification connection (%s); reconnecting", error)
+                self._wake_everyone()
+
+    async def _watch(self) -> None:
+        """A watch round every poll interval (see :class:`SqlBackend`); it catches what notifications miss."""
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            watch = self._watch_round()
+            if watch is None:
+                continue
+            instance_ids, program = watch
+            try:
+                versions = await self._transact(program, write=False)
+            except BackendError:
+                logger.debug("Watching instances failed", exc_info=True)
+                continue
+            self._observe(instance_ids, versions)
+
+    def _announced(self, payload: str) -> None:
+        try:
+            announcement = msgspec.json.decode(payload, type=_Announcement)
+        except msgspec.DecodeError:
+            logger.warning("Ignoring a malformed notification: %r", payload[:200])
+            return
+        if announcement.sender == self._sender:
+            return  # this object's own commit; its waiters were woken already
+        self._notify_work(*(_CODE_KINDS[code] for code in announcement.kinds if code in _CODE_KINDS))
+        for instance_id in announcement.instances:
+            self._notify_instance(instance_id)
+
+    def _wake_everyone(self) -> None:
+        self._notify_work(*WorkKind)
+        self._instance_signals.notify_all()
+
+
+async def _drive(connection: psycopg.AsyncConnection[Any], stepper: Stepper[T]) -> T:
+    """Run the program's statements on ``connection``.
+
+    Each statement gets a cursor of its own: in pipeline mode a cursor's result is the
+    last one it received, so a shared cursor could hand a fetch an earlier result.
+    """
+    value: Any = None
+    while (statement := stepper.advance(value)) is not None:
+        value = None
+        cursor = connection.cursor()
+        if isinstance(statement, Fetch):
+            await cursor.execute(_placeholders(statement.sql), statement.params)
+            value = await cursor.fetchall()
+        elif isinstance(statement, Execute):
+            await cursor.execute(_placeholders(statement.sql), statement.params)
+        else:
+            await cursor.executemany(_placeholders(statement.sql), statement.rows)
+    return stepper.result

@@ -1,0 +1,235 @@
+"""The storage contract over :mod:`~dtfx.backends.sql.operations`, for any SQL driver."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from abc import abstractmethod
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any, TypeVar
+
+from dtfx.backends.base import Backend, WorkKind
+from dtfx.backends.sql import operations
+from dtfx.backends.sql.program import Dialect, Notify, Program
+from dtfx.core.history import ExecutionStarted, HistoryEvent
+from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
+from dtfx.core.workitems import ActivityResult, ActivityWorkItem, OrchestrationCheckpoint, OrchestrationWorkItem
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Coalesced:
+    """A kind of call whose concurrent requests run together as one program."""
+
+    program: Callable[[Dialect, list[Any]], Program[list[Any]]]
+    """Runs a list of requests; returns one result per request."""
+    write: bool
+
+
+CREATE_INSTANCES = Coalesced(operations.create_instances, write=True)
+GET_INSTANCES = Coalesced(operations.get_instances, write=False)
+
+
+class SqlBackend(Backend):
+    """A backend whose every method is a program of :mod:`~dtfx.backends.sql.operations`.
+
+    A subclass supplies the dialect and :meth:`_run`, which runs a program as one
+    transaction on its driver and calls :meth:`_after_commit` with the program's
+    :class:`~dtfx.backends.sql.program.Notify` steps once it has committed.
+    """
+
+    instance_poll_interval = 5.0  # waiters are woken by commits and by the watch rounds
+
+    def __init__(self, dialect: Dialect) -> None:
+        super().__init__()
+        self._dialect = dialect
+        self._queue_lock = threading.Lock()
+        self._queues: dict[Coalesced, list[tuple[Any, Future[Any]]]] = {}
+        self._observed: dict[str, tuple[int, int] | None] = {}
+
+    @abstractmethod
+    async def _run(self, program: Callable[[], Program[T]], *, write: bool) -> T:
+        """Run ``program()`` as one transaction (``write``: one that writes) and return its result."""
+
+    # Calls that many clients make at once (a thousand creations, a thousand waits) are
+    # coalesced: each kind has a queue; the driver runs everything queued as one program,
+    # and what arrives meanwhile goes in the next one.
+
+    @abstractmethod
+    def _start_draining(self, kind: Coalesced) -> None:
+        """Make the driver call :meth:`_drain` for ``kind`` soon (from any thread)."""
+
+    @abstractmethod
+    async def _ensure_started(self) -> None:
+        """Start the backend if it has not started yet."""
+
+    async def _run_coalesced(self, kind: Coalesced, request: Any) -> Any:
+        """Queue ``request``; return its result once a program of ``kind`` has run it."""
+        await self._ensure_started()
+        future: Future[Any] = Future()
+        with self._queue_lock:
+            queue = self._queues.setdefault(kind, [])
+            queue.append((request, future))
+            first = len(queue) == 1
+        if first:
+            self._start_draining(kind)
+        return await asyncio.wrap_future(future)
+
+    def _drain(self, kind: Coalesced) -> tuple[Callable[[], Program[list[Any]]], list[Future[Any]]] | None:
+        """Take ``kind``'s queue: the program for its requests and their futures (``None``: empty)."""
+        with self._queue_lock:
+            queued = self._queues.pop(kind, [])
+        if not queued:
+            return None
+        requests = [request for request, _ in queued]
+        return partial(kind.program, self._dialect, requests), [future for _, future in queued]
+
+    @staticmethod
+    def _settle(futures: list[Future[Any]], results: list[Any] | BaseException) -> None:
+        """Hand each caller its result, or the program's error."""
+        for index, future in enumerate(futures):
+            if isinstance(results, BaseException):
+                future.set_exception(results)
+            else:
+                future.set_result(results[index])
+
+    def _after_commit(self, notifications: Sequence[Notify]) -> None:
+        """Wake this process's waiters for what a committed transaction changed."""
+        for notify in notifications:
+            self._notify_work(*notify.kinds)
+            for instance_id in notify.instances:
+                self._notify_instance(instance_id)
+
+    # Other processes' commits reach this process's waiters through watch rounds: every
+    # poll interval, the driver reads the versions of all the instances someone waits
+    # for in one query (:meth:`_watch_round`) and wakes the waiters of those that changed
+    # (:meth:`_observe`), instead of every waiter polling on its own.
+
+    def _watch_round(self) -> tuple[list[str], Callable[[], Program[dict[str, tuple[int, int]]]]] | None:
+        """The instances waited for and the program reading their versions (``None``: nobody waits)."""
+        instance_ids = [key for key in self._instance_signals.subscribed_keys() if isinstance(key, str)]
+        if not instance_ids:
+            self._observed.clear()
+            return None
+        return instance_ids, partial(operations.instance_versions, self._dialect, instance_ids)
+
+    def _observe(self, instance_ids: list[str], versions: dict[str, tuple[int, int]]) -> None:
+        """Wake the waiters of the instances whose version differs from the previous round's.
+
+        An instance seen for the first time counts as changed: its waiters may have read
+        it before a change that this round is the first to see.
+        """
+        previous, self._observed = self._observed, {}
+        for instance_id in instance_ids:
+            version = self._observed[instance_id] = versions.get(instance_id)
+            if instance_id not in previous or previous[instance_id] != version:
+                self._notify_instance(instance_id)
+
+    # -- instances ------------------------------------------------------------------------
+
+    async def create_instance(
+        self,
+        start: ExecutionStarted,
+        *,
+        scheduled_start_at: datetime | None = None,
+        reuse_policy: OrchestrationIdReusePolicy | None = None,
+    ) -> None:
+        error = await self._run_coalesced(CREATE_INSTANCES, (start, scheduled_start_at, reuse_policy))
+        if error is not None:
+            raise error
+
+    async def send_event(self, instance_id: str, event: HistoryEvent, *, visible_at: datetime | None = None) -> None:
+        await self._run(partial(operations.send_event, self._dialect, instance_id, event, visible_at), write=True)
+
+    async def get_instance(self, instance_id: str, *, fetch_payloads: bool = True) -> OrchestrationState | None:
+        state: OrchestrationState | None = await self._run_coalesced(GET_INSTANCES, (instance_id, fetch_payloads))
+        return state
+
+    async def get_history(self, instance_id: str) -> list[HistoryEvent]:
+        return await self._run(partial(operations.get_history, instance_id), write=False)
+
+    async def query_instances(
+        self, query: OrchestrationQuery, continuation_token: str | None = None, *, entities: bool = False
+    ) -> Page[OrchestrationState]:
+        program = partial(operations.query_instances, self._dialect, query, continuation_token, entities)
+        return await self._run(program, write=False)
+
+    async def purge_instances(self, instance_ids: Collection[str]) -> int:
+        if not instance_ids:
+            return 0
+        return await self._run(partial(operations.purge_instances, self._dialect, instance_ids), write=True)
+
+    # -- orchestration work items -------------------------------------------------------------
+
+    async def lock_orchestration_work_items(
+        self,
+        max_count: int,
+        lock_for: timedelta,
+        *,
+        entities: bool = False,
+        names: Collection[str] | None = None,
+    ) -> list[OrchestrationWorkItem]:
+        if max_count < 1 or (names is not None and not names):
+            return []
+        program = partial(
+            operations.lock_orchestration_work_items,
+            self._dialect,
+            max_count,
+            lock_for,
+            entities,
+            names,
+            self.max_messages_per_work_item,
+        )
+        return await self._run(program, write=True)
+
+    async def complete_orchestration_work_items(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> list[bool]:
+        if not checkpoints:
+            return []
+        program = partial(operations.complete_orchestration_work_items, self._dialect, checkpoints)
+        return await self._run(program, write=True)
+
+    async def abandon_orchestration_work_item(
+        self, item: OrchestrationWorkItem, *, retry_at: datetime | None = None
+    ) -> None:
+        program = partial(operations.abandon_orchestration_work_item, self._dialect, item, retry_at)
+        await self._run(program, write=True)
+
+    async def renew_orchestration_lease(self, item: OrchestrationWorkItem, lock_for: timedelta) -> bool:
+        until = await self._run(partial(operations.renew_orchestration_lease, item, lock_for), write=True)
+        if until is not None:
+            item.locked_until = until
+        return until is not None
+
+    # -- activity work items -------------------------------------------------------------------
+
+    async def lock_activity_work_items(
+        self, max_count: int, lock_for: timedelta, *, names: Collection[str] | None = None
+    ) -> list[ActivityWorkItem]:
+        if max_count < 1 or (names is not None and not names):
+            return []
+        program = partial(operations.lock_activity_work_items, self._dialect, max_count, lock_for, names)
+        return await self._run(program, write=True)
+
+    async def complete_activity_work_items(self, results: Sequence[ActivityResult]) -> list[bool]:
+        if not results:
+            return []
+        return await self._run(partial(operations.complete_activity_work_items, self._dialect, results), write=True)
+
+    async def abandon_activity_work_item(self, item: ActivityWorkItem, *, retry_at: datetime | None = None) -> None:
+        await self._run(partial(operations.abandon_activity_work_item, self._dialect, item, retry_at), write=True)
+
+    async def renew_activity_lease(self, item: ActivityWorkItem, lock_for: timedelta) -> bool:
+        until = await self._run(partial(operations.renew_activity_lease, item, lock_for), write=True)
+        if until is not None:
+            item.locked_until = until
+        return until is not None
+
+    # -- waiting ------------------------------------------------------------------------------
+
+    async def next_visible_at(self, kind: WorkKind) -> datetime | None:
+        return await self._run(partial(operations.next_visible_at, kind), write=False)

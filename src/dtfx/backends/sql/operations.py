@@ -1,0 +1,350 @@
+"""One program per method of the storage contract (see :mod:`dtfx.backends.base` for what each does).
+
+Writes go through :class:`~dtfx.backends.sql.transaction.HubTransaction`; leases,
+queries and reads are single statements here. Every program takes the moment it
+runs at from :func:`~dtfx.backends.base.utc_now` when it starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from dtfx.backends.base import WorkKind, utc_now
+from dtfx.backends.delivery import is_entity_id
+from dtfx.backends.paging import decode_token, encode_token
+from dtfx.backends.sql.program import Dialect, Execute, Fetch, Notify, Program
+from dtfx.backends.sql.rows import (
+    optional_micros,
+    optional_moment,
+    state_columns,
+    state_from_row,
+    to_micros,
+)
+from dtfx.backends.sql.transaction import HubTransaction, work_kind_of
+from dtfx.core.errors import OrchestrationAlreadyExistsError, OrchestrationNotFoundError
+from dtfx.core.history import TERMINAL_STATUSES, ExecutionStarted, HistoryEvent, TaskScheduled, decode_event
+from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
+from dtfx.core.workitems import (
+    ActivityResult,
+    ActivityTask,
+    ActivityWorkItem,
+    InboxMessage,
+    OrchestrationCheckpoint,
+    OrchestrationWorkItem,
+    OutboundMessage,
+)
+
+_TERMINAL = sorted(int(status) for status in TERMINAL_STATUSES)
+
+# -- instances ----------------------------------------------------------------------------------
+
+
+def create_instances(
+    dialect: Dialect,
+    requests: Sequence[tuple[ExecutionStarted, datetime | None, OrchestrationIdReusePolicy | None]],
+) -> Program[list[OrchestrationAlreadyExistsError | None]]:
+    """Create instances (each ``(start, scheduled_start_at, reuse_policy)``) in order, in one
+    transaction; a request refused by the reuse rules gets its error and changes nothing."""
+    transaction = HubTransaction(dialect, utc_now())
+    yield from transaction.load(start.instance.instance_id for start, _, _ in requests)
+    outcomes: list[OrchestrationAlreadyExistsError | None] = []
+    for start, scheduled_start_at, reuse_policy in requests:
+        instance_id = start.instance.instance_id
+        existing = transaction.state(instance_id)
+        if existing is not None:
+            status = existing.runtime_status
+            if reuse_policy is None or status not in reuse_policy.replaceable_statuses:
+                outcomes.append(OrchestrationAlreadyExistsError(instance_id, status))
+                continue
+        transaction.create(start, scheduled_start_at)
+        outcomes.append(None)
+    yield from transaction.flush()
+    return outcomes
+
+
+def send_event(dialect: Dialect, instance_id: str, event: HistoryEvent, visible_at: datetime | None) -> Program[None]:
+    transaction = HubTransaction(dialect, utc_now())
+    yield from transaction.load([instance_id])
+    if transaction.state(instance_id) is None and not is_entity_id(instance_id):
+        raise OrchestrationNotFoundError(instance_id)
+    yield from transaction.deliver(OutboundMessage(instance_id, event, visible_at=visible_at), "")
+    yield from transaction.flush()
+
+
+def get_instances(dialect: Dialect, requests: Sequence[tuple[str, bool]]) -> Program[list[OrchestrationState | None]]:
+    """The states of instances (each ``(instance_id, fetch_payloads)``), read in one statement."""
+    payloads = any(fetch_payloads for _, fetch_payloads in requests)
+    rows = yield Fetch(
+        f"SELECT {state_columns(payloads=payloads)} FROM instances WHERE {dialect.in_list('instance_id')}",
+        (dialect.list_param(sorted({instance_id for instance_id, _ in requests})),),
+    )
+    found = {row[0]: row for row in rows}
+    states: list[OrchestrationState | None] = []
+    for instance_id, fetch_payloads in requests:
+        row = found.get(instance_id)
+        state = None if row is None else state_from_row(row)  # each caller gets its own object
+        if state is not None and not fetch_payloads:
+            state.serialized_input = state.serialized_output = state.serialized_custom_status = None
+        states.append(state)
+    return states
+
+
+def get_history(instance_id: str) -> Program[list[HistoryEvent]]:
+    rows = yield Fetch("SELECT event FROM history WHERE instance_id = ? ORDER BY sequence", (instance_id,))
+    return [decode_event(row[0]) for row in rows]
+
+
+def query_instances(
+    dialect: Dialect, query: OrchestrationQuery, continuation_token: str | None, entities: bool
+) -> Program[Page[OrchestrationState]]:
+    conditions = ["is_entity = ?"]
+    params: list[Any] = [int(entities)]
+    if continuation_token:
+        created_at, instance_id = decode_token(continuation_token)
+        conditions.append("(created_at > ? OR (created_at = ? AND instance_id > ?))")
+        params += [to_micros(created_at), to_micros(created_at), instance_id]
+    if query.runtime_status:
+        conditions.append(dialect.in_list("status"))
+        params.append(dialect.list_param([int(status) for status in query.runtime_status]))
+    for column, operator, moment in (
+        ("created_at", ">=", query.created_time_from),
+        ("created_at", "<=", query.created_time_to),
+        ("completed_at", ">=", query.completed_time_from),
+        ("completed_at", "<=", query.completed_time_to),
+        ("last_updated_at", ">=", query.last_updated_time_from),
+        ("last_updated_at", "<=", query.last_updated_time_to),
+    ):
+        if moment is not None:
+            conditions.append(f"{column} {operator} ?")
+            params.append(to_micros(moment))
+    if query.instance_id_prefix:
+        conditions.append("substr(instance_id, 1, ?) = ?")
+        params += [len(query.instance_id_prefix), query.instance_id_prefix]
+    params.append(query.max_instance_count + 1)
+    rows = yield Fetch(
+        f"SELECT {state_columns(payloads=query.fetch_inputs_and_outputs)} FROM instances"
+        f" WHERE {' AND '.join(conditions)} ORDER BY created_at, instance_id LIMIT ?",
+        params,
+    )
+    states = [state_from_row(row) for row in rows]
+    if len(states) > query.max_instance_count:
+        del states[query.max_instance_count :]
+        last = states[-1]
+        return Page(states, encode_token(last.created_at, last.instance_id))
+    return Page(states, None)
+
+
+def purge_instances(dialect: Dialect, instance_ids: Collection[str]) -> Program[int]:
+    rows = yield Fetch(
+        f"SELECT instance_id FROM instances WHERE {dialect.in_list('instance_id')} AND {dialect.in_list('status')}"
+        f" ORDER BY instance_id{dialect.for_update}",
+        (dialect.list_param(sorted(set(instance_ids))), dialect.list_param(_TERMINAL)),
+    )
+    doomed = dialect.list_param([row[0] for row in rows])
+    if rows:
+        for table in ("instances", "history", "inbox", "tasks"):
+            yield Execute(f"DELETE FROM {table} WHERE {dialect.in_list('instance_id')}", (doomed,))
+    return len(rows)
+
+
+# -- orchestration work items ----------------------------------------------------------------------
+
+
+def _name_filter(dialect: Dialect, names: Collection[str] | None, params: list[Any]) -> str:
+    """The condition of a lock's ``names`` filter (its parameter appended to ``params``)."""
+    if names is None:
+        return ""
+    params.append(dialect.list_param(sorted(names)))
+    return f" AND {dialect.in_list('name')}"
+
+
+_LOCKED_COLUMNS = f"{state_columns(payloads=True)}, lock_token, history_size"
+
+
+def lock_orchestration_work_items(
+    dialect: Dialect,
+    max_count: int,
+    lock_for: timedelta,
+    entities: bool,
+    names: Collection[str] | None,
+    max_messages: int,
+) -> Program[list[OrchestrationWorkItem]]:
+    now = utc_now()
+    until = now + lock_for
+    now_micros = to_micros(now)
+    params: list[Any] = [int(entities), now_micros, now_micros]
+    name_filter = _name_filter(dialect, names, params)
+    params += [max_count, to_micros(until)]
+    # Instances with a visible message and no live lease, most overdue first.
+    rows = yield Fetch(
+        "WITH picked AS MATERIALIZED (SELECT instance_id FROM instances"
+        " WHERE is_entity = ? AND next_visible_at <= ? AND (locked_until IS NULL OR locked_until <= ?)"
+        f"{name_filter} ORDER BY next_visible_at LIMIT ?{dialect.skip_locked})"
+        f" UPDATE instances SET lock_token = {dialect.new_token}, locked_until = ?"
+        f" WHERE instance_id IN (SELECT instance_id FROM picked) RETURNING {_LOCKED_COLUMNS}",
+        params,
+    )
+    if not rows:
+        return []
+    messages = yield Fetch(
+        "SELECT id, instance_id, execution_id, event FROM (SELECT id, instance_id, execution_id, event,"
+        " row_number() OVER (PARTITION BY instance_id ORDER BY id) AS position FROM inbox"
+        f" WHERE {dialect.in_list('instance_id')} AND visible_at <= ?) AS visible"
+        " WHERE position <= ? ORDER BY instance_id, id",
+        (dialect.list_param([row[0] for row in rows]), now_micros, max_messages),
+    )
+    inboxes: dict[str, list[InboxMessage]] = {row[0]: [] for row in rows}
+    for message_id, instance_id, execution_id, event in messages:
+        inboxes[instance_id].append(InboxMessage(message_id, decode_event(event), execution_id))
+    items = [
+        OrchestrationWorkItem(
+            instance_id=row[0],
+            lock_token=row[-2],
+            locked_until=until,
+            state=state_from_row(row),
+            messages=inboxes[row[0]],
+            history_size=row[-1],
+        )
+        for row in rows
+    ]
+    empty = [item.instance_id for item in items if not item.messages]
+    if empty:  # cannot happen while next_visible_at is right; never hand out an empty work item
+        yield Execute(
+            f"UPDATE instances SET lock_token = NULL, locked_until = NULL WHERE {dialect.in_list('instance_id')}",
+            (dialect.list_param(empty),),
+        )
+    return [item for item in items if item.messages]
+
+
+def complete_orchestration_work_items(
+    dialect: Dialect, checkpoints: Sequence[OrchestrationCheckpoint]
+) -> Program[list[bool]]:
+    transaction = HubTransaction(dialect, utc_now())
+    yield from transaction.load(
+        [checkpoint.instance_id for checkpoint in checkpoints]
+        + [message.instance_id for checkpoint in checkpoints for message in checkpoint.messages]
+    )
+    committed: list[bool] = []
+    for checkpoint in checkpoints:
+        committed.append((yield from transaction.commit(checkpoint)))
+    yield from transaction.flush()
+    return committed
+
+
+def abandon_orchestration_work_item(
+    dialect: Dialect, item: OrchestrationWorkItem, retry_at: datetime | None
+) -> Program[None]:
+    yield Execute(
+        "UPDATE instances SET lock_token = NULL, locked_until = ? WHERE instance_id = ? AND lock_token = ?",
+        (optional_micros(retry_at), item.instance_id, item.lock_token),
+    )
+    yield from dialect.notify(Notify(frozenset([work_kind_of(item.instance_id)])))
+
+
+def renew_orchestration_lease(item: OrchestrationWorkItem, lock_for: timedelta) -> Program[datetime | None]:
+    """The lease's new expiry, or ``None`` if it was lost."""
+    sql = "UPDATE instances SET locked_until = ? WHERE instance_id = ? AND lock_token = ? RETURNING instance_id"
+    return (yield from _extend_lease(sql, item.instance_id, item.lock_token, lock_for))
+
+
+def _extend_lease(sql: str, key: Any, lock_token: str, lock_for: timedelta) -> Program[datetime | None]:
+    """Run ``sql`` (parameters: new expiry, key, lock token; returning a row if the lease is held)."""
+    until = utc_now() + lock_for
+    rows = yield Fetch(sql, (to_micros(until), key, lock_token))
+    return until if rows else None
+
+
+# -- activity work items ------------------------------------------------------------------------------
+
+
+def lock_activity_work_items(
+    dialect: Dialect, max_count: int, lock_for: timedelta, names: Collection[str] | None
+) -> Program[list[ActivityWorkItem]]:
+    now = utc_now()
+    until = now + lock_for
+    params: list[Any] = [to_micros(now)]
+    name_filter = _name_filter(dialect, names, params)
+    params += [max_count, to_micros(until)]
+    # A leased task's visible_at is its lease's expiry (see the schema).
+    rows = yield Fetch(
+        f"WITH picked AS MATERIALIZED (SELECT id FROM tasks WHERE visible_at <= ?{name_filter}"
+        f" ORDER BY visible_at, id LIMIT ?{dialect.skip_locked})"
+        f" UPDATE tasks SET lock_token = {dialect.new_token}, visible_at = ?, dequeue_count = dequeue_count + 1"
+        " WHERE id IN (SELECT id FROM picked)"
+        " RETURNING id, lock_token, instance_id, execution_id, event, dequeue_count",
+        params,
+    )
+    items = []
+    for task_id, lock_token, instance_id, execution_id, event, dequeue_count in sorted(rows):
+        scheduled = decode_event(event)
+        assert isinstance(scheduled, TaskScheduled)
+        task = ActivityTask(instance_id, execution_id, scheduled)
+        items.append(ActivityWorkItem(task_id, lock_token, until, task, dequeue_count))
+    return items
+
+
+def complete_activity_work_items(dialect: Dialect, results: Sequence[ActivityResult]) -> Program[list[bool]]:
+    transaction = HubTransaction(dialect, utc_now())
+    rows = yield Fetch(
+        f"SELECT id, lock_token FROM tasks WHERE {dialect.in_list('id')} ORDER BY id{dialect.for_update}",
+        (dialect.list_param(sorted({int(result.work_item.id) for result in results})),),
+    )
+    leases: dict[int, str | None] = dict(rows)
+    yield from transaction.load(result.work_item.task.instance_id for result in results)
+    committed: list[bool] = []
+    for result in results:
+        item = result.work_item
+        task_id = int(item.id)
+        if task_id not in leases or leases[task_id] != item.lock_token:
+            committed.append(False)
+            continue
+        del leases[task_id]
+        transaction.delete_task(task_id)
+        task = item.task
+        yield from transaction.deliver(OutboundMessage(task.instance_id, result.event, task.execution_id), "")
+        committed.append(True)
+    yield from transaction.flush()
+    return committed
+
+
+def abandon_activity_work_item(dialect: Dialect, item: ActivityWorkItem, retry_at: datetime | None) -> Program[None]:
+    yield Execute(
+        "UPDATE tasks SET lock_token = NULL, visible_at = ? WHERE id = ? AND lock_token = ?",
+        (to_micros(retry_at or utc_now()), int(item.id), item.lock_token),
+    )
+    yield from dialect.notify(Notify(frozenset([WorkKind.ACTIVITY])))
+
+
+def renew_activity_lease(item: ActivityWorkItem, lock_for: timedelta) -> Program[datetime | None]:
+    """The lease's new expiry, or ``None`` if it was lost."""
+    sql = "UPDATE tasks SET visible_at = ? WHERE id = ? AND lock_token = ? RETURNING id"
+    return (yield from _extend_lease(sql, int(item.id), item.lock_token, lock_for))
+
+
+# -- waiting --------------------------------------------------------------------------------------------
+
+
+def next_visible_at(kind: WorkKind) -> Program[datetime | None]:
+    now = to_micros(utc_now())
+    if kind is WorkKind.ACTIVITY:
+        rows = yield Fetch("SELECT min(visible_at) FROM tasks WHERE visible_at > ?", (now,))
+    else:
+        # An instance's messages can be leased once they are visible and its lease has ended.
+        rows = yield Fetch(
+            "SELECT min(CASE WHEN locked_until > next_visible_at THEN locked_until ELSE next_visible_at END)"
+            " FROM instances WHERE is_entity = ? AND next_visible_at IS NOT NULL"
+            " AND (next_visible_at > ? OR locked_until > ?)",
+            (int(kind is WorkKind.ENTITY), now, now),
+        )
+    return optional_moment(rows[0][0]) if rows else None
+
+
+def instance_versions(dialect: Dialect, instance_ids: Sequence[str]) -> Program[dict[str, tuple[int, int]]]:
+    """The (status, last-updated time) of those instances that exist: what changes when they do."""
+    rows = yield Fetch(
+        f"SELECT instance_id, status, last_updated_at FROM instances WHERE {dialect.in_list('instance_id')}",
+        (dialect.list_param(instance_ids),),
+    )
+    return {instance_id: (status, updated) for instance_id, status, updated in rows}

@@ -1,0 +1,116 @@
+"""Programs: transactional logic written once, driven by each SQL backend.
+
+A program is a generator that yields :data:`Step` values and receives their results:
+the rows of a :class:`Fetch`, ``None`` for the others. The backend runs one program
+as one transaction, sync (SQLite) or async (PostgreSQL), and may run it again from the
+start after a retryable error (a program only reads its arguments, never changes them).
+
+SQL in programs uses ``?`` placeholders; a :class:`Dialect` supplies the fragments that
+differ between databases.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+from dtfx.backends.base import WorkKind
+
+T = TypeVar("T")
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Run a statement and return all its rows."""
+
+    sql: str
+    params: Sequence[Any] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Execute:
+    """Run a statement for its effect."""
+
+    sql: str
+    params: Sequence[Any] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ExecuteMany:
+    """Run a statement once per parameter row."""
+
+    sql: str
+    rows: Sequence[Sequence[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """After the commit, wake the waiters of these work kinds and instances (in every process)."""
+
+    kinds: frozenset[WorkKind] = frozenset()
+    instances: Collection[str] = field(default_factory=tuple)
+
+
+Statement = Fetch | Execute | ExecuteMany
+Step = Statement | Notify
+Program = Generator[Step, Any, T]
+"""A generator yielding steps, receiving rows (for :class:`Fetch`) and returning a ``T``."""
+
+
+class Dialect(ABC):
+    """The SQL fragments that differ between databases."""
+
+    for_update: ClassVar[str]
+    """Appended to a select that reads rows the transaction will change."""
+    skip_locked: ClassVar[str]
+    """Appended to the select that picks work items to lease."""
+    new_token: ClassVar[str]
+    """An expression giving a fresh random lock token."""
+    serial_key: ClassVar[str]
+    """The column type of an auto-incremented integer primary key whose values are never reused."""
+    bigint: ClassVar[str]
+    """The type of a 64-bit integer column."""
+
+    @abstractmethod
+    def in_list(self, column: str) -> str:
+        """A condition: ``column`` is one of the values of one :meth:`list_param` parameter."""
+
+    @abstractmethod
+    def list_param(self, values: Sequence[Any]) -> Any:
+        """The parameter value for :meth:`in_list`."""
+
+    def notify(self, notify: Notify) -> Sequence[Step]:
+        """The steps that wake the waiters ``notify`` names: ``notify`` itself (this process),
+        after whatever tells other processes inside the transaction (default: nothing)."""
+        return (notify,)
+
+
+class Stepper(Generic[T]):
+    """Walks a driver through a program: the statements to run, then the result.
+
+    ``statement = stepper.advance(value)`` gives the next statement (``value`` is the
+    previous one's rows, or ``None``) until it returns ``None``; then :attr:`result` is
+    the program's value and :attr:`notifications` its notifications.
+    """
+
+    def __init__(self, program: Program[T]) -> None:
+        self._program = program
+        self.notifications: list[Notify] = []
+        self.result: T
+
+    def advance(self, value: Any = None) -> Statement | None:
+        """The next statement to run, or ``None`` when the program has returned."""
+        while True:
+            try:
+                step = self._program.send(value)
+            except StopIteration as stop:
+                self.result = stop.value
+                return None
+            if not isinstance(step, Notify):
+                return step
+            self.notifications.append(step)
+            value = None

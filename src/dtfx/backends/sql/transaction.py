@@ -1,0 +1,318 @@
+"""A write transaction of a SQL task hub: planned in memory, written set-based.
+
+:class:`HubTransaction` reads the rows of the instances it touches once (locking them,
+where the dialect locks rows), then applies the contract's rules to that in-memory
+picture in order, exactly as the memory backend applies them to its dicts: lease
+checks, checkpoints, :mod:`~dtfx.backends.delivery` routing, creations. Only
+:meth:`HubTransaction.flush` writes, a handful of set-based statements whatever the
+number of checkpoints, so a group commit costs about as much as a single one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from dtfx.backends.base import WorkKind
+from dtfx.backends.delivery import (
+    Route,
+    checkpointed_state,
+    is_entity_id,
+    new_entity_state,
+    new_instance_state,
+    refused_start,
+    route,
+    status_on_delivery,
+)
+from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program
+from dtfx.backends.sql.rows import (
+    STATE_COLUMNS,
+    failure_text,
+    optional_micros,
+    state_columns,
+    state_from_row,
+    state_values,
+    to_micros,
+)
+from dtfx.core.history import ExecutionStarted, HistoryEvent, OrchestrationStatus, encode_event
+from dtfx.core.state import OrchestrationState
+from dtfx.core.workitems import ActivityTask, MessageId, OrchestrationCheckpoint, OutboundMessage
+
+_INSERT_INSTANCE = (
+    f"INSERT INTO instances ({', '.join(STATE_COLUMNS)}, is_entity, history_size)"
+    f" VALUES ({', '.join('?' * (len(STATE_COLUMNS) + 2))})"
+)
+_REPLACE_INSTANCE = (
+    "UPDATE instances SET "
+    + ", ".join(f"{column} = ?" for column in (*STATE_COLUMNS[1:], "is_entity", "history_size"))
+    + ", lock_token = NULL, locked_until = NULL WHERE instance_id = ?"
+)
+_UPDATE_CHECKPOINTED = (
+    "UPDATE instances SET status = ?, execution_id = ?, input = ?, output = ?, custom_status = ?,"
+    " failure_details = ?, version = ?, completed_at = ?, last_updated_at = ?, history_size = ?,"
+    " lock_token = NULL, locked_until = NULL WHERE instance_id = ?"
+)
+_UPDATE_STATUS = "UPDATE instances SET status = ?, last_updated_at = ? WHERE instance_id = ?"
+
+
+def work_kind_of(instance_id: str) -> WorkKind:
+    """The queue an instance's inbox feeds."""
+    return WorkKind.ENTITY if is_entity_id(instance_id) else WorkKind.ORCHESTRATION
+
+
+@dataclass
+class _Instance:
+    """The transaction's picture of one instance row."""
+
+    state: OrchestrationState
+    """Without payloads unless this transaction wrote them."""
+    lock_token: str | None
+    history_size: int
+    in_db: bool
+    """A row with this id existed when the transaction read it."""
+    loaded_status: OrchestrationStatus | None
+
+
+@dataclass
+class _Writes:
+    """What the transaction writes for one instance."""
+
+    new_row: bool = False
+    """Write the whole row (created or replaced by this transaction)."""
+    checkpointed: bool = False
+    status_changed: bool = False
+    reset_history: bool = False
+    history: list[tuple[int, HistoryEvent]] = field(default_factory=list)
+    consumed: list[MessageId] = field(default_factory=list)
+    inbox: list[tuple[str | None, datetime, HistoryEvent]] = field(default_factory=list)
+    tasks: list[ActivityTask] = field(default_factory=list)
+
+
+class HubTransaction:
+    """The rules of the storage contract over the rows one transaction touches (see the module docstring)."""
+
+    def __init__(self, dialect: Dialect, now: datetime) -> None:
+        self.now = now
+        self._dialect = dialect
+        self._instances: dict[str, _Instance | None] = {}
+        self._writes: dict[str, _Writes] = {}
+        self._wiped: dict[str, None] = {}
+        self._deleted_tasks: list[int] = []
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def load(self, instance_ids: Iterable[str]) -> Program[None]:
+        """Read (and lock) the rows of those instances this transaction has not read yet."""
+        missing = sorted({instance_id for instance_id in instance_ids if instance_id not in self._instances})
+        if not missing:
+            return
+        dialect = self._dialect
+        rows = yield Fetch(
+            f"SELECT {state_columns(payloads=False)}, lock_token, history_size FROM instances"
+            f" WHERE {dialect.in_list('instance_id')} ORDER BY instance_id{dialect.for_update}",
+            (dialect.list_param(missing),),
+        )
+        for instance_id in missing:
+            self._instances[instance_id] = None
+        for row in rows:
+            state = state_from_row(row)
+            self._instances[state.instance_id] = _Instance(state, row[-2], row[-1], True, state.runtime_status)
+
+    def state(self, instance_id: str) -> OrchestrationState | None:
+        """The instance's state as this transaction sees it (it must have been loaded)."""
+        instance = self._instances[instance_id]
+        return None if instance is None else instance.state
+
+    # -- changing ----------------------------------------------------------------------------
+
+    def create(self, start: ExecutionStarted, scheduled_start_at: datetime | None = None) -> None:
+        """Create or replace the instance of ``start`` (loaded) and put ``start`` in its inbox."""
+        instance_id = start.instance.instance_id
+        self._replace(new_instance_state(start, self.now, scheduled_start_at))
+        self._enqueue(instance_id, start, start.instance.execution_id, scheduled_start_at or self.now)
+
+    def commit(self, checkpoint: OrchestrationCheckpoint) -> Program[bool]:
+        """Apply ``checkpoint`` if its instance's lease is still held (it must have been loaded)."""
+        instance_id = checkpoint.instance_id
+        instance = self._instances[instance_id]
+        if instance is None or instance.lock_token != checkpoint.lock_token:
+            return False
+        instance.state = checkpointed_state(instance.state, checkpoint)
+        instance.lock_token = None
+        writes = self._writes_of(instance_id)
+        writes.checkpointed = True
+        if checkpoint.replace_history:
+            writes.reset_history = True
+            writes.history.clear()
+            instance.history_size = 0
+        for sequence, event in enumerate(checkpoint.new_history, instance.history_size):
+            writes.history.append((sequence, event))
+        instance.history_size += len(checkpoint.new_history)
+        writes.consumed.extend(checkpoint.consumed)
+        for task in checkpoint.activity_tasks:
+            self._writes_of(task.instance_id).tasks.append(task)
+        for message in checkpoint.messages:
+            yield from self.deliver(message, instance_id)
+        return True
+
+    def deliver(self, message: OutboundMessage, sender_id: str) -> Program[None]:
+        """Put ``message`` where :func:`~dtfx.backends.delivery.route` says."""
+        yield from self.load([message.instance_id])
+        target = self._instances[message.instance_id]
+        decision = route(message, sender_id, None if target is None else target.state)
+        if decision is Route.DROP:
+            return
+        if decision is Route.REFUSE_START:
+            assert target is not None
+            refusal = refused_start(message, target.state.runtime_status, self.now)
+            if refusal is not None:
+                yield from self.deliver(refusal, message.instance_id)
+            return
+        if decision is Route.CREATE:
+            assert isinstance(message.event, ExecutionStarted)
+            self.create(message.event, message.visible_at)
+            return
+        if decision is Route.CREATE_ENTITY:
+            target = self._replace(new_entity_state(message.instance_id, self.now))
+        assert target is not None
+        status = status_on_delivery(target.state.runtime_status, message.event)
+        if status != target.state.runtime_status:
+            target.state = dataclasses.replace(target.state, runtime_status=status, last_updated_at=self.now)
+            self._writes_of(message.instance_id).status_changed = True
+        self._enqueue(message.instance_id, message.event, message.execution_id, message.visible_at or self.now)
+
+    def delete_task(self, task_id: int) -> None:
+        """Delete an activity task (its result is being delivered)."""
+        self._deleted_tasks.append(task_id)
+
+    def _replace(self, state: OrchestrationState) -> _Instance:
+        """Make ``state`` the instance's new row, dropping its history, inbox and tasks."""
+        instance_id = state.instance_id
+        previous = self._instances[instance_id]
+        in_db = previous is not None and previous.in_db
+        if in_db:
+            self._wiped[instance_id] = None
+        loaded_status = None if previous is None else previous.loaded_status
+        instance = self._instances[instance_id] = _Instance(state, None, 0, in_db, loaded_status)
+        self._writes[instance_id] = _Writes(new_row=True)
+        return instance
+
+    def _enqueue(self, instance_id: str, event: HistoryEvent, execution_id: str | None, visible_at: datetime) -> None:
+        self._writes_of(instance_id).inbox.append((execution_id, visible_at, event))
+
+    def _writes_of(self, instance_id: str) -> _Writes:
+        writes = self._writes.get(instance_id)
+        if writes is None:
+            writes = self._writes[instance_id] = _Writes()
+        return writes
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def flush(self) -> Program[None]:
+        """Write everything planned, then say whom to wake."""
+        dialect = self._dialect
+        in_list = dialect.in_list
+        if self._deleted_tasks:
+            yield Execute(f"DELETE FROM tasks WHERE {in_list('id')}", (dialect.list_param(self._deleted_tasks),))
+        if self._wiped:
+            wiped = dialect.list_param(list(self._wiped))
+            for table in ("history", "inbox", "tasks"):
+                yield Execute(f"DELETE FROM {table} WHERE {in_list('instance_id')}", (wiped,))
+
+        inserted: list[tuple[Any, ...]] = []
+        replaced: list[tuple[Any, ...]] = []
+        checkpointed: list[tuple[Any, ...]] = []
+        status_changed: list[tuple[Any, ...]] = []
+        history_reset: list[str] = []
+        consumed: list[MessageId] = []
+        history: list[tuple[Any, ...]] = []
+        inbox: list[tuple[Any, ...]] = []
+        tasks: list[tuple[Any, ...]] = []
+        inbox_changed: list[str] = []
+        kinds: set[WorkKind] = set()
+        changed: list[str] = []
+        now = to_micros(self.now)
+        for instance_id, writes in self._writes.items():
+            instance = self._instances.get(instance_id)
+            if instance is not None:
+                state = instance.state
+                if writes.new_row:
+                    values = (*state_values(state), instance.history_size)
+                    (replaced if instance.in_db else inserted).append(values)
+                elif writes.checkpointed:
+                    checkpointed.append(_checkpointed_values(instance))
+                elif writes.status_changed:
+                    status_changed.append((int(state.runtime_status), to_micros(state.last_updated_at), instance_id))
+                if state.runtime_status != instance.loaded_status:
+                    changed.append(instance_id)
+            if writes.reset_history:
+                history_reset.append(instance_id)
+            consumed.extend(writes.consumed)
+            history.extend((instance_id, sequence, encode_event(event).decode()) for sequence, event in writes.history)
+            inbox.extend(
+                (instance_id, execution_id, to_micros(visible_at), encode_event(event).decode())
+                for execution_id, visible_at, event in writes.inbox
+            )
+            tasks.extend(
+                (task.instance_id, task.execution_id, task.event.name, encode_event(task.event).decode(), now)
+                for task in writes.tasks
+            )
+            if writes.inbox or writes.consumed or writes.new_row:
+                inbox_changed.append(instance_id)
+            if writes.inbox or writes.checkpointed:
+                kinds.add(work_kind_of(instance_id))
+            if writes.tasks:
+                kinds.add(WorkKind.ACTIVITY)
+
+        if inserted:
+            yield ExecuteMany(_INSERT_INSTANCE, inserted)
+        if replaced:
+            yield ExecuteMany(_REPLACE_INSTANCE, [(*values[1:], values[0]) for values in replaced])
+        if checkpointed:
+            yield ExecuteMany(_UPDATE_CHECKPOINTED, checkpointed)
+        if status_changed:
+            yield ExecuteMany(_UPDATE_STATUS, status_changed)
+        if history_reset:
+            yield Execute(f"DELETE FROM history WHERE {in_list('instance_id')}", (dialect.list_param(history_reset),))
+        if consumed:
+            yield Execute(f"DELETE FROM inbox WHERE {in_list('id')}", (dialect.list_param(consumed),))
+        if history:
+            yield ExecuteMany("INSERT INTO history (instance_id, sequence, event) VALUES (?, ?, ?)", history)
+        if inbox:
+            yield ExecuteMany(
+                "INSERT INTO inbox (instance_id, execution_id, visible_at, event) VALUES (?, ?, ?, ?)", inbox
+            )
+        if tasks:
+            yield ExecuteMany(
+                "INSERT INTO tasks (instance_id, execution_id, name, event, visible_at) VALUES (?, ?, ?, ?, ?)", tasks
+            )
+        if inbox_changed:
+            yield Execute(
+                "UPDATE instances SET next_visible_at ="
+                " (SELECT min(visible_at) FROM inbox WHERE inbox.instance_id = instances.instance_id)"
+                f" WHERE {in_list('instance_id')}",
+                (dialect.list_param(inbox_changed),),
+            )
+        if kinds or changed:
+            yield from dialect.notify(Notify(frozenset(kinds), changed))
+
+
+def _checkpointed_values(instance: _Instance) -> tuple[Any, ...]:
+    """The parameters of ``_UPDATE_CHECKPOINTED``."""
+    state = instance.state
+    return (
+        int(state.runtime_status),
+        state.execution_id,
+        state.serialized_input,
+        state.serialized_output,
+        state.serialized_custom_status,
+        failure_text(state.failure_details),
+        state.version,
+        optional_micros(state.completed_at),
+        to_micros(state.last_updated_at),
+        instance.history_size,
+        state.instance_id,
+    )

@@ -1,0 +1,247 @@
+"""The embedded default backend: a task hub in one SQLite file.
+
+URL: ``sqlite:///path/to/taskhub.db`` (a relative path, or an absolute one after the
+third slash: ``sqlite:////var/lib/hub.db``); ``sqlite://`` alone means
+``./.dtfx/taskhub.db`` and ``sqlite:///:memory:`` a private in-memory database.
+``?synchronous=normal`` trades the durability of the last commits on power loss
+(never on a process crash) for speed; the default is ``full``.
+
+``sqlite3`` blocks, so every statement runs on one thread per backend object, never
+on an event loop; the backend can be awaited from any loop or thread. The file is in
+WAL mode and write transactions begin with ``BEGIN IMMEDIATE`` (waiting up to a busy
+timeout for other processes), so several worker processes on one machine can share
+a file: leases expire, and what a dead worker held is picked up again. Other
+processes' changes are seen by polling every :attr:`SqliteBackend.poll_interval`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+import msgspec
+
+from dtfx.backends.sql.backend import Coalesced, SqlBackend
+from dtfx.backends.sql.program import Dialect, Execute, Fetch, Program, Stepper
+from dtfx.backends.sql.schema import migrate
+from dtfx.core.errors import BackendError, ConfigurationError
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PATH = "./.dtfx/taskhub.db"
+_SYNCHRONOUS = ("off", "normal", "full", "extra")
+_BUSY_TIMEOUT = 30.0
+"""How long a transaction waits for other processes to release the database."""
+_BUSY_WAIT = 0.002
+"""How long SQLite itself waits before reporting the database busy (then we retry)."""
+
+
+class SqliteDialect(Dialect):
+    """SQLite's SQL: lists travel as one JSON array parameter; a transaction locks the whole file."""
+
+    for_update = ""
+    skip_locked = ""
+    new_token = "lower(hex(randomblob(16)))"
+    serial_key = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    bigint = "INTEGER"
+
+    def in_list(self, column: str) -> str:
+        return f"{column} IN (SELECT value FROM json_each(?))"
+
+    def list_param(self, values: Sequence[Any]) -> Any:
+        return msgspec.json.encode(values).decode()
+
+
+def parse_sqlite_url(url: str) -> tuple[str, str]:
+    """The database path and ``synchronous`` setting of a ``sqlite://`` URL."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "sqlite":
+        raise ConfigurationError(f"Not a SQLite URL: {url!r}")
+    if parts.netloc:
+        raise ConfigurationError(
+            f"A SQLite URL has no host: use sqlite:///relative.db or sqlite:////absolute.db ({url!r})"
+        )
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    options = dict(parse_qsl(parts.query, keep_blank_values=True))
+    synchronous = options.pop("synchronous", "full").lower()
+    if synchronous not in _SYNCHRONOUS:
+        raise ConfigurationError(f"synchronous must be one of {', '.join(_SYNCHRONOUS)} (got {synchronous!r})")
+    if options:
+        raise ConfigurationError(f"Unknown SQLite URL option(s): {', '.join(sorted(options))}")
+    return path or DEFAULT_PATH, synchronous
+
+
+class SqliteBackend(SqlBackend):
+    """A task hub in a SQLite file (see the module docstring).
+
+    Args:
+        url: ``sqlite:///path.db``, optionally with ``?synchronous=normal``.
+    """
+
+    poll_interval = 0.1
+
+    def __init__(self, url: str = f"sqlite:///{DEFAULT_PATH}") -> None:
+        super().__init__(SqliteDialect())
+        self.path, self._synchronous = parse_sqlite_url(url)
+        self._url = url
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtfx-sqlite")
+        self._connection: sqlite3.Connection | None = None
+        self._closed = False
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL this backend was opened with."""
+        return self._url
+
+    async def start(self) -> None:
+        await self._on_thread(self._open)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._stopping.set()
+        try:
+            await self._on_thread(self._close)
+        finally:
+            self._closed = True
+            self._thread.shutdown(wait=False)
+
+    async def _run(self, program: Callable[[], Program[T]], *, write: bool) -> T:
+        return await self._on_thread(partial(self._transact, program, write))
+
+    async def _ensure_started(self) -> None:
+        if self._connection is None:
+            await self.start()
+
+    def _start_draining(self, kind: Coalesced) -> None:
+        try:
+            self._thread.submit(self._drain_now, kind)
+        except RuntimeError:  # closed meanwhile
+            drained = self._drain(kind)
+            if drained is not None:
+                self._settle(drained[1], BackendError(f"The SQLite backend for {self.path} has been closed."))
+
+    async def _on_thread(self, work: Callable[[], T]) -> T:
+        if self._closed:
+            raise BackendError(f"The SQLite backend for {self.path} has been closed.")
+        return await asyncio.wrap_future(self._thread.submit(work))
+
+    # -- on the database thread ----------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        if self._connection is not None:
+            return self._connection
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            connection = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_WAIT, cached_statements=256)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute(f"PRAGMA synchronous={self._synchronous}")
+        except sqlite3.Error as error:
+            raise BackendError(f"Cannot open the SQLite task hub {self.path}: {error}") from error
+        self._connection = connection
+        try:
+            self._transact(partial(migrate, self._dialect), write=True)
+        except BaseException:
+            self._close()
+            raise
+        self._watcher = threading.Thread(target=self._watch, name="dtfx-sqlite-watch", daemon=True)
+        self._watcher.start()
+        logger.debug("Opened SQLite task hub %s", self.path)
+        return connection
+
+    def _watch(self) -> None:
+        """Start a watch round on the database thread every poll interval (see :class:`SqlBackend`)."""
+        while not self._stopping.wait(self.poll_interval):
+            try:
+                self._thread.submit(self._watch_once).result()
+            except RuntimeError:  # the thread has been shut down
+                return
+            except Exception:
+                logger.debug("Watching instances failed", exc_info=True)
+
+    def _watch_once(self) -> None:
+        watch = self._watch_round()
+        if watch is not None:
+            instance_ids, program = watch
+            self._observe(instance_ids, self._transact(program, write=False))
+
+    def _close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _drain_now(self, kind: Coalesced) -> None:
+        drained = self._drain(kind)
+        if drained is None:
+            return
+        program, futures = drained
+        try:
+            results: list[Any] | BaseException = self._transact(program, kind.write)
+        except Exception as error:
+            results = error
+        self._settle(futures, results)
+
+    def _transact(self, program: Callable[[], Program[T]], write: bool) -> T:
+        # SQLite's own busy handler backs off up to 100 ms at a time, which lets busy
+        # processes starve a third one; waiting briefly and trying again is fairer. What
+        # failed as busy was never committed, so running the program again is safe.
+        deadline = time.monotonic() + _BUSY_TIMEOUT
+        while True:
+            try:
+                return self._transact_once(program, write)
+            except sqlite3.OperationalError as error:
+                if not _is_busy(error) or time.monotonic() > deadline:
+                    raise BackendError(f"SQLite task hub {self.path}: {error}") from error
+            except sqlite3.Error as error:
+                raise BackendError(f"SQLite task hub {self.path}: {error}") from error
+            time.sleep(random.uniform(0.0005, 0.003))
+
+    def _transact_once(self, program: Callable[[], Program[T]], write: bool) -> T:
+        connection = self._open()
+        stepper = Stepper(program())
+        if write:
+            connection.execute("BEGIN IMMEDIATE")
+        try:
+            result = _drive(connection, stepper)
+            if write:
+                connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        self._after_commit(stepper.notifications)
+        return result
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    code = getattr(error, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
+    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _drive(connection: sqlite3.Connection, stepper: Stepper[T]) -> T:
+    """Run the program's statements on ``connection``."""
+    value: Any = None
+    while (statement := stepper.advance(value)) is not None:
+        value = None
+        if isinstance(statement, Fetch):
+            value = connection.execute(statement.sql, statement.params).fetchall()
+        elif isinstance(statement, Execute):
+            connection.execute(statement.sql, statement.params)
+        else:
+            connection.executemany(statement.sql, statement.rows)
+    return stepper.result
