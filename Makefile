@@ -1,0 +1,30 @@
+# The two commands of the README's Quick start. Both create .venv and install dtfx
+# into it (editable, with the development tools) the first time, and again only
+# when pyproject.toml changes.
+#
+#   make demo   run the bundled hello-cities example on the embedded SQLite task hub
+#   make test   the quality gate: ruff (lint + format), mypy --strict, pytest
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test install
+
+demo: $(INSTALLED)
+	$(BIN)/python -m dtfx.examples.hello_cities
+
+test: $(INSTALLED)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "Installing dtfx and its development tools into $(VENV)..."
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@

@@ -1,0 +1,50 @@
+"""Arguments and options that several commands share, and the parsing of their values."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from dtfx.backends import DEFAULT_URL
+from dtfx.core.history import OrchestrationStatus
+
+STATUS_NAMES = ", ".join(status.name.lower() for status in OrchestrationStatus)
+
+
+def json_value(text: str) -> Any:
+    """Parse an option given as JSON text (``--input``, ``--data``, ``--output``)."""
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise typer.BadParameter(
+            f"{text!r} is not valid JSON ({error}); a JSON string needs double quotes, as in '\"Tokyo\"'"
+        ) from None
+
+
+def status_value(text: str) -> OrchestrationStatus:
+    """Parse a runtime status name, in any case (``running``, ``FAILED``, ...)."""
+    try:
+        return OrchestrationStatus[text.strip().upper()]
+    except KeyError:
+        raise typer.BadParameter(f"{text!r} is not a status; use one of: {STATUS_NAMES}") from None
+
+
+BackendUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--backend",
+        "-b",
+        envvar="DTFX_BACKEND",
+        metavar="URL",
+        show_default=DEFAULT_URL,
+        help="The task hub: sqlite:///path/to/file.db, postgresql://user@host/db or memory://.",
+    ),
+]
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+Verbosity = Annotated[int, typer.Option("--verbose", "-v", count=True, help="Log more: -v for info, -vv for debug.")]
+InstanceId = Annotated[str, typer.Argument(metavar="ID", help="The orchestration instance id.", show_default=False)]
+Timeout = Annotated[
+    float, typer.Option("--timeout", min=0, metavar="SECONDS", help="How long --wait waits before giving up.")
+]

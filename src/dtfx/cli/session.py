@@ -1,0 +1,56 @@
+"""Opening the task hub a command works on."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+from dtfx.backends import Backend, default_url, open_backend
+from dtfx.cli.root import configure_logging
+from dtfx.client import AsyncClient
+from dtfx.core.errors import BackendError
+
+
+@contextlib.asynccontextmanager
+async def started_backend(url: str | None) -> AsyncIterator[Backend]:
+    """The backend at ``url`` (default: ``DTFX_BACKEND`` or the SQLite file), started.
+
+    A backend that cannot be opened (nothing listening, a file that cannot be
+    created) raises :class:`~dtfx.BackendError` naming the URL, password hidden.
+    """
+    url = url or default_url()
+    backend = open_backend(url)
+    try:
+        await backend.start()
+    except Exception as error:
+        with contextlib.suppress(Exception):
+            await backend.close()
+        raise BackendError(f"Cannot open the backend {redact(url)}: {error}") from error
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+@contextlib.asynccontextmanager
+async def connect(url: str | None, verbosity: int) -> AsyncIterator[AsyncClient]:
+    """Set up logging, then a client on the started backend at ``url`` (see :func:`started_backend`).
+
+    A command that does one thing and says how it went logs only errors unless
+    asked with ``-v``: a driver's warnings (a connection retried) would bury that line.
+    """
+    configure_logging(verbosity, quiet=logging.ERROR)
+    async with started_backend(url) as backend:
+        yield AsyncClient(backend)
+
+
+def redact(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=user + host))

@@ -1,0 +1,102 @@
+"""``dtfx run``: a worker for the orchestrators and activities of a user's app."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated
+
+import typer
+
+from dtfx.backends import default_url
+from dtfx.cli.options import BackendUrl, Verbosity
+from dtfx.cli.root import CommandError, configure_logging, run_async, stderr
+from dtfx.cli.serving import run_until_signalled
+from dtfx.cli.session import redact, started_backend
+from dtfx.worker.registry import Registry
+from dtfx.worker.worker import Worker
+
+
+@run_async
+async def run(
+    target: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODULE[:APP]",
+            show_default=False,
+            help="Where the app is: a module (my_package.orders), a file (orders.py), "
+            "and after a colon the dtfx.App's name if it is not `app`.",
+        ),
+    ],
+    backend: BackendUrl = None,
+    verbose: Verbosity = 0,
+) -> None:
+    """Run a worker for the orchestrators and activities of a dtfx.App, until Ctrl-C or SIGTERM.
+
+    On the first signal the worker stops taking work and lets what is in flight
+    finish (for up to 30 seconds); a second one quits at once: the work left
+    unfinished runs again, on any worker, once its lease expires.
+    """
+    configure_logging(verbose)
+    app = load_app(target)
+    url = backend or default_url()
+    async with started_backend(url) as store:
+        ready = (
+            f"Worker running on {redact(url)}\n"
+            f"  orchestrators: {', '.join(app.orchestrators) or '-'}\n"
+            f"  activities: {', '.join(app.activities) or '-'}"
+        )
+        await run_until_signalled(Worker(store, app), lambda: ready)
+    stderr.print("Worker stopped.")
+
+
+def load_app(target: str) -> Registry:
+    """The :class:`~dtfx.App` that ``MODULE[:APP]`` names (``app``, or the module's only app)."""
+    module_name, _, attribute = target.partition(":")
+    module = _import(module_name)
+    apps = {name: value for name, value in vars(module).items() if isinstance(value, Registry)}
+    distinct = list({id(value): value for value in apps.values()}.values())
+    if attribute:
+        app = getattr(module, attribute, None)
+        if not isinstance(app, Registry):
+            found = f" (it has: {', '.join(apps)})" if apps else ""
+            raise CommandError(f"{module.__name__}.{attribute} is not a dtfx.App{found}.")
+    elif "app" in apps:
+        app = apps["app"]
+    elif len(distinct) == 1:
+        app = distinct[0]
+    elif distinct:
+        raise CommandError(
+            f"{module.__name__} has several apps; name one, as in: dtfx run {module_name}:{next(iter(apps))}"
+        )
+    else:
+        raise CommandError(f"{module.__name__} has no dtfx.App; create one (app = dtfx.App()) and register with it.")
+    if not app.orchestrators and not app.activities:
+        raise CommandError(f"The app {target} registers no orchestrator and no activity.")
+    return app
+
+
+def _import(module_name: str) -> ModuleType:
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise CommandError(f"No such file: {module_name}")
+        directory, module_name = str(path.resolve().parent), path.stem
+    else:
+        # Like `python -m`, find modules in the current directory (console scripts do not).
+        directory = os.getcwd()
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and (module_name + ".").startswith(error.name + "."):
+            raise CommandError(
+                f"No module named {module_name!r} (looked in {directory} and the installed packages)."
+            ) from error
+        raise CommandError(f"Importing {module_name} failed: {error}") from error
+    except Exception as error:
+        raise CommandError(f"Importing {module_name} failed: {type(error).__name__}: {error}") from error

@@ -1,0 +1,377 @@
+"""The ``dtfx`` command, driven in-process with Typer's CliRunner against real SQLite files.
+
+A worker runs on a background thread against the same file, as a separate
+process would; every command opens the file on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+import dtfx
+from dtfx.cli import COMMANDS, cli
+from dtfx.cli.worker import load_app
+from dtfx.examples import hello_cities
+
+app = dtfx.App()
+app.update(hello_cities.app)
+broken = {"fragile": True}
+
+
+@app.orchestrator
+def approval(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+    ctx.set_custom_status("waiting for approval")
+    return (yield ctx.wait_for_external_event("approval"))
+
+
+@app.activity
+def fragile(ctx: dtfx.ActivityContext, _: Any) -> str:
+    if broken["fragile"]:
+        raise ValueError("still broken")
+    return "mended"
+
+
+@app.orchestrator
+def rewindable(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+    return (yield ctx.call_activity(fragile))
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), env=env)
+
+
+def invoke_json(*args: str) -> Any:
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def assert_one_line_error(result: Result, *fragments: str, exit_code: int | None = None) -> None:
+    """Bad input: a non-zero exit, one clear line on stderr, no traceback."""
+    assert result.exit_code != 0, result.output
+    if exit_code is not None:
+        assert result.exit_code == exit_code
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> str:
+    """The URL of an SQLite task hub in a fresh directory."""
+    return f"sqlite:///{tmp_path}/hub.db"
+
+
+@pytest.fixture
+def worker(hub: str) -> Iterator[dtfx.Worker]:
+    with dtfx.Worker(hub, app=app) as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Commands configure the root logger; leave it as it was for the next test."""
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
+
+
+def wait_for_status(hub: str, instance_id: str, status: dtfx.OrchestrationStatus) -> dtfx.OrchestrationState:
+    """Poll until the instance has ``status`` (the worker runs on its own thread)."""
+    deadline = time.monotonic() + 20
+    with dtfx.Client(hub) as client:
+        while True:
+            state = client.get_orchestration_state(instance_id)
+            if state is not None and state.runtime_status == status:
+                return state
+            assert time.monotonic() < deadline, f"{instance_id} never became {status.name}: {state}"
+            time.sleep(0.02)
+
+
+# -- the commands ------------------------------------------------------------------------------
+
+
+def test_every_command_has_help_and_the_version_prints() -> None:
+    assert invoke("--help").exit_code == 0
+    for name, _ in COMMANDS:
+        result = invoke(name, "--help")
+        assert result.exit_code == 0, result.output
+        assert f"dtfx {name} [OPTIONS]" in result.stdout
+    assert invoke("--version").stdout.strip() == f"dtfx {dtfx.__version__}"
+
+
+def test_start_wait_prints_the_result(hub: str, worker: dtfx.Worker) -> None:
+    result = invoke("start", "hello_cities", "--input", '["Oslo", "Lima"]', "--id", "greet", "--wait", "-b", hub)
+    assert result.exit_code == 0, result.output
+    assert "COMPLETED" in result.stdout
+    assert '["Hello, Oslo!","Hello, Lima!"]' in result.stdout
+
+    state = invoke_json("start", "hello_cities", "--wait", "-b", hub)
+    assert state["runtime_status"] == "COMPLETED"
+    assert state["output"] == ["Hello, Tokyo!", "Hello, Seattle!", "Hello, London!"]
+
+
+def test_start_without_a_worker_then_status_and_list(hub: str) -> None:
+    started = invoke_json("start", "hello_cities", "--input", '["Oslo"]', "--id", "later", "--version", "2", "-b", hub)
+    assert started == {"instance_id": "later"}
+    assert invoke("start", "hello_cities", "--id", "other", "-b", hub).stdout.strip() == (
+        "Started hello_cities as instance other."
+    )
+
+    state = invoke_json("status", "later", "-b", hub)
+    assert state["runtime_status"] == "PENDING"
+    assert state["name"] == "hello_cities" and state["version"] == "2" and state["input"] == ["Oslo"]
+    table = invoke("status", "later", "-b", hub).stdout
+    assert "PENDING" in table and "hello_cities" in table
+
+    listed = invoke_json("list", "-b", hub)
+    assert [item["instance_id"] for item in listed] == ["later", "other"]
+    assert listed[0]["input"] == ["Oslo"]
+    assert invoke_json("list", "--status", "pending", "--status", "RUNNING", "-b", hub) == listed
+    assert invoke_json("list", "--status", "completed", "-b", hub) == []
+    assert [item["instance_id"] for item in invoke_json("list", "--limit", "1", "-b", hub)] == ["later"]
+
+    table = invoke("list", "--limit", "1", "-b", hub).stdout
+    assert "later" in table and "other" not in table and "raise --limit to see more" in table
+    assert "No orchestration instances." in invoke("list", "--status", "failed", "-b", hub).stdout
+
+
+def test_status_with_history(hub: str, worker: dtfx.Worker) -> None:
+    invoke_json("start", "hello_cities", "--input", '["Oslo"]', "--id", "h1", "--wait", "-b", hub)
+    state = invoke_json("status", "h1", "--history", "-b", hub)
+    types = [event["type"] for event in state["history"]]
+    assert types[0] == "OrchestratorStarted" and "ExecutionStarted" in types
+    assert types[-1] == "ExecutionCompleted"
+    assert state["history"][-1]["status"] == "COMPLETED"
+    scheduled = [event for event in state["history"] if event["type"] == "TaskScheduled"]
+    assert [(event["name"], event["input"]) for event in scheduled] == [("say_hello", '"Oslo"')]
+
+    table = invoke("status", "h1", "--history", "-b", hub).stdout
+    assert "TaskScheduled" in table and "name=say_hello" in table and 'result="Hello, Oslo!"' in table
+
+
+def test_the_backend_comes_from_dtfx_backend(hub: str) -> None:
+    result = invoke("start", "hello_cities", "--id", "from-env", "--json", env={"DTFX_BACKEND": hub})
+    assert result.exit_code == 0, result.output
+    assert invoke_json("status", "from-env", "-b", hub)["instance_id"] == "from-env"
+    assert invoke("status", "from-env", "--json", env={"DTFX_BACKEND": hub}).exit_code == 0
+    # --backend wins over the environment
+    other = hub.replace("hub.db", "other.db")
+    assert_one_line_error(invoke("status", "from-env", "-b", other, env={"DTFX_BACKEND": hub}), "from-env")
+
+
+def test_raise_delivers_the_event_data(hub: str, worker: dtfx.Worker) -> None:
+    invoke_json("start", "approval", "--id", "a1", "-b", hub)
+    wait_for_status(hub, "a1", dtfx.OrchestrationStatus.RUNNING)
+    result = invoke("raise", "a1", "approval", "--data", '{"by": "ann"}', "-b", hub)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "Raised event 'approval' on instance a1."
+    assert wait_for_status(hub, "a1", dtfx.OrchestrationStatus.COMPLETED).get_output() == {"by": "ann"}
+
+    invoke_json("start", "approval", "--id", "a2", "-b", hub)
+    assert invoke_json("raise", "a2", "approval", "-b", hub) == {"instance_id": "a2", "event": "approval"}
+    assert wait_for_status(hub, "a2", dtfx.OrchestrationStatus.COMPLETED).get_output() is None
+
+
+def test_suspend_resume_terminate(hub: str, worker: dtfx.Worker) -> None:
+    invoke_json("start", "approval", "--id", "s1", "-b", hub)
+    wait_for_status(hub, "s1", dtfx.OrchestrationStatus.RUNNING)
+    assert '"waiting for approval"' in invoke("status", "s1", "-b", hub).stdout
+
+    result = invoke("suspend", "s1", "--reason", "lunch", "-b", hub)
+    assert result.exit_code == 0 and result.stdout.strip() == "Asked instance s1 to suspend."
+    wait_for_status(hub, "s1", dtfx.OrchestrationStatus.SUSPENDED)
+    assert invoke_json("resume", "s1", "-b", hub) == {"instance_id": "s1", "requested": "resume"}
+    wait_for_status(hub, "s1", dtfx.OrchestrationStatus.RUNNING)
+    assert invoke_json("terminate", "s1", "--output", '"enough"', "-b", hub) == {
+        "instance_id": "s1",
+        "requested": "terminate",
+    }
+    assert wait_for_status(hub, "s1", dtfx.OrchestrationStatus.TERMINATED).get_output() == "enough"
+
+    assert_one_line_error(invoke("terminate", "s1", "-b", hub), "s1", "TERMINATED", "already ended")
+    assert_one_line_error(invoke("raise", "s1", "approval", "-b", hub), "already ended")
+
+
+def test_rewind_and_restart(hub: str, worker: dtfx.Worker) -> None:
+    broken["fragile"] = True
+    result = invoke("start", "rewindable", "--id", "r1", "--wait", "-b", hub)
+    assert_one_line_error(result, "Orchestration r1 failed", "ValueError: still broken")
+    assert "FAILED" in result.stdout
+
+    broken["fragile"] = False
+    assert invoke("rewind", "r1", "--reason", "fixed", "-b", hub).stdout.strip() == "Asked instance r1 to rewind."
+    assert wait_for_status(hub, "r1", dtfx.OrchestrationStatus.COMPLETED).get_output() == "mended"
+    assert_one_line_error(invoke("rewind", "r1", "-b", hub), "r1", "only failed instances can be rewound")
+
+    assert invoke("restart", "r1", "-b", hub).stdout.strip() == "Restarted instance r1."
+    assert wait_for_status(hub, "r1", dtfx.OrchestrationStatus.COMPLETED).get_output() == "mended"
+    restarted = invoke_json("restart", "r1", "--new-id", "-b", hub)["instance_id"]
+    assert restarted != "r1"
+    assert wait_for_status(hub, restarted, dtfx.OrchestrationStatus.COMPLETED).name == "rewindable"
+
+
+def test_purge(hub: str, worker: dtfx.Worker) -> None:
+    invoke_json("start", "hello_cities", "--id", "p1", "--wait", "-b", hub)
+    invoke_json("start", "approval", "--id", "p2", "-b", hub)
+    assert invoke("purge", "p1", "-b", hub).stdout.strip() == "Purged 1 instance(s)."
+    assert_one_line_error(invoke("status", "p1", "-b", hub), "No orchestration instance with id 'p1'")
+    assert_one_line_error(invoke("purge", "p2", "-b", hub), "only ended instances can be purged")
+    invoke_json("terminate", "p2", "-b", hub)
+    wait_for_status(hub, "p2", dtfx.OrchestrationStatus.TERMINATED)
+    assert invoke_json("purge", "p2", "-b", hub) == {"deleted_instance_count": 1}
+
+
+def test_verbose_logs_the_traceback_of_an_error(hub: str) -> None:
+    result = invoke("status", "nobody", "-v", "-b", hub)
+    assert result.exit_code == 1
+    assert "error: No orchestration instance with id 'nobody'.\n" in result.stderr
+    assert "Traceback" in result.stderr and "OrchestrationNotFoundError" in result.stderr
+
+
+# -- bad input: one line, non-zero, no traceback -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["start", "hello_cities", "--input", "{oops"], ["--input", "not valid JSON"]),
+        (["start", "hello_cities", "--input", "Tokyo"], ["'Tokyo' is not valid JSON", "double quotes"]),
+        (["raise", "some-id", "approval", "--data", "[1,"], ["--data", "not valid JSON"]),
+        (["terminate", "some-id", "--output", "nope"], ["--output", "not valid JSON"]),
+        (["list", "--status", "sleepy"], ["'sleepy' is not a status", "running"]),
+        (["list", "--limit", "0"], ["--limit"]),
+        (["status"], ["Missing argument 'ID'"]),
+        (["stauts", "x"], ["No such command 'stauts'"]),
+    ],
+)
+def test_usage_errors(hub: str, args: list[str], fragments: list[str]) -> None:
+    assert_one_line_error(invoke(*args, "-b", hub), *fragments, exit_code=2)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "ghost"],
+        ["raise", "ghost", "approval"],
+        ["terminate", "ghost"],
+        ["suspend", "ghost"],
+        ["resume", "ghost"],
+        ["restart", "ghost"],
+        ["rewind", "ghost"],
+        ["purge", "ghost"],
+    ],
+)
+def test_unknown_instances(hub: str, args: list[str]) -> None:
+    assert_one_line_error(invoke(*args, "-b", hub), "No orchestration instance with id 'ghost'", exit_code=1)
+
+
+def test_an_unknown_orchestrator_name_fails_the_instance(hub: str, worker: dtfx.Worker) -> None:
+    """The CLI cannot know what a worker registered: the instance fails, and --wait says why."""
+    result = invoke("start", "no_such_orchestrator", "--id", "u1", "--wait", "-b", hub)
+    assert_one_line_error(
+        result, "Orchestration u1 failed", "NotRegisteredError", "No orchestrator named 'no_such_orchestrator'"
+    )
+    state = invoke_json("status", "u1", "-b", hub)
+    assert state["runtime_status"] == "FAILED"
+    assert "No orchestrator named 'no_such_orchestrator'" in state["failure_details"]["message"]
+
+
+def test_waiting_without_a_worker_times_out_with_a_hint(hub: str) -> None:
+    result = invoke("start", "hello_cities", "--id", "lonely", "--wait", "--timeout", "0.3", "-b", hub)
+    assert_one_line_error(result, "lonely is still PENDING after 0.3s", "is a worker running", exit_code=1)
+
+
+def test_a_taken_id_is_refused(hub: str) -> None:
+    invoke_json("start", "hello_cities", "--id", "taken", "-b", hub)
+    assert_one_line_error(invoke("start", "hello_cities", "--id", "taken", "-b", hub), "'taken' already exists")
+
+
+def test_backends_that_cannot_be_opened(tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    assert_one_line_error(
+        invoke("list", "-b", f"sqlite:///{not_a_directory}/hub.db"), f"sqlite:///{not_a_directory}/hub.db"
+    )
+    assert_one_line_error(invoke("status", "x", "-b", "mysql://localhost/db"), "Unknown backend URL")
+
+
+def test_a_postgresql_server_that_does_not_answer() -> None:
+    nothing_listening = invoke("list", "-b", "postgresql://dtfx:secret@127.0.0.1:1/nothing")
+    assert_one_line_error(nothing_listening, "postgresql://dtfx:***@127.0.0.1:1/nothing")
+    assert "secret" not in nothing_listening.stderr
+
+
+SHOP = """
+import dtfx
+
+orders = dtfx.App()
+billing = dtfx.App()
+
+
+@orders.activity
+def ship(ctx, _):
+    return "shipped"
+
+
+@billing.activity
+def bill(ctx, _):
+    return "billed"
+"""
+
+
+def test_run_finds_the_app_in_a_module_or_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # dtfx run adds the current directory
+    (tmp_path / "cli_shop.py").write_text(SHOP)
+    (tmp_path / "cli_lone.py").write_text(SHOP.replace("billing = dtfx.App()", "billing = orders"))
+    assert list(load_app("cli_shop:billing").activities) == ["bill"]
+    assert list(load_app("cli_lone").activities) == ["ship", "bill"]  # the only app, under two names
+    assert list(load_app("dtfx.examples.hello_cities").orchestrators) == ["hello_cities"]  # `app`
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "cli_script.py").write_text(SHOP)
+    assert list(load_app("scripts/cli_script.py:orders").activities) == ["ship"]
+
+
+def test_run_reports_apps_it_cannot_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "needs_missing.py").write_text("import no_such_dependency\n")
+    (tmp_path / "no_app.py").write_text("x = 1\n")
+    (tmp_path / "two_apps.py").write_text("import dtfx\nfirst = dtfx.App()\nsecond = dtfx.App()\n")
+    (tmp_path / "empty_app.py").write_text("import dtfx\napp = dtfx.App()\n")
+    (tmp_path / "broken_app.py").write_text("1 / 0\n")
+    hub = f"sqlite:///{tmp_path}/hub.db"
+    cases = {
+        "no_such_module": "No module named 'no_such_module'",
+        "missing.py": "No such file: missing.py",
+        "no_app": "no_app has no dtfx.App",
+        "two_apps": "several apps; name one, as in: dtfx run two_apps:first",
+        "two_apps:third": "two_apps.third is not a dtfx.App (it has: first, second)",
+        "empty_app": "registers no orchestrator and no activity",
+        "broken_app.py": "Importing broken_app failed: ZeroDivisionError: division by zero",
+        "needs_missing": "Importing needs_missing failed: No module named 'no_such_dependency'",
+    }
+    for target, message in cases.items():
+        assert_one_line_error(invoke("run", target, "-b", hub), message, exit_code=1)
+    assert not (tmp_path / "hub.db").exists()  # nothing was opened for an app that did not load
+
+
+def test_the_bundled_example_runs_a_worker_and_a_client(hub: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DTFX_BACKEND", hub)
+    assert hello_cities.main(["Oslo", "Lima"]) == ["Hello, Oslo!", "Hello, Lima!"]
+    assert [state["name"] for state in invoke_json("list", "-b", hub)] == ["hello_cities"]

@@ -1,0 +1,223 @@
+"""The ``dtfx`` command in real processes: a worker process and a client process on one
+SQLite file, graceful shutdown on a signal, the bundled demo and the progress display."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dtfx
+
+DTFX = [sys.executable, "-m", "dtfx.cli"]
+
+SLOW_APP = """
+import time
+from pathlib import Path
+
+import dtfx
+
+app = dtfx.App()
+HERE = Path(__file__).parent
+
+
+@app.activity
+def slow(ctx, _):
+    (HERE / "started").write_text("")
+    while not (HERE / "go").exists():  # the test says when to finish
+        time.sleep(0.01)
+    with open(HERE / "runs", "a") as runs:
+        runs.write("ran\\n")
+    return "done"
+
+
+@app.orchestrator
+def slow_job(ctx, _):
+    return (yield ctx.call_activity(slow))
+"""
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "DTFX_BACKEND"}
+    return env | extra
+
+
+def dtfx_command(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*DTFX, *args], cwd=cwd, env=environment(**env), capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+class WorkerProcess:
+    """A ``dtfx run`` process; its stderr is read line by line."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+        self.stderr: list[str] = []
+
+    def read_until(self, text: str) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.stderr.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"the worker exited before printing {text!r}: {''.join(self.stderr)}")
+
+    def stop(self, signal_number: signal.Signals) -> int:
+        self.process.send_signal(signal_number)
+        return self.wait()
+
+    def wait(self) -> int:
+        _, rest = self.process.communicate(timeout=60)
+        self.stderr.append(rest)
+        return self.process.returncode
+
+
+@contextmanager
+def worker_process(target: str, *options: str, cwd: Path, **env: str) -> Iterator[WorkerProcess]:
+    process = subprocess.Popen(
+        [*DTFX, "run", target, *options],
+        cwd=cwd,
+        env=environment(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    worker = WorkerProcess(process)
+    try:
+        worker.read_until("Press Ctrl-C to stop.")
+        yield worker
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def wait_for_file(path: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_a_worker_process_and_a_client_process(tmp_path: Path) -> None:
+    hub = f"sqlite:///{tmp_path}/hub.db"
+    with worker_process("dtfx.examples.hello_cities", "--backend", hub, cwd=tmp_path) as worker:
+        started = dtfx_command(
+            "start", "hello_cities", "--input", '["Tokyo", "Lima"]', "--wait", "--json", cwd=tmp_path, DTFX_BACKEND=hub
+        )
+        assert started.returncode == 0, started.stderr
+        state = json.loads(started.stdout)
+        assert state["runtime_status"] == "COMPLETED"
+        assert state["output"] == ["Hello, Tokyo!", "Hello, Lima!"]
+        assert worker.stop(signal.SIGINT) == 0
+    assert "orchestrators: hello_cities" in worker.stderr[1] and "activities: say_hello" in worker.stderr[2]
+    assert "SIGINT: stopping" in "".join(worker.stderr)
+    assert worker.stderr[-1].rstrip().endswith("Worker stopped.")
+
+
+def test_sigterm_lets_the_activity_in_flight_finish(tmp_path: Path) -> None:
+    (tmp_path / "slow_app.py").write_text(SLOW_APP)
+    hub = f"sqlite:///{tmp_path}/hub.db"
+    with worker_process("slow_app.py", cwd=tmp_path, DTFX_BACKEND=hub) as worker:
+        assert dtfx_command("start", "slow_job", "--id", "job", "-b", hub, cwd=tmp_path).returncode == 0
+        wait_for_file(tmp_path / "started")
+        worker.process.send_signal(signal.SIGTERM)
+        worker.read_until("SIGTERM: stopping")
+        (tmp_path / "go").write_text("")  # the activity finishes only now, while the worker stops
+        assert worker.wait() == 0
+    assert "Worker stopped." in worker.stderr[-1]
+    assert (tmp_path / "runs").read_text() == "ran\n"
+
+    # The activity's result was kept: a new worker finishes the orchestration without running it again.
+    with worker_process("slow_app.py", "-b", hub, cwd=tmp_path) as worker, dtfx.Client(hub) as client:
+        state = client.wait_for_orchestration_completion("job", timeout=30)
+        assert worker.stop(signal.SIGTERM) == 0
+    assert state is not None and state.get_output() == "done"
+    assert (tmp_path / "runs").read_text() == "ran\n"
+
+
+def test_a_second_signal_quits_without_waiting_for_the_work_in_flight(tmp_path: Path) -> None:
+    (tmp_path / "slow_app.py").write_text(SLOW_APP)
+    hub = f"sqlite:///{tmp_path}/hub.db"
+    with worker_process("slow_app.py", "-b", hub, cwd=tmp_path) as worker:
+        assert dtfx_command("start", "slow_job", "-b", hub, cwd=tmp_path).returncode == 0
+        wait_for_file(tmp_path / "started")
+        worker.process.send_signal(signal.SIGINT)
+        worker.read_until("SIGINT: stopping")
+        assert worker.stop(signal.SIGINT) == 130  # the activity never got its "go"
+    assert "SIGINT again: quitting now." in worker.stderr[-1]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_demo_runs_on_the_default_sqlite_file(tmp_path: Path) -> None:
+    demo = subprocess.run(
+        [sys.executable, "-m", "dtfx.examples.hello_cities"],
+        cwd=tmp_path,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert demo.returncode == 0, demo.stderr
+    assert demo.stdout.splitlines() == ["Hello, Tokyo!", "Hello, Seattle!", "Hello, London!"]
+    assert (tmp_path / ".dtfx" / "taskhub.db").is_file()
+
+    listed = dtfx_command("list", "--status", "completed", "--json", cwd=tmp_path)
+    assert [state["name"] for state in json.loads(listed.stdout)] == ["hello_cities"]
+
+
+def test_the_console_script() -> None:
+    script = Path(sys.executable).parent / "dtfx"
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"dtfx {dtfx.__version__}"
+
+
+def test_a_long_wait_shows_progress_on_a_terminal(tmp_path: Path) -> None:
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen(
+        [
+            *DTFX,
+            "start",
+            "hello_cities",
+            "--id",
+            "lonely",
+            "--wait",
+            "--timeout",
+            "1",
+            "-b",
+            f"sqlite:///{tmp_path}/hub.db",
+        ],
+        cwd=tmp_path,
+        env=environment(TERM="xterm", COLUMNS="120"),
+        stdout=subprocess.DEVNULL,
+        stderr=secondary,
+    )
+    os.close(secondary)
+    shown = b""
+    while True:
+        ready, _, _ = select.select([primary], [], [], 30)
+        assert ready, "the command printed nothing for 30s"
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # the command exited and closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(primary)
+    assert process.wait(timeout=30) == 1
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))  # no colours, no cursor moves
+    assert "hello_cities lonely: PENDING (waiting for a worker)" in text
+    assert "error: Instance lonely is still PENDING after 1s" in text
