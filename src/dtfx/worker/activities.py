@@ -1,4 +1,10 @@
-"""Processing activity work items: run the function, commit its result."""
+"""Processing activity work items: run the activity, commit its result.
+
+:class:`ActivityProcessor` is the same for every executor; what runs the activity
+is an :class:`ActivityRunner`: :class:`LocalActivityRunner` here (registered Python
+functions in this process), or the gRPC sidecar's runner that sends the task to an
+SDK worker.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,9 @@ import contextvars
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator
 from concurrent.futures import Executor
-from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from dtfx.backends.base import Backend, utc_now
 from dtfx.core.activity import ActivityContext
@@ -20,37 +24,49 @@ from dtfx.core.history import FailureDetails, TaskCompleted, TaskFailed
 from dtfx.core.serialization import DataConverter, input_type_of
 from dtfx.core.workitems import ActivityResult, ActivityWorkItem
 from dtfx.worker.commit import GroupCommitter
+from dtfx.worker.leases import keep_lease
+from dtfx.worker.orchestrations import Abandon
 from dtfx.worker.registry import Registry
 
 logger = logging.getLogger(__name__)
 
 
+class ActivityRunner(Protocol):
+    """Runs the activity of one work item."""
+
+    async def run(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed | Abandon:
+        """The activity's result event, or :class:`Abandon` to give the task back unrun."""
+
+
 class ActivityProcessor:
-    """Runs activities (sync ones in a thread pool) and commits their results."""
+    """Takes an activity work item from lock to commit, renewing its lease while it runs."""
 
     def __init__(
         self,
         backend: Backend,
-        registry: Registry,
-        converter: DataConverter,
+        runner: ActivityRunner,
         committer: GroupCommitter[ActivityResult],
         *,
-        thread_pool: Executor | None,
         lease_duration: timedelta,
     ) -> None:
         self._backend = backend
-        self._registry = registry
-        self._converter = converter
+        self._runner = runner
         self._committer = committer
-        self._thread_pool = thread_pool
         self._lease_duration = lease_duration
 
     async def process(self, item: ActivityWorkItem) -> None:
-        """Run the activity and commit its result; an exception becomes a ``TaskFailed``."""
+        """Run the activity and commit its result."""
         scheduled = item.task.event
-        async with self._keep_lease(item):
-            event = await self._execute(item)
-        if not await self._committer.commit(ActivityResult(item, event)):
+
+        async def renew() -> bool:
+            return await self._backend.renew_activity_lease(item, self._lease_duration)
+
+        async with keep_lease(renew, self._lease_duration, f"Activity task {item.id}"):
+            outcome = await self._runner.run(item)
+        if isinstance(outcome, Abandon):
+            await self._backend.abandon_activity_work_item(item, retry_at=outcome.retry_at)
+            return
+        if not await self._committer.commit(ActivityResult(item, outcome)):
             logger.warning(
                 "Activity %s #%d of %s: the lease was lost; its result was discarded",
                 scheduled.name,
@@ -62,7 +78,16 @@ class ActivityProcessor:
         """Give the task back after a failure or at shutdown."""
         await self._backend.abandon_activity_work_item(item)
 
-    async def _execute(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed:
+
+class LocalActivityRunner:
+    """Runs registered Python activities (sync ones in a thread pool); an exception becomes a ``TaskFailed``."""
+
+    def __init__(self, registry: Registry, converter: DataConverter, *, thread_pool: Executor | None) -> None:
+        self._registry = registry
+        self._converter = converter
+        self._thread_pool = thread_pool
+
+    async def run(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed:
         scheduled = item.task.event
         task_id = scheduled.event_id
         activity = self._registry.activities.get(scheduled.name)
@@ -89,26 +114,3 @@ class ActivityProcessor:
         if inspect.isawaitable(result):
             result = await result
         return result
-
-    @asynccontextmanager
-    async def _keep_lease(self, item: ActivityWorkItem) -> AsyncIterator[None]:
-        """Renew the task's lease while the activity runs longer than a third of it."""
-
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(self._lease_duration.total_seconds() / 3)
-                if not await self._backend.renew_activity_lease(item, self._lease_duration):
-                    logger.warning("Activity task %s: lease lost while running", item.id)
-                    return
-
-        renewer = asyncio.create_task(renew())
-        try:
-            yield
-        finally:
-            renewer.cancel()
-            try:
-                await renewer
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                logger.warning("Renewing the lease of activity task %s failed", item.id, exc_info=True)

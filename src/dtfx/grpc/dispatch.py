@@ -1,0 +1,133 @@
+"""Locking work for connected SDK workers, and running it through the native machinery.
+
+The server runs one orchestration and one activity :class:`~dtfx.worker.dispatcher.WorkItemDispatcher`,
+with the worker's :class:`~dtfx.worker.orchestrations.OrchestrationProcessor` and
+:class:`~dtfx.worker.activities.ActivityProcessor` (plan, ``core.apply``, group commit)
+around the remote runners. A fetch locks work only for connections with a free
+slot, and only what their filters accept, so nothing is locked while no SDK
+worker can take it (native workers on the same hub keep it flowing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, Protocol, TypeVar
+
+from dtfx.backends.base import Backend, WorkKind
+from dtfx.core.workitems import ActivityResult, ActivityWorkItem, OrchestrationCheckpoint, OrchestrationWorkItem
+from dtfx.grpc.hub import WorkerHub
+from dtfx.grpc.options import SidecarOptions
+from dtfx.grpc.remote import RemoteActivityRunner, RemoteEpisodeRunner
+from dtfx.worker.activities import ActivityProcessor
+from dtfx.worker.commit import GroupCommitter
+from dtfx.worker.dispatcher import WorkItemDispatcher
+from dtfx.worker.orchestrations import OrchestrationProcessor
+from dtfx.worker.worker import work_waiter
+
+
+class _Leased(Protocol):
+    @property
+    def lock_token(self) -> str: ...
+
+
+Item = TypeVar("Item", bound=_Leased)
+Locker = Callable[[int, Collection[str] | None], Awaitable[list[Item]]]
+"""Locks up to so many work items, of these names only (``None``: any)."""
+
+
+class RemoteDispatchers:
+    """The dispatchers that feed SDK workers."""
+
+    def __init__(self, backend: Backend, hub: WorkerHub, options: SidecarOptions) -> None:
+        self._backend = backend
+        self._hub = hub
+        self._lease = options.lease_duration
+        retry_delay = options.abandon_retry_delay
+        orchestrations = OrchestrationProcessor(
+            backend,
+            RemoteEpisodeRunner(backend, hub, lease_duration=self._lease, retry_delay=retry_delay),
+            GroupCommitter[OrchestrationCheckpoint](backend.complete_orchestration_work_items),
+        )
+        activities = ActivityProcessor(
+            backend,
+            RemoteActivityRunner(hub, retry_delay=retry_delay),
+            GroupCommitter[ActivityResult](backend.complete_activity_work_items),
+            lease_duration=self._lease,
+        )
+        self._waiters = {kind: backend.subscribe(kind) for kind in (WorkKind.ORCHESTRATION, WorkKind.ACTIVITY)}
+        hub.on_capacity(self._wake)
+
+        async def lock_orchestrations(count: int) -> list[OrchestrationWorkItem]:
+            return await self._lock_for_workers(
+                WorkKind.ORCHESTRATION,
+                count,
+                lambda wanted, names: backend.lock_orchestration_work_items(wanted, self._lease, names=names),
+            )
+
+        async def lock_activities(count: int) -> list[ActivityWorkItem]:
+            return await self._lock_for_workers(
+                WorkKind.ACTIVITY,
+                count,
+                lambda wanted, names: backend.lock_activity_work_items(wanted, self._lease, names=names),
+            )
+
+        self._dispatchers: list[WorkItemDispatcher[Any]] = [
+            WorkItemDispatcher[OrchestrationWorkItem](
+                "SidecarOrchestrationDispatcher",
+                fetch=lock_orchestrations,
+                process=self._holding_slot(orchestrations.process),
+                release=self._holding_slot(orchestrations.release),
+                wait_for_work=work_waiter(backend, WorkKind.ORCHESTRATION, self._waiters[WorkKind.ORCHESTRATION]),
+                describe=lambda item: f"orchestration {item.instance_id}",
+                max_concurrent=options.max_work_items_in_flight,
+            ),
+            WorkItemDispatcher[ActivityWorkItem](
+                "SidecarActivityDispatcher",
+                fetch=lock_activities,
+                process=self._holding_slot(activities.process),
+                release=self._holding_slot(activities.release),
+                wait_for_work=work_waiter(backend, WorkKind.ACTIVITY, self._waiters[WorkKind.ACTIVITY]),
+                describe=lambda item: f"activity {item.task.event.name} of {item.task.instance_id}",
+                max_concurrent=options.max_work_items_in_flight,
+            ),
+        ]
+
+    def start(self) -> None:
+        """Start fetching (on the running event loop)."""
+        for dispatcher in self._dispatchers:
+            dispatcher.start()
+
+    async def stop(self, grace_period: float) -> None:
+        """Stop fetching; give work out with workers ``grace_period`` seconds, then give it back."""
+        for dispatcher in self._dispatchers:
+            await dispatcher.stop(grace_period)
+        for waiter in self._waiters.values():
+            waiter.close()
+
+    def _wake(self) -> None:
+        for waiter in self._waiters.values():
+            waiter.set()
+
+    async def _lock_for_workers(self, kind: WorkKind, count: int, lock: Locker[Item]) -> list[Item]:
+        """Lock up to ``count`` work items, each for a connection with a free slot whose filters accept it."""
+        items: list[Item] = []
+        for connection in self._hub.with_free_slots(kind):
+            wanted = min(connection.free_slots(kind), count - len(items))
+            if wanted <= 0:
+                break
+            locked = await lock(wanted, connection.filters.names(kind))
+            for item in locked:
+                self._hub.assign(item.lock_token, connection, kind)
+            items.extend(locked)
+        return items
+
+    def _holding_slot(self, handle: Callable[[Item], Awaitable[None]]) -> Callable[[Item], Awaitable[None]]:
+        """``handle``, then give the work item's connection slot back, whatever happened."""
+
+        async def handle_then_release(item: Item) -> None:
+            try:
+                await handle(item)
+            finally:
+                self._hub.release(item.lock_token)
+
+        return handle_then_release

@@ -1,0 +1,67 @@
+"""Configuration of the gRPC sidecar server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+DEFAULT_PORT = 4001
+"""The port the official SDKs connect to by default (``localhost:4001``)."""
+
+
+@dataclass(kw_only=True)
+class SidecarOptions:
+    """Tuning of the sidecar server; the defaults suit most uses."""
+
+    health_ping_interval: timedelta = timedelta(seconds=30)
+    """How long a quiet ``GetWorkItems`` stream waits before it sends a health ping. SDK
+    workers reconnect after 120 s without traffic, so keep this well below that."""
+    lease_duration: timedelta = timedelta(seconds=60)
+    """How long a work item stays locked; it is renewed while an SDK worker runs it."""
+    abandon_retry_delay: timedelta = timedelta(seconds=1)
+    """How long a work item that a worker abandoned (a versioning reject, say), or that
+    its work-item filters refuse, waits before it is offered again."""
+    default_worker_concurrency: int = 100
+    """Work items of each kind an SDK worker holds at once when it sends no limit."""
+    max_work_items_in_flight: int = 10_000
+    """Work items of each kind out with SDK workers at once, across all of them."""
+    max_page_size: int = 1_000
+    """Most instances one ``QueryInstances`` or ``ListInstanceIds`` page returns; clients
+    page on with the continuation token."""
+    history_chunk_bytes: int = 1 << 20
+    """Approximate size of one ``StreamInstanceHistory`` chunk."""
+    shutdown_grace_period: timedelta = timedelta(seconds=10)
+    """How long stopping the server waits for work items out with SDK workers."""
+
+    def __post_init__(self) -> None:
+        if self.health_ping_interval <= timedelta(0):
+            raise ValueError("health_ping_interval must be positive")
+        if self.lease_duration <= timedelta(0):
+            raise ValueError("lease_duration must be positive")
+        for name in ("default_worker_concurrency", "max_work_items_in_flight", "max_page_size", "history_chunk_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+@dataclass(kw_only=True)
+class TlsOptions:
+    """Serve over TLS instead of plaintext."""
+
+    certificate_chain: bytes
+    """The server's certificate chain, PEM-encoded."""
+    private_key: bytes
+    """The server's private key, PEM-encoded."""
+    client_ca: bytes | None = None
+    """If given, clients must present a certificate signed by this CA (PEM): mutual TLS."""
+
+    @classmethod
+    def from_files(
+        cls, certificate_chain: str | Path, private_key: str | Path, client_ca: str | Path | None = None
+    ) -> TlsOptions:
+        """Read the PEM files."""
+        return cls(
+            certificate_chain=Path(certificate_chain).read_bytes(),
+            private_key=Path(private_key).read_bytes(),
+            client_ca=Path(client_ca).read_bytes() if client_ca is not None else None,
+        )

@@ -1,0 +1,108 @@
+"""Running orchestrator and activity code on SDK workers connected over gRPC.
+
+:class:`RemoteEpisodeRunner` and :class:`RemoteActivityRunner` are the remote
+counterparts of the worker's local runners: the same processors plan, apply and
+commit the work item; these only turn it into an ``OrchestratorRequest`` or
+``ActivityRequest``, send it on the stream of the connection it was locked for,
+and wait for the worker's answer (see :mod:`dtfx.grpc.hub`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+
+from dtfx.backends.base import Backend, utc_now
+from dtfx.core.history import ExecutionStarted, HistoryEvent, TaskCompleted, TaskFailed
+from dtfx.core.workitems import ActivityWorkItem, OrchestrationCheckpoint, OrchestrationWorkItem
+from dtfx.grpc.convert import events_to_proto, string_value
+from dtfx.grpc.hub import DispatchedWorkItem, Outcome, WorkerHub
+from dtfx.grpc.protos import pb
+from dtfx.worker.leases import keep_lease
+from dtfx.worker.orchestrations import Abandon, EpisodeOutcome
+
+
+async def _answer(hub: WorkerHub, item: DispatchedWorkItem) -> Outcome:
+    """Wait for the worker's answer; a wait that ends otherwise (shutdown) gives the work item up."""
+    try:
+        return await item.outcome
+    finally:
+        hub.finish(item, Abandon(), reason="the server stopped waiting for it")
+
+
+class RemoteEpisodeRunner:
+    """Runs orchestration episodes on SDK workers (an :class:`~dtfx.worker.orchestrations.EpisodeRunner`)."""
+
+    def __init__(self, backend: Backend, hub: WorkerHub, *, lease_duration: timedelta, retry_delay: timedelta) -> None:
+        self._backend = backend
+        self._hub = hub
+        self._lease_duration = lease_duration
+        self._retry_delay = retry_delay
+
+    def cached_start(self, item: OrchestrationWorkItem) -> ExecutionStarted | None:
+        return None  # SDK workers replay from the history sent with every work item
+
+    async def run(
+        self,
+        item: OrchestrationWorkItem,
+        started: ExecutionStarted,
+        past_events: Sequence[HistoryEvent] | None,
+        new_events: list[HistoryEvent],
+    ) -> EpisodeOutcome | Abandon:
+        connection = self._hub.worker_for(item.lock_token, started.name, item.state.version)
+        if connection is None:  # no open stream asked for this version: leave it for later
+            return Abandon(utc_now() + self._retry_delay)
+        # The plan's new events start with OrchestratorStarted and hold nothing internal
+        # (the wake-up GenericEvent after a rewind is dropped by plan_episode).
+        request = pb.OrchestratorRequest(
+            instanceId=item.instance_id,
+            executionId=string_value(item.state.execution_id),
+            pastEvents=events_to_proto(past_events or ()),
+            newEvents=events_to_proto(new_events),
+        )
+        dispatched = self._hub.dispatch(connection, pb.WorkItem(orchestratorRequest=request), item.instance_id)
+
+        async def renew() -> bool:
+            return await self._backend.renew_orchestration_lease(item, self._lease_duration)
+
+        async with keep_lease(renew, self._lease_duration, f"Orchestration {item.instance_id}"):
+            outcome = await _answer(self._hub, dispatched)
+        if not isinstance(outcome, EpisodeOutcome | Abandon):
+            raise TypeError(f"An orchestration work item came back as {type(outcome).__name__}")
+        return outcome
+
+    def finished(
+        self, item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint | None, committed: bool
+    ) -> None:
+        pass
+
+
+class RemoteActivityRunner:
+    """Runs activities on SDK workers (an :class:`~dtfx.worker.activities.ActivityRunner`)."""
+
+    def __init__(self, hub: WorkerHub, *, retry_delay: timedelta) -> None:
+        self._hub = hub
+        self._retry_delay = retry_delay
+
+    async def run(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed | Abandon:
+        scheduled = item.task.event
+        connection = self._hub.worker_for(item.lock_token, scheduled.name, scheduled.version)
+        if connection is None:
+            return Abandon(utc_now() + self._retry_delay)
+        request = pb.ActivityRequest(
+            name=scheduled.name,
+            version=string_value(scheduled.version),
+            input=string_value(scheduled.input),
+            orchestrationInstance=pb.OrchestrationInstance(
+                instanceId=item.task.instance_id, executionId=string_value(item.task.execution_id)
+            ),
+            taskId=scheduled.event_id,
+            tags=scheduled.tags,
+        )
+        dispatched = self._hub.dispatch(
+            connection, pb.WorkItem(activityRequest=request), item.task.instance_id, scheduled.event_id
+        )
+        outcome = await _answer(self._hub, dispatched)
+        if not isinstance(outcome, TaskCompleted | TaskFailed | Abandon):
+            raise TypeError(f"An activity work item came back as {type(outcome).__name__}")
+        return outcome

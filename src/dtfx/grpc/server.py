@@ -1,0 +1,129 @@
+"""The sidecar server: ``TaskHubSidecarService`` on a port, over a dtfx backend."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from dtfx._portal import BackgroundRunnable
+from dtfx.backends import open_backend
+from dtfx.backends.base import Backend
+from dtfx.core.errors import ConfigurationError
+from dtfx.grpc.dispatch import RemoteDispatchers
+from dtfx.grpc.hub import WorkerHub
+from dtfx.grpc.options import DEFAULT_PORT, SidecarOptions, TlsOptions
+from dtfx.grpc.protos import pb_grpc
+from dtfx.grpc.service import SidecarService
+
+logger = logging.getLogger(__name__)
+
+
+class SidecarServer(BackgroundRunnable):
+    """Serves the Durable Task sidecar protocol, so that workers and clients written with the
+    official SDKs (Python, .NET, JavaScript, Java, ...) use a dtfx task hub as their sidecar.
+
+    SDK workers share the hub with native :class:`~dtfx.Worker` s: work is locked for a
+    connected SDK worker only when it has a free slot and its work-item filters accept it.
+
+    Use it as a context manager (``with`` runs it on a background thread, ``async with``
+    on the running event loop), or call :meth:`start` / :meth:`stop`::
+
+        with SidecarServer("sqlite:///taskhub.db", port=4001):
+            ...  # TaskHubGrpcWorker(host_address="localhost:4001") connects here
+
+    Args:
+        backend: A backend object, or a URL (as for :class:`~dtfx.Worker`); a backend
+            given as a URL is closed with the server.
+        host: The address to listen on; ``localhost`` by default, ``0.0.0.0`` or ``[::]``
+            for every interface.
+        port: The port to listen on; 0 picks a free one (see :attr:`port`).
+        tls: Serve over TLS (optionally mutual TLS) instead of plaintext.
+        options: Server tuning.
+    """
+
+    _thread_name = "dtfx-sidecar"
+
+    def __init__(
+        self,
+        backend: Backend | str | None = None,
+        *,
+        host: str = "localhost",
+        port: int = DEFAULT_PORT,
+        tls: TlsOptions | None = None,
+        options: SidecarOptions | None = None,
+    ) -> None:
+        self._owns_backend = not isinstance(backend, Backend)
+        self.backend: Backend = backend if isinstance(backend, Backend) else open_backend(backend)
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.options = options or SidecarOptions()
+        self._server: grpc.aio.Server | None = None
+        self._dispatchers: RemoteDispatchers | None = None
+        self._hub: WorkerHub | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as an SDK's ``host_address`` (the bound port once started)."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def is_running(self) -> bool:
+        """True between start and stop."""
+        return self._server is not None
+
+    # -- async lifecycle ----------------------------------------------------------------------
+
+    async def start_async(self) -> None:
+        """Listen and start dispatching work to SDK workers, on the running event loop."""
+        if self._server is not None:
+            raise RuntimeError("The sidecar server is already running.")
+        await self.backend.start()
+        hub = WorkerHub(default_concurrency=self.options.default_worker_concurrency)
+        # Without this, a second server on a taken port would share it silently.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        service = SidecarService(self.backend, hub, self.options)
+        pb_grpc.add_TaskHubSidecarServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+        self.port = self._bind(server)
+        await server.start()
+        self._dispatchers = RemoteDispatchers(self.backend, hub, self.options)
+        self._dispatchers.start()
+        self._hub, self._server = hub, server
+        logger.info(
+            "Sidecar listening on %s (%s) over %s",
+            self.address,
+            "TLS" if self.tls else "plaintext",
+            type(self.backend).__name__,
+        )
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        address = f"{self.host}:{self.port}"
+        try:
+            if self.tls is None:
+                port = server.add_insecure_port(address)
+            else:
+                credentials = grpc.ssl_server_credentials(
+                    [(self.tls.private_key, self.tls.certificate_chain)],
+                    root_certificates=self.tls.client_ca,
+                    require_client_auth=self.tls.client_ca is not None,
+                )
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError as error:  # grpc reports a failed bind this way
+            raise ConfigurationError(f"Cannot listen on {address}: {error}") from None
+        if port == 0:
+            raise ConfigurationError(f"Cannot listen on {address}: the address is taken or invalid.")
+        return port
+
+    async def stop_async(self, grace_period: float | None = None) -> None:
+        """Stop: work out with SDK workers gets the grace period to come back, then is given back."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        grace = self.options.shutdown_grace_period.total_seconds() if grace_period is None else grace_period
+        assert self._dispatchers is not None and self._hub is not None
+        await self._dispatchers.stop(grace)
+        self._hub.close_all()
+        await server.stop(grace)
+        if self._owns_backend:
+            await self.backend.close()
+        logger.info("Sidecar stopped")

@@ -1,0 +1,120 @@
+# ruff: noqa: N802 - RPC handlers carry the protocol's method names
+"""The worker side of the service: the ``GetWorkItems`` stream, and completing or abandoning work items.
+
+A completion is honoured once, by its token (see :mod:`dtfx.grpc.hub`); a retry
+of an accepted completion is accepted again. A completion the server cannot read
+(an unknown action, a response for another instance) is answered
+``INVALID_ARGUMENT`` and its work item is given back to be dispatched again, so a
+misbehaving worker never loses an instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from datetime import datetime
+
+from dtfx.backends.base import WorkKind, utc_now
+from dtfx.core.history import TaskCompleted, TaskFailed
+from dtfx.grpc.convert import InvalidMessageError, actions_from_proto, failure_from_proto, optional_string
+from dtfx.grpc.hub import DispatchedWorkItem, WorkerHub
+from dtfx.grpc.options import SidecarOptions
+from dtfx.grpc.protos import pb
+from dtfx.grpc.status import Context, streaming, unary
+from dtfx.worker.orchestrations import Abandon, EpisodeOutcome
+
+
+class WorkItemRpcs:
+    """The work-item RPCs of ``TaskHubSidecarService``."""
+
+    _hub: WorkerHub
+    _options: SidecarOptions
+
+    @streaming
+    async def GetWorkItems(
+        self, request: pb.GetWorkItemsRequest, context: Context
+    ) -> AsyncGenerator[pb.WorkItem, None]:
+        connection = self._hub.connect(request)
+        try:
+            async for work_item in connection.work_items(self._options.health_ping_interval.total_seconds()):
+                yield work_item
+        finally:
+            self._hub.disconnect(connection)
+
+    @unary
+    async def CompleteOrchestratorTask(
+        self, request: pb.OrchestratorResponse, context: Context
+    ) -> pb.CompleteTaskResponse:
+        item = self._hub.lookup(request.completionToken, WorkKind.ORCHESTRATION, completing=True)
+        if item is None:
+            return pb.CompleteTaskResponse()
+        try:
+            _check_instance(item, request.instanceId)
+            actions = actions_from_proto(request.actions, item.instance_id)
+        except InvalidMessageError as error:
+            self._give_back(item, error)
+            raise
+        if request.isPartial:  # a large response in chunks (.NET): keep them until the last one
+            index = request.chunkIndex.value if request.HasField("chunkIndex") else len(item.partial_actions)
+            item.partial_actions[index] = actions
+            return pb.CompleteTaskResponse()
+        earlier = [action for _, chunk in sorted(item.partial_actions.items()) for action in chunk]
+        self._hub.finish(item, EpisodeOutcome(earlier + actions, optional_string(request, "customStatus")))
+        return pb.CompleteTaskResponse()
+
+    @unary
+    async def CompleteActivityTask(self, request: pb.ActivityResponse, context: Context) -> pb.CompleteTaskResponse:
+        item = self._hub.lookup(request.completionToken, WorkKind.ACTIVITY, completing=True)
+        if item is None:
+            return pb.CompleteTaskResponse()
+        try:
+            _check_instance(item, request.instanceId)
+            assert item.task_id is not None
+            if request.taskId != item.task_id:
+                raise InvalidMessageError(
+                    f"The response is for task {request.taskId}, but the work item is task {item.task_id}."
+                )
+            result: TaskCompleted | TaskFailed
+            # HasField, not the message text: an exception with an empty message is still a failure.
+            if request.HasField("failureDetails"):
+                failure = failure_from_proto(request.failureDetails)
+                result = TaskFailed(timestamp=utc_now(), task_scheduled_id=item.task_id, failure_details=failure)
+            else:
+                output = optional_string(request, "result")
+                result = TaskCompleted(timestamp=utc_now(), task_scheduled_id=item.task_id, result=output)
+        except InvalidMessageError as error:
+            self._give_back(item, error)
+            raise
+        self._hub.finish(item, result)
+        return pb.CompleteTaskResponse()
+
+    @unary
+    async def AbandonTaskOrchestratorWorkItem(
+        self, request: pb.AbandonOrchestrationTaskRequest, context: Context
+    ) -> pb.AbandonOrchestrationTaskResponse:
+        self._abandon(request.completionToken, WorkKind.ORCHESTRATION)
+        return pb.AbandonOrchestrationTaskResponse()
+
+    @unary
+    async def AbandonTaskActivityWorkItem(
+        self, request: pb.AbandonActivityTaskRequest, context: Context
+    ) -> pb.AbandonActivityTaskResponse:
+        self._abandon(request.completionToken, WorkKind.ACTIVITY)
+        return pb.AbandonActivityTaskResponse()
+
+    def _abandon(self, token: str, kind: WorkKind) -> None:
+        item = self._hub.lookup(token, kind, completing=False)
+        if item is not None:
+            self._hub.finish(item, Abandon(self._retry_at()), reason="the worker abandoned it")
+
+    def _give_back(self, item: DispatchedWorkItem, error: InvalidMessageError) -> None:
+        self._hub.finish(item, Abandon(self._retry_at()), reason=f"its completion was malformed: {error}")
+
+    def _retry_at(self) -> datetime:
+        return utc_now() + self._options.abandon_retry_delay
+
+
+def _check_instance(item: DispatchedWorkItem, instance_id: str) -> None:
+    if instance_id and instance_id != item.instance_id:
+        raise InvalidMessageError(
+            f"The response is for instance '{instance_id}', but its completion token belongs to '{item.instance_id}'."
+        )

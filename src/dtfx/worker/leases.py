@@ -1,0 +1,40 @@
+"""Keeping a work item's lease alive while something slow (an activity, a remote worker) runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+logger = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def keep_lease(renew: Callable[[], Awaitable[bool]], lease_duration: timedelta, what: str) -> AsyncIterator[None]:
+    """Call ``renew`` every third of ``lease_duration`` while the block runs.
+
+    ``renew`` extends the lease and returns False once it was lost; renewing then
+    stops (the work item's commit will fail and another worker redoes it).
+    ``what`` names the work item in log messages.
+    """
+
+    async def renew_periodically() -> None:
+        while True:
+            await asyncio.sleep(lease_duration.total_seconds() / 3)
+            if not await renew():
+                logger.warning("%s: lease lost while running", what)
+                return
+
+    renewer = asyncio.create_task(renew_periodically())
+    try:
+        yield
+    finally:
+        renewer.cancel()
+        try:
+            await renewer
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            logger.warning("Renewing the lease of %s failed", what, exc_info=True)

@@ -1,0 +1,168 @@
+"""Running the server: embedded (sync and async), TLS, the bind address, SQLite, and ``dtfx serve``."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from durabletask import client as sdk_client
+from durabletask.client import OrchestrationStatus
+from durabletask.internal import orchestrator_service_pb2 as pb
+from durabletask.internal import orchestrator_service_pb2_grpc as pb_grpc
+from google.protobuf import empty_pb2
+from tests.grpc import sdk_app
+from tests.grpc.conftest import FAST, WorkItemStream, running_sdk_worker, running_sidecar
+
+import dtfx
+import grpc
+from dtfx.core.errors import ConfigurationError
+from dtfx.grpc import SidecarServer, TlsOptions
+
+
+async def test_embedded_on_the_running_event_loop() -> None:
+    async with SidecarServer(dtfx.MemoryBackend(), port=0, options=FAST) as server:
+        assert server.is_running and server.port > 0
+        async with sdk_client.AsyncTaskHubGrpcClient(host_address=server.address) as client:
+            instance_id = await client.schedule_new_orchestration("anything", input=1)
+            state = await client.get_orchestration_state(instance_id)
+            assert state is not None and state.runtime_status == OrchestrationStatus.PENDING
+    assert not server.is_running
+
+
+def test_a_taken_port_is_a_clear_error() -> None:
+    with running_sidecar() as first:
+        second = SidecarServer(dtfx.MemoryBackend(), port=first.port, options=FAST)
+        with pytest.raises(ConfigurationError, match=str(first.port)):
+            second.start()
+        assert not second.is_running
+
+
+def test_bind_address() -> None:
+    with running_sidecar(host="127.0.0.1") as server:
+        assert server.address == f"127.0.0.1:{server.port}"
+        with grpc.insecure_channel(server.address) as channel:
+            pb_grpc.TaskHubSidecarServiceStub(channel).Hello(empty_pb2.Empty(), timeout=5)
+
+
+def test_sqlite_backend_smoke(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/taskhub.db"
+    with (
+        running_sidecar(url) as server,
+        running_sdk_worker(server.address),
+        sdk_client.TaskHubGrpcClient(host_address=server.address) as client,
+    ):
+        instance_id = client.schedule_new_orchestration(sdk_app.sequence)
+        state = client.wait_for_orchestration_completion(instance_id, timeout=15)
+        assert state is not None and state.runtime_status == OrchestrationStatus.COMPLETED
+        assert state.get_output() == ["Hello, Tokyo!", "Hello, Seattle!", "Hello, London!"]
+    with dtfx.Client(url) as native:  # it is all in the file
+        stored = native.get_orchestration_state(instance_id)
+        assert stored is not None and stored.runtime_status == dtfx.OrchestrationStatus.COMPLETED
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost, made with the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    command = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost"
+    command += " -addext subjectAltName=DNS:localhost"
+    subprocess.run([*command.split(), "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    with running_sidecar(tls=TlsOptions.from_files(cert, key)) as server:
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(server.address, credentials) as channel:
+            client = sdk_client.TaskHubGrpcClient(channel=channel)
+            instance_id = client.schedule_new_orchestration("over-tls")
+            state = client.get_orchestration_state(instance_id)
+            assert state is not None and state.name == "over-tls"
+        with grpc.insecure_channel(server.address) as plaintext:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.TaskHubSidecarServiceStub(plaintext).Hello(empty_pb2.Empty(), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_dtfx_serve(tmp_path: Path) -> None:
+    """``dtfx serve`` runs until SIGINT; SDK clients reach it meanwhile."""
+    env = {**os.environ, "DTFX_BACKEND": f"sqlite:///{tmp_path}/hub.db", "COLUMNS": "200"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dtfx.cli", "serve", "--grpc-port", "0", "--health-ping", "1"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stderr is not None
+        first_line = process.stderr.readline()
+        match = re.search(r"listening on (\S+) \(plaintext\)", first_line)
+        assert match, first_line
+        with sdk_client.TaskHubGrpcClient(host_address=match.group(1)) as client:
+            instance_id = client.schedule_new_orchestration("served", input=[1, 2])
+            state = client.get_orchestration_state(instance_id, fetch_payloads=True)
+            assert state is not None and state.get_input() == [1, 2]
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=20)
+        assert process.returncode == 0, rest
+        assert "Sidecar stopped." in rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    with dtfx.Client(f"sqlite:///{tmp_path}/hub.db") as native:
+        assert native.get_orchestration_state(instance_id) is not None
+
+
+def test_dtfx_serve_tls_needs_both_files(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not used")
+    result = subprocess.run(
+        [sys.executable, "-m", "dtfx.cli", "serve", "--backend", "memory://", "--tls-cert", str(cert)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 1
+    assert "--tls-key" in result.stderr
+
+
+def test_stopping_gives_back_the_work_out_with_workers() -> None:
+    """Work a worker holds when the server stops is not stuck behind its lease: the next server offers it."""
+    backend = dtfx.MemoryBackend()  # shared by both servers, like a database file
+    with running_sidecar(backend) as first, grpc.insecure_channel(first.address) as channel:
+        stub = pb_grpc.TaskHubSidecarServiceStub(channel)
+        stub.StartInstance(pb.CreateInstanceRequest(instanceId="held", name="anything"))
+        stream = WorkItemStream(stub)
+        assert stream.next().orchestratorRequest.instanceId == "held"
+        first.stop(grace_period=0.1)
+        stream.close()
+    with running_sidecar(backend) as second, grpc.insecure_channel(second.address) as channel:
+        stream = WorkItemStream(pb_grpc.TaskHubSidecarServiceStub(channel))
+        try:
+            assert stream.next().orchestratorRequest.instanceId == "held"  # the lease lasts 60 s
+        finally:
+            stream.close()
+
+
+def test_grpc_loads_only_when_used_and_its_absence_names_the_extra() -> None:
+    script = """
+import sys
+import dtfx, dtfx.cli, dtfx.grpc
+assert "grpc" not in sys.modules and "durabletask" not in sys.modules, "loaded too early"
+sys.modules["grpc"] = None  # as if the extra were not installed
+from dtfx.cli import cli
+cli(["serve", "--backend", "memory://", "--grpc-port", "0"])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert "pip install 'dtfx[grpc]'" in result.stderr
