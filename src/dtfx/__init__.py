@@ -7,12 +7,16 @@ history so that they survive crashes, restarts and month-long waits.
 from dtfx.backends import Backend, MemoryBackend, open_backend
 from dtfx.client import AsyncClient, Client
 from dtfx.core.activity import ActivityContext
-from dtfx.core.context import OrchestrationContext, ReplaySafeLogger
+from dtfx.core.context import EntityLock, OrchestrationContext, ReplaySafeLogger
+from dtfx.core.entities import CleanEntityStorageResult, EntityInstanceId, EntityMetadata, EntityQuery
+from dtfx.core.entity_context import DurableEntity, EntityContext
 from dtfx.core.errors import (
     BackendError,
     ConfigurationError,
     DtfxError,
+    EntityOperationFailedError,
     LeaseLostError,
+    LockingRulesViolationError,
     NonDeterminismError,
     NonRetriableError,
     NotRegisteredError,
@@ -54,15 +58,24 @@ __all__ = [
     "AsyncClient",
     "Backend",
     "BackendError",
+    "CleanEntityStorageResult",
     "Client",
     "CompletableTask",
     "ConcurrencyOptions",
     "ConfigurationError",
     "DataConverter",
     "DtfxError",
+    "DurableEntity",
+    "EntityContext",
+    "EntityInstanceId",
+    "EntityLock",
+    "EntityMetadata",
+    "EntityOperationFailedError",
+    "EntityQuery",
     "FailureDetails",
     "JsonDataConverter",
     "LeaseLostError",
+    "LockingRulesViolationError",
     "MemoryBackend",
     "NonDeterminismError",
     "NonRetriableError",

@@ -16,12 +16,21 @@ from dtfx._portal import LoopThread
 from dtfx.backends import open_backend
 from dtfx.backends.base import Backend, utc_now
 from dtfx.core.context import as_utc, function_name
+from dtfx.core.entities import (
+    CleanEntityStorageResult,
+    EntityInstanceId,
+    EntityMetadata,
+    EntityQuery,
+    decode_scheduler_state,
+)
 from dtfx.core.errors import (
     OrchestrationNotFoundError,
     OrchestrationStateError,
     OrchestrationTimeoutError,
 )
 from dtfx.core.history import (
+    EntityOperationSignaled,
+    EntityUnlockSent,
     EventRaised,
     ExecutionResumed,
     ExecutionRewound,
@@ -303,6 +312,8 @@ class AsyncClient:
         """
         backend = await self._ready()
         statuses = [status for status in (runtime_status or _TERMINAL) if status.is_terminal]
+        if not statuses:  # only instances that have ended can be purged
+            return PurgeResult(0, True)
         query = OrchestrationQuery(
             runtime_status=statuses,
             created_time_from=created_time_from,
@@ -336,6 +347,114 @@ class AsyncClient:
                     found[event.instance_id] = None
                     pending.append(event.instance_id)
         return list(found)
+
+    # -- entities ---------------------------------------------------------------------------------
+
+    async def signal_entity(
+        self,
+        entity_instance_id: EntityInstanceId,
+        operation_name: str,
+        input: Any = None,
+        signal_time: datetime | None = None,
+    ) -> None:
+        """Send an entity an operation (now, or at ``signal_time``); the entity is created if needed."""
+        target = str(entity_instance_id)
+        scheduled = as_utc(signal_time) if signal_time is not None else None
+        signal = EntityOperationSignaled(
+            timestamp=utc_now(),
+            request_id=uuid.uuid4().hex,
+            operation=operation_name,
+            target_instance_id=target,
+            input=self.converter.serialize(input),
+            scheduled_time=scheduled,
+        )
+        await (await self._ready()).send_event(target, signal, visible_at=scheduled)
+
+    async def get_entity(
+        self, entity_instance_id: EntityInstanceId, include_state: bool = True
+    ) -> EntityMetadata | None:
+        """The entity's state, last-modified time and lock holder; ``None`` if it has no state and no lock."""
+        backend = await self._ready()
+        state = await backend.get_instance(str(entity_instance_id))
+        metadata = EntityMetadata.of(state, include_state=include_state) if state is not None else None
+        if metadata is not None:
+            metadata.converter = self.converter
+        return metadata
+
+    async def query_entities(
+        self, query: EntityQuery | None = None, continuation_token: str | None = None
+    ) -> Page[EntityMetadata]:
+        """One page of entities matching ``query``."""
+        query = query or EntityQuery()
+        prefix = query.instance_id_starts_with
+        if prefix is not None and not prefix.startswith("@"):
+            prefix = "@" + prefix.lower()
+        instances = OrchestrationQuery(
+            instance_id_prefix=prefix,
+            last_updated_time_from=query.last_modified_from,
+            last_updated_time_to=query.last_modified_to,
+            max_instance_count=query.page_size or 100,
+            fetch_inputs_and_outputs=True,
+        )
+        backend = await self._ready()
+        page = await backend.query_instances(instances, continuation_token, entities=True)
+        entities = []
+        for state in page.items:
+            metadata = EntityMetadata.of(
+                state, include_state=query.include_state, include_transient=query.include_transient
+            )
+            if metadata is not None:
+                metadata.converter = self.converter
+                entities.append(metadata)
+        return Page(entities, page.continuation_token)
+
+    async def get_all_entities(self, query: EntityQuery | None = None) -> list[EntityMetadata]:
+        """Every entity matching ``query``, across all pages."""
+        entities: list[EntityMetadata] = []
+        token: str | None = None
+        while True:
+            page = await self.query_entities(query, token)
+            entities.extend(page.items)
+            token = page.continuation_token
+            if token is None:
+                return entities
+
+    async def clean_entity_storage(
+        self, remove_empty_entities: bool = True, release_orphaned_locks: bool = True
+    ) -> CleanEntityStorageResult:
+        """Remove entities that have neither state nor lock, and release locks whose
+        orchestration has ended or is gone."""
+        backend = await self._ready()
+        query = OrchestrationQuery(max_instance_count=500, fetch_inputs_and_outputs=True)
+        removed = released = 0
+        token: str | None = None
+        while True:
+            page = await backend.query_instances(query, token, entities=True)
+            if remove_empty_entities:
+                empty = [s.instance_id for s in page.items if s.runtime_status == OrchestrationStatus.COMPLETED]
+                removed += await backend.purge_instances(empty) if empty else 0
+            if release_orphaned_locks:
+                for state in page.items:
+                    released += await self._release_if_orphaned(state)
+            token = page.continuation_token
+            if token is None:
+                return CleanEntityStorageResult(removed, released)
+
+    async def _release_if_orphaned(self, entity: OrchestrationState) -> int:
+        lock = decode_scheduler_state(entity.serialized_custom_status).lock
+        if lock is None:
+            return 0
+        owner = await self.backend.get_instance(lock.owner, fetch_payloads=False)
+        if owner is not None and not owner.runtime_status.is_terminal:
+            return 0
+        unlock = EntityUnlockSent(
+            timestamp=utc_now(),
+            critical_section_id=lock.critical_section_id,
+            parent_instance_id=lock.owner,
+            target_instance_id=entity.instance_id,
+        )
+        await self.backend.send_event(entity.instance_id, unlock)
+        return 1
 
     def _with_converter(self, state: OrchestrationState | None) -> OrchestrationState | None:
         if state is not None:
@@ -485,3 +604,33 @@ class Client:
         return self._portal.run(
             self._async.purge_orchestrations_by(created_time_from, created_time_to, runtime_status, recursive, timeout)
         )
+
+    def signal_entity(
+        self,
+        entity_instance_id: EntityInstanceId,
+        operation_name: str,
+        input: Any = None,
+        signal_time: datetime | None = None,
+    ) -> None:
+        """See :meth:`AsyncClient.signal_entity`."""
+        self._portal.run(self._async.signal_entity(entity_instance_id, operation_name, input, signal_time))
+
+    def get_entity(self, entity_instance_id: EntityInstanceId, include_state: bool = True) -> EntityMetadata | None:
+        """See :meth:`AsyncClient.get_entity`."""
+        return self._portal.run(self._async.get_entity(entity_instance_id, include_state))
+
+    def query_entities(
+        self, query: EntityQuery | None = None, continuation_token: str | None = None
+    ) -> Page[EntityMetadata]:
+        """See :meth:`AsyncClient.query_entities`."""
+        return self._portal.run(self._async.query_entities(query, continuation_token))
+
+    def get_all_entities(self, query: EntityQuery | None = None) -> list[EntityMetadata]:
+        """See :meth:`AsyncClient.get_all_entities`."""
+        return self._portal.run(self._async.get_all_entities(query))
+
+    def clean_entity_storage(
+        self, remove_empty_entities: bool = True, release_orphaned_locks: bool = True
+    ) -> CleanEntityStorageResult:
+        """See :meth:`AsyncClient.clean_entity_storage`."""
+        return self._portal.run(self._async.clean_entity_storage(remove_empty_entities, release_orphaned_locks))

@@ -303,6 +303,8 @@ async def test_purge_single_recursive_and_by_filter(hub: Hub, app: dtfx.App) -> 
         assert (await hub.client.purge_orchestration(running)).deleted_instance_count == 0
         assert (await hub.client.purge_orchestration("t1", recursive=True)).deleted_instance_count == 2
         assert await hub.client.get_orchestration_state("t1-leaf") is None
+        running_only = await hub.client.purge_orchestrations_by(runtime_status=[Status.RUNNING])
+        assert running_only.deleted_instance_count == 0  # a running instance is never purged
         result = await hub.client.purge_orchestrations_by(
             created_time_from=utc_now() - timedelta(minutes=5), runtime_status=[Status.COMPLETED]
         )

@@ -33,6 +33,7 @@ from dtfx.core.actions import (
     SendEvent,
     TerminateOrchestration,
 )
+from dtfx.core.entities import entity_target
 from dtfx.core.history import (
     EventRaised,
     EventSent,
@@ -241,7 +242,8 @@ def apply_actions(
             messages.append(OutboundMessage(action.instance_id, terminated))
         elif isinstance(action, SendEntityMessage):
             appended.append(action.event)
-            messages.append(OutboundMessage(_entity_target(action.event), action.event))
+            visible_at = getattr(action.event, "scheduled_time", None)
+            messages.append(OutboundMessage(entity_target(action.event), action.event, visible_at=visible_at))
         elif isinstance(action, CompleteOrchestration):
             completion = action
         else:
@@ -355,17 +357,6 @@ def _notify_parent(
             timestamp=now, task_scheduled_id=parent.task_scheduled_id, failure_details=details
         )
     return OutboundMessage(parent.instance_id, event, parent.execution_id)
-
-
-def _entity_target(event: HistoryEvent) -> str:
-    target = getattr(event, "target_instance_id", None)
-    if target is None:
-        lock_set = getattr(event, "lock_set", None)
-        position = getattr(event, "position", 0)
-        if lock_set:
-            return str(lock_set[position])
-        raise ValueError(f"{type(event).__name__} has no target entity")
-    return str(target)
 
 
 def open_children(history: Sequence[HistoryEvent]) -> list[str]:

@@ -8,10 +8,11 @@ official ``durabletask`` Python SDK.
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -21,9 +22,20 @@ from dtfx.core.actions import (
     CreateTimer,
     OrchestratorAction,
     ScheduleTask,
+    SendEntityMessage,
     SendEvent,
 )
-from dtfx.core.history import EventRaised, OrchestrationStatus, ParentInstance
+from dtfx.core.entities import EntityInstanceId
+from dtfx.core.errors import LockingRulesViolationError
+from dtfx.core.history import (
+    EntityLockRequested,
+    EntityOperationCalled,
+    EntityOperationSignaled,
+    EntityUnlockSent,
+    EventRaised,
+    OrchestrationStatus,
+    ParentInstance,
+)
 from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter, output_type_of
 from dtfx.core.tasks import CancellableTask, CompletableTask, RetryableTask, RetryPolicy, TimerTask
 
@@ -67,6 +79,38 @@ class RetryCall:
 
     task: RetryableTask[Any]
     make_action: Callable[[int], OrchestratorAction]
+
+
+@dataclass
+class EntityRequest:
+    """An entity call or lock request waiting for its answer."""
+
+    task: CompletableTask[Any]
+    entity_id: str
+    operation: str
+
+
+@dataclass
+class CriticalSection:
+    """The entities an orchestration has locked (or asked to lock)."""
+
+    id: str
+    lock_set: list[str]
+    granted: bool = False
+    calls_in_flight: set[str] = field(default_factory=set)
+
+
+class EntityLock:
+    """The result of ``ctx.lock_entities``: leaving its ``with`` block releases the locks."""
+
+    def __init__(self, context: OrchestrationContext) -> None:
+        self._context = context
+
+    def __enter__(self) -> EntityLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._context.release_locks()
 
 
 class ReplaySafeLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -113,6 +157,8 @@ class OrchestrationContext:
         self.event_waiters: dict[str, list[CancellableTask[Any]]] = {}
         self.buffered_events: dict[str, list[EventRaised]] = {}
         self.completion: CompleteOrchestration | None = None
+        self.entity_requests: dict[str, EntityRequest] = {}
+        self.critical_section: CriticalSection | None = None
 
     # -- properties ---------------------------------------------------------------
 
@@ -204,6 +250,8 @@ class OrchestrationContext:
 
         Without ``instance_id`` the child gets ``"<parent id>:<action id as 4 hex digits>"``.
         """
+        if self.critical_section is not None:
+            raise LockingRulesViolationError("Sub-orchestrations cannot be started inside a critical section.")
         name = function_name(orchestrator)
         if return_type is None and not isinstance(orchestrator, str):
             return_type = output_type_of(orchestrator)
@@ -241,6 +289,116 @@ class OrchestrationContext:
 
         task._on_cancel = stop_waiting
         return task
+
+    def call_entity(
+        self, entity: EntityInstanceId, operation: str, input: Any = None, *, return_type: Any = None
+    ) -> CompletableTask[Any]:
+        """Call an entity operation; the task completes with its result (or its failure)."""
+        target = str(entity)
+        section = self.critical_section
+        if section is not None:
+            if not section.granted:
+                raise LockingRulesViolationError("Wait for the lock_entities task before calling entities.")
+            if target not in section.lock_set:
+                raise LockingRulesViolationError(f"Entity '{target}' is not locked by this critical section.")
+            if target in section.calls_in_flight:
+                raise LockingRulesViolationError(f"Entity '{target}' already has a call in flight.")
+            section.calls_in_flight.add(target)
+        request_id = self.new_uuid()
+        payload = self._converter.serialize(input)
+        self._record(
+            lambda action_id: SendEntityMessage(
+                id=action_id,
+                event=EntityOperationCalled(
+                    event_id=action_id,
+                    timestamp=self._current_utc_datetime,
+                    request_id=request_id,
+                    operation=operation,
+                    target_instance_id=target,
+                    parent_instance_id=self._instance_id,
+                    parent_execution_id=self._execution_id,
+                    input=payload,
+                ),
+            )
+        )
+        task: CompletableTask[Any] = CompletableTask(return_type)
+        self.entity_requests[request_id] = EntityRequest(task, target, operation)
+        return task
+
+    def signal_entity(
+        self, entity_id: EntityInstanceId, operation_name: str, input: Any = None, signal_time: datetime | None = None
+    ) -> None:
+        """Send an entity an operation without waiting for it, now or at ``signal_time``."""
+        target = str(entity_id)
+        section = self.critical_section
+        if section is not None and target in section.lock_set:
+            raise LockingRulesViolationError(f"Entity '{target}' is locked by this orchestration; call it instead.")
+        request_id = self.new_uuid()
+        payload = self._converter.serialize(input)
+        scheduled = as_utc(signal_time) if signal_time is not None else None
+        self._record(
+            lambda action_id: SendEntityMessage(
+                id=action_id,
+                event=EntityOperationSignaled(
+                    event_id=action_id,
+                    timestamp=self._current_utc_datetime,
+                    request_id=request_id,
+                    operation=operation_name,
+                    target_instance_id=target,
+                    input=payload,
+                    scheduled_time=scheduled,
+                ),
+            )
+        )
+
+    def lock_entities(self, entities: list[EntityInstanceId]) -> CompletableTask[EntityLock]:
+        """Lock entities for a critical section; yield the task, then use the lock in ``with``.
+
+        Locks are taken in a global order (the sorted ids), so two orchestrations never
+        deadlock; they are released when the ``with`` block ends, and when the
+        orchestration completes or fails.
+        """
+        if self.critical_section is not None:
+            raise LockingRulesViolationError("Critical sections cannot be nested.")
+        lock_set = sorted({str(entity) for entity in entities})
+        if not lock_set:
+            raise ValueError("lock_entities needs at least one entity.")
+        section_id = self.new_uuid()
+        self._record(
+            lambda action_id: SendEntityMessage(
+                id=action_id,
+                event=EntityLockRequested(
+                    event_id=action_id,
+                    timestamp=self._current_utc_datetime,
+                    critical_section_id=section_id,
+                    lock_set=lock_set,
+                    position=0,
+                    parent_instance_id=self._instance_id,
+                ),
+            )
+        )
+        self.critical_section = CriticalSection(section_id, lock_set)
+        task: CompletableTask[EntityLock] = CompletableTask()
+        self.entity_requests[section_id] = EntityRequest(task, lock_set[0], "lock")
+        return task
+
+    def release_locks(self) -> None:
+        """End the critical section: send every locked entity its unlock."""
+        section, self.critical_section = self.critical_section, None
+        if section is None:
+            return
+        for target in section.lock_set:
+            self._record(functools.partial(self._unlock, section.id, target))
+
+    def _unlock(self, section_id: str, target: str, action_id: int) -> SendEntityMessage:
+        unlock = EntityUnlockSent(
+            event_id=action_id,
+            timestamp=self._current_utc_datetime,
+            critical_section_id=section_id,
+            parent_instance_id=self._instance_id,
+            target_instance_id=target,
+        )
+        return SendEntityMessage(id=action_id, event=unlock)
 
     def send_event(self, instance_id: str, event_name: str, *, data: Any = None) -> None:
         """Raise an event on another instance; dropped if it does not exist or has ended."""
@@ -287,9 +445,10 @@ class OrchestrationContext:
         new_version: str | None = None,
         carryover_events: list[Any] | None = None,
     ) -> None:
-        """Record the orchestration's end; later events are ignored."""
+        """Record the orchestration's end (releasing any entity locks); later events are ignored."""
         if self.completion is not None:
             return
+        self.release_locks()
         self.completion = CompleteOrchestration(
             id=self.next_action_id(),
             status=status,

@@ -9,9 +9,11 @@
     ├── OrchestrationFailedError          raise_if_failed() on a failed instance
     ├── OrchestrationTimeoutError         a client wait ran out (also a TimeoutError)
     ├── TaskFailedError                   an awaited activity / sub-orchestration failed
+    │   └── EntityOperationFailedError    an awaited entity operation failed
     ├── TaskCancelledError                the result of a cancelled task was read
     ├── NonDeterminismError               replay does not match the recorded history
     ├── NonRetriableError                 raise it to fail a task without retries
+    ├── LockingRulesViolationError        an orchestration broke the rules of entity critical sections
     ├── NotRegisteredError                an orchestrator / activity / entity name is unknown
     ├── VersionMismatchError              the worker's versioning rules refuse an instance
     ├── SerializationError                a payload cannot be encoded or decoded
@@ -85,6 +87,24 @@ class TaskFailedError(DtfxError):
     def failure_details(self) -> FailureDetails:
         """Alias of :attr:`details`; an unhandled error keeps it as its inner failure."""
         return self.details
+
+
+class EntityOperationFailedError(TaskFailedError):
+    """An entity operation an orchestrator called has failed."""
+
+    def __init__(self, entity_id: str, operation: str, details: FailureDetails) -> None:
+        super().__init__(f"Operation '{operation}' of entity '{entity_id}' failed: {details.message}", details)
+        self.entity_id = entity_id
+        self.operation = operation
+
+
+class LockingRulesViolationError(DtfxError):
+    """An orchestration used entities in a way critical sections do not allow.
+
+    Inside ``ctx.lock_entities(...)``: no nested critical sections, no calls before the
+    lock is granted, calls only to locked entities and one at a time per entity, no
+    signals to locked entities, and no sub-orchestrations.
+    """
 
 
 class TaskCancelledError(DtfxError):

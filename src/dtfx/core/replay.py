@@ -24,9 +24,17 @@ from dtfx.core.actions import (
     SendEntityMessage,
     SendEvent,
 )
-from dtfx.core.context import OrchestrationContext, PendingTask
-from dtfx.core.errors import NonDeterminismError, TaskFailedError
+from dtfx.core.context import EntityLock, OrchestrationContext, PendingTask
+from dtfx.core.entities import entity_target
+from dtfx.core.errors import EntityOperationFailedError, NonDeterminismError, TaskFailedError
 from dtfx.core.history import (
+    EntityLockGranted,
+    EntityLockRequested,
+    EntityOperationCalled,
+    EntityOperationCompleted,
+    EntityOperationFailed,
+    EntityOperationSignaled,
+    EntityUnlockSent,
     EventRaised,
     EventSent,
     ExecutionResumed,
@@ -53,19 +61,28 @@ logger = logging.getLogger(__name__)
 
 Orchestrator = Callable[[OrchestrationContext, Any], Any]
 
-_METHOD_OF_ACTION: dict[type[OrchestratorAction], str] = {
-    ScheduleTask: "call_activity",
-    CreateTimer: "create_timer",
-    CreateSubOrchestration: "call_sub_orchestrator",
-    SendEvent: "send_event",
-    SendEntityMessage: "an entity operation",
+_METHOD_OF_EVENT: dict[type[HistoryEvent], str] = {
+    TaskScheduled: "call_activity",
+    TimerCreated: "create_timer",
+    SubOrchestrationInstanceCreated: "call_sub_orchestrator",
+    EventSent: "send_event",
+    EntityOperationCalled: "call_entity",
+    EntityOperationSignaled: "signal_entity",
+    EntityLockRequested: "lock_entities",
+    EntityUnlockSent: "a critical section's end",
 }
-_ACTION_OF_EVENT: dict[type[HistoryEvent], type[OrchestratorAction]] = {
-    TaskScheduled: ScheduleTask,
-    TimerCreated: CreateTimer,
-    SubOrchestrationInstanceCreated: CreateSubOrchestration,
-    EventSent: SendEvent,
+_EVENT_OF_ACTION: dict[type[OrchestratorAction], type[HistoryEvent]] = {
+    ScheduleTask: TaskScheduled,
+    CreateTimer: TimerCreated,
+    CreateSubOrchestration: SubOrchestrationInstanceCreated,
+    SendEvent: EventSent,
 }
+
+
+def _method_of(action: OrchestratorAction) -> str:
+    recorded = type(action.event) if isinstance(action, SendEntityMessage) else _EVENT_OF_ACTION[type(action)]
+    return _METHOD_OF_EVENT[recorded]
+
 
 # Events that answer the orchestrator; while it is suspended they wait for the resume.
 _HELD_WHILE_SUSPENDED = (
@@ -75,6 +92,9 @@ _HELD_WHILE_SUSPENDED = (
     SubOrchestrationInstanceFailed,
     TimerFired,
     EventRaised,
+    EntityOperationCompleted,
+    EntityOperationFailed,
+    EntityLockGranted,
 )
 
 
@@ -103,6 +123,13 @@ class OrchestrationExecutor:
             TimerCreated: self._on_action_recorded,
             SubOrchestrationInstanceCreated: self._on_action_recorded,
             EventSent: self._on_action_recorded,
+            EntityOperationCalled: self._on_action_recorded,
+            EntityOperationSignaled: self._on_action_recorded,
+            EntityLockRequested: self._on_action_recorded,
+            EntityUnlockSent: self._on_action_recorded,
+            EntityOperationCompleted: self._on_entity_result,
+            EntityOperationFailed: self._on_entity_result,
+            EntityLockGranted: self._on_lock_granted,
             TaskCompleted: self._on_result,
             SubOrchestrationInstanceCompleted: self._on_result,
             TaskFailed: self._on_failure,
@@ -207,26 +234,31 @@ class OrchestrationExecutor:
             self._succeed(result)
 
     def _on_action_recorded(self, event: HistoryEvent) -> None:
-        expected = _ACTION_OF_EVENT[type(event)]
+        recorded = _METHOD_OF_EVENT[type(event)]
         action = self.context.pending_actions.pop(event.event_id, None)
         if action is None:
             raise NonDeterminismError(
-                f"A previous execution called {_METHOD_OF_ACTION[expected]} with ID={event.event_id}, "
+                f"A previous execution called {recorded} with ID={event.event_id}, "
                 "but the current execution does not call it. This happens when the orchestrator has "
                 "non-deterministic logic or its code changed after this instance started."
             )
-        if type(action) is not expected:
+        if _method_of(action) != recorded:
             raise NonDeterminismError(
-                f"A previous execution called {_METHOD_OF_ACTION[expected]} with ID={event.event_id}, "
-                f"but the current execution calls {_METHOD_OF_ACTION[type(action)]} instead."
+                f"A previous execution called {recorded} with ID={event.event_id}, "
+                f"but the current execution calls {_method_of(action)} instead."
             )
         if isinstance(action, ScheduleTask | CreateSubOrchestration):
             recorded_name = getattr(event, "name", action.name)
             if action.name.casefold() != recorded_name.casefold():
                 raise NonDeterminismError(
-                    f"A previous execution called {_METHOD_OF_ACTION[expected]} with ID={event.event_id} "
+                    f"A previous execution called {recorded} with ID={event.event_id} "
                     f"and name '{recorded_name}', but the current execution calls it with name '{action.name}'."
                 )
+        elif isinstance(action, SendEntityMessage) and entity_target(action.event) != entity_target(event):
+            raise NonDeterminismError(
+                f"A previous execution called {recorded} with ID={event.event_id} for entity "
+                f"'{entity_target(event)}', but the current execution targets '{entity_target(action.event)}'."
+            )
         elif isinstance(action, SendEvent) and isinstance(event, EventSent):
             if action.name.casefold() != event.name.casefold() or action.instance_id != event.instance_id:
                 raise NonDeterminismError(
@@ -263,6 +295,33 @@ class OrchestrationExecutor:
         ):
             return
         self._resolve(pending.task, error=error)
+
+    def _on_entity_result(self, event: EntityOperationCompleted | EntityOperationFailed) -> None:
+        request = self.context.entity_requests.pop(event.request_id, None)
+        if request is None:
+            logger.debug("Ignoring an answer to unknown entity request %s", event.request_id)
+            return
+        section = self.context.critical_section
+        if section is not None:
+            section.calls_in_flight.discard(request.entity_id)
+        if isinstance(event, EntityOperationFailed):
+            error = EntityOperationFailedError(request.entity_id, request.operation, event.failure_details)
+            self._resolve(request.task, error=error)
+            return
+        try:
+            value = self._converter.deserialize(event.output, request.task.result_type)
+        except Exception as error:
+            self._resolve(request.task, error=error)
+            return
+        self._resolve(request.task, result=value)
+
+    def _on_lock_granted(self, event: EntityLockGranted) -> None:
+        request = self.context.entity_requests.pop(event.critical_section_id, None)
+        section = self.context.critical_section
+        if request is None or section is None or section.id != event.critical_section_id:
+            return
+        section.granted = True
+        self._resolve(request.task, result=EntityLock(self.context))
 
     def _schedule_retry(self, pending: PendingTask, failed_id: int) -> bool:
         assert pending.retry is not None

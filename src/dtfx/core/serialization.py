@@ -135,25 +135,35 @@ def needs_conversion(target_type: Any) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def _hints(fn: Callable[..., Any]) -> tuple[Any, Any]:
-    """(type of the second parameter, return type) of a user function, or ``None``s."""
+def _signature_types(fn: Callable[..., Any]) -> tuple[tuple[Any, ...], Any]:
+    """The annotated types of ``fn``'s parameters (``None`` where missing) and its return type."""
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # builtins and other callables without a signature
+        return (), None
     try:
         hints = typing.get_type_hints(fn)
-        parameters = list(inspect.signature(fn).parameters.values())
-    except Exception:  # unresolvable forward references, builtins, callables without signatures
-        return None, None
-    input_type = hints.get(parameters[1].name) if len(parameters) >= 2 else None
-    return input_type, hints.get("return")
+    except Exception:  # unresolvable forward references
+        hints = {}
+    return tuple(hints.get(parameter.name) for parameter in parameters), hints.get("return")
+
+
+def parameter_types(fn: Callable[..., Any]) -> tuple[Any, ...]:
+    """The annotated type of each parameter of ``fn`` (``None`` where there is none)."""
+    target = getattr(fn, "__func__", fn)  # a bound method: leave out ``self``
+    types = _signature_types(target)[0]
+    return types[1:] if target is not fn else types
 
 
 def input_type_of(fn: Callable[..., Any]) -> Any:
     """The annotated type of ``fn(ctx, input)``'s input, or ``None``."""
-    return _hints(fn)[0]
+    types = parameter_types(fn)
+    return types[1] if len(types) >= 2 else None
 
 
 def output_type_of(fn: Callable[..., Any]) -> Any:
     """The annotated result type of an activity or orchestrator (a generator's return type)."""
-    output = _hints(fn)[1]
+    output = _signature_types(getattr(fn, "__func__", fn))[1]
     if typing.get_origin(output) in (Generator, typing.Generator):
         arguments = typing.get_args(output)
         return arguments[2] if len(arguments) == 3 else None

@@ -83,7 +83,7 @@ class OrchestrationProcessor:
         cached = self._runner.cached_start(item)
         history: list[HistoryEvent] | None = None
         if cached is None or needs_history(item):
-            history = await self._backend.get_history(item.instance_id)
+            history = await self._backend.get_history(item.instance_id) if item.history_size else []
         plan = plan_episode(item, history, now)
         if plan.kind is EpisodeKind.DEFER:
             self._runner.finished(item, None, False)

@@ -45,13 +45,24 @@ class Registry:
         self.activities[registered] = fn
         return registered
 
+    def add_entity(self, entity: Callable[..., Any] | type[Any], name: str | None = None) -> str:
+        """Register an entity: a function ``fn(ctx, input)`` or a :class:`~dtfx.DurableEntity`
+        subclass. Entity names are case-insensitive; returns the (lower-case) name."""
+        registered = (name or function_name(entity)).lower()
+        if "@" in registered:
+            raise ValueError(f"An entity name cannot contain '@': {registered!r}")
+        self._check_free(self.entities, "entity", registered, entity)
+        self.entities[registered] = entity
+        return registered
+
     def update(self, other: Registry) -> None:
         """Add every registration of ``other``."""
         for name, fn in other.orchestrators.items():
             self.add_orchestrator(fn, name)
         for name, fn in other.activities.items():
             self.add_activity(fn, name)
-        self.entities.update(other.entities)
+        for name, entity in other.entities.items():
+            self.add_entity(entity, name)
 
     @staticmethod
     def _check_free(table: dict[str, Any], kind: str, name: str, fn: Any) -> None:
@@ -79,6 +90,14 @@ class App(Registry):
             return greetings
     """
 
+    @staticmethod
+    def _decorate(add: Callable[[Any, str | None], str], fn: Callable[..., Any] | None, name: str | None) -> Any:
+        def register(target: Callable[..., Any]) -> Callable[..., Any]:
+            add(target, name)
+            return target
+
+        return register(fn) if fn is not None else register
+
     @overload
     def orchestrator(self, fn: F, /) -> F: ...
 
@@ -87,12 +106,17 @@ class App(Registry):
 
     def orchestrator(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None) -> Any:
         """Register an orchestrator (usable bare or with ``name=``)."""
+        return self._decorate(self.add_orchestrator, fn, name)
 
-        def register(target: Callable[..., Any]) -> Callable[..., Any]:
-            self.add_orchestrator(target, name)
-            return target
+    @overload
+    def entity(self, fn: F, /) -> F: ...
 
-        return register(fn) if fn is not None else register
+    @overload
+    def entity(self, /, *, name: str | None = None) -> _Decorator: ...
+
+    def entity(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None) -> Any:
+        """Register an entity function or :class:`~dtfx.DurableEntity` class (bare or with ``name=``)."""
+        return self._decorate(self.add_entity, fn, name)
 
     @overload
     def activity(self, fn: F, /) -> F: ...
@@ -102,9 +126,4 @@ class App(Registry):
 
     def activity(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None) -> Any:
         """Register an activity (usable bare or with ``name=``)."""
-
-        def register(target: Callable[..., Any]) -> Callable[..., Any]:
-            self.add_activity(target, name)
-            return target
-
-        return register(fn) if fn is not None else register
+        return self._decorate(self.add_activity, fn, name)

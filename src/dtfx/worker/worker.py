@@ -3,27 +3,37 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-from dtfx._portal import LoopThread
+from dtfx._portal import BackgroundRunnable
 from dtfx.backends import open_backend
 from dtfx.backends.base import Backend, WorkKind, utc_now
 from dtfx.backends.signals import Waiter
 from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter
 from dtfx.core.workitems import ActivityResult, ActivityWorkItem, OrchestrationCheckpoint, OrchestrationWorkItem
-from dtfx.worker.activities import ActivityProcessor
+from dtfx.worker.activities import ActivityProcessor, LocalActivityRunner
 from dtfx.worker.commit import GroupCommitter
 from dtfx.worker.dispatcher import WorkItemDispatcher
+from dtfx.worker.entities import EntityProcessor, LocalEntityRunner
 from dtfx.worker.options import ConcurrencyOptions, VersioningOptions, WorkerOptions
 from dtfx.worker.orchestrations import LocalRunner, OrchestrationProcessor
 from dtfx.worker.registry import Registry
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
 
-class Worker:
+
+class _Processor(Protocol[T_contra]):
+    async def process(self, item: T_contra) -> None: ...
+
+    async def release(self, item: T_contra) -> None: ...
+
+
+class Worker(BackgroundRunnable):
     """Runs the orchestrators and activities registered with it against a backend.
 
     Use it as a context manager (``with`` runs it on a background thread, ``async
@@ -39,6 +49,8 @@ class Worker:
         options: Dispatcher tuning.
         data_converter: How payloads are (de)serialized.
     """
+
+    _thread_name = "dtfx-worker"
 
     def __init__(
         self,
@@ -62,7 +74,6 @@ class Worker:
         self._dispatchers: list[WorkItemDispatcher[Any]] = []
         self._waiters: list[Waiter] = []
         self._thread_pool: ThreadPoolExecutor | None = None
-        self._portal: LoopThread | None = None
         self._runner: LocalRunner | None = None
         self._started = False
 
@@ -75,6 +86,10 @@ class Worker:
     def add_activity(self, fn: Callable[..., Any], name: str | None = None) -> str:
         """Register an activity; returns the name it is registered under."""
         return self.registry.add_activity(fn, name)
+
+    def add_entity(self, entity: Callable[..., Any] | type[Any], name: str | None = None) -> str:
+        """Register an entity function or :class:`~dtfx.DurableEntity` class; returns its name."""
+        return self.registry.add_entity(entity, name)
 
     def use_versioning(self, versioning: VersioningOptions) -> None:
         """Set the versioning options (before starting)."""
@@ -104,52 +119,52 @@ class Worker:
             versioning=self.versioning,
             reject_retry_delay=options.reject_retry_delay,
         )
-        orchestrations = OrchestrationProcessor(
-            self.backend,
-            self._runner,
-            GroupCommitter[OrchestrationCheckpoint](self.backend.complete_orchestration_work_items),
+        checkpoints = GroupCommitter[OrchestrationCheckpoint](self.backend.complete_orchestration_work_items)
+        orchestrations = OrchestrationProcessor(self.backend, self._runner, checkpoints)
+        entities = EntityProcessor(
+            self.backend, LocalEntityRunner(self.registry, self.converter, thread_pool=self._thread_pool), checkpoints
         )
         activities = ActivityProcessor(
             self.backend,
-            self.registry,
-            self.converter,
+            LocalActivityRunner(self.registry, self.converter, thread_pool=self._thread_pool),
             GroupCommitter[ActivityResult](self.backend.complete_activity_work_items),
-            thread_pool=self._thread_pool,
             lease_duration=lease,
         )
 
         async def lock_orchestrations(count: int) -> list[OrchestrationWorkItem]:
             return await self.backend.lock_orchestration_work_items(count, lease)
 
+        async def lock_entities(count: int) -> list[OrchestrationWorkItem]:
+            return await self.backend.lock_orchestration_work_items(count, lease, entities=True)
+
         async def lock_activities(count: int) -> list[ActivityWorkItem]:
             return await self.backend.lock_activity_work_items(count, lease)
 
+        concurrency = self.concurrency
         self._dispatchers = [
-            WorkItemDispatcher[OrchestrationWorkItem](
-                "OrchestrationDispatcher",
-                fetch=lock_orchestrations,
-                process=orchestrations.process,
-                release=orchestrations.release,
-                wait_for_work=self._work_waiter(WorkKind.ORCHESTRATION),
-                describe=lambda item: f"orchestration {item.instance_id}",
-                max_concurrent=self.concurrency.maximum_concurrent_orchestration_work_items,
-                dispatcher_count=self.concurrency.orchestration_dispatcher_count,
-                max_batch=options.fetch_batch_size,
-                backoff_initial=options.backoff_initial.total_seconds(),
-                backoff_max=options.backoff_max.total_seconds(),
+            self._dispatcher(
+                WorkKind.ORCHESTRATION,
+                lock_orchestrations,
+                orchestrations,
+                lambda item: f"orchestration {item.instance_id}",
+                concurrency.maximum_concurrent_orchestration_work_items,
+                concurrency.orchestration_dispatcher_count,
             ),
-            WorkItemDispatcher[ActivityWorkItem](
-                "ActivityDispatcher",
-                fetch=lock_activities,
-                process=activities.process,
-                release=activities.release,
-                wait_for_work=self._work_waiter(WorkKind.ACTIVITY),
-                describe=lambda item: f"activity {item.task.event.name} of {item.task.instance_id}",
-                max_concurrent=self.concurrency.maximum_concurrent_activity_work_items,
-                dispatcher_count=self.concurrency.activity_dispatcher_count,
-                max_batch=options.fetch_batch_size,
-                backoff_initial=options.backoff_initial.total_seconds(),
-                backoff_max=options.backoff_max.total_seconds(),
+            self._dispatcher(
+                WorkKind.ACTIVITY,
+                lock_activities,
+                activities,
+                lambda item: f"activity {item.task.event.name} of {item.task.instance_id}",
+                concurrency.maximum_concurrent_activity_work_items,
+                concurrency.activity_dispatcher_count,
+            ),
+            self._dispatcher(
+                WorkKind.ENTITY,
+                lock_entities,
+                entities,
+                lambda item: f"entity {item.instance_id}",
+                concurrency.maximum_concurrent_entity_work_items,
+                1,
             ),
         ]
         for dispatcher in self._dispatchers:
@@ -162,19 +177,34 @@ class Worker:
             len(self.registry.activities),
         )
 
-    def _work_waiter(self, kind: WorkKind) -> Callable[[], Any]:
+    def _dispatcher(
+        self,
+        kind: WorkKind,
+        fetch: Callable[[int], Awaitable[list[T]]],
+        processor: _Processor[T],
+        describe: Callable[[T], str],
+        max_concurrent: int,
+        dispatcher_count: int,
+    ) -> WorkItemDispatcher[T]:
+        options = self.options
+        return WorkItemDispatcher(
+            f"{kind.value.capitalize()}Dispatcher",
+            fetch=fetch,
+            process=processor.process,
+            release=processor.release,
+            wait_for_work=self._work_waiter(kind),
+            describe=describe,
+            max_concurrent=max_concurrent,
+            dispatcher_count=dispatcher_count,
+            max_batch=options.fetch_batch_size,
+            backoff_initial=options.backoff_initial.total_seconds(),
+            backoff_max=options.backoff_max.total_seconds(),
+        )
+
+    def _work_waiter(self, kind: WorkKind) -> Callable[[], Awaitable[None]]:
         waiter = self.backend.subscribe(kind)
         self._waiters.append(waiter)
-        backend = self.backend
-
-        async def wait_for_work() -> None:
-            timeout = backend.poll_interval
-            due = await backend.next_visible_at(kind)
-            if due is not None:
-                timeout = max(0.0, min(timeout, (due - utc_now()).total_seconds()))
-            await waiter.wait(timeout)
-
-        return wait_for_work
+        return work_waiter(self.backend, kind, waiter)
 
     async def stop_async(self, grace_period: float | None = None) -> None:
         """Stop fetching, let in-flight work finish (up to the grace period), release the rest."""
@@ -193,40 +223,19 @@ class Worker:
             await self.backend.close()
         logger.info("Worker stopped")
 
-    async def __aenter__(self) -> Worker:
-        await self.start_async()
-        return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop_async()
+def work_waiter(backend: Backend, kind: WorkKind, waiter: Waiter) -> Callable[[], Awaitable[None]]:
+    """A dispatcher's ``wait_for_work``: sleep on ``waiter`` until work of ``kind`` may be there.
 
-    # -- sync lifecycle ---------------------------------------------------------------------
+    The wait ends early when the next delayed message (a timer, a scheduled start)
+    becomes visible, and after the backend's poll interval at the latest.
+    """
 
-    def start(self) -> None:
-        """Start the worker on a background thread."""
-        if self._portal is not None:
-            raise RuntimeError("The worker is already running.")
-        self._portal = LoopThread("dtfx-worker")
-        try:
-            self._portal.run(self.start_async())
-        except BaseException:
-            self._portal.close()
-            self._portal = None
-            raise
+    async def wait_for_work() -> None:
+        timeout = backend.poll_interval
+        due = await backend.next_visible_at(kind)
+        if due is not None:
+            timeout = max(0.0, min(timeout, (due - utc_now()).total_seconds()))
+        await waiter.wait(timeout)
 
-    def stop(self, grace_period: float | None = None) -> None:
-        """Stop the worker started with :meth:`start`."""
-        portal, self._portal = self._portal, None
-        if portal is None:
-            return
-        try:
-            portal.run(self.stop_async(grace_period))
-        finally:
-            portal.close()
-
-    def __enter__(self) -> Worker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    return wait_for_work

@@ -1,0 +1,135 @@
+"""The API entity code programs against: :class:`EntityContext` and :class:`DurableEntity`.
+
+An entity is a function ``fn(ctx: EntityContext, input)`` that looks at
+``ctx.operation``, or a :class:`DurableEntity` subclass whose methods are its
+operations. Names and signatures follow the official ``durabletask`` SDK.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from dtfx.core.context import as_utc
+from dtfx.core.entities import EntityAction, EntityInstanceId, SignalEntity, StartOrchestration
+from dtfx.core.serialization import DataConverter
+
+
+@dataclass
+class EntityBatchState:
+    """An entity's state and pending actions while a batch of operations runs."""
+
+    state: str | None
+    actions: list[EntityAction] = field(default_factory=list)
+
+
+class EntityContext:
+    """What an entity operation receives as ``ctx``."""
+
+    def __init__(
+        self, entity_id: EntityInstanceId, operation: str, batch: EntityBatchState, converter: DataConverter
+    ) -> None:
+        self._entity_id = entity_id
+        self._operation = operation
+        self._batch = batch
+        self._converter = converter
+
+    @property
+    def entity_id(self) -> EntityInstanceId:
+        """The id of this entity."""
+        return self._entity_id
+
+    @property
+    def operation(self) -> str:
+        """The name of the operation being run."""
+        return self._operation
+
+    @property
+    def has_state(self) -> bool:
+        """True if the entity has state (even a falsy one such as 0 or "")."""
+        return self._batch.state is not None
+
+    def get_state(self, intended_type: Any = None, default: Any = None) -> Any:
+        """The entity's state (rebuilt as ``intended_type`` if given), or ``default`` if it has none."""
+        if self._batch.state is None:
+            return default
+        return self._converter.deserialize(self._batch.state, intended_type)
+
+    def set_state(self, new_state: Any) -> None:
+        """Replace the entity's state (``None`` deletes it)."""
+        self._batch.state = self._converter.serialize(new_state)
+
+    def delete_state(self) -> None:
+        """Delete the entity's state."""
+        self._batch.state = None
+
+    def signal_entity(
+        self,
+        entity_instance_id: EntityInstanceId,
+        operation: str,
+        input: Any = None,
+        signal_time: datetime | None = None,
+    ) -> None:
+        """Signal another entity (or this one) once this operation succeeds."""
+        scheduled = as_utc(signal_time) if signal_time is not None else None
+        self._batch.actions.append(
+            SignalEntity(str(entity_instance_id), operation, self._converter.serialize(input), scheduled)
+        )
+
+    def schedule_new_orchestration(
+        self, orchestration_name: str, input: Any = None, instance_id: str | None = None
+    ) -> str:
+        """Start an orchestration once this operation succeeds; returns its instance id."""
+        instance_id = instance_id or uuid.uuid4().hex
+        self._batch.actions.append(
+            StartOrchestration(instance_id, orchestration_name, self._converter.serialize(input))
+        )
+        return instance_id
+
+
+class DurableEntity:
+    """Base class for class-based entities: each public method is an operation.
+
+    A method takes the operation's input as its one argument (or none)::
+
+        class Counter(dtfx.DurableEntity):
+            def add(self, amount: int) -> int:
+                total = self.get_state(int, 0) + amount
+                self.set_state(total)
+                return total
+    """
+
+    entity_context: EntityContext
+
+    def _initialize_entity_context(self, context: EntityContext) -> None:
+        self.entity_context = context
+
+    def get_state(self, intended_type: Any = None, default: Any = None) -> Any:
+        """See :meth:`EntityContext.get_state`."""
+        return self.entity_context.get_state(intended_type, default)
+
+    def set_state(self, state: Any) -> None:
+        """See :meth:`EntityContext.set_state`."""
+        self.entity_context.set_state(state)
+
+    def signal_entity(
+        self,
+        entity_instance_id: EntityInstanceId,
+        operation: str,
+        input: Any = None,
+        signal_time: datetime | None = None,
+    ) -> None:
+        """See :meth:`EntityContext.signal_entity`."""
+        self.entity_context.signal_entity(entity_instance_id, operation, input, signal_time)
+
+    def schedule_new_orchestration(
+        self, orchestration_name: str, input: Any = None, instance_id: str | None = None
+    ) -> str:
+        """See :meth:`EntityContext.schedule_new_orchestration`."""
+        return self.entity_context.schedule_new_orchestration(orchestration_name, input, instance_id)
+
+    def delete(self, input: Any = None) -> None:
+        """The built-in ``delete`` operation: remove the entity's state."""
+        self.entity_context.delete_state()

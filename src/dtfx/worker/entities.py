@@ -1,0 +1,145 @@
+"""Processing entity work items: schedule the batch, run its operations, commit.
+
+:class:`EntityProcessor` is the same whoever runs the operations; an
+:class:`EntityRunner` runs them: :class:`LocalEntityRunner` here (registered entity
+functions and classes), or the gRPC sidecar's runner for SDK workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Any, Protocol
+
+from dtfx.backends.base import Backend, utc_now
+from dtfx.core.entities import (
+    BatchResult,
+    EntityInstanceId,
+    OperationRequest,
+    OperationResult,
+    apply_batch,
+    plan_batch,
+)
+from dtfx.core.entity_context import DurableEntity, EntityBatchState, EntityContext
+from dtfx.core.errors import NotRegisteredError
+from dtfx.core.history import FailureDetails
+from dtfx.core.serialization import DataConverter, input_type_of, parameter_types
+from dtfx.core.workitems import OrchestrationCheckpoint, OrchestrationWorkItem
+from dtfx.worker.commit import GroupCommitter
+from dtfx.worker.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+
+class EntityRunner(Protocol):
+    """Runs a batch of entity operations."""
+
+    async def run(
+        self, entity_id: EntityInstanceId, state: str | None, operations: Sequence[OperationRequest]
+    ) -> BatchResult:
+        """The state after the operations, one result per operation, and their actions."""
+
+
+class EntityProcessor:
+    """Takes an entity work item from lock to commit."""
+
+    def __init__(
+        self, backend: Backend, runner: EntityRunner, committer: GroupCommitter[OrchestrationCheckpoint]
+    ) -> None:
+        self._backend = backend
+        self._runner = runner
+        self._committer = committer
+
+    async def process(self, item: OrchestrationWorkItem) -> None:
+        """Run the operations the entity's lock lets through, and commit the batch."""
+        now = utc_now()
+        plan = plan_batch(item, now)
+        result = None
+        if plan.operations:
+            result = await self._runner.run(plan.entity_id, item.state.serialized_output, plan.operations)
+        if not await self._committer.commit(apply_batch(item, plan, result, now)):
+            logger.warning("Entity %s: the lease was lost before the batch could be committed", item.instance_id)
+
+    async def release(self, item: OrchestrationWorkItem) -> None:
+        """Give the work item back after a failure or at shutdown."""
+        await self._backend.abandon_orchestration_work_item(item)
+
+
+class LocalEntityRunner:
+    """Runs registered entity functions and classes.
+
+    A batch runs on the thread pool (so sync entity code never blocks the event
+    loop); an operation that returns an awaitable is awaited on the loop. A failed
+    operation rolls back its own state change and actions, and only those.
+    """
+
+    def __init__(self, registry: Registry, converter: DataConverter, *, thread_pool: Executor | None) -> None:
+        self._registry = registry
+        self._converter = converter
+        self._thread_pool = thread_pool
+
+    async def run(
+        self, entity_id: EntityInstanceId, state: str | None, operations: Sequence[OperationRequest]
+    ) -> BatchResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread_pool, self._run_batch, loop, entity_id, state, operations)
+
+    def _run_batch(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        entity_id: EntityInstanceId,
+        state: str | None,
+        operations: Sequence[OperationRequest],
+    ) -> BatchResult:
+        entity = self._registry.entities.get(entity_id.entity)
+        batch = EntityBatchState(state)
+        results: list[OperationResult] = []
+        for operation in operations:
+            saved_state, saved_actions = batch.state, len(batch.actions)
+            try:
+                if entity is None:
+                    raise NotRegisteredError("entity", entity_id.entity)
+                context = EntityContext(entity_id, operation.operation, batch, self._converter)
+                output = self._invoke(entity, context, operation.input)
+                if inspect.isawaitable(output):
+                    output = asyncio.run_coroutine_threadsafe(_awaited(output), loop).result()
+                results.append(OperationResult(output=self._converter.serialize(output)))
+            except Exception as error:
+                logger.debug("Entity %s: operation %s failed", entity_id, operation.operation, exc_info=True)
+                batch.state = saved_state
+                del batch.actions[saved_actions:]
+                results.append(OperationResult(failure=FailureDetails.from_exception(error)))
+        return BatchResult(batch.state, results, batch.actions)
+
+    def _invoke(self, entity: Any, context: EntityContext, payload: str | None) -> Any:
+        if isinstance(entity, type) and issubclass(entity, DurableEntity):
+            instance = entity()
+            instance._initialize_entity_context(context)
+            method = _operation_method(instance, context.operation)
+            types = parameter_types(method)
+            if not types:
+                return method()
+            return method(self._converter.deserialize(payload, types[0]))
+        value = self._converter.deserialize(payload, input_type_of(entity))
+        return entity(context, value)
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+_HELPERS = frozenset({"get_state", "set_state", "signal_entity", "schedule_new_orchestration", "entity_context"})
+
+
+def _operation_method(instance: DurableEntity, operation: str) -> Callable[..., Any]:
+    """The public method named ``operation`` (case-insensitively); DurableEntity's helpers are not operations."""
+    wanted = operation.casefold()
+    for name in dir(type(instance)):
+        if name.casefold() == wanted and not name.startswith("_") and name not in _HELPERS:
+            method = getattr(instance, name)
+            if callable(method):
+                return method  # type: ignore[no-any-return]
+    raise NotImplementedError(f"Entity '{type(instance).__name__}' has no operation '{operation}'.")

@@ -1,0 +1,371 @@
+"""Durable entities, end to end: functions and classes, calls, signals, locks, queries, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+import dtfx
+from dtfx import EntityInstanceId
+from dtfx import OrchestrationStatus as Status
+from dtfx.backends.base import utc_now
+from dtfx.core.history import EntityLockRequested
+from tests.e2e.conftest import Hub
+
+
+def counter(ctx: dtfx.EntityContext, amount: int | None) -> Any:
+    value = ctx.get_state(int, 0)
+    if ctx.operation == "add":
+        ctx.set_state(value + (amount or 0))
+    elif ctx.operation == "reset":
+        ctx.set_state(0)
+    elif ctx.operation == "fail_after_add":
+        ctx.set_state(value + 1000)
+        raise ValueError("add rolled back")
+    elif ctx.operation == "delete":
+        ctx.delete_state()
+    return ctx.get_state(int, 0)
+
+
+class Account(dtfx.DurableEntity):
+    def deposit(self, amount: int) -> int:
+        balance = self.get_state(int, 0) + amount
+        self.set_state(balance)
+        return balance
+
+    def withdraw(self, amount: int) -> int:
+        balance = self.get_state(int, 0)
+        if amount > balance:
+            raise ValueError(f"insufficient funds: {balance} < {amount}")
+        self.set_state(balance - amount)
+        return balance - amount
+
+    def balance(self) -> int:
+        return int(self.get_state(int, 0))
+
+
+async def _wait_for_entity_state(hub: Hub, entity: EntityInstanceId, expected: Any, timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        metadata = await hub.client.get_entity(entity)
+        if metadata is not None and metadata.get_state() == expected:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"entity state is {metadata and metadata.get_state()}"
+        await asyncio.sleep(0.01)
+
+
+async def test_client_signals_run_in_order_and_state_is_visible(hub: Hub, app: dtfx.App) -> None:
+    @app.entity
+    def journal(ctx: dtfx.EntityContext, entry: str) -> None:
+        ctx.set_state([*ctx.get_state(list, []), entry])
+
+    entity = EntityInstanceId("Journal", "today")
+    assert str(entity) == "@journal@today"
+    async with hub.worker(app):
+        before = utc_now()
+        for index in range(30):
+            await hub.client.signal_entity(entity, "append", f"entry-{index}")
+        await _wait_for_entity_state(hub, entity, [f"entry-{index}" for index in range(30)])
+    metadata = await hub.client.get_entity(entity)
+    assert metadata is not None and metadata.last_modified >= before and metadata.locked_by is None
+    assert (await hub.client.get_entity(entity, include_state=False)).serialized_state is None  # type: ignore[union-attr]
+    assert await hub.client.get_entity(EntityInstanceId("journal", "never-used")) is None
+
+
+async def test_orchestrations_call_and_signal_entities(hub: Hub, app: dtfx.App) -> None:
+    app.add_entity(counter)
+    target = EntityInstanceId("counter", "c1")
+
+    @app.orchestrator
+    def use_counter(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        ctx.signal_entity(target, "add", 5)
+        after_add = yield ctx.call_entity(target, "add", 10)
+        current = yield ctx.call_entity(target, "get")
+        return [after_add, current]
+
+    async with hub.worker(app):
+        state = await hub.run(use_counter)
+    assert state.get_output() == [15, 15]
+
+
+async def test_falsy_state_is_real_state(hub: Hub, app: dtfx.App) -> None:
+    app.add_entity(counter)
+    entity = EntityInstanceId("counter", "zero")
+    async with hub.worker(app):
+        await hub.client.signal_entity(entity, "reset")
+        await _wait_for_entity_state(hub, entity, 0)
+        metadata = await hub.client.get_entity(entity)
+        assert metadata is not None and metadata.serialized_state == "0"
+        await hub.client.signal_entity(entity, "delete")
+        deadline = asyncio.get_running_loop().time() + 10
+        while await hub.client.get_entity(entity) is not None:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+
+
+async def test_a_failed_operation_rolls_back_only_its_own_change(hub: Hub, app: dtfx.App) -> None:
+    app.add_entity(counter)
+    target = EntityInstanceId("counter", "rollback")
+
+    @app.orchestrator
+    def failing_call(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        yield ctx.call_entity(target, "add", 1)
+        try:
+            yield ctx.call_entity(target, "fail_after_add")
+        except dtfx.EntityOperationFailedError as error:
+            failure = [error.entity_id, error.operation, error.details.message, isinstance(error, dtfx.TaskFailedError)]
+        total = yield ctx.call_entity(target, "add", 1)
+        return [failure, total]
+
+    async with hub.worker(app):
+        state = await hub.run(failing_call)
+    assert state.get_output() == [["@counter@rollback", "fail_after_add", "add rolled back", True], 2]
+
+
+async def test_class_entities_and_entity_to_entity_signals(hub: Hub, app: dtfx.App) -> None:
+    app.add_entity(Account)
+
+    @app.entity
+    def forwarder(ctx: dtfx.EntityContext, amount: int) -> None:
+        ctx.signal_entity(EntityInstanceId("account", "savings"), "deposit", amount)
+        ctx.set_state(ctx.get_state(int, 0) + 1)
+
+    @app.orchestrator
+    def check(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        try:
+            yield ctx.call_entity(EntityInstanceId("account", "savings"), "withdraw", 1_000_000)
+        except dtfx.EntityOperationFailedError as error:
+            refused = error.details.message
+        balance = yield ctx.call_entity(EntityInstanceId("account", "savings"), "balance", return_type=int)
+        return [refused, balance]
+
+    async with hub.worker(app):
+        for _ in range(3):
+            await hub.client.signal_entity(EntityInstanceId("forwarder", "f"), "forward", 25)
+        await _wait_for_entity_state(hub, EntityInstanceId("account", "savings"), 75)
+        state = await hub.run(check)
+        await hub.client.signal_entity(EntityInstanceId("account", "savings"), "delete")
+        deadline = asyncio.get_running_loop().time() + 10
+        while await hub.client.get_entity(EntityInstanceId("account", "savings")) is not None:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+    assert state.get_output() == ["insufficient funds: 75 < 1000000", 75]
+
+
+async def test_an_entity_starts_an_orchestration(hub: Hub, app: dtfx.App) -> None:
+    @app.orchestrator
+    def greet(ctx: dtfx.OrchestrationContext, name: str) -> str:
+        return f"hello {name}"
+
+    @app.entity
+    def starter(ctx: dtfx.EntityContext, name: str) -> str:
+        return ctx.schedule_new_orchestration("greet", name, instance_id=f"started-by-{ctx.entity_id.key}")
+
+    async with hub.worker(app):
+        await hub.client.signal_entity(EntityInstanceId("starter", "k"), "start", "ann")
+        await hub.wait_for_state("started-by-k", lambda s: s.runtime_status.is_terminal)
+        state = await hub.client.get_orchestration_state("started-by-k")
+    assert state is not None and state.get_output() == "hello ann"
+
+
+async def test_scheduled_signals_wait_for_their_time(hub: Hub, app: dtfx.App) -> None:
+    app.add_entity(counter)
+    entity = EntityInstanceId("counter", "later")
+
+    @app.orchestrator
+    def schedule(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        ctx.signal_entity(entity, "add", 1, signal_time=ctx.current_utc_datetime + timedelta(milliseconds=400))
+        return "scheduled"
+
+    async with hub.worker(app):
+        await hub.client.signal_entity(entity, "add", 10, signal_time=utc_now() + timedelta(milliseconds=300))
+        await hub.run(schedule)
+        await asyncio.sleep(0.1)
+        assert await hub.client.get_entity(entity) is None
+        await _wait_for_entity_state(hub, entity, 11)
+
+
+async def test_critical_sections_keep_transfers_consistent(hub: Hub, app: dtfx.App) -> None:
+    app.add_entity(Account)
+    a, b = EntityInstanceId("account", "a"), EntityInstanceId("account", "b")
+
+    @app.orchestrator
+    def transfer(ctx: dtfx.OrchestrationContext, move: list[Any]) -> Any:
+        source, target, amount = EntityInstanceId("account", move[0]), EntityInstanceId("account", move[1]), move[2]
+        lock = yield ctx.lock_entities([target, source])  # any order: locks are taken in a global order
+        with lock:
+            balance = yield ctx.call_entity(source, "balance")
+            if balance < amount:
+                return "refused"
+            yield ctx.call_entity(source, "withdraw", amount)
+            yield ctx.call_entity(target, "deposit", amount)
+        return "moved"
+
+    async with hub.worker(app):
+        await hub.client.signal_entity(a, "deposit", 100)
+        await hub.client.signal_entity(b, "deposit", 100)
+        ids = [
+            await hub.client.schedule_new_orchestration(transfer, input=["a", "b", 30] if n % 2 else ["b", "a", 20])
+            for n in range(12)
+        ]
+        results = [await hub.client.wait_for_orchestration_completion(i, timeout=30) for i in ids]
+        balances = [await _unlocked(hub, e) for e in (a, b)]
+    assert all(r is not None and r.runtime_status == Status.COMPLETED for r in results)
+    assert sum(m.get_state() for m in balances) == 200
+
+
+async def _unlocked(hub: Hub, entity: EntityInstanceId, timeout: float = 10) -> dtfx.EntityMetadata:
+    """The entity's metadata once its lock is released (unlocks travel as messages)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        metadata = await hub.client.get_entity(entity)
+        if metadata is not None and metadata.locked_by is None:
+            return metadata
+        assert asyncio.get_running_loop().time() < deadline, f"{entity} stays locked"
+        await asyncio.sleep(0.01)
+
+
+async def test_locks_are_released_when_the_orchestration_fails(hub: Hub, app: dtfx.App) -> None:
+    app.add_entity(counter)
+    entity = EntityInstanceId("counter", "locked")
+
+    @app.orchestrator
+    def crash_in_section(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        yield ctx.lock_entities([entity])
+        yield ctx.call_entity(entity, "add", 1)
+        raise RuntimeError("crash inside the critical section")
+
+    @app.orchestrator
+    def after(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_entity(entity, "add", 1))
+
+    async with hub.worker(app):
+        failed = await hub.run(crash_in_section)
+        later = await hub.run(after)
+    assert failed.runtime_status == Status.FAILED
+    assert later.get_output() == 2
+
+
+async def test_critical_section_misuse_raises_the_documented_errors(hub: Hub, app: dtfx.App) -> None:
+    app.add_entity(counter)
+    locked, other = EntityInstanceId("counter", "x"), EntityInstanceId("counter", "y")
+
+    @app.orchestrator
+    def misuse(ctx: dtfx.OrchestrationContext, case: str) -> Any:
+        request = ctx.lock_entities([locked])
+        if case == "call before the lock":
+            ctx.call_entity(locked, "get")
+        lock = yield request
+        with lock:
+            if case == "nested":
+                ctx.lock_entities([other])
+            elif case == "unlocked entity":
+                ctx.call_entity(other, "get")
+            elif case == "signal locked":
+                ctx.signal_entity(locked, "add", 1)
+            elif case == "two calls":
+                ctx.call_entity(locked, "get")
+                ctx.call_entity(locked, "get")
+            elif case == "sub-orchestration":
+                ctx.call_sub_orchestrator("anything")
+        return "no error"
+
+    cases = ["call before the lock", "nested", "unlocked entity", "signal locked", "two calls", "sub-orchestration"]
+    async with hub.worker(app):
+        states = [await hub.run(misuse, case) for case in cases]
+    for case, state in zip(cases, states, strict=True):
+        assert state.runtime_status == Status.FAILED, case
+        assert state.failure_details is not None
+        assert state.failure_details.error_type == "dtfx.core.errors.LockingRulesViolationError", case
+
+
+async def test_query_entities_and_clean_entity_storage(hub: Hub, app: dtfx.App) -> None:
+    app.add_entity(counter)
+    held = EntityInstanceId("counter", "held")
+
+    @app.orchestrator
+    def hold_lock(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        lock = yield ctx.lock_entities([held])
+        with lock:
+            yield ctx.wait_for_external_event("never")
+
+    async with hub.worker(app):
+        for key in ("a1", "a2", "b1"):
+            await hub.client.signal_entity(EntityInstanceId("counter", key), "add", 1)
+        await hub.client.signal_entity(EntityInstanceId("counter", "gone"), "add", 1)
+        await hub.client.signal_entity(EntityInstanceId("counter", "gone"), "delete")
+        for key in ("a1", "a2", "b1"):
+            await _wait_for_entity_state(hub, EntityInstanceId("counter", key), 1)
+        holder = await hub.client.schedule_new_orchestration(hold_lock)
+        assert (await _locked_by(hub, held, holder)).serialized_state is None
+
+        everything = await hub.client.get_all_entities(dtfx.EntityQuery(page_size=2))
+        assert [str(m.id) for m in everything] == ["@counter@a1", "@counter@a2", "@counter@b1", "@counter@held"]
+        prefixed = await hub.client.get_all_entities(dtfx.EntityQuery(instance_id_starts_with="@counter@a"))
+        assert [(str(m.id), m.get_state()) for m in prefixed] == [("@counter@a1", 1), ("@counter@a2", 1)]
+        by_name = await hub.client.get_all_entities(
+            dtfx.EntityQuery(instance_id_starts_with="Counter", include_state=False)
+        )
+        assert len(by_name) == 4 and all(m.serialized_state is None for m in by_name)
+
+        # Ending the orchestration releases its locks.
+        await hub.client.terminate_orchestration(holder)
+        await _unlocked_or_gone(hub, held)
+
+        # A lock whose holder is gone is orphaned; cleaning releases it.
+        await hub.client.signal_entity(held, "add", 5)
+        await _wait_for_entity_state(hub, held, 5)
+        ghost_lock = EntityLockRequested(
+            timestamp=utc_now(), critical_section_id="cs", lock_set=[str(held)], position=0, parent_instance_id="ghost"
+        )
+        await hub.backend.send_event(str(held), ghost_lock)
+        await _locked_by(hub, held, "ghost")
+        result = await hub.client.clean_entity_storage()
+        assert result == dtfx.CleanEntityStorageResult(empty_entities_removed=1, orphaned_locks_released=1)
+        await _unlocked_or_gone(hub, held)
+    assert await hub.backend.get_instance("@counter@gone") is None
+    assert (await hub.client.get_entity(held)).get_state() == 5  # type: ignore[union-attr]
+
+
+async def _locked_by(hub: Hub, entity: EntityInstanceId, owner: str, timeout: float = 10) -> dtfx.EntityMetadata:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        metadata = await hub.client.get_entity(entity)
+        if metadata is not None and metadata.locked_by == owner:
+            return metadata
+        assert asyncio.get_running_loop().time() < deadline, f"{entity} is not locked by {owner}"
+        await asyncio.sleep(0.01)
+
+
+async def _unlocked_or_gone(hub: Hub, entity: EntityInstanceId, timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        metadata = await hub.client.get_entity(entity)
+        if metadata is None or metadata.locked_by is None:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"{entity} stays locked"
+        await asyncio.sleep(0.01)
+
+
+async def test_unknown_entities_fail_their_callers(hub: Hub, app: dtfx.App) -> None:
+    @app.orchestrator
+    def call_unknown(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        yield ctx.call_entity(EntityInstanceId("nobody", "k"), "op")
+
+    async with hub.worker(app):
+        state = await hub.run(call_unknown)
+    assert state.runtime_status == Status.FAILED
+    inner = state.failure_details.inner_failure if state.failure_details else None
+    assert inner is not None and "No entity named 'nobody'" in inner.message
+
+
+def test_entity_ids_are_validated_and_parsed() -> None:
+    assert EntityInstanceId.parse("@Counter@key@with@ats") == EntityInstanceId("counter", "key@with@ats")
+    assert sorted([EntityInstanceId("b", "1"), EntityInstanceId("a", "2")])[0].entity == "a"
+    with pytest.raises(ValueError):
+        EntityInstanceId("bad@name", "k")
+    with pytest.raises(ValueError):
+        EntityInstanceId.parse("counter@key")
