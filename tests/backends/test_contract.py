@@ -32,6 +32,8 @@ from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery
 from dtfx.core.workitems import (
     ActivityResult,
     ActivityTask,
+    ActivityWorkItem,
+    CommitResult,
     OrchestrationCheckpoint,
     OrchestrationWorkItem,
     OutboundMessage,
@@ -456,6 +458,76 @@ async def test_a_start_message_replaces_an_ended_child(backend: Backend) -> None
     assert state is not None
     assert state.runtime_status == Status.PENDING and state.execution_id == child.instance.execution_id
     assert await backend.get_history("child") == []
+
+
+# -- eager activities: leased tasks and kept leases ------------------------------------------------------------
+
+
+async def test_a_checkpoint_can_keep_its_lease_and_queue_a_leased_task(backend: Backend) -> None:
+    await backend.create_instance(start_event("a"))
+    item = await lock_one(backend, "a")
+    scheduled = TaskScheduled(event_id=1, timestamp=utc_now(), name="act")
+    task = ActivityTask("a", item.state.execution_id, scheduled, lock_token="eager-1", locked_until=utc_now() + LEASE)
+    checkpoint = checkpoint_for(item, activity_tasks=[task], keep_lease_for=LEASE)
+    assert await backend.complete_orchestration_work_items([checkpoint]) == [CommitResult.LEASE_KEPT]
+    assert await backend.lock_activity_work_items(10, LEASE) == []  # the task is leased already
+    await backend.send_event("a", EventRaised(timestamp=utc_now(), name="meanwhile"))
+    assert await backend.lock_orchestration_work_items(10, LEASE) == []  # the instance too
+
+    # The eager task's result goes into the history directly; its task is deleted.
+    eager = ActivityWorkItem(None, "eager-1", utc_now() + LEASE, task)
+    assert await backend.renew_activity_lease(eager, LEASE)
+    done = TaskCompleted(timestamp=utc_now(), task_scheduled_id=1, result='"r"')
+    follow_up = checkpoint_for(
+        item, history=[OrchestratorStarted(timestamp=utc_now()), done], consumed=[], keep_lease_for=LEASE
+    )
+    follow_up.finished_tasks.append("eager-1")
+    # A message is waiting, so the lease is released rather than kept.
+    assert await backend.complete_orchestration_work_items([follow_up]) == [CommitResult.COMMITTED]
+    assert (await backend.get_history("a"))[-1] == done
+    assert await backend.complete_activity_work_items([ActivityResult(eager, done)]) == [False]  # task gone
+    item = await lock_one(backend, "a")
+    assert [type(m.event).__name__ for m in item.messages] == ["EventRaised"]
+
+
+async def test_an_eager_task_falls_back_on_the_queue(backend: Backend) -> None:
+    await backend.create_instance(start_event("a"))
+    item = await lock_one(backend, "a")
+    scheduled = TaskScheduled(event_id=1, timestamp=utc_now(), name="act")
+    task = ActivityTask(
+        "a", item.state.execution_id, scheduled, lock_token="eager-2", locked_until=utc_now() + timedelta(seconds=5)
+    )
+    checkpoint = checkpoint_for(item, activity_tasks=[task], keep_lease_for=LEASE)
+    assert await backend.complete_orchestration_work_items([checkpoint]) == [CommitResult.LEASE_KEPT]
+    eager = ActivityWorkItem(None, "eager-2", utc_now(), task)
+    failure = FailureDetails(error_type="E", message="m")
+    result = TaskFailed(timestamp=utc_now(), task_scheduled_id=1, failure_details=failure)
+    assert await backend.complete_activity_work_items([ActivityResult(eager, result)]) == [True]
+    # The orchestration lease was kept: the result waits in the inbox until it ends.
+    assert await backend.lock_orchestration_work_items(10, LEASE) == []
+    await backend.abandon_orchestration_work_item(item)
+    item = await lock_one(backend, "a")
+    assert [m.event for m in item.messages] == [result]
+
+
+async def test_an_eager_task_whose_lease_expires_goes_to_another_worker(backend: Backend) -> None:
+    await backend.create_instance(start_event("a"))
+    item = await lock_one(backend, "a")
+    scheduled = TaskScheduled(event_id=1, timestamp=utc_now(), name="act")
+    short = utc_now() + timedelta(milliseconds=100)
+    task = ActivityTask("a", item.state.execution_id, scheduled, lock_token="eager-3", locked_until=short)
+    assert await backend.complete_orchestration_work_items([checkpoint_for(item, activity_tasks=[task])]) == [
+        CommitResult.COMMITTED
+    ]
+    assert await backend.lock_activity_work_items(10, LEASE) == []
+    await asyncio.sleep(0.15)
+    [taken] = await backend.lock_activity_work_items(10, LEASE)
+    assert taken.task.event == scheduled and taken.lock_token != "eager-3" and taken.dequeue_count == 2
+    stale = ActivityWorkItem(None, "eager-3", short, task)
+    assert await backend.renew_activity_lease(stale, LEASE) is False
+    done = TaskCompleted(timestamp=utc_now(), task_scheduled_id=1)
+    assert await backend.complete_activity_work_items([ActivityResult(stale, done)]) == [False]
+    assert await backend.complete_activity_work_items([ActivityResult(taken, done)]) == [True]
 
 
 # -- activities -----------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
@@ -35,6 +37,7 @@ from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, Orch
 from dtfx.core.workitems import (
     ActivityResult,
     ActivityWorkItem,
+    CommitResult,
     OrchestrationCheckpoint,
     OrchestrationWorkItem,
 )
@@ -76,6 +79,8 @@ class Backend(ABC):
     def __init__(self) -> None:
         self._work_signals = {kind: Signal() for kind in WorkKind}
         self._instance_signals = KeyedSignal()
+        self._delayed_lock = threading.Lock()
+        self._delayed: dict[WorkKind, list[datetime]] = {kind: [] for kind in WorkKind}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -162,15 +167,19 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    async def complete_orchestration_work_items(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> list[bool]:
-        """Commit the checkpoints in one transaction; return, per checkpoint, whether it
-        was committed.
+    async def complete_orchestration_work_items(
+        self, checkpoints: Sequence[OrchestrationCheckpoint]
+    ) -> list[CommitResult]:
+        """Commit the checkpoints in one transaction; return, per checkpoint, what happened.
 
         For each checkpoint whose lease is still held (same lock token): append its
         history (or replace it), update the instance row, delete the consumed inbox
-        messages, queue its activity tasks, deliver its messages following
-        :mod:`~dtfx.backends.delivery`, and release the lease. A checkpoint whose
-        lease was lost changes nothing and reports ``False``; the others still commit.
+        messages, delete the ``finished_tasks`` still leased with those tokens, queue its
+        activity tasks (already leased when they carry a lock token), deliver its
+        messages following :mod:`~dtfx.backends.delivery`, and release the lease, or,
+        with ``keep_lease_for`` and no visible inbox message left, extend it
+        (``LEASE_KEPT``). A checkpoint whose lease was lost changes nothing and reports
+        ``LOST``; the others still commit.
         """
 
     @abstractmethod
@@ -197,7 +206,10 @@ class Backend(ABC):
     async def complete_activity_work_items(self, results: Sequence[ActivityResult]) -> list[bool]:
         """In one transaction, for each result whose lease is still held: delete the task
         and put the result event in its instance's inbox (addressed to the task's
-        execution). Return, per result, whether it was committed."""
+        execution). Return, per result, whether it was committed.
+
+        Here and in the other activity methods, a work item whose ``id`` is ``None`` (an
+        eager task) is identified by its lock token alone."""
 
     @abstractmethod
     async def abandon_activity_work_item(self, item: ActivityWorkItem, *, retry_at: datetime | None = None) -> None:
@@ -223,6 +235,30 @@ class Backend(ABC):
         """
         return self._work_signals[kind].subscribe()
 
+    def _note_delayed(self, kind: WorkKind, visible_at: datetime) -> None:
+        """Remember that work of ``kind`` written by this process becomes visible at ``visible_at``;
+        dispatchers are woken if it is due before anything they knew of."""
+        with self._delayed_lock:
+            pending = self._delayed[kind]
+            earliest = not pending or visible_at < pending[0]
+            heapq.heappush(pending, visible_at)
+        if earliest:
+            self._notify_work(kind)
+
+    def local_due(self, kind: WorkKind) -> datetime | None:
+        """When the next work of ``kind`` that this process wrote for later becomes visible.
+
+        Lets an idle dispatcher wake for its own timers without asking the store; work
+        delayed by other processes is found by polling (:attr:`poll_interval`) and by
+        :meth:`next_visible_at`.
+        """
+        now = utc_now()
+        with self._delayed_lock:
+            pending = self._delayed[kind]
+            while pending and pending[0] <= now:
+                heapq.heappop(pending)
+            return pending[0] if pending else None
+
     def _notify_work(self, *kinds: WorkKind) -> None:
         for kind in kinds:
             self._work_signals[kind].notify()
@@ -240,9 +276,11 @@ class Backend(ABC):
     ) -> OrchestrationState | None:
         """Wait until the instance's state satisfies ``predicate`` and return it.
 
-        Returns ``None`` at once for an unknown instance; raises ``TimeoutError``
-        when ``timeout`` seconds pass first. Built from :meth:`get_instance`, woken by
-        this object's own commits and polling otherwise; backends may do better.
+        ``predicate`` should depend on the status only: waiters are woken when an
+        instance's status changes. Returns ``None`` at once for an unknown instance;
+        raises ``TimeoutError`` when ``timeout`` seconds pass first. Built from
+        :meth:`get_instance`, woken by this object's own commits and polling
+        otherwise; backends may do better.
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout

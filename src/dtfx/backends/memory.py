@@ -33,6 +33,7 @@ from dtfx.core.workitems import (
     ActivityResult,
     ActivityTask,
     ActivityWorkItem,
+    CommitResult,
     InboxMessage,
     OrchestrationCheckpoint,
     OrchestrationWorkItem,
@@ -105,21 +106,38 @@ class MemoryBackend(Backend):
         self._notify_work(WorkKind.ORCHESTRATION)
         self._notify_instance(instance_id)
 
-    def _create(self, start: ExecutionStarted, now: datetime, scheduled_start_at: datetime | None = None) -> None:
+    def _create(
+        self,
+        start: ExecutionStarted,
+        now: datetime,
+        scheduled_start_at: datetime | None = None,
+        woken: set[WorkKind] | None = None,
+    ) -> None:
         instance_id = start.instance.instance_id
         self._drop_tasks_of(instance_id)
         instance = _Instance(new_instance_state(start, now, scheduled_start_at))
         self._instances[instance_id] = instance
-        self._enqueue(instance, start, start.instance.execution_id, scheduled_start_at or now)
+        self._enqueue(instance, start, start.instance.execution_id, scheduled_start_at or now, now, woken)
 
     def _drop_tasks_of(self, instance_id: str) -> None:
         for task_id in [key for key, task in self._tasks.items() if task.task.instance_id == instance_id]:
             del self._tasks[task_id]
 
     def _enqueue(
-        self, instance: _Instance, event: HistoryEvent, execution_id: str | None, visible_at: datetime
+        self,
+        instance: _Instance,
+        event: HistoryEvent,
+        execution_id: str | None,
+        visible_at: datetime,
+        now: datetime,
+        woken: set[WorkKind] | None = None,
     ) -> None:
         instance.inbox.append(_Message(next(self._ids), event, execution_id, visible_at))
+        kind = _kind_of(instance.state.instance_id)
+        if visible_at > now:
+            self._note_delayed(kind, visible_at)
+        elif woken is not None:
+            woken.add(kind)
 
     async def send_event(self, instance_id: str, event: HistoryEvent, *, visible_at: datetime | None = None) -> None:
         now = utc_now()
@@ -128,7 +146,7 @@ class MemoryBackend(Backend):
             if instance is None and not is_entity_id(instance_id):
                 raise OrchestrationNotFoundError(instance_id)
             self._deliver(OutboundMessage(instance_id, event, visible_at=visible_at), "", now)
-        self._notify_work(WorkKind.ENTITY if is_entity_id(instance_id) else WorkKind.ORCHESTRATION)
+        self._notify_work(_kind_of(instance_id))
 
     async def get_instance(self, instance_id: str, *, fetch_payloads: bool = True) -> OrchestrationState | None:
         with self._lock:
@@ -213,27 +231,32 @@ class MemoryBackend(Backend):
                 )
         return items
 
-    async def complete_orchestration_work_items(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> list[bool]:
+    async def complete_orchestration_work_items(
+        self, checkpoints: Sequence[OrchestrationCheckpoint]
+    ) -> list[CommitResult]:
         now = utc_now()
-        results: list[bool] = []
+        results: list[CommitResult] = []
         changed: list[str] = []
+        woken: set[WorkKind] = set()
         with self._lock:
             for checkpoint in checkpoints:
                 instance = self._instances.get(checkpoint.instance_id)
                 if instance is None or instance.lock_token != checkpoint.lock_token:
-                    results.append(False)
+                    results.append(CommitResult.LOST)
                     continue
-                self._commit(instance, checkpoint, now)
-                results.append(True)
-                changed.append(checkpoint.instance_id)
+                status = instance.state.runtime_status
+                results.append(self._commit(instance, checkpoint, now, woken))
+                if instance.state.runtime_status != status:  # waiters wait for statuses
+                    changed.append(checkpoint.instance_id)
                 changed.extend(message.instance_id for message in checkpoint.messages)
-        if changed:
-            self._notify_work(*WorkKind)
-            for instance_id in dict.fromkeys(changed):
-                self._notify_instance(instance_id)
+        self._notify_work(*woken)
+        for instance_id in dict.fromkeys(changed):
+            self._notify_instance(instance_id)
         return results
 
-    def _commit(self, instance: _Instance, checkpoint: OrchestrationCheckpoint, now: datetime) -> None:
+    def _commit(
+        self, instance: _Instance, checkpoint: OrchestrationCheckpoint, now: datetime, woken: set[WorkKind]
+    ) -> CommitResult:
         if checkpoint.replace_history:
             instance.history = list(checkpoint.new_history)
         else:
@@ -241,14 +264,31 @@ class MemoryBackend(Backend):
         instance.state = checkpointed_state(instance.state, checkpoint)
         consumed = set(checkpoint.consumed)
         instance.inbox = [m for m in instance.inbox if m.id not in consumed]
-        instance.lock_token = instance.locked_until = None
+        finished = set(checkpoint.finished_tasks)
+        if finished:
+            for task_id in [key for key, task in self._tasks.items() if task.lock_token in finished]:
+                del self._tasks[task_id]
         for task in checkpoint.activity_tasks:
             task_id = next(self._ids)
-            self._tasks[task_id] = _Task(task_id, task, now)
+            if task.lock_token is None:
+                self._tasks[task_id] = _Task(task_id, task, now)
+                woken.add(WorkKind.ACTIVITY)
+            else:
+                self._tasks[task_id] = _Task(task_id, task, now, task.lock_token, task.locked_until, dequeue_count=1)
         for message in checkpoint.messages:
-            self._deliver(message, checkpoint.instance_id, now)
+            self._deliver(message, checkpoint.instance_id, now, woken)
+        ready = any(message.visible_at <= now for message in instance.inbox)
+        if checkpoint.keep_lease_for is not None and not ready:
+            instance.locked_until = now + checkpoint.keep_lease_for
+            return CommitResult.LEASE_KEPT
+        instance.lock_token = instance.locked_until = None
+        if ready:
+            woken.add(_kind_of(checkpoint.instance_id))
+        return CommitResult.COMMITTED
 
-    def _deliver(self, message: OutboundMessage, sender_id: str, now: datetime) -> None:
+    def _deliver(
+        self, message: OutboundMessage, sender_id: str, now: datetime, woken: set[WorkKind] | None = None
+    ) -> None:
         target = self._instances.get(message.instance_id)
         decision = route(message, sender_id, target.state if target else None)
         if decision is Route.DROP:
@@ -257,11 +297,11 @@ class MemoryBackend(Backend):
             assert target is not None
             refusal = refused_start(message, target.state.runtime_status, now)
             if refusal is not None:
-                self._deliver(refusal, message.instance_id, now)
+                self._deliver(refusal, message.instance_id, now, woken)
             return
         if decision is Route.CREATE:
             assert isinstance(message.event, ExecutionStarted)
-            self._create(message.event, now, message.visible_at)
+            self._create(message.event, now, message.visible_at, woken)
             return
         if decision is Route.CREATE_ENTITY:
             target = _Instance(new_entity_state(message.instance_id, now))
@@ -270,7 +310,7 @@ class MemoryBackend(Backend):
         status = status_on_delivery(target.state.runtime_status, message.event)
         if status != target.state.runtime_status:
             target.state = dataclasses.replace(target.state, runtime_status=status, last_updated_at=now)
-        self._enqueue(target, message.event, message.execution_id, message.visible_at or now)
+        self._enqueue(target, message.event, message.execution_id, message.visible_at or now, now, woken)
 
     async def abandon_orchestration_work_item(
         self, item: OrchestrationWorkItem, *, retry_at: datetime | None = None
@@ -280,7 +320,9 @@ class MemoryBackend(Backend):
             if instance is not None and instance.lock_token == item.lock_token:
                 instance.lock_token = None
                 instance.locked_until = retry_at
-        self._notify_work(WorkKind.ORCHESTRATION, WorkKind.ENTITY)
+        if retry_at is not None:
+            self._note_delayed(_kind_of(item.instance_id), retry_at)
+        self._notify_work(_kind_of(item.instance_id))
 
     async def renew_orchestration_lease(self, item: OrchestrationWorkItem, lock_for: timedelta) -> bool:
         with self._lock:
@@ -316,36 +358,44 @@ class MemoryBackend(Backend):
     async def complete_activity_work_items(self, results: Sequence[ActivityResult]) -> list[bool]:
         now = utc_now()
         committed: list[bool] = []
+        woken: set[WorkKind] = set()
         with self._lock:
             for result in results:
-                item = result.work_item
-                task = self._tasks.get(int(item.id))
-                if task is None or task.lock_token != item.lock_token:
+                task = self._leased_task(result.work_item)
+                if task is None:
                     committed.append(False)
                     continue
                 del self._tasks[task.id]
                 message = OutboundMessage(task.task.instance_id, result.event, task.task.execution_id)
-                self._deliver(message, "", now)
+                self._deliver(message, "", now, woken)
                 committed.append(True)
-        if any(committed):
-            self._notify_work(WorkKind.ORCHESTRATION)
+        self._notify_work(*woken)
         return committed
 
     async def abandon_activity_work_item(self, item: ActivityWorkItem, *, retry_at: datetime | None = None) -> None:
         with self._lock:
-            task = self._tasks.get(int(item.id))
-            if task is not None and task.lock_token == item.lock_token:
+            task = self._leased_task(item)
+            if task is not None:
                 task.lock_token = task.locked_until = None
                 task.visible_at = retry_at or utc_now()
+        if retry_at is not None:
+            self._note_delayed(WorkKind.ACTIVITY, retry_at)
         self._notify_work(WorkKind.ACTIVITY)
 
     async def renew_activity_lease(self, item: ActivityWorkItem, lock_for: timedelta) -> bool:
         with self._lock:
-            task = self._tasks.get(int(item.id))
-            if task is None or task.lock_token != item.lock_token:
+            task = self._leased_task(item)
+            if task is None:
                 return False
             task.locked_until = item.locked_until = utc_now() + lock_for
             return True
+
+    def _leased_task(self, item: ActivityWorkItem) -> _Task | None:
+        """The task if it is still leased with the item's token."""
+        if item.id is None:
+            return next((task for task in self._tasks.values() if task.lock_token == item.lock_token), None)
+        task = self._tasks.get(int(item.id))
+        return task if task is not None and task.lock_token == item.lock_token else None
 
     # -- waiting ------------------------------------------------------------------------------
 
@@ -365,6 +415,10 @@ class MemoryBackend(Backend):
                     if is_entity_id(instance_id) == entities
                 )
             return min(moments, default=None)
+
+
+def _kind_of(instance_id: str) -> WorkKind:
+    return WorkKind.ENTITY if is_entity_id(instance_id) else WorkKind.ORCHESTRATION
 
 
 def _snapshot(state: OrchestrationState, fetch_payloads: bool) -> OrchestrationState:

@@ -291,10 +291,9 @@ class PostgresBackend(SqlBackend):
             try:
                 async with pool.connection() as connection:
                     if write:
-                        async with connection.transaction():
-                            # Statements whose results are not read go out without waiting.
-                            async with connection.pipeline():
-                                result = await _drive(connection, stepper)
+                        # Statements whose results are not read go out without waiting (BEGIN too).
+                        async with connection.pipeline(), connection.transaction():
+                            result = await _drive(connection, stepper)
                             committing = True
                     else:
                         result = await _drive(connection, stepper)

@@ -116,30 +116,6 @@ class OrchestrationExecutor:
         self._awaited: Task[Any] | None = None
         self._suspended = False
         self._held_while_suspended: list[HistoryEvent] = []
-        self._handlers: dict[type[HistoryEvent], Callable[[Any], None]] = {
-            OrchestratorStarted: self._on_orchestrator_started,
-            ExecutionStarted: self._on_execution_started,
-            TaskScheduled: self._on_action_recorded,
-            TimerCreated: self._on_action_recorded,
-            SubOrchestrationInstanceCreated: self._on_action_recorded,
-            EventSent: self._on_action_recorded,
-            EntityOperationCalled: self._on_action_recorded,
-            EntityOperationSignaled: self._on_action_recorded,
-            EntityLockRequested: self._on_action_recorded,
-            EntityUnlockSent: self._on_action_recorded,
-            EntityOperationCompleted: self._on_entity_result,
-            EntityOperationFailed: self._on_entity_result,
-            EntityLockGranted: self._on_lock_granted,
-            TaskCompleted: self._on_result,
-            SubOrchestrationInstanceCompleted: self._on_result,
-            TaskFailed: self._on_failure,
-            SubOrchestrationInstanceFailed: self._on_failure,
-            TimerFired: self._on_timer_fired,
-            EventRaised: self._on_event_raised,
-            ExecutionSuspended: self._on_suspended,
-            ExecutionResumed: self._on_resumed,
-            ExecutionTerminated: self._on_terminated,
-        }
 
     @property
     def is_complete(self) -> bool:
@@ -194,9 +170,9 @@ class OrchestrationExecutor:
         if self._suspended and isinstance(event, _HELD_WHILE_SUSPENDED):
             self._held_while_suspended.append(event)
             return
-        handler = self._handlers.get(type(event))
+        handler = _HANDLERS.get(type(event))
         if handler is not None:
-            handler(event)
+            handler(self, event)
 
     def _after_completion(self, event: HistoryEvent) -> None:
         completion = self.context.completion
@@ -456,3 +432,30 @@ class OrchestrationExecutor:
                 generator.close()
             except Exception:
                 logger.debug("Closing the generator of %s raised", self.context.instance_id, exc_info=True)
+
+
+_HANDLERS: dict[type[HistoryEvent], Callable[[OrchestrationExecutor, Any], None]] = {
+    OrchestratorStarted: OrchestrationExecutor._on_orchestrator_started,
+    ExecutionStarted: OrchestrationExecutor._on_execution_started,
+    TaskScheduled: OrchestrationExecutor._on_action_recorded,
+    TimerCreated: OrchestrationExecutor._on_action_recorded,
+    SubOrchestrationInstanceCreated: OrchestrationExecutor._on_action_recorded,
+    EventSent: OrchestrationExecutor._on_action_recorded,
+    EntityOperationCalled: OrchestrationExecutor._on_action_recorded,
+    EntityOperationSignaled: OrchestrationExecutor._on_action_recorded,
+    EntityLockRequested: OrchestrationExecutor._on_action_recorded,
+    EntityUnlockSent: OrchestrationExecutor._on_action_recorded,
+    EntityOperationCompleted: OrchestrationExecutor._on_entity_result,
+    EntityOperationFailed: OrchestrationExecutor._on_entity_result,
+    EntityLockGranted: OrchestrationExecutor._on_lock_granted,
+    TaskCompleted: OrchestrationExecutor._on_result,
+    SubOrchestrationInstanceCompleted: OrchestrationExecutor._on_result,
+    TaskFailed: OrchestrationExecutor._on_failure,
+    SubOrchestrationInstanceFailed: OrchestrationExecutor._on_failure,
+    TimerFired: OrchestrationExecutor._on_timer_fired,
+    EventRaised: OrchestrationExecutor._on_event_raised,
+    ExecutionSuspended: OrchestrationExecutor._on_suspended,
+    ExecutionResumed: OrchestrationExecutor._on_resumed,
+    ExecutionTerminated: OrchestrationExecutor._on_terminated,
+}
+"""How each history event is applied (events not listed change nothing)."""

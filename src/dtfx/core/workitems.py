@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from dtfx.core.history import (
     FailureDetails,
@@ -45,7 +46,7 @@ class OutboundMessage:
     """Not delivered before this moment (timers); ``None`` means now."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ActivityTask:
     """An activity to run, as queued when its orchestration schedules it."""
 
@@ -53,6 +54,10 @@ class ActivityTask:
     execution_id: str | None
     event: TaskScheduled
     """Its ``event_id`` is the task id the result refers to."""
+    lock_token: str | None = None
+    """Set by a worker that runs the task itself (an eager activity): the task is queued
+    already leased with this token, until ``locked_until``."""
+    locked_until: datetime | None = None
 
 
 @dataclass(slots=True)
@@ -92,17 +97,35 @@ class OrchestrationCheckpoint:
     replace_history: bool = False
     activity_tasks: list[ActivityTask] = field(default_factory=list)
     messages: list[OutboundMessage] = field(default_factory=list)
+    finished_tasks: list[str] = field(default_factory=list)
+    """Lock tokens of eager activity tasks whose results ``new_history`` records: the tasks
+    still leased with those tokens are deleted."""
+    keep_lease_for: timedelta | None = None
+    """Keep the lease (extended by this much) instead of releasing it, unless visible
+    inbox messages are left once ``consumed`` is deleted."""
 
     def history_size_after(self, previous_size: int) -> int:
         """How many events the history holds once this checkpoint is committed."""
         return len(self.new_history) if self.replace_history else previous_size + len(self.new_history)
 
 
+class CommitResult(enum.IntEnum):
+    """What committing one checkpoint did; false only when nothing was written."""
+
+    LOST = 0
+    """The lease was lost: nothing was written."""
+    COMMITTED = 1
+    """Written, and the lease released."""
+    LEASE_KEPT = 2
+    """Written, and the lease kept as ``keep_lease_for`` asked."""
+
+
 @dataclass(slots=True)
 class ActivityWorkItem:
     """A locked activity task."""
 
-    id: MessageId
+    id: MessageId | None
+    """The backend's id of the task; ``None`` for an eager task, which its lock token identifies."""
     lock_token: str
     locked_until: datetime
     task: ActivityTask

@@ -45,7 +45,7 @@ class ActivityProcessor:
         self,
         backend: Backend,
         runner: ActivityRunner,
-        committer: GroupCommitter[ActivityResult],
+        committer: GroupCommitter[ActivityResult, bool],
         *,
         lease_duration: timedelta,
     ) -> None:
@@ -56,7 +56,6 @@ class ActivityProcessor:
 
     async def process(self, item: ActivityWorkItem) -> None:
         """Run the activity and commit its result."""
-        scheduled = item.task.event
 
         async def renew() -> bool:
             return await self._backend.renew_activity_lease(item, self._lease_duration)
@@ -66,12 +65,17 @@ class ActivityProcessor:
         if isinstance(outcome, Abandon):
             await self._backend.abandon_activity_work_item(item, retry_at=outcome.retry_at)
             return
-        if not await self._committer.commit(ActivityResult(item, outcome)):
+        await self.deliver(ActivityResult(item, outcome))
+
+    async def deliver(self, result: ActivityResult) -> None:
+        """Commit an activity's result: the task goes, the result joins its orchestration's inbox."""
+        if not await self._committer.commit(result):
+            scheduled = result.work_item.task.event
             logger.warning(
                 "Activity %s #%d of %s: the lease was lost; its result was discarded",
                 scheduled.name,
                 scheduled.event_id,
-                item.task.instance_id,
+                result.work_item.task.instance_id,
             )
 
     async def release(self, item: ActivityWorkItem) -> None:

@@ -7,9 +7,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
-class GroupCommitter(Generic[T]):
+class GroupCommitter(Generic[T, R]):
     """Batches ``commit`` calls into calls of ``commit_many``.
 
     The first completion is committed at once; those that arrive meanwhile wait and
@@ -17,15 +18,15 @@ class GroupCommitter(Generic[T]):
     load the number of transactions drops by the batch size.
     """
 
-    def __init__(self, commit_many: Callable[[Sequence[T]], Awaitable[list[bool]]], max_batch: int = 500) -> None:
+    def __init__(self, commit_many: Callable[[Sequence[T]], Awaitable[Sequence[R]]], max_batch: int = 500) -> None:
         self._commit_many = commit_many
         self._max_batch = max_batch
-        self._queue: list[tuple[T, asyncio.Future[bool]]] = []
+        self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def commit(self, item: T) -> bool:
-        """Commit ``item`` (with whatever else is waiting); True if it was committed."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    async def commit(self, item: T) -> R:
+        """Commit ``item`` (with whatever else is waiting); returns what the backend said of it."""
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())

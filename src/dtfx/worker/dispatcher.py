@@ -2,10 +2,12 @@
 
 A dispatcher runs ``dispatcher_count`` fetch loops. Each loop waits for a free
 concurrency slot, fetches as many work items as there are free slots (one backend
-call), and starts one task per item. When there is nothing to fetch it waits for a
-wake-up. Fetch errors and processing errors back off exponentially. A work item
-fetched after :meth:`stop` began is released at once; on stop, in-flight items get a
-grace period to finish, and the ones still running are cancelled and released.
+call), and starts one task per item. When a fetch finds fewer items than it asked
+for, the queue is drained, and the loop waits for a wake-up (``before_fetch``
+resets the wake-up flag, so that nothing that arrives during the fetch is missed).
+Fetch errors and processing errors back off exponentially. A work item fetched
+after :meth:`stop` began is released at once; on stop, in-flight items get a grace
+period to finish, and the ones still running are cancelled and released.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class WorkItemDispatcher(Generic[T]):
         release: Callable[[T], Awaitable[None]],
         wait_for_work: Callable[[], Awaitable[None]],
         describe: Callable[[T], str],
+        before_fetch: Callable[[], None] | None = None,
         max_concurrent: int,
         dispatcher_count: int = 1,
         max_batch: int = 100,
@@ -69,6 +72,7 @@ class WorkItemDispatcher(Generic[T]):
         self._process = process
         self._release = release
         self._wait_for_work = wait_for_work
+        self._before_fetch = before_fetch
         self._describe = describe
         self._max_concurrent = max_concurrent
         self._dispatcher_count = dispatcher_count
@@ -78,6 +82,7 @@ class WorkItemDispatcher(Generic[T]):
         self._delay = 0.0
         self._running = False
         self._in_flight: dict[asyncio.Task[None], T] = {}
+        self._reserved = 0
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
@@ -86,6 +91,18 @@ class WorkItemDispatcher(Generic[T]):
     def in_flight(self) -> int:
         """Work items being processed right now."""
         return len(self._in_flight)
+
+    def reserve_slot(self) -> bool:
+        """Take a concurrency slot for work done outside the fetch loop; False if none is free."""
+        if len(self._in_flight) + self._reserved >= self._max_concurrent:
+            return False
+        self._reserved += 1
+        return True
+
+    def free_slot(self) -> None:
+        """Give back a slot taken with :meth:`reserve_slot`."""
+        self._reserved -= 1
+        self._slot_freed.set()
 
     def start(self) -> None:
         """Start the fetch loops on the running event loop."""
@@ -118,7 +135,7 @@ class WorkItemDispatcher(Generic[T]):
 
     async def _dispatch(self, index: int) -> None:
         while self._running:
-            free = self._max_concurrent - len(self._in_flight)
+            free = self._max_concurrent - len(self._in_flight) - self._reserved
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
@@ -127,8 +144,11 @@ class WorkItemDispatcher(Generic[T]):
                 delay, self._delay = self._delay, 0.0
                 await self._sleep(delay)
                 continue
+            wanted = min(free, self._max_batch)
+            if self._before_fetch is not None:
+                self._before_fetch()
             try:
-                items = await self._fetch(min(free, self._max_batch))
+                items = await self._fetch(wanted)
             except Exception:
                 if not self._running:
                     break
@@ -140,12 +160,11 @@ class WorkItemDispatcher(Generic[T]):
             if not self._running:
                 await asyncio.gather(*(self._safe_release(item) for item in items))
                 break
-            if not items:
-                await self._idle()
-                continue
             for item in items:
                 task = asyncio.create_task(self._run(item))
                 self._in_flight[task] = item
+            if len(items) < wanted:  # drained: wait until something new arrives
+                await self._idle()
 
     async def _run(self, item: T) -> None:
         try:

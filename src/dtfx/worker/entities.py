@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from dtfx.backends.base import Backend, utc_now
 from dtfx.core.entities import (
+    BatchPlan,
     BatchResult,
     EntityInstanceId,
     OperationRequest,
@@ -27,8 +28,9 @@ from dtfx.core.entity_context import DurableEntity, EntityBatchState, EntityCont
 from dtfx.core.errors import NotRegisteredError
 from dtfx.core.history import FailureDetails
 from dtfx.core.serialization import DataConverter, input_type_of, parameter_types
-from dtfx.core.workitems import OrchestrationCheckpoint, OrchestrationWorkItem
+from dtfx.core.workitems import CommitResult, OrchestrationCheckpoint, OrchestrationWorkItem
 from dtfx.worker.commit import GroupCommitter
+from dtfx.worker.orchestrations import Abandon
 from dtfx.worker.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -37,17 +39,16 @@ logger = logging.getLogger(__name__)
 class EntityRunner(Protocol):
     """Runs a batch of entity operations."""
 
-    async def run(
-        self, entity_id: EntityInstanceId, state: str | None, operations: Sequence[OperationRequest]
-    ) -> BatchResult:
-        """The state after the operations, one result per operation, and their actions."""
+    async def run(self, item: OrchestrationWorkItem, plan: BatchPlan) -> BatchResult | Abandon:
+        """The state after the plan's operations (run on the entity's state in ``item``), one
+        result per operation and their actions; or :class:`Abandon` to give the work item back."""
 
 
 class EntityProcessor:
     """Takes an entity work item from lock to commit."""
 
     def __init__(
-        self, backend: Backend, runner: EntityRunner, committer: GroupCommitter[OrchestrationCheckpoint]
+        self, backend: Backend, runner: EntityRunner, committer: GroupCommitter[OrchestrationCheckpoint, CommitResult]
     ) -> None:
         self._backend = backend
         self._runner = runner
@@ -57,9 +58,13 @@ class EntityProcessor:
         """Run the operations the entity's lock lets through, and commit the batch."""
         now = utc_now()
         plan = plan_batch(item, now)
-        result = None
+        result: BatchResult | None = None
         if plan.operations:
-            result = await self._runner.run(plan.entity_id, item.state.serialized_output, plan.operations)
+            outcome = await self._runner.run(item, plan)
+            if isinstance(outcome, Abandon):  # given back (over gRPC: no SDK worker can take it now)
+                await self._backend.abandon_orchestration_work_item(item, retry_at=outcome.retry_at)
+                return
+            result = outcome
         if not await self._committer.commit(apply_batch(item, plan, result, now)):
             logger.warning("Entity %s: the lease was lost before the batch could be committed", item.instance_id)
 
@@ -81,11 +86,12 @@ class LocalEntityRunner:
         self._converter = converter
         self._thread_pool = thread_pool
 
-    async def run(
-        self, entity_id: EntityInstanceId, state: str | None, operations: Sequence[OperationRequest]
-    ) -> BatchResult:
+    async def run(self, item: OrchestrationWorkItem, plan: BatchPlan) -> BatchResult:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread_pool, self._run_batch, loop, entity_id, state, operations)
+        state = item.state.serialized_output
+        return await loop.run_in_executor(
+            self._thread_pool, self._run_batch, loop, plan.entity_id, state, plan.operations
+        )
 
     def _run_batch(
         self,

@@ -85,8 +85,16 @@ class WorkerOptions:
     """Most work items locked in one backend call."""
     cached_instances: int = 10_000
     """Live orchestrations kept in memory between episodes, so they need no replay."""
+    eager_activities: bool = True
+    """Run an activity at once in this worker when an episode schedules just that one
+    (see :mod:`dtfx.worker.eager`): a step of a sequence then costs one transaction."""
     shutdown_grace_period: timedelta = timedelta(seconds=30)
     """How long :meth:`Worker.stop` lets in-flight work finish."""
+    registered_only: bool = False
+    """Lock only the orchestrations, activities and entities registered with this worker,
+    and leave the hub's other work to other workers (official SDK workers connected to a
+    :class:`~dtfx.grpc.SidecarServer` on the same hub, say). By default a worker takes
+    all work, and fails what it has no registration for."""
     reject_retry_delay: timedelta = timedelta(seconds=1)
     """How long a rejected (version mismatch) work item waits before it is offered again."""
     backoff_initial: timedelta = timedelta(milliseconds=100)

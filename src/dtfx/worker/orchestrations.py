@@ -15,14 +15,23 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from dtfx.backends.base import Backend, utc_now
+from dtfx.backends.delivery import checkpointed_state
 from dtfx.core.actions import CompleteOrchestration, OrchestratorAction
 from dtfx.core.apply import EpisodeKind, apply_actions, needs_history, plan_episode, unchanged_checkpoint
 from dtfx.core.errors import NotRegisteredError
-from dtfx.core.history import ExecutionStarted, FailureDetails, HistoryEvent, OrchestrationStatus
+from dtfx.core.history import (
+    ExecutionStarted,
+    FailureDetails,
+    HistoryEvent,
+    OrchestrationStatus,
+    OrchestratorStarted,
+    TaskCompleted,
+    TaskFailed,
+)
 from dtfx.core.replay import OrchestrationExecutor
 from dtfx.core.serialization import DataConverter
 from dtfx.core.versioning import compare_versions
-from dtfx.core.workitems import OrchestrationCheckpoint, OrchestrationWorkItem
+from dtfx.core.workitems import ActivityWorkItem, CommitResult, OrchestrationCheckpoint, OrchestrationWorkItem
 from dtfx.worker.cache import CachedExecution, ExecutorCache
 from dtfx.worker.commit import GroupCommitter
 from dtfx.worker.options import VersionFailureStrategy, VersioningOptions, VersionMatchStrategy
@@ -67,15 +76,46 @@ class EpisodeRunner(Protocol):
         """Called after the commit (``checkpoint`` is ``None`` when nothing was run or committed)."""
 
 
+class EagerLane(Protocol):
+    """Runs in this process the one activity an episode schedules (see :mod:`dtfx.worker.eager`)."""
+
+    def claim(self, checkpoint: OrchestrationCheckpoint) -> ActivityWorkItem | None:
+        """Take the checkpoint's activity for this process (queue it leased, keep the orchestration's lease)."""
+
+    def unclaim(self, item: ActivityWorkItem) -> None:
+        """The checkpoint was not committed: forget the claim."""
+
+    async def run(self, item: ActivityWorkItem, orchestration: OrchestrationWorkItem) -> TaskCompleted | TaskFailed:
+        """Run the activity, keeping its lease and the orchestration's."""
+
+    async def process(self, item: ActivityWorkItem) -> None:
+        """Run the activity and deliver its result through the orchestration's inbox."""
+
+    async def deliver(self, item: ActivityWorkItem, result: TaskCompleted | TaskFailed) -> None:
+        """Deliver a result through the orchestration's inbox."""
+
+
 class OrchestrationProcessor:
-    """Takes an orchestration work item from lock to commit."""
+    """Takes an orchestration work item from lock to commit.
+
+    With an :class:`EagerLane`, an episode that schedules exactly one activity this
+    worker runs keeps its lease: the activity runs here at once and the next episode
+    follows here too, so a step of a sequence costs one transaction. The lease is given
+    up as soon as other messages wait for the instance, and whatever goes wrong
+    falls back on the queues.
+    """
 
     def __init__(
-        self, backend: Backend, runner: EpisodeRunner, committer: GroupCommitter[OrchestrationCheckpoint]
+        self,
+        backend: Backend,
+        runner: EpisodeRunner,
+        committer: GroupCommitter[OrchestrationCheckpoint, CommitResult],
+        eager: EagerLane | None = None,
     ) -> None:
         self._backend = backend
         self._runner = runner
         self._committer = committer
+        self.eager = eager
 
     async def process(self, item: OrchestrationWorkItem) -> None:
         """Run one episode of the work item's instance and commit it."""
@@ -108,19 +148,71 @@ class OrchestrationProcessor:
         checkpoint = apply_actions(
             item, started, plan.new_events, outcome.actions, outcome.custom_status, plan.consumed, now, history=history
         )
-        committed = await self._commit(item, checkpoint)
-        self._runner.finished(item, checkpoint, committed)
+        await self._commit_episodes(item, started, checkpoint)
+
+    async def _commit_episodes(
+        self, item: OrchestrationWorkItem, started: ExecutionStarted, checkpoint: OrchestrationCheckpoint
+    ) -> None:
+        """Commit ``checkpoint``, then go on with eager episodes while the lease is kept."""
+        eager_lane = self.eager
+        recorded: tuple[ActivityWorkItem, TaskCompleted | TaskFailed] | None = None  # the eager result checkpoint holds
+        while True:
+            eager = eager_lane.claim(checkpoint) if eager_lane is not None else None
+            result = await self._commit(item, checkpoint)
+            self._runner.finished(item, checkpoint, result is not CommitResult.LOST)
+            if eager_lane is None or (eager is None and recorded is None):
+                return
+            if result is CommitResult.LOST:
+                if recorded is not None:
+                    await eager_lane.deliver(*recorded)
+                if eager is not None:
+                    eager_lane.unclaim(eager)
+                return
+            if eager is None:
+                return
+            if result is CommitResult.COMMITTED:  # messages are waiting: the queue takes over
+                await eager_lane.process(eager)
+                return
+            item = _continued(item, checkpoint)
+            event = await eager_lane.run(eager, item)
+            if self._runner.cached_start(item) is None:  # the live orchestration was evicted meanwhile
+                await eager_lane.deliver(eager, event)
+                await self._backend.abandon_orchestration_work_item(item)
+                return
+            now = utc_now()
+            new_events: list[HistoryEvent] = [OrchestratorStarted(timestamp=now), event]
+            outcome = await self._runner.run(item, started, None, new_events)
+            if isinstance(outcome, Abandon):
+                await eager_lane.deliver(eager, event)
+                await self._backend.abandon_orchestration_work_item(item, retry_at=outcome.retry_at)
+                return
+            checkpoint = apply_actions(item, started, new_events, outcome.actions, outcome.custom_status, [], now)
+            checkpoint.finished_tasks.append(eager.lock_token)
+            recorded = (eager, event)
 
     async def release(self, item: OrchestrationWorkItem) -> None:
         """Give the work item back after a failure or at shutdown."""
         self._runner.finished(item, None, False)
         await self._backend.abandon_orchestration_work_item(item)
 
-    async def _commit(self, item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint) -> bool:
-        committed = await self._committer.commit(checkpoint)
-        if not committed:
+    async def _commit(self, item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint) -> CommitResult:
+        result = await self._committer.commit(checkpoint)
+        if result is CommitResult.LOST:
             logger.warning("Instance %s: the lease was lost before the episode could be committed", item.instance_id)
-        return committed
+        return result
+
+
+def _continued(item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint) -> OrchestrationWorkItem:
+    """The work item as it stands once ``checkpoint`` is committed with the lease kept."""
+    assert checkpoint.keep_lease_for is not None
+    return OrchestrationWorkItem(
+        instance_id=item.instance_id,
+        lock_token=item.lock_token,
+        locked_until=utc_now() + checkpoint.keep_lease_for,
+        state=checkpointed_state(item.state, checkpoint),
+        messages=[],
+        history_size=checkpoint.history_size_after(item.history_size),
+    )
 
 
 def _find_start(events: Sequence[HistoryEvent]) -> ExecutionStarted | None:

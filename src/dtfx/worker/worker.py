@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 from dtfx._portal import BackgroundRunnable
 from dtfx.backends import open_backend
-from dtfx.backends.base import Backend, WorkKind, utc_now
-from dtfx.backends.signals import Waiter
+from dtfx.backends.base import Backend, WorkKind
 from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter
-from dtfx.core.workitems import ActivityResult, ActivityWorkItem, OrchestrationCheckpoint, OrchestrationWorkItem
+from dtfx.core.workitems import (
+    ActivityResult,
+    ActivityWorkItem,
+    CommitResult,
+    OrchestrationCheckpoint,
+    OrchestrationWorkItem,
+)
 from dtfx.worker.activities import ActivityProcessor, LocalActivityRunner
 from dtfx.worker.commit import GroupCommitter
 from dtfx.worker.dispatcher import WorkItemDispatcher
+from dtfx.worker.eager import EagerActivities
 from dtfx.worker.entities import EntityProcessor, LocalEntityRunner
 from dtfx.worker.options import ConcurrencyOptions, VersioningOptions, WorkerOptions
 from dtfx.worker.orchestrations import LocalRunner, OrchestrationProcessor
 from dtfx.worker.registry import Registry
+from dtfx.worker.waiting import WorkWaiter
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +79,7 @@ class Worker(BackgroundRunnable):
         self.options = options or WorkerOptions()
         self.converter = data_converter or DEFAULT_CONVERTER
         self._dispatchers: list[WorkItemDispatcher[Any]] = []
-        self._waiters: list[Waiter] = []
+        self._waiters: list[WorkWaiter] = []
         self._thread_pool: ThreadPoolExecutor | None = None
         self._runner: LocalRunner | None = None
         self._started = False
@@ -119,26 +126,36 @@ class Worker(BackgroundRunnable):
             versioning=self.versioning,
             reject_retry_delay=options.reject_retry_delay,
         )
-        checkpoints = GroupCommitter[OrchestrationCheckpoint](self.backend.complete_orchestration_work_items)
+        checkpoints = GroupCommitter[OrchestrationCheckpoint, CommitResult](
+            self.backend.complete_orchestration_work_items
+        )
         orchestrations = OrchestrationProcessor(self.backend, self._runner, checkpoints)
         entities = EntityProcessor(
             self.backend, LocalEntityRunner(self.registry, self.converter, thread_pool=self._thread_pool), checkpoints
         )
+        activity_runner = LocalActivityRunner(self.registry, self.converter, thread_pool=self._thread_pool)
         activities = ActivityProcessor(
             self.backend,
-            LocalActivityRunner(self.registry, self.converter, thread_pool=self._thread_pool),
-            GroupCommitter[ActivityResult](self.backend.complete_activity_work_items),
+            activity_runner,
+            GroupCommitter[ActivityResult, bool](self.backend.complete_activity_work_items),
             lease_duration=lease,
         )
 
+        def names(registered: dict[str, Any]) -> Collection[str] | None:
+            return registered.keys() if options.registered_only else None
+
         async def lock_orchestrations(count: int) -> list[OrchestrationWorkItem]:
-            return await self.backend.lock_orchestration_work_items(count, lease)
+            return await self.backend.lock_orchestration_work_items(
+                count, lease, names=names(self.registry.orchestrators)
+            )
 
         async def lock_entities(count: int) -> list[OrchestrationWorkItem]:
-            return await self.backend.lock_orchestration_work_items(count, lease, entities=True)
+            return await self.backend.lock_orchestration_work_items(
+                count, lease, entities=True, names=names(self.registry.entities)
+            )
 
         async def lock_activities(count: int) -> list[ActivityWorkItem]:
-            return await self.backend.lock_activity_work_items(count, lease)
+            return await self.backend.lock_activity_work_items(count, lease, names=names(self.registry.activities))
 
         concurrency = self.concurrency
         self._dispatchers = [
@@ -167,6 +184,17 @@ class Worker(BackgroundRunnable):
                 1,
             ),
         ]
+        if options.eager_activities:
+            activity_dispatcher = self._dispatchers[1]
+            orchestrations.eager = EagerActivities(
+                self.backend,
+                self.registry,
+                activities,
+                activity_runner,
+                reserve_slot=activity_dispatcher.reserve_slot,
+                free_slot=activity_dispatcher.free_slot,
+                lease_duration=lease,
+            )
         for dispatcher in self._dispatchers:
             dispatcher.start()
         self._started = True
@@ -187,12 +215,15 @@ class Worker(BackgroundRunnable):
         dispatcher_count: int,
     ) -> WorkItemDispatcher[T]:
         options = self.options
+        waiter = WorkWaiter(self.backend, kind)
+        self._waiters.append(waiter)
         return WorkItemDispatcher(
             f"{kind.value.capitalize()}Dispatcher",
             fetch=fetch,
             process=processor.process,
             release=processor.release,
-            wait_for_work=self._work_waiter(kind),
+            wait_for_work=waiter,
+            before_fetch=waiter.prepare,
             describe=describe,
             max_concurrent=max_concurrent,
             dispatcher_count=dispatcher_count,
@@ -200,11 +231,6 @@ class Worker(BackgroundRunnable):
             backoff_initial=options.backoff_initial.total_seconds(),
             backoff_max=options.backoff_max.total_seconds(),
         )
-
-    def _work_waiter(self, kind: WorkKind) -> Callable[[], Awaitable[None]]:
-        waiter = self.backend.subscribe(kind)
-        self._waiters.append(waiter)
-        return work_waiter(self.backend, kind, waiter)
 
     async def stop_async(self, grace_period: float | None = None) -> None:
         """Stop fetching, let in-flight work finish (up to the grace period), release the rest."""
@@ -222,20 +248,3 @@ class Worker(BackgroundRunnable):
         if self._owns_backend:
             await self.backend.close()
         logger.info("Worker stopped")
-
-
-def work_waiter(backend: Backend, kind: WorkKind, waiter: Waiter) -> Callable[[], Awaitable[None]]:
-    """A dispatcher's ``wait_for_work``: sleep on ``waiter`` until work of ``kind`` may be there.
-
-    The wait ends early when the next delayed message (a timer, a scheduled start)
-    becomes visible, and after the backend's poll interval at the latest.
-    """
-
-    async def wait_for_work() -> None:
-        timeout = backend.poll_interval
-        due = await backend.next_visible_at(kind)
-        if due is not None:
-            timeout = max(0.0, min(timeout, (due - utc_now()).total_seconds()))
-        await waiter.wait(timeout)
-
-    return wait_for_work

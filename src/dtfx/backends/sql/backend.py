@@ -17,7 +17,13 @@ from dtfx.backends.sql import operations
 from dtfx.backends.sql.program import Dialect, Notify, Program
 from dtfx.core.history import ExecutionStarted, HistoryEvent
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
-from dtfx.core.workitems import ActivityResult, ActivityWorkItem, OrchestrationCheckpoint, OrchestrationWorkItem
+from dtfx.core.workitems import (
+    ActivityResult,
+    ActivityWorkItem,
+    CommitResult,
+    OrchestrationCheckpoint,
+    OrchestrationWorkItem,
+)
 
 T = TypeVar("T")
 
@@ -32,6 +38,7 @@ class Coalesced:
 
 
 CREATE_INSTANCES = Coalesced(operations.create_instances, write=True)
+SEND_EVENTS = Coalesced(operations.send_events, write=True)
 GET_INSTANCES = Coalesced(operations.get_instances, write=False)
 
 
@@ -101,6 +108,8 @@ class SqlBackend(Backend):
     def _after_commit(self, notifications: Sequence[Notify]) -> None:
         """Wake this process's waiters for what a committed transaction changed."""
         for notify in notifications:
+            for kind, visible_at in notify.delayed:
+                self._note_delayed(kind, visible_at)
             self._notify_work(*notify.kinds)
             for instance_id in notify.instances:
                 self._notify_instance(instance_id)
@@ -144,7 +153,9 @@ class SqlBackend(Backend):
             raise error
 
     async def send_event(self, instance_id: str, event: HistoryEvent, *, visible_at: datetime | None = None) -> None:
-        await self._run(partial(operations.send_event, self._dialect, instance_id, event, visible_at), write=True)
+        error = await self._run_coalesced(SEND_EVENTS, (instance_id, event, visible_at))
+        if error is not None:
+            raise error
 
     async def get_instance(self, instance_id: str, *, fetch_payloads: bool = True) -> OrchestrationState | None:
         state: OrchestrationState | None = await self._run_coalesced(GET_INSTANCES, (instance_id, fetch_payloads))
@@ -187,7 +198,9 @@ class SqlBackend(Backend):
         )
         return await self._run(program, write=True)
 
-    async def complete_orchestration_work_items(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> list[bool]:
+    async def complete_orchestration_work_items(
+        self, checkpoints: Sequence[OrchestrationCheckpoint]
+    ) -> list[CommitResult]:
         if not checkpoints:
             return []
         program = partial(operations.complete_orchestration_work_items, self._dialect, checkpoints)

@@ -30,6 +30,7 @@ from dtfx.core.workitems import (
     ActivityResult,
     ActivityTask,
     ActivityWorkItem,
+    CommitResult,
     InboxMessage,
     OrchestrationCheckpoint,
     OrchestrationWorkItem,
@@ -64,13 +65,22 @@ def create_instances(
     return outcomes
 
 
-def send_event(dialect: Dialect, instance_id: str, event: HistoryEvent, visible_at: datetime | None) -> Program[None]:
+def send_events(
+    dialect: Dialect, requests: Sequence[tuple[str, HistoryEvent, datetime | None]]
+) -> Program[list[OrchestrationNotFoundError | None]]:
+    """Deliver events (each ``(instance_id, event, visible_at)``) in order, in one transaction;
+    an event for an unknown orchestration gets its error and changes nothing."""
     transaction = HubTransaction(dialect, utc_now())
-    yield from transaction.load([instance_id])
-    if transaction.state(instance_id) is None and not is_entity_id(instance_id):
-        raise OrchestrationNotFoundError(instance_id)
-    yield from transaction.deliver(OutboundMessage(instance_id, event, visible_at=visible_at), "")
+    yield from transaction.load(instance_id for instance_id, _, _ in requests)
+    outcomes: list[OrchestrationNotFoundError | None] = []
+    for instance_id, event, visible_at in requests:
+        if transaction.state(instance_id) is None and not is_entity_id(instance_id):
+            outcomes.append(OrchestrationNotFoundError(instance_id))
+            continue
+        yield from transaction.deliver(OutboundMessage(instance_id, event, visible_at=visible_at), "")
+        outcomes.append(None)
     yield from transaction.flush()
+    return outcomes
 
 
 def get_instances(dialect: Dialect, requests: Sequence[tuple[str, bool]]) -> Program[list[OrchestrationState | None]]:
@@ -220,7 +230,7 @@ def lock_orchestration_work_items(
 
 def complete_orchestration_work_items(
     dialect: Dialect, checkpoints: Sequence[OrchestrationCheckpoint]
-) -> Program[list[bool]]:
+) -> Program[list[CommitResult]]:
     transaction = HubTransaction(dialect, utc_now())
     yield from transaction.load(
         [checkpoint.instance_id for checkpoint in checkpoints]
@@ -230,7 +240,14 @@ def complete_orchestration_work_items(
     for checkpoint in checkpoints:
         committed.append((yield from transaction.commit(checkpoint)))
     yield from transaction.flush()
-    return committed
+    return [
+        CommitResult.LOST
+        if not done
+        else CommitResult.COMMITTED
+        if checkpoint.keep_lease_for is None or checkpoint.instance_id in transaction.released
+        else CommitResult.LEASE_KEPT
+        for done, checkpoint in zip(committed, checkpoints, strict=True)
+    ]
 
 
 def abandon_orchestration_work_item(
@@ -240,19 +257,21 @@ def abandon_orchestration_work_item(
         "UPDATE instances SET lock_token = NULL, locked_until = ? WHERE instance_id = ? AND lock_token = ?",
         (optional_micros(retry_at), item.instance_id, item.lock_token),
     )
-    yield from dialect.notify(Notify(frozenset([work_kind_of(item.instance_id)])))
+    kind = work_kind_of(item.instance_id)
+    delayed = [(kind, retry_at)] if retry_at is not None else []
+    yield from dialect.notify(Notify(frozenset([kind]), delayed=delayed))
 
 
 def renew_orchestration_lease(item: OrchestrationWorkItem, lock_for: timedelta) -> Program[datetime | None]:
     """The lease's new expiry, or ``None`` if it was lost."""
     sql = "UPDATE instances SET locked_until = ? WHERE instance_id = ? AND lock_token = ? RETURNING instance_id"
-    return (yield from _extend_lease(sql, item.instance_id, item.lock_token, lock_for))
+    return (yield from _extend_lease(sql, (item.instance_id, item.lock_token), lock_for))
 
 
-def _extend_lease(sql: str, key: Any, lock_token: str, lock_for: timedelta) -> Program[datetime | None]:
-    """Run ``sql`` (parameters: new expiry, key, lock token; returning a row if the lease is held)."""
+def _extend_lease(sql: str, lease: tuple[Any, ...], lock_for: timedelta) -> Program[datetime | None]:
+    """Run ``sql`` (parameters: the new expiry, then ``lease``; returning a row if the lease is held)."""
     until = utc_now() + lock_for
-    rows = yield Fetch(sql, (to_micros(until), key, lock_token))
+    rows = yield Fetch(sql, (to_micros(until), *lease))
     return until if rows else None
 
 
@@ -287,20 +306,20 @@ def lock_activity_work_items(
 
 def complete_activity_work_items(dialect: Dialect, results: Sequence[ActivityResult]) -> Program[list[bool]]:
     transaction = HubTransaction(dialect, utc_now())
+    tokens = sorted({result.work_item.lock_token for result in results})
     rows = yield Fetch(
-        f"SELECT id, lock_token FROM tasks WHERE {dialect.in_list('id')} ORDER BY id{dialect.for_update}",
-        (dialect.list_param(sorted({int(result.work_item.id) for result in results})),),
+        f"SELECT id, lock_token FROM tasks WHERE {dialect.in_list('lock_token')} ORDER BY id{dialect.for_update}",
+        (dialect.list_param(tokens),),
     )
-    leases: dict[int, str | None] = dict(rows)
+    leased: dict[str, int] = {lock_token: task_id for task_id, lock_token in rows}
     yield from transaction.load(result.work_item.task.instance_id for result in results)
     committed: list[bool] = []
     for result in results:
         item = result.work_item
-        task_id = int(item.id)
-        if task_id not in leases or leases[task_id] != item.lock_token:
+        task_id = leased.pop(item.lock_token, None)
+        if task_id is None or (item.id is not None and int(item.id) != task_id):
             committed.append(False)
             continue
-        del leases[task_id]
         transaction.delete_task(task_id)
         task = item.task
         yield from transaction.deliver(OutboundMessage(task.instance_id, result.event, task.execution_id), "")
@@ -310,17 +329,19 @@ def complete_activity_work_items(dialect: Dialect, results: Sequence[ActivityRes
 
 
 def abandon_activity_work_item(dialect: Dialect, item: ActivityWorkItem, retry_at: datetime | None) -> Program[None]:
+    visible_at = retry_at or utc_now()
     yield Execute(
-        "UPDATE tasks SET lock_token = NULL, visible_at = ? WHERE id = ? AND lock_token = ?",
-        (to_micros(retry_at or utc_now()), int(item.id), item.lock_token),
+        "UPDATE tasks SET lock_token = NULL, visible_at = ? WHERE lock_token = ?",
+        (to_micros(visible_at), item.lock_token),
     )
-    yield from dialect.notify(Notify(frozenset([WorkKind.ACTIVITY])))
+    delayed = [(WorkKind.ACTIVITY, visible_at)] if retry_at is not None else []
+    yield from dialect.notify(Notify(frozenset([WorkKind.ACTIVITY]), delayed=delayed))
 
 
 def renew_activity_lease(item: ActivityWorkItem, lock_for: timedelta) -> Program[datetime | None]:
     """The lease's new expiry, or ``None`` if it was lost."""
-    sql = "UPDATE tasks SET visible_at = ? WHERE id = ? AND lock_token = ? RETURNING id"
-    return (yield from _extend_lease(sql, int(item.id), item.lock_token, lock_for))
+    sql = "UPDATE tasks SET visible_at = ? WHERE lock_token = ? RETURNING id"
+    return (yield from _extend_lease(sql, (item.lock_token,), lock_for))
 
 
 # -- waiting --------------------------------------------------------------------------------------------

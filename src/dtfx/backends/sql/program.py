@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Generator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, ClassVar, Generic, TypeVar
 
 from dtfx.backends.base import WorkKind
@@ -53,6 +54,8 @@ class Notify:
 
     kinds: frozenset[WorkKind] = frozenset()
     instances: Collection[str] = field(default_factory=tuple)
+    delayed: Collection[tuple[WorkKind, datetime]] = field(default_factory=tuple)
+    """Work this transaction wrote for later: (kind, visible-at time), for this process's timers."""
 
 
 Statement = Fetch | Execute | ExecuteMany

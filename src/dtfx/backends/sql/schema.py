@@ -72,6 +72,10 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX tasks_visible ON tasks (visible_at, id)",
         "CREATE INDEX tasks_instance ON tasks (instance_id)",
     ],
+    [
+        # Eager activity tasks are queued leased and found again by their lock token.
+        "CREATE INDEX tasks_lease ON tasks (lock_token)",
+    ],
 ]
 
 

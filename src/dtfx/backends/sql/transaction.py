@@ -53,7 +53,7 @@ _REPLACE_INSTANCE = (
 _UPDATE_CHECKPOINTED = (
     "UPDATE instances SET status = ?, execution_id = ?, input = ?, output = ?, custom_status = ?,"
     " failure_details = ?, version = ?, completed_at = ?, last_updated_at = ?, history_size = ?,"
-    " lock_token = NULL, locked_until = NULL WHERE instance_id = ?"
+    " lock_token = ?, locked_until = ? WHERE instance_id = ?"
 )
 _UPDATE_STATUS = "UPDATE instances SET status = ?, last_updated_at = ? WHERE instance_id = ?"
 
@@ -101,6 +101,10 @@ class HubTransaction:
         self._writes: dict[str, _Writes] = {}
         self._wiped: dict[str, None] = {}
         self._deleted_tasks: list[int] = []
+        self._finished_tasks: list[str] = []
+        self._keeping: dict[str, int] = {}  # instance id -> until when its lease is kept, if nothing is ready
+        self.released: set[str] = set()
+        """After :meth:`flush`: the instances whose kept lease was released (messages were ready)."""
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -141,7 +145,11 @@ class HubTransaction:
         if instance is None or instance.lock_token != checkpoint.lock_token:
             return False
         instance.state = checkpointed_state(instance.state, checkpoint)
-        instance.lock_token = None
+        if checkpoint.keep_lease_for is None:
+            instance.lock_token = None
+        else:
+            self._keeping[instance_id] = to_micros(self.now + checkpoint.keep_lease_for)
+        self._finished_tasks.extend(checkpoint.finished_tasks)
         writes = self._writes_of(instance_id)
         writes.checkpointed = True
         if checkpoint.replace_history:
@@ -217,6 +225,9 @@ class HubTransaction:
         in_list = dialect.in_list
         if self._deleted_tasks:
             yield Execute(f"DELETE FROM tasks WHERE {in_list('id')}", (dialect.list_param(self._deleted_tasks),))
+        if self._finished_tasks:
+            finished = dialect.list_param(self._finished_tasks)
+            yield Execute(f"DELETE FROM tasks WHERE {in_list('lock_token')}", (finished,))
         if self._wiped:
             wiped = dialect.list_param(list(self._wiped))
             for table in ("history", "inbox", "tasks"):
@@ -233,6 +244,7 @@ class HubTransaction:
         tasks: list[tuple[Any, ...]] = []
         inbox_changed: list[str] = []
         kinds: set[WorkKind] = set()
+        delayed: list[tuple[WorkKind, datetime]] = []
         changed: list[str] = []
         now = to_micros(self.now)
         for instance_id, writes in self._writes.items():
@@ -243,7 +255,7 @@ class HubTransaction:
                     values = (*state_values(state), instance.history_size)
                     (replaced if instance.in_db else inserted).append(values)
                 elif writes.checkpointed:
-                    checkpointed.append(_checkpointed_values(instance))
+                    checkpointed.append(_checkpointed_values(instance, self._keeping.get(instance_id)))
                 elif writes.status_changed:
                     status_changed.append((int(state.runtime_status), to_micros(state.last_updated_at), instance_id))
                 if state.runtime_status != instance.loaded_status:
@@ -256,16 +268,18 @@ class HubTransaction:
                 (instance_id, execution_id, to_micros(visible_at), encode_event(event).decode())
                 for execution_id, visible_at, event in writes.inbox
             )
-            tasks.extend(
-                (task.instance_id, task.execution_id, task.event.name, encode_event(task.event).decode(), now)
-                for task in writes.tasks
+            delayed.extend(
+                (work_kind_of(instance_id), visible_at) for _, visible_at, _ in writes.inbox if visible_at > self.now
             )
+            for task in writes.tasks:
+                leased = task.lock_token is not None
+                visible_at = to_micros(task.locked_until) if task.locked_until is not None else now
+                row = (task.instance_id, task.execution_id, task.event.name, encode_event(task.event).decode())
+                tasks.append((*row, visible_at, task.lock_token, int(leased)))
+                if not leased:
+                    kinds.add(WorkKind.ACTIVITY)
             if writes.inbox or writes.consumed or writes.new_row:
                 inbox_changed.append(instance_id)
-            if writes.inbox or writes.checkpointed:
-                kinds.add(work_kind_of(instance_id))
-            if writes.tasks:
-                kinds.add(WorkKind.ACTIVITY)
 
         if inserted:
             yield ExecuteMany(_INSERT_INSTANCE, inserted)
@@ -287,21 +301,35 @@ class HubTransaction:
             )
         if tasks:
             yield ExecuteMany(
-                "INSERT INTO tasks (instance_id, execution_id, name, event, visible_at) VALUES (?, ?, ?, ?, ?)", tasks
+                "INSERT INTO tasks (instance_id, execution_id, name, event, visible_at, lock_token, dequeue_count)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                tasks,
             )
-        if inbox_changed:
-            yield Execute(
-                "UPDATE instances SET next_visible_at ="
-                " (SELECT min(visible_at) FROM inbox WHERE inbox.instance_id = instances.instance_id)"
-                f" WHERE {in_list('instance_id')}",
-                (dialect.list_param(inbox_changed),),
+        touched = list(dict.fromkeys([*inbox_changed, *self._keeping]))
+        if touched:
+            # One statement refreshes next_visible_at and releases the kept leases of instances
+            # that have messages ready; what it returns says whom to wake.
+            keeping = dialect.list_param(list(self._keeping) or [""])
+            next_visible = "(SELECT min(visible_at) FROM inbox WHERE inbox.instance_id = instances.instance_id)"
+            released = f"{in_list('instance_id')} AND {next_visible} <= ?"
+            rows = yield Fetch(
+                f"UPDATE instances SET next_visible_at = {next_visible},"
+                f" lock_token = CASE WHEN {released} THEN NULL ELSE lock_token END,"
+                f" locked_until = CASE WHEN {released} THEN NULL ELSE locked_until END"
+                f" WHERE {in_list('instance_id')} RETURNING instance_id, next_visible_at, lock_token",
+                (keeping, now, keeping, now, dialect.list_param(touched)),
             )
-        if kinds or changed:
-            yield from dialect.notify(Notify(frozenset(kinds), changed))
+            for instance_id, next_visible_at, lock_token in rows:
+                if next_visible_at is not None and next_visible_at <= now and lock_token is None:
+                    kinds.add(work_kind_of(instance_id))
+                    if instance_id in self._keeping:
+                        self.released.add(instance_id)
+        if kinds or changed or delayed:
+            yield from dialect.notify(Notify(frozenset(kinds), changed, delayed))
 
 
-def _checkpointed_values(instance: _Instance) -> tuple[Any, ...]:
-    """The parameters of ``_UPDATE_CHECKPOINTED``."""
+def _checkpointed_values(instance: _Instance, kept_until: int | None) -> tuple[Any, ...]:
+    """The parameters of ``_UPDATE_CHECKPOINTED`` (``kept_until``: the lease is kept until then)."""
     state = instance.state
     return (
         int(state.runtime_status),
@@ -314,5 +342,7 @@ def _checkpointed_values(instance: _Instance) -> tuple[Any, ...]:
         optional_micros(state.completed_at),
         to_micros(state.last_updated_at),
         instance.history_size,
+        instance.lock_token if kept_until is not None else None,
+        kept_until,
         state.instance_id,
     )

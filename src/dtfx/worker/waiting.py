@@ -1,0 +1,51 @@
+"""How an idle dispatcher waits for work: notifications first, the store only now and then."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from dtfx.backends.base import Backend, WorkKind, utc_now
+from dtfx.backends.signals import Waiter
+
+
+class WorkWaiter:
+    """Waits until work of one kind may be available.
+
+    Work this process makes (a commit, a message) wakes it through the backend's
+    notifications; work this process delays (a timer, a retry) wakes it when due,
+    without asking the store. Only after a quiet poll interval does it ask the store
+    when delayed work of other processes is due (:meth:`Backend.next_visible_at`).
+    """
+
+    def __init__(self, backend: Backend, kind: WorkKind, waiter: Waiter | None = None) -> None:
+        self._backend = backend
+        self._kind = kind
+        self._waiter = waiter or backend.subscribe(kind)
+        self._store_due: datetime | None = None
+        self._store_checked = False
+
+    def prepare(self) -> None:
+        """Forget notifications received so far: call it before looking for work."""
+        self._waiter.clear()
+
+    async def __call__(self) -> None:
+        """Wait for a notification, the next due time, or the poll interval."""
+        backend = self._backend
+        if not self._store_checked:
+            self._store_due = await backend.next_visible_at(self._kind)
+            self._store_checked = True
+        now = utc_now()
+        timeout = backend.poll_interval
+        for due in (backend.local_due(self._kind), self._store_due):
+            if due is not None and due > now:
+                timeout = min(timeout, (due - now).total_seconds())
+        if not await self._waiter.wait(timeout):
+            self._store_checked = False
+
+    def wake(self) -> None:
+        """End the current (or next) wait at once."""
+        self._waiter.set()
+
+    def close(self) -> None:
+        """Stop receiving notifications."""
+        self._waiter.close()

@@ -1,0 +1,154 @@
+"""Eager activities: a sequence runs in one work item, one transaction per step, and yields to other messages."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import dtfx
+from dtfx.backends.memory import MemoryBackend
+from dtfx.core.history import TaskCompleted
+
+
+class CountingBackend(MemoryBackend):
+    """Counts the calls that eager activities are meant to save."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def _count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    async def lock_orchestration_work_items(self, *args: Any, **kwargs: Any) -> Any:
+        items = await super().lock_orchestration_work_items(*args, **kwargs)
+        if items:
+            self._count("orchestrations locked")
+        return items
+
+    async def lock_activity_work_items(self, *args: Any, **kwargs: Any) -> Any:
+        items = await super().lock_activity_work_items(*args, **kwargs)
+        if items:
+            self._count("activities locked")
+        return items
+
+    async def complete_orchestration_work_items(self, *args: Any, **kwargs: Any) -> Any:
+        self._count("checkpoints")
+        return await super().complete_orchestration_work_items(*args, **kwargs)
+
+
+def chain_app(events: asyncio.Queue[str] | None = None) -> dtfx.App:
+    app = dtfx.App()
+
+    @app.activity
+    async def step(ctx: dtfx.ActivityContext, n: int) -> int:
+        if events is not None and n == 3:
+            await events.put("step 3 running")
+            await asyncio.sleep(0.2)
+        return n + 1
+
+    @app.orchestrator
+    def chain(ctx: dtfx.OrchestrationContext, length: int) -> Any:
+        value = 0
+        for _ in range(length):
+            value = yield ctx.call_activity(step, input=value)
+        return value
+
+    @app.orchestrator
+    def chain_then_wait(ctx: dtfx.OrchestrationContext, length: int) -> Any:
+        value = 0
+        for _ in range(length):
+            value = yield ctx.call_activity(step, input=value)
+        return [value, (yield ctx.wait_for_external_event("go"))]
+
+    return app
+
+
+async def test_a_sequence_runs_eagerly_in_one_work_item() -> None:
+    backend = CountingBackend()
+    client = dtfx.AsyncClient(backend)
+    async with dtfx.Worker(backend, app=chain_app()):
+        instance_id = await client.schedule_new_orchestration("chain", input=20)
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == 20
+    # One lock of the instance, no activity locked from the queue, one checkpoint per step and one to start.
+    assert backend.calls == {"orchestrations locked": 1, "checkpoints": 21}
+    history = await client.get_orchestration_history(instance_id)
+    assert sum(isinstance(event, TaskCompleted) for event in history) == 20
+
+
+async def test_without_eager_activities_every_step_goes_through_the_queues() -> None:
+    backend = CountingBackend()
+    client = dtfx.AsyncClient(backend)
+    options = dtfx.WorkerOptions(eager_activities=False)
+    async with dtfx.Worker(backend, app=chain_app(), options=options):
+        instance_id = await client.schedule_new_orchestration("chain", input=5)
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == 5
+    assert backend.calls["activities locked"] == 5
+    assert backend.calls["orchestrations locked"] == 6
+
+
+async def test_a_message_that_arrives_during_an_eager_chain_is_not_kept_waiting() -> None:
+    events: asyncio.Queue[str] = asyncio.Queue()
+    backend = CountingBackend()
+    client = dtfx.AsyncClient(backend)
+    async with dtfx.Worker(backend, app=chain_app(events)):
+        instance_id = await client.schedule_new_orchestration("chain_then_wait", input=6)
+        assert await events.get() == "step 3 running"
+        await client.raise_orchestration_event(instance_id, "go", data="went")
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == [6, "went"]
+    # The event made the checkpoint after step 3 release the lease; the queue took over from there.
+    assert backend.calls["orchestrations locked"] >= 2
+
+
+async def test_eager_activities_respect_the_activity_concurrency_limit() -> None:
+    app = dtfx.App()
+    running = {"now": 0, "peak": 0}
+
+    @app.activity
+    async def slow(ctx: dtfx.ActivityContext, _: Any) -> None:
+        running["now"] += 1
+        running["peak"] = max(running["peak"], running["now"])
+        await asyncio.sleep(0.05)
+        running["now"] -= 1
+
+    @app.orchestrator
+    def one(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        yield ctx.call_activity(slow)
+        yield ctx.call_activity(slow)
+
+    backend = MemoryBackend()
+    client = dtfx.AsyncClient(backend)
+    concurrency = dtfx.ConcurrencyOptions(maximum_concurrent_activity_work_items=2)
+    async with dtfx.Worker(backend, app=app, concurrency=concurrency):
+        ids = [await client.schedule_new_orchestration(one) for _ in range(6)]
+        for instance_id in ids:
+            await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert running["peak"] == 2
+
+
+async def test_a_slow_eager_activity_keeps_both_leases() -> None:
+    app = dtfx.App()
+
+    @app.activity
+    async def slow(ctx: dtfx.ActivityContext, _: Any) -> str:
+        await asyncio.sleep(0.5)
+        return "done"
+
+    @app.orchestrator
+    def one(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(slow))
+
+    backend = CountingBackend()
+    client = dtfx.AsyncClient(backend)
+    options = dtfx.WorkerOptions(lease_duration=timedelta(milliseconds=150))
+    async with dtfx.Worker(backend, app=app, options=options):
+        instance_id = await client.schedule_new_orchestration(one)
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == "done"
+    # Renewed leases: nobody else took the task or the instance while the activity ran.
+    assert "activities locked" not in backend.calls
+    assert backend.calls["orchestrations locked"] == 1
