@@ -112,6 +112,24 @@ def stub(bare_sidecar: SidecarServer) -> Iterator[pb_grpc.TaskHubSidecarServiceS
         yield pb_grpc.TaskHubSidecarServiceStub(channel)
 
 
+@pytest.fixture
+def streams() -> Iterator[list[WorkItemStream]]:
+    """Streams a test opens (with :func:`open_stream`); closed afterwards."""
+    opened: list[WorkItemStream] = []
+    yield opened
+    for stream in opened:
+        stream.close()
+
+
+def open_stream(
+    stub: pb_grpc.TaskHubSidecarServiceStub, streams: list[WorkItemStream], **request: Any
+) -> WorkItemStream:
+    """A raw ``GetWorkItems`` stream with ``request``'s fields, closed when the test ends."""
+    stream = WorkItemStream(stub, pb.GetWorkItemsRequest(**request))
+    streams.append(stream)
+    return stream
+
+
 def wait_until(condition: Callable[[], Any], timeout: float = 10) -> Any:
     """Poll ``condition`` until it returns something truthy, and return that."""
     deadline = time.monotonic() + timeout

@@ -132,15 +132,7 @@ def test_purges(stub: Stub) -> None:
 
 @pytest.mark.parametrize(
     ("method", "request_type"),
-    [
-        ("SignalEntity", pb.SignalEntityRequest),
-        ("GetEntity", pb.GetEntityRequest),
-        ("QueryEntities", pb.QueryEntitiesRequest),
-        ("CleanEntityStorage", pb.CleanEntityStorageRequest),
-        ("CompleteEntityTask", pb.EntityBatchResult),
-        ("AbandonTaskEntityWorkItem", pb.AbandonEntityTaskRequest),
-        ("SkipGracefulOrchestrationTerminations", pb.SkipGracefulOrchestrationTerminationsRequest),
-    ],
+    [("SkipGracefulOrchestrationTerminations", pb.SkipGracefulOrchestrationTerminationsRequest)],
 )
 def test_unsupported_rpcs_say_so(stub: Stub, method: str, request_type: type) -> None:
     error = rpc_error(lambda: getattr(stub, method)(request_type()))
@@ -158,6 +150,10 @@ def test_bad_work_item_requests(stub: Stub) -> None:
     abandon = pb.AbandonActivityTaskRequest(completionToken="unknown")
     expect(lambda: stub.AbandonTaskActivityWorkItem(abandon), Code.NOT_FOUND, "unknown")
     expect(lambda: stub.CompleteActivityTask(pb.ActivityResponse(completionToken="unknown")), Code.NOT_FOUND, "unknown")
+    expect(lambda: stub.CompleteEntityTask(pb.EntityBatchResult()), Code.INVALID_ARGUMENT, "completionToken")
+    expect(
+        lambda: stub.AbandonTaskEntityWorkItem(pb.AbandonEntityTaskRequest()), Code.INVALID_ARGUMENT, "completionToken"
+    )
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,18 @@ async def test_slots() -> None:
     assert limited.free_slots(ORCHESTRATION) == 0 and hub.connections == []
 
 
+async def test_connections_take_turns_by_assignment() -> None:
+    hub = WorkerHub(default_concurrency=5)
+    first, second = hub.connect(request()), hub.connect(request())
+    assert hub.with_free_slots(ORCHESTRATION) == [first, second]
+    assert hub.with_free_slots(ORCHESTRATION) == [first, second]  # looking (an empty fetch) takes no turn
+    hub.assign("lock-1", first, ORCHESTRATION)
+    assert hub.with_free_slots(ORCHESTRATION) == [second, first]  # given back by first, offered to second
+    hub.release("lock-1")
+    assert hub.with_free_slots(ORCHESTRATION) == [second, first]
+    assert hub.with_free_slots(ACTIVITY) == [first, second]  # each kind takes its own turns
+
+
 async def test_a_work_item_a_connection_cannot_take_moves_to_one_that_can() -> None:
     hub = WorkerHub(default_concurrency=5)
     picky = hub.connect(request(orchestrations={"job": ["2"]}))

@@ -7,34 +7,18 @@ server sends and answer wrongly on purpose.
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as pb_grpc
 from google.protobuf import wrappers_pb2
-from tests.grpc.conftest import FAST, WorkItemStream, rpc_error, running_sidecar, wait_until
+from tests.grpc.conftest import FAST, WorkItemStream, open_stream, rpc_error, running_sidecar, wait_until
 
 import grpc
 from dtfx.grpc import SidecarOptions
 
 Stub = pb_grpc.TaskHubSidecarServiceStub
-
-
-@pytest.fixture
-def streams(stub: Stub) -> Iterator[list[WorkItemStream]]:
-    """Streams a test opens; closed afterwards."""
-    opened: list[WorkItemStream] = []
-    yield opened
-    for stream in opened:
-        stream.close()
-
-
-def open_stream(stub: Stub, streams: list[WorkItemStream], **request: object) -> WorkItemStream:
-    stream = WorkItemStream(stub, pb.GetWorkItemsRequest(**request))  # type: ignore[arg-type]
-    streams.append(stream)
-    return stream
 
 
 def start(stub: Stub, name: str, instance_id: str, value: str | None = None, version: str | None = None) -> None:

@@ -24,20 +24,27 @@ What an SDK gets:
   filter or batch, recursive; the history as a stream), mapped onto :class:`dtfx.AsyncClient`;
 * ``GetWorkItems`` streams with health pings, the worker's concurrency limits and its
   work-item filters respected: work is locked for a worker only when it has a free
-  slot and its filters name it. Episodes and activities run through the same
-  dispatchers, processors and ``core.apply`` as native ones; a stream that closes
-  gives its work items back, and completions are honoured once per token (a repeat
-  is accepted again).
+  slot and its filters name it. Episodes, activities and entity batches run through
+  the same dispatchers, processors and ``core.apply`` as native ones; a stream that
+  closes gives its work items back, and completions are honoured once per token (a
+  repeat is accepted again);
+* durable entities: signal, get, query and clean up (mapped onto the client), entity
+  batches sent as ``EntityRequest`` V2 (or the older ``EntityBatchRequest``, see
+  :attr:`SidecarOptions.legacy_entity_requests`), and the entity messages of SDK
+  orchestrations (calls, signals, lock requests, unlocks), whose lock traffic the
+  server handles itself.
 
-Not (yet) supported, answered ``UNIMPLEMENTED``: entities (their RPCs and work
-items), ``DeleteTaskHub``, ``CreateTaskHub(recreateIfExists)`` and
-``SkipGracefulOrchestrationTerminations``. History is always sent inline (never
-``requiresHistoryStreaming``), ``numEventsProcessed`` is ignored (a response counts
-for every new event), and only the current execution's history is kept.
+Not supported, answered ``UNIMPLEMENTED``: ``DeleteTaskHub``,
+``CreateTaskHub(recreateIfExists)`` and ``SkipGracefulOrchestrationTerminations``.
+History is always sent inline (never ``requiresHistoryStreaming``),
+``numEventsProcessed`` is ignored (a response counts for every new event), only the
+current execution's history is kept, an entity batch result needs one result per
+operation, and ``CleanEntityStorage`` cleans everything in one call (no continuation
+token).
 
-A native worker locks every orchestration and activity name, so in a hub shared
-with one, give SDK workers work-item filters (``use_work_item_filters()``) and run
-SDK-only orchestrations where no native worker would take them.
+A native worker locks every orchestration, activity and entity by default, so in a
+hub shared with one, give SDK workers work-item filters (``use_work_item_filters()``)
+and the native worker ``WorkerOptions(registered_only=True)``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One SDK worker's ``GetWorkItems`` stream: what it asked for, and what it holds.
 
-A worker says in its ``GetWorkItemsRequest`` how many orchestrations and
-activities it runs at once and, optionally, which ones (work-item filters). The
+A worker says in its ``GetWorkItemsRequest`` how many orchestrations, activities
+and entity batches it runs at once and, optionally, which ones (work-item filters). The
 server only locks work for a connection with a free slot, and only work its
 filters accept, so a hub shared by native workers and SDK workers with different
 registrations routes each work item to a worker that can run it.
@@ -23,10 +23,12 @@ NameVersions = Mapping[str, frozenset[str]]
 
 @dataclass(frozen=True)
 class WorkerFilters:
-    """Which orchestrations and activities a worker accepts (``None``: all of that kind)."""
+    """Which orchestrations, activities and entities a worker accepts (``None``: all of that kind)."""
 
     orchestrations: NameVersions | None = None
     activities: NameVersions | None = None
+    entities: NameVersions | None = None
+    """Entity names (lower case, as in entity ids); entities have no versions."""
 
     @classmethod
     def from_request(cls, request: pb.GetWorkItemsRequest) -> WorkerFilters:
@@ -41,7 +43,11 @@ class WorkerFilters:
         filters = request.workItemFilters
         if not (filters.orchestrations or filters.activities or filters.entities):
             return cls()
-        return cls(_name_versions(filters.orchestrations), _name_versions(filters.activities))
+        return cls(
+            _name_versions(filters.orchestrations),
+            _name_versions(filters.activities),
+            {_filter_name(entry).lower(): frozenset() for entry in filters.entities},
+        )
 
     def names(self, kind: WorkKind) -> frozenset[str] | None:
         """The names of ``kind`` the worker accepts, or ``None`` for all."""
@@ -64,15 +70,22 @@ class WorkerFilters:
         return not versions or not version or version in versions
 
     def _table(self, kind: WorkKind) -> NameVersions | None:
-        return self.orchestrations if kind is WorkKind.ORCHESTRATION else self.activities
+        if kind is WorkKind.ORCHESTRATION:
+            return self.orchestrations
+        return self.activities if kind is WorkKind.ACTIVITY else self.entities
+
+
+def _filter_name(entry: pb.OrchestrationFilter | pb.ActivityFilter | pb.EntityFilter) -> str:
+    if not entry.name:
+        raise InvalidMessageError("A work-item filter needs a name.")
+    return entry.name
 
 
 def _name_versions(filters: Iterable[pb.OrchestrationFilter | pb.ActivityFilter]) -> dict[str, frozenset[str]]:
     table: dict[str, frozenset[str]] = {}
     for entry in filters:
-        if not entry.name:
-            raise InvalidMessageError("A work-item filter needs a name.")
-        table[entry.name] = table.get(entry.name, frozenset()) | frozenset(entry.versions)
+        name = _filter_name(entry)
+        table[name] = table.get(name, frozenset()) | frozenset(entry.versions)
     return table
 
 
@@ -87,6 +100,8 @@ class WorkerConnection:
         self._limits = {
             WorkKind.ORCHESTRATION: _limit(request.maxConcurrentOrchestrationWorkItems, default_concurrency),
             WorkKind.ACTIVITY: _limit(request.maxConcurrentActivityWorkItems, default_concurrency),
+            # The Python SDK (1.12) does not send its entity limit: the default applies.
+            WorkKind.ENTITY: _limit(request.maxConcurrentEntityWorkItems, default_concurrency),
         }
         self._in_use = dict.fromkeys(self._limits, 0)
         self._outbox: asyncio.Queue[pb.WorkItem | None] = asyncio.Queue()

@@ -1,8 +1,8 @@
 """dtfx's model <-> the sidecar protocol's protobuf messages, in both directions.
 
-History events, orchestrator actions, failure details, statuses and instance
-states map one to one (:mod:`dtfx.core.history` follows the protocol's
-``HistoryEvent``). Payloads are JSON text on both sides and pass through as they
+History events, orchestrator actions, failure details, statuses, instance
+states and entity batches map one to one (:mod:`dtfx.core.history` follows the
+protocol's ``HistoryEvent``). Payloads are JSON text on both sides and pass through as they
 are. Every event leaving dtfx carries a timestamp.
 
 Reading a message a peer sent raises :class:`InvalidMessageError` when it cannot
@@ -13,14 +13,26 @@ answers such requests with ``INVALID_ARGUMENT``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2, wrappers_pb2
 
 from dtfx.backends.base import utc_now
+from dtfx.backends.delivery import is_entity_id
 from dtfx.core import actions, history
+from dtfx.core.entities import (
+    BatchResult,
+    EntityAction,
+    EntityInstanceId,
+    EntityMetadata,
+    OperationRequest,
+    OperationResult,
+    SignalEntity,
+    StartOrchestration,
+)
 from dtfx.core.history import FailureDetails, HistoryEvent, OrchestrationStatus
 from dtfx.core.state import OrchestrationState
 from dtfx.grpc.protos import pb
@@ -708,3 +720,115 @@ def state_from_proto(message: pb.OrchestrationState) -> OrchestrationState:
         completed_at=optional_datetime(message, "completedTimestamp"),
         tags=_tags(message.tags),
     )
+
+
+# -- entities ---------------------------------------------------------------------------------
+
+
+def entity_id_from_proto(instance_id: str, what: str) -> EntityInstanceId:
+    """An entity id a peer sent (``@name@key``; the name is case-insensitive)."""
+    try:
+        return EntityInstanceId.parse(instance_id)
+    except ValueError as error:
+        raise InvalidMessageError(f"{what}: {error}") from None
+
+
+def entity_metadata_to_proto(metadata: EntityMetadata) -> pb.EntityMetadata:
+    """What a client sees of an entity, as the protocol's ``EntityMetadata``."""
+    return pb.EntityMetadata(
+        instanceId=str(metadata.id),
+        lastModifiedTime=timestamp(metadata.last_modified),
+        backlogQueueSize=metadata.backlog_queue_size,
+        lockedBy=string_value(metadata.locked_by),
+        serializedState=string_value(metadata.serialized_state),
+    )
+
+
+def entity_request_to_proto(
+    instance_id: str, execution_id: str | None, state: str | None, operations: Iterable[OperationRequest]
+) -> pb.EntityRequest:
+    """An entity batch as ``EntityRequest`` (V2): the operations as the events they arrived as."""
+    return pb.EntityRequest(
+        instanceId=instance_id,
+        executionId=execution_id or "",
+        entityState=string_value(state),
+        operationRequests=events_to_proto(operations),
+    )
+
+
+def entity_batch_request_to_proto(
+    instance_id: str, state: str | None, operations: Iterable[OperationRequest]
+) -> pb.EntityBatchRequest:
+    """An entity batch in the older shape, ``EntityBatchRequest``."""
+    return pb.EntityBatchRequest(
+        instanceId=instance_id,
+        entityState=string_value(state),
+        operations=[
+            pb.OperationRequest(operation=o.operation, requestId=o.request_id, input=string_value(o.input))
+            for o in operations
+        ],
+    )
+
+
+def batch_result_from_proto(
+    message: pb.EntityBatchResult, state_before: str | None, operations: Sequence[OperationRequest]
+) -> BatchResult:
+    """What a worker returned for a batch of ``operations`` run on ``state_before``.
+
+    A batch that failed as a whole (``failureDetails``) fails every operation and
+    leaves the state as it was. Otherwise there is one result per operation, in
+    order, and an unset ``entityState`` means the entity's state was deleted.
+    """
+    if message.HasField("failureDetails"):
+        failure = failure_from_proto(message.failureDetails)
+        return BatchResult(state_before, [OperationResult(failure=failure) for _ in operations])
+    if len(message.results) != len(operations):
+        raise InvalidMessageError(
+            f"The batch has {len(operations)} operation(s), but the result has {len(message.results)} result(s)."
+        )
+    sent = [operation.request_id for operation in operations]
+    echoed = [info.requestId for info in message.operationInfos]
+    if echoed and echoed != sent:
+        raise InvalidMessageError(f"The result's operationInfos name requests {echoed}, but the batch was {sent}.")
+    return BatchResult(
+        optional_string(message, "entityState"),
+        [_operation_result_from_proto(result, index) for index, result in enumerate(message.results)],
+        [_entity_action_from_proto(action) for action in message.actions],
+    )
+
+
+def _operation_result_from_proto(message: pb.OperationResult, index: int) -> OperationResult:
+    kind = message.WhichOneof("resultType")
+    if kind == "success":
+        return OperationResult(output=optional_string(message.success, "result"))
+    if kind == "failure":
+        return OperationResult(failure=_required_failure(message.failure, f"The failure of operation {index}"))
+    raise InvalidMessageError(f"The result of operation {index} is neither a success nor a failure.")
+
+
+def _entity_action_from_proto(message: pb.OperationAction) -> EntityAction:
+    kind = message.WhichOneof("operationActionType")
+    if kind == "sendSignal":
+        signal = message.sendSignal
+        target = entity_id_from_proto(signal.instanceId, f"sendSignal action {message.id}")
+        if not signal.name:
+            raise InvalidMessageError(f"sendSignal action {message.id} needs the operation's name.")
+        return SignalEntity(
+            str(target), signal.name, optional_string(signal, "input"), optional_datetime(signal, "scheduledTime")
+        )
+    if kind == "startNewOrchestration":
+        start = message.startNewOrchestration
+        if not start.name:
+            raise InvalidMessageError(f"startNewOrchestration action {message.id} needs the orchestration's name.")
+        if is_entity_id(start.instanceId):
+            raise InvalidMessageError(
+                f"startNewOrchestration action {message.id}: {start.instanceId!r} is an entity id, not an instance id."
+            )
+        return StartOrchestration(
+            start.instanceId or uuid.uuid4().hex,
+            start.name,
+            optional_string(start, "input"),
+            optional_string(start, "version"),
+            optional_datetime(start, "scheduledTime"),
+        )
+    raise InvalidMessageError(f"Entity action {message.id} has no action type.")

@@ -1,8 +1,10 @@
 """Locking work for connected SDK workers, and running it through the native machinery.
 
-The server runs one orchestration and one activity :class:`~dtfx.worker.dispatcher.WorkItemDispatcher`,
-with the worker's :class:`~dtfx.worker.orchestrations.OrchestrationProcessor` and
-:class:`~dtfx.worker.activities.ActivityProcessor` (plan, ``core.apply``, group commit)
+The server runs one orchestration, one activity and one entity
+:class:`~dtfx.worker.dispatcher.WorkItemDispatcher`, with the worker's
+:class:`~dtfx.worker.orchestrations.OrchestrationProcessor`,
+:class:`~dtfx.worker.activities.ActivityProcessor` and
+:class:`~dtfx.worker.entities.EntityProcessor` (plan, ``core.apply``, group commit)
 around the remote runners. A fetch locks work only for connections with a free
 slot, and only what their filters accept, so nothing is locked while no SDK
 worker can take it (native workers on the same hub keep it flowing).
@@ -14,20 +16,33 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol, TypeVar
 
 from dtfx.backends.base import Backend, WorkKind
-from dtfx.core.workitems import ActivityResult, ActivityWorkItem, OrchestrationCheckpoint, OrchestrationWorkItem
+from dtfx.core.workitems import (
+    ActivityResult,
+    ActivityWorkItem,
+    CommitResult,
+    OrchestrationCheckpoint,
+    OrchestrationWorkItem,
+)
 from dtfx.grpc.hub import WorkerHub
 from dtfx.grpc.options import SidecarOptions
-from dtfx.grpc.remote import RemoteActivityRunner, RemoteEpisodeRunner
+from dtfx.grpc.remote import RemoteActivityRunner, RemoteEntityRunner, RemoteEpisodeRunner
 from dtfx.worker.activities import ActivityProcessor
 from dtfx.worker.commit import GroupCommitter
 from dtfx.worker.dispatcher import WorkItemDispatcher
+from dtfx.worker.entities import EntityProcessor
 from dtfx.worker.orchestrations import OrchestrationProcessor
-from dtfx.worker.worker import work_waiter
+from dtfx.worker.waiting import WorkWaiter
 
 
 class _Leased(Protocol):
     @property
     def lock_token(self) -> str: ...
+
+
+class _Processor(Protocol):
+    async def process(self, item: Any) -> None: ...
+
+    async def release(self, item: Any) -> None: ...
 
 
 Item = TypeVar("Item", bound=_Leased)
@@ -42,19 +57,29 @@ class RemoteDispatchers:
         self._backend = backend
         self._hub = hub
         self._lease = options.lease_duration
+        self._max_in_flight = options.max_work_items_in_flight
         retry_delay = options.abandon_retry_delay
+        checkpoints = GroupCommitter[OrchestrationCheckpoint, CommitResult](backend.complete_orchestration_work_items)
         orchestrations = OrchestrationProcessor(
             backend,
             RemoteEpisodeRunner(backend, hub, lease_duration=self._lease, retry_delay=retry_delay),
-            GroupCommitter[OrchestrationCheckpoint](backend.complete_orchestration_work_items),
+            checkpoints,
         )
+        entity_runner = RemoteEntityRunner(
+            backend,
+            hub,
+            lease_duration=self._lease,
+            retry_delay=retry_delay,
+            legacy_requests=options.legacy_entity_requests,
+        )
+        entities = EntityProcessor(backend, entity_runner, checkpoints)
         activities = ActivityProcessor(
             backend,
             RemoteActivityRunner(hub, retry_delay=retry_delay),
-            GroupCommitter[ActivityResult](backend.complete_activity_work_items),
+            GroupCommitter[ActivityResult, bool](backend.complete_activity_work_items),
             lease_duration=self._lease,
         )
-        self._waiters = {kind: backend.subscribe(kind) for kind in (WorkKind.ORCHESTRATION, WorkKind.ACTIVITY)}
+        self._waiters = {kind: WorkWaiter(backend, kind) for kind in WorkKind}
         hub.on_capacity(self._wake)
 
         async def lock_orchestrations(count: int) -> list[OrchestrationWorkItem]:
@@ -71,26 +96,48 @@ class RemoteDispatchers:
                 lambda wanted, names: backend.lock_activity_work_items(wanted, self._lease, names=names),
             )
 
+        async def lock_entities(count: int) -> list[OrchestrationWorkItem]:
+            return await self._lock_for_workers(
+                WorkKind.ENTITY,
+                count,
+                lambda wanted, names: backend.lock_orchestration_work_items(
+                    wanted, self._lease, entities=True, names=names
+                ),
+            )
+
         self._dispatchers: list[WorkItemDispatcher[Any]] = [
-            WorkItemDispatcher[OrchestrationWorkItem](
-                "SidecarOrchestrationDispatcher",
-                fetch=lock_orchestrations,
-                process=self._holding_slot(orchestrations.process),
-                release=self._holding_slot(orchestrations.release),
-                wait_for_work=work_waiter(backend, WorkKind.ORCHESTRATION, self._waiters[WorkKind.ORCHESTRATION]),
-                describe=lambda item: f"orchestration {item.instance_id}",
-                max_concurrent=options.max_work_items_in_flight,
+            self._dispatcher(
+                WorkKind.ORCHESTRATION,
+                lock_orchestrations,
+                orchestrations,
+                lambda item: f"orchestration {item.instance_id}",
             ),
-            WorkItemDispatcher[ActivityWorkItem](
-                "SidecarActivityDispatcher",
-                fetch=lock_activities,
-                process=self._holding_slot(activities.process),
-                release=self._holding_slot(activities.release),
-                wait_for_work=work_waiter(backend, WorkKind.ACTIVITY, self._waiters[WorkKind.ACTIVITY]),
-                describe=lambda item: f"activity {item.task.event.name} of {item.task.instance_id}",
-                max_concurrent=options.max_work_items_in_flight,
+            self._dispatcher(
+                WorkKind.ACTIVITY,
+                lock_activities,
+                activities,
+                lambda item: f"activity {item.task.event.name} of {item.task.instance_id}",
             ),
+            self._dispatcher(WorkKind.ENTITY, lock_entities, entities, lambda item: f"entity {item.instance_id}"),
         ]
+
+    def _dispatcher(
+        self,
+        kind: WorkKind,
+        fetch: Callable[[int], Awaitable[list[Item]]],
+        processor: _Processor,
+        describe: Callable[[Item], str],
+    ) -> WorkItemDispatcher[Item]:
+        return WorkItemDispatcher(
+            f"Sidecar{kind.value.capitalize()}Dispatcher",
+            fetch=fetch,
+            process=self._holding_slot(processor.process),
+            release=self._holding_slot(processor.release),
+            wait_for_work=self._waiters[kind],
+            before_fetch=self._waiters[kind].prepare,
+            describe=describe,
+            max_concurrent=self._max_in_flight,
+        )
 
     def start(self) -> None:
         """Start fetching (on the running event loop)."""
@@ -106,7 +153,7 @@ class RemoteDispatchers:
 
     def _wake(self) -> None:
         for waiter in self._waiters.values():
-            waiter.set()
+            waiter.wake()
 
     async def _lock_for_workers(self, kind: WorkKind, count: int, lock: Locker[Item]) -> list[Item]:
         """Lock up to ``count`` work items, each for a connection with a free slot whose filters accept it."""

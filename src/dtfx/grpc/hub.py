@@ -21,11 +21,12 @@ import itertools
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from dtfx.backends.base import WorkKind
 from dtfx.core.actions import OrchestratorAction
+from dtfx.core.entities import BatchResult, OperationRequest
 from dtfx.core.history import TaskCompleted, TaskFailed
 from dtfx.grpc.connections import WorkerConnection
 from dtfx.grpc.protos import pb
@@ -34,10 +35,25 @@ from dtfx.worker.orchestrations import Abandon, EpisodeOutcome
 
 logger = logging.getLogger(__name__)
 
-Outcome = EpisodeOutcome | TaskCompleted | TaskFailed | Abandon
+Outcome = EpisodeOutcome | TaskCompleted | TaskFailed | BatchResult | Abandon
 """What a dispatched work item comes back as."""
 
-_KIND_NAMES = {WorkKind.ORCHESTRATION: "orchestration", WorkKind.ACTIVITY: "activity"}
+_KIND_NAMES = {WorkKind.ORCHESTRATION: "orchestration", WorkKind.ACTIVITY: "activity", WorkKind.ENTITY: "entity"}
+
+_KIND_OF_REQUEST = {
+    "orchestratorRequest": WorkKind.ORCHESTRATION,
+    "activityRequest": WorkKind.ACTIVITY,
+    "entityRequest": WorkKind.ENTITY,
+    "entityRequestV2": WorkKind.ENTITY,
+}
+
+
+@dataclass(frozen=True)
+class EntityBatch:
+    """The state an entity batch was sent with, and its operations in the order the worker runs them."""
+
+    state: str | None
+    operations: Sequence[OperationRequest]
 
 
 @dataclass(eq=False)
@@ -49,8 +65,10 @@ class DispatchedWorkItem:
     connection: WorkerConnection
     instance_id: str
     task_id: int | None
-    """The activity's task id (``None`` for orchestrations)."""
+    """The activity's task id (``None`` for orchestrations and entities)."""
     outcome: asyncio.Future[Outcome]
+    entity_batch: EntityBatch | None = None
+    """What an entity work item sent (``None`` for orchestrations and activities)."""
     partial_actions: dict[int, list[OrchestratorAction]] = field(default_factory=dict)
     """Actions of a chunked orchestrator response, by chunk index, until its last chunk."""
 
@@ -77,7 +95,7 @@ class WorkerHub:
         self._remembered_tokens = remembered_tokens
         self._connection_ids = itertools.count(1)
         self._connections: dict[int, WorkerConnection] = {}
-        self._rotations = {kind: itertools.count() for kind in _KIND_NAMES}
+        self._assigned_counts = dict.fromkeys(_KIND_NAMES, 0)
         self._assignments: dict[str, tuple[WorkerConnection, WorkKind]] = {}
         self._dispatched: dict[str, DispatchedWorkItem] = {}
         self._finished: OrderedDict[str, _Finished] = OrderedDict()
@@ -95,10 +113,12 @@ class WorkerHub:
         connection = WorkerConnection(next(self._connection_ids), request, self._default_concurrency)
         self._connections[connection.id] = connection
         logger.info(
-            "SDK worker connected (stream %d: %d orchestration(s) and %d activity(ies) at once%s; capabilities: %s)",
+            "SDK worker connected (stream %d: %d orchestration(s), %d activity(ies) and %d entity batch(es) at once%s;"
+            " capabilities: %s)",
             connection.id,
             connection.free_slots(WorkKind.ORCHESTRATION),
             connection.free_slots(WorkKind.ACTIVITY),
+            connection.free_slots(WorkKind.ENTITY),
             ", with work-item filters" if connection.filters.orchestrations is not None else "",
             ", ".join(sorted(_capability_name(value) for value in connection.capabilities)) or "none",
         )
@@ -121,10 +141,15 @@ class WorkerHub:
             connection.close()
 
     def with_free_slots(self, kind: WorkKind) -> list[WorkerConnection]:
-        """Connections with a free slot for ``kind``, starting with a different one each call."""
+        """Connections with a free slot for ``kind``, in turns: each assignment moves the first one on.
+
+        The turn moves with assignments, not calls, so a work item that comes back
+        (a worker abandoned it) is offered to the next worker, however many empty
+        fetches happen in between.
+        """
         ready = [connection for connection in self._connections.values() if connection.free_slots(kind) > 0]
         if ready:
-            turn = next(self._rotations[kind]) % len(ready)
+            turn = self._assigned_counts[kind] % len(ready)
             ready = ready[turn:] + ready[:turn]
         return ready
 
@@ -142,6 +167,7 @@ class WorkerHub:
         """Take one of the connection's slots for the work item locked under ``lock_token``."""
         connection.take_slot(kind)
         self._assignments[lock_token] = (connection, kind)
+        self._assigned_counts[kind] += 1
 
     def worker_for(self, lock_token: str, name: str, version: str | None) -> WorkerConnection | None:
         """The open connection to send the work item locked under ``lock_token`` to.
@@ -175,14 +201,19 @@ class WorkerHub:
     # -- completion tokens ------------------------------------------------------------------------
 
     def dispatch(
-        self, connection: WorkerConnection, work_item: pb.WorkItem, instance_id: str, task_id: int | None = None
+        self,
+        connection: WorkerConnection,
+        work_item: pb.WorkItem,
+        instance_id: str,
+        task_id: int | None = None,
+        entity_batch: EntityBatch | None = None,
     ) -> DispatchedWorkItem:
         """Send ``work_item`` on the connection's stream under a new completion token."""
-        kind = WorkKind.ORCHESTRATION if work_item.HasField("orchestratorRequest") else WorkKind.ACTIVITY
+        kind = _KIND_OF_REQUEST[str(work_item.WhichOneof("request"))]
         token = uuid.uuid4().hex
         work_item.completionToken = token
         item = DispatchedWorkItem(
-            token, kind, connection, instance_id, task_id, asyncio.get_running_loop().create_future()
+            token, kind, connection, instance_id, task_id, asyncio.get_running_loop().create_future(), entity_batch
         )
         self._dispatched[token] = item
         connection.pending_tokens.add(token)

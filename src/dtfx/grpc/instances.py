@@ -79,16 +79,18 @@ def _purge_response(result: PurgeResult) -> pb.PurgeInstancesResponse:
     return pb.PurgeInstancesResponse(deletedInstanceCount=result.deleted_instance_count, isComplete=complete)
 
 
+def page_size(requested: int, options: SidecarOptions) -> int:
+    """The page size to use for a query that asked for ``requested`` (0: none)."""
+    if requested < 0:
+        raise invalid_argument(f"A page size cannot be negative ({requested}).")
+    return min(requested or DEFAULT_PAGE_SIZE, options.max_page_size)
+
+
 class InstanceRpcs:
     """The instance-management RPCs of ``TaskHubSidecarService``."""
 
     _client: AsyncClient
     _options: SidecarOptions
-
-    def _page_size(self, requested: int) -> int:
-        if requested < 0:
-            raise invalid_argument(f"A page size cannot be negative ({requested}).")
-        return min(requested or DEFAULT_PAGE_SIZE, self._options.max_page_size)
 
     # -- starting ------------------------------------------------------------------------------
 
@@ -148,7 +150,7 @@ class InstanceRpcs:
                 created_time_from=optional_datetime(query, "createdTimeFrom"),
                 created_time_to=optional_datetime(query, "createdTimeTo"),
                 instance_id_prefix=optional_string(query, "instanceIdPrefix") or None,
-                max_instance_count=self._page_size(query.maxInstanceCount),
+                max_instance_count=page_size(query.maxInstanceCount, self._options),
                 fetch_inputs_and_outputs=query.fetchInputsAndOutputs,
             ),
             optional_string(query, "continuationToken") or None,
@@ -169,7 +171,7 @@ class InstanceRpcs:
             statuses,
             optional_datetime(request, "completedTimeFrom"),
             optional_datetime(request, "completedTimeTo"),
-            self._page_size(request.pageSize),
+            page_size(request.pageSize, self._options),
             optional_string(request, "lastInstanceKey") or None,
         )
         return pb.ListInstanceIdsResponse(instanceIds=page.items, lastInstanceKey=string_value(page.continuation_token))

@@ -23,16 +23,21 @@ class SidecarOptions:
     """How long a work item that a worker abandoned (a versioning reject, say), or that
     its work-item filters refuse, waits before it is offered again."""
     default_worker_concurrency: int = 100
-    """Work items of each kind an SDK worker holds at once when it sends no limit."""
+    """Work items of each kind an SDK worker holds at once when it sends no limit (the
+    Python SDK sends none for entity batches)."""
     max_work_items_in_flight: int = 10_000
     """Work items of each kind out with SDK workers at once, across all of them."""
     max_page_size: int = 1_000
-    """Most instances one ``QueryInstances`` or ``ListInstanceIds`` page returns; clients
-    page on with the continuation token."""
+    """Most instances (or entities) one ``QueryInstances``, ``ListInstanceIds`` or
+    ``QueryEntities`` page returns; clients page on with the continuation token."""
     history_chunk_bytes: int = 1 << 20
     """Approximate size of one ``StreamInstanceHistory`` chunk."""
     shutdown_grace_period: timedelta = timedelta(seconds=10)
     """How long stopping the server waits for work items out with SDK workers."""
+    legacy_entity_requests: bool = False
+    """Send entity batches as the older ``EntityBatchRequest`` (``entityRequest``) instead
+    of ``EntityRequest`` V2 (``entityRequestV2``), for workers that read only the older
+    shape. The official Python SDK reads both."""
 
     def __post_init__(self) -> None:
         if self.health_ping_interval <= timedelta(0):

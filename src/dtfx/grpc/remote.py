@@ -1,10 +1,11 @@
-"""Running orchestrator and activity code on SDK workers connected over gRPC.
+"""Running orchestrator, activity and entity code on SDK workers connected over gRPC.
 
-:class:`RemoteEpisodeRunner` and :class:`RemoteActivityRunner` are the remote
-counterparts of the worker's local runners: the same processors plan, apply and
-commit the work item; these only turn it into an ``OrchestratorRequest`` or
-``ActivityRequest``, send it on the stream of the connection it was locked for,
-and wait for the worker's answer (see :mod:`dtfx.grpc.hub`).
+:class:`RemoteEpisodeRunner`, :class:`RemoteActivityRunner` and
+:class:`RemoteEntityRunner` are the remote counterparts of the worker's local
+runners: the same processors plan, apply and commit the work item; these only
+turn it into an ``OrchestratorRequest``, ``ActivityRequest`` or entity request,
+send it on the stream of the connection it was locked for, and wait for the
+worker's answer (see :mod:`dtfx.grpc.hub`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from dtfx.backends.base import Backend, utc_now
+from dtfx.core.entities import BatchPlan, BatchResult
 from dtfx.core.history import ExecutionStarted, HistoryEvent, TaskCompleted, TaskFailed
 from dtfx.core.workitems import ActivityWorkItem, OrchestrationCheckpoint, OrchestrationWorkItem
-from dtfx.grpc.convert import events_to_proto, string_value
-from dtfx.grpc.hub import DispatchedWorkItem, Outcome, WorkerHub
+from dtfx.grpc.convert import entity_batch_request_to_proto, entity_request_to_proto, events_to_proto, string_value
+from dtfx.grpc.hub import DispatchedWorkItem, EntityBatch, Outcome, WorkerHub
 from dtfx.grpc.protos import pb
 from dtfx.worker.leases import keep_lease
 from dtfx.worker.orchestrations import Abandon, EpisodeOutcome
@@ -28,6 +30,18 @@ async def _answer(hub: WorkerHub, item: DispatchedWorkItem) -> Outcome:
         return await item.outcome
     finally:
         hub.finish(item, Abandon(), reason="the server stopped waiting for it")
+
+
+async def _answer_keeping_lease(
+    backend: Backend, hub: WorkerHub, item: OrchestrationWorkItem, dispatched: DispatchedWorkItem, lease: timedelta
+) -> Outcome:
+    """:func:`_answer`, renewing the lease of the orchestration or entity work item meanwhile."""
+
+    async def renew() -> bool:
+        return await backend.renew_orchestration_lease(item, lease)
+
+    async with keep_lease(renew, lease, f"{dispatched.kind.value.capitalize()} {item.instance_id}"):
+        return await _answer(hub, dispatched)
 
 
 class RemoteEpisodeRunner:
@@ -61,12 +75,7 @@ class RemoteEpisodeRunner:
             newEvents=events_to_proto(new_events),
         )
         dispatched = self._hub.dispatch(connection, pb.WorkItem(orchestratorRequest=request), item.instance_id)
-
-        async def renew() -> bool:
-            return await self._backend.renew_orchestration_lease(item, self._lease_duration)
-
-        async with keep_lease(renew, self._lease_duration, f"Orchestration {item.instance_id}"):
-            outcome = await _answer(self._hub, dispatched)
+        outcome = await _answer_keeping_lease(self._backend, self._hub, item, dispatched, self._lease_duration)
         if not isinstance(outcome, EpisodeOutcome | Abandon):
             raise TypeError(f"An orchestration work item came back as {type(outcome).__name__}")
         return outcome
@@ -105,4 +114,48 @@ class RemoteActivityRunner:
         outcome = await _answer(self._hub, dispatched)
         if not isinstance(outcome, TaskCompleted | TaskFailed | Abandon):
             raise TypeError(f"An activity work item came back as {type(outcome).__name__}")
+        return outcome
+
+
+class RemoteEntityRunner:
+    """Runs entity batches on SDK workers (an :class:`~dtfx.worker.entities.EntityRunner`).
+
+    A batch goes out as ``EntityRequest`` (V2: the operations as the history events
+    they arrived as), or as the older ``EntityBatchRequest`` if ``legacy_requests``.
+    The Python SDK reads both (it looks at which of the two the work item holds); the
+    results are matched to the operations by position either way.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        hub: WorkerHub,
+        *,
+        lease_duration: timedelta,
+        retry_delay: timedelta,
+        legacy_requests: bool = False,
+    ) -> None:
+        self._backend = backend
+        self._hub = hub
+        self._lease_duration = lease_duration
+        self._retry_delay = retry_delay
+        self._legacy_requests = legacy_requests
+
+    async def run(self, item: OrchestrationWorkItem, plan: BatchPlan) -> BatchResult | Abandon:
+        connection = self._hub.worker_for(item.lock_token, plan.entity_id.entity, None)
+        if connection is None:
+            return Abandon(utc_now() + self._retry_delay)
+        state = item.state.serialized_output
+        if self._legacy_requests:
+            work_item = pb.WorkItem(
+                entityRequest=entity_batch_request_to_proto(item.instance_id, state, plan.operations)
+            )
+        else:
+            request = entity_request_to_proto(item.instance_id, item.state.execution_id, state, plan.operations)
+            work_item = pb.WorkItem(entityRequestV2=request)
+        batch = EntityBatch(state, plan.operations)
+        dispatched = self._hub.dispatch(connection, work_item, item.instance_id, entity_batch=batch)
+        outcome = await _answer_keeping_lease(self._backend, self._hub, item, dispatched, self._lease_duration)
+        if not isinstance(outcome, BatchResult | Abandon):
+            raise TypeError(f"An entity work item came back as {type(outcome).__name__}")
         return outcome

@@ -1,9 +1,10 @@
 # ruff: noqa: N802 - RPC handlers carry the protocol's method names
 """``TaskHubSidecarService``: every RPC of the Durable Task sidecar protocol.
 
-The instance RPCs live in :mod:`dtfx.grpc.instances`, the work-item RPCs in
-:mod:`dtfx.grpc.workitems`; this class puts them together with the task-hub RPCs
-and answers those dtfx does not offer (yet) with ``UNIMPLEMENTED``.
+The instance RPCs live in :mod:`dtfx.grpc.instances`, the entity RPCs in
+:mod:`dtfx.grpc.entities`, the work-item RPCs in :mod:`dtfx.grpc.workitems`; this
+class puts them together with the task-hub RPCs and answers those dtfx does not
+offer with ``UNIMPLEMENTED``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from google.protobuf import empty_pb2
 
 from dtfx.backends.base import Backend
 from dtfx.client import AsyncClient
+from dtfx.grpc.entities import EntityRpcs
 from dtfx.grpc.hub import WorkerHub
 from dtfx.grpc.instances import PAYLOADS_AS_IS, InstanceRpcs
 from dtfx.grpc.options import SidecarOptions
@@ -21,15 +23,10 @@ from dtfx.grpc.protos import pb, pb_grpc
 from dtfx.grpc.status import Context, unary, unimplemented
 from dtfx.grpc.workitems import WorkItemRpcs
 
-ENTITIES_UNSUPPORTED = (
-    "Durable entities are not supported by the dtfx sidecar yet; "
-    "orchestrations and activities are. Entity RPCs and entity work items will come with entity support."
-)
 
-
-class SidecarService(InstanceRpcs, WorkItemRpcs, pb_grpc.TaskHubSidecarServiceServicer):
-    """The service over one backend: instance RPCs through an :class:`~dtfx.AsyncClient`, work
-    items through the hub the server's dispatchers feed."""
+class SidecarService(InstanceRpcs, EntityRpcs, WorkItemRpcs, pb_grpc.TaskHubSidecarServiceServicer):
+    """The service over one backend: instance and entity RPCs through an :class:`~dtfx.AsyncClient`,
+    work items through the hub the server's dispatchers feed."""
 
     def __init__(self, backend: Backend, hub: WorkerHub, options: SidecarOptions) -> None:
         self._backend = backend
@@ -63,29 +60,3 @@ class SidecarService(InstanceRpcs, WorkItemRpcs, pb_grpc.TaskHubSidecarServiceSe
     @unary
     async def SkipGracefulOrchestrationTerminations(self, request: Any, context: Context) -> Any:
         raise unimplemented("SkipGracefulOrchestrationTerminations is not supported; use TerminateInstance.")
-
-    # -- entities ------------------------------------------------------------------------------
-
-    @unary
-    async def SignalEntity(self, request: Any, context: Context) -> Any:
-        raise unimplemented(ENTITIES_UNSUPPORTED)
-
-    @unary
-    async def GetEntity(self, request: Any, context: Context) -> Any:
-        raise unimplemented(ENTITIES_UNSUPPORTED)
-
-    @unary
-    async def QueryEntities(self, request: Any, context: Context) -> Any:
-        raise unimplemented(ENTITIES_UNSUPPORTED)
-
-    @unary
-    async def CleanEntityStorage(self, request: Any, context: Context) -> Any:
-        raise unimplemented(ENTITIES_UNSUPPORTED)
-
-    @unary
-    async def CompleteEntityTask(self, request: Any, context: Context) -> Any:
-        raise unimplemented(ENTITIES_UNSUPPORTED)
-
-    @unary
-    async def AbandonTaskEntityWorkItem(self, request: Any, context: Context) -> Any:
-        raise unimplemented(ENTITIES_UNSUPPORTED)

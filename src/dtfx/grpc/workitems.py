@@ -10,13 +10,20 @@ misbehaving worker never loses an instance.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from datetime import datetime
 
 from dtfx.backends.base import WorkKind, utc_now
+from dtfx.core.entities import BatchResult
 from dtfx.core.history import TaskCompleted, TaskFailed
-from dtfx.grpc.convert import InvalidMessageError, actions_from_proto, failure_from_proto, optional_string
-from dtfx.grpc.hub import DispatchedWorkItem, WorkerHub
+from dtfx.grpc.convert import (
+    InvalidMessageError,
+    actions_from_proto,
+    batch_result_from_proto,
+    failure_from_proto,
+    optional_string,
+)
+from dtfx.grpc.hub import DispatchedWorkItem, Outcome, WorkerHub
 from dtfx.grpc.options import SidecarOptions
 from dtfx.grpc.protos import pb
 from dtfx.grpc.status import Context, streaming, unary
@@ -63,28 +70,24 @@ class WorkItemRpcs:
 
     @unary
     async def CompleteActivityTask(self, request: pb.ActivityResponse, context: Context) -> pb.CompleteTaskResponse:
-        item = self._hub.lookup(request.completionToken, WorkKind.ACTIVITY, completing=True)
-        if item is None:
-            return pb.CompleteTaskResponse()
-        try:
-            _check_instance(item, request.instanceId)
-            assert item.task_id is not None
-            if request.taskId != item.task_id:
-                raise InvalidMessageError(
-                    f"The response is for task {request.taskId}, but the work item is task {item.task_id}."
-                )
-            result: TaskCompleted | TaskFailed
-            # HasField, not the message text: an exception with an empty message is still a failure.
-            if request.HasField("failureDetails"):
-                failure = failure_from_proto(request.failureDetails)
-                result = TaskFailed(timestamp=utc_now(), task_scheduled_id=item.task_id, failure_details=failure)
-            else:
-                output = optional_string(request, "result")
-                result = TaskCompleted(timestamp=utc_now(), task_scheduled_id=item.task_id, result=output)
-        except InvalidMessageError as error:
-            self._give_back(item, error)
-            raise
-        self._hub.finish(item, result)
+        return self._complete(request.completionToken, WorkKind.ACTIVITY, lambda item: _activity_result(item, request))
+
+    @unary
+    async def CompleteEntityTask(self, request: pb.EntityBatchResult, context: Context) -> pb.CompleteTaskResponse:
+        return self._complete(request.completionToken, WorkKind.ENTITY, lambda item: _batch_result(item, request))
+
+    def _complete(
+        self, token: str, kind: WorkKind, read: Callable[[DispatchedWorkItem], Outcome]
+    ) -> pb.CompleteTaskResponse:
+        """Finish the work item of ``token`` with what ``read`` makes of the worker's response."""
+        item = self._hub.lookup(token, kind, completing=True)
+        if item is not None:
+            try:
+                outcome = read(item)
+            except InvalidMessageError as error:
+                self._give_back(item, error)
+                raise
+            self._hub.finish(item, outcome)
         return pb.CompleteTaskResponse()
 
     @unary
@@ -101,6 +104,13 @@ class WorkItemRpcs:
         self._abandon(request.completionToken, WorkKind.ACTIVITY)
         return pb.AbandonActivityTaskResponse()
 
+    @unary
+    async def AbandonTaskEntityWorkItem(
+        self, request: pb.AbandonEntityTaskRequest, context: Context
+    ) -> pb.AbandonEntityTaskResponse:
+        self._abandon(request.completionToken, WorkKind.ENTITY)
+        return pb.AbandonEntityTaskResponse()
+
     def _abandon(self, token: str, kind: WorkKind) -> None:
         item = self._hub.lookup(token, kind, completing=False)
         if item is not None:
@@ -111,6 +121,26 @@ class WorkItemRpcs:
 
     def _retry_at(self) -> datetime:
         return utc_now() + self._options.abandon_retry_delay
+
+
+def _activity_result(item: DispatchedWorkItem, response: pb.ActivityResponse) -> TaskCompleted | TaskFailed:
+    _check_instance(item, response.instanceId)
+    assert item.task_id is not None
+    if response.taskId != item.task_id:
+        raise InvalidMessageError(
+            f"The response is for task {response.taskId}, but the work item is task {item.task_id}."
+        )
+    # HasField, not the message text: an exception with an empty message is still a failure.
+    if response.HasField("failureDetails"):
+        failure = failure_from_proto(response.failureDetails)
+        return TaskFailed(timestamp=utc_now(), task_scheduled_id=item.task_id, failure_details=failure)
+    output = optional_string(response, "result")
+    return TaskCompleted(timestamp=utc_now(), task_scheduled_id=item.task_id, result=output)
+
+
+def _batch_result(item: DispatchedWorkItem, result: pb.EntityBatchResult) -> BatchResult:
+    assert item.entity_batch is not None
+    return batch_result_from_proto(result, item.entity_batch.state, item.entity_batch.operations)
 
 
 def _check_instance(item: DispatchedWorkItem, instance_id: str) -> None:
