@@ -72,8 +72,9 @@ async def test_a_sequence_runs_eagerly_in_one_work_item() -> None:
         instance_id = await client.schedule_new_orchestration("chain", input=20)
         state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
     assert state is not None and state.get_output() == 20
-    # One lock of the instance, no activity locked from the queue, one checkpoint per step and one to start.
-    assert backend.calls == {"orchestrations locked": 1, "checkpoints": 21}
+    # One lock of the instance, no activity locked from the queue, one checkpoint per step: the first
+    # activity ran before the first commit, which holds the start too.
+    assert backend.calls == {"orchestrations locked": 1, "checkpoints": 20}
     history = await client.get_orchestration_history(instance_id)
     assert sum(isinstance(event, TaskCompleted) for event in history) == 20
 
@@ -102,6 +103,40 @@ async def test_a_message_that_arrives_during_an_eager_chain_is_not_kept_waiting(
     assert state is not None and state.get_output() == [6, "went"]
     # The event made the checkpoint after step 3 release the lease; the queue took over from there.
     assert backend.calls["orchestrations locked"] >= 2
+
+
+async def test_a_message_that_arrives_while_the_first_activity_runs_ahead() -> None:
+    events: asyncio.Queue[str] = asyncio.Queue()
+    backend = CountingBackend()
+    client = dtfx.AsyncClient(backend)
+    app = dtfx.App()
+    release = asyncio.Event()
+
+    @app.activity
+    async def first(ctx: dtfx.ActivityContext, _: Any) -> str:
+        await events.put("first running")
+        await release.wait()
+        return "one"
+
+    @app.activity
+    async def second(ctx: dtfx.ActivityContext, value: str) -> str:
+        return value + " two"
+
+    @app.orchestrator
+    def both(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        value = yield ctx.call_activity(first)
+        value = yield ctx.call_activity(second, input=value)
+        return [value, (yield ctx.wait_for_external_event("go"))]
+
+    async with dtfx.Worker(backend, app=app):
+        instance_id = await client.schedule_new_orchestration(both)
+        assert await events.get() == "first running"
+        await client.raise_orchestration_event(instance_id, "go", data="went")
+        release.set()
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == ["one two", "went"]
+    history = await client.get_orchestration_history(instance_id)
+    assert sum(isinstance(event, TaskCompleted) for event in history) == 2
 
 
 async def test_eager_activities_respect_the_activity_concurrency_limit() -> None:

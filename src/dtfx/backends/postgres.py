@@ -167,6 +167,11 @@ class PostgresBackend(SqlBackend):
         self._driver: LoopThread | None = None
         self._startup: Future[None] | None = None
         self._pool: AsyncConnectionPool | None = None
+        # The loop that started the backend (a worker's, usually) runs its transactions
+        # itself, on a pool of its own: no hop to the driver thread.
+        self._home: asyncio.AbstractEventLoop | None = None
+        self._home_pool: AsyncConnectionPool | None = None
+        self._home_tasks: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._closed = False
@@ -186,6 +191,17 @@ class PostgresBackend(SqlBackend):
             if startup is None or (startup.done() and (startup.cancelled() or startup.exception() is not None)):
                 startup = self._startup = self._driver.submit(self._open())
         await asyncio.wrap_future(startup)
+        loop = asyncio.get_running_loop()
+        if self._home is None:
+            self._home = loop
+            pool = self._new_pool()
+            try:
+                await pool.open(wait=True, timeout=10.0)
+            except Exception as error:
+                self._home = None
+                await pool.close()
+                raise BackendError(f"Cannot connect to PostgreSQL ({error})") from error
+            self._home_pool = pool
 
     async def close(self) -> None:
         with self._lock:
@@ -193,15 +209,26 @@ class PostgresBackend(SqlBackend):
                 return
             self._closed = True
             driver, self._driver = self._driver, None
-        if driver is not None:
-            try:
-                await asyncio.wrap_future(driver.submit(self._shut_down()))
-            finally:
-                driver.close()
+        home, home_pool = self._home, self._home_pool
+        self._home = self._home_pool = None
+        try:
+            if home_pool is not None and home is not None:
+                if home is asyncio.get_running_loop():
+                    await home_pool.close()
+                elif home.is_running():
+                    await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(home_pool.close(), home))
+        finally:
+            if driver is not None:
+                try:
+                    await asyncio.wrap_future(driver.submit(self._shut_down()))
+                finally:
+                    driver.close()
 
     async def _run(self, program: Callable[[], Program[T]], *, write: bool) -> T:
         if self._pool is None:
             await self.start()
+        if self._home_pool is not None and self._home is asyncio.get_running_loop():
+            return await self._transact(program, write, self._home_pool)
         driver = self._driver
         if driver is None:
             raise BackendError("This PostgreSQL backend has been closed.")
@@ -212,6 +239,11 @@ class PostgresBackend(SqlBackend):
             await self.start()
 
     def _start_draining(self, kind: Coalesced) -> None:
+        if self._home_pool is not None and self._home is asyncio.get_running_loop():
+            task = self._home.create_task(self._drain_now(kind, self._home_pool))
+            self._home_tasks.add(task)
+            task.add_done_callback(self._home_tasks.discard)
+            return
         driver = self._driver
         try:
             if driver is None:
@@ -224,21 +256,19 @@ class PostgresBackend(SqlBackend):
 
     # -- on the driver's loop ----------------------------------------------------------------
 
-    async def _drain_now(self, kind: Coalesced) -> None:
+    async def _drain_now(self, kind: Coalesced, pool: AsyncConnectionPool | None = None) -> None:
         drained = self._drain(kind)
         if drained is None:
             return
         program, futures = drained
         try:
-            results: list[Any] | BaseException = await self._transact(program, kind.write)
+            results: list[Any] | BaseException = await self._transact(program, kind.write, pool)
         except Exception as error:
             results = error
         self._settle(futures, results)
 
-    async def _open(self) -> None:
-        if self._pool is not None:
-            return
-        pool = AsyncConnectionPool(
+    def _new_pool(self) -> AsyncConnectionPool:
+        return AsyncConnectionPool(
             self._conninfo,
             min_size=self._pool_min_size,
             max_size=self._pool_max_size,
@@ -247,6 +277,11 @@ class PostgresBackend(SqlBackend):
             timeout=10.0,
             open=False,
         )
+
+    async def _open(self) -> None:
+        if self._pool is not None:
+            return
+        pool = self._new_pool()
         try:
             await pool.open(wait=True, timeout=10.0)
         except Exception as error:
@@ -279,8 +314,10 @@ class PostgresBackend(SqlBackend):
         if pool is not None:
             await pool.close()
 
-    async def _transact(self, program: Callable[[], Program[T]], write: bool) -> T:
-        pool = self._pool
+    async def _transact(
+        self, program: Callable[[], Program[T]], write: bool, pool: AsyncConnectionPool | None = None
+    ) -> T:
+        pool = pool or self._pool
         if pool is None:
             raise BackendError("This PostgreSQL backend has been closed.")
         conflicts = 0

@@ -16,6 +16,7 @@ An orchestration episode has three steps, whoever executes the orchestrator:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import uuid
@@ -295,6 +296,27 @@ def apply_actions(
             child_terminated = ExecutionTerminated(timestamp=now, input=terminate.input, recurse=True)
             messages.append(OutboundMessage(child_id, child_terminated))
     return checkpoint
+
+
+def merge_checkpoints(
+    first: OrchestrationCheckpoint, second: OrchestrationCheckpoint, done_task: str
+) -> OrchestrationCheckpoint | None:
+    """One checkpoint for two consecutive episodes of one work item with no commit between.
+
+    ``second`` continues ``first`` with the result of ``first``'s activity ``done_task``
+    (its lock token), which ran before anything was committed: that task is not queued.
+    ``None`` when the two cannot be one commit (an episode starts a fresh history).
+    """
+    if first.replace_history or second.replace_history:
+        return None
+    return dataclasses.replace(
+        second,
+        consumed=first.consumed,
+        new_history=[*first.new_history, *second.new_history],
+        activity_tasks=[task for task in first.activity_tasks if task.lock_token != done_task] + second.activity_tasks,
+        messages=[*first.messages, *second.messages],
+        finished_tasks=[*first.finished_tasks, *second.finished_tasks],
+    )
 
 
 def _status_after(status: OrchestrationStatus, new_events: Sequence[HistoryEvent]) -> OrchestrationStatus:

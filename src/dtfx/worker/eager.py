@@ -46,7 +46,7 @@ class EagerActivities:
         self._lease_duration = lease_duration
 
     def claim(self, checkpoint: OrchestrationCheckpoint) -> ActivityWorkItem | None:
-        if len(checkpoint.activity_tasks) != 1:
+        if len(checkpoint.activity_tasks) != 1 or checkpoint.status.is_terminal:
             return None
         task = checkpoint.activity_tasks[0]
         if task.event.name not in self._registry.activities or not self._reserve_slot():
@@ -59,11 +59,13 @@ class EagerActivities:
     def unclaim(self, item: ActivityWorkItem) -> None:
         self._free_slot()
 
-    async def run(self, item: ActivityWorkItem, orchestration: OrchestrationWorkItem) -> TaskCompleted | TaskFailed:
+    async def run(
+        self, item: ActivityWorkItem, orchestration: OrchestrationWorkItem, *, queued: bool = True
+    ) -> TaskCompleted | TaskFailed:
         backend, lease = self._backend, self._lease_duration
 
         async def renew() -> bool:
-            held = await backend.renew_activity_lease(item, lease)
+            held = await backend.renew_activity_lease(item, lease) if queued else True
             return await backend.renew_orchestration_lease(orchestration, lease) and held
 
         try:

@@ -17,7 +17,14 @@ from typing import Protocol
 from dtfx.backends.base import Backend, utc_now
 from dtfx.backends.delivery import checkpointed_state
 from dtfx.core.actions import CompleteOrchestration, OrchestratorAction
-from dtfx.core.apply import EpisodeKind, apply_actions, needs_history, plan_episode, unchanged_checkpoint
+from dtfx.core.apply import (
+    EpisodeKind,
+    apply_actions,
+    merge_checkpoints,
+    needs_history,
+    plan_episode,
+    unchanged_checkpoint,
+)
 from dtfx.core.errors import NotRegisteredError
 from dtfx.core.history import (
     ExecutionStarted,
@@ -85,8 +92,10 @@ class EagerLane(Protocol):
     def unclaim(self, item: ActivityWorkItem) -> None:
         """The checkpoint was not committed: forget the claim."""
 
-    async def run(self, item: ActivityWorkItem, orchestration: OrchestrationWorkItem) -> TaskCompleted | TaskFailed:
-        """Run the activity, keeping its lease and the orchestration's."""
+    async def run(
+        self, item: ActivityWorkItem, orchestration: OrchestrationWorkItem, *, queued: bool = True
+    ) -> TaskCompleted | TaskFailed:
+        """Run the activity, keeping its lease (if ``queued``: its task was committed) and the orchestration's."""
 
     async def process(self, item: ActivityWorkItem) -> None:
         """Run the activity and deliver its result through the orchestration's inbox."""
@@ -148,47 +157,89 @@ class OrchestrationProcessor:
         checkpoint = apply_actions(
             item, started, plan.new_events, outcome.actions, outcome.custom_status, plan.consumed, now, history=history
         )
-        await self._commit_episodes(item, started, checkpoint)
+        await self._commit_episodes(item, started, checkpoint, run_ahead=True)
 
     async def _commit_episodes(
-        self, item: OrchestrationWorkItem, started: ExecutionStarted, checkpoint: OrchestrationCheckpoint
+        self,
+        item: OrchestrationWorkItem,
+        started: ExecutionStarted,
+        checkpoint: OrchestrationCheckpoint,
+        *,
+        run_ahead: bool = False,
     ) -> None:
-        """Commit ``checkpoint``, then go on with eager episodes while the lease is kept."""
-        eager_lane = self.eager
+        """Commit ``checkpoint``, then go on with eager episodes while the lease is kept.
+
+        With ``run_ahead`` (all of the episode's new events came from the store, so nothing
+        uncommitted feeds it) the episode's eager activity runs before the first commit,
+        and its result and the episode that follows join that commit.
+        """
+        lane = self.eager
         recorded: tuple[ActivityWorkItem, TaskCompleted | TaskFailed] | None = None  # the eager result checkpoint holds
         while True:
-            eager = eager_lane.claim(checkpoint) if eager_lane is not None else None
+            eager = lane.claim(checkpoint) if lane is not None else None
+            ran: TaskCompleted | TaskFailed | None = None  # the eager activity's result, if it ran already
+            following: OrchestrationCheckpoint | Abandon | None = None
+            if lane is not None and eager is not None and run_ahead:
+                run_ahead = False
+                ran = await lane.run(eager, item, queued=False)
+                following = await self._follow(item, checkpoint, started, ran)
+                if isinstance(following, OrchestrationCheckpoint):
+                    merged = merge_checkpoints(checkpoint, following, eager.lock_token)
+                    if merged is not None:
+                        checkpoint = merged
+                        continue
             result = await self._commit(item, checkpoint)
             self._runner.finished(item, checkpoint, result is not CommitResult.LOST)
-            if eager_lane is None or (eager is None and recorded is None):
+            if lane is None or (eager is None and recorded is None):
                 return
             if result is CommitResult.LOST:
                 if recorded is not None:
-                    await eager_lane.deliver(*recorded)
-                if eager is not None:
-                    eager_lane.unclaim(eager)
+                    await lane.deliver(*recorded)
+                if eager is not None and ran is None:
+                    lane.unclaim(eager)
                 return
             if eager is None:
                 return
             if result is CommitResult.COMMITTED:  # messages are waiting: the queue takes over
-                await eager_lane.process(eager)
+                if ran is None:
+                    await lane.process(eager)
+                    return
+                self._runner.finished(item, None, False)  # it ran ahead of what is committed: replay
+                await lane.deliver(eager, ran)
                 return
             item = _continued(item, checkpoint)
-            event = await eager_lane.run(eager, item)
-            if self._runner.cached_start(item) is None:  # the live orchestration was evicted meanwhile
-                await eager_lane.deliver(eager, event)
-                await self._backend.abandon_orchestration_work_item(item)
+            if ran is None:
+                ran = await lane.run(eager, item)
+                following = await self._follow(item, None, started, ran)
+            if not isinstance(following, OrchestrationCheckpoint):
+                self._runner.finished(item, None, False)
+                await lane.deliver(eager, ran)
+                retry_at = following.retry_at if following is not None else None
+                await self._backend.abandon_orchestration_work_item(item, retry_at=retry_at)
                 return
-            now = utc_now()
-            new_events: list[HistoryEvent] = [OrchestratorStarted(timestamp=now), event]
-            outcome = await self._runner.run(item, started, None, new_events)
-            if isinstance(outcome, Abandon):
-                await eager_lane.deliver(eager, event)
-                await self._backend.abandon_orchestration_work_item(item, retry_at=outcome.retry_at)
-                return
-            checkpoint = apply_actions(item, started, new_events, outcome.actions, outcome.custom_status, [], now)
-            checkpoint.finished_tasks.append(eager.lock_token)
-            recorded = (eager, event)
+            following.finished_tasks.append(eager.lock_token)
+            checkpoint, recorded = following, (eager, ran)
+
+    async def _follow(
+        self,
+        item: OrchestrationWorkItem,
+        uncommitted: OrchestrationCheckpoint | None,
+        started: ExecutionStarted,
+        result: TaskCompleted | TaskFailed,
+    ) -> OrchestrationCheckpoint | Abandon:
+        """The episode an eager activity's result starts, after ``item``'s checkpoint
+        (``uncommitted``, when it has not been committed yet)."""
+        if uncommitted is not None:
+            self._runner.finished(item, uncommitted, True)  # the live orchestration goes on from there
+            item = _continued(item, uncommitted)
+        if self._runner.cached_start(item) is None:  # no live orchestration to go on with (evicted, no cache)
+            return Abandon()
+        now = utc_now()
+        new_events: list[HistoryEvent] = [OrchestratorStarted(timestamp=now), result]
+        outcome = await self._runner.run(item, started, None, new_events)
+        if isinstance(outcome, Abandon):
+            return outcome
+        return apply_actions(item, started, new_events, outcome.actions, outcome.custom_status, [], now)
 
     async def release(self, item: OrchestrationWorkItem) -> None:
         """Give the work item back after a failure or at shutdown."""
