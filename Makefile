@@ -4,22 +4,27 @@
 #
 #   make demo   run the bundled hello-cities example on the embedded SQLite task hub
 #   make test   the quality gate: ruff (lint + format), mypy --strict, pytest
+#   make bench  the benchmarks against DBOS Transact (writes BENCHMARKS.md; not part of the tests)
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test install
+.PHONY: demo test bench install
 
 demo: $(INSTALLED)
 	$(BIN)/python -m dtfx.examples.hello_cities
 
 test: $(INSTALLED)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+bench: $(INSTALLED)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks
 
 install: $(INSTALLED)
 
