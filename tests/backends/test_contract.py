@@ -530,6 +530,57 @@ async def test_an_eager_task_whose_lease_expires_goes_to_another_worker(backend:
     assert await backend.complete_activity_work_items([ActivityResult(taken, done)]) == [True]
 
 
+async def test_a_kept_lease_stays_while_only_later_messages_wait(backend: Backend) -> None:
+    await backend.create_instance(start_event("a"))
+    item = await lock_one(backend, "a")
+    due = utc_now() + timedelta(milliseconds=300)
+    timer = OutboundMessage("a", TimerFired(timestamp=due, timer_id=1, fire_at=due), visible_at=due)
+    checkpoint = checkpoint_for(item, messages=[timer], keep_lease_for=LEASE)
+    assert await backend.complete_orchestration_work_items([checkpoint]) == [CommitResult.LEASE_KEPT]
+    follow_up = checkpoint_for(item, history=[], consumed=[], keep_lease_for=LEASE)
+    assert await backend.complete_orchestration_work_items([follow_up]) == [CommitResult.LEASE_KEPT]
+    await asyncio.sleep(0.35)
+    # The timer is due now: keeping the lease would hide it, so the lease goes.
+    assert await backend.complete_orchestration_work_items([follow_up]) == [CommitResult.COMMITTED]
+    item = await lock_one(backend, "a")
+    assert [m.event for m in item.messages] == [timer.event]
+
+
+async def test_a_lost_checkpoint_consumes_nothing_even_if_its_batch_writes_to_its_instance(backend: Backend) -> None:
+    await backend.create_instance(start_event("a"))
+    stale = await lock_one(backend, "a", lock_for=timedelta(milliseconds=100))
+    await asyncio.sleep(0.15)
+    current = await lock_one(backend, "a")
+    await backend.create_instance(start_event("b"))
+    sender = await lock_one(backend, "b")
+    later = OutboundMessage("a", EventRaised(timestamp=utc_now(), name="later"), visible_at=utc_now() + LEASE)
+    results = await backend.complete_orchestration_work_items(
+        [checkpoint_for(stale), checkpoint_for(sender, messages=[later])]
+    )
+    assert results == [CommitResult.LOST, CommitResult.COMMITTED]
+    # The start message is still there and still visible: once the lease is given back,
+    # the instance is ready at once, not when the later message is due.
+    await backend.abandon_orchestration_work_item(current)
+    item = await lock_one(backend, "a")
+    assert [type(m.event).__name__ for m in item.messages] == ["ExecutionStarted"]
+
+
+async def test_messages_to_an_instance_keep_it_ready_from_the_earliest_one(backend: Backend) -> None:
+    await run_to(backend, "a", Status.RUNNING)
+    now = utc_now()
+    await backend.send_event("a", EventRaised(timestamp=now, name="later"), visible_at=now + LEASE)
+    await backend.send_event("a", EventRaised(timestamp=now, name="soon"), visible_at=now + timedelta(milliseconds=200))
+    await backend.send_event("a", EventRaised(timestamp=now, name="latest"), visible_at=now + 2 * LEASE)
+    next_due = await backend.next_visible_at(WorkKind.ORCHESTRATION)
+    assert next_due is not None and abs((next_due - (now + timedelta(milliseconds=200))).total_seconds()) < 0.01
+    await asyncio.sleep(0.25)
+    item = await lock_one(backend, "a")
+    assert [m.event.name for m in item.messages] == ["soon"]  # type: ignore[attr-defined]
+    assert await backend.complete_orchestration_work_items([checkpoint_for(item)]) == [CommitResult.COMMITTED]
+    next_due = await backend.next_visible_at(WorkKind.ORCHESTRATION)
+    assert next_due is not None and abs((next_due - (now + LEASE)).total_seconds()) < 0.01
+
+
 # -- activities -----------------------------------------------------------------------------------------
 
 

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from contextlib import closing
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 import dtfx
-from dtfx.backends import open_backend
-from dtfx.backends.postgres import parse_postgres_url
+from dtfx.backends import Backend, open_backend
+from dtfx.backends.base import utc_now
+from dtfx.backends.postgres import PostgresBackend, parse_postgres_url
 from dtfx.backends.sqlite import SqliteBackend
 from dtfx.core.errors import ConfigurationError
-from tests.postgres import postgres_url
+from dtfx.core.history import ExecutionStarted, OrchestrationInstance
+from tests.postgres import SERVER_URL, postgres_url
 
 
 @pytest.mark.parametrize(
@@ -92,3 +98,132 @@ async def test_a_sync_client_and_an_async_worker_share_one_backend_object(sql_ur
     finally:
         await backend.close()
     assert state is not None and state.get_output() == 42
+
+
+def _query(backend: Any, sql: str) -> list[tuple[Any, ...]]:
+    """Run ``sql`` (committed) on the backend's task hub; return its rows."""
+    if isinstance(backend, SqliteBackend):
+        with closing(sqlite3.connect(backend.path)) as connection, connection:
+            return connection.execute(sql).fetchall()
+    with psycopg.connect(SERVER_URL, options=f"-c search_path={backend.schema}") as connection:
+        cursor = connection.execute(sql)
+        return cursor.fetchall() if cursor.description else []
+
+
+def _stored_and_actual_next_visible_at(backend: Any) -> list[tuple[Any, ...]]:
+    """Each instance's stored ``next_visible_at`` and the earliest visible-at time of its inbox."""
+    return _query(
+        backend,
+        "SELECT instance_id, next_visible_at,"
+        " (SELECT min(visible_at) FROM inbox WHERE inbox.instance_id = instances.instance_id) FROM instances",
+    )
+
+
+async def test_a_wrong_next_visible_at_is_put_right_instead_of_handing_out_an_empty_work_item(sql_url: str) -> None:
+    backend = open_backend(sql_url)
+    try:
+        await backend.create_instance(ExecutionStarted(timestamp=utc_now(), name="n", instance=_instance("a")))
+        await backend.create_instance(ExecutionStarted(timestamp=utc_now(), name="n", instance=_instance("b")))
+        _query(backend, "DELETE FROM inbox WHERE instance_id = 'a'")  # behind the backend's back
+        items = await backend.lock_orchestration_work_items(10, timedelta(minutes=1))
+        assert [item.instance_id for item in items] == ["b"]
+        assert _query(backend, "SELECT lock_token, next_visible_at FROM instances WHERE instance_id = 'a'") == [
+            (None, None)
+        ]
+    finally:
+        await backend.close()
+
+
+async def test_next_visible_at_stays_the_earliest_inbox_time_through_every_kind_of_write(sql_url: str) -> None:
+    # Transactions work each instance's next_visible_at out in memory; whatever the mix of
+    # writes (creations, checkpoints kept and released, timers, events, sub-orchestrations,
+    # entities, continue-as-new, termination), it must match the inbox.
+    app = dtfx.App()
+    counter = dtfx.EntityInstanceId("tally", "shared")
+
+    @app.activity
+    def double(ctx: dtfx.ActivityContext, value: int) -> int:
+        return 2 * value
+
+    @app.entity
+    def tally(ctx: dtfx.EntityContext, amount: int) -> int:
+        ctx.set_state(ctx.get_state(int, 0) + amount)
+        return int(ctx.get_state(int, 0))
+
+    @app.orchestrator
+    def child(ctx: dtfx.OrchestrationContext, value: int) -> Any:
+        yield ctx.create_timer(timedelta(milliseconds=20))
+        return (yield ctx.call_activity(double, input=value))
+
+    @app.orchestrator
+    def parent(ctx: dtfx.OrchestrationContext, rounds: int) -> Any:
+        doubled = yield dtfx.when_all([ctx.call_sub_orchestrator(child, input=n) for n in range(3)])
+        ctx.signal_entity(counter, "add", 1)
+        total = yield ctx.call_entity(counter, "add", 1)
+        approval = yield ctx.wait_for_external_event("approve")
+        if rounds > 1:
+            ctx.continue_as_new(rounds - 1)
+            return None
+        return [doubled, total, approval]
+
+    @app.orchestrator
+    def waiter(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        yield ctx.create_timer(timedelta(hours=1))
+
+    backend = open_backend(sql_url)
+    try:
+        async with dtfx.Worker(backend, app=app):
+            client = dtfx.AsyncClient(backend)
+            sleeper = await client.schedule_new_orchestration(waiter)
+            await client.raise_orchestration_event(sleeper, "early")  # waits in the inbox behind the timer
+            parents = [await client.schedule_new_orchestration(parent, input=2) for _ in range(3)]
+            for instance_id in parents:
+                await client.raise_orchestration_event(instance_id, "approve", data="early")
+            for instance_id in parents:
+                await client.wait_for_orchestration_start(instance_id, timeout=30)
+            await asyncio.sleep(0.3)
+            for instance_id in parents:
+                await client.raise_orchestration_event(instance_id, "approve", data="late")
+            states = [await client.wait_for_orchestration_completion(i, timeout=30) for i in parents]
+            await client.terminate_orchestration(sleeper)
+            await client.wait_for_orchestration_completion(sleeper, timeout=30)
+            await client.signal_entity(counter, "add", 100, signal_time=utc_now() + timedelta(hours=1))
+        assert all(state is not None and state.runtime_status == dtfx.OrchestrationStatus.COMPLETED for state in states)
+        rows = _stored_and_actual_next_visible_at(backend)
+    finally:
+        await backend.close()
+    assert len(rows) > 10
+    assert [row for row in rows if row[1] != row[2]] == []
+    assert any(row[1] is not None for row in rows)  # the entity's signal for later
+
+
+async def test_postgres_commits_announce_themselves_only_while_another_backend_listens() -> None:
+    url = postgres_url()
+    first = open_backend(url)
+    await first.start()
+    assert isinstance(first, PostgresBackend)
+    second: Backend | None = None
+    # A bare LISTEN: it hears the announcements without showing itself as a listener.
+    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as ear:
+        await ear.execute(f"LISTEN dtfx_{first.schema}")
+        try:
+            await first.create_instance(ExecutionStarted(timestamp=utc_now(), name="n", instance=_instance("alone")))
+            second = open_backend(url)
+            await second.start()
+            for _ in range(200):  # until the second backend's notification connection is up
+                await first._look_for_listeners()
+                if first._postgres_dialect.others_listening:
+                    break
+                await asyncio.sleep(0.02)
+            await first.create_instance(ExecutionStarted(timestamp=utc_now(), name="n", instance=_instance("heard")))
+            heard = [notification.payload async for notification in ear.notifies(timeout=10, stop_after=1)]
+        finally:
+            await first.close()
+            if second is not None:
+                await second.close()
+    # Notifications arrive in commit order: the first creation announced nothing.
+    assert len(heard) == 1 and '"heard"' in heard[0] and '"alone"' not in heard[0]
+
+
+def _instance(instance_id: str) -> OrchestrationInstance:
+    return OrchestrationInstance(instance_id=instance_id, execution_id="e1")

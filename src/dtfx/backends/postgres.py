@@ -8,11 +8,15 @@ Work items are leased with ``FOR UPDATE SKIP LOCKED``, so concurrent workers nev
 wait for each other's picks; completing one is one transaction guarded by the lease.
 Commits announce new work with ``NOTIFY``; each backend object ``LISTEN``s and wakes
 its dispatchers and waiting clients at once, whichever process committed (polling
-every :attr:`PostgresBackend.poll_interval` stays as a fallback).
+every :attr:`PostgresBackend.poll_interval` stays as a fallback). While no other
+backend object listens to the hub, commits announce nothing (see :class:`PostgresDialect`).
 
-psycopg's async pool belongs to one event loop, so the driver runs on a loop of its
-own in a background thread; the backend can be awaited from any loop or thread (a
-worker's, a sync client's). A transaction that fails before its commit because the
+Programs run through libpq's pipeline mode (:mod:`~dtfx.backends.postgres_pipeline`):
+a write transaction costs one round trip per fetch that its program waits for, plus
+the commit's. psycopg's async pool belongs to one event loop, so the driver runs on a
+loop of its own in a background thread (the loop that started the backend runs its
+transactions itself); the backend can be awaited from any loop or thread (a worker's,
+a sync client's). A transaction that fails before its commit because the
 connection was lost (a database restart) is retried on a fresh connection with
 back-off; one lost during its commit is reported, since it may or may not have
 committed (the lease guards keep that safe: the work item is simply redone).
@@ -25,9 +29,9 @@ import logging
 import re
 import threading
 import uuid
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from functools import lru_cache
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -44,6 +48,8 @@ try:
     import psycopg
     from psycopg import errors as pg_errors
     from psycopg_pool import AsyncConnectionPool
+
+    from dtfx.backends.postgres_pipeline import Pipeline
 except ImportError as error:  # pragma: no cover - depends on the installed extras
     raise ImportError(f"PostgreSQL support needs `pip install 'dtfx[postgres]'` ({error})") from error
 
@@ -57,6 +63,7 @@ _MAX_PAYLOAD = 7000  # NOTIFY payloads must stay below 8000 bytes
 _CONFLICTS = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.UniqueViolation)
 _MAX_CONFLICT_RETRIES = 10
 _MAX_CONNECTION_RETRIES = 5
+_LISTENERS = 0x64746678  # "dtfx": the class of the advisory locks by which listeners show themselves
 _KIND_CODES = {WorkKind.ORCHESTRATION: "o", WorkKind.ACTIVITY: "a", WorkKind.ENTITY: "e"}
 _CODE_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
 
@@ -70,7 +77,12 @@ class _Announcement(msgspec.Struct, frozen=True):
 
 
 class PostgresDialect(Dialect):
-    """PostgreSQL's SQL: arrays for lists, row locks, and NOTIFY on ``channel``."""
+    """PostgreSQL's SQL: arrays for lists, row locks, and NOTIFY on ``channel``.
+
+    A notification wakes every listener, the sender's own too, which made a commit that
+    announces something about a quarter slower; so commits announce nothing while no
+    other backend object listens (:attr:`others_listening`).
+    """
 
     for_update = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
@@ -81,6 +93,8 @@ class PostgresDialect(Dialect):
     def __init__(self, channel: str, sender: str) -> None:
         self.channel = channel
         self.sender = sender
+        self.others_listening = True
+        """Whether another backend object listens on the channel (as last seen; at first, assume so)."""
 
     def in_list(self, column: str) -> str:
         return f"{column} = ANY(?)"
@@ -88,7 +102,13 @@ class PostgresDialect(Dialect):
     def list_param(self, values: Sequence[Any]) -> Any:
         return list(values)
 
+    def in_select(self, column: str, select: str) -> str:
+        # A join with the select's rows gets a generic plan that scans the whole table.
+        return f"{column} = ANY(ARRAY({select}))"
+
     def notify(self, notify: Notify) -> Sequence[Step]:
+        if not self.others_listening:
+            return (notify,)
         kinds = "".join(sorted(_KIND_CODES[kind] for kind in notify.kinds))
         chunks: list[list[str]] = [[]]
         size = 0
@@ -140,12 +160,6 @@ def parse_postgres_url(url: str) -> tuple[str, str, dict[str, int]]:
     return conninfo, schema, pool
 
 
-@lru_cache(maxsize=512)
-def _placeholders(sql: str) -> str:
-    """Programs' ``?`` placeholders in psycopg's style."""
-    return sql.replace("%", "%%").replace("?", "%s")
-
-
 class PostgresBackend(SqlBackend):
     """A task hub in a PostgreSQL schema (see the module docstring).
 
@@ -159,7 +173,8 @@ class PostgresBackend(SqlBackend):
         self._conninfo, self.schema, pool_options = parse_postgres_url(url)
         self._sender = uuid.uuid4().hex
         self._channel = f"dtfx_{self.schema}"
-        super().__init__(PostgresDialect(self._channel, self._sender))
+        self._postgres_dialect = PostgresDialect(self._channel, self._sender)
+        super().__init__(self._postgres_dialect)
         self._url = url
         self._pool_min_size = pool_options.get("min_size", 2)
         self._pool_max_size = max(pool_options.get("max_size", 10), self._pool_min_size)
@@ -173,6 +188,8 @@ class PostgresBackend(SqlBackend):
         self._home_pool: AsyncConnectionPool | None = None
         self._home_tasks: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
+        self._listener_pid = 0  # the server process of this object's notification connection
+        self._listeners_key = zlib.crc32(self.schema.encode()) & 0x7FFFFFFF  # this hub's listener locks
         self._watcher: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -272,7 +289,12 @@ class PostgresBackend(SqlBackend):
             self._conninfo,
             min_size=self._pool_min_size,
             max_size=self._pool_max_size,
-            kwargs={"autocommit": True, "options": f"-c search_path={self.schema}"},
+            # Generic plans: planning a statement's custom plan at every execution costs more
+            # than running it (lists travel as arrays, whose sizes custom plans would weigh).
+            kwargs={
+                "autocommit": True,
+                "options": f"-c search_path={self.schema} -c plan_cache_mode=force_generic_plan",
+            },
             name=f"dtfx-{self.schema}",
             timeout=10.0,
             open=False,
@@ -296,6 +318,7 @@ class PostgresBackend(SqlBackend):
             raise
         self._listener = asyncio.create_task(self._listen())
         self._watcher = asyncio.create_task(self._watch())
+        await self._look_for_listeners()
         logger.debug("PostgreSQL task hub %r ready", self.schema)
 
     def _migration(self) -> Program[int]:
@@ -324,16 +347,14 @@ class PostgresBackend(SqlBackend):
         lost = 0
         while True:
             stepper = Stepper(program())
-            committing = False
+            pipeline: Pipeline | None = None
             try:
-                async with pool.connection() as connection:
-                    if write:
-                        # Statements whose results are not read go out without waiting (BEGIN too).
-                        async with connection.pipeline(), connection.transaction():
-                            result = await _drive(connection, stepper)
-                            committing = True
-                    else:
-                        result = await _drive(connection, stepper)
+                connection = await pool.getconn()
+                try:  # the pipeline leaves the connection idle, or closes it
+                    pipeline = Pipeline(connection, transaction=write)
+                    result = await pipeline.run(stepper)
+                finally:
+                    await pool.putconn(connection)
             except _CONFLICTS as error:
                 conflicts += 1
                 if conflicts > _MAX_CONFLICT_RETRIES:
@@ -342,7 +363,7 @@ class PostgresBackend(SqlBackend):
                 continue
             except psycopg.OperationalError as error:
                 lost += 1
-                if committing or lost > _MAX_CONNECTION_RETRIES:
+                if (pipeline is not None and pipeline.committing) or lost > _MAX_CONNECTION_RETRIES:
                     raise BackendError(f"PostgreSQL connection failed: {error}") from error
                 delay = min(2.0, 0.05 * 2**lost)
                 logger.warning("PostgreSQL connection failed (%s); retrying in %.2fs", error, delay)
@@ -369,6 +390,12 @@ class PostgresBackend(SqlBackend):
             try:
                 async with connection:
                     await connection.execute(f"LISTEN {self._channel}")
+                    # Held as long as this connection lives: how other backend objects know
+                    # that this one listens (see PostgresDialect).
+                    await connection.execute(
+                        "SELECT pg_advisory_lock_shared(%s, %s)", (_LISTENERS, self._listeners_key)
+                    )
+                    self._listener_pid = connection.info.backend_pid
                     if failures:
                         logger.info("Listening for PostgreSQL notifications again")
                         self._wake_everyone()  # what was announced meanwhile is lost
@@ -380,10 +407,33 @@ class PostgresBackend(SqlBackend):
                 logger.warning("Lost the PostgreSQL notification connection (%s); reconnecting", error)
                 self._wake_everyone()
 
+    async def _look_for_listeners(self) -> None:
+        """See whether other backend objects listen to this hub: if none does, commits announce nothing.
+
+        Looked at every poll interval: one that starts listening meanwhile is not woken by
+        notifications for that long, and polls as every backend object does.
+        """
+        listeners = (
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = ? AND objid = ?"
+            " AND objsubid = 2 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND pid <> ?"
+        )
+
+        def program() -> Program[int]:
+            rows = yield Fetch(listeners, (_LISTENERS, self._listeners_key, self._listener_pid))
+            return int(rows[0][0])
+
+        try:
+            self._postgres_dialect.others_listening = await self._transact(program, write=False) > 0
+        except BackendError:
+            self._postgres_dialect.others_listening = True
+            logger.debug("Looking for other listeners failed", exc_info=True)
+
     async def _watch(self) -> None:
         """A watch round every poll interval (see :class:`SqlBackend`); it catches what notifications miss."""
         while True:
             await asyncio.sleep(self.poll_interval)
+            await self._look_for_listeners()
             watch = self._watch_round()
             if watch is None:
                 continue
@@ -410,23 +460,3 @@ class PostgresBackend(SqlBackend):
     def _wake_everyone(self) -> None:
         self._notify_work(*WorkKind)
         self._instance_signals.notify_all()
-
-
-async def _drive(connection: psycopg.AsyncConnection[Any], stepper: Stepper[T]) -> T:
-    """Run the program's statements on ``connection``.
-
-    Each statement gets a cursor of its own: in pipeline mode a cursor's result is the
-    last one it received, so a shared cursor could hand a fetch an earlier result.
-    """
-    value: Any = None
-    while (statement := stepper.advance(value)) is not None:
-        value = None
-        cursor = connection.cursor()
-        if isinstance(statement, Fetch):
-            await cursor.execute(_placeholders(statement.sql), statement.params)
-            value = await cursor.fetchall()
-        elif isinstance(statement, Execute):
-            await cursor.execute(_placeholders(statement.sql), statement.params)
-        else:
-            await cursor.executemany(_placeholders(statement.sql), statement.rows)
-    return stepper.result

@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from dtfx.backends.sql.backend import Coalesced, SqlBackend
-from dtfx.backends.sql.program import Dialect, Execute, Fetch, Program, Stepper
+from dtfx.backends.sql.program import Dialect, Execute, Fetch, FetchEach, Program, Stepper
 from dtfx.backends.sql.schema import migrate
 from dtfx.core.errors import BackendError, ConfigurationError
 
@@ -62,6 +62,9 @@ class SqliteDialect(Dialect):
 
     def list_param(self, values: Sequence[Any]) -> Any:
         return msgspec.json.encode(values).decode()
+
+    def in_select(self, column: str, select: str) -> str:
+        return f"{column} IN ({select})"
 
 
 def parse_sqlite_url(url: str) -> tuple[str, str]:
@@ -240,6 +243,8 @@ def _drive(connection: sqlite3.Connection, stepper: Stepper[T]) -> T:
         value = None
         if isinstance(statement, Fetch):
             value = connection.execute(statement.sql, statement.params).fetchall()
+        elif isinstance(statement, FetchEach):
+            value = [connection.execute(fetch.sql, fetch.params).fetchall() for fetch in statement.fetches]
         elif isinstance(statement, Execute):
             connection.execute(statement.sql, statement.params)
         else:

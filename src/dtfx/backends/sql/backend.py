@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from abc import abstractmethod
 from collections.abc import Callable, Collection, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -42,6 +42,17 @@ SEND_EVENTS = Coalesced(operations.send_events, write=True)
 GET_INSTANCES = Coalesced(operations.get_instances, write=False)
 
 
+def _resolve(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    """Give each future its outcome (a result, or an exception to raise), unless its caller gave up."""
+    for future, outcome in settled:
+        if future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
 class SqlBackend(Backend):
     """A backend whose every method is a program of :mod:`~dtfx.backends.sql.operations`.
 
@@ -56,7 +67,7 @@ class SqlBackend(Backend):
         super().__init__()
         self._dialect = dialect
         self._queue_lock = threading.Lock()
-        self._queues: dict[Coalesced, list[tuple[Any, Future[Any]]]] = {}
+        self._queues: dict[Coalesced, list[tuple[Any, asyncio.Future[Any]]]] = {}
         self._observed: dict[str, tuple[int, int] | None] = {}
 
     @abstractmethod
@@ -78,16 +89,16 @@ class SqlBackend(Backend):
     async def _run_coalesced(self, kind: Coalesced, request: Any) -> Any:
         """Queue ``request``; return its result once a program of ``kind`` has run it."""
         await self._ensure_started()
-        future: Future[Any] = Future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         with self._queue_lock:
             queue = self._queues.setdefault(kind, [])
             queue.append((request, future))
             first = len(queue) == 1
         if first:
             self._start_draining(kind)
-        return await asyncio.wrap_future(future)
+        return await future
 
-    def _drain(self, kind: Coalesced) -> tuple[Callable[[], Program[list[Any]]], list[Future[Any]]] | None:
+    def _drain(self, kind: Coalesced) -> tuple[Callable[[], Program[list[Any]]], list[asyncio.Future[Any]]] | None:
         """Take ``kind``'s queue: the program for its requests and their futures (``None``: empty)."""
         with self._queue_lock:
             queued = self._queues.pop(kind, [])
@@ -97,13 +108,27 @@ class SqlBackend(Backend):
         return partial(kind.program, self._dialect, requests), [future for _, future in queued]
 
     @staticmethod
-    def _settle(futures: list[Future[Any]], results: list[Any] | BaseException) -> None:
-        """Hand each caller its result, or the program's error."""
-        for index, future in enumerate(futures):
-            if isinstance(results, BaseException):
-                future.set_exception(results)
+    def _settle(futures: list[asyncio.Future[Any]], results: list[Any] | BaseException) -> None:
+        """Hand each caller its result, or the program's error, on the caller's own event loop.
+
+        Callers on the running loop get theirs at once; each other loop is woken once for
+        all of its callers (a thread-safe wake-up costs a system call).
+        """
+        outcomes = [results] * len(futures) if isinstance(results, BaseException) else results
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        elsewhere: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+        for future, outcome in zip(futures, outcomes, strict=True):
+            loop = future.get_loop()
+            if loop is running:
+                _resolve([(future, outcome)])
             else:
-                future.set_result(results[index])
+                elsewhere.setdefault(loop, []).append((future, outcome))
+        for loop, settled in elsewhere.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there any more
+                loop.call_soon_threadsafe(_resolve, settled)
 
     def _after_commit(self, notifications: Sequence[Notify]) -> None:
         """Wake this process's waiters for what a committed transaction changed."""
@@ -196,7 +221,11 @@ class SqlBackend(Backend):
             names,
             self.max_messages_per_work_item,
         )
-        return await self._run(program, write=True)
+        items = await self._run(program, write=True)
+        empty = [item for item in items if not item.messages]
+        if empty:  # never hand out an empty work item
+            await self._run(partial(operations.release_empty_work_items, empty), write=True)
+        return [item for item in items if item.messages]
 
     async def complete_orchestration_work_items(
         self, checkpoints: Sequence[OrchestrationCheckpoint]

@@ -14,7 +14,7 @@ from typing import Any
 from dtfx.backends.base import WorkKind, utc_now
 from dtfx.backends.delivery import is_entity_id
 from dtfx.backends.paging import decode_token, encode_token
-from dtfx.backends.sql.program import Dialect, Execute, Fetch, Notify, Program
+from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program
 from dtfx.backends.sql.rows import (
     optional_micros,
     optional_moment,
@@ -193,7 +193,7 @@ def lock_orchestration_work_items(
         " WHERE is_entity = ? AND next_visible_at <= ? AND (locked_until IS NULL OR locked_until <= ?)"
         f"{name_filter} ORDER BY next_visible_at LIMIT ?{dialect.skip_locked})"
         f" UPDATE instances SET lock_token = {dialect.new_token}, locked_until = ?"
-        f" WHERE instance_id IN (SELECT instance_id FROM picked) RETURNING {_LOCKED_COLUMNS}",
+        f" WHERE {dialect.in_select('instance_id', 'SELECT instance_id FROM picked')} RETURNING {_LOCKED_COLUMNS}",
         params,
     )
     if not rows:
@@ -204,6 +204,7 @@ def lock_orchestration_work_items(
         f" WHERE {dialect.in_list('instance_id')} AND visible_at <= ?) AS visible"
         " WHERE position <= ? ORDER BY instance_id, id",
         (dialect.list_param([row[0] for row in rows]), now_micros, max_messages),
+        last=True,
     )
     inboxes: dict[str, list[InboxMessage]] = {row[0]: [] for row in rows}
     for message_id, instance_id, execution_id, event in messages:
@@ -219,13 +220,18 @@ def lock_orchestration_work_items(
         )
         for row in rows
     ]
-    empty = [item.instance_id for item in items if not item.messages]
-    if empty:  # cannot happen while next_visible_at is right; never hand out an empty work item
-        yield Execute(
-            f"UPDATE instances SET lock_token = NULL, locked_until = NULL WHERE {dialect.in_list('instance_id')}",
-            (dialect.list_param(empty),),
-        )
-    return [item for item in items if item.messages]
+    return items  # an empty one is released by release_empty_work_items
+
+
+def release_empty_work_items(items: Sequence[OrchestrationWorkItem]) -> Program[None]:
+    """Give back work items locked without a visible message, whose ``next_visible_at`` was
+    wrong (it cannot be while every write keeps it right), and put it right."""
+    yield ExecuteMany(
+        "UPDATE instances SET lock_token = NULL, locked_until = NULL,"
+        " next_visible_at = (SELECT min(visible_at) FROM inbox WHERE inbox.instance_id = instances.instance_id)"
+        " WHERE instance_id = ? AND lock_token = ?",
+        [(item.instance_id, item.lock_token) for item in items],
+    )
 
 
 def complete_orchestration_work_items(
@@ -234,7 +240,8 @@ def complete_orchestration_work_items(
     transaction = HubTransaction(dialect, utc_now())
     yield from transaction.load(
         [checkpoint.instance_id for checkpoint in checkpoints]
-        + [message.instance_id for checkpoint in checkpoints for message in checkpoint.messages]
+        + [message.instance_id for checkpoint in checkpoints for message in checkpoint.messages],
+        consumable=[message_id for checkpoint in checkpoints for message_id in checkpoint.consumed],
     )
     committed: list[bool] = []
     for checkpoint in checkpoints:
@@ -271,7 +278,7 @@ def renew_orchestration_lease(item: OrchestrationWorkItem, lock_for: timedelta) 
 def _extend_lease(sql: str, lease: tuple[Any, ...], lock_for: timedelta) -> Program[datetime | None]:
     """Run ``sql`` (parameters: the new expiry, then ``lease``; returning a row if the lease is held)."""
     until = utc_now() + lock_for
-    rows = yield Fetch(sql, (to_micros(until), *lease))
+    rows = yield Fetch(sql, (to_micros(until), *lease), last=True)
     return until if rows else None
 
 
@@ -291,9 +298,10 @@ def lock_activity_work_items(
         f"WITH picked AS MATERIALIZED (SELECT id FROM tasks WHERE visible_at <= ?{name_filter}"
         f" ORDER BY visible_at, id LIMIT ?{dialect.skip_locked})"
         f" UPDATE tasks SET lock_token = {dialect.new_token}, visible_at = ?, dequeue_count = dequeue_count + 1"
-        " WHERE id IN (SELECT id FROM picked)"
+        f" WHERE {dialect.in_select('id', 'SELECT id FROM picked')}"
         " RETURNING id, lock_token, instance_id, execution_id, event, dequeue_count",
         params,
+        last=True,
     )
     items = []
     for task_id, lock_token, instance_id, execution_id, event, dequeue_count in sorted(rows):
@@ -307,12 +315,14 @@ def lock_activity_work_items(
 def complete_activity_work_items(dialect: Dialect, results: Sequence[ActivityResult]) -> Program[list[bool]]:
     transaction = HubTransaction(dialect, utc_now())
     tokens = sorted({result.work_item.lock_token for result in results})
-    rows = yield Fetch(
-        f"SELECT id, lock_token FROM tasks WHERE {dialect.in_list('lock_token')} ORDER BY id{dialect.for_update}",
-        (dialect.list_param(tokens),),
+    rows = yield from transaction.load(
+        (result.work_item.task.instance_id for result in results),
+        first=Fetch(
+            f"SELECT id, lock_token FROM tasks WHERE {dialect.in_list('lock_token')} ORDER BY id{dialect.for_update}",
+            (dialect.list_param(tokens),),
+        ),
     )
     leased: dict[str, int] = {lock_token: task_id for task_id, lock_token in rows}
-    yield from transaction.load(result.work_item.task.instance_id for result in results)
     committed: list[bool] = []
     for result in results:
         item = result.work_item

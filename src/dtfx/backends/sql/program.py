@@ -1,9 +1,10 @@
 """Programs: transactional logic written once, driven by each SQL backend.
 
 A program is a generator that yields :data:`Step` values and receives their results:
-the rows of a :class:`Fetch`, ``None`` for the others. The backend runs one program
-as one transaction, sync (SQLite) or async (PostgreSQL), and may run it again from the
-start after a retryable error (a program only reads its arguments, never changes them).
+the rows of a :class:`Fetch`, a list of row lists for a :class:`FetchEach`, ``None``
+for the others. The backend runs one program as one transaction, sync (SQLite) or
+async (PostgreSQL), and may run it again from the start after a retryable error (a
+program only reads its arguments, never changes them).
 
 SQL in programs uses ``?`` placeholders; a :class:`Dialect` supplies the fragments that
 differ between databases.
@@ -30,6 +31,20 @@ class Fetch:
 
     sql: str
     params: Sequence[Any] = ()
+    last: bool = False
+    """The program runs no statement after this one, so a driver may send the commit with
+    it (one round trip less); the rows then come back once the transaction has committed."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchEach:
+    """Run several statements and return the rows of each, in order.
+
+    The statements do not depend on each other's rows, so a driver may send them
+    together (one round trip); each still runs after the one before it has finished.
+    """
+
+    fetches: Sequence[Fetch]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +73,10 @@ class Notify:
     """Work this transaction wrote for later: (kind, visible-at time), for this process's timers."""
 
 
-Statement = Fetch | Execute | ExecuteMany
+Statement = Fetch | FetchEach | Execute | ExecuteMany
 Step = Statement | Notify
 Program = Generator[Step, Any, T]
-"""A generator yielding steps, receiving rows (for :class:`Fetch`) and returning a ``T``."""
+"""A generator yielding steps, receiving rows (for :class:`Fetch` and :class:`FetchEach`) and returning a ``T``."""
 
 
 class Dialect(ABC):
@@ -85,6 +100,11 @@ class Dialect(ABC):
     @abstractmethod
     def list_param(self, values: Sequence[Any]) -> Any:
         """The parameter value for :meth:`in_list`."""
+
+    @abstractmethod
+    def in_select(self, column: str, select: str) -> str:
+        """A condition: ``column`` is one of the values ``select`` returns, found through
+        ``column``'s index whatever the plan thinks of ``select``'s size."""
 
     def notify(self, notify: Notify) -> Sequence[Step]:
         """The steps that wake the waiters ``notify`` names: ``notify`` itself (this process),

@@ -1,17 +1,22 @@
 """A write transaction of a SQL task hub: planned in memory, written set-based.
 
 :class:`HubTransaction` reads the rows of the instances it touches once (locking them,
-where the dialect locks rows), then applies the contract's rules to that in-memory
-picture in order, exactly as the memory backend applies them to its dicts: lease
-checks, checkpoints, :mod:`~dtfx.backends.delivery` routing, creations. Only
-:meth:`HubTransaction.flush` writes, a handful of set-based statements whatever the
-number of checkpoints, so a group commit costs about as much as a single one.
+where the dialect locks rows), with a summary of their inboxes, then applies the
+contract's rules to that in-memory picture in order, exactly as the memory backend
+applies them to its dicts: lease checks, checkpoints, :mod:`~dtfx.backends.delivery`
+routing, creations. Only :meth:`HubTransaction.flush` writes, a handful of set-based
+statements whatever the number of checkpoints, so a group commit costs about as much
+as a single one; it reads nothing, so a driver can send it with the commit.
+
+Every transaction that writes an instance's inbox first locks the instance's row, so
+the inbox summary read after the lock stays true until the commit: each instance's
+``next_visible_at`` and the fate of a kept lease are worked out in memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,7 +32,7 @@ from dtfx.backends.delivery import (
     route,
     status_on_delivery,
 )
-from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program
+from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, FetchEach, Notify, Program, Row
 from dtfx.backends.sql.rows import (
     STATE_COLUMNS,
     failure_text,
@@ -42,20 +47,22 @@ from dtfx.core.state import OrchestrationState
 from dtfx.core.workitems import ActivityTask, MessageId, OrchestrationCheckpoint, OutboundMessage
 
 _INSERT_INSTANCE = (
-    f"INSERT INTO instances ({', '.join(STATE_COLUMNS)}, is_entity, history_size)"
-    f" VALUES ({', '.join('?' * (len(STATE_COLUMNS) + 2))})"
+    f"INSERT INTO instances ({', '.join(STATE_COLUMNS)}, is_entity, history_size, next_visible_at)"
+    f" VALUES ({', '.join('?' * (len(STATE_COLUMNS) + 3))})"
 )
 _REPLACE_INSTANCE = (
     "UPDATE instances SET "
-    + ", ".join(f"{column} = ?" for column in (*STATE_COLUMNS[1:], "is_entity", "history_size"))
+    + ", ".join(f"{column} = ?" for column in (*STATE_COLUMNS[1:], "is_entity", "history_size", "next_visible_at"))
     + ", lock_token = NULL, locked_until = NULL WHERE instance_id = ?"
 )
 _UPDATE_CHECKPOINTED = (
     "UPDATE instances SET status = ?, execution_id = ?, input = ?, output = ?, custom_status = ?,"
     " failure_details = ?, version = ?, completed_at = ?, last_updated_at = ?, history_size = ?,"
-    " lock_token = ?, locked_until = ? WHERE instance_id = ?"
+    " lock_token = ?, locked_until = ?, next_visible_at = ? WHERE instance_id = ?"
 )
-_UPDATE_STATUS = "UPDATE instances SET status = ?, last_updated_at = ? WHERE instance_id = ?"
+_UPDATE_STATUS_AND_NEXT_VISIBLE = (
+    "UPDATE instances SET status = ?, last_updated_at = ?, next_visible_at = ? WHERE instance_id = ?"
+)
 
 
 def work_kind_of(instance_id: str) -> WorkKind:
@@ -74,6 +81,12 @@ class _Instance:
     in_db: bool
     """A row with this id existed when the transaction read it."""
     loaded_status: OrchestrationStatus | None
+    next_visible_at: int | None = None
+    """The row's ``next_visible_at`` as stored."""
+    inbox_rest: int | None = None
+    """The earliest visible-at time of its inbox messages other than ``consumable`` (``None``: none)."""
+    consumable: dict[MessageId, int] = field(default_factory=dict)
+    """The messages of its inbox that the transaction may consume, with their visible-at times."""
 
 
 @dataclass
@@ -108,22 +121,58 @@ class HubTransaction:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def load(self, instance_ids: Iterable[str]) -> Program[None]:
-        """Read (and lock) the rows of those instances this transaction has not read yet."""
+    def load(
+        self, instance_ids: Iterable[str], consumable: Collection[MessageId] = (), *, first: Fetch | None = None
+    ) -> Program[list[Row]]:
+        """Read (and lock) the rows of those instances this transaction has not read yet, and
+        summarize their inboxes: the ``consumable`` messages (those that checkpoints of this
+        transaction may consume) and the earliest visible-at time of the others.
+
+        ``first``, if given, runs before, in the same round trip; its rows are returned.
+        """
         missing = sorted({instance_id for instance_id in instance_ids if instance_id not in self._instances})
+        fetches = [] if first is None else [first]
         if not missing:
-            return
+            return (yield FetchEach(fetches))[0] if fetches else []
         dialect = self._dialect
-        rows = yield Fetch(
-            f"SELECT {state_columns(payloads=False)}, lock_token, history_size FROM instances"
-            f" WHERE {dialect.in_list('instance_id')} ORDER BY instance_id{dialect.for_update}",
-            (dialect.list_param(missing),),
+        in_list = dialect.in_list
+        ids = dialect.list_param(missing)
+        consumable_ids = dialect.list_param(list(consumable))
+        # Two statements, the summary after the lock: it must see what the lock waited for.
+        *first_rows, rows, inbox = yield FetchEach(
+            (
+                *fetches,
+                Fetch(
+                    f"SELECT {state_columns(payloads=False)}, lock_token, history_size, next_visible_at"
+                    f" FROM instances WHERE {in_list('instance_id')} ORDER BY instance_id{dialect.for_update}",
+                    (ids,),
+                ),
+                Fetch(
+                    "SELECT instance_id, NULL, (SELECT visible_at FROM inbox"
+                    f" WHERE inbox.instance_id = instances.instance_id AND NOT {in_list('id')}"
+                    f" ORDER BY visible_at LIMIT 1) FROM instances WHERE {in_list('instance_id')}"
+                    f" UNION ALL SELECT instance_id, id, visible_at FROM inbox WHERE {in_list('id')}",
+                    (consumable_ids, ids, consumable_ids),
+                ),
+            )
         )
         for instance_id in missing:
             self._instances[instance_id] = None
         for row in rows:
             state = state_from_row(row)
-            self._instances[state.instance_id] = _Instance(state, row[-2], row[-1], True, state.runtime_status)
+            lock_token, history_size, next_visible_at = row[-3:]
+            self._instances[state.instance_id] = _Instance(
+                state, lock_token, history_size, True, state.runtime_status, next_visible_at
+            )
+        for instance_id, message_id, visible_at in inbox:
+            instance = self._instances.get(instance_id)
+            if instance is None:
+                continue
+            if message_id is None:
+                instance.inbox_rest = visible_at
+            else:
+                instance.consumable[message_id] = visible_at
+        return first_rows[0] if first_rows else []
 
     def state(self, instance_id: str) -> OrchestrationState | None:
         """The instance's state as this transaction sees it (it must have been loaded)."""
@@ -204,6 +253,7 @@ class HubTransaction:
         if in_db:
             self._wiped[instance_id] = None
         loaded_status = None if previous is None else previous.loaded_status
+        # Its inbox starts empty: wiped, or never there.
         instance = self._instances[instance_id] = _Instance(state, None, 0, in_db, loaded_status)
         self._writes[instance_id] = _Writes(new_row=True)
         return instance
@@ -236,13 +286,12 @@ class HubTransaction:
         inserted: list[tuple[Any, ...]] = []
         replaced: list[tuple[Any, ...]] = []
         checkpointed: list[tuple[Any, ...]] = []
-        status_changed: list[tuple[Any, ...]] = []
+        updated: list[tuple[Any, ...]] = []
         history_reset: list[str] = []
         consumed: list[MessageId] = []
         history: list[tuple[Any, ...]] = []
         inbox: list[tuple[Any, ...]] = []
         tasks: list[tuple[Any, ...]] = []
-        inbox_changed: list[str] = []
         kinds: set[WorkKind] = set()
         delayed: list[tuple[WorkKind, datetime]] = []
         changed: list[str] = []
@@ -251,13 +300,22 @@ class HubTransaction:
             instance = self._instances.get(instance_id)
             if instance is not None:
                 state = instance.state
+                next_visible_at = _next_visible_at(instance, writes)
+                kept_until = self._keeping.get(instance_id)
+                ready = next_visible_at is not None and next_visible_at <= now
+                if ready and kept_until is not None:  # messages wait: the lease goes, the queue takes over
+                    instance.lock_token = kept_until = None
+                    self.released.add(instance_id)
+                if ready and instance.lock_token is None:
+                    kinds.add(work_kind_of(instance_id))
                 if writes.new_row:
-                    values = (*state_values(state), instance.history_size)
+                    values = (*state_values(state), instance.history_size, next_visible_at)
                     (replaced if instance.in_db else inserted).append(values)
                 elif writes.checkpointed:
-                    checkpointed.append(_checkpointed_values(instance, self._keeping.get(instance_id)))
-                elif writes.status_changed:
-                    status_changed.append((int(state.runtime_status), to_micros(state.last_updated_at), instance_id))
+                    checkpointed.append(_checkpointed_values(instance, kept_until, next_visible_at))
+                elif writes.status_changed or next_visible_at != instance.next_visible_at:
+                    status = int(state.runtime_status)
+                    updated.append((status, to_micros(state.last_updated_at), next_visible_at, instance_id))
                 if state.runtime_status != instance.loaded_status:
                     changed.append(instance_id)
             if writes.reset_history:
@@ -278,8 +336,6 @@ class HubTransaction:
                 tasks.append((*row, visible_at, task.lock_token, int(leased)))
                 if not leased:
                     kinds.add(WorkKind.ACTIVITY)
-            if writes.inbox or writes.consumed or writes.new_row:
-                inbox_changed.append(instance_id)
 
         if inserted:
             yield ExecuteMany(_INSERT_INSTANCE, inserted)
@@ -287,8 +343,8 @@ class HubTransaction:
             yield ExecuteMany(_REPLACE_INSTANCE, [(*values[1:], values[0]) for values in replaced])
         if checkpointed:
             yield ExecuteMany(_UPDATE_CHECKPOINTED, checkpointed)
-        if status_changed:
-            yield ExecuteMany(_UPDATE_STATUS, status_changed)
+        if updated:
+            yield ExecuteMany(_UPDATE_STATUS_AND_NEXT_VISIBLE, updated)
         if history_reset:
             yield Execute(f"DELETE FROM history WHERE {in_list('instance_id')}", (dialect.list_param(history_reset),))
         if consumed:
@@ -305,30 +361,22 @@ class HubTransaction:
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 tasks,
             )
-        touched = list(dict.fromkeys([*inbox_changed, *self._keeping]))
-        if touched:
-            # One statement refreshes next_visible_at and releases the kept leases of instances
-            # that have messages ready; what it returns says whom to wake.
-            keeping = dialect.list_param(list(self._keeping) or [""])
-            next_visible = "(SELECT min(visible_at) FROM inbox WHERE inbox.instance_id = instances.instance_id)"
-            released = f"{in_list('instance_id')} AND {next_visible} <= ?"
-            rows = yield Fetch(
-                f"UPDATE instances SET next_visible_at = {next_visible},"
-                f" lock_token = CASE WHEN {released} THEN NULL ELSE lock_token END,"
-                f" locked_until = CASE WHEN {released} THEN NULL ELSE locked_until END"
-                f" WHERE {in_list('instance_id')} RETURNING instance_id, next_visible_at, lock_token",
-                (keeping, now, keeping, now, dialect.list_param(touched)),
-            )
-            for instance_id, next_visible_at, lock_token in rows:
-                if next_visible_at is not None and next_visible_at <= now and lock_token is None:
-                    kinds.add(work_kind_of(instance_id))
-                    if instance_id in self._keeping:
-                        self.released.add(instance_id)
         if kinds or changed or delayed:
             yield from dialect.notify(Notify(frozenset(kinds), changed, delayed))
 
 
-def _checkpointed_values(instance: _Instance, kept_until: int | None) -> tuple[Any, ...]:
+def _next_visible_at(instance: _Instance, writes: _Writes) -> int | None:
+    """The earliest visible-at time in the instance's inbox once the transaction is written."""
+    times = [to_micros(visible_at) for _, visible_at, _ in writes.inbox]
+    if instance.inbox_rest is not None:
+        times.append(instance.inbox_rest)
+    if instance.consumable:
+        deleted = set(writes.consumed)
+        times.extend(time for message_id, time in instance.consumable.items() if message_id not in deleted)
+    return min(times, default=None)
+
+
+def _checkpointed_values(instance: _Instance, kept_until: int | None, next_visible_at: int | None) -> tuple[Any, ...]:
     """The parameters of ``_UPDATE_CHECKPOINTED`` (``kept_until``: the lease is kept until then)."""
     state = instance.state
     return (
@@ -344,5 +392,6 @@ def _checkpointed_values(instance: _Instance, kept_until: int | None) -> tuple[A
         instance.history_size,
         instance.lock_token if kept_until is not None else None,
         kept_until,
+        next_visible_at,
         state.instance_id,
     )

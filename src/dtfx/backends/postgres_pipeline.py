@@ -1,0 +1,278 @@
+"""Running a program's statements on a psycopg connection through libpq's pipeline mode.
+
+psycopg's cursors cost about 25 µs of Python and a socket write (with a poll) per
+statement, which made up most of a transaction's time. Here a statement is only
+queued in libpq's output buffer (parameters dumped by psycopg's adapters, statements
+prepared once per connection), and the buffer goes out once per round trip: when the
+program needs rows, and at the end. A write transaction costs one round trip per
+fetch plus one for the commit (``BEGIN`` and ``COMMIT`` travel with the rest).
+
+A statement the server refuses fails the transaction cleanly (the rest of the
+pipeline is skipped, the transaction rolled back) and raises psycopg's error class
+for its SQLSTATE. Anything else that interrupts a pipeline (a cancellation, a lost
+connection, an error in the program) closes the connection: the server rolls back
+whatever was sent, and the pool replaces the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import weakref
+from collections import deque
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import pq
+from psycopg.adapt import PyFormat, Transformer
+
+from dtfx.backends.sql.program import Execute, Fetch, FetchEach, Row, Stepper
+
+T = TypeVar("T")
+
+_PREPARED_KINDS = ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")
+"""Statements worth preparing (the others, migrations' DDL, run once)."""
+_MAX_PREPARED = 100
+"""Prepared statements per connection; beyond that, statements are sent unprepared."""
+_names = itertools.count(1)
+_SYNC = "sync"
+"""A pending entry: the result of a pipeline sync."""
+
+_OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.EMPTY_QUERY)
+_IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+
+
+class _ConnectionState:
+    """What a connection keeps between transactions: its adapters and its prepared statements."""
+
+    def __init__(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        self.transformer = Transformer(connection)
+        self.prepared: dict[str, bytes] = {}
+
+
+_states: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], _ConnectionState] = weakref.WeakKeyDictionary()
+
+
+@lru_cache(maxsize=512)
+def _numbered(sql: str) -> bytes:
+    """A program's ``?`` placeholders as ``$1``, ``$2``, ... (programs' SQL has no other ``?``)."""
+    parts = sql.split("?")
+    numbered = [parts[0]]
+    for number, part in enumerate(parts[1:], 1):
+        numbered.append(f"${number}{part}")
+    return "".join(numbered).encode()
+
+
+class Pipeline:
+    """One program run on ``connection`` (see the module docstring).
+
+    ``transaction``: wrap the statements in ``BEGIN`` / ``COMMIT``; otherwise each
+    fetch is its own implicit transaction (reads).
+    """
+
+    def __init__(self, connection: psycopg.AsyncConnection[Any], *, transaction: bool) -> None:
+        self._connection = connection
+        self._pgconn = connection.pgconn
+        state = _states.get(connection)
+        if state is None:
+            state = _states[connection] = _ConnectionState(connection)
+        self._state = state
+        self._transaction = transaction
+        self._pending: deque[list[pq.abc.PGresult] | str | None] = deque()
+        """Per command sent, in order: where its result goes (``None``: nowhere), or ``_SYNC``."""
+        self._new_statements: list[str] = []
+        self._unsynced = False
+        """Commands were sent since the last sync."""
+        self.committing = False
+        """The ``COMMIT`` has been sent: a lost connection leaves the outcome unknown."""
+
+    async def run(self, stepper: Stepper[T]) -> T:
+        """Run the program's statements; return its result once they are all done (committed)."""
+        pgconn = self._pgconn
+        pgconn.enter_pipeline_mode()
+        try:
+            if self._transaction:
+                self._send("BEGIN", ())
+            value: Any = None
+            while (statement := stepper.advance(value)) is not None:
+                value = None
+                if self.committing:
+                    raise RuntimeError(f"A statement after the last one: {statement}")
+                if isinstance(statement, Fetch):
+                    value = (await self._fetch([statement], last=statement.last))[0]
+                elif isinstance(statement, FetchEach):
+                    value = await self._fetch(statement.fetches)
+                elif isinstance(statement, Execute):
+                    self._send(statement.sql, statement.params)
+                else:
+                    for params in statement.rows:
+                        self._send(statement.sql, params)
+            if self._transaction and not self.committing:
+                self._commit()
+            if self._unsynced:
+                await self._sync()
+            pgconn.exit_pipeline_mode()
+        except _RefusedError as refused:
+            raise refused.error from None
+        except BaseException:
+            # The pipeline is in an unknown state: closing the connection makes the server
+            # roll back whatever was sent; the pool replaces it.
+            self._forget_new_statements()
+            await self._connection.close()
+            raise
+        return stepper.result
+
+    def _send(self, sql: str, params: Sequence[Any], result: list[pq.abc.PGresult] | None = None) -> None:
+        """Queue a statement; its result goes to ``result``."""
+        state = self._state
+        query = _numbered(sql)
+        values = state.transformer.dump_sequence(params, [PyFormat.TEXT] * len(params)) if params else None
+        name = state.prepared.get(sql)
+        if name is None and len(state.prepared) < _MAX_PREPARED and sql.lstrip().startswith(_PREPARED_KINDS):
+            # Parameter types are left to the server, which infers them from the statement.
+            name = state.prepared[sql] = f"dtfx_{next(_names)}".encode()
+            self._new_statements.append(sql)
+            self._pgconn.send_prepare(name, query)
+            self._pending.append(None)
+        if name is None:
+            self._pgconn.send_query_params(query, values)
+        else:
+            self._pgconn.send_query_prepared(name, values)
+        self._pending.append(result)
+        self._unsynced = True
+
+    def _commit(self) -> None:
+        self._send("COMMIT", ())
+        self.committing = True
+
+    async def _fetch(self, fetches: Sequence[Fetch], *, last: bool = False) -> list[list[Row]]:
+        """Send the fetches (and what was queued before them) and return their rows; with
+        ``last``, the transaction commits first."""
+        results: list[list[pq.abc.PGresult]] = []
+        for fetch in fetches:
+            results.append([])
+            self._send(fetch.sql, fetch.params, results[-1])
+        if not self._transaction:
+            await self._sync()
+        elif last:
+            self._commit()
+            await self._sync()
+        else:
+            self._pgconn.send_flush_request()
+            await self._receive()
+        transformer = self._state.transformer
+        rows: list[list[Row]] = []
+        for (result,) in results:
+            transformer.set_pgresult(result)
+            rows.append(transformer.load_rows(0, result.ntuples, tuple))
+        return rows
+
+    async def _sync(self) -> None:
+        """End the pipeline's current part (committing an implicit transaction) and read its results."""
+        self._pgconn.pipeline_sync()
+        self._pending.append(_SYNC)
+        self._unsynced = False
+        await self._receive()
+
+    async def _receive(self) -> None:
+        """Flush, then read the results of every command sent; raise :class:`_RefusedError` for
+        the first statement the server refused, once the connection is clean again."""
+        await self._flush()
+        error = await self._drain()
+        if error is None:
+            return
+        self._forget_new_statements()
+        pgconn = self._pgconn
+        if self._unsynced or pgconn.pipeline_status == pq.PipelineStatus.ABORTED:
+            pgconn.pipeline_sync()  # the server skips the rest up to here
+            self._pending.append(_SYNC)
+            await self._flush()
+            await self._drain()
+        if pgconn.transaction_status in _IN_TRANSACTION:
+            pgconn.send_query_params(b"ROLLBACK", None)
+            pgconn.pipeline_sync()
+            self._pending.extend((None, _SYNC))
+            await self._flush()
+            await self._drain()
+        pgconn.exit_pipeline_mode()
+        raise _RefusedError(error)
+
+    async def _drain(self) -> psycopg.Error | None:
+        """Read the results of every command sent; return the first refusal among them."""
+        error: psycopg.Error | None = None
+        while self._pending:
+            destination = self._pending.popleft()
+            result = await self._next_result()
+            assert result is not None, "a pipeline result went missing"
+            if destination is _SYNC:
+                continue
+            end = await self._next_result()
+            assert end is None, "a statement gave more than one result"
+            status = result.status
+            if status in _OK:
+                if isinstance(destination, list):
+                    destination.append(result)
+            elif status != pq.ExecStatus.PIPELINE_ABORTED and error is None:
+                error = _server_error(result, self._connection.info.encoding)
+        return error
+
+    async def _next_result(self) -> pq.abc.PGresult | None:
+        pgconn = self._pgconn
+        while pgconn.is_busy():
+            await self._wait(write=False)
+            pgconn.consume_input()
+        return pgconn.get_result()
+
+    async def _flush(self) -> None:
+        pgconn = self._pgconn
+        while pgconn.flush():
+            # Read while waiting to write: a server blocked on sending results stops reading.
+            await self._wait(write=True)
+            pgconn.consume_input()
+
+    async def _wait(self, *, write: bool) -> None:
+        """Until the socket is readable (or, with ``write``, writable)."""
+        loop = asyncio.get_running_loop()
+        fileno = self._pgconn.socket
+        ready = loop.create_future()
+        loop.add_reader(fileno, _wake, ready)
+        if write:
+            loop.add_writer(fileno, _wake, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fileno)
+            if write:
+                loop.remove_writer(fileno)
+
+    def _forget_new_statements(self) -> None:
+        """Statements prepared in a failed pipeline may not exist: prepare them again next time."""
+        for sql in self._new_statements:
+            self._state.prepared.pop(sql, None)
+        self._new_statements.clear()
+
+
+class _RefusedError(Exception):
+    """The server refused a statement (the pipeline has been cleaned up)."""
+
+    def __init__(self, error: psycopg.Error) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _server_error(result: pq.abc.PGresult, encoding: str) -> psycopg.Error:
+    """psycopg's exception for a statement the server refused."""
+    sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE)
+    message = result.error_message.decode(encoding, "replace").strip()
+    try:
+        error_class = psycopg.errors.lookup(sqlstate.decode()) if sqlstate else psycopg.DatabaseError
+    except KeyError:
+        error_class = psycopg.DatabaseError
+    return error_class(message)

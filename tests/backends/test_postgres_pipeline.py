@@ -1,0 +1,179 @@
+"""The PostgreSQL backend's pipeline: programs' statements sent through libpq's pipeline mode."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from dtfx.backends.sql.program import Execute, ExecuteMany, Fetch, FetchEach, Program, Stepper
+from tests.postgres import SERVER_URL, require_server
+
+psycopg = pytest.importorskip("psycopg")
+postgres_pipeline = pytest.importorskip("dtfx.backends.postgres_pipeline")
+Pipeline = postgres_pipeline.Pipeline
+
+
+@pytest.fixture
+async def table() -> AsyncIterator[str]:
+    """A fresh table ``(id INTEGER PRIMARY KEY, payload TEXT)``, dropped afterwards."""
+    require_server()
+    name = f"pipeline_test_{uuid.uuid4().hex[:12]}"
+    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+        await connection.execute(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY, payload TEXT)")
+    try:
+        yield name
+    finally:
+        async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+            await connection.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+async def run(connection: Any, program: Callable[[], Program[Any]], *, transaction: bool = True) -> Any:
+    return await Pipeline(connection, transaction=transaction).run(Stepper(program()))
+
+
+async def rows_of(table: str) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+        cursor = await connection.execute(f"SELECT id, payload FROM {table} ORDER BY id")
+        return await cursor.fetchall()
+
+
+async def test_a_transaction_runs_its_statements_and_returns_what_it_fetched(table: str) -> None:
+    def program() -> Program[Any]:
+        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "one"))
+        yield ExecuteMany(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", [(2, "two"), (3, None)])
+        counted = yield Fetch(f"SELECT count(*) FROM {table} WHERE id = ANY(?)", ([1, 2, 3, 4],))
+        both = yield FetchEach(
+            (
+                Fetch(f"UPDATE {table} SET payload = ? WHERE id = ? RETURNING payload", ("uno", 1)),
+                Fetch(f"SELECT id, payload FROM {table} WHERE payload IS NULL"),
+            )
+        )
+        return counted, both
+
+    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+        for _ in range(2):  # the second time, on the statements prepared the first time
+            counted, both = await run(connection, program)
+            assert counted == [(3,)]
+            assert both == [[("uno",)], [(3, None)]]
+            assert await rows_of(table) == [(1, "uno"), (2, "two"), (3, None)]
+            await connection.execute(f"DELETE FROM {table}")
+
+
+async def test_reads_run_outside_a_transaction(table: str) -> None:
+    def program() -> Program[Any]:
+        first = yield Fetch("SELECT ?::int + 1", (41,))
+        second = yield Fetch(f"SELECT count(*) FROM {table}")
+        return first, second
+
+    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+        assert await run(connection, program, transaction=False) == ([(42,)], [(0,)])
+        assert connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+async def test_a_refused_statement_rolls_the_transaction_back_and_the_connection_stays_usable(table: str) -> None:
+    def failing() -> Program[None]:
+        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "kept?"))
+        yield Execute("SELECT 1 / ?", (0,))
+        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (2, "skipped"))
+
+    def fetching_after_a_failure() -> Program[None]:
+        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "kept?"))
+        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "duplicate"))
+        yield Fetch(f"SELECT count(*) FROM {table}")
+        raise AssertionError("the fetch must raise")
+
+    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            await run(connection, failing)
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            await run(connection, fetching_after_a_failure)
+        assert not connection.closed
+        assert connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert await rows_of(table) == []
+
+        def working() -> Program[Any]:
+            yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "kept"))
+            return (yield Fetch(f"SELECT payload FROM {table}"))
+
+        assert await run(connection, working) == [("kept",)]
+    assert await rows_of(table) == [(1, "kept")]
+
+
+async def test_anything_else_that_interrupts_a_transaction_closes_the_connection(table: str) -> None:
+    def broken_program() -> Program[None]:
+        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "sent"))
+        yield Fetch(f"SELECT count(*) FROM {table}")  # the insert has reached the server
+        raise RuntimeError("a bug in the program")
+
+    def unsendable() -> Program[None]:
+        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (2, "sent"))
+        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (3, "NUL \x00 cannot be sent"))
+
+    for program, error in ((broken_program, RuntimeError), (unsendable, psycopg.DataError)):
+        async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+            with pytest.raises(error):
+                await run(connection, program)
+            assert connection.closed  # the server rolls back what it was sent
+    assert await rows_of(table) == []
+
+
+async def test_a_statement_whose_preparation_failed_is_prepared_again(table: str) -> None:
+    missing = f"{table}_later"
+
+    def program() -> Program[Any]:
+        yield Execute(f"INSERT INTO {missing} (id) VALUES (?)", (1,))
+        return (yield Fetch(f"SELECT id FROM {missing}"))
+
+    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            await run(connection, program)
+        await connection.execute(f"CREATE TABLE {missing} (id INTEGER)")
+        try:
+            assert await run(connection, program) == [(1,)]
+        finally:
+            await connection.execute(f"DROP TABLE {missing}")
+
+
+async def test_large_pipelines_flow_both_ways_at_once(table: str) -> None:
+    # Several megabytes each way: the server blocks on sending results unless they are
+    # read while the statements are still being sent.
+    payload = "x" * 8000
+
+    def program() -> Program[Any]:
+        yield ExecuteMany(
+            f"INSERT INTO {table} (id, payload) VALUES (?, ?) RETURNING payload",
+            [(index, payload) for index in range(1000)],
+        )
+        return (yield Fetch(f"SELECT count(*), sum(length(payload)) FROM {table}"))
+
+    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+        assert await run(connection, program) == [(1000, 8_000_000)]
+
+
+def test_placeholders_are_numbered() -> None:
+    numbered = postgres_pipeline._numbered
+    assert numbered("SELECT 1") == b"SELECT 1"
+    assert (
+        numbered("UPDATE t SET a = ? WHERE b = ANY(?) AND c <= ?")
+        == b"UPDATE t SET a = $1 WHERE b = ANY($2) AND c <= $3"
+    )
+
+
+async def test_a_last_fetch_comes_back_committed(table: str) -> None:
+    def well_behaved() -> Program[Any]:
+        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "one"))
+        return (yield Fetch(f"UPDATE {table} SET payload = ? RETURNING payload", ("uno",), last=True))
+
+    def breaking_its_promise() -> Program[Any]:
+        yield Fetch(f"UPDATE {table} SET payload = ? RETURNING payload", ("dos",), last=True)
+        yield Execute(f"DELETE FROM {table}")
+
+    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+        assert await run(connection, well_behaved) == [("uno",)]
+        assert await rows_of(table) == [(1, "uno")]
+        with pytest.raises(RuntimeError, match="after the last"):
+            await run(connection, breaking_its_promise)
+    assert await rows_of(table) == [(1, "dos")]  # committed with the last fetch; the rest never ran
