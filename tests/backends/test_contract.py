@@ -207,6 +207,28 @@ async def test_entities_take_requests_whatever_their_status(backend: Backend) ->
     assert [m.event for m in item.messages] == [signal]
 
 
+async def test_an_entity_left_empty_with_requests_waiting_stays_running(backend: Backend) -> None:
+    def signal(request_id: str) -> EntityOperationSignaled:
+        return EntityOperationSignaled(
+            timestamp=utc_now(), request_id=request_id, operation="add", target_instance_id="@counter@a", input="1"
+        )
+
+    await backend.send_event("@counter@a", signal("r1"))
+    [item] = await backend.lock_orchestration_work_items(10, LEASE, entities=True)
+    late = signal("r2")
+    await backend.send_event("@counter@a", late)  # arrives while the batch of r1 runs
+    # The batch of r1 leaves the entity empty, which alone would store it as COMPLETED.
+    assert await backend.complete_orchestration_work_items([checkpoint_for(item, status=Status.COMPLETED, history=[])])
+    state = await backend.get_instance("@counter@a")
+    assert state is not None and state.runtime_status == Status.RUNNING and state.completed_at is None
+    assert await backend.purge_instances(["@counter@a"]) == 0  # clean_entity_storage would lose r2 otherwise
+    [item] = await backend.lock_orchestration_work_items(10, LEASE, entities=True)
+    assert [m.event for m in item.messages] == [late]
+    assert await backend.complete_orchestration_work_items([checkpoint_for(item, status=Status.COMPLETED, history=[])])
+    assert (await backend.get_instance("@counter@a")).runtime_status == Status.COMPLETED  # type: ignore[union-attr]
+    assert await backend.purge_instances(["@counter@a"]) == 1
+
+
 async def test_events_to_an_entity_create_it(backend: Backend) -> None:
     signal = EntityOperationSignaled(
         timestamp=utc_now(), request_id="r1", operation="add", target_instance_id="@counter@a", input="1"

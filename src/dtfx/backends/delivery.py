@@ -133,6 +133,18 @@ def new_entity_state(instance_id: str, now: datetime) -> OrchestrationState:
     )
 
 
+def with_pending_requests(state: OrchestrationState) -> OrchestrationState:
+    """The row of an instance whose inbox still holds messages once a commit is written.
+
+    An entity the commit left empty (COMPLETED) stays RUNNING while requests wait for
+    it, as :func:`status_on_delivery` makes it when they arrive: cleaning entity storage
+    must not purge it with them.
+    """
+    if is_entity_id(state.instance_id) and state.runtime_status.is_terminal:
+        return dataclasses.replace(state, runtime_status=OrchestrationStatus.RUNNING, completed_at=None)
+    return state
+
+
 def checkpointed_state(state: OrchestrationState, checkpoint: OrchestrationCheckpoint) -> OrchestrationState:
     """The instance's row once ``checkpoint`` is committed."""
     return dataclasses.replace(

@@ -24,6 +24,7 @@ from dtfx.backends.delivery import (
     refused_start,
     route,
     status_on_delivery,
+    with_pending_requests,
 )
 from dtfx.backends.paging import decode_token, encode_token
 from dtfx.core.errors import OrchestrationAlreadyExistsError, OrchestrationNotFoundError
@@ -264,6 +265,8 @@ class MemoryBackend(Backend):
         instance.state = checkpointed_state(instance.state, checkpoint)
         consumed = set(checkpoint.consumed)
         instance.inbox = [m for m in instance.inbox if m.id not in consumed]
+        if instance.inbox:
+            instance.state = with_pending_requests(instance.state)
         finished = set(checkpoint.finished_tasks)
         if finished:
             for task_id in [key for key, task in self._tasks.items() if task.lock_token in finished]:

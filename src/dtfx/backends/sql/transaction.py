@@ -31,6 +31,7 @@ from dtfx.backends.delivery import (
     refused_start,
     route,
     status_on_delivery,
+    with_pending_requests,
 )
 from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, FetchEach, Notify, Program, Row
 from dtfx.backends.sql.rows import (
@@ -299,8 +300,10 @@ class HubTransaction:
         for instance_id, writes in self._writes.items():
             instance = self._instances.get(instance_id)
             if instance is not None:
-                state = instance.state
                 next_visible_at = _next_visible_at(instance, writes)
+                if next_visible_at is not None:
+                    instance.state = with_pending_requests(instance.state)
+                state = instance.state
                 kept_until = self._keeping.get(instance_id)
                 ready = next_visible_at is not None and next_visible_at <= now
                 if ready and kept_until is not None:  # messages wait: the lease goes, the queue takes over
