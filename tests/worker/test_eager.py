@@ -6,8 +6,12 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 import dtfx
+from dtfx import OrchestrationStatus as Status
 from dtfx.backends.memory import MemoryBackend
+from dtfx.core.errors import BackendError
 from dtfx.core.history import TaskCompleted
 
 
@@ -165,11 +169,13 @@ async def test_eager_activities_respect_the_activity_concurrency_limit() -> None
     assert running["peak"] == 2
 
 
-async def test_a_slow_eager_activity_keeps_both_leases() -> None:
+async def test_a_slow_eager_activity_is_handed_over_with_its_lease() -> None:
     app = dtfx.App()
+    runs: list[str] = []
 
     @app.activity
     async def slow(ctx: dtfx.ActivityContext, _: Any) -> str:
+        runs.append("slow")
         await asyncio.sleep(0.5)
         return "done"
 
@@ -179,11 +185,125 @@ async def test_a_slow_eager_activity_keeps_both_leases() -> None:
 
     backend = CountingBackend()
     client = dtfx.AsyncClient(backend)
+    # A window of a third of the lease (50 ms); the activity runs ten times longer.
     options = dtfx.WorkerOptions(lease_duration=timedelta(milliseconds=150))
     async with dtfx.Worker(backend, app=app, options=options):
         instance_id = await client.schedule_new_orchestration(one)
         state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
     assert state is not None and state.get_output() == "done"
-    # Renewed leases: nobody else took the task or the instance while the activity ran.
+    # The activity went on running here with its lease renewed (nobody took its task from
+    # the queue); the orchestration's lease went back, and its result came through the inbox.
+    assert runs == ["slow"]
     assert "activities locked" not in backend.calls
-    assert backend.calls["orchestrations locked"] == 1
+    assert backend.calls["orchestrations locked"] == 2
+
+
+@pytest.mark.parametrize("slow_step", [1, 2], ids=["running ahead of the first commit", "after a kept lease"])
+async def test_a_termination_does_not_wait_for_a_slow_eager_activity(slow_step: int) -> None:
+    app = dtfx.App()
+    running = asyncio.Event()
+    release = asyncio.Event()
+
+    @app.activity
+    async def step(ctx: dtfx.ActivityContext, n: int) -> int:
+        if n == slow_step:
+            running.set()
+            await release.wait()
+        return n + 1
+
+    @app.orchestrator
+    def chain(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        value = yield ctx.call_activity(step, input=1)
+        return (yield ctx.call_activity(step, input=value))
+
+    backend = MemoryBackend()
+    client = dtfx.AsyncClient(backend)
+    options = dtfx.WorkerOptions(eager_activity_window=timedelta(milliseconds=100))
+    async with dtfx.Worker(backend, app=app, options=options):
+        instance_id = await client.schedule_new_orchestration(chain)
+        await running.wait()
+        # Even a first activity that runs ahead lets its episode be committed after the window.
+        started = await client.wait_for_orchestration_start(instance_id, timeout=5)
+        assert started is not None and started.runtime_status is Status.RUNNING
+        await client.terminate_orchestration(instance_id, output="stopped")
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=5)
+        assert state is not None and state.runtime_status is Status.TERMINATED
+        release.set()
+
+
+async def test_a_timer_that_fires_first_wins_against_an_activity() -> None:
+    app = dtfx.App()
+
+    @app.activity
+    async def slow(ctx: dtfx.ActivityContext, _: Any) -> str:
+        await asyncio.sleep(0.5)
+        return "activity"
+
+    @app.orchestrator
+    def race(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        work = ctx.call_activity(slow)
+        timeout = ctx.create_timer(timedelta(milliseconds=100))
+        winner = yield dtfx.when_any([work, timeout])
+        return "activity" if winner is work else "timeout"
+
+    backend = MemoryBackend()
+    client = dtfx.AsyncClient(backend)
+    async with dtfx.Worker(backend, app=app):
+        instance_id = await client.schedule_new_orchestration(race)
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    # Run eagerly, the activity (within the window) would have held the orchestration's
+    # lease past the timer: an orchestration that waits for a timer too is left to the queues.
+    assert state is not None and state.get_output() == "timeout"
+
+
+async def test_an_event_that_arrives_first_wins_against_an_activity() -> None:
+    app = dtfx.App()
+    running = asyncio.Event()
+
+    @app.activity
+    async def slow(ctx: dtfx.ActivityContext, _: Any) -> str:
+        running.set()
+        await asyncio.sleep(0.5)
+        return "activity"
+
+    @app.orchestrator
+    def race(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        work = ctx.call_activity(slow)
+        cancel = ctx.wait_for_external_event("cancel")
+        winner = yield dtfx.when_any([work, cancel])
+        return "activity" if winner is work else "cancelled"
+
+    backend = MemoryBackend()
+    client = dtfx.AsyncClient(backend)
+    async with dtfx.Worker(backend, app=app):
+        instance_id = await client.schedule_new_orchestration(race)
+        await running.wait()
+        await client.raise_orchestration_event(instance_id, "cancel")
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == "cancelled"
+
+
+class FailingOnceBackend(MemoryBackend):
+    """Its first checkpoint commit fails, as when the database is briefly unreachable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    async def complete_orchestration_work_items(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.failed:
+            self.failed = True
+            raise BackendError("the database went away for a moment")
+        return await super().complete_orchestration_work_items(*args, **kwargs)
+
+
+async def test_a_failed_commit_gives_back_the_activity_slot_of_its_eager_claim() -> None:
+    backend = FailingOnceBackend()
+    client = dtfx.AsyncClient(backend)
+    # One activity slot: had the failed commit kept it, no activity could run again.
+    concurrency = dtfx.ConcurrencyOptions(maximum_concurrent_activity_work_items=1)
+    async with dtfx.Worker(backend, app=chain_app(), concurrency=concurrency):
+        instance_id = await client.schedule_new_orchestration("chain", input=3)
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert backend.failed
+    assert state is not None and state.get_output() == 3

@@ -122,6 +122,15 @@ class OrchestrationExecutor:
         """True once the orchestration has produced its completion action."""
         return self.context.completion is not None
 
+    @property
+    def only_awaited_task(self) -> int | None:
+        """The action id of the one task the orchestration waits for, when it waits for
+        nothing else (no other task or timer, no external event, no entity); else ``None``."""
+        context = self.context
+        if len(context.pending_tasks) != 1 or context.event_waiters or context.entity_requests:
+            return None
+        return next(iter(context.pending_tasks))
+
     def replay(self, past_events: Iterable[HistoryEvent]) -> None:
         """Rebuild the generator's state from recorded history."""
         self.context._is_replaying = True

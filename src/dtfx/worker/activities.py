@@ -13,6 +13,7 @@ import contextvars
 import functools
 import inspect
 import logging
+from collections.abc import Awaitable
 from concurrent.futures import Executor
 from datetime import timedelta
 from typing import Any, Protocol
@@ -54,14 +55,18 @@ class ActivityProcessor:
         self._committer = committer
         self._lease_duration = lease_duration
 
-    async def process(self, item: ActivityWorkItem) -> None:
-        """Run the activity and commit its result."""
+    async def process(
+        self, item: ActivityWorkItem, running: Awaitable[TaskCompleted | TaskFailed | Abandon] | None = None
+    ) -> None:
+        """Run the activity (or wait for it, when it is already ``running``) and commit its result."""
 
         async def renew() -> bool:
             return await self._backend.renew_activity_lease(item, self._lease_duration)
 
-        async with keep_lease(renew, self._lease_duration, f"Activity task {item.id}"):
-            outcome = await self._runner.run(item)
+        scheduled = item.task.event
+        what = f"Activity {scheduled.name} #{scheduled.event_id} of {item.task.instance_id}"
+        async with keep_lease(renew, self._lease_duration, what):
+            outcome = await (running if running is not None else self._runner.run(item))
         if isinstance(outcome, Abandon):
             await self._backend.abandon_activity_work_item(item, retry_at=outcome.retry_at)
             return

@@ -104,6 +104,13 @@ class WorkItemDispatcher(Generic[T]):
         self._reserved -= 1
         self._slot_freed.set()
 
+    def adopt(self, item: T, work: Awaitable[None]) -> None:
+        """Process ``item`` with ``work`` in a slot taken with :meth:`reserve_slot`, as if
+        this dispatcher had fetched it (errors, back-off and shutdown alike)."""
+        self._reserved -= 1
+        task = asyncio.create_task(self._run(item, work))
+        self._in_flight[task] = item
+
     def start(self) -> None:
         """Start the fetch loops on the running event loop."""
         if self._running:
@@ -161,14 +168,14 @@ class WorkItemDispatcher(Generic[T]):
                 await asyncio.gather(*(self._safe_release(item) for item in items))
                 break
             for item in items:
-                task = asyncio.create_task(self._run(item))
+                task = asyncio.create_task(self._run(item, self._process(item)))
                 self._in_flight[task] = item
             if len(items) < wanted:  # drained: wait until something new arrives
                 await self._idle()
 
-    async def _run(self, item: T) -> None:
+    async def _run(self, item: T, work: Awaitable[None]) -> None:
         try:
-            await self._process(item)
+            await work
             self._process_backoff.succeeded()
         except asyncio.CancelledError:
             await self._safe_release(item)

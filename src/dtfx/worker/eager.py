@@ -1,86 +1,102 @@
 """Eager activities: the worker that schedules an activity runs it at once.
 
-When an episode schedules exactly one activity that this worker has registered,
-and an activity slot is free, the checkpoint queues the task already leased to this
-worker and keeps the orchestration's lease (Temporal calls the idea eager activity
-dispatch). The activity then runs here without a trip through the queue, and its
-result, the next episode and the next eager task go into one transaction. Every
-step is still committed before the next one starts, and a crash is recovered like
-any other: the leases expire and the queues take over.
+When an episode leaves its orchestration waiting for exactly one thing, an activity
+this worker has registered, and an activity slot is free, the checkpoint queues the
+task already leased to this worker and keeps the orchestration's lease (Temporal
+calls the idea eager activity dispatch). The activity then runs here without a trip
+through the queue, and its result, the next episode and the next eager task go into
+one transaction. Every step is still committed before the next one starts, and a
+crash is recovered like any other: the leases expire and the queues take over.
+
+An orchestration that waits for anything else as well (a timer, an external event,
+another task) is left to the queues: whichever answer arrives first must win, and a
+kept lease would hold back the others. And the lease is kept only for a short
+*window*: an activity still running after it goes on as ordinary work of the
+activity dispatcher, and the orchestration's lease goes back, so that a message for
+the instance (a termination, say) waits at most that long, and a long activity does
+not hold an orchestration slot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Callable
 from datetime import timedelta
 
-from dtfx.backends.base import Backend, utc_now
+from dtfx.backends.base import utc_now
 from dtfx.core.history import TaskCompleted, TaskFailed
-from dtfx.core.workitems import ActivityResult, ActivityWorkItem, OrchestrationCheckpoint, OrchestrationWorkItem
+from dtfx.core.workitems import ActivityResult, ActivityWorkItem, OrchestrationCheckpoint
 from dtfx.worker.activities import ActivityProcessor, LocalActivityRunner
-from dtfx.worker.leases import keep_lease
+from dtfx.worker.dispatcher import WorkItemDispatcher
 from dtfx.worker.registry import Registry
 
 
 class EagerActivities:
-    """The :class:`~dtfx.worker.orchestrations.EagerLane` of a native worker."""
+    """The :class:`~dtfx.worker.orchestrations.EagerLane` of a native worker.
+
+    A claim holds a slot of the activity ``dispatcher`` until the activity has finished
+    within the window, is handed over to the dispatcher, or is dropped.
+    """
 
     def __init__(
         self,
-        backend: Backend,
         registry: Registry,
         activities: ActivityProcessor,
         runner: LocalActivityRunner,
+        dispatcher: WorkItemDispatcher[ActivityWorkItem],
         *,
-        reserve_slot: Callable[[], bool],
-        free_slot: Callable[[], None],
         lease_duration: timedelta,
+        window: timedelta,
     ) -> None:
-        self._backend = backend
         self._registry = registry
         self._activities = activities
         self._runner = runner
-        self._reserve_slot = reserve_slot
-        self._free_slot = free_slot
+        self._dispatcher = dispatcher
         self._lease_duration = lease_duration
+        # Within the window nothing needs renewing: it ends before the first renewal is due.
+        self._window = min(window, lease_duration / 3).total_seconds()
+        self._claims: dict[str, asyncio.Task[TaskCompleted | TaskFailed] | None] = {}
+        """The claims holding a slot, by lock token, with the activity once it runs."""
 
-    def claim(self, checkpoint: OrchestrationCheckpoint) -> ActivityWorkItem | None:
+    def claim(self, checkpoint: OrchestrationCheckpoint, awaited: int | None) -> ActivityWorkItem | None:
         if len(checkpoint.activity_tasks) != 1 or checkpoint.status.is_terminal:
             return None
         task = checkpoint.activity_tasks[0]
-        if task.event.name not in self._registry.activities or not self._reserve_slot():
+        if task.event.event_id != awaited or task.event.name not in self._registry.activities:
+            return None
+        if not self._dispatcher.reserve_slot():
             return None
         task.lock_token = uuid.uuid4().hex
         task.locked_until = utc_now() + self._lease_duration
         checkpoint.keep_lease_for = self._lease_duration
+        self._claims[task.lock_token] = None
         return ActivityWorkItem(None, task.lock_token, task.locked_until, task, dequeue_count=1)
 
-    def unclaim(self, item: ActivityWorkItem) -> None:
-        self._free_slot()
-
-    async def run(
-        self, item: ActivityWorkItem, orchestration: OrchestrationWorkItem, *, queued: bool = True
-    ) -> TaskCompleted | TaskFailed:
-        backend, lease = self._backend, self._lease_duration
-
-        async def renew() -> bool:
-            held = await backend.renew_activity_lease(item, lease) if queued else True
-            return await backend.renew_orchestration_lease(orchestration, lease) and held
-
+    async def run(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed | None:
+        running = asyncio.create_task(self._runner.run(item))
+        self._claims[item.lock_token] = running
         try:
-            async with keep_lease(
-                renew, lease, f"Eager activity {item.task.event.name} of {orchestration.instance_id}"
-            ):
-                return await self._runner.run(item)
-        finally:
-            self._free_slot()
+            await asyncio.wait((running,), timeout=self._window)
+        except asyncio.CancelledError:
+            self.drop(item)
+            raise
+        if not running.done():
+            return None
+        del self._claims[item.lock_token]
+        self._dispatcher.free_slot()
+        return running.result()
 
-    async def process(self, item: ActivityWorkItem) -> None:
-        try:
-            await self._activities.process(item)
-        finally:
-            self._free_slot()
+    def hand_over(self, item: ActivityWorkItem) -> None:
+        running = self._claims.pop(item.lock_token)
+        self._dispatcher.adopt(item, self._activities.process(item, running))
+
+    def drop(self, item: ActivityWorkItem) -> None:
+        if item.lock_token not in self._claims:
+            return
+        running = self._claims.pop(item.lock_token)
+        if running is not None:
+            running.cancel()
+        self._dispatcher.free_slot()
 
     async def deliver(self, item: ActivityWorkItem, result: TaskCompleted | TaskFailed) -> None:
         await self._activities.deliver(ActivityResult(item, result))

@@ -86,8 +86,12 @@ class WorkerOptions:
     cached_instances: int = 10_000
     """Live orchestrations kept in memory between episodes, so they need no replay."""
     eager_activities: bool = True
-    """Run an activity at once in this worker when an episode schedules just that one
-    (see :mod:`dtfx.worker.eager`): a step of a sequence then costs one transaction."""
+    """Run an activity at once in this worker when an orchestration waits for just that
+    one (see :mod:`dtfx.worker.eager`): a step of a sequence then costs one transaction."""
+    eager_activity_window: timedelta = timedelta(seconds=1)
+    """How long an eager activity may hold its orchestration's lease (at most a third of
+    :attr:`lease_duration`): one still running then goes on as ordinary work, and
+    messages for the orchestration (a termination, an event) wait at most this long."""
     shutdown_grace_period: timedelta = timedelta(seconds=30)
     """How long :meth:`Worker.stop` lets in-flight work finish."""
     registered_only: bool = False

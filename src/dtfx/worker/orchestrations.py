@@ -53,6 +53,9 @@ class EpisodeOutcome:
 
     actions: list[OrchestratorAction]
     custom_status: str | None
+    awaited: int | None = None
+    """The action id of the one task the orchestration now waits for, if it waits for
+    nothing else (``None``: it waits for more, or the runner cannot tell)."""
 
 
 @dataclass
@@ -80,25 +83,29 @@ class EpisodeRunner(Protocol):
     def finished(
         self, item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint | None, committed: bool
     ) -> None:
-        """Called after the commit (``checkpoint`` is ``None`` when nothing was run or committed)."""
+        """The episode is settled: with ``committed``, the orchestration goes on from ``checkpoint``
+        (committed, or to be committed as part of a later checkpoint: if that one is lost,
+        ``finished`` is called again without ``committed``); otherwise (or when ``checkpoint``
+        is ``None``: nothing was run or committed) whatever ran is forgotten."""
 
 
 class EagerLane(Protocol):
-    """Runs in this process the one activity an episode schedules (see :mod:`dtfx.worker.eager`)."""
+    """Runs in this process the one activity an orchestration waits for (see :mod:`dtfx.worker.eager`)."""
 
-    def claim(self, checkpoint: OrchestrationCheckpoint) -> ActivityWorkItem | None:
-        """Take the checkpoint's activity for this process (queue it leased, keep the orchestration's lease)."""
+    def claim(self, checkpoint: OrchestrationCheckpoint, awaited: int | None) -> ActivityWorkItem | None:
+        """Take the checkpoint's activity for this process if it is the one task ``awaited``
+        (its task is then queued leased, and the orchestration keeps its lease)."""
 
-    def unclaim(self, item: ActivityWorkItem) -> None:
-        """The checkpoint was not committed: forget the claim."""
+    async def run(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed | None:
+        """Run the claimed activity; its result if it finishes within the window, else ``None``
+        (it goes on running: :meth:`hand_over` or :meth:`drop` it)."""
 
-    async def run(
-        self, item: ActivityWorkItem, orchestration: OrchestrationWorkItem, *, queued: bool = True
-    ) -> TaskCompleted | TaskFailed:
-        """Run the activity, keeping its lease (if ``queued``: its task was committed) and the orchestration's."""
+    def hand_over(self, item: ActivityWorkItem) -> None:
+        """The claimed activity's task is committed: let it run (or go on running) as ordinary
+        work, its result going through the orchestration's inbox."""
 
-    async def process(self, item: ActivityWorkItem) -> None:
-        """Run the activity and deliver its result through the orchestration's inbox."""
+    def drop(self, item: ActivityWorkItem) -> None:
+        """The claim's checkpoint was not committed: stop the activity if it runs, forget the claim."""
 
     async def deliver(self, item: ActivityWorkItem, result: TaskCompleted | TaskFailed) -> None:
         """Deliver a result through the orchestration's inbox."""
@@ -107,11 +114,11 @@ class EagerLane(Protocol):
 class OrchestrationProcessor:
     """Takes an orchestration work item from lock to commit.
 
-    With an :class:`EagerLane`, an episode that schedules exactly one activity this
-    worker runs keeps its lease: the activity runs here at once and the next episode
-    follows here too, so a step of a sequence costs one transaction. The lease is given
-    up as soon as other messages wait for the instance, and whatever goes wrong
-    falls back on the queues.
+    With an :class:`EagerLane`, an episode after which the orchestration waits for just
+    one activity that this worker runs keeps its lease: the activity runs here at once and
+    the next episode follows here too, so a step of a sequence costs one transaction. The
+    lease is given up as soon as other messages wait for the instance or the activity
+    outlasts the lane's window, and whatever goes wrong falls back on the queues.
     """
 
     def __init__(
@@ -157,68 +164,84 @@ class OrchestrationProcessor:
         checkpoint = apply_actions(
             item, started, plan.new_events, outcome.actions, outcome.custom_status, plan.consumed, now, history=history
         )
-        await self._commit_episodes(item, started, checkpoint, run_ahead=True)
+        if self.eager is None:
+            committed = await self._commit(item, checkpoint)
+            self._runner.finished(item, checkpoint, committed is not CommitResult.LOST)
+            return
+        await self._commit_episodes(self.eager, item, started, checkpoint, outcome.awaited)
 
     async def _commit_episodes(
         self,
+        lane: EagerLane,
         item: OrchestrationWorkItem,
         started: ExecutionStarted,
         checkpoint: OrchestrationCheckpoint,
-        *,
-        run_ahead: bool = False,
+        awaited: int | None,
     ) -> None:
         """Commit ``checkpoint``, then go on with eager episodes while the lease is kept.
 
-        With ``run_ahead`` (all of the episode's new events came from the store, so nothing
-        uncommitted feeds it) the episode's eager activity runs before the first commit,
-        and its result and the episode that follows join that commit.
+        The first episode's new events all came from the store (nothing uncommitted feeds
+        it), so its eager activity runs ahead: before the first commit, which then also
+        holds its result and the episode that follows. Later activities run after the
+        commit that schedules them.
         """
-        lane = self.eager
+        run_ahead = True
         recorded: tuple[ActivityWorkItem, TaskCompleted | TaskFailed] | None = None  # the eager result checkpoint holds
         while True:
-            eager = lane.claim(checkpoint) if lane is not None else None
+            eager = lane.claim(checkpoint, awaited)
             ran: TaskCompleted | TaskFailed | None = None  # the eager activity's result, if it ran already
-            following: OrchestrationCheckpoint | Abandon | None = None
-            if lane is not None and eager is not None and run_ahead:
-                run_ahead = False
-                ran = await lane.run(eager, item, queued=False)
-                following = await self._follow(item, checkpoint, started, ran)
-                if isinstance(following, OrchestrationCheckpoint):
-                    merged = merge_checkpoints(checkpoint, following, eager.lock_token)
-                    if merged is not None:
-                        checkpoint = merged
-                        continue
-            result = await self._commit(item, checkpoint)
+            following: tuple[OrchestrationCheckpoint, int | None] | Abandon | None = None
+            if eager is not None and run_ahead:
+                ran = await lane.run(eager)
+                if ran is None:  # it outlasted the window: it goes on as ordinary work
+                    checkpoint.keep_lease_for = None
+                else:
+                    following = await self._follow(item, checkpoint, started, ran)
+                    if isinstance(following, tuple):
+                        merged = merge_checkpoints(checkpoint, following[0], eager.lock_token)
+                        if merged is not None:
+                            checkpoint, awaited, run_ahead = merged, following[1], False
+                            continue
+            run_ahead = False
+            try:
+                result = await self._commit(item, checkpoint)
+            except BaseException:
+                if eager is not None:
+                    lane.drop(eager)
+                raise
             self._runner.finished(item, checkpoint, result is not CommitResult.LOST)
-            if lane is None or (eager is None and recorded is None):
-                return
             if result is CommitResult.LOST:
                 if recorded is not None:
                     await lane.deliver(*recorded)
-                if eager is not None and ran is None:
-                    lane.unclaim(eager)
+                if eager is not None:
+                    lane.drop(eager)
                 return
             if eager is None:
                 return
-            if result is CommitResult.COMMITTED:  # messages are waiting: the queue takes over
+            if result is CommitResult.COMMITTED:  # messages wait, or the activity is slow: the queues take over
                 if ran is None:
-                    await lane.process(eager)
+                    lane.hand_over(eager)
                     return
                 self._runner.finished(item, None, False)  # it ran ahead of what is committed: replay
                 await lane.deliver(eager, ran)
                 return
             item = _continued(item, checkpoint)
             if ran is None:
-                ran = await lane.run(eager, item)
+                ran = await lane.run(eager)
+                if ran is None:  # it outlasted the window: the lease goes back, the activity goes on
+                    lane.hand_over(eager)
+                    await self._backend.abandon_orchestration_work_item(item)
+                    return
                 following = await self._follow(item, None, started, ran)
-            if not isinstance(following, OrchestrationCheckpoint):
+            if not isinstance(following, tuple):
                 self._runner.finished(item, None, False)
                 await lane.deliver(eager, ran)
                 retry_at = following.retry_at if following is not None else None
                 await self._backend.abandon_orchestration_work_item(item, retry_at=retry_at)
                 return
-            following.finished_tasks.append(eager.lock_token)
-            checkpoint, recorded = following, (eager, ran)
+            checkpoint, awaited = following
+            checkpoint.finished_tasks.append(eager.lock_token)
+            recorded = (eager, ran)
 
     async def _follow(
         self,
@@ -226,9 +249,9 @@ class OrchestrationProcessor:
         uncommitted: OrchestrationCheckpoint | None,
         started: ExecutionStarted,
         result: TaskCompleted | TaskFailed,
-    ) -> OrchestrationCheckpoint | Abandon:
+    ) -> tuple[OrchestrationCheckpoint, int | None] | Abandon:
         """The episode an eager activity's result starts, after ``item``'s checkpoint
-        (``uncommitted``, when it has not been committed yet)."""
+        (``uncommitted``, when it has not been committed yet), with what it then awaits."""
         if uncommitted is not None:
             self._runner.finished(item, uncommitted, True)  # the live orchestration goes on from there
             item = _continued(item, uncommitted)
@@ -239,7 +262,8 @@ class OrchestrationProcessor:
         outcome = await self._runner.run(item, started, None, new_events)
         if isinstance(outcome, Abandon):
             return outcome
-        return apply_actions(item, started, new_events, outcome.actions, outcome.custom_status, [], now)
+        checkpoint = apply_actions(item, started, new_events, outcome.actions, outcome.custom_status, [], now)
+        return checkpoint, outcome.awaited
 
     async def release(self, item: OrchestrationWorkItem) -> None:
         """Give the work item back after a failure or at shutdown."""
@@ -346,7 +370,7 @@ class LocalRunner:
             entry = CachedExecution(executor, started, item.state.execution_id, item.history_size)
         self._running[item.instance_id] = entry
         actions = entry.executor.execute(new_events)
-        return EpisodeOutcome(actions, entry.executor.context.custom_status)
+        return EpisodeOutcome(actions, entry.executor.context.custom_status, entry.executor.only_awaited_task)
 
     def finished(
         self, item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint | None, committed: bool

@@ -41,7 +41,7 @@ class _Processor(Protocol[T_contra]):
 
 
 class Worker(BackgroundRunnable):
-    """Runs the orchestrators and activities registered with it against a backend.
+    """Runs the orchestrators, activities and entities registered with it against a backend.
 
     Use it as a context manager (``with`` runs it on a background thread, ``async
     with`` on the running event loop), or call :meth:`start` / :meth:`stop`.
@@ -158,6 +158,16 @@ class Worker(BackgroundRunnable):
             return await self.backend.lock_activity_work_items(count, lease, names=names(self.registry.activities))
 
         concurrency = self.concurrency
+        activity_dispatcher = self._dispatcher(
+            WorkKind.ACTIVITY,
+            lock_activities,
+            activities,
+            lambda item: f"activity {item.task.event.name} of {item.task.instance_id}",
+            concurrency.maximum_concurrent_activity_work_items,
+            concurrency.activity_dispatcher_count,
+        )
+        # Stopped in this order: an orchestration that finishes during its grace period
+        # may still hand an eager activity over to the activity dispatcher.
         self._dispatchers = [
             self._dispatcher(
                 WorkKind.ORCHESTRATION,
@@ -167,14 +177,7 @@ class Worker(BackgroundRunnable):
                 concurrency.maximum_concurrent_orchestration_work_items,
                 concurrency.orchestration_dispatcher_count,
             ),
-            self._dispatcher(
-                WorkKind.ACTIVITY,
-                lock_activities,
-                activities,
-                lambda item: f"activity {item.task.event.name} of {item.task.instance_id}",
-                concurrency.maximum_concurrent_activity_work_items,
-                concurrency.activity_dispatcher_count,
-            ),
+            activity_dispatcher,
             self._dispatcher(
                 WorkKind.ENTITY,
                 lock_entities,
@@ -185,24 +188,23 @@ class Worker(BackgroundRunnable):
             ),
         ]
         if options.eager_activities:
-            activity_dispatcher = self._dispatchers[1]
             orchestrations.eager = EagerActivities(
-                self.backend,
                 self.registry,
                 activities,
                 activity_runner,
-                reserve_slot=activity_dispatcher.reserve_slot,
-                free_slot=activity_dispatcher.free_slot,
+                activity_dispatcher,
                 lease_duration=lease,
+                window=options.eager_activity_window,
             )
         for dispatcher in self._dispatchers:
             dispatcher.start()
         self._started = True
         logger.info(
-            "Worker started on %s with %d orchestrator(s) and %d activity(ies)",
+            "Worker started on %s with %d orchestrator(s), %d activity(ies) and %d entity(ies)",
             type(self.backend).__name__,
             len(self.registry.orchestrators),
             len(self.registry.activities),
+            len(self.registry.entities),
         )
 
     def _dispatcher(
