@@ -45,6 +45,16 @@ def rewindable(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
     return (yield ctx.call_activity(fragile))
 
 
+@app.orchestrator
+def echo(ctx: dtfx.OrchestrationContext, value: Any) -> Any:
+    return value
+
+
+@app.orchestrator
+def fail_with(ctx: dtfx.OrchestrationContext, message: str) -> None:
+    raise ValueError(message)
+
+
 def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(cli, list(args), env=env)
 
@@ -236,6 +246,43 @@ def test_purge(hub: str, worker: dtfx.Worker) -> None:
     assert invoke_json("purge", "p2", "-b", hub) == {"deleted_instance_count": 1}
 
 
+def test_stored_text_with_brackets_prints_as_written(hub: str, worker: dtfx.Worker) -> None:
+    """Payloads, ids, failure messages and event names are data, not Rich markup."""
+    done = invoke("start", "echo", "--input", '"step [done] ok"', "--id", "[b]e1", "--wait", "-b", hub)
+    assert done.exit_code == 0, done.output
+    assert '"step [done] ok"' in done.stdout and "[b]e1" in done.stdout
+
+    failed = invoke("start", "fail_with", "--input", '"missing [/data/in.csv]"', "--id", "f1", "--wait", "-b", hub)
+    assert_one_line_error(failed, "Orchestration f1 failed: ValueError: missing [/data/in.csv]", exit_code=1)
+    assert "ValueError: missing [/data/in.csv]" in failed.stdout
+
+    status = invoke("status", "f1", "--history", "-b", hub)
+    assert status.exit_code == 0, status.output
+    failure_row = next(line for line in status.stdout.splitlines() if line.startswith("Failure"))
+    assert failure_row.endswith("ValueError: missing [/data/in.csv]")
+    assert 'input="missing [/data/in.csv]"' in status.stdout  # the ExecutionStarted event's details
+    history = invoke("status", "[b]e1", "--history", "-b", hub)
+    assert history.exit_code == 0, history.output
+    assert 'result="step [done] ok"' in history.stdout
+
+    listed = invoke("list", "-b", hub)
+    assert listed.exit_code == 0, listed.output
+    assert [line.split()[0] for line in listed.stdout.splitlines()[2:]] == ["[b]e1", "f1"]
+
+    invoke_json("start", "approval", "--id", "[x]waiting", "-b", hub)
+    raised = invoke("raise", "[x]waiting", "[/x]", "-b", hub)
+    assert raised.exit_code == 0, raised.output
+    assert raised.stdout.strip() == "Raised event '[/x]' on instance [x]waiting."
+
+
+def test_ctrl_c_exits_130_with_one_line(hub: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def interrupted(*_: Any, **__: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dtfx.AsyncClient, "get_orchestration_state", interrupted)
+    assert_one_line_error(invoke("status", "any", "-b", hub), "interrupted", exit_code=130)
+
+
 def test_verbose_logs_the_traceback_of_an_error(hub: str) -> None:
     result = invoke("status", "nobody", "-v", "-b", hub)
     assert result.exit_code == 1
@@ -342,6 +389,10 @@ def test_run_finds_the_app_in_a_module_or_a_file(tmp_path: Path, monkeypatch: py
     assert list(load_app("cli_shop:billing").activities) == ["bill"]
     assert list(load_app("cli_lone").activities) == ["ship", "bill"]  # the only app, under two names
     assert list(load_app("dtfx.examples.hello_cities").orchestrators) == ["hello_cities"]  # `app`
+    (tmp_path / "cli_counter.py").write_text(
+        "import dtfx\napp = dtfx.App()\napp.entity(lambda ctx, _: None, name='Counter')\n"
+    )
+    assert list(load_app("cli_counter").entities) == ["counter"]  # entities alone make an app
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "cli_script.py").write_text(SHOP)
     assert list(load_app("scripts/cli_script.py:orders").activities) == ["ship"]
@@ -362,7 +413,7 @@ def test_run_reports_apps_it_cannot_load(tmp_path: Path, monkeypatch: pytest.Mon
         "no_app": "no_app has no dtfx.App",
         "two_apps": "several apps; name one, as in: dtfx run two_apps:first",
         "two_apps:third": "two_apps.third is not a dtfx.App (it has: first, second)",
-        "empty_app": "registers no orchestrator and no activity",
+        "empty_app": "registers no orchestrator, no activity and no entity",
         "broken_app.py": "Importing broken_app failed: ZeroDivisionError: division by zero",
         "needs_missing": "Importing needs_missing failed: No module named 'no_such_dependency'",
     }

@@ -46,6 +46,30 @@ def slow_job(ctx, _):
 """
 
 
+COUNTER_APP = """
+import dtfx
+
+app = dtfx.App()
+
+
+@app.entity
+def counter(ctx, amount):
+    ctx.set_state(ctx.get_state(int, 0) + amount)
+"""
+
+WAITING_APP = """
+import dtfx
+
+app = dtfx.App()
+
+
+@app.orchestrator
+def waiting(ctx, _):
+    ctx.set_custom_status("[/x] waiting for [bold]go[/bold]")
+    return (yield ctx.wait_for_external_event("go"))
+"""
+
+
 def environment(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key != "DTFX_BACKEND"}
     return env | extra
@@ -125,6 +149,22 @@ def test_a_worker_process_and_a_client_process(tmp_path: Path) -> None:
     assert worker.stderr[-1].rstrip().endswith("Worker stopped.")
 
 
+def test_a_worker_for_an_app_of_entities_only(tmp_path: Path) -> None:
+    (tmp_path / "counter_app.py").write_text(COUNTER_APP)
+    hub = f"sqlite:///{tmp_path}/hub.db"
+    entity = dtfx.EntityInstanceId("counter", "a")
+    with worker_process("counter_app", "-b", hub, cwd=tmp_path) as worker, dtfx.Client(hub) as client:
+        client.signal_entity(entity, "add", 2)
+        deadline = time.monotonic() + 30
+        while (metadata := client.get_entity(entity)) is None:
+            assert time.monotonic() < deadline, "the worker never ran the entity"
+            time.sleep(0.02)
+        assert worker.stop(signal.SIGTERM) == 0
+    assert metadata.get_state(int) == 2
+    assert "orchestrators: -" in worker.stderr[1] and "activities: -" in worker.stderr[2]
+    assert "entities: counter" in worker.stderr[3]
+
+
 def test_sigterm_lets_the_activity_in_flight_finish(tmp_path: Path) -> None:
     (tmp_path / "slow_app.py").write_text(SLOW_APP)
     hub = f"sqlite:///{tmp_path}/hub.db"
@@ -184,40 +224,99 @@ def test_the_console_script() -> None:
     assert result.stdout.strip() == f"dtfx {dtfx.__version__}"
 
 
-def test_a_long_wait_shows_progress_on_a_terminal(tmp_path: Path) -> None:
-    primary, secondary = pty.openpty()
-    process = subprocess.Popen(
-        [
-            *DTFX,
-            "start",
-            "hello_cities",
-            "--id",
-            "lonely",
-            "--wait",
-            "--timeout",
-            "1",
-            "-b",
-            f"sqlite:///{tmp_path}/hub.db",
-        ],
-        cwd=tmp_path,
-        env=environment(TERM="xterm", COLUMNS="120"),
-        stdout=subprocess.DEVNULL,
-        stderr=secondary,
-    )
-    os.close(secondary)
-    shown = b""
-    while True:
-        ready, _, _ = select.select([primary], [], [], 30)
+class TerminalCommand:
+    """A ``dtfx`` command whose stderr is a terminal, as a person running it sees it."""
+
+    def __init__(self, *args: str, cwd: Path) -> None:
+        self.primary, secondary = pty.openpty()
+        self.process = subprocess.Popen(
+            [*DTFX, *args],
+            cwd=cwd,
+            env=environment(TERM="xterm", COLUMNS="120"),
+            stdout=subprocess.DEVNULL,
+            stderr=secondary,
+        )
+        os.close(secondary)
+        self.shown = b""
+
+    @property
+    def text(self) -> str:
+        """What it showed so far, without colours and cursor moves."""
+        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self.shown.decode(errors="replace"))
+
+    def read_until(self, text: str) -> None:
+        while text not in self.text:
+            assert self._read(), f"the command exited without showing {text!r}: {self.text}"
+
+    def wait(self) -> int:
+        while self._read():
+            pass
+        os.close(self.primary)
+        return self.process.wait(timeout=30)
+
+    def _read(self) -> bool:
+        ready, _, _ = select.select([self.primary], [], [], 30)
         assert ready, "the command printed nothing for 30s"
         try:
-            chunk = os.read(primary, 4096)
+            chunk = os.read(self.primary, 4096)
         except OSError:  # the command exited and closed the terminal
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(primary)
-    assert process.wait(timeout=30) == 1
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))  # no colours, no cursor moves
-    assert "hello_cities lonely: PENDING (waiting for a worker)" in text
-    assert "error: Instance lonely is still PENDING after 1s" in text
+            return False
+        self.shown += chunk
+        return bool(chunk)
+
+
+def test_a_long_wait_shows_progress_on_a_terminal(tmp_path: Path) -> None:
+    command = TerminalCommand(
+        "start",
+        "hello_cities",
+        "--id",
+        "lonely",
+        "--wait",
+        "--timeout",
+        "1",
+        "-b",
+        f"sqlite:///{tmp_path}/hub.db",
+        cwd=tmp_path,
+    )
+    assert command.wait() == 1
+    assert "hello_cities lonely: PENDING (waiting for a worker)" in command.text
+    assert "error: Instance lonely is still PENDING after 1s" in command.text
+
+
+def test_the_progress_shows_a_custom_status_with_brackets_as_written(tmp_path: Path) -> None:
+    (tmp_path / "waiting_app.py").write_text(WAITING_APP)
+    hub = f"sqlite:///{tmp_path}/hub.db"
+    with worker_process("waiting_app", "-b", hub, cwd=tmp_path) as worker:
+        command = TerminalCommand(
+            "start", "waiting", "--id", "w1", "--wait", "--timeout", "60", "-b", hub, cwd=tmp_path
+        )
+        command.read_until('waiting w1: RUNNING ("[/x] waiting for [bold]go[/bold]")')
+        assert dtfx_command("raise", "w1", "go", "--data", '"went"', "-b", hub, cwd=tmp_path).returncode == 0
+        assert command.wait() == 0
+        assert worker.stop(signal.SIGTERM) == 0
+
+
+def test_ctrl_c_ends_a_waiting_command_with_130(tmp_path: Path) -> None:
+    hub = f"sqlite:///{tmp_path}/hub.db"
+    process = subprocess.Popen(
+        [*DTFX, "start", "hello_cities", "--id", "stuck", "--wait", "-b", hub],
+        cwd=tmp_path,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with dtfx.Client(hub) as client:  # once the instance exists, the command is waiting for it to end
+            deadline = time.monotonic() + 30
+            while client.get_orchestration_state("stuck") is None:
+                assert time.monotonic() < deadline, "the command never started the instance"
+                time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130
+    assert stderr.strip() == "error: interrupted"

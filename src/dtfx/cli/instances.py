@@ -244,6 +244,7 @@ def _print_requested(operation: str, instance_id: str, json_output: bool) -> Non
 async def _wait_with_progress(client: AsyncClient, instance_id: str, timeout: float) -> OrchestrationState:
     """Wait until the instance ends, with a spinner on stderr that shows its status and elapsed time."""
     latest: OrchestrationState | None = None
+    # The description holds the custom status, stored data: shown as written, not as markup.
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
         task = progress.add_task(f"Waiting for instance {instance_id}", total=None)

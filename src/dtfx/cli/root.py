@@ -28,18 +28,27 @@ T = TypeVar("T")
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command that Ctrl-C ended
 
 logger = logging.getLogger("dtfx.cli")
 
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 1000)
+# Without markup: what the consoles print is mostly stored data (ids, payloads, failure
+# messages), in which "[/path]" or "[done]" must show as written. Styles go through
+# Text and style= instead.
+stdout = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 1000)
 """Results: tables and messages (JSON is written as plain text). Piped, it is not
 wrapped at 80 columns, so that ids stay whole for grep and cut."""
-stderr = Console(stderr=True, highlight=False)
+stderr = Console(stderr=True, highlight=False, markup=False)
 """Diagnostics: errors, progress, logs."""
 
 
 class CommandError(Exception):
     """A command could not do what it was asked; the message is all the user sees."""
+
+
+class _InterruptedError(Exception):
+    """Ctrl-C, carried past Typer, which turns KeyboardInterrupt into a silent exit
+    (status 130 or 1, depending on its version)."""
 
 
 class ErrorReportingGroup(TyperGroup):
@@ -55,9 +64,19 @@ class ErrorReportingGroup(TyperGroup):
     ) -> NoReturn:
         try:
             status = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        # typer.Abort: older Typer versions turn Ctrl-C into click's Abort (which typer.Abort is there).
+        except (_InterruptedError, KeyboardInterrupt, typer.Abort):
+            print_error("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
         except Exception as error:
             sys.exit(report(error))
         sys.exit(status if isinstance(status, int) else 0)
+
+    def invoke(self, ctx: Any) -> Any:  # a click.Context, or typer._click's, depending on Typer's version
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _InterruptedError from None
 
 
 def report(error: Exception) -> int:

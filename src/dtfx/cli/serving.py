@@ -35,7 +35,7 @@ async def run_until_signalled(service: Service, ready: Callable[[], str]) -> Non
     with _stop_signals() as stop_requested:
         await service.start_async()
         try:
-            stderr.print(f"{ready()}\nPress Ctrl-C to stop.", markup=False, soft_wrap=True)
+            stderr.print(f"{ready()}\nPress Ctrl-C to stop.", soft_wrap=True)
             received = await stop_requested
             stderr.print(
                 f"{received.name}: stopping; work in flight may finish (Ctrl-C again to quit at once).", soft_wrap=True

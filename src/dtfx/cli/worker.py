@@ -1,4 +1,4 @@
-"""``dtfx run``: a worker for the orchestrators and activities of a user's app."""
+"""``dtfx run``: a worker for the orchestrators, activities and entities of a user's app."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ async def run(
     backend: BackendUrl = None,
     verbose: Verbosity = 0,
 ) -> None:
-    """Run a worker for the orchestrators and activities of a dtfx.App, until Ctrl-C or SIGTERM.
+    """Run a worker for the orchestrators, activities and entities of a dtfx.App, until Ctrl-C or SIGTERM.
 
     On the first signal the worker stops taking work and lets what is in flight
     finish (for up to 30 seconds); a second one quits at once: the work left
@@ -47,7 +47,8 @@ async def run(
         ready = (
             f"Worker running on {redact(url)}\n"
             f"  orchestrators: {', '.join(app.orchestrators) or '-'}\n"
-            f"  activities: {', '.join(app.activities) or '-'}"
+            f"  activities: {', '.join(app.activities) or '-'}\n"
+            f"  entities: {', '.join(app.entities) or '-'}"
         )
         await run_until_signalled(Worker(store, app), lambda: ready)
     stderr.print("Worker stopped.")
@@ -74,8 +75,8 @@ def load_app(target: str) -> Registry:
         )
     else:
         raise CommandError(f"{module.__name__} has no dtfx.App; create one (app = dtfx.App()) and register with it.")
-    if not app.orchestrators and not app.activities:
-        raise CommandError(f"The app {target} registers no orchestrator and no activity.")
+    if not (app.orchestrators or app.activities or app.entities):
+        raise CommandError(f"The app {target} registers no orchestrator, no activity and no entity.")
     return app
 
 
