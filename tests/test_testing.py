@@ -34,3 +34,31 @@ async def test_local_hub_async() -> None:
         instance_id = await client.schedule_new_orchestration(greetings, input=["Kyiv"])
         state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
     assert state is not None and state.get_output() == ["Hello, Kyiv!"]
+
+
+class Tagged(dtfx.JsonDataConverter):
+    """Marks what it stores, so a test can see which converter wrote a payload."""
+
+    def serialize(self, value: Any) -> str | None:
+        return super().serialize({"tagged": value})
+
+    def deserialize(self, data: str | None, target_type: Any = None) -> Any:
+        decoded = super().deserialize(data)
+        return None if decoded is None else decoded["tagged"]
+
+
+def test_local_hub_client_shares_the_converter_and_the_worker_version() -> None:
+    versioning = dtfx.VersioningOptions(version="2.0")
+    with local_hub(app, versioning=versioning, data_converter=Tagged()) as client:
+        instance_id = client.schedule_new_orchestration(greetings, input=["Oslo"])
+        state = client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.version == "2.0"
+    assert state.serialized_input == '{"tagged":["Oslo"]}'
+    assert state.get_output() == ["Hello, Oslo!"]
+
+
+async def test_local_hub_async_takes_the_same_options() -> None:
+    async with local_hub_async(app, versioning=dtfx.VersioningOptions(version="3"), data_converter=Tagged()) as client:
+        instance_id = await client.schedule_new_orchestration(greetings, input=["Kyiv"])
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.version == "3" and state.get_output() == ["Hello, Kyiv!"]

@@ -7,8 +7,11 @@ from typing import Any
 
 from dtfx.core.actions import CompleteOrchestration, CreateSubOrchestration, CreateTimer, ScheduleTask, SendEvent
 from dtfx.core.context import OrchestrationContext
+from dtfx.core.entities import EntityInstanceId
 from dtfx.core.errors import TaskFailedError
 from dtfx.core.history import (
+    EntityOperationCalled,
+    EntityOperationCompleted,
     EventRaised,
     EventSent,
     ExecutionResumed,
@@ -367,3 +370,26 @@ def test_a_kept_executor_returns_only_new_actions() -> None:
     actions = executor.execute(episode(3, done(3, "2")))
     assert actions[0] == SendEvent(id=4, instance_id="other", name="done")
     assert completion(actions).id == 5
+
+
+def test_an_entity_call_to_another_operation_is_nondeterminism() -> None:
+    counter = EntityInstanceId("counter", "a")
+
+    def calls(operation: str) -> Any:
+        def orchestrator(ctx: OrchestrationContext, _: Any) -> Any:
+            return (yield ctx.call_entity(counter, operation, 1))
+
+        return orchestrator
+
+    [first] = run(calls("add"), [], started())
+    recorded = first.event
+    assert isinstance(recorded, EntityOperationCalled) and recorded.operation == "add"
+    answer = episode(1, EntityOperationCompleted(timestamp=at(1), request_id=recorded.request_id, output="5"))
+    same = completion(run(calls("Add"), [*started(), recorded], answer))  # operation names ignore case
+    assert same.status == OrchestrationStatus.COMPLETED and same.result == "5"
+
+    changed = completion(run(calls("subtract"), [*started(), recorded], answer))
+    assert changed.status == OrchestrationStatus.FAILED and changed.failure_details is not None
+    assert changed.failure_details.error_type == "dtfx.core.errors.NonDeterminismError"
+    assert "operation 'add'" in changed.failure_details.message
+    assert "operation 'subtract'" in changed.failure_details.message

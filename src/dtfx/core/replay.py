@@ -239,11 +239,14 @@ class OrchestrationExecutor:
                     f"A previous execution called {recorded} with ID={event.event_id} "
                     f"and name '{recorded_name}', but the current execution calls it with name '{action.name}'."
                 )
-        elif isinstance(action, SendEntityMessage) and entity_target(action.event) != entity_target(event):
-            raise NonDeterminismError(
-                f"A previous execution called {recorded} with ID={event.event_id} for entity "
-                f"'{entity_target(event)}', but the current execution targets '{entity_target(action.event)}'."
-            )
+        elif isinstance(action, SendEntityMessage):
+            before, now = _entity_request_of(event), _entity_request_of(action.event)
+            if before[0] != now[0] or before[1].casefold() != now[1].casefold():
+                raise NonDeterminismError(
+                    f"A previous execution called {recorded} with ID={event.event_id} for entity '{before[0]}'"
+                    f"{_operation_text(before[1])}, but the current execution calls it for '{now[0]}'"
+                    f"{_operation_text(now[1])}."
+                )
         elif isinstance(action, SendEvent) and isinstance(event, EventSent):
             if action.name.casefold() != event.name.casefold() or action.instance_id != event.instance_id:
                 raise NonDeterminismError(
@@ -468,3 +471,13 @@ _HANDLERS: dict[type[HistoryEvent], Callable[[OrchestrationExecutor, Any], None]
     ExecutionTerminated: OrchestrationExecutor._on_terminated,
 }
 """How each history event is applied (events not listed change nothing)."""
+
+
+def _entity_request_of(event: HistoryEvent) -> tuple[str, str]:
+    """The entity an orchestration's entity message goes to, and its operation ("" for a lock)."""
+    operation = event.operation if isinstance(event, EntityOperationCalled | EntityOperationSignaled) else ""
+    return entity_target(event), operation
+
+
+def _operation_text(operation: str) -> str:
+    return f" with operation '{operation}'" if operation else ""
