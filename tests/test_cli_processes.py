@@ -239,6 +239,17 @@ class TerminalCommand:
         os.close(secondary)
         self.shown = b""
 
+    def __enter__(self) -> TerminalCommand:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        """Kill the command if a failed assertion left it running."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        if self.primary >= 0:
+            os.close(self.primary)
+
     @property
     def text(self) -> str:
         """What it showed so far, without colours and cursor moves."""
@@ -252,6 +263,7 @@ class TerminalCommand:
         while self._read():
             pass
         os.close(self.primary)
+        self.primary = -1
         return self.process.wait(timeout=30)
 
     def _read(self) -> bool:
@@ -266,19 +278,11 @@ class TerminalCommand:
 
 
 def test_a_long_wait_shows_progress_on_a_terminal(tmp_path: Path) -> None:
-    command = TerminalCommand(
-        "start",
-        "hello_cities",
-        "--id",
-        "lonely",
-        "--wait",
-        "--timeout",
-        "1",
-        "-b",
-        f"sqlite:///{tmp_path}/hub.db",
-        cwd=tmp_path,
-    )
-    assert command.wait() == 1
+    hub = f"sqlite:///{tmp_path}/hub.db"
+    with TerminalCommand(
+        "start", "hello_cities", "--id", "lonely", "--wait", "--timeout", "1", "-b", hub, cwd=tmp_path
+    ) as command:
+        assert command.wait() == 1
     assert "hello_cities lonely: PENDING (waiting for a worker)" in command.text
     assert "error: Instance lonely is still PENDING after 1s" in command.text
 
@@ -287,12 +291,10 @@ def test_the_progress_shows_a_custom_status_with_brackets_as_written(tmp_path: P
     (tmp_path / "waiting_app.py").write_text(WAITING_APP)
     hub = f"sqlite:///{tmp_path}/hub.db"
     with worker_process("waiting_app", "-b", hub, cwd=tmp_path) as worker:
-        command = TerminalCommand(
-            "start", "waiting", "--id", "w1", "--wait", "--timeout", "60", "-b", hub, cwd=tmp_path
-        )
-        command.read_until('waiting w1: RUNNING ("[/x] waiting for [bold]go[/bold]")')
-        assert dtfx_command("raise", "w1", "go", "--data", '"went"', "-b", hub, cwd=tmp_path).returncode == 0
-        assert command.wait() == 0
+        with TerminalCommand("start", "waiting", "--id", "w1", "--wait", "-b", hub, cwd=tmp_path) as command:
+            command.read_until('waiting w1: RUNNING ("[/x] waiting for [bold]go[/bold]")')
+            assert dtfx_command("raise", "w1", "go", "--data", '"went"', "-b", hub, cwd=tmp_path).returncode == 0
+            assert command.wait() == 0
         assert worker.stop(signal.SIGTERM) == 0
 
 

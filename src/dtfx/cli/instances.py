@@ -245,7 +245,7 @@ async def _wait_with_progress(client: AsyncClient, instance_id: str, timeout: fl
     """Wait until the instance ends, with a spinner on stderr that shows its status and elapsed time."""
     latest: OrchestrationState | None = None
     # The description holds the custom status, stored data: shown as written, not as markup.
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    columns = (SpinnerColumn(), TextColumn("{task.description}", markup=False), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
         task = progress.add_task(f"Waiting for instance {instance_id}", total=None)
 
