@@ -207,6 +207,18 @@ async def test_entities_take_requests_whatever_their_status(backend: Backend) ->
     assert [m.event for m in item.messages] == [signal]
 
 
+async def test_an_entity_request_to_an_ended_orchestration_is_dropped_like_any_late_event(backend: Backend) -> None:
+    await run_to(backend, "done", Status.COMPLETED)
+    stray = EntityOperationSignaled(
+        timestamp=utc_now(), request_id="r1", operation="add", target_instance_id="done", input="1"
+    )
+    await backend.send_event("done", stray)
+    state = await backend.get_instance("done")
+    assert state is not None and state.runtime_status == Status.COMPLETED
+    assert await backend.lock_orchestration_work_items(10, LEASE) == []
+    assert await backend.purge_instances(["done"]) == 1
+
+
 async def test_an_entity_left_empty_with_requests_waiting_stays_running(backend: Backend) -> None:
     def signal(request_id: str) -> EntityOperationSignaled:
         return EntityOperationSignaled(
@@ -315,8 +327,10 @@ async def test_abandon_releases_now_or_at_retry_time(backend: Backend) -> None:
     again = await lock_one(backend, "a")
     assert [m.id for m in again.messages] == [m.id for m in item.messages]
 
-    await backend.abandon_orchestration_work_item(again, retry_at=utc_now() + timedelta(milliseconds=300))
+    retry_at = utc_now() + timedelta(milliseconds=300)
+    await backend.abandon_orchestration_work_item(again, retry_at=retry_at)
     assert await backend.lock_orchestration_work_items(10, LEASE) == []
+    assert await backend.next_visible_at(WorkKind.ORCHESTRATION) == retry_at  # its messages wait for the lease
     await asyncio.sleep(0.35)
     await lock_one(backend, "a")
 
@@ -850,3 +864,15 @@ async def test_an_event_sent_for_later_waits_until_then(backend: Backend) -> Non
     await asyncio.sleep(0.35)
     item = await lock_one(backend, "a")
     assert [m.event for m in item.messages] == [later]
+
+
+async def test_the_moments_of_work_sent_for_later_that_a_backend_remembers_stay_bounded(backend: Backend) -> None:
+    # A client process sends work for later and runs no dispatcher to take the moments out.
+    await run_to(backend, "a", Status.RUNNING)
+    now = utc_now()
+    moments = [now + timedelta(hours=1, seconds=-index) for index in range(2500)]  # each the earliest yet
+    for batch in range(0, len(moments), 500):
+        later = EventRaised(timestamp=now, name="later")
+        await asyncio.gather(*(backend.send_event("a", later, visible_at=m) for m in moments[batch : batch + 500]))
+    assert backend.local_due(WorkKind.ORCHESTRATION) == moments[-1]
+    assert len(backend._delayed[WorkKind.ORCHESTRATION]) <= 2000

@@ -1,9 +1,11 @@
-"""What the SQL backends add to the contract: URLs, the default file, use from several event loops."""
+"""What the SQL backends add to the contract: URLs, the default file, use from several event loops,
+coalesced requests, the cost of their queries."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
@@ -14,10 +16,12 @@ import pytest
 
 import dtfx
 from dtfx.backends import Backend, open_backend
-from dtfx.backends.base import utc_now
+from dtfx.backends.base import WorkKind, utc_now
 from dtfx.backends.postgres import PostgresBackend, parse_postgres_url
+from dtfx.backends.sql import operations
+from dtfx.backends.sql.program import Fetch, Stepper
 from dtfx.backends.sqlite import SqliteBackend
-from dtfx.core.errors import ConfigurationError
+from dtfx.core.errors import ConfigurationError, UnstorableValueError
 from dtfx.core.history import ExecutionStarted, OrchestrationInstance
 from tests.postgres import SERVER_URL, postgres_url
 
@@ -195,6 +199,102 @@ async def test_next_visible_at_stays_the_earliest_inbox_time_through_every_kind_
     assert len(rows) > 10
     assert [row for row in rows if row[1] != row[2]] == []
     assert any(row[1] is not None for row in rows)  # the entity's signal for later
+
+
+async def test_a_value_the_store_cannot_hold_fails_its_own_request_not_those_run_with_it(sql_url: str) -> None:
+    # Concurrent creations run together as one transaction; the one at fault must fail alone.
+    unstorable = {"surrogate": "a lone \ud800 surrogate"}  # neither store encodes it
+    if sql_url.startswith("postgresql"):
+        unstorable["nul"] = "a NUL \x00 in text"
+    backend = open_backend(sql_url)
+    await backend.start()
+    gate = threading.Event()
+    if isinstance(backend, SqliteBackend):  # its database thread takes the requests once they are all queued
+        backend._thread.submit(gate.wait)
+
+    async def open_gate() -> None:  # runs after each creation before it has queued its request
+        gate.set()
+
+    names = ["good-1", *unstorable, "good-2"]
+    try:
+        *outcomes, _ = await asyncio.gather(
+            *(
+                backend.create_instance(
+                    ExecutionStarted(
+                        timestamp=utc_now(), name="n", instance=_instance(name), input=unstorable.get(name)
+                    )
+                )
+                for name in names
+            ),
+            open_gate(),
+            return_exceptions=True,
+        )
+        states = {name: await backend.get_instance(name) for name in names}
+    finally:
+        await backend.close()
+    refused = [name for name, outcome in zip(names, outcomes, strict=True) if outcome is not None]
+    assert refused == list(unstorable), outcomes
+    assert all(isinstance(outcomes[names.index(name)], UnstorableValueError) for name in unstorable)
+    assert [name for name, state in states.items() if state is not None] == ["good-1", "good-2"]
+
+
+def _work_of_next_visible_at(backend: Any) -> int:
+    """How much the store does to answer ``next_visible_at``: SQLite's virtual machine steps,
+    or the rows PostgreSQL's plan reads (with the generic plan the backend uses)."""
+    fetch = Stepper(operations.next_visible_at(WorkKind.ORCHESTRATION)).advance()
+    assert isinstance(fetch, Fetch)
+    if isinstance(backend, SqliteBackend):
+        steps = 0
+
+        def count() -> int:
+            nonlocal steps
+            steps += 1
+            return 0
+
+        with closing(sqlite3.connect(backend.path)) as connection:
+            connection.set_progress_handler(count, 1)
+            connection.execute(fetch.sql, fetch.params).fetchall()
+        return steps
+    parts = fetch.sql.split("?")
+    numbered = parts[0] + "".join(f"${number}{part}" for number, part in enumerate(parts[1:], 1))
+    options = f"-c search_path={backend.schema} -c plan_cache_mode=force_generic_plan"
+    with psycopg.connect(SERVER_URL, options=options) as connection:
+        connection.execute("ANALYZE instances")
+        connection.execute(f"PREPARE next_due AS {numbered}")
+        values = ", ".join(str(value) for value in fetch.params)
+        [[[plan]]] = connection.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE next_due({values})").fetchall()
+
+    def rows_read(node: dict[str, Any]) -> int:
+        read = node["Actual Rows"] * node["Actual Loops"] + node.get("Rows Removed by Filter", 0)
+        return int(read) + sum(rows_read(child) for child in node.get("Plans", ()))
+
+    return rows_read(plan["Plan"])
+
+
+async def test_the_next_due_time_is_found_without_reading_every_waiting_instance(sql_url: str) -> None:
+    backend = open_backend(sql_url)
+    try:
+        later = utc_now() + timedelta(hours=1)
+
+        async def schedule(first: int, count: int) -> None:
+            await asyncio.gather(
+                *(
+                    backend.create_instance(
+                        ExecutionStarted(timestamp=utc_now(), name="n", instance=_instance(f"i{index}")),
+                        scheduled_start_at=later + timedelta(seconds=index),
+                    )
+                    for index in range(first, first + count)
+                )
+            )
+
+        await schedule(0, 2)
+        few = _work_of_next_visible_at(backend)
+        await schedule(2, 2000)
+        many = _work_of_next_visible_at(backend)
+        assert await backend.next_visible_at(WorkKind.ORCHESTRATION) == later
+    finally:
+        await backend.close()
+    assert many <= 2 * few + 10, (few, many)
 
 
 async def test_postgres_commits_announce_themselves_only_while_another_backend_listens() -> None:

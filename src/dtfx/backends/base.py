@@ -56,6 +56,10 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+_MAX_NOTED_DELAYS = 1000
+"""How many moments of delayed work a backend object remembers per work kind (see ``_note_delayed``)."""
+
+
 class Backend(ABC):
     """The storage contract (see the module docstring).
 
@@ -237,11 +241,22 @@ class Backend(ABC):
 
     def _note_delayed(self, kind: WorkKind, visible_at: datetime) -> None:
         """Remember that work of ``kind`` written by this process becomes visible at ``visible_at``;
-        dispatchers are woken if it is due before anything they knew of."""
+        dispatchers are woken if it is due before anything they knew of.
+
+        Moments past are dropped, and only the earliest are kept (up to twice
+        :data:`_MAX_NOTED_DELAYS`), each once: a process that writes delayed work but runs
+        no dispatcher (a client) never takes them out with :meth:`local_due`. Work at a
+        moment dropped is found as other processes' is (:meth:`next_visible_at`, polling).
+        """
+        now = utc_now()
         with self._delayed_lock:
             pending = self._delayed[kind]
+            while pending and pending[0] <= now:
+                heapq.heappop(pending)
             earliest = not pending or visible_at < pending[0]
             heapq.heappush(pending, visible_at)
+            if len(pending) > 2 * _MAX_NOTED_DELAYS:
+                pending[:] = heapq.nsmallest(_MAX_NOTED_DELAYS, set(pending))  # sorted: still a heap
         if earliest:
             self._notify_work(kind)
 

@@ -10,6 +10,7 @@ import dataclasses
 import enum
 from datetime import datetime
 
+from dtfx.backends.base import WorkKind
 from dtfx.core.errors import OrchestrationAlreadyExistsError
 from dtfx.core.history import (
     EntityLockRequested,
@@ -23,6 +24,7 @@ from dtfx.core.history import (
     OrchestrationStatus,
     SubOrchestrationInstanceFailed,
 )
+from dtfx.core.instance_ids import is_entity_id
 from dtfx.core.state import OrchestrationState
 from dtfx.core.workitems import OrchestrationCheckpoint, OutboundMessage
 
@@ -42,9 +44,9 @@ class Route(enum.Enum):
     """Discard it and send :func:`refused_start` to the parent instead."""
 
 
-def is_entity_id(instance_id: str) -> bool:
-    """Entity instances have ids of the form ``@name@key``."""
-    return instance_id.startswith("@") and instance_id.find("@", 1) > 0
+def work_kind_of(instance_id: str) -> WorkKind:
+    """The queue an instance's inbox feeds."""
+    return WorkKind.ENTITY if is_entity_id(instance_id) else WorkKind.ORCHESTRATION
 
 
 ENTITY_REQUESTS = (EntityOperationSignaled, EntityOperationCalled, EntityLockRequested, EntityUnlockSent)
@@ -52,24 +54,31 @@ ENTITY_REQUESTS = (EntityOperationSignaled, EntityOperationCalled, EntityLockReq
 cleaning up can purge it); a request makes it RUNNING again."""
 
 
-def accepts(status: OrchestrationStatus, event: HistoryEvent) -> bool:
-    """Whether an existing instance in ``status`` takes ``event`` into its inbox."""
-    if not status.is_terminal or isinstance(event, ENTITY_REQUESTS):
+def _is_entity_request(target: OrchestrationState, event: HistoryEvent) -> bool:
+    """An entity request sent to an entity (one sent to an orchestration is an ordinary event)."""
+    return isinstance(event, ENTITY_REQUESTS) and is_entity_id(target.instance_id)
+
+
+def accepts(target: OrchestrationState, event: HistoryEvent) -> bool:
+    """Whether the existing instance ``target`` takes ``event`` into its inbox."""
+    status = target.runtime_status
+    if not status.is_terminal or _is_entity_request(target, event):
         return True
     return isinstance(event, ExecutionRewound) and status == OrchestrationStatus.FAILED
 
 
-def status_on_delivery(status: OrchestrationStatus, event: HistoryEvent) -> OrchestrationStatus:
-    """The target's status once ``event`` sits in its inbox.
+def status_on_delivery(target: OrchestrationState, event: HistoryEvent) -> OrchestrationStatus:
+    """The status of ``target`` once ``event`` sits in its inbox.
 
     Rewinding a failed instance makes it RUNNING at once, so a client that rewinds
     and then waits for completion waits for the new outcome, not the old failure.
     A request to an empty (COMPLETED) entity makes it RUNNING, so that it is not purged
     with the request in its inbox.
     """
+    status = target.runtime_status
     if isinstance(event, ExecutionRewound) and status == OrchestrationStatus.FAILED:
         return OrchestrationStatus.RUNNING
-    if isinstance(event, ENTITY_REQUESTS) and status.is_terminal:
+    if status.is_terminal and _is_entity_request(target, event):
         return OrchestrationStatus.RUNNING
     return status
 
@@ -83,7 +92,7 @@ def route(message: OutboundMessage, sender_id: str, target: OrchestrationState |
         return Route.REFUSE_START
     if target is None:
         return Route.CREATE_ENTITY if is_entity_id(message.instance_id) else Route.DROP
-    return Route.DELIVER if accepts(target.runtime_status, event) else Route.DROP
+    return Route.DELIVER if accepts(target, event) else Route.DROP
 
 
 def refused_start(message: OutboundMessage, existing: OrchestrationStatus, now: datetime) -> OutboundMessage | None:

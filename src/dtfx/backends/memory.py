@@ -18,17 +18,18 @@ from dtfx.backends.base import Backend, WorkKind, utc_now
 from dtfx.backends.delivery import (
     Route,
     checkpointed_state,
-    is_entity_id,
     new_entity_state,
     new_instance_state,
     refused_start,
     route,
     status_on_delivery,
     with_pending_requests,
+    work_kind_of,
 )
 from dtfx.backends.paging import decode_token, encode_token
 from dtfx.core.errors import OrchestrationAlreadyExistsError, OrchestrationNotFoundError
 from dtfx.core.history import ExecutionStarted, HistoryEvent
+from dtfx.core.instance_ids import is_entity_id
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
 from dtfx.core.workitems import (
     ActivityResult,
@@ -134,7 +135,7 @@ class MemoryBackend(Backend):
         woken: set[WorkKind] | None = None,
     ) -> None:
         instance.inbox.append(_Message(next(self._ids), event, execution_id, visible_at))
-        kind = _kind_of(instance.state.instance_id)
+        kind = work_kind_of(instance.state.instance_id)
         if visible_at > now:
             self._note_delayed(kind, visible_at)
         elif woken is not None:
@@ -147,7 +148,7 @@ class MemoryBackend(Backend):
             if instance is None and not is_entity_id(instance_id):
                 raise OrchestrationNotFoundError(instance_id)
             self._deliver(OutboundMessage(instance_id, event, visible_at=visible_at), "", now)
-        self._notify_work(_kind_of(instance_id))
+        self._notify_work(work_kind_of(instance_id))
 
     async def get_instance(self, instance_id: str, *, fetch_payloads: bool = True) -> OrchestrationState | None:
         with self._lock:
@@ -286,7 +287,7 @@ class MemoryBackend(Backend):
             return CommitResult.LEASE_KEPT
         instance.lock_token = instance.locked_until = None
         if ready:
-            woken.add(_kind_of(checkpoint.instance_id))
+            woken.add(work_kind_of(checkpoint.instance_id))
         return CommitResult.COMMITTED
 
     def _deliver(
@@ -310,7 +311,7 @@ class MemoryBackend(Backend):
             target = _Instance(new_entity_state(message.instance_id, now))
             self._instances[message.instance_id] = target
         assert target is not None
-        status = status_on_delivery(target.state.runtime_status, message.event)
+        status = status_on_delivery(target.state, message.event)
         if status != target.state.runtime_status:
             target.state = dataclasses.replace(target.state, runtime_status=status, last_updated_at=now)
         self._enqueue(target, message.event, message.execution_id, message.visible_at or now, now, woken)
@@ -324,8 +325,8 @@ class MemoryBackend(Backend):
                 instance.lock_token = None
                 instance.locked_until = retry_at
         if retry_at is not None:
-            self._note_delayed(_kind_of(item.instance_id), retry_at)
-        self._notify_work(_kind_of(item.instance_id))
+            self._note_delayed(work_kind_of(item.instance_id), retry_at)
+        self._notify_work(work_kind_of(item.instance_id))
 
     async def renew_orchestration_lease(self, item: OrchestrationWorkItem, lock_for: timedelta) -> bool:
         with self._lock:
@@ -418,10 +419,6 @@ class MemoryBackend(Backend):
                     if is_entity_id(instance_id) == entities
                 )
             return min(moments, default=None)
-
-
-def _kind_of(instance_id: str) -> WorkKind:
-    return WorkKind.ENTITY if is_entity_id(instance_id) else WorkKind.ORCHESTRATION
 
 
 def _snapshot(state: OrchestrationState, fetch_payloads: bool) -> OrchestrationState:

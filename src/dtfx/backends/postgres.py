@@ -25,6 +25,7 @@ committed (the lease guards keep that safe: the work item is simply redone).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import threading
@@ -42,12 +43,12 @@ from dtfx.backends.base import WorkKind
 from dtfx.backends.sql.backend import Coalesced, SqlBackend
 from dtfx.backends.sql.program import Dialect, Execute, Fetch, Notify, Program, Step, Stepper
 from dtfx.backends.sql.schema import migrate
-from dtfx.core.errors import BackendError, ConfigurationError
+from dtfx.core.errors import BackendError, BackendUnavailableError, ConfigurationError, UnstorableValueError
 
 try:
     import psycopg
     from psycopg import errors as pg_errors
-    from psycopg_pool import AsyncConnectionPool
+    from psycopg_pool import AsyncConnectionPool, PoolClosed
 
     from dtfx.backends.postgres_pipeline import Pipeline
 except ImportError as error:  # pragma: no cover - depends on the installed extras
@@ -66,6 +67,10 @@ _MAX_CONNECTION_RETRIES = 5
 _LISTENERS = 0x64746678  # "dtfx": the class of the advisory locks by which listeners show themselves
 _KIND_CODES = {WorkKind.ORCHESTRATION: "o", WorkKind.ACTIVITY: "a", WorkKind.ENTITY: "e"}
 _CODE_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
+
+
+def _closed_error() -> BackendUnavailableError:
+    return BackendUnavailableError("This PostgreSQL backend has been closed.")
 
 
 class _Announcement(msgspec.Struct, frozen=True):
@@ -201,31 +206,46 @@ class PostgresBackend(SqlBackend):
     async def start(self) -> None:
         with self._lock:
             if self._closed:
-                raise BackendError("This PostgreSQL backend has been closed.")
+                raise _closed_error()
             if self._driver is None:
                 self._driver = LoopThread(f"dtfx-postgres-{self.schema}")
-            startup = self._startup
-            if startup is None or (startup.done() and (startup.cancelled() or startup.exception() is not None)):
-                startup = self._startup = self._driver.submit(self._open())
-        await asyncio.wrap_future(startup)
-        loop = asyncio.get_running_loop()
-        if self._home is None:
-            self._home = loop
-            pool = self._new_pool()
-            try:
-                await pool.open(wait=True, timeout=10.0)
-            except Exception as error:
-                self._home = None
-                await pool.close()
-                raise BackendError(f"Cannot connect to PostgreSQL ({error})") from error
-            self._home_pool = pool
+                self._startup = self._driver.submit(self._open())
+            driver, startup = self._driver, self._startup
+        assert startup is not None
+        try:
+            await asyncio.wrap_future(startup)
+            if self._home is None:
+                await self._open_home_pool()
+        except BaseException:
+            await self._stop_driver(driver)  # a start that fails leaves nothing open; the next one begins afresh
+            raise
+
+    async def _open_home_pool(self) -> None:
+        """Open the pool on which the loop that starts the backend runs its own transactions."""
+        self._home = asyncio.get_running_loop()
+        pool = self._new_pool()
+        try:
+            await pool.open(wait=True, timeout=10.0)
+        except BaseException as error:
+            self._home = None
+            await pool.close()
+            if isinstance(error, Exception):
+                raise BackendUnavailableError(f"Cannot connect to PostgreSQL ({error})") from error
+            raise
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._home_pool = pool
+        if closed:  # close() ran meanwhile, before this pool was there to close
+            await pool.close()
+            raise _closed_error()
 
     async def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            driver, self._driver = self._driver, None
+            driver = self._driver
         home, home_pool = self._home, self._home_pool
         self._home = self._home_pool = None
         try:
@@ -236,10 +256,22 @@ class PostgresBackend(SqlBackend):
                     await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(home_pool.close(), home))
         finally:
             if driver is not None:
-                try:
-                    await asyncio.wrap_future(driver.submit(self._shut_down()))
-                finally:
-                    driver.close()
+                await self._stop_driver(driver)
+
+    async def _stop_driver(self, driver: LoopThread) -> None:
+        """Close what the driver's loop opened (pool, listener, watcher) and stop its thread, if
+        ``driver`` is still this backend's."""
+        with self._lock:
+            if self._driver is not driver:
+                return
+            startup, self._driver, self._startup = self._startup, None, None
+        try:
+            if startup is not None and not startup.done():  # what it opens is closed below
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(asyncio.wrap_future(startup))
+            await asyncio.wrap_future(driver.submit(self._shut_down()))
+        finally:
+            driver.close()
 
     async def _run(self, program: Callable[[], Program[T]], *, write: bool) -> T:
         if self._pool is None:
@@ -248,7 +280,7 @@ class PostgresBackend(SqlBackend):
             return await self._transact(program, write, self._home_pool)
         driver = self._driver
         if driver is None:
-            raise BackendError("This PostgreSQL backend has been closed.")
+            raise _closed_error()
         return await asyncio.wrap_future(driver.submit(self._transact(program, write)))
 
     async def _ensure_started(self) -> None:
@@ -267,22 +299,20 @@ class PostgresBackend(SqlBackend):
                 raise RuntimeError("closed")
             driver.submit(self._drain_now(kind))
         except RuntimeError:  # closed meanwhile
-            drained = self._drain(kind)
-            if drained is not None:
-                self._settle(drained[1], BackendError("This PostgreSQL backend has been closed."))
+            self._refuse_queued(kind, _closed_error())
 
     # -- on the driver's loop ----------------------------------------------------------------
 
     async def _drain_now(self, kind: Coalesced, pool: AsyncConnectionPool | None = None) -> None:
-        drained = self._drain(kind)
-        if drained is None:
+        run = self._drain(kind)
+        if run is None:
             return
-        program, futures = drained
-        try:
-            results: list[Any] | BaseException = await self._transact(program, kind.write, pool)
-        except Exception as error:
-            results = error
-        self._settle(futures, results)
+        while (program := run.next_program()) is not None:
+            try:
+                run.ran(await self._transact(program, kind.write, pool))
+            except Exception as error:
+                run.ran(error)
+        self._settle(run.futures, run.outcomes)
 
     def _new_pool(self) -> AsyncConnectionPool:
         return AsyncConnectionPool(
@@ -306,9 +336,11 @@ class PostgresBackend(SqlBackend):
         pool = self._new_pool()
         try:
             await pool.open(wait=True, timeout=10.0)
-        except Exception as error:
+        except BaseException as error:
             await pool.close()
-            raise BackendError(f"Cannot connect to PostgreSQL ({error})") from error
+            if isinstance(error, Exception):
+                raise BackendUnavailableError(f"Cannot connect to PostgreSQL ({error})") from error
+            raise
         self._pool = pool
         try:
             await self._transact(self._migration, write=True)
@@ -342,7 +374,7 @@ class PostgresBackend(SqlBackend):
     ) -> T:
         pool = pool or self._pool
         if pool is None:
-            raise BackendError("This PostgreSQL backend has been closed.")
+            raise _closed_error()
         conflicts = 0
         lost = 0
         while True:
@@ -355,21 +387,25 @@ class PostgresBackend(SqlBackend):
                     result = await pipeline.run(stepper)
                 finally:
                     await pool.putconn(connection)
+            except PoolClosed as error:  # close() ran meanwhile
+                raise _closed_error() from error
             except _CONFLICTS as error:
                 conflicts += 1
                 if conflicts > _MAX_CONFLICT_RETRIES:
-                    raise BackendError(f"PostgreSQL: {error}") from error
+                    raise BackendUnavailableError(f"PostgreSQL: {error}") from error
                 logger.debug("Retrying a transaction after a conflict: %s", error)
                 continue
             except psycopg.OperationalError as error:
                 lost += 1
                 if (pipeline is not None and pipeline.committing) or lost > _MAX_CONNECTION_RETRIES:
-                    raise BackendError(f"PostgreSQL connection failed: {error}") from error
+                    raise BackendUnavailableError(f"PostgreSQL connection failed: {error}") from error
                 delay = min(2.0, 0.05 * 2**lost)
                 logger.warning("PostgreSQL connection failed (%s); retrying in %.2fs", error, delay)
                 await pool.check()
                 await asyncio.sleep(delay)
                 continue
+            except (psycopg.DataError, UnicodeEncodeError) as error:  # a NUL in text, a lone surrogate, say
+                raise UnstorableValueError(f"PostgreSQL: {error}") from error
             except psycopg.Error as error:
                 raise BackendError(f"PostgreSQL: {error}") from error
             self._after_commit(stepper.notifications)

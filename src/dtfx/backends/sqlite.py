@@ -34,7 +34,7 @@ import msgspec
 from dtfx.backends.sql.backend import Coalesced, SqlBackend
 from dtfx.backends.sql.program import Dialect, Execute, Fetch, FetchEach, Program, Stepper
 from dtfx.backends.sql.schema import migrate
-from dtfx.core.errors import BackendError, ConfigurationError
+from dtfx.core.errors import BackendError, BackendUnavailableError, ConfigurationError, UnstorableValueError
 
 T = TypeVar("T")
 
@@ -46,6 +46,8 @@ _BUSY_TIMEOUT = 30.0
 """How long a transaction waits for other processes to release the database."""
 _BUSY_WAIT = 0.002
 """How long SQLite itself waits before reporting the database busy (then we retry)."""
+_OLDEST_LIBRARY = (3, 35, 0)
+"""The oldest SQLite the task hub's SQL runs on: ``RETURNING`` and ``AS MATERIALIZED`` came in 3.35."""
 
 
 class SqliteDialect(Dialect):
@@ -134,20 +136,23 @@ class SqliteBackend(SqlBackend):
         try:
             self._thread.submit(self._drain_now, kind)
         except RuntimeError:  # closed meanwhile
-            drained = self._drain(kind)
-            if drained is not None:
-                self._settle(drained[1], BackendError(f"The SQLite backend for {self.path} has been closed."))
+            self._refuse_queued(kind, self._closed_error())
 
     async def _on_thread(self, work: Callable[[], T]) -> T:
         if self._closed:
-            raise BackendError(f"The SQLite backend for {self.path} has been closed.")
+            raise self._closed_error()
         return await asyncio.wrap_future(self._thread.submit(work))
+
+    def _closed_error(self) -> BackendUnavailableError:
+        return BackendUnavailableError(f"The SQLite backend for {self.path} has been closed.")
 
     # -- on the database thread ----------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
         if self._connection is not None:
             return self._connection
+        if self._stopping.is_set():  # work queued behind close() must not open the file again
+            raise self._closed_error()
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -155,9 +160,10 @@ class SqliteBackend(SqlBackend):
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute(f"PRAGMA synchronous={self._synchronous}")
         except sqlite3.Error as error:
-            raise BackendError(f"Cannot open the SQLite task hub {self.path}: {error}") from error
+            raise BackendUnavailableError(f"Cannot open the SQLite task hub {self.path}: {error}") from error
         self._connection = connection
         try:
+            _check_library(connection)
             self._transact(partial(migrate, self._dialect), write=True)
         except BaseException:
             self._close()
@@ -189,15 +195,15 @@ class SqliteBackend(SqlBackend):
             self._connection = None
 
     def _drain_now(self, kind: Coalesced) -> None:
-        drained = self._drain(kind)
-        if drained is None:
+        run = self._drain(kind)
+        if run is None:
             return
-        program, futures = drained
-        try:
-            results: list[Any] | BaseException = self._transact(program, kind.write)
-        except Exception as error:
-            results = error
-        self._settle(futures, results)
+        while (program := run.next_program()) is not None:
+            try:
+                run.ran(self._transact(program, kind.write))
+            except Exception as error:
+                run.ran(error)
+        self._settle(run.futures, run.outcomes)
 
     def _transact(self, program: Callable[[], Program[T]], write: bool) -> T:
         # SQLite's own busy handler backs off up to 100 ms at a time, which lets busy
@@ -208,8 +214,12 @@ class SqliteBackend(SqlBackend):
             try:
                 return self._transact_once(program, write)
             except sqlite3.OperationalError as error:
-                if not _is_busy(error) or time.monotonic() > deadline:
+                if not _is_busy(error):
                     raise BackendError(f"SQLite task hub {self.path}: {error}") from error
+                if time.monotonic() > deadline:
+                    raise BackendUnavailableError(f"SQLite task hub {self.path}: {error}") from error
+            except (sqlite3.DataError, UnicodeEncodeError) as error:  # one past the size limit, a lone surrogate
+                raise UnstorableValueError(f"SQLite task hub {self.path}: {error}") from error
             except sqlite3.Error as error:
                 raise BackendError(f"SQLite task hub {self.path}: {error}") from error
             time.sleep(random.uniform(0.0005, 0.003))
@@ -229,6 +239,19 @@ class SqliteBackend(SqlBackend):
             raise
         self._after_commit(stepper.notifications)
         return result
+
+
+def _check_library(connection: sqlite3.Connection) -> None:
+    """Refuse, clearly, a SQLite library that lacks what the task hub's SQL uses."""
+    if sqlite3.sqlite_version_info < _OLDEST_LIBRARY:
+        raise ConfigurationError(
+            f"dtfx needs SQLite {'.'.join(map(str, _OLDEST_LIBRARY))} or newer; this Python's sqlite3 module"
+            f" uses SQLite {sqlite3.sqlite_version} (use a newer Python build, or PostgreSQL)"
+        )
+    try:
+        connection.execute("SELECT count(*) FROM json_each('[]')")
+    except sqlite3.OperationalError as error:
+        raise ConfigurationError(f"dtfx needs SQLite's JSON functions, which this SQLite lacks ({error})") from error
 
 
 def _is_busy(error: sqlite3.OperationalError) -> bool:

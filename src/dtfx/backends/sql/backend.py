@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from dtfx.backends.base import Backend, WorkKind
 from dtfx.backends.sql import operations
 from dtfx.backends.sql.program import Dialect, Notify, Program
+from dtfx.core.errors import BackendUnavailableError
 from dtfx.core.history import ExecutionStarted, HistoryEvent
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
 from dtfx.core.workitems import (
@@ -42,6 +43,41 @@ SEND_EVENTS = Coalesced(operations.send_events, write=True)
 GET_INSTANCES = Coalesced(operations.get_instances, write=False)
 
 
+class CoalescedRun:
+    """The requests taken from one kind's queue, and the transactions that run them.
+
+    They run together as one program. If that fails other than by the store being
+    unavailable (a value of one request that the store cannot hold, say), each runs on
+    its own, so that only the request at fault gets the error. A driver runs each
+    :meth:`next_program` as one transaction and reports its outcome to :meth:`ran`, then
+    hands :attr:`futures` their :attr:`outcomes` (:meth:`SqlBackend._settle`).
+    """
+
+    def __init__(
+        self, kind: Coalesced, dialect: Dialect, requests: list[Any], futures: list[asyncio.Future[Any]]
+    ) -> None:
+        self.kind = kind
+        self.futures = futures
+        self.outcomes: list[Any] = []
+        """One per request run so far, in order: its result, or the exception its caller gets."""
+        self._dialect = dialect
+        self._groups = [requests]  # those still to run, each as one program
+
+    def next_program(self) -> Callable[[], Program[list[Any]]] | None:
+        """The program to run next as one transaction (``None``: every request has run)."""
+        return partial(self.kind.program, self._dialect, self._groups[0]) if self._groups else None
+
+    def ran(self, outcome: list[Any] | Exception) -> None:
+        """Record what the program from :meth:`next_program` gave: its results, or its error."""
+        group = self._groups.pop(0)
+        if not isinstance(outcome, Exception):
+            self.outcomes.extend(outcome)
+        elif len(group) > 1 and not isinstance(outcome, BackendUnavailableError):
+            self._groups[:0] = [[request] for request in group]
+        else:
+            self.outcomes.extend([outcome] * len(group))
+
+
 def _resolve(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
     """Give each future its outcome (a result, or an exception to raise), unless its caller gave up."""
     for future, outcome in settled:
@@ -58,7 +94,8 @@ class SqlBackend(Backend):
 
     A subclass supplies the dialect and :meth:`_run`, which runs a program as one
     transaction on its driver and calls :meth:`_after_commit` with the program's
-    :class:`~dtfx.backends.sql.program.Notify` steps once it has committed.
+    :class:`~dtfx.backends.sql.program.Notify` steps once it has committed, and it runs
+    the coalesced calls' queues (:meth:`_start_draining`).
     """
 
     instance_poll_interval = 5.0  # waiters are woken by commits and by the watch rounds
@@ -75,12 +112,12 @@ class SqlBackend(Backend):
         """Run ``program()`` as one transaction (``write``: one that writes) and return its result."""
 
     # Calls that many clients make at once (a thousand creations, a thousand waits) are
-    # coalesced: each kind has a queue; the driver runs everything queued as one program,
-    # and what arrives meanwhile goes in the next one.
+    # coalesced: each kind has a queue; the driver runs everything queued as one program
+    # (a CoalescedRun), and what arrives meanwhile goes in the next one.
 
     @abstractmethod
     def _start_draining(self, kind: Coalesced) -> None:
-        """Make the driver call :meth:`_drain` for ``kind`` soon (from any thread)."""
+        """Make the driver take ``kind``'s queue (:meth:`_drain`) and run it soon (from any thread)."""
 
     @abstractmethod
     async def _ensure_started(self) -> None:
@@ -98,23 +135,27 @@ class SqlBackend(Backend):
             self._start_draining(kind)
         return await future
 
-    def _drain(self, kind: Coalesced) -> tuple[Callable[[], Program[list[Any]]], list[asyncio.Future[Any]]] | None:
-        """Take ``kind``'s queue: the program for its requests and their futures (``None``: empty)."""
+    def _drain(self, kind: Coalesced) -> CoalescedRun | None:
+        """Take ``kind``'s queue (``None``: it is empty)."""
         with self._queue_lock:
             queued = self._queues.pop(kind, [])
         if not queued:
             return None
-        requests = [request for request, _ in queued]
-        return partial(kind.program, self._dialect, requests), [future for _, future in queued]
+        return CoalescedRun(kind, self._dialect, [request for request, _ in queued], [future for _, future in queued])
+
+    def _refuse_queued(self, kind: Coalesced, error: Exception) -> None:
+        """Fail whatever waits in ``kind``'s queue with ``error`` (the driver has gone)."""
+        run = self._drain(kind)
+        if run is not None:
+            self._settle(run.futures, [error] * len(run.futures))
 
     @staticmethod
-    def _settle(futures: list[asyncio.Future[Any]], results: list[Any] | BaseException) -> None:
-        """Hand each caller its result, or the program's error, on the caller's own event loop.
+    def _settle(futures: list[asyncio.Future[Any]], outcomes: list[Any]) -> None:
+        """Hand each caller its outcome (a result, or an exception to raise) on the caller's own event loop.
 
         Callers on the running loop get theirs at once; each other loop is woken once for
         all of its callers (a thread-safe wake-up costs a system call).
         """
-        outcomes = [results] * len(futures) if isinstance(results, BaseException) else results
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:

@@ -1,8 +1,8 @@
 """One program per method of the storage contract (see :mod:`dtfx.backends.base` for what each does).
 
 Writes go through :class:`~dtfx.backends.sql.transaction.HubTransaction`; leases,
-queries and reads are single statements here. Every program takes the moment it
-runs at from :func:`~dtfx.backends.base.utc_now` when it starts.
+queries and reads are written here, a statement or two each. Every program takes the
+moment it runs at from :func:`~dtfx.backends.base.utc_now` when it starts.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from dtfx.backends.base import WorkKind, utc_now
-from dtfx.backends.delivery import is_entity_id
+from dtfx.backends.delivery import work_kind_of
 from dtfx.backends.paging import decode_token, encode_token
 from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program
 from dtfx.backends.sql.rows import (
@@ -22,9 +22,10 @@ from dtfx.backends.sql.rows import (
     state_from_row,
     to_micros,
 )
-from dtfx.backends.sql.transaction import HubTransaction, work_kind_of
+from dtfx.backends.sql.transaction import HubTransaction
 from dtfx.core.errors import OrchestrationAlreadyExistsError, OrchestrationNotFoundError
 from dtfx.core.history import TERMINAL_STATUSES, ExecutionStarted, HistoryEvent, TaskScheduled, decode_event
+from dtfx.core.instance_ids import is_entity_id
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
 from dtfx.core.workitems import (
     ActivityResult,
@@ -230,7 +231,7 @@ def release_empty_work_items(items: Sequence[OrchestrationWorkItem]) -> Program[
         "UPDATE instances SET lock_token = NULL, locked_until = NULL,"
         " next_visible_at = (SELECT min(visible_at) FROM inbox WHERE inbox.instance_id = instances.instance_id)"
         " WHERE instance_id = ? AND lock_token = ?",
-        [(item.instance_id, item.lock_token) for item in items],
+        sorted((item.instance_id, item.lock_token) for item in items),  # rows are locked in id order
     )
 
 
@@ -317,7 +318,7 @@ def complete_activity_work_items(dialect: Dialect, results: Sequence[ActivityRes
     tokens = sorted({result.work_item.lock_token for result in results})
     rows = yield from transaction.load(
         (result.work_item.task.instance_id for result in results),
-        first=Fetch(
+        then=Fetch(
             f"SELECT id, lock_token FROM tasks WHERE {dialect.in_list('lock_token')} ORDER BY id{dialect.for_update}",
             (dialect.list_param(tokens),),
         ),
@@ -357,19 +358,31 @@ def renew_activity_lease(item: ActivityWorkItem, lock_for: timedelta) -> Program
 # -- waiting --------------------------------------------------------------------------------------------
 
 
+_LEASES_LOOKED_AT = 1000
+"""How many instances with visible messages :func:`next_visible_at` looks at for the end of their lease."""
+
+
 def next_visible_at(kind: WorkKind) -> Program[datetime | None]:
+    """When work of ``kind`` that cannot be leased yet can be.
+
+    Both parts are read through an index, never from every instance that waits: the
+    earliest message not visible yet (a lease held past it makes the answer early: the
+    dispatcher looks, and asks again), and the earliest end of a lease on an instance whose
+    messages are visible (the most overdue ones; polling finds the others).
+    """
     now = to_micros(utc_now())
-    if kind is WorkKind.ACTIVITY:
-        rows = yield Fetch("SELECT min(visible_at) FROM tasks WHERE visible_at > ?", (now,))
-    else:
-        # An instance's messages can be leased once they are visible and its lease has ended.
-        rows = yield Fetch(
-            "SELECT min(CASE WHEN locked_until > next_visible_at THEN locked_until ELSE next_visible_at END)"
-            " FROM instances WHERE is_entity = ? AND next_visible_at IS NOT NULL"
-            " AND (next_visible_at > ? OR locked_until > ?)",
-            (int(kind is WorkKind.ENTITY), now, now),
-        )
-    return optional_moment(rows[0][0]) if rows else None
+    if kind is WorkKind.ACTIVITY:  # a leased task's visible_at is its lease's expiry (see the schema)
+        rows = yield Fetch("SELECT visible_at FROM tasks WHERE visible_at > ? ORDER BY visible_at LIMIT 1", (now,))
+        return optional_moment(rows[0][0]) if rows else None
+    entities = int(kind is WorkKind.ENTITY)
+    rows = yield Fetch(
+        "SELECT (SELECT next_visible_at FROM instances WHERE is_entity = ? AND next_visible_at > ?"
+        " ORDER BY next_visible_at LIMIT 1),"
+        " (SELECT min(locked_until) FROM (SELECT locked_until FROM instances WHERE is_entity = ?"
+        " AND next_visible_at <= ? ORDER BY next_visible_at LIMIT ?) AS ready WHERE locked_until > ?)",
+        (entities, now, entities, now, _LEASES_LOOKED_AT, now),
+    )
+    return optional_moment(min((moment for moment in rows[0] if moment is not None), default=None))
 
 
 def instance_versions(dialect: Dialect, instance_ids: Sequence[str]) -> Program[dict[str, tuple[int, int]]]:

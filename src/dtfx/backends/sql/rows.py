@@ -13,8 +13,8 @@ from typing import Any
 
 import msgspec
 
-from dtfx.backends.delivery import is_entity_id
 from dtfx.core.history import FailureDetails, OrchestrationStatus, decode_failure, encode_failure
+from dtfx.core.instance_ids import is_entity_id
 from dtfx.core.state import OrchestrationState
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -39,7 +39,8 @@ MIGRATIONS: list[list[str]] = [
             history_size INTEGER NOT NULL DEFAULT 0,
             next_visible_at {bigint}
         )""",
-        # What lock_orchestration_work_items scans: instances with messages, by due time.
+        # What lock_orchestration_work_items and next_visible_at scan: instances with
+        # messages, by due time.
         """CREATE INDEX instances_ready ON instances (is_entity, next_visible_at)
             WHERE next_visible_at IS NOT NULL""",
         "CREATE INDEX instances_created ON instances (is_entity, created_at, instance_id)",

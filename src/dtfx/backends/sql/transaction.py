@@ -10,7 +10,9 @@ as a single one; it reads nothing, so a driver can send it with the commit.
 
 Every transaction that writes an instance's inbox first locks the instance's row, so
 the inbox summary read after the lock stays true until the commit: each instance's
-``next_visible_at`` and the fate of a kept lease are worked out in memory.
+``next_visible_at`` and the fate of a kept lease are worked out in memory. Transactions
+lock instances' rows in one order (by id) and before any activity task's row, so that two
+of them never deadlock.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ from dtfx.backends.base import WorkKind
 from dtfx.backends.delivery import (
     Route,
     checkpointed_state,
-    is_entity_id,
     new_entity_state,
     new_instance_state,
     refused_start,
     route,
     status_on_delivery,
     with_pending_requests,
+    work_kind_of,
 )
 from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, FetchEach, Notify, Program, Row
 from dtfx.backends.sql.rows import (
@@ -64,11 +66,6 @@ _UPDATE_CHECKPOINTED = (
 _UPDATE_STATUS_AND_NEXT_VISIBLE = (
     "UPDATE instances SET status = ?, last_updated_at = ?, next_visible_at = ? WHERE instance_id = ?"
 )
-
-
-def work_kind_of(instance_id: str) -> WorkKind:
-    """The queue an instance's inbox feeds."""
-    return WorkKind.ENTITY if is_entity_id(instance_id) else WorkKind.ORCHESTRATION
 
 
 @dataclass
@@ -123,16 +120,18 @@ class HubTransaction:
     # -- reading -----------------------------------------------------------------------------
 
     def load(
-        self, instance_ids: Iterable[str], consumable: Collection[MessageId] = (), *, first: Fetch | None = None
+        self, instance_ids: Iterable[str], consumable: Collection[MessageId] = (), *, then: Fetch | None = None
     ) -> Program[list[Row]]:
         """Read (and lock) the rows of those instances this transaction has not read yet, and
         summarize their inboxes: the ``consumable`` messages (those that checkpoints of this
         transaction may consume) and the earliest visible-at time of the others.
 
-        ``first``, if given, runs before, in the same round trip; its rows are returned.
+        ``then``, if given, runs after, in the same round trip; its rows are returned. It is
+        where a transaction locks rows of other tables (tasks): after the instances', as
+        every transaction does, so that two of them never wait for each other.
         """
         missing = sorted({instance_id for instance_id in instance_ids if instance_id not in self._instances})
-        fetches = [] if first is None else [first]
+        fetches = [] if then is None else [then]
         if not missing:
             return (yield FetchEach(fetches))[0] if fetches else []
         dialect = self._dialect
@@ -140,9 +139,8 @@ class HubTransaction:
         ids = dialect.list_param(missing)
         consumable_ids = dialect.list_param(list(consumable))
         # Two statements, the summary after the lock: it must see what the lock waited for.
-        *first_rows, rows, inbox = yield FetchEach(
+        rows, inbox, *then_rows = yield FetchEach(
             (
-                *fetches,
                 Fetch(
                     f"SELECT {state_columns(payloads=False)}, lock_token, history_size, next_visible_at"
                     f" FROM instances WHERE {in_list('instance_id')} ORDER BY instance_id{dialect.for_update}",
@@ -155,6 +153,7 @@ class HubTransaction:
                     f" UNION ALL SELECT instance_id, id, visible_at FROM inbox WHERE {in_list('id')}",
                     (consumable_ids, ids, consumable_ids),
                 ),
+                *fetches,
             )
         )
         for instance_id in missing:
@@ -173,7 +172,7 @@ class HubTransaction:
                 instance.inbox_rest = visible_at
             else:
                 instance.consumable[message_id] = visible_at
-        return first_rows[0] if first_rows else []
+        return then_rows[0] if then_rows else []
 
     def state(self, instance_id: str) -> OrchestrationState | None:
         """The instance's state as this transaction sees it (it must have been loaded)."""
@@ -236,7 +235,7 @@ class HubTransaction:
         if decision is Route.CREATE_ENTITY:
             target = self._replace(new_entity_state(message.instance_id, self.now))
         assert target is not None
-        status = status_on_delivery(target.state.runtime_status, message.event)
+        status = status_on_delivery(target.state, message.event)
         if status != target.state.runtime_status:
             target.state = dataclasses.replace(target.state, runtime_status=status, last_updated_at=self.now)
             self._writes_of(message.instance_id).status_changed = True

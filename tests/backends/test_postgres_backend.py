@@ -1,0 +1,104 @@
+"""What only the PostgreSQL backend has to get right: row lock order, its two pools' lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from dtfx.backends.base import utc_now
+from dtfx.backends.postgres import PostgresBackend
+from dtfx.core.errors import BackendUnavailableError
+from dtfx.core.history import TaskCompleted, TaskScheduled
+from dtfx.core.workitems import ActivityResult, ActivityTask
+from tests.backends.test_contract import LEASE, checkpoint_for, start_event
+from tests.postgres import SERVER_URL, postgres_url
+
+
+async def _until_waiting_for_a_lock(schema: str) -> None:
+    """Return once a connection of the task hub ``schema`` waits for a row lock."""
+    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as watcher:
+        for _ in range(1000):
+            cursor = await watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'",
+                (f"dtfx:{schema}",),
+            )
+            row = await cursor.fetchone()
+            if row is not None and row[0]:
+                return
+            await asyncio.sleep(0.01)
+    pytest.fail("No connection of the task hub waited for a lock")
+
+
+async def test_an_activity_completion_locks_its_instance_before_its_task() -> None:
+    # A checkpoint locks its instance, then deletes the tasks it finished (an eager activity's):
+    # a completion of such a task that locked the task first, then the instance, could deadlock with it.
+    backend = PostgresBackend(postgres_url())
+    try:
+        await backend.create_instance(start_event("a"))
+        [item] = await backend.lock_orchestration_work_items(1, LEASE)
+        scheduled = TaskScheduled(event_id=1, timestamp=utc_now(), name="act")
+        task = ActivityTask("a", item.state.execution_id, scheduled)
+        assert await backend.complete_orchestration_work_items([checkpoint_for(item, activity_tasks=[task])])
+        [work] = await backend.lock_activity_work_items(1, LEASE)
+        result = ActivityResult(work, TaskCompleted(timestamp=utc_now(), task_scheduled_id=1))
+        options = f"-c search_path={backend.schema}"
+        async with await psycopg.AsyncConnection.connect(SERVER_URL, options=options) as other:
+            await other.execute("SELECT 1 FROM instances WHERE instance_id = 'a' FOR UPDATE")
+            completion = asyncio.create_task(backend.complete_activity_work_items([result]))
+            await _until_waiting_for_a_lock(backend.schema)
+            # The completion waits for the instance and holds nothing yet: the task is free.
+            await other.execute("SELECT 1 FROM tasks WHERE id = %s FOR UPDATE NOWAIT", (work.id,))
+            await other.rollback()
+            assert await completion == [True]
+    finally:
+        await backend.close()
+
+
+async def test_a_closed_pool_is_reported_at_once_as_the_backend_being_closed(caplog: pytest.LogCaptureFixture) -> None:
+    backend = PostgresBackend(postgres_url())
+    try:
+        await backend.start()
+        pool = backend._home_pool
+        assert pool is not None
+        await pool.close()  # as close() does under a call that is under way
+        caplog.set_level(logging.WARNING)
+        with pytest.raises(BackendUnavailableError, match="has been closed"):
+            await backend.get_history("a")
+    finally:
+        await backend.close()
+    assert [record.getMessage() for record in caplog.records if "retrying" in record.getMessage()] == []
+
+
+async def test_a_failed_start_closes_both_pools_and_the_next_start_begins_afresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend = PostgresBackend(postgres_url())
+    pools: list[AsyncConnectionPool] = []
+    new_pool = backend._new_pool
+
+    async def refuse(*args: Any, **kwargs: Any) -> None:
+        raise psycopg.OperationalError("connection refused")
+
+    def pool_of_a_start_that_fails() -> AsyncConnectionPool:
+        pool = new_pool()
+        pools.append(pool)
+        if len(pools) == 2:  # the pool of the loop that starts the backend, after the driver's
+            monkeypatch.setattr(pool, "open", refuse)
+        return pool
+
+    monkeypatch.setattr(backend, "_new_pool", pool_of_a_start_that_fails)
+    try:
+        with pytest.raises(BackendUnavailableError, match="connection refused"):
+            await backend.start()
+        assert len(pools) == 2
+        assert [pool.closed for pool in pools] == [True, True]
+        monkeypatch.undo()
+        await backend.start()
+        assert await backend.get_instance("a") is None
+    finally:
+        await backend.close()
