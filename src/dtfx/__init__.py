@@ -12,9 +12,11 @@ from dtfx.core.entities import CleanEntityStorageResult, EntityInstanceId, Entit
 from dtfx.core.entity_context import DurableEntity, EntityContext
 from dtfx.core.errors import (
     BackendError,
+    BackendUnavailableError,
     ConfigurationError,
     DtfxError,
     EntityOperationFailedError,
+    InvalidInstanceIdError,
     LeaseLostError,
     LockingRulesViolationError,
     NonDeterminismError,
@@ -28,6 +30,7 @@ from dtfx.core.errors import (
     SerializationError,
     TaskCancelledError,
     TaskFailedError,
+    UnstorableValueError,
     VersionMismatchError,
 )
 from dtfx.core.history import FailureDetails, OrchestrationStatus
@@ -58,6 +61,7 @@ __all__ = [
     "AsyncClient",
     "Backend",
     "BackendError",
+    "BackendUnavailableError",
     "CleanEntityStorageResult",
     "Client",
     "CompletableTask",
@@ -73,6 +77,7 @@ __all__ = [
     "EntityOperationFailedError",
     "EntityQuery",
     "FailureDetails",
+    "InvalidInstanceIdError",
     "JsonDataConverter",
     "LeaseLostError",
     "LockingRulesViolationError",
@@ -98,6 +103,7 @@ __all__ = [
     "Task",
     "TaskCancelledError",
     "TaskFailedError",
+    "UnstorableValueError",
     "VersionFailureStrategy",
     "VersionMatchStrategy",
     "VersionMismatchError",

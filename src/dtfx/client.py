@@ -42,6 +42,7 @@ from dtfx.core.history import (
     OrchestrationStatus,
     SubOrchestrationInstanceCreated,
 )
+from dtfx.core.instance_ids import check_orchestration_id, orchestration_id_error
 from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter
 from dtfx.core.state import (
     TERMINAL_REUSE_POLICY,
@@ -122,9 +123,11 @@ class AsyncClient:
         If the id is taken, the existing instance is replaced only if its status is in
         ``reuse_id_policy``; otherwise :class:`~dtfx.OrchestrationAlreadyExistsError`
         is raised. ``start_at`` delays the start; the instance is PENDING until then.
+        An id no orchestration can have (empty, longer than 1024 characters, with control
+        characters, or an entity's ``@name@key``) raises :class:`~dtfx.InvalidInstanceIdError`.
         """
+        instance_id = uuid.uuid4().hex if instance_id is None else check_orchestration_id(instance_id)
         backend = await self._ready()
-        instance_id = instance_id or uuid.uuid4().hex
         scheduled = as_utc(start_at) if start_at is not None else None
         start = ExecutionStarted(
             timestamp=utc_now(),
@@ -265,6 +268,7 @@ class AsyncClient:
 
     async def restart_orchestration(self, instance_id: str, *, restart_with_new_instance_id: bool = False) -> str:
         """Start an ended instance again with its original name, input, version and tags; returns the id."""
+        check_orchestration_id(instance_id)  # an entity's id, say: restarting it would start no orchestration
         backend = await self._ready()
         state = await backend.get_instance(instance_id)
         if state is None:
@@ -343,7 +347,11 @@ class AsyncClient:
         while pending:
             history = await self.backend.get_history(pending.pop())
             for event in history:
-                if isinstance(event, SubOrchestrationInstanceCreated) and event.instance_id not in found:
+                if (
+                    isinstance(event, SubOrchestrationInstanceCreated)
+                    and event.instance_id not in found
+                    and orchestration_id_error(event.instance_id) is None  # refused for its id: never created
+                ):
                     found[event.instance_id] = None
                     pending.append(event.instance_id)
         return list(found)
@@ -356,13 +364,19 @@ class AsyncClient:
         operation_name: str,
         input: Any = None,
         signal_time: datetime | None = None,
+        *,
+        request_id: str | None = None,
     ) -> None:
-        """Send an entity an operation (now, or at ``signal_time``); the entity is created if needed."""
+        """Send an entity an operation (now, or at ``signal_time``); the entity is created if needed.
+
+        ``request_id`` identifies the operation in the entity's work (a new id by
+        default); give one to use an id of your own, as SDK clients do over gRPC.
+        """
         target = str(entity_instance_id)
         scheduled = as_utc(signal_time) if signal_time is not None else None
         signal = EntityOperationSignaled(
             timestamp=utc_now(),
-            request_id=uuid.uuid4().hex,
+            request_id=request_id or uuid.uuid4().hex,
             operation=operation_name,
             target_instance_id=target,
             input=self.converter.serialize(input),
@@ -384,13 +398,16 @@ class AsyncClient:
     async def query_entities(
         self, query: EntityQuery | None = None, continuation_token: str | None = None
     ) -> Page[EntityMetadata]:
-        """One page of entities matching ``query``."""
+        """One page of entities matching ``query``.
+
+        ``instance_id_starts_with`` may leave out the leading ``@``, and matches entity
+        names in any case (``"Counter@"``, ``"@counter@"``); keys match as written
+        (``"counter@KeyA"``).
+        """
         query = query or EntityQuery()
         prefix = query.instance_id_starts_with
-        if prefix is not None and not prefix.startswith("@"):
-            prefix = "@" + prefix.lower()
         instances = OrchestrationQuery(
-            instance_id_prefix=prefix,
+            instance_id_prefix=_entity_id_prefix(prefix) if prefix is not None else None,
             last_updated_time_from=query.last_modified_from,
             last_updated_time_to=query.last_modified_to,
             max_instance_count=query.page_size or 100,
@@ -460,6 +477,20 @@ class AsyncClient:
         if state is not None:
             state.converter = self.converter
         return state
+
+
+def _entity_id_prefix(starts_with: str) -> str:
+    """An entity query's ``instance_id_starts_with`` as a prefix of stored ids (``@name@key``).
+
+    Entity names are stored in lower case, keys as they are: so the name part (up to
+    the ``@`` before the key, or all of it if there is none) is lower-cased, and a
+    missing leading ``@`` is added, as the official .NET SDK's ``EntityQuery`` does.
+    """
+    prefix = starts_with if starts_with.startswith("@") else "@" + starts_with
+    name_end = prefix.find("@", 1)
+    if name_end < 0:
+        return prefix.lower()
+    return prefix[:name_end].lower() + prefix[name_end:]
 
 
 class Client:
@@ -611,9 +642,13 @@ class Client:
         operation_name: str,
         input: Any = None,
         signal_time: datetime | None = None,
+        *,
+        request_id: str | None = None,
     ) -> None:
         """See :meth:`AsyncClient.signal_entity`."""
-        self._portal.run(self._async.signal_entity(entity_instance_id, operation_name, input, signal_time))
+        self._portal.run(
+            self._async.signal_entity(entity_instance_id, operation_name, input, signal_time, request_id=request_id)
+        )
 
     def get_entity(self, entity_instance_id: EntityInstanceId, include_state: bool = True) -> EntityMetadata | None:
         """See :meth:`AsyncClient.get_entity`."""

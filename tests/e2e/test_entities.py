@@ -171,6 +171,36 @@ async def test_an_entity_starts_an_orchestration(hub: Hub, app: dtfx.App) -> Non
     assert state is not None and state.get_output() == "hello ann"
 
 
+async def test_an_entity_cannot_start_an_orchestration_under_a_bad_id(hub: Hub, app: dtfx.App) -> None:
+    @app.orchestrator
+    def greet(ctx: dtfx.OrchestrationContext, name: str) -> str:
+        return f"hello {name}"
+
+    @app.entity
+    def starter(ctx: dtfx.EntityContext, instance_id: str) -> str:
+        ctx.set_state(instance_id)  # rolled back with the operation when the start is refused
+        return ctx.schedule_new_orchestration("greet", "ann", instance_id=instance_id)
+
+    @app.orchestrator
+    def start_all(ctx: dtfx.OrchestrationContext, ids: list[str]) -> Any:
+        outcomes = []
+        for instance_id in ids:
+            try:
+                outcomes.append((yield ctx.call_entity(EntityInstanceId("starter", "k"), "start", instance_id)))
+            except dtfx.EntityOperationFailedError as error:
+                outcomes.append(error.details.error_type)
+        return outcomes
+
+    async with hub.worker(app):
+        state = await hub.run(start_all, ["bad\x00id", "@greet@x", "good"])
+        await hub.wait_for_state("good", lambda s: s.runtime_status.is_terminal)
+        metadata = await hub.client.get_entity(EntityInstanceId("starter", "k"))
+    refused = "dtfx.core.errors.InvalidInstanceIdError"
+    assert state.get_output() == [refused, refused, "good"]
+    assert metadata is not None and metadata.get_state() == "good"
+    assert await hub.client.get_entity(EntityInstanceId("greet", "x")) is None
+
+
 async def test_scheduled_signals_wait_for_their_time(hub: Hub, app: dtfx.App) -> None:
     app.add_entity(counter)
     entity = EntityInstanceId("counter", "later")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 import dtfx
 from dtfx import OrchestrationStatus as Status
 from dtfx.backends.base import utc_now
-from dtfx.core.history import ExecutionStarted, TaskCompleted
+from dtfx.core.history import ExecutionStarted, SubOrchestrationInstanceFailed, TaskCompleted
 from tests.e2e.conftest import Hub
 
 
@@ -277,6 +278,74 @@ async def test_rewind_keeps_succeeded_retries(hub: Hub, app: dtfx.App) -> None:
         state = await hub.client.wait_for_orchestration_completion(failed.instance_id, timeout=10)
     assert state is not None and state.get_output() == ["retried ok", "final ok"]
     assert attempts == {"retried": 2, "final": 3}
+
+
+BAD_CHILD_IDS = ["child\x00with-nul", "@counter@child", "c" * 1025]
+
+
+def _parent_of_one_child(app: dtfx.App) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Registers ``child`` and ``careless``, which calls ``child`` under the id it is given."""
+
+    @app.orchestrator
+    def child(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return "child ran"
+
+    @app.orchestrator
+    def careless(ctx: dtfx.OrchestrationContext, child_id: str) -> Any:
+        return (yield ctx.call_sub_orchestrator(child, instance_id=child_id))
+
+    return child, careless
+
+
+async def test_a_sub_orchestration_under_a_bad_id_fails_in_its_parent(hub: Hub, app: dtfx.App) -> None:
+    """The id never reaches the store (PostgreSQL would refuse the NUL, and the whole batch's commit with it)."""
+    child, careless = _parent_of_one_child(app)
+
+    @app.orchestrator
+    def careful(ctx: dtfx.OrchestrationContext, child_id: str) -> Any:
+        try:
+            yield ctx.call_sub_orchestrator(child, instance_id=child_id)
+        except dtfx.TaskFailedError as error:
+            caught = [error.details.is_caused_by(dtfx.InvalidInstanceIdError), error.details.is_non_retriable]
+            return [*caught, (yield ctx.call_sub_orchestrator(child, instance_id=f"{ctx.instance_id}-good"))]
+        return "the bad id was taken"
+
+    careful_ids = [f"careful-{n}" for n in range(len(BAD_CHILD_IDS))]
+    for instance_id, bad in zip(careful_ids, BAD_CHILD_IDS, strict=True):  # all waiting: committed together
+        await hub.client.schedule_new_orchestration(careful, input=bad, instance_id=instance_id)
+    await hub.client.schedule_new_orchestration(careless, input=BAD_CHILD_IDS[0], instance_id="careless")
+    await hub.client.schedule_new_orchestration(child, instance_id="bystander")
+    async with hub.worker(app):
+        for instance_id in careful_ids:
+            state = await hub.client.wait_for_orchestration_completion(instance_id, timeout=20)
+            assert state is not None and state.get_output() == [True, True, "child ran"], state
+        bystander = await hub.client.wait_for_orchestration_completion("bystander", timeout=20)
+        assert bystander is not None and bystander.runtime_status == Status.COMPLETED
+        failed = await hub.client.wait_for_orchestration_completion("careless", timeout=20)
+        assert failed is not None and failed.runtime_status == Status.FAILED
+        assert failed.failure_details is not None and "control character" in failed.failure_details.message
+
+        # Rewinding asks for the child again, and it is refused again: nothing goes to the bad id.
+        await hub.client.rewind_orchestration("careless")
+        again = await hub.client.wait_for_orchestration_completion("careless", timeout=20)
+        assert again is not None and again.runtime_status == Status.FAILED
+    history = await hub.client.get_orchestration_history("careless")
+    assert [type(e) for e in history].count(SubOrchestrationInstanceFailed) == 1
+    stored = {state.instance_id for state in await hub.client.get_all_orchestration_states()}
+    assert stored == {*careful_ids, *(f"{instance_id}-good" for instance_id in careful_ids), "careless", "bystander"}
+    assert (await hub.client.purge_orchestration("careless", recursive=True)).deleted_instance_count == 1
+
+
+async def test_terminating_a_parent_sends_nothing_to_a_child_refused_for_its_id(hub: Hub, app: dtfx.App) -> None:
+    child, parent = _parent_of_one_child(app)
+    # Terminated before its first episode: that episode asks for the child and ends the parent at once.
+    instance_id = await hub.client.schedule_new_orchestration(parent, input=BAD_CHILD_IDS[0])
+    await hub.client.terminate_orchestration(instance_id, output="stop")  # recursive
+    async with hub.worker(app):
+        state = await hub.client.wait_for_orchestration_completion(instance_id, timeout=20)
+        bystander = await hub.run(child)
+    assert state is not None and state.runtime_status == Status.TERMINATED
+    assert bystander.runtime_status == Status.COMPLETED
 
 
 async def test_purge_single_recursive_and_by_filter(hub: Hub, app: dtfx.App) -> None:

@@ -159,6 +159,15 @@ def empty_failure(ctx: task.OrchestrationContext, _: Any) -> Any:
     return {"failed": False}
 
 
+def bad_child_id(ctx: task.OrchestrationContext, child_id: str) -> Any:
+    """Asks for a child under ``child_id``, which no orchestration can have, and reports the failure."""
+    try:
+        yield ctx.call_sub_orchestrator(echo, input="never", instance_id=child_id)
+    except task.TaskFailedError as error:
+        return {"type": error.details.error_type, "message": error.details.message}
+    return "the bad id was taken"
+
+
 ORCHESTRATORS = [
     sequence,
     fan_out_fan_in,
@@ -177,6 +186,7 @@ ORCHESTRATORS = [
     echo,
     fails,
     empty_failure,
+    bad_child_id,
 ]
 ACTIVITIES = [say_hello, square, flaky, counted, fail_first_time, raise_without_message]
 

@@ -10,10 +10,11 @@ import pytest
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as pb_grpc
 from google.protobuf import empty_pb2, timestamp_pb2, wrappers_pb2
-from tests.grpc.conftest import rpc_error
+from tests.grpc.conftest import rpc_error, running_sidecar
+from tests.postgres import postgres_url
 
 import grpc
-from dtfx.core.errors import BackendError
+from dtfx.core.errors import BackendError, BackendUnavailableError, UnstorableValueError
 from dtfx.grpc import SidecarServer
 
 Stub = pb_grpc.TaskHubSidecarServiceStub
@@ -41,6 +42,11 @@ def test_hello_and_create_task_hub(stub: Stub) -> None:
 def test_start_instance(stub: Stub) -> None:
     expect(lambda: stub.StartInstance(pb.CreateInstanceRequest(instanceId="x")), Code.INVALID_ARGUMENT, "name")
     expect(lambda: start(stub, "@counter@one"), Code.INVALID_ARGUMENT, "entities")
+    expect(lambda: start(stub, "tab\there"), Code.INVALID_ARGUMENT, "control character")
+    expect(lambda: start(stub, "nul\x00inside"), Code.INVALID_ARGUMENT, "control character")
+    expect(lambda: start(stub, "x" * 1025), Code.INVALID_ARGUMENT, "1025 characters")
+    for refused in ("@counter@one", "tab\there", "nul\x00inside", "x" * 1025):
+        assert not stub.GetInstance(pb.GetInstanceRequest(instanceId=refused)).exists
     start(stub, "taken")
     expect(lambda: start(stub, "taken"), Code.ALREADY_EXISTS, "taken", "PENDING")
     terminal_only = pb.OrchestrationIdReusePolicy(replaceableStatus=[pb.ORCHESTRATION_STATUS_COMPLETED])
@@ -82,6 +88,8 @@ def test_acting_on_unknown_instances(stub: Stub) -> None:
     expect(lambda: stub.ResumeInstance(pb.ResumeRequest(instanceId="ghost")), Code.NOT_FOUND)
     expect(lambda: stub.RestartInstance(pb.RestartInstanceRequest(instanceId="ghost")), Code.NOT_FOUND)
     expect(lambda: stub.RewindInstance(pb.RewindInstanceRequest(instanceId="ghost")), Code.NOT_FOUND)
+    entity = pb.RestartInstanceRequest(instanceId="@counter@one")
+    expect(lambda: stub.RestartInstance(entity), Code.INVALID_ARGUMENT, "entities")
     expect(lambda: stub.RaiseEvent(pb.RaiseEventRequest(instanceId="ghost")), Code.INVALID_ARGUMENT, "name")
     expect(lambda: stub.TerminateInstance(pb.TerminateRequest()), Code.INVALID_ARGUMENT, "instanceId")
 
@@ -128,6 +136,9 @@ def test_purges(stub: Stub) -> None:
     everything = pb.PurgeInstanceFilter(createdTimeFrom=since)
     assert stub.PurgeInstances(pb.PurgeInstancesRequest(purgeInstanceFilter=everything)).deletedInstanceCount == 0
     assert stub.GetInstance(pb.GetInstanceRequest(instanceId="not-ended")).exists
+    running_only = pb.PurgeInstanceFilter(runtimeStatus=[pb.ORCHESTRATION_STATUS_RUNNING])
+    response = stub.PurgeInstances(pb.PurgeInstancesRequest(purgeInstanceFilter=running_only))
+    assert response.deletedInstanceCount == 0 and response.isComplete.value  # nothing to purge: all done
 
 
 @pytest.mark.parametrize(
@@ -159,7 +170,9 @@ def test_bad_work_item_requests(stub: Stub) -> None:
 @pytest.mark.parametrize(
     ("error", "code", "word"),
     [
-        (BackendError("the database is down"), Code.UNAVAILABLE, "database is down"),  # worth a retry
+        (BackendUnavailableError("the database is down"), Code.UNAVAILABLE, "database is down"),  # worth a retry
+        (UnstorableValueError("text cannot hold NUL"), Code.INVALID_ARGUMENT, "NUL"),  # the request's fault
+        (BackendError("a constraint failed"), Code.INTERNAL, "constraint failed"),  # would fail again
         (KeyError("oops"), Code.INTERNAL, "KeyError"),  # a bug: logged, answered, survived
     ],
 )
@@ -178,3 +191,14 @@ def test_failures_inside_the_server(
     finally:
         backend.get_instance = real_get_instance  # type: ignore[method-assign]
     assert not stub.GetInstance(pb.GetInstanceRequest(instanceId="x")).exists  # still serving
+
+
+def test_a_nul_in_an_input_on_postgresql_is_invalid_and_the_hub_keeps_working() -> None:
+    with running_sidecar(postgres_url()) as server, grpc.insecure_channel(server.address) as channel:
+        stub = Stub(channel)
+        with_nul = wrappers_pb2.StringValue(value='"a\x00b"')  # SDKs escape it in JSON; a raw peer may not
+        expect(lambda: start(stub, "with-nul", input=with_nul), Code.INVALID_ARGUMENT, "NUL")
+        assert not stub.GetInstance(pb.GetInstanceRequest(instanceId="with-nul")).exists
+        start(stub, "after", input=wrappers_pb2.StringValue(value='"a\\u0000b"'))
+        response = stub.GetInstance(pb.GetInstanceRequest(instanceId="after", getInputsAndOutputs=True))
+        assert response.exists and response.orchestrationState.input.value == '"a\\u0000b"'

@@ -99,13 +99,19 @@ def test_a_batch_that_failed_as_a_whole_fails_every_operation_and_keeps_the_stat
     assert result.actions == []
 
 
-def test_an_orchestration_cannot_be_started_under_an_entity_id() -> None:
-    start = pb.StartNewOrchestrationAction(instanceId="@counter@k", name="job")
+@pytest.mark.parametrize(
+    ("instance_id", "complaint"),
+    [("@counter@k", "belong to entities"), ("job\x00", "control character"), ("j" * 1025, "at most 1024")],
+)
+def test_an_orchestration_cannot_be_started_under_an_id_no_orchestration_can_have(
+    instance_id: str, complaint: str
+) -> None:
+    start = pb.StartNewOrchestrationAction(instanceId=instance_id, name="job")
     message = pb.EntityBatchResult(
         results=[pb.OperationResult(success=pb.OperationResultSuccess())] * 2,
         actions=[pb.OperationAction(id=3, startNewOrchestration=start)],
     )
-    with pytest.raises(InvalidMessageError, match="is an entity id"):
+    with pytest.raises(InvalidMessageError, match=complaint):
         batch_result_from_proto(message, None, OPERATIONS)
 
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from durabletask import client as sdk_client
+from durabletask.entities import EntityInstanceId
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as pb_grpc
 from google.protobuf import timestamp_pb2, wrappers_pb2
 from tests.grpc.conftest import FAST, WorkItemStream, open_stream, rpc_error, running_sidecar, wait_until
 
 import grpc
-from dtfx.grpc import SidecarOptions
+from dtfx.grpc import SidecarOptions, SidecarServer
 
 Stub = pb_grpc.TaskHubSidecarServiceStub
 
@@ -102,6 +105,29 @@ def new_events(item: pb.WorkItem) -> list[str]:
 
 
 # -- the two request shapes --------------------------------------------------------------------------
+
+
+class _SignalRequestIds(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Notes the request id of each ``SignalEntity`` call a client makes."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def intercept_unary_unary(self, continuation: Any, call_details: Any, request: Any) -> Any:
+        if isinstance(request, pb.SignalEntityRequest):
+            self.seen.append(request.requestId)
+        return continuation(call_details, request)
+
+
+def test_the_sdk_clients_request_id_reaches_the_entity(
+    bare_sidecar: SidecarServer, stub: Stub, streams: list[WorkItemStream]
+) -> None:
+    request_ids = _SignalRequestIds()
+    with sdk_client.TaskHubGrpcClient(host_address=bare_sidecar.address, interceptors=[request_ids]) as client:
+        client.signal_entity(EntityInstanceId("Counter", "sdk"), "add", 1)
+    assert len(request_ids.seen) == 1 and request_ids.seen[0]
+    stream = open_stream(stub, streams)
+    assert operations_of(stream.next()) == [("entityOperationSignaled", "add", request_ids.seen[0])]
 
 
 def test_an_entity_batch_goes_out_as_entity_request_v2(stub: Stub, streams: list[WorkItemStream]) -> None:

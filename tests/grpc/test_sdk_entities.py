@@ -202,6 +202,20 @@ def test_query_entities_pages_and_filters(client: sdk_client.TaskHubGrpcClient) 
     assert recent == []
 
 
+def test_query_entities_matches_names_in_any_case_and_keys_as_written(client: sdk_client.TaskHubGrpcClient) -> None:
+    for key in ("PrefixA", "prefixb"):
+        client.signal_entity(EntityInstanceId("Counter", key), "add", 1)
+        wait_for_state(client, EntityInstanceId("counter", key), "1")
+
+    def matching(starts_with: str) -> list[str]:
+        return [str(m.id) for m in client.get_all_entities(EntityQuery(instance_id_starts_with=starts_with))]
+
+    assert matching("Counter@Prefix") == ["@counter@PrefixA"]
+    assert matching("@COUNTER@prefix") == ["@counter@prefixb"]
+    assert matching("counter@PrefixA") == ["@counter@PrefixA"]
+    assert matching("counter@PREFIX") == []
+
+
 def test_the_sdk_worker_reads_the_older_entity_batch_request_too() -> None:
     options = dataclasses.replace(FAST, legacy_entity_requests=True)
     with (

@@ -241,3 +241,34 @@ def test_wait_for_start_times_out_at_the_deadline(client: sdk_client.TaskHubGrpc
         client.wait_for_orchestration_start(instance_id, timeout=0.3)
     client.terminate_orchestration(instance_id)
     assert completed(client, instance_id).runtime_status == OrchestrationStatus.TERMINATED
+
+
+@pytest.mark.parametrize(
+    ("instance_id", "complaint"),
+    [("@counter@key", "belong to entities"), ("nul\x00inside", "control character"), ("x" * 1025, "at most 1024")],
+)
+def test_an_id_no_orchestration_can_have_is_refused(
+    client: sdk_client.TaskHubGrpcClient, native_client: dtfx.Client, instance_id: str, complaint: str
+) -> None:
+    error = rpc_error(lambda: client.schedule_new_orchestration(sdk_app.echo, input=1, instance_id=instance_id))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert complaint in error.details()
+    assert native_client.get_orchestration_state(instance_id) is None
+    assert native_client.get_all_entities(dtfx.EntityQuery(include_transient=True)) == []
+
+
+def test_restarting_an_entity_is_refused(client: sdk_client.TaskHubGrpcClient) -> None:
+    error = rpc_error(lambda: client.restart_orchestration("@counter@key"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "belong to entities" in error.details()
+
+
+@pytest.mark.parametrize("child_id", ["@counter@child", "nul\x00child", "c" * 1025])
+def test_a_sub_orchestration_under_a_bad_id_fails_in_the_sdk_orchestrator(
+    client: sdk_client.TaskHubGrpcClient, native_client: dtfx.Client, child_id: str
+) -> None:
+    instance_id = client.schedule_new_orchestration(sdk_app.bad_child_id, input=child_id)
+    output = completed(client, instance_id).get_output()
+    assert output["type"] == "dtfx.core.errors.InvalidInstanceIdError", output
+    assert "cannot be used" in output["message"]
+    assert native_client.get_orchestration_state(child_id) is None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,12 +20,12 @@ from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as pb_grpc
 from google.protobuf import empty_pb2
 from tests.grpc import sdk_app
-from tests.grpc.conftest import FAST, WorkItemStream, running_sdk_worker, running_sidecar
+from tests.grpc.conftest import FAST, WorkItemStream, running_sdk_worker, running_sidecar, wait_until
 
 import dtfx
 import grpc
 from dtfx.core.errors import ConfigurationError
-from dtfx.grpc import SidecarServer, TlsOptions
+from dtfx.grpc import SidecarOptions, SidecarServer, TlsOptions
 
 
 async def test_embedded_on_the_running_event_loop() -> None:
@@ -41,6 +44,52 @@ def test_a_taken_port_is_a_clear_error() -> None:
         with pytest.raises(ConfigurationError, match=str(first.port)):
             second.start()
         assert not second.is_running
+
+
+def _new_sqlite_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t not in before and t.name.startswith("dtfx-sqlite")]
+
+
+def test_a_start_that_fails_half_way_closes_the_backend_it_opened(tmp_path: Path) -> None:
+    before = set(threading.enumerate())
+    with running_sidecar() as first:
+        second = SidecarServer(f"sqlite:///{tmp_path}/hub.db", port=first.port, options=FAST)
+        with pytest.raises(ConfigurationError, match=str(first.port)):
+            second.start()  # the backend has started by the time the port turns out to be taken
+        assert not second.is_running
+    wait_until(lambda: _new_sqlite_threads(before) == [])
+    unopenable = SidecarServer(f"sqlite:///{tmp_path}", port=0, options=FAST)  # a directory, not a file
+    with pytest.raises(dtfx.BackendError, match="Cannot open"):
+        unopenable.start()
+    wait_until(lambda: _new_sqlite_threads(before) == [])
+
+
+def test_a_worker_that_pings_often_keeps_its_stream() -> None:
+    """An SDK may be configured to send keepalive pings; the server must not call them too many."""
+    quiet = dataclasses.replace(FAST, health_ping_interval=timedelta(seconds=60))
+    pinging = [
+        ("grpc.keepalive_time_ms", 1000),
+        ("grpc.http2.min_time_between_pings_ms", 1000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    with running_sidecar(options=quiet) as server, grpc.insecure_channel(server.address, options=pinging) as channel:
+        stub = pb_grpc.TaskHubSidecarServiceStub(channel)
+        stream = WorkItemStream(stub)
+        try:
+            assert stream.nothing_within(7)  # a server that refuses the pings ends the stream meanwhile
+            stub.StartInstance(pb.CreateInstanceRequest(instanceId="still-served", name="anything"))
+            assert stream.next().orchestratorRequest.instanceId == "still-served"
+        finally:
+            stream.close()
+
+
+def test_health_pings_come_often_enough_for_sdk_workers() -> None:
+    with pytest.raises(ValueError, match="at most 60"):
+        SidecarOptions(health_ping_interval=timedelta(seconds=120))
+    with pytest.raises(ValueError, match="positive"):
+        SidecarOptions(health_ping_interval=timedelta(0))
+    assert SidecarOptions(health_ping_interval=timedelta(seconds=60)).health_ping_interval.total_seconds() == 60
 
 
 def test_bind_address() -> None:

@@ -35,6 +35,7 @@ from dtfx.core.actions import (
     TerminateOrchestration,
 )
 from dtfx.core.entities import entity_target
+from dtfx.core.errors import InvalidInstanceIdError
 from dtfx.core.history import (
     EventRaised,
     EventSent,
@@ -59,7 +60,9 @@ from dtfx.core.history import (
     TaskScheduled,
     TimerCreated,
     TimerFired,
+    qualified_name,
 )
+from dtfx.core.instance_ids import orchestration_id_error
 from dtfx.core.workitems import (
     ActivityTask,
     MessageId,
@@ -210,6 +213,10 @@ def apply_actions(
                     input=action.input,
                 )
             )
+            refused = orchestration_id_error(action.instance_id)
+            if refused is not None:  # the id must not reach the store: the task fails in the next episode
+                messages.append(_refused_child(refused, action.id, instance_id, execution_id, now))
+                continue
             child_start = ExecutionStarted(
                 timestamp=now,
                 name=action.name,
@@ -361,6 +368,20 @@ def _continue_as_new(
         checkpoint.messages.append(OutboundMessage(checkpoint.instance_id, event, execution_id))
 
 
+def _refused(created: SubOrchestrationInstanceCreated) -> bool:
+    """True if the sub-orchestration was refused for its id (:func:`_refused_child`), so never existed."""
+    return orchestration_id_error(created.instance_id) is not None
+
+
+def _refused_child(
+    error: InvalidInstanceIdError, task_id: int, instance_id: str, execution_id: str | None, now: datetime
+) -> OutboundMessage:
+    """The failure an orchestration gets for a sub-orchestration asked for under an id no orchestration can have."""
+    details = FailureDetails(error_type=qualified_name(type(error)), message=str(error), is_non_retriable=True)
+    failed = SubOrchestrationInstanceFailed(timestamp=now, task_scheduled_id=task_id, failure_details=details)
+    return OutboundMessage(instance_id, failed, execution_id)
+
+
 def _notify_parent(
     parent: ParentInstance, completion: CompleteOrchestration, instance_id: str, now: datetime
 ) -> OutboundMessage:
@@ -385,7 +406,7 @@ def open_children(history: Sequence[HistoryEvent]) -> list[str]:
     """Ids of sub-orchestrations created in ``history`` that have not reported back."""
     created: dict[int, str] = {}
     for event in history:
-        if isinstance(event, SubOrchestrationInstanceCreated):
+        if isinstance(event, SubOrchestrationInstanceCreated) and not _refused(event):
             created[event.event_id] = event.instance_id
         elif isinstance(event, SubOrchestrationInstanceCompleted | SubOrchestrationInstanceFailed):
             created.pop(event.task_scheduled_id, None)
@@ -465,6 +486,8 @@ def rewind_checkpoint(
         if isinstance(event, SubOrchestrationInstanceFailed) and event.task_scheduled_id in failed_children:
             continue
         if isinstance(event, SubOrchestrationInstanceCreated) and event.event_id in failed_children:
+            if _refused(event):  # it never existed: like a failed activity, the replay asks for it again
+                continue
             children.append(event.instance_id)
         kept.append(event)
 

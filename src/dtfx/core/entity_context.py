@@ -14,6 +14,7 @@ from typing import Any
 
 from dtfx.core.context import as_utc
 from dtfx.core.entities import EntityAction, EntityInstanceId, SignalEntity, StartOrchestration
+from dtfx.core.instance_ids import check_orchestration_id
 from dtfx.core.serialization import DataConverter
 
 
@@ -81,8 +82,12 @@ class EntityContext:
     def schedule_new_orchestration(
         self, orchestration_name: str, input: Any = None, instance_id: str | None = None
     ) -> str:
-        """Start an orchestration once this operation succeeds; returns its instance id."""
-        instance_id = instance_id or uuid.uuid4().hex
+        """Start an orchestration once this operation succeeds; returns its instance id.
+
+        An id no orchestration can have raises :class:`~dtfx.InvalidInstanceIdError` (the
+        operation then fails, and its changes are rolled back).
+        """
+        instance_id = uuid.uuid4().hex if instance_id is None else check_orchestration_id(instance_id)
         self._batch.actions.append(
             StartOrchestration(instance_id, orchestration_name, self._converter.serialize(input))
         )

@@ -8,6 +8,7 @@
     ├── OrchestrationStateError           the operation does not fit the instance's status
     ├── OrchestrationFailedError          raise_if_failed() on a failed instance
     ├── OrchestrationTimeoutError         a client wait ran out (also a TimeoutError)
+    ├── InvalidInstanceIdError            an instance id an orchestration cannot have (also a ValueError)
     ├── TaskFailedError                   an awaited activity / sub-orchestration failed
     │   └── EntityOperationFailedError    an awaited entity operation failed
     ├── TaskCancelledError                the result of a cancelled task was read
@@ -19,6 +20,8 @@
     ├── SerializationError                a payload cannot be encoded or decoded
     ├── ConfigurationError                a bad backend URL, a missing extra, a bad option
     └── BackendError                      the store failed
+        ├── BackendUnavailableError       the store cannot be reached, is busy or is closed: try again later
+        ├── UnstorableValueError          the store cannot hold a value of the request (also a ValueError)
         └── LeaseLostError                a work item's lease was taken by another worker
 """
 
@@ -73,6 +76,15 @@ class OrchestrationTimeoutError(DtfxError, TimeoutError):
 
     def __init__(self, instance_id: str, what: str, timeout: float) -> None:
         super().__init__(f"Timed out after {timeout:g}s waiting for instance '{instance_id}' to {what}.")
+        self.instance_id = instance_id
+
+
+class InvalidInstanceIdError(DtfxError, ValueError):
+    """An orchestration cannot have this instance id: empty, too long, with control characters, or an entity's."""
+
+    def __init__(self, instance_id: str, reason: str) -> None:
+        shown = instance_id if len(instance_id) <= 80 else instance_id[:80] + "..."
+        super().__init__(f"Instance id {shown!r} cannot be used: {reason}")
         self.instance_id = instance_id
 
 
@@ -144,6 +156,14 @@ class ConfigurationError(DtfxError):
 
 class BackendError(DtfxError):
     """The storage backend failed to carry out an operation."""
+
+
+class BackendUnavailableError(BackendError):
+    """The store cannot be reached, stayed busy or is closed; the same operation may succeed later."""
+
+
+class UnstorableValueError(BackendError, ValueError):
+    """The store cannot hold a value the operation carries (PostgreSQL text cannot contain NUL, say)."""
 
 
 class LeaseLostError(BackendError):

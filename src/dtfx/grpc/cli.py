@@ -17,7 +17,7 @@ from dtfx.cli.options import BackendUrl, Verbosity
 from dtfx.cli.root import CommandError, configure_logging, run_async, stderr
 from dtfx.cli.serving import run_until_signalled
 from dtfx.cli.session import redact, started_backend
-from dtfx.grpc.options import DEFAULT_PORT, SidecarOptions, TlsOptions
+from dtfx.grpc.options import DEFAULT_PORT, MAX_HEALTH_PING_INTERVAL, SidecarOptions, TlsOptions
 
 
 @run_async
@@ -51,7 +51,13 @@ async def serve(
     ] = None,
     health_ping: Annotated[
         float,
-        typer.Option("--health-ping", min=0.1, metavar="SECONDS", help="Ping quiet worker streams this often."),
+        typer.Option(
+            "--health-ping",
+            min=0.1,
+            max=MAX_HEALTH_PING_INTERVAL.total_seconds(),
+            metavar="SECONDS",
+            help="Ping quiet worker streams this often.",
+        ),
     ] = SidecarOptions.health_ping_interval.total_seconds(),
     verbose: Verbosity = 0,
 ) -> None:

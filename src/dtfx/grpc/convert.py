@@ -21,7 +21,6 @@ from typing import Any, cast
 from google.protobuf import json_format, struct_pb2, timestamp_pb2, wrappers_pb2
 
 from dtfx.backends.base import utc_now
-from dtfx.backends.delivery import is_entity_id
 from dtfx.core import actions, history
 from dtfx.core.entities import (
     BatchResult,
@@ -34,6 +33,7 @@ from dtfx.core.entities import (
     StartOrchestration,
 )
 from dtfx.core.history import FailureDetails, HistoryEvent, OrchestrationStatus
+from dtfx.core.instance_ids import orchestration_id_error
 from dtfx.core.state import OrchestrationState
 from dtfx.grpc.protos import pb
 
@@ -820,10 +820,9 @@ def _entity_action_from_proto(message: pb.OperationAction) -> EntityAction:
         start = message.startNewOrchestration
         if not start.name:
             raise InvalidMessageError(f"startNewOrchestration action {message.id} needs the orchestration's name.")
-        if is_entity_id(start.instanceId):
-            raise InvalidMessageError(
-                f"startNewOrchestration action {message.id}: {start.instanceId!r} is an entity id, not an instance id."
-            )
+        refused = orchestration_id_error(start.instanceId) if start.instanceId else None
+        if refused is not None:
+            raise InvalidMessageError(f"startNewOrchestration action {message.id}: {refused}")
         return StartOrchestration(
             start.instanceId or uuid.uuid4().hex,
             start.name,

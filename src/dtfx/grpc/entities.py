@@ -1,19 +1,14 @@
 # ruff: noqa: N802 - RPC handlers carry the protocol's method names
 """The client side of durable entities: signal, read, query and clean up entities.
 
-Reading maps onto :class:`dtfx.AsyncClient`, as the instance RPCs do. A signal is
-put in the entity's inbox here, because the protocol's request carries what the
-native API does not take: the caller's own request id.
+Every RPC maps onto :class:`dtfx.AsyncClient`, as the instance RPCs do; a signal
+keeps the request id its caller gave it.
 """
 
 from __future__ import annotations
 
-import uuid
-
-from dtfx.backends.base import Backend, utc_now
 from dtfx.client import AsyncClient
 from dtfx.core.entities import EntityQuery
-from dtfx.core.history import EntityOperationSignaled
 from dtfx.grpc.convert import (
     entity_id_from_proto,
     entity_metadata_to_proto,
@@ -30,25 +25,21 @@ from dtfx.grpc.status import Context, invalid_argument, unary
 class EntityRpcs:
     """The entity RPCs of ``TaskHubSidecarService``."""
 
-    _backend: Backend
     _client: AsyncClient
     _options: SidecarOptions
 
     @unary
     async def SignalEntity(self, request: pb.SignalEntityRequest, context: Context) -> pb.SignalEntityResponse:
-        target = str(entity_id_from_proto(request.instanceId, "SignalEntity"))
+        entity_id = entity_id_from_proto(request.instanceId, "SignalEntity")
         if not request.name:
             raise invalid_argument("SignalEntity needs the name of the operation.")
-        scheduled = optional_datetime(request, "scheduledTime")
-        signal = EntityOperationSignaled(
-            timestamp=utc_now(),
-            request_id=request.requestId or uuid.uuid4().hex,
-            operation=request.name,
-            target_instance_id=target,
-            input=optional_string(request, "input"),
-            scheduled_time=scheduled,
+        await self._client.signal_entity(
+            entity_id,
+            request.name,
+            optional_string(request, "input"),
+            optional_datetime(request, "scheduledTime"),
+            request_id=request.requestId or None,
         )
-        await self._backend.send_event(target, signal, visible_at=scheduled)
         return pb.SignalEntityResponse()
 
     @unary

@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 from google.protobuf import wrappers_pb2
 
-from dtfx.backends.delivery import is_entity_id
 from dtfx.client import AsyncClient
 from dtfx.core.errors import OrchestrationNotFoundError
 from dtfx.core.history import TERMINAL_STATUSES, OrchestrationStatus
@@ -98,8 +97,6 @@ class InstanceRpcs:
     async def StartInstance(self, request: pb.CreateInstanceRequest, context: Context) -> pb.CreateInstanceResponse:
         if not request.name:
             raise invalid_argument("StartInstance needs the name of the orchestration to start.")
-        if is_entity_id(request.instanceId):
-            raise invalid_argument(f"Instance id {request.instanceId!r} has the form @name@key, kept for entities.")
         policy = None
         if request.HasField("orchestrationIdReusePolicy"):
             replaceable = _statuses(request.orchestrationIdReusePolicy.replaceableStatus)
@@ -270,13 +267,10 @@ class InstanceRpcs:
         raise invalid_argument("PurgeInstances needs an instanceId, an instanceBatch or a purgeInstanceFilter.")
 
     async def _purge_by_filter(self, purge_filter: pb.PurgeInstanceFilter, recursive: bool) -> PurgeResult:
-        statuses = _statuses(purge_filter.runtimeStatus)
-        if statuses and not any(status.is_terminal for status in statuses):
-            return PurgeResult(0)  # only instances that have ended are ever purged
         return await self._client.purge_orchestrations_by(
             optional_datetime(purge_filter, "createdTimeFrom"),
             optional_datetime(purge_filter, "createdTimeTo"),
-            statuses or None,
+            _statuses(purge_filter.runtimeStatus) or None,
             recursive,
             purge_filter.timeout.ToTimedelta() if purge_filter.HasField("timeout") else None,
         )

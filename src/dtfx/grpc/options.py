@@ -9,14 +9,18 @@ from pathlib import Path
 DEFAULT_PORT = 4001
 """The port the official SDKs connect to by default (``localhost:4001``)."""
 
+MAX_HEALTH_PING_INTERVAL = timedelta(seconds=60)
+"""The longest :attr:`SidecarOptions.health_ping_interval`: half the 120 s after which SDK
+workers take a quiet stream for lost and reconnect."""
+
 
 @dataclass(kw_only=True)
 class SidecarOptions:
     """Tuning of the sidecar server; the defaults suit most uses."""
 
     health_ping_interval: timedelta = timedelta(seconds=30)
-    """How long a quiet ``GetWorkItems`` stream waits before it sends a health ping. SDK
-    workers reconnect after 120 s without traffic, so keep this well below that."""
+    """How long a quiet ``GetWorkItems`` stream waits before it sends a health ping; at most
+    :data:`MAX_HEALTH_PING_INTERVAL` (SDK workers reconnect after 120 s without traffic)."""
     lease_duration: timedelta = timedelta(seconds=60)
     """How long a work item stays locked; it is renewed while an SDK worker runs it."""
     abandon_retry_delay: timedelta = timedelta(seconds=1)
@@ -40,8 +44,11 @@ class SidecarOptions:
     shape. The official Python SDK reads both."""
 
     def __post_init__(self) -> None:
-        if self.health_ping_interval <= timedelta(0):
-            raise ValueError("health_ping_interval must be positive")
+        if not timedelta(0) < self.health_ping_interval <= MAX_HEALTH_PING_INTERVAL:
+            raise ValueError(
+                f"health_ping_interval must be positive and at most {MAX_HEALTH_PING_INTERVAL.total_seconds():g} s"
+                " (SDK workers reconnect after 120 s without traffic)"
+            )
         if self.lease_duration <= timedelta(0):
             raise ValueError("lease_duration must be positive")
         for name in ("default_worker_concurrency", "max_work_items_in_flight", "max_page_size", "history_chunk_bytes"):

@@ -17,6 +17,21 @@ from dtfx.grpc.service import SidecarService
 
 logger = logging.getLogger(__name__)
 
+_SERVER_OPTIONS: list[tuple[str, int]] = [
+    # Without this, a second server on a taken port would share it silently.
+    ("grpc.so_reuseport", 0),
+    # Ping each connection that has been quiet for a while, and close it when no answer comes,
+    # so that the work items of a worker whose host vanished go back to the hub within a minute
+    # (health pings on its stream would not notice: writes to a dead peer do not fail for long).
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Accept the keepalive pings that SDK clients may be configured to send, however often and
+    # with no call open, instead of closing their connections with "too many pings".
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
 
 class SidecarServer(BackgroundRunnable):
     """Serves the Durable Task sidecar protocol, so that workers and clients written with the
@@ -75,17 +90,26 @@ class SidecarServer(BackgroundRunnable):
     # -- async lifecycle ----------------------------------------------------------------------
 
     async def start_async(self) -> None:
-        """Listen and start dispatching work to SDK workers, on the running event loop."""
+        """Listen and start dispatching work to SDK workers, on the running event loop.
+
+        If starting fails (a taken port, say), a backend the server owns is closed again
+        before the error is raised: the server is left with nothing open.
+        """
         if self._server is not None:
             raise RuntimeError("The sidecar server is already running.")
-        await self.backend.start()
-        hub = WorkerHub(default_concurrency=self.options.default_worker_concurrency)
-        # Without this, a second server on a taken port would share it silently.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        service = SidecarService(self.backend, hub, self.options)
-        pb_grpc.add_TaskHubSidecarServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
-        self.port = self._bind(server)
-        await server.start()
+        try:
+            await self.backend.start()
+            hub = WorkerHub(default_concurrency=self.options.default_worker_concurrency)
+            server = grpc.aio.server(options=_SERVER_OPTIONS)
+            service = SidecarService(self.backend, hub, self.options)
+            pb_grpc.add_TaskHubSidecarServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+            port = self._bind(server)
+            await server.start()
+        except BaseException:
+            if self._owns_backend:
+                await self.backend.close()
+            raise
+        self.port = port
         self._dispatchers = RemoteDispatchers(self.backend, hub, self.options)
         self._dispatchers.start()
         self._hub, self._server = hub, server

@@ -1,8 +1,15 @@
 """Turning what goes wrong in a request into a gRPC status with a clear message.
 
 Handlers raise :class:`RpcStatusError` for a status of their own choosing, or let
-dtfx errors through; :func:`status_of` maps both. Anything else is a bug: it is
-logged with its traceback and answered ``INTERNAL``, and the server keeps running.
+dtfx errors through; :func:`status_of` maps both. Anything else (a bug, or a store
+failure that would happen again) is logged with its traceback and answered
+``INTERNAL``, and the server keeps running.
+
+Only a store that cannot be reached, stays busy or is closed
+(:class:`~dtfx.BackendUnavailableError`) is answered ``UNAVAILABLE``: SDKs retry that
+status, which helps only when the same request can succeed later. A value the store
+cannot hold (:class:`~dtfx.UnstorableValueError`) is the request's fault:
+``INVALID_ARGUMENT``.
 """
 
 from __future__ import annotations
@@ -14,13 +21,15 @@ from typing import Any, TypeVar
 
 import grpc
 from dtfx.core.errors import (
-    BackendError,
+    BackendUnavailableError,
     ConfigurationError,
+    InvalidInstanceIdError,
     OrchestrationAlreadyExistsError,
     OrchestrationNotFoundError,
     OrchestrationStateError,
     OrchestrationTimeoutError,
     SerializationError,
+    UnstorableValueError,
 )
 from dtfx.grpc.convert import InvalidMessageError
 
@@ -68,9 +77,12 @@ _STATUS_OF_ERROR: list[tuple[type[Exception], grpc.StatusCode]] = [
     (OrchestrationStateError, grpc.StatusCode.FAILED_PRECONDITION),
     (OrchestrationTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (InvalidMessageError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidInstanceIdError, grpc.StatusCode.INVALID_ARGUMENT),
     (SerializationError, grpc.StatusCode.INVALID_ARGUMENT),
     (ConfigurationError, grpc.StatusCode.INVALID_ARGUMENT),  # a bad continuation token, say
-    (BackendError, grpc.StatusCode.UNAVAILABLE),  # the store failed: worth a retry
+    (BackendUnavailableError, grpc.StatusCode.UNAVAILABLE),  # worth a retry
+    (UnstorableValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    # Any other BackendError would fail again: it is answered INTERNAL and logged, as a bug is.
 ]
 
 

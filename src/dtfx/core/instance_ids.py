@@ -1,0 +1,46 @@
+"""Which instance ids an orchestration can have: one rule for every way an instance is started.
+
+Clients refuse a bad id at once (:class:`~dtfx.InvalidInstanceIdError`); the engine fails
+a sub-orchestration started under one instead of letting the id reach the store, where
+it would fail the commit of a whole batch (PostgreSQL text cannot hold NUL, say).
+"""
+
+from __future__ import annotations
+
+from dtfx.core.errors import InvalidInstanceIdError
+
+MAX_INSTANCE_ID_LENGTH = 1024
+"""The longest instance id, in characters."""
+
+
+def is_entity_id(instance_id: str) -> bool:
+    """Entity instances have ids of the form ``@name@key``."""
+    return instance_id.startswith("@") and instance_id.find("@", 1) > 0
+
+
+def orchestration_id_error(instance_id: str) -> InvalidInstanceIdError | None:
+    """Why an orchestration cannot have ``instance_id``, or ``None`` if it can."""
+    if not instance_id:
+        return InvalidInstanceIdError(instance_id, "it is empty.")
+    if len(instance_id) > MAX_INSTANCE_ID_LENGTH:
+        return InvalidInstanceIdError(
+            instance_id, f"it has {len(instance_id)} characters; instance ids have at most {MAX_INSTANCE_ID_LENGTH}."
+        )
+    control = next((position for position, char in enumerate(instance_id) if char < " "), None)
+    if control is not None:
+        return InvalidInstanceIdError(
+            instance_id, f"it contains the control character {instance_id[control]!r} at position {control}."
+        )
+    if is_entity_id(instance_id):
+        return InvalidInstanceIdError(
+            instance_id, "ids of the form '@name@key' belong to entities (use signal_entity to reach one)."
+        )
+    return None
+
+
+def check_orchestration_id(instance_id: str) -> str:
+    """``instance_id``, if an orchestration can have it; raises :class:`~dtfx.InvalidInstanceIdError` if not."""
+    error = orchestration_id_error(instance_id)
+    if error is not None:
+        raise error
+    return instance_id

@@ -1,0 +1,147 @@
+"""The native client on every backend: instance ids it refuses, signals with a request id, entity queries, NUL."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dtfx
+from dtfx import EntityInstanceId, InvalidInstanceIdError, UnstorableValueError
+from dtfx.backends import Backend, open_backend
+from dtfx.core.history import EntityOperationSignaled
+from dtfx.core.serialization import DataConverter
+from tests.postgres import postgres_url
+
+REFUSED_IDS = [
+    ("", "empty"),
+    ("x" * 1025, "at most 1024"),
+    ("nul\x00inside", "control character '\\\\x00'"),
+    ("line\nbreak", "control character '\\\\n'"),
+    ("\x1f", "control character"),
+    ("@counter@key", "belong to entities"),
+    ("@@key", "belong to entities"),
+]
+
+
+async def _everything_stored(backend: Backend) -> list[str]:
+    instances = await backend.query_instances(dtfx.OrchestrationQuery())
+    entities = await backend.query_instances(dtfx.OrchestrationQuery(), entities=True)
+    return [state.instance_id for state in [*instances.items, *entities.items]]
+
+
+@pytest.mark.parametrize(("instance_id", "complaint"), REFUSED_IDS)
+async def test_start_refuses_ids_no_orchestration_can_have(backend: Backend, instance_id: str, complaint: str) -> None:
+    client = dtfx.AsyncClient(backend)
+    with pytest.raises(InvalidInstanceIdError, match=complaint) as refused:
+        await client.schedule_new_orchestration("anything", instance_id=instance_id)
+    assert isinstance(refused.value, ValueError)
+    assert refused.value.instance_id == instance_id
+    assert await _everything_stored(backend) == []
+
+
+@pytest.mark.parametrize("instance_id", ["x" * 1024, "with space", "ünïcode:1/2", "@not-an-entity", "a@b@c"])
+async def test_start_takes_any_other_id(backend: Backend, instance_id: str) -> None:
+    client = dtfx.AsyncClient(backend)
+    assert await client.schedule_new_orchestration("anything", instance_id=instance_id) == instance_id
+    state = await client.get_orchestration_state(instance_id)
+    assert state is not None and state.runtime_status == dtfx.OrchestrationStatus.PENDING
+
+
+def test_the_message_of_a_long_id_is_short() -> None:
+    with dtfx.Client(dtfx.MemoryBackend()) as client, pytest.raises(InvalidInstanceIdError) as refused:
+        client.schedule_new_orchestration("anything", instance_id="y" * 5000)
+    assert len(str(refused.value)) < 200 and "5000 characters" in str(refused.value)
+
+
+async def test_restart_refuses_an_entity_id(backend: Backend) -> None:
+    client = dtfx.AsyncClient(backend)
+    entity = EntityInstanceId("counter", "restarted")
+    await client.signal_entity(entity, "add", 1)
+    for restart_with_new_instance_id in (False, True):
+        with pytest.raises(InvalidInstanceIdError, match="belong to entities"):
+            await client.restart_orchestration(str(entity), restart_with_new_instance_id=restart_with_new_instance_id)
+    with pytest.raises(InvalidInstanceIdError, match="empty"):
+        await client.restart_orchestration("")
+    assert await _everything_stored(backend) == [str(entity)]
+
+
+async def _signals_waiting(backend: Backend) -> list[EntityOperationSignaled]:
+    items = await backend.lock_orchestration_work_items(10, timedelta(seconds=30), entities=True)
+    events = [message.event for item in items for message in item.messages]
+    return [event for event in events if isinstance(event, EntityOperationSignaled)]
+
+
+async def test_a_signal_carries_the_request_id_it_is_given(backend: Backend) -> None:
+    client = dtfx.AsyncClient(backend)
+    await client.signal_entity(EntityInstanceId("counter", "mine"), "add", 1, request_id="my-request")
+    await client.signal_entity(EntityInstanceId("counter", "new"), "add", 2)
+    requests = {signal.target_instance_id: signal.request_id for signal in await _signals_waiting(backend)}
+    assert requests["@counter@mine"] == "my-request"
+    assert requests["@counter@new"] not in ("", "my-request")  # a fresh id when none is given
+
+
+def test_the_sync_client_passes_the_request_id_on(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/taskhub.db"
+    with dtfx.Client(url) as client:
+        client.signal_entity(EntityInstanceId("counter", "sync"), "add", request_id="sync-request")
+
+    async def waiting() -> list[str]:
+        backend = open_backend(url)
+        try:
+            return [signal.request_id for signal in await _signals_waiting(backend)]
+        finally:
+            await backend.close()
+
+    assert asyncio.run(waiting()) == ["sync-request"]
+
+
+@pytest.mark.parametrize(
+    ("starts_with", "expected"),
+    [
+        ("Counter@", ["@counter@KeyA", "@counter@keyb"]),
+        ("@counter@", ["@counter@KeyA", "@counter@keyb"]),
+        ("@COUNTER@", ["@counter@KeyA", "@counter@keyb"]),
+        ("counter@KeyA", ["@counter@KeyA"]),
+        ("counter@keya", []),  # keys are case-sensitive
+        ("counter", ["@counter@KeyA", "@counter@keyb", "@counterpart@x"]),
+        ("@count", ["@counter@KeyA", "@counter@keyb", "@counterpart@x"]),
+        ("Other@Key", ["@other@KeyA"]),
+    ],
+)
+async def test_query_entities_by_prefix(backend: Backend, starts_with: str, expected: list[str]) -> None:
+    client = dtfx.AsyncClient(backend)
+    for entity in ("Counter@KeyA", "counter@keyb", "counterpart@x", "other@KeyA"):
+        name, key = entity.split("@")
+        await client.signal_entity(EntityInstanceId(name, key), "add", 1)
+    query = dtfx.EntityQuery(instance_id_starts_with=starts_with, include_transient=True)
+    assert [str(metadata.id) for metadata in await client.get_all_entities(query)] == expected
+
+
+class _TextAsIs(DataConverter):
+    """Payloads as the caller wrote them, as over gRPC (the default converter escapes NUL in JSON)."""
+
+    def serialize(self, value: Any) -> str | None:
+        return None if value is None else str(value)
+
+    def deserialize(self, data: str | None, target_type: Any = None) -> Any:
+        return data
+
+
+async def test_a_nul_in_an_input_on_postgresql_is_refused_and_the_hub_keeps_working() -> None:
+    backend = open_backend(postgres_url())
+    try:
+        raw = dtfx.AsyncClient(backend, data_converter=_TextAsIs())
+        with pytest.raises(UnstorableValueError, match="NUL") as refused:
+            await raw.schedule_new_orchestration("anything", input="a\x00b", instance_id="with-nul")
+        assert isinstance(refused.value, ValueError)
+        assert await raw.get_orchestration_state("with-nul") is None
+        client = dtfx.AsyncClient(backend)
+        await client.schedule_new_orchestration("anything", input="a\x00b", instance_id="escaped")  # JSON: \u0000
+        state = await client.get_orchestration_state("escaped")
+        assert state is not None and state.get_input() == "a\x00b"
+    finally:
+        await backend.close()
