@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from dtfx.core.errors import BackendUnavailableError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -36,21 +38,31 @@ class GroupCommitter(Generic[T, R]):
         try:
             while self._queue:
                 batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
-                try:
-                    results = await self._commit_many([item for item, _ in batch])
-                except BaseException as error:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(error)
-                    if not isinstance(error, Exception):
-                        raise
-                    continue
-                for (_, future), committed in zip(batch, results, strict=True):
-                    if not future.done():
-                        future.set_result(committed)
+                await self._commit_batch(batch)
         finally:
             self._flusher = None
             waiting, self._queue = self._queue, []
             for _, future in waiting:  # only after a cancellation
                 if not future.done():
                     future.cancel()
+
+    async def _commit_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        """Commit ``batch`` in one call; if that fails for a reason the store may not
+        share with every item (a value it cannot hold, say), commit each item alone, so
+        that only the items at fault get the error."""
+        try:
+            results = await self._commit_many([item for item, _ in batch])
+        except BaseException as error:
+            if len(batch) > 1 and isinstance(error, Exception) and not isinstance(error, BackendUnavailableError):
+                for one in batch:
+                    await self._commit_batch([one])
+                return
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for (_, future), committed in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(committed)
