@@ -31,6 +31,8 @@ from typing import Any
 
 POSTGRES = os.environ.get("DTFX_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+COMMITS = 500
+"""Commits timed for the floor: the cost of one durable commit on each store."""
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,12 @@ class Run:
 
     @property
     def module(self) -> str:
-        return {"dtfx": "benchmarks.dtfx_bench", "dbos": "benchmarks.dbos_bench", "sdk": "benchmarks.grpc_bench"}[
-            self.engine
-        ]
+        return {
+            "dtfx": "benchmarks.dtfx_bench",
+            "dbos": "benchmarks.dbos_bench",
+            "sdk": "benchmarks.grpc_bench",
+            "store": "benchmarks.floor_bench",
+        }[self.engine]
 
 
 @dataclass
@@ -66,6 +71,7 @@ def plan(stores: list[str], quick: bool) -> list[Run]:
     lengths = [100, 300] if quick else [100, 300, 1000]
     runs: list[Run] = []
     for store in stores:
+        runs.append(Run("store", "commit", COMMITS, store))
         for engine in ("dtfx", "dbos"):
             runs.append(Run(engine, "sequence", sequence, store))
             runs.append(Run(engine, "fan_out", 1000, store))
@@ -258,6 +264,7 @@ def report(results: Results, stores: list[str], quick: bool) -> str:
             f" ({lengths[-1] // lengths[0]}x the steps): dtfx {growth}, DBOS {dbos_growth}"
             " (linear growth gives about the ratio of the lengths; quadratic, its square)."
         )
+        out.append("\n" + _floor(results, store, lengths[-1]))
         signals = results.get("dtfx", "entity_signals", 2_000 if quick else 10_000, store)
         many = results.get("dtfx", "entity_many", 200 if quick else 1_000, store)
         out.append("\n| Entities | dtfx |\n|---|---|")
@@ -278,6 +285,27 @@ def report(results: Results, stores: list[str], quick: bool) -> str:
             f"- {run.engine} {run.workload} {run.size} on {run.store}: {error}" for run, error in results.errors.items()
         )
     return "\n".join(out)
+
+
+def _floor(results: Results, store: str, length: int) -> str:
+    """One durable commit on the store against one step of the long sequence."""
+    floor = results.get("store", "commit", COMMITS, store)
+    if floor is None:
+        return "The cost of one durable commit was not measured."
+    if store == "sqlite":
+        wal, rollback = floor["wal_us"], floor["rollback_journal_us"]
+        commits = f"{wal:,.0f} µs in WAL mode (dtfx), {rollback:,.0f} µs with the rollback journal (DBOS)"
+    else:
+        commits = f"{floor['commit_us']:,.0f} µs"
+    steps = []
+    for engine, name in (("dtfx", "dtfx"), ("dbos", "DBOS")):
+        result = results.get(engine, "long_sequence", length, store)
+        if result:
+            steps.append(f"{name} {result['seconds'] / length * 1e6:,.0f} µs")
+    return (
+        f"One durable commit (a one-row insert, median of {COMMITS}): {commits}."
+        f" One step of the long sequence (L = {length}): {', '.join(steps) or 'not measured'}."
+    )
 
 
 def _seconds(result: dict[str, Any] | None) -> str:
