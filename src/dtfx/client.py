@@ -8,9 +8,9 @@ official ``durabletask`` SDK's ``TaskHubGrpcClient``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from dtfx._portal import LoopThread
 from dtfx.backends import open_backend
@@ -52,6 +52,8 @@ from dtfx.core.state import (
     Page,
     PurgeResult,
 )
+
+T = TypeVar("T")
 
 _TERMINAL = sorted(
     (
@@ -169,14 +171,7 @@ class AsyncClient:
 
     async def get_all_orchestration_states(self, query: OrchestrationQuery | None = None) -> list[OrchestrationState]:
         """Every instance matching ``query``, across all pages."""
-        states: list[OrchestrationState] = []
-        token: str | None = None
-        while True:
-            page = await self.query_orchestrations(query, token)
-            states.extend(page.items)
-            token = page.continuation_token
-            if token is None:
-                return states
+        return await _every_page(lambda token: self.query_orchestrations(query, token))
 
     async def list_instance_ids(
         self,
@@ -427,14 +422,7 @@ class AsyncClient:
 
     async def get_all_entities(self, query: EntityQuery | None = None) -> list[EntityMetadata]:
         """Every entity matching ``query``, across all pages."""
-        entities: list[EntityMetadata] = []
-        token: str | None = None
-        while True:
-            page = await self.query_entities(query, token)
-            entities.extend(page.items)
-            token = page.continuation_token
-            if token is None:
-                return entities
+        return await _every_page(lambda token: self.query_entities(query, token))
 
     async def clean_entity_storage(
         self, remove_empty_entities: bool = True, release_orphaned_locks: bool = True
@@ -491,6 +479,18 @@ def _entity_id_prefix(starts_with: str) -> str:
     if name_end < 0:
         return prefix.lower()
     return prefix[:name_end].lower() + prefix[name_end:]
+
+
+async def _every_page(query_page: Callable[[str | None], Awaitable[Page[T]]]) -> list[T]:
+    """The items of every page ``query_page`` gives, from the first (token ``None``) to the last."""
+    items: list[T] = []
+    token: str | None = None
+    while True:
+        page = await query_page(token)
+        items.extend(page.items)
+        token = page.continuation_token
+        if token is None:
+            return items
 
 
 class Client:
