@@ -41,7 +41,7 @@ import msgspec
 from dtfx._portal import LoopThread
 from dtfx.backends.base import WorkKind
 from dtfx.backends.sql.backend import Coalesced, SqlBackend
-from dtfx.backends.sql.program import Dialect, Execute, Fetch, Notify, Program, Step, Stepper
+from dtfx.backends.sql.program import Dialect, Execute, Fetch, Notify, Program, Statement, Step, Stepper
 from dtfx.backends.sql.schema import migrate
 from dtfx.core.errors import BackendError, BackendUnavailableError, ConfigurationError, UnstorableValueError
 
@@ -82,11 +82,20 @@ class _Announcement(msgspec.Struct, frozen=True):
 
 
 class PostgresDialect(Dialect):
-    """PostgreSQL's SQL: arrays for lists, row locks, and NOTIFY on ``channel``.
+    """PostgreSQL's SQL: arrays for lists, row locks, rows written many at once, and NOTIFY on ``channel``.
 
     A notification wakes every listener, the sender's own too, which made a commit that
     announces something about a quarter slower; so commits announce nothing while no
     other backend object listens (:attr:`others_listening`).
+
+    Many rows are written with one statement whose one parameter is the rows as a JSON
+    array of objects, read by ``json_populate_recordset`` with the table's own row type
+    (``NULL::table``, found through the hub's ``search_path``), so no column type is
+    written here. Measured on 320 history rows a transaction, this costs the client half
+    the CPU of a statement per row, and the server a fifth less; arrays per column
+    (``unnest``) cost the client six times what a statement per row does, as psycopg
+    writes array literals in Python. A text PostgreSQL cannot hold (a NUL, which JSON writes ``\\u0000``) is
+    refused by the server as a data error, as it is when sent as a parameter.
     """
 
     for_update = " FOR UPDATE"
@@ -100,6 +109,7 @@ class PostgresDialect(Dialect):
         self.sender = sender
         self.others_listening = True
         """Whether another backend object listens on the channel (as last seen; at first, assume so)."""
+        self._row_types: dict[tuple[str, ...], type[msgspec.Struct]] = {}
 
     def in_list(self, column: str) -> str:
         return f"{column} = ANY(?)"
@@ -110,6 +120,41 @@ class PostgresDialect(Dialect):
     def in_select(self, column: str, select: str) -> str:
         # A join with the select's rows gets a generic plan that scans the whole table.
         return f"{column} = ANY(ARRAY({select}))"
+
+    def insert_rows(self, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> Statement:
+        if len(rows) < 2:  # the plain statement costs less than a JSON document
+            return super().insert_rows(table, columns, rows)
+        # The function returns the rows in the array's order, and they are inserted in it.
+        names = ", ".join(columns)
+        return Execute(
+            f"INSERT INTO {table} ({names}) SELECT {names} FROM json_populate_recordset(NULL::{table}, ?)",
+            (self._json_rows(columns, rows),),
+        )
+
+    def update_rows(self, table: str, columns: tuple[str, ...], key: str, rows: Sequence[Sequence[Any]]) -> Statement:
+        if len(rows) < 2:
+            return super().update_rows(table, columns, key, rows)
+        # The rows are found through the key's index: a join with the function's rows alone
+        # gets a generic plan that scans the whole table (as in in_select).
+        assignments = ", ".join(f"{column} = given.{column}" for column in columns)
+        return Execute(
+            f"WITH given AS MATERIALIZED (SELECT {key}, {', '.join(columns)}"
+            f" FROM json_populate_recordset(NULL::{table}, ?)) UPDATE {table} SET {assignments} FROM given"
+            f" WHERE {self.in_select(f'{table}.{key}', f'SELECT {key} FROM given')} AND {table}.{key} = given.{key}",
+            (self._json_rows((*columns, key), rows),),
+        )
+
+    def _json_rows(self, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> str:
+        """``rows`` as a JSON array of objects keyed by ``columns``, for ``json_populate_recordset``.
+
+        Through a struct type per list of columns: building one from a tuple costs a
+        sixth of building a dict (the values are texts, numbers and ``None``: no
+        reference cycles, so no garbage-collector tracking).
+        """
+        row_type = self._row_types.get(columns)
+        if row_type is None:
+            row_type = self._row_types[columns] = msgspec.defstruct("Row", columns, gc=False)
+        return msgspec.json.encode([row_type(*row) for row in rows]).decode()
 
     def notify(self, notify: Notify) -> Sequence[Step]:
         if not self.others_listening:

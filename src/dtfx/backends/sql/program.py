@@ -7,7 +7,7 @@ async (PostgreSQL), and may run it again from the start after a retryable error 
 program only reads its arguments, never changes them).
 
 SQL in programs uses ``?`` placeholders; a :class:`Dialect` supplies the fragments that
-differ between databases.
+differ between databases, and the statements that write many rows at once.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection, Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cache
 from typing import Any, ClassVar, Generic, TypeVar
 
 from dtfx.backends.base import WorkKind
@@ -110,6 +111,39 @@ class Dialect(ABC):
         """The steps that wake the waiters ``notify`` names: ``notify`` itself (this process),
         after whatever tells other processes inside the transaction (default: nothing)."""
         return (notify,)
+
+    def insert_rows(self, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> Statement:
+        """The statement that inserts ``rows`` (each the values of ``columns``, in order) into ``table``.
+
+        Default: the one-row ``INSERT`` run once per row, which costs little where the
+        driver loops in C (SQLite's ``executemany``). Rows are inserted in order (an
+        identity column numbers them in that order).
+        """
+        return ExecuteMany(insert_sql(table, columns), rows)
+
+    def update_rows(self, table: str, columns: tuple[str, ...], key: str, rows: Sequence[Sequence[Any]]) -> Statement:
+        """The statement that sets ``columns`` of rows of ``table``: each of ``rows`` holds the
+        values of ``columns``, then the value of ``key`` that picks the row to change (one row
+        each; keys unique).
+
+        The transaction must hold the rows' locks already (it read them ``FOR UPDATE``):
+        one statement may change them in any order, so it must not be the one to lock them.
+        Default: the one-row ``UPDATE`` run once per row.
+        """
+        return ExecuteMany(update_sql(table, columns, key), rows)
+
+
+@cache
+def insert_sql(table: str, columns: tuple[str, ...]) -> str:
+    """``INSERT`` of one row of ``columns`` into ``table``: the values are the parameters."""
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+@cache
+def update_sql(table: str, columns: tuple[str, ...], key: str) -> str:
+    """``UPDATE`` of ``columns`` of the row of ``table`` with a given ``key``: the parameters
+    are the values of ``columns``, then the key's."""
+    return f"UPDATE {table} SET {', '.join(f'{column} = ?' for column in columns)} WHERE {key} = ?"
 
 
 class Stepper(Generic[T]):

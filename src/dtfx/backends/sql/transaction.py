@@ -35,7 +35,7 @@ from dtfx.backends.delivery import (
     with_pending_requests,
     work_kind_of,
 )
-from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, FetchEach, Notify, Program, Row
+from dtfx.backends.sql.program import Dialect, Execute, Fetch, FetchEach, Notify, Program, Row
 from dtfx.backends.sql.rows import (
     STATE_COLUMNS,
     failure_text,
@@ -49,23 +49,32 @@ from dtfx.core.history import ExecutionStarted, HistoryEvent, OrchestrationStatu
 from dtfx.core.state import OrchestrationState
 from dtfx.core.workitems import ActivityTask, MessageId, OrchestrationCheckpoint, OutboundMessage
 
-_INSERT_INSTANCE = (
-    f"INSERT INTO instances ({', '.join(STATE_COLUMNS)}, is_entity, history_size, next_visible_at)"
-    f" VALUES ({', '.join('?' * (len(STATE_COLUMNS) + 3))})"
+# What flush writes, as (table and) columns: the dialect makes the statements.
+_INSTANCE_COLUMNS = (*STATE_COLUMNS, "is_entity", "history_size", "next_visible_at")
+"""A whole instance row: :func:`state_values`, then the history size and ``next_visible_at``."""
+_REPLACED_COLUMNS = (*_INSTANCE_COLUMNS[1:], "lock_token", "locked_until")
+"""A row replaced whole (key ``instance_id``): no lease survives it."""
+_CHECKPOINTED_COLUMNS = (
+    "status",
+    "execution_id",
+    "input",
+    "output",
+    "custom_status",
+    "failure_details",
+    "version",
+    "completed_at",
+    "last_updated_at",
+    "history_size",
+    "lock_token",
+    "locked_until",
+    "next_visible_at",
 )
-_REPLACE_INSTANCE = (
-    "UPDATE instances SET "
-    + ", ".join(f"{column} = ?" for column in (*STATE_COLUMNS[1:], "is_entity", "history_size", "next_visible_at"))
-    + ", lock_token = NULL, locked_until = NULL WHERE instance_id = ?"
-)
-_UPDATE_CHECKPOINTED = (
-    "UPDATE instances SET status = ?, execution_id = ?, input = ?, output = ?, custom_status = ?,"
-    " failure_details = ?, version = ?, completed_at = ?, last_updated_at = ?, history_size = ?,"
-    " lock_token = ?, locked_until = ?, next_visible_at = ? WHERE instance_id = ?"
-)
-_UPDATE_STATUS_AND_NEXT_VISIBLE = (
-    "UPDATE instances SET status = ?, last_updated_at = ?, next_visible_at = ? WHERE instance_id = ?"
-)
+"""What a checkpoint changes in its instance's row (key ``instance_id``): see :func:`_checkpointed_values`."""
+_STATUS_COLUMNS = ("status", "last_updated_at", "next_visible_at")
+"""What a delivery changes in its target's row (key ``instance_id``)."""
+_HISTORY_COLUMNS = ("instance_id", "sequence", "event")
+_INBOX_COLUMNS = ("instance_id", "execution_id", "visible_at", "event")
+_TASK_COLUMNS = ("instance_id", "execution_id", "name", "event", "visible_at", "lock_token", "dequeue_count")
 
 
 @dataclass
@@ -312,7 +321,10 @@ class HubTransaction:
                     kinds.add(work_kind_of(instance_id))
                 if writes.new_row:
                     values = (*state_values(state), instance.history_size, next_visible_at)
-                    (replaced if instance.in_db else inserted).append(values)
+                    if instance.in_db:
+                        replaced.append((*values[1:], None, None, instance_id))
+                    else:
+                        inserted.append(values)
                 elif writes.checkpointed:
                     checkpointed.append(_checkpointed_values(instance, kept_until, next_visible_at))
                 elif writes.status_changed or next_visible_at != instance.next_visible_at:
@@ -339,30 +351,26 @@ class HubTransaction:
                 if not leased:
                     kinds.add(WorkKind.ACTIVITY)
 
+        # Instance rows are changed only once load() has locked them (by id). Rows go in in
+        # the order planned, so inbox messages are numbered in the order they were sent.
         if inserted:
-            yield ExecuteMany(_INSERT_INSTANCE, inserted)
+            yield dialect.insert_rows("instances", _INSTANCE_COLUMNS, inserted)
         if replaced:
-            yield ExecuteMany(_REPLACE_INSTANCE, [(*values[1:], values[0]) for values in replaced])
+            yield dialect.update_rows("instances", _REPLACED_COLUMNS, "instance_id", replaced)
         if checkpointed:
-            yield ExecuteMany(_UPDATE_CHECKPOINTED, checkpointed)
+            yield dialect.update_rows("instances", _CHECKPOINTED_COLUMNS, "instance_id", checkpointed)
         if updated:
-            yield ExecuteMany(_UPDATE_STATUS_AND_NEXT_VISIBLE, updated)
+            yield dialect.update_rows("instances", _STATUS_COLUMNS, "instance_id", updated)
         if history_reset:
             yield Execute(f"DELETE FROM history WHERE {in_list('instance_id')}", (dialect.list_param(history_reset),))
         if consumed:
             yield Execute(f"DELETE FROM inbox WHERE {in_list('id')}", (dialect.list_param(consumed),))
         if history:
-            yield ExecuteMany("INSERT INTO history (instance_id, sequence, event) VALUES (?, ?, ?)", history)
+            yield dialect.insert_rows("history", _HISTORY_COLUMNS, history)
         if inbox:
-            yield ExecuteMany(
-                "INSERT INTO inbox (instance_id, execution_id, visible_at, event) VALUES (?, ?, ?, ?)", inbox
-            )
+            yield dialect.insert_rows("inbox", _INBOX_COLUMNS, inbox)
         if tasks:
-            yield ExecuteMany(
-                "INSERT INTO tasks (instance_id, execution_id, name, event, visible_at, lock_token, dequeue_count)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                tasks,
-            )
+            yield dialect.insert_rows("tasks", _TASK_COLUMNS, tasks)
         if kinds or changed or delayed:
             yield from dialect.notify(Notify(frozenset(kinds), changed, delayed))
 
@@ -379,7 +387,7 @@ def _next_visible_at(instance: _Instance, writes: _Writes) -> int | None:
 
 
 def _checkpointed_values(instance: _Instance, kept_until: int | None, next_visible_at: int | None) -> tuple[Any, ...]:
-    """The parameters of ``_UPDATE_CHECKPOINTED`` (``kept_until``: the lease is kept until then)."""
+    """The values of ``_CHECKPOINTED_COLUMNS``, then the key (``kept_until``: the lease is kept until then)."""
     state = instance.state
     return (
         int(state.runtime_status),
