@@ -318,15 +318,15 @@ class PostgresBackend(SqlBackend):
         finally:
             driver.close()
 
-    async def _run(self, program: Callable[[], Program[T]], *, write: bool) -> T:
+    async def _run(self, program: Callable[[], Program[T]], *, write: bool, durable: bool = True) -> T:
         if self._pool is None:
             await self.start()
         if self._home_pool is not None and self._home is asyncio.get_running_loop():
-            return await self._transact(program, write, self._home_pool)
+            return await self._transact(program, write, self._home_pool, durable=durable)
         driver = self._driver
         if driver is None:
             raise _closed_error()
-        return await asyncio.wrap_future(driver.submit(self._transact(program, write)))
+        return await asyncio.wrap_future(driver.submit(self._transact(program, write, durable=durable)))
 
     async def _ensure_started(self) -> None:
         if self._pool is None:
@@ -415,7 +415,12 @@ class PostgresBackend(SqlBackend):
             await pool.close()
 
     async def _transact(
-        self, program: Callable[[], Program[T]], write: bool, pool: AsyncConnectionPool | None = None
+        self,
+        program: Callable[[], Program[T]],
+        write: bool,
+        pool: AsyncConnectionPool | None = None,
+        *,
+        durable: bool = True,
     ) -> T:
         pool = pool or self._pool
         if pool is None:
@@ -428,7 +433,7 @@ class PostgresBackend(SqlBackend):
             try:
                 connection = await pool.getconn()
                 try:  # the pipeline leaves the connection idle, or closes it
-                    pipeline = Pipeline(connection, transaction=write)
+                    pipeline = Pipeline(connection, transaction=write, durable=durable)
                     result = await pipeline.run(stepper)
                 finally:
                     await pool.putconn(connection)

@@ -69,10 +69,11 @@ class Pipeline:
     """One program run on ``connection`` (see the module docstring).
 
     ``transaction``: wrap the statements in ``BEGIN`` / ``COMMIT``; otherwise each
-    fetch is its own implicit transaction (reads).
+    fetch is its own implicit transaction (reads). ``durable=False``: the transaction's
+    commit does not wait for the server's disk (``synchronous_commit=off``).
     """
 
-    def __init__(self, connection: psycopg.AsyncConnection[Any], *, transaction: bool) -> None:
+    def __init__(self, connection: psycopg.AsyncConnection[Any], *, transaction: bool, durable: bool = True) -> None:
         self._connection = connection
         self._pgconn = connection.pgconn
         state = _states.get(connection)
@@ -80,6 +81,7 @@ class Pipeline:
             state = _states[connection] = _ConnectionState(connection)
         self._state = state
         self._transaction = transaction
+        self._durable = durable
         self._pending: deque[list[pq.abc.PGresult] | str | None] = deque()
         """Per command sent, in order: where its result goes (``None``: nowhere), or ``_SYNC``."""
         self._new_statements: list[str] = []
@@ -95,6 +97,8 @@ class Pipeline:
         try:
             if self._transaction:
                 self._send("BEGIN", ())
+                if not self._durable:
+                    self._send("SET LOCAL synchronous_commit TO OFF", ())
             value: Any = None
             while (statement := stepper.advance(value)) is not None:
                 value = None

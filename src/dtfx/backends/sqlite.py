@@ -125,8 +125,8 @@ class SqliteBackend(SqlBackend):
             self._closed = True
             self._thread.shutdown(wait=False)
 
-    async def _run(self, program: Callable[[], Program[T]], *, write: bool) -> T:
-        return await self._on_thread(partial(self._transact, program, write))
+    async def _run(self, program: Callable[[], Program[T]], *, write: bool, durable: bool = True) -> T:
+        return await self._on_thread(partial(self._transact, program, write, durable))
 
     async def _ensure_started(self) -> None:
         if self._connection is None:
@@ -205,14 +205,14 @@ class SqliteBackend(SqlBackend):
                 run.ran(error)
         self._settle(run.futures, run.outcomes)
 
-    def _transact(self, program: Callable[[], Program[T]], write: bool) -> T:
+    def _transact(self, program: Callable[[], Program[T]], write: bool, durable: bool = True) -> T:
         # SQLite's own busy handler backs off up to 100 ms at a time, which lets busy
         # processes starve a third one; waiting briefly and trying again is fairer. What
         # failed as busy was never committed, so running the program again is safe.
         deadline = time.monotonic() + _BUSY_TIMEOUT
         while True:
             try:
-                return self._transact_once(program, write)
+                return self._transact_once(program, write, durable)
             except sqlite3.OperationalError as error:
                 if not _is_busy(error):
                     raise BackendError(f"SQLite task hub {self.path}: {error}") from error
@@ -224,21 +224,37 @@ class SqliteBackend(SqlBackend):
                 raise BackendError(f"SQLite task hub {self.path}: {error}") from error
             time.sleep(random.uniform(0.0005, 0.003))
 
-    def _transact_once(self, program: Callable[[], Program[T]], write: bool) -> T:
+    def _transact_once(self, program: Callable[[], Program[T]], write: bool, durable: bool) -> T:
         connection = self._open()
         stepper = Stepper(program())
-        if write:
-            connection.execute("BEGIN IMMEDIATE")
+        # In WAL mode, NORMAL skips the flush at commit only; the next FULL commit flushes
+        # the log, this transaction's part of it included (and checkpoints flush anyway).
+        relaxed = write and not durable and self._synchronous in ("full", "extra")
+        if relaxed:
+            connection.execute("PRAGMA synchronous=NORMAL")
         try:
-            result = _drive(connection, stepper)
             if write:
-                connection.execute("COMMIT")
-        except BaseException:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
+                connection.execute("BEGIN IMMEDIATE")
+            try:
+                result = _drive(connection, stepper)
+                if write:
+                    connection.execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+        finally:
+            if relaxed:
+                self._restore_synchronous(connection)
         self._after_commit(stepper.notifications)
         return result
+
+    def _restore_synchronous(self, connection: sqlite3.Connection) -> None:
+        try:
+            connection.execute(f"PRAGMA synchronous={self._synchronous}")
+        except sqlite3.Error:
+            self._close()  # never commit a step with the relaxed setting: reopen with the configured one
+            raise
 
 
 def _check_library(connection: sqlite3.Connection) -> None:
