@@ -1,8 +1,13 @@
-"""The dtfx side of the benchmarks: a worker and a client in one process, on one backend."""
+"""The dtfx side of the benchmarks: a worker and a client in one process, on one backend.
+
+The process runs on the loop ``dtfx worker`` runs on: uvloop's, with the ``fast`` extra
+that ``make bench`` installs (``DTFX_BENCH_LOOP=asyncio`` runs it on asyncio's).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -10,6 +15,7 @@ from typing import Any
 
 import dtfx
 from benchmarks.workload import CITIES, GREETINGS, dispatch, greeting, latency_summary
+from dtfx import _loops as loops
 from dtfx.backends import open_backend
 
 app = dtfx.App()
@@ -72,7 +78,9 @@ async def _complete(client: dtfx.AsyncClient, instance_id: str) -> Any:
 
 
 def _run(main: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-    return asyncio.run(main())
+    if os.environ.get("DTFX_BENCH_LOOP") == "asyncio":
+        return asyncio.run(main())
+    return loops.run(main())
 
 
 def sequence(url: str, count: int = 1000) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Coroutine
 from typing import Any, ClassVar, Self, TypeVar
 
+from dtfx._loops import new_event_loop
+
 T = TypeVar("T")
 
 
@@ -16,7 +18,7 @@ class LoopThread:
     """An event loop running in a daemon thread; sync facades submit their coroutines to it."""
 
     def __init__(self, name: str) -> None:
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
         self._thread.start()
 

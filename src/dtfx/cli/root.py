@@ -8,7 +8,6 @@ line on stderr and exits with 1 (a failure), 2 (a usage error) or 130 (Ctrl-C);
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import sys
@@ -21,6 +20,7 @@ from rich.logging import RichHandler
 from rich.text import Text
 from typer.core import TyperGroup
 
+from dtfx import _loops as loops
 from dtfx.core.errors import DtfxError
 
 P = ParamSpec("P")
@@ -131,7 +131,7 @@ def run_async(function: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
 
     @functools.wraps(function)
     def run(*args: P.args, **kwargs: P.kwargs) -> T:
-        return asyncio.run(function(*args, **kwargs))
+        return loops.run(function(*args, **kwargs))
 
     return run
 

@@ -1,0 +1,74 @@
+"""dtfx's own loops run on uvloop when it is installed, and everything works on them."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dtfx
+from dtfx import _loops as loops
+from dtfx.backends import open_backend
+from tests.postgres import postgres_url
+
+uvloop = pytest.importorskip("uvloop")
+
+app = dtfx.App()
+
+
+@app.activity
+def double(ctx: dtfx.ActivityContext, value: int) -> int:
+    return 2 * value
+
+
+@app.activity
+async def add_one(ctx: dtfx.ActivityContext, value: int) -> int:
+    return value + 1
+
+
+@app.orchestrator
+def mixed(ctx: dtfx.OrchestrationContext, value: int) -> Any:
+    value = yield ctx.call_activity(double, input=value)  # in the thread pool
+    value = yield ctx.call_activity(add_one, input=value)  # on the loop
+    yield ctx.create_timer(timedelta(milliseconds=10))
+    bonus = yield ctx.wait_for_external_event("bonus")
+    parts = yield dtfx.when_all([ctx.call_activity(double, input=value + i) for i in range(3)])
+    return sum(parts) + bonus
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/hub.db" if request.param == "sqlite" else postgres_url()
+
+
+def test_a_worker_and_clients_on_uvloop(url: str) -> None:
+    async def main() -> Any:
+        assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+        backend = open_backend(url)
+        try:
+            async with dtfx.Worker(backend, app=app):
+                client = dtfx.AsyncClient(backend)
+                instance_id = await client.schedule_new_orchestration(mixed, input=5)
+                await client.wait_for_orchestration_start(instance_id, timeout=30)
+                await client.raise_orchestration_event(instance_id, "bonus", data=100)
+                return await client.wait_for_orchestration_completion(instance_id, timeout=30)
+        finally:
+            await backend.close()
+
+    state = loops.run(main())
+    assert state is not None and state.runtime_status == dtfx.OrchestrationStatus.COMPLETED
+    assert state.get_output() == 2 * (11 + 12 + 13) + 100
+
+
+def test_the_sync_client_runs_its_loop_on_uvloop(tmp_path: Path) -> None:
+    backend = open_backend(f"sqlite:///{tmp_path}/hub.db")
+    with dtfx.Worker(backend, app=app), dtfx.Client(backend) as client:
+        instance_id = client.schedule_new_orchestration(mixed, input=1)
+        client.wait_for_orchestration_start(instance_id, timeout=30)
+        client.raise_orchestration_event(instance_id, "bonus", data=0)
+        state = client.wait_for_orchestration_completion(instance_id, timeout=30)
+        assert isinstance(client._portal._loop, uvloop.Loop)
+    assert state is not None and state.get_output() == 2 * (3 + 4 + 5)
