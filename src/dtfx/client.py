@@ -199,7 +199,7 @@ class AsyncClient:
         Raises :class:`~dtfx.OrchestrationTimeoutError` (a ``TimeoutError``) after ``timeout`` seconds.
         """
         return await self._wait(
-            instance_id, lambda s: s.runtime_status != OrchestrationStatus.PENDING, "start", timeout, fetch_payloads
+            instance_id, lambda status: status != OrchestrationStatus.PENDING, "start", timeout, fetch_payloads
         )
 
     async def wait_for_orchestration_completion(
@@ -209,21 +209,25 @@ class AsyncClient:
 
         Raises :class:`~dtfx.OrchestrationTimeoutError` (a ``TimeoutError``) after ``timeout`` seconds.
         """
-        return await self._wait(
-            instance_id, lambda s: s.runtime_status.is_terminal, "complete", timeout, fetch_payloads
-        )
+        return await self._wait(instance_id, lambda status: status.is_terminal, "complete", timeout, fetch_payloads)
 
     async def _wait(
         self,
         instance_id: str,
-        predicate: Callable[[OrchestrationState], bool],
+        until: Callable[[OrchestrationStatus], bool],
         what: str,
         timeout: float,
         fetch_payloads: bool,
     ) -> OrchestrationState | None:
         backend = await self._ready()
         try:
-            state = await backend.wait_for_instance(instance_id, predicate, timeout, fetch_payloads=fetch_payloads)
+            state = await backend.wait_for_instance(
+                instance_id,
+                lambda state: until(state.runtime_status),
+                timeout,
+                fetch_payloads=fetch_payloads,
+                may_satisfy=until,
+            )
         except TimeoutError:
             raise OrchestrationTimeoutError(instance_id, what, timeout) from None
         return self._with_converter(state)

@@ -28,7 +28,7 @@ from dtfx.core.history import (
     TaskScheduled,
     TimerFired,
 )
-from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery
+from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState
 from dtfx.core.workitems import (
     ActivityResult,
     ActivityTask,
@@ -767,6 +767,40 @@ async def test_wait_for_instance_wakes_on_commit_and_times_out(backend: Backend)
     state = await backend.wait_for_instance("a", lambda s: s.runtime_status.is_terminal, 5)
     await finisher
     assert state is not None and state.runtime_status == Status.COMPLETED
+
+
+async def test_a_commit_leaving_a_status_the_waiter_does_not_wait_for_is_not_read(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await backend.create_instance(start_event("a"))
+    reads: list[Status] = []
+    get_instance = backend.get_instance
+
+    async def counted(instance_id: str, *, fetch_payloads: bool = True) -> OrchestrationState | None:
+        state = await get_instance(instance_id, fetch_payloads=fetch_payloads)
+        reads.append(state.runtime_status if state is not None else Status.PENDING)
+        return state
+
+    monkeypatch.setattr(backend, "get_instance", counted)
+    if hasattr(backend, "_watch_round"):  # the SQL backends' watch for other processes' commits reads too
+        monkeypatch.setattr(backend, "_watch_round", lambda: None)
+    waiting = asyncio.create_task(
+        backend.wait_for_instance(
+            "a", lambda s: s.runtime_status.is_terminal, 5, may_satisfy=lambda status: status.is_terminal
+        )
+    )
+    await asyncio.sleep(0.05)
+    assert reads == [Status.PENDING]
+    item = await lock_one(backend, "a")
+    await backend.complete_orchestration_work_items([checkpoint_for(item, keep_lease_for=LEASE)])  # now RUNNING
+    await asyncio.sleep(0.1)
+    assert reads == [Status.PENDING]  # woken, told RUNNING: nothing to read
+    history = [ExecutionCompleted(timestamp=utc_now(), status=Status.COMPLETED)]
+    done = checkpoint_for(item, status=Status.COMPLETED, history=history, consumed=[])
+    await backend.complete_orchestration_work_items([done])
+    state = await waiting
+    assert state is not None and state.runtime_status == Status.COMPLETED
+    assert reads == [Status.PENDING, Status.COMPLETED]
 
 
 async def test_subscribers_are_woken_by_new_work(backend: Backend) -> None:

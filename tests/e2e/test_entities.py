@@ -211,10 +211,10 @@ async def test_scheduled_signals_wait_for_their_time(hub: Hub, app: dtfx.App) ->
         return "scheduled"
 
     async with hub.worker(app):
-        await hub.client.signal_entity(entity, "add", 10, signal_time=utc_now() + timedelta(milliseconds=300))
-        await hub.run(schedule)
+        await hub.client.signal_entity(entity, "add", 10, signal_time=utc_now() + timedelta(milliseconds=500))
         await asyncio.sleep(0.1)
         assert await hub.client.get_entity(entity) is None
+        await hub.run(schedule)
         await _wait_for_entity_state(hub, entity, 11)
 
 

@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 
 from dtfx.backends.signals import KeyedSignal, Signal, Waiter
-from dtfx.core.history import ExecutionStarted, HistoryEvent
+from dtfx.core.history import ExecutionStarted, HistoryEvent, OrchestrationStatus
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
 from dtfx.core.workitems import (
     ActivityResult,
@@ -278,8 +278,9 @@ class Backend(ABC):
         for kind in kinds:
             self._work_signals[kind].notify()
 
-    def _notify_instance(self, instance_id: str) -> None:
-        self._instance_signals.notify(instance_id)
+    def _notify_instance(self, instance_id: str, status: OrchestrationStatus | None = None) -> None:
+        """Wake the instance's waiters; ``status``: the status a commit of this object left it with."""
+        self._instance_signals.notify(instance_id, status)
 
     async def wait_for_instance(
         self,
@@ -288,24 +289,36 @@ class Backend(ABC):
         timeout: float | None,
         *,
         fetch_payloads: bool = True,
+        may_satisfy: Callable[[OrchestrationStatus], bool] | None = None,
     ) -> OrchestrationState | None:
         """Wait until the instance's state satisfies ``predicate`` and return it.
 
         ``predicate`` should depend on the status only: waiters are woken when an
-        instance's status changes. Returns ``None`` at once for an unknown instance;
-        raises ``TimeoutError`` when ``timeout`` seconds pass first. Built from
-        :meth:`get_instance`, woken by this object's own commits and polling
-        otherwise; backends may do better.
+        instance's status changes. ``may_satisfy`` tells whether a state of a given status
+        can satisfy ``predicate``: the commits of this object that leave the instance with
+        one that cannot (RUNNING, to a wait for the end) then wake the waiter without a
+        read. Returns ``None`` at once for an unknown instance; raises ``TimeoutError``
+        when ``timeout`` seconds pass first. Built from :meth:`get_instance`, woken by this
+        object's own commits and polling otherwise; backends may do better.
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         with self._instance_signals.subscribe(instance_id) as waiter:
+            read = True
             while True:
-                state = await self.get_instance(instance_id, fetch_payloads=fetch_payloads)
-                if state is None or predicate(state):
-                    return state
+                if read:
+                    state = await self.get_instance(instance_id, fetch_payloads=fetch_payloads)
+                    if state is None or predicate(state):
+                        return state
                 interval = self.instance_poll_interval or self.poll_interval
                 remaining = interval if deadline is None else min(interval, deadline - loop.time())
                 if remaining <= 0:
                     raise TimeoutError(instance_id)
-                await waiter.wait(remaining)
+                notified = await waiter.wait(remaining)
+                statuses = waiter.take_hints()
+                read = (
+                    not notified
+                    or statuses is None
+                    or may_satisfy is None
+                    or any(not isinstance(status, OrchestrationStatus) or may_satisfy(status) for status in statuses)
+                )

@@ -28,7 +28,7 @@ from dtfx.backends.delivery import (
 )
 from dtfx.backends.paging import decode_token, encode_token
 from dtfx.core.errors import OrchestrationAlreadyExistsError, OrchestrationNotFoundError
-from dtfx.core.history import ExecutionStarted, HistoryEvent
+from dtfx.core.history import ExecutionStarted, HistoryEvent, OrchestrationStatus
 from dtfx.core.instance_ids import is_entity_id
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
 from dtfx.core.workitems import (
@@ -106,7 +106,7 @@ class MemoryBackend(Backend):
                     raise OrchestrationAlreadyExistsError(instance_id, status)
             self._create(start, now, scheduled_start_at)
         self._notify_work(WorkKind.ORCHESTRATION)
-        self._notify_instance(instance_id)
+        self._notify_instance(instance_id, OrchestrationStatus.PENDING)
 
     def _create(
         self,
@@ -251,10 +251,15 @@ class MemoryBackend(Backend):
                 if instance.state.runtime_status != status:  # waiters wait for statuses
                     changed.append(checkpoint.instance_id)
                 changed.extend(message.instance_id for message in checkpoint.messages)
+            statuses = {instance_id: self._status_of(instance_id) for instance_id in changed}
         self._notify_work(*woken)
-        for instance_id in dict.fromkeys(changed):
-            self._notify_instance(instance_id)
+        for instance_id, now_status in statuses.items():
+            self._notify_instance(instance_id, now_status)
         return results
+
+    def _status_of(self, instance_id: str) -> OrchestrationStatus | None:
+        instance = self._instances.get(instance_id)
+        return None if instance is None else instance.state.runtime_status
 
     def _commit(
         self, instance: _Instance, checkpoint: OrchestrationCheckpoint, now: datetime, woken: set[WorkKind]

@@ -6,7 +6,9 @@ sync ``Client`` runs its own loop; a PostgreSQL listener runs in its own task), 
 waiter's future is always resolved through its own loop's ``call_soon_threadsafe``.
 
 A :class:`Waiter` is level-triggered: a notification that arrives while nobody waits
-is kept until the next :meth:`Waiter.wait`, so "check, then wait" never misses one.
+is kept until the next :meth:`Waiter.wait`, so "check, then wait" never misses one. A
+notification may carry a *hint* of what changed (an instance's new status), which
+spares a waiter that waits for something else a read.
 """
 
 from __future__ import annotations
@@ -23,15 +25,20 @@ class Waiter:
     def __init__(self, on_close: Signal | KeyedSignal | None = None, key: Hashable = None) -> None:
         self._lock = threading.Lock()
         self._flag = False
+        self._hints: list[object] | None = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._future: asyncio.Future[None] | None = None
         self._owner = on_close
         self._key = key
 
-    def set(self) -> None:
-        """Wake the waiter (from any thread)."""
+    def set(self, hint: object = None) -> None:
+        """Wake the waiter (from any thread), with a ``hint`` of what changed (``None``: unknown)."""
         with self._lock:
             self._flag = True
+            if hint is None:
+                self._hints = None
+            elif self._hints is not None:
+                self._hints.append(hint)
             loop, future = self._loop, self._future
         if loop is not None and future is not None:
             with suppress(RuntimeError):  # the loop has closed
@@ -41,6 +48,12 @@ class Waiter:
         """Forget a pending notification."""
         with self._lock:
             self._flag = False
+
+    def take_hints(self) -> list[object] | None:
+        """The hints of the notifications since the last call (``None``: one of them had none)."""
+        with self._lock:
+            hints, self._hints = self._hints, []
+        return hints
 
     async def wait(self, timeout: float | None) -> bool:
         """Wait until notified or ``timeout`` seconds pass; True if notified. Clears the flag."""
@@ -123,12 +136,12 @@ class KeyedSignal:
             self._waiters.setdefault(key, set()).add(waiter)
         return waiter
 
-    def notify(self, key: Hashable) -> None:
-        """Wake the waiters of ``key`` (from any thread)."""
+    def notify(self, key: Hashable, hint: object = None) -> None:
+        """Wake the waiters of ``key`` (from any thread), with a ``hint`` of what changed."""
         with self._lock:
             waiters = list(self._waiters.get(key, ()))
         for waiter in waiters:
-            waiter.set()
+            waiter.set(hint)
 
     def subscribed_keys(self) -> list[Hashable]:
         """The keys that have waiters now."""

@@ -190,8 +190,8 @@ class SqlBackend(Backend):
             for kind, visible_at in notify.delayed:
                 self._note_delayed(kind, visible_at)
             self._notify_work(*notify.kinds)
-            for instance_id in notify.instances:
-                self._notify_instance(instance_id)
+            for instance_id, status in notify.instances.items():
+                self._notify_instance(instance_id, status)
 
     # Other processes' commits reach this process's waiters through watch rounds: every
     # poll interval, the driver reads the versions of all the instances someone waits

@@ -13,13 +13,14 @@ differ between databases, and the statements that write many rows at once.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Generator, Sequence
+from collections.abc import Collection, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
 from typing import Any, ClassVar, Generic, TypeVar
 
 from dtfx.backends.base import WorkKind
+from dtfx.core.history import OrchestrationStatus
 
 T = TypeVar("T")
 
@@ -69,7 +70,8 @@ class Notify:
     """After the commit, wake the waiters of these work kinds and instances (in every process)."""
 
     kinds: frozenset[WorkKind] = frozenset()
-    instances: Collection[str] = field(default_factory=tuple)
+    instances: Mapping[str, OrchestrationStatus] = field(default_factory=dict)
+    """The instances whose status changed, with the status they now have."""
     delayed: Collection[tuple[WorkKind, datetime]] = field(default_factory=tuple)
     """Work this transaction wrote for later: (kind, visible-at time), for this process's timers."""
 

@@ -303,7 +303,7 @@ class HubTransaction:
         tasks: list[tuple[Any, ...]] = []
         kinds: set[WorkKind] = set()
         delayed: list[tuple[WorkKind, datetime]] = []
-        changed: list[str] = []
+        changed: dict[str, OrchestrationStatus] = {}
         now = to_micros(self.now)
         for instance_id, writes in self._writes.items():
             instance = self._instances.get(instance_id)
@@ -331,7 +331,7 @@ class HubTransaction:
                     status = int(state.runtime_status)
                     updated.append((status, to_micros(state.last_updated_at), next_visible_at, instance_id))
                 if state.runtime_status != instance.loaded_status:
-                    changed.append(instance_id)
+                    changed[instance_id] = state.runtime_status
             if writes.reset_history:
                 history_reset.append(instance_id)
             consumed.extend(writes.consumed)
