@@ -92,6 +92,18 @@ def test_health_pings_come_often_enough_for_sdk_workers() -> None:
     assert SidecarOptions(health_ping_interval=timedelta(seconds=60)).health_ping_interval.total_seconds() == 60
 
 
+def test_dispatcher_tuning_defaults_to_a_native_workers() -> None:
+    options, worker = SidecarOptions(), dtfx.WorkerOptions()
+    assert options.fetch_batch_size == worker.fetch_batch_size
+    assert (options.backoff_initial, options.backoff_max) == (worker.backoff_initial, worker.backoff_max)
+    with pytest.raises(ValueError, match="fetch_batch_size"):
+        SidecarOptions(fetch_batch_size=0)
+    with pytest.raises(ValueError, match="backoff_initial"):
+        SidecarOptions(backoff_initial=timedelta(0))
+    with pytest.raises(ValueError, match="backoff_initial"):
+        SidecarOptions(backoff_initial=timedelta(seconds=20), backoff_max=timedelta(seconds=10))
+
+
 def test_bind_address() -> None:
     with running_sidecar(host="127.0.0.1") as server:
         assert server.address == f"127.0.0.1:{server.port}"

@@ -6,17 +6,23 @@ server sends and answer wrongly on purpose.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as pb_grpc
 from google.protobuf import wrappers_pb2
+from tests.conftest import CONTRACT_BACKENDS
 from tests.grpc.conftest import FAST, WorkItemStream, open_stream, rpc_error, running_sidecar, wait_until
+from tests.postgres import postgres_url
 
 import grpc
-from dtfx.grpc import SidecarOptions
+from dtfx.core.workitems import OrchestrationWorkItem
+from dtfx.grpc import SidecarOptions, SidecarServer
 
 Stub = pb_grpc.TaskHubSidecarServiceStub
 
@@ -388,3 +394,42 @@ def test_leases_are_renewed_while_a_worker_holds_the_work() -> None:
             wait_until(lambda: status_of(stub, "slow") == pb.ORCHESTRATION_STATUS_COMPLETED)
         finally:
             stream.close()
+
+
+@pytest.fixture(params=CONTRACT_BACKENDS)
+def hub_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh task hub of each kind under test, for a server that opens (and closes) it itself."""
+    if request.param == "memory":
+        return "memory://"
+    return f"sqlite:///{tmp_path}/hub.db" if request.param == "sqlite" else postgres_url()
+
+
+def test_the_sidecar_locks_no_more_than_its_fetch_batch_size_at_once(
+    hub_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch size comes from SidecarOptions, as a native worker's from WorkerOptions: the stream
+    has room for 100 work items, yet each lock asks for 2 at most."""
+    server = SidecarServer(hub_url, port=0, options=dataclasses.replace(FAST, fetch_batch_size=2))
+    asked: list[int] = []
+    lock = server.backend.lock_orchestration_work_items
+
+    async def counting_lock(count: int, *args: Any, **kwargs: Any) -> list[OrchestrationWorkItem]:
+        asked.append(count)
+        return await lock(count, *args, **kwargs)
+
+    monkeypatch.setattr(server.backend, "lock_orchestration_work_items", counting_lock)
+    with server, grpc.insecure_channel(server.address) as channel:
+        stub = Stub(channel)
+        for n in range(5):
+            start(stub, "batched", f"batched-{n}")
+        stream = WorkItemStream(stub)
+        try:
+            received = set()
+            for _ in range(5):
+                item = stream.next()
+                received.add(item.orchestratorRequest.instanceId)
+                finish(stub, item)
+        finally:
+            stream.close()
+    assert received == {f"batched-{n}" for n in range(5)}
+    assert max(asked) == 2

@@ -7,7 +7,10 @@ import threading
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 import dtfx
+from dtfx.backends.base import Backend
 from dtfx.backends.memory import MemoryBackend
 from dtfx.core.workitems import OrchestrationWorkItem
 
@@ -86,6 +89,33 @@ async def test_worker_backs_off_after_fetch_errors_and_carries_on() -> None:
         state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
     assert state is not None and state.get_output() == "ok"
     assert backend.failures == 0
+
+
+async def test_worker_locks_no_more_than_its_fetch_batch_size_at_once(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """There is room for hundreds of episodes, yet each lock asks for 2 at most."""
+    app = dtfx.App()
+
+    @app.orchestrator
+    def quick(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return "ok"
+
+    asked: list[int] = []
+    lock = backend.lock_orchestration_work_items
+
+    async def counting_lock(count: int, *args: Any, **kwargs: Any) -> list[OrchestrationWorkItem]:
+        asked.append(count)
+        return await lock(count, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "lock_orchestration_work_items", counting_lock)
+    client = dtfx.AsyncClient(backend)
+    instance_ids = [await client.schedule_new_orchestration(quick) for _ in range(5)]
+    async with dtfx.Worker(backend, app=app, options=dtfx.WorkerOptions(fetch_batch_size=2)):
+        for instance_id in instance_ids:
+            state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+            assert state is not None and state.get_output() == "ok"
+    assert max(asked) == 2
 
 
 async def test_stop_lets_a_running_activity_finish_and_commit() -> None:

@@ -1,13 +1,17 @@
 """Locking work for connected SDK workers, and running it through the native machinery.
 
 The server runs one orchestration, one activity and one entity
-:class:`~dtfx.worker.dispatcher.WorkItemDispatcher`, with the worker's
+:class:`~dtfx.worker.dispatcher.WorkItemDispatcher`, built as a native worker builds
+its own (:func:`~dtfx.worker.kind_dispatcher.dispatcher_for_kind`, batch size and
+back-off from :class:`~dtfx.grpc.SidecarOptions`), with the worker's
 :class:`~dtfx.worker.orchestrations.OrchestrationProcessor`,
 :class:`~dtfx.worker.activities.ActivityProcessor` and
 :class:`~dtfx.worker.entities.EntityProcessor` (plan, ``core.apply``, group commit)
 around the remote runners. A fetch locks work only for connections with a free
 slot, and only what their filters accept, so nothing is locked while no SDK
-worker can take it (native workers on the same hub keep it flowing).
+worker can take it (native workers on the same hub keep it flowing). There is one fetch
+loop per kind: the slots a fetch counts free are taken only once its lock returns, so a
+second loop could lock more than the connections have room for.
 """
 
 from __future__ import annotations
@@ -30,13 +34,9 @@ from dtfx.worker.activities import ActivityProcessor
 from dtfx.worker.commit import GroupCommitter
 from dtfx.worker.dispatcher import WorkItemDispatcher
 from dtfx.worker.entities import EntityProcessor
+from dtfx.worker.kind_dispatcher import dispatcher_for_kind
 from dtfx.worker.orchestrations import OrchestrationProcessor
 from dtfx.worker.waiting import WorkWaiter
-
-
-class _Leased(Protocol):
-    @property
-    def lock_token(self) -> str: ...
 
 
 class _Processor(Protocol):
@@ -45,7 +45,7 @@ class _Processor(Protocol):
     async def release(self, item: Any) -> None: ...
 
 
-Item = TypeVar("Item", bound=_Leased)
+Item = TypeVar("Item", bound=ActivityWorkItem | OrchestrationWorkItem)
 Locker = Callable[[int, Collection[str] | None], Awaitable[list[Item]]]
 """Locks up to so many work items, of these names only (``None``: any)."""
 
@@ -56,8 +56,8 @@ class RemoteDispatchers:
     def __init__(self, backend: Backend, hub: WorkerHub, options: SidecarOptions) -> None:
         self._backend = backend
         self._hub = hub
+        self._options = options
         self._lease = options.lease_duration
-        self._max_in_flight = options.max_work_items_in_flight
         retry_delay = options.abandon_retry_delay
         checkpoints = GroupCommitter[OrchestrationCheckpoint, CommitResult](backend.complete_orchestration_work_items)
         orchestrations = OrchestrationProcessor(
@@ -106,19 +106,9 @@ class RemoteDispatchers:
             )
 
         self._dispatchers: list[WorkItemDispatcher[Any]] = [
-            self._dispatcher(
-                WorkKind.ORCHESTRATION,
-                lock_orchestrations,
-                orchestrations,
-                lambda item: f"orchestration {item.instance_id}",
-            ),
-            self._dispatcher(
-                WorkKind.ACTIVITY,
-                lock_activities,
-                activities,
-                lambda item: f"activity {item.task.event.name} of {item.task.instance_id}",
-            ),
-            self._dispatcher(WorkKind.ENTITY, lock_entities, entities, lambda item: f"entity {item.instance_id}"),
+            self._dispatcher(WorkKind.ORCHESTRATION, lock_orchestrations, orchestrations),
+            self._dispatcher(WorkKind.ACTIVITY, lock_activities, activities),
+            self._dispatcher(WorkKind.ENTITY, lock_entities, entities),
         ]
 
     def _dispatcher(
@@ -126,17 +116,16 @@ class RemoteDispatchers:
         kind: WorkKind,
         fetch: Callable[[int], Awaitable[list[Item]]],
         processor: _Processor,
-        describe: Callable[[Item], str],
     ) -> WorkItemDispatcher[Item]:
-        return WorkItemDispatcher(
-            f"Sidecar{kind.value.capitalize()}Dispatcher",
+        return dispatcher_for_kind(
+            kind,
+            self._waiters[kind],
             fetch=fetch,
             process=self._holding_slot(processor.process),
             release=self._holding_slot(processor.release),
-            wait_for_work=self._waiters[kind],
-            before_fetch=self._waiters[kind].prepare,
-            describe=describe,
-            max_concurrent=self._max_in_flight,
+            max_concurrent=self._options.max_work_items_in_flight,
+            tuning=self._options,
+            name_prefix="Sidecar",
         )
 
     def start(self) -> None:

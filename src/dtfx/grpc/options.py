@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from dtfx.worker.options import WorkerOptions
+
 DEFAULT_PORT = 4001
 """The port the official SDKs connect to by default (``localhost:4001``)."""
 
@@ -31,6 +33,12 @@ class SidecarOptions:
     Python SDK sends none for entity batches)."""
     max_work_items_in_flight: int = 10_000
     """Work items of each kind out with SDK workers at once, across all of them."""
+    fetch_batch_size: int = WorkerOptions.fetch_batch_size
+    """Most work items locked in one backend call (as for a native worker)."""
+    backoff_initial: timedelta = WorkerOptions.backoff_initial
+    """First wait after a failed fetch or a failed work item (as for a native worker)."""
+    backoff_max: timedelta = WorkerOptions.backoff_max
+    """Longest such wait; the wait doubles on each further failure."""
     max_page_size: int = 1_000
     """Most instances (or entities) one ``QueryInstances``, ``ListInstanceIds`` or
     ``QueryEntities`` page returns; clients page on with the continuation token."""
@@ -51,9 +59,17 @@ class SidecarOptions:
             )
         if self.lease_duration <= timedelta(0):
             raise ValueError("lease_duration must be positive")
-        for name in ("default_worker_concurrency", "max_work_items_in_flight", "max_page_size", "history_chunk_bytes"):
+        for name in (
+            "default_worker_concurrency",
+            "max_work_items_in_flight",
+            "fetch_batch_size",
+            "max_page_size",
+            "history_chunk_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not timedelta(0) < self.backoff_initial <= self.backoff_max:
+            raise ValueError("backoff_initial must be positive and at most backoff_max")
 
 
 @dataclass(kw_only=True)

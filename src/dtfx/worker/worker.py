@@ -23,6 +23,7 @@ from dtfx.worker.commit import GroupCommitter
 from dtfx.worker.dispatcher import WorkItemDispatcher
 from dtfx.worker.eager import EagerActivities
 from dtfx.worker.entities import EntityProcessor, LocalEntityRunner
+from dtfx.worker.kind_dispatcher import WorkItem, dispatcher_for_kind
 from dtfx.worker.options import ConcurrencyOptions, VersioningOptions, WorkerOptions
 from dtfx.worker.orchestrations import LocalRunner, OrchestrationProcessor
 from dtfx.worker.registry import Registry
@@ -30,7 +31,6 @@ from dtfx.worker.waiting import WorkWaiter
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
 
 
@@ -162,7 +162,6 @@ class Worker(BackgroundRunnable):
             WorkKind.ACTIVITY,
             lock_activities,
             activities,
-            lambda item: f"activity {item.task.event.name} of {item.task.instance_id}",
             concurrency.maximum_concurrent_activity_work_items,
             concurrency.activity_dispatcher_count,
         )
@@ -173,18 +172,12 @@ class Worker(BackgroundRunnable):
                 WorkKind.ORCHESTRATION,
                 lock_orchestrations,
                 orchestrations,
-                lambda item: f"orchestration {item.instance_id}",
                 concurrency.maximum_concurrent_orchestration_work_items,
                 concurrency.orchestration_dispatcher_count,
             ),
             activity_dispatcher,
             self._dispatcher(
-                WorkKind.ENTITY,
-                lock_entities,
-                entities,
-                lambda item: f"entity {item.instance_id}",
-                concurrency.maximum_concurrent_entity_work_items,
-                1,
+                WorkKind.ENTITY, lock_entities, entities, concurrency.maximum_concurrent_entity_work_items, 1
             ),
         ]
         if options.eager_activities:
@@ -210,28 +203,22 @@ class Worker(BackgroundRunnable):
     def _dispatcher(
         self,
         kind: WorkKind,
-        fetch: Callable[[int], Awaitable[list[T]]],
-        processor: _Processor[T],
-        describe: Callable[[T], str],
+        fetch: Callable[[int], Awaitable[list[WorkItem]]],
+        processor: _Processor[WorkItem],
         max_concurrent: int,
         dispatcher_count: int,
-    ) -> WorkItemDispatcher[T]:
-        options = self.options
+    ) -> WorkItemDispatcher[WorkItem]:
         waiter = WorkWaiter(self.backend, kind)
         self._waiters.append(waiter)
-        return WorkItemDispatcher(
-            f"{kind.value.capitalize()}Dispatcher",
+        return dispatcher_for_kind(
+            kind,
+            waiter,
             fetch=fetch,
             process=processor.process,
             release=processor.release,
-            wait_for_work=waiter,
-            before_fetch=waiter.prepare,
-            describe=describe,
             max_concurrent=max_concurrent,
             dispatcher_count=dispatcher_count,
-            max_batch=options.fetch_batch_size,
-            backoff_initial=options.backoff_initial.total_seconds(),
-            backoff_max=options.backoff_max.total_seconds(),
+            tuning=self.options,
         )
 
     async def stop_async(self, grace_period: float | None = None) -> None:
