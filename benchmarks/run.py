@@ -6,7 +6,11 @@ machine, in this one run, with the same durability settings for both engines: SQ
 with ``synchronous=FULL`` (dtfx in WAL mode, DBOS with its default rollback journal),
 PostgreSQL with the server's ``synchronous_commit=on``.
 
-Usage: ``python -m benchmarks [--quick] [--stores sqlite,postgres] [--output BENCHMARKS.md]``
+The workloads the targets are about (sequence, the longest sequence, latency) run ``--repeat``
+times, in rounds, so that each engine's runs are spread over the same stretch of time
+(the disk's speed drifts); the report gives each one's median run and the range.
+
+Usage: ``python -m benchmarks [--quick] [--repeat 3] [--stores sqlite,postgres] [--output BENCHMARKS.md]``
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ POSTGRES = os.environ.get("DTFX_BENCH_POSTGRES", "postgresql://postgres@127.0.0.
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 COMMITS = 500
 """Commits timed for the floor: the cost of one durable commit on each store."""
+HEADLINES = {"sequence": ("per_second", "/s"), "long_sequence": ("seconds", " s"), "latency": ("p50_ms", " ms")}
+"""The repeated workloads, with the value whose median run counts, and its unit."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,10 @@ class Results:
     """What the runs measured, by run."""
 
     values: dict[Run, dict[str, Any]] = field(default_factory=dict)
+    """The result of each run (of a repeated one, its median run)."""
     errors: dict[Run, str] = field(default_factory=dict)
+    headlines: dict[Run, list[float]] = field(default_factory=dict)
+    """Every headline value measured by a repeated run."""
 
     def get(self, engine: str, workload: str, size: int, store: str) -> dict[str, Any] | None:
         return self.values.get(Run(engine, workload, size, store))
@@ -265,6 +274,9 @@ def report(results: Results, stores: list[str], quick: bool) -> str:
             " (linear growth gives about the ratio of the lengths; quadratic, its square)."
         )
         out.append("\n" + _floor(results, store, lengths[-1]))
+        spread = _spread(results, store)
+        if spread:
+            out.append("\n" + spread)
         signals = results.get("dtfx", "entity_signals", 2_000 if quick else 10_000, store)
         many = results.get("dtfx", "entity_many", 200 if quick else 1_000, store)
         out.append("\n| Entities | dtfx |\n|---|---|")
@@ -285,6 +297,38 @@ def report(results: Results, stores: list[str], quick: bool) -> str:
             f"- {run.engine} {run.workload} {run.size} on {run.store}: {error}" for run, error in results.errors.items()
         )
     return "\n".join(out)
+
+
+def _repeated(run: Run, runs: list[Run]) -> bool:
+    """Whether ``run`` is one of those with a target: the sequence, the longest chain, the latency."""
+    if run.engine not in ("dtfx", "dbos") or run.workload not in HEADLINES:
+        return False
+    return run.workload != "long_sequence" or run.size == max(r.size for r in runs if r.workload == run.workload)
+
+
+def _spread(results: Results, store: str) -> str:
+    """The range of every repeated run's headline value, on ``store``."""
+    parts: list[str] = []
+    order = list(HEADLINES)
+
+    def position(run: Run) -> tuple[int, int, str]:
+        return order.index(run.workload), run.size, run.engine
+
+    for run, values in sorted(results.headlines.items(), key=lambda item: position(item[0])):
+        if run.store != store or len(values) < 2:
+            continue
+        unit = HEADLINES[run.workload][1]
+        number = "{:,.0f}" if run.workload == "sequence" else "{:.2f}"
+        what = f"long sequence L = {run.size}" if run.workload == "long_sequence" else run.workload
+        engine = "DBOS" if run.engine == "dbos" else run.engine
+        parts.append(f"{what} {engine} {number.format(min(values))}-{number.format(max(values))}{unit}")
+    if not parts:
+        return ""
+    count = max(len(values) for values in results.headlines.values())
+    return (
+        f"Sequence, the longest sequence and latency: the median of {count} runs each; the runs ranged:"
+        f" {'; '.join(parts)}."
+    )
 
 
 def _floor(results: Results, store: str, length: int) -> str:
@@ -336,19 +380,33 @@ def write(section: str, output: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a check in a minute")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of the workloads with targets (median counts)")
     parser.add_argument("--stores", default="sqlite,postgres")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
     arguments = parser.parse_args()
     stores = arguments.stores.split(",")
+    runs = plan(stores, arguments.quick)
+    samples: dict[Run, list[dict[str, Any]]] = {}
     results = Results()
-    for run in plan(stores, arguments.quick):
-        print(f"{run.engine:5s} {run.workload:15s} {run.size:6d} {run.store:9s} ", end="", flush=True)
-        try:
-            value = results.values[run] = measure(run)
-            print(json.dumps(value))
-        except Exception as error:
-            results.errors[run] = str(error)
-            print(f"failed: {error}")
+    for round_ in range(max(1, arguments.repeat)):
+        for run in runs if round_ == 0 else [run for run in runs if _repeated(run, runs)]:
+            print(f"{run.engine:5s} {run.workload:15s} {run.size:6d} {run.store:9s} ", end="", flush=True)
+            try:
+                samples.setdefault(run, []).append(measure(run))
+                print(json.dumps(samples[run][-1]))
+            except Exception as error:
+                results.errors[run] = str(error)
+                print(f"failed: {error}")
+    for run, measured in samples.items():
+        if run in results.errors:
+            continue
+        if not _repeated(run, runs):
+            results.values[run] = measured[0]
+            continue
+        key = HEADLINES[run.workload][0]
+        ordered = sorted(measured, key=lambda result: result[key])
+        results.values[run] = ordered[len(ordered) // 2]
+        results.headlines[run] = [result[key] for result in measured]
     write(report(results, stores, arguments.quick), arguments.output)
     print(f"Wrote {arguments.output}")
 
