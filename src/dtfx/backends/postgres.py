@@ -124,10 +124,11 @@ class PostgresDialect(Dialect):
     def insert_rows(self, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> Statement:
         if len(rows) < 2:  # the plain statement costs less than a JSON document
             return super().insert_rows(table, columns, rows)
-        # The function returns the rows in the array's order, and they are inserted in it.
+        # Inserted in the array's order (an identity column numbers inbox messages as sent).
         names = ", ".join(columns)
         return Execute(
-            f"INSERT INTO {table} ({names}) SELECT {names} FROM json_populate_recordset(NULL::{table}, ?)",
+            f"INSERT INTO {table} ({names}) SELECT {names} FROM json_populate_recordset(NULL::{table}, ?)"
+            " WITH ORDINALITY AS given ORDER BY given.ordinality",
             (self._json_rows(columns, rows),),
         )
 
