@@ -296,11 +296,7 @@ class SqlBackend(Backend):
         await self._run(program, write=True)
 
     async def renew_orchestration_lease(self, item: OrchestrationWorkItem, lock_for: timedelta) -> bool:
-        program = partial(operations.renew_orchestration_lease, item, lock_for)
-        until = await self._run(program, write=True, durable=False)
-        if until is not None:
-            item.locked_until = until
-        return until is not None
+        return await self._renew(item, partial(operations.renew_orchestration_lease, item, lock_for))
 
     # -- activity work items -------------------------------------------------------------------
 
@@ -321,7 +317,12 @@ class SqlBackend(Backend):
         await self._run(partial(operations.abandon_activity_work_item, self._dialect, item, retry_at), write=True)
 
     async def renew_activity_lease(self, item: ActivityWorkItem, lock_for: timedelta) -> bool:
-        program = partial(operations.renew_activity_lease, item, lock_for)
+        return await self._renew(item, partial(operations.renew_activity_lease, item, lock_for))
+
+    async def _renew(
+        self, item: OrchestrationWorkItem | ActivityWorkItem, program: Callable[[], Program[datetime | None]]
+    ) -> bool:
+        """Run a lease renewal; on success, ``item`` holds the lease's new end."""
         until = await self._run(program, write=True, durable=False)
         if until is not None:
             item.locked_until = until
