@@ -1,18 +1,24 @@
-"""What only the SQLite backend has to get right: the library it needs, closing and opening again."""
+"""What only the SQLite backend has to get right: the library it needs, closing and opening again,
+and which thread runs a transaction."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dtfx.backends.sql import operations
+from dtfx.backends.sql.program import Fetch, Program
 from dtfx.backends.sqlite import SqliteBackend
 from dtfx.core.errors import BackendUnavailableError, ConfigurationError
+from dtfx.core.state import OrchestrationQuery
 from tests.backends.test_contract import start_event
 
 
@@ -58,3 +64,93 @@ async def test_work_queued_behind_close_does_not_open_the_file_again(tmp_path: P
     with pytest.raises(BackendUnavailableError, match="has been closed"):
         late.result(timeout=10)
     assert backend._connection is None
+
+
+def _thread_running() -> Program[int]:
+    """A program that tells which thread runs it."""
+    yield Fetch("SELECT 1")
+    return threading.get_ident()
+
+
+@pytest.fixture
+async def backend(tmp_path: Path) -> AsyncIterator[SqliteBackend]:
+    opened = SqliteBackend(f"sqlite:///{tmp_path}/hub.db")
+    await opened.start()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def test_a_brief_transaction_runs_on_the_callers_thread_while_the_database_thread_is_idle(
+    backend: SqliteBackend,
+) -> None:
+    here = threading.get_ident()
+    assert await backend._run(_thread_running, write=True) == here
+    assert await backend._run(_thread_running, write=False) == here
+    # One whose size has no bound (a query, a history) goes to the database thread.
+    assert await backend._run(_thread_running, write=False, brief=False) != here
+
+
+async def test_a_transaction_waits_its_turn_on_the_database_thread_while_that_thread_is_busy(
+    backend: SqliteBackend,
+) -> None:
+    gate = threading.Event()
+    busy = backend._submit(gate.wait)
+    running = asyncio.create_task(backend._run(_thread_running, write=True))
+    await asyncio.sleep(0.05)
+    assert not running.done()  # queued behind the busy thread, while this loop goes on
+    gate.set()
+    assert await running != threading.get_ident()
+    busy.result(timeout=10)
+
+
+async def test_the_loop_never_waits_for_another_process_holding_the_file(backend: SqliteBackend) -> None:
+    other = sqlite3.connect(backend.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+        running = asyncio.create_task(backend._run(_thread_running, write=True))
+        await asyncio.sleep(0.1)  # the loop runs on: the database thread is the one waiting
+        assert not running.done()
+        other.execute("COMMIT")
+        assert await running != threading.get_ident()
+    finally:
+        other.close()
+
+
+async def test_requests_made_together_still_share_one_transaction(
+    backend: SqliteBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transactions: list[bool] = []
+    transact = backend._transact
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        transactions.append(True)
+        return transact(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "_transact", counted)
+    await asyncio.gather(*(backend.create_instance(start_event(f"i{n}")) for n in range(200)))
+    states = await asyncio.gather(*(backend.get_instance(f"i{n}") for n in range(200)))
+    assert all(state is not None and state.name == "orch" for state in states)
+    assert len(transactions) == 2  # one for the creations, one for the reads
+
+
+def test_loops_on_many_threads_share_one_backend(tmp_path: Path) -> None:
+    backend = SqliteBackend(f"sqlite:///{tmp_path}/hub.db")
+    asyncio.run(backend.start())
+
+    async def work(thread: int) -> None:
+        for n in range(40):
+            instance_id = f"t{thread}-{n}"
+            await backend.create_instance(start_event(instance_id))
+            state = await backend.get_instance(instance_id)
+            assert state is not None and state.instance_id == instance_id
+
+    try:
+        with ThreadPoolExecutor(max_workers=4) as threads:
+            for done in [threads.submit(asyncio.run, work(thread)) for thread in range(4)]:
+                done.result(timeout=60)
+        page = asyncio.run(backend.query_instances(OrchestrationQuery(max_instance_count=1000)))
+        assert len(page.items) == 160
+    finally:
+        asyncio.run(backend.close())

@@ -319,7 +319,9 @@ class PostgresBackend(SqlBackend):
         finally:
             driver.close()
 
-    async def _run(self, program: Callable[[], Program[T]], *, write: bool, durable: bool = True) -> T:
+    async def _run(
+        self, program: Callable[[], Program[T]], *, write: bool, durable: bool = True, brief: bool = True
+    ) -> T:
         if self._pool is None:
             await self.start()
         if self._home_pool is not None and self._home is asyncio.get_running_loop():

@@ -6,8 +6,14 @@ third slash: ``sqlite:////var/lib/hub.db``); ``sqlite://`` alone means
 ``?synchronous=normal`` trades the durability of the last commits on power loss
 (never on a process crash) for speed; the default is ``full``.
 
-``sqlite3`` blocks, so every statement runs on one thread per backend object, never
-on an event loop; the backend can be awaited from any loop or thread. The file is in
+``sqlite3`` blocks, so a backend object has a database thread of its own, and can be
+awaited from any loop or thread. A brief transaction (a step of an orchestration, a
+lease, a creation, a read of one instance) runs on the caller's thread instead when the
+database thread has nothing to do: handing it over and back would cost two thread
+wake-ups, more than most such transactions take. Under load, work queues on the
+database thread and the callers' loops go on meanwhile; queries, histories and purges,
+whose size has no bound, always go there; and a caller never waits for another process
+(it hands the transaction to the database thread when the file is busy). The file is in
 WAL mode and write transactions begin with ``BEGIN IMMEDIATE`` (waiting up to a busy
 timeout for other processes), so several worker processes on one machine can share
 a file: leases expire, and what a dead worker held is picked up again. Other
@@ -23,7 +29,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +37,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 
-from dtfx.backends.sql.backend import Coalesced, SqlBackend
+from dtfx.backends.sql.backend import Coalesced, CoalescedRun, SqlBackend
 from dtfx.backends.sql.program import Dialect, Execute, Fetch, FetchEach, Program, Stepper
 from dtfx.backends.sql.schema import migrate
 from dtfx.core.errors import BackendError, BackendUnavailableError, ConfigurationError, UnstorableValueError
@@ -103,6 +109,11 @@ class SqliteBackend(SqlBackend):
         self._url = url
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtfx-sqlite")
         self._connection: sqlite3.Connection | None = None
+        self._connection_lock = threading.Lock()
+        """Held by whoever uses the connection: the database thread, or a caller running a transaction itself."""
+        self._queued = 0
+        """Jobs handed to the database thread and not finished yet."""
+        self._queued_lock = threading.Lock()
         self._closed = False
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -125,23 +136,80 @@ class SqliteBackend(SqlBackend):
             self._closed = True
             self._thread.shutdown(wait=False)
 
-    async def _run(self, program: Callable[[], Program[T]], *, write: bool, durable: bool = True) -> T:
-        return await self._on_thread(partial(self._transact, program, write, durable))
+    async def _run(
+        self, program: Callable[[], Program[T]], *, write: bool, durable: bool = True, brief: bool = True
+    ) -> T:
+        transaction = partial(self._transact, program, write, durable)
+        if brief and self._take_connection():
+            try:
+                return transaction(patient=False)
+            except _BusyError:
+                pass  # another process holds the database: the database thread waits for it
+            finally:
+                self._connection_lock.release()
+        return await self._on_thread(transaction)
+
+    def _take_connection(self) -> bool:
+        """Take the connection for the caller's thread if the database thread has nothing to do."""
+        idle = self._connection is not None and not self._queued and not self._connection_lock.locked()
+        return idle and self._connection_lock.acquire(blocking=False)
 
     async def _ensure_started(self) -> None:
         if self._connection is None:
             await self.start()
 
     def _start_draining(self, kind: Coalesced) -> None:
+        if self._connection is not None and not self._queued:
+            # Run the queue here, once the requests made in this turn of the loop have joined it.
+            asyncio.get_running_loop().call_soon(self._drain_here, kind)
+        else:
+            self._drain_on_thread(kind)
+
+    def _drain_here(self, kind: Coalesced) -> None:
+        if not self._take_connection():
+            self._drain_on_thread(kind)
+            return
         try:
-            self._thread.submit(self._drain_now, kind)
+            run = self._drain(kind)
+            if run is None or self._run_requests(run, patient=False):
+                return
+        finally:
+            self._connection_lock.release()
+        self._drain_on_thread(kind, run)  # the database was busy: the database thread runs the rest
+
+    def _drain_on_thread(self, kind: Coalesced, run: CoalescedRun | None = None) -> None:
+        try:
+            self._submit(partial(self._drain_now, kind, run))
         except RuntimeError:  # closed meanwhile
-            self._refuse_queued(kind, self._closed_error())
+            error = self._closed_error()
+            if run is not None:
+                self._settle(run.futures, run.outcomes + [error] * (len(run.futures) - len(run.outcomes)))
+            self._refuse_queued(kind, error)
 
     async def _on_thread(self, work: Callable[[], T]) -> T:
         if self._closed:
             raise self._closed_error()
-        return await asyncio.wrap_future(self._thread.submit(work))
+        return await asyncio.wrap_future(self._submit(work))
+
+    def _submit(self, work: Callable[[], T]) -> Future[T]:
+        """Run ``work`` on the database thread, holding the connection."""
+
+        def job() -> T:
+            try:
+                with self._connection_lock:
+                    return work()
+            finally:
+                with self._queued_lock:
+                    self._queued -= 1
+
+        with self._queued_lock:
+            self._queued += 1
+        try:
+            return self._thread.submit(job)
+        except BaseException:
+            with self._queued_lock:
+                self._queued -= 1
+            raise
 
     def _closed_error(self) -> BackendUnavailableError:
         return BackendUnavailableError(f"The SQLite backend for {self.path} has been closed.")
@@ -156,7 +224,9 @@ class SqliteBackend(SqlBackend):
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
-            connection = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_WAIT, cached_statements=256)
+            connection = sqlite3.connect(
+                self.path, isolation_level=None, timeout=_BUSY_WAIT, cached_statements=256, check_same_thread=False
+            )
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute(f"PRAGMA synchronous={self._synchronous}")
         except sqlite3.Error as error:
@@ -177,7 +247,7 @@ class SqliteBackend(SqlBackend):
         """Start a watch round on the database thread every poll interval (see :class:`SqlBackend`)."""
         while not self._stopping.wait(self.poll_interval):
             try:
-                self._thread.submit(self._watch_once).result()
+                self._submit(self._watch_once).result()
             except RuntimeError:  # the thread has been shut down
                 return
             except Exception:
@@ -194,18 +264,28 @@ class SqliteBackend(SqlBackend):
             self._connection.close()
             self._connection = None
 
-    def _drain_now(self, kind: Coalesced) -> None:
-        run = self._drain(kind)
-        if run is None:
-            return
+    def _drain_now(self, kind: Coalesced, run: CoalescedRun | None = None) -> None:
+        """Run ``kind``'s queue (or what is left of ``run``, taken from it before)."""
+        run = run or self._drain(kind)
+        if run is not None:
+            self._run_requests(run, patient=True)
+
+    def _run_requests(self, run: CoalescedRun, *, patient: bool) -> bool:
+        """Run the programs of ``run`` and settle its futures; False if one found the
+        database busy and ``patient`` is false (the rest of ``run`` is left to run)."""
         while (program := run.next_program()) is not None:
             try:
-                run.ran(self._transact(program, kind.write))
+                run.ran(self._transact(program, run.kind.write, patient=patient))
+            except _BusyError:
+                return False
             except Exception as error:
                 run.ran(error)
         self._settle(run.futures, run.outcomes)
+        return True
 
-    def _transact(self, program: Callable[[], Program[T]], write: bool, durable: bool = True) -> T:
+    def _transact(
+        self, program: Callable[[], Program[T]], write: bool, durable: bool = True, *, patient: bool = True
+    ) -> T:
         # SQLite's own busy handler backs off up to 100 ms at a time, which lets busy
         # processes starve a third one; waiting briefly and trying again is fairer. What
         # failed as busy was never committed, so running the program again is safe.
@@ -216,6 +296,8 @@ class SqliteBackend(SqlBackend):
             except sqlite3.OperationalError as error:
                 if not _is_busy(error):
                     raise BackendError(f"SQLite task hub {self.path}: {error}") from error
+                if not patient:
+                    raise _BusyError from error
                 if time.monotonic() > deadline:
                     raise BackendUnavailableError(f"SQLite task hub {self.path}: {error}") from error
             except (sqlite3.DataError, UnicodeEncodeError) as error:  # one past the size limit, a lone surrogate
@@ -255,6 +337,10 @@ class SqliteBackend(SqlBackend):
         except sqlite3.Error:
             self._close()  # never commit a step with the relaxed setting: reopen with the configured one
             raise
+
+
+class _BusyError(Exception):
+    """Another process holds the database, and the caller does not wait (it hands the work to the database thread)."""
 
 
 def _check_library(connection: sqlite3.Connection) -> None:

@@ -117,11 +117,15 @@ class SqlBackend(Backend):
         self._observed: dict[str, tuple[int, int] | None] = {}
 
     @abstractmethod
-    async def _run(self, program: Callable[[], Program[T]], *, write: bool, durable: bool = True) -> T:
+    async def _run(
+        self, program: Callable[[], Program[T]], *, write: bool, durable: bool = True, brief: bool = True
+    ) -> T:
         """Run ``program()`` as one transaction (``write``: one that writes) and return its result.
 
         ``durable=False`` (leases only, see the class docstring) lets the commit return
-        before it has reached the disk.
+        before it has reached the disk. ``brief=False`` says that the program's work has no
+        bound (a query, a history, a purge): a driver that may run brief ones on the
+        caller's thread runs it on its own.
         """
 
     # Calls that many clients make at once (a thousand creations, a thousand waits) are
@@ -241,18 +245,19 @@ class SqlBackend(Backend):
         return state
 
     async def get_history(self, instance_id: str) -> list[HistoryEvent]:
-        return await self._run(partial(operations.get_history, instance_id), write=False)
+        return await self._run(partial(operations.get_history, instance_id), write=False, brief=False)
 
     async def query_instances(
         self, query: OrchestrationQuery, continuation_token: str | None = None, *, entities: bool = False
     ) -> Page[OrchestrationState]:
         program = partial(operations.query_instances, self._dialect, query, continuation_token, entities)
-        return await self._run(program, write=False)
+        return await self._run(program, write=False, brief=False)
 
     async def purge_instances(self, instance_ids: Collection[str]) -> int:
         if not instance_ids:
             return 0
-        return await self._run(partial(operations.purge_instances, self._dialect, instance_ids), write=True)
+        program = partial(operations.purge_instances, self._dialect, instance_ids)
+        return await self._run(program, write=True, brief=False)
 
     # -- orchestration work items -------------------------------------------------------------
 

@@ -144,24 +144,16 @@ class HubTransaction:
         if not missing:
             return (yield FetchEach(fetches))[0] if fetches else []
         dialect = self._dialect
-        in_list = dialect.in_list
         ids = dialect.list_param(missing)
-        consumable_ids = dialect.list_param(list(consumable))
         # Two statements, the summary after the lock: it must see what the lock waited for.
         rows, inbox, *then_rows = yield FetchEach(
             (
                 Fetch(
                     f"SELECT {state_columns(payloads=False)}, lock_token, history_size, next_visible_at"
-                    f" FROM instances WHERE {in_list('instance_id')} ORDER BY instance_id{dialect.for_update}",
+                    f" FROM instances WHERE {dialect.in_list('instance_id')} ORDER BY instance_id{dialect.for_update}",
                     (ids,),
                 ),
-                Fetch(
-                    "SELECT instance_id, NULL, (SELECT visible_at FROM inbox"
-                    f" WHERE inbox.instance_id = instances.instance_id AND NOT {in_list('id')}"
-                    f" ORDER BY visible_at LIMIT 1) FROM instances WHERE {in_list('instance_id')}"
-                    f" UNION ALL SELECT instance_id, id, visible_at FROM inbox WHERE {in_list('id')}",
-                    (consumable_ids, ids, consumable_ids),
-                ),
+                _inbox_summary(dialect, ids, consumable),
                 *fetches,
             )
         )
@@ -373,6 +365,27 @@ class HubTransaction:
             yield dialect.insert_rows("tasks", _TASK_COLUMNS, tasks)
         if kinds or changed or delayed:
             yield from dialect.notify(Notify(frozenset(kinds), changed, delayed))
+
+
+def _inbox_summary(dialect: Dialect, ids: Any, consumable: Collection[MessageId]) -> Fetch:
+    """The rows :meth:`HubTransaction.load` reads an inbox summary from: ``(instance id, NULL,
+    earliest visible-at time of its other messages)`` for each instance of ``ids`` (a list
+    parameter), and ``(instance id, message id, visible-at time)`` for each ``consumable`` message."""
+    in_list = dialect.in_list
+    earliest = "SELECT visible_at FROM inbox WHERE inbox.instance_id = instances.instance_id"
+    if not consumable:  # the common case of a step that consumed nothing from the inbox (an eager one)
+        return Fetch(
+            f"SELECT instance_id, NULL, ({earliest} ORDER BY visible_at LIMIT 1)"
+            f" FROM instances WHERE {in_list('instance_id')}",
+            (ids,),
+        )
+    consumable_ids = dialect.list_param(list(consumable))
+    return Fetch(
+        f"SELECT instance_id, NULL, ({earliest} AND NOT {in_list('id')} ORDER BY visible_at LIMIT 1)"
+        f" FROM instances WHERE {in_list('instance_id')}"
+        f" UNION ALL SELECT instance_id, id, visible_at FROM inbox WHERE {in_list('id')}",
+        (consumable_ids, ids, consumable_ids),
+    )
 
 
 def _next_visible_at(instance: _Instance, writes: _Writes) -> int | None:
