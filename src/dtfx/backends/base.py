@@ -80,6 +80,9 @@ class Backend(ABC):
     max_messages_per_work_item: ClassVar[int] = 10_000
     """An orchestration work item carries at most this many inbox messages."""
 
+    blocking_commits: ClassVar[bool] = False
+    """Whether :meth:`complete_orchestration_work_items_blocking` is available."""
+
     def __init__(self) -> None:
         self._work_signals = {kind: Signal() for kind in WorkKind}
         self._instance_signals = KeyedSignal()
@@ -185,6 +188,17 @@ class Backend(ABC):
         (``LEASE_KEPT``). A checkpoint whose lease was lost changes nothing and reports
         ``LOST``; the others still commit.
         """
+
+    def complete_orchestration_work_items_blocking(
+        self, checkpoints: Sequence[OrchestrationCheckpoint]
+    ) -> list[CommitResult]:
+        """:meth:`complete_orchestration_work_items` on the calling thread, which it blocks
+        until the commit is done: for a worker's own threads, never an event loop's.
+
+        Only where :attr:`blocking_commits` is true (a store whose driver blocks anyway);
+        a worker uses it to go on with a chain of eager steps on its activity thread.
+        """
+        raise NotImplementedError(f"{type(self).__name__} commits only through its event loop")
 
     @abstractmethod
     async def abandon_orchestration_work_item(

@@ -233,9 +233,19 @@ class MemoryBackend(Backend):
                 )
         return items
 
+    blocking_commits = True
+
     async def complete_orchestration_work_items(
         self, checkpoints: Sequence[OrchestrationCheckpoint]
     ) -> list[CommitResult]:
+        return self._complete_orchestration_work_items(checkpoints)
+
+    def complete_orchestration_work_items_blocking(
+        self, checkpoints: Sequence[OrchestrationCheckpoint]
+    ) -> list[CommitResult]:
+        return self._complete_orchestration_work_items(checkpoints)
+
+    def _complete_orchestration_work_items(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> list[CommitResult]:
         now = utc_now()
         results: list[CommitResult] = []
         changed: list[str] = []

@@ -41,6 +41,7 @@ from dtfx.backends.sql.backend import Coalesced, CoalescedRun, SqlBackend
 from dtfx.backends.sql.program import Dialect, Execute, Fetch, FetchEach, Program, Stepper
 from dtfx.backends.sql.schema import migrate
 from dtfx.core.errors import BackendError, BackendUnavailableError, ConfigurationError, UnstorableValueError
+from dtfx.core.workitems import CommitResult, OrchestrationCheckpoint
 
 T = TypeVar("T")
 
@@ -148,6 +149,16 @@ class SqliteBackend(SqlBackend):
             finally:
                 self._connection_lock.release()
         return await self._on_thread(transaction)
+
+    blocking_commits = True
+
+    def complete_orchestration_work_items_blocking(
+        self, checkpoints: Sequence[OrchestrationCheckpoint]
+    ) -> list[CommitResult]:
+        if self._closed:
+            raise self._closed_error()
+        with self._connection_lock:
+            return self._transact(self._checkpoints_program(checkpoints), True)
 
     def _take_connection(self) -> bool:
         """Take the connection for the caller's thread if the database thread has nothing to do."""

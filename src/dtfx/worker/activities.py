@@ -94,32 +94,74 @@ class LocalActivityRunner:
     def __init__(self, registry: Registry, converter: DataConverter, *, thread_pool: Executor | None) -> None:
         self._registry = registry
         self._converter = converter
-        self._thread_pool = thread_pool
+        self.thread_pool = thread_pool
+        self._kinds: dict[str, tuple[Any, bool]] = {}
+        """Activity name -> (function, whether it is a coroutine function): looked up once."""
 
     async def run(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed:
-        scheduled = item.task.event
-        task_id = scheduled.event_id
-        activity = self._registry.activities.get(scheduled.name)
         try:
-            if activity is None:
-                raise NotRegisteredError("activity", scheduled.name)
-            context = ActivityContext(item.task.instance_id, task_id, scheduled.name, item.dequeue_count)
-            value = self._converter.deserialize(scheduled.input, input_type_of(activity))
-            result = await self._call(activity, context, value)
-            output = self._converter.serialize(result)
+            activity, context, value = self._prepare(item)
+            return self._completed(item, await self._call(activity, context, value))
         except Exception as error:
-            logger.debug("Activity %s #%d failed", scheduled.name, task_id, exc_info=True)
-            return TaskFailed(
-                timestamp=utc_now(), task_scheduled_id=task_id, failure_details=FailureDetails.from_exception(error)
-            )
-        return TaskCompleted(timestamp=utc_now(), task_scheduled_id=task_id, result=output)
+            return _failed(item, error)
+
+    def runs_here(self, name: str) -> bool:
+        """Whether :meth:`run_here` can run the activity ``name``: a registered function that is
+        not a coroutine function."""
+        activity = self._registry.activities.get(name)
+        return activity is not None and not self._is_async(name, activity)
+
+    def run_here(self, item: ActivityWorkItem, loop: asyncio.AbstractEventLoop) -> TaskCompleted | TaskFailed:
+        """Run a sync activity (see :meth:`runs_here`) on the calling thread, a worker thread:
+        what :meth:`run` does on ``loop`` (an awaitable it returns is awaited there)."""
+        try:
+            activity, context, value = self._prepare(item)
+            result = activity(context, value)
+            if inspect.isawaitable(result):
+                result = asyncio.run_coroutine_threadsafe(_awaited(result), loop).result()
+            return self._completed(item, result)
+        except Exception as error:
+            return _failed(item, error)
+
+    def _prepare(self, item: ActivityWorkItem) -> tuple[Any, ActivityContext, Any]:
+        """The activity, its context and its input."""
+        scheduled = item.task.event
+        activity = self._registry.activities.get(scheduled.name)
+        if activity is None:
+            raise NotRegisteredError("activity", scheduled.name)
+        context = ActivityContext(item.task.instance_id, scheduled.event_id, scheduled.name, item.dequeue_count)
+        return activity, context, self._converter.deserialize(scheduled.input, input_type_of(activity))
+
+    def _completed(self, item: ActivityWorkItem, result: Any) -> TaskCompleted:
+        output = self._converter.serialize(result)
+        return TaskCompleted(timestamp=utc_now(), task_scheduled_id=item.task.event.event_id, result=output)
+
+    def _is_async(self, name: str, activity: Any) -> bool:
+        known = self._kinds.get(name)
+        if known is None or known[0] is not activity:
+            known = self._kinds[name] = (activity, inspect.iscoroutinefunction(activity))
+        return known[1]
 
     async def _call(self, activity: Any, context: ActivityContext, value: Any) -> Any:
-        if inspect.iscoroutinefunction(activity):
+        if self._is_async(context.name, activity):
             return await activity(context, value)
         loop = asyncio.get_running_loop()
         call = functools.partial(contextvars.copy_context().run, activity, context, value)
-        result = await loop.run_in_executor(self._thread_pool, call)
+        result = await loop.run_in_executor(self.thread_pool, call)
         if inspect.isawaitable(result):
             result = await result
         return result
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def _failed(item: ActivityWorkItem, error: Exception) -> TaskFailed:
+    scheduled = item.task.event
+    logger.debug("Activity %s #%d failed", scheduled.name, scheduled.event_id, exc_info=True)
+    return TaskFailed(
+        timestamp=utc_now(),
+        task_scheduled_id=scheduled.event_id,
+        failure_details=FailureDetails.from_exception(error),
+    )

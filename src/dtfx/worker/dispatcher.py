@@ -92,6 +92,11 @@ class WorkItemDispatcher(Generic[T]):
         """Work items being processed right now."""
         return len(self._in_flight)
 
+    @property
+    def reserved(self) -> int:
+        """Slots taken with :meth:`reserve_slot` and not given back or used yet."""
+        return self._reserved
+
     def reserve_slot(self) -> bool:
         """Take a concurrency slot for work done outside the fetch loop; False if none is free."""
         if len(self._in_flight) + self._reserved >= self._max_concurrent:

@@ -20,12 +20,14 @@ not hold an orchestration slot.
 from __future__ import annotations
 
 import asyncio
-import uuid
+import secrets
+from collections.abc import Awaitable
+from concurrent.futures import Executor
 from datetime import timedelta
 
 from dtfx.backends.base import utc_now
 from dtfx.core.history import TaskCompleted, TaskFailed
-from dtfx.core.workitems import ActivityResult, ActivityWorkItem, OrchestrationCheckpoint
+from dtfx.core.workitems import ActivityResult, ActivityTask, ActivityWorkItem, OrchestrationCheckpoint
 from dtfx.worker.activities import ActivityProcessor, LocalActivityRunner
 from dtfx.worker.dispatcher import WorkItemDispatcher
 from dtfx.worker.registry import Registry
@@ -35,7 +37,9 @@ class EagerActivities:
     """The :class:`~dtfx.worker.orchestrations.EagerLane` of a native worker.
 
     A claim holds a slot of the activity ``dispatcher`` until the activity has finished
-    within the window, is handed over to the dispatcher, or is dropped.
+    within the window, is handed over to the dispatcher, or is dropped; or, in a chain run
+    on the activity's thread (:mod:`dtfx.worker.chains`), until the next step's claim takes
+    the slot over.
     """
 
     def __init__(
@@ -54,47 +58,84 @@ class EagerActivities:
         self._dispatcher = dispatcher
         self._lease_duration = lease_duration
         # Within the window nothing needs renewing: it ends before the first renewal is due.
-        self._window = min(window, lease_duration / 3).total_seconds()
-        self._claims: dict[str, asyncio.Task[TaskCompleted | TaskFailed] | None] = {}
+        self.window = min(window, lease_duration / 3).total_seconds()
+        """How long, in seconds, an orchestration's lease waits for its eager activity."""
+        self._claims: dict[str, Awaitable[TaskCompleted | TaskFailed] | None] = {}
         """The claims holding a slot, by lock token, with the activity once it runs."""
 
-    def claim(self, checkpoint: OrchestrationCheckpoint, awaited: int | None) -> ActivityWorkItem | None:
+    @property
+    def thread_pool(self) -> Executor | None:
+        """Where sync activities run (``None``: the event loop's default executor)."""
+        return self._runner.thread_pool
+
+    def eager_task(self, checkpoint: OrchestrationCheckpoint, awaited: int | None) -> ActivityTask | None:
+        """The checkpoint's task this worker would run eagerly: the one task ``awaited``, an activity it has."""
         if len(checkpoint.activity_tasks) != 1 or checkpoint.status.is_terminal:
             return None
         task = checkpoint.activity_tasks[0]
         if task.event.event_id != awaited or task.event.name not in self._registry.activities:
             return None
-        if not self._dispatcher.reserve_slot():
+        return task
+
+    def claim(
+        self, checkpoint: OrchestrationCheckpoint, awaited: int | None, *, replacing: ActivityWorkItem | None = None
+    ) -> ActivityWorkItem | None:
+        """Take the checkpoint's :meth:`eager_task` for this worker, in a free slot, or in the
+        slot of the claim it is ``replacing`` (whose activity has run: a chain's next step)."""
+        task = self.eager_task(checkpoint, awaited)
+        if task is None:
             return None
-        task.lock_token = uuid.uuid4().hex
+        if replacing is not None:
+            del self._claims[replacing.lock_token]
+        elif not self._dispatcher.reserve_slot():
+            return None
+        task.lock_token = secrets.token_hex(16)
         task.locked_until = utc_now() + self._lease_duration
         checkpoint.keep_lease_for = self._lease_duration
         self._claims[task.lock_token] = None
         return ActivityWorkItem(None, task.lock_token, task.locked_until, task, dequeue_count=1)
 
+    def alone(self) -> bool:
+        """Whether one claim's activity is all the activity work of this worker."""
+        return self._dispatcher.in_flight + self._dispatcher.reserved == 1
+
+    def runs_here(self, name: str) -> bool:
+        """Whether :meth:`run_here` can run the activity ``name`` (a sync one)."""
+        return self._runner.runs_here(name)
+
+    def run_here(self, item: ActivityWorkItem, loop: asyncio.AbstractEventLoop) -> TaskCompleted | TaskFailed:
+        """Run the claim's sync activity on the calling thread (see :meth:`LocalActivityRunner.run_here`)."""
+        return self._runner.run_here(item, loop)
+
     async def run(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed | None:
         running = asyncio.create_task(self._runner.run(item))
         self._claims[item.lock_token] = running
         try:
-            await asyncio.wait((running,), timeout=self._window)
+            await asyncio.wait((running,), timeout=self.window)
         except asyncio.CancelledError:
             self.drop(item)
             raise
         if not running.done():
             return None
-        del self._claims[item.lock_token]
-        self._dispatcher.free_slot()
+        self.finish(item)
         return running.result()
 
-    def hand_over(self, item: ActivityWorkItem) -> None:
-        running = self._claims.pop(item.lock_token)
-        self._dispatcher.adopt(item, self._activities.process(item, running))
+    def finish(self, item: ActivityWorkItem) -> None:
+        """The claim's activity has run and its result is the orchestration's: give its slot back."""
+        del self._claims[item.lock_token]
+        self._dispatcher.free_slot()
+
+    def hand_over(self, item: ActivityWorkItem, running: Awaitable[TaskCompleted | TaskFailed] | None = None) -> None:
+        """The claimed activity's task is committed: let it run (or go on ``running``) as
+        ordinary work, its result going through the orchestration's inbox."""
+        claimed = self._claims.pop(item.lock_token)
+        self._dispatcher.adopt(item, self._activities.process(item, running or claimed))
 
     def drop(self, item: ActivityWorkItem) -> None:
         if item.lock_token not in self._claims:
             return
         running = self._claims.pop(item.lock_token)
-        if running is not None:
+        if isinstance(running, asyncio.Task):
             running.cancel()
         self._dispatcher.free_slot()
 

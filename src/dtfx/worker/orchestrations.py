@@ -8,10 +8,14 @@ or the gRPC sidecar's runner that streams the episode to an SDK worker.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Awaitable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Protocol
 
 from dtfx.backends.base import Backend, utc_now
@@ -38,8 +42,15 @@ from dtfx.core.history import (
 from dtfx.core.replay import OrchestrationExecutor
 from dtfx.core.serialization import DataConverter
 from dtfx.core.versioning import compare_versions
-from dtfx.core.workitems import ActivityWorkItem, CommitResult, OrchestrationCheckpoint, OrchestrationWorkItem
+from dtfx.core.workitems import (
+    ActivityTask,
+    ActivityWorkItem,
+    CommitResult,
+    OrchestrationCheckpoint,
+    OrchestrationWorkItem,
+)
 from dtfx.worker.cache import CachedExecution, ExecutorCache
+from dtfx.worker.chains import ChainEnd, Settled, Stepped, ThreadChain
 from dtfx.worker.commit import GroupCommitter
 from dtfx.worker.options import VersionFailureStrategy, VersioningOptions, VersionMatchStrategy
 from dtfx.worker.registry import Registry
@@ -63,6 +74,10 @@ class Abandon:
     """The executor declines the work item; offer it again at ``retry_at``."""
 
     retry_at: datetime | None = None
+
+
+_Following = tuple[OrchestrationCheckpoint, int | None] | Abandon
+"""What follows an eager activity: the next episode's checkpoint and what it awaits, or :class:`Abandon`."""
 
 
 class EpisodeRunner(Protocol):
@@ -92,17 +107,42 @@ class EpisodeRunner(Protocol):
 class EagerLane(Protocol):
     """Runs in this process the one activity an orchestration waits for (see :mod:`dtfx.worker.eager`)."""
 
-    def claim(self, checkpoint: OrchestrationCheckpoint, awaited: int | None) -> ActivityWorkItem | None:
+    window: float
+    """How long, in seconds, an orchestration's lease waits for its eager activity."""
+
+    @property
+    def thread_pool(self) -> Executor | None:
+        """Where sync activities run."""
+
+    def eager_task(self, checkpoint: OrchestrationCheckpoint, awaited: int | None) -> ActivityTask | None:
+        """The checkpoint's task that :meth:`claim` would take."""
+
+    def claim(
+        self, checkpoint: OrchestrationCheckpoint, awaited: int | None, *, replacing: ActivityWorkItem | None = None
+    ) -> ActivityWorkItem | None:
         """Take the checkpoint's activity for this process if it is the one task ``awaited``
-        (its task is then queued leased, and the orchestration keeps its lease)."""
+        (its task is then queued leased, and the orchestration keeps its lease), in a free
+        slot or in that of the claim it is ``replacing``, whose activity has run."""
+
+    def alone(self) -> bool:
+        """Whether one claim's activity is all the activity work of this process."""
+
+    def runs_here(self, name: str) -> bool:
+        """Whether :meth:`run_here` can run the activity ``name``."""
+
+    def run_here(self, item: ActivityWorkItem, loop: asyncio.AbstractEventLoop) -> TaskCompleted | TaskFailed:
+        """Run the claim's activity on the calling thread, a worker thread (``loop``: the worker's)."""
 
     async def run(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed | None:
         """Run the claimed activity; its result if it finishes within the window, else ``None``
         (it goes on running: :meth:`hand_over` or :meth:`drop` it)."""
 
-    def hand_over(self, item: ActivityWorkItem) -> None:
-        """The claimed activity's task is committed: let it run (or go on running) as ordinary
-        work, its result going through the orchestration's inbox."""
+    def finish(self, item: ActivityWorkItem) -> None:
+        """The claim's activity has run (not through :meth:`run`): give its slot back."""
+
+    def hand_over(self, item: ActivityWorkItem, running: Awaitable[TaskCompleted | TaskFailed] | None = None) -> None:
+        """The claimed activity's task is committed: let it run (or go on running, or go on
+        as ``running``) as ordinary work, its result going through the orchestration's inbox."""
 
     def drop(self, item: ActivityWorkItem) -> None:
         """The claim's checkpoint was not committed: stop the activity if it runs, forget the claim."""
@@ -118,7 +158,9 @@ class OrchestrationProcessor:
     one activity that this worker runs keeps its lease: the activity runs here at once and
     the next episode follows here too, so a step of a sequence costs one transaction. The
     lease is given up as soon as other messages wait for the instance or the activity
-    outlasts the lane's window, and whatever goes wrong falls back on the queues.
+    outlasts the lane's window, and whatever goes wrong falls back on the queues. Where the
+    backend commits on any thread and the runner is local, a chain of sync activities goes
+    on on the activity's thread (:mod:`dtfx.worker.chains`).
     """
 
     def __init__(
@@ -132,6 +174,8 @@ class OrchestrationProcessor:
         self._runner = runner
         self._committer = committer
         self.eager = eager
+        self._chain_runner = runner if isinstance(runner, LocalRunner) and backend.blocking_commits else None
+        """The runner of the episodes of chains on activity threads (``None``: no such chains)."""
 
     async def process(self, item: OrchestrationWorkItem) -> None:
         """Run one episode of the work item's instance and commit it."""
@@ -190,7 +234,7 @@ class OrchestrationProcessor:
         while True:
             eager = lane.claim(checkpoint, awaited)
             ran: TaskCompleted | TaskFailed | None = None  # the eager activity's result, if it ran already
-            following: tuple[OrchestrationCheckpoint, int | None] | Abandon | None = None
+            following: _Following | None = None
             if eager is not None and run_ahead:
                 ran = await lane.run(eager)
                 if ran is None:  # it outlasted the window: it goes on as ordinary work
@@ -210,29 +254,15 @@ class OrchestrationProcessor:
                     lane.drop(eager)
                 raise
             self._runner.finished(item, checkpoint, result is not CommitResult.LOST)
-            if result is CommitResult.LOST:
-                if recorded is not None:
-                    await lane.deliver(*recorded)
-                if eager is not None:
-                    lane.drop(eager)
+            if not await self._lease_kept(lane, item, result, eager, ran, recorded):
                 return
-            if eager is None:
-                return
-            if result is CommitResult.COMMITTED:  # messages wait, or the activity is slow: the queues take over
-                if ran is None:
-                    lane.hand_over(eager)
-                    return
-                self._runner.finished(item, None, False)  # it ran ahead of what is committed: replay
-                await lane.deliver(eager, ran)
-                return
+            assert eager is not None
             item = _continued(item, checkpoint)
             if ran is None:
-                ran = await lane.run(eager)
-                if ran is None:  # it outlasted the window: the lease goes back, the activity goes on
-                    lane.hand_over(eager)
-                    await self._backend.abandon_orchestration_work_item(item)
+                step = await self._step(lane, item, started, eager)
+                if step is None:
                     return
-                following = await self._follow(item, None, started, ran)
+                item, eager, ran, following = step
             if not isinstance(following, tuple):
                 self._runner.finished(item, None, False)
                 await lane.deliver(eager, ran)
@@ -243,13 +273,109 @@ class OrchestrationProcessor:
             checkpoint.finished_tasks.append(eager.lock_token)
             recorded = (eager, ran)
 
+    async def _lease_kept(
+        self,
+        lane: EagerLane,
+        item: OrchestrationWorkItem,
+        result: CommitResult,
+        eager: ActivityWorkItem | None,
+        ran: TaskCompleted | TaskFailed | None,
+        recorded: tuple[ActivityWorkItem, TaskCompleted | TaskFailed] | None,
+    ) -> bool:
+        """After a commit that queued the claim ``eager`` (whose result is ``ran`` if it ran
+        ahead) and held the eager result ``recorded``: whether the chain goes on (the lease
+        was kept); if not, the queues take over what is left."""
+        if result is CommitResult.LOST:
+            if recorded is not None:
+                await lane.deliver(*recorded)
+            if eager is not None:
+                lane.drop(eager)
+            return False
+        if eager is None:
+            return False
+        if result is CommitResult.COMMITTED:  # messages wait, or the activity is slow: the queues take over
+            if ran is None:
+                lane.hand_over(eager)
+                return False
+            self._runner.finished(item, None, False)  # it ran ahead of what is committed: replay
+            await lane.deliver(eager, ran)
+            return False
+        return True
+
+    async def _step(
+        self, lane: EagerLane, item: OrchestrationWorkItem, started: ExecutionStarted, eager: ActivityWorkItem
+    ) -> tuple[OrchestrationWorkItem, ActivityWorkItem, TaskCompleted | TaskFailed, _Following] | None:
+        """Run the claimed activity and the episode its result starts, after ``item``'s kept
+        lease: the work item as it then stands, the claim that ran, its result and the episode.
+        ``None`` when the queues took over meanwhile (the activity outlasted the window)."""
+        if self._chain_runner is not None and lane.runs_here(eager.task.event.name) and lane.alone():
+            chain = ThreadChain(lane, item, eager)
+            steps = partial(self._steps_here, self._chain_runner, started)
+            end = await chain.run(steps, self._backend.abandon_orchestration_work_item)
+            if isinstance(end, Stepped):
+                lane.finish(end.eager)
+                return end.item, end.eager, end.ran, end.following
+            if isinstance(end, Settled):
+                if end.claimed is None:
+                    lane.finish(end.recorded[0])
+                await self._lease_kept(lane, chain.item, end.result, end.claimed, None, end.recorded)
+            return None
+        ran = await lane.run(eager)
+        if ran is None:  # it outlasted the window: the lease goes back, the activity goes on
+            lane.hand_over(eager)
+            await self._backend.abandon_orchestration_work_item(item)
+            return None
+        return item, eager, ran, await self._follow(item, None, started, ran)
+
+    def _steps_here(
+        self, runner: LocalRunner, started: ExecutionStarted, chain: ThreadChain, loop: asyncio.AbstractEventLoop
+    ) -> ChainEnd:
+        """The steps of a chain on its activity's thread, for as long as each is the plain case:
+        a sync activity, its episode, and a commit that keeps the lease for the next one."""
+        lane = chain.lane
+        while True:
+            item, eager = chain.item, chain.eager
+            ran = chain.run_activity(loop)
+            if ran is None:
+                return None
+            following = self._follow_here(runner, item, started, ran)
+            if not isinstance(following, tuple) or not lane.alone():
+                return Stepped(item, eager, ran, following)
+            checkpoint, awaited = following
+            task = lane.eager_task(checkpoint, awaited)
+            if task is not None and not lane.runs_here(task.event.name):
+                return Stepped(item, eager, ran, following)
+            claimed = chain.claim(checkpoint, awaited) if task is not None else None
+            if task is not None and claimed is None:  # the chain was stopped meanwhile
+                return None
+            checkpoint.finished_tasks.append(eager.lock_token)
+            result = self._backend.complete_orchestration_work_items_blocking([checkpoint])[0]
+            _log_lost(item, result)
+            runner.finished(item, checkpoint, result is not CommitResult.LOST)
+            if result is not CommitResult.LEASE_KEPT:
+                return Settled(result, (eager, ran), claimed)
+            chain.stepped(_continued(item, checkpoint))
+
+    def _follow_here(
+        self,
+        runner: LocalRunner,
+        item: OrchestrationWorkItem,
+        started: ExecutionStarted,
+        result: TaskCompleted | TaskFailed,
+    ) -> _Following:
+        """:meth:`_follow` after a commit, on the calling thread."""
+        if runner.cached_start(item) is None:
+            return Abandon()
+        now, new_events = _episode_of(result)
+        return _followed(item, started, new_events, runner.run_here(item, started, None, new_events), now)
+
     async def _follow(
         self,
         item: OrchestrationWorkItem,
         uncommitted: OrchestrationCheckpoint | None,
         started: ExecutionStarted,
         result: TaskCompleted | TaskFailed,
-    ) -> tuple[OrchestrationCheckpoint, int | None] | Abandon:
+    ) -> _Following:
         """The episode an eager activity's result starts, after ``item``'s checkpoint
         (``uncommitted``, when it has not been committed yet), with what it then awaits."""
         if uncommitted is not None:
@@ -257,13 +383,9 @@ class OrchestrationProcessor:
             item = _continued(item, uncommitted)
         if self._runner.cached_start(item) is None:  # no live orchestration to go on with (evicted, no cache)
             return Abandon()
-        now = utc_now()
-        new_events: list[HistoryEvent] = [OrchestratorStarted(timestamp=now), result]
+        now, new_events = _episode_of(result)
         outcome = await self._runner.run(item, started, None, new_events)
-        if isinstance(outcome, Abandon):
-            return outcome
-        checkpoint = apply_actions(item, started, new_events, outcome.actions, outcome.custom_status, [], now)
-        return checkpoint, outcome.awaited
+        return _followed(item, started, new_events, outcome, now)
 
     async def release(self, item: OrchestrationWorkItem) -> None:
         """Give the work item back after a failure or at shutdown."""
@@ -272,9 +394,33 @@ class OrchestrationProcessor:
 
     async def _commit(self, item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint) -> CommitResult:
         result = await self._committer.commit(checkpoint)
-        if result is CommitResult.LOST:
-            logger.warning("Instance %s: the lease was lost before the episode could be committed", item.instance_id)
+        _log_lost(item, result)
         return result
+
+
+def _episode_of(result: TaskCompleted | TaskFailed) -> tuple[datetime, list[HistoryEvent]]:
+    """When the episode that an eager activity's ``result`` starts begins, and its new events."""
+    now = utc_now()
+    return now, [OrchestratorStarted(timestamp=now), result]
+
+
+def _followed(
+    item: OrchestrationWorkItem,
+    started: ExecutionStarted,
+    new_events: list[HistoryEvent],
+    outcome: EpisodeOutcome | Abandon,
+    now: datetime,
+) -> _Following:
+    """The checkpoint of an episode that follows an eager activity, with what it then awaits."""
+    if isinstance(outcome, Abandon):
+        return outcome
+    checkpoint = apply_actions(item, started, new_events, outcome.actions, outcome.custom_status, [], now)
+    return checkpoint, outcome.awaited
+
+
+def _log_lost(item: OrchestrationWorkItem, result: CommitResult) -> None:
+    if result is CommitResult.LOST:
+        logger.warning("Instance %s: the lease was lost before the episode could be committed", item.instance_id)
 
 
 def _continued(item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint) -> OrchestrationWorkItem:
@@ -315,7 +461,11 @@ def _failed(details: FailureDetails) -> EpisodeOutcome:
 
 
 class LocalRunner:
-    """Runs registered Python orchestrators, keeping them live between episodes."""
+    """Runs registered Python orchestrators, keeping them live between episodes.
+
+    Thread-safe: an eager chain runs episodes on an activity thread (:mod:`dtfx.worker.chains`)
+    while the event loop runs others.
+    """
 
     def __init__(
         self,
@@ -332,6 +482,8 @@ class LocalRunner:
         self._versioning = versioning
         self._reject_retry_delay = reject_retry_delay
         self._running: dict[str, CachedExecution] = {}
+        self._lock = threading.Lock()
+        """Guards the cache and ``_running`` (never held while orchestrator code runs)."""
 
     @property
     def cache(self) -> ExecutorCache:
@@ -339,7 +491,8 @@ class LocalRunner:
         return self._cache
 
     def cached_start(self, item: OrchestrationWorkItem) -> ExecutionStarted | None:
-        entry = self._cache.lookup(item)
+        with self._lock:
+            entry = self._cache.lookup(item)
         return entry.started if entry is not None else None
 
     async def run(
@@ -349,6 +502,16 @@ class LocalRunner:
         past_events: Sequence[HistoryEvent] | None,
         new_events: list[HistoryEvent],
     ) -> EpisodeOutcome | Abandon:
+        return self.run_here(item, started, past_events, new_events)
+
+    def run_here(
+        self,
+        item: OrchestrationWorkItem,
+        started: ExecutionStarted,
+        past_events: Sequence[HistoryEvent] | None,
+        new_events: list[HistoryEvent],
+    ) -> EpisodeOutcome | Abandon:
+        """:meth:`run`, on the calling thread (orchestrator code never waits for anything)."""
         failure = version_failure(self._versioning, started.version)
         if failure is not None:
             assert self._versioning is not None
@@ -357,7 +520,8 @@ class LocalRunner:
                 return Abandon(utc_now() + self._reject_retry_delay)
             return _failed(failure)
 
-        entry = self._cache.lookup(item) if past_events is None else None
+        with self._lock:
+            entry = self._cache.lookup(item) if past_events is None else None
         if entry is None:
             orchestrator = self._registry.orchestrators.get(started.name)
             if orchestrator is None:
@@ -368,26 +532,28 @@ class LocalRunner:
             )
             executor.replay(past_events or [])
             entry = CachedExecution(executor, started, item.state.execution_id, item.history_size)
-        self._running[item.instance_id] = entry
+        with self._lock:
+            self._running[item.instance_id] = entry
         actions = entry.executor.execute(new_events)
         return EpisodeOutcome(actions, entry.executor.context.custom_status, entry.executor.only_awaited_task)
 
     def finished(
         self, item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint | None, committed: bool
     ) -> None:
-        entry = self._running.pop(item.instance_id, None)
-        keep = (
-            entry is not None
-            and checkpoint is not None
-            and committed
-            and not entry.executor.is_complete
-            and not checkpoint.replace_history
-            and not checkpoint.status.is_terminal
-        )
-        if not keep:
-            self._cache.evict(item.instance_id)
-            return
-        assert entry is not None and checkpoint is not None
-        entry.history_size = checkpoint.history_size_after(item.history_size)
-        entry.execution_id = checkpoint.execution_id
-        self._cache.store(item.instance_id, entry)
+        with self._lock:
+            entry = self._running.pop(item.instance_id, None)
+            keep = (
+                entry is not None
+                and checkpoint is not None
+                and committed
+                and not entry.executor.is_complete
+                and not checkpoint.replace_history
+                and not checkpoint.status.is_terminal
+            )
+            if not keep:
+                self._cache.evict(item.instance_id)
+                return
+            assert entry is not None and checkpoint is not None
+            entry.history_size = checkpoint.history_size_after(item.history_size)
+            entry.execution_id = checkpoint.execution_id
+            self._cache.store(item.instance_id, entry)

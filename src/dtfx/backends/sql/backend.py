@@ -291,8 +291,12 @@ class SqlBackend(Backend):
     ) -> list[CommitResult]:
         if not checkpoints:
             return []
-        program = partial(operations.complete_orchestration_work_items, self._dialect, checkpoints)
-        return await self._run(program, write=True)
+        return await self._run(self._checkpoints_program(checkpoints), write=True)
+
+    def _checkpoints_program(
+        self, checkpoints: Sequence[OrchestrationCheckpoint]
+    ) -> Callable[[], Program[list[CommitResult]]]:
+        return partial(operations.complete_orchestration_work_items, self._dialect, checkpoints)
 
     async def abandon_orchestration_work_item(
         self, item: OrchestrationWorkItem, *, retry_at: datetime | None = None

@@ -1,0 +1,159 @@
+"""Chains of eager steps on the activity's thread.
+
+With eager activities (:mod:`dtfx.worker.eager`) a sequence of activities runs in one
+work item, each step being its activity, the episode that follows and one commit. On the
+event loop, a step with a sync activity crosses between threads twice: the loop hands
+the activity to a pool thread, and the thread hands the result back, each a thread
+wake-up that costs as much as the rest of the step's work outside the commit.
+
+So when the worker has no other activity work and its backend can commit on any thread
+(:attr:`~dtfx.backends.base.Backend.blocking_commits`), a chain of sync activities goes
+on *on the activity's thread*: activity, episode, commit, next activity, and so on,
+without going back to the loop. It is the same work in the same order, each step
+committed before the next one starts; only the thread differs. The chain goes back to
+the loop as soon as a step is anything but the plain case: other activity work in the
+worker (whose commits then share transactions again), an async activity, a commit that
+gives the lease back, an episode that cannot go on.
+
+The loop keeps watch meanwhile: an activity that outlasts the eager window is handed over
+to the activity dispatcher, as on the loop, and a cancelled work item (a worker stopping)
+stops the chain after the step it is in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from dtfx.core.history import TaskCompleted, TaskFailed
+from dtfx.core.workitems import ActivityWorkItem, CommitResult, OrchestrationCheckpoint, OrchestrationWorkItem
+
+if TYPE_CHECKING:
+    from dtfx.worker.orchestrations import Abandon, EagerLane
+
+
+@dataclass
+class Stepped:
+    """The chain ran ``eager``'s activity (its result ``ran``) and the episode that follows
+    (``following``), and stopped short of committing it: the processor goes on from there."""
+
+    item: OrchestrationWorkItem
+    eager: ActivityWorkItem
+    ran: TaskCompleted | TaskFailed
+    following: tuple[OrchestrationCheckpoint, int | None] | Abandon
+
+
+@dataclass
+class Settled:
+    """The chain's last commit gave the lease back, or was lost (``result``): what it held
+    was ``recorded``, the result of the chain's last activity, and ``claimed``, the eager
+    activity it queued (``None``: none, and ``recorded``'s claim still holds the slot)."""
+
+    result: CommitResult
+    recorded: tuple[ActivityWorkItem, TaskCompleted | TaskFailed]
+    claimed: ActivityWorkItem | None
+
+
+ChainEnd = Stepped | Settled | None
+"""Where a chain stopped; ``None``: the loop took its running activity over, or stopped it."""
+
+
+class ThreadChain:
+    """One chain on an activity thread: what the thread and the loop share, and the loop's watch.
+
+    ``item`` is the work item as of the chain's last commit, ``eager`` the claim holding the
+    chain's activity slot; both change only under the lock, as the chain steps on.
+    """
+
+    def __init__(self, lane: EagerLane, item: OrchestrationWorkItem, eager: ActivityWorkItem) -> None:
+        self.lane = lane
+        self.item = item
+        self.eager = eager
+        self._lock = threading.Lock()
+        self._activity_since: float | None = None
+        """When the activity running now started (``time.monotonic()``)."""
+        self._taken_over = False
+        self._stopped = False
+        self._handed: TaskCompleted | TaskFailed | None = None
+        """The result of the activity the loop took over, once it has finished."""
+
+    # -- on the activity thread ----------------------------------------------------------------
+
+    def run_activity(self, loop: asyncio.AbstractEventLoop) -> TaskCompleted | TaskFailed | None:
+        """Run the claimed activity; ``None`` if the loop took it over or stopped the chain meanwhile."""
+        with self._lock:
+            if self._stopped:
+                return None
+            self._activity_since = time.monotonic()
+        ran = self.lane.run_here(self.eager, loop)
+        with self._lock:
+            self._activity_since = None
+            if self._taken_over or self._stopped:
+                self._handed = ran
+                return None
+        return ran
+
+    def claim(self, checkpoint: OrchestrationCheckpoint, awaited: int | None) -> ActivityWorkItem | None:
+        """Claim the checkpoint's eager activity in the slot of the chain's claim, which has run."""
+        with self._lock:
+            claimed = None if self._stopped else self.lane.claim(checkpoint, awaited, replacing=self.eager)
+            if claimed is not None:
+                self.eager = claimed
+            return claimed
+
+    def stepped(self, item: OrchestrationWorkItem) -> None:
+        """A step has been committed keeping the lease: the chain goes on from ``item``."""
+        with self._lock:
+            self.item = item
+
+    # -- on the event loop ---------------------------------------------------------------------
+
+    async def run(
+        self,
+        steps: Callable[[ThreadChain, asyncio.AbstractEventLoop], ChainEnd],
+        abandon: Callable[[OrchestrationWorkItem], Awaitable[None]],
+    ) -> ChainEnd:
+        """Run ``steps`` on the activity thread and watch them; when an activity outlasts the
+        window, hand it over and give the lease back (``abandon``), as on the loop."""
+        loop = asyncio.get_running_loop()
+        run = contextvars.copy_context().run
+        chain = loop.run_in_executor(self.lane.thread_pool, run, steps, self, loop)
+        try:
+            while not (await asyncio.wait((chain,), timeout=self._until_overdue()))[0]:
+                if self._take_over():
+                    self.lane.hand_over(self.eager, asyncio.ensure_future(self._handed_result(chain)))
+                    await abandon(self.item)
+                    return None
+        except asyncio.CancelledError:
+            with self._lock:
+                self._stopped = True
+                self.lane.drop(self.eager)
+            raise
+        try:
+            return chain.result()
+        except BaseException:
+            self.lane.drop(self.eager)
+            raise
+
+    def _until_overdue(self) -> float:
+        with self._lock:
+            since = self._activity_since
+        if since is None:
+            return self.lane.window
+        return max(0.0, since + self.lane.window - time.monotonic())
+
+    def _take_over(self) -> bool:
+        with self._lock:
+            since = self._activity_since
+            self._taken_over = since is not None and time.monotonic() - since >= self.lane.window
+            return self._taken_over
+
+    async def _handed_result(self, chain: asyncio.Future[ChainEnd]) -> TaskCompleted | TaskFailed:
+        await chain
+        assert self._handed is not None
+        return self._handed

@@ -1,0 +1,225 @@
+"""Chains of eager steps on the activity's thread: the same steps, committed the same way, off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import dtfx
+from dtfx import OrchestrationStatus as Status
+from dtfx.backends.memory import MemoryBackend
+from dtfx.core.errors import BackendError
+from dtfx.core.history import TaskCompleted
+from dtfx.core.workitems import CommitResult, OrchestrationCheckpoint
+
+
+class ChainBackend(MemoryBackend):
+    """Counts commits by the way they come (through the event loop, or blocking on a worker thread)."""
+
+    poll_interval = 0.1  # expired leases are found by polling
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = {}
+        self.lose_commit: int | None = None
+        """Which blocking commit finds its lease taken (counted from 1)."""
+        self.fail_commit: int | None = None
+        """Which blocking commit fails, as when the database goes away for a moment."""
+
+    def _count(self, name: str) -> int:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return self.calls[name]
+
+    async def complete_orchestration_work_items(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> Any:
+        self._count("loop commits")
+        return await super().complete_orchestration_work_items(checkpoints)
+
+    def complete_orchestration_work_items_blocking(
+        self, checkpoints: Sequence[OrchestrationCheckpoint]
+    ) -> list[CommitResult]:
+        assert threading.current_thread() is not threading.main_thread()
+        number = self._count("thread commits")
+        if number == self.fail_commit:
+            raise BackendError("the database went away for a moment")
+        if number == self.lose_commit:  # the lease expired and another worker took the instance and let it go
+            instance = self._instances[checkpoints[0].instance_id]
+            instance.lock_token = instance.locked_until = None
+        return super().complete_orchestration_work_items_blocking(checkpoints)
+
+    async def lock_orchestration_work_items(self, *args: Any, **kwargs: Any) -> Any:
+        items = await super().lock_orchestration_work_items(*args, **kwargs)
+        if items:
+            self._count("orchestrations locked")
+        return items
+
+
+def chain_app(runs: list[int], slow: dict[int, float] | None = None) -> dtfx.App:
+    app = dtfx.App()
+
+    @app.activity
+    def step(ctx: dtfx.ActivityContext, n: int) -> int:
+        runs.append(n)
+        time.sleep((slow or {}).get(n, 0))
+        return n + 1
+
+    @app.orchestrator
+    def chain(ctx: dtfx.OrchestrationContext, length: int) -> Any:
+        value = 0
+        for _ in range(length):
+            value = yield ctx.call_activity(step, input=value)
+        return value
+
+    @app.orchestrator
+    def chain_then_wait(ctx: dtfx.OrchestrationContext, length: int) -> Any:
+        value = 0
+        for _ in range(length):
+            value = yield ctx.call_activity(step, input=value)
+        return [value, (yield ctx.wait_for_external_event("go"))]
+
+    return app
+
+
+async def run_chain(backend: ChainBackend, app: dtfx.App, length: int, **worker: Any) -> dtfx.OrchestrationState:
+    client = dtfx.AsyncClient(backend)
+    async with dtfx.Worker(backend, app=app, **worker):
+        instance_id = await client.schedule_new_orchestration("chain", input=length)
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None
+    return state
+
+
+async def test_a_sequence_of_sync_activities_goes_on_on_the_activity_thread() -> None:
+    backend = ChainBackend()
+    runs: list[int] = []
+    state = await run_chain(backend, chain_app(runs), 10)
+    assert state.get_output() == 10
+    assert runs == list(range(10))
+    # The first commit (the start, the first activity's result, which ran ahead, and the second
+    # episode) goes through the loop; every later step commits on the activity's thread.
+    assert backend.calls == {"orchestrations locked": 1, "loop commits": 1, "thread commits": 9}
+
+
+async def test_without_a_backend_that_commits_on_any_thread_the_steps_stay_on_the_loop() -> None:
+    class LoopOnly(ChainBackend):
+        blocking_commits = False
+
+    backend = LoopOnly()
+    state = await run_chain(backend, chain_app([]), 5)
+    assert state.get_output() == 5
+    assert backend.calls == {"orchestrations locked": 1, "loop commits": 5}
+
+
+async def test_an_activity_that_outlasts_the_window_is_handed_over_from_the_thread() -> None:
+    backend = ChainBackend()
+    runs: list[int] = []
+    # A window of a third of the lease (50 ms); step 3 runs for six times as long.
+    options = dtfx.WorkerOptions(lease_duration=timedelta(milliseconds=150))
+    state = await run_chain(backend, chain_app(runs, slow={3: 0.3}), 6, options=options)
+    assert state.get_output() == 6
+    # It ran once, went on as ordinary activity work, and its result came through the inbox:
+    # the orchestration was locked again to take it.
+    assert runs == list(range(6))
+    assert backend.calls["orchestrations locked"] == 2
+
+
+async def test_a_message_that_arrives_during_a_chain_ends_it_at_the_next_commit() -> None:
+    backend = ChainBackend()
+    runs: list[int] = []
+    client = dtfx.AsyncClient(backend)
+    async with dtfx.Worker(backend, app=chain_app(runs, slow={3: 0.2})):
+        instance_id = await client.schedule_new_orchestration("chain_then_wait", input=6)
+        while 3 not in runs:
+            await asyncio.sleep(0.01)
+        await client.raise_orchestration_event(instance_id, "go", data="went")
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == [6, "went"]
+    assert runs == list(range(6))
+    # The event made the commit after step 3 give the lease back; the queues took over from there.
+    assert backend.calls["orchestrations locked"] >= 2
+
+
+async def test_a_lease_lost_during_a_chain_loses_no_result() -> None:
+    backend = ChainBackend()
+    backend.lose_commit = 3
+    runs: list[int] = []
+    state = await run_chain(backend, chain_app(runs), 6)
+    assert state.get_output() == 6
+    # The step whose commit was lost delivered its result through the inbox instead of running again.
+    assert runs == list(range(6))
+    history = await dtfx.AsyncClient(backend).get_orchestration_history(state.instance_id)
+    assert sum(isinstance(event, TaskCompleted) for event in history) == 6
+
+
+async def test_a_failed_commit_on_the_thread_gives_back_the_activity_slot() -> None:
+    backend = ChainBackend()
+    backend.fail_commit = 2
+    runs: list[int] = []
+    # One activity slot: had the failed commit kept it, no activity could run again.
+    concurrency = dtfx.ConcurrencyOptions(maximum_concurrent_activity_work_items=1)
+    options = dtfx.WorkerOptions(lease_duration=timedelta(milliseconds=300))
+    state = await run_chain(backend, chain_app(runs), 5, concurrency=concurrency, options=options)
+    assert state.get_output() == 5
+    # The step whose result the failed commit held ran again once its task's lease expired.
+    assert runs == [0, 1, 2, 2, 3, 4]
+
+
+async def test_other_activity_work_sends_a_chain_back_to_the_loop() -> None:
+    backend = ChainBackend()
+    runs: list[int] = []
+    client = dtfx.AsyncClient(backend)
+    async with dtfx.Worker(backend, app=chain_app(runs, slow={20: 0.05})):
+        first = await client.schedule_new_orchestration("chain", input=40)
+        while 20 not in runs:
+            await asyncio.sleep(0.005)
+        others = [await client.schedule_new_orchestration("chain", input=3) for _ in range(3)]
+        states = [await client.wait_for_orchestration_completion(i, timeout=10) for i in [first, *others]]
+    assert [state.get_output() if state else None for state in states] == [40, 3, 3, 3]
+    # While the others ran, the long chain's commits went through the loop again, with theirs.
+    assert backend.calls["loop commits"] > 4
+
+
+async def test_a_worker_stopped_during_a_chain_leaves_the_rest_to_the_next_one() -> None:
+    backend = ChainBackend()
+    runs: list[int] = []
+    app = chain_app(runs, slow={2: 0.3})
+    client = dtfx.AsyncClient(backend)
+    options = dtfx.WorkerOptions(lease_duration=timedelta(seconds=1))
+    async with dtfx.Worker(backend, app=app, options=options) as worker:
+        instance_id = await client.schedule_new_orchestration("chain", input=5)
+        while 2 not in runs:
+            await asyncio.sleep(0.01)
+        await worker.stop_async(grace_period=0)
+    assert runs[-1] == 2  # the chain stopped after the step it was in
+    async with dtfx.Worker(backend, app=app, options=options):
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.runtime_status is Status.COMPLETED and state.get_output() == 5
+
+
+async def test_a_sync_activity_that_returns_an_awaitable_is_awaited_on_the_loop() -> None:
+    app = dtfx.App()
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def later(n: int) -> int:
+        loops.append(asyncio.get_running_loop())
+        return n + 1
+
+    @app.activity
+    def step(ctx: dtfx.ActivityContext, n: int) -> Any:
+        return later(n)  # a sync wrapper around async code, as decorators make
+
+    @app.orchestrator
+    def chain(ctx: dtfx.OrchestrationContext, length: int) -> Any:
+        value = 0
+        for _ in range(length):
+            value = yield ctx.call_activity(step, input=value)
+        return value
+
+    backend = ChainBackend()
+    loop = asyncio.get_running_loop()
+    state = await run_chain(backend, app, 4)
+    assert state.get_output() == 4
+    assert loops == [loop] * 4 and backend.calls["thread commits"] == 3
