@@ -78,14 +78,27 @@ async def test_every_step_of_an_orchestration_is_committed_durably(
     assert isinstance(backend, SqlBackend)
     relaxed: list[str] = []
     flushed: list[str] = []
-    run = backend._run
 
-    async def spy(program: Any, *, write: bool, durable: bool = True) -> Any:
+    def record(program: Any, write: bool, durable: bool) -> None:
         if write:
             (flushed if durable else relaxed).append(program.func.__name__)
-        return await run(program, write=write, durable=durable)
 
-    monkeypatch.setattr(backend, "_run", spy)
+    if isinstance(backend, SqliteBackend):  # where every transaction goes, whichever thread runs it
+        transact = backend._transact
+
+        def spy_sqlite(program: Any, write: bool, durable: bool = True, **kwargs: Any) -> Any:
+            record(program, write, durable)
+            return transact(program, write, durable, **kwargs)
+
+        monkeypatch.setattr(backend, "_transact", spy_sqlite)
+    else:
+        run = backend._run
+
+        async def spy(program: Any, *, write: bool, durable: bool = True, **kwargs: Any) -> Any:
+            record(program, write, durable)
+            return await run(program, write=write, durable=durable, **kwargs)
+
+        monkeypatch.setattr(backend, "_run", spy)
     try:
         async with dtfx.Worker(backend, app=app):
             client = dtfx.AsyncClient(backend)
@@ -103,4 +116,6 @@ async def test_every_step_of_an_orchestration_is_committed_durably(
         "renew_activity_lease",
     }
     assert "lock_orchestration_work_items" in relaxed
-    assert {"complete_orchestration_work_items", "complete_activity_work_items"} >= set(flushed)
+    assert {"complete_orchestration_work_items", "complete_activity_work_items", "create_instances", "migrate"} >= set(
+        flushed
+    )

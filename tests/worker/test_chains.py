@@ -98,9 +98,9 @@ async def test_a_sequence_of_sync_activities_goes_on_on_the_activity_thread() ->
     state = await run_chain(backend, chain_app(runs), 10)
     assert state.get_output() == 10
     assert runs == list(range(10))
-    # The first commit (the start, the first activity's result, which ran ahead, and the second
-    # episode) goes through the loop; every later step commits on the activity's thread.
-    assert backend.calls == {"orchestrations locked": 1, "loop commits": 1, "thread commits": 9}
+    # Every step commits on the activity's thread, the first one (the start, the first activity's
+    # result, which ran ahead of it, and the second episode) too.
+    assert backend.calls == {"orchestrations locked": 1, "thread commits": 10}
 
 
 async def test_without_a_backend_that_commits_on_any_thread_the_steps_stay_on_the_loop() -> None:
@@ -124,6 +124,70 @@ async def test_an_activity_that_outlasts_the_window_is_handed_over_from_the_thre
     # the orchestration was locked again to take it.
     assert runs == list(range(6))
     assert backend.calls["orchestrations locked"] == 2
+
+
+async def test_a_first_activity_that_outlasts_the_window_ahead_of_the_first_commit_is_handed_over() -> None:
+    backend = ChainBackend()
+    runs: list[int] = []
+    options = dtfx.WorkerOptions(lease_duration=timedelta(milliseconds=150))
+    state = await run_chain(backend, chain_app(runs, slow={0: 0.3}), 4, options=options)
+    assert state.get_output() == 4
+    # The first episode was committed without it, and its result came through the inbox.
+    assert runs == list(range(4))
+    assert backend.calls["orchestrations locked"] == 2
+    assert backend.calls["loop commits"] == 1
+
+
+async def test_a_chain_hands_back_to_the_loop_at_an_async_activity_and_takes_up_again_after() -> None:
+    app = dtfx.App()
+
+    @app.activity
+    def sync_step(ctx: dtfx.ActivityContext, n: int) -> int:
+        return n + 1
+
+    @app.activity
+    async def async_step(ctx: dtfx.ActivityContext, n: int) -> int:
+        return n + 10
+
+    @app.orchestrator
+    def mixed(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        value = yield ctx.call_activity(sync_step, input=0)
+        value = yield ctx.call_activity(async_step, input=value)
+        value = yield ctx.call_activity(sync_step, input=value)
+        return (yield ctx.call_activity(sync_step, input=value))
+
+    backend = ChainBackend()
+    client = dtfx.AsyncClient(backend)
+    async with dtfx.Worker(backend, app=app):
+        instance_id = await client.schedule_new_orchestration(mixed)
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == 13
+    # One work item all along: the async step ran on the loop, the chain took up again after it.
+    assert backend.calls["orchestrations locked"] == 1
+    assert backend.calls["loop commits"] >= 1 and backend.calls["thread commits"] >= 1
+
+
+async def test_a_chain_whose_first_episode_continues_as_new_commits_it_on_the_loop() -> None:
+    app = dtfx.App()
+
+    @app.activity
+    def step(ctx: dtfx.ActivityContext, n: int) -> int:
+        return n + 1
+
+    @app.orchestrator
+    def counter(ctx: dtfx.OrchestrationContext, n: int) -> Any:
+        n = yield ctx.call_activity(step, input=n)
+        if n < 3:
+            ctx.continue_as_new(n)
+            return None
+        return n
+
+    backend = ChainBackend()
+    client = dtfx.AsyncClient(backend)
+    async with dtfx.Worker(backend, app=app):
+        instance_id = await client.schedule_new_orchestration(counter, input=0)
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == 3
 
 
 async def test_a_message_that_arrives_during_a_chain_ends_it_at_the_next_commit() -> None:
@@ -164,22 +228,57 @@ async def test_a_failed_commit_on_the_thread_gives_back_the_activity_slot() -> N
     state = await run_chain(backend, chain_app(runs), 5, concurrency=concurrency, options=options)
     assert state.get_output() == 5
     # The step whose result the failed commit held ran again once its task's lease expired.
-    assert runs == [0, 1, 2, 2, 3, 4]
+    assert runs == [0, 1, 1, 2, 3, 4]
 
 
 async def test_other_activity_work_sends_a_chain_back_to_the_loop() -> None:
-    backend = ChainBackend()
+    app = dtfx.App()
     runs: list[int] = []
+    others_running = threading.Semaphore(0)
+    step_10_may_end, others_may_end = threading.Event(), threading.Event()
+
+    @app.activity
+    def step(ctx: dtfx.ActivityContext, n: int) -> int:
+        runs.append(n)
+        if n == 10:
+            step_10_may_end.wait(10)
+        return n + 1
+
+    @app.activity
+    def hold(ctx: dtfx.ActivityContext, _: Any) -> str:
+        others_running.release()
+        others_may_end.wait(10)
+        return "held"
+
+    @app.orchestrator
+    def chain(ctx: dtfx.OrchestrationContext, length: int) -> Any:
+        value = 0
+        for _ in range(length):
+            value = yield ctx.call_activity(step, input=value)
+        return value
+
+    @app.orchestrator
+    def other(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(hold))
+
+    backend = ChainBackend()
     client = dtfx.AsyncClient(backend)
-    async with dtfx.Worker(backend, app=chain_app(runs, slow={20: 0.05})):
-        first = await client.schedule_new_orchestration("chain", input=40)
-        while 20 not in runs:
+    async with dtfx.Worker(backend, app=app):
+        long = await client.schedule_new_orchestration(chain, input=30)
+        while 10 not in runs:
             await asyncio.sleep(0.005)
-        others = [await client.schedule_new_orchestration("chain", input=3) for _ in range(3)]
-        states = [await client.wait_for_orchestration_completion(i, timeout=10) for i in [first, *others]]
-    assert [state.get_output() if state else None for state in states] == [40, 3, 3, 3]
-    # While the others ran, the long chain's commits went through the loop again, with theirs.
-    assert backend.calls["loop commits"] > 4
+        others = [await client.schedule_new_orchestration(other) for _ in range(2)]
+        for _ in others:
+            await asyncio.to_thread(others_running.acquire)
+        thread_commits = backend.calls["thread commits"]
+        step_10_may_end.set()  # the others still hold activity slots
+        while 15 not in runs:
+            await asyncio.sleep(0.005)
+        assert backend.calls["thread commits"] == thread_commits  # steps 10 to 14 went through the loop
+        others_may_end.set()
+        states = [await client.wait_for_orchestration_completion(i, timeout=10) for i in [long, *others]]
+    assert [state.get_output() if state else None for state in states] == [30, "held", "held"]
+    assert runs == list(range(30))
 
 
 async def test_a_worker_stopped_during_a_chain_leaves_the_rest_to_the_next_one() -> None:
@@ -222,4 +321,4 @@ async def test_a_sync_activity_that_returns_an_awaitable_is_awaited_on_the_loop(
     loop = asyncio.get_running_loop()
     state = await run_chain(backend, app, 4)
     assert state.get_output() == 4
-    assert loops == [loop] * 4 and backend.calls["thread commits"] == 3
+    assert loops == [loop] * 4 and backend.calls["thread commits"] == 4

@@ -26,7 +26,7 @@ import asyncio
 import contextvars
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,8 +39,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class Stepped:
-    """The chain ran ``eager``'s activity (its result ``ran``) and the episode that follows
-    (``following``), and stopped short of committing it: the processor goes on from there."""
+    """The chain ran ``eager``'s activity (its result ``ran``) after ``item``'s kept lease, and
+    the episode that follows (``following``), and stopped short of committing it: the processor
+    goes on from there."""
 
     item: OrchestrationWorkItem
     eager: ActivityWorkItem
@@ -49,35 +50,61 @@ class Stepped:
 
 
 @dataclass
+class RanAhead:
+    """The chain ran its first activity ahead of the commit that queues it (its result ``ran``)
+    and the episode that follows (``following``), and stopped there: the processor goes on."""
+
+    ran: TaskCompleted | TaskFailed
+    following: tuple[OrchestrationCheckpoint, int | None] | Abandon
+
+
+@dataclass
 class Settled:
-    """The chain's last commit gave the lease back, or was lost (``result``): what it held
-    was ``recorded``, the result of the chain's last activity, and ``claimed``, the eager
-    activity it queued (``None``: none, and ``recorded``'s claim still holds the slot)."""
+    """The chain's last commit gave the lease back, or was lost (``result``): it held
+    ``recorded``, the result of the chain's last activity (``None``: that result was merged
+    into the commit of the episode it ran ahead of), and queued ``claimed``, the next eager
+    activity (``None``: none, and the chain's claim still holds the slot)."""
 
     result: CommitResult
-    recorded: tuple[ActivityWorkItem, TaskCompleted | TaskFailed]
+    recorded: tuple[ActivityWorkItem, TaskCompleted | TaskFailed] | None
     claimed: ActivityWorkItem | None
 
 
-ChainEnd = Stepped | Settled | None
-"""Where a chain stopped; ``None``: the loop took its running activity over, or stopped it."""
+class Taken:
+    """The loop took the chain's running activity over: it outlasted the window."""
+
+
+TAKEN_OVER = Taken()
+
+ChainEnd = Stepped | RanAhead | Settled | Taken | None
+"""Where a chain stopped; ``None``: it was stopped (its work item cancelled)."""
 
 
 class ThreadChain:
     """One chain on an activity thread: what the thread and the loop share, and the loop's watch.
 
     ``item`` is the work item as of the chain's last commit, ``eager`` the claim holding the
-    chain's activity slot; both change only under the lock, as the chain steps on.
+    chain's activity slot; they change only under the lock, as the chain steps on. A chain
+    that starts ahead of a commit has that commit's checkpoint as ``pending`` until it has
+    committed it.
     """
 
-    def __init__(self, lane: EagerLane, item: OrchestrationWorkItem, eager: ActivityWorkItem) -> None:
+    def __init__(
+        self,
+        lane: EagerLane,
+        item: OrchestrationWorkItem,
+        eager: ActivityWorkItem,
+        pending: OrchestrationCheckpoint | None = None,
+    ) -> None:
         self.lane = lane
         self.item = item
         self.eager = eager
+        self.pending = pending
         self._lock = threading.Lock()
         self._activity_since: float | None = None
         """When the activity running now started (``time.monotonic()``)."""
-        self._taken_over = False
+        self.taken_over = False
+        """Whether the loop took the running activity over."""
         self._stopped = False
         self._handed: TaskCompleted | TaskFailed | None = None
         """The result of the activity the loop took over, once it has finished."""
@@ -93,7 +120,7 @@ class ThreadChain:
         ran = self.lane.run_here(self.eager, loop)
         with self._lock:
             self._activity_since = None
-            if self._taken_over or self._stopped:
+            if self.taken_over or self._stopped:
                 self._handed = ran
                 return None
         return ran
@@ -107,28 +134,25 @@ class ThreadChain:
             return claimed
 
     def stepped(self, item: OrchestrationWorkItem) -> None:
-        """A step has been committed keeping the lease: the chain goes on from ``item``."""
+        """A step has been committed keeping the lease (with ``pending``, if any): the chain goes on from ``item``."""
         with self._lock:
             self.item = item
+            self.pending = None
 
     # -- on the event loop ---------------------------------------------------------------------
 
-    async def run(
-        self,
-        steps: Callable[[ThreadChain, asyncio.AbstractEventLoop], ChainEnd],
-        abandon: Callable[[OrchestrationWorkItem], Awaitable[None]],
-    ) -> ChainEnd:
-        """Run ``steps`` on the activity thread and watch them; when an activity outlasts the
-        window, hand it over and give the lease back (``abandon``), as on the loop."""
+    async def run(self, steps: Callable[[ThreadChain, asyncio.AbstractEventLoop], ChainEnd]) -> ChainEnd:
+        """Run ``steps`` on the activity thread and watch them. An activity that outlasts the
+        window is taken over (:data:`TAKEN_OVER`): it goes on running as the claim's activity
+        (:meth:`EagerLane.track`), for the caller to hand over."""
         loop = asyncio.get_running_loop()
         run = contextvars.copy_context().run
         chain = loop.run_in_executor(self.lane.thread_pool, run, steps, self, loop)
         try:
             while not (await asyncio.wait((chain,), timeout=self._until_overdue()))[0]:
                 if self._take_over():
-                    self.lane.hand_over(self.eager, asyncio.ensure_future(self._handed_result(chain)))
-                    await abandon(self.item)
-                    return None
+                    self.lane.track(self.eager, asyncio.ensure_future(self._handed_result(chain)))
+                    return TAKEN_OVER
         except asyncio.CancelledError:
             with self._lock:
                 self._stopped = True
@@ -150,8 +174,8 @@ class ThreadChain:
     def _take_over(self) -> bool:
         with self._lock:
             since = self._activity_since
-            self._taken_over = since is not None and time.monotonic() - since >= self.lane.window
-            return self._taken_over
+            self.taken_over = since is not None and time.monotonic() - since >= self.lane.window
+            return self.taken_over
 
     async def _handed_result(self, chain: asyncio.Future[ChainEnd]) -> TaskCompleted | TaskFailed:
         await chain

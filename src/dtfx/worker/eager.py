@@ -125,11 +125,15 @@ class EagerActivities:
         del self._claims[item.lock_token]
         self._dispatcher.free_slot()
 
-    def hand_over(self, item: ActivityWorkItem, running: Awaitable[TaskCompleted | TaskFailed] | None = None) -> None:
-        """The claimed activity's task is committed: let it run (or go on ``running``) as
-        ordinary work, its result going through the orchestration's inbox."""
-        claimed = self._claims.pop(item.lock_token)
-        self._dispatcher.adopt(item, self._activities.process(item, running or claimed))
+    def track(self, item: ActivityWorkItem, running: Awaitable[TaskCompleted | TaskFailed]) -> None:
+        """The claim's activity runs as ``running`` (elsewhere than :meth:`run`), for :meth:`hand_over`."""
+        self._claims[item.lock_token] = running
+
+    def hand_over(self, item: ActivityWorkItem) -> None:
+        """The claimed activity's task is committed: let it run (or go on running) as ordinary
+        work, its result going through the orchestration's inbox."""
+        running = self._claims.pop(item.lock_token)
+        self._dispatcher.adopt(item, self._activities.process(item, running))
 
     def drop(self, item: ActivityWorkItem) -> None:
         if item.lock_token not in self._claims:

@@ -50,7 +50,7 @@ from dtfx.core.workitems import (
     OrchestrationWorkItem,
 )
 from dtfx.worker.cache import CachedExecution, ExecutorCache
-from dtfx.worker.chains import ChainEnd, Settled, Stepped, ThreadChain
+from dtfx.worker.chains import ChainEnd, RanAhead, Settled, Stepped, Taken, ThreadChain
 from dtfx.worker.commit import GroupCommitter
 from dtfx.worker.options import VersionFailureStrategy, VersioningOptions, VersionMatchStrategy
 from dtfx.worker.registry import Registry
@@ -140,9 +140,12 @@ class EagerLane(Protocol):
     def finish(self, item: ActivityWorkItem) -> None:
         """The claim's activity has run (not through :meth:`run`): give its slot back."""
 
-    def hand_over(self, item: ActivityWorkItem, running: Awaitable[TaskCompleted | TaskFailed] | None = None) -> None:
-        """The claimed activity's task is committed: let it run (or go on running, or go on
-        as ``running``) as ordinary work, its result going through the orchestration's inbox."""
+    def track(self, item: ActivityWorkItem, running: Awaitable[TaskCompleted | TaskFailed]) -> None:
+        """The claim's activity runs as ``running``, not through :meth:`run` (for :meth:`hand_over`)."""
+
+    def hand_over(self, item: ActivityWorkItem) -> None:
+        """The claimed activity's task is committed: let it run (or go on running) as ordinary
+        work, its result going through the orchestration's inbox."""
 
     def drop(self, item: ActivityWorkItem) -> None:
         """The claim's checkpoint was not committed: stop the activity if it runs, forget the claim."""
@@ -229,40 +232,46 @@ class OrchestrationProcessor:
         holds its result and the episode that follows. Later activities run after the
         commit that schedules them.
         """
-        run_ahead = True
-        recorded: tuple[ActivityWorkItem, TaskCompleted | TaskFailed] | None = None  # the eager result checkpoint holds
-        while True:
-            eager = lane.claim(checkpoint, awaited)
-            ran: TaskCompleted | TaskFailed | None = None  # the eager activity's result, if it ran already
-            following: _Following | None = None
-            if eager is not None and run_ahead:
-                ran = await lane.run(eager)
-                if ran is None:  # it outlasted the window: it goes on as ordinary work
-                    checkpoint.keep_lease_for = None
-                else:
-                    following = await self._follow(item, checkpoint, started, ran)
-                    if isinstance(following, tuple):
-                        merged = merge_checkpoints(checkpoint, following[0], eager.lock_token)
-                        if merged is not None:
-                            checkpoint, awaited, run_ahead = merged, following[1], False
-                            continue
-            run_ahead = False
-            try:
-                result = await self._commit(item, checkpoint)
-            except BaseException:
-                if eager is not None:
-                    lane.drop(eager)
-                raise
-            self._runner.finished(item, checkpoint, result is not CommitResult.LOST)
-            if not await self._lease_kept(lane, item, result, eager, ran, recorded):
+        eager = lane.claim(checkpoint, awaited)
+        ran: TaskCompleted | TaskFailed | None = None  # the eager activity's result, if it ran ahead
+        following: _Following | None = None
+        if eager is not None:
+            ahead = await self._run_ahead(lane, item, started, checkpoint, eager)
+            if not isinstance(ahead, tuple):  # a chain on the activity thread went on from here
+                if ahead is not None:
+                    await self._go_on(lane, started, ahead.item, ahead.eager, ahead.ran, ahead.following)
                 return
-            assert eager is not None
-            item = _continued(item, checkpoint)
-            if ran is None:
-                step = await self._step(lane, item, started, eager)
-                if step is None:
-                    return
-                item, eager, ran, following = step
+            ran, following = ahead
+            if ran is None:  # it outlasted the window: it goes on as ordinary work
+                checkpoint.keep_lease_for = None
+            elif isinstance(following, tuple):
+                merged = merge_checkpoints(checkpoint, following[0], eager.lock_token)
+                if merged is not None:
+                    checkpoint, awaited = merged, following[1]
+                    eager, ran, following = lane.claim(checkpoint, awaited), None, None
+        if not await self._commit_keeping(lane, item, checkpoint, eager, ran, None):
+            return
+        assert eager is not None
+        item = _continued(item, checkpoint)
+        if ran is None:
+            step = await self._step(lane, item, started, eager)
+            if step is None:
+                return
+            item, eager, ran, following = step
+        await self._go_on(lane, started, item, eager, ran, following)
+
+    async def _go_on(
+        self,
+        lane: EagerLane,
+        started: ExecutionStarted,
+        item: OrchestrationWorkItem,
+        eager: ActivityWorkItem,
+        ran: TaskCompleted | TaskFailed,
+        following: _Following | None,
+    ) -> None:
+        """The eager chain after ``item``'s kept lease, from the claim ``eager`` whose activity
+        ran (``ran``), and the episode that its result started (``following``)."""
+        while True:
             if not isinstance(following, tuple):
                 self._runner.finished(item, None, False)
                 await lane.deliver(eager, ran)
@@ -272,6 +281,36 @@ class OrchestrationProcessor:
             checkpoint, awaited = following
             checkpoint.finished_tasks.append(eager.lock_token)
             recorded = (eager, ran)
+            claimed = lane.claim(checkpoint, awaited)
+            if not await self._commit_keeping(lane, item, checkpoint, claimed, None, recorded):
+                return
+            assert claimed is not None
+            item = _continued(item, checkpoint)
+            step = await self._step(lane, item, started, claimed)
+            if step is None:
+                return
+            item, eager, ran, following = step
+
+    async def _commit_keeping(
+        self,
+        lane: EagerLane,
+        item: OrchestrationWorkItem,
+        checkpoint: OrchestrationCheckpoint,
+        eager: ActivityWorkItem | None,
+        ran: TaskCompleted | TaskFailed | None,
+        recorded: tuple[ActivityWorkItem, TaskCompleted | TaskFailed] | None,
+    ) -> bool:
+        """Commit ``checkpoint``, which queued the claim ``eager`` (whose result is ``ran`` if
+        it ran ahead) and holds the eager result ``recorded``; whether the chain goes on (the
+        lease was kept: ``eager``'s activity is to run next)."""
+        try:
+            result = await self._commit(item, checkpoint)
+        except BaseException:
+            if eager is not None:
+                lane.drop(eager)
+            raise
+        self._runner.finished(item, checkpoint, result is not CommitResult.LOST)
+        return await self._lease_kept(lane, item, result, eager, ran, recorded)
 
     async def _lease_kept(
         self,
@@ -282,9 +321,9 @@ class OrchestrationProcessor:
         ran: TaskCompleted | TaskFailed | None,
         recorded: tuple[ActivityWorkItem, TaskCompleted | TaskFailed] | None,
     ) -> bool:
-        """After a commit that queued the claim ``eager`` (whose result is ``ran`` if it ran
-        ahead) and held the eager result ``recorded``: whether the chain goes on (the lease
-        was kept); if not, the queues take over what is left."""
+        """After a commit (``result``) that queued the claim ``eager`` and held the eager result
+        ``recorded``: whether the chain goes on (the lease was kept); if not, the queues take
+        over what is left."""
         if result is CommitResult.LOST:
             if recorded is not None:
                 await lane.deliver(*recorded)
@@ -302,30 +341,78 @@ class OrchestrationProcessor:
             return False
         return True
 
+    async def _run_ahead(
+        self,
+        lane: EagerLane,
+        item: OrchestrationWorkItem,
+        started: ExecutionStarted,
+        checkpoint: OrchestrationCheckpoint,
+        eager: ActivityWorkItem,
+    ) -> tuple[TaskCompleted | TaskFailed | None, _Following | None] | Stepped | None:
+        """Run the claimed activity ahead of ``checkpoint``'s commit, and the episode its result
+        starts: its result (``None``: it outlasted the window) and that episode. Or, run on the
+        activity's thread, the chain went on from there: where it stopped (``None``: the queues
+        took over)."""
+        chain = self._thread_chain(lane, item, eager, checkpoint)
+        if chain is None:
+            ran = await lane.run(eager)
+            return ran, None if ran is None else await self._follow(item, checkpoint, started, ran)
+        end = await self._run_chain(chain, started)
+        if isinstance(end, Taken):  # it outlasted the window ahead of the commit: it goes on as ordinary work
+            return None, None
+        if isinstance(end, RanAhead):
+            return end.ran, end.following
+        return end
+
     async def _step(
         self, lane: EagerLane, item: OrchestrationWorkItem, started: ExecutionStarted, eager: ActivityWorkItem
     ) -> tuple[OrchestrationWorkItem, ActivityWorkItem, TaskCompleted | TaskFailed, _Following] | None:
         """Run the claimed activity and the episode its result starts, after ``item``'s kept
         lease: the work item as it then stands, the claim that ran, its result and the episode.
         ``None`` when the queues took over meanwhile (the activity outlasted the window)."""
-        if self._chain_runner is not None and lane.runs_here(eager.task.event.name) and lane.alone():
-            chain = ThreadChain(lane, item, eager)
-            steps = partial(self._steps_here, self._chain_runner, started)
-            end = await chain.run(steps, self._backend.abandon_orchestration_work_item)
-            if isinstance(end, Stepped):
-                lane.finish(end.eager)
-                return end.item, end.eager, end.ran, end.following
-            if isinstance(end, Settled):
-                if end.claimed is None:
-                    lane.finish(end.recorded[0])
-                await self._lease_kept(lane, chain.item, end.result, end.claimed, None, end.recorded)
+        chain = self._thread_chain(lane, item, eager, None)
+        if chain is None:
+            ran = await lane.run(eager)
+            if ran is None:  # it outlasted the window: the lease goes back, the activity goes on
+                lane.hand_over(eager)
+                await self._backend.abandon_orchestration_work_item(item)
+                return None
+            return item, eager, ran, await self._follow(item, None, started, ran)
+        end = await self._run_chain(chain, started)
+        assert not isinstance(end, RanAhead | Taken)
+        return None if end is None else (end.item, end.eager, end.ran, end.following)
+
+    def _thread_chain(
+        self,
+        lane: EagerLane,
+        item: OrchestrationWorkItem,
+        eager: ActivityWorkItem,
+        pending: OrchestrationCheckpoint | None,
+    ) -> ThreadChain | None:
+        """A chain on the activity thread from the claim ``eager`` on, if it can run there."""
+        if self._chain_runner is None or not lane.runs_here(eager.task.event.name) or not lane.alone():
             return None
-        ran = await lane.run(eager)
-        if ran is None:  # it outlasted the window: the lease goes back, the activity goes on
-            lane.hand_over(eager)
-            await self._backend.abandon_orchestration_work_item(item)
+        return ThreadChain(lane, item, eager, pending)
+
+    async def _run_chain(self, chain: ThreadChain, started: ExecutionStarted) -> Stepped | RanAhead | Taken | None:
+        """Run ``chain`` until it stops: where the processor goes on from (its claim's slot given
+        back), or ``None`` if the chain has settled the work item (or the queues took over).
+        :class:`Taken` only while the chain runs ahead of its first commit."""
+        assert self._chain_runner is not None
+        lane = chain.lane
+        end = await chain.run(partial(self._steps_here, self._chain_runner, started))
+        if isinstance(end, Settled):
+            if end.claimed is None:
+                lane.finish(chain.eager)
+            await self._lease_kept(lane, chain.item, end.result, end.claimed, None, end.recorded)
             return None
-        return item, eager, ran, await self._follow(item, None, started, ran)
+        if isinstance(end, Taken) and chain.pending is None:  # the lease goes back, the activity goes on
+            lane.hand_over(chain.eager)
+            await self._backend.abandon_orchestration_work_item(chain.item)
+            return None
+        if isinstance(end, Stepped | RanAhead):
+            lane.finish(chain.eager)
+        return end
 
     def _steps_here(
         self, runner: LocalRunner, started: ExecutionStarted, chain: ThreadChain, loop: asyncio.AbstractEventLoop
@@ -334,36 +421,47 @@ class OrchestrationProcessor:
         a sync activity, its episode, and a commit that keeps the lease for the next one."""
         lane = chain.lane
         while True:
+            pending = chain.pending
             item, eager = chain.item, chain.eager
             ran = chain.run_activity(loop)
             if ran is None:
-                return None
-            following = self._follow_here(runner, item, started, ran)
+                return None  # taken over by the loop, or stopped
+            following = self._follow_here(runner, item, pending, started, ran)
+            stop = RanAhead(ran, following) if pending is not None else Stepped(item, eager, ran, following)
             if not isinstance(following, tuple) or not lane.alone():
-                return Stepped(item, eager, ran, following)
+                return stop
             checkpoint, awaited = following
+            recorded: tuple[ActivityWorkItem, TaskCompleted | TaskFailed] | None = (eager, ran)
+            if pending is not None:
+                merged = merge_checkpoints(pending, checkpoint, eager.lock_token)
+                if merged is None:
+                    return stop
+                checkpoint, recorded = merged, None
             task = lane.eager_task(checkpoint, awaited)
             if task is not None and not lane.runs_here(task.event.name):
-                return Stepped(item, eager, ran, following)
+                return stop
             claimed = chain.claim(checkpoint, awaited) if task is not None else None
             if task is not None and claimed is None:  # the chain was stopped meanwhile
                 return None
-            checkpoint.finished_tasks.append(eager.lock_token)
+            if recorded is not None:
+                checkpoint.finished_tasks.append(eager.lock_token)
             result = self._backend.complete_orchestration_work_items_blocking([checkpoint])[0]
             _log_lost(item, result)
             runner.finished(item, checkpoint, result is not CommitResult.LOST)
             if result is not CommitResult.LEASE_KEPT:
-                return Settled(result, (eager, ran), claimed)
+                return Settled(result, recorded, claimed)
             chain.stepped(_continued(item, checkpoint))
 
     def _follow_here(
         self,
         runner: LocalRunner,
         item: OrchestrationWorkItem,
+        uncommitted: OrchestrationCheckpoint | None,
         started: ExecutionStarted,
         result: TaskCompleted | TaskFailed,
     ) -> _Following:
-        """:meth:`_follow` after a commit, on the calling thread."""
+        """:meth:`_follow`, on the calling thread."""
+        item = self._going_on(item, uncommitted)
         if runner.cached_start(item) is None:
             return Abandon()
         now, new_events = _episode_of(result)
@@ -378,14 +476,22 @@ class OrchestrationProcessor:
     ) -> _Following:
         """The episode an eager activity's result starts, after ``item``'s checkpoint
         (``uncommitted``, when it has not been committed yet), with what it then awaits."""
-        if uncommitted is not None:
-            self._runner.finished(item, uncommitted, True)  # the live orchestration goes on from there
-            item = _continued(item, uncommitted)
+        item = self._going_on(item, uncommitted)
         if self._runner.cached_start(item) is None:  # no live orchestration to go on with (evicted, no cache)
             return Abandon()
         now, new_events = _episode_of(result)
         outcome = await self._runner.run(item, started, None, new_events)
         return _followed(item, started, new_events, outcome, now)
+
+    def _going_on(
+        self, item: OrchestrationWorkItem, uncommitted: OrchestrationCheckpoint | None
+    ) -> OrchestrationWorkItem:
+        """The work item to run the next episode on: after ``uncommitted``, if given (it will be
+        committed with that episode)."""
+        if uncommitted is None:
+            return item
+        self._runner.finished(item, uncommitted, True)  # the live orchestration goes on from there
+        return _continued(item, uncommitted)
 
     async def release(self, item: OrchestrationWorkItem) -> None:
         """Give the work item back after a failure or at shutdown."""
