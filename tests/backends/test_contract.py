@@ -526,6 +526,53 @@ async def test_a_checkpoint_can_keep_its_lease_and_queue_a_leased_task(backend: 
     assert [type(m.event).__name__ for m in item.messages] == ["EventRaised"]
 
 
+@pytest.mark.parametrize("taken_meanwhile", [False, True], ids=["still leased", "taken by another worker"])
+async def test_a_step_that_finishes_an_eager_task_and_queues_the_next_stores_that_one_once(
+    backend: Backend, taken_meanwhile: bool
+) -> None:
+    await backend.create_instance(start_event("a"))
+    item = await lock_one(backend, "a")
+    first = ActivityTask(
+        "a",
+        item.state.execution_id,
+        TaskScheduled(event_id=1, timestamp=utc_now(), name="first"),
+        lock_token="eager-1",
+        locked_until=utc_now() + (timedelta(milliseconds=100) if taken_meanwhile else LEASE),
+    )
+    assert await backend.complete_orchestration_work_items(
+        [checkpoint_for(item, activity_tasks=[first], keep_lease_for=LEASE)]
+    ) == [CommitResult.LEASE_KEPT]
+    if taken_meanwhile:  # its lease expired, and another worker took the task
+        await asyncio.sleep(0.15)
+        [taken] = await backend.lock_activity_work_items(10, LEASE)
+        assert taken.lock_token != "eager-1"
+
+    second = ActivityTask(
+        "a",
+        item.state.execution_id,
+        TaskScheduled(event_id=2, timestamp=utc_now(), name="second"),
+        lock_token="eager-2",
+        locked_until=utc_now() + LEASE,
+    )
+    done = TaskCompleted(timestamp=utc_now(), task_scheduled_id=1, result='"r"')
+    step = checkpoint_for(
+        item,
+        history=[OrchestratorStarted(timestamp=utc_now()), done, second.event],
+        consumed=[],
+        activity_tasks=[second],
+        keep_lease_for=LEASE,
+    )
+    step.finished_tasks.append("eager-1")
+    assert await backend.complete_orchestration_work_items([step]) == [CommitResult.LEASE_KEPT]
+
+    finished = ActivityWorkItem(None, "eager-1", utc_now() + LEASE, first)
+    assert await backend.complete_activity_work_items([ActivityResult(finished, done)]) == [False]  # gone
+    queued = ActivityWorkItem(None, "eager-2", utc_now() + LEASE, second)
+    assert await backend.renew_activity_lease(queued, LEASE)
+    await backend.abandon_activity_work_item(queued)
+    assert [task.task.event.name for task in await backend.lock_activity_work_items(10, LEASE)] == ["second"]
+
+
 async def test_an_eager_task_falls_back_on_the_queue(backend: Backend) -> None:
     await backend.create_instance(start_event("a"))
     item = await lock_one(backend, "a")

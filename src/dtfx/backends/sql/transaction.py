@@ -35,7 +35,7 @@ from dtfx.backends.delivery import (
     with_pending_requests,
     work_kind_of,
 )
-from dtfx.backends.sql.program import Dialect, Execute, Fetch, FetchEach, Notify, Program, Row
+from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, FetchEach, Notify, Program, Row, update_sql
 from dtfx.backends.sql.rows import (
     STATE_COLUMNS,
     failure_text,
@@ -75,6 +75,13 @@ _STATUS_COLUMNS = ("status", "last_updated_at", "next_visible_at")
 _HISTORY_COLUMNS = ("instance_id", "sequence", "event")
 _INBOX_COLUMNS = ("instance_id", "execution_id", "visible_at", "event")
 _TASK_COLUMNS = ("instance_id", "execution_id", "name", "event", "visible_at", "lock_token", "dequeue_count")
+_RECYCLE_TASK = update_sql("tasks", _TASK_COLUMNS[1:], "lock_token")
+"""A finished task's row made the next task of the same instance (key: the finished task's token)."""
+_INSERT_TASK_UNLESS_THERE = (
+    f"INSERT INTO tasks ({', '.join(_TASK_COLUMNS)}) SELECT {', '.join('?' * len(_TASK_COLUMNS))}"
+    " WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE lock_token = ?)"
+)
+"""A task's row, unless a row with its lock token is there already (parameters: the row, then the token)."""
 
 
 @dataclass
@@ -122,6 +129,8 @@ class HubTransaction:
         self._wiped: dict[str, None] = {}
         self._deleted_tasks: list[int] = []
         self._finished_tasks: list[str] = []
+        self._recycled: list[tuple[str, ActivityTask]] = []
+        """Finished eager tasks whose rows become the next eager task of the same instance."""
         self._keeping: dict[str, int] = {}  # instance id -> until when its lease is kept, if nothing is ready
         self.released: set[str] = set()
         """After :meth:`flush`: the instances whose kept lease was released (messages were ready)."""
@@ -199,7 +208,11 @@ class HubTransaction:
             instance.lock_token = None
         else:
             self._keeping[instance_id] = to_micros(self.now + checkpoint.keep_lease_for)
-        self._finished_tasks.extend(checkpoint.finished_tasks)
+        # A chain of eager steps finishes one task and queues the next, both leased: the row is reused.
+        leased = [task for task in checkpoint.activity_tasks if task.lock_token is not None]
+        recycled = list(zip(checkpoint.finished_tasks, leased, strict=False))
+        self._recycled.extend(recycled)
+        self._finished_tasks.extend(checkpoint.finished_tasks[len(recycled) :])
         writes = self._writes_of(instance_id)
         writes.checkpointed = True
         if checkpoint.replace_history:
@@ -210,8 +223,10 @@ class HubTransaction:
             writes.history.append((sequence, event))
         instance.history_size += len(checkpoint.new_history)
         writes.consumed.extend(checkpoint.consumed)
+        reused = {id(task) for _, task in recycled}
         for task in checkpoint.activity_tasks:
-            self._writes_of(task.instance_id).tasks.append(task)
+            if id(task) not in reused:
+                self._writes_of(task.instance_id).tasks.append(task)
         for message in checkpoint.messages:
             yield from self.deliver(message, instance_id)
         return True
@@ -274,11 +289,15 @@ class HubTransaction:
         """Write everything planned, then say whom to wake."""
         dialect = self._dialect
         in_list = dialect.in_list
+        now = to_micros(self.now)
         if self._deleted_tasks:
             yield Execute(f"DELETE FROM tasks WHERE {in_list('id')}", (dialect.list_param(self._deleted_tasks),))
         if self._finished_tasks:
             finished = dialect.list_param(self._finished_tasks)
             yield Execute(f"DELETE FROM tasks WHERE {in_list('lock_token')}", (finished,))
+        if self._recycled:
+            rows = [(*_task_row(task, now)[1:], finished) for finished, task in self._recycled]
+            yield ExecuteMany(_RECYCLE_TASK, rows)
         if self._wiped:
             wiped = dialect.list_param(list(self._wiped))
             for table in ("history", "inbox", "tasks"):
@@ -296,7 +315,6 @@ class HubTransaction:
         kinds: set[WorkKind] = set()
         delayed: list[tuple[WorkKind, datetime]] = []
         changed: dict[str, OrchestrationStatus] = {}
-        now = to_micros(self.now)
         for instance_id, writes in self._writes.items():
             instance = self._instances.get(instance_id)
             if instance is not None:
@@ -336,11 +354,8 @@ class HubTransaction:
                 (work_kind_of(instance_id), visible_at) for _, visible_at, _ in writes.inbox if visible_at > self.now
             )
             for task in writes.tasks:
-                leased = task.lock_token is not None
-                visible_at = to_micros(task.locked_until) if task.locked_until is not None else now
-                row = (task.instance_id, task.execution_id, task.event.name, encode_event(task.event).decode())
-                tasks.append((*row, visible_at, task.lock_token, int(leased)))
-                if not leased:
+                tasks.append(_task_row(task, now))
+                if task.lock_token is None:
                     kinds.add(WorkKind.ACTIVITY)
 
         # Instance rows are changed only once load() has locked them (by id). Rows go in in
@@ -363,8 +378,20 @@ class HubTransaction:
             yield dialect.insert_rows("inbox", _INBOX_COLUMNS, inbox)
         if tasks:
             yield dialect.insert_rows("tasks", _TASK_COLUMNS, tasks)
+        if self._recycled:  # a finished task whose row was gone (a lease that expired long ago): a new row
+            rows = [(*_task_row(task, now), task.lock_token) for _, task in self._recycled]
+            yield ExecuteMany(_INSERT_TASK_UNLESS_THERE, rows)
         if kinds or changed or delayed:
             yield from dialect.notify(Notify(frozenset(kinds), changed, delayed))
+
+
+def _task_row(task: ActivityTask, now: int) -> tuple[Any, ...]:
+    """The values of ``_TASK_COLUMNS`` for a task queued at ``now`` (microseconds); a leased one is
+    visible when its lease ends."""
+    visible_at = to_micros(task.locked_until) if task.locked_until is not None else now
+    event = encode_event(task.event).decode()
+    leased = task.lock_token is not None
+    return (task.instance_id, task.execution_id, task.event.name, event, visible_at, task.lock_token, int(leased))
 
 
 def _inbox_summary(dialect: Dialect, ids: Any, consumable: Collection[MessageId]) -> Fetch:
