@@ -22,7 +22,9 @@ from dtfx.backends.sql import operations
 from dtfx.backends.sql.program import Fetch, Stepper
 from dtfx.backends.sqlite import SqliteBackend
 from dtfx.core.errors import ConfigurationError, UnstorableValueError
-from dtfx.core.history import ExecutionStarted, OrchestrationInstance
+from dtfx.core.history import EventRaised, ExecutionStarted, OrchestrationInstance, OrchestratorStarted, TaskScheduled
+from dtfx.core.workitems import ActivityTask, CommitResult
+from tests.backends.test_contract import LEASE, checkpoint_for, lock_one, start_event
 from tests.postgres import SERVER_URL, postgres_url
 
 
@@ -327,3 +329,59 @@ async def test_postgres_commits_announce_themselves_only_while_another_backend_l
 
 def _instance(instance_id: str) -> OrchestrationInstance:
     return OrchestrationInstance(instance_id=instance_id, execution_id="e1")
+
+
+def _eager_step(
+    item: Any, event_id: int, finished: str | None, *, consumed: list[Any] | None = None
+) -> tuple[Any, str]:
+    """A step of an eager chain: its checkpoint (keeping the lease, queueing task ``event_id``
+    leased) and that task's lock token."""
+    scheduled = TaskScheduled(event_id=event_id, timestamp=utc_now(), name="act")
+    token = f"eager-{event_id}"
+    task = ActivityTask("a", item.state.execution_id, scheduled, lock_token=token, locked_until=utc_now() + LEASE)
+    history = [OrchestratorStarted(timestamp=utc_now()), scheduled]
+    step = checkpoint_for(item, history=history, consumed=consumed, activity_tasks=[task], keep_lease_for=LEASE)
+    if finished is not None:
+        step.finished_tasks.append(finished)
+    return step, token
+
+
+async def test_a_commit_under_a_kept_lease_assumes_the_row_its_commit_before_left(
+    sql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assumed: list[bool] = []
+    program = operations.complete_orchestration_work_items
+
+    def spy(dialect: Any, checkpoints: Any, kept: Any = None) -> Any:
+        assumed.append(kept is not None)
+        return program(dialect, checkpoints, kept)
+
+    monkeypatch.setattr(operations, "complete_orchestration_work_items", spy)
+    backend = open_backend(sql_url)
+    try:
+        await backend.create_instance(start_event("a"))
+        item = await lock_one(backend, "a")
+        first, token = _eager_step(item, 1, None)
+        assert await backend.complete_orchestration_work_items([first]) == [CommitResult.LEASE_KEPT]
+        second, token = _eager_step(item, 2, token, consumed=[])
+        assert await backend.complete_orchestration_work_items([second]) == [CommitResult.LEASE_KEPT]
+        assert assumed == [False, True]  # the first consumed the start message: it read the inbox
+
+        # Another writer changes the row: an event for later moves next_visible_at.
+        later = utc_now() + timedelta(hours=1)
+        await backend.send_event("a", EventRaised(timestamp=utc_now(), name="later"), visible_at=later)
+        third, token = _eager_step(item, 3, token, consumed=[])
+        assert await backend.complete_orchestration_work_items([third]) == [CommitResult.LEASE_KEPT]
+        assert assumed[2:] == [True, False]  # assumed, found changed, read
+
+        # An event that is due now ends the kept lease, assumed row or not.
+        await backend.send_event("a", EventRaised(timestamp=utc_now(), name="now"))
+        fourth, token = _eager_step(item, 4, token, consumed=[])
+        assert await backend.complete_orchestration_work_items([fourth]) == [CommitResult.COMMITTED]
+        assert assumed[4:] == [True, False]
+        history = await backend.get_history("a")
+        assert [e.event_id for e in history if isinstance(e, TaskScheduled)] == [1, 2, 3, 4]
+        item = await lock_one(backend, "a")
+        assert [type(m.event).__name__ for m in item.messages] == ["EventRaised"]
+    finally:
+        await backend.close()

@@ -50,7 +50,7 @@ try:
     from psycopg import errors as pg_errors
     from psycopg_pool import AsyncConnectionPool, PoolClosed
 
-    from dtfx.backends.postgres_pipeline import Pipeline
+    from dtfx.backends.postgres_pipeline import EXPECT_FUNCTION_SQL, Pipeline
 except ImportError as error:  # pragma: no cover - depends on the installed extras
     raise ImportError(f"PostgreSQL support needs `pip install 'dtfx[postgres]'` ({error})") from error
 
@@ -116,6 +116,9 @@ class PostgresDialect(Dialect):
 
     def list_param(self, values: Sequence[Any]) -> Any:
         return list(values)
+
+    def is_same(self, column: str) -> str:
+        return f"{column} IS NOT DISTINCT FROM ?"
 
     def in_select(self, column: str, select: str) -> str:
         # A join with the select's rows gets a generic plan that scans the whole table.
@@ -405,7 +408,9 @@ class PostgresBackend(SqlBackend):
         # Concurrent first starts (several workers) take turns; the schema is created once.
         yield Execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"dtfx-migrate-{self.schema}",))
         yield Execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-        return (yield from migrate(self._dialect))
+        version = yield from migrate(self._dialect)
+        yield Execute(EXPECT_FUNCTION_SQL)  # replaced at every start: always this version's
+        return version
 
     async def _shut_down(self) -> None:
         tasks = [task for task in (self._listener, self._watcher) if task is not None]

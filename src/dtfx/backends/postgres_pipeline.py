@@ -28,7 +28,7 @@ import psycopg
 from psycopg import pq
 from psycopg.adapt import PyFormat, Transformer
 
-from dtfx.backends.sql.program import Execute, Fetch, FetchEach, Row, Stepper
+from dtfx.backends.sql.program import AssumptionFailed, Execute, Expect, Fetch, FetchEach, Row, Stepper
 
 T = TypeVar("T")
 
@@ -39,6 +39,19 @@ _MAX_PREPARED = 100
 _names = itertools.count(1)
 _SYNC = "sync"
 """A pending entry: the result of a pipeline sync."""
+
+EXPECT_FUNCTION = "dtfx_expect"
+"""The server-side function that checks an :class:`Expect`: it raises :data:`EXPECT_FAILED` on false."""
+EXPECT_FAILED = "DX001"
+"""The SQLSTATE of an :class:`Expect` found false."""
+EXPECT_FUNCTION_SQL = f"""CREATE OR REPLACE FUNCTION {EXPECT_FUNCTION}(holds boolean) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT holds THEN
+        RAISE EXCEPTION 'dtfx: a row changed since this process wrote it' USING ERRCODE = '{EXPECT_FAILED}';
+    END IF;
+    RETURN true;
+END $$"""
 
 _OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.EMPTY_QUERY)
 _IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
@@ -110,6 +123,8 @@ class Pipeline:
                     value = await self._fetch(statement.fetches)
                 elif isinstance(statement, Execute):
                     self._send(statement.sql, statement.params)
+                elif isinstance(statement, Expect):  # checked by the server: nothing to wait for
+                    self._send(f"SELECT {EXPECT_FUNCTION}(EXISTS ({statement.sql}))", statement.params)
                 else:
                     for params in statement.rows:
                         self._send(statement.sql, params)
@@ -203,9 +218,9 @@ class Pipeline:
         pgconn.exit_pipeline_mode()
         raise _RefusedError(error)
 
-    async def _drain(self) -> psycopg.Error | None:
+    async def _drain(self) -> psycopg.Error | AssumptionFailed | None:
         """Read the results of every command sent; return the first refusal among them."""
-        error: psycopg.Error | None = None
+        error: psycopg.Error | AssumptionFailed | None = None
         while self._pending:
             destination = self._pending.popleft()
             result = await self._next_result()
@@ -261,7 +276,7 @@ class Pipeline:
 class _RefusedError(Exception):
     """The server refused a statement (the pipeline has been cleaned up)."""
 
-    def __init__(self, error: psycopg.Error) -> None:
+    def __init__(self, error: psycopg.Error | AssumptionFailed) -> None:
         super().__init__(str(error))
         self.error = error
 
@@ -271,10 +286,12 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _server_error(result: pq.abc.PGresult, encoding: str) -> psycopg.Error:
-    """psycopg's exception for a statement the server refused."""
+def _server_error(result: pq.abc.PGresult, encoding: str) -> psycopg.Error | AssumptionFailed:
+    """psycopg's exception for a statement the server refused (:class:`AssumptionFailed` for an :class:`Expect`)."""
     sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE)
     message = result.error_message.decode(encoding, "replace").strip()
+    if sqlstate == EXPECT_FAILED.encode():
+        return AssumptionFailed(message)
     try:
         error_class = psycopg.errors.lookup(sqlstate.decode()) if sqlstate else psycopg.DatabaseError
     except KeyError:

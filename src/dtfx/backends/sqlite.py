@@ -38,7 +38,7 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from dtfx.backends.sql.backend import Coalesced, CoalescedRun, SqlBackend
-from dtfx.backends.sql.program import Dialect, Execute, Fetch, FetchEach, Program, Stepper
+from dtfx.backends.sql.program import AssumptionFailed, Dialect, Execute, Expect, Fetch, FetchEach, Program, Stepper
 from dtfx.backends.sql.schema import migrate
 from dtfx.core.errors import BackendError, BackendUnavailableError, ConfigurationError, UnstorableValueError
 from dtfx.core.workitems import CommitResult, OrchestrationCheckpoint
@@ -71,6 +71,9 @@ class SqliteDialect(Dialect):
 
     def list_param(self, values: Sequence[Any]) -> Any:
         return msgspec.json.encode(values).decode()
+
+    def is_same(self, column: str) -> str:
+        return f"{column} IS ?"
 
     def in_select(self, column: str, select: str) -> str:
         return f"{column} IN ({select})"
@@ -158,7 +161,13 @@ class SqliteBackend(SqlBackend):
         if self._closed:
             raise self._closed_error()
         with self._connection_lock:
-            return self._transact(self._checkpoints_program(checkpoints), True)
+            kept = self._kept_row(checkpoints)
+            if kept is not None:
+                try:
+                    return self._remember(checkpoints, self._transact(self._commit(checkpoints, kept), True))
+                except AssumptionFailed:  # someone else wrote the row: read it
+                    pass
+            return self._remember(checkpoints, self._transact(self._commit(checkpoints, None), True))
 
     def _take_connection(self) -> bool:
         """Take the connection for the caller's thread if the database thread has nothing to do."""
@@ -381,6 +390,9 @@ def _drive(connection: sqlite3.Connection, stepper: Stepper[T]) -> T:
             value = connection.execute(statement.sql, statement.params).fetchall()
         elif isinstance(statement, FetchEach):
             value = [connection.execute(fetch.sql, fetch.params).fetchall() for fetch in statement.fetches]
+        elif isinstance(statement, Expect):
+            if connection.execute(statement.sql, statement.params).fetchone() is None:
+                raise AssumptionFailed(statement.sql)
         elif isinstance(statement, Execute):
             connection.execute(statement.sql, statement.params)
         else:

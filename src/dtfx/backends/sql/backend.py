@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 from dtfx.backends.base import Backend, WorkKind
 from dtfx.backends.sql import operations
-from dtfx.backends.sql.program import Dialect, Notify, Program
+from dtfx.backends.sql.program import AssumptionFailed, Dialect, Notify, Program
+from dtfx.backends.sql.transaction import KeptRow
 from dtfx.core.errors import BackendUnavailableError
 from dtfx.core.history import ExecutionStarted, HistoryEvent
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
@@ -115,6 +116,8 @@ class SqlBackend(Backend):
         self._queue_lock = threading.Lock()
         self._queues: dict[Coalesced, list[tuple[Any, asyncio.Future[Any]]]] = {}
         self._observed: dict[str, tuple[int, int] | None] = {}
+        self._kept_rows: dict[str, KeptRow] = {}
+        """The rows of the instances whose lease the last commit of this object kept, as written."""
 
     @abstractmethod
     async def _run(
@@ -291,16 +294,52 @@ class SqlBackend(Backend):
     ) -> list[CommitResult]:
         if not checkpoints:
             return []
-        return await self._run(self._checkpoints_program(checkpoints), write=True)
+        kept = self._kept_row(checkpoints)
+        if kept is not None:
+            try:
+                return self._remember(checkpoints, await self._run(self._commit(checkpoints, kept), write=True))
+            except AssumptionFailed:  # someone else wrote the row: read it
+                pass
+        return self._remember(checkpoints, await self._run(self._commit(checkpoints, None), write=True))
 
-    def _checkpoints_program(
-        self, checkpoints: Sequence[OrchestrationCheckpoint]
-    ) -> Callable[[], Program[list[CommitResult]]]:
-        return partial(operations.complete_orchestration_work_items, self._dialect, checkpoints)
+    # A chain of eager steps commits one checkpoint after another under one lease. Each commit
+    # leaves the instance's row as the next one would read it, so the next one assumes it
+    # (guarded: HubTransaction.assume) instead of reading it and its inbox: on PostgreSQL, a
+    # round trip less.
+
+    def _kept_row(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> KeptRow | None:
+        """The row a commit of ``checkpoints`` may assume: the only checkpoint's instance's, as
+        the commit before left it, when the checkpoint reads nothing else of the store (it
+        consumes no inbox message and sends no message)."""
+        if len(checkpoints) != 1 or checkpoints[0].consumed or checkpoints[0].messages:
+            return None
+        row = self._kept_rows.get(checkpoints[0].instance_id)
+        return row if row is not None and row.lock_token == checkpoints[0].lock_token else None
+
+    def _commit(
+        self, checkpoints: Sequence[OrchestrationCheckpoint], kept: KeptRow | None
+    ) -> Callable[[], Program[tuple[list[CommitResult], dict[str, KeptRow]]]]:
+        return partial(operations.complete_orchestration_work_items, self._dialect, checkpoints, kept)
+
+    def _remember(
+        self,
+        checkpoints: Sequence[OrchestrationCheckpoint],
+        outcome: tuple[list[CommitResult], dict[str, KeptRow]],
+    ) -> list[CommitResult]:
+        """Keep the rows of the instances whose lease a commit kept; forget the others'."""
+        results, rows = outcome
+        for checkpoint in checkpoints:
+            row = rows.get(checkpoint.instance_id)
+            if row is None:
+                self._kept_rows.pop(checkpoint.instance_id, None)
+            else:
+                self._kept_rows[checkpoint.instance_id] = row
+        return results
 
     async def abandon_orchestration_work_item(
         self, item: OrchestrationWorkItem, *, retry_at: datetime | None = None
     ) -> None:
+        self._kept_rows.pop(item.instance_id, None)
         program = partial(operations.abandon_orchestration_work_item, self._dialect, item, retry_at)
         await self._run(program, write=True)
 

@@ -22,7 +22,7 @@ from dtfx.backends.sql.rows import (
     state_from_row,
     to_micros,
 )
-from dtfx.backends.sql.transaction import HubTransaction
+from dtfx.backends.sql.transaction import HubTransaction, KeptRow
 from dtfx.core.errors import OrchestrationAlreadyExistsError, OrchestrationNotFoundError
 from dtfx.core.history import TERMINAL_STATUSES, ExecutionStarted, HistoryEvent, TaskScheduled, decode_event
 from dtfx.core.instance_ids import is_entity_id
@@ -236,9 +236,14 @@ def release_empty_work_items(items: Sequence[OrchestrationWorkItem]) -> Program[
 
 
 def complete_orchestration_work_items(
-    dialect: Dialect, checkpoints: Sequence[OrchestrationCheckpoint]
-) -> Program[list[CommitResult]]:
+    dialect: Dialect, checkpoints: Sequence[OrchestrationCheckpoint], kept: KeptRow | None = None
+) -> Program[tuple[list[CommitResult], dict[str, KeptRow]]]:
+    """Commit the checkpoints; return what happened to each, and the rows of the instances
+    whose lease was kept. ``kept``: the row of the (only) checkpoint's instance as the commit
+    before left it, taken as it is unless it changed since (:meth:`HubTransaction.assume`)."""
     transaction = HubTransaction(dialect, utc_now())
+    if kept is not None:
+        yield from transaction.assume(kept)
     yield from transaction.load(
         [checkpoint.instance_id for checkpoint in checkpoints]
         + [message.instance_id for checkpoint in checkpoints for message in checkpoint.messages],
@@ -248,7 +253,7 @@ def complete_orchestration_work_items(
     for checkpoint in checkpoints:
         committed.append((yield from transaction.commit(checkpoint)))
     yield from transaction.flush()
-    return [
+    results = [
         CommitResult.LOST
         if not done
         else CommitResult.COMMITTED
@@ -256,6 +261,7 @@ def complete_orchestration_work_items(
         else CommitResult.LEASE_KEPT
         for done, checkpoint in zip(committed, checkpoints, strict=True)
     ]
+    return results, transaction.kept
 
 
 def abandon_orchestration_work_item(

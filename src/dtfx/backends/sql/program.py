@@ -2,9 +2,10 @@
 
 A program is a generator that yields :data:`Step` values and receives their results:
 the rows of a :class:`Fetch`, a list of row lists for a :class:`FetchEach`, ``None``
-for the others. The backend runs one program as one transaction, sync (SQLite) or
-async (PostgreSQL), and may run it again from the start after a retryable error (a
-program only reads its arguments, never changes them).
+for the others (an :class:`Expect` that fails ends the transaction). The backend runs
+one program as one transaction, sync (SQLite) or async (PostgreSQL), and may run it
+again from the start after a retryable error (a program only reads its arguments,
+never changes them).
 
 SQL in programs uses ``?`` placeholders; a :class:`Dialect` supplies the fragments that
 differ between databases, and the statements that write many rows at once.
@@ -50,6 +51,21 @@ class FetchEach:
 
 
 @dataclass(frozen=True, slots=True)
+class Expect:
+    """Run a query that must return a row: what the program assumed of the store (a row it
+    wrote before, unchanged since) still holds. If it returns none, the driver rolls the
+    transaction back and raises :class:`AssumptionFailed`; the caller runs the program
+    again without the assumption."""
+
+    sql: str
+    params: Sequence[Any] = ()
+
+
+class AssumptionFailed(Exception):  # noqa: N818 - a signal to run again, not an error
+    """An :class:`Expect` found the store changed: nothing was written."""
+
+
+@dataclass(frozen=True, slots=True)
 class Execute:
     """Run a statement for its effect."""
 
@@ -76,7 +92,7 @@ class Notify:
     """Work this transaction wrote for later: (kind, visible-at time), for this process's timers."""
 
 
-Statement = Fetch | FetchEach | Execute | ExecuteMany
+Statement = Fetch | FetchEach | Expect | Execute | ExecuteMany
 Step = Statement | Notify
 Program = Generator[Step, Any, T]
 """A generator yielding steps, receiving rows (for :class:`Fetch` and :class:`FetchEach`) and returning a ``T``."""
@@ -103,6 +119,10 @@ class Dialect(ABC):
     @abstractmethod
     def list_param(self, values: Sequence[Any]) -> Any:
         """The parameter value for :meth:`in_list`."""
+
+    @abstractmethod
+    def is_same(self, column: str) -> str:
+        """A condition: ``column`` equals the one parameter, NULL equalling NULL."""
 
     @abstractmethod
     def in_select(self, column: str, select: str) -> str:

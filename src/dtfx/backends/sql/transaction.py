@@ -10,7 +10,10 @@ as a single one; it reads nothing, so a driver can send it with the commit.
 
 Every transaction that writes an instance's inbox first locks the instance's row, so
 the inbox summary read after the lock stays true until the commit: each instance's
-``next_visible_at`` and the fate of a kept lease are worked out in memory. Transactions
+``next_visible_at`` and the fate of a kept lease are worked out in memory. A commit under
+a lease that the commit before kept may instead assume the row as that one left it
+(:meth:`HubTransaction.assume`), checked by a statement that ends the transaction if
+another writer changed it: on PostgreSQL the writes then go with the commit, one round trip. Transactions
 lock instances' rows in one order (by id) and before any activity task's row, so that two
 of them never deadlock.
 """
@@ -35,7 +38,18 @@ from dtfx.backends.delivery import (
     with_pending_requests,
     work_kind_of,
 )
-from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, FetchEach, Notify, Program, Row, update_sql
+from dtfx.backends.sql.program import (
+    Dialect,
+    Execute,
+    ExecuteMany,
+    Expect,
+    Fetch,
+    FetchEach,
+    Notify,
+    Program,
+    Row,
+    update_sql,
+)
 from dtfx.backends.sql.rows import (
     STATE_COLUMNS,
     failure_text,
@@ -82,6 +96,18 @@ _INSERT_TASK_UNLESS_THERE = (
     " WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE lock_token = ?)"
 )
 """A task's row, unless a row with its lock token is there already (parameters: the row, then the token)."""
+
+
+@dataclass(frozen=True)
+class KeptRow:
+    """An instance row as a commit of this process left it, leased to one of its work items:
+    what the next commit of that work item may assume instead of reading it (see
+    :meth:`HubTransaction.assume`)."""
+
+    state: OrchestrationState
+    lock_token: str
+    history_size: int
+    next_visible_at: int | None
 
 
 @dataclass
@@ -134,6 +160,8 @@ class HubTransaction:
         self._keeping: dict[str, int] = {}  # instance id -> until when its lease is kept, if nothing is ready
         self.released: set[str] = set()
         """After :meth:`flush`: the instances whose kept lease was released (messages were ready)."""
+        self.kept: dict[str, KeptRow] = {}
+        """After :meth:`flush`: the rows of the instances whose lease was kept, as written."""
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -183,6 +211,29 @@ class HubTransaction:
             else:
                 instance.consumable[message_id] = visible_at
         return then_rows[0] if then_rows else []
+
+    def assume(self, row: KeptRow) -> Program[None]:
+        """Take (and lock) an instance's row as a commit of this process left it, instead of
+        reading it, if the columns that any other writer changes show it unchanged: its
+        lease, its history's size, its status and ``next_visible_at`` (every write of its
+        inbox keeps that the earliest visible-at time there, so it sums the inbox up too).
+        If they show a change, the transaction ends with :class:`AssumptionFailed`."""
+        dialect = self._dialect
+        state = row.state
+        yield Expect(
+            "SELECT 1 FROM instances WHERE instance_id = ? AND lock_token = ? AND history_size = ? AND status = ?"
+            f" AND {dialect.is_same('next_visible_at')}{dialect.for_update}",
+            (state.instance_id, row.lock_token, row.history_size, int(state.runtime_status), row.next_visible_at),
+        )
+        self._instances[state.instance_id] = _Instance(
+            state,
+            row.lock_token,
+            row.history_size,
+            True,
+            state.runtime_status,
+            row.next_visible_at,
+            inbox_rest=row.next_visible_at,
+        )
 
     def state(self, instance_id: str) -> OrchestrationState | None:
         """The instance's state as this transaction sees it (it must have been loaded)."""
@@ -337,6 +388,8 @@ class HubTransaction:
                         inserted.append(values)
                 elif writes.checkpointed:
                     checkpointed.append(_checkpointed_values(instance, kept_until, next_visible_at))
+                if kept_until is not None and instance.lock_token is not None:
+                    self.kept[instance_id] = KeptRow(state, instance.lock_token, instance.history_size, next_visible_at)
                 elif writes.status_changed or next_visible_at != instance.next_visible_at:
                     status = int(state.runtime_status)
                     updated.append((status, to_micros(state.last_updated_at), next_visible_at, instance_id))
