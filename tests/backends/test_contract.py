@@ -816,7 +816,7 @@ async def test_wait_for_instance_wakes_on_commit_and_times_out(backend: Backend)
     assert state is not None and state.runtime_status == Status.COMPLETED
 
 
-async def test_a_commit_leaving_a_status_the_waiter_does_not_wait_for_is_not_read(
+async def test_a_waiter_reads_only_when_a_commit_may_have_ended_its_wait_and_is_handed_the_ended_state(
     backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await backend.create_instance(start_event("a"))
@@ -836,18 +836,26 @@ async def test_a_commit_leaving_a_status_the_waiter_does_not_wait_for_is_not_rea
             "a", lambda s: s.runtime_status.is_terminal, 5, may_satisfy=lambda status: status.is_terminal
         )
     )
+    without_payloads = asyncio.create_task(
+        backend.wait_for_instance("a", lambda s: s.runtime_status.is_terminal, 5, fetch_payloads=False)
+    )
     await asyncio.sleep(0.05)
-    assert reads == [Status.PENDING]
+    assert reads == [Status.PENDING, Status.PENDING]
     item = await lock_one(backend, "a")
     await backend.complete_orchestration_work_items([checkpoint_for(item, keep_lease_for=LEASE)])  # now RUNNING
     await asyncio.sleep(0.1)
-    assert reads == [Status.PENDING]  # woken, told RUNNING: nothing to read
+    assert len(reads) == 3  # the waiter that may be satisfied by any status read; the other did not
     history = [ExecutionCompleted(timestamp=utc_now(), status=Status.COMPLETED)]
     done = checkpoint_for(item, status=Status.COMPLETED, history=history, consumed=[])
+    done.output = '"out"'
     await backend.complete_orchestration_work_items([done])
     state = await waiting
     assert state is not None and state.runtime_status == Status.COMPLETED
-    assert reads == [Status.PENDING, Status.COMPLETED]
+    assert len(reads) == 3  # the commit that ended it handed the waiters the state it wrote
+    assert state == await get_instance("a")  # the same as a read
+    bare = await without_payloads
+    assert bare == await get_instance("a", fetch_payloads=False) and bare is not None
+    assert bare.serialized_output is None and state.serialized_output == '"out"'
 
 
 async def test_subscribers_are_woken_by_new_work(backend: Backend) -> None:

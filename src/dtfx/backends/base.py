@@ -23,6 +23,7 @@ the contract suite in ``tests/backends`` checks every rule on every backend.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import heapq
 import threading
@@ -292,9 +293,10 @@ class Backend(ABC):
         for kind in kinds:
             self._work_signals[kind].notify()
 
-    def _notify_instance(self, instance_id: str, status: OrchestrationStatus | None = None) -> None:
-        """Wake the instance's waiters; ``status``: the status a commit of this object left it with."""
-        self._instance_signals.notify(instance_id, status)
+    def _notify_instance(self, instance_id: str, left: OrchestrationStatus | OrchestrationState | None = None) -> None:
+        """Wake the instance's waiters; ``left``: what a commit of this object left of it, its
+        status, or its whole state once it has ended (``None``: unknown)."""
+        self._instance_signals.notify(instance_id, left)
 
     async def wait_for_instance(
         self,
@@ -311,9 +313,10 @@ class Backend(ABC):
         instance's status changes. ``may_satisfy`` tells whether a state of a given status
         can satisfy ``predicate``: the commits of this object that leave the instance with
         one that cannot (RUNNING, to a wait for the end) then wake the waiter without a
-        read. Returns ``None`` at once for an unknown instance; raises ``TimeoutError``
-        when ``timeout`` seconds pass first. Built from :meth:`get_instance`, woken by this
-        object's own commits and polling otherwise; backends may do better.
+        read, and one that ends it hands the waiter the state it wrote. Returns ``None`` at
+        once for an unknown instance; raises ``TimeoutError`` when ``timeout`` seconds pass
+        first. Built from :meth:`get_instance`, woken by this object's own commits and
+        polling otherwise; backends may do better.
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -329,10 +332,20 @@ class Backend(ABC):
                 if remaining <= 0:
                     raise TimeoutError(instance_id)
                 notified = await waiter.wait(remaining)
-                statuses = waiter.take_hints()
+                hints = waiter.take_hints()
+                written = next((hint for hint in reversed(hints or []) if isinstance(hint, OrchestrationState)), None)
+                if written is not None and hints and hints[-1] is written and predicate(written):
+                    return _as_read(written, fetch_payloads)
                 read = (
                     not notified
-                    or statuses is None
+                    or hints is None
                     or may_satisfy is None
-                    or any(not isinstance(status, OrchestrationStatus) or may_satisfy(status) for status in statuses)
+                    or any(not isinstance(hint, OrchestrationStatus) or may_satisfy(hint) for hint in hints)
                 )
+
+
+def _as_read(state: OrchestrationState, fetch_payloads: bool) -> OrchestrationState:
+    """A copy of a state a commit wrote, as :meth:`Backend.get_instance` would read it."""
+    if fetch_payloads:
+        return dataclasses.replace(state)
+    return dataclasses.replace(state, serialized_input=None, serialized_output=None, serialized_custom_status=None)

@@ -261,15 +261,19 @@ class MemoryBackend(Backend):
                 if instance.state.runtime_status != status:  # waiters wait for statuses
                     changed.append(checkpoint.instance_id)
                 changed.extend(message.instance_id for message in checkpoint.messages)
-            statuses = {instance_id: self._status_of(instance_id) for instance_id in changed}
+            left = {instance_id: self._left_of(instance_id) for instance_id in changed}
         self._notify_work(*woken)
-        for instance_id, now_status in statuses.items():
-            self._notify_instance(instance_id, now_status)
+        for instance_id, hint in left.items():
+            self._notify_instance(instance_id, hint)
         return results
 
-    def _status_of(self, instance_id: str) -> OrchestrationStatus | None:
+    def _left_of(self, instance_id: str) -> OrchestrationStatus | OrchestrationState | None:
+        """What a commit left of an instance, for its waiters: its status, or its state once ended."""
         instance = self._instances.get(instance_id)
-        return None if instance is None else instance.state.runtime_status
+        if instance is None:
+            return None
+        state = instance.state
+        return dataclasses.replace(state) if state.runtime_status.is_terminal else state.runtime_status
 
     def _commit(
         self, instance: _Instance, checkpoint: OrchestrationCheckpoint, now: datetime, woken: set[WorkKind]

@@ -198,7 +198,7 @@ class SqlBackend(Backend):
                 self._note_delayed(kind, visible_at)
             self._notify_work(*notify.kinds)
             for instance_id, status in notify.instances.items():
-                self._notify_instance(instance_id, status)
+                self._notify_instance(instance_id, notify.ended.get(instance_id, status))
 
     # Other processes' commits reach this process's waiters through watch rounds: every
     # poll interval, the driver reads the versions of all the instances someone waits

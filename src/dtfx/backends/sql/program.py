@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from dtfx.backends.base import WorkKind
 from dtfx.core.history import OrchestrationStatus
+from dtfx.core.state import OrchestrationState
 
 T = TypeVar("T")
 
@@ -88,6 +89,8 @@ class Notify:
     kinds: frozenset[WorkKind] = frozenset()
     instances: Mapping[str, OrchestrationStatus] = field(default_factory=dict)
     """The instances whose status changed, with the status they now have."""
+    ended: Mapping[str, OrchestrationState] = field(default_factory=dict)
+    """Of those, the ones that ended, with their whole row (payloads too) as written."""
     delayed: Collection[tuple[WorkKind, datetime]] = field(default_factory=tuple)
     """Work this transaction wrote for later: (kind, visible-at time), for this process's timers."""
 

@@ -366,6 +366,7 @@ class HubTransaction:
         kinds: set[WorkKind] = set()
         delayed: list[tuple[WorkKind, datetime]] = []
         changed: dict[str, OrchestrationStatus] = {}
+        ended: dict[str, OrchestrationState] = {}
         for instance_id, writes in self._writes.items():
             instance = self._instances.get(instance_id)
             if instance is not None:
@@ -395,6 +396,8 @@ class HubTransaction:
                     updated.append((status, to_micros(state.last_updated_at), next_visible_at, instance_id))
                 if state.runtime_status != instance.loaded_status:
                     changed[instance_id] = state.runtime_status
+                    if writes.checkpointed and state.runtime_status.is_terminal:  # a checkpoint writes the payloads
+                        ended[instance_id] = state
             if writes.reset_history:
                 history_reset.append(instance_id)
             consumed.extend(writes.consumed)
@@ -435,7 +438,7 @@ class HubTransaction:
             rows = [(*_task_row(task, now), task.lock_token) for _, task in self._recycled]
             yield ExecuteMany(_INSERT_TASK_UNLESS_THERE, rows)
         if kinds or changed or delayed:
-            yield from dialect.notify(Notify(frozenset(kinds), changed, delayed))
+            yield from dialect.notify(Notify(frozenset(kinds), changed, delayed=delayed, ended=ended))
 
 
 def _task_row(task: ActivityTask, now: int) -> tuple[Any, ...]:
