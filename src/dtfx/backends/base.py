@@ -333,9 +333,9 @@ class Backend(ABC):
                     raise TimeoutError(instance_id)
                 notified = await waiter.wait(remaining)
                 hints = waiter.take_hints()
-                written = next((hint for hint in reversed(hints or []) if isinstance(hint, OrchestrationState)), None)
-                if written is not None and hints and hints[-1] is written and predicate(written):
-                    return _as_read(written, fetch_payloads)
+                last = hints[-1] if hints else None
+                if isinstance(last, OrchestrationState) and predicate(last):  # a commit here ended it
+                    return _as_read(last, fetch_payloads)
                 read = (
                     not notified
                     or hints is None

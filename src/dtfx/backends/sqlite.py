@@ -106,6 +106,7 @@ class SqliteBackend(SqlBackend):
     """
 
     poll_interval = 0.1
+    blocking_commits = True  # sqlite3 blocks anyway
 
     def __init__(self, url: str = f"sqlite:///{DEFAULT_PATH}") -> None:
         super().__init__(SqliteDialect())
@@ -153,8 +154,6 @@ class SqliteBackend(SqlBackend):
                 self._connection_lock.release()
         return await self._on_thread(transaction)
 
-    blocking_commits = True
-
     def complete_orchestration_work_items_blocking(
         self, checkpoints: Sequence[OrchestrationCheckpoint]
     ) -> list[CommitResult]:
@@ -164,10 +163,10 @@ class SqliteBackend(SqlBackend):
             kept = self._kept_row(checkpoints)
             if kept is not None:
                 try:
-                    return self._remember(checkpoints, self._transact(self._commit(checkpoints, kept), True))
+                    return self._remember(checkpoints, self._transact(self._commit_program(checkpoints, kept), True))
                 except AssumptionFailed:  # someone else wrote the row: read it
                     pass
-            return self._remember(checkpoints, self._transact(self._commit(checkpoints, None), True))
+            return self._remember(checkpoints, self._transact(self._commit_program(checkpoints, None), True))
 
     def _take_connection(self) -> bool:
         """Take the connection for the caller's thread if the database thread has nothing to do."""

@@ -297,10 +297,10 @@ class SqlBackend(Backend):
         kept = self._kept_row(checkpoints)
         if kept is not None:
             try:
-                return self._remember(checkpoints, await self._run(self._commit(checkpoints, kept), write=True))
+                return self._remember(checkpoints, await self._run(self._commit_program(checkpoints, kept), write=True))
             except AssumptionFailed:  # someone else wrote the row: read it
                 pass
-        return self._remember(checkpoints, await self._run(self._commit(checkpoints, None), write=True))
+        return self._remember(checkpoints, await self._run(self._commit_program(checkpoints, None), write=True))
 
     # A chain of eager steps commits one checkpoint after another under one lease. Each commit
     # leaves the instance's row as the next one would read it, so the next one assumes it
@@ -316,7 +316,7 @@ class SqlBackend(Backend):
         row = self._kept_rows.get(checkpoints[0].instance_id)
         return row if row is not None and row.lock_token == checkpoints[0].lock_token else None
 
-    def _commit(
+    def _commit_program(
         self, checkpoints: Sequence[OrchestrationCheckpoint], kept: KeptRow | None
     ) -> Callable[[], Program[tuple[list[CommitResult], dict[str, KeptRow]]]]:
         return partial(operations.complete_orchestration_work_items, self._dialect, checkpoints, kept)
