@@ -385,3 +385,26 @@ async def test_a_commit_under_a_kept_lease_assumes_the_row_its_commit_before_lef
         assert [type(m.event).__name__ for m in item.messages] == ["EventRaised"]
     finally:
         await backend.close()
+
+
+async def test_each_instance_row_is_written_once_per_transaction(tmp_path: Path) -> None:
+    backend = SqliteBackend(f"sqlite:///{tmp_path}/hub.db")
+    await backend.start()
+    statements: list[str] = []
+    assert backend._connection is not None
+    backend._connection.set_trace_callback(statements.append)
+    try:
+        await backend.create_instance(start_event("a"))
+        item = await lock_one(backend, "a")
+        statements.clear()
+        step, _ = _eager_step(item, 1, None)
+        assert await backend.complete_orchestration_work_items([step]) == [CommitResult.LEASE_KEPT]
+        done = checkpoint_for(item, status=dtfx.OrchestrationStatus.COMPLETED, consumed=[])
+        assert await backend.complete_orchestration_work_items([done]) == [CommitResult.COMMITTED]
+        await backend.create_instance(start_event("b"))
+    finally:
+        await backend.close()
+    written = [
+        statement for statement in statements if statement.startswith(("UPDATE instances", "INSERT INTO instances"))
+    ]
+    assert len(written) == 3  # two checkpoints and one creation

@@ -13,9 +13,9 @@ the inbox summary read after the lock stays true until the commit: each instance
 ``next_visible_at`` and the fate of a kept lease are worked out in memory. A commit under
 a lease that the commit before kept may instead assume the row as that one left it
 (:meth:`HubTransaction.assume`), checked by a statement that ends the transaction if
-another writer changed it: on PostgreSQL the writes then go with the commit, one round trip. Transactions
-lock instances' rows in one order (by id) and before any activity task's row, so that two
-of them never deadlock.
+another writer changed it: on PostgreSQL the writes then go with the commit, one round
+trip. Transactions lock instances' rows in one order (by id) and before any activity
+task's row, so that two of them never deadlock.
 """
 
 from __future__ import annotations
@@ -389,11 +389,11 @@ class HubTransaction:
                         inserted.append(values)
                 elif writes.checkpointed:
                     checkpointed.append(_checkpointed_values(instance, kept_until, next_visible_at))
-                if kept_until is not None and instance.lock_token is not None:
-                    self.kept[instance_id] = KeptRow(state, instance.lock_token, instance.history_size, next_visible_at)
                 elif writes.status_changed or next_visible_at != instance.next_visible_at:
                     status = int(state.runtime_status)
                     updated.append((status, to_micros(state.last_updated_at), next_visible_at, instance_id))
+                if kept_until is not None and instance.lock_token is not None:
+                    self.kept[instance_id] = KeptRow(state, instance.lock_token, instance.history_size, next_visible_at)
                 if state.runtime_status != instance.loaded_status:
                     changed[instance_id] = state.runtime_status
                     if writes.checkpointed and state.runtime_status.is_terminal:  # a checkpoint writes the payloads
