@@ -83,13 +83,20 @@ def chain_app(runs: list[int], slow: dict[int, float] | None = None) -> dtfx.App
     return app
 
 
-async def run_chain(backend: ChainBackend, app: dtfx.App, length: int, **worker: Any) -> dtfx.OrchestrationState:
+async def run_to_end(
+    backend: ChainBackend, app: dtfx.App, orchestrator: str, value: Any = None, **worker: Any
+) -> dtfx.OrchestrationState:
+    """Run one ``orchestrator`` of ``app`` on ``backend`` to its end, with a worker of these options."""
     client = dtfx.AsyncClient(backend)
     async with dtfx.Worker(backend, app=app, **worker):
-        instance_id = await client.schedule_new_orchestration("chain", input=length)
+        instance_id = await client.schedule_new_orchestration(orchestrator, input=value)
         state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
     assert state is not None
     return state
+
+
+async def run_chain(backend: ChainBackend, app: dtfx.App, length: int, **worker: Any) -> dtfx.OrchestrationState:
+    return await run_to_end(backend, app, "chain", length, **worker)
 
 
 async def test_a_sequence_of_sync_activities_goes_on_on_the_activity_thread() -> None:
@@ -157,11 +164,8 @@ async def test_a_chain_hands_back_to_the_loop_at_an_async_activity_and_takes_up_
         return (yield ctx.call_activity(sync_step, input=value))
 
     backend = ChainBackend()
-    client = dtfx.AsyncClient(backend)
-    async with dtfx.Worker(backend, app=app):
-        instance_id = await client.schedule_new_orchestration(mixed)
-        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
-    assert state is not None and state.get_output() == 13
+    state = await run_to_end(backend, app, "mixed")
+    assert state.get_output() == 13
     # One work item all along: the async step ran on the loop, the chain took up again after it.
     assert backend.calls["orchestrations locked"] == 1
     assert backend.calls["loop commits"] >= 1 and backend.calls["thread commits"] >= 1
@@ -182,12 +186,8 @@ async def test_a_chain_whose_first_episode_continues_as_new_commits_it_on_the_lo
             return None
         return n
 
-    backend = ChainBackend()
-    client = dtfx.AsyncClient(backend)
-    async with dtfx.Worker(backend, app=app):
-        instance_id = await client.schedule_new_orchestration(counter, input=0)
-        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
-    assert state is not None and state.get_output() == 3
+    state = await run_to_end(ChainBackend(), app, "counter", 0)
+    assert state.get_output() == 3
 
 
 async def test_a_message_that_arrives_during_a_chain_ends_it_at_the_next_commit() -> None:

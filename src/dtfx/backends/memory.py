@@ -272,8 +272,8 @@ class MemoryBackend(Backend):
         instance = self._instances.get(instance_id)
         if instance is None:
             return None
-        state = instance.state
-        return dataclasses.replace(state) if state.runtime_status.is_terminal else state.runtime_status
+        state = instance.state  # replaced, never changed in place: waiters get copies of it
+        return state if state.runtime_status.is_terminal else state.runtime_status
 
     def _commit(
         self, instance: _Instance, checkpoint: OrchestrationCheckpoint, now: datetime, woken: set[WorkKind]

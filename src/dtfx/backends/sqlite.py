@@ -168,17 +168,20 @@ class SqliteBackend(SqlBackend):
                     pass
             return self._remember(checkpoints, self._transact(self._commit_program(checkpoints, None), True))
 
+    def _idle(self) -> bool:
+        """Whether the database thread has nothing to do (and nobody holds the connection)."""
+        return self._connection is not None and not self._queued and not self._connection_lock.locked()
+
     def _take_connection(self) -> bool:
         """Take the connection for the caller's thread if the database thread has nothing to do."""
-        idle = self._connection is not None and not self._queued and not self._connection_lock.locked()
-        return idle and self._connection_lock.acquire(blocking=False)
+        return self._idle() and self._connection_lock.acquire(blocking=False)
 
     async def _ensure_started(self) -> None:
         if self._connection is None:
             await self.start()
 
     def _start_draining(self, kind: Coalesced) -> None:
-        if self._connection is not None and not self._queued:
+        if self._idle():
             # Run the queue here, once the requests made in this turn of the loop have joined it.
             asyncio.get_running_loop().call_soon(self._drain_here, kind)
         else:

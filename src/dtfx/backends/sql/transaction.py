@@ -260,8 +260,8 @@ class HubTransaction:
         else:
             self._keeping[instance_id] = to_micros(self.now + checkpoint.keep_lease_for)
         # A chain of eager steps finishes one task and queues the next, both leased: the row is reused.
-        leased = [task for task in checkpoint.activity_tasks if task.lock_token is not None]
-        recycled = list(zip(checkpoint.finished_tasks, leased, strict=False))
+        leased = (task for task in checkpoint.activity_tasks if task.lock_token is not None)
+        recycled = list(zip(checkpoint.finished_tasks, leased, strict=False))  # [] without finished tasks
         self._recycled.extend(recycled)
         self._finished_tasks.extend(checkpoint.finished_tasks[len(recycled) :])
         writes = self._writes_of(instance_id)
@@ -274,7 +274,7 @@ class HubTransaction:
             writes.history.append((sequence, event))
         instance.history_size += len(checkpoint.new_history)
         writes.consumed.extend(checkpoint.consumed)
-        reused = {id(task) for _, task in recycled}
+        reused = {id(task) for _, task in recycled} if recycled else ()
         for task in checkpoint.activity_tasks:
             if id(task) not in reused:
                 self._writes_of(task.instance_id).tasks.append(task)
@@ -346,9 +346,9 @@ class HubTransaction:
         if self._finished_tasks:
             finished = dialect.list_param(self._finished_tasks)
             yield Execute(f"DELETE FROM tasks WHERE {in_list('lock_token')}", (finished,))
-        if self._recycled:
-            rows = [(*_task_row(task, now)[1:], finished) for finished, task in self._recycled]
-            yield ExecuteMany(_RECYCLE_TASK, rows)
+        recycled = [(finished, task, _task_row(task, now)) for finished, task in self._recycled]  # rows built once
+        if recycled:
+            yield ExecuteMany(_RECYCLE_TASK, [(*row[1:], finished) for finished, _, row in recycled])
         if self._wiped:
             wiped = dialect.list_param(list(self._wiped))
             for table in ("history", "inbox", "tasks"):
@@ -434,9 +434,8 @@ class HubTransaction:
             yield dialect.insert_rows("inbox", _INBOX_COLUMNS, inbox)
         if tasks:
             yield dialect.insert_rows("tasks", _TASK_COLUMNS, tasks)
-        if self._recycled:  # a finished task whose row was gone (a lease that expired long ago): a new row
-            rows = [(*_task_row(task, now), task.lock_token) for _, task in self._recycled]
-            yield ExecuteMany(_INSERT_TASK_UNLESS_THERE, rows)
+        if recycled:  # a finished task whose row was gone (a lease that expired long ago): a new row
+            yield ExecuteMany(_INSERT_TASK_UNLESS_THERE, [(*row, task.lock_token) for _, task, row in recycled])
         if kinds or changed or delayed:
             yield from dialect.notify(Notify(frozenset(kinds), changed, delayed=delayed, ended=ended))
 
