@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import pytest
 
+from dtfx.backends import signals
 from dtfx.backends.base import Backend, WorkKind, utc_now
 from dtfx.core.errors import OrchestrationAlreadyExistsError, OrchestrationNotFoundError
 from dtfx.core.history import (
@@ -163,6 +166,76 @@ async def test_scheduled_start_is_invisible_until_due(backend: Backend) -> None:
     assert next_due is not None and abs((next_due - due).total_seconds()) < 0.01
     await asyncio.sleep(0.45)
     assert [i.instance_id for i in await backend.lock_orchestration_work_items(10, LEASE)] == ["later"]
+
+
+class _Intake:
+    """An :class:`~dtfx.backends.base.Intake` that takes what ``takes`` says, and records the rest."""
+
+    def __init__(
+        self, takes: Callable[[ExecutionStarted], bool] = lambda start: True, lease: timedelta = LEASE
+    ) -> None:
+        self.takes = takes
+        self.lease = lease
+        self.offered: list[str] = []
+        self.accepted: list[OrchestrationWorkItem] = []
+        self.declined = 0
+
+    def offer(self, start: ExecutionStarted) -> timedelta | None:
+        self.offered.append(start.instance.instance_id)
+        return self.lease if self.takes(start) else None
+
+    def accept(self, item: OrchestrationWorkItem) -> None:
+        self.accepted.append(item)
+
+    def decline(self) -> None:
+        self.declined += 1
+
+
+async def test_an_intake_takes_what_it_offers_to_take_created_leased_to_it(backend: Backend) -> None:
+    intake = _Intake(lambda start: start.name == "orch")
+    assert backend.attach_intake(intake) is True
+    assert backend.attach_intake(_Intake()) is False  # one at a time
+    with backend.subscribe(WorkKind.ORCHESTRATION) as dispatchers:
+        dispatchers.clear()
+        start = start_event("a")
+        await backend.create_instance(start)
+        assert await dispatchers.wait(0.1) is False  # nobody has to look for it
+    [item] = intake.accepted
+    assert (item.instance_id, [m.event for m in item.messages], item.history_size) == ("a", [start], 0)
+    assert item.state.runtime_status == Status.PENDING and item.state.serialized_input == '"in"'
+    assert await backend.lock_orchestration_work_items(10, LEASE) == []  # leased to the intake
+    assert await backend.complete_orchestration_work_items([checkpoint_for(item)]) == [CommitResult.COMMITTED]
+    state = await backend.get_instance("a")
+    assert state is not None and state.runtime_status == Status.RUNNING
+    assert len(await backend.get_history("a")) == len(checkpoint_for(item).new_history)
+
+    await backend.create_instance(start_event("other", name="unknown"))  # not taken: for whoever looks
+    await backend.create_instance(start_event("later"), scheduled_start_at=utc_now() + timedelta(hours=1))
+    assert intake.offered == ["a", "other"]  # a start that is not due is never offered
+    assert [i.instance_id for i in await backend.lock_orchestration_work_items(10, LEASE)] == ["other"]
+
+    with pytest.raises(OrchestrationAlreadyExistsError):  # taken, then refused: the slot goes back
+        await backend.create_instance(start_event("a"))
+    assert (len(intake.accepted), intake.declined) == (1, 1)
+
+    backend.detach_intake(intake)
+    await backend.create_instance(start_event("b"))
+    assert intake.offered[-1] == "a" and await lock_one(backend, "b")
+
+
+async def test_an_instance_taken_by_an_intake_that_went_away_is_leased_again_when_its_lease_ends(
+    backend: Backend,
+) -> None:
+    intake = _Intake(lease=timedelta(milliseconds=200))
+    backend.attach_intake(intake)
+    await backend.create_instance(start_event("a"))
+    backend.detach_intake(intake)
+    [taken] = intake.accepted
+    assert await backend.lock_orchestration_work_items(10, LEASE) == []
+    await asyncio.sleep(0.25)
+    item = await lock_one(backend, "a")
+    assert [m.event for m in item.messages] == [m.event for m in taken.messages]
+    assert await backend.complete_orchestration_work_items([checkpoint_for(taken)]) == [CommitResult.LOST]
 
 
 # -- events -------------------------------------------------------------------------------------------
@@ -840,22 +913,81 @@ async def test_a_waiter_reads_only_when_a_commit_may_have_ended_its_wait_and_is_
         backend.wait_for_instance("a", lambda s: s.runtime_status.is_terminal, 5, fetch_payloads=False)
     )
     await asyncio.sleep(0.05)
-    assert reads == [Status.PENDING, Status.PENDING]
+    assert reads == [Status.PENDING]  # the one told what may end its wait took the creation's PENDING as read
     item = await lock_one(backend, "a")
     await backend.complete_orchestration_work_items([checkpoint_for(item, keep_lease_for=LEASE)])  # now RUNNING
     await asyncio.sleep(0.1)
-    assert len(reads) == 3  # the waiter that may be satisfied by any status read; the other did not
+    assert len(reads) == 2  # the waiter that may be satisfied by any status read; the other did not
     history = [ExecutionCompleted(timestamp=utc_now(), status=Status.COMPLETED)]
     done = checkpoint_for(item, status=Status.COMPLETED, history=history, consumed=[])
     done.output = '"out"'
     await backend.complete_orchestration_work_items([done])
     state = await waiting
     assert state is not None and state.runtime_status == Status.COMPLETED
-    assert len(reads) == 3  # the commit that ended it handed the waiters the state it wrote
+    assert len(reads) == 2  # the commit that ended it handed the waiters the state it wrote
     assert state == await get_instance("a")  # the same as a read
     bare = await without_payloads
     assert bare == await get_instance("a", fetch_payloads=False) and bare is not None
     assert bare.serialized_output is None and state.serialized_output == '"out"'
+
+
+async def test_a_wait_reads_what_this_object_changed_only_just_before_it_began(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    get_instance = backend.get_instance
+
+    async def counted(instance_id: str, *, fetch_payloads: bool = True) -> OrchestrationState | None:
+        reads.append(instance_id)
+        return await get_instance(instance_id, fetch_payloads=fetch_payloads)
+
+    async def reads_on_waiting(instance_id: str) -> list[str]:
+        waiting = asyncio.create_task(
+            backend.wait_for_instance(
+                instance_id, lambda s: s.runtime_status.is_terminal, 5, may_satisfy=lambda status: status.is_terminal
+            )
+        )
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        return reads
+
+    clock = _Clock()
+    monkeypatch.setattr(signals, "time", clock)
+    monkeypatch.setattr(backend, "get_instance", counted)
+    if hasattr(backend, "_watch_round"):  # the SQL backends' watch for other processes' commits reads too
+        monkeypatch.setattr(backend, "_watch_round", lambda: None)
+    await backend.create_instance(start_event("a"))
+    assert await reads_on_waiting("a") == []  # PENDING, as the creation just left it, cannot end the wait
+    clock.now += signals.RECENT_HINT_SECONDS
+    assert await reads_on_waiting("a") == ["a"]  # too old to go by: another process may have changed it since
+
+    await run_to(backend, "b", Status.COMPLETED)
+    state = await backend.wait_for_instance(
+        "b", lambda s: s.runtime_status.is_terminal, 1, may_satisfy=lambda status: status.is_terminal
+    )
+    assert reads == ["a", "b"]  # what may end the wait is read, never taken from memory
+    assert state is not None and state.runtime_status == Status.COMPLETED
+
+
+class _Clock:
+    """A stand-in for the ``time`` module whose monotonic clock moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+async def test_an_event_that_changes_the_status_wakes_the_waiters_of_that_status(backend: Backend) -> None:
+    await run_to(backend, "failed", Status.FAILED)
+    waiting = asyncio.create_task(backend.wait_for_instance("failed", lambda s: s.runtime_status == Status.RUNNING, 10))
+    await asyncio.sleep(0.05)
+    await backend.send_event("failed", ExecutionRewound(timestamp=utc_now(), reason="retry"))
+    state = await asyncio.wait_for(waiting, 0.5)  # woken, not found by a poll (every second or more)
+    assert state is not None and state.runtime_status == Status.RUNNING
 
 
 async def test_subscribers_are_woken_by_new_work(backend: Backend) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
+
+from dtfx.backends import signals
 from dtfx.backends.signals import KeyedSignal
 
 
@@ -22,3 +27,24 @@ async def test_a_waiter_is_told_what_changed_unless_a_notification_did_not_say()
 
         assert await other.wait(0) is False  # another key's waiter heard nothing
         assert other.take_hints() == []
+
+
+def test_a_keys_last_hint_is_remembered_for_a_moment_whether_anyone_waits_or_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(signals, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    signal = KeyedSignal()
+    signal.notify("a", "PENDING")
+    signal.notify("a", "RUNNING")
+    signal.notify("b", "RUNNING")
+    assert (signal.recent("a"), signal.recent("b"), signal.recent("c")) == ("RUNNING", "RUNNING", None)
+    signal.notify("b")  # someone else's change: what it left is unknown
+    assert signal.recent("b") is None
+
+    now[0] += signals.RECENT_HINT_SECONDS
+    assert signal.recent("a") is None  # aged
+    signal.notify("c", "COMPLETED")  # and forgotten when the next notification comes
+    assert list(signal._recent) == ["c"]
+    signal.notify_all()  # a lost connection: nothing is known any more
+    assert signal.recent("c") is None

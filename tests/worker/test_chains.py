@@ -53,8 +53,14 @@ class ChainBackend(MemoryBackend):
     async def lock_orchestration_work_items(self, *args: Any, **kwargs: Any) -> Any:
         items = await super().lock_orchestration_work_items(*args, **kwargs)
         if items:
-            self._count("orchestrations locked")
+            self._count("orchestration work items")
         return items
+
+    async def _create_instance(self, *args: Any) -> Any:
+        item = await super()._create_instance(*args)
+        if item is not None:  # taken by the worker's intake as it was created
+            self._count("orchestration work items")
+        return item
 
 
 def chain_app(runs: list[int], slow: dict[int, float] | None = None) -> dtfx.App:
@@ -107,7 +113,7 @@ async def test_a_sequence_of_sync_activities_goes_on_on_the_activity_thread() ->
     assert runs == list(range(10))
     # Every step commits on the activity's thread, the first one (the start, the first activity's
     # result, which ran ahead of it, and the second episode) too.
-    assert backend.calls == {"orchestrations locked": 1, "thread commits": 10}
+    assert backend.calls == {"orchestration work items": 1, "thread commits": 10}
 
 
 async def test_without_a_backend_that_commits_on_any_thread_the_steps_stay_on_the_loop() -> None:
@@ -117,7 +123,7 @@ async def test_without_a_backend_that_commits_on_any_thread_the_steps_stay_on_th
     backend = LoopOnly()
     state = await run_chain(backend, chain_app([]), 5)
     assert state.get_output() == 5
-    assert backend.calls == {"orchestrations locked": 1, "loop commits": 5}
+    assert backend.calls == {"orchestration work items": 1, "loop commits": 5}
 
 
 async def test_an_activity_that_outlasts_the_window_is_handed_over_from_the_thread() -> None:
@@ -130,7 +136,7 @@ async def test_an_activity_that_outlasts_the_window_is_handed_over_from_the_thre
     # It ran once, went on as ordinary activity work, and its result came through the inbox:
     # the orchestration was locked again to take it.
     assert runs == list(range(6))
-    assert backend.calls["orchestrations locked"] == 2
+    assert backend.calls["orchestration work items"] == 2
 
 
 async def test_a_first_activity_that_outlasts_the_window_ahead_of_the_first_commit_is_handed_over() -> None:
@@ -141,7 +147,7 @@ async def test_a_first_activity_that_outlasts_the_window_ahead_of_the_first_comm
     assert state.get_output() == 4
     # The first episode was committed without it, and its result came through the inbox.
     assert runs == list(range(4))
-    assert backend.calls["orchestrations locked"] == 2
+    assert backend.calls["orchestration work items"] == 2
     assert backend.calls["loop commits"] == 1
 
 
@@ -167,7 +173,7 @@ async def test_a_chain_hands_back_to_the_loop_at_an_async_activity_and_takes_up_
     state = await run_to_end(backend, app, "mixed")
     assert state.get_output() == 13
     # One work item all along: the async step ran on the loop, the chain took up again after it.
-    assert backend.calls["orchestrations locked"] == 1
+    assert backend.calls["orchestration work items"] == 1
     assert backend.calls["loop commits"] >= 1 and backend.calls["thread commits"] >= 1
 
 
@@ -203,7 +209,7 @@ async def test_a_message_that_arrives_during_a_chain_ends_it_at_the_next_commit(
     assert state is not None and state.get_output() == [6, "went"]
     assert runs == list(range(6))
     # The event made the commit after step 3 give the lease back; the queues took over from there.
-    assert backend.calls["orchestrations locked"] >= 2
+    assert backend.calls["orchestration work items"] >= 2
 
 
 async def test_a_lease_lost_during_a_chain_loses_no_result() -> None:

@@ -28,8 +28,14 @@ class CountingBackend(MemoryBackend):
     async def lock_orchestration_work_items(self, *args: Any, **kwargs: Any) -> Any:
         items = await super().lock_orchestration_work_items(*args, **kwargs)
         if items:
-            self._count("orchestrations locked")
+            self._count("orchestration work items")
         return items
+
+    async def _create_instance(self, *args: Any) -> Any:
+        item = await super()._create_instance(*args)
+        if item is not None:  # taken by the worker's intake as it was created
+            self._count("orchestration work items")
+        return item
 
     async def lock_activity_work_items(self, *args: Any, **kwargs: Any) -> Any:
         items = await super().lock_activity_work_items(*args, **kwargs)
@@ -78,7 +84,7 @@ async def test_a_sequence_runs_eagerly_in_one_work_item() -> None:
     assert state is not None and state.get_output() == 20
     # One lock of the instance, no activity locked from the queue, one checkpoint per step: the first
     # activity ran before the first commit, which holds the start too.
-    assert backend.calls == {"orchestrations locked": 1, "checkpoints": 20}
+    assert backend.calls == {"orchestration work items": 1, "checkpoints": 20}
     history = await client.get_orchestration_history(instance_id)
     assert sum(isinstance(event, TaskCompleted) for event in history) == 20
 
@@ -92,7 +98,7 @@ async def test_without_eager_activities_every_step_goes_through_the_queues() -> 
         state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
     assert state is not None and state.get_output() == 5
     assert backend.calls["activities locked"] == 5
-    assert backend.calls["orchestrations locked"] == 6
+    assert backend.calls["orchestration work items"] == 6
 
 
 async def test_a_message_that_arrives_during_an_eager_chain_is_not_kept_waiting() -> None:
@@ -106,7 +112,7 @@ async def test_a_message_that_arrives_during_an_eager_chain_is_not_kept_waiting(
         state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
     assert state is not None and state.get_output() == [6, "went"]
     # The event made the checkpoint after step 3 release the lease; the queue took over from there.
-    assert backend.calls["orchestrations locked"] >= 2
+    assert backend.calls["orchestration work items"] >= 2
 
 
 async def test_a_message_that_arrives_while_the_first_activity_runs_ahead() -> None:
@@ -195,7 +201,7 @@ async def test_a_slow_eager_activity_is_handed_over_with_its_lease() -> None:
     # the queue); the orchestration's lease went back, and its result came through the inbox.
     assert runs == ["slow"]
     assert "activities locked" not in backend.calls
-    assert backend.calls["orchestrations locked"] == 2
+    assert backend.calls["orchestration work items"] == 2
 
 
 @pytest.mark.parametrize("slow_step", [1, 2], ids=["running ahead of the first commit", "after a kept lease"])

@@ -84,8 +84,8 @@ async def test_worker_backs_off_after_fetch_errors_and_carries_on() -> None:
     backend = FlakyBackend(failures=3)
     client = dtfx.AsyncClient(backend)
     options = dtfx.WorkerOptions(backoff_initial=timedelta(milliseconds=10))
+    instance_id = await client.schedule_new_orchestration(simple)  # before the worker: it must fetch it
     async with dtfx.Worker(backend, app=app, options=options):
-        instance_id = await client.schedule_new_orchestration(simple)
         state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
     assert state is not None and state.get_output() == "ok"
     assert backend.failures == 0
@@ -144,3 +144,65 @@ async def test_stop_lets_a_running_activity_finish_and_commit() -> None:
     async with dtfx.Worker(backend, app=app):
         state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
     assert state is not None and state.get_output() == "finished"
+
+
+class FetchRecordingBackend(MemoryBackend):
+    """Records which instances the dispatchers fetch, and which the worker takes as they are created."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fetched: list[str] = []
+        self.taken: list[str] = []
+
+    async def lock_orchestration_work_items(self, *args: Any, **kwargs: Any) -> list[OrchestrationWorkItem]:
+        items = await super().lock_orchestration_work_items(*args, **kwargs)
+        self.fetched += [item.instance_id for item in items]
+        return items
+
+    async def _create_instance(self, *args: Any) -> OrchestrationWorkItem | None:
+        item = await super()._create_instance(*args)
+        if item is not None:
+            self.taken.append(item.instance_id)
+        return item
+
+
+async def test_instances_created_on_the_workers_loop_are_taken_while_a_slot_is_free() -> None:
+    app = dtfx.App()
+
+    @app.orchestrator
+    def waits(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.wait_for_external_event("go"))
+
+    backend = FetchRecordingBackend()
+    client = dtfx.AsyncClient(backend)
+    concurrency = dtfx.ConcurrencyOptions(maximum_concurrent_orchestration_work_items=1)
+    async with dtfx.Worker(backend, app=app, concurrency=concurrency):
+        first = await client.schedule_new_orchestration(waits, instance_id="first")
+        second = await client.schedule_new_orchestration(waits, instance_id="second")  # the one slot is taken
+        await client.wait_for_orchestration_start(second, timeout=10)
+        for instance_id in (first, second):
+            await client.raise_orchestration_event(instance_id, "go", data=instance_id)
+            state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+            assert state is not None and state.get_output() == instance_id
+        unknown = await client.schedule_new_orchestration("nobody", instance_id="unknown")  # not for this worker
+    assert backend.taken == ["first"]
+    assert backend.fetched.count("second") == 2 and backend.fetched.count("first") == 1  # started, then the event
+    assert backend._intake is None  # a stopped worker takes nothing
+    state = await client.get_orchestration_state(unknown)
+    assert state is not None and state.runtime_status == dtfx.OrchestrationStatus.PENDING
+
+
+async def test_instances_created_on_another_loop_are_left_to_the_dispatcher() -> None:
+    app = dtfx.App()
+
+    @app.orchestrator
+    def simple(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return "ok"
+
+    backend = FetchRecordingBackend()
+    async with dtfx.Worker(backend, app=app):
+        with dtfx.Client(backend) as client:  # its own loop, on its own thread
+            instance_id = await asyncio.to_thread(client.schedule_new_orchestration, simple)
+            state = await asyncio.to_thread(client.wait_for_orchestration_completion, instance_id, timeout=10)
+    assert state is not None and state.get_output() == "ok"
+    assert (backend.taken, backend.fetched) == ([], [instance_id])

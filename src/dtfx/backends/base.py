@@ -27,13 +27,16 @@ import dataclasses
 import enum
 import heapq
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from dtfx.backends.signals import KeyedSignal, Signal, Waiter
 from dtfx.core.history import ExecutionStarted, HistoryEvent, OrchestrationStatus
+from dtfx.core.instance_ids import is_entity_id
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
 from dtfx.core.workitems import (
     ActivityResult,
@@ -55,6 +58,29 @@ class WorkKind(enum.Enum):
 def utc_now() -> datetime:
     """The backends' clock."""
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class NewLease:
+    """The lease a new instance is created with, for a worker of this process to run it at once."""
+
+    lock_token: str
+    locked_until: datetime
+
+
+class Intake(Protocol):
+    """A worker of this process that takes the instances this backend object creates, as they
+    are created (:meth:`Backend.attach_intake`): it saves a lease transaction and a wake-up."""
+
+    def offer(self, start: ExecutionStarted) -> timedelta | None:
+        """Whether to take the instance ``start`` creates, which is due now: if so (a slot is
+        taken for it), how long to lease it for."""
+
+    def accept(self, item: OrchestrationWorkItem) -> None:
+        """Process the work item of the instance offered, created leased to it."""
+
+    def decline(self) -> None:
+        """Give back the slot of an offered instance that was not created leased to it."""
 
 
 _MAX_NOTED_DELAYS = 1000
@@ -89,6 +115,7 @@ class Backend(ABC):
         self._instance_signals = KeyedSignal()
         self._delayed_lock = threading.Lock()
         self._delayed: dict[WorkKind, list[datetime]] = {kind: [] for kind in WorkKind}
+        self._intake: Intake | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -100,7 +127,6 @@ class Backend(ABC):
 
     # -- instances ------------------------------------------------------------------------
 
-    @abstractmethod
     async def create_instance(
         self,
         start: ExecutionStarted,
@@ -114,10 +140,54 @@ class Backend(ABC):
         ``reuse_policy.replaceable_statuses`` (any existing instance, without a
         policy), raise :class:`~dtfx.OrchestrationAlreadyExistsError` and change
         nothing. Otherwise replace it: a PENDING row built by
-        :func:`~dtfx.backends.delivery.new_instance_state` (with a new lease-free
-        state), its history, inbox and activity tasks deleted, and ``start`` in its
-        inbox, visible at ``scheduled_start_at`` (or now).
+        :func:`~dtfx.backends.delivery.new_instance_state`, its history, inbox and
+        activity tasks deleted, and ``start`` in its inbox, visible at
+        ``scheduled_start_at`` (or now). The row has no lease, unless the attached
+        :class:`Intake` takes the instance: then it is leased to the intake, which gets
+        its work item once the transaction has committed.
         """
+        intake = self._intake
+        lock_for = None
+        if intake is not None and scheduled_start_at is None and not is_entity_id(start.instance.instance_id):
+            lock_for = intake.offer(start)
+        if intake is None or lock_for is None:
+            await self._create_instance(start, scheduled_start_at, reuse_policy, None)
+            return
+        lease = NewLease(uuid.uuid4().hex, utc_now() + lock_for)
+        try:
+            item = await self._create_instance(start, None, reuse_policy, lease)
+        except BaseException:
+            intake.decline()
+            raise
+        if item is None:  # created, then replaced by a creation coalesced with it
+            intake.decline()
+        else:
+            intake.accept(item)
+
+    @abstractmethod
+    async def _create_instance(
+        self,
+        start: ExecutionStarted,
+        scheduled_start_at: datetime | None,
+        reuse_policy: OrchestrationIdReusePolicy | None,
+        lease: NewLease | None,
+    ) -> OrchestrationWorkItem | None:
+        """:meth:`create_instance`, with the row leased by ``lease`` if given: then return the
+        instance's work item (its start as the one message, no history), unless the instance
+        was replaced again in the same transaction (``None``). An instance created leased
+        wakes no dispatcher."""
+
+    def attach_intake(self, intake: Intake) -> bool:
+        """Let ``intake`` take the instances this object creates; False if another one does."""
+        if self._intake is not None:
+            return False
+        self._intake = intake
+        return True
+
+    def detach_intake(self, intake: Intake) -> None:
+        """Stop handing new instances to ``intake`` (if it is attached)."""
+        if self._intake is intake:
+            self._intake = None
 
     @abstractmethod
     async def send_event(self, instance_id: str, event: HistoryEvent, *, visible_at: datetime | None = None) -> None:
@@ -313,15 +383,19 @@ class Backend(ABC):
         instance's status changes. ``may_satisfy`` tells whether a state of a given status
         can satisfy ``predicate``: the commits of this object that leave the instance with
         one that cannot (RUNNING, to a wait for the end) then wake the waiter without a
-        read, and one that ends it hands the waiter the state it wrote. Returns ``None`` at
-        once for an unknown instance; raises ``TimeoutError`` when ``timeout`` seconds pass
-        first. Built from :meth:`get_instance`, woken by this object's own commits and
-        polling otherwise; backends may do better.
+        read, and one that ends it hands the waiter the state it wrote. A wait that starts
+        just after a commit of this object left a status that cannot satisfy it skips its
+        first read too (``KeyedSignal.recent``): a change made since by another process is
+        seen as the changes made after a wait began are (polling, or the backend's watch).
+        Returns ``None`` at once for an unknown instance; raises ``TimeoutError`` when
+        ``timeout`` seconds pass first. Built from :meth:`get_instance`, woken by this
+        object's own commits and polling otherwise; backends may do better.
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         with self._instance_signals.subscribe(instance_id) as waiter:
-            read = True
+            known = self._instance_signals.recent(instance_id)  # a commit here has just left it so
+            read = may_satisfy is None or not isinstance(known, OrchestrationStatus) or may_satisfy(known)
             while True:
                 if read:
                     state = await self.get_instance(instance_id, fetch_payloads=fetch_payloads)

@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from dtfx.backends.base import Backend, WorkKind, utc_now
+from dtfx.backends.base import Backend, NewLease, WorkKind, utc_now
 from dtfx.backends.delivery import (
     Route,
     checkpointed_state,
@@ -89,24 +89,37 @@ class MemoryBackend(Backend):
 
     # -- instances ------------------------------------------------------------------------
 
-    async def create_instance(
+    async def _create_instance(
         self,
         start: ExecutionStarted,
-        *,
-        scheduled_start_at: datetime | None = None,
-        reuse_policy: OrchestrationIdReusePolicy | None = None,
-    ) -> None:
+        scheduled_start_at: datetime | None,
+        reuse_policy: OrchestrationIdReusePolicy | None,
+        lease: NewLease | None,
+    ) -> OrchestrationWorkItem | None:
         instance_id = start.instance.instance_id
         now = utc_now()
+        item = None
         with self._lock:
             existing = self._instances.get(instance_id)
             if existing is not None:
                 status = existing.state.runtime_status
                 if reuse_policy is None or status not in reuse_policy.replaceable_statuses:
                     raise OrchestrationAlreadyExistsError(instance_id, status)
-            self._create(start, now, scheduled_start_at)
-        self._notify_work(WorkKind.ORCHESTRATION)
+            instance = self._create(start, now, scheduled_start_at)
+            if lease is not None:
+                instance.lock_token, instance.locked_until = lease.lock_token, lease.locked_until
+                item = OrchestrationWorkItem(
+                    instance_id=instance_id,
+                    lock_token=lease.lock_token,
+                    locked_until=lease.locked_until,
+                    state=_snapshot(instance.state, True),
+                    messages=[InboxMessage(m.id, m.event, m.execution_id) for m in instance.inbox],
+                    history_size=0,
+                )
+        if lease is None:
+            self._notify_work(WorkKind.ORCHESTRATION)
         self._notify_instance(instance_id, OrchestrationStatus.PENDING)
+        return item
 
     def _create(
         self,
@@ -114,12 +127,13 @@ class MemoryBackend(Backend):
         now: datetime,
         scheduled_start_at: datetime | None = None,
         woken: set[WorkKind] | None = None,
-    ) -> None:
+    ) -> _Instance:
         instance_id = start.instance.instance_id
         self._drop_tasks_of(instance_id)
         instance = _Instance(new_instance_state(start, now, scheduled_start_at))
         self._instances[instance_id] = instance
         self._enqueue(instance, start, start.instance.execution_id, scheduled_start_at or now, now, woken)
+        return instance
 
     def _drop_tasks_of(self, instance_id: str) -> None:
         for task_id in [key for key, task in self._tasks.items() if task.task.instance_id == instance_id]:
@@ -148,7 +162,9 @@ class MemoryBackend(Backend):
             if instance is None and not is_entity_id(instance_id):
                 raise OrchestrationNotFoundError(instance_id)
             self._deliver(OutboundMessage(instance_id, event, visible_at=visible_at), "", now)
+            left = self._left_of(instance_id)
         self._notify_work(work_kind_of(instance_id))
+        self._notify_instance(instance_id, left)  # its status may have changed (a rewind)
 
     async def get_instance(self, instance_id: str, *, fetch_payloads: bool = True) -> OrchestrationState | None:
         with self._lock:

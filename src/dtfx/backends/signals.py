@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Hashable
 from contextlib import suppress
 
@@ -122,12 +123,23 @@ class Signal:
             self._waiters.discard(waiter)
 
 
+RECENT_HINT_SECONDS = 0.1
+"""How long :meth:`KeyedSignal.recent` remembers a key's last hint."""
+
+
 class KeyedSignal:
-    """Wakes the waiters subscribed to one key (an instance id)."""
+    """Wakes the waiters subscribed to one key (an instance id).
+
+    It also remembers each key's last hint for :data:`RECENT_HINT_SECONDS`, waited for
+    or not, so that a waiter that subscribes just after a change (a client that waits
+    for the instance it has just created) knows it without a read.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiters: dict[Hashable, set[Waiter]] = {}
+        self._recent: dict[Hashable, tuple[float, object]] = {}
+        """Each key's last hint and when it came, oldest first."""
 
     def subscribe(self, key: Hashable) -> Waiter:
         """A new waiter for ``key``; close it when done."""
@@ -138,10 +150,28 @@ class KeyedSignal:
 
     def notify(self, key: Hashable, hint: object = None) -> None:
         """Wake the waiters of ``key`` (from any thread), with a ``hint`` of what changed."""
+        now = time.monotonic()
         with self._lock:
             waiters = list(self._waiters.get(key, ()))
+            self._recent.pop(key, None)
+            if hint is not None:
+                self._recent[key] = (now, hint)
+            while self._recent:  # forget the hints that have aged, oldest first
+                oldest = next(iter(self._recent))
+                if now - self._recent[oldest][0] < RECENT_HINT_SECONDS:
+                    break
+                del self._recent[oldest]
         for waiter in waiters:
             waiter.set(hint)
+
+    def recent(self, key: Hashable) -> object | None:
+        """The hint of ``key``'s last notification if it came in the last
+        :data:`RECENT_HINT_SECONDS` (``None``: none came, or it had no hint)."""
+        with self._lock:
+            noted = self._recent.get(key)
+        if noted is None or time.monotonic() - noted[0] >= RECENT_HINT_SECONDS:
+            return None
+        return noted[1]
 
     def subscribed_keys(self) -> list[Hashable]:
         """The keys that have waiters now."""
@@ -152,6 +182,7 @@ class KeyedSignal:
         """Wake every waiter of every key."""
         with self._lock:
             waiters = [waiter for group in self._waiters.values() for waiter in group]
+            self._recent.clear()
         for waiter in waiters:
             waiter.set()
 

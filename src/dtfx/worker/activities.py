@@ -9,8 +9,6 @@ SDK worker.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
 import inspect
 import logging
 from collections.abc import Awaitable
@@ -18,6 +16,7 @@ from concurrent.futures import Executor
 from datetime import timedelta
 from typing import Any, Protocol
 
+from dtfx._loops import in_context_on
 from dtfx.backends.base import Backend, utc_now
 from dtfx.core.activity import ActivityContext
 from dtfx.core.errors import NotRegisteredError
@@ -145,9 +144,7 @@ class LocalActivityRunner:
     async def _call(self, activity: Any, context: ActivityContext, value: Any) -> Any:
         if self._is_async(context.name, activity):
             return await activity(context, value)
-        loop = asyncio.get_running_loop()
-        call = functools.partial(contextvars.copy_context().run, activity, context, value)
-        result = await loop.run_in_executor(self.thread_pool, call)
+        result = await in_context_on(asyncio.get_running_loop(), self.thread_pool, activity, context, value)
         if inspect.isawaitable(result):
             result = await result
         return result

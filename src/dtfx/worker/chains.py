@@ -23,13 +23,13 @@ stops the chain after the step it is in.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dtfx._loops import in_context_on
 from dtfx.core.history import TaskCompleted, TaskFailed
 from dtfx.core.workitems import ActivityWorkItem, CommitResult, OrchestrationCheckpoint, OrchestrationWorkItem
 
@@ -146,8 +146,7 @@ class ThreadChain:
         window is taken over (:data:`TAKEN_OVER`): it goes on running as the claim's activity
         (:meth:`EagerLane.track`), for the caller to hand over."""
         loop = asyncio.get_running_loop()
-        run = contextvars.copy_context().run
-        chain = loop.run_in_executor(self.lane.thread_pool, run, steps, self, loop)
+        chain = in_context_on(loop, self.lane.thread_pool, steps, self, loop)
         try:
             while not (await asyncio.wait((chain,), timeout=self._until_overdue()))[0]:
                 if self._take_over():

@@ -93,6 +93,11 @@ class WorkItemDispatcher(Generic[T]):
         return len(self._in_flight)
 
     @property
+    def running(self) -> bool:
+        """Whether it fetches work: from :meth:`start` until :meth:`stop` begins."""
+        return self._running
+
+    @property
     def reserved(self) -> int:
         """Slots taken with :meth:`reserve_slot` and not given back or used yet."""
         return self._reserved

@@ -23,6 +23,7 @@ from dtfx.worker.commit import GroupCommitter
 from dtfx.worker.dispatcher import WorkItemDispatcher
 from dtfx.worker.eager import EagerActivities
 from dtfx.worker.entities import EntityProcessor, LocalEntityRunner
+from dtfx.worker.intake import NewInstanceIntake
 from dtfx.worker.kind_dispatcher import WorkItem, dispatcher_for_kind
 from dtfx.worker.options import ConcurrencyOptions, VersioningOptions, WorkerOptions
 from dtfx.worker.orchestrations import LocalRunner, OrchestrationProcessor
@@ -82,6 +83,7 @@ class Worker(BackgroundRunnable):
         self._waiters: list[WorkWaiter] = []
         self._thread_pool: ThreadPoolExecutor | None = None
         self._runner: LocalRunner | None = None
+        self._intake: NewInstanceIntake | None = None
         self._started = False
 
     # -- registration ---------------------------------------------------------------------
@@ -191,6 +193,11 @@ class Worker(BackgroundRunnable):
             )
         for dispatcher in self._dispatchers:
             dispatcher.start()
+        intake = NewInstanceIntake(
+            self._dispatchers[0], orchestrations.process, orchestrations.release, self.registry.orchestrators, lease
+        )
+        if self.backend.attach_intake(intake):
+            self._intake = intake
         self._started = True
         logger.info(
             "Worker started on %s with %d orchestrator(s), %d activity(ies) and %d entity(ies)",
@@ -226,6 +233,9 @@ class Worker(BackgroundRunnable):
         if not self._started:
             return
         self._started = False
+        if self._intake is not None:
+            self.backend.detach_intake(self._intake)
+            self._intake = None
         grace = self.options.shutdown_grace_period.total_seconds() if grace_period is None else grace_period
         for dispatcher in self._dispatchers:
             await dispatcher.stop(grace)

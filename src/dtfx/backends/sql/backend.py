@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-from dtfx.backends.base import Backend, WorkKind
+from dtfx.backends.base import Backend, NewLease, WorkKind
 from dtfx.backends.sql import operations
 from dtfx.backends.sql.program import AssumptionFailed, Dialect, Notify, Program
 from dtfx.backends.sql.transaction import KeptRow
@@ -227,16 +227,18 @@ class SqlBackend(Backend):
 
     # -- instances ------------------------------------------------------------------------
 
-    async def create_instance(
+    async def _create_instance(
         self,
         start: ExecutionStarted,
-        *,
-        scheduled_start_at: datetime | None = None,
-        reuse_policy: OrchestrationIdReusePolicy | None = None,
-    ) -> None:
-        error = await self._run_coalesced(CREATE_INSTANCES, (start, scheduled_start_at, reuse_policy))
-        if error is not None:
-            raise error
+        scheduled_start_at: datetime | None,
+        reuse_policy: OrchestrationIdReusePolicy | None,
+        lease: NewLease | None,
+    ) -> OrchestrationWorkItem | None:
+        outcome = await self._run_coalesced(CREATE_INSTANCES, (start, scheduled_start_at, reuse_policy, lease))
+        if isinstance(outcome, Exception):
+            raise outcome
+        item: OrchestrationWorkItem | None = outcome
+        return item
 
     async def send_event(self, instance_id: str, event: HistoryEvent, *, visible_at: datetime | None = None) -> None:
         error = await self._run_coalesced(SEND_EVENTS, (instance_id, event, visible_at))

@@ -11,7 +11,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from dtfx.backends.base import WorkKind, utc_now
+from dtfx.backends.base import NewLease, WorkKind, utc_now
 from dtfx.backends.delivery import work_kind_of
 from dtfx.backends.paging import decode_token, encode_token
 from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program
@@ -43,16 +43,19 @@ _TERMINAL = sorted(int(status) for status in TERMINAL_STATUSES)
 # -- instances ----------------------------------------------------------------------------------
 
 
+CreateRequest = tuple[ExecutionStarted, datetime | None, OrchestrationIdReusePolicy | None, NewLease | None]
+"""``(start, scheduled_start_at, reuse_policy, lease)``: see :meth:`Backend._create_instance`."""
+
+
 def create_instances(
-    dialect: Dialect,
-    requests: Sequence[tuple[ExecutionStarted, datetime | None, OrchestrationIdReusePolicy | None]],
-) -> Program[list[OrchestrationAlreadyExistsError | None]]:
-    """Create instances (each ``(start, scheduled_start_at, reuse_policy)``) in order, in one
-    transaction; a request refused by the reuse rules gets its error and changes nothing."""
+    dialect: Dialect, requests: Sequence[CreateRequest]
+) -> Program[list[OrchestrationAlreadyExistsError | OrchestrationWorkItem | None]]:
+    """Create instances in order, in one transaction; a request refused by the reuse rules gets
+    its error and changes nothing, one with a lease gets the work item of its instance."""
     transaction = HubTransaction(dialect, utc_now())
-    yield from transaction.load(start.instance.instance_id for start, _, _ in requests)
-    outcomes: list[OrchestrationAlreadyExistsError | None] = []
-    for start, scheduled_start_at, reuse_policy in requests:
+    yield from transaction.load(request[0].instance.instance_id for request in requests)
+    outcomes: list[OrchestrationAlreadyExistsError | OrchestrationWorkItem | None] = []
+    for start, scheduled_start_at, reuse_policy, lease in requests:
         instance_id = start.instance.instance_id
         existing = transaction.state(instance_id)
         if existing is not None:
@@ -60,9 +63,32 @@ def create_instances(
             if reuse_policy is None or status not in reuse_policy.replaceable_statuses:
                 outcomes.append(OrchestrationAlreadyExistsError(instance_id, status))
                 continue
-        transaction.create(start, scheduled_start_at)
+        transaction.create(start, scheduled_start_at, lease)
         outcomes.append(None)
     yield from transaction.flush()
+    leased = {
+        start.instance.instance_id: (index, start, lease)
+        for index, (start, _, _, lease) in enumerate(requests)
+        if lease is not None and outcomes[index] is None and transaction.holds(start.instance.instance_id, lease)
+    }
+    if leased:  # the id of each start in its inbox, which is the only message there
+        rows = yield Fetch(
+            f"SELECT instance_id, id FROM inbox WHERE {dialect.in_list('instance_id')}",
+            (dialect.list_param(sorted(leased)),),
+            last=True,
+        )
+        for instance_id, message_id in rows:
+            index, start, lease = leased[instance_id]
+            state = transaction.state(instance_id)
+            assert state is not None
+            outcomes[index] = OrchestrationWorkItem(
+                instance_id=instance_id,
+                lock_token=lease.lock_token,
+                locked_until=lease.locked_until,
+                state=state,
+                messages=[InboxMessage(message_id, start, start.instance.execution_id)],
+                history_size=0,
+            )
     return outcomes
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from dtfx.backends.base import WorkKind
+from dtfx.backends.base import NewLease, WorkKind
 from dtfx.backends.delivery import (
     Route,
     checkpointed_state,
@@ -64,10 +64,10 @@ from dtfx.core.state import OrchestrationState
 from dtfx.core.workitems import ActivityTask, MessageId, OrchestrationCheckpoint, OutboundMessage
 
 # What flush writes, as (table and) columns: the dialect makes the statements.
-_INSTANCE_COLUMNS = (*STATE_COLUMNS, "is_entity", "history_size", "next_visible_at")
-"""A whole instance row: :func:`state_values`, then the history size and ``next_visible_at``."""
-_REPLACED_COLUMNS = (*_INSTANCE_COLUMNS[1:], "lock_token", "locked_until")
-"""A row replaced whole (key ``instance_id``): no lease survives it."""
+_INSTANCE_COLUMNS = (*STATE_COLUMNS, "is_entity", "history_size", "next_visible_at", "lock_token", "locked_until")
+"""A whole instance row: :func:`state_values`, the history size, ``next_visible_at`` and the lease."""
+_REPLACED_COLUMNS = _INSTANCE_COLUMNS[1:]
+"""A row replaced whole (key ``instance_id``): no lease survives it, but the one it is created with."""
 _CHECKPOINTED_COLUMNS = (
     "status",
     "execution_id",
@@ -158,6 +158,7 @@ class HubTransaction:
         self._recycled: list[tuple[str, ActivityTask]] = []
         """Finished eager tasks whose rows become the next eager task of the same instance."""
         self._keeping: dict[str, int] = {}  # instance id -> until when its lease is kept, if nothing is ready
+        self._new_leases: dict[str, int] = {}  # instance id -> until when the lease it is created with lasts
         self.released: set[str] = set()
         """After :meth:`flush`: the instances whose kept lease was released (messages were ready)."""
         self.kept: dict[str, KeptRow] = {}
@@ -242,11 +243,22 @@ class HubTransaction:
 
     # -- changing ----------------------------------------------------------------------------
 
-    def create(self, start: ExecutionStarted, scheduled_start_at: datetime | None = None) -> None:
-        """Create or replace the instance of ``start`` (loaded) and put ``start`` in its inbox."""
+    def create(
+        self, start: ExecutionStarted, scheduled_start_at: datetime | None = None, lease: NewLease | None = None
+    ) -> None:
+        """Create or replace the instance of ``start`` (loaded), leased by ``lease`` if given, and
+        put ``start`` in its inbox."""
         instance_id = start.instance.instance_id
-        self._replace(new_instance_state(start, self.now, scheduled_start_at))
+        instance = self._replace(new_instance_state(start, self.now, scheduled_start_at))
+        if lease is not None:
+            instance.lock_token = lease.lock_token
+            self._new_leases[instance_id] = to_micros(lease.locked_until)
         self._enqueue(instance_id, start, start.instance.execution_id, scheduled_start_at or self.now)
+
+    def holds(self, instance_id: str, lease: NewLease) -> bool:
+        """Whether the instance is leased by ``lease`` as this transaction leaves it."""
+        instance = self._instances.get(instance_id)
+        return instance is not None and instance.lock_token == lease.lock_token
 
     def commit(self, checkpoint: OrchestrationCheckpoint) -> Program[bool]:
         """Apply ``checkpoint`` if its instance's lease is still held (it must have been loaded)."""
@@ -382,9 +394,11 @@ class HubTransaction:
                 if ready and instance.lock_token is None:
                     kinds.add(work_kind_of(instance_id))
                 if writes.new_row:
-                    values = (*state_values(state), instance.history_size, next_visible_at)
+                    leased_until = None if instance.lock_token is None else self._new_leases[instance_id]
+                    lease = (instance.lock_token, leased_until)
+                    values = (*state_values(state), instance.history_size, next_visible_at, *lease)
                     if instance.in_db:
-                        replaced.append((*values[1:], None, None, instance_id))
+                        replaced.append((*values[1:], instance_id))
                     else:
                         inserted.append(values)
                 elif writes.checkpointed:
