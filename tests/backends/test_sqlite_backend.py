@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ import pytest
 
 from dtfx.backends.sql import operations
 from dtfx.backends.sql.program import Fetch, Program
-from dtfx.backends.sqlite import SqliteBackend
+from dtfx.backends.sqlite import SqliteBackend, _lengthen_log
 from dtfx.core.errors import BackendUnavailableError, ConfigurationError
 from dtfx.core.state import OrchestrationQuery
 from tests.backends.test_contract import start_event
@@ -154,3 +155,86 @@ def test_loops_on_many_threads_share_one_backend(tmp_path: Path) -> None:
         assert len(page.items) == 160
     finally:
         asyncio.run(backend.close())
+
+
+def _log_length(path: Path) -> int:
+    log = Path(f"{path}-wal")
+    return log.stat().st_size if log.exists() else 0
+
+
+async def test_the_write_ahead_log_starts_as_long_as_it_grows_between_checkpoints_with_nothing_committed(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "hub.db"
+    backend = SqliteBackend(f"sqlite:///{path}")
+    try:
+        await backend.start()
+        assert _log_length(path) >= 1000 * (4096 + 24)  # SQLite's default: a checkpoint every 1000 pages
+        await backend.create_instance(start_event("a"))
+    finally:
+        await backend.close()
+    connection = sqlite3.connect(path)
+    try:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "dtfx_log_filler" not in tables and "instances" in tables
+        assert path.stat().st_size < 1000 * 4096  # the filler never reached the database
+    finally:
+        connection.close()
+
+    relaxed = tmp_path / "relaxed.db"  # commits that do not flush gain nothing from it
+    backend = SqliteBackend(f"sqlite:///{relaxed}?synchronous=normal")
+    try:
+        await backend.start()
+        assert _log_length(relaxed) < 100 * 4096
+    finally:
+        await backend.close()
+
+
+async def test_a_log_lengthened_then_cut_short_by_a_crash_holds_exactly_what_was_committed(tmp_path: Path) -> None:
+    path = tmp_path / "hub.db"
+    script = f"""
+import asyncio, os
+from dtfx.backends.sqlite import SqliteBackend, _lengthen_log
+from tests.backends.test_contract import start_event
+
+async def main():
+    backend = SqliteBackend("sqlite:///{path}")
+    for number in range(20):
+        await backend.create_instance(start_event(f"i{{number}}"))
+    os._exit(0)  # no close, no checkpoint: the log keeps the commits and the filler after them
+
+asyncio.run(main())
+"""
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", script, cwd=Path(__file__).parents[2])
+    assert await process.wait() == 0
+    assert _log_length(path) >= 1000 * (4096 + 24)
+    backend = SqliteBackend(f"sqlite:///{path}")
+    try:
+        page = await backend.query_instances(OrchestrationQuery(max_instance_count=100))
+        assert sorted(state.instance_id for state in page.items) == sorted(f"i{number}" for number in range(20))
+    finally:
+        await backend.close()
+    connection = sqlite3.connect(path)
+    try:
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        connection.close()
+
+
+def test_the_log_of_a_file_another_process_is_writing_is_left_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "hub.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    opener = sqlite3.connect(path, isolation_level=None, timeout=0.01)
+    try:
+        holder.execute("PRAGMA journal_mode=WAL")
+        holder.execute("CREATE TABLE other (x)")
+        holder.execute("BEGIN IMMEDIATE")  # another process writes
+        _lengthen_log(opener, Path(f"{path}-wal"))  # only an optimisation: no error, nothing done
+        assert _log_length(path) < 100 * 4096
+        assert opener.execute("PRAGMA cache_size").fetchone() == (-2000,)  # SQLite's default, restored
+        holder.execute("ROLLBACK")
+        _lengthen_log(opener, Path(f"{path}-wal"))
+        assert _log_length(path) >= 1000 * (4096 + 24)
+    finally:
+        holder.close()
+        opener.close()
