@@ -395,7 +395,7 @@ class Backend(ABC):
         deadline = None if timeout is None else loop.time() + timeout
         with self._instance_signals.subscribe(instance_id) as waiter:
             known = self._instance_signals.recent(instance_id)  # a commit here has just left it so
-            read = may_satisfy is None or not isinstance(known, OrchestrationStatus) or may_satisfy(known)
+            read = _worth_reading(None if known is None else [known], may_satisfy)
             while True:
                 if read:
                     state = await self.get_instance(instance_id, fetch_payloads=fetch_payloads)
@@ -410,12 +410,14 @@ class Backend(ABC):
                 last = hints[-1] if hints else None
                 if isinstance(last, OrchestrationState) and predicate(last):  # a commit here ended it
                     return _as_read(last, fetch_payloads)
-                read = (
-                    not notified
-                    or hints is None
-                    or may_satisfy is None
-                    or any(not isinstance(hint, OrchestrationStatus) or may_satisfy(hint) for hint in hints)
-                )
+                read = not notified or _worth_reading(hints, may_satisfy)
+
+
+def _worth_reading(hints: list[object] | None, may_satisfy: Callable[[OrchestrationStatus], bool] | None) -> bool:
+    """Whether changes hinted so (``None``: unknown) may have made the instance satisfy a wait."""
+    if hints is None or may_satisfy is None:
+        return True
+    return any(not isinstance(hint, OrchestrationStatus) or may_satisfy(hint) for hint in hints)
 
 
 def _as_read(state: OrchestrationState, fetch_payloads: bool) -> OrchestrationState:

@@ -108,14 +108,7 @@ class MemoryBackend(Backend):
             instance = self._create(start, now, scheduled_start_at)
             if lease is not None:
                 instance.lock_token, instance.locked_until = lease.lock_token, lease.locked_until
-                item = OrchestrationWorkItem(
-                    instance_id=instance_id,
-                    lock_token=lease.lock_token,
-                    locked_until=lease.locked_until,
-                    state=_snapshot(instance.state, True),
-                    messages=[InboxMessage(m.id, m.event, m.execution_id) for m in instance.inbox],
-                    history_size=0,
-                )
+                item = _work_item(instance, instance.inbox)
         if lease is None:
             self._notify_work(WorkKind.ORCHESTRATION)
         self._notify_instance(instance_id, OrchestrationStatus.PENDING)
@@ -237,16 +230,7 @@ class MemoryBackend(Backend):
                     continue
                 instance.lock_token = uuid.uuid4().hex
                 instance.locked_until = now + lock_for
-                items.append(
-                    OrchestrationWorkItem(
-                        instance_id=instance_id,
-                        lock_token=instance.lock_token,
-                        locked_until=instance.locked_until,
-                        state=_snapshot(instance.state, True),
-                        messages=[InboxMessage(m.id, m.event, m.execution_id) for m in visible],
-                        history_size=len(instance.history),
-                    )
-                )
+                items.append(_work_item(instance, visible))
         return items
 
     blocking_commits = True
@@ -454,6 +438,19 @@ class MemoryBackend(Backend):
                     if is_entity_id(instance_id) == entities
                 )
             return min(moments, default=None)
+
+
+def _work_item(instance: _Instance, messages: Sequence[_Message]) -> OrchestrationWorkItem:
+    """The work item of a leased instance, with ``messages`` from its inbox."""
+    assert instance.lock_token is not None and instance.locked_until is not None
+    return OrchestrationWorkItem(
+        instance_id=instance.state.instance_id,
+        lock_token=instance.lock_token,
+        locked_until=instance.locked_until,
+        state=_snapshot(instance.state, True),
+        messages=[InboxMessage(m.id, m.event, m.execution_id) for m in messages],
+        history_size=len(instance.history),
+    )
 
 
 def _snapshot(state: OrchestrationState, fetch_payloads: bool) -> OrchestrationState:

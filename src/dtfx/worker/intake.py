@@ -37,11 +37,12 @@ class NewInstanceIntake:
         self._loop = asyncio.get_running_loop()
 
     def offer(self, start: ExecutionStarted) -> timedelta | None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return None
-        if loop is not self._loop or start.name not in self._orchestrators or not self._dispatcher.reserve_slot():
+        # Offered by Backend.create_instance, a coroutine: on the creating client's loop.
+        if (
+            asyncio.get_running_loop() is not self._loop
+            or start.name not in self._orchestrators
+            or not self._dispatcher.reserve_slot()
+        ):
             return None
         return self._lease
 
