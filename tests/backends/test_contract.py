@@ -238,6 +238,23 @@ async def test_an_instance_taken_by_an_intake_that_went_away_is_leased_again_whe
     assert await backend.complete_orchestration_work_items([checkpoint_for(taken)]) == [CommitResult.LOST]
 
 
+@pytest.mark.parametrize("keep_lease", [False, True], ids=["released", "kept"])
+async def test_an_event_sent_before_the_first_commit_of_an_instance_taken_by_an_intake_waits_for_the_next(
+    backend: Backend, keep_lease: bool
+) -> None:
+    intake = _Intake()
+    backend.attach_intake(intake)
+    await backend.create_instance(start_event("a"))
+    backend.detach_intake(intake)
+    [item] = intake.accepted
+    await backend.send_event("a", EventRaised(timestamp=utc_now(), name="meanwhile"))
+    checkpoint = checkpoint_for(item, keep_lease_for=LEASE if keep_lease else None)
+    # A lease is not kept while a message is due: the queue takes the instance over.
+    assert await backend.complete_orchestration_work_items([checkpoint]) == [CommitResult.COMMITTED]
+    following = await lock_one(backend, "a")
+    assert [type(m.event) for m in following.messages] == [EventRaised]
+
+
 # -- events -------------------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ import pytest
 
 import dtfx
 from dtfx.backends import open_backend
+from dtfx.backends.postgres import PostgresBackend
 from dtfx.backends.sql.backend import SqlBackend
 from dtfx.backends.sql.program import Fetch, Program
 from dtfx.backends.sqlite import SqliteBackend
@@ -81,7 +82,7 @@ async def test_every_step_of_an_orchestration_is_committed_durably(
 
     def record(program: Any, write: bool, durable: bool) -> None:
         if write:
-            (flushed if durable else relaxed).append(program.func.__name__)
+            (flushed if durable else relaxed).append(getattr(program, "func", program).__name__)
 
     if isinstance(backend, SqliteBackend):  # where every transaction goes, whichever thread runs it
         transact = backend._transact
@@ -92,13 +93,19 @@ async def test_every_step_of_an_orchestration_is_committed_durably(
 
         monkeypatch.setattr(backend, "_transact", spy_sqlite)
     else:
-        run = backend._run
+        assert isinstance(backend, PostgresBackend)
+        transact, run_blocking = backend._transact, backend._run_blocking
 
-        async def spy(program: Any, *, write: bool, durable: bool = True, **kwargs: Any) -> Any:
+        async def spy(program: Any, write: bool, pool: Any = None, *, durable: bool = True) -> Any:
             record(program, write, durable)
-            return await run(program, write=write, durable=durable, **kwargs)
+            return await transact(program, write, pool, durable=durable)
 
-        monkeypatch.setattr(backend, "_run", spy)
+        def spy_blocking(program: Any) -> Any:  # a chain's commits, on its activity thread
+            record(program, True, True)
+            return run_blocking(program)
+
+        monkeypatch.setattr(backend, "_transact", spy)
+        monkeypatch.setattr(backend, "_run_blocking", spy_blocking)
     try:
         async with dtfx.Worker(backend, app=app):
             client = dtfx.AsyncClient(backend)
@@ -116,6 +123,10 @@ async def test_every_step_of_an_orchestration_is_committed_durably(
         "renew_activity_lease",
     }
     assert "lock_orchestration_work_items" in relaxed
-    assert {"complete_orchestration_work_items", "complete_activity_work_items", "create_instances", "migrate"} >= set(
-        flushed
-    )
+    migrations = {"migrate", "_migration"}  # SQLite's, PostgreSQL's
+    assert {
+        "complete_orchestration_work_items",
+        "complete_activity_work_items",
+        "create_instances",
+        *migrations,
+    } >= set(flushed)

@@ -1,22 +1,25 @@
-"""What only the PostgreSQL backend has to get right: row lock order, its two pools' lifecycle."""
+"""What only the PostgreSQL backend has to get right: row lock order, its pools' lifecycle, commits
+that block a worker's thread."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+import dtfx
 from dtfx.backends.base import utc_now
 from dtfx.backends.postgres import PostgresBackend
 from dtfx.core.errors import BackendUnavailableError
 from dtfx.core.history import TaskCompleted, TaskScheduled
-from dtfx.core.workitems import ActivityResult, ActivityTask
+from dtfx.core.workitems import ActivityResult, ActivityTask, CommitResult
 from tests.backends.test_contract import LEASE, checkpoint_for, start_event
-from tests.postgres import SERVER_URL, postgres_url
+from tests.postgres import SERVER_URL, postgres_url, terminate_connections
 
 
 async def _until_waiting_for_a_lock(schema: str) -> None:
@@ -102,3 +105,60 @@ async def test_a_failed_start_closes_both_pools_and_the_next_start_begins_afresh
         assert await backend.get_instance("a") is None
     finally:
         await backend.close()
+
+
+async def test_a_chain_commits_its_steps_on_its_activity_thread_through_a_pool_of_sync_connections() -> None:
+    app = dtfx.App()
+
+    @app.activity
+    def double(ctx: dtfx.ActivityContext, value: int) -> int:
+        return 2 * value
+
+    @app.orchestrator
+    def chain(ctx: dtfx.OrchestrationContext, value: int) -> Any:
+        for _ in range(6):
+            value = yield ctx.call_activity(double, input=value)
+        return value
+
+    backend = PostgresBackend(postgres_url())
+    threads: list[str] = []
+    run_blocking = backend._run_blocking
+
+    def spy(program: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return run_blocking(program)
+
+    backend._run_blocking = spy  # type: ignore[method-assign]
+    try:
+        async with dtfx.Worker(backend, app=app):
+            client = dtfx.AsyncClient(backend)
+            instance_id = await client.schedule_new_orchestration(chain, input=1)
+            state = await client.wait_for_orchestration_completion(instance_id, timeout=30)
+        pool = backend._blocking_pool
+    finally:
+        await backend.close()
+    assert state is not None and state.get_output() == 64
+    assert len(threads) >= 5 and all(name.startswith("dtfx-activity") for name in threads), threads
+    assert pool is not None and pool.closed and backend._blocking_pool is None
+
+
+async def test_a_blocking_commit_rides_out_a_lost_connection_and_refuses_once_the_backend_is_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = PostgresBackend(postgres_url())
+    try:
+        for instance_id in ("a", "b"):
+            await backend.create_instance(start_event(instance_id))
+        items = {item.instance_id: item for item in await backend.lock_orchestration_work_items(2, LEASE)}
+        commit = backend.complete_orchestration_work_items_blocking
+        assert await asyncio.to_thread(commit, [checkpoint_for(items["a"])]) == [CommitResult.COMMITTED]
+        caplog.set_level(logging.WARNING)
+        assert await asyncio.to_thread(terminate_connections, backend.schema) >= 1
+        assert await asyncio.to_thread(commit, [checkpoint_for(items["b"])]) == [CommitResult.COMMITTED]
+        assert any("retrying" in record.getMessage() for record in caplog.records)
+        state = await backend.get_instance("b")
+        assert state is not None and state.runtime_status == dtfx.OrchestrationStatus.RUNNING
+    finally:
+        await backend.close()
+    with pytest.raises(BackendUnavailableError, match="has been closed"):
+        await asyncio.to_thread(commit, [checkpoint_for(items["b"])])

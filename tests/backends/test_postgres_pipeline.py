@@ -1,9 +1,12 @@
-"""The PostgreSQL backend's pipeline: programs' statements sent through libpq's pipeline mode."""
+"""The PostgreSQL backend's pipeline: programs' statements sent through libpq's pipeline mode,
+waiting on an event loop (an async connection) or blocking a thread (a sync one)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -30,8 +33,37 @@ async def table() -> AsyncIterator[str]:
             await connection.execute(f"DROP TABLE IF EXISTS {name}")
 
 
+Connect = Callable[[], AbstractAsyncContextManager[Any]]
+
+
+@pytest.fixture(params=["async", "blocking"])
+def connect(request: pytest.FixtureRequest) -> Connect:
+    """Opens a connection for one of the drivers: an async connection, which :func:`run` runs
+    on the event loop, or a sync one, which it runs blocking a thread."""
+
+    @asynccontextmanager
+    async def connection() -> AsyncIterator[Any]:
+        if request.param == "async":
+            async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as opened:
+                yield opened
+        else:
+            with psycopg.Connection.connect(SERVER_URL, autocommit=True) as opened:
+                yield opened
+
+    return connection
+
+
 async def run(connection: Any, program: Callable[[], Program[Any]], *, transaction: bool = True) -> Any:
-    return await Pipeline(connection, transaction=transaction).run(Stepper(program()))
+    pipeline = Pipeline(connection, transaction=transaction)
+    if isinstance(connection, psycopg.AsyncConnection):
+        return await pipeline.run(Stepper(program()))
+    return await asyncio.to_thread(pipeline.run_blocking, Stepper(program()))
+
+
+async def execute(connection: Any, sql: str) -> None:
+    result = connection.execute(sql)
+    if isinstance(connection, psycopg.AsyncConnection):
+        await result
 
 
 async def rows_of(table: str) -> list[tuple[Any, ...]]:
@@ -40,7 +72,7 @@ async def rows_of(table: str) -> list[tuple[Any, ...]]:
         return await cursor.fetchall()
 
 
-async def test_a_transaction_runs_its_statements_and_returns_what_it_fetched(table: str) -> None:
+async def test_a_transaction_runs_its_statements_and_returns_what_it_fetched(table: str, connect: Connect) -> None:
     def program() -> Program[Any]:
         yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "one"))
         yield ExecuteMany(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", [(2, "two"), (3, None)])
@@ -53,27 +85,29 @@ async def test_a_transaction_runs_its_statements_and_returns_what_it_fetched(tab
         )
         return counted, both
 
-    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+    async with connect() as connection:
         for _ in range(2):  # the second time, on the statements prepared the first time
             counted, both = await run(connection, program)
             assert counted == [(3,)]
             assert both == [[("uno",)], [(3, None)]]
             assert await rows_of(table) == [(1, "uno"), (2, "two"), (3, None)]
-            await connection.execute(f"DELETE FROM {table}")
+            await execute(connection, f"DELETE FROM {table}")
 
 
-async def test_reads_run_outside_a_transaction(table: str) -> None:
+async def test_reads_run_outside_a_transaction(table: str, connect: Connect) -> None:
     def program() -> Program[Any]:
         first = yield Fetch("SELECT ?::int + 1", (41,))
         second = yield Fetch(f"SELECT count(*) FROM {table}")
         return first, second
 
-    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+    async with connect() as connection:
         assert await run(connection, program, transaction=False) == ([(42,)], [(0,)])
         assert connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
-async def test_a_refused_statement_rolls_the_transaction_back_and_the_connection_stays_usable(table: str) -> None:
+async def test_a_refused_statement_rolls_the_transaction_back_and_the_connection_stays_usable(
+    table: str, connect: Connect
+) -> None:
     def failing() -> Program[None]:
         yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "kept?"))
         yield Execute("SELECT 1 / ?", (0,))
@@ -85,7 +119,7 @@ async def test_a_refused_statement_rolls_the_transaction_back_and_the_connection
         yield Fetch(f"SELECT count(*) FROM {table}")
         raise AssertionError("the fetch must raise")
 
-    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+    async with connect() as connection:
         with pytest.raises(psycopg.errors.DivisionByZero):
             await run(connection, failing)
         with pytest.raises(psycopg.errors.UniqueViolation):
@@ -102,7 +136,7 @@ async def test_a_refused_statement_rolls_the_transaction_back_and_the_connection
     assert await rows_of(table) == [(1, "kept")]
 
 
-async def test_anything_else_that_interrupts_a_transaction_closes_the_connection(table: str) -> None:
+async def test_anything_else_that_interrupts_a_transaction_closes_the_connection(table: str, connect: Connect) -> None:
     def broken_program() -> Program[None]:
         yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "sent"))
         yield Fetch(f"SELECT count(*) FROM {table}")  # the insert has reached the server
@@ -113,31 +147,31 @@ async def test_anything_else_that_interrupts_a_transaction_closes_the_connection
         yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (3, "NUL \x00 cannot be sent"))
 
     for program, error in ((broken_program, RuntimeError), (unsendable, psycopg.DataError)):
-        async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+        async with connect() as connection:
             with pytest.raises(error):
                 await run(connection, program)
             assert connection.closed  # the server rolls back what it was sent
     assert await rows_of(table) == []
 
 
-async def test_a_statement_whose_preparation_failed_is_prepared_again(table: str) -> None:
+async def test_a_statement_whose_preparation_failed_is_prepared_again(table: str, connect: Connect) -> None:
     missing = f"{table}_later"
 
     def program() -> Program[Any]:
         yield Execute(f"INSERT INTO {missing} (id) VALUES (?)", (1,))
         return (yield Fetch(f"SELECT id FROM {missing}"))
 
-    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+    async with connect() as connection:
         with pytest.raises(psycopg.errors.UndefinedTable):
             await run(connection, program)
-        await connection.execute(f"CREATE TABLE {missing} (id INTEGER)")
+        await execute(connection, f"CREATE TABLE {missing} (id INTEGER)")
         try:
             assert await run(connection, program) == [(1,)]
         finally:
-            await connection.execute(f"DROP TABLE {missing}")
+            await execute(connection, f"DROP TABLE {missing}")
 
 
-async def test_large_pipelines_flow_both_ways_at_once(table: str) -> None:
+async def test_large_pipelines_flow_both_ways_at_once(table: str, connect: Connect) -> None:
     # Several megabytes each way: the server blocks on sending results unless they are
     # read while the statements are still being sent.
     payload = "x" * 8000
@@ -149,7 +183,7 @@ async def test_large_pipelines_flow_both_ways_at_once(table: str) -> None:
         )
         return (yield Fetch(f"SELECT count(*), sum(length(payload)) FROM {table}"))
 
-    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+    async with connect() as connection:
         assert await run(connection, program) == [(1000, 8_000_000)]
 
 
@@ -162,7 +196,7 @@ def test_placeholders_are_numbered() -> None:
     )
 
 
-async def test_a_last_fetch_comes_back_committed(table: str) -> None:
+async def test_a_last_fetch_comes_back_committed(table: str, connect: Connect) -> None:
     def well_behaved() -> Program[Any]:
         yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "one"))
         return (yield Fetch(f"UPDATE {table} SET payload = ? RETURNING payload", ("uno",), last=True))
@@ -171,7 +205,7 @@ async def test_a_last_fetch_comes_back_committed(table: str) -> None:
         yield Fetch(f"UPDATE {table} SET payload = ? RETURNING payload", ("dos",), last=True)
         yield Execute(f"DELETE FROM {table}")
 
-    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as connection:
+    async with connect() as connection:
         assert await run(connection, well_behaved) == [("uno",)]
         assert await rows_of(table) == [(1, "uno")]
         with pytest.raises(RuntimeError, match="after the last"):

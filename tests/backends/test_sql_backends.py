@@ -8,6 +8,7 @@ import sqlite3
 import threading
 from contextlib import closing
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,15 @@ import dtfx
 from dtfx.backends import Backend, open_backend
 from dtfx.backends.base import WorkKind, utc_now
 from dtfx.backends.postgres import PostgresBackend, parse_postgres_url
+from dtfx.backends.sql import backend as sql_backend
 from dtfx.backends.sql import operations
+from dtfx.backends.sql.backend import Coalesced
 from dtfx.backends.sql.program import Fetch, Stepper
 from dtfx.backends.sqlite import SqliteBackend
-from dtfx.core.errors import ConfigurationError, UnstorableValueError
+from dtfx.core.errors import ConfigurationError, OrchestrationAlreadyExistsError, UnstorableValueError
 from dtfx.core.history import EventRaised, ExecutionStarted, OrchestrationInstance, OrchestratorStarted, TaskScheduled
-from dtfx.core.workitems import ActivityTask, CommitResult
+from dtfx.core.state import OrchestrationIdReusePolicy
+from dtfx.core.workitems import ActivityTask, CommitResult, OrchestrationWorkItem
 from tests.backends.test_contract import LEASE, checkpoint_for, lock_one, start_event
 from tests.postgres import SERVER_URL, postgres_url
 
@@ -385,6 +389,112 @@ async def test_a_commit_under_a_kept_lease_assumes_the_row_its_commit_before_lef
         assert [type(m.event).__name__ for m in item.messages] == ["EventRaised"]
     finally:
         await backend.close()
+
+
+async def test_a_creation_assumes_its_instance_is_new_and_reads_only_when_it_is_not(
+    sql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assumed: list[bool] = []
+    program = operations.create_instances
+
+    def spy(dialect: Any, requests: Any, *, assume_new: bool = False) -> Any:
+        assumed.append(assume_new)
+        return program(dialect, requests, assume_new=assume_new)
+
+    monkeypatch.setattr(
+        sql_backend, "CREATE_INSTANCES", Coalesced(spy, write=True, hopeful=partial(spy, assume_new=True))
+    )
+    backend = open_backend(sql_url)
+    try:
+        await backend.create_instance(start_event("a"))
+        assert assumed == [True]
+        with pytest.raises(OrchestrationAlreadyExistsError):
+            await backend.create_instance(start_event("a"))
+        assert assumed[1:] == [True, False]  # assumed, found it there, read it
+        # A creation that replaces an ended instance, coalesced with one of a new instance.
+        await backend.complete_orchestration_work_items(
+            [checkpoint_for(await lock_one(backend, "a"), status=dtfx.OrchestrationStatus.COMPLETED)]
+        )
+        replace_ended = OrchestrationIdReusePolicy.of(dtfx.OrchestrationStatus.COMPLETED)
+        await asyncio.gather(
+            backend.create_instance(start_event("a", input='"again"'), reuse_policy=replace_ended),
+            backend.create_instance(start_event("b")),
+        )
+        states = [await backend.get_instance(instance_id) for instance_id in ("a", "b")]
+        assert [(s.runtime_status, s.serialized_input) for s in states if s is not None] == [
+            (dtfx.OrchestrationStatus.PENDING, '"again"'),
+            (dtfx.OrchestrationStatus.PENDING, '"in"'),
+        ]
+        assert len(await backend.lock_orchestration_work_items(10, LEASE)) == 2
+    finally:
+        await backend.close()
+
+
+async def test_the_postgres_creation_of_one_instance_in_two_processes_at_once_lets_one_win() -> None:
+    url = postgres_url()
+    first, second = open_backend(url), open_backend(url)
+    try:
+        await asyncio.gather(first.start(), second.start())
+        outcomes = await asyncio.gather(
+            *(backend.create_instance(start_event("same")) for backend in (first, second) for _ in range(3)),
+            return_exceptions=True,
+        )
+        assert sum(outcome is None for outcome in outcomes) == 1
+        assert all(isinstance(o, OrchestrationAlreadyExistsError) for o in outcomes if o is not None)
+        item = await lock_one(first, "same")
+        assert len(item.messages) == 1
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_the_first_commit_of_an_instance_created_leased_assumes_the_row_its_creation_left(
+    sql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assumed: list[bool] = []
+    program = operations.complete_orchestration_work_items
+
+    def spy(dialect: Any, checkpoints: Any, kept: Any = None) -> Any:
+        assumed.append(kept is not None)
+        return program(dialect, checkpoints, kept)
+
+    monkeypatch.setattr(operations, "complete_orchestration_work_items", spy)
+    backend = open_backend(sql_url)
+    intake = _TakeAll()
+    backend.attach_intake(intake)
+    try:
+        await backend.create_instance(start_event("a"))
+        first, _ = _eager_step(intake.accepted[0], 1, None)  # consumes the start
+        assert await backend.complete_orchestration_work_items([first]) == [CommitResult.LEASE_KEPT]
+        assert assumed == [True]
+
+        # An event joins the start in the inbox before the first commit: the row is read.
+        await backend.create_instance(start_event("b"))
+        await backend.send_event("b", EventRaised(timestamp=utc_now(), name="meanwhile"))
+        first, _ = _eager_step(intake.accepted[1], 1, None)
+        assert await backend.complete_orchestration_work_items([first]) == [CommitResult.COMMITTED]
+        assert assumed[1:] == [True, False]
+        item = await lock_one(backend, "b")
+        assert [type(m.event) for m in item.messages] == [EventRaised]
+    finally:
+        backend.detach_intake(intake)
+        await backend.close()
+
+
+class _TakeAll:
+    """An intake that takes every instance created."""
+
+    def __init__(self) -> None:
+        self.accepted: list[OrchestrationWorkItem] = []
+
+    def offer(self, start: ExecutionStarted) -> timedelta | None:
+        return LEASE
+
+    def accept(self, item: OrchestrationWorkItem) -> None:
+        self.accepted.append(item)
+
+    def decline(self) -> None:
+        raise AssertionError("nothing is declined here")
 
 
 async def test_each_instance_row_is_written_once_per_transaction(tmp_path: Path) -> None:

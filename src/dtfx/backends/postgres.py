@@ -29,6 +29,7 @@ import contextlib
 import logging
 import re
 import threading
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
@@ -48,7 +49,7 @@ from dtfx.core.errors import BackendError, BackendUnavailableError, Configuratio
 try:
     import psycopg
     from psycopg import errors as pg_errors
-    from psycopg_pool import AsyncConnectionPool, PoolClosed
+    from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolClosed, PoolTimeout
 
     from dtfx.backends.postgres_pipeline import EXPECT_FUNCTION_SQL, Pipeline
 except ImportError as error:  # pragma: no cover - depends on the installed extras
@@ -71,6 +72,38 @@ _CODE_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
 
 def _closed_error() -> BackendUnavailableError:
     return BackendUnavailableError("This PostgreSQL backend has been closed.")
+
+
+class _Retries:
+    """What to do after each failed attempt at a transaction: run it again (at once after a
+    conflict, after a back-off once the connection was lost before the commit) or raise."""
+
+    def __init__(self) -> None:
+        self._conflicts = 0
+        self._lost = 0
+
+    def after(self, error: Exception, pipeline: Pipeline | None) -> float:
+        """The seconds to wait before the next attempt (0: at once); or raise the error as the caller sees it."""
+        if isinstance(error, PoolClosed):  # close() ran meanwhile
+            raise _closed_error() from error
+        if isinstance(error, _CONFLICTS):
+            self._conflicts += 1
+            if self._conflicts > _MAX_CONFLICT_RETRIES:
+                raise BackendUnavailableError(f"PostgreSQL: {error}") from error
+            logger.debug("Retrying a transaction after a conflict: %s", error)
+            return 0.0
+        if isinstance(error, psycopg.OperationalError):
+            self._lost += 1
+            if (pipeline is not None and pipeline.committing) or self._lost > _MAX_CONNECTION_RETRIES:
+                raise BackendUnavailableError(f"PostgreSQL connection failed: {error}") from error
+            delay = min(2.0, 0.05 * 2.0**self._lost)
+            logger.warning("PostgreSQL connection failed (%s); retrying in %.2fs", error, delay)
+            return delay
+        if isinstance(error, psycopg.DataError | UnicodeEncodeError):  # a NUL in text, a lone surrogate, say
+            raise UnstorableValueError(f"PostgreSQL: {error}") from error
+        if isinstance(error, psycopg.Error):
+            raise BackendError(f"PostgreSQL: {error}") from error
+        raise error
 
 
 class _Announcement(msgspec.Struct, frozen=True):
@@ -222,6 +255,7 @@ class PostgresBackend(SqlBackend):
     """
 
     poll_interval = 0.5
+    blocking_commits = True  # on a pool of sync connections, opened by the first such commit
 
     def __init__(self, url: str) -> None:
         self._conninfo, self.schema, pool_options = parse_postgres_url(url)
@@ -241,6 +275,7 @@ class PostgresBackend(SqlBackend):
         self._home: asyncio.AbstractEventLoop | None = None
         self._home_pool: AsyncConnectionPool | None = None
         self._home_tasks: set[asyncio.Task[None]] = set()
+        self._blocking_pool: ConnectionPool | None = None
         self._listener: asyncio.Task[None] | None = None
         self._listener_pid = 0  # the server process of this object's notification connection
         self._listeners_key = zlib.crc32(self.schema.encode()) & 0x7FFFFFFF  # this hub's listener locks
@@ -295,9 +330,12 @@ class PostgresBackend(SqlBackend):
                 return
             self._closed = True
             driver = self._driver
+            blocking_pool, self._blocking_pool = self._blocking_pool, None
         home, home_pool = self._home, self._home_pool
         self._home = self._home_pool = None
         try:
+            if blocking_pool is not None:
+                await asyncio.to_thread(blocking_pool.close)
             if home_pool is not None and home is not None:
                 if home is asyncio.get_running_loop():
                     await home_pool.close()
@@ -365,17 +403,18 @@ class PostgresBackend(SqlBackend):
                 run.ran(error)
         self._settle(run.futures, run.outcomes)
 
+    def _connection_options(self) -> dict[str, Any]:
+        # Generic plans: planning a statement's custom plan at every execution costs more
+        # than running it (lists travel as arrays, whose sizes custom plans would weigh).
+        options = f"-c search_path={self.schema} -c plan_cache_mode=force_generic_plan"
+        return {"autocommit": True, "options": options}
+
     def _new_pool(self) -> AsyncConnectionPool:
         return AsyncConnectionPool(
             self._conninfo,
             min_size=self._pool_min_size,
             max_size=self._pool_max_size,
-            # Generic plans: planning a statement's custom plan at every execution costs more
-            # than running it (lists travel as arrays, whose sizes custom plans would weigh).
-            kwargs={
-                "autocommit": True,
-                "options": f"-c search_path={self.schema} -c plan_cache_mode=force_generic_plan",
-            },
+            kwargs=self._connection_options(),
             name=f"dtfx-{self.schema}",
             timeout=10.0,
             open=False,
@@ -433,8 +472,7 @@ class PostgresBackend(SqlBackend):
         pool = pool or self._pool
         if pool is None:
             raise _closed_error()
-        conflicts = 0
-        lost = 0
+        retries = _Retries()
         while True:
             stepper = Stepper(program())
             pipeline: Pipeline | None = None
@@ -445,29 +483,55 @@ class PostgresBackend(SqlBackend):
                     result = await pipeline.run(stepper)
                 finally:
                     await pool.putconn(connection)
-            except PoolClosed as error:  # close() ran meanwhile
-                raise _closed_error() from error
-            except _CONFLICTS as error:
-                conflicts += 1
-                if conflicts > _MAX_CONFLICT_RETRIES:
-                    raise BackendUnavailableError(f"PostgreSQL: {error}") from error
-                logger.debug("Retrying a transaction after a conflict: %s", error)
+            except Exception as error:
+                delay = retries.after(error, pipeline)
+                if delay:
+                    await pool.check()
+                    await asyncio.sleep(delay)
                 continue
-            except psycopg.OperationalError as error:
-                lost += 1
-                if (pipeline is not None and pipeline.committing) or lost > _MAX_CONNECTION_RETRIES:
-                    raise BackendUnavailableError(f"PostgreSQL connection failed: {error}") from error
-                delay = min(2.0, 0.05 * 2**lost)
-                logger.warning("PostgreSQL connection failed (%s); retrying in %.2fs", error, delay)
-                await pool.check()
-                await asyncio.sleep(delay)
-                continue
-            except (psycopg.DataError, UnicodeEncodeError) as error:  # a NUL in text, a lone surrogate, say
-                raise UnstorableValueError(f"PostgreSQL: {error}") from error
-            except psycopg.Error as error:
-                raise BackendError(f"PostgreSQL: {error}") from error
             self._after_commit(stepper.notifications)
             return result
+
+    def _run_blocking(self, program: Callable[[], Program[T]]) -> T:
+        pool = self._blocking_pool or self._open_blocking_pool()
+        retries = _Retries()
+        while True:
+            stepper = Stepper(program())
+            pipeline: Pipeline | None = None
+            try:
+                with pool.connection() as connection:  # the pipeline leaves it idle, or closes it
+                    pipeline = Pipeline(connection, transaction=True)
+                    result = pipeline.run_blocking(stepper)
+            except Exception as error:
+                delay = retries.after(error, pipeline)
+                if delay:
+                    pool.check()
+                    time.sleep(delay)
+                continue
+            self._after_commit(stepper.notifications)
+            return result
+
+    def _open_blocking_pool(self) -> ConnectionPool:
+        """The pool of sync connections on which worker threads commit (opened on first use)."""
+        with self._lock:
+            if self._closed:
+                raise _closed_error()
+            if self._blocking_pool is None:
+                self._blocking_pool = ConnectionPool(
+                    self._conninfo,
+                    min_size=1,
+                    max_size=self._pool_max_size,
+                    kwargs=self._connection_options(),
+                    name=f"dtfx-{self.schema}-blocking",
+                    timeout=10.0,
+                    open=False,
+                )
+            pool = self._blocking_pool
+        try:
+            pool.open(wait=True, timeout=10.0)
+        except PoolTimeout as error:
+            raise BackendUnavailableError(f"Cannot connect to PostgreSQL ({error})") from error
+        return pool
 
     async def _listen(self) -> None:
         """Wake this process's waiters for what other processes commit; reconnect when the connection drops."""

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import select
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg import pq
@@ -60,12 +61,14 @@ _IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 class _ConnectionState:
     """What a connection keeps between transactions: its adapters and its prepared statements."""
 
-    def __init__(self, connection: psycopg.AsyncConnection[Any]) -> None:
+    def __init__(self, connection: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> None:
         self.transformer = Transformer(connection)
         self.prepared: dict[str, bytes] = {}
 
 
-_states: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], _ConnectionState] = weakref.WeakKeyDictionary()
+_states: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any] | psycopg.Connection[Any], _ConnectionState] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @lru_cache(maxsize=512)
@@ -84,9 +87,19 @@ class Pipeline:
     ``transaction``: wrap the statements in ``BEGIN`` / ``COMMIT``; otherwise each
     fetch is its own implicit transaction (reads). ``durable=False``: the transaction's
     commit does not wait for the server's disk (``synchronous_commit=off``).
+
+    The pipeline's work is one generator (:meth:`_steps`) that yields whenever it must
+    wait for the connection's socket; :meth:`run` waits on an event loop, with an async
+    connection, and :meth:`run_blocking` on the calling thread, with a sync one.
     """
 
-    def __init__(self, connection: psycopg.AsyncConnection[Any], *, transaction: bool, durable: bool = True) -> None:
+    def __init__(
+        self,
+        connection: psycopg.AsyncConnection[Any] | psycopg.Connection[Any],
+        *,
+        transaction: bool,
+        durable: bool = True,
+    ) -> None:
         self._connection = connection
         self._pgconn = connection.pgconn
         state = _states.get(connection)
@@ -105,42 +118,74 @@ class Pipeline:
 
     async def run(self, stepper: Stepper[T]) -> T:
         """Run the program's statements; return its result once they are all done (committed)."""
-        pgconn = self._pgconn
-        pgconn.enter_pipeline_mode()
+        connection = self._connection
+        assert isinstance(connection, psycopg.AsyncConnection)
+        steps = self._steps(stepper)
         try:
-            if self._transaction:
-                self._send("BEGIN", ())
-                if not self._durable:
-                    self._send("SET LOCAL synchronous_commit TO OFF", ())
-            value: Any = None
-            while (statement := stepper.advance(value)) is not None:
-                value = None
-                if self.committing:
-                    raise RuntimeError(f"A statement after the last one: {statement}")
-                if isinstance(statement, Fetch):
-                    value = (await self._fetch([statement], last=statement.last))[0]
-                elif isinstance(statement, FetchEach):
-                    value = await self._fetch(statement.fetches)
-                elif isinstance(statement, Execute):
-                    self._send(statement.sql, statement.params)
-                elif isinstance(statement, Expect):  # checked by the server: nothing to wait for
-                    self._send(f"SELECT {EXPECT_FUNCTION}(EXISTS ({statement.sql}))", statement.params)
-                else:
-                    for params in statement.rows:
-                        self._send(statement.sql, params)
-            if self._transaction and not self.committing:
-                self._commit()
-            if self._unsynced:
-                await self._sync()
-            pgconn.exit_pipeline_mode()
+            write = next(steps)
+            while True:
+                await _readable(self._pgconn.socket, write=write)
+                write = steps.send(None)
+        except StopIteration as done:
+            return cast(T, done.value)
         except _RefusedError as refused:
             raise refused.error from None
         except BaseException:
             # The pipeline is in an unknown state: closing the connection makes the server
             # roll back whatever was sent; the pool replaces it.
+            steps.close()
             self._forget_new_statements()
-            await self._connection.close()
+            await connection.close()
             raise
+
+    def run_blocking(self, stepper: Stepper[T]) -> T:
+        """:meth:`run` on the calling thread, which waits for the server (a sync connection)."""
+        connection = self._connection
+        assert isinstance(connection, psycopg.Connection)
+        steps = self._steps(stepper)
+        try:
+            write = next(steps)
+            while True:
+                _wait_here(self._pgconn.socket, write=write)
+                write = steps.send(None)
+        except StopIteration as done:
+            return cast(T, done.value)
+        except _RefusedError as refused:
+            raise refused.error from None
+        except BaseException:
+            steps.close()
+            self._forget_new_statements()
+            connection.close()
+            raise
+
+    def _steps(self, stepper: Stepper[T]) -> _Waits[T]:
+        pgconn = self._pgconn
+        pgconn.enter_pipeline_mode()
+        if self._transaction:
+            self._send("BEGIN", ())
+            if not self._durable:
+                self._send("SET LOCAL synchronous_commit TO OFF", ())
+        value: Any = None
+        while (statement := stepper.advance(value)) is not None:
+            value = None
+            if self.committing:
+                raise RuntimeError(f"A statement after the last one: {statement}")
+            if isinstance(statement, Fetch):
+                value = (yield from self._fetch([statement], last=statement.last))[0]
+            elif isinstance(statement, FetchEach):
+                value = yield from self._fetch(statement.fetches)
+            elif isinstance(statement, Execute):
+                self._send(statement.sql, statement.params)
+            elif isinstance(statement, Expect):  # checked by the server: nothing to wait for
+                self._send(f"SELECT {EXPECT_FUNCTION}(EXISTS ({statement.sql}))", statement.params)
+            else:
+                for params in statement.rows:
+                    self._send(statement.sql, params)
+        if self._transaction and not self.committing:
+            self._commit()
+        if self._unsynced:
+            yield from self._sync()
+        pgconn.exit_pipeline_mode()
         return stepper.result
 
     def _send(self, sql: str, params: Sequence[Any], result: list[pq.abc.PGresult] | None = None) -> None:
@@ -166,7 +211,7 @@ class Pipeline:
         self._send("COMMIT", ())
         self.committing = True
 
-    async def _fetch(self, fetches: Sequence[Fetch], *, last: bool = False) -> list[list[Row]]:
+    def _fetch(self, fetches: Sequence[Fetch], *, last: bool = False) -> _Waits[list[list[Row]]]:
         """Send the fetches (and what was queued before them) and return their rows; with
         ``last``, the transaction commits first."""
         results: list[list[pq.abc.PGresult]] = []
@@ -174,13 +219,13 @@ class Pipeline:
             results.append([])
             self._send(fetch.sql, fetch.params, results[-1])
         if not self._transaction:
-            await self._sync()
+            yield from self._sync()
         elif last:
             self._commit()
-            await self._sync()
+            yield from self._sync()
         else:
             self._pgconn.send_flush_request()
-            await self._receive()
+            yield from self._receive()
         transformer = self._state.transformer
         rows: list[list[Row]] = []
         for (result,) in results:
@@ -188,18 +233,18 @@ class Pipeline:
             rows.append(transformer.load_rows(0, result.ntuples, tuple))
         return rows
 
-    async def _sync(self) -> None:
+    def _sync(self) -> _Waits[None]:
         """End the pipeline's current part (committing an implicit transaction) and read its results."""
         self._pgconn.pipeline_sync()
         self._pending.append(_SYNC)
         self._unsynced = False
-        await self._receive()
+        yield from self._receive()
 
-    async def _receive(self) -> None:
+    def _receive(self) -> _Waits[None]:
         """Flush, then read the results of every command sent; raise :class:`_RefusedError` for
         the first statement the server refused, once the connection is clean again."""
-        await self._flush()
-        error = await self._drain()
+        yield from self._flush()
+        error = yield from self._drain()
         if error is None:
             return
         self._forget_new_statements()
@@ -207,27 +252,27 @@ class Pipeline:
         if self._unsynced or pgconn.pipeline_status == pq.PipelineStatus.ABORTED:
             pgconn.pipeline_sync()  # the server skips the rest up to here
             self._pending.append(_SYNC)
-            await self._flush()
-            await self._drain()
+            yield from self._flush()
+            yield from self._drain()
         if pgconn.transaction_status in _IN_TRANSACTION:
             pgconn.send_query_params(b"ROLLBACK", None)
             pgconn.pipeline_sync()
             self._pending.extend((None, _SYNC))
-            await self._flush()
-            await self._drain()
+            yield from self._flush()
+            yield from self._drain()
         pgconn.exit_pipeline_mode()
         raise _RefusedError(error)
 
-    async def _drain(self) -> psycopg.Error | AssumptionFailed | None:
+    def _drain(self) -> _Waits[psycopg.Error | AssumptionFailed | None]:
         """Read the results of every command sent; return the first refusal among them."""
         error: psycopg.Error | AssumptionFailed | None = None
         while self._pending:
             destination = self._pending.popleft()
-            result = await self._next_result()
+            result = yield from self._next_result()
             assert result is not None, "a pipeline result went missing"
             if destination is _SYNC:
                 continue
-            end = await self._next_result()
+            end = yield from self._next_result()
             assert end is None, "a statement gave more than one result"
             status = result.status
             if status in _OK:
@@ -237,40 +282,52 @@ class Pipeline:
                 error = _server_error(result, self._connection.info.encoding)
         return error
 
-    async def _next_result(self) -> pq.abc.PGresult | None:
+    def _next_result(self) -> _Waits[pq.abc.PGresult | None]:
         pgconn = self._pgconn
         while pgconn.is_busy():
-            await self._wait(write=False)
+            yield False
             pgconn.consume_input()
         return pgconn.get_result()
 
-    async def _flush(self) -> None:
+    def _flush(self) -> _Waits[None]:
         pgconn = self._pgconn
         while pgconn.flush():
             # Read while waiting to write: a server blocked on sending results stops reading.
-            await self._wait(write=True)
+            yield True
             pgconn.consume_input()
-
-    async def _wait(self, *, write: bool) -> None:
-        """Until the socket is readable (or, with ``write``, writable)."""
-        loop = asyncio.get_running_loop()
-        fileno = self._pgconn.socket
-        ready = loop.create_future()
-        loop.add_reader(fileno, _wake, ready)
-        if write:
-            loop.add_writer(fileno, _wake, ready)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(fileno)
-            if write:
-                loop.remove_writer(fileno)
 
     def _forget_new_statements(self) -> None:
         """Statements prepared in a failed pipeline may not exist: prepare them again next time."""
         for sql in self._new_statements:
             self._state.prepared.pop(sql, None)
         self._new_statements.clear()
+
+
+_Waits = Generator[bool, None, T]
+"""A part of a pipeline's work: it yields whenever it waits for the socket, ``True`` if
+for it to be writable as well as readable, and returns its value."""
+
+
+async def _readable(fileno: int, *, write: bool) -> None:
+    """Until the socket is readable (or, with ``write``, writable), on the running event loop."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fileno, _wake, ready)
+    if write:
+        loop.add_writer(fileno, _wake, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fileno)
+        if write:
+            loop.remove_writer(fileno)
+
+
+def _wait_here(fileno: int, *, write: bool) -> None:
+    """Until the socket is readable (or, with ``write``, writable), blocking the calling thread."""
+    poller = select.poll()
+    poller.register(fileno, select.POLLIN | select.POLLOUT if write else select.POLLIN)
+    poller.poll()
 
 
 class _RefusedError(Exception):

@@ -43,7 +43,6 @@ from dtfx.backends.sql.backend import Coalesced, CoalescedRun, SqlBackend
 from dtfx.backends.sql.program import AssumptionFailed, Dialect, Execute, Expect, Fetch, FetchEach, Program, Stepper
 from dtfx.backends.sql.schema import migrate
 from dtfx.core.errors import BackendError, BackendUnavailableError, ConfigurationError, UnstorableValueError
-from dtfx.core.workitems import CommitResult, OrchestrationCheckpoint
 
 T = TypeVar("T")
 
@@ -156,19 +155,11 @@ class SqliteBackend(SqlBackend):
                 self._connection_lock.release()
         return await self._on_thread(transaction)
 
-    def complete_orchestration_work_items_blocking(
-        self, checkpoints: Sequence[OrchestrationCheckpoint]
-    ) -> list[CommitResult]:
+    def _run_blocking(self, program: Callable[[], Program[T]]) -> T:
         if self._closed:
             raise self._closed_error()
         with self._connection_lock:
-            kept = self._kept_row(checkpoints)
-            if kept is not None:
-                try:
-                    return self._remember(checkpoints, self._transact(self._commit_program(checkpoints, kept), True))
-                except AssumptionFailed:  # someone else wrote the row: read it
-                    pass
-            return self._remember(checkpoints, self._transact(self._commit_program(checkpoints, None), True))
+            return self._transact(program, True)
 
     def _idle(self) -> bool:
         """Whether the database thread has nothing to do (and nobody holds the connection)."""

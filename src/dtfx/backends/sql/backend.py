@@ -37,9 +37,14 @@ class Coalesced:
     program: Callable[[Dialect, list[Any]], Program[list[Any]]]
     """Runs a list of requests; returns one result per request."""
     write: bool
+    hopeful: Callable[[Dialect, list[Any]], Program[list[Any]]] | None = None
+    """A cheaper :attr:`program` that assumes what is usual (that new instances are new),
+    tried first; where its assumption fails (:class:`AssumptionFailed`), :attr:`program` runs."""
 
 
-CREATE_INSTANCES = Coalesced(operations.create_instances, write=True)
+CREATE_INSTANCES = Coalesced(
+    operations.create_instances, write=True, hopeful=partial(operations.create_instances, assume_new=True)
+)
 SEND_EVENTS = Coalesced(operations.send_events, write=True)
 GET_INSTANCES = Coalesced(operations.get_instances, write=False)
 
@@ -63,13 +68,17 @@ class CoalescedRun:
         """One per request run so far, in order: its result, or the exception its caller gets."""
         self._dialect = dialect
         self._groups = [requests]  # those still to run, each as one program
+        self._program = kind.hopeful or kind.program
 
     def next_program(self) -> Callable[[], Program[list[Any]]] | None:
         """The program to run next as one transaction (``None``: every request has run)."""
-        return partial(self.kind.program, self._dialect, self._groups[0]) if self._groups else None
+        return partial(self._program, self._dialect, self._groups[0]) if self._groups else None
 
     def ran(self, outcome: list[Any] | Exception) -> None:
         """Record what the program from :meth:`next_program` gave: its results, or its error."""
+        if isinstance(outcome, AssumptionFailed):  # nothing was written: the same requests, reading
+            self._program = self.kind.program
+            return
         group = self._groups.pop(0)
         if not isinstance(outcome, Exception):
             self.outcomes.extend(outcome)
@@ -237,8 +246,11 @@ class SqlBackend(Backend):
         outcome = await self._run_coalesced(CREATE_INSTANCES, (start, scheduled_start_at, reuse_policy, lease))
         if isinstance(outcome, Exception):
             raise outcome
-        item: OrchestrationWorkItem | None = outcome
-        return item
+        if outcome is None:
+            return None
+        assert isinstance(outcome, operations.LeasedCreation)
+        self._kept_rows[outcome.item.instance_id] = outcome.row  # its first commit assumes it
+        return outcome.item
 
     async def send_event(self, instance_id: str, event: HistoryEvent, *, visible_at: datetime | None = None) -> None:
         error = await self._run_coalesced(SEND_EVENTS, (instance_id, event, visible_at))
@@ -304,19 +316,42 @@ class SqlBackend(Backend):
                 pass
         return self._remember(checkpoints, await self._run(self._commit_program(checkpoints, None), write=True))
 
+    def complete_orchestration_work_items_blocking(
+        self, checkpoints: Sequence[OrchestrationCheckpoint]
+    ) -> list[CommitResult]:
+        if not checkpoints:
+            return []
+        kept = self._kept_row(checkpoints)
+        if kept is not None:
+            try:
+                return self._remember(checkpoints, self._run_blocking(self._commit_program(checkpoints, kept)))
+            except AssumptionFailed:  # someone else wrote the row: read it
+                pass
+        return self._remember(checkpoints, self._run_blocking(self._commit_program(checkpoints, None)))
+
+    def _run_blocking(self, program: Callable[[], Program[T]]) -> T:
+        """Run ``program()`` as one durable write transaction on the calling thread, which it
+        blocks until the commit is done (and calls :meth:`_after_commit`); a driver that can
+        (:attr:`blocking_commits`) overrides this."""
+        raise NotImplementedError(f"{type(self).__name__} commits only through its event loop")
+
     # A chain of eager steps commits one checkpoint after another under one lease. Each commit
     # leaves the instance's row as the next one would read it, so the next one assumes it
     # (guarded: HubTransaction.assume) instead of reading it and its inbox: on PostgreSQL, a
-    # round trip less.
+    # round trip less. So does the first commit of an instance created leased (by a worker's
+    # intake), whose inbox the creation knows: only the start.
 
     def _kept_row(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> KeptRow | None:
         """The row a commit of ``checkpoints`` may assume: the only checkpoint's instance's, as
-        the commit before left it, when the checkpoint reads nothing else of the store (it
-        consumes no inbox message and sends no message)."""
-        if len(checkpoints) != 1 or checkpoints[0].consumed or checkpoints[0].messages:
+        the commit before (or the creation) left it, when the checkpoint reads nothing else of
+        the store (it sends no message and consumes no inbox message the row does not know)."""
+        if len(checkpoints) != 1 or checkpoints[0].messages:
             return None
-        row = self._kept_rows.get(checkpoints[0].instance_id)
-        return row if row is not None and row.lock_token == checkpoints[0].lock_token else None
+        checkpoint = checkpoints[0]
+        row = self._kept_rows.get(checkpoint.instance_id)
+        if row is None or row.lock_token != checkpoint.lock_token:
+            return None
+        return row if all(message_id in row.inbox for message_id in checkpoint.consumed) else None
 
     def _commit_program(
         self, checkpoints: Sequence[OrchestrationCheckpoint], kept: KeptRow | None

@@ -8,6 +8,7 @@ moment it runs at from :func:`~dtfx.backends.base.utc_now` when it starts.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -47,14 +48,31 @@ CreateRequest = tuple[ExecutionStarted, datetime | None, OrchestrationIdReusePol
 """``(start, scheduled_start_at, reuse_policy, lease)``: see :meth:`Backend._create_instance`."""
 
 
+@dataclass(frozen=True)
+class LeasedCreation:
+    """A new instance created leased: its work item, and its row as the creation left it (what
+    the work item's first commit may assume, :meth:`HubTransaction.assume`)."""
+
+    item: OrchestrationWorkItem
+    row: KeptRow
+
+
 def create_instances(
-    dialect: Dialect, requests: Sequence[CreateRequest]
-) -> Program[list[OrchestrationAlreadyExistsError | OrchestrationWorkItem | None]]:
+    dialect: Dialect, requests: Sequence[CreateRequest], *, assume_new: bool = False
+) -> Program[list[OrchestrationAlreadyExistsError | LeasedCreation | None]]:
     """Create instances in order, in one transaction; a request refused by the reuse rules gets
-    its error and changes nothing, one with a lease gets the work item of its instance."""
+    its error and changes nothing, one with a lease gets its instance's :class:`LeasedCreation`.
+
+    ``assume_new``: take it that none of the instances exists yet instead of reading their rows
+    (:meth:`HubTransaction.assume_absent`); on PostgreSQL, the creation is then one round trip.
+    """
     transaction = HubTransaction(dialect, utc_now())
-    yield from transaction.load(request[0].instance.instance_id for request in requests)
-    outcomes: list[OrchestrationAlreadyExistsError | OrchestrationWorkItem | None] = []
+    instance_ids = [request[0].instance.instance_id for request in requests]
+    if assume_new:
+        yield from transaction.assume_absent(set(instance_ids))
+    else:
+        yield from transaction.load(instance_ids)
+    outcomes: list[OrchestrationAlreadyExistsError | LeasedCreation | None] = []
     for start, scheduled_start_at, reuse_policy, lease in requests:
         instance_id = start.instance.instance_id
         existing = transaction.state(instance_id)
@@ -79,16 +97,17 @@ def create_instances(
         )
         for instance_id, message_id in rows:
             index, start, lease = leased[instance_id]
-            state = transaction.state(instance_id)
-            assert state is not None
-            outcomes[index] = OrchestrationWorkItem(
+            row = transaction.kept[instance_id]
+            assert row.next_visible_at is not None  # the start's visible-at time
+            item = OrchestrationWorkItem(
                 instance_id=instance_id,
                 lock_token=lease.lock_token,
                 locked_until=lease.locked_until,
-                state=state,
+                state=row.state,
                 messages=[InboxMessage(message_id, start, start.instance.execution_id)],
                 history_size=0,
             )
+            outcomes[index] = LeasedCreation(item, replace(row, inbox={message_id: row.next_visible_at}))
     return outcomes
 
 

@@ -21,7 +21,7 @@ task's row, so that two of them never deadlock.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -108,6 +108,9 @@ class KeptRow:
     lock_token: str
     history_size: int
     next_visible_at: int | None
+    inbox: Mapping[MessageId, int] = field(default_factory=dict)
+    """Its inbox's messages with their visible-at times, where the commit knew them all (a new
+    instance's start); otherwise empty, and ``next_visible_at`` sums the inbox up."""
 
 
 @dataclass
@@ -162,7 +165,8 @@ class HubTransaction:
         self.released: set[str] = set()
         """After :meth:`flush`: the instances whose kept lease was released (messages were ready)."""
         self.kept: dict[str, KeptRow] = {}
-        """After :meth:`flush`: the rows of the instances whose lease was kept, as written."""
+        """After :meth:`flush`: the rows of the instances whose lease was kept, or that were
+        created leased, as written."""
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -217,8 +221,9 @@ class HubTransaction:
         """Take (and lock) an instance's row as a commit of this process left it, instead of
         reading it, if the columns that any other writer changes show it unchanged: its
         lease, its history's size, its status and ``next_visible_at`` (every write of its
-        inbox keeps that the earliest visible-at time there, so it sums the inbox up too).
-        If they show a change, the transaction ends with :class:`AssumptionFailed`."""
+        inbox keeps that the earliest visible-at time there, so it sums the inbox up too),
+        and, where the row's inbox was known message by message, that no other message has
+        joined them. If anything changed, the transaction ends with :class:`AssumptionFailed`."""
         dialect = self._dialect
         state = row.state
         yield Expect(
@@ -226,6 +231,12 @@ class HubTransaction:
             f" AND {dialect.is_same('next_visible_at')}{dialect.for_update}",
             (state.instance_id, row.lock_token, row.history_size, int(state.runtime_status), row.next_visible_at),
         )
+        if row.inbox:  # a statement of its own: it sees what the lock above waited for
+            yield Expect(
+                "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?"
+                f" AND NOT {dialect.in_list('id')})",
+                (state.instance_id, dialect.list_param(list(row.inbox))),
+            )
         self._instances[state.instance_id] = _Instance(
             state,
             row.lock_token,
@@ -233,8 +244,21 @@ class HubTransaction:
             True,
             state.runtime_status,
             row.next_visible_at,
-            inbox_rest=row.next_visible_at,
+            inbox_rest=None if row.inbox else row.next_visible_at,
+            consumable=dict(row.inbox),
         )
+
+    def assume_absent(self, instance_ids: Collection[str]) -> Program[None]:
+        """Take it that none of those instances exists, instead of reading their rows: if one
+        does, the transaction ends with :class:`AssumptionFailed`. (Two transactions that
+        assume so and create the same instance conflict on its key: one fails.)"""
+        dialect = self._dialect
+        yield Expect(
+            f"SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM instances WHERE {dialect.in_list('instance_id')})",
+            (dialect.list_param(sorted(instance_ids)),),
+        )
+        for instance_id in instance_ids:
+            self._instances[instance_id] = None
 
     def state(self, instance_id: str) -> OrchestrationState | None:
         """The instance's state as this transaction sees it (it must have been loaded)."""
@@ -406,7 +430,7 @@ class HubTransaction:
                 elif writes.status_changed or next_visible_at != instance.next_visible_at:
                     status = int(state.runtime_status)
                     updated.append((status, to_micros(state.last_updated_at), next_visible_at, instance_id))
-                if kept_until is not None and instance.lock_token is not None:
+                if instance.lock_token is not None and (kept_until is not None or writes.new_row):
                     self.kept[instance_id] = KeptRow(state, instance.lock_token, instance.history_size, next_visible_at)
                 if state.runtime_status != instance.loaded_status:
                     changed[instance_id] = state.runtime_status
