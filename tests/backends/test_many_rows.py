@@ -213,8 +213,14 @@ async def test_the_dialect_writes_and_updates_many_rows_in_the_hubs_own_tables(s
     history = [("many", sequence, text) for sequence, text in enumerate(TEXTS * 3)]
     insert = dialect.insert_rows("history", ("instance_id", "sequence", "event"), history)
     single = dialect.insert_rows("history", ("instance_id", "sequence", "event"), [("one", 0, "x")])
-    # PostgreSQL: one statement for many rows; one row (and SQLite's executemany) as before.
+    few = [("few", sequence, text) for sequence, text in enumerate(TEXTS[:4])]
+    insert_few = dialect.insert_rows("history", ("instance_id", "sequence", "event"), few)
+    # A few rows, in order, through the identity column that numbers inbox messages.
+    inbox = [("few", None, to_micros(FAR), text) for text in reversed(TEXTS[:3])]
+    insert_inbox = dialect.insert_rows("inbox", ("instance_id", "execution_id", "visible_at", "event"), inbox)
+    # PostgreSQL: one statement for many rows, and for a few; one row (and SQLite's executemany) as before.
     assert isinstance(insert, Execute if postgres else ExecuteMany)
+    assert isinstance(insert_few, Execute if postgres else ExecuteMany)
     assert isinstance(single, ExecuteMany)
 
     starts = [
@@ -235,7 +241,7 @@ async def test_the_dialect_writes_and_updates_many_rows_in_the_hubs_own_tables(s
     update = dialect.update_rows("instances", ("custom_status", "completed_at", "locked_until"), "instance_id", changes)
     assert isinstance(update, Execute if postgres else ExecuteMany)
 
-    def program() -> Program[tuple[list[Any], list[Any]]]:
+    def program() -> Program[tuple[list[Any], list[Any], list[Any]]]:
         ids = dialect.list_param([f"i-{n}" for n in range(len(TEXTS))])
         yield Fetch(
             f"SELECT instance_id FROM instances WHERE {dialect.in_list('instance_id')}"
@@ -244,15 +250,21 @@ async def test_the_dialect_writes_and_updates_many_rows_in_the_hubs_own_tables(s
         )
         yield insert
         yield single
+        yield insert_few
+        yield insert_inbox
         yield update
         written = yield Fetch("SELECT instance_id, sequence, event FROM history ORDER BY instance_id DESC, sequence")
+        queued = yield Fetch(
+            "SELECT instance_id, execution_id, visible_at, event FROM inbox WHERE instance_id = 'few' ORDER BY id"
+        )
         updated = yield Fetch(
             "SELECT custom_status, completed_at, locked_until, instance_id, input FROM instances"
             f" WHERE {dialect.in_list('instance_id')} ORDER BY instance_id",
             (ids,),
         )
-        return written, updated
+        return written, queued, updated
 
-    written, updated = await sql_backend._run(program, write=True)
-    assert [tuple(row) for row in written] == [("one", 0, "x"), *history]
+    written, queued, updated = await sql_backend._run(program, write=True)
+    assert [tuple(row) for row in written] == [("one", 0, "x"), *history, *few]
+    assert [tuple(row) for row in queued] == inbox
     assert [tuple(row) for row in updated] == [(*change, text) for change, text in zip(changes, TEXTS, strict=True)]

@@ -34,6 +34,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from itertools import chain
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -62,6 +63,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SCHEMA = "dtfx"
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
 _MAX_PAYLOAD = 7000  # NOTIFY payloads must stay below 8000 bytes
+_VALUES_ROWS = 4  # rows inserted by a list of values, above which by a JSON document
 _CONFLICTS = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.UniqueViolation)
 _MAX_CONFLICT_RETRIES = 10
 _MAX_CONNECTION_RETRIES = 5
@@ -128,7 +130,10 @@ class PostgresDialect(Dialect):
     the CPU of a statement per row, and the server a fifth less; arrays per column
     (``unnest``) cost the client six times what a statement per row does, as psycopg
     writes array literals in Python. A text PostgreSQL cannot hold (a NUL, which JSON writes ``\\u0000``) is
-    refused by the server as a data error, as it is when sent as a parameter.
+    refused by the server as a data error, as it is when sent as a parameter. Up to
+    four rows go as one list of values instead (``VALUES (?, ?), (?, ?)``, a statement
+    per number of rows): measured on a chain's four history rows, the server's part of
+    its commit is about 25 µs shorter than with the JSON document.
     """
 
     for_update = " FOR UPDATE"
@@ -136,6 +141,7 @@ class PostgresDialect(Dialect):
     new_token = "replace(gen_random_uuid()::text, '-', '')"
     serial_key = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
     bigint = "BIGINT"
+    writes_in_with = True
 
     def __init__(self, channel: str, sender: str) -> None:
         self.channel = channel
@@ -160,6 +166,9 @@ class PostgresDialect(Dialect):
     def insert_rows(self, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> Statement:
         if len(rows) < 2:  # the plain statement costs less than a JSON document
             return super().insert_rows(table, columns, rows)
+        if len(rows) <= _VALUES_ROWS:  # and a list of a few rows costs the server less than one
+            values = ", ".join([f"({', '.join('?' * len(columns))})"] * len(rows))
+            return Execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}", list(chain(*rows)))
         # Inserted in the array's order (an identity column numbers inbox messages as sent).
         names = ", ".join(columns)
         return Execute(

@@ -33,8 +33,9 @@ from dtfx.backends.sql.program import AssumptionFailed, Execute, Expect, Fetch, 
 
 T = TypeVar("T")
 
-_PREPARED_KINDS = ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")
-"""Statements worth preparing (the others, migrations' DDL, run once)."""
+_PREPARED_KINDS = ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH", "BEGIN", "COMMIT")
+"""Statements worth preparing (the others, migrations' DDL, run once); prepared, ``BEGIN`` and
+``COMMIT`` are not parsed again by every transaction."""
 _MAX_PREPARED = 100
 """Prepared statements per connection; beyond that, statements are sent unprepared."""
 _names = itertools.count(1)

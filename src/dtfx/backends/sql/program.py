@@ -114,6 +114,8 @@ class Dialect(ABC):
     """The column type of an auto-incremented integer primary key whose values are never reused."""
     bigint: ClassVar[str]
     """The type of a 64-bit integer column."""
+    writes_in_with: ClassVar[bool] = False
+    """Whether a ``WITH`` clause may change rows (``WITH changed AS (UPDATE ... RETURNING ...)``)."""
 
     @abstractmethod
     def in_list(self, column: str) -> str:

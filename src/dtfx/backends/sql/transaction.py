@@ -96,6 +96,12 @@ _INSERT_TASK_UNLESS_THERE = (
     " WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE lock_token = ?)"
 )
 """A task's row, unless a row with its lock token is there already (parameters: the row, then the token)."""
+_RECYCLE_OR_INSERT_TASK = (
+    f"WITH recycled AS ({_RECYCLE_TASK} RETURNING 1) INSERT INTO tasks ({', '.join(_TASK_COLUMNS)})"
+    f" SELECT {', '.join('?' * len(_TASK_COLUMNS))} WHERE NOT EXISTS (SELECT 1 FROM recycled)"
+)
+"""Both in one statement, where the dialect has :attr:`~Dialect.writes_in_with` (parameters: those
+of ``_RECYCLE_TASK``, then the row)."""
 
 
 @dataclass(frozen=True)
@@ -383,7 +389,9 @@ class HubTransaction:
             finished = dialect.list_param(self._finished_tasks)
             yield Execute(f"DELETE FROM tasks WHERE {in_list('lock_token')}", (finished,))
         recycled = [(finished, task, _task_row(task, now)) for finished, task in self._recycled]  # rows built once
-        if recycled:
+        if recycled and dialect.writes_in_with:
+            yield ExecuteMany(_RECYCLE_OR_INSERT_TASK, [(*row[1:], finished, *row) for finished, _, row in recycled])
+        elif recycled:
             yield ExecuteMany(_RECYCLE_TASK, [(*row[1:], finished) for finished, _, row in recycled])
         if self._wiped:
             wiped = dialect.list_param(list(self._wiped))
@@ -472,7 +480,8 @@ class HubTransaction:
             yield dialect.insert_rows("inbox", _INBOX_COLUMNS, inbox)
         if tasks:
             yield dialect.insert_rows("tasks", _TASK_COLUMNS, tasks)
-        if recycled:  # a finished task whose row was gone (a lease that expired long ago): a new row
+        if recycled and not dialect.writes_in_with:  # a finished task whose row was gone (a lease that
+            # expired long ago): a new row
             yield ExecuteMany(_INSERT_TASK_UNLESS_THERE, [(*row, task.lock_token) for _, task, row in recycled])
         if kinds or changed or delayed:
             yield from dialect.notify(Notify(frozenset(kinds), changed, delayed=delayed, ended=ended))
