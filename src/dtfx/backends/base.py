@@ -266,7 +266,7 @@ class Backend(ABC):
         """:meth:`complete_orchestration_work_items` on the calling thread, which it blocks
         until the commit is done: for a worker's own threads, never an event loop's.
 
-        Only where :attr:`blocking_commits` is true (a store whose driver blocks anyway);
+        Only where :attr:`blocking_commits` is true (a store whose driver can block a thread);
         a worker uses it to go on with a chain of eager steps on its activity thread.
         """
         raise NotImplementedError(f"{type(self).__name__} commits only through its event loop")

@@ -16,10 +16,12 @@ a write transaction costs one round trip per fetch that its program waits for, p
 the commit's. psycopg's async pool belongs to one event loop, so the driver runs on a
 loop of its own in a background thread (the loop that started the backend runs its
 transactions itself); the backend can be awaited from any loop or thread (a worker's,
-a sync client's). A transaction that fails before its commit because the
-connection was lost (a database restart) is retried on a fresh connection with
-back-off; one lost during its commit is reported, since it may or may not have
-committed (the lease guards keep that safe: the work item is simply redone).
+a sync client's). A worker's chain of eager steps commits on its activity thread
+instead, blocking it, through a pool of sync connections that the first such commit
+opens (:attr:`~dtfx.backends.base.Backend.blocking_commits`). A transaction that fails
+before its commit because the connection was lost (a database restart) is retried on a
+fresh connection with back-off; one lost during its commit is reported, since it may or
+may not have committed (the lease guards keep that safe: the work item is simply redone).
 """
 
 from __future__ import annotations
