@@ -10,9 +10,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 import dtfx
+from dtfx.backends import postgres
 from dtfx.backends.base import utc_now
 from dtfx.backends.postgres import PostgresBackend
 from dtfx.core.errors import BackendUnavailableError
@@ -162,3 +163,28 @@ async def test_a_blocking_commit_rides_out_a_lost_connection_and_refuses_once_th
         await backend.close()
     with pytest.raises(BackendUnavailableError, match="has been closed"):
         await asyncio.to_thread(commit, [checkpoint_for(items["b"])])
+
+
+async def test_a_blocking_commit_that_cannot_connect_fails_clearly_and_the_next_one_connects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    refusals = [PoolTimeout("couldn't get a connection after 10.00 sec")]
+
+    class FlakyPool(ConnectionPool):
+        def open(self, wait: bool = False, timeout: float = 30.0) -> None:
+            if refusals:
+                raise refusals.pop()
+            super().open(wait=wait, timeout=timeout)
+
+    monkeypatch.setattr(postgres, "ConnectionPool", FlakyPool)
+    backend = PostgresBackend(postgres_url())
+    try:
+        await backend.create_instance(start_event("a"))
+        [item] = await backend.lock_orchestration_work_items(1, LEASE)
+        commit = backend.complete_orchestration_work_items_blocking
+        with pytest.raises(BackendUnavailableError, match="Cannot connect to PostgreSQL"):
+            await asyncio.to_thread(commit, [checkpoint_for(item)])
+        assert backend._blocking_pool is None
+        assert await asyncio.to_thread(commit, [checkpoint_for(item)]) == [CommitResult.COMMITTED]
+    finally:
+        await backend.close()

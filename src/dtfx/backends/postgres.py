@@ -287,6 +287,7 @@ class PostgresBackend(SqlBackend):
         self._home_pool: AsyncConnectionPool | None = None
         self._home_tasks: set[asyncio.Task[None]] = set()
         self._blocking_pool: ConnectionPool | None = None
+        self._blocking_lock = threading.Lock()
         self._listener: asyncio.Task[None] | None = None
         self._listener_pid = 0  # the server process of this object's notification connection
         self._listeners_key = zlib.crc32(self.schema.encode()) & 0x7FFFFFFF  # this hub's listener locks
@@ -523,26 +524,35 @@ class PostgresBackend(SqlBackend):
             return result
 
     def _open_blocking_pool(self) -> ConnectionPool:
-        """The pool of sync connections on which worker threads commit (opened on first use)."""
-        with self._lock:
+        """The pool of sync connections on which worker threads commit, opened by the first
+        thread that needs it (the others wait for it)."""
+        with self._blocking_lock:
+            if self._blocking_pool is not None:
+                return self._blocking_pool
             if self._closed:
                 raise _closed_error()
-            if self._blocking_pool is None:
-                self._blocking_pool = ConnectionPool(
-                    self._conninfo,
-                    min_size=1,
-                    max_size=self._pool_max_size,
-                    kwargs=self._connection_options(),
-                    name=f"dtfx-{self.schema}-blocking",
-                    timeout=10.0,
-                    open=False,
-                )
-            pool = self._blocking_pool
-        try:
-            pool.open(wait=True, timeout=10.0)
-        except PoolTimeout as error:
-            raise BackendUnavailableError(f"Cannot connect to PostgreSQL ({error})") from error
-        return pool
+            pool = ConnectionPool(
+                self._conninfo,
+                min_size=1,
+                max_size=self._pool_max_size,
+                kwargs=self._connection_options(),
+                name=f"dtfx-{self.schema}-blocking",
+                timeout=10.0,
+                open=False,
+            )
+            try:
+                pool.open(wait=True, timeout=10.0)
+            except PoolTimeout as error:
+                pool.close()
+                raise BackendUnavailableError(f"Cannot connect to PostgreSQL ({error})") from error
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._blocking_pool = pool
+            if closed:  # close() ran meanwhile, before this pool was there to close
+                pool.close()
+                raise _closed_error()
+            return pool
 
     async def _listen(self) -> None:
         """Wake this process's waiters for what other processes commit; reconnect when the connection drops."""

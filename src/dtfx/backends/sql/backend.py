@@ -76,8 +76,8 @@ class CoalescedRun:
 
     def ran(self, outcome: list[Any] | Exception) -> None:
         """Record what the program from :meth:`next_program` gave: its results, or its error."""
-        if isinstance(outcome, AssumptionFailed):  # nothing was written: the same requests, reading
-            self._program = self.kind.program
+        if isinstance(outcome, AssumptionFailed) and self._program is not self.kind.program:
+            self._program = self.kind.program  # nothing was written: the same requests, reading
             return
         group = self._groups.pop(0)
         if not isinstance(outcome, Exception):
