@@ -10,7 +10,7 @@ The workloads the targets are about (sequence, the longest sequence, latency) ru
 times, in rounds, so that each engine's runs are spread over the same stretch of time
 (the disk's speed drifts); the report gives each one's median run and the range.
 
-Usage: ``python -m benchmarks [--quick] [--repeat 3] [--stores sqlite,postgres] [--output BENCHMARKS.md]``
+Usage: ``python -m benchmarks [--quick] [--repeat 5] [--stores sqlite,postgres] [--output BENCHMARKS.md]``
 """
 
 from __future__ import annotations
@@ -380,7 +380,7 @@ def write(section: str, output: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a check in a minute")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of the workloads with targets (median counts)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs of the workloads with targets (median counts)")
     parser.add_argument("--stores", default="sqlite,postgres")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
     arguments = parser.parse_args()
