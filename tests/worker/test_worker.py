@@ -206,3 +206,30 @@ async def test_instances_created_on_another_loop_are_left_to_the_dispatcher() ->
             state = await asyncio.to_thread(client.wait_for_orchestration_completion, instance_id, timeout=10)
     assert state is not None and state.get_output() == "ok"
     assert (backend.taken, backend.fetched) == ([], [instance_id])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (lambda: dtfx.WorkerOptions(lease_duration=timedelta(0)), "lease_duration must be longer than zero"),
+        (lambda: dtfx.WorkerOptions(backoff_initial=timedelta(seconds=-1)), "backoff_initial must be longer"),
+        (lambda: dtfx.WorkerOptions(eager_activity_window=timedelta(seconds=-1)), "eager_activity_window must not"),
+        (lambda: dtfx.WorkerOptions(shutdown_grace_period=timedelta(seconds=-1)), "shutdown_grace_period must not"),
+        (lambda: dtfx.WorkerOptions(reject_retry_delay=timedelta(seconds=-1)), "reject_retry_delay must not"),
+        (lambda: dtfx.WorkerOptions(backoff_max=timedelta(milliseconds=10)), "backoff_max .* must not be shorter"),
+        (lambda: dtfx.WorkerOptions(fetch_batch_size=0), "fetch_batch_size must be at least 1"),
+        (lambda: dtfx.WorkerOptions(cached_instances=-1), "cached_instances must not be negative"),
+        (lambda: dtfx.ConcurrencyOptions(maximum_concurrent_activity_work_items=0), "must be at least 1"),
+    ],
+)
+def test_options_that_cannot_work_are_refused_with_the_option_named(options: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        options()
+
+
+def test_options_at_their_limits_are_accepted() -> None:
+    zero = timedelta(0)
+    options = dtfx.WorkerOptions(cached_instances=0, eager_activity_window=zero, shutdown_grace_period=zero)
+    assert (options.cached_instances, options.eager_activity_window, options.shutdown_grace_period) == (0, zero, zero)
+    second = timedelta(seconds=1)
+    assert dtfx.WorkerOptions(backoff_initial=second, backoff_max=second).backoff_max == second

@@ -105,3 +105,24 @@ class WorkerOptions:
     """First wait after a failed fetch or a failed work item."""
     backoff_max: timedelta = timedelta(seconds=10)
     """Longest such wait; the wait doubles on each further failure."""
+
+    def __post_init__(self) -> None:
+        zero = timedelta(0)
+        positive = {"lease_duration": self.lease_duration, "backoff_initial": self.backoff_initial}
+        for name, value in positive.items():
+            if value <= zero:
+                raise ValueError(f"{name} must be longer than zero (got {value})")
+        not_negative = {
+            "eager_activity_window": self.eager_activity_window,
+            "shutdown_grace_period": self.shutdown_grace_period,
+            "reject_retry_delay": self.reject_retry_delay,
+        }
+        for name, value in not_negative.items():
+            if value < zero:
+                raise ValueError(f"{name} must not be negative (got {value})")
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError(f"backoff_max ({self.backoff_max}) must not be shorter than backoff_initial")
+        if self.fetch_batch_size < 1:
+            raise ValueError(f"fetch_batch_size must be at least 1 (got {self.fetch_batch_size})")
+        if self.cached_instances < 0:
+            raise ValueError(f"cached_instances must not be negative (got {self.cached_instances})")
