@@ -60,9 +60,8 @@ async def test_a_sqlite_hub_opened_with_synchronous_normal_stays_so(tmp_path: Pa
         await backend.close()
 
 
-async def test_every_step_of_an_orchestration_is_committed_durably(
-    sql_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def doubling_chain(steps: int) -> dtfx.App:
+    """An app whose orchestrator ``chain`` doubles its input ``steps`` times, one activity a step."""
     app = dtfx.App()
 
     @app.activity
@@ -71,10 +70,17 @@ async def test_every_step_of_an_orchestration_is_committed_durably(
 
     @app.orchestrator
     def chain(ctx: dtfx.OrchestrationContext, value: int) -> Any:
-        for _ in range(3):
+        for _ in range(steps):
             value = yield ctx.call_activity(double, input=value)
         return value
 
+    return app
+
+
+async def test_every_step_of_an_orchestration_is_committed_durably(
+    sql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = doubling_chain(3)
     backend = open_backend(sql_url)
     assert isinstance(backend, SqlBackend)
     relaxed: list[str] = []
@@ -109,7 +115,7 @@ async def test_every_step_of_an_orchestration_is_committed_durably(
     try:
         async with dtfx.Worker(backend, app=app):
             client = dtfx.AsyncClient(backend)
-            instance_id = await client.schedule_new_orchestration(chain, input=1)
+            instance_id = await client.schedule_new_orchestration("chain", input=1)
             state = await client.wait_for_orchestration_completion(instance_id, timeout=30)
     finally:
         await backend.close()

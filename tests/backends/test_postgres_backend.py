@@ -20,6 +20,7 @@ from dtfx.core.errors import BackendUnavailableError
 from dtfx.core.history import TaskCompleted, TaskScheduled
 from dtfx.core.workitems import ActivityResult, ActivityTask, CommitResult
 from tests.backends.test_contract import LEASE, checkpoint_for, start_event
+from tests.backends.test_lease_commits import doubling_chain
 from tests.postgres import SERVER_URL, postgres_url, terminate_connections
 
 
@@ -109,18 +110,7 @@ async def test_a_failed_start_closes_both_pools_and_the_next_start_begins_afresh
 
 
 async def test_a_chain_commits_its_steps_on_its_activity_thread_through_a_pool_of_sync_connections() -> None:
-    app = dtfx.App()
-
-    @app.activity
-    def double(ctx: dtfx.ActivityContext, value: int) -> int:
-        return 2 * value
-
-    @app.orchestrator
-    def chain(ctx: dtfx.OrchestrationContext, value: int) -> Any:
-        for _ in range(6):
-            value = yield ctx.call_activity(double, input=value)
-        return value
-
+    app = doubling_chain(6)
     backend = PostgresBackend(postgres_url())
     threads: list[str] = []
     run_blocking = backend._run_blocking
@@ -133,7 +123,7 @@ async def test_a_chain_commits_its_steps_on_its_activity_thread_through_a_pool_o
     try:
         async with dtfx.Worker(backend, app=app):
             client = dtfx.AsyncClient(backend)
-            instance_id = await client.schedule_new_orchestration(chain, input=1)
+            instance_id = await client.schedule_new_orchestration("chain", input=1)
             state = await client.wait_for_orchestration_completion(instance_id, timeout=30)
         pool = backend._blocking_pool
     finally:

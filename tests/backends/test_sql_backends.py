@@ -350,17 +350,23 @@ def _eager_step(
     return step, token
 
 
-async def test_a_commit_under_a_kept_lease_assumes_the_row_its_commit_before_left(
-    sql_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assumed: list[bool] = []
+@pytest.fixture
+def assumed(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each commit program run from now on assumed its instance's row (was given a kept row)."""
+    runs: list[bool] = []
     program = operations.complete_orchestration_work_items
 
     def spy(dialect: Any, checkpoints: Any, kept: Any = None) -> Any:
-        assumed.append(kept is not None)
+        runs.append(kept is not None)
         return program(dialect, checkpoints, kept)
 
     monkeypatch.setattr(operations, "complete_orchestration_work_items", spy)
+    return runs
+
+
+async def test_a_commit_under_a_kept_lease_assumes_the_row_its_commit_before_left(
+    sql_url: str, assumed: list[bool]
+) -> None:
     backend = open_backend(sql_url)
     try:
         await backend.create_instance(start_event("a"))
@@ -449,16 +455,8 @@ async def test_the_postgres_creation_of_one_instance_in_two_processes_at_once_le
 
 
 async def test_the_first_commit_of_an_instance_created_leased_assumes_the_row_its_creation_left(
-    sql_url: str, monkeypatch: pytest.MonkeyPatch
+    sql_url: str, assumed: list[bool]
 ) -> None:
-    assumed: list[bool] = []
-    program = operations.complete_orchestration_work_items
-
-    def spy(dialect: Any, checkpoints: Any, kept: Any = None) -> Any:
-        assumed.append(kept is not None)
-        return program(dialect, checkpoints, kept)
-
-    monkeypatch.setattr(operations, "complete_orchestration_work_items", spy)
     backend = open_backend(sql_url)
     intake = _TakeAll()
     backend.attach_intake(intake)

@@ -391,8 +391,9 @@ class HubTransaction:
         recycled = [(finished, task, _task_row(task, now)) for finished, task in self._recycled]  # rows built once
         if recycled and dialect.writes_in_with:
             yield ExecuteMany(_RECYCLE_OR_INSERT_TASK, [(*row[1:], finished, *row) for finished, _, row in recycled])
-        elif recycled:
+        elif recycled:  # then a new row for a finished task whose row was gone (a lease that expired long ago)
             yield ExecuteMany(_RECYCLE_TASK, [(*row[1:], finished) for finished, _, row in recycled])
+            yield ExecuteMany(_INSERT_TASK_UNLESS_THERE, [(*row, task.lock_token) for _, task, row in recycled])
         if self._wiped:
             wiped = dialect.list_param(list(self._wiped))
             for table in ("history", "inbox", "tasks"):
@@ -480,9 +481,6 @@ class HubTransaction:
             yield dialect.insert_rows("inbox", _INBOX_COLUMNS, inbox)
         if tasks:
             yield dialect.insert_rows("tasks", _TASK_COLUMNS, tasks)
-        if recycled and not dialect.writes_in_with:  # a finished task whose row was gone (a lease that
-            # expired long ago): a new row
-            yield ExecuteMany(_INSERT_TASK_UNLESS_THERE, [(*row, task.lock_token) for _, task, row in recycled])
         if kinds or changed or delayed:
             yield from dialect.notify(Notify(frozenset(kinds), changed, delayed=delayed, ended=ended))
 
