@@ -64,6 +64,38 @@ async def test_an_activity_completion_locks_its_instance_before_its_task() -> No
         await backend.close()
 
 
+async def test_a_transaction_streams_its_statements_when_it_runs_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    streaming: list[bool] = []
+
+    class Spy(postgres.Pipeline):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            streaming.append(kwargs.get("streaming", False))
+
+    monkeypatch.setattr(postgres, "Pipeline", Spy)
+    backend = PostgresBackend(postgres_url())
+    try:
+        await backend.create_instance(start_event("a"))
+        await backend.start()
+        streaming.clear()
+        await backend.get_instance("a")
+        assert streaming == [True]  # nothing else under way
+        streaming.clear()
+        options = f"-c search_path={backend.schema}"
+        async with await psycopg.AsyncConnection.connect(SERVER_URL, options=options) as other:
+            await other.execute("SELECT 1 FROM instances WHERE instance_id = 'a' FOR UPDATE")
+            waiting = asyncio.create_task(
+                backend.send_event("a", TaskCompleted(timestamp=utc_now(), task_scheduled_id=1))
+            )
+            await _until_waiting_for_a_lock(backend.schema)
+            await backend.get_instance("a")  # while the event waits for the row: together
+            await other.rollback()
+            await waiting
+        assert streaming == [True, False]
+    finally:
+        await backend.close()
+
+
 async def test_a_closed_pool_is_reported_at_once_as_the_backend_being_closed(caplog: pytest.LogCaptureFixture) -> None:
     backend = PostgresBackend(postgres_url())
     try:

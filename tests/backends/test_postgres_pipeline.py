@@ -4,9 +4,11 @@ waiting on an event loop (an async connection) or blocking a thread (a sync one)
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -33,31 +35,39 @@ async def table() -> AsyncIterator[str]:
             await connection.execute(f"DROP TABLE IF EXISTS {name}")
 
 
-Connect = Callable[[], AbstractAsyncContextManager[Any]]
+@dataclass(frozen=True)
+class Driver:
+    """How a test's pipelines run: on an async connection, waiting on the event loop; or on a
+    sync one, blocking a thread, sending the statements together or each as it is queued
+    (``streaming``)."""
 
-
-@pytest.fixture(params=["async", "blocking"])
-def connect(request: pytest.FixtureRequest) -> Connect:
-    """Opens a connection for one of the drivers: an async connection, which :func:`run` runs
-    on the event loop, or a sync one, which it runs blocking a thread."""
+    blocking: bool
+    streaming: bool = False
 
     @asynccontextmanager
-    async def connection() -> AsyncIterator[Any]:
-        if request.param == "async":
+    async def connect(self) -> AsyncIterator[Any]:
+        if not self.blocking:
             async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as opened:
                 yield opened
         else:
             with psycopg.Connection.connect(SERVER_URL, autocommit=True) as opened:
                 yield opened
 
-    return connection
+    async def run(self, connection: Any, program: Callable[[], Program[Any]], *, transaction: bool = True) -> Any:
+        pipeline = Pipeline(connection, transaction=transaction, streaming=self.streaming)
+        if not self.blocking:
+            return await pipeline.run(Stepper(program()))
+        return await asyncio.to_thread(pipeline.run_blocking, Stepper(program()))
 
 
-async def run(connection: Any, program: Callable[[], Program[Any]], *, transaction: bool = True) -> Any:
-    pipeline = Pipeline(connection, transaction=transaction)
-    if isinstance(connection, psycopg.AsyncConnection):
-        return await pipeline.run(Stepper(program()))
-    return await asyncio.to_thread(pipeline.run_blocking, Stepper(program()))
+@pytest.fixture(
+    params=[Driver(blocking=False), Driver(blocking=True), Driver(blocking=True, streaming=True)],
+    ids=["async", "blocking", "streaming"],
+)
+def driver(request: pytest.FixtureRequest) -> Driver:
+    """Each test runs with every driver."""
+    driver: Driver = request.param
+    return driver
 
 
 async def execute(connection: Any, sql: str) -> None:
@@ -72,7 +82,7 @@ async def rows_of(table: str) -> list[tuple[Any, ...]]:
         return await cursor.fetchall()
 
 
-async def test_a_transaction_runs_its_statements_and_returns_what_it_fetched(table: str, connect: Connect) -> None:
+async def test_a_transaction_runs_its_statements_and_returns_what_it_fetched(table: str, driver: Driver) -> None:
     def program() -> Program[Any]:
         yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "one"))
         yield ExecuteMany(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", [(2, "two"), (3, None)])
@@ -85,28 +95,28 @@ async def test_a_transaction_runs_its_statements_and_returns_what_it_fetched(tab
         )
         return counted, both
 
-    async with connect() as connection:
+    async with driver.connect() as connection:
         for _ in range(2):  # the second time, on the statements prepared the first time
-            counted, both = await run(connection, program)
+            counted, both = await driver.run(connection, program)
             assert counted == [(3,)]
             assert both == [[("uno",)], [(3, None)]]
             assert await rows_of(table) == [(1, "uno"), (2, "two"), (3, None)]
             await execute(connection, f"DELETE FROM {table}")
 
 
-async def test_reads_run_outside_a_transaction(table: str, connect: Connect) -> None:
+async def test_reads_run_outside_a_transaction(table: str, driver: Driver) -> None:
     def program() -> Program[Any]:
         first = yield Fetch("SELECT ?::int + 1", (41,))
         second = yield Fetch(f"SELECT count(*) FROM {table}")
         return first, second
 
-    async with connect() as connection:
-        assert await run(connection, program, transaction=False) == ([(42,)], [(0,)])
+    async with driver.connect() as connection:
+        assert await driver.run(connection, program, transaction=False) == ([(42,)], [(0,)])
         assert connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
 async def test_a_refused_statement_rolls_the_transaction_back_and_the_connection_stays_usable(
-    table: str, connect: Connect
+    table: str, driver: Driver
 ) -> None:
     def failing() -> Program[None]:
         yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "kept?"))
@@ -119,11 +129,11 @@ async def test_a_refused_statement_rolls_the_transaction_back_and_the_connection
         yield Fetch(f"SELECT count(*) FROM {table}")
         raise AssertionError("the fetch must raise")
 
-    async with connect() as connection:
+    async with driver.connect() as connection:
         with pytest.raises(psycopg.errors.DivisionByZero):
-            await run(connection, failing)
+            await driver.run(connection, failing)
         with pytest.raises(psycopg.errors.UniqueViolation):
-            await run(connection, fetching_after_a_failure)
+            await driver.run(connection, fetching_after_a_failure)
         assert not connection.closed
         assert connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert await rows_of(table) == []
@@ -132,11 +142,11 @@ async def test_a_refused_statement_rolls_the_transaction_back_and_the_connection
             yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "kept"))
             return (yield Fetch(f"SELECT payload FROM {table}"))
 
-        assert await run(connection, working) == [("kept",)]
+        assert await driver.run(connection, working) == [("kept",)]
     assert await rows_of(table) == [(1, "kept")]
 
 
-async def test_anything_else_that_interrupts_a_transaction_closes_the_connection(table: str, connect: Connect) -> None:
+async def test_anything_else_that_interrupts_a_transaction_closes_the_connection(table: str, driver: Driver) -> None:
     def broken_program() -> Program[None]:
         yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "sent"))
         yield Fetch(f"SELECT count(*) FROM {table}")  # the insert has reached the server
@@ -147,31 +157,31 @@ async def test_anything_else_that_interrupts_a_transaction_closes_the_connection
         yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (3, "NUL \x00 cannot be sent"))
 
     for program, error in ((broken_program, RuntimeError), (unsendable, psycopg.DataError)):
-        async with connect() as connection:
+        async with driver.connect() as connection:
             with pytest.raises(error):
-                await run(connection, program)
+                await driver.run(connection, program)
             assert connection.closed  # the server rolls back what it was sent
     assert await rows_of(table) == []
 
 
-async def test_a_statement_whose_preparation_failed_is_prepared_again(table: str, connect: Connect) -> None:
+async def test_a_statement_whose_preparation_failed_is_prepared_again(table: str, driver: Driver) -> None:
     missing = f"{table}_later"
 
     def program() -> Program[Any]:
         yield Execute(f"INSERT INTO {missing} (id) VALUES (?)", (1,))
         return (yield Fetch(f"SELECT id FROM {missing}"))
 
-    async with connect() as connection:
+    async with driver.connect() as connection:
         with pytest.raises(psycopg.errors.UndefinedTable):
-            await run(connection, program)
+            await driver.run(connection, program)
         await execute(connection, f"CREATE TABLE {missing} (id INTEGER)")
         try:
-            assert await run(connection, program) == [(1,)]
+            assert await driver.run(connection, program) == [(1,)]
         finally:
             await execute(connection, f"DROP TABLE {missing}")
 
 
-async def test_large_pipelines_flow_both_ways_at_once(table: str, connect: Connect) -> None:
+async def test_large_pipelines_flow_both_ways_at_once(table: str, driver: Driver) -> None:
     # Several megabytes each way: the server blocks on sending results unless they are
     # read while the statements are still being sent.
     payload = "x" * 8000
@@ -183,8 +193,8 @@ async def test_large_pipelines_flow_both_ways_at_once(table: str, connect: Conne
         )
         return (yield Fetch(f"SELECT count(*), sum(length(payload)) FROM {table}"))
 
-    async with connect() as connection:
-        assert await run(connection, program) == [(1000, 8_000_000)]
+    async with driver.connect() as connection:
+        assert await driver.run(connection, program) == [(1000, 8_000_000)]
 
 
 def test_placeholders_are_numbered() -> None:
@@ -196,7 +206,7 @@ def test_placeholders_are_numbered() -> None:
     )
 
 
-async def test_a_last_fetch_comes_back_committed(table: str, connect: Connect) -> None:
+async def test_a_last_fetch_comes_back_committed(table: str, driver: Driver) -> None:
     def well_behaved() -> Program[Any]:
         yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "one"))
         return (yield Fetch(f"UPDATE {table} SET payload = ? RETURNING payload", ("uno",), last=True))
@@ -205,9 +215,40 @@ async def test_a_last_fetch_comes_back_committed(table: str, connect: Connect) -
         yield Fetch(f"UPDATE {table} SET payload = ? RETURNING payload", ("dos",), last=True)
         yield Execute(f"DELETE FROM {table}")
 
-    async with connect() as connection:
-        assert await run(connection, well_behaved) == [("uno",)]
+    async with driver.connect() as connection:
+        assert await driver.run(connection, well_behaved) == [("uno",)]
         assert await rows_of(table) == [(1, "uno")]
         with pytest.raises(RuntimeError, match="after the last"):
-            await run(connection, breaking_its_promise)
+            await driver.run(connection, breaking_its_promise)
     assert await rows_of(table) == [(1, "dos")]  # committed with the last fetch; the rest never ran
+
+
+async def test_a_streaming_pipeline_sends_each_statement_as_it_is_queued(table: str, driver: Driver) -> None:
+    key = uuid.uuid4().int % 2**31  # an advisory lock, taken by the transaction's first statement
+
+    def lock_held(wait: float) -> bool:
+        """Whether another session sees the lock held, within ``wait`` seconds."""
+        deadline = time.monotonic() + wait
+        with psycopg.Connection.connect(SERVER_URL, autocommit=True) as other:
+            while True:
+                cursor = other.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 AND objid = %s", (key,)
+                )
+                row = cursor.fetchone()
+                if (row is not None and row[0] > 0) or time.monotonic() >= deadline:
+                    return row is not None and row[0] > 0
+                time.sleep(0.01)
+
+    held_while_building: list[bool] = []
+
+    def program() -> Program[None]:
+        yield Execute("SELECT pg_advisory_xact_lock(?)", (key,))
+        # Queued only, the statement cannot have reached the server; streamed, it gets there.
+        held_while_building.append(lock_held(10.0 if driver.streaming else 0.0))
+        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "after the lock"))
+
+    async with driver.connect() as connection:
+        await driver.run(connection, program)
+    assert held_while_building == [driver.streaming]
+    assert await rows_of(table) == [(1, "after the lock")]
+    assert not await asyncio.to_thread(lock_held, 0.0)  # the commit released it

@@ -13,7 +13,9 @@ backend object listens to the hub, commits announce nothing (see :class:`Postgre
 
 Programs run through libpq's pipeline mode (:mod:`~dtfx.backends.postgres_pipeline`):
 a write transaction costs one round trip per fetch that its program waits for, plus
-the commit's. psycopg's async pool belongs to one event loop, so the driver runs on a
+the commit's. A transaction that starts while no other runs on the backend object (low
+load) streams its statements, which the server then runs while the program builds the
+next ones; under load they go out together. psycopg's async pool belongs to one event loop, so the driver runs on a
 loop of its own in a background thread (the loop that started the backend runs its
 transactions itself); the backend can be awaited from any loop or thread (a worker's,
 a sync client's). A worker's chain of eager steps commits on its activity thread
@@ -34,7 +36,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from itertools import chain
 from typing import Any, TypeVar
@@ -288,6 +290,8 @@ class PostgresBackend(SqlBackend):
         self._home_tasks: set[asyncio.Task[None]] = set()
         self._blocking_pool: ConnectionPool | None = None
         self._blocking_lock = threading.Lock()
+        self._under_way = 0  # transactions running on this object, on any thread
+        self._under_way_lock = threading.Lock()
         self._listener: asyncio.Task[None] | None = None
         self._listener_pid = 0  # the server process of this object's notification connection
         self._listeners_key = zlib.crc32(self.schema.encode()) & 0x7FFFFFFF  # this hub's listener locks
@@ -489,12 +493,13 @@ class PostgresBackend(SqlBackend):
             stepper = Stepper(program())
             pipeline: Pipeline | None = None
             try:
-                connection = await pool.getconn()
-                try:  # the pipeline leaves the connection idle, or closes it
-                    pipeline = Pipeline(connection, transaction=write, durable=durable)
-                    result = await pipeline.run(stepper)
-                finally:
-                    await pool.putconn(connection)
+                with self._alone() as alone:
+                    connection = await pool.getconn()
+                    try:  # the pipeline leaves the connection idle, or closes it
+                        pipeline = Pipeline(connection, transaction=write, durable=durable, streaming=alone)
+                        result = await pipeline.run(stepper)
+                    finally:
+                        await pool.putconn(connection)
             except Exception as error:
                 delay = retries.after(error, pipeline)
                 if delay:
@@ -511,8 +516,9 @@ class PostgresBackend(SqlBackend):
             stepper = Stepper(program())
             pipeline: Pipeline | None = None
             try:
-                with pool.connection() as connection:  # the pipeline leaves it idle, or closes it
-                    pipeline = Pipeline(connection, transaction=True)
+                # The pipeline leaves the connection idle, or closes it.
+                with self._alone() as alone, pool.connection() as connection:
+                    pipeline = Pipeline(connection, transaction=True, streaming=alone)
                     result = pipeline.run_blocking(stepper)
             except Exception as error:
                 delay = retries.after(error, pipeline)
@@ -522,6 +528,19 @@ class PostgresBackend(SqlBackend):
                 continue
             self._after_commit(stepper.notifications)
             return result
+
+    @contextlib.contextmanager
+    def _alone(self) -> Iterator[bool]:
+        """Count a transaction as under way while it runs; whether it started as the only one
+        (then its pipeline streams: see the module docstring)."""
+        with self._under_way_lock:
+            self._under_way += 1
+            alone = self._under_way == 1
+        try:
+            yield alone
+        finally:
+            with self._under_way_lock:
+                self._under_way -= 1
 
     def _open_blocking_pool(self) -> ConnectionPool:
         """The pool of sync connections on which worker threads commit, opened by the first

@@ -7,6 +7,13 @@ prepared once per connection), and the buffer goes out once per round trip: when
 program needs rows, and at the end. A write transaction costs one round trip per
 fetch plus one for the commit (``BEGIN`` and ``COMMIT`` travel with the rest).
 
+A pipeline that *streams* sends each statement as soon as it is queued, so that the server
+runs it while the program builds the next one: the round trip then waits only for the
+last statements and the commit. That suits a transaction on a thread that has the machine
+to itself (a chain of steps at low load), where the server's work overlaps with the
+program's; under load, when both are busy anyway, a socket write per statement costs more
+than it saves, and the statements go out together.
+
 A statement the server refuses fails the transaction cleanly (the rest of the
 pipeline is skipped, the transaction rolled back) and raises psycopg's error class
 for its SQLSTATE. Anything else that interrupts a pipeline (a cancellation, a lost
@@ -87,7 +94,8 @@ class Pipeline:
 
     ``transaction``: wrap the statements in ``BEGIN`` / ``COMMIT``; otherwise each
     fetch is its own implicit transaction (reads). ``durable=False``: the transaction's
-    commit does not wait for the server's disk (``synchronous_commit=off``).
+    commit does not wait for the server's disk (``synchronous_commit=off``). ``streaming``:
+    each statement goes out as soon as it is queued (see the module docstring).
 
     The pipeline's work is one generator (:meth:`_steps`) that yields whenever it must
     wait for the connection's socket; :meth:`run` waits on an event loop, with an async
@@ -100,6 +108,7 @@ class Pipeline:
         *,
         transaction: bool,
         durable: bool = True,
+        streaming: bool = False,
     ) -> None:
         self._connection = connection
         self._pgconn = connection.pgconn
@@ -109,6 +118,7 @@ class Pipeline:
         self._state = state
         self._transaction = transaction
         self._durable = durable
+        self._streaming = streaming
         self._pending: deque[list[pq.abc.PGresult] | str | None] = deque()
         """Per command sent, in order: where its result goes (``None``: nowhere), or ``_SYNC``."""
         self._new_statements: list[str] = []
@@ -182,6 +192,8 @@ class Pipeline:
             else:
                 for params in statement.rows:
                     self._send(statement.sql, params)
+            if self._streaming:
+                pgconn.flush()  # what the socket cannot take now goes with the next flush
         if self._transaction and not self.committing:
             self._commit()
         if self._unsynced:
