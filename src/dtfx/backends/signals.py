@@ -67,11 +67,14 @@ class Waiter:
                 return False
             future: asyncio.Future[None] = loop.create_future()
             self._loop, self._future = loop, future
+        # The timeout resolves the future too (asyncio.wait_for would add a future of its own
+        # and a loop iteration to every wake-up); the flag tells the two apart.
+        timer = None if timeout is None else loop.call_later(timeout, _resolve, future)
         try:
-            await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            pass
+            await future
         finally:
+            if timer is not None:
+                timer.cancel()
             with self._lock:
                 self._loop = self._future = None
                 notified = self._flag
