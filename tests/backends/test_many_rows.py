@@ -222,6 +222,8 @@ async def test_the_dialect_writes_and_updates_many_rows_in_the_hubs_own_tables(s
     assert isinstance(insert, Execute if postgres else ExecuteMany)
     assert isinstance(insert_few, Execute if postgres else ExecuteMany)
     assert isinstance(single, ExecuteMany)
+    if postgres:  # many rows as a JSON document, a few as a list of values
+        assert "json_populate_recordset" in insert.sql and "json" not in insert_few.sql
 
     starts = [
         ExecutionStarted(

@@ -9,10 +9,10 @@ fetch plus one for the commit (``BEGIN`` and ``COMMIT`` travel with the rest).
 
 A pipeline that *streams* sends each statement as soon as it is queued, so that the server
 runs it while the program builds the next one: the round trip then waits only for the
-last statements and the commit. That suits a transaction on a thread that has the machine
-to itself (a chain of steps at low load), where the server's work overlaps with the
-program's; under load, when both are busy anyway, a socket write per statement costs more
-than it saves, and the statements go out together.
+last statements and the commit. That suits a transaction that has the machine to itself
+(at low load), where the server's work overlaps with the program's; under load, when both
+keep their cores busy anyway, a socket write per statement costs more than it saves, and
+the statements go out together.
 
 A statement the server refuses fails the transaction cleanly (the rest of the
 pipeline is skipped, the transaction rolled back) and raises psycopg's error class
