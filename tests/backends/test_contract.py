@@ -932,9 +932,18 @@ async def test_a_waiter_reads_only_when_a_commit_may_have_ended_its_wait_and_is_
     await asyncio.sleep(0.05)
     assert reads == [Status.PENDING]  # the one told what may end its wait took the creation's PENDING as read
     item = await lock_one(backend, "a")
+    wake_ups: list[object] = []
+    resolve = signals._resolve
+
+    def counted_resolve(future: asyncio.Future[None]) -> None:
+        wake_ups.append(future)
+        resolve(future)
+
+    monkeypatch.setattr(signals, "_resolve", counted_resolve)
     await backend.complete_orchestration_work_items([checkpoint_for(item, keep_lease_for=LEASE)])  # now RUNNING
     await asyncio.sleep(0.1)
     assert len(reads) == 2  # the waiter that may be satisfied by any status read; the other did not
+    assert len(wake_ups) == 1  # nor was it woken: RUNNING cannot end its wait
     history = [ExecutionCompleted(timestamp=utc_now(), status=Status.COMPLETED)]
     done = checkpoint_for(item, status=Status.COMPLETED, history=history, consumed=[])
     done.output = '"out"'

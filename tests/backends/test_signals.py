@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
@@ -27,6 +28,28 @@ async def test_a_waiter_is_told_what_changed_unless_a_notification_did_not_say()
 
         assert await other.wait(0) is False  # another key's waiter heard nothing
         assert other.take_hints() == []
+
+
+async def test_a_waiter_is_not_woken_by_the_hints_it_ignores() -> None:
+    signal = KeyedSignal()
+    with signal.subscribe("a", ignores=lambda hint: hint == "RUNNING") as waiter:
+        signal.notify("a", "RUNNING")
+        assert await waiter.wait(0) is False  # nothing kept for the next wait either
+        assert waiter.take_hints() == []
+        assert signal.recent("a") == "RUNNING"  # the key's memory does not depend on its waiters
+
+        waiting = asyncio.create_task(waiter.wait(5))
+        await asyncio.sleep(0.01)
+        signal.notify("a", "RUNNING")
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        signal.notify("a", "COMPLETED")
+        assert await waiting is True
+        assert waiter.take_hints() == ["COMPLETED"]
+
+        signal.notify("a")  # what changed is unknown: it may be what the waiter waits for
+        assert await waiter.wait(0) is True
+        assert waiter.take_hints() is None
 
 
 def test_a_keys_last_hint_is_remembered_for_a_moment_whether_anyone_waits_or_not(

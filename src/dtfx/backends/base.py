@@ -382,8 +382,8 @@ class Backend(ABC):
         ``predicate`` should depend on the status only: waiters are woken when an
         instance's status changes. ``may_satisfy`` tells whether a state of a given status
         can satisfy ``predicate``: the commits of this object that leave the instance with
-        one that cannot (RUNNING, to a wait for the end) then wake the waiter without a
-        read, and one that ends it hands the waiter the state it wrote. A wait that starts
+        one that cannot (RUNNING, to a wait for the end) then do not wake the waiter at all,
+        and one that ends it hands the waiter the state it wrote. A wait that starts
         just after a commit of this object left a status that cannot satisfy it skips its
         first read too (``KeyedSignal.recent``): a change made since by another process is
         seen as the changes made after a wait began are (polling, or the backend's watch).
@@ -393,7 +393,7 @@ class Backend(ABC):
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        with self._instance_signals.subscribe(instance_id) as waiter:
+        with self._instance_signals.subscribe(instance_id, _ignored_by(may_satisfy)) as waiter:
             known = self._instance_signals.recent(instance_id)  # a commit here has just left it so
             read = _worth_reading(None if known is None else [known], may_satisfy)
             while True:
@@ -411,6 +411,13 @@ class Backend(ABC):
                 if isinstance(last, OrchestrationState) and predicate(last):  # a commit here ended it
                     return _as_read(last, fetch_payloads)
                 read = not notified or _worth_reading(hints, may_satisfy)
+
+
+def _ignored_by(may_satisfy: Callable[[OrchestrationStatus], bool] | None) -> Callable[[object], bool] | None:
+    """The hints a wait ignores: statuses that cannot end it (``None``: it ignores none)."""
+    if may_satisfy is None:
+        return None
+    return lambda hint: isinstance(hint, OrchestrationStatus) and not may_satisfy(hint)
 
 
 def _worth_reading(hints: list[object] | None, may_satisfy: Callable[[OrchestrationStatus], bool] | None) -> bool:

@@ -8,7 +8,8 @@ waiter's future is always resolved through its own loop's ``call_soon_threadsafe
 A :class:`Waiter` is level-triggered: a notification that arrives while nobody waits
 is kept until the next :meth:`Waiter.wait`, so "check, then wait" never misses one. A
 notification may carry a *hint* of what changed (an instance's new status), which
-spares a waiter that waits for something else a read.
+spares a waiter that waits for something else a read, and a waiter that says which hints
+it ignores is not even woken by them.
 """
 
 from __future__ import annotations
@@ -16,14 +17,19 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from contextlib import suppress
 
 
 class Waiter:
-    """One subscriber's wake-up flag."""
+    """One subscriber's wake-up flag; ``ignores`` tells the hints of changes it does not wait for."""
 
-    def __init__(self, on_close: Signal | KeyedSignal | None = None, key: Hashable = None) -> None:
+    def __init__(
+        self,
+        on_close: Signal | KeyedSignal | None = None,
+        key: Hashable = None,
+        ignores: Callable[[object], bool] | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._flag = False
         self._hints: list[object] | None = []
@@ -31,9 +37,13 @@ class Waiter:
         self._future: asyncio.Future[None] | None = None
         self._owner = on_close
         self._key = key
+        self._ignores = ignores
 
     def set(self, hint: object = None) -> None:
-        """Wake the waiter (from any thread), with a ``hint`` of what changed (``None``: unknown)."""
+        """Wake the waiter (from any thread), with a ``hint`` of what changed (``None``: unknown),
+        unless it ignores that hint: then nothing happens (a wake-up of its loop saved)."""
+        if hint is not None and self._ignores is not None and self._ignores(hint):
+            return
         with self._lock:
             self._flag = True
             if hint is None:
@@ -144,9 +154,9 @@ class KeyedSignal:
         self._recent: dict[Hashable, tuple[float, object]] = {}
         """Each key's last hint and when it came, oldest first."""
 
-    def subscribe(self, key: Hashable) -> Waiter:
-        """A new waiter for ``key``; close it when done."""
-        waiter = Waiter(self, key)
+    def subscribe(self, key: Hashable, ignores: Callable[[object], bool] | None = None) -> Waiter:
+        """A new waiter for ``key`` (see :class:`Waiter` for ``ignores``); close it when done."""
+        waiter = Waiter(self, key, ignores)
         with self._lock:
             self._waiters.setdefault(key, set()).add(waiter)
         return waiter
