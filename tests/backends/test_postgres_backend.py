@@ -73,6 +73,7 @@ async def test_a_transaction_streams_its_statements_when_it_runs_alone(monkeypat
             streaming.append(kwargs.get("streaming", False))
 
     monkeypatch.setattr(postgres, "Pipeline", Spy)
+    monkeypatch.setattr(PostgresBackend, "poll_interval", 3600)  # no watch round (a transaction) meanwhile
     backend = PostgresBackend(postgres_url())
     try:
         await backend.create_instance(start_event("a"))
