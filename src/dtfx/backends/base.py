@@ -32,6 +32,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import ClassVar, Protocol
 
 from dtfx.backends.signals import KeyedSignal, Signal, Waiter
@@ -413,18 +414,21 @@ class Backend(ABC):
                 read = not notified or _worth_reading(hints, may_satisfy)
 
 
+def _cannot_end(hint: object, may_satisfy: Callable[[OrchestrationStatus], bool]) -> bool:
+    """Whether a change hinted so cannot end a wait: it left a status that cannot satisfy it."""
+    return isinstance(hint, OrchestrationStatus) and not may_satisfy(hint)
+
+
 def _ignored_by(may_satisfy: Callable[[OrchestrationStatus], bool] | None) -> Callable[[object], bool] | None:
-    """The hints a wait ignores: statuses that cannot end it (``None``: it ignores none)."""
-    if may_satisfy is None:
-        return None
-    return lambda hint: isinstance(hint, OrchestrationStatus) and not may_satisfy(hint)
+    """The hints a wait ignores, those that cannot end it (``None``: it ignores none)."""
+    return None if may_satisfy is None else partial(_cannot_end, may_satisfy=may_satisfy)
 
 
 def _worth_reading(hints: list[object] | None, may_satisfy: Callable[[OrchestrationStatus], bool] | None) -> bool:
     """Whether changes hinted so (``None``: unknown) may have made the instance satisfy a wait."""
     if hints is None or may_satisfy is None:
         return True
-    return any(not isinstance(hint, OrchestrationStatus) or may_satisfy(hint) for hint in hints)
+    return not all(_cannot_end(hint, may_satisfy) for hint in hints)
 
 
 def _as_read(state: OrchestrationState, fetch_payloads: bool) -> OrchestrationState:
