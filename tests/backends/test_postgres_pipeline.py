@@ -13,7 +13,16 @@ from typing import Any
 
 import pytest
 
-from dtfx.backends.sql.program import Execute, ExecuteMany, Fetch, FetchEach, Program, Stepper
+from dtfx.backends.sql.program import (
+    AssumptionFailed,
+    Execute,
+    ExecuteMany,
+    Fetch,
+    FetchEach,
+    InsertNew,
+    Program,
+    Stepper,
+)
 from tests.postgres import SERVER_URL, require_server
 
 psycopg = pytest.importorskip("psycopg")
@@ -144,6 +153,31 @@ async def test_a_refused_statement_rolls_the_transaction_back_and_the_connection
 
         assert await driver.run(connection, working) == [("kept",)]
     assert await rows_of(table) == [(1, "kept")]
+
+
+async def test_a_taken_key_of_rows_assumed_new_fails_as_an_assumption(table: str, driver: Driver) -> None:
+    def insert_new(*rows: tuple[Any, ...]) -> Callable[[], Program[None]]:
+        def program() -> Program[None]:
+            yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (10, "first"))
+            yield InsertNew(ExecuteMany(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", rows))
+
+        return program
+
+    async with driver.connect() as connection:
+        await execute(connection, f"INSERT INTO {table} (id, payload) VALUES (1, 'there')")
+        with pytest.raises(AssumptionFailed):
+            await driver.run(connection, insert_new((2, "two"), (1, "taken")))
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation):  # any other refusal is an error
+            await driver.run(
+                connection,
+                insert_new(
+                    ("three", "not a number"),
+                ),
+            )
+        assert connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert await rows_of(table) == [(1, "there")]
+        await driver.run(connection, insert_new((2, "two")))
+    assert await rows_of(table) == [(1, "there"), (2, "two"), (10, "first")]
 
 
 async def test_anything_else_that_interrupts_a_transaction_closes_the_connection(table: str, driver: Driver) -> None:

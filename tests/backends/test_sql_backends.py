@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import uuid
+from collections.abc import Callable
 from contextlib import closing
 from datetime import timedelta
 from functools import partial
@@ -21,10 +23,10 @@ from dtfx.backends.base import WorkKind, utc_now
 from dtfx.backends.postgres import PostgresBackend, parse_postgres_url
 from dtfx.backends.sql import backend as sql_backend
 from dtfx.backends.sql import operations
-from dtfx.backends.sql.backend import Coalesced
-from dtfx.backends.sql.program import Fetch, Stepper
+from dtfx.backends.sql.backend import Coalesced, SqlBackend
+from dtfx.backends.sql.program import AssumptionFailed, Execute, ExecuteMany, Fetch, InsertNew, Program, Stepper
 from dtfx.backends.sqlite import SqliteBackend
-from dtfx.core.errors import ConfigurationError, OrchestrationAlreadyExistsError, UnstorableValueError
+from dtfx.core.errors import BackendError, ConfigurationError, OrchestrationAlreadyExistsError, UnstorableValueError
 from dtfx.core.history import EventRaised, ExecutionStarted, OrchestrationInstance, OrchestratorStarted, TaskScheduled
 from dtfx.core.state import OrchestrationIdReusePolicy
 from dtfx.core.workitems import ActivityTask, CommitResult, OrchestrationWorkItem
@@ -432,6 +434,36 @@ async def test_a_creation_assumes_its_instance_is_new_and_reads_only_when_it_is_
             (dtfx.OrchestrationStatus.PENDING, '"in"'),
         ]
         assert len(await backend.lock_orchestration_work_items(10, LEASE)) == 2
+    finally:
+        await backend.close()
+
+
+async def test_an_insert_of_rows_assumed_new_fails_as_an_assumption_when_a_key_is_taken(sql_url: str) -> None:
+    backend = open_backend(sql_url)
+    assert isinstance(backend, SqlBackend)
+    table = f"assumed_{uuid.uuid4().hex[:8]}"
+
+    def insert_new(*rows: tuple[Any, ...]) -> Callable[[], Program[None]]:
+        def program() -> Program[None]:
+            yield InsertNew(ExecuteMany(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", rows))
+
+        return program
+
+    def count() -> Program[int]:
+        return (yield Fetch(f"SELECT count(*) FROM {table}"))[0][0]
+
+    def create() -> Program[None]:
+        yield Execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, payload TEXT NOT NULL)")
+
+    try:
+        await backend.start()
+        await backend._run(create, write=True)
+        await backend._run(insert_new((1, "one")), write=True)
+        with pytest.raises(AssumptionFailed):  # rolled back: the new row is not kept either
+            await backend._run(insert_new((2, "two"), (1, "again")), write=True)
+        with pytest.raises(BackendError):  # any other refusal is an error
+            await backend._run(insert_new((3, None)), write=True)
+        assert await backend._run(count, write=False) == 1
     finally:
         await backend.close()
 

@@ -48,7 +48,7 @@ import msgspec
 from dtfx._portal import LoopThread
 from dtfx.backends.base import WorkKind
 from dtfx.backends.sql.backend import Coalesced, SqlBackend
-from dtfx.backends.sql.program import Dialect, Execute, Fetch, Notify, Program, Statement, Step, Stepper
+from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program, Step, Stepper
 from dtfx.backends.sql.schema import migrate
 from dtfx.core.errors import BackendError, BackendUnavailableError, ConfigurationError, UnstorableValueError
 
@@ -169,7 +169,7 @@ class PostgresDialect(Dialect):
         # A join with the select's rows gets a generic plan that scans the whole table.
         return f"{column} = ANY(ARRAY({select}))"
 
-    def insert_rows(self, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> Statement:
+    def insert_rows(self, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> Execute | ExecuteMany:
         if len(rows) < 2:  # the plain statement costs less than a JSON document
             return super().insert_rows(table, columns, rows)
         if len(rows) <= _VALUES_ROWS:  # and a list of a few rows costs the server less than one
@@ -183,7 +183,9 @@ class PostgresDialect(Dialect):
             (self._json_rows(columns, rows),),
         )
 
-    def update_rows(self, table: str, columns: tuple[str, ...], key: str, rows: Sequence[Sequence[Any]]) -> Statement:
+    def update_rows(
+        self, table: str, columns: tuple[str, ...], key: str, rows: Sequence[Sequence[Any]]
+    ) -> Execute | ExecuteMany:
         if len(rows) < 2:
             return super().update_rows(table, columns, key, rows)
         # The rows are found through the key's index: a join with the function's rows alone

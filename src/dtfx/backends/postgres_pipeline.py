@@ -36,7 +36,17 @@ import psycopg
 from psycopg import pq
 from psycopg.adapt import PyFormat, Transformer
 
-from dtfx.backends.sql.program import AssumptionFailed, Execute, Expect, Fetch, FetchEach, Row, Stepper
+from dtfx.backends.sql.program import (
+    AssumptionFailed,
+    Execute,
+    ExecuteMany,
+    Expect,
+    Fetch,
+    FetchEach,
+    InsertNew,
+    Row,
+    Stepper,
+)
 
 T = TypeVar("T")
 
@@ -48,6 +58,9 @@ _MAX_PREPARED = 100
 _names = itertools.count(1)
 _SYNC = "sync"
 """A pending entry: the result of a pipeline sync."""
+_NEW_KEYS = "new keys"
+"""A pending entry: the result of an :class:`InsertNew`'s statement."""
+_UNIQUE_VIOLATION = b"23505"
 
 EXPECT_FUNCTION = "dtfx_expect"
 """The server-side function that checks an :class:`Expect`: it raises :data:`EXPECT_FAILED` on false."""
@@ -120,7 +133,8 @@ class Pipeline:
         self._durable = durable
         self._streaming = streaming
         self._pending: deque[list[pq.abc.PGresult] | str | None] = deque()
-        """Per command sent, in order: where its result goes (``None``: nowhere), or ``_SYNC``."""
+        """Per command sent, in order: where its result goes (``None``: nowhere; ``_NEW_KEYS``:
+nowhere, from an :class:`InsertNew`), or ``_SYNC``."""
         self._new_statements: list[str] = []
         self._unsynced = False
         """Commands were sent since the last sync."""
@@ -185,13 +199,12 @@ class Pipeline:
                 value = (yield from self._fetch([statement], last=statement.last))[0]
             elif isinstance(statement, FetchEach):
                 value = yield from self._fetch(statement.fetches)
-            elif isinstance(statement, Execute):
-                self._send(statement.sql, statement.params)
             elif isinstance(statement, Expect):  # checked by the server: nothing to wait for
                 self._send(f"SELECT {EXPECT_FUNCTION}(EXISTS ({statement.sql}))", statement.params)
+            elif isinstance(statement, InsertNew):  # so is this one, by its keys
+                self._queue(statement.insert, _NEW_KEYS)
             else:
-                for params in statement.rows:
-                    self._send(statement.sql, params)
+                self._queue(statement)
             if self._streaming:
                 pgconn.flush()  # what the socket cannot take now goes with the next flush
         if self._transaction and not self.committing:
@@ -201,8 +214,17 @@ class Pipeline:
         pgconn.exit_pipeline_mode()
         return stepper.result
 
-    def _send(self, sql: str, params: Sequence[Any], result: list[pq.abc.PGresult] | None = None) -> None:
-        """Queue a statement; its result goes to ``result``."""
+    def _queue(self, statement: Execute | ExecuteMany, destination: str | None = None) -> None:
+        """Queue a statement run for its effect (once per row, for an :class:`ExecuteMany`)."""
+        if isinstance(statement, Execute):
+            self._send(statement.sql, statement.params, destination)
+        else:
+            for params in statement.rows:
+                self._send(statement.sql, params, destination)
+
+    def _send(self, sql: str, params: Sequence[Any], result: list[pq.abc.PGresult] | str | None = None) -> None:
+        """Queue a statement; its result goes to ``result`` (or, :data:`_NEW_KEYS`, nowhere,
+        and a taken key is an :class:`AssumptionFailed`)."""
         state = self._state
         query = _numbered(sql)
         values = state.transformer.dump_sequence(params, [PyFormat.TEXT] * len(params)) if params else None
@@ -292,7 +314,7 @@ class Pipeline:
                 if isinstance(destination, list):
                     destination.append(result)
             elif status != pq.ExecStatus.PIPELINE_ABORTED and error is None:
-                error = _server_error(result, self._connection.info.encoding)
+                error = _server_error(result, self._connection.info.encoding, new_keys=destination is _NEW_KEYS)
         return error
 
     def _next_result(self) -> _Waits[pq.abc.PGresult | None]:
@@ -356,11 +378,12 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _server_error(result: pq.abc.PGresult, encoding: str) -> psycopg.Error | AssumptionFailed:
-    """psycopg's exception for a statement the server refused (:class:`AssumptionFailed` for an :class:`Expect`)."""
+def _server_error(result: pq.abc.PGresult, encoding: str, *, new_keys: bool) -> psycopg.Error | AssumptionFailed:
+    """psycopg's exception for a statement the server refused (:class:`AssumptionFailed` for an
+    :class:`Expect`, and for an :class:`InsertNew` (``new_keys``) whose key was taken)."""
     sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE)
     message = result.error_message.decode(encoding, "replace").strip()
-    if sqlstate == EXPECT_FAILED.encode():
+    if sqlstate == EXPECT_FAILED.encode() or (new_keys and sqlstate == _UNIQUE_VIOLATION):
         return AssumptionFailed(message)
     try:
         error_class = psycopg.errors.lookup(sqlstate.decode()) if sqlstate else psycopg.DatabaseError

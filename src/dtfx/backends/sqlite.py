@@ -40,7 +40,18 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from dtfx.backends.sql.backend import Coalesced, CoalescedRun, SqlBackend
-from dtfx.backends.sql.program import AssumptionFailed, Dialect, Execute, Expect, Fetch, FetchEach, Program, Stepper
+from dtfx.backends.sql.program import (
+    AssumptionFailed,
+    Dialect,
+    Execute,
+    ExecuteMany,
+    Expect,
+    Fetch,
+    FetchEach,
+    InsertNew,
+    Program,
+    Stepper,
+)
 from dtfx.backends.sql.schema import migrate
 from dtfx.core.errors import BackendError, BackendUnavailableError, ConfigurationError, UnstorableValueError
 
@@ -54,6 +65,8 @@ _BUSY_TIMEOUT = 30.0
 """How long a transaction waits for other processes to release the database."""
 _BUSY_WAIT = 0.002
 """How long SQLite itself waits before reporting the database busy (then we retry)."""
+_TAKEN_KEY = (sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY, sqlite3.SQLITE_CONSTRAINT_UNIQUE)
+"""The extended error codes of an insert whose key is taken."""
 _OLDEST_LIBRARY = (3, 35, 0)
 """The oldest SQLite the task hub's SQL runs on: ``RETURNING`` and ``AS MATERIALIZED`` came in 3.35."""
 
@@ -432,8 +445,20 @@ def _drive(connection: sqlite3.Connection, stepper: Stepper[T]) -> T:
         elif isinstance(statement, Expect):
             if connection.execute(statement.sql, statement.params).fetchone() is None:
                 raise AssumptionFailed(statement.sql)
-        elif isinstance(statement, Execute):
-            connection.execute(statement.sql, statement.params)
+        elif isinstance(statement, InsertNew):
+            try:
+                _execute(connection, statement.insert)
+            except sqlite3.IntegrityError as error:
+                if error.sqlite_errorcode not in _TAKEN_KEY:
+                    raise
+                raise AssumptionFailed(str(error)) from error
         else:
-            connection.executemany(statement.sql, statement.rows)
+            _execute(connection, statement)
     return stepper.result
+
+
+def _execute(connection: sqlite3.Connection, statement: Execute | ExecuteMany) -> None:
+    if isinstance(statement, Execute):
+        connection.execute(statement.sql, statement.params)
+    else:
+        connection.executemany(statement.sql, statement.rows)

@@ -69,7 +69,7 @@ def create_instances(
     transaction = HubTransaction(dialect, utc_now())
     instance_ids = [request[0].instance.instance_id for request in requests]
     if assume_new:
-        yield from transaction.assume_absent(set(instance_ids))
+        transaction.assume_absent(set(instance_ids))
     else:
         yield from transaction.load(instance_ids)
     outcomes: list[OrchestrationAlreadyExistsError | LeasedCreation | None] = []

@@ -2,7 +2,8 @@
 
 A program is a generator that yields :data:`Step` values and receives their results:
 the rows of a :class:`Fetch`, a list of row lists for a :class:`FetchEach`, ``None``
-for the others (an :class:`Expect` that fails ends the transaction). The backend runs
+for the others (an :class:`Expect` that fails, or an :class:`InsertNew` whose key is taken,
+ends the transaction). The backend runs
 one program as one transaction, sync (SQLite) or async (PostgreSQL), and may run it
 again from the start after a retryable error (a program only reads its arguments,
 never changes them).
@@ -63,7 +64,8 @@ class Expect:
 
 
 class AssumptionFailed(Exception):  # noqa: N818 - a signal to run again, not an error
-    """An :class:`Expect` found the store changed: nothing was written."""
+    """An :class:`Expect` found the store changed, or an :class:`InsertNew` found a key taken:
+    nothing was written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +97,17 @@ class Notify:
     """Work this transaction wrote for later: (kind, visible-at time), for this process's timers."""
 
 
-Statement = Fetch | FetchEach | Expect | Execute | ExecuteMany
+@dataclass(frozen=True, slots=True)
+class InsertNew:
+    """Run ``insert``, whose rows the program assumed to be new (it did not read them): if a
+    row's key is taken, the driver rolls the transaction back and raises
+    :class:`AssumptionFailed`, as for an :class:`Expect`. The insert is the check: it costs
+    no statement of its own."""
+
+    insert: Execute | ExecuteMany
+
+
+Statement = Fetch | FetchEach | Expect | InsertNew | Execute | ExecuteMany
 Step = Statement | Notify
 Program = Generator[Step, Any, T]
 """A generator yielding steps, receiving rows (for :class:`Fetch` and :class:`FetchEach`) and returning a ``T``."""
@@ -139,7 +151,7 @@ class Dialect(ABC):
         after whatever tells other processes inside the transaction (default: nothing)."""
         return (notify,)
 
-    def insert_rows(self, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> Statement:
+    def insert_rows(self, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> Execute | ExecuteMany:
         """The statement that inserts ``rows`` (each the values of ``columns``, in order) into ``table``.
 
         Default: the one-row ``INSERT`` run once per row, which costs little where the
@@ -148,7 +160,9 @@ class Dialect(ABC):
         """
         return ExecuteMany(insert_sql(table, columns), rows)
 
-    def update_rows(self, table: str, columns: tuple[str, ...], key: str, rows: Sequence[Sequence[Any]]) -> Statement:
+    def update_rows(
+        self, table: str, columns: tuple[str, ...], key: str, rows: Sequence[Sequence[Any]]
+    ) -> Execute | ExecuteMany:
         """The statement that sets ``columns`` of rows of ``table``: each of ``rows`` holds the
         values of ``columns``, then the value of ``key`` that picks the row to change (one row
         each; keys unique).

@@ -45,6 +45,7 @@ from dtfx.backends.sql.program import (
     Expect,
     Fetch,
     FetchEach,
+    InsertNew,
     Notify,
     Program,
     Row,
@@ -168,6 +169,8 @@ class HubTransaction:
         """Finished eager tasks whose rows become the next eager task of the same instance."""
         self._keeping: dict[str, int] = {}  # instance id -> until when its lease is kept, if nothing is ready
         self._new_leases: dict[str, int] = {}  # instance id -> until when the lease it is created with lasts
+        self._assumed_absent = False
+        """Instances were taken to be absent (:meth:`assume_absent`): their inserts check it."""
         self.released: set[str] = set()
         """After :meth:`flush`: the instances whose kept lease was released (messages were ready)."""
         self.kept: dict[str, KeptRow] = {}
@@ -254,17 +257,13 @@ class HubTransaction:
             consumable=dict(row.inbox),
         )
 
-    def assume_absent(self, instance_ids: Collection[str]) -> Program[None]:
+    def assume_absent(self, instance_ids: Collection[str]) -> None:
         """Take it that none of those instances exists, instead of reading their rows: if one
-        does, the transaction ends with :class:`AssumptionFailed`. (Two transactions that
-        assume so and create the same instance conflict on its key: one fails.)"""
-        dialect = self._dialect
-        yield Expect(
-            f"SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM instances WHERE {dialect.in_list('instance_id')})",
-            (dialect.list_param(sorted(instance_ids)),),
-        )
+        does (or another transaction creates it meanwhile), the insert of its row finds its
+        key taken and the transaction ends with :class:`AssumptionFailed` (:class:`InsertNew`)."""
         for instance_id in instance_ids:
             self._instances[instance_id] = None
+        self._assumed_absent = True
 
     def state(self, instance_id: str) -> OrchestrationState | None:
         """The instance's state as this transaction sees it (it must have been loaded)."""
@@ -464,7 +463,8 @@ class HubTransaction:
         # Instance rows are changed only once load() has locked them (by id). Rows go in in
         # the order planned, so inbox messages are numbered in the order they were sent.
         if inserted:
-            yield dialect.insert_rows("instances", _INSTANCE_COLUMNS, inserted)
+            insert = dialect.insert_rows("instances", _INSTANCE_COLUMNS, inserted)
+            yield InsertNew(insert) if self._assumed_absent else insert
         if replaced:
             yield dialect.update_rows("instances", _REPLACED_COLUMNS, "instance_id", replaced)
         if checkpointed:
