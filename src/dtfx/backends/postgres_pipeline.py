@@ -134,7 +134,7 @@ class Pipeline:
         self._streaming = streaming
         self._pending: deque[list[pq.abc.PGresult] | str | None] = deque()
         """Per command sent, in order: where its result goes (``None``: nowhere; ``_NEW_KEYS``:
-nowhere, from an :class:`InsertNew`), or ``_SYNC``."""
+        nowhere, from an :class:`InsertNew`), or ``_SYNC``."""
         self._new_statements: list[str] = []
         self._unsynced = False
         """Commands were sent since the last sync."""

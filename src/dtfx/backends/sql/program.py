@@ -2,11 +2,10 @@
 
 A program is a generator that yields :data:`Step` values and receives their results:
 the rows of a :class:`Fetch`, a list of row lists for a :class:`FetchEach`, ``None``
-for the others (an :class:`Expect` that fails, or an :class:`InsertNew` whose key is taken,
-ends the transaction). The backend runs
-one program as one transaction, sync (SQLite) or async (PostgreSQL), and may run it
-again from the start after a retryable error (a program only reads its arguments,
-never changes them).
+for the others (an :class:`Expect` that fails, or an :class:`InsertNew` whose key is
+taken, ends the transaction). The backend runs one program as one transaction, sync
+(SQLite) or async (PostgreSQL), and may run it again from the start after a retryable
+error (a program only reads its arguments, never changes them).
 
 SQL in programs uses ``?`` placeholders; a :class:`Dialect` supplies the fragments that
 differ between databases, and the statements that write many rows at once.
