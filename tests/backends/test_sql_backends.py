@@ -438,6 +438,26 @@ async def test_a_creation_assumes_its_instance_is_new_and_reads_only_when_it_is_
         await backend.close()
 
 
+async def test_coalesced_creations_of_which_one_is_taken_create_the_others(sql_url: str) -> None:
+    backend = open_backend(sql_url)
+    try:
+        await backend.create_instance(start_event("k7", input='"first"'))
+        ids = [f"k{index}" for index in range(20)]  # many rows: PostgreSQL inserts them as one JSON document
+        outcomes = await asyncio.gather(
+            *(backend.create_instance(start_event(instance_id, input='"second"')) for instance_id in ids),
+            return_exceptions=True,
+        )
+        assert [isinstance(outcome, OrchestrationAlreadyExistsError) for outcome in outcomes] == [
+            instance_id == "k7" for instance_id in ids
+        ]
+        states = [await backend.get_instance(instance_id) for instance_id in ids]
+        assert [state.serialized_input if state else None for state in states] == [
+            '"first"' if instance_id == "k7" else '"second"' for instance_id in ids
+        ]
+    finally:
+        await backend.close()
+
+
 async def test_an_insert_of_rows_assumed_new_fails_as_an_assumption_when_a_key_is_taken(sql_url: str) -> None:
     backend = open_backend(sql_url)
     assert isinstance(backend, SqlBackend)
