@@ -168,12 +168,7 @@ async def test_a_taken_key_of_rows_assumed_new_fails_as_an_assumption(table: str
         with pytest.raises(AssumptionFailed):
             await driver.run(connection, insert_new((2, "two"), (1, "taken")))
         with pytest.raises(psycopg.errors.InvalidTextRepresentation):  # any other refusal is an error
-            await driver.run(
-                connection,
-                insert_new(
-                    ("three", "not a number"),
-                ),
-            )
+            await driver.run(connection, insert_new(("three", "not a number")))
         assert connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert await rows_of(table) == [(1, "there")]
         await driver.run(connection, insert_new((2, "two")))
