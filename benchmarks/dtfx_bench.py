@@ -77,6 +77,24 @@ async def _complete(client: dtfx.AsyncClient, instance_id: str) -> Any:
     return state.get_output()
 
 
+async def one_hello_cities(client: dtfx.AsyncClient) -> float:
+    """Seconds from the schedule of one hello-cities orchestration to its completion."""
+    started = time.perf_counter()
+    instance_id = await client.schedule_new_orchestration(hello_cities, input=CITIES)
+    assert await _complete(client, instance_id) == GREETINGS
+    return time.perf_counter() - started
+
+
+async def one_long_sequence(client: dtfx.AsyncClient, length: int) -> float:
+    """Seconds from the schedule of one sequence of ``length`` activities to its completion."""
+    started = time.perf_counter()
+    instance_id = await client.schedule_new_orchestration(long_sequence, input=length)
+    total = await _complete(client, instance_id)
+    elapsed = time.perf_counter() - started
+    assert total == length * (length - 1)
+    return elapsed
+
+
 def _run(main: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
     if os.environ.get("DTFX_BENCH_LOOP") == "asyncio":
         return asyncio.run(main())
@@ -120,11 +138,7 @@ def long_chain(url: str, length: int = 1000) -> dict[str, Any]:
 
     async def main() -> dict[str, Any]:
         async with hub(url) as client:
-            started = time.perf_counter()
-            instance_id = await client.schedule_new_orchestration(long_sequence, input=length)
-            total = await _complete(client, instance_id)
-            elapsed = time.perf_counter() - started
-        assert total == length * (length - 1)
+            elapsed = await one_long_sequence(client, length)
         return {"length": length, "seconds": elapsed}
 
     return _run(main)
@@ -137,11 +151,9 @@ def latency(url: str, samples: int = 50) -> dict[str, Any]:
         timings: list[float] = []
         async with hub(url) as client:
             for index in range(samples + 5):
-                started = time.perf_counter()
-                instance_id = await client.schedule_new_orchestration(hello_cities, input=CITIES)
-                assert await _complete(client, instance_id) == GREETINGS
+                elapsed = await one_hello_cities(client)
                 if index >= 5:  # the first few warm up caches and connections
-                    timings.append(time.perf_counter() - started)
+                    timings.append(elapsed)
         return {"samples": samples, **latency_summary(timings)}
 
     return _run(main)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-import time
 from collections.abc import Awaitable, Callable
 from types import ModuleType
 from typing import Any
@@ -27,26 +26,16 @@ from typing import Any
 import dtfx
 from benchmarks import dtfx_bench
 from benchmarks.run import store_url
-from benchmarks.workload import CITIES, GREETINGS
 
 
 async def latency(client: dtfx.AsyncClient) -> float:
     """Seconds from schedule to completion, the median of 40 hello-cities orchestrations."""
-    timings = []
-    for _ in range(40):
-        started = time.perf_counter()
-        instance_id = await client.schedule_new_orchestration(dtfx_bench.hello_cities, input=CITIES)
-        assert await dtfx_bench._complete(client, instance_id) == GREETINGS
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
+    return statistics.median([await dtfx_bench.one_hello_cities(client) for _ in range(40)])
 
 
 async def chain(client: dtfx.AsyncClient) -> float:
     """Seconds per step of a 200-activity sequence."""
-    started = time.perf_counter()
-    instance_id = await client.schedule_new_orchestration(dtfx_bench.long_sequence, input=200)
-    await dtfx_bench._complete(client, instance_id)
-    return (time.perf_counter() - started) / 200
+    return await dtfx_bench.one_long_sequence(client, 200) / 200
 
 
 WORKLOADS: dict[str, Callable[[dtfx.AsyncClient], Awaitable[float]]] = {"latency": latency, "chain": chain}
