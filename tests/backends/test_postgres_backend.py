@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 from typing import Any
 
@@ -95,6 +97,34 @@ async def test_a_transaction_streams_its_statements_when_it_runs_alone(monkeypat
         assert streaming == [True, False]
     finally:
         await backend.close()
+
+
+def tcp_settings(fileno: int) -> tuple[int, int, int, int, int]:
+    """A connection's socket's keepalive (on, idle, interval, count) and user timeout (ms)."""
+    with socket.socket(fileno=os.dup(fileno)) as connected:
+        if connected.family == socket.AF_UNIX:
+            pytest.skip("the test server is reached through a Unix socket, where TCP settings do not apply")
+        return (
+            connected.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            connected.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            connected.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            connected.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            connected.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        )
+
+
+async def test_every_connection_gives_up_on_a_silent_server_within_about_a_minute() -> None:
+    backend = PostgresBackend(postgres_url())
+    try:
+        await backend.start()
+        assert backend._home_pool is not None
+        async with backend._home_pool.connection() as connection:
+            on_the_loop = tcp_settings(connection.pgconn.socket)
+        with backend._open_blocking_pool().connection() as blocking:
+            on_a_thread = tcp_settings(blocking.pgconn.socket)
+    finally:
+        await backend.close()
+    assert on_the_loop == on_a_thread == (1, 30, 10, 3, 60_000)
 
 
 async def test_a_closed_pool_is_reported_at_once_as_the_backend_being_closed(caplog: pytest.LogCaptureFixture) -> None:

@@ -67,7 +67,20 @@ def test_bad_urls_are_refused_clearly(url: str) -> None:
 def test_postgres_url_options() -> None:
     conninfo, schema, pool = parse_postgres_url("postgresql+psycopg://u:p@db:5433/app?schema=hub&pool_max_size=4")
     assert (schema, pool) == ("hub", {"max_size": 4})
-    assert conninfo == "postgresql://u:p@db:5433/app?application_name=dtfx%3Ahub"
+    assert conninfo == (
+        "postgresql://u:p@db:5433/app?application_name=dtfx%3Ahub&keepalives_idle=30&keepalives_interval=10"
+        "&keepalives_count=3&tcp_user_timeout=60000"
+    )
+
+
+def test_a_postgres_url_keeps_the_libpq_settings_it_gives() -> None:
+    conninfo, _, _ = parse_postgres_url(
+        "postgresql://db/app?tcp_user_timeout=0&application_name=mine&keepalives_idle=5"
+    )
+    assert conninfo == (
+        "postgresql://db/app?tcp_user_timeout=0&application_name=mine&keepalives_idle=5"
+        "&keepalives_interval=10&keepalives_count=3"
+    )
 
 
 async def test_the_default_sqlite_hub_is_created_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,9 @@
 
 URL: ``postgresql://user:password@host:port/database?schema=dtfx`` (``schema`` names
 the task hub; default ``dtfx``; it is created and migrated on first use). Optional
-``pool_min_size`` / ``pool_max_size`` size the connection pool.
+``pool_min_size`` / ``pool_max_size`` size the connection pool; other parameters go to
+libpq, whose TCP keepalives and user timeout default here to finding a vanished server
+within about a minute (``_TCP_SETTINGS``).
 
 Work items are leased with ``FOR UPDATE SKIP LOCKED``, so concurrent workers never
 wait for each other's picks; completing one is one transaction guarded by the lease.
@@ -72,6 +74,18 @@ _VALUES_ROWS = 8  # rows inserted by a list of values, above which by a JSON doc
 _CONFLICTS = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.UniqueViolation)
 _MAX_CONFLICT_RETRIES = 10
 _MAX_CONNECTION_RETRIES = 5
+_TCP_SETTINGS = (
+    ("keepalives_idle", "30"),
+    ("keepalives_interval", "10"),
+    ("keepalives_count", "3"),
+    ("tcp_user_timeout", "60000"),
+)
+"""libpq's TCP settings of every connection, unless the URL sets them: a server whose host
+vanishes without closing its connections (a power loss, a network partition) is found
+dead within about a minute, instead of the system's defaults (two hours for an idle
+connection, a quarter of an hour of retransmissions for one that waits for its data to
+be acknowledged). Then a transaction fails as on any lost connection, and a blocking
+commit does not hold its thread for hours. Unix-socket connections ignore them."""
 _LISTENERS = 0x64746678  # "dtfx": the class of the advisory locks by which listeners show themselves
 _KIND_CODES = {WorkKind.ORCHESTRATION: "o", WorkKind.ACTIVITY: "a", WorkKind.ENTITY: "e"}
 _CODE_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
@@ -242,7 +256,6 @@ def parse_postgres_url(url: str) -> tuple[str, str, dict[str, int]]:
     schema = DEFAULT_SCHEMA
     pool: dict[str, int] = {}
     passed: list[tuple[str, str]] = []
-    has_application_name = False
     for key, value in options:
         if key == "schema":
             schema = value
@@ -252,14 +265,15 @@ def parse_postgres_url(url: str) -> tuple[str, str, dict[str, int]]:
             except ValueError:
                 raise ConfigurationError(f"{key} must be an integer (got {value!r})") from None
         else:
-            has_application_name = has_application_name or key == "application_name"
             passed.append((key, value))
     if not _SCHEMA_NAME.fullmatch(schema):
         raise ConfigurationError(
             f"The schema name must be lowercase letters, digits and underscores, at most 48 (got {schema!r})"
         )
-    if not has_application_name:  # lets operators (and tests) find a hub's connections
-        passed.append(("application_name", f"dtfx:{schema}"))
+    given = {key for key, _ in passed}
+    # The application name lets operators (and tests) find a hub's connections.
+    defaults = (("application_name", f"dtfx:{schema}"), *_TCP_SETTINGS)
+    passed.extend((key, value) for key, value in defaults if key not in given)
     conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(passed), parts.fragment))
     return conninfo, schema, pool
 
