@@ -331,7 +331,9 @@ class PostgresBackend(SqlBackend):
             driver, startup = self._driver, self._startup
         assert startup is not None
         try:
-            await asyncio.wrap_future(startup)
+            if not startup.done():  # once done, no thread-safe wake-up of this loop to learn it
+                await asyncio.wrap_future(startup)
+            startup.result()  # raises what the start raised
             if self._home is None:
                 await self._open_home_pool()
         except BaseException:

@@ -143,7 +143,8 @@ class SqliteBackend(SqlBackend):
         return self._url
 
     async def start(self) -> None:
-        await self._on_thread(self._open)
+        if self._connection is None:  # once open, no trip to the database thread
+            await self._on_thread(self._open)
 
     async def close(self) -> None:
         if self._closed:
