@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from dtfx.backends.sql import operations
 from dtfx.backends.sql.program import Fetch, Program
 from dtfx.backends.sqlite import SqliteBackend, _lengthen_log
 from dtfx.core.errors import BackendUnavailableError, ConfigurationError
+from dtfx.core.history import OrchestrationStatus
 from dtfx.core.state import OrchestrationQuery
 from tests.backends.test_contract import start_event
 
@@ -49,6 +51,42 @@ async def test_a_hub_closed_can_be_opened_again_by_a_new_backend(tmp_path: Path)
         assert state is not None and state.name == "orch"
     finally:
         await second.close()
+
+
+async def test_a_watch_round_reads_the_instances_waited_for_only_once_another_connection_has_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[list[str]] = []
+    versions = operations.instance_versions
+
+    def counted(dialect: Any, instance_ids: list[str]) -> Program[dict[str, tuple[int, int]]]:
+        reads.append(list(instance_ids))
+        return versions(dialect, instance_ids)
+
+    monkeypatch.setattr(operations, "instance_versions", counted)
+    monkeypatch.setattr(SqliteBackend, "poll_interval", 0.01)
+    path = tmp_path / "hub.db"
+    backend = SqliteBackend(f"sqlite:///{path}")
+    try:
+        await backend.create_instance(start_event("a"))
+        waiting = asyncio.create_task(
+            backend.wait_for_instance(
+                "a", lambda state: state.runtime_status.is_terminal, 30, may_satisfy=lambda status: status.is_terminal
+            )
+        )
+        await asyncio.sleep(0.3)  # about 30 watch rounds: only the first reads
+        assert reads == [["a"]]
+        with closing(sqlite3.connect(path)) as other:  # another process ends the instance
+            other.execute(
+                "UPDATE instances SET status = ?, last_updated_at = last_updated_at + 1 WHERE instance_id = 'a'",
+                (int(OrchestrationStatus.COMPLETED),),
+            )
+            other.commit()
+        state = await asyncio.wait_for(waiting, 10)  # a round read it, and woke the waiter
+        assert state is not None and state.runtime_status == OrchestrationStatus.COMPLETED
+        assert len(reads) >= 2
+    finally:
+        await backend.close()
 
 
 async def test_work_queued_behind_close_does_not_open_the_file_again(tmp_path: Path) -> None:

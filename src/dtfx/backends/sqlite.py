@@ -17,7 +17,9 @@ whose size has no bound, always go there; and a caller never waits for another p
 WAL mode and write transactions begin with ``BEGIN IMMEDIATE`` (waiting up to a busy
 timeout for other processes), so several worker processes on one machine can share
 a file: leases expire, and what a dead worker held is picked up again. Other
-processes' changes are seen by polling every :attr:`SqliteBackend.poll_interval`. On
+processes' changes are seen by polling every :attr:`SqliteBackend.poll_interval` (a
+watch round reads the instances waited for only when ``PRAGMA data_version`` says that
+another connection has committed since the round before). On
 opening, the log is made as long as it grows between checkpoints (see
 :func:`_lengthen_log`), so that the first commits flush as fast as the later ones.
 """
@@ -136,6 +138,8 @@ class SqliteBackend(SqlBackend):
         self._closed = False
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._watched_version: int | None = None
+        """The file's ``data_version`` at the last watch round that read the instances."""
 
     @property
     def url(self) -> str:
@@ -286,14 +290,25 @@ class SqliteBackend(SqlBackend):
 
     def _watch_once(self) -> None:
         watch = self._watch_round()
-        if watch is not None:
-            instance_ids, program = watch
-            self._observe(instance_ids, self._transact(program, write=False))
+        if watch is None:
+            return
+        connection = self._connection
+        if connection is None:  # closed meanwhile
+            return
+        # It changes only when another connection (another process) commits: this
+        # process's own commits have woken their waiters already.
+        version = connection.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._watched_version:
+            return
+        instance_ids, program = watch
+        self._observe(instance_ids, self._transact(program, write=False))
+        self._watched_version = version
 
     def _close(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+            self._watched_version = None  # a connection's own counter
 
     def _drain_now(self, kind: Coalesced, run: CoalescedRun | None = None) -> None:
         """Run ``kind``'s queue (or what is left of ``run``, taken from it before)."""
