@@ -74,7 +74,11 @@ async def test_a_watch_round_reads_the_instances_waited_for_only_once_another_co
                 "a", lambda state: state.runtime_status.is_terminal, 30, may_satisfy=lambda status: status.is_terminal
             )
         )
-        await asyncio.sleep(0.3)  # about 30 watch rounds: only the first reads
+        for _ in range(1000):  # until the first watch round, which reads
+            if reads:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # about 30 more rounds, none of which reads
         assert reads == [["a"]]
         with closing(sqlite3.connect(path)) as other:  # another process ends the instance
             other.execute(
