@@ -188,8 +188,7 @@ class SqliteBackend(SqlBackend):
         return self._idle() and self._connection_lock.acquire(blocking=False)
 
     async def _ensure_started(self) -> None:
-        if self._connection is None:
-            await self.start()
+        await self.start()  # which returns at once once open
 
     def _start_draining(self, kind: Coalesced) -> None:
         if self._idle():
