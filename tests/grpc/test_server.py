@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import re
@@ -82,6 +83,23 @@ def test_a_worker_that_pings_often_keeps_its_stream() -> None:
             assert stream.next().orchestratorRequest.instanceId == "still-served"
         finally:
             stream.close()
+
+
+async def test_a_burst_of_thousands_of_calls_is_served_not_refused() -> None:
+    """Calls that arrive faster than the server takes them up wait their turn: gRPC's default
+    backlog would refuse some past 1,000 waiting (CANCELLED) and all past 3,000."""
+    burst = 4000
+    with running_sidecar() as server:
+        async with sdk_client.AsyncTaskHubGrpcClient(host_address=server.address) as client:
+            started = await asyncio.gather(
+                *(client.schedule_new_orchestration("anything", instance_id=f"burst-{n}") for n in range(burst)),
+                return_exceptions=True,
+            )
+            refused = [outcome for outcome in started if isinstance(outcome, BaseException)]
+            assert refused == []
+            assert started == [f"burst-{n}" for n in range(burst)]
+            state = await client.get_orchestration_state(f"burst-{burst - 1}")
+            assert state is not None and state.runtime_status == OrchestrationStatus.PENDING
 
 
 def test_health_pings_come_often_enough_for_sdk_workers() -> None:

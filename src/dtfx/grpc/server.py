@@ -17,6 +17,9 @@ from dtfx.grpc.service import SidecarService
 
 logger = logging.getLogger(__name__)
 
+_MAX_PENDING_CALLS = 1_000_000
+"""Calls that may wait for the server to take them up (see ``_SERVER_OPTIONS``)."""
+
 _SERVER_OPTIONS: list[tuple[str, int]] = [
     # Without this, a second server on a taken port would share it silently.
     ("grpc.so_reuseport", 0),
@@ -30,6 +33,13 @@ _SERVER_OPTIONS: list[tuple[str, int]] = [
     # with no call open, instead of closing their connections with "too many pings".
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_ping_strikes", 0),
+    # Calls that arrive faster than the server's loop takes them up wait in gRPC's queue, which
+    # by default starts refusing them (CANCELLED, at random) past 1,000 waiting and refuses all
+    # past 3,000: a client that starts a few thousand instances at once would see some fail.
+    # Each waits its turn instead, within the clients' deadlines and gRPC's own bound on how long
+    # a call may wait to be taken up.
+    ("grpc.server.max_pending_requests", _MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_CALLS),
 ]
 
 
