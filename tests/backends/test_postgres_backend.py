@@ -127,6 +127,39 @@ async def test_every_connection_gives_up_on_a_silent_server_within_about_a_minut
     assert on_the_loop == on_a_thread == (1, 30, 10, 3, 60_000)
 
 
+def _scans(plan: dict[str, Any]) -> list[str]:
+    """The node types of a plan (EXPLAIN's JSON), depth first."""
+    return [plan["Node Type"], *(node for child in plan.get("Plans", ()) for node in _scans(child))]
+
+
+async def test_statements_prepared_on_an_empty_hub_read_rows_through_their_indexes_once_it_has_grown() -> None:
+    # A connection plans each statement once, when it first runs (generic plans). The planner
+    # would read a near-empty table whole, and that plan stayed while the table grew: every
+    # read of an instance by id became a scan of them all until the table was next analysed.
+    backend = PostgresBackend(postgres_url())
+    try:
+        await backend.start()
+        assert backend._home_pool is not None
+        async with backend._home_pool.connection() as connection:
+            await connection.execute("ALTER TABLE instances SET (autovacuum_enabled = false)")  # no replanning
+            await connection.execute("PREPARE by_id(text[]) AS SELECT name FROM instances WHERE instance_id = ANY($1)")
+            await connection.execute("EXECUTE by_id(ARRAY['none'])")  # planned here, on an empty table
+            await connection.execute(
+                "INSERT INTO instances (instance_id, name, status, created_at, last_updated_at, is_entity)"
+                " SELECT 'i' || n, 'grown', 0, n, n, 0 FROM generate_series(1, 20000) AS n"
+            )
+            cursor = await connection.execute("EXPLAIN (FORMAT JSON) EXECUTE by_id(ARRAY['i7'])")
+            row = await cursor.fetchone()
+            assert row is not None
+            [explained] = row[0]
+            cursor = await connection.execute("EXECUTE by_id(ARRAY['i7'])")
+            assert await cursor.fetchall() == [("grown",)]
+    finally:
+        await backend.close()
+    scans = _scans(explained["Plan"])
+    assert "Seq Scan" not in scans, scans
+
+
 async def test_a_closed_pool_is_reported_at_once_as_the_backend_being_closed(caplog: pytest.LogCaptureFixture) -> None:
     backend = PostgresBackend(postgres_url())
     try:
