@@ -52,6 +52,7 @@ from dtfx.core.state import (
     Page,
     PurgeResult,
 )
+from dtfx.core.tokens import new_token
 
 T = TypeVar("T")
 
@@ -134,7 +135,7 @@ class AsyncClient:
         start = ExecutionStarted(
             timestamp=utc_now(),
             name=function_name(orchestrator),
-            instance=OrchestrationInstance(instance_id=instance_id, execution_id=uuid.uuid4().hex),
+            instance=OrchestrationInstance(instance_id=instance_id, execution_id=new_token()),
             version=version or self.default_version,
             input=self.converter.serialize(input),
             scheduled_start_time=scheduled,
@@ -278,7 +279,7 @@ class AsyncClient:
         start = ExecutionStarted(
             timestamp=utc_now(),
             name=state.name,
-            instance=OrchestrationInstance(instance_id=new_id, execution_id=uuid.uuid4().hex),
+            instance=OrchestrationInstance(instance_id=new_id, execution_id=new_token()),
             version=state.version,
             input=await self._original_input(state),
             tags=state.tags,
@@ -375,7 +376,7 @@ class AsyncClient:
         scheduled = as_utc(signal_time) if signal_time is not None else None
         signal = EntityOperationSignaled(
             timestamp=utc_now(),
-            request_id=request_id or uuid.uuid4().hex,
+            request_id=request_id or new_token(),
             operation=operation_name,
             target_instance_id=target,
             input=self.converter.serialize(input),

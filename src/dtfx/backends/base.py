@@ -27,7 +27,6 @@ import dataclasses
 import enum
 import heapq
 import threading
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from dtfx.backends.signals import KeyedSignal, Signal, Waiter
 from dtfx.core.history import ExecutionStarted, HistoryEvent, OrchestrationStatus
 from dtfx.core.instance_ids import is_entity_id
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
+from dtfx.core.tokens import new_token
 from dtfx.core.workitems import (
     ActivityResult,
     ActivityWorkItem,
@@ -154,7 +154,7 @@ class Backend(ABC):
         if intake is None or lock_for is None:
             await self._create_instance(start, scheduled_start_at, reuse_policy, None)
             return
-        lease = NewLease(uuid.uuid4().hex, utc_now() + lock_for)
+        lease = NewLease(new_token(), utc_now() + lock_for)
         try:
             item = await self._create_instance(start, None, reuse_policy, lease)
         except BaseException:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
-import uuid
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -31,6 +30,7 @@ from dtfx.core.errors import OrchestrationAlreadyExistsError, OrchestrationNotFo
 from dtfx.core.history import ExecutionStarted, HistoryEvent, OrchestrationStatus
 from dtfx.core.instance_ids import is_entity_id
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
+from dtfx.core.tokens import new_token
 from dtfx.core.workitems import (
     ActivityResult,
     ActivityTask,
@@ -228,7 +228,7 @@ class MemoryBackend(Backend):
                 visible = [m for m in instance.inbox if m.visible_at <= now][: self.max_messages_per_work_item]
                 if not visible:
                     continue
-                instance.lock_token = uuid.uuid4().hex
+                instance.lock_token = new_token()
                 instance.locked_until = now + lock_for
                 items.append(_work_item(instance, visible))
         return items
@@ -370,7 +370,7 @@ class MemoryBackend(Backend):
                     continue
                 if names is not None and task.task.event.name not in names:
                     continue
-                task.lock_token = uuid.uuid4().hex
+                task.lock_token = new_token()
                 task.locked_until = now + lock_for
                 task.dequeue_count += 1
                 items.append(

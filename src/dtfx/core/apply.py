@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -63,6 +62,7 @@ from dtfx.core.history import (
     qualified_name,
 )
 from dtfx.core.instance_ids import orchestration_id_error
+from dtfx.core.tokens import new_token
 from dtfx.core.workitems import (
     ActivityTask,
     MessageId,
@@ -169,7 +169,7 @@ def apply_actions(
     now: datetime,
     *,
     history: Sequence[HistoryEvent] | None = None,
-    new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    new_id: Callable[[], str] = new_token,
 ) -> OrchestrationCheckpoint:
     """Turn an episode's actions into a checkpoint.
 

@@ -19,7 +19,6 @@ batch of them:
 
 from __future__ import annotations
 
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -45,6 +44,7 @@ from dtfx.core.history import (
 )
 from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter
 from dtfx.core.state import OrchestrationState
+from dtfx.core.tokens import new_token
 from dtfx.core.workitems import MessageId, OrchestrationCheckpoint, OrchestrationWorkItem, OutboundMessage
 
 
@@ -265,7 +265,7 @@ def _action_message(action: EntityAction, sender: str, now: datetime) -> Outboun
     if isinstance(action, SignalEntity):
         signal = EntityOperationSignaled(
             timestamp=now,
-            request_id=uuid.uuid4().hex,
+            request_id=new_token(),
             operation=action.operation,
             target_instance_id=action.target,
             input=action.input,
@@ -275,7 +275,7 @@ def _action_message(action: EntityAction, sender: str, now: datetime) -> Outboun
     start = ExecutionStarted(
         timestamp=now,
         name=action.name,
-        instance=OrchestrationInstance(instance_id=action.instance_id, execution_id=uuid.uuid4().hex),
+        instance=OrchestrationInstance(instance_id=action.instance_id, execution_id=new_token()),
         version=action.version,
         input=action.input,
         scheduled_start_time=action.scheduled_time,

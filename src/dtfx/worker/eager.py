@@ -20,13 +20,13 @@ not hold an orchestration slot.
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Awaitable
 from concurrent.futures import Executor
 from datetime import timedelta
 
 from dtfx.backends.base import utc_now
 from dtfx.core.history import TaskCompleted, TaskFailed
+from dtfx.core.tokens import new_token
 from dtfx.core.workitems import ActivityResult, ActivityTask, ActivityWorkItem, OrchestrationCheckpoint
 from dtfx.worker.activities import ActivityProcessor, LocalActivityRunner
 from dtfx.worker.dispatcher import WorkItemDispatcher
@@ -89,7 +89,7 @@ class EagerActivities:
             del self._claims[replacing.lock_token]
         elif not self._dispatcher.reserve_slot():
             return None
-        task.lock_token = secrets.token_hex(16)
+        task.lock_token = new_token()
         task.locked_until = utc_now() + self._lease_duration
         checkpoint.keep_lease_for = self._lease_duration
         self._claims[task.lock_token] = None
