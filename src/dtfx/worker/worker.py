@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
+from dtfx import _collector as collector
 from dtfx._portal import BackgroundRunnable
 from dtfx.backends import open_backend
 from dtfx.backends.base import Backend, WorkKind
@@ -84,6 +85,7 @@ class Worker(BackgroundRunnable):
         self._thread_pool: ThreadPoolExecutor | None = None
         self._runner: LocalRunner | None = None
         self._intake: NewInstanceIntake | None = None
+        self._holds_gc = False
         self._started = False
 
     # -- registration ---------------------------------------------------------------------
@@ -198,6 +200,9 @@ class Worker(BackgroundRunnable):
         )
         if self.backend.attach_intake(intake):
             self._intake = intake
+        if options.tune_gc:
+            collector.hold()
+            self._holds_gc = True
         self._started = True
         logger.info(
             "Worker started on %s with %d orchestrator(s), %d activity(ies) and %d entity(ies)",
@@ -233,6 +238,9 @@ class Worker(BackgroundRunnable):
         if not self._started:
             return
         self._started = False
+        if self._holds_gc:
+            collector.release()
+            self._holds_gc = False
         if self._intake is not None:
             self.backend.detach_intake(self._intake)
             self._intake = None
