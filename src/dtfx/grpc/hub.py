@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,6 @@ from dtfx.backends.base import WorkKind
 from dtfx.core.actions import OrchestratorAction
 from dtfx.core.entities import BatchResult, OperationRequest
 from dtfx.core.history import TaskCompleted, TaskFailed
-from dtfx.core.tokens import new_token
 from dtfx.grpc.connections import WorkerConnection
 from dtfx.grpc.protos import pb
 from dtfx.grpc.status import failed_precondition, invalid_argument, not_found
@@ -210,7 +210,7 @@ class WorkerHub:
     ) -> DispatchedWorkItem:
         """Send ``work_item`` on the connection's stream under a new completion token."""
         kind = _KIND_OF_REQUEST[str(work_item.WhichOneof("request"))]
-        token = new_token()
+        token = uuid.uuid4().hex  # handed to a remote peer: unpredictable, unlike new_token's
         work_item.completionToken = token
         item = DispatchedWorkItem(
             token, kind, connection, instance_id, task_id, asyncio.get_running_loop().create_future(), entity_batch
