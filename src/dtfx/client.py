@@ -129,7 +129,6 @@ class AsyncClient:
         An id no orchestration can have (empty, longer than 1024 characters, with control
         characters, or an entity's ``@name@key``) raises :class:`~dtfx.InvalidInstanceIdError`.
         """
-        fresh_id = instance_id is None
         instance_id = uuid.uuid4().hex if instance_id is None else check_orchestration_id(instance_id)
         backend = await self._ready()
         scheduled = as_utc(start_at) if start_at is not None else None
@@ -142,9 +141,7 @@ class AsyncClient:
             scheduled_start_time=scheduled,
             tags=tags,
         )
-        await backend.create_instance(
-            start, scheduled_start_at=scheduled, reuse_policy=reuse_id_policy, fresh_id=fresh_id
-        )
+        await backend.create_instance(start, scheduled_start_at=scheduled, reuse_policy=reuse_id_policy)
         return instance_id
 
     # -- reading ----------------------------------------------------------------------------
@@ -287,7 +284,7 @@ class AsyncClient:
             input=await self._original_input(state),
             tags=state.tags,
         )
-        await backend.create_instance(start, reuse_policy=TERMINAL_REUSE_POLICY, fresh_id=restart_with_new_instance_id)
+        await backend.create_instance(start, reuse_policy=TERMINAL_REUSE_POLICY)
         return new_id
 
     async def _original_input(self, state: OrchestrationState) -> str | None:

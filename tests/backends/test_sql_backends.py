@@ -7,7 +7,7 @@ import asyncio
 import sqlite3
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import closing
 from datetime import timedelta
 from functools import partial
@@ -35,7 +35,7 @@ from dtfx.core.errors import (
 )
 from dtfx.core.history import EventRaised, ExecutionStarted, OrchestrationInstance, OrchestratorStarted, TaskScheduled
 from dtfx.core.state import OrchestrationIdReusePolicy
-from dtfx.core.workitems import UNSTORED_START, ActivityTask, CommitResult, OrchestrationWorkItem
+from dtfx.core.workitems import ActivityTask, CommitResult, OrchestrationWorkItem
 from tests.backends.test_contract import LEASE, checkpoint_for, lock_one, start_event
 from tests.postgres import SERVER_URL, postgres_url
 
@@ -395,9 +395,9 @@ def assumed(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     runs: list[bool] = []
     program = operations.complete_orchestration_work_items
 
-    def spy(dialect: Any, checkpoints: Any, kept: Any = None, **options: Any) -> Any:
+    def spy(dialect: Any, checkpoints: Any, kept: Any = None) -> Any:
         runs.append(kept is not None)
-        return program(dialect, checkpoints, kept, **options)
+        return program(dialect, checkpoints, kept)
 
     monkeypatch.setattr(operations, "complete_orchestration_work_items", spy)
     return runs
@@ -605,97 +605,3 @@ async def test_each_instance_row_is_written_once_per_transaction(tmp_path: Path)
         statement for statement in statements if statement.startswith(("UPDATE instances", "INSERT INTO instances"))
     ]
     assert len(written) == 3  # two checkpoints and one creation
-
-
-# -- instances created by their first commit ----------------------------------------------------
-
-
-@pytest.fixture
-async def taking(sql_url: str) -> AsyncIterator[tuple[Backend, _TakeAll]]:
-    """A SQL backend, with an intake that takes every instance created."""
-    backend = open_backend(sql_url)
-    intake = _TakeAll()
-    backend.attach_intake(intake)
-    try:
-        yield backend, intake
-    finally:
-        backend.detach_intake(intake)
-        await backend.close()
-
-
-async def _taken_fresh(
-    backend: Backend, intake: _TakeAll, instance_id: str
-) -> tuple[asyncio.Future[None], OrchestrationWorkItem]:
-    """Start creating ``instance_id`` as a client that made the id up: the creation, running,
-    and the work item the intake was handed."""
-    accepted = len(intake.accepted)
-    creating = asyncio.ensure_future(backend.create_instance(start_event(instance_id), fresh_id=True))
-    while len(intake.accepted) == accepted:
-        await asyncio.sleep(0)
-    return creating, intake.accepted[-1]
-
-
-async def test_a_fresh_instance_that_an_intake_takes_is_created_by_its_first_commit(
-    taking: tuple[Backend, _TakeAll],
-) -> None:
-    backend, intake = taking
-    creating, item = await _taken_fresh(backend, intake, "a")
-    assert item.creation_pending and [message.id for message in item.messages] == [UNSTORED_START]
-    assert await backend.get_instance("a") is None  # not in the store yet
-    await asyncio.sleep(0.05)
-    assert not creating.done()  # its client waits for the first commit
-
-    step = checkpoint_for(item, keep_lease_for=LEASE)  # consumes the start
-    assert await backend.complete_orchestration_work_items([step]) == [CommitResult.LEASE_KEPT]
-    await asyncio.wait_for(creating, 10)
-    state = await backend.get_instance("a")
-    assert state is not None and state.runtime_status == dtfx.OrchestrationStatus.RUNNING
-    assert [type(event) for event in await backend.get_history("a")] == [OrchestratorStarted, ExecutionStarted]
-
-    # The start never went in the inbox: given back, the instance has nothing to process.
-    await backend.abandon_orchestration_work_item(item)
-    assert await backend.lock_orchestration_work_items(10, LEASE) == []
-    assert await backend.get_instance("a") == state
-
-
-async def test_a_fresh_instance_given_back_before_its_first_commit_is_created_for_the_queue(
-    taking: tuple[Backend, _TakeAll],
-) -> None:
-    backend, intake = taking
-    creating, item = await _taken_fresh(backend, intake, "a")
-    await backend.abandon_orchestration_work_item(item)  # a worker stopping, say
-    await asyncio.wait_for(creating, 10)
-    again = await lock_one(backend, "a")
-    assert [type(message.event) for message in again.messages] == [ExecutionStarted]
-    assert again.messages[0].id != UNSTORED_START and not again.creation_pending
-
-
-async def test_while_one_creation_waits_for_its_first_commit_the_others_are_created_at_once(
-    taking: tuple[Backend, _TakeAll],
-) -> None:
-    backend, intake = taking
-    creating, first = await _taken_fresh(backend, intake, "a")
-    await asyncio.wait_for(backend.create_instance(start_event("b"), fresh_id=True), 10)
-    second = intake.accepted[-1]
-    assert second.instance_id == "b" and not second.creation_pending
-    assert await backend.get_instance("b") is not None and await backend.get_instance("a") is None
-
-    step = checkpoint_for(first, keep_lease_for=LEASE)
-    assert await backend.complete_orchestration_work_items([step]) == [CommitResult.LEASE_KEPT]
-    await asyncio.wait_for(creating, 10)
-    assert await backend.get_instance("a") is not None
-
-
-async def test_a_first_commit_whose_instance_id_was_taken_meanwhile_is_lost_and_its_client_told(
-    taking: tuple[Backend, _TakeAll],
-) -> None:
-    backend, intake = taking
-    creating, item = await _taken_fresh(backend, intake, "a")
-    await backend.create_instance(start_event("a"))  # another creation of the same id, committed first
-    step = checkpoint_for(item, keep_lease_for=LEASE)
-    assert await backend.complete_orchestration_work_items([step]) == [CommitResult.LOST]
-    with pytest.raises(OrchestrationAlreadyExistsError):
-        await asyncio.wait_for(creating, 10)
-    other = intake.accepted[-1]  # the instance is the other creation's
-    assert [message.id for message in other.messages] != [UNSTORED_START]
-    assert [type(event) for event in await backend.get_history("a")] == []

@@ -28,7 +28,7 @@ import enum
 import heapq
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -134,7 +134,6 @@ class Backend(ABC):
         *,
         scheduled_start_at: datetime | None = None,
         reuse_policy: OrchestrationIdReusePolicy | None = None,
-        fresh_id: bool = False,
     ) -> None:
         """Create the instance ``start.instance.instance_id`` in one transaction.
 
@@ -147,12 +146,6 @@ class Backend(ABC):
         ``scheduled_start_at`` (or now). The row has no lease, unless the attached
         :class:`Intake` takes the instance: then it is leased to the intake, which gets
         its work item once the transaction has committed.
-
-        ``fresh_id``: the caller made the id up for this instance (a random one), so no
-        instance has it. A backend may then hand the intake the work item at once and
-        create the instance with that work item's first commit, which this call awaits
-        (:meth:`_create_with_first_commit`): the intake runs the first episode, and an
-        activity it schedules, while the creation would otherwise be committing.
         """
         intake = self._intake
         lock_for = None
@@ -162,11 +155,6 @@ class Backend(ABC):
             await self._create_instance(start, scheduled_start_at, reuse_policy, None)
             return
         lease = NewLease(new_token(), utc_now() + lock_for)
-        pending = self._create_with_first_commit(start, lease) if fresh_id else None
-        if pending is not None:
-            intake.accept(pending[0])
-            await pending[1]
-            return
         try:
             item = await self._create_instance(start, None, reuse_policy, lease)
         except BaseException:
@@ -176,17 +164,6 @@ class Backend(ABC):
             intake.decline()
         else:
             intake.accept(item)
-
-    def _create_with_first_commit(
-        self, start: ExecutionStarted, lease: NewLease
-    ) -> tuple[OrchestrationWorkItem, Awaitable[None]] | None:
-        """The work item of the new instance of ``start``, leased by ``lease`` and not yet
-        stored (:attr:`~dtfx.core.workitems.OrchestrationWorkItem.creation_pending`), and
-        what settles once the instance is created: by the work item's first commit
-        (:meth:`complete_orchestration_work_items`), or else by its abandonment (which
-        creates it, then gives it back). ``None``: this backend does not do that, and
-        creates it as usual."""
-        return None
 
     @abstractmethod
     async def _create_instance(

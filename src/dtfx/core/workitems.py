@@ -19,10 +19,6 @@ from dtfx.core.state import OrchestrationState
 MessageId = int | str
 """Backend-assigned identity of an inbox message or activity task (opaque to the worker)."""
 
-UNSTORED_START: MessageId = 0
-"""The id of the start message of an instance whose creation commits with its first
-checkpoint (:attr:`OrchestrationWorkItem.creation_pending`): it never goes in the inbox."""
-
 
 @dataclass(frozen=True, slots=True)
 class InboxMessage:
@@ -77,10 +73,6 @@ class OrchestrationWorkItem:
     """How many events the instance's history holds (lets a cached executor skip loading it)."""
     history: list[HistoryEvent] | None = None
     """The history, once loaded (``Backend.load_history``)."""
-    creation_pending: bool = False
-    """The instance is created by this work item's first commit, or by its abandonment: until
-    then it is not in the store, and the client creating it waits (see
-    :meth:`~dtfx.backends.base.Backend.create_instance`)."""
 
 
 @dataclass(slots=True)

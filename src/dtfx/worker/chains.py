@@ -94,16 +94,12 @@ class ThreadChain:
         lane: EagerLane,
         item: OrchestrationWorkItem,
         eager: ActivityWorkItem,
-        pending: OrchestrationCheckpoint | None,
-        window: float,
+        pending: OrchestrationCheckpoint | None = None,
     ) -> None:
         self.lane = lane
         self.item = item
         self.eager = eager
         self.pending = pending
-        self._window = window
-        """How long the activity running now may run before the loop takes it over (the lane's
-        window, after the first one's)."""
         self._lock = threading.Lock()
         self._activity_since: float | None = None
         """When the activity running now started (``time.monotonic()``)."""
@@ -142,7 +138,6 @@ class ThreadChain:
         with self._lock:
             self.item = item
             self.pending = None
-            self._window = self.lane.window
 
     # -- on the event loop ---------------------------------------------------------------------
 
@@ -170,15 +165,15 @@ class ThreadChain:
 
     def _until_overdue(self) -> float:
         with self._lock:
-            since, window = self._activity_since, self._window
+            since = self._activity_since
         if since is None:
-            return window
-        return max(0.0, since + window - time.monotonic())
+            return self.lane.window
+        return max(0.0, since + self.lane.window - time.monotonic())
 
     def _take_over(self) -> bool:
         with self._lock:
             since = self._activity_since
-            self.taken_over = since is not None and time.monotonic() - since >= self._window
+            self.taken_over = since is not None and time.monotonic() - since >= self.lane.window
             return self.taken_over
 
     async def _handed_result(self, chain: asyncio.Future[ChainEnd]) -> TaskCompleted | TaskFailed:

@@ -32,11 +32,6 @@ from dtfx.worker.activities import ActivityProcessor, LocalActivityRunner
 from dtfx.worker.dispatcher import WorkItemDispatcher
 from dtfx.worker.registry import Registry
 
-CREATION_WINDOW = 0.005
-"""How long, in seconds, the first commit of a new instance waits for the eager activity it
-would hold, before it commits without it: its client waits for that commit, which creates
-the instance, and would otherwise have waited for one commit (a few milliseconds at most)."""
-
 
 class EagerActivities:
     """The :class:`~dtfx.worker.orchestrations.EagerLane` of a native worker.
@@ -65,9 +60,6 @@ class EagerActivities:
         # Within the window nothing needs renewing: it ends before the first renewal is due.
         self.window = min(window, lease_duration / 3).total_seconds()
         """How long, in seconds, an orchestration's lease waits for its eager activity."""
-        self.creation_window = min(self.window, CREATION_WINDOW)
-        self._ending: set[str] = set()
-        """The lock tokens of the claims whose chain commits its last step (:meth:`ending`)."""
         self._claims: dict[str, Awaitable[TaskCompleted | TaskFailed] | None] = {}
         """The claims holding a slot, by lock token, with the activity once it runs."""
 
@@ -105,11 +97,7 @@ class EagerActivities:
 
     def alone(self) -> bool:
         """Whether one claim's activity is all the activity work of this worker."""
-        return self._dispatcher.in_flight + self._dispatcher.reserved - len(self._ending) == 1
-
-    def ending(self, item: ActivityWorkItem) -> None:
-        # A set's add and discard are atomic: no lock, whichever thread calls.
-        self._ending.add(item.lock_token)
+        return self._dispatcher.in_flight + self._dispatcher.reserved == 1
 
     def runs_here(self, name: str) -> bool:
         """Whether :meth:`run_here` can run the activity ``name`` (a sync one)."""
@@ -119,11 +107,11 @@ class EagerActivities:
         """Run the claim's sync activity on the calling thread (see :meth:`LocalActivityRunner.run_here`)."""
         return self._runner.run_here(item, loop)
 
-    async def run(self, item: ActivityWorkItem, window: float) -> TaskCompleted | TaskFailed | None:
+    async def run(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed | None:
         running = asyncio.create_task(self._runner.run(item))
         self._claims[item.lock_token] = running
         try:
-            await asyncio.wait((running,), timeout=window)
+            await asyncio.wait((running,), timeout=self.window)
         except asyncio.CancelledError:
             self.drop(item)
             raise
@@ -135,7 +123,6 @@ class EagerActivities:
     def finish(self, item: ActivityWorkItem) -> None:
         """The claim's activity has run and its result is the orchestration's: give its slot back."""
         del self._claims[item.lock_token]
-        self._ending.discard(item.lock_token)
         self._dispatcher.free_slot()
 
     def track(self, item: ActivityWorkItem, running: Awaitable[TaskCompleted | TaskFailed]) -> None:
@@ -146,14 +133,12 @@ class EagerActivities:
         """The claimed activity's task is committed: let it run (or go on running) as ordinary
         work, its result going through the orchestration's inbox."""
         running = self._claims.pop(item.lock_token)
-        self._ending.discard(item.lock_token)
         self._dispatcher.adopt(item, self._activities.process(item, running))
 
     def drop(self, item: ActivityWorkItem) -> None:
         if item.lock_token not in self._claims:
             return
         running = self._claims.pop(item.lock_token)
-        self._ending.discard(item.lock_token)
         if isinstance(running, asyncio.Task):
             running.cancel()
         self._dispatcher.free_slot()

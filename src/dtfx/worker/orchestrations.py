@@ -109,10 +109,6 @@ class EagerLane(Protocol):
 
     window: float
     """How long, in seconds, an orchestration's lease waits for its eager activity."""
-    creation_window: float
-    """How long, in seconds, the first commit of a new instance (which creates it, and which its
-    client awaits: :attr:`~dtfx.core.workitems.OrchestrationWorkItem.creation_pending`) waits
-    for the eager activity it would hold."""
 
     @property
     def thread_pool(self) -> Executor | None:
@@ -137,17 +133,12 @@ class EagerLane(Protocol):
     def run_here(self, item: ActivityWorkItem, loop: asyncio.AbstractEventLoop) -> TaskCompleted | TaskFailed:
         """Run the claim's activity on the calling thread, a worker thread (``loop``: the worker's)."""
 
-    async def run(self, item: ActivityWorkItem, window: float) -> TaskCompleted | TaskFailed | None:
-        """Run the claimed activity; its result if it finishes within ``window`` seconds, else
-        ``None`` (it goes on running: :meth:`hand_over` or :meth:`drop` it)."""
+    async def run(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed | None:
+        """Run the claimed activity; its result if it finishes within the window, else ``None``
+        (it goes on running: :meth:`hand_over` or :meth:`drop` it)."""
 
     def finish(self, item: ActivityWorkItem) -> None:
         """The claim's activity has run (not through :meth:`run`): give its slot back."""
-
-    def ending(self, item: ActivityWorkItem) -> None:
-        """The claim's activity has run, and its chain on an activity thread commits its last
-        step: it no longer counts as activity work for :meth:`alone` (from any thread).
-        :meth:`finish` gives its slot back."""
 
     def track(self, item: ActivityWorkItem, running: Awaitable[TaskCompleted | TaskFailed]) -> None:
         """The claim's activity runs as ``running``, not through :meth:`run` (for :meth:`hand_over`)."""
@@ -362,10 +353,9 @@ class OrchestrationProcessor:
         starts: its result (``None``: it outlasted the window) and that episode. Or, run on the
         activity's thread, the chain went on from there: where it stopped (``None``: the queues
         took over)."""
-        window = lane.creation_window if item.creation_pending else lane.window
-        chain = self._thread_chain(lane, item, eager, checkpoint, window)
+        chain = self._thread_chain(lane, item, eager, checkpoint)
         if chain is None:
-            ran = await lane.run(eager, window)
+            ran = await lane.run(eager)
             return ran, None if ran is None else await self._follow(item, checkpoint, started, ran)
         end = await self._run_chain(chain, started)
         if isinstance(end, Taken):  # it outlasted the window ahead of the commit: it goes on as ordinary work
@@ -380,9 +370,9 @@ class OrchestrationProcessor:
         """Run the claimed activity and the episode its result starts, after ``item``'s kept
         lease: the work item as it then stands, the claim that ran, its result and the episode.
         ``None`` when the queues took over meanwhile (the activity outlasted the window)."""
-        chain = self._thread_chain(lane, item, eager, None, lane.window)
+        chain = self._thread_chain(lane, item, eager, None)
         if chain is None:
-            ran = await lane.run(eager, lane.window)
+            ran = await lane.run(eager)
             if ran is None:  # it outlasted the window: the lease goes back, the activity goes on
                 lane.hand_over(eager)
                 await self._backend.abandon_orchestration_work_item(item)
@@ -398,13 +388,11 @@ class OrchestrationProcessor:
         item: OrchestrationWorkItem,
         eager: ActivityWorkItem,
         pending: OrchestrationCheckpoint | None,
-        window: float,
     ) -> ThreadChain | None:
-        """A chain on the activity thread from the claim ``eager`` on (its activity's ``window``),
-        if it can run there."""
+        """A chain on the activity thread from the claim ``eager`` on, if it can run there."""
         if self._chain_runner is None or not lane.runs_here(eager.task.event.name) or not lane.alone():
             return None
-        return ThreadChain(lane, item, eager, pending, window)
+        return ThreadChain(lane, item, eager, pending)
 
     async def _run_chain(self, chain: ThreadChain, started: ExecutionStarted) -> Stepped | RanAhead | Taken | None:
         """Run ``chain`` until it stops: where the processor goes on from (its claim's slot given
@@ -455,8 +443,6 @@ class OrchestrationProcessor:
             claimed = chain.claim(checkpoint, awaited) if task is not None else None
             if task is not None and claimed is None:  # the chain was stopped meanwhile
                 return None
-            if claimed is None:  # the last step: whom its commit wakes may start activity work
-                lane.ending(eager)
             if recorded is not None:
                 checkpoint.finished_tasks.append(eager.lock_token)
             result = self._backend.complete_orchestration_work_items_blocking([checkpoint])[0]

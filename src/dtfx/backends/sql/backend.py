@@ -6,26 +6,23 @@ import asyncio
 import contextlib
 import threading
 from abc import abstractmethod
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-from dtfx.backends.base import Backend, NewLease, WorkKind, utc_now
-from dtfx.backends.delivery import new_instance_state
+from dtfx.backends.base import Backend, NewLease, WorkKind
 from dtfx.backends.sql import operations
 from dtfx.backends.sql.program import AssumptionFailed, Dialect, Notify, Program
 from dtfx.backends.sql.transaction import KeptRow
-from dtfx.core.errors import BackendUnavailableError, OrchestrationAlreadyExistsError
+from dtfx.core.errors import BackendUnavailableError
 from dtfx.core.history import ExecutionStarted, HistoryEvent
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
 from dtfx.core.workitems import (
-    UNSTORED_START,
     ActivityResult,
     ActivityWorkItem,
     CommitResult,
-    InboxMessage,
     OrchestrationCheckpoint,
     OrchestrationWorkItem,
 )
@@ -91,15 +88,6 @@ class CoalescedRun:
             self.outcomes.extend([outcome] * len(group))
 
 
-@dataclass(frozen=True)
-class _PendingCreation:
-    """A creation waiting for its work item's first commit: the client awaits ``created``."""
-
-    start: ExecutionStarted
-    lease: NewLease
-    created: asyncio.Future[None]
-
-
 def _resolve(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
     """Give each future its outcome (a result, or an exception to raise), unless its caller gave up."""
     for future, outcome in settled:
@@ -139,9 +127,6 @@ class SqlBackend(Backend):
         self._observed: dict[str, tuple[int, int] | None] = {}
         self._kept_rows: dict[str, KeptRow] = {}
         """The rows of the instances whose lease the last commit of this object kept, as written."""
-        self._pending_lock = threading.Lock()  # commits of chains run on activity threads
-        self._pending: dict[str, _PendingCreation] = {}
-        """The creations waiting for their work item's first commit, by instance id."""
 
     @abstractmethod
     async def _run(
@@ -267,56 +252,6 @@ class SqlBackend(Backend):
         self._kept_rows[outcome.item.instance_id] = outcome.row  # its first commit assumes it
         return outcome.item
 
-    # A new instance with a fresh id that a worker of this process takes (Backend.create_instance)
-    # is created by its work item's first commit: the creation's transaction and the first
-    # step's are one. Its work item's start message is UNSTORED_START, which that commit
-    # consumes without its ever going in. Until then the instance is not in the store, and
-    # the creating client waits; the work item given back before any commit (a worker
-    # stopping, an episode deferred) creates it, then releases it. Only one creation at a
-    # time waits so: the others of a burst are coalesced, many to a transaction, which
-    # costs less than one in each first step's (measured on SQLite: 1,100-1,150/s against
-    # 1,200-1,500/s for the sequence).
-
-    def _create_with_first_commit(
-        self, start: ExecutionStarted, lease: NewLease
-    ) -> tuple[OrchestrationWorkItem, Awaitable[None]] | None:
-        instance_id = start.instance.instance_id
-        created: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        with self._pending_lock:
-            if self._pending:  # a burst of creations: coalesced, they cost less (see above)
-                return None
-            self._pending[instance_id] = _PendingCreation(start, lease, created)
-        item = OrchestrationWorkItem(
-            instance_id=instance_id,
-            lock_token=lease.lock_token,
-            locked_until=lease.locked_until,
-            state=new_instance_state(start, utc_now()),
-            messages=[InboxMessage(UNSTORED_START, start, start.instance.execution_id)],
-            history_size=0,
-            creation_pending=True,
-        )
-        return item, created
-
-    def _pending_of(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> list[_PendingCreation]:
-        """The creations that a commit of ``checkpoints`` makes (those of their work items)."""
-        with self._pending_lock:
-            pending = [self._pending.get(checkpoint.instance_id) for checkpoint in checkpoints]
-        return [
-            creation
-            for creation, checkpoint in zip(pending, checkpoints, strict=True)
-            if creation is not None and creation.lease.lock_token == checkpoint.lock_token
-        ]
-
-    def _settle_creations(self, created: Sequence[_PendingCreation], refused: Mapping[str, Exception]) -> None:
-        """The creations were committed (or ``refused``): let their clients go on."""
-        with self._pending_lock:
-            for creation in created:
-                self._pending.pop(creation.start.instance.instance_id, None)
-        self._settle(
-            [creation.created for creation in created],
-            [refused.get(creation.start.instance.instance_id) for creation in created],
-        )
-
     async def send_event(self, instance_id: str, event: HistoryEvent, *, visible_at: datetime | None = None) -> None:
         error = await self._run_coalesced(SEND_EVENTS, (instance_id, event, visible_at))
         if error is not None:
@@ -373,26 +308,26 @@ class SqlBackend(Backend):
     ) -> list[CommitResult]:
         if not checkpoints:
             return []
-        hopeful, reading, creations = self._commit_programs(checkpoints)
-        if hopeful is not None:
+        kept = self._kept_row(checkpoints)
+        if kept is not None:
             try:
-                return self._remember(checkpoints, creations, await self._run(hopeful, write=True))
-            except AssumptionFailed:  # someone else wrote the row, or has the new id: read it
+                return self._remember(checkpoints, await self._run(self._commit_program(checkpoints, kept), write=True))
+            except AssumptionFailed:  # someone else wrote the row: read it
                 pass
-        return self._remember(checkpoints, creations, await self._run(reading, write=True))
+        return self._remember(checkpoints, await self._run(self._commit_program(checkpoints, None), write=True))
 
     def complete_orchestration_work_items_blocking(
         self, checkpoints: Sequence[OrchestrationCheckpoint]
     ) -> list[CommitResult]:
         if not checkpoints:
             return []
-        hopeful, reading, creations = self._commit_programs(checkpoints)
-        if hopeful is not None:
+        kept = self._kept_row(checkpoints)
+        if kept is not None:
             try:
-                return self._remember(checkpoints, creations, self._run_blocking(hopeful))
-            except AssumptionFailed:  # someone else wrote the row, or has the new id: read it
+                return self._remember(checkpoints, self._run_blocking(self._commit_program(checkpoints, kept)))
+            except AssumptionFailed:  # someone else wrote the row: read it
                 pass
-        return self._remember(checkpoints, creations, self._run_blocking(reading))
+        return self._remember(checkpoints, self._run_blocking(self._commit_program(checkpoints, None)))
 
     def _run_blocking(self, program: Callable[[], Program[T]]) -> T:
         """Run ``program()`` as one durable write transaction on the calling thread, which it
@@ -418,75 +353,32 @@ class SqlBackend(Backend):
             return None
         return row if all(message_id in row.inbox for message_id in checkpoint.consumed) else None
 
-    def _commit_programs(
-        self, checkpoints: Sequence[OrchestrationCheckpoint]
-    ) -> tuple[
-        Callable[[], Program[operations.Commit]] | None,
-        Callable[[], Program[operations.Commit]],
-        list[_PendingCreation],
-    ]:
-        """The programs committing ``checkpoints``: one that assumes what is usual (a kept row
-        unchanged, new ids new), if there is something to assume, and one that reads; and the
-        creations they make."""
-        kept = self._kept_row(checkpoints)
-        creations = self._pending_of(checkpoints)
-        program = partial(
-            operations.complete_orchestration_work_items,
-            self._dialect,
-            checkpoints,
-            creations=[(creation.start, creation.lease) for creation in creations],
-        )
-        hopeful = partial(program, kept) if kept is not None or creations else None
-        return hopeful, partial(program, read_created=True), creations
+    def _commit_program(
+        self, checkpoints: Sequence[OrchestrationCheckpoint], kept: KeptRow | None
+    ) -> Callable[[], Program[tuple[list[CommitResult], dict[str, KeptRow]]]]:
+        return partial(operations.complete_orchestration_work_items, self._dialect, checkpoints, kept)
 
     def _remember(
         self,
         checkpoints: Sequence[OrchestrationCheckpoint],
-        creations: Sequence[_PendingCreation],
-        outcome: operations.Commit,
+        outcome: tuple[list[CommitResult], dict[str, KeptRow]],
     ) -> list[CommitResult]:
-        """Keep the rows of the instances whose lease a commit kept; forget the others'. Settle
-        the creations."""
+        """Keep the rows of the instances whose lease a commit kept; forget the others'."""
+        results, rows = outcome
         for checkpoint in checkpoints:
-            row = outcome.kept.get(checkpoint.instance_id)
+            row = rows.get(checkpoint.instance_id)
             if row is None:
                 self._kept_rows.pop(checkpoint.instance_id, None)
             else:
                 self._kept_rows[checkpoint.instance_id] = row
-        if creations:
-            self._settle_creations(creations, outcome.refused)
-        return outcome.results
+        return results
 
     async def abandon_orchestration_work_item(
         self, item: OrchestrationWorkItem, *, retry_at: datetime | None = None
     ) -> None:
         self._kept_rows.pop(item.instance_id, None)
-        if item.creation_pending and not await self._create_pending(item):
-            return
         program = partial(operations.abandon_orchestration_work_item, self._dialect, item, retry_at)
         await self._run(program, write=True)
-
-    async def _create_pending(self, item: OrchestrationWorkItem) -> bool:
-        """Create the instance of a work item given back before its first commit, leased to it
-        as it would have been had it been created first; whether it was (the creating client
-        gets the error otherwise). ``True`` also if a commit created it meanwhile."""
-        with self._pending_lock:
-            creation = self._pending.get(item.instance_id)
-        if creation is None or creation.lease.lock_token != item.lock_token:
-            return True
-        try:
-            created = await self._create_instance(creation.start, None, None, creation.lease)
-        except OrchestrationAlreadyExistsError:
-            # No other instance has a fresh id: a first commit reported lost in flight was
-            # committed after all. The abandonment gives its lease back, if it holds.
-            self._settle_creations([creation], {})
-            return True
-        except Exception as error:
-            self._settle_creations([creation], {item.instance_id: error})
-            return False
-        self._kept_rows.pop(item.instance_id, None)  # the work item ends here
-        self._settle_creations([creation], {})
-        return created is not None
 
     async def renew_orchestration_lease(self, item: OrchestrationWorkItem, lock_for: timedelta) -> bool:
         return await self._renew(item, partial(operations.renew_orchestration_lease, item, lock_for))

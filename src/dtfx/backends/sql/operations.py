@@ -29,7 +29,6 @@ from dtfx.core.history import TERMINAL_STATUSES, ExecutionStarted, HistoryEvent,
 from dtfx.core.instance_ids import is_entity_id
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
 from dtfx.core.workitems import (
-    UNSTORED_START,
     ActivityResult,
     ActivityTask,
     ActivityWorkItem,
@@ -281,57 +280,19 @@ def release_empty_work_items(items: Sequence[OrchestrationWorkItem]) -> Program[
     )
 
 
-@dataclass(frozen=True)
-class Commit:
-    """What a commit of checkpoints did: each one's result, the rows of the instances whose
-    lease was kept, and the creations it refused (by instance id)."""
-
-    results: list[CommitResult]
-    kept: dict[str, KeptRow]
-    refused: dict[str, OrchestrationAlreadyExistsError]
-
-
 def complete_orchestration_work_items(
-    dialect: Dialect,
-    checkpoints: Sequence[OrchestrationCheckpoint],
-    kept: KeptRow | None = None,
-    creations: Sequence[tuple[ExecutionStarted, NewLease]] = (),
-    *,
-    read_created: bool = False,
-) -> Program[Commit]:
-    """Commit the checkpoints. ``kept``: the row of the (only) checkpoint's instance as the commit
-    before left it, taken as it is unless it changed since (:meth:`HubTransaction.assume`).
-
-    ``creations``: instances created first, leased to checkpoints of this commit that consume
-    their start (work items with :attr:`~OrchestrationWorkItem.creation_pending`). They are
-    assumed new, unless ``read_created``; one that exists is refused, and so its checkpoint is
-    lost (its lease is not the instance's).
-    """
+    dialect: Dialect, checkpoints: Sequence[OrchestrationCheckpoint], kept: KeptRow | None = None
+) -> Program[tuple[list[CommitResult], dict[str, KeptRow]]]:
+    """Commit the checkpoints; return what happened to each, and the rows of the instances
+    whose lease was kept. ``kept``: the row of the (only) checkpoint's instance as the commit
+    before left it, taken as it is unless it changed since (:meth:`HubTransaction.assume`)."""
     transaction = HubTransaction(dialect, utc_now())
     if kept is not None:
         yield from transaction.assume(kept)
-    created = [start.instance.instance_id for start, _ in creations]
-    if read_created:
-        yield from transaction.load(created)
-    elif created:
-        transaction.assume_absent(created)
-    refused: dict[str, OrchestrationAlreadyExistsError] = {}
-    for start, lease in creations:
-        instance_id = start.instance.instance_id
-        existing = transaction.state(instance_id)
-        if existing is None:
-            transaction.create(start, lease=lease, taken=True)
-        else:
-            refused[instance_id] = OrchestrationAlreadyExistsError(instance_id, existing.runtime_status)
     yield from transaction.load(
         [checkpoint.instance_id for checkpoint in checkpoints]
         + [message.instance_id for checkpoint in checkpoints for message in checkpoint.messages],
-        consumable=[
-            message_id
-            for checkpoint in checkpoints
-            for message_id in checkpoint.consumed
-            if message_id != UNSTORED_START
-        ],
+        consumable=[message_id for checkpoint in checkpoints for message_id in checkpoint.consumed],
     )
     committed: list[bool] = []
     for checkpoint in checkpoints:
@@ -345,7 +306,7 @@ def complete_orchestration_work_items(
         else CommitResult.LEASE_KEPT
         for done, checkpoint in zip(committed, checkpoints, strict=True)
     ]
-    return Commit(results, transaction.kept, refused)
+    return results, transaction.kept
 
 
 def abandon_orchestration_work_item(

@@ -62,7 +62,7 @@ from dtfx.backends.sql.rows import (
 )
 from dtfx.core.history import ExecutionStarted, HistoryEvent, OrchestrationStatus, encode_event
 from dtfx.core.state import OrchestrationState
-from dtfx.core.workitems import UNSTORED_START, ActivityTask, MessageId, OrchestrationCheckpoint, OutboundMessage
+from dtfx.core.workitems import ActivityTask, MessageId, OrchestrationCheckpoint, OutboundMessage
 
 # What flush writes, as (table and) columns: the dialect makes the statements.
 _INSTANCE_COLUMNS = (*STATE_COLUMNS, "is_entity", "history_size", "next_visible_at", "lock_token", "locked_until")
@@ -273,24 +273,16 @@ class HubTransaction:
     # -- changing ----------------------------------------------------------------------------
 
     def create(
-        self,
-        start: ExecutionStarted,
-        scheduled_start_at: datetime | None = None,
-        lease: NewLease | None = None,
-        *,
-        taken: bool = False,
+        self, start: ExecutionStarted, scheduled_start_at: datetime | None = None, lease: NewLease | None = None
     ) -> None:
         """Create or replace the instance of ``start`` (loaded), leased by ``lease`` if given, and
-        put ``start`` in its inbox; ``taken``: a checkpoint of this transaction under ``lease``
-        consumes the start (as :data:`~dtfx.core.workitems.UNSTORED_START`), so it never
-        goes in."""
+        put ``start`` in its inbox."""
         instance_id = start.instance.instance_id
         instance = self._replace(new_instance_state(start, self.now, scheduled_start_at))
         if lease is not None:
             instance.lock_token = lease.lock_token
             self._new_leases[instance_id] = to_micros(lease.locked_until)
-        if not taken:
-            self._enqueue(instance_id, start, start.instance.execution_id, scheduled_start_at or self.now)
+        self._enqueue(instance_id, start, start.instance.execution_id, scheduled_start_at or self.now)
 
     def holds(self, instance_id: str, lease: NewLease) -> bool:
         """Whether the instance is leased by ``lease`` as this transaction leaves it."""
@@ -322,7 +314,7 @@ class HubTransaction:
         for sequence, event in enumerate(checkpoint.new_history, instance.history_size):
             writes.history.append((sequence, event))
         instance.history_size += len(checkpoint.new_history)
-        writes.consumed.extend(message_id for message_id in checkpoint.consumed if message_id != UNSTORED_START)
+        writes.consumed.extend(checkpoint.consumed)
         reused = {id(task) for _, task in recycled} if recycled else ()
         for task in checkpoint.activity_tasks:
             if id(task) not in reused:
@@ -434,9 +426,7 @@ class HubTransaction:
                 if ready and instance.lock_token is None:
                     kinds.add(work_kind_of(instance_id))
                 if writes.new_row:
-                    leased_until = None  # or until the new lease ends, unless a checkpoint here kept it
-                    if instance.lock_token is not None:
-                        leased_until = kept_until if kept_until is not None else self._new_leases[instance_id]
+                    leased_until = None if instance.lock_token is None else self._new_leases[instance_id]
                     lease = (instance.lock_token, leased_until)
                     values = (*state_values(state), instance.history_size, next_visible_at, *lease)
                     if instance.in_db:
