@@ -1,4 +1,4 @@
-"""The garbage collector's pace while a worker runs.
+"""The garbage collector's pace while a worker (or a sidecar server) runs.
 
 Python's cyclic garbage collector collects its youngest generation after every 700 net
 allocations of container objects, and what survives two such collections moves on to the
@@ -11,7 +11,8 @@ and 29% with 20,000, then in 53 full collections of 73-125 ms each.
 So while a worker runs, the youngest generation's threshold is 10,000, if the process
 still has Python's default thresholds: young objects then mostly die before a collection
 looks at them, and few reach the oldest generation. A process that has set its own
-thresholds keeps them, and the defaults come back when the last worker stops.
+thresholds keeps them, and the defaults come back when the last worker stops. The gRPC
+sidecar server holds the same pace while it runs (a worker for SDK workers).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The garbage collector's pace while workers run (:mod:`dtfx._collector`)."""
+"""The garbage collector's pace while workers and sidecar servers run (:mod:`dtfx._collector`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 import dtfx
 from dtfx._collector import PYTHON_DEFAULT, WHILE_RUNNING
+from dtfx.grpc import SidecarOptions, SidecarServer
 
 
 @pytest.fixture(autouse=True)
@@ -51,4 +52,15 @@ async def test_thresholds_the_process_set_itself_are_kept() -> None:
 
 async def test_a_worker_told_not_to_leaves_the_collector_alone() -> None:
     async with dtfx.Worker(dtfx.MemoryBackend(), options=dtfx.WorkerOptions(tune_gc=False)):
+        assert gc.get_threshold() == PYTHON_DEFAULT
+
+
+async def test_a_running_sidecar_server_holds_the_pace_as_a_worker_does() -> None:
+    async with SidecarServer(dtfx.MemoryBackend(), port=0):
+        assert gc.get_threshold() == WHILE_RUNNING
+        async with dtfx.Worker(dtfx.MemoryBackend()):
+            assert gc.get_threshold() == WHILE_RUNNING
+        assert gc.get_threshold() == WHILE_RUNNING  # the server still runs
+    assert gc.get_threshold() == PYTHON_DEFAULT
+    async with SidecarServer(dtfx.MemoryBackend(), port=0, options=SidecarOptions(tune_gc=False)):
         assert gc.get_threshold() == PYTHON_DEFAULT

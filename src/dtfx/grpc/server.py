@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+from dtfx import _collector as collector
 from dtfx._portal import BackgroundRunnable
 from dtfx.backends import open_backend
 from dtfx.backends.base import Backend
@@ -86,6 +87,7 @@ class SidecarServer(BackgroundRunnable):
         self._server: grpc.aio.Server | None = None
         self._dispatchers: RemoteDispatchers | None = None
         self._hub: WorkerHub | None = None
+        self._holds_gc = False
 
     @property
     def address(self) -> str:
@@ -123,6 +125,9 @@ class SidecarServer(BackgroundRunnable):
         self._dispatchers = RemoteDispatchers(self.backend, hub, self.options)
         self._dispatchers.start()
         self._hub, self._server = hub, server
+        if self.options.tune_gc:
+            collector.hold()
+            self._holds_gc = True
         logger.info(
             "Sidecar listening on %s (%s) over %s",
             self.address,
@@ -158,6 +163,9 @@ class SidecarServer(BackgroundRunnable):
         await self._dispatchers.stop(grace)
         self._hub.close_all()
         await server.stop(grace)
+        if self._holds_gc:
+            collector.release()
+            self._holds_gc = False
         if self._owns_backend:
             await self.backend.close()
         logger.info("Sidecar stopped")
