@@ -30,8 +30,28 @@ _holders = 0
 _raised = False
 
 
-def hold() -> None:
-    """A worker starts: raise the threshold, unless the process has thresholds of its own."""
+class Hold:
+    """A worker's (or a server's) hold on the pace: taken at most once, and given back only
+    if taken, however often its owner starts and stops."""
+
+    def __init__(self) -> None:
+        self._held = False
+
+    def take(self) -> None:
+        """The owner starts: raise the threshold, unless the process has thresholds of its own."""
+        if not self._held:
+            _hold()
+            self._held = True
+
+    def give_back(self) -> None:
+        """The owner stops: the last holder puts Python's defaults back, unless the process has
+        set other thresholds meanwhile."""
+        if self._held:
+            _release()
+            self._held = False
+
+
+def _hold() -> None:
     global _holders, _raised
     with _lock:
         _holders += 1
@@ -40,9 +60,7 @@ def hold() -> None:
             _raised = True
 
 
-def release() -> None:
-    """A worker that held the pace stops: the last one puts Python's defaults back, unless
-    the process has set other thresholds meanwhile."""
+def _release() -> None:
     global _holders, _raised
     with _lock:
         _holders -= 1

@@ -87,7 +87,7 @@ class SidecarServer(BackgroundRunnable):
         self._server: grpc.aio.Server | None = None
         self._dispatchers: RemoteDispatchers | None = None
         self._hub: WorkerHub | None = None
-        self._holds_gc = False
+        self._gc_pace = collector.Hold()
 
     @property
     def address(self) -> str:
@@ -126,8 +126,7 @@ class SidecarServer(BackgroundRunnable):
         self._dispatchers.start()
         self._hub, self._server = hub, server
         if self.options.tune_gc:
-            collector.hold()
-            self._holds_gc = True
+            self._gc_pace.take()
         logger.info(
             "Sidecar listening on %s (%s) over %s",
             self.address,
@@ -163,9 +162,7 @@ class SidecarServer(BackgroundRunnable):
         await self._dispatchers.stop(grace)
         self._hub.close_all()
         await server.stop(grace)
-        if self._holds_gc:
-            collector.release()
-            self._holds_gc = False
+        self._gc_pace.give_back()
         if self._owns_backend:
             await self.backend.close()
         logger.info("Sidecar stopped")

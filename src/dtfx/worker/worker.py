@@ -85,7 +85,7 @@ class Worker(BackgroundRunnable):
         self._thread_pool: ThreadPoolExecutor | None = None
         self._runner: LocalRunner | None = None
         self._intake: NewInstanceIntake | None = None
-        self._holds_gc = False
+        self._gc_pace = collector.Hold()
         self._started = False
 
     # -- registration ---------------------------------------------------------------------
@@ -201,8 +201,7 @@ class Worker(BackgroundRunnable):
         if self.backend.attach_intake(intake):
             self._intake = intake
         if options.tune_gc:
-            collector.hold()
-            self._holds_gc = True
+            self._gc_pace.take()
         self._started = True
         logger.info(
             "Worker started on %s with %d orchestrator(s), %d activity(ies) and %d entity(ies)",
@@ -238,9 +237,7 @@ class Worker(BackgroundRunnable):
         if not self._started:
             return
         self._started = False
-        if self._holds_gc:
-            collector.release()
-            self._holds_gc = False
+        self._gc_pace.give_back()
         if self._intake is not None:
             self.backend.detach_intake(self._intake)
             self._intake = None
