@@ -18,6 +18,7 @@ import dtfx
 from dtfx.backends import postgres
 from dtfx.backends.base import utc_now
 from dtfx.backends.postgres import PostgresBackend
+from dtfx.backends.sql.program import Fetch, Program
 from dtfx.core.errors import BackendUnavailableError
 from dtfx.core.history import TaskCompleted, TaskScheduled
 from dtfx.core.workitems import ActivityResult, ActivityTask, CommitResult
@@ -173,6 +174,58 @@ async def test_a_closed_pool_is_reported_at_once_as_the_backend_being_closed(cap
     finally:
         await backend.close()
     assert [record.getMessage() for record in caplog.records if "retrying" in record.getMessage()] == []
+
+
+def _slow_watch_rounds(monkeypatch: pytest.MonkeyPatch, seconds: float) -> tuple[threading.Event, list[str]]:
+    """Watch rounds every 10 ms that each take ``seconds`` on the server: the event is set when
+    one is under way; the list says which rounds ended."""
+    under_way = threading.Event()
+    ended: list[str] = []
+
+    def slow_round(self: PostgresBackend) -> tuple[list[str], Any]:
+        def program() -> Program[dict[str, tuple[int, int]]]:
+            under_way.set()
+            yield Fetch("SELECT pg_sleep(?)", (seconds,))
+            ended.append("round")
+            return {}
+
+        return [], program
+
+    monkeypatch.setattr(PostgresBackend, "poll_interval", 0.01)
+    monkeypatch.setattr(PostgresBackend, "_watch_round", slow_round)
+    return under_way, ended
+
+
+def _discarded_connections(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if "discarding closed connection" in record.getMessage()]
+
+
+async def test_close_lets_a_watch_round_under_way_end_rather_than_cut_its_connection(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Cut off, the round's pipeline closes its connection and the pool warns as it discards it.
+    under_way, ended = _slow_watch_rounds(monkeypatch, 0.3)
+    caplog.set_level(logging.WARNING)
+    backend = PostgresBackend(postgres_url())
+    try:
+        await backend.start()
+        assert await asyncio.to_thread(under_way.wait, 10)
+    finally:
+        await backend.close()
+    assert _discarded_connections(caplog) == []
+    assert ended == ["round"]
+
+
+async def test_close_cuts_off_a_watch_round_that_outlasts_its_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    under_way, ended = _slow_watch_rounds(monkeypatch, 20)
+    monkeypatch.setattr(postgres, "_WATCHER_GRACE", 0.1)
+    backend = PostgresBackend(postgres_url())
+    try:
+        await backend.start()
+        assert await asyncio.to_thread(under_way.wait, 10)
+    finally:
+        await asyncio.wait_for(backend.close(), 10)  # not the round's 20 s
+    assert ended == []
 
 
 async def test_a_failed_start_closes_both_pools_and_the_next_start_begins_afresh(

@@ -86,6 +86,7 @@ dead within about a minute, instead of the system's defaults (two hours for an i
 connection, a quarter of an hour of retransmissions for one that waits for its data to
 be acknowledged). Then a transaction fails as on any lost connection, and a blocking
 commit does not hold its thread for hours. Unix-socket connections ignore them."""
+_WATCHER_GRACE = 1.0  # seconds close() waits for a watch round under way to end
 _LISTENERS = 0x64746678  # "dtfx": the class of the advisory locks by which listeners show themselves
 _KIND_CODES = {WorkKind.ORCHESTRATION: "o", WorkKind.ACTIVITY: "a", WorkKind.ENTITY: "e"}
 _CODE_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
@@ -314,6 +315,7 @@ class PostgresBackend(SqlBackend):
         self._listener_pid = 0  # the server process of this object's notification connection
         self._listeners_key = zlib.crc32(self.schema.encode()) & 0x7FFFFFFF  # this hub's listener locks
         self._watcher: asyncio.Task[None] | None = None
+        self._watch_ends: asyncio.Event | None = None  # set by close(): the watcher ends between rounds
         self._closed = False
 
     @property
@@ -479,7 +481,8 @@ class PostgresBackend(SqlBackend):
             await pool.close()
             raise
         self._listener = asyncio.create_task(self._listen())
-        self._watcher = asyncio.create_task(self._watch())
+        self._watch_ends = asyncio.Event()
+        self._watcher = asyncio.create_task(self._watch(self._watch_ends))
         await self._look_for_listeners()
         logger.debug("PostgreSQL task hub %r ready", self.schema)
 
@@ -492,11 +495,17 @@ class PostgresBackend(SqlBackend):
         return version
 
     async def _shut_down(self) -> None:
-        tasks = [task for task in (self._listener, self._watcher) if task is not None]
-        self._listener = self._watcher = None
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        listener, watcher, watch_ends = self._listener, self._watcher, self._watch_ends
+        self._listener = self._watcher = self._watch_ends = None
+        if listener is not None:
+            listener.cancel()  # its connection is its own: nothing of the pool's is cut off
+        if watcher is not None and watch_ends is not None:
+            # A round cut off mid-transaction would close its connection, and the pool warn
+            # of it: the watcher is given a moment to end between rounds first.
+            watch_ends.set()
+            await asyncio.wait({watcher}, timeout=_WATCHER_GRACE)
+            watcher.cancel()
+        await asyncio.gather(*(task for task in (listener, watcher) if task is not None), return_exceptions=True)
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -651,10 +660,14 @@ class PostgresBackend(SqlBackend):
             self._postgres_dialect.others_listening = True
             logger.debug("Looking for other listeners failed", exc_info=True)
 
-    async def _watch(self) -> None:
-        """A watch round every poll interval (see :class:`SqlBackend`); it catches what notifications miss."""
+    async def _watch(self, ends: asyncio.Event) -> None:
+        """A watch round every poll interval (see :class:`SqlBackend`), until ``ends`` is set;
+        it catches what notifications miss."""
         while True:
-            await asyncio.sleep(self.poll_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ends.wait(), self.poll_interval)
+            if ends.is_set():
+                return
             await self._look_for_listeners()
             watch = self._watch_round()
             if watch is None:
