@@ -228,6 +228,38 @@ async def test_close_cuts_off_a_watch_round_that_outlasts_its_grace(monkeypatch:
     assert ended == []
 
 
+async def _hub_connections(schema: str) -> int:
+    """How many server connections of the task hub ``schema`` remain, once those closed have gone."""
+    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as watcher:
+        for _ in range(100):  # a closed connection's server process takes a moment to leave
+            cursor = await watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (f"dtfx:{schema}",)
+            )
+            row = await cursor.fetchone()
+            assert row is not None
+            if row[0] == 0:
+                return 0
+            await asyncio.sleep(0.05)
+        return int(row[0])
+
+
+async def test_close_closes_the_connections_of_a_loop_that_has_ended() -> None:
+    # The loop that starts the backend runs its transactions on a pool of its own, which
+    # belongs to that loop: here it ends (asyncio.run in a thread) before close() runs.
+    backend = PostgresBackend(postgres_url())
+
+    async def read_on_a_loop_of_its_own() -> None:
+        assert await backend.get_instance("absent") is None
+        assert backend._home_pool is not None
+
+    try:
+        await asyncio.to_thread(asyncio.run, read_on_a_loop_of_its_own())
+        assert await backend.get_instance("absent") is None  # through the backend's own thread
+    finally:
+        await backend.close()
+    assert await _hub_connections(backend.schema) == 0
+
+
 async def test_a_failed_start_closes_both_pools_and_the_next_start_begins_afresh(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -238,8 +270,8 @@ async def test_a_failed_start_closes_both_pools_and_the_next_start_begins_afresh
     async def refuse(*args: Any, **kwargs: Any) -> None:
         raise psycopg.OperationalError("connection refused")
 
-    def pool_of_a_start_that_fails() -> AsyncConnectionPool:
-        pool = new_pool()
+    def pool_of_a_start_that_fails(**options: Any) -> AsyncConnectionPool:
+        pool = new_pool(**options)
         pools.append(pool)
         if len(pools) == 2:  # the pool of the loop that starts the backend, after the driver's
             monkeypatch.setattr(pool, "open", refuse)

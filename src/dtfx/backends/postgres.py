@@ -38,8 +38,9 @@ import re
 import threading
 import time
 import uuid
+import weakref
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from itertools import chain
 from typing import Any, TypeVar
@@ -306,6 +307,8 @@ class PostgresBackend(SqlBackend):
         # itself, on a pool of its own: no hop to the driver thread.
         self._home: asyncio.AbstractEventLoop | None = None
         self._home_pool: AsyncConnectionPool | None = None
+        # Closed by close() itself if the home loop has ended: the pool's close() needs that loop.
+        self._home_connections: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
         self._home_tasks: set[asyncio.Task[None]] = set()
         self._blocking_pool: ConnectionPool | None = None
         self._blocking_lock = threading.Lock()
@@ -345,7 +348,7 @@ class PostgresBackend(SqlBackend):
     async def _open_home_pool(self) -> None:
         """Open the pool on which the loop that starts the backend runs its own transactions."""
         self._home = asyncio.get_running_loop()
-        pool = self._new_pool()
+        pool = self._new_pool(configure=self._adopt_home_connection)
         try:
             await pool.open(wait=True, timeout=10.0)
         except BaseException as error:
@@ -379,6 +382,9 @@ class PostgresBackend(SqlBackend):
                     await home_pool.close()
                 elif home.is_running():
                     await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(home_pool.close(), home))
+                else:  # the loop has ended, and the pool's tasks with it: its connections are closed here
+                    for connection in list(self._home_connections):
+                        await connection.close()
         finally:
             if driver is not None:
                 await self._stop_driver(driver)
@@ -451,7 +457,9 @@ class PostgresBackend(SqlBackend):
         options = f"-c search_path={self.schema} -c plan_cache_mode=force_generic_plan -c enable_seqscan=off"
         return {"autocommit": True, "options": options}
 
-    def _new_pool(self) -> AsyncConnectionPool:
+    def _new_pool(
+        self, configure: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None
+    ) -> AsyncConnectionPool:
         return AsyncConnectionPool(
             self._conninfo,
             min_size=self._pool_min_size,
@@ -460,7 +468,11 @@ class PostgresBackend(SqlBackend):
             name=f"dtfx-{self.schema}",
             timeout=10.0,
             open=False,
+            configure=configure,
         )
+
+    async def _adopt_home_connection(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        self._home_connections.add(connection)
 
     async def _open(self) -> None:
         if self._pool is not None:
