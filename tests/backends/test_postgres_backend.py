@@ -260,6 +260,27 @@ async def test_close_closes_the_connections_of_a_loop_that_has_ended() -> None:
     assert await _hub_connections(backend.schema) == 0
 
 
+async def test_close_from_another_loop_does_not_wait_forever_for_a_home_loop_that_is_blocked(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # This test's loop starts the backend, then blocks until a close() on another thread
+    # returns: that close() cannot have this loop close its pool.
+    monkeypatch.setattr(postgres, "_HOME_POOL_GRACE", 0.2)
+    caplog.set_level(logging.WARNING)
+    backend = PostgresBackend(postgres_url())
+    await backend.start()
+    pool = backend._home_pool
+    assert pool is not None
+    closing = threading.Thread(target=asyncio.run, args=(backend.close(),))
+    closing.start()
+    closing.join(10)  # blocks this loop
+    assert not closing.is_alive()
+    assert await _hub_connections(backend.schema) == 0
+    assert any("did not close its pool" in record.getMessage() for record in caplog.records)
+    await asyncio.sleep(0.1)  # the pool's own close(), left to this loop, runs now
+    assert pool.closed
+
+
 async def test_a_failed_start_closes_both_pools_and_the_next_start_begins_afresh(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -41,7 +41,7 @@ import uuid
 import weakref
 import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent import futures
 from itertools import chain
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -88,6 +88,7 @@ connection, a quarter of an hour of retransmissions for one that waits for its d
 be acknowledged). Then a transaction fails as on any lost connection, and a blocking
 commit does not hold its thread for hours. Unix-socket connections ignore them."""
 _WATCHER_GRACE = 1.0  # seconds close() waits for a watch round under way to end
+_HOME_POOL_GRACE = 5.0  # seconds close(), on another loop, waits for the home loop to close its pool
 _LISTENERS = 0x64746678  # "dtfx": the class of the advisory locks by which listeners show themselves
 _KIND_CODES = {WorkKind.ORCHESTRATION: "o", WorkKind.ACTIVITY: "a", WorkKind.ENTITY: "e"}
 _CODE_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
@@ -301,7 +302,7 @@ class PostgresBackend(SqlBackend):
         self._pool_max_size = max(pool_options.get("max_size", 10), self._pool_min_size)
         self._lock = threading.Lock()
         self._driver: LoopThread | None = None
-        self._startup: Future[None] | None = None
+        self._startup: futures.Future[None] | None = None
         self._pool: AsyncConnectionPool | None = None
         # The loop that started the backend (a worker's, usually) runs its transactions
         # itself, on a pool of its own: no hop to the driver thread.
@@ -381,13 +382,32 @@ class PostgresBackend(SqlBackend):
                 if home is asyncio.get_running_loop():
                     await home_pool.close()
                 elif home.is_running():
-                    await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(home_pool.close(), home))
+                    await self._close_home_pool_on(home, home_pool)
                 else:  # the loop has ended, and the pool's tasks with it: its connections are closed here
-                    for connection in list(self._home_connections):
-                        await connection.close()
+                    await self._close_home_connections()
         finally:
             if driver is not None:
                 await self._stop_driver(driver)
+
+    async def _close_home_pool_on(self, home: asyncio.AbstractEventLoop, pool: AsyncConnectionPool) -> None:
+        """Have the home loop close its pool; if it does not in time (blocked, perhaps on this
+        very close()), close the pool's connections here, and let the pool's own close() run
+        whenever that loop is free again."""
+        closing = asyncio.run_coroutine_threadsafe(pool.close(), home)
+        done, _ = await asyncio.to_thread(futures.wait, [closing], _HOME_POOL_GRACE)
+        if done:
+            closing.result()
+            return
+        logger.warning(
+            "The event loop that started this PostgreSQL backend did not close its pool within %.0f s"
+            " (is it blocked, waiting for this close()?); closing the pool's connections here",
+            _HOME_POOL_GRACE,
+        )
+        await self._close_home_connections()
+
+    async def _close_home_connections(self) -> None:
+        for connection in list(self._home_connections):
+            await connection.close()
 
     async def _stop_driver(self, driver: LoopThread) -> None:
         """Close what the driver's loop opened (pool, listener, watcher) and stop its thread, if
