@@ -169,13 +169,19 @@ async def test_scheduled_start_is_invisible_until_due(backend: Backend) -> None:
 
 
 class _Intake:
-    """An :class:`~dtfx.backends.base.Intake` that takes what ``takes`` says, and records the rest."""
+    """An :class:`~dtfx.backends.base.Intake` that takes what ``takes`` says, and records the rest;
+    with ``gone``, its worker goes away between the offer and the work item."""
 
     def __init__(
-        self, takes: Callable[[ExecutionStarted], bool] = lambda start: True, lease: timedelta = LEASE
+        self,
+        takes: Callable[[ExecutionStarted], bool] = lambda start: True,
+        lease: timedelta = LEASE,
+        *,
+        gone: bool = False,
     ) -> None:
         self.takes = takes
         self.lease = lease
+        self.gone = gone
         self.offered: list[str] = []
         self.accepted: list[OrchestrationWorkItem] = []
         self.declined = 0
@@ -184,8 +190,9 @@ class _Intake:
         self.offered.append(start.instance.instance_id)
         return self.lease if self.takes(start) else None
 
-    def accept(self, item: OrchestrationWorkItem) -> None:
+    def accept(self, item: OrchestrationWorkItem) -> bool:
         self.accepted.append(item)
+        return not self.gone
 
     def decline(self) -> None:
         self.declined += 1
@@ -236,6 +243,16 @@ async def test_an_instance_taken_by_an_intake_that_went_away_is_leased_again_whe
     item = await lock_one(backend, "a")
     assert [m.event for m in item.messages] == [m.event for m in taken.messages]
     assert await backend.complete_orchestration_work_items([checkpoint_for(taken)]) == [CommitResult.LOST]
+
+
+async def test_an_instance_whose_intake_can_no_longer_take_it_is_given_back_at_once(backend: Backend) -> None:
+    intake = _Intake(lease=timedelta(hours=1), gone=True)
+    backend.attach_intake(intake)
+    await backend.create_instance(start_event("a"))
+    backend.detach_intake(intake)
+    [offered] = intake.accepted
+    item = await lock_one(backend, "a")  # not after the hour's lease
+    assert [m.event for m in item.messages] == [m.event for m in offered.messages]
 
 
 @pytest.mark.parametrize("keep_lease", [False, True], ids=["released", "kept"])

@@ -577,8 +577,9 @@ class _TakeAll:
     def offer(self, start: ExecutionStarted) -> timedelta | None:
         return LEASE
 
-    def accept(self, item: OrchestrationWorkItem) -> None:
+    def accept(self, item: OrchestrationWorkItem) -> bool:
         self.accepted.append(item)
+        return True
 
     def decline(self) -> None:
         raise AssertionError("nothing is declined here")

@@ -192,20 +192,24 @@ async def test_instances_created_on_the_workers_loop_are_taken_while_a_slot_is_f
     assert state is not None and state.runtime_status == dtfx.OrchestrationStatus.PENDING
 
 
-async def test_instances_created_on_another_loop_are_left_to_the_dispatcher() -> None:
+async def test_instances_created_on_another_loop_are_taken_as_well() -> None:
     app = dtfx.App()
 
     @app.orchestrator
-    def simple(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
-        return "ok"
+    def waits(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.wait_for_external_event("go"))
 
     backend = FetchRecordingBackend()
     async with dtfx.Worker(backend, app=app):
         with dtfx.Client(backend) as client:  # its own loop, on its own thread
-            instance_id = await asyncio.to_thread(client.schedule_new_orchestration, simple)
-            state = await asyncio.to_thread(client.wait_for_orchestration_completion, instance_id, timeout=10)
-    assert state is not None and state.get_output() == "ok"
-    assert (backend.taken, backend.fetched) == ([], [instance_id])
+            ids = [await asyncio.to_thread(client.schedule_new_orchestration, waits) for _ in range(3)]
+            for instance_id in ids:
+                await asyncio.to_thread(client.wait_for_orchestration_start, instance_id, timeout=10)
+                await asyncio.to_thread(client.raise_orchestration_event, instance_id, "go", data=instance_id)
+                state = await asyncio.to_thread(client.wait_for_orchestration_completion, instance_id, timeout=10)
+                assert state is not None and state.get_output() == instance_id
+    assert backend.taken == ids
+    assert sorted(backend.fetched) == sorted(ids)  # each for its event only
 
 
 @pytest.mark.parametrize(

@@ -75,10 +75,12 @@ class Intake(Protocol):
 
     def offer(self, start: ExecutionStarted) -> timedelta | None:
         """Whether to take the instance ``start`` creates, which is due now: if so (a slot is
-        taken for it), how long to lease it for."""
+        taken for it), how long to lease it for. All three methods are called on the
+        creating client's event loop, which may run on another thread than the worker's."""
 
-    def accept(self, item: OrchestrationWorkItem) -> None:
-        """Process the work item of the instance offered, created leased to it."""
+    def accept(self, item: OrchestrationWorkItem) -> bool:
+        """Process the work item of the instance offered, created leased to it; False if it
+        no longer can (its worker has gone), and the creator gives the lease back."""
 
     def decline(self) -> None:
         """Give back the slot of an offered instance that was not created leased to it."""
@@ -162,8 +164,8 @@ class Backend(ABC):
             raise
         if item is None:  # created, then replaced by a creation coalesced with it
             intake.decline()
-        else:
-            intake.accept(item)
+        elif not intake.accept(item):
+            await self.abandon_orchestration_work_item(item)
 
     @abstractmethod
     async def _create_instance(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -83,6 +84,7 @@ class WorkItemDispatcher(Generic[T]):
         self._running = False
         self._in_flight: dict[asyncio.Task[None], T] = {}
         self._reserved = 0
+        self._reserving = threading.Lock()  # slots are reserved on any thread (see reserve_slot)
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
@@ -103,21 +105,25 @@ class WorkItemDispatcher(Generic[T]):
         return self._reserved
 
     def reserve_slot(self) -> bool:
-        """Take a concurrency slot for work done outside the fetch loop; False if none is free."""
-        if len(self._in_flight) + self._reserved >= self._max_concurrent:
-            return False
-        self._reserved += 1
-        return True
+        """Take a concurrency slot for work done outside the fetch loop; False if none is free.
+        Unlike the other methods, it may be called on any thread."""
+        with self._reserving:
+            if len(self._in_flight) + self._reserved >= self._max_concurrent:
+                return False
+            self._reserved += 1
+            return True
 
     def free_slot(self) -> None:
         """Give back a slot taken with :meth:`reserve_slot`."""
-        self._reserved -= 1
+        with self._reserving:
+            self._reserved -= 1
         self._slot_freed.set()
 
     def adopt(self, item: T, work: Awaitable[None]) -> None:
         """Process ``item`` with ``work`` in a slot taken with :meth:`reserve_slot`, as if
         this dispatcher had fetched it (errors, back-off and shutdown alike)."""
-        self._reserved -= 1
+        with self._reserving:
+            self._reserved -= 1
         task = asyncio.create_task(self._run(item, work))
         self._in_flight[task] = item
 

@@ -1,15 +1,24 @@
 """New instances from this process's own clients, taken at once (see :class:`~dtfx.backends.base.Intake`).
 
-A client that shares its backend object and event loop with a worker creates an instance
-already leased to that worker, whose orchestration dispatcher then processes it without
-looking for it: the lease transaction and the dispatcher's wake-up are saved. The worker
-takes only instances of orchestrators it has, and only while it has a free slot; the
-others are created as usual, for whichever worker looks first.
+A client that shares its backend object with a worker creates an instance already leased
+to that worker, whose orchestration dispatcher then processes it without looking for it:
+the lease transaction and the dispatcher's wake-up are saved. The worker takes only
+instances of orchestrators it has, and only while it has a free slot; the others are
+created as usual, for whichever worker looks first.
+
+The client may run on the worker's event loop or on another one (a sync
+:class:`~dtfx.Client`'s, on its own thread): then the work item goes to the worker's loop
+with ``call_soon_threadsafe``. One that reaches that loop after its worker stopped is
+released, as on the worker's own loop; one that arrives once the loop has closed is
+abandoned by the creating backend (:meth:`~dtfx.backends.base.Backend.create_instance`).
+One handed over in the moment between the worker's stop and its loop's close is dropped
+with the loop: its instance waits for the lease to expire, as after a crash.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
 
@@ -36,19 +45,35 @@ class NewInstanceIntake:
         self._lease = lease
         self._loop = asyncio.get_running_loop()
 
+    # Called by Backend.create_instance, a coroutine: on the creating client's loop, this
+    # worker's or another.
+
     def offer(self, start: ExecutionStarted) -> timedelta | None:
-        # Offered by Backend.create_instance, a coroutine: on the creating client's loop.
         if (
-            asyncio.get_running_loop() is not self._loop
-            or start.name not in self._orchestrators
-            or not self._dispatcher.reserve_slot()
+            start.name not in self._orchestrators
+            or not self._loop.is_running()
+            or not self._dispatcher.reserve_slot()  # safe on any thread
         ):
             return None
         return self._lease
 
-    def accept(self, item: OrchestrationWorkItem) -> None:
-        dispatcher = self._dispatcher
-        dispatcher.adopt(item, self._process(item) if dispatcher.running else self._release(item))
+    def accept(self, item: OrchestrationWorkItem) -> bool:
+        if asyncio.get_running_loop() is self._loop:
+            self._adopt(item)
+            return True
+        try:
+            self._loop.call_soon_threadsafe(self._adopt, item)
+        except RuntimeError:  # the worker's loop has closed since the offer
+            return False
+        return True
 
     def decline(self) -> None:
-        self._dispatcher.free_slot()
+        if asyncio.get_running_loop() is self._loop:
+            self._dispatcher.free_slot()
+        else:
+            with contextlib.suppress(RuntimeError):  # a closed loop has no slots to give back
+                self._loop.call_soon_threadsafe(self._dispatcher.free_slot)
+
+    def _adopt(self, item: OrchestrationWorkItem) -> None:
+        dispatcher = self._dispatcher
+        dispatcher.adopt(item, self._process(item) if dispatcher.running else self._release(item))
