@@ -71,12 +71,13 @@ class NewLease:
 
 class Intake(Protocol):
     """A worker of this process that takes the instances this backend object creates, as they
-    are created (:meth:`Backend.attach_intake`): it saves a lease transaction and a wake-up."""
+    are created (:meth:`Backend.attach_intake`): it saves a lease transaction and a wake-up.
+    Its methods are called on the creating client's event loop, which may run on another
+    thread than the worker's."""
 
     def offer(self, start: ExecutionStarted) -> timedelta | None:
         """Whether to take the instance ``start`` creates, which is due now: if so (a slot is
-        taken for it), how long to lease it for. All three methods are called on the
-        creating client's event loop, which may run on another thread than the worker's."""
+        taken for it), how long to lease it for."""
 
     def accept(self, item: OrchestrationWorkItem) -> bool:
         """Process the work item of the instance offered, created leased to it; False if it

@@ -18,7 +18,6 @@ with the loop: its instance waits for the lease to expire, as after a crash.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
 
@@ -58,21 +57,22 @@ class NewInstanceIntake:
         return self._lease
 
     def accept(self, item: OrchestrationWorkItem) -> bool:
-        if asyncio.get_running_loop() is self._loop:
-            self._adopt(item)
-            return True
-        try:
-            self._loop.call_soon_threadsafe(self._adopt, item)
-        except RuntimeError:  # the worker's loop has closed since the offer
-            return False
-        return True
+        return self._on_workers_loop(self._adopt, item)
 
     def decline(self) -> None:
+        self._on_workers_loop(self._dispatcher.free_slot)  # a closed loop has no slots to give back
+
+    def _on_workers_loop(self, callback: Callable[..., None], *args: object) -> bool:
+        """Run ``callback`` on the worker's loop: at once if this is it, else handed over;
+        False if that loop has closed since the offer."""
         if asyncio.get_running_loop() is self._loop:
-            self._dispatcher.free_slot()
-        else:
-            with contextlib.suppress(RuntimeError):  # a closed loop has no slots to give back
-                self._loop.call_soon_threadsafe(self._dispatcher.free_slot)
+            callback(*args)
+            return True
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            return False
+        return True
 
     def _adopt(self, item: OrchestrationWorkItem) -> None:
         dispatcher = self._dispatcher
