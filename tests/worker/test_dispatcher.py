@@ -176,6 +176,35 @@ async def test_work_still_running_after_the_grace_period_is_cancelled_and_releas
     assert recorder.processed == [] and recorder.released == [0]
 
 
+async def test_stop_waits_for_work_adopted_into_reserved_slots_and_reserves_no_more() -> None:
+    recorder = Recorder(0)
+    dispatcher = recorder.dispatcher()
+    dispatcher.start()
+    assert dispatcher.reserve_slot()  # by a client about to hand over a new instance, say
+    stopper = asyncio.create_task(dispatcher.stop(5))
+    await asyncio.sleep(0.05)
+    assert not stopper.done()
+    assert not dispatcher.reserve_slot()
+
+    async def slow_release() -> None:
+        await asyncio.sleep(0.05)
+        recorder.released.append(7)
+
+    dispatcher.adopt(7, slow_release())
+    await stopper
+    assert recorder.released == [7] and dispatcher.reserved == 0
+
+
+async def test_stop_waits_for_reserved_slots_no_longer_than_the_grace_period(caplog: pytest.LogCaptureFixture) -> None:
+    recorder = Recorder(0)
+    dispatcher = recorder.dispatcher()
+    dispatcher.start()
+    assert dispatcher.reserve_slot()
+    await asyncio.wait_for(dispatcher.stop(0.05), 2)
+    assert dispatcher.reserved == 1
+    assert "1 reserved slot(s) still unused at shutdown" in caplog.text
+
+
 def test_backoff_doubles_up_to_the_maximum_and_resets_after_successes() -> None:
     backoff = Backoff(0.1, 0.5)
     assert [backoff.failed() for _ in range(5)] == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from dtfx.worker.dispatcher import WorkItemDispatcher
 from dtfx.worker.intake import NewInstanceIntake
 from tests.backends.test_contract import start_event
-from tests.worker.test_dispatcher import Recorder
+from tests.worker.test_dispatcher import Recorder, until
 
 T = TypeVar("T")
 LEASE = timedelta(seconds=30)
@@ -60,16 +60,39 @@ async def test_clients_on_other_loops_take_and_give_back_the_workers_slots() -> 
 
 async def test_an_intake_whose_loop_has_closed_takes_nothing_and_gives_back_what_it_was_offered() -> None:
     recorder = Recorder(0)
-    holder: list[tuple[WorkItemDispatcher[int], NewInstanceIntake]] = []
+    holder: list[NewInstanceIntake] = []
 
-    async def a_worker_that_stops() -> None:
+    async def a_worker_whose_loop_ends() -> None:
         dispatcher = recorder.dispatcher(max_concurrent=2)
-        holder.append((dispatcher, _intake(recorder, dispatcher)))
+        dispatcher.start()
+        intake = _intake(recorder, dispatcher)
+        assert intake.offer(start_event("a")) == LEASE  # just before its loop ends
+        holder.append(intake)
 
-    await _on_another_loop(a_worker_that_stops)
-    [(dispatcher, intake)] = holder
-    assert intake.offer(start_event("a")) is None  # its loop has ended
-    assert dispatcher.reserve_slot()  # offered just before it ended
+    await _on_another_loop(a_worker_whose_loop_ends)
+    [intake] = holder
+    assert intake.offer(start_event("b")) is None  # its loop has ended
     assert intake.accept(7) is False  # type: ignore[arg-type]  # the creator gives the lease back
     intake.decline()  # nothing to give the slot back to; no error
     assert recorder.processed == recorder.released == []
+
+
+async def test_an_instance_offered_before_the_worker_stops_is_released_by_the_stop() -> None:
+    recorder = Recorder(0)
+    dispatcher = recorder.dispatcher(max_concurrent=1)
+    dispatcher.start()
+    intake = _intake(recorder, dispatcher)
+
+    async def offer_then_accept_during_the_stop() -> bool:
+        assert intake.offer(start_event("a")) == LEASE
+        while dispatcher.running:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)  # the creation's commit
+        return intake.accept(7)  # type: ignore[arg-type]
+
+    client = asyncio.create_task(_on_another_loop(offer_then_accept_during_the_stop))
+    await until(lambda: dispatcher.reserved == 1)
+    await dispatcher.stop(5)
+    assert recorder.released == [7] and recorder.processed == []  # its lease given back by the stop
+    assert await client is True
+    assert intake.offer(start_event("b")) is None  # a stopped worker takes nothing more

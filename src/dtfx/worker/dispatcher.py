@@ -7,7 +7,9 @@ for, the queue is drained, and the loop waits for a wake-up (``before_fetch``
 resets the wake-up flag, so that nothing that arrives during the fetch is missed).
 Fetch errors and processing errors back off exponentially. A work item fetched
 after :meth:`stop` began is released at once; on stop, in-flight items get a grace
-period to finish, and the ones still running are cancelled and released.
+period to finish, and the ones still running are cancelled and released. Slots reserved
+for work from outside the fetch loop (:meth:`reserve_slot`) are waited for too, within the
+same grace period: work adopted once the stop began is in flight like the rest.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class WorkItemDispatcher(Generic[T]):
         self._reserved = 0
         self._reserving = threading.Lock()  # slots are reserved on any thread (see reserve_slot)
         self._slot_freed = asyncio.Event()
+        self._reservation_ended = asyncio.Event()
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
 
@@ -105,10 +108,10 @@ class WorkItemDispatcher(Generic[T]):
         return self._reserved
 
     def reserve_slot(self) -> bool:
-        """Take a concurrency slot for work done outside the fetch loop; False if none is free.
-        Unlike the other methods, it may be called on any thread."""
+        """Take a concurrency slot for work done outside the fetch loop; False if none is free
+        or :meth:`stop` has begun. Unlike the other methods, it may be called on any thread."""
         with self._reserving:
-            if len(self._in_flight) + self._reserved >= self._max_concurrent:
+            if not self._running or len(self._in_flight) + self._reserved >= self._max_concurrent:
                 return False
             self._reserved += 1
             return True
@@ -118,6 +121,7 @@ class WorkItemDispatcher(Generic[T]):
         with self._reserving:
             self._reserved -= 1
         self._slot_freed.set()
+        self._reservation_ended.set()
 
     def adopt(self, item: T, work: Awaitable[None]) -> None:
         """Process ``item`` with ``work`` in a slot taken with :meth:`reserve_slot`, as if
@@ -126,6 +130,7 @@ class WorkItemDispatcher(Generic[T]):
             self._reserved -= 1
         task = asyncio.create_task(self._run(item, work))
         self._in_flight[task] = item
+        self._reservation_ended.set()
 
     def start(self) -> None:
         """Start the fetch loops on the running event loop."""
@@ -143,18 +148,34 @@ class WorkItemDispatcher(Generic[T]):
         """Stop fetching; give in-flight items ``grace_period`` seconds, then cancel and release them."""
         if not self._running:
             return
-        self._running = False
+        with self._reserving:  # no slot is reserved from here on (see reserve_slot)
+            self._running = False
         self._stopping.set()
         self._slot_freed.set()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_period
+        await self._settle_reservations(deadline)
         if self._in_flight:
-            _done, pending = await asyncio.wait(list(self._in_flight), timeout=grace_period)
+            _done, pending = await asyncio.wait(list(self._in_flight), timeout=max(0.0, deadline - loop.time()))
             for task in pending:
                 task.cancel()
             if pending:
                 logger.warning("%s: cancelled %d work item(s) still running at shutdown", self.name, len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
         logger.debug("%s stopped", self.name)
+
+    async def _settle_reservations(self, deadline: float) -> None:
+        """Wait until every reserved slot has been used (:meth:`adopt`) or given back, or ``deadline``."""
+        loop = asyncio.get_running_loop()
+        while self._reserved:
+            self._reservation_ended.clear()
+            left = deadline - loop.time()
+            if left <= 0:
+                logger.warning("%s: %d reserved slot(s) still unused at shutdown", self.name, self._reserved)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reservation_ended.wait(), left)
 
     async def _dispatch(self, index: int) -> None:
         while self._running:

@@ -8,11 +8,11 @@ created as usual, for whichever worker looks first.
 
 The client may run on the worker's event loop or on another one (a sync
 :class:`~dtfx.Client`'s, on its own thread): then the work item goes to the worker's loop
-with ``call_soon_threadsafe``. One that reaches that loop after its worker stopped is
-released, as on the worker's own loop; one that arrives once the loop has closed is
-abandoned by the creating backend (:meth:`~dtfx.backends.base.Backend.create_instance`).
-One handed over in the moment between the worker's stop and its loop's close is dropped
-with the loop: its instance waits for the lease to expire, as after a crash.
+with ``call_soon_threadsafe``. A worker that stops takes no more offers, and its stop
+waits, within its grace period, for those it took: one accepted after the stop began is
+released at once (its lease given back), for any worker to take. One that arrives once
+the worker's loop has closed is abandoned by the creating backend
+(:meth:`~dtfx.backends.base.Backend.create_instance`).
 """
 
 from __future__ import annotations
