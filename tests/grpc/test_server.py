@@ -110,6 +110,12 @@ def test_health_pings_come_often_enough_for_sdk_workers() -> None:
     assert SidecarOptions(health_ping_interval=timedelta(seconds=60)).health_ping_interval.total_seconds() == 60
 
 
+def test_keepalive_pings_need_a_positive_pace() -> None:
+    for name in ("keepalive_interval", "keepalive_timeout", "lease_duration"):
+        with pytest.raises(ValueError, match=f"{name} must be positive"):
+            SidecarOptions(**{name: timedelta(0)})
+
+
 def test_dispatcher_tuning_defaults_to_a_native_workers() -> None:
     options, worker = SidecarOptions(), dtfx.WorkerOptions()
     assert options.fetch_batch_size == worker.fetch_batch_size

@@ -6,8 +6,11 @@ server sends and answer wrongly on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
+import socket
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -163,6 +166,66 @@ def test_an_activity_held_by_a_stream_that_dies_is_dispatched_again(stub: Stub, 
     activity = survivor.next()
     assert activity.activityRequest.name == "slow"
     assert activity.activityRequest.orchestrationInstance.instanceId == "activity-orphan"
+
+
+class SilentProxy:
+    """A TCP proxy to ``port`` that can fall silent, its connections left open: a host that vanishes."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._silent = threading.Event()
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # closed
+            while True:
+                near, _ = self._listener.accept()
+                far = socket.create_connection(("127.0.0.1", self._port))
+                self._sockets += [near, far]
+                for source, sink in ((near, far), (far, near)):
+                    threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while (data := source.recv(65536)) and not self._silent.is_set():
+                sink.sendall(data)
+
+    def fall_silent(self) -> None:
+        """Forward nothing more, and close nothing."""
+        self._silent.set()
+
+    def close(self) -> None:
+        for opened in self._sockets:
+            opened.close()
+
+
+def test_the_work_of_a_worker_whose_host_vanishes_is_dispatched_again_after_the_keepalive() -> None:
+    # The health pings on the stream (every second here) cannot tell: nothing fails to write.
+    keepalive = timedelta(milliseconds=300)
+    options = dataclasses.replace(FAST, keepalive_interval=keepalive, keepalive_timeout=keepalive)
+    with running_sidecar(options=options) as server, grpc.insecure_channel(server.address) as channel:
+        stub = Stub(channel)
+        proxy = SilentProxy(server.port)
+        try:
+            with grpc.insecure_channel(proxy.address) as far_channel:
+                vanishing = WorkItemStream(Stub(far_channel))
+                start(stub, "orphan", "vanished")
+                assert vanishing.next().orchestratorRequest.instanceId == "vanished"
+                proxy.fall_silent()
+                survivor = WorkItemStream(stub)
+                try:
+                    again = survivor.next(timeout=10)  # 30 s + 20 s with the default keepalive
+                    assert again.orchestratorRequest.instanceId == "vanished"
+                    finish(stub, again)
+                    wait_until(lambda: status_of(stub, "vanished") == pb.ORCHESTRATION_STATUS_COMPLETED)
+                finally:
+                    survivor.close()
+                    vanishing.close()
+        finally:
+            proxy.close()
 
 
 def test_concurrency_limits_and_a_slow_worker_does_not_block_others(stub: Stub, streams: list[WorkItemStream]) -> None:

@@ -44,6 +44,14 @@ class SidecarOptions:
     ``QueryEntities`` page returns; clients page on with the continuation token."""
     history_chunk_bytes: int = 1 << 20
     """Approximate size of one ``StreamInstanceHistory`` chunk."""
+    keepalive_interval: timedelta = timedelta(seconds=30)
+    """How often the server pings each connection (an HTTP/2 ping, which the peer's gRPC
+    library answers): the health pings on a work-item stream would not notice a worker whose
+    host vanished, as writes to a peer that is gone do not fail for long."""
+    keepalive_timeout: timedelta = timedelta(seconds=20)
+    """How long the server waits for a ping's answer before it closes the connection; the
+    work items out with a worker that vanished then go to other workers, at most
+    ``keepalive_interval + keepalive_timeout`` after the last sign of it."""
     shutdown_grace_period: timedelta = timedelta(seconds=10)
     """How long stopping the server waits for work items out with SDK workers."""
     tune_gc: bool = True
@@ -62,8 +70,9 @@ class SidecarOptions:
                 f"health_ping_interval must be positive and at most {MAX_HEALTH_PING_INTERVAL.total_seconds():g} s"
                 " (SDK workers reconnect after 120 s without traffic)"
             )
-        if self.lease_duration <= timedelta(0):
-            raise ValueError("lease_duration must be positive")
+        for name in ("lease_duration", "keepalive_interval", "keepalive_timeout"):
+            if getattr(self, name) <= timedelta(0):
+                raise ValueError(f"{name} must be positive")
         for name in (
             "default_worker_concurrency",
             "max_work_items_in_flight",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 import grpc
 from dtfx import _collector as collector
@@ -24,11 +25,7 @@ _MAX_PENDING_CALLS = 1_000_000
 _SERVER_OPTIONS: list[tuple[str, int]] = [
     # Without this, a second server on a taken port would share it silently.
     ("grpc.so_reuseport", 0),
-    # Ping each connection that has been quiet for a while, and close it when no answer comes,
-    # so that the work items of a worker whose host vanished go back to the hub within a minute
-    # (health pings on its stream would not notice: writes to a dead peer do not fail for long).
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
+    # Keepalive pings (paced by SidecarOptions) go out even while no data does.
     ("grpc.http2.max_pings_without_data", 0),
     # Accept the keepalive pings that SDK clients may be configured to send, however often and
     # with no call open, instead of closing their connections with "too many pings".
@@ -42,6 +39,24 @@ _SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.server.max_pending_requests", _MAX_PENDING_CALLS),
     ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_CALLS),
 ]
+
+
+def _server_options(options: SidecarOptions) -> list[tuple[str, int]]:
+    """gRPC's settings: :data:`_SERVER_OPTIONS` and the keepalive pings' pace from ``options``."""
+    timeout_ms = _milliseconds(options.keepalive_timeout)
+    return [
+        *_SERVER_OPTIONS,
+        ("grpc.keepalive_time_ms", _milliseconds(options.keepalive_interval)),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        # What closes a connection whose pings go unanswered, in the gRPC releases tested
+        # (1.85): their keepalive timeout is not enforced, and a ping waits this long, a
+        # minute by default.
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
+    ]
+
+
+def _milliseconds(duration: timedelta) -> int:
+    return max(1, round(duration.total_seconds() * 1000))
 
 
 class SidecarServer(BackgroundRunnable):
@@ -112,7 +127,7 @@ class SidecarServer(BackgroundRunnable):
         try:
             await self.backend.start()
             hub = WorkerHub(default_concurrency=self.options.default_worker_concurrency)
-            server = grpc.aio.server(options=_SERVER_OPTIONS)
+            server = grpc.aio.server(options=_server_options(self.options))
             service = SidecarService(self.backend, hub, self.options)
             pb_grpc.add_TaskHubSidecarServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
             port = self._bind(server)
