@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -131,14 +132,20 @@ class _TextAsIs(DataConverter):
         return data
 
 
-async def test_a_nul_in_an_input_on_postgresql_is_refused_and_the_hub_keeps_working() -> None:
+async def test_a_nul_in_an_input_on_postgresql_is_refused_and_the_hub_keeps_working(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     backend = open_backend(postgres_url())
+    caplog.set_level(logging.WARNING)
     try:
         raw = dtfx.AsyncClient(backend, data_converter=_TextAsIs())
         with pytest.raises(UnstorableValueError, match="NUL") as refused:
             await raw.schedule_new_orchestration("anything", input="a\x00b", instance_id="with-nul")
         assert isinstance(refused.value, ValueError)
+        with pytest.raises(UnstorableValueError, match="NUL"):
+            await raw.schedule_new_orchestration("any\x00thing", instance_id="with-nul")
         assert await raw.get_orchestration_state("with-nul") is None
+        assert [record.getMessage() for record in caplog.records] == []  # no connection was lost over it
         client = dtfx.AsyncClient(backend)
         await client.schedule_new_orchestration("anything", input="a\x00b", instance_id="escaped")  # JSON: \u0000
         state = await client.get_orchestration_state("escaped")

@@ -138,11 +138,24 @@ async def test_a_refused_statement_rolls_the_transaction_back_and_the_connection
         yield Fetch(f"SELECT count(*) FROM {table}")
         raise AssertionError("the fetch must raise")
 
+    def unsendable() -> Program[None]:
+        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (2, "kept?"))
+        yield Fetch(f"SELECT count(*) FROM {table}")  # the insert has reached the server
+        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (3, "NUL \x00 cannot be sent"))
+
+    def unsendable_read() -> Program[None]:
+        yield Fetch("SELECT ?::text", ("NUL \x00",))
+
     async with driver.connect() as connection:
         with pytest.raises(psycopg.errors.DivisionByZero):
             await driver.run(connection, failing)
         with pytest.raises(psycopg.errors.UniqueViolation):
             await driver.run(connection, fetching_after_a_failure)
+        # Parameters psycopg cannot send (a NUL in text) end the transaction as cleanly.
+        with pytest.raises(psycopg.DataError, match="NUL"):
+            await driver.run(connection, unsendable)
+        with pytest.raises(psycopg.DataError, match="NUL"):
+            await driver.run(connection, unsendable_read, transaction=False)
         assert not connection.closed
         assert connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert await rows_of(table) == []
@@ -181,15 +194,10 @@ async def test_anything_else_that_interrupts_a_transaction_closes_the_connection
         yield Fetch(f"SELECT count(*) FROM {table}")  # the insert has reached the server
         raise RuntimeError("a bug in the program")
 
-    def unsendable() -> Program[None]:
-        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (2, "sent"))
-        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (3, "NUL \x00 cannot be sent"))
-
-    for program, error in ((broken_program, RuntimeError), (unsendable, psycopg.DataError)):
-        async with driver.connect() as connection:
-            with pytest.raises(error):
-                await driver.run(connection, program)
-            assert connection.closed  # the server rolls back what it was sent
+    async with driver.connect() as connection:
+        with pytest.raises(RuntimeError):
+            await driver.run(connection, broken_program)
+        assert connection.closed  # the server rolls back what it was sent
     assert await rows_of(table) == []
 
 

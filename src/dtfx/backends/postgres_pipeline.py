@@ -16,9 +16,11 @@ the statements go out together.
 
 A statement the server refuses fails the transaction cleanly (the rest of the
 pipeline is skipped, the transaction rolled back) and raises psycopg's error class
-for its SQLSTATE. Anything else that interrupts a pipeline (a cancellation, a lost
-connection, an error in the program) closes the connection: the server rolls back
-whatever was sent, and the pool replaces the connection.
+for its SQLSTATE; so does one whose parameters psycopg cannot send (a NUL in text, a
+lone surrogate), with psycopg's error or Python's. Anything else that interrupts a
+pipeline (a cancellation, a lost connection, an error in the program) closes the
+connection: the server rolls back whatever was sent, and the pool replaces the
+connection.
 """
 
 from __future__ import annotations
@@ -184,6 +186,13 @@ class Pipeline:
             raise
 
     def _steps(self, stepper: Stepper[T]) -> _Waits[T]:
+        try:
+            return (yield from self._run_steps(stepper))
+        except _UnsendableError as unsendable:  # nothing of that statement went out
+            yield from self._abandon()
+            raise _RefusedError(unsendable.error) from None
+
+    def _run_steps(self, stepper: Stepper[T]) -> _Waits[T]:
         pgconn = self._pgconn
         pgconn.enter_pipeline_mode()
         if self._transaction:
@@ -227,7 +236,10 @@ class Pipeline:
         and a taken key is an :class:`AssumptionFailed`)."""
         state = self._state
         query = _numbered(sql)
-        values = state.transformer.dump_sequence(params, [PyFormat.TEXT] * len(params)) if params else None
+        try:
+            values = state.transformer.dump_sequence(params, [PyFormat.TEXT] * len(params)) if params else None
+        except (psycopg.DataError, UnicodeEncodeError) as error:  # a NUL in text, a lone surrogate
+            raise _UnsendableError(error) from error
         name = state.prepared.get(sql)
         if name is None and len(state.prepared) < _MAX_PREPARED and sql.lstrip().startswith(_PREPARED_KINDS):
             # Parameter types are left to the server, which infers them from the statement.
@@ -280,8 +292,13 @@ class Pipeline:
         the first statement the server refused, once the connection is clean again."""
         yield from self._flush()
         error = yield from self._drain()
-        if error is None:
-            return
+        if error is not None:
+            yield from self._abandon()
+            raise _RefusedError(error)
+
+    def _abandon(self) -> _Waits[None]:
+        """Skip what is left of the pipeline and roll its transaction back: the connection is
+        clean again, out of pipeline mode."""
         self._forget_new_statements()
         pgconn = self._pgconn
         if self._unsynced or pgconn.pipeline_status == pq.PipelineStatus.ABORTED:
@@ -296,7 +313,6 @@ class Pipeline:
             yield from self._flush()
             yield from self._drain()
         pgconn.exit_pipeline_mode()
-        raise _RefusedError(error)
 
     def _drain(self) -> _Waits[psycopg.Error | AssumptionFailed | None]:
         """Read the results of every command sent; return the first refusal among them."""
@@ -365,10 +381,18 @@ def _wait_here(fileno: int, *, write: bool) -> None:
     poller.poll()
 
 
-class _RefusedError(Exception):
-    """The server refused a statement (the pipeline has been cleaned up)."""
+class _UnsendableError(Exception):
+    """A statement's parameters cannot be sent (psycopg's adapters refused them)."""
 
-    def __init__(self, error: psycopg.Error | AssumptionFailed) -> None:
+    def __init__(self, error: psycopg.DataError | UnicodeEncodeError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _RefusedError(Exception):
+    """The server refused a statement, or psycopg its parameters (the pipeline has been cleaned up)."""
+
+    def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
 
