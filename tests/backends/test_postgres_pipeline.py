@@ -289,3 +289,67 @@ async def test_a_streaming_pipeline_sends_each_statement_as_it_is_queued(table: 
     assert held_while_building == [driver.streaming]
     assert await rows_of(table) == [(1, "after the lock")]
     assert not await asyncio.to_thread(lock_held, 0.0)  # the commit released it
+
+
+async def _query_of(backend_pid: int) -> tuple[str, str]:
+    """The state and query of the server process ``backend_pid``, as ``pg_stat_activity`` shows them."""
+    async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as watcher:
+        cursor = await watcher.execute("SELECT state, query FROM pg_stat_activity WHERE pid = %s", (backend_pid,))
+        row = await cursor.fetchone()
+        assert row is not None
+        return row[0], row[1]
+
+
+async def _until_running(backend_pid: int, fragment: str) -> None:
+    for _ in range(500):
+        state, query = await _query_of(backend_pid)
+        if state == "active" and fragment in query:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"The server never ran {fragment!r}")
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["together", "streaming"])
+async def test_a_cancelled_pipeline_stops_the_servers_statement_and_keeps_its_connection(
+    table: str, streaming: bool
+) -> None:
+    driver = Driver(blocking=False, streaming=streaming)
+
+    def slow() -> Program[None]:
+        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "rolled back"))
+        yield Fetch("SELECT pg_sleep(30)")
+
+    def one() -> Program[Any]:
+        return (yield Fetch("SELECT 1"))
+
+    async with driver.connect() as connection:
+        backend_pid = connection.info.backend_pid
+        running = asyncio.ensure_future(driver.run(connection, slow))
+        await _until_running(backend_pid, "pg_sleep")
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        assert not connection.closed
+        assert connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert (await _query_of(backend_pid))[0] == "idle"  # not sleeping on
+        assert await driver.run(connection, one) == [(1,)]
+    assert await rows_of(table) == []
+
+
+async def test_a_cancelled_pipeline_that_cannot_stop_in_time_closes_its_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    require_server()
+    monkeypatch.setattr(postgres_pipeline, "_STOP_GRACE", 0.0)
+    driver = Driver(blocking=False)
+
+    def slow() -> Program[None]:
+        yield Fetch("SELECT pg_sleep(2)")  # the server sleeps on: it sees the close only when it answers
+
+    async with driver.connect() as connection:
+        running = asyncio.ensure_future(driver.run(connection, slow))
+        await _until_running(connection.info.backend_pid, "pg_sleep")
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        assert connection.closed

@@ -87,7 +87,6 @@ dead within about a minute, instead of the system's defaults (two hours for an i
 connection, a quarter of an hour of retransmissions for one that waits for its data to
 be acknowledged). Then a transaction fails as on any lost connection, and a blocking
 commit does not hold its thread for hours. Unix-socket connections ignore them."""
-_WATCHER_GRACE = 1.0  # seconds close() waits for a watch round under way to end
 _HOME_POOL_GRACE = 5.0  # seconds close(), on another loop, waits for the home loop to close its pool
 _LISTENERS = 0x64746678  # "dtfx": the class of the advisory locks by which listeners show themselves
 _KIND_CODES = {WorkKind.ORCHESTRATION: "o", WorkKind.ACTIVITY: "a", WorkKind.ENTITY: "e"}
@@ -319,7 +318,6 @@ class PostgresBackend(SqlBackend):
         self._listener_pid = 0  # the server process of this object's notification connection
         self._listeners_key = zlib.crc32(self.schema.encode()) & 0x7FFFFFFF  # this hub's listener locks
         self._watcher: asyncio.Task[None] | None = None
-        self._watch_ends: asyncio.Event | None = None  # set by close(): the watcher ends between rounds
         self._closed = False
 
     @property
@@ -513,8 +511,7 @@ class PostgresBackend(SqlBackend):
             await pool.close()
             raise
         self._listener = asyncio.create_task(self._listen())
-        self._watch_ends = asyncio.Event()
-        self._watcher = asyncio.create_task(self._watch(self._watch_ends))
+        self._watcher = asyncio.create_task(self._watch())
         await self._look_for_listeners()
         logger.debug("PostgreSQL task hub %r ready", self.schema)
 
@@ -527,16 +524,11 @@ class PostgresBackend(SqlBackend):
         return version
 
     async def _shut_down(self) -> None:
-        listener, watcher, watch_ends = self._listener, self._watcher, self._watch_ends
-        self._listener = self._watcher = self._watch_ends = None
-        if listener is not None:
-            listener.cancel()  # its connection is its own: nothing of the pool's is cut off
-        if watcher is not None and watch_ends is not None:
-            # A round cut off mid-transaction would close its connection, and the pool warn
-            # of it: the watcher is given a moment to end between rounds first.
-            watch_ends.set()
-            await asyncio.wait({watcher}, timeout=_WATCHER_GRACE)
-            watcher.cancel()
+        listener, watcher = self._listener, self._watcher
+        self._listener = self._watcher = None
+        for task in (listener, watcher):
+            if task is not None:  # a watch round under way stops cleanly (see postgres_pipeline)
+                task.cancel()
         await asyncio.gather(*(task for task in (listener, watcher) if task is not None), return_exceptions=True)
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -692,14 +684,11 @@ class PostgresBackend(SqlBackend):
             self._postgres_dialect.others_listening = True
             logger.debug("Looking for other listeners failed", exc_info=True)
 
-    async def _watch(self, ends: asyncio.Event) -> None:
-        """A watch round every poll interval (see :class:`SqlBackend`), until ``ends`` is set;
-        it catches what notifications miss."""
+    async def _watch(self) -> None:
+        """A watch round every poll interval (see :class:`SqlBackend`): it catches what
+        notifications miss."""
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ends.wait(), self.poll_interval)
-            if ends.is_set():
-                return
+            await asyncio.sleep(self.poll_interval)
             await self._look_for_listeners()
             watch = self._watch_round()
             if watch is None:

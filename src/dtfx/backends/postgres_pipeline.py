@@ -17,10 +17,12 @@ the statements go out together.
 A statement the server refuses fails the transaction cleanly (the rest of the
 pipeline is skipped, the transaction rolled back) and raises psycopg's error class
 for its SQLSTATE; so does one whose parameters psycopg cannot send (a NUL in text, a
-lone surrogate), with psycopg's error or Python's. Anything else that interrupts a
-pipeline (a cancellation, a lost connection, an error in the program) closes the
-connection: the server rolls back whatever was sent, and the pool replaces the
-connection.
+lone surrogate), with psycopg's error or Python's. A pipeline cancelled while it waits
+for the server has the server cancel the statement under way, and ends as a refused
+one (or committed, if its commit had gone out), within :data:`_STOP_GRACE`. Anything
+else that interrupts a pipeline (a lost connection, an error in the program, a stop
+that takes longer) closes the connection: the server rolls back whatever was sent,
+and the pool replaces the connection.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ _SYNC = "sync"
 _NEW_KEYS = "new keys"
 """A pending entry: the result of an :class:`InsertNew`'s statement."""
 _UNIQUE_VIOLATION = b"23505"
+_STOP_GRACE = 1.0
+"""Seconds a cancelled pipeline may take to end cleanly (see the module docstring)."""
 
 EXPECT_FUNCTION = "dtfx_expect"
 """The server-side function that checks an :class:`Expect`: it raises :data:`EXPECT_FAILED` on false."""
@@ -157,13 +161,34 @@ class Pipeline:
             return cast(T, done.value)
         except _RefusedError as refused:
             raise refused.error from None
-        except BaseException:
-            # The pipeline is in an unknown state: closing the connection makes the server
-            # roll back whatever was sent; the pool replaces it.
-            steps.close()
-            self._forget_new_statements()
-            await connection.close()
+        except asyncio.CancelledError:
+            if not await self._stop(steps, write):
+                await self._close(steps)
             raise
+        except BaseException:
+            await self._close(steps)
+            raise
+
+    async def _stop(self, steps: _Waits[T], write: bool) -> bool:
+        """After a cancellation: have the server cancel the statement under way and see the
+        pipeline to its end, for at most :data:`_STOP_GRACE`; whether it ended cleanly."""
+        try:
+            async with asyncio.timeout(_STOP_GRACE):
+                await cast(psycopg.AsyncConnection[Any], self._connection).cancel_safe()
+                while True:
+                    await _readable(self._pgconn.socket, write=write)
+                    write = steps.send(None)
+        except (StopIteration, _RefusedError):
+            return True
+        except BaseException:  # the time is up, cancelled again, the connection lost
+            return False
+
+    async def _close(self, steps: _Waits[T]) -> None:
+        """The pipeline is in an unknown state: closing the connection makes the server roll
+        back whatever was sent; the pool replaces it."""
+        steps.close()
+        self._forget_new_statements()
+        await cast(psycopg.AsyncConnection[Any], self._connection).close()
 
     def run_blocking(self, stepper: Stepper[T]) -> T:
         """:meth:`run` on the calling thread, which waits for the server (a sync connection)."""
