@@ -336,6 +336,31 @@ async def test_a_cancelled_pipeline_stops_the_servers_statement_and_keeps_its_co
     assert await rows_of(table) == []
 
 
+async def test_a_cancelled_transaction_sends_nothing_more_even_when_the_server_had_finished(
+    table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def too_late(self: Any, timeout: float = 30.0) -> None:
+        """The cancel reaches the server after its statement has ended: it does nothing."""
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "cancel_safe", too_late)
+    driver = Driver(blocking=False, streaming=True)
+
+    def program() -> Program[None]:
+        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "rolled back"))
+        yield Fetch("SELECT pg_sleep(0.3)")
+        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (2, "never sent"))
+
+    async with driver.connect() as connection:
+        running = asyncio.ensure_future(driver.run(connection, program))
+        await _until_running(connection.info.backend_pid, "pg_sleep")
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        assert not connection.closed
+        assert connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert await rows_of(table) == []
+
+
 async def test_a_cancelled_pipeline_that_cannot_stop_in_time_closes_its_connection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -18,8 +18,8 @@ A statement the server refuses fails the transaction cleanly (the rest of the
 pipeline is skipped, the transaction rolled back) and raises psycopg's error class
 for its SQLSTATE; so does one whose parameters psycopg cannot send (a NUL in text, a
 lone surrogate), with psycopg's error or Python's. A pipeline cancelled while it waits
-for the server has the server cancel the statement under way, and ends as a refused
-one (or committed, if its commit had gone out), within :data:`_STOP_GRACE`. Anything
+for the server has the server cancel the statement under way, sends nothing more, and
+ends rolled back (or committed, if its commit had gone out), within :data:`_STOP_GRACE`. Anything
 else that interrupts a pipeline (a lost connection, an error in the program, a stop
 that takes longer) closes the connection: the server rolls back whatever was sent,
 and the pool replaces the connection.
@@ -146,6 +146,8 @@ class Pipeline:
         """Commands were sent since the last sync."""
         self.committing = False
         """The ``COMMIT`` has been sent: a lost connection leaves the outcome unknown."""
+        self._stopping = False
+        """Cancelled: the program gets no further (see :meth:`_stop`)."""
 
     async def run(self, stepper: Stepper[T]) -> T:
         """Run the program's statements; return its result once they are all done (committed)."""
@@ -171,7 +173,9 @@ class Pipeline:
 
     async def _stop(self, steps: _Waits[T], write: bool) -> bool:
         """After a cancellation: have the server cancel the statement under way and see the
-        pipeline to its end, for at most :data:`_STOP_GRACE`; whether it ended cleanly."""
+        pipeline to its end, for at most :data:`_STOP_GRACE`; whether it ended cleanly. The
+        program sends nothing more: the transaction is rolled back unless its commit had gone out."""
+        self._stopping = True
         try:
             async with asyncio.timeout(_STOP_GRACE):
                 await cast(psycopg.AsyncConnection[Any], self._connection).cancel_safe()
@@ -213,9 +217,9 @@ class Pipeline:
     def _steps(self, stepper: Stepper[T]) -> _Waits[T]:
         try:
             return (yield from self._run_steps(stepper))
-        except _UnsendableError as unsendable:  # nothing of that statement went out
+        except _AbandonedError as abandoned:  # nothing of the statement at hand went out
             yield from self._abandon()
-            raise _RefusedError(unsendable.error) from None
+            raise _RefusedError(abandoned.error) from None
 
     def _run_steps(self, stepper: Stepper[T]) -> _Waits[T]:
         pgconn = self._pgconn
@@ -259,12 +263,14 @@ class Pipeline:
     def _send(self, sql: str, params: Sequence[Any], result: list[pq.abc.PGresult] | str | None = None) -> None:
         """Queue a statement; its result goes to ``result`` (or, :data:`_NEW_KEYS`, nowhere,
         and a taken key is an :class:`AssumptionFailed`)."""
+        if self._stopping:
+            raise _AbandonedError(asyncio.CancelledError())
         state = self._state
         query = _numbered(sql)
         try:
             values = state.transformer.dump_sequence(params, [PyFormat.TEXT] * len(params)) if params else None
         except (psycopg.DataError, UnicodeEncodeError) as error:  # a NUL in text, a lone surrogate
-            raise _UnsendableError(error) from error
+            raise _AbandonedError(error) from error
         name = state.prepared.get(sql)
         if name is None and len(state.prepared) < _MAX_PREPARED and sql.lstrip().startswith(_PREPARED_KINDS):
             # Parameter types are left to the server, which infers them from the statement.
@@ -406,10 +412,11 @@ def _wait_here(fileno: int, *, write: bool) -> None:
     poller.poll()
 
 
-class _UnsendableError(Exception):
-    """A statement's parameters cannot be sent (psycopg's adapters refused them)."""
+class _AbandonedError(Exception):
+    """The program is given up before its next statement: psycopg cannot send that statement's
+    parameters, or the pipeline is stopping (``error``: a :class:`asyncio.CancelledError`)."""
 
-    def __init__(self, error: psycopg.DataError | UnicodeEncodeError) -> None:
+    def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
 
@@ -417,7 +424,7 @@ class _UnsendableError(Exception):
 class _RefusedError(Exception):
     """The server refused a statement, or psycopg its parameters (the pipeline has been cleaned up)."""
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
 
