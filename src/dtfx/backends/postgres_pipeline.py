@@ -19,10 +19,10 @@ pipeline is skipped, the transaction rolled back) and raises psycopg's error cla
 for its SQLSTATE; so does one whose parameters psycopg cannot send (a NUL in text, a
 lone surrogate), with psycopg's error or Python's. A pipeline cancelled while it waits
 for the server has the server cancel the statement under way, sends nothing more, and
-ends rolled back (or committed, if its commit had gone out), within :data:`_STOP_GRACE`. Anything
-else that interrupts a pipeline (a lost connection, an error in the program, a stop
-that takes longer) closes the connection: the server rolls back whatever was sent,
-and the pool replaces the connection.
+ends rolled back (or committed, if its commit had gone out) within :data:`_STOP_GRACE`:
+its connection goes back to the pool clean. Anything else that interrupts a pipeline (a
+lost connection, an error in the program, a stop that takes longer) closes the
+connection: the server rolls back whatever was sent, and the pool replaces it.
 """
 
 from __future__ import annotations
@@ -422,7 +422,8 @@ class _AbandonedError(Exception):
 
 
 class _RefusedError(Exception):
-    """The server refused a statement, or psycopg its parameters (the pipeline has been cleaned up)."""
+    """The program did not run to its end: the server refused a statement, psycopg its
+    parameters, or the pipeline was stopping (the pipeline has been cleaned up)."""
 
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
