@@ -309,6 +309,15 @@ async def _until_running(backend_pid: int, fragment: str) -> None:
     pytest.fail(f"The server never ran {fragment!r}")
 
 
+async def _cancel_while_sleeping(driver: Driver, connection: Any, program: Callable[[], Program[Any]]) -> None:
+    """Run ``program`` and cancel it once the server runs its ``pg_sleep``."""
+    running = asyncio.ensure_future(driver.run(connection, program))
+    await _until_running(connection.info.backend_pid, "pg_sleep")
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+
+
 @pytest.mark.parametrize("streaming", [False, True], ids=["together", "streaming"])
 async def test_a_cancelled_pipeline_stops_the_servers_statement_and_keeps_its_connection(
     table: str, streaming: bool
@@ -324,11 +333,7 @@ async def test_a_cancelled_pipeline_stops_the_servers_statement_and_keeps_its_co
 
     async with driver.connect() as connection:
         backend_pid = connection.info.backend_pid
-        running = asyncio.ensure_future(driver.run(connection, slow))
-        await _until_running(backend_pid, "pg_sleep")
-        running.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await running
+        await _cancel_while_sleeping(driver, connection, slow)
         assert not connection.closed
         assert connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert (await _query_of(backend_pid))[0] == "idle"  # not sleeping on
@@ -351,11 +356,7 @@ async def test_a_cancelled_transaction_sends_nothing_more_even_when_the_server_h
         yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (2, "never sent"))
 
     async with driver.connect() as connection:
-        running = asyncio.ensure_future(driver.run(connection, program))
-        await _until_running(connection.info.backend_pid, "pg_sleep")
-        running.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await running
+        await _cancel_while_sleeping(driver, connection, program)
         assert not connection.closed
         assert connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     assert await rows_of(table) == []
@@ -372,9 +373,5 @@ async def test_a_cancelled_pipeline_that_cannot_stop_in_time_closes_its_connecti
         yield Fetch("SELECT pg_sleep(2)")  # the server sleeps on: it sees the close only when it answers
 
     async with driver.connect() as connection:
-        running = asyncio.ensure_future(driver.run(connection, slow))
-        await _until_running(connection.info.backend_pid, "pg_sleep")
-        running.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await running
+        await _cancel_while_sleeping(driver, connection, slow)
         assert connection.closed
