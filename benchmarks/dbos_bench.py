@@ -37,6 +37,7 @@ def double(value: int) -> int:
 @DBOS.workflow()
 def fan_out(count: int) -> int:
     queue = DBOS.retrieve_queue(QUEUE)
+    assert queue is not None, "registered by launched()"
     handles = [queue.enqueue(double, index) for index in range(count)]
     return sum(handle.get_result() for handle in handles)
 
@@ -49,7 +50,7 @@ def long_sequence(length: int) -> int:
 def launched(url: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Launch DBOS on ``url``, run ``measure``, shut DBOS down."""
     logging.getLogger("dbos").setLevel(logging.WARNING)
-    DBOS(config={"name": "bench", "system_database_url": url, "run_admin_server": False})
+    DBOS(config={"name": "bench", "system_database_url": url})
     DBOS.launch()
     DBOS.register_queue(QUEUE, polling_interval_sec=0.1)
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -95,7 +95,7 @@ async def one_long_sequence(client: dtfx.AsyncClient, length: int) -> float:
     return elapsed
 
 
-def _run(main: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+def _run(main: Callable[[], Coroutine[Any, Any, dict[str, Any]]]) -> dict[str, Any]:
     if os.environ.get("DTFX_BENCH_LOOP") == "asyncio":
         return asyncio.run(main())
     return loops.run(main())

@@ -66,7 +66,7 @@ def sequence(url: str, count: int = 1000) -> dict[str, Any]:
     worker = sdk_worker.TaskHubGrpcWorker(host_address=address, logger=quiet)
     worker.add_orchestrator(hello_cities)
     worker.add_activity(say_hello)
-    worker.start()
+    worker.start()  # type: ignore[no-untyped-call]
     try:
 
         async def main() -> float:
@@ -87,7 +87,7 @@ def sequence(url: str, count: int = 1000) -> dict[str, Any]:
 
         elapsed = asyncio.run(main())
     finally:
-        worker.stop()
+        worker.stop()  # type: ignore[no-untyped-call]
         server.terminate()
         server.wait(30)
     return {"count": count, "seconds": elapsed, "per_second": count / elapsed}

@@ -118,7 +118,8 @@ def _psql(statement: str) -> str:
 
     with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as connection:
         cursor = connection.execute(statement)
-        return str(cursor.fetchone()[0]) if cursor.description else ""
+        row = cursor.fetchone() if cursor.description else None
+        return str(row[0]) if row else ""
 
 
 def measure(run: Run) -> dict[str, Any]:
@@ -166,10 +167,11 @@ def machine() -> list[tuple[str, str]]:
     ]
 
 
-def _ratio(better: float | None, worse: float | None) -> str:
-    if not better or not worse:
+def _ratio(theirs: dict[str, Any] | None, mine: dict[str, Any] | None, key: str) -> str:
+    """How many times ``theirs[key]`` is ``mine[key]`` (times, so more is better for dtfx)."""
+    if not theirs or not mine or not theirs[key] or not mine[key]:
         return "n/a"
-    return f"{better / worse:.1f}x"
+    return f"{theirs[key] / mine[key]:.1f}x"
 
 
 def report(results: Results, stores: list[str], quick: bool) -> str:
@@ -208,7 +210,7 @@ def report(results: Results, stores: list[str], quick: bool) -> str:
             "fan-out/fan-in: 1,000 parallel activities (s)",
             _seconds(mine),
             _seconds(theirs),
-            _ratio(theirs and theirs["seconds"], mine and mine["seconds"]),
+            _ratio(theirs, mine, "seconds"),
             "",
             "",
         )
@@ -240,7 +242,7 @@ def report(results: Results, stores: list[str], quick: bool) -> str:
             "latency, p50 (ms)",
             f"{mine['p50_ms']:.1f}" if mine else "failed",
             f"{theirs['p50_ms']:.1f}" if theirs else "failed",
-            _ratio(theirs and theirs["p50_ms"], mine and mine["p50_ms"]),
+            _ratio(theirs, mine, "p50_ms"),
             "≤ 1/5 of DBOS",
             _met(bool(mine and theirs and mine["p50_ms"] * 5 <= theirs["p50_ms"])),
         )
@@ -248,7 +250,7 @@ def report(results: Results, stores: list[str], quick: bool) -> str:
             "latency, p99 (ms)",
             f"{mine['p99_ms']:.1f}" if mine else "failed",
             f"{theirs['p99_ms']:.1f}" if theirs else "failed",
-            _ratio(theirs and theirs["p99_ms"], mine and mine["p99_ms"]),
+            _ratio(theirs, mine, "p99_ms"),
             "",
             "",
         )
