@@ -176,6 +176,17 @@ async def test_a_closed_pool_is_reported_at_once_as_the_backend_being_closed(cap
     assert [record.getMessage() for record in caplog.records if "retrying" in record.getMessage()] == []
 
 
+def test_a_pool_with_no_connection_to_give_says_so_once_its_retries_are_spent() -> None:
+    retries = postgres._Retries()
+    exhausted = PoolTimeout("couldn't get a connection after 10.00 sec")
+    for _ in range(postgres._MAX_CONNECTION_RETRIES):
+        assert retries.after(exhausted, None) > 0
+    with pytest.raises(BackendUnavailableError, match="all in use \\(see pool_max_size\\)"):
+        retries.after(exhausted, None)
+    with pytest.raises(BackendUnavailableError, match="PostgreSQL connection failed"):
+        retries.after(psycopg.OperationalError("server closed the connection unexpectedly"), None)
+
+
 def _slow_watch_rounds(monkeypatch: pytest.MonkeyPatch, seconds: float) -> tuple[threading.Event, list[str]]:
     """Watch rounds every 10 ms that each take ``seconds`` on the server: the event is set when
     one is under way; the list says which rounds ended."""

@@ -118,15 +118,24 @@ class _Retries:
         if isinstance(error, psycopg.OperationalError):
             self._lost += 1
             if (pipeline is not None and pipeline.committing) or self._lost > _MAX_CONNECTION_RETRIES:
-                raise BackendUnavailableError(f"PostgreSQL connection failed: {error}") from error
+                raise BackendUnavailableError(_connection_failure(error)) from error
             delay = min(2.0, 0.05 * 2.0**self._lost)
-            logger.warning("PostgreSQL connection failed (%s); retrying in %.2fs", error, delay)
+            logger.warning("%s; retrying in %.2fs", _connection_failure(error), delay)
             return delay
         if isinstance(error, psycopg.DataError | UnicodeEncodeError):  # a NUL in text, a lone surrogate, say
             raise UnstorableValueError(f"PostgreSQL: {error}") from error
         if isinstance(error, psycopg.Error):
             raise BackendError(f"PostgreSQL: {error}") from error
         raise error
+
+
+def _connection_failure(error: psycopg.OperationalError) -> str:
+    if isinstance(error, PoolTimeout):  # the pool had no connection to give
+        return (
+            f"PostgreSQL: the pool gave no connection ({error}): its connections are all in use "
+            "(see pool_max_size), or the server cannot be reached"
+        )
+    return f"PostgreSQL connection failed: {error}"
 
 
 class _Announcement(msgspec.Struct, frozen=True):
