@@ -7,6 +7,12 @@ from datetime import datetime
 from dtfx.backends.base import Backend, WorkKind, utc_now
 from dtfx.backends.signals import Waiter
 
+_TIMER_SLACK = 0.002
+"""Seconds a wait for due work lasts past the due moment. An event loop's timer may fire a
+little early (uvloop counts whole milliseconds); a fetch then finds the work not yet
+visible, and the moment, passed by then, is forgotten: the work would wait for the next
+poll interval."""
+
 
 class WorkWaiter:
     """Waits until work of one kind may be available.
@@ -38,7 +44,7 @@ class WorkWaiter:
         timeout = backend.poll_interval
         for due in (backend.local_due(self._kind), self._store_due):
             if due is not None and due > now:
-                timeout = min(timeout, (due - now).total_seconds())
+                timeout = min(timeout, (due - now).total_seconds() + _TIMER_SLACK)
         if not await self._waiter.wait(timeout):
             self._store_checked = False
 

@@ -1,0 +1,44 @@
+"""How an idle dispatcher waits for work (``WorkWaiter``)."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import dtfx
+from dtfx.backends.base import WorkKind, utc_now
+from dtfx.backends.signals import Waiter
+from dtfx.worker.waiting import WorkWaiter
+from tests.backends.test_contract import LEASE, start_event
+
+
+class EarlyTimers(Waiter):
+    """A waiter whose timeouts end a millisecond early, as an event loop's timer may (uvloop
+    counts whole milliseconds); records every timeout it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float] = []
+
+    async def wait(self, timeout: float | None) -> bool:
+        assert timeout is not None
+        self.timeouts.append(timeout)
+        return await super().wait(max(0.0, timeout - 0.001))
+
+
+async def test_work_due_later_is_found_when_due_even_if_the_timer_fires_early() -> None:
+    backend = dtfx.MemoryBackend()
+    await backend.create_instance(start_event("retried"))
+    [item] = await backend.lock_orchestration_work_items(1, LEASE)
+    await backend.abandon_orchestration_work_item(item, retry_at=utc_now() + timedelta(milliseconds=50))
+    waiter = EarlyTimers()
+    wait_for_work = WorkWaiter(backend, WorkKind.ORCHESTRATION, waiter)
+    while True:  # a dispatcher's fetch loop
+        wait_for_work.prepare()
+        if await backend.lock_orchestration_work_items(1, LEASE):
+            break
+        time.sleep(0.002)  # the fetch's own time: the due moment passes meanwhile
+        await wait_for_work()
+        # Had a wait ended before the work was visible, and the moment passed during the
+        # fetch, the next wait would be the backend's whole poll interval (5 s here).
+        assert max(waiter.timeouts) < backend.poll_interval
