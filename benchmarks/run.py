@@ -168,7 +168,7 @@ def machine() -> list[tuple[str, str]]:
 
 
 def _ratio(theirs: dict[str, Any] | None, mine: dict[str, Any] | None, key: str) -> str:
-    """How many times ``theirs[key]`` is ``mine[key]`` (times, so more is better for dtfx)."""
+    """``theirs[key]`` over ``mine[key]``, as ``"3.2x"``: for times, more is better for dtfx."""
     if not theirs or not mine or not theirs[key] or not mine[key]:
         return "n/a"
     return f"{theirs[key] / mine[key]:.1f}x"
