@@ -533,12 +533,11 @@ class PostgresBackend(SqlBackend):
         return version
 
     async def _shut_down(self) -> None:
-        listener, watcher = self._listener, self._watcher
+        tasks = [task for task in (self._listener, self._watcher) if task is not None]
         self._listener = self._watcher = None
-        for task in (listener, watcher):
-            if task is not None:  # a watch round under way stops cleanly (see postgres_pipeline)
-                task.cancel()
-        await asyncio.gather(*(task for task in (listener, watcher) if task is not None), return_exceptions=True)
+        for task in tasks:
+            task.cancel()  # a watch round under way stops cleanly (see postgres_pipeline)
+        await asyncio.gather(*tasks, return_exceptions=True)
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -694,8 +693,7 @@ class PostgresBackend(SqlBackend):
             logger.debug("Looking for other listeners failed", exc_info=True)
 
     async def _watch(self) -> None:
-        """A watch round every poll interval (see :class:`SqlBackend`): it catches what
-        notifications miss."""
+        """A watch round every poll interval (see :class:`SqlBackend`); it catches what notifications miss."""
         while True:
             await asyncio.sleep(self.poll_interval)
             await self._look_for_listeners()

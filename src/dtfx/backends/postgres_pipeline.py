@@ -164,21 +164,21 @@ class Pipeline:
         except _RefusedError as refused:
             raise refused.error from None
         except asyncio.CancelledError:
-            if not await self._stop(steps, write):
-                await self._close(steps)
+            if not await self._stop(connection, steps, write):
+                await self._close(connection, steps)
             raise
         except BaseException:
-            await self._close(steps)
+            await self._close(connection, steps)
             raise
 
-    async def _stop(self, steps: _Waits[T], write: bool) -> bool:
+    async def _stop(self, connection: psycopg.AsyncConnection[Any], steps: _Waits[T], write: bool) -> bool:
         """After a cancellation: have the server cancel the statement under way and see the
         pipeline to its end, for at most :data:`_STOP_GRACE`; whether it ended cleanly. The
         program sends nothing more: the transaction is rolled back unless its commit had gone out."""
         self._stopping = True
         try:
             async with asyncio.timeout(_STOP_GRACE):
-                await cast(psycopg.AsyncConnection[Any], self._connection).cancel_safe()
+                await connection.cancel_safe()
                 while True:
                     await _readable(self._pgconn.socket, write=write)
                     write = steps.send(None)
@@ -187,12 +187,12 @@ class Pipeline:
         except BaseException:  # the time is up, cancelled again, the connection lost
             return False
 
-    async def _close(self, steps: _Waits[T]) -> None:
+    async def _close(self, connection: psycopg.AsyncConnection[Any], steps: _Waits[T]) -> None:
         """The pipeline is in an unknown state: closing the connection makes the server roll
         back whatever was sent; the pool replaces it."""
         steps.close()
         self._forget_new_statements()
-        await cast(psycopg.AsyncConnection[Any], self._connection).close()
+        await connection.close()
 
     def run_blocking(self, stepper: Stepper[T]) -> T:
         """:meth:`run` on the calling thread, which waits for the server (a sync connection)."""
