@@ -33,7 +33,7 @@ from dtfx.core.errors import (
     UnstorableValueError,
     VersionMismatchError,
 )
-from dtfx.core.history import FailureDetails, OrchestrationStatus
+from dtfx.core.history import FailureDetails, OrchestrationStatus, TraceContext
 from dtfx.core.serialization import DataConverter, JsonDataConverter
 from dtfx.core.state import (
     OrchestrationIdReusePolicy,
@@ -103,6 +103,7 @@ __all__ = [
     "Task",
     "TaskCancelledError",
     "TaskFailedError",
+    "TraceContext",
     "UnstorableValueError",
     "VersionFailureStrategy",
     "VersionMatchStrategy",

@@ -41,6 +41,7 @@ from dtfx.core.history import (
     OrchestrationInstance,
     OrchestrationStatus,
     SubOrchestrationInstanceCreated,
+    TraceContext,
 )
 from dtfx.core.instance_ids import check_orchestration_id, orchestration_id_error
 from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter
@@ -120,6 +121,7 @@ class AsyncClient:
         reuse_id_policy: OrchestrationIdReusePolicy | None = None,
         tags: dict[str, str] | None = None,
         version: str | None = None,
+        trace_context: TraceContext | None = None,
     ) -> str:
         """Start a new instance of ``orchestrator`` (a function or a registered name); returns its id.
 
@@ -128,6 +130,8 @@ class AsyncClient:
         is raised. ``start_at`` delays the start; the instance is PENDING until then.
         An id no orchestration can have (empty, longer than 1024 characters, with control
         characters, or an entity's ``@name@key``) raises :class:`~dtfx.InvalidInstanceIdError`.
+        ``trace_context`` is the W3C trace context (OpenTelemetry's) the execution continues:
+        it is kept with the start and handed to the workers that trace, as the SDKs' are.
         """
         instance_id = uuid.uuid4().hex if instance_id is None else check_orchestration_id(instance_id)
         backend = await self._ready()
@@ -140,6 +144,7 @@ class AsyncClient:
             input=self.converter.serialize(input),
             scheduled_start_time=scheduled,
             tags=tags,
+            trace_context=trace_context,
         )
         await backend.create_instance(start, scheduled_start_at=scheduled, reuse_policy=reuse_id_policy)
         return instance_id
@@ -535,6 +540,7 @@ class Client:
         reuse_id_policy: OrchestrationIdReusePolicy | None = None,
         tags: dict[str, str] | None = None,
         version: str | None = None,
+        trace_context: TraceContext | None = None,
     ) -> str:
         """See :meth:`AsyncClient.schedule_new_orchestration`."""
         return self._portal.run(
@@ -546,6 +552,7 @@ class Client:
                 reuse_id_policy=reuse_id_policy,
                 tags=tags,
                 version=version,
+                trace_context=trace_context,
             )
         )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import msgspec
+
 from dtfx.core.actions import (
     CompleteOrchestration,
     CreateSubOrchestration,
@@ -24,6 +26,7 @@ from dtfx.core.history import (
     GenericEvent,
     HistoryEvent,
     OrchestrationInstance,
+    OrchestrationSpan,
     OrchestrationStatus,
     OrchestratorCompleted,
     OrchestratorStarted,
@@ -36,6 +39,7 @@ from dtfx.core.history import (
     TaskScheduled,
     TimerCreated,
     TimerFired,
+    TraceContext,
 )
 from dtfx.core.state import OrchestrationState
 from dtfx.core.workitems import InboxMessage, OrchestrationWorkItem
@@ -239,6 +243,41 @@ def test_continue_as_new_resets_history_and_queues_the_next_start() -> None:
     assert isinstance(restart.event, ExecutionStarted) and restart.execution_id == "e2"
     assert (restart.event.input, restart.event.version, restart.event.tags) == ('"next"', "2", {"t": "1"})
     assert (carry.event, carry.execution_id) == (carried, "e2")
+
+
+TRACE = TraceContext(trace_parent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", trace_state="k=v")
+
+
+def test_trace_contexts_go_from_the_actions_to_the_events_and_the_child_start() -> None:
+    actions = [
+        ScheduleTask(id=1, name="act", trace_context=TRACE),
+        CreateSubOrchestration(id=2, instance_id="kid", name="child", trace_context=TRACE),
+    ]
+    checkpoint = apply_actions(item(), start(), [OrchestratorStarted(timestamp=NOW)], actions, None, [], NOW)
+    scheduled, created = checkpoint.new_history[1:3]
+    assert isinstance(scheduled, TaskScheduled) and scheduled.trace_context == TRACE
+    assert checkpoint.activity_tasks[0].event.trace_context == TRACE
+    assert isinstance(created, SubOrchestrationInstanceCreated) and created.trace_context == TRACE
+    (child_start,) = checkpoint.messages
+    assert isinstance(child_start.event, ExecutionStarted) and child_start.event.trace_context == TRACE
+
+
+def test_the_next_execution_continues_the_trace_of_the_one_before() -> None:
+    traced = msgspec.structs.replace(start(), trace_context=TRACE)
+    end = CompleteOrchestration(id=1, status=Status.CONTINUED_AS_NEW, result='"next"')
+    checkpoint = apply_actions(item(), traced, [OrchestratorStarted(timestamp=NOW)], [end], None, [], NOW)
+    (restart,) = checkpoint.messages
+    assert isinstance(restart.event, ExecutionStarted) and restart.event.trace_context == TRACE
+
+
+def test_the_workers_span_is_recorded_on_the_episodes_start() -> None:
+    span = OrchestrationSpan(span_id="b7ad6b7169203331", start_time=NOW)
+    new_events: list[HistoryEvent] = [OrchestratorStarted(timestamp=NOW), raised("e")]
+    checkpoint = apply_actions(item(), start(), new_events, [], None, [], NOW, span=span)
+    assert checkpoint.new_history[0] == OrchestratorStarted(timestamp=NOW, span=span)
+    assert new_events[0] == OrchestratorStarted(timestamp=NOW)  # the plan's events are left as they were
+    unchanged = apply_actions(item(), start(), new_events, [], None, [], NOW)
+    assert unchanged.new_history[0] == OrchestratorStarted(timestamp=NOW)
 
 
 def test_suspend_and_resume_set_the_status() -> None:

@@ -25,8 +25,15 @@ def _waiter_app(app: dtfx.App) -> None:
 async def test_schedule_options_are_stored(hub: Hub, app: dtfx.App) -> None:
     _waiter_app(app)
     start_at = utc_now() + timedelta(milliseconds=400)
+    trace = dtfx.TraceContext(trace_parent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
     instance_id = await hub.client.schedule_new_orchestration(
-        "waiter", input={"x": 1}, instance_id="custom-id", start_at=start_at, tags={"team": "a"}, version="2.0"
+        "waiter",
+        input={"x": 1},
+        instance_id="custom-id",
+        start_at=start_at,
+        tags={"team": "a"},
+        version="2.0",
+        trace_context=trace,
     )
     assert instance_id == "custom-id"
     async with hub.worker(app):
@@ -45,7 +52,7 @@ async def test_schedule_options_are_stored(hub: Hub, app: dtfx.App) -> None:
     assert done.last_updated_at >= done.created_at
     history = await hub.client.get_orchestration_history("custom-id")
     start = next(e for e in history if isinstance(e, ExecutionStarted))
-    assert start.tags == {"team": "a"} and start.version == "2.0"
+    assert start.tags == {"team": "a"} and start.version == "2.0" and start.trace_context == trace
 
 
 async def test_reuse_policy_decides_which_existing_instances_are_replaced(hub: Hub, app: dtfx.App) -> None:

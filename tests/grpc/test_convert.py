@@ -21,12 +21,20 @@ from dtfx.grpc.convert import (
     event_to_proto,
     failure_from_proto,
     failure_to_proto,
+    optional_span,
+    optional_trace_context,
+    span_to_proto,
     state_from_proto,
     state_to_proto,
 )
 
 NOW = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
 LATER = NOW + timedelta(minutes=5)
+TRACE = history.TraceContext(
+    trace_parent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    trace_state="k=v",
+    span_id="b7ad6b7169203331",
+)
 FAILURE = FailureDetails(
     error_type="builtins.ValueError",
     message="bad",
@@ -49,6 +57,7 @@ EVENTS: list[history.HistoryEvent] = [
         ),
         scheduled_start_time=LATER,
         tags={"team": "x"},
+        trace_context=TRACE,
     ),
     history.ExecutionStarted(timestamp=NOW, name="bare", instance=history.OrchestrationInstance(instance_id="i")),
     history.ExecutionCompleted(event_id=9, timestamp=NOW, status=OrchestrationStatus.COMPLETED, result='"ok"'),
@@ -57,11 +66,15 @@ EVENTS: list[history.HistoryEvent] = [
     history.ExecutionSuspended(timestamp=NOW, input="why"),
     history.ExecutionResumed(timestamp=NOW),
     history.ExecutionRewound(timestamp=NOW, reason="retry"),
-    history.TaskScheduled(event_id=1, timestamp=NOW, name="act", version="1", input="[1]", tags={"k": "v"}),
+    history.TaskScheduled(
+        event_id=1, timestamp=NOW, name="act", version="1", input="[1]", tags={"k": "v"}, trace_context=TRACE
+    ),
     history.TaskCompleted(timestamp=NOW, task_scheduled_id=1, result="2"),
     history.TaskCompleted(timestamp=NOW, task_scheduled_id=0, result=""),
     history.TaskFailed(timestamp=NOW, task_scheduled_id=1, failure_details=FAILURE),
-    history.SubOrchestrationInstanceCreated(event_id=2, timestamp=NOW, instance_id="c", name="child", input="1"),
+    history.SubOrchestrationInstanceCreated(
+        event_id=2, timestamp=NOW, instance_id="c", name="child", input="1", trace_context=TRACE
+    ),
     history.SubOrchestrationInstanceCompleted(timestamp=NOW, task_scheduled_id=2, result="3"),
     history.SubOrchestrationInstanceFailed(timestamp=NOW, task_scheduled_id=2, failure_details=FAILURE),
     history.TimerCreated(event_id=3, timestamp=NOW, fire_at=LATER),
@@ -125,6 +138,36 @@ def test_event_fields_land_where_the_sdk_reads_them() -> None:
     assert empty_result.taskCompleted.HasField("result")  # "" is a value, unlike None
 
 
+def test_trace_contexts_land_where_the_sdk_reads_them() -> None:
+    started = event_to_proto(EVENTS[0]).executionStarted.parentTraceContext
+    assert (started.traceParent, started.traceState.value, started.spanID) == (
+        TRACE.trace_parent,
+        "k=v",
+        "b7ad6b7169203331",
+    )
+    assert not event_to_proto(EVENTS[1]).executionStarted.HasField("parentTraceContext")
+    scheduled = action_to_proto(actions.ScheduleTask(id=1, name="act", trace_context=TRACE)).scheduleTask
+    assert scheduled.parentTraceContext.traceParent == TRACE.trace_parent
+    # What the SDKs send without OpenTelemetry: an empty context, or only a span id.
+    assert optional_trace_context(pb.ScheduleTaskAction(parentTraceContext=pb.TraceContext())) is None
+    assert optional_trace_context(pb.ScheduleTaskAction(parentTraceContext=pb.TraceContext(spanID="ab"))) is None
+    bare = pb.ScheduleTaskAction(parentTraceContext=pb.TraceContext(traceParent=TRACE.trace_parent))
+    assert optional_trace_context(bare) == history.TraceContext(trace_parent=TRACE.trace_parent)
+
+
+def test_an_orchestrations_span_round_trips() -> None:
+    span = history.OrchestrationSpan(span_id="b7ad6b7169203331", start_time=NOW)
+    response = pb.OrchestratorResponse(orchestrationTraceContext=span_to_proto(span))
+    assert optional_span(pb.OrchestratorResponse.FromString(response.SerializeToString())) == span
+    assert span_to_proto(None) is None
+    assert optional_span(pb.OrchestratorResponse()) is None
+    assert optional_span(pb.OrchestratorResponse(orchestrationTraceContext=pb.OrchestrationTraceContext())) is None
+    start_only = pb.OrchestratorResponse(
+        orchestrationTraceContext=span_to_proto(history.OrchestrationSpan(start_time=NOW))
+    )
+    assert optional_span(start_only) == history.OrchestrationSpan(start_time=NOW)
+
+
 def test_events_from_peers() -> None:
     unstamped = pb.HistoryEvent(eventId=-1, eventRaised=pb.EventRaisedEvent(name="e"))
     assert event_from_proto(unstamped).timestamp.tzinfo is not None
@@ -147,8 +190,10 @@ def test_failure_details_round_trip() -> None:
 
 
 ACTIONS: list[actions.OrchestratorAction] = [
-    actions.ScheduleTask(id=1, name="act", version="1", input="[1]", tags={"k": "v"}),
-    actions.CreateSubOrchestration(id=2, instance_id="i:0002", name="child", input="1", tags={"t": "u"}),
+    actions.ScheduleTask(id=1, name="act", version="1", input="[1]", tags={"k": "v"}, trace_context=TRACE),
+    actions.CreateSubOrchestration(
+        id=2, instance_id="i:0002", name="child", input="1", tags={"t": "u"}, trace_context=TRACE
+    ),
     actions.CreateTimer(id=3, fire_at=LATER),
     actions.SendEvent(id=4, instance_id="other", name="ping", data="1"),
     actions.CompleteOrchestration(

@@ -355,6 +355,54 @@ def test_a_malformed_completion_is_refused_and_the_instance_is_not_lost(
     wait_until(lambda: status_of(stub, "misbehaved") == pb.ORCHESTRATION_STATUS_COMPLETED)
 
 
+def test_the_orchestrations_span_comes_back_in_its_next_episodes(stub: Stub, streams: list[WorkItemStream]) -> None:
+    stream = open_stream(stub, streams)
+    start(stub, "spanned", "spanned")
+    first = stream.next()
+    assert not first.orchestratorRequest.HasField("orchestrationTraceContext")
+    span = pb.OrchestrationTraceContext(spanID=wrappers_pb2.StringValue(value="b7ad6b7169203331"))
+    span.spanStartTime.FromSeconds(1_780_000_000)
+    stub.CompleteOrchestratorTask(
+        pb.OrchestratorResponse(
+            instanceId="spanned",
+            completionToken=first.completionToken,
+            actions=[schedule(0, "work")],
+            orchestrationTraceContext=span,
+        )
+    )
+    activity = stream.next()
+    stub.CompleteActivityTask(
+        pb.ActivityResponse(instanceId="spanned", taskId=0, completionToken=activity.completionToken)
+    )
+    second = stream.next().orchestratorRequest
+    assert second.orchestrationTraceContext == span
+
+
+def test_a_completion_with_an_unreadable_span_is_refused_and_the_instance_is_not_lost(
+    stub: Stub, streams: list[WorkItemStream]
+) -> None:
+    stream = open_stream(stub, streams)
+    start(stub, "bad-span", "bad-span")
+    item = stream.next()
+    span = pb.OrchestrationTraceContext()
+    span.spanStartTime.seconds = 10**15  # far past year 9999
+    error = rpc_error(
+        lambda: stub.CompleteOrchestratorTask(
+            pb.OrchestratorResponse(
+                instanceId="bad-span",
+                completionToken=item.completionToken,
+                actions=[complete_action(1, '"done"')],
+                orchestrationTraceContext=span,
+            )
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "spanStartTime" in error.details()
+    again = stream.next()  # given back, and offered again
+    finish(stub, again)
+    wait_until(lambda: status_of(stub, "bad-span") == pb.ORCHESTRATION_STATUS_COMPLETED)
+
+
 def test_a_response_for_another_instance_is_refused(stub: Stub, streams: list[WorkItemStream]) -> None:
     stream = open_stream(stub, streams)
     start(stub, "mine", "mine")

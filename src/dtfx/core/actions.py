@@ -11,7 +11,7 @@ from datetime import datetime
 
 import msgspec
 
-from dtfx.core.history import FailureDetails, HistoryEvent, OrchestrationStatus
+from dtfx.core.history import FailureDetails, HistoryEvent, OrchestrationStatus, TraceContext
 
 
 class OrchestratorAction(msgspec.Struct, frozen=True, kw_only=True):
@@ -25,6 +25,7 @@ class ScheduleTask(OrchestratorAction, frozen=True, kw_only=True):
     version: str | None = None
     input: str | None = None
     tags: dict[str, str] | None = None
+    trace_context: TraceContext | None = None
 
 
 class CreateSubOrchestration(OrchestratorAction, frozen=True, kw_only=True):
@@ -33,6 +34,7 @@ class CreateSubOrchestration(OrchestratorAction, frozen=True, kw_only=True):
     version: str | None = None
     input: str | None = None
     tags: dict[str, str] | None = None
+    trace_context: TraceContext | None = None
 
 
 class CreateTimer(OrchestratorAction, frozen=True, kw_only=True):

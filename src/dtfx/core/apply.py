@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import msgspec
+
 from dtfx.core.actions import (
     CompleteOrchestration,
     CreateSubOrchestration,
@@ -48,6 +50,7 @@ from dtfx.core.history import (
     GenericEvent,
     HistoryEvent,
     OrchestrationInstance,
+    OrchestrationSpan,
     OrchestrationStatus,
     OrchestratorCompleted,
     OrchestratorStarted,
@@ -169,17 +172,22 @@ def apply_actions(
     now: datetime,
     *,
     history: Sequence[HistoryEvent] | None = None,
+    span: OrchestrationSpan | None = None,
     new_id: Callable[[], str] = new_token,
 ) -> OrchestrationCheckpoint:
     """Turn an episode's actions into a checkpoint.
 
     ``started`` is the execution's ``ExecutionStarted`` (from history or ``new_events``);
-    ``history`` is the past history, needed only when :func:`needs_history` says so.
+    ``history`` is the past history, needed only when :func:`needs_history` says so;
+    ``span``, the execution's span as the episode's worker began or changed it, is
+    recorded on the episode's ``OrchestratorStarted``.
     """
     state = item.state
     instance_id = item.instance_id
     execution_id = state.execution_id
     appended: list[HistoryEvent] = list(new_events)
+    if span is not None and appended and isinstance(appended[0], OrchestratorStarted):
+        appended[0] = msgspec.structs.replace(appended[0], span=span)
     tasks: list[ActivityTask] = []
     messages: list[OutboundMessage] = []
     completion: CompleteOrchestration | None = None
@@ -193,6 +201,7 @@ def apply_actions(
                 version=action.version,
                 input=action.input,
                 tags=action.tags,
+                trace_context=action.trace_context,
             )
             appended.append(scheduled)
             tasks.append(ActivityTask(instance_id, execution_id, scheduled))
@@ -211,6 +220,7 @@ def apply_actions(
                     name=action.name,
                     version=action.version,
                     input=action.input,
+                    trace_context=action.trace_context,
                 )
             )
             refused = orchestration_id_error(action.instance_id)
@@ -231,6 +241,7 @@ def apply_actions(
                     task_scheduled_id=action.id,
                 ),
                 tags=action.tags,
+                trace_context=action.trace_context,
             )
             messages.append(OutboundMessage(action.instance_id, child_start))
         elif isinstance(action, SendEvent):
@@ -353,6 +364,7 @@ def _continue_as_new(
         input=completion.result,
         parent=started.parent,
         tags=started.tags,
+        trace_context=started.trace_context,  # the next execution continues the same trace
     )
     checkpoint.replace_history = True
     checkpoint.new_history = []

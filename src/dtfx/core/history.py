@@ -120,6 +120,27 @@ class ParentInstance(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     task_scheduled_id: int = -1
 
 
+class TraceContext(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A W3C trace context (OpenTelemetry's): the span that an orchestration, an activity or a
+    sub-orchestration continues. dtfx emits no spans of its own; it keeps the context with
+    the start or the task, so that a worker that traces (an SDK's, over gRPC) can link its spans."""
+
+    trace_parent: str
+    """The ``traceparent`` header's value: ``00-<trace id>-<span id>-<flags>``."""
+    trace_state: str | None = None
+    """The ``tracestate`` header's value, if any."""
+    span_id: str | None = None
+    """The span's id alone, as some SDKs also send it."""
+
+
+class OrchestrationSpan(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The span of an orchestration's execution as the worker that runs it began it: its id
+    and start, handed back to that worker in each later episode so that the execution is one span."""
+
+    span_id: str | None = None
+    start_time: datetime | None = None
+
+
 class HistoryEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
     """Base of every history event."""
 
@@ -135,6 +156,8 @@ class ExecutionStarted(HistoryEvent, tag="ExecutionStarted", frozen=True, kw_onl
     parent: ParentInstance | None = None
     scheduled_start_time: datetime | None = None
     tags: dict[str, str] | None = None
+    trace_context: TraceContext | None = None
+    """The span that started the execution (a client's, or the parent orchestration's)."""
 
 
 class ExecutionCompleted(HistoryEvent, tag="ExecutionCompleted", frozen=True, kw_only=True, omit_defaults=True):
@@ -165,6 +188,8 @@ class TaskScheduled(HistoryEvent, tag="TaskScheduled", frozen=True, kw_only=True
     version: str | None = None
     input: str | None = None
     tags: dict[str, str] | None = None
+    trace_context: TraceContext | None = None
+    """The span that scheduled the activity, which the activity's run continues."""
 
 
 class TaskCompleted(HistoryEvent, tag="TaskCompleted", frozen=True, kw_only=True, omit_defaults=True):
@@ -184,6 +209,8 @@ class SubOrchestrationInstanceCreated(
     name: str
     version: str | None = None
     input: str | None = None
+    trace_context: TraceContext | None = None
+    """The span that started the sub-orchestration, which its execution continues."""
 
 
 class SubOrchestrationInstanceCompleted(
@@ -212,7 +239,8 @@ class TimerFired(HistoryEvent, tag="TimerFired", frozen=True, kw_only=True, omit
 
 
 class OrchestratorStarted(HistoryEvent, tag="OrchestratorStarted", frozen=True, kw_only=True, omit_defaults=True):
-    pass
+    span: OrchestrationSpan | None = None
+    """The execution's span, when the worker that ran this episode began or changed it."""
 
 
 class OrchestratorCompleted(HistoryEvent, tag="OrchestratorCompleted", frozen=True, kw_only=True, omit_defaults=True):

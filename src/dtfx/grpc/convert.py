@@ -3,7 +3,8 @@
 History events, orchestrator actions, failure details, statuses, instance
 states and entity batches map one to one (:mod:`dtfx.core.history` follows the
 protocol's ``HistoryEvent``). Payloads are JSON text on both sides and pass through as they
-are. Every event leaving dtfx carries a timestamp.
+are. Every event leaving dtfx carries a timestamp. Trace contexts pass through as well:
+dtfx keeps them for the SDKs, which trace (see :class:`~dtfx.TraceContext`).
 
 Reading a message a peer sent raises :class:`InvalidMessageError` when it cannot
 be represented (a missing required field, an unknown ``oneof`` case); the service
@@ -32,7 +33,7 @@ from dtfx.core.entities import (
     SignalEntity,
     StartOrchestration,
 )
-from dtfx.core.history import FailureDetails, HistoryEvent, OrchestrationStatus
+from dtfx.core.history import FailureDetails, HistoryEvent, OrchestrationSpan, OrchestrationStatus, TraceContext
 from dtfx.core.instance_ids import orchestration_id_error
 from dtfx.core.state import OrchestrationState
 from dtfx.grpc.protos import pb
@@ -80,6 +81,50 @@ def required_datetime(message: Any, field: str, what: str) -> datetime:
     if moment is None:
         raise InvalidMessageError(f"{what} needs {field}.")
     return moment
+
+
+# -- trace contexts ------------------------------------------------------------------------------
+
+
+def trace_context_to_proto(context: TraceContext | None) -> pb.TraceContext | None:
+    """A trace context as the protocol's ``TraceContext`` (``None`` stays unset)."""
+    if context is None:
+        return None
+    return pb.TraceContext(
+        traceParent=context.trace_parent, spanID=context.span_id or "", traceState=string_value(context.trace_state)
+    )
+
+
+def optional_trace_context(message: Any, field: str = "parentTraceContext") -> TraceContext | None:
+    """A ``TraceContext`` field, or ``None`` when it is unset or has no ``traceParent``."""
+    if not message.HasField(field):
+        return None
+    context = getattr(message, field)
+    if not context.traceParent:
+        return None
+    return TraceContext(
+        trace_parent=context.traceParent,
+        trace_state=optional_string(context, "traceState"),
+        span_id=context.spanID or None,
+    )
+
+
+def span_to_proto(span: OrchestrationSpan | None) -> pb.OrchestrationTraceContext | None:
+    """An execution's span as the protocol's ``OrchestrationTraceContext`` (``None`` stays unset)."""
+    if span is None:
+        return None
+    return pb.OrchestrationTraceContext(spanID=string_value(span.span_id), spanStartTime=timestamp(span.start_time))
+
+
+def optional_span(message: Any, field: str = "orchestrationTraceContext") -> OrchestrationSpan | None:
+    """An ``OrchestrationTraceContext`` field, or ``None`` when it is unset or empty."""
+    if not message.HasField(field):
+        return None
+    context = getattr(message, field)
+    span = OrchestrationSpan(
+        span_id=optional_string(context, "spanID"), start_time=optional_datetime(context, "spanStartTime")
+    )
+    return None if span == OrchestrationSpan() else span
 
 
 def status_to_proto(status: OrchestrationStatus) -> pb.OrchestrationStatus:
@@ -207,6 +252,7 @@ def _execution_started(e: history.ExecutionStarted) -> pb.ExecutionStartedEvent:
         orchestrationInstance=_instance_to_proto(e.instance.instance_id, e.instance.execution_id),
         parentInstance=_parent_to_proto(e.parent),
         scheduledStartTimestamp=timestamp(e.scheduled_start_time),
+        parentTraceContext=trace_context_to_proto(e.trace_context),
         tags=e.tags,
     )
 
@@ -272,7 +318,13 @@ _EVENT_TO_PROTO: dict[type[HistoryEvent], Callable[[Any], tuple[str, Any]]] = {
     history.ExecutionRewound: lambda e: ("executionRewound", pb.ExecutionRewoundEvent(reason=string_value(e.reason))),
     history.TaskScheduled: lambda e: (
         "taskScheduled",
-        pb.TaskScheduledEvent(name=e.name, version=string_value(e.version), input=string_value(e.input), tags=e.tags),
+        pb.TaskScheduledEvent(
+            name=e.name,
+            version=string_value(e.version),
+            input=string_value(e.input),
+            parentTraceContext=trace_context_to_proto(e.trace_context),
+            tags=e.tags,
+        ),
     ),
     history.TaskCompleted: lambda e: (
         "taskCompleted",
@@ -285,7 +337,11 @@ _EVENT_TO_PROTO: dict[type[HistoryEvent], Callable[[Any], tuple[str, Any]]] = {
     history.SubOrchestrationInstanceCreated: lambda e: (
         "subOrchestrationInstanceCreated",
         pb.SubOrchestrationInstanceCreatedEvent(
-            instanceId=e.instance_id, name=e.name, version=string_value(e.version), input=string_value(e.input)
+            instanceId=e.instance_id,
+            name=e.name,
+            version=string_value(e.version),
+            input=string_value(e.input),
+            parentTraceContext=trace_context_to_proto(e.trace_context),
         ),
     ),
     history.SubOrchestrationInstanceCompleted: lambda e: (
@@ -368,6 +424,7 @@ def _execution_started_from(m: pb.ExecutionStartedEvent, event_id: int, at: date
         parent=_parent_from_proto(m),
         scheduled_start_time=optional_datetime(m, "scheduledStartTimestamp"),
         tags=_tags(m.tags),
+        trace_context=optional_trace_context(m),
     )
 
 
@@ -446,6 +503,7 @@ _EVENT_FROM_PROTO: dict[str, Callable[[Any, int, datetime], HistoryEvent]] = {
         version=optional_string(m, "version"),
         input=optional_string(m, "input"),
         tags=_tags(m.tags),
+        trace_context=optional_trace_context(m),
     ),
     "taskCompleted": lambda m, i, t: history.TaskCompleted(
         event_id=i, timestamp=t, task_scheduled_id=m.taskScheduledId, result=optional_string(m, "result")
@@ -463,6 +521,7 @@ _EVENT_FROM_PROTO: dict[str, Callable[[Any, int, datetime], HistoryEvent]] = {
         name=m.name,
         version=optional_string(m, "version"),
         input=optional_string(m, "input"),
+        trace_context=optional_trace_context(m),
     ),
     "subOrchestrationInstanceCompleted": lambda m, i, t: history.SubOrchestrationInstanceCompleted(
         event_id=i, timestamp=t, task_scheduled_id=m.taskScheduledId, result=optional_string(m, "result")
@@ -533,6 +592,7 @@ def action_from_proto(message: pb.OrchestratorAction, instance_id: str) -> actio
             version=optional_string(task, "version"),
             input=optional_string(task, "input"),
             tags=_tags(task.tags),
+            trace_context=optional_trace_context(task),
         )
     if field == "createSubOrchestration":
         child = message.createSubOrchestration
@@ -546,6 +606,7 @@ def action_from_proto(message: pb.OrchestratorAction, instance_id: str) -> actio
             version=optional_string(child, "version"),
             input=optional_string(child, "input"),
             tags=_tags(child.tags),
+            trace_context=optional_trace_context(child),
         )
     if field == "createTimer":
         fire_at = required_datetime(message.createTimer, "fireAt", f"createTimer action {action_id}")
@@ -622,6 +683,7 @@ def action_to_proto(action: actions.OrchestratorAction) -> pb.OrchestratorAction
                 version=string_value(action.version),
                 input=string_value(action.input),
                 tags=action.tags,
+                parentTraceContext=trace_context_to_proto(action.trace_context),
             )
         )
     elif isinstance(action, actions.CreateSubOrchestration):
@@ -631,6 +693,7 @@ def action_to_proto(action: actions.OrchestratorAction) -> pb.OrchestratorAction
                 name=action.name,
                 version=string_value(action.version),
                 input=string_value(action.input),
+                parentTraceContext=trace_context_to_proto(action.trace_context),
                 tags=action.tags,
             )
         )

@@ -23,6 +23,7 @@ from dtfx.grpc.convert import (
     events_to_proto,
     optional_datetime,
     optional_string,
+    optional_trace_context,
     state_to_proto,
     status_from_proto,
     string_value,
@@ -109,6 +110,7 @@ class InstanceRpcs:
             reuse_id_policy=policy,
             tags=dict(request.tags) or None,
             version=optional_string(request, "version"),
+            trace_context=optional_trace_context(request),
         )
         return pb.CreateInstanceResponse(instanceId=instance_id)
 

@@ -10,14 +10,29 @@ worker's answer (see :mod:`dtfx.grpc.hub`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from datetime import timedelta
 
 from dtfx.backends.base import Backend, utc_now
 from dtfx.core.entities import BatchPlan, BatchResult
-from dtfx.core.history import ExecutionStarted, HistoryEvent, TaskCompleted, TaskFailed
+from dtfx.core.history import (
+    ExecutionStarted,
+    HistoryEvent,
+    OrchestrationSpan,
+    OrchestratorStarted,
+    TaskCompleted,
+    TaskFailed,
+)
 from dtfx.core.workitems import ActivityWorkItem, OrchestrationCheckpoint, OrchestrationWorkItem
-from dtfx.grpc.convert import entity_batch_request_to_proto, entity_request_to_proto, events_to_proto, string_value
+from dtfx.grpc.convert import (
+    entity_batch_request_to_proto,
+    entity_request_to_proto,
+    events_to_proto,
+    span_to_proto,
+    string_value,
+    trace_context_to_proto,
+)
 from dtfx.grpc.hub import DispatchedWorkItem, EntityBatch, Outcome, WorkerHub
 from dtfx.grpc.protos import pb
 from dtfx.worker.leases import keep_lease
@@ -68,22 +83,34 @@ class RemoteEpisodeRunner:
             return Abandon(utc_now() + self._retry_delay)
         # The plan's new events start with OrchestratorStarted and hold nothing internal
         # (the wake-up GenericEvent after a rewind is dropped by plan_episode).
+        span = _execution_span(past_events or ())
         request = pb.OrchestratorRequest(
             instanceId=item.instance_id,
             executionId=string_value(item.state.execution_id),
             pastEvents=events_to_proto(past_events or ()),
             newEvents=events_to_proto(new_events),
+            orchestrationTraceContext=span_to_proto(span),
         )
         dispatched = self._hub.dispatch(connection, pb.WorkItem(orchestratorRequest=request), item.instance_id)
         outcome = await _answer_keeping_lease(self._backend, self._hub, item, dispatched, self._lease_duration)
         if not isinstance(outcome, EpisodeOutcome | Abandon):
             raise TypeError(f"An orchestration work item came back as {type(outcome).__name__}")
+        if isinstance(outcome, EpisodeOutcome) and outcome.span == span:  # recorded already
+            outcome = dataclasses.replace(outcome, span=None)
         return outcome
 
     def finished(
         self, item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint | None, committed: bool
     ) -> None:
         pass
+
+
+def _execution_span(past_events: Sequence[HistoryEvent]) -> OrchestrationSpan | None:
+    """The execution's span as its worker last reported it (recorded on an episode's start)."""
+    for event in reversed(past_events):
+        if isinstance(event, OrchestratorStarted) and event.span is not None:
+            return event.span
+    return None
 
 
 class RemoteActivityRunner:
@@ -106,6 +133,7 @@ class RemoteActivityRunner:
                 instanceId=item.task.instance_id, executionId=string_value(item.task.execution_id)
             ),
             taskId=scheduled.event_id,
+            parentTraceContext=trace_context_to_proto(scheduled.trace_context),
             tags=scheduled.tags,
         )
         dispatched = self._hub.dispatch(

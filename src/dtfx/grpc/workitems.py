@@ -21,6 +21,7 @@ from dtfx.grpc.convert import (
     actions_from_proto,
     batch_result_from_proto,
     failure_from_proto,
+    optional_span,
     optional_string,
 )
 from dtfx.grpc.hub import DispatchedWorkItem, Outcome, WorkerHub
@@ -57,6 +58,7 @@ class WorkItemRpcs:
         try:
             _check_instance(item, request.instanceId)
             actions = actions_from_proto(request.actions, item.instance_id)
+            span = optional_span(request)
         except InvalidMessageError as error:
             self._give_back(item, error)
             raise
@@ -65,7 +67,8 @@ class WorkItemRpcs:
             item.partial_actions[index] = actions
             return pb.CompleteTaskResponse()
         earlier = [action for _, chunk in sorted(item.partial_actions.items()) for action in chunk]
-        self._hub.finish(item, EpisodeOutcome(earlier + actions, optional_string(request, "customStatus")))
+        status = optional_string(request, "customStatus")
+        self._hub.finish(item, EpisodeOutcome(earlier + actions, status, span=span))
         return pb.CompleteTaskResponse()
 
     @unary

@@ -34,6 +34,7 @@ from dtfx.core.history import (
     ExecutionStarted,
     FailureDetails,
     HistoryEvent,
+    OrchestrationSpan,
     OrchestrationStatus,
     OrchestratorStarted,
     TaskCompleted,
@@ -67,6 +68,8 @@ class EpisodeOutcome:
     awaited: int | None = None
     """The action id of the one task the orchestration now waits for, if it waits for
     nothing else (``None``: it waits for more, or the runner cannot tell)."""
+    span: OrchestrationSpan | None = None
+    """The execution's span, if the worker began or changed it in this episode."""
 
 
 @dataclass
@@ -209,7 +212,15 @@ class OrchestrationProcessor:
             await self._backend.abandon_orchestration_work_item(item, retry_at=outcome.retry_at)
             return
         checkpoint = apply_actions(
-            item, started, plan.new_events, outcome.actions, outcome.custom_status, plan.consumed, now, history=history
+            item,
+            started,
+            plan.new_events,
+            outcome.actions,
+            outcome.custom_status,
+            plan.consumed,
+            now,
+            history=history,
+            span=outcome.span,
         )
         if self.eager is None:
             committed = await self._commit(item, checkpoint)
