@@ -8,9 +8,13 @@ reachable, except in CI (``CI=true``), where they fail.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from dtfx.backends import Backend, MemoryBackend, open_backend
 from tests.postgres import drop_postgres_schemas, postgres_url  # noqa: F401 (an autouse fixture)
@@ -40,3 +44,16 @@ async def backend(request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) ->
         yield instance
     finally:
         await instance.close()
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """The OpenTelemetry spans made during the test, in every thread: the test sets a tracer
+    provider, as an application does, and only for itself (OpenTelemetry's global provider
+    can be set only once per process, so the test replaces the function that returns it)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    yield exporter
+    provider.shutdown()

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Collection
+from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from dtfx._portal import LoopThread
+from dtfx._tracing import creation_span
 from dtfx.backends import open_backend
 from dtfx.backends.base import Backend, utc_now
 from dtfx.core.context import as_utc, function_name
@@ -130,23 +132,29 @@ class AsyncClient:
         is raised. ``start_at`` delays the start; the instance is PENDING until then.
         An id no orchestration can have (empty, longer than 1024 characters, with control
         characters, or an entity's ``@name@key``) raises :class:`~dtfx.InvalidInstanceIdError`.
-        ``trace_context`` is the W3C trace context (OpenTelemetry's) the execution continues:
-        it is kept with the start and handed to the workers that trace, as the SDKs' are.
+        ``trace_context`` is the W3C trace context (OpenTelemetry's) the execution continues;
+        without one, once a tracer provider is set, the start is a span of its own
+        (``create_orchestration:<name>``), a child of the current span, and the execution
+        continues that. Either is kept with the start for the workers, which trace the
+        activities' runs (see the README's "Tracing").
         """
         instance_id = uuid.uuid4().hex if instance_id is None else check_orchestration_id(instance_id)
         backend = await self._ready()
         scheduled = as_utc(start_at) if start_at is not None else None
-        start = ExecutionStarted(
-            timestamp=utc_now(),
-            name=function_name(orchestrator),
-            instance=OrchestrationInstance(instance_id=instance_id, execution_id=new_token()),
-            version=version or self.default_version,
-            input=self.converter.serialize(input),
-            scheduled_start_time=scheduled,
-            tags=tags,
-            trace_context=trace_context,
-        )
-        await backend.create_instance(start, scheduled_start_at=scheduled, reuse_policy=reuse_id_policy)
+        name = function_name(orchestrator)
+        traced = nullcontext(trace_context) if trace_context is not None else creation_span(name, instance_id)
+        with traced as context:
+            start = ExecutionStarted(
+                timestamp=utc_now(),
+                name=name,
+                instance=OrchestrationInstance(instance_id=instance_id, execution_id=new_token()),
+                version=version or self.default_version,
+                input=self.converter.serialize(input),
+                scheduled_start_time=scheduled,
+                tags=tags,
+                trace_context=context,
+            )
+            await backend.create_instance(start, scheduled_start_at=scheduled, reuse_policy=reuse_id_policy)
         return instance_id
 
     # -- reading ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Distributed tracing through the sidecar: the official SDK's OpenTelemetry spans make one trace.
 
-The SDK's client and worker emit the spans; dtfx emits none. What links them passes
-through the sidecar: the client's trace context to the orchestration, the
+The SDK's client and worker emit the spans; the sidecar emits none. What links them
+passes through it: the client's trace context to the orchestration, the
 orchestration's to its activities and sub-orchestrations, and the orchestration's own
 span (its id and start) from one episode to the next, so that an execution is one span
 whichever episode ends it.
@@ -9,15 +9,13 @@ whichever episode ends it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from durabletask import client as sdk_client
 from durabletask.client import OrchestrationStatus
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from tests.grpc import sdk_app
@@ -29,23 +27,8 @@ from dtfx.core.history import ExecutionStarted, OrchestratorStarted, TaskSchedul
 pytestmark = pytest.mark.usefixtures("sdk_worker_running")
 
 
-@pytest.fixture(scope="module")
-def exporter() -> Iterator[InMemorySpanExporter]:
-    """The spans this process emits. OpenTelemetry's provider is global and set once per
-    process; the exporter is shut down after the module."""
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    spans = InMemorySpanExporter()
-    processor = SimpleSpanProcessor(spans)
-    provider.add_span_processor(processor)
-    yield spans
-    processor.shutdown()
-
-
 def traced_run(
-    client: sdk_client.TaskHubGrpcClient, exporter: InMemorySpanExporter, orchestrator: Any, value: Any, count: int
+    client: sdk_client.TaskHubGrpcClient, spans: InMemorySpanExporter, orchestrator: Any, value: Any, count: int
 ) -> tuple[ReadableSpan, list[ReadableSpan], str]:
     """Start ``orchestrator`` under a span of the test's and wait for it: that span, the
     ``count`` other spans of its trace once they have all ended, and the instance's id."""
@@ -56,16 +39,16 @@ def traced_run(
     trace_id = request.get_span_context().trace_id
 
     def spans_of_the_trace() -> list[ReadableSpan]:
-        spans = [span for span in exporter.get_finished_spans() if span.context.trace_id == trace_id]
-        return spans if len(spans) == count + 1 else []
+        found = [span for span in spans.get_finished_spans() if span.context.trace_id == trace_id]
+        return found if len(found) == count + 1 else []
 
-    spans = wait_until(spans_of_the_trace)
-    (root,) = [span for span in spans if span.name == "request"]
-    return root, [span for span in spans if span is not root], instance_id
+    found = wait_until(spans_of_the_trace)
+    (root,) = [span for span in found if span.name == "request"]
+    return root, [span for span in found if span is not root], instance_id
 
 
-def named(spans: list[ReadableSpan], name: str, kind: SpanKind) -> list[ReadableSpan]:
-    return [span for span in spans if span.name == name and span.kind == kind]
+def named(found: list[ReadableSpan], name: str, kind: SpanKind) -> list[ReadableSpan]:
+    return [span for span in found if span.name == name and span.kind == kind]
 
 
 def parent_id(span: ReadableSpan) -> int | None:
@@ -73,13 +56,13 @@ def parent_id(span: ReadableSpan) -> int | None:
 
 
 def test_an_orchestration_and_its_activities_make_one_trace(
-    client: sdk_client.TaskHubGrpcClient, exporter: InMemorySpanExporter
+    client: sdk_client.TaskHubGrpcClient, spans: InMemorySpanExporter
 ) -> None:
-    root, spans, _ = traced_run(client, exporter, sdk_app.sequence, None, count=8)
-    (create,) = named(spans, "create_orchestration:sequence", SpanKind.PRODUCER)
-    (orchestration,) = named(spans, "orchestration:sequence", SpanKind.SERVER)
-    scheduled = named(spans, "activity:say_hello", SpanKind.CLIENT)
-    ran = named(spans, "activity:say_hello", SpanKind.SERVER)
+    root, found, _ = traced_run(client, spans, sdk_app.sequence, None, count=8)
+    (create,) = named(found, "create_orchestration:sequence", SpanKind.PRODUCER)
+    (orchestration,) = named(found, "orchestration:sequence", SpanKind.SERVER)
+    scheduled = named(found, "activity:say_hello", SpanKind.CLIENT)
+    ran = named(found, "activity:say_hello", SpanKind.SERVER)
     assert parent_id(create) == root.context.span_id
     assert parent_id(orchestration) == create.context.span_id
     # The activities of all three episodes hang under the one span of the execution...
@@ -91,34 +74,34 @@ def test_an_orchestration_and_its_activities_make_one_trace(
 
 
 def test_a_sub_orchestration_continues_its_parents_trace(
-    client: sdk_client.TaskHubGrpcClient, exporter: InMemorySpanExporter
+    client: sdk_client.TaskHubGrpcClient, spans: InMemorySpanExporter
 ) -> None:
-    _, spans, _ = traced_run(client, exporter, sdk_app.parent, None, count=10)
-    (parent,) = named(spans, "orchestration:parent", SpanKind.SERVER)
-    started = named(spans, "orchestration:child", SpanKind.CLIENT)
-    children = named(spans, "orchestration:child", SpanKind.SERVER)
+    _, found, _ = traced_run(client, spans, sdk_app.parent, None, count=10)
+    (parent,) = named(found, "orchestration:parent", SpanKind.SERVER)
+    started = named(found, "orchestration:child", SpanKind.CLIENT)
+    children = named(found, "orchestration:child", SpanKind.SERVER)
     assert len(started) == 2 and {parent_id(span) for span in started} == {parent.context.span_id}
     assert sorted(parent_id(span) or 0 for span in children) == sorted(span.context.span_id for span in started)
     child_ids = {span.context.span_id for span in children}
-    assert {parent_id(span) for span in named(spans, "activity:square", SpanKind.CLIENT)} == child_ids
+    assert {parent_id(span) for span in named(found, "activity:square", SpanKind.CLIENT)} == child_ids
 
 
 def test_each_execution_of_a_continued_orchestration_is_a_span_of_the_same_trace(
-    client: sdk_client.TaskHubGrpcClient, exporter: InMemorySpanExporter
+    client: sdk_client.TaskHubGrpcClient, spans: InMemorySpanExporter
 ) -> None:
-    _, spans, _ = traced_run(client, exporter, sdk_app.counter, {"n": 0, "until": 2}, count=4)
-    (create,) = named(spans, "create_orchestration:counter", SpanKind.PRODUCER)
-    executions = named(spans, "orchestration:counter", SpanKind.SERVER)
+    _, found, _ = traced_run(client, spans, sdk_app.counter, {"n": 0, "until": 2}, count=4)
+    (create,) = named(found, "create_orchestration:counter", SpanKind.PRODUCER)
+    executions = named(found, "orchestration:counter", SpanKind.SERVER)
     assert len(executions) == 3 and len({span.context.span_id for span in executions}) == 3
     assert {parent_id(span) for span in executions} == {create.context.span_id}
 
 
 def test_the_history_keeps_what_links_the_spans(
-    client: sdk_client.TaskHubGrpcClient, exporter: InMemorySpanExporter, native_client: dtfx.Client
+    client: sdk_client.TaskHubGrpcClient, spans: InMemorySpanExporter, native_client: dtfx.Client
 ) -> None:
-    _, spans, instance_id = traced_run(client, exporter, sdk_app.sequence, None, count=8)
-    (create,) = named(spans, "create_orchestration:sequence", SpanKind.PRODUCER)
-    (orchestration,) = named(spans, "orchestration:sequence", SpanKind.SERVER)
+    _, found, instance_id = traced_run(client, spans, sdk_app.sequence, None, count=8)
+    (create,) = named(found, "create_orchestration:sequence", SpanKind.PRODUCER)
+    (orchestration,) = named(found, "orchestration:sequence", SpanKind.SERVER)
     events = native_client.get_orchestration_history(instance_id)
     (started,) = [event for event in events if isinstance(event, ExecutionStarted)]
     assert started.trace_context is not None

@@ -178,7 +178,9 @@ def apply_actions(
     """Turn an episode's actions into a checkpoint.
 
     ``started`` is the execution's ``ExecutionStarted`` (from history or ``new_events``);
-    ``history`` is the past history, needed only when :func:`needs_history` says so;
+    an activity or sub-orchestration that comes with no trace context of its own continues
+    the execution's. ``history`` is the past history, needed only when
+    :func:`needs_history` says so;
     ``span``, the execution's span as the episode's worker began or changed it, is
     recorded on the episode's ``OrchestratorStarted``.
     """
@@ -201,7 +203,7 @@ def apply_actions(
                 version=action.version,
                 input=action.input,
                 tags=action.tags,
-                trace_context=action.trace_context,
+                trace_context=action.trace_context or started.trace_context,
             )
             appended.append(scheduled)
             tasks.append(ActivityTask(instance_id, execution_id, scheduled))
@@ -220,7 +222,7 @@ def apply_actions(
                     name=action.name,
                     version=action.version,
                     input=action.input,
-                    trace_context=action.trace_context,
+                    trace_context=action.trace_context or started.trace_context,
                 )
             )
             refused = orchestration_id_error(action.instance_id)
@@ -241,7 +243,7 @@ def apply_actions(
                     task_scheduled_id=action.id,
                 ),
                 tags=action.tags,
-                trace_context=action.trace_context,
+                trace_context=action.trace_context or started.trace_context,
             )
             messages.append(OutboundMessage(action.instance_id, child_start))
         elif isinstance(action, SendEvent):

@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from dtfx._loops import in_context_on
+from dtfx._tracing import activity_span
 from dtfx.backends.base import Backend, utc_now
 from dtfx.core.activity import ActivityContext
 from dtfx.core.errors import NotRegisteredError
@@ -100,7 +101,9 @@ class LocalActivityRunner:
     async def run(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed:
         try:
             activity, context, value = self._prepare(item)
-            return self._completed(item, await self._call(activity, context, value))
+            with activity_span(item.task.event, item.task.instance_id):
+                result = await self._call(activity, context, value)
+            return self._completed(item, result)
         except Exception as error:
             return _failed(item, error)
 
@@ -115,9 +118,10 @@ class LocalActivityRunner:
         what :meth:`run` does on ``loop`` (an awaitable it returns is awaited there)."""
         try:
             activity, context, value = self._prepare(item)
-            result = activity(context, value)
-            if inspect.isawaitable(result):
-                result = asyncio.run_coroutine_threadsafe(_awaited(result), loop).result()
+            with activity_span(item.task.event, item.task.instance_id):
+                result = activity(context, value)
+                if inspect.isawaitable(result):
+                    result = asyncio.run_coroutine_threadsafe(_awaited(result), loop).result()
             return self._completed(item, result)
         except Exception as error:
             return _failed(item, error)

@@ -1,0 +1,95 @@
+"""OpenTelemetry spans for native clients and workers, when the application traces.
+
+dtfx needs only ``opentelemetry-api`` for them (the ``otel`` extra), and makes them only
+once the application has set a tracer provider: without one, nothing is traced and no
+trace context is stored. An application that sets a provider has imported OpenTelemetry
+first, so dtfx never imports it itself. The spans follow the official SDKs' names, so
+that native and SDK workers on one hub make the same traces:
+
+- a client's start of an orchestration is a PRODUCER span ``create_orchestration:<name>``,
+  a child of the current span, unless the caller passes a trace context of its own (as
+  the gRPC sidecar does for the SDKs, whose clients make that span themselves); the
+  context is kept with the start;
+- an activity's run is a SERVER span ``activity:<name>``, current while the activity's
+  code runs, whose parent is the context kept with its task: the span of whatever
+  scheduled it, or else the one that started its orchestration.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
+
+from dtfx.core.history import TaskScheduled, TraceContext
+
+if TYPE_CHECKING:
+    from opentelemetry import trace
+
+_TRACEPARENT, _TRACESTATE = "traceparent", "tracestate"
+_NOT_TRACED: AbstractContextManager[object] = nullcontext()
+
+
+def _tracer() -> trace.Tracer | None:
+    """dtfx's tracer, or ``None`` while the application has set no tracer provider."""
+    api = sys.modules.get("opentelemetry.trace")
+    if api is None:  # never imported: no provider can have been set
+        return None
+    provider = api.get_tracer_provider()
+    if isinstance(provider, api.ProxyTracerProvider):  # none set yet
+        return None
+    tracer: trace.Tracer = provider.get_tracer("dtfx")
+    return tracer
+
+
+@contextmanager
+def creation_span(name: str, instance_id: str) -> Iterator[TraceContext | None]:
+    """The span of a client's start of orchestration ``name``; yields the context to keep
+    with the start (``None`` when nothing is traced)."""
+    tracer = _tracer()
+    if tracer is None:
+        yield None
+        return
+    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    attributes = {
+        "durabletask.type": "orchestration",
+        "durabletask.task.name": name,
+        "durabletask.task.instance_id": instance_id,
+    }
+    with tracer.start_as_current_span(f"create_orchestration:{name}", kind=SpanKind.PRODUCER, attributes=attributes):
+        carrier: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(carrier)
+        parent = carrier.get(_TRACEPARENT)
+        yield TraceContext(trace_parent=parent, trace_state=carrier.get(_TRACESTATE)) if parent else None
+
+
+def activity_span(scheduled: TaskScheduled, instance_id: str) -> AbstractContextManager[object]:
+    """The span of an activity's run, current while its code runs (an exception it raises is
+    recorded on it); no span when its task carries no trace context."""
+    context = scheduled.trace_context
+    if context is None:
+        return _NOT_TRACED
+    tracer = _tracer()
+    if tracer is None:
+        return _NOT_TRACED
+    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier = {_TRACEPARENT: context.trace_parent}
+    if context.trace_state:
+        carrier[_TRACESTATE] = context.trace_state
+    attributes: dict[str, Any] = {
+        "durabletask.type": "activity",
+        "durabletask.task.name": scheduled.name,
+        "durabletask.task.instance_id": instance_id,
+        "durabletask.task.task_id": scheduled.event_id,
+    }
+    return tracer.start_as_current_span(
+        f"activity:{scheduled.name}",
+        context=TraceContextTextMapPropagator().extract(carrier),
+        kind=SpanKind.SERVER,
+        attributes=attributes,
+    )

@@ -1,0 +1,131 @@
+"""OpenTelemetry spans of native clients and workers, once a tracer provider is set.
+
+A start is a ``create_orchestration`` span under the caller's; each activity's run is an
+``activity`` span under it, current while the activity's code runs, so that what that
+code traces joins the trace.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+import dtfx
+from dtfx.core.history import ExecutionStarted, TaskScheduled
+from tests.e2e.conftest import Hub
+
+
+def _request() -> Any:
+    """A span of the test's own, as an application's request would be (the provider is the test's)."""
+    return trace.get_tracer(__name__).start_as_current_span("request")
+
+
+def _traced_app(app: dtfx.App, seen: list[trace.Span]) -> None:
+    @app.activity
+    def greet(ctx: dtfx.ActivityContext, name: str) -> str:
+        seen.append(trace.get_current_span())
+        return f"Hello, {name}!"
+
+    @app.activity
+    async def shout(ctx: dtfx.ActivityContext, name: str) -> str:
+        seen.append(trace.get_current_span())
+        return name.upper()
+
+    @app.activity
+    def refuse(ctx: dtfx.ActivityContext, _: Any) -> None:
+        raise ValueError("no")
+
+    @app.orchestrator
+    def child(ctx: dtfx.OrchestrationContext, name: str) -> Any:
+        return (yield ctx.call_activity("shout", input=name))
+
+    @app.orchestrator
+    def greetings(ctx: dtfx.OrchestrationContext, names: list[str]) -> Any:
+        first = yield ctx.call_activity("greet", input=names[0])
+        second = yield ctx.call_sub_orchestrator("child", input=names[1])
+        try:
+            yield ctx.call_activity("refuse")
+            outcome = "accepted"
+        except dtfx.TaskFailedError:
+            outcome = "refused"
+        return [first, second, outcome]
+
+
+def _kind_of(found: list[ReadableSpan], name: str) -> ReadableSpan:
+    (span,) = [span for span in found if span.name == name]
+    return span
+
+
+async def test_a_start_and_its_activities_are_spans_of_the_callers_trace(
+    hub: Hub, app: dtfx.App, spans: InMemorySpanExporter
+) -> None:
+    seen: list[trace.Span] = []
+    _traced_app(app, seen)
+    async with hub.worker(app):
+        with _request() as request:
+            instance_id = await hub.client.schedule_new_orchestration("greetings", input=["Ada", "Bob"])
+        state = await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == ["Hello, Ada!", "BOB", "refused"]
+    found = list(spans.get_finished_spans())
+    assert {span.context.trace_id for span in found} == {request.get_span_context().trace_id}
+    create = _kind_of(found, "create_orchestration:greetings")
+    assert create.kind == SpanKind.PRODUCER and create.parent is not None
+    assert create.parent.span_id == request.get_span_context().span_id
+    assert create.attributes is not None and create.attributes["durabletask.task.instance_id"] == instance_id
+    runs = [_kind_of(found, f"activity:{name}") for name in ("greet", "shout", "refuse")]
+    # Every activity continues the start's span, the sub-orchestration's too.
+    assert all(run.kind == SpanKind.SERVER and run.parent is not None for run in runs)
+    assert {run.parent.span_id for run in runs if run.parent} == {create.context.span_id}
+    # The activities' code ran in their spans, sync on a thread and async on the loop alike.
+    assert [span.get_span_context().span_id for span in seen] == [run.context.span_id for run in runs[:2]]
+    refused = runs[2]
+    assert refused.status.status_code == StatusCode.ERROR
+    assert [event.name for event in refused.events] == ["exception"]
+    history = await hub.client.get_orchestration_history(instance_id)
+    (started,) = [event for event in history if isinstance(event, ExecutionStarted)]
+    assert (
+        started.trace_context is not None and f"-{create.context.span_id:016x}-" in started.trace_context.trace_parent
+    )
+
+
+async def test_a_callers_own_trace_context_is_kept_and_no_start_span_is_made(
+    hub: Hub, app: dtfx.App, spans: InMemorySpanExporter
+) -> None:
+    seen: list[trace.Span] = []
+    _traced_app(app, seen)
+    given = dtfx.TraceContext(trace_parent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    async with hub.worker(app):
+        instance_id = await hub.client.schedule_new_orchestration("child", input="ada", trace_context=given)
+        await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+    (run,) = spans.get_finished_spans()
+    assert run.name == "activity:shout" and run.parent is not None
+    assert (run.context.trace_id, run.parent.span_id) == (0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331)
+    history = await hub.client.get_orchestration_history(instance_id)
+    scheduled = [event for event in history if isinstance(event, TaskScheduled)]
+    assert [event.trace_context for event in scheduled] == [given]
+
+
+def test_the_sync_clients_start_is_a_child_of_the_callers_span(app: dtfx.App, spans: InMemorySpanExporter) -> None:
+    seen: list[trace.Span] = []
+    _traced_app(app, seen)
+    with dtfx.Worker(dtfx.MemoryBackend(), app=app) as worker, dtfx.Client(worker.backend) as client:
+        with _request() as request:
+            instance_id = client.schedule_new_orchestration("child", input="ada")
+        client.wait_for_orchestration_completion(instance_id, timeout=10)
+    create = _kind_of(list(spans.get_finished_spans()), "create_orchestration:child")
+    assert create.parent is not None and create.parent.span_id == request.get_span_context().span_id
+
+
+async def test_nothing_is_traced_without_a_tracer_provider(hub: Hub, app: dtfx.App) -> None:
+    seen: list[trace.Span] = []
+    _traced_app(app, seen)
+    async with hub.worker(app):
+        instance_id = await hub.client.schedule_new_orchestration("child", input="ada")
+        await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+    history = await hub.client.get_orchestration_history(instance_id)
+    assert all(getattr(event, "trace_context", None) is None for event in history)
+    assert not seen[0].get_span_context().is_valid
