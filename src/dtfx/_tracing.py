@@ -12,7 +12,12 @@ that native and SDK workers on one hub make the same traces:
   context is kept with the start;
 - an activity's run is a SERVER span ``activity:<name>``, current while the activity's
   code runs, whose parent is the context kept with its task: the span of whatever
-  scheduled it, or else the one that started its orchestration.
+  scheduled it, or else the one that started its orchestration;
+- an execution of an orchestration is a SERVER span ``orchestration:<name>``, from its
+  start to the commit that ends it (completed, failed, terminated or continued as new),
+  made by the worker that commits that end. Its parent is the start's span; the
+  activities are its siblings, not its children: the OpenTelemetry API cannot give a span
+  an id chosen before the span begins, in the first episode.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from dtfx.core.history import TaskScheduled, TraceContext
+from dtfx.core.history import ExecutionStarted, OrchestrationStatus, TaskScheduled, TraceContext
+from dtfx.core.workitems import OrchestrationCheckpoint
 
 if TYPE_CHECKING:
+    from opentelemetry import context as otel_context
     from opentelemetry import trace
 
 _TRACEPARENT, _TRACESTATE = "traceparent", "tracestate"
@@ -76,11 +84,7 @@ def activity_span(scheduled: TaskScheduled, instance_id: str) -> AbstractContext
     if tracer is None:
         return _NOT_TRACED
     from opentelemetry.trace import SpanKind
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    carrier = {_TRACEPARENT: context.trace_parent}
-    if context.trace_state:
-        carrier[_TRACESTATE] = context.trace_state
     attributes: dict[str, Any] = {
         "durabletask.type": "activity",
         "durabletask.task.name": scheduled.name,
@@ -88,8 +92,54 @@ def activity_span(scheduled: TaskScheduled, instance_id: str) -> AbstractContext
         "durabletask.task.task_id": scheduled.event_id,
     }
     return tracer.start_as_current_span(
-        f"activity:{scheduled.name}",
-        context=TraceContextTextMapPropagator().extract(carrier),
+        f"activity:{scheduled.name}", context=_parent(context), kind=SpanKind.SERVER, attributes=attributes
+    )
+
+
+def execution_ended(started: ExecutionStarted, checkpoint: OrchestrationCheckpoint) -> None:
+    """Make the span of the execution that ``started`` began, if ``checkpoint`` (committed) ended it."""
+    context = started.trace_context
+    if context is None:
+        return
+    if not checkpoint.status.is_terminal and checkpoint.execution_id == started.instance.execution_id:
+        return  # it goes on (a continue-as-new begins another execution)
+    tracer = _tracer()
+    if tracer is None:
+        return
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+
+    attributes = {
+        "durabletask.type": "orchestration",
+        "durabletask.task.name": started.name,
+        "durabletask.task.instance_id": checkpoint.instance_id,
+        "durabletask.task.status": _STATUS_NAMES.get(checkpoint.status, "Completed"),
+    }
+    began = started.scheduled_start_time or started.timestamp
+    span = tracer.start_span(
+        f"orchestration:{started.name}",
+        context=_parent(context),
         kind=SpanKind.SERVER,
         attributes=attributes,
+        start_time=_nanoseconds(began),
     )
+    if checkpoint.status == OrchestrationStatus.FAILED:
+        details = checkpoint.failure_details
+        span.set_status(Status(StatusCode.ERROR, details.message if details is not None else None))
+    span.end(end_time=_nanoseconds(checkpoint.updated_at))
+
+
+_STATUS_NAMES = {OrchestrationStatus.FAILED: "Failed", OrchestrationStatus.TERMINATED: "Terminated"}
+"""How an execution ended, as the SDKs name it (any other end, a continue-as-new too, is "Completed")."""
+
+
+def _parent(context: TraceContext) -> otel_context.Context:
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier = {_TRACEPARENT: context.trace_parent}
+    if context.trace_state:
+        carrier[_TRACESTATE] = context.trace_state
+    return TraceContextTextMapPropagator().extract(carrier)
+
+
+def _nanoseconds(moment: datetime) -> int:
+    return int(moment.timestamp() * 1_000_000) * 1000

@@ -2,7 +2,7 @@
 
 A start is a ``create_orchestration`` span under the caller's; each activity's run is an
 ``activity`` span under it, current while the activity's code runs, so that what that
-code traces joins the trace.
+code traces joins the trace; each execution is an ``orchestration`` span under it too.
 """
 
 from __future__ import annotations
@@ -54,6 +54,21 @@ def _traced_app(app: dtfx.App, seen: list[trace.Span]) -> None:
             outcome = "refused"
         return [first, second, outcome]
 
+    @app.orchestrator
+    def doomed(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        yield ctx.call_activity("refuse")
+
+    @app.orchestrator
+    def waits(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.wait_for_external_event("never"))
+
+    @app.orchestrator
+    def twice(ctx: dtfx.OrchestrationContext, round: int) -> Any:
+        if round < 2:
+            ctx.continue_as_new(round + 1)
+            return None
+        return (yield ctx.call_activity("shout", input="done"))
+
 
 def _kind_of(found: list[ReadableSpan], name: str) -> ReadableSpan:
     (span,) = [span for span in found if span.name == name]
@@ -85,6 +100,14 @@ async def test_a_start_and_its_activities_are_spans_of_the_callers_trace(
     refused = runs[2]
     assert refused.status.status_code == StatusCode.ERROR
     assert [event.name for event in refused.events] == ["exception"]
+    # Each execution is a span under the start's too, from its start to its end.
+    executions = [_kind_of(found, f"orchestration:{name}") for name in ("greetings", "child")]
+    assert {execution.parent.span_id for execution in executions if execution.parent} == {create.context.span_id}
+    outer = executions[0]
+    assert outer.kind == SpanKind.SERVER and outer.status.status_code == StatusCode.UNSET
+    assert outer.attributes is not None and outer.attributes["durabletask.task.status"] == "Completed"
+    assert outer.start_time is not None and outer.end_time is not None
+    assert all(outer.start_time <= (run.start_time or 0) <= (run.end_time or 0) <= outer.end_time for run in runs)
     history = await hub.client.get_orchestration_history(instance_id)
     (started,) = [event for event in history if isinstance(event, ExecutionStarted)]
     assert (
@@ -101,12 +124,43 @@ async def test_a_callers_own_trace_context_is_kept_and_no_start_span_is_made(
     async with hub.worker(app):
         instance_id = await hub.client.schedule_new_orchestration("child", input="ada", trace_context=given)
         await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
-    (run,) = spans.get_finished_spans()
-    assert run.name == "activity:shout" and run.parent is not None
-    assert (run.context.trace_id, run.parent.span_id) == (0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331)
+    run, execution = spans.get_finished_spans()
+    assert (run.name, execution.name) == ("activity:shout", "orchestration:child")
+    for span in (run, execution):
+        assert span.parent is not None
+        assert (span.context.trace_id, span.parent.span_id) == (0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331)
     history = await hub.client.get_orchestration_history(instance_id)
     scheduled = [event for event in history if isinstance(event, TaskScheduled)]
     assert [event.trace_context for event in scheduled] == [given]
+
+
+async def test_failed_terminated_and_continued_executions_are_spans(
+    hub: Hub, app: dtfx.App, spans: InMemorySpanExporter
+) -> None:
+    _traced_app(app, [])
+    async with hub.worker(app):
+        with _request():
+            doomed = await hub.client.schedule_new_orchestration("doomed")
+            twice = await hub.client.schedule_new_orchestration("twice", input=0)
+            waits = await hub.client.schedule_new_orchestration("waits")
+        failed = await hub.client.wait_for_orchestration_completion(doomed, timeout=10)
+        done = await hub.client.wait_for_orchestration_completion(twice, timeout=10)
+        await hub.client.wait_for_orchestration_start(waits, timeout=10)
+        await hub.client.terminate_orchestration(waits, output="enough")
+        await hub.client.wait_for_orchestration_completion(waits, timeout=10)
+    assert failed is not None and failed.runtime_status == dtfx.OrchestrationStatus.FAILED
+    assert done is not None and done.get_output() == "DONE"
+    found = list(spans.get_finished_spans())
+    failure = _kind_of(found, "orchestration:doomed")
+    assert failure.status.status_code == StatusCode.ERROR and failure.status.description
+    assert failure.attributes is not None and failure.attributes["durabletask.task.status"] == "Failed"
+    terminated = _kind_of(found, "orchestration:waits")
+    assert terminated.attributes is not None and terminated.attributes["durabletask.task.status"] == "Terminated"
+    executions = [span for span in found if span.name == "orchestration:twice"]
+    create = _kind_of(found, "create_orchestration:twice")
+    assert len(executions) == 3 and {span.parent.span_id for span in executions if span.parent} == {
+        create.context.span_id
+    }
 
 
 def test_the_sync_clients_start_is_a_child_of_the_callers_span(app: dtfx.App, spans: InMemorySpanExporter) -> None:

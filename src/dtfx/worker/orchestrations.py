@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Protocol
 
+from dtfx._tracing import execution_ended
 from dtfx.backends.base import Backend, utc_now
 from dtfx.backends.delivery import checkpointed_state
 from dtfx.core.actions import CompleteOrchestration, OrchestratorAction
@@ -659,18 +660,13 @@ class LocalRunner:
     ) -> None:
         with self._lock:
             entry = self._running.pop(item.instance_id, None)
-            keep = (
-                entry is not None
-                and checkpoint is not None
-                and committed
-                and not entry.executor.is_complete
-                and not checkpoint.replace_history
-                and not checkpoint.status.is_terminal
-            )
-            if not keep:
+            if entry is None or checkpoint is None or not committed:
                 self._cache.evict(item.instance_id)
                 return
-            assert entry is not None and checkpoint is not None
-            entry.history_size = checkpoint.history_size_after(item.history_size)
-            entry.execution_id = checkpoint.execution_id
-            self._cache.store(item.instance_id, entry)
+            if entry.executor.is_complete or checkpoint.replace_history or checkpoint.status.is_terminal:
+                self._cache.evict(item.instance_id)
+            else:
+                entry.history_size = checkpoint.history_size_after(item.history_size)
+                entry.execution_id = checkpoint.execution_id
+                self._cache.store(item.instance_id, entry)
+        execution_ended(entry.started, checkpoint)
