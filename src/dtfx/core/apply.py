@@ -178,11 +178,10 @@ def apply_actions(
     """Turn an episode's actions into a checkpoint.
 
     ``started`` is the execution's ``ExecutionStarted`` (from history or ``new_events``);
-    an activity or sub-orchestration that comes with no trace context of its own continues
-    the execution's. ``history`` is the past history, needed only when
-    :func:`needs_history` says so;
+    ``history`` is the past history, needed only when :func:`needs_history` says so;
     ``span``, the execution's span as the episode's worker began or changed it, is
-    recorded on the episode's ``OrchestratorStarted``.
+    recorded on the episode's ``OrchestratorStarted``. An activity or sub-orchestration
+    that comes with no trace context of its own continues the execution's.
     """
     state = item.state
     instance_id = item.instance_id
