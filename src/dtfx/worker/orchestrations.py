@@ -219,7 +219,7 @@ class OrchestrationProcessor:
             outcome.actions,
             outcome.custom_status,
             plan.consumed,
-            now,
+            utc_now(),  # the actions' events date from when they came back (an SDK's: a round trip later)
             history=history,
             span=outcome.span,
         )
