@@ -1,0 +1,148 @@
+"""The official SDK's extensions on dtfx: scheduled tasks and history export.
+
+The SDK builds both from durable entities, orchestrators, activities and timers. A
+schedule is an entity that starts its orchestration at each interval; an export job is
+an entity and an orchestrator whose activities list the ended instances and stream
+their histories through a client. Nothing here is dtfx's own: it must all work through
+the sidecar as it does on the SDK's own.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from durabletask import client as sdk_client
+from durabletask import task
+from durabletask import worker as sdk_worker
+from durabletask.extensions.history_export import (
+    ExportDestination,
+    ExportHistoryClient,
+    ExportJobCreationOptions,
+    ExportJobStatus,
+    ExportMode,
+)
+from durabletask.scheduled import ScheduleCreationOptions, ScheduledTaskClient, ScheduleQuery, ScheduleStatus
+from tests.grpc import sdk_app
+from tests.grpc.conftest import running_sdk_worker, running_sidecar, wait_until
+
+runs: list[tuple[float, Any]] = []
+"""When each scheduled orchestration ran, and its input."""
+_lock = threading.Lock()
+
+
+def tick(ctx: task.OrchestrationContext, value: Any) -> Any:
+    if not ctx.is_replaying:
+        with _lock:
+            runs.append((time.monotonic(), value))
+    return value
+
+
+class MemoryWriter:
+    """A history export destination that keeps what it is given (a ``HistoryWriter``)."""
+
+    def __init__(self) -> None:
+        self.written: dict[str, tuple[str, bytes, str | None]] = {}
+
+    def write(
+        self,
+        *,
+        instance_id: str,
+        container: str,
+        blob_name: str,
+        payload: bytes,
+        content_type: str,
+        content_encoding: str | None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.written[instance_id] = (container, payload, content_encoding)
+
+
+@dataclass
+class Extensions:
+    client: sdk_client.TaskHubGrpcClient
+    schedules: ScheduledTaskClient
+    export: ExportHistoryClient
+    writer: MemoryWriter
+
+
+@pytest.fixture(scope="module")
+def extensions() -> Iterator[Extensions]:
+    """A server, and an SDK worker with :mod:`tests.grpc.sdk_app`, the schedules' and the export's parts."""
+    writer = MemoryWriter()
+    with running_sidecar() as server:
+        client = sdk_client.TaskHubGrpcClient(host_address=server.address)
+        export = ExportHistoryClient(client, writer)
+
+        def register(worker: sdk_worker.TaskHubGrpcWorker) -> None:
+            sdk_app.register(worker)
+            worker.add_orchestrator(tick)
+            worker.configure_scheduled_tasks()
+            export.register_worker(worker)
+
+        with running_sdk_worker(server.address, register=register):
+            yield Extensions(client, ScheduledTaskClient(client, operation_timeout=20), export, writer)
+        client.close()
+
+
+def runs_since(moment: float) -> list[Any]:
+    with _lock:
+        return [value for at, value in runs if at >= moment]
+
+
+def test_a_schedule_runs_its_orchestration_at_each_interval_until_paused(extensions: Extensions) -> None:
+    schedules = extensions.schedules
+    began = time.monotonic()
+    schedule = schedules.create_schedule(
+        ScheduleCreationOptions(
+            schedule_id="every-second", orchestration_name="tick", interval=timedelta(seconds=1), orchestration_input=7
+        )
+    )
+    assert schedule.describe().status == ScheduleStatus.ACTIVE
+    assert wait_until(lambda: len(runs_since(began)) >= 2) and runs_since(began)[:2] == [7, 7]
+    schedule.pause()
+    assert schedule.describe().status == ScheduleStatus.PAUSED
+    paused = time.monotonic()
+    time.sleep(1.5)
+    assert runs_since(paused + 0.2) == []  # a run that was already on its way may land just after the pause
+    assert [found.schedule_id for found in schedules.list_schedules(ScheduleQuery())] == ["every-second"]
+    resumed = time.monotonic()
+    schedule.resume()
+    assert wait_until(lambda: runs_since(resumed))
+    schedule.delete()
+    assert schedules.get_schedule("every-second") is None
+
+
+def test_an_export_job_writes_the_history_of_every_instance_that_ended_in_its_window(extensions: Extensions) -> None:
+    client = extensions.client
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    instance_ids = [client.schedule_new_orchestration(sdk_app.sequence) for _ in range(3)]
+    for instance_id in instance_ids:
+        client.wait_for_orchestration_completion(instance_id, timeout=15)
+    extensions.export.create_job(
+        ExportJobCreationOptions(
+            mode=ExportMode.BATCH,
+            completed_time_from=since,
+            completed_time_to=datetime.now(UTC) + timedelta(seconds=1),
+            destination=ExportDestination(container="histories"),
+        ),
+        job_id="recent",
+    )
+    job = extensions.export.wait_for_job("recent", timeout=30)
+    written = extensions.writer.written  # the other tests' instances that ended in the window too
+    assert (job.status, job.exported_instances, job.failed_instances) == (ExportJobStatus.COMPLETED, len(written), 0)
+    assert set(instance_ids) <= set(written)
+    container, payload, encoding = written[instance_ids[0]]
+    assert (container, encoding) == ("histories", "gzip")
+    lines = [json.loads(line) for line in gzip.decompress(payload).decode().splitlines()]
+    assert lines[0]["kind"] == "metadata" and lines[0]["metadata"]["runtime_status"] == "COMPLETED"
+    kinds = [line.get("event_type") for line in lines[1:]]
+    assert kinds.count("TaskCompletedEvent") == 3
+    assert kinds[-2:] == ["OrchestratorCompletedEvent", "ExecutionCompletedEvent"]
