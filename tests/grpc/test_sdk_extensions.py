@@ -1,10 +1,11 @@
-"""The official SDK's extensions on dtfx: scheduled tasks and history export.
+"""The official SDK's extensions on dtfx: scheduled tasks, history export, large payloads.
 
-The SDK builds both from durable entities, orchestrators, activities and timers. A
-schedule is an entity that starts its orchestration at each interval; an export job is
-an entity and an orchestrator whose activities list the ended instances and stream
-their histories through a client. Nothing here is dtfx's own: it must all work through
-the sidecar as it does on the SDK's own.
+The SDK builds the first two from durable entities, orchestrators, activities and
+timers. A schedule is an entity that starts its orchestration at each interval; an
+export job is an entity and an orchestrator whose activities list the ended instances
+and stream their histories through a client. Large payloads are kept in a store of the
+application's, and only their tokens pass through the task hub. Nothing here is dtfx's
+own: it must all work through the sidecar as it does on the SDK's own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import gzip
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,9 +31,12 @@ from durabletask.extensions.history_export import (
     ExportJobStatus,
     ExportMode,
 )
+from durabletask.payload.store import LargePayloadStorageOptions, PayloadStore
 from durabletask.scheduled import ScheduleCreationOptions, ScheduledTaskClient, ScheduleQuery, ScheduleStatus
 from tests.grpc import sdk_app
 from tests.grpc.conftest import running_sdk_worker, running_sidecar, wait_until
+
+import dtfx
 
 runs: list[tuple[float, Any]] = []
 """When each scheduled orchestration ran, and its input."""
@@ -146,3 +151,52 @@ def test_an_export_job_writes_the_history_of_every_instance_that_ended_in_its_wi
     kinds = [line.get("event_type") for line in lines[1:]]
     assert kinds.count("TaskCompletedEvent") == 3
     assert kinds[-2:] == ["OrchestratorCompletedEvent", "ExecutionCompletedEvent"]
+
+
+class MemoryPayloads(PayloadStore):
+    """A large-payload store in memory: payloads over 1 KiB are kept here, as tokens elsewhere."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+
+    @property
+    def options(self) -> LargePayloadStorageOptions:
+        return LargePayloadStorageOptions(threshold_bytes=1024, enable_compression=False)
+
+    def upload(self, data: bytes, *, instance_id: str | None = None) -> str:
+        token = f"memory:{uuid.uuid4().hex}"
+        self.blobs[token] = data
+        return token
+
+    async def upload_async(self, data: bytes, *, instance_id: str | None = None) -> str:
+        return self.upload(data, instance_id=instance_id)
+
+    def download(self, token: str) -> bytes:
+        return self.blobs[token]
+
+    async def download_async(self, token: str) -> bytes:
+        return self.download(token)
+
+    def is_known_token(self, value: str) -> bool:
+        return value.startswith("memory:")
+
+
+def test_large_payloads_pass_through_the_hub_as_tokens() -> None:
+    payloads = MemoryPayloads()
+
+    def register(worker: sdk_worker.TaskHubGrpcWorker) -> None:
+        worker.add_orchestrator(sdk_app.echo)
+
+    text = "x" * 5000
+    with running_sidecar() as server, running_sdk_worker(server.address, register=register, payload_store=payloads):
+        client = sdk_client.TaskHubGrpcClient(host_address=server.address, payload_store=payloads)
+        try:
+            instance_id = client.schedule_new_orchestration(sdk_app.echo, input=text)
+            state = client.wait_for_orchestration_completion(instance_id, timeout=15)
+        finally:
+            client.close()
+        assert state is not None and state.get_output() == text
+        with dtfx.Client(server.backend) as native:
+            stored = native.get_orchestration_state(instance_id)
+    assert stored is not None and stored.serialized_input is not None and stored.serialized_output is not None
+    assert payloads.is_known_token(stored.serialized_input) and payloads.is_known_token(stored.serialized_output)
