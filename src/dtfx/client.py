@@ -44,6 +44,7 @@ from dtfx.core.history import (
     OrchestrationStatus,
     SubOrchestrationInstanceCreated,
     TraceContext,
+    trace_context_problem,
 )
 from dtfx.core.instance_ids import check_orchestration_id, orchestration_id_error
 from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter
@@ -132,13 +133,16 @@ class AsyncClient:
         is raised. ``start_at`` delays the start; the instance is PENDING until then.
         An id no orchestration can have (empty, longer than 1024 characters, with control
         characters, or an entity's ``@name@key``) raises :class:`~dtfx.InvalidInstanceIdError`.
-        ``trace_context`` is the W3C trace context (OpenTelemetry's) the execution continues;
+        ``trace_context`` is the W3C trace context (OpenTelemetry's) the execution continues
+        (one that is not W3C's raises ``ValueError``);
         without one, once a tracer provider is set, the start is a span of its own
         (``create_orchestration:<name>``), a child of the current span, and the execution
         continues that. Either is kept with the start for the workers, which trace the
         activities' runs (see the README's "Tracing").
         """
         instance_id = uuid.uuid4().hex if instance_id is None else check_orchestration_id(instance_id)
+        if trace_context is not None and (problem := trace_context_problem(trace_context)) is not None:
+            raise ValueError(f"Cannot start an orchestration with this trace context: {problem}.")
         backend = await self._ready()
         scheduled = as_utc(start_at) if start_at is not None else None
         name = function_name(orchestrator)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -183,3 +184,11 @@ async def test_nothing_is_traced_without_a_tracer_provider(hub: Hub, app: dtfx.A
     history = await hub.client.get_orchestration_history(instance_id)
     assert all(getattr(event, "trace_context", None) is None for event in history)
     assert not seen[0].get_span_context().is_valid
+
+
+async def test_a_trace_context_that_is_not_w3c_is_refused(hub: Hub, app: dtfx.App) -> None:
+    _traced_app(app, [])
+    garbled = dtfx.TraceContext(trace_parent="00-" + "x" * 5000)
+    with pytest.raises(ValueError, match="not a W3C traceparent"):
+        await hub.client.schedule_new_orchestration("child", input="ada", instance_id="garbled", trace_context=garbled)
+    assert await hub.client.get_orchestration_state("garbled") is None

@@ -153,6 +153,9 @@ def test_trace_contexts_land_where_the_sdk_reads_them() -> None:
     assert optional_trace_context(pb.ScheduleTaskAction(parentTraceContext=pb.TraceContext(spanID="ab"))) is None
     bare = pb.ScheduleTaskAction(parentTraceContext=pb.TraceContext(traceParent=TRACE.trace_parent))
     assert optional_trace_context(bare) == history.TraceContext(trace_parent=TRACE.trace_parent)
+    # One that is not W3C's is ignored, as W3C's Trace Context has a receiver do.
+    garbled = pb.ScheduleTaskAction(parentTraceContext=pb.TraceContext(traceParent="00-not-a-trace-01"))
+    assert optional_trace_context(garbled) is None
 
 
 def test_an_orchestrations_span_round_trips() -> None:

@@ -12,6 +12,7 @@ which is what the SQL backends store.
 from __future__ import annotations
 
 import enum
+import re
 import traceback
 from datetime import datetime
 
@@ -131,6 +132,29 @@ class TraceContext(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     """The ``tracestate`` header's value, if any."""
     span_id: str | None = None
     """The span's id alone, as some SDKs also send it."""
+
+
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-[!-~]*)?")
+_SPAN_ID = re.compile(r"[0-9a-f]{16}")
+MAX_TRACE_PARENT = 256
+"""Characters of a ``traceparent``: 55 in version 00; later versions may add fields."""
+MAX_TRACE_STATE = 512
+"""Characters of a ``tracestate`` that W3C's Trace Context asks every system to carry."""
+
+
+def trace_context_problem(context: TraceContext) -> str | None:
+    """Why ``context`` is no W3C trace context (``None`` if it is one)."""
+    parent = context.trace_parent
+    match = _TRACEPARENT.fullmatch(parent) if len(parent) <= MAX_TRACE_PARENT else None
+    if match is None or match[1] == "ff" or (match[1] == "00" and match[4] is not None):
+        return f"trace_parent {parent[:80]!r} is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)"
+    if set(match[2]) == {"0"} or set(match[3]) == {"0"}:
+        return "trace_parent has an all-zero trace or span id"
+    if context.trace_state is not None and len(context.trace_state) > MAX_TRACE_STATE:
+        return f"trace_state is longer than {MAX_TRACE_STATE} characters"
+    if context.span_id is not None and _SPAN_ID.fullmatch(context.span_id) is None:
+        return f"span_id {context.span_id[:80]!r} is not 16 hex digits"
+    return None
 
 
 class OrchestrationSpan(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -33,7 +33,14 @@ from dtfx.core.entities import (
     SignalEntity,
     StartOrchestration,
 )
-from dtfx.core.history import FailureDetails, HistoryEvent, OrchestrationSpan, OrchestrationStatus, TraceContext
+from dtfx.core.history import (
+    FailureDetails,
+    HistoryEvent,
+    OrchestrationSpan,
+    OrchestrationStatus,
+    TraceContext,
+    trace_context_problem,
+)
 from dtfx.core.instance_ids import orchestration_id_error
 from dtfx.core.state import OrchestrationState
 from dtfx.grpc.protos import pb
@@ -96,17 +103,17 @@ def trace_context_to_proto(context: TraceContext | None) -> pb.TraceContext | No
 
 
 def optional_trace_context(message: Any, field: str = "parentTraceContext") -> TraceContext | None:
-    """A ``TraceContext`` field, or ``None`` when it is unset or has no ``traceParent``."""
+    """A ``TraceContext`` field, or ``None`` when it is unset or is no W3C trace context
+    (as W3C's Trace Context has a receiver ignore one it cannot read)."""
     if not message.HasField(field):
         return None
-    context = getattr(message, field)
-    if not context.traceParent:
-        return None
-    return TraceContext(
-        trace_parent=context.traceParent,
-        trace_state=optional_string(context, "traceState"),
-        span_id=context.spanID or None,
+    received = getattr(message, field)
+    context = TraceContext(
+        trace_parent=received.traceParent,
+        trace_state=optional_string(received, "traceState"),
+        span_id=received.spanID or None,
     )
+    return None if trace_context_problem(context) else context
 
 
 def span_to_proto(span: OrchestrationSpan | None) -> pb.OrchestrationTraceContext | None:
