@@ -152,9 +152,14 @@ def trace_context_problem(context: TraceContext) -> str | None:
         return "trace_parent has an all-zero trace or span id"
     if context.trace_state is not None and len(context.trace_state) > MAX_TRACE_STATE:
         return f"trace_state is longer than {MAX_TRACE_STATE} characters"
-    if context.span_id is not None and _SPAN_ID.fullmatch(context.span_id) is None:
+    if context.span_id is not None and not is_span_id(context.span_id):
         return f"span_id {context.span_id[:80]!r} is not 16 hex digits"
     return None
+
+
+def is_span_id(value: str) -> bool:
+    """Whether ``value`` is a W3C span id: 16 lowercase hex digits."""
+    return _SPAN_ID.fullmatch(value) is not None
 
 
 class OrchestrationSpan(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -39,6 +39,7 @@ from dtfx.core.history import (
     OrchestrationSpan,
     OrchestrationStatus,
     TraceContext,
+    is_span_id,
     trace_context_problem,
 )
 from dtfx.core.instance_ids import orchestration_id_error
@@ -124,12 +125,15 @@ def span_to_proto(span: OrchestrationSpan | None) -> pb.OrchestrationTraceContex
 
 
 def optional_span(message: Any, field: str = "orchestrationTraceContext") -> OrchestrationSpan | None:
-    """An ``OrchestrationTraceContext`` field, or ``None`` when it is unset or empty."""
+    """An ``OrchestrationTraceContext`` field, or ``None`` when it is unset or empty (a span
+    id that is not W3C's is left out)."""
     if not message.HasField(field):
         return None
     context = getattr(message, field)
+    span_id = optional_string(context, "spanID")
     span = OrchestrationSpan(
-        span_id=optional_string(context, "spanID"), start_time=optional_datetime(context, "spanStartTime")
+        span_id=span_id if span_id is not None and is_span_id(span_id) else None,
+        start_time=optional_datetime(context, "spanStartTime"),
     )
     return None if span == OrchestrationSpan() else span
 
