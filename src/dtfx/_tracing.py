@@ -13,6 +13,9 @@ that native and SDK workers on one hub make the same traces:
 - an activity's run is a SERVER span ``activity:<name>``, current while the activity's
   code runs, whose parent is the context kept with its task: the span of whatever
   scheduled it, or else the one that started its orchestration;
+- an entity operation's run is a SERVER span ``entity:<name>:<operation>``, current while
+  the operation's code runs, whose parent is the span that sent it (a client's current
+  span, or the start's of the orchestration that sent it);
 - an execution of an orchestration is a SERVER span ``orchestration:<name>``, from its
   start to the commit that ends it (completed, failed, terminated or continued as new),
   made by the worker that commits that end. Its parent is the start's span; the
@@ -28,6 +31,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from dtfx.core.entities import EntityInstanceId, OperationRequest
 from dtfx.core.history import ExecutionStarted, OrchestrationStatus, TaskScheduled, TraceContext
 from dtfx.core.workitems import OrchestrationCheckpoint
 
@@ -60,7 +64,6 @@ def creation_span(name: str, instance_id: str) -> Iterator[TraceContext | None]:
         yield None
         return
     from opentelemetry.trace import SpanKind
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     attributes = {
         "durabletask.type": "orchestration",
@@ -68,10 +71,21 @@ def creation_span(name: str, instance_id: str) -> Iterator[TraceContext | None]:
         "durabletask.task.instance_id": instance_id,
     }
     with tracer.start_as_current_span(f"create_orchestration:{name}", kind=SpanKind.PRODUCER, attributes=attributes):
-        carrier: dict[str, str] = {}
-        TraceContextTextMapPropagator().inject(carrier)
-        parent = carrier.get(_TRACEPARENT)
-        yield TraceContext(trace_parent=parent, trace_state=carrier.get(_TRACESTATE)) if parent else None
+        yield _current()
+
+
+def current_trace_context() -> TraceContext | None:
+    """The current span's context, to keep with what it sends (``None`` when nothing is traced)."""
+    return _current() if _tracer() is not None else None
+
+
+def _current() -> TraceContext | None:
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier)
+    parent = carrier.get(_TRACEPARENT)
+    return TraceContext(trace_parent=parent, trace_state=carrier.get(_TRACESTATE)) if parent else None
 
 
 def activity_span(scheduled: TaskScheduled, instance_id: str) -> AbstractContextManager[object]:
@@ -93,6 +107,31 @@ def activity_span(scheduled: TaskScheduled, instance_id: str) -> AbstractContext
     }
     return tracer.start_as_current_span(
         f"activity:{scheduled.name}", context=_parent(context), kind=SpanKind.SERVER, attributes=attributes
+    )
+
+
+def entity_operation_span(entity_id: EntityInstanceId, operation: OperationRequest) -> AbstractContextManager[object]:
+    """The span of an entity operation's run, current while its code runs; no span when the
+    operation carries no trace context."""
+    context = operation.trace_context
+    if context is None:
+        return _NOT_TRACED
+    tracer = _tracer()
+    if tracer is None:
+        return _NOT_TRACED
+    from opentelemetry.trace import SpanKind
+
+    attributes = {
+        "durabletask.type": "entity",
+        "durabletask.task.name": entity_id.entity,
+        "durabletask.task.instance_id": str(entity_id),
+        "durabletask.entity.operation": operation.operation,
+    }
+    return tracer.start_as_current_span(
+        f"entity:{entity_id.entity}:{operation.operation}",
+        context=_parent(context),
+        kind=SpanKind.SERVER,
+        attributes=attributes,
     )
 
 

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from dtfx._portal import LoopThread
-from dtfx._tracing import creation_span
+from dtfx._tracing import creation_span, current_trace_context
 from dtfx.backends import open_backend
 from dtfx.backends.base import Backend, utc_now
 from dtfx.core.context import as_utc, function_name
@@ -383,12 +383,17 @@ class AsyncClient:
         signal_time: datetime | None = None,
         *,
         request_id: str | None = None,
+        trace_context: TraceContext | None = None,
     ) -> None:
         """Send an entity an operation (now, or at ``signal_time``); the entity is created if needed.
 
         ``request_id`` identifies the operation in the entity's work (a new id by
         default); give one to use an id of your own, as SDK clients do over gRPC.
+        ``trace_context`` is the W3C trace context the operation's run continues (by
+        default, once a tracer provider is set, the current span's).
         """
+        if trace_context is not None and (problem := trace_context_problem(trace_context)) is not None:
+            raise ValueError(f"Cannot signal an entity with this trace context: {problem}.")
         target = str(entity_instance_id)
         scheduled = as_utc(signal_time) if signal_time is not None else None
         signal = EntityOperationSignaled(
@@ -398,6 +403,7 @@ class AsyncClient:
             target_instance_id=target,
             input=self.converter.serialize(input),
             scheduled_time=scheduled,
+            trace_context=trace_context or current_trace_context(),
         )
         await (await self._ready()).send_event(target, signal, visible_at=scheduled)
 
@@ -668,10 +674,18 @@ class Client:
         signal_time: datetime | None = None,
         *,
         request_id: str | None = None,
+        trace_context: TraceContext | None = None,
     ) -> None:
         """See :meth:`AsyncClient.signal_entity`."""
         self._portal.run(
-            self._async.signal_entity(entity_instance_id, operation_name, input, signal_time, request_id=request_id)
+            self._async.signal_entity(
+                entity_instance_id,
+                operation_name,
+                input,
+                signal_time,
+                request_id=request_id,
+                trace_context=trace_context,
+            )
         )
 
     def get_entity(self, entity_instance_id: EntityInstanceId, include_state: bool = True) -> EntityMetadata | None:

@@ -3,6 +3,7 @@
 A start is a ``create_orchestration`` span under the caller's; each activity's run is an
 ``activity`` span under it, current while the activity's code runs, so that what that
 code traces joins the trace; each execution is an ``orchestration`` span under it too.
+An entity operation's run is an ``entity`` span under the span that sent it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,18 @@ def _traced_app(app: dtfx.App, seen: list[trace.Span]) -> None:
     @app.orchestrator
     def doomed(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
         yield ctx.call_activity("refuse")
+
+    @app.entity
+    def tally(ctx: dtfx.EntityContext, amount: int) -> int:
+        seen.append(trace.get_current_span())
+        if amount < 0:
+            raise ValueError("no negative amounts")
+        ctx.set_state(ctx.get_state(int, 0) + amount)
+        return int(ctx.get_state(int, 0))
+
+    @app.orchestrator
+    def counts(ctx: dtfx.OrchestrationContext, amount: int) -> Any:
+        return (yield ctx.call_entity(dtfx.EntityInstanceId("tally", "a"), "add", amount))
 
     @app.orchestrator
     def waits(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
@@ -192,3 +205,26 @@ async def test_a_trace_context_that_is_not_w3c_is_refused(hub: Hub, app: dtfx.Ap
     with pytest.raises(ValueError, match="not a W3C traceparent"):
         await hub.client.schedule_new_orchestration("child", input="ada", instance_id="garbled", trace_context=garbled)
     assert await hub.client.get_orchestration_state("garbled") is None
+
+
+async def test_entity_operations_are_spans_under_whatever_sent_them(
+    hub: Hub, app: dtfx.App, spans: InMemorySpanExporter
+) -> None:
+    seen: list[trace.Span] = []
+    _traced_app(app, seen)
+    tally = dtfx.EntityInstanceId("tally", "a")
+    async with hub.worker(app):
+        with _request() as request:
+            await hub.client.signal_entity(tally, "add", 2)
+            await hub.client.signal_entity(tally, "add", -1)
+            instance_id = await hub.client.schedule_new_orchestration("counts", input=3)
+        state = await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == 5
+    found = list(spans.get_finished_spans())
+    operations = [span for span in found if span.name == "entity:tally:add"]
+    assert [span.kind for span in operations] == [SpanKind.SERVER] * 3
+    create = _kind_of(found, "create_orchestration:counts")
+    parents = [span.parent.span_id if span.parent else None for span in operations]
+    assert parents == [request.get_span_context().span_id] * 2 + [create.context.span_id]
+    assert [span.status.status_code for span in operations] == [StatusCode.UNSET, StatusCode.ERROR, StatusCode.UNSET]
+    assert [span.get_span_context().span_id for span in seen] == [span.context.span_id for span in operations]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 from durabletask.internal import orchestrator_service_pb2 as pb
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from dtfx.backends.base import WorkKind
 from dtfx.core.entities import OperationResult, SignalEntity, StartOrchestration
-from dtfx.core.history import EntityOperationCalled, EntityOperationSignaled, FailureDetails
+from dtfx.core.history import EntityOperationCalled, EntityOperationSignaled, FailureDetails, TraceContext
 from dtfx.grpc.connections import WorkerConnection, WorkerFilters
 from dtfx.grpc.convert import (
     InvalidMessageError,
@@ -52,6 +53,14 @@ def test_both_request_shapes_carry_the_batch() -> None:
         ("add", "s", True),
         ("get", "c", False),
     ]
+
+
+def test_the_older_request_carries_each_operations_trace_context() -> None:
+    trace = TraceContext(trace_parent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    traced = msgspec.structs.replace(OPERATIONS[0], trace_context=trace)
+    older = entity_batch_request_to_proto("@counter@k", None, [traced, OPERATIONS[1]])
+    assert [o.traceContext.traceParent for o in older.operations] == [trace.trace_parent, ""]
+    assert not older.operations[1].HasField("traceContext")
 
 
 def test_results_and_actions_are_read_in_order() -> None:

@@ -180,22 +180,26 @@ def test_the_older_entity_batch_request_shape() -> None:
         stub = Stub(channel)
         stream = WorkItemStream(stub)
         try:
-            signal(stub, "@counter@legacy", "add", "2", requestId="old-1")
+            traced = pb.TraceContext(traceParent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+            signal(stub, "@counter@legacy", "add", "2", requestId="old-1", parentTraceContext=traced)
             signal(stub, "@counter@legacy", "add", "3", requestId="old-2")
             item = stream.next()
             assert item.WhichOneof("request") == "entityRequest"
             request = item.entityRequest
             assert request.instanceId == "@counter@legacy" and not request.HasField("entityState")
             operations = [(op.operation, op.requestId, op.input.value) for op in request.operations]
+            contexts = [op.traceContext.traceParent for op in request.operations]
             if len(operations) == 1:  # the second signal came after the batch was taken
                 complete(stub, item, success("2"), state="2")
                 item = stream.next()
                 assert item.entityRequest.entityState.value == "2"
                 operations += [(op.operation, op.requestId, op.input.value) for op in item.entityRequest.operations]
+                contexts += [op.traceContext.traceParent for op in item.entityRequest.operations]
                 complete(stub, item, success("5"), state="5")
             else:
                 complete(stub, item, success("2"), success("5"), state="5")  # no operationInfos: fine
             assert operations == [("add", "old-1", "2"), ("add", "old-2", "3")]
+            assert contexts == [traced.traceParent, ""]  # the signal's trace context reaches the operation
             wait_until(lambda: entity_state(stub, "@counter@legacy") == "5")
         finally:
             stream.close()

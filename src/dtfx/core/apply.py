@@ -38,6 +38,8 @@ from dtfx.core.actions import (
 from dtfx.core.entities import entity_target
 from dtfx.core.errors import InvalidInstanceIdError
 from dtfx.core.history import (
+    EntityOperationCalled,
+    EntityOperationSignaled,
     EventRaised,
     EventSent,
     ExecutionCompleted,
@@ -180,8 +182,8 @@ def apply_actions(
     ``started`` is the execution's ``ExecutionStarted`` (from history or ``new_events``);
     ``history`` is the past history, needed only when :func:`needs_history` says so;
     ``span``, the execution's span as the episode's worker began or changed it, is
-    recorded on the episode's ``OrchestratorStarted``. An activity or sub-orchestration
-    that comes with no trace context of its own continues the execution's.
+    recorded on the episode's ``OrchestratorStarted``. An activity, sub-orchestration or
+    entity operation that comes with no trace context of its own continues the execution's.
     """
     state = item.state
     instance_id = item.instance_id
@@ -261,9 +263,12 @@ def apply_actions(
             terminated = ExecutionTerminated(timestamp=now, input=action.reason, recurse=action.recurse)
             messages.append(OutboundMessage(action.instance_id, terminated))
         elif isinstance(action, SendEntityMessage):
-            appended.append(action.event)
-            visible_at = getattr(action.event, "scheduled_time", None)
-            messages.append(OutboundMessage(entity_target(action.event), action.event, visible_at=visible_at))
+            event = action.event
+            if isinstance(event, EntityOperationSignaled | EntityOperationCalled) and event.trace_context is None:
+                event = msgspec.structs.replace(event, trace_context=started.trace_context)
+            appended.append(event)
+            visible_at = getattr(event, "scheduled_time", None)
+            messages.append(OutboundMessage(entity_target(event), event, visible_at=visible_at))
         elif isinstance(action, CompleteOrchestration):
             completion = action
         else:

@@ -301,6 +301,8 @@ class EntityOperationSignaled(
     target_instance_id: str
     input: str | None = None
     scheduled_time: datetime | None = None
+    trace_context: TraceContext | None = None
+    """The span that sent the operation, which the operation's run continues."""
 
 
 class EntityOperationCalled(HistoryEvent, tag="EntityOperationCalled", frozen=True, kw_only=True, omit_defaults=True):
@@ -311,6 +313,8 @@ class EntityOperationCalled(HistoryEvent, tag="EntityOperationCalled", frozen=Tr
     parent_execution_id: str | None = None
     input: str | None = None
     scheduled_time: datetime | None = None
+    trace_context: TraceContext | None = None
+    """The span that sent the operation, which the operation's run continues."""
 
 
 class EntityOperationCompleted(

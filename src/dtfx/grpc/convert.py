@@ -838,7 +838,12 @@ def entity_batch_request_to_proto(
         instanceId=instance_id,
         entityState=string_value(state),
         operations=[
-            pb.OperationRequest(operation=o.operation, requestId=o.request_id, input=string_value(o.input))
+            pb.OperationRequest(
+                operation=o.operation,
+                requestId=o.request_id,
+                input=string_value(o.input),
+                traceContext=trace_context_to_proto(o.trace_context),
+            )
             for o in operations
         ],
     )

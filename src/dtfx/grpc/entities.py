@@ -14,6 +14,7 @@ from dtfx.grpc.convert import (
     entity_metadata_to_proto,
     optional_datetime,
     optional_string,
+    optional_trace_context,
     string_value,
 )
 from dtfx.grpc.instances import page_size
@@ -39,6 +40,7 @@ class EntityRpcs:
             optional_string(request, "input"),
             optional_datetime(request, "scheduledTime"),
             request_id=request.requestId or None,
+            trace_context=optional_trace_context(request),
         )
         return pb.SignalEntityResponse()
 

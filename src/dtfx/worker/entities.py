@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
+from dtfx._tracing import entity_operation_span
 from dtfx.backends.base import Backend, utc_now
 from dtfx.core.entities import (
     BatchPlan,
@@ -109,9 +110,10 @@ class LocalEntityRunner:
                 if entity is None:
                     raise NotRegisteredError("entity", entity_id.entity)
                 context = EntityContext(entity_id, operation.operation, batch, self._converter)
-                output = self._invoke(entity, context, operation.input)
-                if inspect.isawaitable(output):
-                    output = asyncio.run_coroutine_threadsafe(_awaited(output), loop).result()
+                with entity_operation_span(entity_id, operation):
+                    output = self._invoke(entity, context, operation.input)
+                    if inspect.isawaitable(output):
+                        output = asyncio.run_coroutine_threadsafe(_awaited(output), loop).result()
                 results.append(OperationResult(output=self._converter.serialize(output)))
             except Exception as error:
                 logger.debug("Entity %s: operation %s failed", entity_id, operation.operation, exc_info=True)
