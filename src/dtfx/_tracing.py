@@ -91,48 +91,39 @@ def _current() -> TraceContext | None:
 def activity_span(scheduled: TaskScheduled, instance_id: str) -> AbstractContextManager[object]:
     """The span of an activity's run, current while its code runs (an exception it raises is
     recorded on it); no span when its task carries no trace context."""
-    context = scheduled.trace_context
-    if context is None:
+    if scheduled.trace_context is None:  # before building attributes: the usual case, untraced
         return _NOT_TRACED
-    tracer = _tracer()
-    if tracer is None:
-        return _NOT_TRACED
-    from opentelemetry.trace import SpanKind
-
-    attributes: dict[str, Any] = {
+    attributes = {
         "durabletask.type": "activity",
         "durabletask.task.name": scheduled.name,
         "durabletask.task.instance_id": instance_id,
         "durabletask.task.task_id": scheduled.event_id,
     }
-    return tracer.start_as_current_span(
-        f"activity:{scheduled.name}", context=_parent(context), kind=SpanKind.SERVER, attributes=attributes
-    )
+    return _server_span(f"activity:{scheduled.name}", scheduled.trace_context, attributes)
 
 
 def entity_operation_span(entity_id: EntityInstanceId, operation: OperationRequest) -> AbstractContextManager[object]:
     """The span of an entity operation's run, current while its code runs; no span when the
     operation carries no trace context."""
-    context = operation.trace_context
-    if context is None:
+    if operation.trace_context is None:
         return _NOT_TRACED
-    tracer = _tracer()
-    if tracer is None:
-        return _NOT_TRACED
-    from opentelemetry.trace import SpanKind
-
     attributes = {
         "durabletask.type": "entity",
         "durabletask.task.name": entity_id.entity,
         "durabletask.task.instance_id": str(entity_id),
         "durabletask.entity.operation": operation.operation,
     }
-    return tracer.start_as_current_span(
-        f"entity:{entity_id.entity}:{operation.operation}",
-        context=_parent(context),
-        kind=SpanKind.SERVER,
-        attributes=attributes,
-    )
+    return _server_span(f"entity:{entity_id.entity}:{operation.operation}", operation.trace_context, attributes)
+
+
+def _server_span(name: str, context: TraceContext, attributes: dict[str, Any]) -> AbstractContextManager[object]:
+    """A SERVER span continuing ``context``, current while the work it covers runs."""
+    tracer = _tracer()
+    if tracer is None:
+        return _NOT_TRACED
+    from opentelemetry.trace import SpanKind
+
+    return tracer.start_as_current_span(name, context=_parent(context), kind=SpanKind.SERVER, attributes=attributes)
 
 
 def execution_ended(started: ExecutionStarted, checkpoint: OrchestrationCheckpoint) -> None:
