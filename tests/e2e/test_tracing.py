@@ -8,6 +8,8 @@ An entity operation's run is an ``entity`` span under the span that sent it.
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -68,6 +70,11 @@ def _traced_app(app: dtfx.App, seen: list[trace.Span]) -> None:
         ctx.set_state(ctx.get_state(int, 0) + amount)
         return int(ctx.get_state(int, 0))
 
+    @app.entity
+    def relay(ctx: dtfx.EntityContext, amount: int) -> None:
+        ctx.signal_entity(dtfx.EntityInstanceId("tally", "b"), "add", amount)
+        ctx.schedule_new_orchestration("child", input="relayed", instance_id="relayed")
+
     @app.orchestrator
     def counts(ctx: dtfx.OrchestrationContext, amount: int) -> Any:
         return (yield ctx.call_entity(dtfx.EntityInstanceId("tally", "a"), "add", amount))
@@ -82,6 +89,19 @@ def _traced_app(app: dtfx.App, seen: list[trace.Span]) -> None:
             ctx.continue_as_new(round + 1)
             return None
         return (yield ctx.call_activity("shout", input="done"))
+
+
+async def _ended(spans: InMemorySpanExporter, *names: str) -> list[ReadableSpan]:
+    """The spans ended so far, once those named have (a name given twice: two of them). An
+    orchestration's span ends just after the commit that a waiter for its completion may see first."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        found = list(spans.get_finished_spans())
+        missing = Counter(names) - Counter(span.name for span in found)
+        if not missing:
+            return found
+        assert asyncio.get_running_loop().time() < deadline, f"spans never ended: {dict(missing)}"
+        await asyncio.sleep(0.01)
 
 
 def _kind_of(found: list[ReadableSpan], name: str) -> ReadableSpan:
@@ -99,7 +119,7 @@ async def test_a_start_and_its_activities_are_spans_of_the_callers_trace(
             instance_id = await hub.client.schedule_new_orchestration("greetings", input=["Ada", "Bob"])
         state = await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
     assert state is not None and state.get_output() == ["Hello, Ada!", "BOB", "refused"]
-    found = list(spans.get_finished_spans())
+    found = await _ended(spans, "orchestration:greetings", "orchestration:child")
     assert {span.context.trace_id for span in found} == {request.get_span_context().trace_id}
     create = _kind_of(found, "create_orchestration:greetings")
     assert create.kind == SpanKind.PRODUCER and create.parent is not None
@@ -138,7 +158,7 @@ async def test_a_callers_own_trace_context_is_kept_and_no_start_span_is_made(
     async with hub.worker(app):
         instance_id = await hub.client.schedule_new_orchestration("child", input="ada", trace_context=given)
         await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
-    run, execution = spans.get_finished_spans()
+    run, execution = await _ended(spans, "activity:shout", "orchestration:child")
     assert (run.name, execution.name) == ("activity:shout", "orchestration:child")
     for span in (run, execution):
         assert span.parent is not None
@@ -164,7 +184,7 @@ async def test_failed_terminated_and_continued_executions_are_spans(
         await hub.client.wait_for_orchestration_completion(waits, timeout=10)
     assert failed is not None and failed.runtime_status == dtfx.OrchestrationStatus.FAILED
     assert done is not None and done.get_output() == "DONE"
-    found = list(spans.get_finished_spans())
+    found = await _ended(spans, "orchestration:doomed", "orchestration:waits", *["orchestration:twice"] * 3)
     failure = _kind_of(found, "orchestration:doomed")
     assert failure.status.status_code == StatusCode.ERROR and failure.status.description
     assert failure.attributes is not None and failure.attributes["durabletask.task.status"] == "Failed"
@@ -220,7 +240,7 @@ async def test_entity_operations_are_spans_under_whatever_sent_them(
             instance_id = await hub.client.schedule_new_orchestration("counts", input=3)
         state = await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
     assert state is not None and state.get_output() == 5
-    found = list(spans.get_finished_spans())
+    found = await _ended(spans, *["entity:tally:add"] * 3, "create_orchestration:counts")
     operations = [span for span in found if span.name == "entity:tally:add"]
     assert [span.kind for span in operations] == [SpanKind.SERVER] * 3
     create = _kind_of(found, "create_orchestration:counts")
@@ -228,3 +248,19 @@ async def test_entity_operations_are_spans_under_whatever_sent_them(
     assert parents == [request.get_span_context().span_id] * 2 + [create.context.span_id]
     assert [span.status.status_code for span in operations] == [StatusCode.UNSET, StatusCode.ERROR, StatusCode.UNSET]
     assert [span.get_span_context().span_id for span in seen] == [span.context.span_id for span in operations]
+
+
+async def test_what_an_entity_operation_signals_or_starts_continues_its_span(
+    hub: Hub, app: dtfx.App, spans: InMemorySpanExporter
+) -> None:
+    _traced_app(app, [])
+    async with hub.worker(app):
+        with _request():
+            await hub.client.signal_entity(dtfx.EntityInstanceId("relay", "r"), "pass", 4)
+        done = await hub.wait_for_state("relayed", lambda state: state.runtime_status.is_terminal)
+        assert done.get_output() == "RELAYED"
+        await hub.wait_for_state("@tally@b", lambda entity: entity.serialized_output == "4")
+    found = await _ended(spans, "entity:relay:pass", "entity:tally:add", "orchestration:child")
+    relayed = _kind_of(found, "entity:relay:pass")
+    for span in (_kind_of(found, "entity:tally:add"), _kind_of(found, "orchestration:child")):
+        assert span.parent is not None and span.parent.span_id == relayed.context.span_id

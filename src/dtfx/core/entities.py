@@ -41,6 +41,7 @@ from dtfx.core.history import (
     HistoryEvent,
     OrchestrationInstance,
     OrchestrationStatus,
+    TraceContext,
 )
 from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter
 from dtfx.core.state import OrchestrationState
@@ -143,6 +144,8 @@ class SignalEntity:
     operation: str
     input: str | None = None
     scheduled_time: datetime | None = None
+    trace_context: TraceContext | None = None
+    """The span of the operation that asked, which the signalled operation continues."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,8 @@ class StartOrchestration:
     input: str | None = None
     version: str | None = None
     scheduled_time: datetime | None = None
+    trace_context: TraceContext | None = None
+    """The span of the operation that asked, which the orchestration continues."""
 
 
 EntityAction = SignalEntity | StartOrchestration
@@ -270,6 +275,7 @@ def _action_message(action: EntityAction, sender: str, now: datetime) -> Outboun
             target_instance_id=action.target,
             input=action.input,
             scheduled_time=action.scheduled_time,
+            trace_context=action.trace_context,
         )
         return OutboundMessage(action.target, signal, visible_at=action.scheduled_time)
     start = ExecutionStarted(
@@ -279,6 +285,7 @@ def _action_message(action: EntityAction, sender: str, now: datetime) -> Outboun
         version=action.version,
         input=action.input,
         scheduled_start_time=action.scheduled_time,
+        trace_context=action.trace_context,
     )
     return OutboundMessage(action.instance_id, start, visible_at=action.scheduled_time)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from dtfx.core.context import as_utc
 from dtfx.core.entities import EntityAction, EntityInstanceId, SignalEntity, StartOrchestration
+from dtfx.core.history import TraceContext
 from dtfx.core.instance_ids import check_orchestration_id
 from dtfx.core.serialization import DataConverter
 
@@ -30,12 +31,19 @@ class EntityContext:
     """What an entity operation receives as ``ctx``."""
 
     def __init__(
-        self, entity_id: EntityInstanceId, operation: str, batch: EntityBatchState, converter: DataConverter
+        self,
+        entity_id: EntityInstanceId,
+        operation: str,
+        batch: EntityBatchState,
+        converter: DataConverter,
+        trace_context: TraceContext | None = None,
     ) -> None:
         self._entity_id = entity_id
         self._operation = operation
         self._batch = batch
         self._converter = converter
+        self._trace_context = trace_context
+        """The operation's span, which the signals and starts it asks for continue."""
 
     @property
     def entity_id(self) -> EntityInstanceId:
@@ -76,7 +84,9 @@ class EntityContext:
         """Signal another entity (or this one) once this operation succeeds."""
         scheduled = as_utc(signal_time) if signal_time is not None else None
         self._batch.actions.append(
-            SignalEntity(str(entity_instance_id), operation, self._converter.serialize(input), scheduled)
+            SignalEntity(
+                str(entity_instance_id), operation, self._converter.serialize(input), scheduled, self._trace_context
+            )
         )
 
     def schedule_new_orchestration(
@@ -89,7 +99,9 @@ class EntityContext:
         """
         instance_id = uuid.uuid4().hex if instance_id is None else check_orchestration_id(instance_id)
         self._batch.actions.append(
-            StartOrchestration(instance_id, orchestration_name, self._converter.serialize(input))
+            StartOrchestration(
+                instance_id, orchestration_name, self._converter.serialize(input), trace_context=self._trace_context
+            )
         )
         return instance_id
 

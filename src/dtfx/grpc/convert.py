@@ -893,7 +893,11 @@ def _entity_action_from_proto(message: pb.OperationAction) -> EntityAction:
         if not signal.name:
             raise InvalidMessageError(f"sendSignal action {message.id} needs the operation's name.")
         return SignalEntity(
-            str(target), signal.name, optional_string(signal, "input"), optional_datetime(signal, "scheduledTime")
+            str(target),
+            signal.name,
+            optional_string(signal, "input"),
+            optional_datetime(signal, "scheduledTime"),
+            optional_trace_context(signal),
         )
     if kind == "startNewOrchestration":
         start = message.startNewOrchestration
@@ -908,5 +912,6 @@ def _entity_action_from_proto(message: pb.OperationAction) -> EntityAction:
             optional_string(start, "input"),
             optional_string(start, "version"),
             optional_datetime(start, "scheduledTime"),
+            optional_trace_context(start),
         )
     raise InvalidMessageError(f"Entity action {message.id} has no action type.")

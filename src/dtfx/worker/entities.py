@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
-from dtfx._tracing import entity_operation_span
+from dtfx._tracing import current_trace_context, entity_operation_span
 from dtfx.backends.base import Backend, utc_now
 from dtfx.core.entities import (
     BatchPlan,
@@ -109,8 +109,9 @@ class LocalEntityRunner:
             try:
                 if entity is None:
                     raise NotRegisteredError("entity", entity_id.entity)
-                context = EntityContext(entity_id, operation.operation, batch, self._converter)
                 with entity_operation_span(entity_id, operation):
+                    traced = current_trace_context()  # the operation's span, when it has one
+                    context = EntityContext(entity_id, operation.operation, batch, self._converter, traced)
                     output = self._invoke(entity, context, operation.input)
                     if inspect.isawaitable(output):
                         output = asyncio.run_coroutine_threadsafe(_awaited(output), loop).result()
