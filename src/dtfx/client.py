@@ -44,7 +44,7 @@ from dtfx.core.history import (
     OrchestrationStatus,
     SubOrchestrationInstanceCreated,
     TraceContext,
-    trace_context_problem,
+    check_trace_context,
 )
 from dtfx.core.instance_ids import check_orchestration_id, orchestration_id_error
 from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter
@@ -134,15 +134,13 @@ class AsyncClient:
         An id no orchestration can have (empty, longer than 1024 characters, with control
         characters, or an entity's ``@name@key``) raises :class:`~dtfx.InvalidInstanceIdError`.
         ``trace_context`` is the W3C trace context (OpenTelemetry's) the execution continues
-        (one that is not W3C's raises ``ValueError``);
-        without one, once a tracer provider is set, the start is a span of its own
-        (``create_orchestration:<name>``), a child of the current span, and the execution
-        continues that. Either is kept with the start for the workers, which trace the
-        activities' runs (see the README's "Tracing").
+        (another raises ``ValueError``). Without one, once a tracer provider is set, the
+        start is a span of its own (``create_orchestration:<name>``), a child of the current
+        span, and the execution continues that. Either is kept with the start for the
+        workers, which trace the activities' runs (see the README's "Tracing").
         """
         instance_id = uuid.uuid4().hex if instance_id is None else check_orchestration_id(instance_id)
-        if trace_context is not None and (problem := trace_context_problem(trace_context)) is not None:
-            raise ValueError(f"Cannot start an orchestration with this trace context: {problem}.")
+        check_trace_context(trace_context)
         backend = await self._ready()
         scheduled = as_utc(start_at) if start_at is not None else None
         name = function_name(orchestrator)
@@ -389,11 +387,10 @@ class AsyncClient:
 
         ``request_id`` identifies the operation in the entity's work (a new id by
         default); give one to use an id of your own, as SDK clients do over gRPC.
-        ``trace_context`` is the W3C trace context the operation's run continues (by
-        default, once a tracer provider is set, the current span's).
+        ``trace_context`` is the W3C trace context the operation's run continues (another
+        raises ``ValueError``; by default, once a tracer provider is set, the current span's).
         """
-        if trace_context is not None and (problem := trace_context_problem(trace_context)) is not None:
-            raise ValueError(f"Cannot signal an entity with this trace context: {problem}.")
+        check_trace_context(trace_context)
         target = str(entity_instance_id)
         scheduled = as_utc(signal_time) if signal_time is not None else None
         signal = EntityOperationSignaled(

@@ -225,6 +225,9 @@ async def test_a_trace_context_that_is_not_w3c_is_refused(hub: Hub, app: dtfx.Ap
     with pytest.raises(ValueError, match="not a W3C traceparent"):
         await hub.client.schedule_new_orchestration("child", input="ada", instance_id="garbled", trace_context=garbled)
     assert await hub.client.get_orchestration_state("garbled") is None
+    with pytest.raises(ValueError, match="Not a W3C trace context"):
+        await hub.client.signal_entity(dtfx.EntityInstanceId("tally", "g"), "add", 1, trace_context=garbled)
+    assert await hub.client.get_entity(dtfx.EntityInstanceId("tally", "g")) is None
 
 
 async def test_entity_operations_are_spans_under_whatever_sent_them(

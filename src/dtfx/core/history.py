@@ -157,6 +157,14 @@ def trace_context_problem(context: TraceContext) -> str | None:
     return None
 
 
+def check_trace_context(context: TraceContext | None) -> TraceContext | None:
+    """``context``, if it is a W3C trace context (or ``None``); raises ``ValueError`` if not."""
+    problem = trace_context_problem(context) if context is not None else None
+    if problem is not None:
+        raise ValueError(f"Not a W3C trace context: {problem}.")
+    return context
+
+
 def is_span_id(value: str) -> bool:
     """Whether ``value`` is a W3C span id: 16 lowercase hex digits."""
     return _SPAN_ID.fullmatch(value) is not None
