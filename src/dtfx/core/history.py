@@ -122,9 +122,10 @@ class ParentInstance(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
 
 
 class TraceContext(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """A W3C trace context (OpenTelemetry's): the span that an orchestration, an activity or a
-    sub-orchestration continues. dtfx emits no spans of its own; it keeps the context with
-    the start or the task, so that a worker that traces (an SDK's, over gRPC) can link its spans."""
+    """A W3C trace context (OpenTelemetry's): the span that an orchestration, an activity, a
+    sub-orchestration or an entity operation continues. It is kept with the start, the task
+    or the operation, so that whichever worker runs it (dtfx's, or an SDK's over gRPC)
+    continues the trace, on any machine and however much later."""
 
     trace_parent: str
     """The ``traceparent`` header's value: ``00-<trace id>-<span id>-<flags>``."""

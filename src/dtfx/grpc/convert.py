@@ -3,8 +3,8 @@
 History events, orchestrator actions, failure details, statuses, instance
 states and entity batches map one to one (:mod:`dtfx.core.history` follows the
 protocol's ``HistoryEvent``). Payloads are JSON text on both sides and pass through as they
-are. Every event leaving dtfx carries a timestamp. Trace contexts pass through as well:
-dtfx keeps them for the SDKs, which trace (see :class:`~dtfx.TraceContext`).
+are. Every event leaving dtfx carries a timestamp. Trace contexts pass through as well
+(see :class:`~dtfx.TraceContext`).
 
 Reading a message a peer sent raises :class:`InvalidMessageError` when it cannot
 be represented (a missing required field, an unknown ``oneof`` case); the service
