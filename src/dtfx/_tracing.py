@@ -97,7 +97,7 @@ def activity_span(scheduled: TaskScheduled, instance_id: str) -> AbstractContext
         "durabletask.type": "activity",
         "durabletask.task.name": scheduled.name,
         "durabletask.task.instance_id": instance_id,
-        "durabletask.task.task_id": scheduled.event_id,
+        "durabletask.task.task_id": str(scheduled.event_id),  # a string, as the SDKs give it
     }
     return _server_span(f"activity:{scheduled.name}", scheduled.trace_context, attributes)
 

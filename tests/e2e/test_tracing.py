@@ -125,6 +125,8 @@ async def test_a_start_and_its_activities_are_spans_of_the_callers_trace(
     assert create.kind == SpanKind.PRODUCER and create.parent is not None
     assert create.parent.span_id == request.get_span_context().span_id
     assert create.attributes is not None and create.attributes["durabletask.task.instance_id"] == instance_id
+    greet = _kind_of(found, "activity:greet")
+    assert greet.attributes is not None and greet.attributes["durabletask.task.task_id"] == "1"
     runs = [_kind_of(found, f"activity:{name}") for name in ("greet", "shout", "refuse")]
     # Every activity continues the start's span, the sub-orchestration's too.
     assert all(run.kind == SpanKind.SERVER and run.parent is not None for run in runs)
