@@ -104,7 +104,8 @@ async def _ended(spans: InMemorySpanExporter, *names: str) -> list[ReadableSpan]
         await asyncio.sleep(0.01)
 
 
-def _kind_of(found: list[ReadableSpan], name: str) -> ReadableSpan:
+def _one_named(found: list[ReadableSpan], name: str) -> ReadableSpan:
+    """The one span named ``name`` among ``found``."""
     (span,) = [span for span in found if span.name == name]
     return span
 
@@ -121,13 +122,13 @@ async def test_a_start_and_its_activities_are_spans_of_the_callers_trace(
     assert state is not None and state.get_output() == ["Hello, Ada!", "BOB", "refused"]
     found = await _ended(spans, "orchestration:greetings", "orchestration:child")
     assert {span.context.trace_id for span in found} == {request.get_span_context().trace_id}
-    create = _kind_of(found, "create_orchestration:greetings")
+    create = _one_named(found, "create_orchestration:greetings")
     assert create.kind == SpanKind.PRODUCER and create.parent is not None
     assert create.parent.span_id == request.get_span_context().span_id
     assert create.attributes is not None and create.attributes["durabletask.task.instance_id"] == instance_id
-    greet = _kind_of(found, "activity:greet")
+    greet = _one_named(found, "activity:greet")
     assert greet.attributes is not None and greet.attributes["durabletask.task.task_id"] == "1"
-    runs = [_kind_of(found, f"activity:{name}") for name in ("greet", "shout", "refuse")]
+    runs = [_one_named(found, f"activity:{name}") for name in ("greet", "shout", "refuse")]
     # Every activity continues the start's span, the sub-orchestration's too.
     assert all(run.kind == SpanKind.SERVER and run.parent is not None for run in runs)
     assert {run.parent.span_id for run in runs if run.parent} == {create.context.span_id}
@@ -137,7 +138,7 @@ async def test_a_start_and_its_activities_are_spans_of_the_callers_trace(
     assert refused.status.status_code == StatusCode.ERROR
     assert [event.name for event in refused.events] == ["exception"]
     # Each execution is a span under the start's too, from its start to its end.
-    executions = [_kind_of(found, f"orchestration:{name}") for name in ("greetings", "child")]
+    executions = [_one_named(found, f"orchestration:{name}") for name in ("greetings", "child")]
     assert {execution.parent.span_id for execution in executions if execution.parent} == {create.context.span_id}
     outer = executions[0]
     assert outer.kind == SpanKind.SERVER and outer.status.status_code == StatusCode.UNSET
@@ -187,13 +188,13 @@ async def test_failed_terminated_and_continued_executions_are_spans(
     assert failed is not None and failed.runtime_status == dtfx.OrchestrationStatus.FAILED
     assert done is not None and done.get_output() == "DONE"
     found = await _ended(spans, "orchestration:doomed", "orchestration:waits", *["orchestration:twice"] * 3)
-    failure = _kind_of(found, "orchestration:doomed")
+    failure = _one_named(found, "orchestration:doomed")
     assert failure.status.status_code == StatusCode.ERROR and failure.status.description
     assert failure.attributes is not None and failure.attributes["durabletask.task.status"] == "Failed"
-    terminated = _kind_of(found, "orchestration:waits")
+    terminated = _one_named(found, "orchestration:waits")
     assert terminated.attributes is not None and terminated.attributes["durabletask.task.status"] == "Terminated"
     executions = [span for span in found if span.name == "orchestration:twice"]
-    create = _kind_of(found, "create_orchestration:twice")
+    create = _one_named(found, "create_orchestration:twice")
     assert len(executions) == 3 and {span.parent.span_id for span in executions if span.parent} == {
         create.context.span_id
     }
@@ -206,7 +207,7 @@ def test_the_sync_clients_start_is_a_child_of_the_callers_span(app: dtfx.App, sp
         with _request() as request:
             instance_id = client.schedule_new_orchestration("child", input="ada")
         client.wait_for_orchestration_completion(instance_id, timeout=10)
-    create = _kind_of(list(spans.get_finished_spans()), "create_orchestration:child")
+    create = _one_named(list(spans.get_finished_spans()), "create_orchestration:child")
     assert create.parent is not None and create.parent.span_id == request.get_span_context().span_id
 
 
@@ -248,7 +249,7 @@ async def test_entity_operations_are_spans_under_whatever_sent_them(
     found = await _ended(spans, *["entity:tally:add"] * 3, "create_orchestration:counts")
     operations = [span for span in found if span.name == "entity:tally:add"]
     assert [span.kind for span in operations] == [SpanKind.SERVER] * 3
-    create = _kind_of(found, "create_orchestration:counts")
+    create = _one_named(found, "create_orchestration:counts")
     parents = [span.parent.span_id if span.parent else None for span in operations]
     assert parents == [request.get_span_context().span_id] * 2 + [create.context.span_id]
     assert [span.status.status_code for span in operations] == [StatusCode.UNSET, StatusCode.ERROR, StatusCode.UNSET]
@@ -266,6 +267,6 @@ async def test_what_an_entity_operation_signals_or_starts_continues_its_span(
         assert done.get_output() == "RELAYED"
         await hub.wait_for_state("@tally@b", lambda entity: entity.serialized_output == "4")
     found = await _ended(spans, "entity:relay:pass", "entity:tally:add", "orchestration:child")
-    relayed = _kind_of(found, "entity:relay:pass")
-    for span in (_kind_of(found, "entity:tally:add"), _kind_of(found, "orchestration:child")):
+    relayed = _one_named(found, "entity:relay:pass")
+    for span in (_one_named(found, "entity:tally:add"), _one_named(found, "orchestration:child")):
         assert span.parent is not None and span.parent.span_id == relayed.context.span_id
