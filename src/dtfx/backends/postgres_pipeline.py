@@ -190,9 +190,13 @@ class Pipeline:
     async def _close(self, connection: psycopg.AsyncConnection[Any], steps: _Waits[T]) -> None:
         """The pipeline is in an unknown state: closing the connection makes the server roll
         back whatever was sent; the pool replaces it."""
+        self._give_up(steps)
+        await connection.close()
+
+    def _give_up(self, steps: _Waits[T]) -> None:
+        """Before the connection is closed: the program ends, and what it prepared is forgotten."""
         steps.close()
         self._forget_new_statements()
-        await connection.close()
 
     def run_blocking(self, stepper: Stepper[T]) -> T:
         """:meth:`run` on the calling thread, which waits for the server (a sync connection)."""
@@ -208,9 +212,8 @@ class Pipeline:
             return cast(T, done.value)
         except _RefusedError as refused:
             raise refused.error from None
-        except BaseException:
-            steps.close()
-            self._forget_new_statements()
+        except BaseException:  # as _close does
+            self._give_up(steps)
             connection.close()
             raise
 
@@ -412,22 +415,22 @@ def _wait_here(fileno: int, *, write: bool) -> None:
     poller.poll()
 
 
-class _AbandonedError(Exception):
+class _CarryingError(Exception):
+    """An exception carrying ``error``, the one the caller is to get."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _AbandonedError(_CarryingError):
     """The program is given up before its next statement: psycopg cannot send that statement's
     parameters, or the pipeline is stopping (``error``: a :class:`asyncio.CancelledError`)."""
 
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(str(error))
-        self.error = error
 
-
-class _RefusedError(Exception):
+class _RefusedError(_CarryingError):
     """The program did not run to its end: the server refused a statement, psycopg its
     parameters, or the pipeline was stopping (the pipeline has been cleaned up)."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 def _wake(future: asyncio.Future[None]) -> None:
