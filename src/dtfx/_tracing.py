@@ -55,14 +55,17 @@ def _tracer() -> trace.Tracer | None:
     return tracer
 
 
-@contextmanager
-def creation_span(name: str, instance_id: str) -> Iterator[TraceContext | None]:
-    """The span of a client's start of orchestration ``name``; yields the context to keep
+def creation_span(name: str, instance_id: str) -> AbstractContextManager[TraceContext | None]:
+    """The span of a client's start of orchestration ``name``; it gives the context to keep
     with the start (``None`` when nothing is traced)."""
     tracer = _tracer()
-    if tracer is None:
-        yield None
-        return
+    if tracer is None:  # the usual case: no generator for each creation
+        return nullcontext(None)
+    return _creation_span(tracer, name, instance_id)
+
+
+@contextmanager
+def _creation_span(tracer: trace.Tracer, name: str, instance_id: str) -> Iterator[TraceContext | None]:
     from opentelemetry.trace import SpanKind
 
     attributes = {
