@@ -62,7 +62,13 @@ class RemoteDispatchers:
         checkpoints = GroupCommitter[OrchestrationCheckpoint, CommitResult](backend.complete_orchestration_work_items)
         orchestrations = OrchestrationProcessor(
             backend,
-            RemoteEpisodeRunner(backend, hub, lease_duration=self._lease, retry_delay=retry_delay),
+            RemoteEpisodeRunner(
+                backend,
+                hub,
+                lease_duration=self._lease,
+                retry_delay=retry_delay,
+                cached_instances=options.cached_instances,
+            ),
             checkpoints,
         )
         entity_runner = RemoteEntityRunner(

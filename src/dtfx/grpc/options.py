@@ -39,6 +39,10 @@ class SidecarOptions:
     """First wait after a failed fetch or a failed work item (as for a native worker)."""
     backoff_max: timedelta = WorkerOptions.backoff_max
     """Longest such wait; the wait doubles on each further failure."""
+    cached_instances: int = 10_000
+    """Instances whose history the server keeps, as it last sent it to an SDK worker, so that
+    their next episode needs no read of the store (as a native worker keeps its live
+    orchestrations, ``WorkerOptions.cached_instances``); 0 turns the cache off."""
     max_page_size: int = 1_000
     """Most instances (or entities) one ``QueryInstances``, ``ListInstanceIds`` or
     ``QueryEntities`` page returns; clients page on with the continuation token."""
@@ -82,6 +86,8 @@ class SidecarOptions:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.cached_instances < 0:
+            raise ValueError(f"cached_instances must not be negative (got {self.cached_instances})")
         if not timedelta(0) < self.backoff_initial <= self.backoff_max:
             raise ValueError("backoff_initial must be positive and at most backoff_max")
 

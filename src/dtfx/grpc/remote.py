@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 
 from dtfx.backends.base import Backend, utc_now
@@ -35,6 +36,7 @@ from dtfx.grpc.convert import (
 )
 from dtfx.grpc.hub import DispatchedWorkItem, EntityBatch, Outcome, WorkerHub
 from dtfx.grpc.protos import pb
+from dtfx.worker.cache import InstanceCache
 from dtfx.worker.leases import keep_lease
 from dtfx.worker.orchestrations import Abandon, EpisodeOutcome
 
@@ -59,17 +61,47 @@ async def _answer_keeping_lease(
         return await _answer(hub, dispatched)
 
 
-class RemoteEpisodeRunner:
-    """Runs orchestration episodes on SDK workers (an :class:`~dtfx.worker.orchestrations.EpisodeRunner`)."""
+@dataclass
+class SentHistory:
+    """The history of an instance as last sent to an SDK worker, with what it must match to be reused."""
 
-    def __init__(self, backend: Backend, hub: WorkerHub, *, lease_duration: timedelta, retry_delay: timedelta) -> None:
+    started: ExecutionStarted
+    events: list[pb.HistoryEvent]
+    span: OrchestrationSpan | None
+    """The execution's span, as its worker last reported it."""
+    execution_id: str | None
+    history_size: int
+
+
+class RemoteEpisodeRunner:
+    """Runs orchestration episodes on SDK workers (an :class:`~dtfx.worker.orchestrations.EpisodeRunner`).
+
+    Every ``OrchestratorRequest`` carries the instance's whole history. The runner keeps
+    the history it sent, in protocol form, for the ``cached_instances`` instances it ran
+    last, and adds each committed episode's events to it: the next episode of such an
+    instance neither reads the history from the store nor converts it again.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        hub: WorkerHub,
+        *,
+        lease_duration: timedelta,
+        retry_delay: timedelta,
+        cached_instances: int = 0,
+    ) -> None:
         self._backend = backend
         self._hub = hub
         self._lease_duration = lease_duration
         self._retry_delay = retry_delay
+        self._cache = InstanceCache[SentHistory](cached_instances)
+        self._running: dict[str, SentHistory] = {}
+        """The histories sent for the episodes out with workers, by instance id (without the new events)."""
 
     def cached_start(self, item: OrchestrationWorkItem) -> ExecutionStarted | None:
-        return None  # SDK workers replay from the history sent with every work item
+        entry = self._cache.lookup(item)
+        return entry.started if entry is not None else None
 
     async def run(
         self,
@@ -81,28 +113,53 @@ class RemoteEpisodeRunner:
         connection = self._hub.worker_for(item.lock_token, started.name, item.state.version)
         if connection is None:  # no open stream asked for this version: leave it for later
             return Abandon(utc_now() + self._retry_delay)
+        sent = self._cache.lookup(item) if past_events is None else None
+        if sent is None:
+            if past_events is None:  # evicted since cached_start said otherwise
+                past_events = await self._backend.get_history(item.instance_id) if item.history_size else []
+            sent = SentHistory(
+                started,
+                events_to_proto(past_events),
+                _execution_span(past_events),
+                item.state.execution_id,
+                item.history_size,
+            )
         # The plan's new events start with OrchestratorStarted and hold nothing internal
         # (the wake-up GenericEvent after a rewind is dropped by plan_episode).
-        span = _execution_span(past_events or ())
         request = pb.OrchestratorRequest(
             instanceId=item.instance_id,
             executionId=string_value(item.state.execution_id),
-            pastEvents=events_to_proto(past_events or ()),
+            pastEvents=sent.events,
             newEvents=events_to_proto(new_events),
-            orchestrationTraceContext=span_to_proto(span),
+            orchestrationTraceContext=span_to_proto(sent.span),
         )
+        self._running[item.instance_id] = sent
         dispatched = self._hub.dispatch(connection, pb.WorkItem(orchestratorRequest=request), item.instance_id)
         outcome = await _answer_keeping_lease(self._backend, self._hub, item, dispatched, self._lease_duration)
         if not isinstance(outcome, EpisodeOutcome | Abandon):
             raise TypeError(f"An orchestration work item came back as {type(outcome).__name__}")
-        if isinstance(outcome, EpisodeOutcome) and outcome.span == span:  # recorded already
+        if isinstance(outcome, EpisodeOutcome) and outcome.span == sent.span:  # recorded already
             outcome = dataclasses.replace(outcome, span=None)
         return outcome
 
     def finished(
         self, item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint | None, committed: bool
     ) -> None:
-        pass
+        sent = self._running.pop(item.instance_id, None)
+        if (
+            sent is None
+            or checkpoint is None
+            or not committed
+            or checkpoint.replace_history
+            or checkpoint.status.is_terminal
+        ):
+            self._cache.evict(item.instance_id)
+            return
+        sent.events.extend(events_to_proto(checkpoint.new_history))
+        sent.span = _execution_span(checkpoint.new_history) or sent.span
+        sent.execution_id = checkpoint.execution_id
+        sent.history_size = checkpoint.history_size_after(item.history_size)
+        self._cache.store(item.instance_id, sent)
 
 
 def _execution_span(past_events: Sequence[HistoryEvent]) -> OrchestrationSpan | None:

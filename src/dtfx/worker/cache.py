@@ -1,19 +1,32 @@
-"""Live orchestrations kept between episodes, so a cached instance is never replayed.
+"""What a worker keeps of an instance between episodes, so that it need not read it again.
 
-An entry is valid for a work item only if the instance is still on the same
-execution and its history has exactly the size this worker left it at: any other
-writer (another worker after a lost lease, a rewind, continue-as-new) changes one
-of the two, and the entry is dropped in favour of a replay from history.
+A native worker keeps live orchestrations, so a cached instance is never replayed; the
+gRPC sidecar keeps the history it last sent an SDK worker. An entry is valid for a work
+item only if the instance is still on the same execution and its history has exactly
+the size this worker left it at: any other writer (another worker after a lost lease, a
+rewind, continue-as-new) changes one of the two, and the entry is dropped in favour of
+the history in the store.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 from dtfx.core.history import ExecutionStarted
 from dtfx.core.replay import OrchestrationExecutor
 from dtfx.core.workitems import OrchestrationWorkItem
+
+
+class CacheEntry(Protocol):
+    """What an entry must match to be reused."""
+
+    execution_id: str | None
+    history_size: int
+
+
+Entry = TypeVar("Entry", bound=CacheEntry)
 
 
 @dataclass
@@ -26,17 +39,17 @@ class CachedExecution:
     history_size: int
 
 
-class ExecutorCache:
-    """A least-recently-used map of instance id to :class:`CachedExecution`."""
+class InstanceCache(Generic[Entry]):
+    """A least-recently-used map of instance id to what a worker keeps of the instance."""
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._entries: OrderedDict[str, CachedExecution] = OrderedDict()
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, item: OrchestrationWorkItem) -> CachedExecution | None:
+    def lookup(self, item: OrchestrationWorkItem) -> Entry | None:
         """The entry for the work item's instance if it is still valid; a stale one is dropped."""
         entry = self._entries.get(item.instance_id)
         if entry is None:
@@ -47,7 +60,7 @@ class ExecutorCache:
         self._entries.move_to_end(item.instance_id)
         return entry
 
-    def store(self, instance_id: str, entry: CachedExecution) -> None:
+    def store(self, instance_id: str, entry: Entry) -> None:
         """Keep ``entry``, evicting the least recently used one beyond capacity."""
         if self._capacity <= 0:
             return

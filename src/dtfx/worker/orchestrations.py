@@ -2,7 +2,7 @@
 
 :class:`OrchestrationProcessor` is the same for every executor; what runs the
 orchestrator code is an :class:`EpisodeRunner`: :class:`LocalRunner` here (Python
-generators in this process, kept live in an :class:`~dtfx.worker.cache.ExecutorCache`),
+generators in this process, kept live in an :class:`~dtfx.worker.cache.InstanceCache`),
 or the gRPC sidecar's runner that streams the episode to an SDK worker.
 """
 
@@ -51,7 +51,7 @@ from dtfx.core.workitems import (
     OrchestrationCheckpoint,
     OrchestrationWorkItem,
 )
-from dtfx.worker.cache import CachedExecution, ExecutorCache
+from dtfx.worker.cache import CachedExecution, InstanceCache
 from dtfx.worker.chains import ChainEnd, RanAhead, Settled, Stepped, Taken, ThreadChain
 from dtfx.worker.commit import GroupCommitter
 from dtfx.worker.options import VersionFailureStrategy, VersioningOptions, VersionMatchStrategy
@@ -596,7 +596,7 @@ class LocalRunner:
     ) -> None:
         self._registry = registry
         self._converter = converter
-        self._cache = ExecutorCache(cache_capacity)
+        self._cache = InstanceCache[CachedExecution](cache_capacity)
         self._versioning = versioning
         self._reject_retry_delay = reject_retry_delay
         self._running: dict[str, CachedExecution] = {}
@@ -604,7 +604,7 @@ class LocalRunner:
         """Guards the cache and ``_running`` (never held while orchestrator code runs)."""
 
     @property
-    def cache(self) -> ExecutorCache:
+    def cache(self) -> InstanceCache[CachedExecution]:
         """The live orchestrations."""
         return self._cache
 
