@@ -135,6 +135,27 @@ async def test_a_brief_transaction_runs_on_the_callers_thread_while_the_database
     assert await backend._run(_thread_running, write=False, brief=False) != here
 
 
+async def test_without_callers_transact_every_transaction_runs_on_the_database_thread(
+    backend: SqliteBackend,
+) -> None:
+    backend.callers_transact = False
+    here = threading.get_ident()
+    assert await backend._run(_thread_running, write=True) != here
+    assert await backend._run(_thread_running, write=False) != here
+    # Requests coalesced into one transaction (creations, events) go there too.
+    ran: list[int] = []
+    transact = backend._transact
+
+    def spied(*args: Any, **kwargs: Any) -> Any:
+        ran.append(threading.get_ident())
+        return transact(*args, **kwargs)
+
+    backend._transact = spied  # type: ignore[method-assign]
+    await backend.create_instance(start_event("i"))
+    assert ran and here not in ran
+    assert (await backend.get_instance("i")) is not None
+
+
 async def test_a_transaction_waits_its_turn_on_the_database_thread_while_that_thread_is_busy(
     backend: SqliteBackend,
 ) -> None:

@@ -25,6 +25,7 @@ from tests.grpc.conftest import FAST, WorkItemStream, running_sdk_worker, runnin
 
 import dtfx
 import grpc
+from dtfx.backends.sqlite import SqliteBackend
 from dtfx.core.errors import ConfigurationError
 from dtfx.grpc import SidecarOptions, SidecarServer, TlsOptions
 
@@ -251,3 +252,26 @@ cli(["serve", "--backend", "memory://", "--grpc-port", "0"])
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1, result.stderr
     assert "pip install 'dtfx[grpc]'" in result.stderr
+
+
+def test_a_sqlite_hub_transacts_on_its_database_thread_not_on_the_servers_loop(tmp_path: Path) -> None:
+    """The server's loop serves every peer, so no transaction waits for the disk on it."""
+    backend = SqliteBackend(f"sqlite:///{tmp_path}/hub.db")
+    threads: set[str] = set()
+    transact = backend._transact
+
+    def spied(*args: object, **kwargs: object) -> object:
+        threads.add(threading.current_thread().name)
+        return transact(*args, **kwargs)  # type: ignore[arg-type]
+
+    backend._transact = spied  # type: ignore[method-assign,assignment]
+    with (
+        running_sidecar(backend) as server,
+        running_sdk_worker(server.address),
+        sdk_client.TaskHubGrpcClient(host_address=server.address) as client,
+    ):
+        instance_id = client.schedule_new_orchestration(sdk_app.sequence)
+        state = client.wait_for_orchestration_completion(instance_id, timeout=15)
+    assert state is not None and state.runtime_status == OrchestrationStatus.COMPLETED
+    assert not backend.callers_transact
+    assert threads and all(name.startswith("dtfx-sqlite") for name in threads), threads

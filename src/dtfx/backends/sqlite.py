@@ -10,8 +10,9 @@ third slash: ``sqlite:////var/lib/hub.db``); ``sqlite://`` alone means
 awaited from any loop or thread. A brief transaction (a step of an orchestration, a
 lease, a creation, a read of one instance) runs on the caller's thread instead when the
 database thread has nothing to do: handing it over and back would cost two thread
-wake-ups, more than most such transactions take. Under load, work queues on the
-database thread and the callers' loops go on meanwhile; queries, histories and purges,
+wake-ups, more than most such transactions take (unless
+:attr:`SqliteBackend.callers_transact` is off, as the gRPC sidecar turns it). Under
+load, work queues on the database thread and the callers' loops go on meanwhile; queries, histories and purges,
 whose size has no bound, always go there; and a caller never waits for another process
 (it hands the transaction to the database thread when the file is busy). The file is in
 WAL mode and write transactions begin with ``BEGIN IMMEDIATE`` (waiting up to a busy
@@ -140,6 +141,11 @@ class SqliteBackend(SqlBackend):
         self._watcher: threading.Thread | None = None
         self._watched_version: int | None = None
         """The file's ``data_version`` at the last watch round that read the instances."""
+        self.callers_transact = True
+        """Whether a brief transaction runs on the caller's thread when the database thread
+        has nothing to do. A server whose event loop serves many peers (the gRPC sidecar)
+        turns it off: its transactions then wait on the database thread while the loop
+        goes on with the peers' requests, which then commit together."""
 
     @property
     def url(self) -> str:
@@ -180,8 +186,14 @@ class SqliteBackend(SqlBackend):
             return self._transact(program, True)
 
     def _idle(self) -> bool:
-        """Whether the database thread has nothing to do (and nobody holds the connection)."""
-        return self._connection is not None and not self._queued and not self._connection_lock.locked()
+        """Whether the caller may transact: the database thread has nothing to do (and
+        nobody holds the connection)."""
+        return (
+            self.callers_transact
+            and self._connection is not None
+            and not self._queued
+            and not self._connection_lock.locked()
+        )
 
     def _take_connection(self) -> bool:
         """Take the connection for the caller's thread if the database thread has nothing to do."""

@@ -10,6 +10,7 @@ from dtfx import _collector as collector
 from dtfx._portal import BackgroundRunnable
 from dtfx.backends import open_backend
 from dtfx.backends.base import Backend
+from dtfx.backends.sqlite import SqliteBackend
 from dtfx.core.errors import ConfigurationError
 from dtfx.grpc.dispatch import RemoteDispatchers
 from dtfx.grpc.hub import WorkerHub
@@ -74,7 +75,9 @@ class SidecarServer(BackgroundRunnable):
 
     Args:
         backend: A backend object, or a URL (as for :class:`~dtfx.Worker`); a backend
-            given as a URL is closed with the server.
+            given as a URL is closed with the server. A SQLite backend's transactions all
+            run on its database thread from the start on
+            (:attr:`~dtfx.backends.sqlite.SqliteBackend.callers_transact` is turned off).
         host: The address to listen on; ``localhost`` by default, ``0.0.0.0`` or ``[::]``
             for every interface.
         port: The port to listen on; 0 picks a free one (see :attr:`port`).
@@ -124,6 +127,10 @@ class SidecarServer(BackgroundRunnable):
         """
         if self._server is not None:
             raise RuntimeError("The sidecar server is already running.")
+        if isinstance(self.backend, SqliteBackend):
+            # The loop serves every peer: transactions that waited for the disk on it would hold
+            # them all up, one commit at a time.
+            self.backend.callers_transact = False
         try:
             await self.backend.start()
             hub = WorkerHub(default_concurrency=self.options.default_worker_concurrency)
