@@ -40,16 +40,18 @@ def test_filters() -> None:
 
 async def test_slots() -> None:
     hub = WorkerHub(default_concurrency=5)
-    woken: list[None] = []
-    hub.on_capacity(lambda: woken.append(None))
+    woken: list[set[WorkKind]] = []
+    hub.on_capacity(lambda kinds: woken.append(set(kinds)))
     limited = hub.connect(request(limit=1))
-    assert woken and limited.free_slots(ORCHESTRATION) == 1 and limited.free_slots(ACTIVITY) == 5
+    assert woken == [set(WorkKind)]  # a new worker makes room for every kind
+    assert limited.free_slots(ORCHESTRATION) == 1 and limited.free_slots(ACTIVITY) == 5
     hub.assign("lock-1", limited, ORCHESTRATION)
     assert limited.free_slots(ORCHESTRATION) == 0
     assert hub.with_free_slots(ORCHESTRATION) == []
     hub.release("lock-1")
     hub.release("lock-1")  # idempotent
     assert limited.free_slots(ORCHESTRATION) == 1
+    assert woken[1:] == [{ORCHESTRATION}]  # a freed slot makes room for its own kind only
     hub.disconnect(limited)
     assert limited.free_slots(ORCHESTRATION) == 0 and hub.connections == []
 

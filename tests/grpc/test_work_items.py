@@ -11,6 +11,7 @@ import dataclasses
 import queue
 import socket
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -544,3 +545,34 @@ def test_the_sidecar_locks_no_more_than_its_fetch_batch_size_at_once(
             stream.close()
     assert received == {f"batched-{n}" for n in range(5)}
     assert max(asked) == 2
+
+
+def test_a_freed_slot_wakes_only_the_fetch_loop_of_its_kind(hub_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Completed orchestration episodes make room for orchestrations only: the entity fetch
+    loop, with no entity work in the hub, does not lock again for each of them."""
+    server = SidecarServer(hub_url, port=0, options=FAST)
+    entity_locks: list[int] = []
+    lock = server.backend.lock_orchestration_work_items
+
+    async def counting_lock(count: int, *args: Any, **kwargs: Any) -> list[OrchestrationWorkItem]:
+        if kwargs.get("entities"):
+            entity_locks.append(count)
+        return await lock(count, *args, **kwargs)
+
+    monkeypatch.setattr(server.backend, "lock_orchestration_work_items", counting_lock)
+    with server, grpc.insecure_channel(server.address) as channel:
+        stub = Stub(channel)
+        stream = WorkItemStream(stub)
+        try:
+            wait_until(lambda: entity_locks)  # the worker's connection made room for every kind
+            time.sleep(0.2)  # for a wake-up that came while that lock ran
+            connected = len(entity_locks)
+            for n in range(10):
+                start(stub, "one_episode", f"one-episode-{n}")
+                finish(stub, stream.next())
+                wait_until(lambda n=n: status_of(stub, f"one-episode-{n}") == pb.ORCHESTRATION_STATUS_COMPLETED)
+        finally:
+            stream.close()
+    # Not one lock per completed episode, as when every freed slot woke every loop; the loop
+    # may still lock after one of its polls of the store (every 0.1 s on SQLite).
+    assert len(entity_locks) - connected <= 2, (connected, entity_locks)

@@ -146,9 +146,11 @@ class RemoteDispatchers:
         for waiter in self._waiters.values():
             waiter.close()
 
-    def _wake(self) -> None:
-        for waiter in self._waiters.values():
-            waiter.wake()
+    def _wake(self, kinds: Collection[WorkKind]) -> None:
+        # Only the fetch loops of those kinds: a freed activity slot, say, makes no room for
+        # orchestrations or entities, and their loops would lock nothing new.
+        for kind in kinds:
+            self._waiters[kind].wake()
 
     async def _lock_for_workers(self, kind: WorkKind, count: int, lock: Locker[Item]) -> list[Item]:
         """Lock up to ``count`` work items, each for a connection with a free slot whose filters accept it."""

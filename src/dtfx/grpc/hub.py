@@ -21,7 +21,7 @@ import itertools
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from dtfx.backends.base import WorkKind
@@ -99,7 +99,7 @@ class WorkerHub:
         self._assignments: dict[str, tuple[WorkerConnection, WorkKind]] = {}
         self._dispatched: dict[str, DispatchedWorkItem] = {}
         self._finished: OrderedDict[str, _Finished] = OrderedDict()
-        self._capacity_listeners: list[Callable[[], None]] = []
+        self._capacity_listeners: list[Callable[[Collection[WorkKind]], None]] = []
 
     # -- connections --------------------------------------------------------------------------
 
@@ -122,7 +122,7 @@ class WorkerHub:
             ", with work-item filters" if connection.filters.orchestrations is not None else "",
             ", ".join(sorted(_capability_name(value) for value in connection.capabilities)) or "none",
         )
-        self._capacity_changed()
+        self._capacity_changed(tuple(WorkKind))
         return connection
 
     def disconnect(self, connection: WorkerConnection) -> None:
@@ -153,13 +153,14 @@ class WorkerHub:
             ready = ready[turn:] + ready[:turn]
         return ready
 
-    def on_capacity(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` whenever a worker connects or frees a slot."""
+    def on_capacity(self, listener: Callable[[Collection[WorkKind]], None]) -> None:
+        """Call ``listener`` with the kinds of work there is more room for, whenever a worker
+        connects (every kind) or frees a slot (that slot's kind)."""
         self._capacity_listeners.append(listener)
 
-    def _capacity_changed(self) -> None:
+    def _capacity_changed(self, kinds: Collection[WorkKind]) -> None:
         for listener in self._capacity_listeners:
-            listener()
+            listener(kinds)
 
     # -- assignments ------------------------------------------------------------------------------
 
@@ -196,7 +197,7 @@ class WorkerHub:
             connection, kind = assignment
             connection.return_slot(kind)
             if not connection.closed:
-                self._capacity_changed()
+                self._capacity_changed((kind,))
 
     # -- completion tokens ------------------------------------------------------------------------
 
