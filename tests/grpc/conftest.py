@@ -59,6 +59,21 @@ def running_sdk_worker(
         worker.stop()
 
 
+def run_sdk_sequence(backend: dtfx.Backend | str, **kw: Any) -> str:
+    """Run :func:`sdk_app.sequence` to completion on a server of its own over ``backend``, with
+    an SDK worker and client, check its output, and return the instance's id."""
+    with (
+        running_sidecar(backend, **kw) as server,
+        running_sdk_worker(server.address),
+        sdk_client.TaskHubGrpcClient(host_address=server.address) as client,
+    ):
+        instance_id = client.schedule_new_orchestration(sdk_app.sequence)
+        state = client.wait_for_orchestration_completion(instance_id, timeout=15)
+    assert state is not None and state.runtime_status == sdk_client.OrchestrationStatus.COMPLETED
+    assert state.get_output() == ["Hello, Tokyo!", "Hello, Seattle!", "Hello, London!"]
+    return instance_id
+
+
 @pytest.fixture(scope="module")
 def sidecar() -> Iterator[SidecarServer]:
     """One server per test module, on a memory backend."""

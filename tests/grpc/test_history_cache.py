@@ -12,7 +12,7 @@ from durabletask import task
 from durabletask import worker as sdk_worker
 from durabletask.client import OrchestrationStatus
 from tests.grpc import sdk_app
-from tests.grpc.conftest import FAST, running_sdk_worker, running_sidecar, wait_until
+from tests.grpc.conftest import FAST, run_sdk_sequence, running_sdk_worker, running_sidecar, wait_until
 
 import dtfx
 from dtfx.core.history import HistoryEvent
@@ -50,16 +50,7 @@ def test_later_episodes_reuse_the_history_sent_before(
 ) -> None:
     backend = dtfx.MemoryBackend()
     reads = _count_history_reads(backend, monkeypatch)
-    options = replace(FAST, cached_instances=cached_instances)
-    with (
-        running_sidecar(backend, options=options) as server,
-        running_sdk_worker(server.address),
-        sdk_client.TaskHubGrpcClient(host_address=server.address) as client,
-    ):
-        instance_id = client.schedule_new_orchestration(sdk_app.sequence)
-        state = client.wait_for_orchestration_completion(instance_id, timeout=15)
-    assert state is not None and state.runtime_status == OrchestrationStatus.COMPLETED
-    assert state.get_output() == ["Hello, Tokyo!", "Hello, Seattle!", "Hello, London!"]
+    instance_id = run_sdk_sequence(backend, options=replace(FAST, cached_instances=cached_instances))
     # The first episode has no history yet; each of the three after it has one.
     assert reads.count(instance_id) == expected_reads
 

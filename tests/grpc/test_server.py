@@ -20,8 +20,13 @@ from durabletask.client import OrchestrationStatus
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as pb_grpc
 from google.protobuf import empty_pb2
-from tests.grpc import sdk_app
-from tests.grpc.conftest import FAST, WorkItemStream, running_sdk_worker, running_sidecar, wait_until
+from tests.grpc.conftest import (
+    FAST,
+    WorkItemStream,
+    run_sdk_sequence,
+    running_sidecar,
+    wait_until,
+)
 
 import dtfx
 import grpc
@@ -138,15 +143,7 @@ def test_bind_address() -> None:
 
 def test_sqlite_backend_smoke(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/taskhub.db"
-    with (
-        running_sidecar(url) as server,
-        running_sdk_worker(server.address),
-        sdk_client.TaskHubGrpcClient(host_address=server.address) as client,
-    ):
-        instance_id = client.schedule_new_orchestration(sdk_app.sequence)
-        state = client.wait_for_orchestration_completion(instance_id, timeout=15)
-        assert state is not None and state.runtime_status == OrchestrationStatus.COMPLETED
-        assert state.get_output() == ["Hello, Tokyo!", "Hello, Seattle!", "Hello, London!"]
+    instance_id = run_sdk_sequence(url)
     with dtfx.Client(url) as native:  # it is all in the file
         stored = native.get_orchestration_state(instance_id)
         assert stored is not None and stored.runtime_status == dtfx.OrchestrationStatus.COMPLETED
@@ -265,13 +262,6 @@ def test_a_sqlite_hub_transacts_on_its_database_thread_not_on_the_servers_loop(t
         return transact(*args, **kwargs)  # type: ignore[arg-type]
 
     backend._transact = spied  # type: ignore[method-assign,assignment]
-    with (
-        running_sidecar(backend) as server,
-        running_sdk_worker(server.address),
-        sdk_client.TaskHubGrpcClient(host_address=server.address) as client,
-    ):
-        instance_id = client.schedule_new_orchestration(sdk_app.sequence)
-        state = client.wait_for_orchestration_completion(instance_id, timeout=15)
-    assert state is not None and state.runtime_status == OrchestrationStatus.COMPLETED
+    run_sdk_sequence(backend)
     assert not backend.callers_transact
     assert threads and all(name.startswith("dtfx-sqlite") for name in threads), threads

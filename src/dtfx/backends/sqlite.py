@@ -12,12 +12,13 @@ lease, a creation, a read of one instance) runs on the caller's thread instead w
 database thread has nothing to do: handing it over and back would cost two thread
 wake-ups, more than most such transactions take (unless
 :attr:`SqliteBackend.callers_transact` is off, as the gRPC sidecar turns it). Under
-load, work queues on the database thread and the callers' loops go on meanwhile; queries, histories and purges,
-whose size has no bound, always go there; and a caller never waits for another process
-(it hands the transaction to the database thread when the file is busy). The file is in
-WAL mode and write transactions begin with ``BEGIN IMMEDIATE`` (waiting up to a busy
-timeout for other processes), so several worker processes on one machine can share
-a file: leases expire, and what a dead worker held is picked up again. Other
+load, work queues on the database thread and the callers' loops go on meanwhile;
+queries, histories and purges, whose size has no bound, always go there; and a caller
+never waits for another process (it hands the transaction to the database thread when
+the file is busy). The file is in WAL mode and write transactions begin with
+``BEGIN IMMEDIATE`` (waiting up to a busy timeout for other processes), so several
+worker processes on one machine can share a file: leases expire, and what a dead worker
+held is picked up again. Other
 processes' changes are seen by polling every :attr:`SqliteBackend.poll_interval` (a
 watch round reads the instances waited for only when ``PRAGMA data_version`` says that
 another connection has committed since the round before). On
