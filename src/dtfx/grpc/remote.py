@@ -66,7 +66,10 @@ class SentHistory:
     """The history of an instance as last sent to an SDK worker, with what it must match to be reused."""
 
     started: ExecutionStarted
-    events: list[pb.HistoryEvent]
+    events: bytes
+    """The events, encoded as an ``OrchestratorRequest`` that holds only its ``pastEvents``:
+    a twentieth of the memory of the messages, and merged into the next request by
+    protobuf's parser (a message's encodings concatenated are the encoding of its merge)."""
     span: OrchestrationSpan | None
     """The execution's span, as its worker last reported it."""
     execution_id: str | None
@@ -77,9 +80,9 @@ class RemoteEpisodeRunner:
     """Runs orchestration episodes on SDK workers (an :class:`~dtfx.worker.orchestrations.EpisodeRunner`).
 
     Every ``OrchestratorRequest`` carries the instance's whole history. The runner keeps
-    the history it sent, in protocol form, for the ``cached_instances`` instances it ran
-    last, and adds each committed episode's events to it: the next episode of such an
-    instance neither reads the history from the store nor converts it again.
+    the history it sent, encoded, for the ``cached_instances`` instances it ran last, and
+    adds each committed episode's events to it: the next episode of such an instance
+    neither reads the history from the store nor converts it again.
     """
 
     def __init__(
@@ -119,7 +122,7 @@ class RemoteEpisodeRunner:
                 past_events = await self._backend.get_history(item.instance_id) if item.history_size else []
             sent = SentHistory(
                 started,
-                events_to_proto(past_events),
+                _encoded(past_events),
                 _execution_span(past_events),
                 item.state.execution_id,
                 item.history_size,
@@ -129,10 +132,10 @@ class RemoteEpisodeRunner:
         request = pb.OrchestratorRequest(
             instanceId=item.instance_id,
             executionId=string_value(item.state.execution_id),
-            pastEvents=sent.events,
             newEvents=events_to_proto(new_events),
             orchestrationTraceContext=span_to_proto(sent.span),
         )
+        request.MergeFromString(sent.events)  # its pastEvents
         self._running[item.instance_id] = sent
         dispatched = self._hub.dispatch(connection, pb.WorkItem(orchestratorRequest=request), item.instance_id)
         outcome = await _answer_keeping_lease(self._backend, self._hub, item, dispatched, self._lease_duration)
@@ -155,11 +158,17 @@ class RemoteEpisodeRunner:
         ):
             self._cache.evict(item.instance_id)
             return
-        sent.events.extend(events_to_proto(checkpoint.new_history))
+        sent.events += _encoded(checkpoint.new_history)
         sent.span = _execution_span(checkpoint.new_history) or sent.span
         sent.execution_id = checkpoint.execution_id
         sent.history_size = checkpoint.history_size_after(item.history_size)
         self._cache.store(item.instance_id, sent)
+
+
+def _encoded(events: Sequence[HistoryEvent]) -> bytes:
+    """``events`` as the encoding of an ``OrchestratorRequest`` with them as its ``pastEvents``."""
+    encoded: bytes = pb.OrchestratorRequest(pastEvents=events_to_proto(events)).SerializeToString()
+    return encoded
 
 
 def _execution_span(past_events: Sequence[HistoryEvent]) -> OrchestrationSpan | None:
