@@ -42,7 +42,9 @@ class SidecarOptions:
     cached_instances: int = 10_000
     """Instances whose history the server keeps, as it last sent it to an SDK worker, so that
     their next episode needs no read of the store (as a native worker keeps its live
-    orchestrations, ``WorkerOptions.cached_instances``); 0 turns the cache off."""
+    orchestrations, ``WorkerOptions.cached_instances``); 0 turns the cache off. Each keeps
+    its history encoded, payloads included (about 1.4 KB for a three-activity sequence):
+    lower it where histories are large."""
     max_page_size: int = 1_000
     """Most instances (or entities) one ``QueryInstances``, ``ListInstanceIds`` or
     ``QueryEntities`` page returns; clients page on with the continuation token."""
