@@ -149,20 +149,11 @@ class RemoteEpisodeRunner:
         self, item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint | None, committed: bool
     ) -> None:
         sent = self._running.pop(item.instance_id, None)
-        if (
-            sent is None
-            or checkpoint is None
-            or not committed
-            or checkpoint.replace_history
-            or checkpoint.status.is_terminal
-        ):
+        if sent is None or checkpoint is None or not committed:
             self._cache.evict(item.instance_id)
-            return
-        sent.events += _encoded(checkpoint.new_history)
-        sent.span = _execution_span(checkpoint.new_history) or sent.span
-        sent.execution_id = checkpoint.execution_id
-        sent.history_size = checkpoint.history_size_after(item.history_size)
-        self._cache.store(item.instance_id, sent)
+        elif self._cache.keep(item, sent, checkpoint):
+            sent.events += _encoded(checkpoint.new_history)
+            sent.span = _execution_span(checkpoint.new_history) or sent.span
 
 
 def _encoded(events: Sequence[HistoryEvent]) -> bytes:

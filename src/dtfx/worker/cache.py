@@ -16,7 +16,7 @@ from typing import Generic, Protocol, TypeVar
 
 from dtfx.core.history import ExecutionStarted
 from dtfx.core.replay import OrchestrationExecutor
-from dtfx.core.workitems import OrchestrationWorkItem
+from dtfx.core.workitems import OrchestrationCheckpoint, OrchestrationWorkItem
 
 
 class CacheEntry(Protocol):
@@ -59,6 +59,26 @@ class InstanceCache(Generic[Entry]):
             return None
         self._entries.move_to_end(item.instance_id)
         return entry
+
+    def keep(
+        self,
+        item: OrchestrationWorkItem,
+        entry: Entry,
+        checkpoint: OrchestrationCheckpoint,
+        *,
+        ended: bool = False,
+    ) -> bool:
+        """After ``item``'s ``checkpoint`` is committed: keep ``entry``, moved on to match the
+        instance as the checkpoint leaves it, for its next episode; or forget the instance when
+        the checkpoint replaced its history or ended it (or the caller says it ``ended``).
+        Whether ``entry`` is kept."""
+        if ended or checkpoint.replace_history or checkpoint.status.is_terminal:
+            self.evict(item.instance_id)
+            return False
+        entry.history_size = checkpoint.history_size_after(item.history_size)
+        entry.execution_id = checkpoint.execution_id
+        self.store(item.instance_id, entry)
+        return True
 
     def store(self, instance_id: str, entry: Entry) -> None:
         """Keep ``entry``, evicting the least recently used one beyond capacity."""

@@ -663,10 +663,5 @@ class LocalRunner:
             if entry is None or checkpoint is None or not committed:
                 self._cache.evict(item.instance_id)
                 return
-            if entry.executor.is_complete or checkpoint.replace_history or checkpoint.status.is_terminal:
-                self._cache.evict(item.instance_id)
-            else:
-                entry.history_size = checkpoint.history_size_after(item.history_size)
-                entry.execution_id = checkpoint.execution_id
-                self._cache.store(item.instance_id, entry)
+            self._cache.keep(item, entry, checkpoint, ended=entry.executor.is_complete)
         execution_ended(entry.started, checkpoint)
