@@ -10,12 +10,14 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import dtfx
 from dtfx.backends.sql import operations
 from dtfx.backends.sql.program import Fetch, Program
 from dtfx.backends.sqlite import SqliteBackend, _lengthen_log
@@ -64,7 +66,7 @@ async def test_a_watch_round_reads_the_instances_waited_for_only_once_another_co
         return versions(dialect, instance_ids)
 
     monkeypatch.setattr(operations, "instance_versions", counted)
-    monkeypatch.setattr(SqliteBackend, "poll_interval", 0.01)
+    monkeypatch.setattr(SqliteBackend, "watch_interval", 0.01)
     path = tmp_path / "hub.db"
     backend = SqliteBackend(f"sqlite:///{path}")
     try:
@@ -89,6 +91,64 @@ async def test_a_watch_round_reads_the_instances_waited_for_only_once_another_co
         state = await asyncio.wait_for(waiting, 10)  # a round read it, and woke the waiter
         assert state is not None and state.runtime_status == OrchestrationStatus.COMPLETED
         assert len(reads) >= 2
+    finally:
+        await backend.close()
+
+
+def _greeter() -> dtfx.App:
+    app = dtfx.App()
+
+    @app.orchestrator
+    def greet(ctx: dtfx.OrchestrationContext, name: str) -> Any:
+        return (yield ctx.call_activity("hello", input=name))
+
+    @app.activity
+    def hello(ctx: dtfx.ActivityContext, name: str) -> str:
+        return f"Hello, {name}!"
+
+    return app
+
+
+@pytest.mark.parametrize("start_in", [None, 0.3], ids=["now", "later"])
+async def test_the_watch_wakes_idle_dispatchers_for_work_another_process_queues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_in: float | None
+) -> None:
+    # The dispatchers never poll here: only the watch can tell them of the other process's
+    # instance, and of when its delayed start is due.
+    monkeypatch.setattr(SqliteBackend, "poll_interval", 3600)
+    url = f"sqlite:///{tmp_path}/hub.db"
+    workers, other = SqliteBackend(url), SqliteBackend(url)  # two connections, as two processes have
+    try:
+        async with dtfx.Worker(workers, app=_greeter()):
+            await asyncio.sleep(0.3)  # the dispatchers have found nothing, and wait
+            start_at = None if start_in is None else datetime.now(UTC) + timedelta(seconds=start_in)
+            instance_id = await dtfx.AsyncClient(other).schedule_new_orchestration(
+                "greet", input="Ada", start_at=start_at
+            )
+            state = await dtfx.AsyncClient(workers).wait_for_orchestration_completion(instance_id, timeout=10)
+        assert state is not None and state.get_output() == "Hello, Ada!"
+    finally:
+        await other.close()
+        await workers.close()
+
+
+async def test_an_idle_worker_leaves_the_store_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    transactions: list[bool] = []
+    transact = SqliteBackend._transact_once
+
+    def counted(self: SqliteBackend, program: Any, write: bool, durable: bool) -> Any:
+        transactions.append(write)
+        return transact(self, program, write, durable)
+
+    monkeypatch.setattr(SqliteBackend, "_transact_once", counted)
+    monkeypatch.setattr(SqliteBackend, "watch_interval", 0.01)
+    backend = SqliteBackend(f"sqlite:///{tmp_path}/hub.db")
+    try:
+        async with dtfx.Worker(backend, app=_greeter()):
+            await asyncio.sleep(0.3)  # the dispatchers have looked for work once, and wait
+            transactions.clear()
+            await asyncio.sleep(0.5)  # about 50 watch rounds, with nothing changed
+        assert transactions == []
     finally:
         await backend.close()
 

@@ -120,6 +120,10 @@ class Backend(ABC):
         self._delayed_lock = threading.Lock()
         self._delayed: dict[WorkKind, list[datetime]] = {kind: [] for kind in WorkKind}
         self._intake: Intake | None = None
+        self.outside_changes = 0
+        """How many times this object has seen other processes change the store (a backend
+        that watches for them: :meth:`_changed_outside`). A dispatcher asks the store
+        again when its delayed work is due after each (:meth:`next_visible_at`)."""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -362,6 +366,12 @@ class Backend(ABC):
             while pending and pending[0] <= now:
                 heapq.heappop(pending)
             return pending[0] if pending else None
+
+    def _changed_outside(self) -> None:
+        """Other processes have changed the store, in ways unknown: every dispatcher looks
+        for work, and asks the store again when delayed work is due."""
+        self.outside_changes += 1
+        self._notify_work(*WorkKind)
 
     def _notify_work(self, *kinds: WorkKind) -> None:
         for kind in kinds:

@@ -19,9 +19,11 @@ the file is busy). The file is in WAL mode and write transactions begin with
 ``BEGIN IMMEDIATE`` (waiting up to a busy timeout for other processes), so several
 worker processes on one machine can share a file: leases expire, and what a dead worker
 held is picked up again. Other
-processes' changes are seen by polling every :attr:`SqliteBackend.poll_interval` (a
-watch round reads the instances waited for only when ``PRAGMA data_version`` says that
-another connection has committed since the round before). On
+processes' changes are seen by a watch every :attr:`SqliteBackend.watch_interval`: once
+``PRAGMA data_version`` says that another connection has committed since the round
+before, it wakes the dispatchers (which otherwise look for work only every
+:attr:`SqliteBackend.poll_interval`, or when their own process's work is due) and reads
+the instances waited for. On
 opening, the log is made as long as it grows between checkpoints (see
 :func:`_lengthen_log`), so that the first commits flush as fast as the later ones.
 """
@@ -38,7 +40,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
@@ -123,7 +125,9 @@ class SqliteBackend(SqlBackend):
         url: ``sqlite:///path.db``, optionally with ``?synchronous=normal``.
     """
 
-    poll_interval = 0.1
+    poll_interval = 1.0  # other processes' changes wake dispatchers through the watch
+    watch_interval: ClassVar[float] = 0.1
+    """How often the backend looks whether other processes have committed (``PRAGMA data_version``)."""
     blocking_commits = True  # sqlite3 blocks anyway
 
     def __init__(self, url: str = f"sqlite:///{DEFAULT_PATH}") -> None:
@@ -140,6 +144,8 @@ class SqliteBackend(SqlBackend):
         self._closed = False
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._seen_version: int | None = None
+        """The file's ``data_version`` at the last watch round (or at opening)."""
         self._watched_version: int | None = None
         """The file's ``data_version`` at the last watch round that read the instances."""
         self.callers_transact = True
@@ -285,14 +291,15 @@ class SqliteBackend(SqlBackend):
             raise
         if self.path != ":memory:" and self._synchronous in ("full", "extra"):
             _lengthen_log(connection, Path(f"{self.path}-wal"))
+        self._seen_version = _data_version(connection)
         self._watcher = threading.Thread(target=self._watch, name="dtfx-sqlite-watch", daemon=True)
         self._watcher.start()
         logger.debug("Opened SQLite task hub %s", self.path)
         return connection
 
     def _watch(self) -> None:
-        """Start a watch round on the database thread every poll interval (see :class:`SqlBackend`)."""
-        while not self._stopping.wait(self.poll_interval):
+        """Start a watch round on the database thread every :attr:`watch_interval` (see :class:`SqlBackend`)."""
+        while not self._stopping.wait(self.watch_interval):
             try:
                 self._submit(self._watch_once).result()
             except RuntimeError:  # the thread has been shut down
@@ -301,16 +308,17 @@ class SqliteBackend(SqlBackend):
                 logger.debug("Watching instances failed", exc_info=True)
 
     def _watch_once(self) -> None:
-        watch = self._watch_round()
-        if watch is None:
-            return
         connection = self._connection
         if connection is None:  # closed meanwhile
             return
         # It changes only when another connection (another process) commits: this
         # process's own commits have woken their waiters already.
-        version = connection.execute("PRAGMA data_version").fetchone()[0]
-        if version == self._watched_version:
+        version = _data_version(connection)
+        if version != self._seen_version:
+            self._seen_version = version
+            self._changed_outside()
+        watch = self._watch_round()
+        if watch is None or version == self._watched_version:
             return
         instance_ids, program = watch
         self._observe(instance_ids, self._transact(program, write=False))
@@ -454,6 +462,12 @@ def _check_library(connection: sqlite3.Connection) -> None:
         connection.execute("SELECT count(*) FROM json_each('[]')")
     except sqlite3.OperationalError as error:
         raise ConfigurationError(f"dtfx needs SQLite's JSON functions, which this SQLite lacks ({error})") from error
+
+
+def _data_version(connection: sqlite3.Connection) -> int:
+    """A number that changes whenever another connection (another process) commits to the file."""
+    version: int = connection.execute("PRAGMA data_version").fetchone()[0]
+    return version
 
 
 def _is_busy(error: sqlite3.OperationalError) -> bool:

@@ -19,8 +19,9 @@ class WorkWaiter:
 
     Work this process makes (a commit, a message) wakes it through the backend's
     notifications; work this process delays (a timer, a retry) wakes it when due,
-    without asking the store. Only after a quiet poll interval does it ask the store
-    when delayed work of other processes is due (:meth:`Backend.next_visible_at`).
+    without asking the store. Only after a quiet poll interval, or once the backend has
+    seen other processes change the store (:attr:`Backend.outside_changes`), does it ask
+    the store when delayed work of other processes is due (:meth:`Backend.next_visible_at`).
     """
 
     def __init__(self, backend: Backend, kind: WorkKind, waiter: Waiter | None = None) -> None:
@@ -29,6 +30,8 @@ class WorkWaiter:
         self._waiter = waiter or backend.subscribe(kind)
         self._store_due: datetime | None = None
         self._store_checked = False
+        self._outside_changes = backend.outside_changes
+        """The backend's count of other processes' changes when the store was last asked."""
 
     def prepare(self) -> None:
         """Forget notifications received so far: call it before looking for work."""
@@ -37,9 +40,11 @@ class WorkWaiter:
     async def __call__(self) -> None:
         """Wait for a notification, the next due time, or the poll interval."""
         backend = self._backend
-        if not self._store_checked:
+        outside_changes = backend.outside_changes
+        if not self._store_checked or outside_changes != self._outside_changes:
             self._store_due = await backend.next_visible_at(self._kind)
             self._store_checked = True
+            self._outside_changes = outside_changes
         now = utc_now()
         timeout = backend.poll_interval
         for due in (backend.local_due(self._kind), self._store_due):
