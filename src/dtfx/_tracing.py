@@ -20,7 +20,13 @@ that native and SDK workers on one hub make the same traces:
   start to the commit that ends it (completed, failed, terminated or continued as new),
   made by the worker that commits that end. Its parent is the start's span; the
   activities are its siblings, not its children: the OpenTelemetry API cannot give a span
-  an id chosen before the span begins, in the first episode.
+  an id chosen before the span begins, in the first episode;
+- a durable timer is an INTERNAL span ``orchestration:<name>:timer``, from the moment the
+  orchestration created it to the episode it fired in, and an event an orchestration
+  sends is a PRODUCER span ``orchestration_event:<event name>``; both are made once the
+  episode has run (not when it is replayed), under the start's span;
+- a client's raising of an event is a PRODUCER span ``orchestration_event:<event name>``,
+  a child of the current span.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from dtfx.core.context import Traced
 from dtfx.core.entities import EntityInstanceId, OperationRequest
 from dtfx.core.history import ExecutionStarted, OrchestrationStatus, TaskScheduled, TraceContext
 from dtfx.core.workitems import OrchestrationCheckpoint
@@ -75,6 +82,21 @@ def _creation_span(tracer: trace.Tracer, name: str, instance_id: str) -> Iterato
     }
     with tracer.start_as_current_span(f"create_orchestration:{name}", kind=SpanKind.PRODUCER, attributes=attributes):
         yield _current()
+
+
+def event_span(name: str, instance_id: str) -> AbstractContextManager[object]:
+    """The span of a client's raising of event ``name`` on instance ``instance_id``."""
+    tracer = _tracer()
+    if tracer is None:
+        return _NOT_TRACED
+    from opentelemetry.trace import SpanKind
+
+    attributes = {
+        "durabletask.type": "event",
+        "durabletask.task.name": name,
+        "durabletask.event.target_instance_id": instance_id,
+    }
+    return tracer.start_as_current_span(f"orchestration_event:{name}", kind=SpanKind.PRODUCER, attributes=attributes)
 
 
 def current_trace_context() -> TraceContext | None:
@@ -159,6 +181,41 @@ def execution_ended(started: ExecutionStarted, checkpoint: OrchestrationCheckpoi
         details = checkpoint.failure_details
         span.set_status(Status(StatusCode.ERROR, details.message if details is not None else None))
     span.end(end_time=_nanoseconds(checkpoint.updated_at))
+
+
+def episode_traced(started: ExecutionStarted, instance_id: str, traced: Traced | None) -> None:
+    """Make the spans of the timers that fired and the events sent in episodes of the execution
+    that ``started`` began, once they have run (``traced``, from :meth:`OrchestrationExecutor.take_traced`)."""
+    context = started.trace_context
+    if traced is None or context is None:
+        return
+    tracer = _tracer()
+    if tracer is None:
+        return
+    from opentelemetry.trace import SpanKind
+
+    parent = _parent(context)
+    for timer in traced.fired_timers:
+        attributes = {
+            "durabletask.type": "timer",
+            "durabletask.task.name": started.name,
+            "durabletask.task.instance_id": instance_id,
+            "durabletask.task.task_id": str(timer.timer_id),
+            "durabletask.fire_at": timer.fire_at.isoformat(),
+        }
+        name = f"orchestration:{started.name}:timer"
+        start = _nanoseconds(timer.created_at)
+        tracer.start_span(name, context=parent, kind=SpanKind.INTERNAL, attributes=attributes, start_time=start).end()
+    for target, event_name in traced.sent_events:
+        attributes = {
+            "durabletask.type": "event",
+            "durabletask.task.name": event_name,
+            "durabletask.task.instance_id": instance_id,
+            "durabletask.event.target_instance_id": target,
+        }
+        tracer.start_span(
+            f"orchestration_event:{event_name}", context=parent, kind=SpanKind.PRODUCER, attributes=attributes
+        ).end()
 
 
 _STATUS_NAMES = {OrchestrationStatus.FAILED: "Failed", OrchestrationStatus.TERMINATED: "Terminated"}

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from dtfx._portal import LoopThread
-from dtfx._tracing import creation_span, current_trace_context
+from dtfx._tracing import creation_span, current_trace_context, event_span
 from dtfx.backends import open_backend
 from dtfx.backends.base import Backend, utc_now
 from dtfx.core.context import as_utc, function_name
@@ -253,7 +253,8 @@ class AsyncClient:
     async def raise_orchestration_event(self, instance_id: str, event_name: str, *, data: Any = None) -> None:
         """Send an external event; it waits in the instance's inbox until the orchestrator asks for it."""
         event = EventRaised(timestamp=utc_now(), name=event_name, input=self.converter.serialize(data))
-        await (await self._ready()).send_event(instance_id, event)
+        with event_span(event_name, instance_id):
+            await (await self._ready()).send_event(instance_id, event)
 
     async def terminate_orchestration(self, instance_id: str, *, output: Any = None, recursive: bool = True) -> None:
         """End the instance (and, if ``recursive``, its running sub-orchestrations) as TERMINATED."""

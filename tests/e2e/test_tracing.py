@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 import dtfx
-from dtfx.core.history import ExecutionStarted, TaskScheduled
+from dtfx.core.history import ExecutionStarted, TaskScheduled, TimerCreated
 from tests.e2e.conftest import Hub
 
 
@@ -82,6 +83,12 @@ def _traced_app(app: dtfx.App, seen: list[trace.Span]) -> None:
     @app.orchestrator
     def waits(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
         return (yield ctx.wait_for_external_event("never"))
+
+    @app.orchestrator
+    def naps(ctx: dtfx.OrchestrationContext, target: str) -> Any:
+        yield ctx.create_timer(timedelta(milliseconds=50))
+        ctx.send_event(target, "never", data="woken")
+        return (yield ctx.call_activity("shout", input="rested"))
 
     @app.orchestrator
     def twice(ctx: dtfx.OrchestrationContext, round: int) -> Any:
@@ -198,6 +205,48 @@ async def test_failed_terminated_and_continued_executions_are_spans(
     assert len(executions) == 3 and {span.parent.span_id for span in executions if span.parent} == {
         create.context.span_id
     }
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "replayed"])
+async def test_timers_and_events_are_spans_made_once(
+    hub: Hub, app: dtfx.App, spans: InMemorySpanExporter, cached: bool
+) -> None:
+    _traced_app(app, [])
+    async with hub.worker(app, options=None if cached else dtfx.WorkerOptions(cached_instances=0)):
+        with _request():
+            woken = await hub.client.schedule_new_orchestration("waits")
+            napper = await hub.client.schedule_new_orchestration("naps", input=woken)
+        with _request() as request:
+            raised = await hub.client.schedule_new_orchestration("waits")
+            await hub.client.wait_for_orchestration_start(raised, timeout=10)
+            await hub.client.raise_orchestration_event(raised, "never", data="raised")
+        outputs = [await hub.client.wait_for_orchestration_completion(id, timeout=10) for id in (napper, woken, raised)]
+    assert [state.get_output() for state in outputs if state] == ["RESTED", "woken", "raised"]
+    found = await _ended(spans, "orchestration:naps", "orchestration:waits", "orchestration:waits")
+    create = _one_named(found, "create_orchestration:naps")
+    # The timer: from the episode that created it to the one it fired in, under the start's span.
+    timer = _one_named(found, "orchestration:naps:timer")
+    history = await hub.client.get_orchestration_history(napper)
+    (created,) = [event for event in history if isinstance(event, TimerCreated)]
+    assert timer.kind == SpanKind.INTERNAL and timer.parent is not None
+    assert timer.parent.span_id == create.context.span_id
+    assert timer.attributes is not None
+    assert timer.attributes["durabletask.task.task_id"] == str(created.event_id)
+    assert timer.attributes["durabletask.fire_at"] == created.fire_at.isoformat()
+    assert timer.start_time is not None and timer.end_time is not None
+    assert timer.end_time - timer.start_time >= 50_000_000  # it covers the wait
+    # The event the orchestration sent, and the one the client raised under the caller's span.
+    sent, by_client = sorted(
+        (span for span in found if span.name == "orchestration_event:never"),
+        key=lambda span: span.parent is not None and span.parent.span_id == create.context.span_id,
+        reverse=True,
+    )
+    assert sent.kind == by_client.kind == SpanKind.PRODUCER
+    assert sent.parent is not None and sent.parent.span_id == create.context.span_id
+    assert sent.attributes is not None and sent.attributes["durabletask.task.instance_id"] == napper
+    assert sent.attributes["durabletask.event.target_instance_id"] == woken
+    assert by_client.parent is not None and by_client.parent.span_id == request.get_span_context().span_id
+    assert by_client.attributes is not None and by_client.attributes["durabletask.event.target_instance_id"] == raised
 
 
 def test_the_sync_clients_start_is_a_child_of_the_callers_span(app: dtfx.App, spans: InMemorySpanExporter) -> None:

@@ -71,6 +71,26 @@ class PendingTask:
     task: CompletableTask[Any]
     retry: RetryCall | None = None
     is_retry_timer: bool = False
+    since: datetime | None = None
+    """For a timer: the orchestration's time when it was created."""
+
+
+@dataclass(frozen=True)
+class FiredTimer:
+    """A timer that fired in an episode run anew (not replayed)."""
+
+    timer_id: int
+    created_at: datetime
+    fire_at: datetime
+
+
+@dataclass
+class Traced:
+    """What episodes run anew (not replayed) did that makes spans of its own: the timers that
+    fired, and the events sent, as (target instance, event name)."""
+
+    fired_timers: list[FiredTimer] = field(default_factory=list)
+    sent_events: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -158,6 +178,7 @@ class OrchestrationContext:
         self.buffered_events: dict[str, list[EventRaised]] = {}
         self.completion: CompleteOrchestration | None = None
         self.entity_requests: dict[str, EntityRequest] = {}
+        self.traced = Traced()
         self.critical_section: CriticalSection | None = None
 
     # -- properties ---------------------------------------------------------------
@@ -213,7 +234,7 @@ class OrchestrationContext:
         moment = self._current_utc_datetime + fire_at if isinstance(fire_at, timedelta) else as_utc(fire_at)
         task = TimerTask()
         action_id = self._record(lambda action_id: CreateTimer(id=action_id, fire_at=moment))
-        self.pending_tasks[action_id] = PendingTask(task)
+        self.pending_tasks[action_id] = PendingTask(task, since=self._current_utc_datetime)
         return task
 
     def call_activity(
@@ -404,6 +425,8 @@ class OrchestrationContext:
         """Raise an event on another instance; dropped if it does not exist or has ended."""
         payload = self._converter.serialize(data)
         self._record(lambda action_id: SendEvent(id=action_id, instance_id=instance_id, name=event_name, data=payload))
+        if not self._is_replaying:
+            self.traced.sent_events.append((instance_id, event_name))
 
     def continue_as_new(self, new_input: Any, *, save_events: bool = False, new_version: str | None = None) -> None:
         """Restart this instance with a fresh history; return right after calling it.

@@ -24,7 +24,7 @@ from dtfx.core.actions import (
     SendEntityMessage,
     SendEvent,
 )
-from dtfx.core.context import EntityLock, OrchestrationContext, PendingTask
+from dtfx.core.context import EntityLock, FiredTimer, OrchestrationContext, PendingTask, Traced
 from dtfx.core.entities import entity_target
 from dtfx.core.errors import EntityOperationFailedError, NonDeterminismError, TaskFailedError
 from dtfx.core.history import (
@@ -154,6 +154,15 @@ class OrchestrationExecutor:
         if context.completion is not None:
             actions.append(context.completion)
         return actions
+
+    def take_traced(self) -> Traced | None:
+        """What the episodes since the last call did that makes spans of its own (see
+        :class:`Traced`); ``None``: nothing."""
+        traced = self.context.traced
+        if not traced.fired_timers and not traced.sent_events:
+            return None
+        self.context.traced = Traced()
+        return traced
 
     @property
     def completion(self) -> CompleteOrchestration | None:
@@ -321,13 +330,17 @@ class OrchestrationExecutor:
         fire_at = context._current_utc_datetime + delay
         timer_id = context.next_action_id()
         context.pending_actions[timer_id] = CreateTimer(id=timer_id, fire_at=fire_at, retry_of=failed_id)
-        context.pending_tasks[timer_id] = PendingTask(task, retry=pending.retry, is_retry_timer=True)
+        context.pending_tasks[timer_id] = PendingTask(
+            task, retry=pending.retry, is_retry_timer=True, since=context._current_utc_datetime
+        )
         return True
 
     def _on_timer_fired(self, event: TimerFired) -> None:
         pending = self.context.pending_tasks.pop(event.timer_id, None)
         if pending is None:
             return
+        if pending.since is not None and not self.context._is_replaying:
+            self.context.traced.fired_timers.append(FiredTimer(event.timer_id, pending.since, event.fire_at))
         if pending.is_retry_timer and pending.retry is not None:
             retry = pending.retry
             retry.task.attempts += 1

@@ -14,9 +14,10 @@ from typing import Any, Protocol
 
 from google.protobuf import wrappers_pb2
 
+from dtfx.backends.base import utc_now
 from dtfx.client import AsyncClient
 from dtfx.core.errors import OrchestrationNotFoundError
-from dtfx.core.history import TERMINAL_STATUSES, OrchestrationStatus
+from dtfx.core.history import TERMINAL_STATUSES, EventRaised, OrchestrationStatus
 from dtfx.core.serialization import DataConverter
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, PurgeResult
 from dtfx.grpc.convert import (
@@ -207,7 +208,9 @@ class InstanceRpcs:
         instance_id = instance_id_of(request, "RaiseEvent")
         if not request.name:
             raise invalid_argument("RaiseEvent needs the event's name.")
-        await self._client.raise_orchestration_event(instance_id, request.name, data=optional_string(request, "input"))
+        # Through the backend: the SDK's client made the event's span (the AsyncClient would make another).
+        event = EventRaised(timestamp=utc_now(), name=request.name, input=optional_string(request, "input"))
+        await self._client.backend.send_event(instance_id, event)
         return pb.RaiseEventResponse()
 
     @unary

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Protocol
 
-from dtfx._tracing import execution_ended
+from dtfx._tracing import episode_traced, execution_ended
 from dtfx.backends.base import Backend, utc_now
 from dtfx.backends.delivery import checkpointed_state
 from dtfx.core.actions import CompleteOrchestration, OrchestratorAction
@@ -665,3 +665,4 @@ class LocalRunner:
                 return
             self._cache.keep(item, entry, checkpoint, ended=entry.executor.is_complete)
         execution_ended(entry.started, checkpoint)
+        episode_traced(entry.started, item.instance_id, entry.executor.take_traced())
