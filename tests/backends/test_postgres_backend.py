@@ -8,6 +8,8 @@ import logging
 import os
 import socket
 import threading
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -24,6 +26,7 @@ from dtfx.core.history import TaskCompleted, TaskScheduled
 from dtfx.core.workitems import ActivityResult, ActivityTask, CommitResult
 from tests.backends.test_contract import LEASE, checkpoint_for, start_event
 from tests.backends.test_lease_commits import doubling_chain
+from tests.backends.test_sqlite_backend import greeter
 from tests.postgres import SERVER_URL, postgres_url, terminate_connections
 
 
@@ -76,7 +79,7 @@ async def test_a_transaction_streams_its_statements_when_it_runs_alone(monkeypat
             streaming.append(kwargs.get("streaming", False))
 
     monkeypatch.setattr(postgres, "Pipeline", Spy)
-    monkeypatch.setattr(PostgresBackend, "poll_interval", 3600)  # no watch round (a transaction) meanwhile
+    monkeypatch.setattr(PostgresBackend, "watch_interval", 3600)  # no watch round (a transaction) meanwhile
     backend = PostgresBackend(postgres_url())
     try:
         await backend.create_instance(start_event("a"))
@@ -98,6 +101,49 @@ async def test_a_transaction_streams_its_statements_when_it_runs_alone(monkeypat
         assert streaming == [True, False]
     finally:
         await backend.close()
+
+
+async def test_a_start_another_process_delays_is_announced_and_run_when_due(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The worker's dispatchers never poll: only the other object's announcement tells them
+    # when the delayed start is due (it is written for later, so it wakes no queue at once).
+    monkeypatch.setattr(PostgresBackend, "poll_interval", 3600)
+    monkeypatch.setattr(PostgresBackend, "watch_interval", 0.05)
+    url = postgres_url()
+    workers, other = PostgresBackend(url), PostgresBackend(url)  # as two processes have
+    try:
+        async with dtfx.Worker(workers, app=greeter()):
+            await asyncio.sleep(0.3)  # the worker has looked for work, and listens
+            start_at = datetime.now(UTC) + timedelta(seconds=0.3)
+            instance_id = await dtfx.AsyncClient(other).schedule_new_orchestration(
+                "greet", input="Ada", start_at=start_at
+            )
+            state = await dtfx.AsyncClient(workers).wait_for_orchestration_completion(instance_id, timeout=10)
+        assert state is not None and state.get_output() == "Hello, Ada!"
+    finally:
+        await other.close()
+        await workers.close()
+
+
+async def test_a_new_listener_looks_for_work_once_the_others_have_seen_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def never_looks(self: PostgresBackend) -> None:
+        self._postgres_dialect.others_listening = False  # it has not seen the worker's listener yet
+
+    monkeypatch.setattr(PostgresBackend, "poll_interval", 3600)
+    url = postgres_url()
+    workers, other = PostgresBackend(url), PostgresBackend(url)
+    monkeypatch.setattr(other, "_look_for_listeners", partial(never_looks, other))
+    try:
+        await other.start()
+        other._postgres_dialect.others_listening = False
+        async with dtfx.Worker(workers, app=greeter()):
+            await asyncio.sleep(0.2)  # the worker has looked for work, and listens
+            # Announced to nobody: the worker finds it when the others have all seen it listen.
+            instance_id = await dtfx.AsyncClient(other).schedule_new_orchestration("greet", input="Bo")
+            state = await dtfx.AsyncClient(workers).wait_for_orchestration_completion(instance_id, timeout=10)
+        assert state is not None and state.get_output() == "Hello, Bo!"
+    finally:
+        await other.close()
+        await workers.close()
 
 
 def tcp_settings(fileno: int) -> tuple[int, int, int, int, int]:
@@ -202,7 +248,7 @@ def _slow_watch_rounds(monkeypatch: pytest.MonkeyPatch, seconds: float) -> tuple
 
         return [], program
 
-    monkeypatch.setattr(PostgresBackend, "poll_interval", 0.01)
+    monkeypatch.setattr(PostgresBackend, "watch_interval", 0.01)
     monkeypatch.setattr(PostgresBackend, "_watch_round", slow_round)
     return under_way, ended
 

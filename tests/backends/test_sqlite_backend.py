@@ -95,7 +95,7 @@ async def test_a_watch_round_reads_the_instances_waited_for_only_once_another_co
         await backend.close()
 
 
-def _greeter() -> dtfx.App:
+def greeter() -> dtfx.App:
     app = dtfx.App()
 
     @app.orchestrator
@@ -119,7 +119,7 @@ async def test_the_watch_wakes_idle_dispatchers_for_work_another_process_queues(
     url = f"sqlite:///{tmp_path}/hub.db"
     workers, other = SqliteBackend(url), SqliteBackend(url)  # two connections, as two processes have
     try:
-        async with dtfx.Worker(workers, app=_greeter()):
+        async with dtfx.Worker(workers, app=greeter()):
             await asyncio.sleep(0.3)  # the dispatchers have found nothing, and wait
             start_at = None if start_in is None else datetime.now(UTC) + timedelta(seconds=start_in)
             instance_id = await dtfx.AsyncClient(other).schedule_new_orchestration(
@@ -144,7 +144,7 @@ async def test_an_idle_worker_leaves_the_store_alone(tmp_path: Path, monkeypatch
     monkeypatch.setattr(SqliteBackend, "watch_interval", 0.01)
     backend = SqliteBackend(f"sqlite:///{tmp_path}/hub.db")
     try:
-        async with dtfx.Worker(backend, app=_greeter()):
+        async with dtfx.Worker(backend, app=greeter()):
             await asyncio.sleep(0.3)  # the dispatchers have looked for work once, and wait
             transactions.clear()
             await asyncio.sleep(0.5)  # about 50 watch rounds, with nothing changed

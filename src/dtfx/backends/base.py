@@ -101,7 +101,8 @@ class Backend(ABC):
     poll_interval: ClassVar[float] = 1.0
     """Longest idle wait of a dispatcher before it looks for work again. Changes made
     in this process wake dispatchers at once; this bounds the delay for changes made
-    by other processes (and for expired leases)."""
+    by other processes that the backend does not hear of (PostgreSQL's notifications and
+    SQLite's watch tell it of most), and for expired leases."""
 
     instance_poll_interval: ClassVar[float | None] = None
     """Longest wait of :meth:`wait_for_instance` between two reads of the instance (``None``:
@@ -333,8 +334,9 @@ class Backend(ABC):
         return self._work_signals[kind].subscribe()
 
     def _note_delayed(self, kind: WorkKind, visible_at: datetime) -> None:
-        """Remember that work of ``kind`` written by this process becomes visible at ``visible_at``;
-        dispatchers are woken if it is due before anything they knew of.
+        """Remember that work of ``kind`` written by this process (or by another that announced
+        it) becomes visible at ``visible_at``; dispatchers are woken if it is due before
+        anything they knew of.
 
         Moments past are dropped, and only the earliest are kept (up to twice
         :data:`_MAX_NOTED_DELAYS`), each once: a process that writes delayed work but runs
@@ -354,10 +356,11 @@ class Backend(ABC):
             self._notify_work(kind)
 
     def local_due(self, kind: WorkKind) -> datetime | None:
-        """When the next work of ``kind`` that this process wrote for later becomes visible.
+        """When the next work of ``kind`` that this process wrote for later (or heard of:
+        :meth:`_note_delayed`) becomes visible.
 
-        Lets an idle dispatcher wake for its own timers without asking the store; work
-        delayed by other processes is found by polling (:attr:`poll_interval`) and by
+        Lets an idle dispatcher wake for its own timers without asking the store; other
+        work delayed by other processes is found by polling (:attr:`poll_interval`) and by
         :meth:`next_visible_at`.
         """
         now = utc_now()

@@ -8,10 +8,11 @@ within about a minute (``_TCP_SETTINGS``).
 
 Work items are leased with ``FOR UPDATE SKIP LOCKED``, so concurrent workers never
 wait for each other's picks; completing one is one transaction guarded by the lease.
-Commits announce new work with ``NOTIFY``; each backend object ``LISTEN``s and wakes
-its dispatchers and waiting clients at once, whichever process committed (polling
-every :attr:`PostgresBackend.poll_interval` stays as a fallback). While no other
-backend object listens to the hub, commits announce nothing (see :class:`PostgresDialect`).
+Commits announce new work, and when the work they wrote for later is due, with
+``NOTIFY``; each backend object ``LISTEN``s and wakes its dispatchers and waiting clients
+at once, whichever process committed (polling every :attr:`PostgresBackend.poll_interval`
+stays as a fallback). While no other backend object listens to the hub, commits announce
+nothing (see :class:`PostgresDialect`).
 
 Programs run through libpq's pipeline mode (:mod:`~dtfx.backends.postgres_pipeline`):
 a write transaction costs one round trip per fetch that its program waits for, plus
@@ -43,7 +44,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent import futures
 from itertools import chain
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
@@ -52,6 +53,7 @@ from dtfx._portal import LoopThread
 from dtfx.backends.base import WorkKind
 from dtfx.backends.sql.backend import Coalesced, SqlBackend
 from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program, Step, Stepper
+from dtfx.backends.sql.rows import from_micros, to_micros
 from dtfx.backends.sql.schema import migrate
 from dtfx.core.errors import BackendError, BackendUnavailableError, ConfigurationError, UnstorableValueError
 
@@ -138,12 +140,14 @@ def _connection_failure(error: psycopg.OperationalError) -> str:
     return f"PostgreSQL connection failed: {error}"
 
 
-class _Announcement(msgspec.Struct, frozen=True):
-    """A NOTIFY payload: who committed, which queues got work, which instances changed status."""
+class _Announcement(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A NOTIFY payload: who committed, which queues got work, which instances changed status,
+    and when the earliest work it wrote for later becomes visible, by queue (microseconds)."""
 
     sender: str
     kinds: str
     instances: list[str]
+    delayed: dict[str, int] = {}
 
 
 class PostgresDialect(Dialect):
@@ -239,6 +243,10 @@ class PostgresDialect(Dialect):
         if not self.others_listening:
             return (notify,)
         kinds = "".join(sorted(_KIND_CODES[kind] for kind in notify.kinds))
+        delayed: dict[str, int] = {}
+        for kind, visible_at in notify.delayed:
+            code, moment = _KIND_CODES[kind], to_micros(visible_at)
+            delayed[code] = min(delayed.get(code, moment), moment)
         chunks: list[list[str]] = [[]]
         size = 0
         for instance_id in notify.instances:
@@ -250,7 +258,7 @@ class PostgresDialect(Dialect):
         announcements: list[Step] = [
             Execute(
                 "SELECT pg_notify(?, ?)",
-                (self.channel, msgspec.json.encode(_Announcement(self.sender, kinds, chunk)).decode()),
+                (self.channel, msgspec.json.encode(_Announcement(self.sender, kinds, chunk, delayed)).decode()),
             )
             for chunk in chunks
         ]
@@ -296,7 +304,10 @@ class PostgresBackend(SqlBackend):
         url: ``postgresql://user@host/database``, optionally with ``?schema=name``.
     """
 
-    poll_interval = 0.5
+    poll_interval = 2.0  # other processes' commits wake dispatchers through notifications
+    watch_interval: ClassVar[float] = 0.5
+    """How often the backend looks for other backend objects listening to the hub and reads the
+    instances waited for (:meth:`_watch`)."""
     blocking_commits = True  # on a pool of sync connections, opened by the first such commit
 
     def __init__(self, url: str) -> None:
@@ -663,8 +674,14 @@ class PostgresBackend(SqlBackend):
                         logger.info("Listening for PostgreSQL notifications again")
                         self._wake_everyone()  # what was announced meanwhile is lost
                     failures = 0
-                    async for notification in connection.notifies():
-                        self._announced(notification.payload)
+                    # The others announce their commits once they have seen this object listen
+                    # (_look_for_listeners): what they committed until then is looked for after.
+                    seen = asyncio.get_running_loop().call_later(2 * self.watch_interval, self._changed_outside)
+                    try:
+                        async for notification in connection.notifies():
+                            self._announced(notification.payload)
+                    finally:
+                        seen.cancel()
             except psycopg.Error as error:
                 failures += 1
                 logger.warning("Lost the PostgreSQL notification connection (%s); reconnecting", error)
@@ -673,8 +690,8 @@ class PostgresBackend(SqlBackend):
     async def _look_for_listeners(self) -> None:
         """See whether other backend objects listen to this hub: if none does, commits announce nothing.
 
-        Looked at every poll interval: one that starts listening meanwhile is not woken by
-        notifications for that long, and polls as every backend object does.
+        Looked at every watch interval: one that starts listening meanwhile is not woken by
+        notifications for that long, and looks for work once that time has passed (:meth:`_listen`).
         """
         listeners = (
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = ? AND objid = ?"
@@ -693,9 +710,9 @@ class PostgresBackend(SqlBackend):
             logger.debug("Looking for other listeners failed", exc_info=True)
 
     async def _watch(self) -> None:
-        """A watch round every poll interval (see :class:`SqlBackend`); it catches what notifications miss."""
+        """A watch round every :attr:`watch_interval` (see :class:`SqlBackend`); it catches what notifications miss."""
         while True:
-            await asyncio.sleep(self.poll_interval)
+            await asyncio.sleep(self.watch_interval)
             await self._look_for_listeners()
             watch = self._watch_round()
             if watch is None:
@@ -717,6 +734,9 @@ class PostgresBackend(SqlBackend):
         if announcement.sender == self._sender:
             return  # this object's own commit; its waiters were woken already
         self._notify_work(*(_CODE_KINDS[code] for code in announcement.kinds if code in _CODE_KINDS))
+        for code, moment in announcement.delayed.items():
+            if code in _CODE_KINDS:
+                self._note_delayed(_CODE_KINDS[code], from_micros(moment))
         for instance_id in announcement.instances:
             self._notify_instance(instance_id)
 
