@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import threading
-from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -26,7 +25,7 @@ from dtfx.core.history import TaskCompleted, TaskScheduled
 from dtfx.core.workitems import ActivityResult, ActivityTask, CommitResult
 from tests.backends.test_contract import LEASE, checkpoint_for, start_event
 from tests.backends.test_lease_commits import doubling_chain
-from tests.backends.test_sqlite_backend import greeter
+from tests.backends.test_sqlite_backend import greeting_from_another_process
 from tests.postgres import SERVER_URL, postgres_url, terminate_connections
 
 
@@ -109,19 +108,8 @@ async def test_a_start_another_process_delays_is_announced_and_run_when_due(monk
     monkeypatch.setattr(PostgresBackend, "poll_interval", 3600)
     monkeypatch.setattr(PostgresBackend, "watch_interval", 0.05)
     url = postgres_url()
-    workers, other = PostgresBackend(url), PostgresBackend(url)  # as two processes have
-    try:
-        async with dtfx.Worker(workers, app=greeter()):
-            await asyncio.sleep(0.3)  # the worker has looked for work, and listens
-            start_at = datetime.now(UTC) + timedelta(seconds=0.3)
-            instance_id = await dtfx.AsyncClient(other).schedule_new_orchestration(
-                "greet", input="Ada", start_at=start_at
-            )
-            state = await dtfx.AsyncClient(workers).wait_for_orchestration_completion(instance_id, timeout=10)
-        assert state is not None and state.get_output() == "Hello, Ada!"
-    finally:
-        await other.close()
-        await workers.close()
+    workers, other = PostgresBackend(url), PostgresBackend(url)
+    assert await greeting_from_another_process(workers, other, start_in=0.3) == "Hello, Ada!"
 
 
 async def test_a_new_listener_looks_for_work_once_the_others_have_seen_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,18 +120,10 @@ async def test_a_new_listener_looks_for_work_once_the_others_have_seen_it(monkey
     url = postgres_url()
     workers, other = PostgresBackend(url), PostgresBackend(url)
     monkeypatch.setattr(other, "_look_for_listeners", partial(never_looks, other))
-    try:
-        await other.start()
-        other._postgres_dialect.others_listening = False
-        async with dtfx.Worker(workers, app=greeter()):
-            await asyncio.sleep(0.2)  # the worker has looked for work, and listens
-            # Announced to nobody: the worker finds it when the others have all seen it listen.
-            instance_id = await dtfx.AsyncClient(other).schedule_new_orchestration("greet", input="Bo")
-            state = await dtfx.AsyncClient(workers).wait_for_orchestration_completion(instance_id, timeout=10)
-        assert state is not None and state.get_output() == "Hello, Bo!"
-    finally:
-        await other.close()
-        await workers.close()
+    await other.start()
+    other._postgres_dialect.others_listening = False
+    # Announced to nobody: the worker finds it when the others have all seen it listen.
+    assert await greeting_from_another_process(workers, other) == "Hello, Ada!"
 
 
 def tcp_settings(fileno: int) -> tuple[int, int, int, int, int]:

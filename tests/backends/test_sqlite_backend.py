@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import dtfx
+from dtfx.backends import Backend
 from dtfx.backends.sql import operations
 from dtfx.backends.sql.program import Fetch, Program
 from dtfx.backends.sqlite import SqliteBackend, _lengthen_log
@@ -109,6 +110,24 @@ def greeter() -> dtfx.App:
     return app
 
 
+async def greeting_from_another_process(workers: Backend, other: Backend, start_in: float | None = None) -> Any:
+    """The output of a greeting that ``other`` (a backend object of its own, as another process
+    has) queues, to start ``start_in`` seconds later, while a worker on ``workers`` waits for work.
+    Both objects are closed afterwards."""
+    try:
+        async with dtfx.Worker(workers, app=greeter()):
+            await asyncio.sleep(0.3)  # the dispatchers have found nothing, and wait
+            start_at = None if start_in is None else datetime.now(UTC) + timedelta(seconds=start_in)
+            instance_id = await dtfx.AsyncClient(other).schedule_new_orchestration(
+                "greet", input="Ada", start_at=start_at
+            )
+            state = await dtfx.AsyncClient(workers).wait_for_orchestration_completion(instance_id, timeout=10)
+        return None if state is None else state.get_output()
+    finally:
+        await other.close()
+        await workers.close()
+
+
 @pytest.mark.parametrize("start_in", [None, 0.3], ids=["now", "later"])
 async def test_the_watch_wakes_idle_dispatchers_for_work_another_process_queues(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_in: float | None
@@ -118,18 +137,7 @@ async def test_the_watch_wakes_idle_dispatchers_for_work_another_process_queues(
     monkeypatch.setattr(SqliteBackend, "poll_interval", 3600)
     url = f"sqlite:///{tmp_path}/hub.db"
     workers, other = SqliteBackend(url), SqliteBackend(url)  # two connections, as two processes have
-    try:
-        async with dtfx.Worker(workers, app=greeter()):
-            await asyncio.sleep(0.3)  # the dispatchers have found nothing, and wait
-            start_at = None if start_in is None else datetime.now(UTC) + timedelta(seconds=start_in)
-            instance_id = await dtfx.AsyncClient(other).schedule_new_orchestration(
-                "greet", input="Ada", start_at=start_at
-            )
-            state = await dtfx.AsyncClient(workers).wait_for_orchestration_completion(instance_id, timeout=10)
-        assert state is not None and state.get_output() == "Hello, Ada!"
-    finally:
-        await other.close()
-        await workers.close()
+    assert await greeting_from_another_process(workers, other, start_in) == "Hello, Ada!"
 
 
 async def test_an_idle_worker_leaves_the_store_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
