@@ -111,3 +111,17 @@ def test_the_history_keeps_what_links_the_spans(
     # The execution's span is recorded once, by the episode that began it.
     spans_recorded = [event.span for event in events if isinstance(event, OrchestratorStarted) and event.span]
     assert len(spans_recorded) == 1 and spans_recorded[0].span_id == f"{orchestration.context.span_id:016x}"
+
+
+def test_an_event_a_client_raises_is_a_span_of_the_clients_alone(
+    client: sdk_client.TaskHubGrpcClient, spans: InMemorySpanExporter
+) -> None:
+    instance_id = client.schedule_new_orchestration(sdk_app.waiter)
+    client.wait_for_orchestration_start(instance_id, timeout=15)
+    with trace.get_tracer(__name__).start_as_current_span("request") as request:
+        client.raise_orchestration_event(instance_id, "proceed", data="go")
+    state = client.wait_for_orchestration_completion(instance_id, timeout=15)
+    assert state is not None and state.runtime_status == OrchestrationStatus.COMPLETED
+    # The SDK's client made the event's span; the sidecar, which raised it, made none.
+    (raised,) = [span for span in spans.get_finished_spans() if span.name == "orchestration_event:proceed"]
+    assert raised.kind == SpanKind.PRODUCER and parent_id(raised) == request.get_span_context().span_id

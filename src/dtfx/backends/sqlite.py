@@ -18,14 +18,13 @@ never waits for another process (it hands the transaction to the database thread
 the file is busy). The file is in WAL mode and write transactions begin with
 ``BEGIN IMMEDIATE`` (waiting up to a busy timeout for other processes), so several
 worker processes on one machine can share a file: leases expire, and what a dead worker
-held is picked up again. Other
-processes' changes are seen by a watch every :attr:`SqliteBackend.watch_interval`: once
-``PRAGMA data_version`` says that another connection has committed since the round
-before, it wakes the dispatchers (which otherwise look for work only every
-:attr:`SqliteBackend.poll_interval`, or when their own process's work is due) and reads
-the instances waited for. On
-opening, the log is made as long as it grows between checkpoints (see
-:func:`_lengthen_log`), so that the first commits flush as fast as the later ones.
+held is picked up again. Other processes' changes are seen by a watch every
+:attr:`SqliteBackend.watch_interval`: once ``PRAGMA data_version`` says that another
+connection has committed since the round before, it wakes the dispatchers (which
+otherwise look for work only every :attr:`SqliteBackend.poll_interval`, or when their
+own process's work is due) and reads the instances waited for. On opening, the log is
+made as long as it grows between checkpoints (see :func:`_lengthen_log`), so that the
+first commits flush as fast as the later ones.
 """
 
 from __future__ import annotations
