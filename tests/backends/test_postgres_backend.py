@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import threading
-from functools import partial
 from typing import Any
 
 import psycopg
@@ -113,15 +112,14 @@ async def test_a_start_another_process_delays_is_announced_and_run_when_due(monk
 
 
 async def test_a_new_listener_looks_for_work_once_the_others_have_seen_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def never_looks(self: PostgresBackend) -> None:
-        self._postgres_dialect.others_listening = False  # it has not seen the worker's listener yet
-
     monkeypatch.setattr(PostgresBackend, "poll_interval", 3600)
     url = postgres_url()
     workers, other = PostgresBackend(url), PostgresBackend(url)
-    monkeypatch.setattr(other, "_look_for_listeners", partial(never_looks, other))
-    await other.start()
-    other._postgres_dialect.others_listening = False
+
+    async def never_sees_the_worker_listen() -> None:
+        other._postgres_dialect.others_listening = False
+
+    monkeypatch.setattr(other, "_look_for_listeners", never_sees_the_worker_listen)
     # Announced to nobody: the worker finds it when the others have all seen it listen.
     assert await greeting_from_another_process(workers, other) == "Hello, Ada!"
 
