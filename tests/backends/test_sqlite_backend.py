@@ -153,9 +153,9 @@ async def test_an_idle_worker_leaves_the_store_alone(tmp_path: Path, monkeypatch
     backend = SqliteBackend(f"sqlite:///{tmp_path}/hub.db")
     try:
         async with dtfx.Worker(backend, app=greeter()):
-            await asyncio.sleep(0.3)  # the dispatchers have looked for work once, and wait
+            await asyncio.sleep(0.2)  # the dispatchers have looked for work once, and wait
             transactions.clear()
-            await asyncio.sleep(0.5)  # about 50 watch rounds, with nothing changed
+            await asyncio.sleep(0.4)  # about 40 watch rounds, with nothing changed (and no poll yet)
         assert transactions == []
     finally:
         await backend.close()
