@@ -91,12 +91,17 @@ def event_span(name: str, instance_id: str) -> AbstractContextManager[object]:
         return _NOT_TRACED
     from opentelemetry.trace import SpanKind
 
-    attributes = {
-        "durabletask.type": "event",
-        "durabletask.task.name": name,
-        "durabletask.event.target_instance_id": instance_id,
-    }
+    attributes = _event_attributes(name, instance_id)
     return tracer.start_as_current_span(f"orchestration_event:{name}", kind=SpanKind.PRODUCER, attributes=attributes)
+
+
+def _event_attributes(name: str, target: str, sender: str | None = None) -> dict[str, str]:
+    """The attributes of the span of event ``name`` sent to instance ``target`` (by orchestration ``sender``)."""
+    attributes = {"durabletask.type": "event", "durabletask.task.name": name}
+    if sender is not None:
+        attributes["durabletask.task.instance_id"] = sender
+    attributes["durabletask.event.target_instance_id"] = target
+    return attributes
 
 
 def current_trace_context() -> TraceContext | None:
@@ -207,12 +212,7 @@ def episode_traced(started: ExecutionStarted, instance_id: str, traced: Traced |
         start = _nanoseconds(timer.created_at)
         tracer.start_span(name, context=parent, kind=SpanKind.INTERNAL, attributes=attributes, start_time=start).end()
     for target, event_name in traced.sent_events:
-        attributes = {
-            "durabletask.type": "event",
-            "durabletask.task.name": event_name,
-            "durabletask.task.instance_id": instance_id,
-            "durabletask.event.target_instance_id": target,
-        }
+        attributes = _event_attributes(event_name, target, sender=instance_id)
         tracer.start_span(
             f"orchestration_event:{event_name}", context=parent, kind=SpanKind.PRODUCER, attributes=attributes
         ).end()

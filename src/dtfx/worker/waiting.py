@@ -29,9 +29,9 @@ class WorkWaiter:
         self._kind = kind
         self._waiter = waiter or backend.subscribe(kind)
         self._store_due: datetime | None = None
-        self._store_checked = False
-        self._outside_changes = backend.outside_changes
-        """The backend's count of other processes' changes when the store was last asked."""
+        self._checked_at: int | None = None
+        """The backend's count of other processes' changes when the store was last asked
+        (``None``: ask it, never asked or a wait has timed out since)."""
 
     def prepare(self) -> None:
         """Forget notifications received so far: call it before looking for work."""
@@ -41,17 +41,16 @@ class WorkWaiter:
         """Wait for a notification, the next due time, or the poll interval."""
         backend = self._backend
         outside_changes = backend.outside_changes
-        if not self._store_checked or outside_changes != self._outside_changes:
+        if self._checked_at != outside_changes:
             self._store_due = await backend.next_visible_at(self._kind)
-            self._store_checked = True
-            self._outside_changes = outside_changes
+            self._checked_at = outside_changes
         now = utc_now()
         timeout = backend.poll_interval
         for due in (backend.local_due(self._kind), self._store_due):
             if due is not None and due > now:
                 timeout = min(timeout, (due - now).total_seconds() + _TIMER_SLACK)
         if not await self._waiter.wait(timeout):
-            self._store_checked = False
+            self._checked_at = None
 
     def wake(self) -> None:
         """End the current (or next) wait at once."""
