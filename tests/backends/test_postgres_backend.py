@@ -10,6 +10,7 @@ import socket
 import threading
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
@@ -111,7 +112,62 @@ async def test_a_start_another_process_delays_is_announced_and_run_when_due(monk
     assert await greeting_from_another_process(workers, other, start_in=0.3) == "Hello, Ada!"
 
 
-async def test_a_new_listener_looks_for_work_once_the_others_have_seen_it(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_backend_that_starts_listening_says_so_and_the_others_announce_their_commits_to_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Nobody polls, looks for listeners after starting, or looks for work a moment after
+    # starting to listen: only the worker's hello can make the other object announce.
+    monkeypatch.setattr(PostgresBackend, "poll_interval", 3600)
+    monkeypatch.setattr(PostgresBackend, "listeners_interval", 3600)
+    monkeypatch.setattr(postgres, "_CATCH_UP_DELAY", 3600)
+    url = postgres_url()
+    workers, other = PostgresBackend(url), PostgresBackend(url)
+    await other.start()
+    assert not other._postgres_dialect.others_listening  # started alone
+    assert await greeting_from_another_process(workers, other) == "Hello, Ada!"
+
+
+async def test_a_hello_heard_while_looking_for_listeners_outweighs_the_look(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The look may have read the locks before the new listener took its own, then said hello.
+    backend = PostgresBackend(postgres_url())
+    hello = postgres._Announcement("someone else", "", [], hello=True)
+
+    async def nobody_but_a_hello_meanwhile(program: Any, write: bool) -> int:
+        backend._announced(msgspec.json.encode(hello).decode())
+        return 0
+
+    monkeypatch.setattr(backend, "_transact", nobody_but_a_hello_meanwhile)
+    await backend._look_for_listeners()
+    assert backend._postgres_dialect.others_listening
+
+
+async def test_commits_stop_announcing_themselves_once_the_last_other_listener_has_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(PostgresBackend, "watch_interval", 0.01)
+    monkeypatch.setattr(PostgresBackend, "listeners_interval", 0.05)
+    url = postgres_url()
+    first, second = PostgresBackend(url), PostgresBackend(url)
+
+    async def until_others_listening(expected: bool) -> bool:
+        for _ in range(500):
+            if first._postgres_dialect.others_listening == expected:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    try:
+        await first.start()
+        await second.start()
+        assert await until_others_listening(True)
+        await second.close()
+        assert await until_others_listening(False)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_new_listener_looks_for_work_that_was_not_announced_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(PostgresBackend, "poll_interval", 3600)
     url = postgres_url()
     workers, other = PostgresBackend(url), PostgresBackend(url)
@@ -119,8 +175,12 @@ async def test_a_new_listener_looks_for_work_once_the_others_have_seen_it(monkey
     async def never_sees_the_worker_listen() -> None:
         other._postgres_dialect.others_listening = False
 
+    async def does_not_listen() -> None:  # so hears no hello, as while its connection is down
+        pass
+
     monkeypatch.setattr(other, "_look_for_listeners", never_sees_the_worker_listen)
-    # Announced to nobody: the worker finds it when the others have all seen it listen.
+    monkeypatch.setattr(other, "_listen", does_not_listen)
+    # Announced to nobody: the worker finds it when it looks, a moment after it started listening.
     assert await greeting_from_another_process(workers, other) == "Hello, Ada!"
 
 

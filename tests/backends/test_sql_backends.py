@@ -361,13 +361,16 @@ async def test_postgres_commits_announce_themselves_only_while_another_backend_l
                     break
                 await asyncio.sleep(0.02)
             await first.create_instance(ExecutionStarted(timestamp=utc_now(), name="n", instance=_instance("heard")))
-            heard = [notification.payload async for notification in ear.notifies(timeout=10, stop_after=1)]
+            heard = [notification.payload async for notification in ear.notifies(timeout=10, stop_after=2)]
         finally:
             await first.close()
             if second is not None:
                 await second.close()
-    # Notifications arrive in commit order: the first creation announced nothing.
-    assert len(heard) == 1 and '"heard"' in heard[0] and '"alone"' not in heard[0]
+    # Notifications arrive in commit order: the first creation announced nothing; the
+    # second backend said hello when it started listening.
+    assert len(heard) == 2 and not any('"alone"' in payload for payload in heard), heard
+    assert sorted('"hello":true' in payload for payload in heard) == [False, True], heard
+    assert any('"heard"' in payload for payload in heard), heard
 
 
 def _instance(instance_id: str) -> OrchestrationInstance:

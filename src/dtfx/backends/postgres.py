@@ -90,6 +90,7 @@ connection, a quarter of an hour of retransmissions for one that waits for its d
 be acknowledged). Then a transaction fails as on any lost connection, and a blocking
 commit does not hold its thread for hours. Unix-socket connections ignore them."""
 _HOME_POOL_GRACE = 5.0  # seconds close(), on another loop, waits for the home loop to close its pool
+_CATCH_UP_DELAY = 1.0  # seconds from a listener's hello to its look for what was not announced to it
 _LISTENERS = 0x64746678  # "dtfx": the class of the advisory locks by which listeners show themselves
 _KIND_CODES = {WorkKind.ORCHESTRATION: "o", WorkKind.ACTIVITY: "a", WorkKind.ENTITY: "e"}
 _CODE_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
@@ -142,12 +143,14 @@ def _connection_failure(error: psycopg.OperationalError) -> str:
 
 class _Announcement(msgspec.Struct, frozen=True, omit_defaults=True):
     """A NOTIFY payload: who committed, which queues got work, which instances changed status,
-    and when the earliest work it wrote for later becomes visible, by queue (microseconds)."""
+    and when the earliest work it wrote for later becomes visible, by queue (microseconds);
+    or, with ``hello``, that the sender has just started listening (and nothing else)."""
 
     sender: str
     kinds: str
     instances: list[str]
     delayed: dict[str, int] = {}
+    hello: bool = False
 
 
 class PostgresDialect(Dialect):
@@ -306,8 +309,11 @@ class PostgresBackend(SqlBackend):
 
     poll_interval = 2.0  # other processes' commits wake dispatchers through notifications
     watch_interval: ClassVar[float] = 0.5
-    """How often the backend looks for other backend objects listening to the hub and reads the
-    instances waited for (:meth:`_watch`)."""
+    """How often the backend reads the instances waited for (:meth:`_watch`)."""
+    listeners_interval: ClassVar[float] = 10.0
+    """How often the backend looks for other backend objects listening to the hub. One that
+    starts listening says so itself (a hello), so this look only notices those that have
+    gone, after which commits stop announcing themselves."""
     blocking_commits = True  # on a pool of sync connections, opened by the first such commit
 
     def __init__(self, url: str) -> None:
@@ -337,6 +343,7 @@ class PostgresBackend(SqlBackend):
         self._listener: asyncio.Task[None] | None = None
         self._listener_pid = 0  # the server process of this object's notification connection
         self._listeners_key = zlib.crc32(self.schema.encode()) & 0x7FFFFFFF  # this hub's listener locks
+        self._hellos = 0  # hellos heard from other backend objects
         self._watcher: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -670,13 +677,17 @@ class PostgresBackend(SqlBackend):
                         "SELECT pg_advisory_lock_shared(%s, %s)", (_LISTENERS, self._listeners_key)
                     )
                     self._listener_pid = connection.info.backend_pid
+                    hello = _Announcement(self._sender, "", [], hello=True)
+                    await connection.execute(
+                        "SELECT pg_notify(%s, %s)", (self._channel, msgspec.json.encode(hello).decode())
+                    )
                     if failures:
                         logger.info("Listening for PostgreSQL notifications again")
                         self._wake_everyone()  # what was announced meanwhile is lost
                     failures = 0
-                    # The others announce their commits once they have seen this object listen
-                    # (_look_for_listeners): what they committed until then is looked for after.
-                    seen = asyncio.get_running_loop().call_later(2 * self.watch_interval, self._changed_outside)
+                    # The others announce their commits once they have heard the hello: what
+                    # they committed until then (or while not listening) is looked for later.
+                    seen = asyncio.get_running_loop().call_later(_CATCH_UP_DELAY, self._changed_outside)
                     try:
                         async for notification in connection.notifies():
                             self._announced(notification.payload)
@@ -690,8 +701,9 @@ class PostgresBackend(SqlBackend):
     async def _look_for_listeners(self) -> None:
         """See whether other backend objects listen to this hub: if none does, commits announce nothing.
 
-        Looked at every watch interval: one that starts listening meanwhile is not woken by
-        notifications for that long, and looks for work once that time has passed (:meth:`_listen`).
+        Looked at when the backend starts and every :attr:`listeners_interval`; one that starts
+        listening in between says hello, and a hello heard while the look is under way
+        counts, since its sender may have shown itself after the look saw the locks.
         """
         listeners = (
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = ? AND objid = ?"
@@ -703,17 +715,23 @@ class PostgresBackend(SqlBackend):
             rows = yield Fetch(listeners, (_LISTENERS, self._listeners_key, self._listener_pid))
             return int(rows[0][0])
 
+        hellos = self._hellos
         try:
-            self._postgres_dialect.others_listening = await self._transact(program, write=False) > 0
+            listening = await self._transact(program, write=False) > 0
         except BackendError:
-            self._postgres_dialect.others_listening = True
+            listening = True
             logger.debug("Looking for other listeners failed", exc_info=True)
+        self._postgres_dialect.others_listening = listening or self._hellos != hellos
 
     async def _watch(self) -> None:
-        """A watch round every :attr:`watch_interval` (see :class:`SqlBackend`); it catches what notifications miss."""
+        """A watch round every :attr:`watch_interval` (see :class:`SqlBackend`), which catches what
+        notifications miss, and a look for listeners every :attr:`listeners_interval`."""
+        looked_at = time.monotonic()
         while True:
             await asyncio.sleep(self.watch_interval)
-            await self._look_for_listeners()
+            if time.monotonic() - looked_at >= self.listeners_interval:
+                looked_at = time.monotonic()
+                await self._look_for_listeners()
             watch = self._watch_round()
             if watch is None:
                 continue
@@ -732,7 +750,11 @@ class PostgresBackend(SqlBackend):
             logger.warning("Ignoring a malformed notification: %r", payload[:200])
             return
         if announcement.sender == self._sender:
-            return  # this object's own commit; its waiters were woken already
+            return  # this object's own commit (or hello); its waiters were woken already
+        if announcement.hello:
+            self._hellos += 1
+            self._postgres_dialect.others_listening = True
+            return
         self._notify_work(*(_CODE_KINDS[code] for code in announcement.kinds if code in _CODE_KINDS))
         for code, moment in announcement.delayed.items():
             if code in _CODE_KINDS:
