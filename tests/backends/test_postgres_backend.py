@@ -184,6 +184,23 @@ async def test_a_new_listener_looks_for_work_that_was_not_announced_to_it(monkey
     assert await greeting_from_another_process(workers, other) == "Hello, Ada!"
 
 
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [("127.0.0.1:1/test", "Connection refused"), ("127.0.0.1/dtfx_no_such_database", "does not exist")],
+    ids=["refused", "unknown database"],
+)
+async def test_a_server_that_cannot_be_reached_is_reported_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch, where: str, reason: str
+) -> None:
+    monkeypatch.setattr(postgres, "_OPEN_TIMEOUT", 0.5)
+    backend = PostgresBackend(f"postgresql://postgres@{where}")
+    try:
+        with pytest.raises(BackendUnavailableError, match=f"Cannot connect to PostgreSQL: .*{reason}"):
+            await backend.start()
+    finally:
+        await backend.close()
+
+
 def tcp_settings(fileno: int) -> tuple[int, int, int, int, int]:
     """A connection's socket's keepalive (on, idle, interval, count) and user timeout (ms)."""
     with socket.socket(fileno=os.dup(fileno)) as connected:

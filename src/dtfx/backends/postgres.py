@@ -89,6 +89,7 @@ dead within about a minute, instead of the system's defaults (two hours for an i
 connection, a quarter of an hour of retransmissions for one that waits for its data to
 be acknowledged). Then a transaction fails as on any lost connection, and a blocking
 commit does not hold its thread for hours. Unix-socket connections ignore them."""
+_OPEN_TIMEOUT = 10.0  # seconds a pool may take to open (a server that is starting, say) before it fails
 _HOME_POOL_GRACE = 5.0  # seconds close(), on another loop, waits for the home loop to close its pool
 _CATCH_UP_DELAY = 1.0  # seconds from a listener's hello to its look for what was not announced to it
 _LISTENERS = 0x64746678  # "dtfx": the class of the advisory locks by which listeners show themselves
@@ -376,12 +377,12 @@ class PostgresBackend(SqlBackend):
         self._home = asyncio.get_running_loop()
         pool = self._new_pool(configure=self._adopt_home_connection)
         try:
-            await pool.open(wait=True, timeout=10.0)
+            await pool.open(wait=True, timeout=_OPEN_TIMEOUT)
         except BaseException as error:
             self._home = None
             await pool.close()
             if isinstance(error, Exception):
-                raise BackendUnavailableError(f"Cannot connect to PostgreSQL ({error})") from error
+                raise await asyncio.to_thread(self._cannot_connect, error) from error
             raise
         with self._lock:
             closed = self._closed
@@ -524,11 +525,11 @@ class PostgresBackend(SqlBackend):
             return
         pool = self._new_pool()
         try:
-            await pool.open(wait=True, timeout=10.0)
+            await pool.open(wait=True, timeout=_OPEN_TIMEOUT)
         except BaseException as error:
             await pool.close()
             if isinstance(error, Exception):
-                raise BackendUnavailableError(f"Cannot connect to PostgreSQL ({error})") from error
+                raise await asyncio.to_thread(self._cannot_connect, error) from error
             raise
         self._pool = pool
         try:
@@ -625,6 +626,16 @@ class PostgresBackend(SqlBackend):
             with self._under_way_lock:
                 self._under_way -= 1
 
+    def _cannot_connect(self, error: Exception) -> BackendUnavailableError:
+        """The error for a pool that did not open in time, with the reason the server gives a
+        connection of its own (a refused port, an unknown database, a wrong password): the pool
+        says only that it gave up."""
+        try:
+            psycopg.connect(self._conninfo, connect_timeout=5, **self._connection_options()).close()
+        except psycopg.Error as refused:
+            return BackendUnavailableError(f"Cannot connect to PostgreSQL: {refused}")
+        return BackendUnavailableError(f"Cannot connect to PostgreSQL ({error})")
+
     def _open_blocking_pool(self) -> ConnectionPool:
         """The pool of sync connections on which worker threads commit, opened by the first
         thread that needs it (the others wait for it)."""
@@ -643,10 +654,10 @@ class PostgresBackend(SqlBackend):
                 open=False,
             )
             try:
-                pool.open(wait=True, timeout=10.0)
+                pool.open(wait=True, timeout=_OPEN_TIMEOUT)
             except PoolTimeout as error:
                 pool.close()
-                raise BackendUnavailableError(f"Cannot connect to PostgreSQL ({error})") from error
+                raise self._cannot_connect(error) from error
             with self._lock:
                 closed = self._closed
                 if not closed:
