@@ -127,6 +127,28 @@ async def test_a_backend_that_starts_listening_says_so_and_the_others_announce_t
     assert await greeting_from_another_process(workers, other) == "Hello, Ada!"
 
 
+async def test_a_backend_looks_for_other_listeners_once_it_knows_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its look at start may come after its own listener has taken its lock, before it knows
+    # that connection's server process: it would count itself, and announce for nothing.
+    monkeypatch.setattr(PostgresBackend, "listeners_interval", 3600)
+    backend = PostgresBackend(postgres_url())
+    looked_knowing_itself = asyncio.Event()
+    look = backend._look_for_listeners
+
+    async def noted_look() -> None:
+        await look()
+        if backend._listener_pid:
+            looked_knowing_itself.set()
+
+    monkeypatch.setattr(backend, "_look_for_listeners", noted_look)
+    try:
+        await backend.start()
+        await asyncio.wait_for(looked_knowing_itself.wait(), 10)
+        assert not backend._postgres_dialect.others_listening
+    finally:
+        await backend.close()
+
+
 async def test_a_hello_heard_while_looking_for_listeners_outweighs_the_look(monkeypatch: pytest.MonkeyPatch) -> None:
     # The look may have read the locks before the new listener took its own, then said hello.
     backend = PostgresBackend(postgres_url())

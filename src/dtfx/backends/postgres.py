@@ -692,6 +692,8 @@ class PostgresBackend(SqlBackend):
                     await connection.execute(
                         "SELECT pg_notify(%s, %s)", (self._channel, msgspec.json.encode(hello).decode())
                     )
+                    # The look at start may have seen this connection's lock as another's.
+                    await self._look_for_listeners()
                     if failures:
                         logger.info("Listening for PostgreSQL notifications again")
                         self._wake_everyone()  # what was announced meanwhile is lost
