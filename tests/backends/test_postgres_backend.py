@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import psycopg
@@ -26,7 +27,7 @@ from dtfx.core.workitems import ActivityResult, ActivityTask, CommitResult
 from tests.backends.test_contract import LEASE, checkpoint_for, start_event
 from tests.backends.test_lease_commits import doubling_chain
 from tests.backends.test_sqlite_backend import greeting_from_another_process
-from tests.postgres import SERVER_URL, postgres_url, terminate_connections
+from tests.postgres import SERVER_URL, postgres_url, require_server, terminate_connections
 
 
 async def _until_waiting_for_a_lock(schema: str) -> None:
@@ -206,16 +207,17 @@ async def test_a_new_listener_looks_for_work_that_was_not_announced_to_it(monkey
     assert await greeting_from_another_process(workers, other) == "Hello, Ada!"
 
 
-@pytest.mark.parametrize(
-    ("where", "reason"),
-    [("127.0.0.1:1/test", "Connection refused"), ("127.0.0.1/dtfx_no_such_database", "does not exist")],
-    ids=["refused", "unknown database"],
-)
+@pytest.mark.parametrize("unknown_database", [False, True], ids=["refused", "unknown database"])
 async def test_a_server_that_cannot_be_reached_is_reported_with_its_reason(
-    monkeypatch: pytest.MonkeyPatch, where: str, reason: str
+    monkeypatch: pytest.MonkeyPatch, unknown_database: bool
 ) -> None:
     monkeypatch.setattr(postgres, "_OPEN_TIMEOUT", 0.5)
-    backend = PostgresBackend(f"postgresql://postgres@{where}")
+    if unknown_database:
+        require_server()
+        url, reason = urlunsplit(urlsplit(SERVER_URL)._replace(path="/dtfx_no_such_database")), "does not exist"
+    else:
+        url, reason = "postgresql://postgres@127.0.0.1:1/postgres", "Connection refused"
+    backend = PostgresBackend(url)
     try:
         with pytest.raises(BackendUnavailableError, match=f"Cannot connect to PostgreSQL: .*{reason}"):
             await backend.start()
