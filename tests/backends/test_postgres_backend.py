@@ -26,7 +26,7 @@ from dtfx.core.history import TaskCompleted, TaskScheduled
 from dtfx.core.workitems import ActivityResult, ActivityTask, CommitResult
 from tests.backends.test_contract import LEASE, checkpoint_for, start_event
 from tests.backends.test_lease_commits import doubling_chain
-from tests.backends.test_sqlite_backend import greeting_from_another_process
+from tests.backends.test_sqlite_backend import greeter, greeting_from_another_process
 from tests.postgres import SERVER_URL, postgres_url, require_server, terminate_connections
 
 
@@ -188,6 +188,27 @@ async def test_commits_stop_announcing_themselves_once_the_last_other_listener_h
     finally:
         await first.close()
         await second.close()
+
+
+async def test_announcements_carry_on_once_every_connection_was_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nobody polls or looks for listeners after starting: once their connections are cut (as
+    # by a database restart), the other object's creation runs again on a new connection,
+    # both objects listen again, and the creation's announcement still wakes the worker.
+    monkeypatch.setattr(PostgresBackend, "poll_interval", 3600)
+    monkeypatch.setattr(PostgresBackend, "listeners_interval", 3600)
+    url = postgres_url()
+    workers, other = PostgresBackend(url), PostgresBackend(url)
+    try:
+        async with dtfx.Worker(workers, app=greeter()):
+            await other.start()
+            assert await asyncio.to_thread(terminate_connections, workers.schema) >= 4  # two listeners, two pools
+            await asyncio.sleep(2)  # both listen again, and the worker has looked for what it missed
+            instance_id = await dtfx.AsyncClient(other).schedule_new_orchestration("greet", input="Ada")
+            state = await dtfx.AsyncClient(workers).wait_for_orchestration_completion(instance_id, timeout=10)
+        assert state is not None and state.get_output() == "Hello, Ada!"
+    finally:
+        await other.close()
+        await workers.close()
 
 
 async def test_a_new_listener_looks_for_work_that_was_not_announced_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -476,6 +497,31 @@ async def test_a_chain_commits_its_steps_on_its_activity_thread_through_a_pool_o
     assert state is not None and state.get_output() == 64
     assert len(threads) >= 5 and all(name.startswith("dtfx-activity") for name in threads), threads
     assert pool is not None and pool.closed and backend._blocking_pool is None
+
+
+async def test_connections_the_server_closed_while_idle_are_replaced_without_a_doubt_about_commits(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # After a restart every pooled connection is closed: a transaction that found one so
+    # had sent nothing, and runs again on a new one, rather than failing as if its commit
+    # might have gone through.
+    backend = PostgresBackend(postgres_url())
+    try:
+        await backend.create_instance(start_event("a"))
+        [item] = await backend.lock_orchestration_work_items(1, LEASE)
+        commit = backend.complete_orchestration_work_items_blocking
+        assert await asyncio.to_thread(commit, [checkpoint_for(item, keep_lease_for=LEASE)]) == [
+            CommitResult.LEASE_KEPT
+        ]
+        caplog.set_level(logging.WARNING)
+        assert await asyncio.to_thread(terminate_connections, backend.schema) >= 2
+        await asyncio.sleep(0.2)  # the server's farewells have arrived
+        await backend.create_instance(start_event("b"))  # on the loop's pool
+        assert await asyncio.to_thread(commit, [checkpoint_for(item)]) == [CommitResult.COMMITTED]  # on the sync pool
+        assert any("retrying" in record.getMessage() for record in caplog.records)
+        assert await backend.get_instance("b") is not None
+    finally:
+        await backend.close()
 
 
 async def test_a_blocking_commit_rides_out_a_lost_connection_and_refuses_once_the_backend_is_closed(

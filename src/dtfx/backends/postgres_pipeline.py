@@ -23,6 +23,11 @@ ends rolled back (or committed, if its commit had gone out) within :data:`_STOP_
 its connection goes back to the pool clean. Anything else that interrupts a pipeline (a
 lost connection, an error in the program, a stop that takes longer) closes the
 connection: the server rolls back whatever was sent, and the pool replaces it.
+
+A pipeline first makes sure that the server has not closed its connection while it was
+idle in the pool (a restart, a terminated session): such a connection fails before
+anything is sent, so that the transaction can run again on another one, where one found
+closed during the commit would leave its outcome unknown.
 """
 
 from __future__ import annotations
@@ -91,6 +96,19 @@ class _ConnectionState:
     def __init__(self, connection: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> None:
         self.transformer = Transformer(connection)
         self.prepared: dict[str, bytes] = {}
+        self.readable = select.poll()
+        self.readable.register(connection.pgconn.socket, select.POLLIN)
+
+    def ensure_open(self, pgconn: pq.abc.PGconn) -> None:
+        """Raise :class:`psycopg.OperationalError` if the server has closed this idle
+        connection. An idle connection has nothing to read: one that is readable holds the
+        server's farewell (which libpq takes in silently) and then the connection's end, which
+        fails the second read. Anything else it may hold (a notice, a setting's new value)
+        is read, and the connection is used."""
+        for _ in range(3):
+            if not self.readable.poll(0):
+                return
+            pgconn.consume_input()
 
 
 _states: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any] | psycopg.Connection[Any], _ConnectionState] = (
@@ -226,6 +244,7 @@ class Pipeline:
 
     def _run_steps(self, stepper: Stepper[T]) -> _Waits[T]:
         pgconn = self._pgconn
+        self._state.ensure_open(pgconn)
         pgconn.enter_pipeline_mode()
         if self._transaction:
             self._send("BEGIN", ())
