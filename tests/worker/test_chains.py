@@ -9,10 +9,12 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 import dtfx
 from dtfx import OrchestrationStatus as Status
 from dtfx.backends.memory import MemoryBackend
-from dtfx.core.errors import BackendError
+from dtfx.core.errors import BackendError, BackendUnavailableError
 from dtfx.core.history import TaskCompleted
 from dtfx.core.workitems import CommitResult, OrchestrationCheckpoint
 
@@ -29,6 +31,9 @@ class ChainBackend(MemoryBackend):
         """Which blocking commit finds its lease taken (counted from 1)."""
         self.fail_commit: int | None = None
         """Which blocking commit fails, as when the database goes away for a moment."""
+        self.fail_after_commit: int | None = None
+        """Which blocking commit goes through but fails, as when the connection drops while the
+        database confirms it."""
 
     def _count(self, name: str) -> int:
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -48,7 +53,10 @@ class ChainBackend(MemoryBackend):
         if number == self.lose_commit:  # the lease expired and another worker took the instance and let it go
             instance = self._instances[checkpoints[0].instance_id]
             instance.lock_token = instance.locked_until = None
-        return super().complete_orchestration_work_items_blocking(checkpoints)
+        results = super().complete_orchestration_work_items_blocking(checkpoints)
+        if number == self.fail_after_commit:
+            raise BackendUnavailableError("the connection dropped during the commit")
+        return results
 
     async def lock_orchestration_work_items(self, *args: Any, **kwargs: Any) -> Any:
         items = await super().lock_orchestration_work_items(*args, **kwargs)
@@ -230,11 +238,52 @@ async def test_a_failed_commit_on_the_thread_gives_back_the_activity_slot() -> N
     runs: list[int] = []
     # One activity slot: had the failed commit kept it, no activity could run again.
     concurrency = dtfx.ConcurrencyOptions(maximum_concurrent_activity_work_items=1)
-    options = dtfx.WorkerOptions(lease_duration=timedelta(milliseconds=300))
-    state = await run_chain(backend, chain_app(runs), 5, concurrency=concurrency, options=options)
+    state = await run_chain(backend, chain_app(runs), 5, concurrency=concurrency)
     assert state.get_output() == 5
-    # The step whose result the failed commit held ran again once its task's lease expired.
-    assert runs == [0, 1, 1, 2, 3, 4]
+    assert runs == list(range(5))
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["not committed", "committed"])
+async def test_a_chain_step_whose_commit_is_in_doubt_goes_on_at_once_and_runs_nothing_again(committed: bool) -> None:
+    # The work item's release settles the step either way: the result it held goes to the
+    # inbox (not committed), or the task it queued is given back (committed). Nothing waits
+    # for a lease to expire (they last an hour here), and no activity runs twice.
+    backend = ChainBackend()
+    if committed:
+        backend.fail_after_commit = 3
+    else:
+        backend.fail_commit = 3
+    runs: list[int] = []
+    state = await run_chain(backend, chain_app(runs), 6, options=dtfx.WorkerOptions(lease_duration=timedelta(hours=1)))
+    assert state.get_output() == 6
+    assert runs == list(range(6))
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["not committed", "committed"])
+@pytest.mark.parametrize("failing", [1, 3], ids=["the first commit", "a later one"])
+async def test_an_eager_step_on_the_loop_whose_commit_is_in_doubt_goes_on_at_once_too(
+    failing: int, committed: bool
+) -> None:
+    class LoopInDoubt(ChainBackend):
+        blocking_commits = False
+
+        async def complete_orchestration_work_items(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> Any:
+            number = self.calls.get("loop commits", 0) + 1
+            if number == failing and not committed:
+                self._count("loop commits")
+                raise BackendUnavailableError("the database went away for a moment")
+            results = await super().complete_orchestration_work_items(checkpoints)
+            if number == failing:
+                raise BackendUnavailableError("the connection dropped during the commit")
+            return results
+
+    runs: list[int] = []
+    options = dtfx.WorkerOptions(lease_duration=timedelta(hours=1))
+    state = await run_chain(LoopInDoubt(), chain_app(runs), 6, options=options)
+    assert state.get_output() == 6
+    # The first activity runs ahead of the commit that schedules it: had that commit not
+    # gone through, the activity was never scheduled, and it runs again (at least once).
+    assert runs == ([0] if failing == 1 and not committed else []) + list(range(6))
 
 
 async def test_other_activity_work_sends_a_chain_back_to_the_loop() -> None:

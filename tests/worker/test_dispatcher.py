@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from dtfx.core.errors import BackendUnavailableError
 from dtfx.worker.dispatcher import Backoff, WorkItemDispatcher
 
 
@@ -121,6 +122,54 @@ async def test_a_failed_work_item_is_released_and_the_dispatcher_carries_on() ->
     await dispatcher.stop(1)
     assert recorder.released == [2]
     assert sorted(recorder.processed) == [0, 1, 3, 4, 5]
+
+
+def _releases_refused(recorder: Recorder, refusals: int, error: Exception) -> list[int]:
+    """Make the recorder's first ``refusals`` releases fail with ``error``; the list of attempts."""
+    attempts: list[int] = []
+    release = recorder.release
+
+    async def refusing_release(item: int) -> None:
+        attempts.append(item)
+        if len(attempts) <= refusals:
+            raise error
+        await release(item)
+
+    recorder.release = refusing_release  # type: ignore[method-assign]
+    return attempts
+
+
+async def _store_lost_during_commit(item: int) -> None:
+    raise BackendUnavailableError("PostgreSQL connection failed: server closed the connection unexpectedly")
+
+
+async def test_a_failed_work_item_is_released_once_the_store_can_be_reached_again() -> None:
+    # A database restart fails the work item's commit and its release alike: the release is
+    # tried again, so that the item need not wait for its lease to expire.
+    recorder = Recorder(1, work=_store_lost_during_commit)
+    attempts = _releases_refused(recorder, 3, BackendUnavailableError("the database system is starting up"))
+    dispatcher = recorder.dispatcher()
+    dispatcher.start()
+    await until(lambda: recorder.released == [0])
+    await dispatcher.stop(1)
+    assert attempts == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("error", [BackendUnavailableError("away"), RuntimeError("a bug")], ids=["patience", "bug"])
+async def test_a_release_is_tried_again_no_longer_than_its_patience_and_only_while_the_store_is_away(
+    error: Exception,
+) -> None:
+    recorder = Recorder(2, work=_store_lost_during_commit)
+    attempts = _releases_refused(recorder, 1000, error)
+    dispatcher = recorder.dispatcher(max_concurrent=1, release_patience=0.1)
+    dispatcher.start()
+    await until(lambda: len(set(attempts)) == 2)  # the dispatcher went on to the next item
+    await dispatcher.stop(1)
+    if isinstance(error, BackendUnavailableError):
+        assert 2 < attempts.count(0) < 20
+    else:
+        assert attempts == [0, 1]
+    assert recorder.released == []
 
 
 async def test_items_fetched_during_shutdown_are_released() -> None:

@@ -5,7 +5,10 @@ concurrency slot, fetches as many work items as there are free slots (one backen
 call), and starts one task per item. When a fetch finds fewer items than it asked
 for, the queue is drained, and the loop waits for a wake-up (``before_fetch``
 resets the wake-up flag, so that nothing that arrives during the fetch is missed).
-Fetch errors and processing errors back off exponentially. A work item fetched
+Fetch errors and processing errors back off exponentially. A work item whose processing
+failed is released, and while the store cannot be reached (a database restart) the
+release is tried again with back-off, so that the item is taken up again once the store
+is back rather than when its lease expires. A work item fetched
 after :meth:`stop` began is released at once; on stop, in-flight items get a grace
 period to finish, and the ones still running are cancelled and released. Slots reserved
 for work from outside the fetch loop (:meth:`reserve_slot`) are waited for too, within the
@@ -21,6 +24,8 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from dtfx.core.errors import BackendUnavailableError
 
 T = TypeVar("T")
 
@@ -69,6 +74,7 @@ class WorkItemDispatcher(Generic[T]):
         max_batch: int = 100,
         backoff_initial: float = 0.1,
         backoff_max: float = 10.0,
+        release_patience: float = 60.0,
     ) -> None:
         self.name = name
         self._fetch = fetch
@@ -82,6 +88,10 @@ class WorkItemDispatcher(Generic[T]):
         self._max_batch = max_batch
         self._fetch_backoff = Backoff(backoff_initial, backoff_max)
         self._process_backoff = Backoff(backoff_initial, backoff_max)
+        self._release_backoff = (backoff_initial, backoff_max)
+        self._release_patience = release_patience
+        """Seconds a failed work item's release is tried again while the store is unavailable:
+        about a lease (a minute by default), after which the item is taken up again anyway."""
         self._delay = 0.0
         self._running = False
         self._in_flight: dict[asyncio.Task[None], T] = {}
@@ -221,10 +231,33 @@ class WorkItemDispatcher(Generic[T]):
             delay = self._process_backoff.failed()
             self._delay = max(self._delay, delay)
             logger.exception("%s: processing %s failed; backing off %.1fs", self.name, self._describe(item), delay)
-            await self._safe_release(item)
+            await self._release_once_possible(item)
         finally:
             self._in_flight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             self._slot_freed.set()
+
+    async def _release_once_possible(self, item: T) -> None:
+        """Release ``item``, trying again while the store is unavailable, for as long as the
+        dispatcher runs and :attr:`_release_patience` allows."""
+        backoff = Backoff(*self._release_backoff)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._release_patience
+        while True:
+            try:
+                await self._release(item)
+                return
+            except BackendUnavailableError as error:
+                if not self._running or loop.time() >= deadline:
+                    logger.warning("%s: releasing %s failed (%s)", self.name, self._describe(item), error)
+                    return
+                delay = backoff.failed()
+                logger.warning(
+                    "%s: releasing %s failed (%s); retrying in %.1fs", self.name, self._describe(item), error, delay
+                )
+                await self._sleep(delay)
+            except Exception:
+                logger.warning("%s: releasing %s failed", self.name, self._describe(item), exc_info=True)
+                return
 
     async def _safe_release(self, item: T) -> None:
         try:

@@ -6,7 +6,10 @@ task already leased to this worker and keeps the orchestration's lease (Temporal
 calls the idea eager activity dispatch). The activity then runs here without a trip
 through the queue, and its result, the next episode and the next eager task go into
 one transaction. Every step is still committed before the next one starts, and a
-crash is recovered like any other: the leases expire and the queues take over.
+crash is recovered like any other: the leases expire and the queues take over. A step
+whose commit fails with its outcome unknown (the store went away) is settled when the
+worker gives its work item back (:meth:`OrchestrationProcessor.release
+<dtfx.worker.orchestrations.OrchestrationProcessor.release>`), without waiting for leases.
 
 An orchestration that waits for anything else as well (a timer, an external event,
 another task) is left to the queues: whichever answer arrives first must win, and a

@@ -183,6 +183,9 @@ class OrchestrationProcessor:
         self.eager = eager
         self._chain_runner = runner if isinstance(runner, LocalRunner) and backend.blocking_commits else None
         """The runner of the episodes of chains on activity threads (``None``: no such chains)."""
+        self._in_doubt: dict[str, _InDoubt] = {}
+        """By instance, the eager step whose commit failed with its outcome unknown (the store
+        became unreachable, say), for the work item's release to settle (:meth:`release`)."""
 
     async def process(self, item: OrchestrationWorkItem) -> None:
         """Run one episode of the work item's instance and commit it."""
@@ -320,6 +323,10 @@ class OrchestrationProcessor:
         except BaseException:
             if eager is not None:
                 lane.drop(eager)
+            if eager is not None and ran is not None:  # its activity ran ahead of this commit, which queues it
+                self._doubt(item, (eager, ran), None)
+            else:
+                self._doubt(item, recorded, eager)
             raise
         self._runner.finished(item, checkpoint, result is not CommitResult.LOST)
         return await self._lease_kept(lane, item, result, eager, ran, recorded)
@@ -457,7 +464,11 @@ class OrchestrationProcessor:
                 return None
             if recorded is not None:
                 checkpoint.finished_tasks.append(eager.lock_token)
-            result = self._backend.complete_orchestration_work_items_blocking([checkpoint])[0]
+            try:
+                result = self._backend.complete_orchestration_work_items_blocking([checkpoint])[0]
+            except BaseException:
+                self._doubt(item, recorded, claimed)
+                raise
             _log_lost(item, result)
             runner.finished(item, checkpoint, result is not CommitResult.LOST)
             if result is not CommitResult.LEASE_KEPT:
@@ -506,14 +517,44 @@ class OrchestrationProcessor:
         return _continued(item, uncommitted)
 
     async def release(self, item: OrchestrationWorkItem) -> None:
-        """Give the work item back after a failure or at shutdown."""
+        """Give the work item back after a failure or at shutdown.
+
+        After an eager step whose commit may or may not have gone through, the step's eager
+        tasks would otherwise wait for their leases to expire: the result it recorded is
+        delivered (if the step was not committed, its activity's task is still leased to
+        this worker and the result goes to the inbox; if it was, that lease is gone and the
+        delivery changes nothing), and the task it queued is given back (which changes
+        nothing unless the step was committed). All of it is safe to try again.
+        """
         self._runner.finished(item, None, False)
+        in_doubt = self._in_doubt.get(item.instance_id)
+        if in_doubt is not None:
+            recorded, queued = in_doubt
+            if recorded is not None and self.eager is not None:
+                await self.eager.deliver(*recorded)
+            if queued is not None:
+                await self._backend.abandon_activity_work_item(queued)
+            del self._in_doubt[item.instance_id]
         await self._backend.abandon_orchestration_work_item(item)
+
+    def _doubt(
+        self,
+        item: OrchestrationWorkItem,
+        recorded: tuple[ActivityWorkItem, TaskCompleted | TaskFailed] | None,
+        queued: ActivityWorkItem | None,
+    ) -> None:
+        """An eager step's commit failed: note what :meth:`release` is to settle."""
+        if recorded is not None or queued is not None:
+            self._in_doubt[item.instance_id] = (recorded, queued)
 
     async def _commit(self, item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint) -> CommitResult:
         result = await self._committer.commit(checkpoint)
         _log_lost(item, result)
         return result
+
+
+_InDoubt = tuple[tuple[ActivityWorkItem, TaskCompleted | TaskFailed] | None, ActivityWorkItem | None]
+"""An eager step whose commit's outcome is unknown: the eager result it recorded, the eager task it queued."""
 
 
 def _episode_of(result: TaskCompleted | TaskFailed) -> tuple[datetime, list[HistoryEvent]]:
