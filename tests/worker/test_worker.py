@@ -12,6 +12,7 @@ import pytest
 import dtfx
 from dtfx.backends.base import Backend
 from dtfx.backends.memory import MemoryBackend
+from dtfx.core.errors import BackendUnavailableError
 from dtfx.core.workitems import OrchestrationWorkItem
 
 
@@ -89,6 +90,45 @@ async def test_worker_backs_off_after_fetch_errors_and_carries_on() -> None:
         state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
     assert state is not None and state.get_output() == "ok"
     assert backend.failures == 0
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["not committed", "committed"])
+async def test_an_activity_result_whose_commit_is_in_doubt_is_committed_again_and_the_activity_not_run_again(
+    committed: bool,
+) -> None:
+    class InDoubt(MemoryBackend):
+        """The first activity completion fails as if the connection dropped around its commit."""
+
+        failed = False
+
+        async def complete_activity_work_items(self, results: Any) -> list[bool]:
+            if self.failed:
+                return await super().complete_activity_work_items(results)
+            self.failed = True
+            if committed:
+                await super().complete_activity_work_items(results)
+            raise BackendUnavailableError("the connection dropped during the commit")
+
+    app = dtfx.App()
+    runs: list[int] = []
+
+    @app.activity
+    def square(ctx: dtfx.ActivityContext, n: int) -> int:
+        runs.append(n)
+        return n * n
+
+    @app.orchestrator
+    def squares(ctx: dtfx.OrchestrationContext, count: int) -> Any:  # in parallel: no eager activities
+        return (yield dtfx.when_all([ctx.call_activity(square, input=n) for n in range(count)]))
+
+    backend = InDoubt()
+    client = dtfx.AsyncClient(backend)
+    options = dtfx.WorkerOptions(lease_duration=timedelta(hours=1))  # no lease expires here
+    async with dtfx.Worker(backend, app=app, options=options):
+        instance_id = await client.schedule_new_orchestration(squares, input=3)
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == [0, 1, 4]
+    assert sorted(runs) == [0, 1, 2]
 
 
 async def test_worker_locks_no_more_than_its_fetch_batch_size_at_once(

@@ -54,6 +54,9 @@ class ActivityProcessor:
         self._runner = runner
         self._committer = committer
         self._lease_duration = lease_duration
+        self._in_doubt: dict[str, ActivityResult] = {}
+        """By lock token, the results whose commit failed with its outcome unknown (the store
+        became unreachable, say), for the work item's release to commit (:meth:`release`)."""
 
     async def process(
         self, item: ActivityWorkItem, running: Awaitable[TaskCompleted | TaskFailed | Abandon] | None = None
@@ -70,7 +73,12 @@ class ActivityProcessor:
         if isinstance(outcome, Abandon):
             await self._backend.abandon_activity_work_item(item, retry_at=outcome.retry_at)
             return
-        await self.deliver(ActivityResult(item, outcome))
+        result = ActivityResult(item, outcome)
+        try:
+            await self.deliver(result)
+        except BaseException:
+            self._in_doubt[item.lock_token] = result
+            raise
 
     async def deliver(self, result: ActivityResult) -> None:
         """Commit an activity's result: the task goes, the result joins its orchestration's inbox."""
@@ -84,8 +92,19 @@ class ActivityProcessor:
             )
 
     async def release(self, item: ActivityWorkItem) -> None:
-        """Give the task back after a failure or at shutdown."""
-        await self._backend.abandon_activity_work_item(item)
+        """Give the task back after a failure or at shutdown.
+
+        If the activity ran and the commit of its result failed with its outcome unknown, the
+        result is committed again instead, and the activity does not run again: had the
+        first commit gone through, the task's lease is gone and this one changes nothing.
+        Safe to try again.
+        """
+        result = self._in_doubt.get(item.lock_token)
+        if result is None:
+            await self._backend.abandon_activity_work_item(item)
+            return
+        await self._committer.commit(result)
+        del self._in_doubt[item.lock_token]
 
 
 class LocalActivityRunner:
