@@ -155,6 +155,32 @@ async def test_a_failed_work_item_is_released_once_the_store_can_be_reached_agai
     assert attempts == [0, 0, 0, 0]
 
 
+async def test_work_items_failed_by_the_store_being_away_do_not_hold_back_the_next_fetch() -> None:
+    # Failures of the store, which its fetches and releases wait out, are not the items':
+    # a restart that fails many items at once does not add up to a long back-off.
+    failed: set[int] = set()
+
+    async def work(item: int) -> None:
+        if item not in failed:
+            failed.add(item)
+            await _store_lost_during_commit(item)
+
+    recorder = Recorder(6, work=work)
+    fetch = recorder.fetch
+
+    async def fetch_again(count: int) -> list[int]:  # a released item is queued again
+        recorder.pending.extend(item for item in recorder.released if item not in recorder.pending)
+        recorder.released.clear()
+        return await fetch(count)
+
+    recorder.fetch = fetch_again  # type: ignore[method-assign]
+    dispatcher = recorder.dispatcher(backoff_initial=30.0, backoff_max=30.0)
+    dispatcher.start()
+    await until(lambda: len(recorder.processed) == 6)
+    await dispatcher.stop(1)
+    assert sorted(recorder.processed) == list(range(6))
+
+
 @pytest.mark.parametrize("error", [BackendUnavailableError("away"), RuntimeError("a bug")], ids=["patience", "bug"])
 async def test_a_release_is_tried_again_no_longer_than_its_patience_and_only_while_the_store_is_away(
     error: Exception,

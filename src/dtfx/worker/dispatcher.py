@@ -5,10 +5,11 @@ concurrency slot, fetches as many work items as there are free slots (one backen
 call), and starts one task per item. When a fetch finds fewer items than it asked
 for, the queue is drained, and the loop waits for a wake-up (``before_fetch``
 resets the wake-up flag, so that nothing that arrives during the fetch is missed).
-Fetch errors and processing errors back off exponentially. A work item whose processing
-failed is released, and while the store cannot be reached (a database restart) the
-release is tried again with back-off, so that the item is taken up again once the store
-is back rather than when its lease expires. A work item fetched
+Fetch errors and processing errors back off exponentially, but for processing that failed
+because the store could not be reached. A work item whose processing failed is released,
+and while the store cannot be reached (a database restart) the release is tried again
+with back-off, so that the item is taken up again once the store is back rather than
+when its lease expires. A work item fetched
 after :meth:`stop` began is released at once; on stop, in-flight items get a grace
 period to finish, and the ones still running are cancelled and released. Slots reserved
 for work from outside the fetch loop (:meth:`reserve_slot`) are waited for too, within the
@@ -227,6 +228,11 @@ class WorkItemDispatcher(Generic[T]):
         except asyncio.CancelledError:
             await self._safe_release(item)
             raise
+        except BackendUnavailableError as error:
+            # The store failed, not the item: the release waits until the store answers again,
+            # and fetches back off while it does not.
+            logger.warning("%s: processing %s failed (%s)", self.name, self._describe(item), error)
+            await self._release_once_possible(item)
         except Exception:
             delay = self._process_backoff.failed()
             self._delay = max(self._delay, delay)
