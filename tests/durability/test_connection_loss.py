@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -45,3 +48,46 @@ async def test_workers_retry_and_carry_on_when_connections_are_killed(caplog: py
         assert sum(isinstance(event, ExecutionCompleted) for event in history) == 1
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     assert any("PostgreSQL" in message for message in warnings), warnings
+
+
+async def test_work_in_flight_when_connections_are_killed_goes_on_without_waiting_for_its_leases() -> None:
+    # The leases last an hour: only the worker giving its work back (with the results of
+    # the activities it ran, committed again) carries the orchestrations on within the test.
+    # That no activity runs twice for it is checked where the faults can be placed exactly
+    # (tests/worker): here a kill may also fail a commit that an activity ran ahead of, and
+    # that activity runs again.
+    url = postgres_url()
+    _, schema, _ = parse_postgres_url(url)
+    runs: collections.Counter[tuple[str, int]] = collections.Counter()
+    counting = dtfx.App()
+
+    @counting.activity
+    def step(ctx: dtfx.ActivityContext, value: int) -> int:
+        runs[ctx.orchestration_id, ctx.task_id] += 1
+        return value + 1
+
+    @counting.orchestrator
+    def chain(ctx: dtfx.OrchestrationContext, length: int) -> Any:
+        value = 0
+        for _ in range(length):
+            value = yield ctx.call_activity(step, input=value)
+        return value
+
+    @counting.orchestrator
+    def fan(ctx: dtfx.OrchestrationContext, count: int) -> Any:
+        return sum((yield dtfx.when_all([ctx.call_activity(step, input=n) for n in range(count)])))
+
+    async with (
+        dtfx.AsyncClient(url) as client,
+        dtfx.Worker(url, app=counting, options=dtfx.WorkerOptions(lease_duration=timedelta(hours=1))),
+    ):
+        chains = [await client.schedule_new_orchestration(chain, input=600) for _ in range(2)]
+        fans = [await client.schedule_new_orchestration(fan, input=200) for _ in range(2)]
+        await asyncio.sleep(0.3)
+        for _ in range(3):
+            assert await asyncio.to_thread(terminate_connections, schema) >= 1
+            await asyncio.sleep(0.3)
+        states = [await client.wait_for_orchestration_completion(i, timeout=60) for i in chains + fans]
+
+    assert [state.get_output() if state else None for state in states] == [600, 600, 20100, 20100]
+    assert len(runs) == 2 * 600 + 2 * 200  # every activity ran
