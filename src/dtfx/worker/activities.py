@@ -20,7 +20,7 @@ from dtfx._loops import in_context_on
 from dtfx._tracing import activity_span
 from dtfx.backends.base import Backend, utc_now
 from dtfx.core.activity import ActivityContext
-from dtfx.core.errors import NotRegisteredError
+from dtfx.core.errors import BackendUnavailableError, NotRegisteredError
 from dtfx.core.history import FailureDetails, TaskCompleted, TaskFailed
 from dtfx.core.serialization import DataConverter, input_type_of
 from dtfx.core.workitems import ActivityResult, ActivityWorkItem
@@ -76,7 +76,7 @@ class ActivityProcessor:
         result = ActivityResult(item, outcome)
         try:
             await self.deliver(result)
-        except BaseException:
+        except (BackendUnavailableError, asyncio.CancelledError):  # it may or may not have gone through
             self._in_doubt[item.lock_token] = result
             raise
 
