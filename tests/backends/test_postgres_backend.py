@@ -78,8 +78,14 @@ async def test_a_transaction_streams_its_statements_when_it_runs_alone(monkeypat
             super().__init__(*args, **kwargs)
             streaming.append(kwargs.get("streaming", False))
 
+    async def look_nowhere(self: PostgresBackend) -> None:
+        pass
+
     monkeypatch.setattr(postgres, "Pipeline", Spy)
-    monkeypatch.setattr(PostgresBackend, "watch_interval", 3600)  # no watch round (a transaction) meanwhile
+    # No watch round, and no look for listeners (which the listener makes once it is up): no
+    # transaction of the backend's own meanwhile.
+    monkeypatch.setattr(PostgresBackend, "watch_interval", 3600)
+    monkeypatch.setattr(PostgresBackend, "_look_for_listeners", look_nowhere)
     backend = PostgresBackend(postgres_url())
     try:
         await backend.create_instance(start_event("a"))
