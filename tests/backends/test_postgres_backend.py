@@ -11,7 +11,6 @@ import threading
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import msgspec
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
@@ -162,7 +161,7 @@ async def test_a_hello_heard_while_looking_for_listeners_outweighs_the_look(monk
     hello = postgres._Announcement("someone else", "", [], hello=True)
 
     async def nobody_but_a_hello_meanwhile(program: Any, write: bool) -> int:
-        backend._announced(msgspec.json.encode(hello).decode())
+        backend._announced(hello.payload())
         return 0
 
     monkeypatch.setattr(backend, "_transact", nobody_but_a_hello_meanwhile)

@@ -153,6 +153,10 @@ class _Announcement(msgspec.Struct, frozen=True, omit_defaults=True):
     delayed: dict[str, int] = {}
     hello: bool = False
 
+    def payload(self) -> str:
+        """The NOTIFY payload (read back by :meth:`PostgresBackend._announced`)."""
+        return msgspec.json.encode(self).decode()
+
 
 class PostgresDialect(Dialect):
     """PostgreSQL's SQL: arrays for lists, row locks, rows written many at once, and NOTIFY on ``channel``.
@@ -262,7 +266,7 @@ class PostgresDialect(Dialect):
         announcements: list[Step] = [
             Execute(
                 "SELECT pg_notify(?, ?)",
-                (self.channel, msgspec.json.encode(_Announcement(self.sender, kinds, chunk, delayed)).decode()),
+                (self.channel, _Announcement(self.sender, kinds, chunk, delayed).payload()),
             )
             for chunk in chunks
         ]
@@ -689,9 +693,7 @@ class PostgresBackend(SqlBackend):
                     )
                     self._listener_pid = connection.info.backend_pid
                     hello = _Announcement(self._sender, "", [], hello=True)
-                    await connection.execute(
-                        "SELECT pg_notify(%s, %s)", (self._channel, msgspec.json.encode(hello).decode())
-                    )
+                    await connection.execute("SELECT pg_notify(%s, %s)", (self._channel, hello.payload()))
                     # The look at start may have seen this connection's lock as another's.
                     await self._look_for_listeners()
                     if failures:
