@@ -13,6 +13,7 @@ from dtfx.core.entity_context import DurableEntity, EntityContext
 from dtfx.core.errors import (
     BackendError,
     BackendUnavailableError,
+    CommitInDoubtError,
     ConfigurationError,
     DtfxError,
     EntityOperationFailedError,
@@ -64,6 +65,7 @@ __all__ = [
     "BackendUnavailableError",
     "CleanEntityStorageResult",
     "Client",
+    "CommitInDoubtError",
     "CompletableTask",
     "ConcurrencyOptions",
     "ConfigurationError",

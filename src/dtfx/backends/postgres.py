@@ -55,7 +55,13 @@ from dtfx.backends.sql.backend import Coalesced, SqlBackend
 from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program, Step, Stepper
 from dtfx.backends.sql.rows import from_micros, to_micros
 from dtfx.backends.sql.schema import migrate
-from dtfx.core.errors import BackendError, BackendUnavailableError, ConfigurationError, UnstorableValueError
+from dtfx.core.errors import (
+    BackendError,
+    BackendUnavailableError,
+    CommitInDoubtError,
+    ConfigurationError,
+    UnstorableValueError,
+)
 
 try:
     import psycopg
@@ -121,7 +127,12 @@ class _Retries:
             return 0.0
         if isinstance(error, psycopg.OperationalError):
             self._lost += 1
-            if (pipeline is not None and pipeline.committing) or self._lost > _MAX_CONNECTION_RETRIES:
+            if pipeline is not None and pipeline.committing:
+                raise CommitInDoubtError(
+                    f"PostgreSQL: the connection failed after the commit had gone out, so the transaction may or "
+                    f"may not have committed ({str(error).strip()})"
+                ) from error
+            if self._lost > _MAX_CONNECTION_RETRIES:
                 raise BackendUnavailableError(_connection_failure(error)) from error
             delay = min(2.0, 0.05 * 2.0**self._lost)
             logger.warning("%s; retrying in %.2fs", _connection_failure(error), delay)
@@ -181,7 +192,6 @@ class PostgresDialect(Dialect):
 
     for_update = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
-    new_token = "replace(gen_random_uuid()::text, '-', '')"
     serial_key = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
     bigint = "BIGINT"
     writes_in_with = True
@@ -350,7 +360,6 @@ class PostgresBackend(SqlBackend):
         self._listeners_key = zlib.crc32(self.schema.encode()) & 0x7FFFFFFF  # this hub's listener locks
         self._hellos = 0  # hellos heard from other backend objects
         self._watcher: asyncio.Task[None] | None = None
-        self._closed = False
 
     @property
     def url(self) -> str:

@@ -81,7 +81,6 @@ class SqliteDialect(Dialect):
 
     for_update = ""
     skip_locked = ""
-    new_token = "lower(hex(randomblob(16)))"
     serial_key = "INTEGER PRIMARY KEY AUTOINCREMENT"
     bigint = "INTEGER"
 
@@ -140,7 +139,6 @@ class SqliteBackend(SqlBackend):
         self._queued = 0
         """Jobs handed to the database thread and not finished yet."""
         self._queued_lock = threading.Lock()
-        self._closed = False
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
         self._seen_version: int | None = None

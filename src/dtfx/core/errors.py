@@ -162,6 +162,11 @@ class BackendUnavailableError(BackendError):
     """The store cannot be reached, stayed busy or is closed; the same operation may succeed later."""
 
 
+class CommitInDoubtError(BackendUnavailableError):
+    """The connection dropped after the transaction's commit had gone out: it may or may not
+    have committed. Look before doing it again (an instance created, an event raised)."""
+
+
 class UnstorableValueError(BackendError, ValueError):
     """The store cannot hold a value the operation carries (PostgreSQL text cannot contain NUL, say)."""
 

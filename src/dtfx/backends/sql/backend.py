@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from abc import abstractmethod
 from collections.abc import Callable, Collection, Sequence
@@ -12,13 +13,14 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-from dtfx.backends.base import Backend, NewLease, WorkKind
+from dtfx.backends.base import Backend, NewLease, WorkKind, utc_now
 from dtfx.backends.sql import operations
 from dtfx.backends.sql.program import AssumptionFailed, Dialect, Notify, Program
 from dtfx.backends.sql.transaction import KeptRow
-from dtfx.core.errors import BackendUnavailableError
+from dtfx.core.errors import BackendUnavailableError, CommitInDoubtError
 from dtfx.core.history import ExecutionStarted, HistoryEvent
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
+from dtfx.core.tokens import new_token
 from dtfx.core.workitems import (
     ActivityResult,
     ActivityWorkItem,
@@ -28,6 +30,11 @@ from dtfx.core.workitems import (
 )
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+_GIVE_BACK_FIRST_DELAY = 0.1
+_GIVE_BACK_MAX_DELAY = 2.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,8 @@ class SqlBackend(Backend):
         self._observed: dict[str, tuple[int, int] | None] = {}
         self._kept_rows: dict[str, KeptRow] = {}
         """The rows of the instances whose lease the last commit of this object kept, as written."""
+        self._giving_back: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     @abstractmethod
     async def _run(
@@ -153,7 +162,8 @@ class SqlBackend(Backend):
         """Start the backend if it has not started yet."""
 
     async def _run_coalesced(self, kind: Coalesced, request: Any) -> Any:
-        """Queue ``request``; return its result once a program of ``kind`` has run it."""
+        """Queue ``request``; return its result once a program of ``kind`` has run it (or raise
+        the exception its program gave as its result)."""
         await self._ensure_started()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         with self._queue_lock:
@@ -243,9 +253,13 @@ class SqlBackend(Backend):
         reuse_policy: OrchestrationIdReusePolicy | None,
         lease: NewLease | None,
     ) -> OrchestrationWorkItem | None:
-        outcome = await self._run_coalesced(CREATE_INSTANCES, (start, scheduled_start_at, reuse_policy, lease))
-        if isinstance(outcome, Exception):
-            raise outcome
+        try:
+            outcome = await self._run_coalesced(CREATE_INSTANCES, (start, scheduled_start_at, reuse_policy, lease))
+        except CommitInDoubtError:
+            if lease is not None:
+                give_back = partial(operations.give_back_instance_leases, self._dialect, lease.lock_token, False)
+                self._give_back_once_possible(give_back, lease.locked_until)
+            raise
         if outcome is None:
             return None
         assert isinstance(outcome, operations.LeasedCreation)
@@ -253,9 +267,7 @@ class SqlBackend(Backend):
         return outcome.item
 
     async def send_event(self, instance_id: str, event: HistoryEvent, *, visible_at: datetime | None = None) -> None:
-        error = await self._run_coalesced(SEND_EVENTS, (instance_id, event, visible_at))
-        if error is not None:
-            raise error
+        await self._run_coalesced(SEND_EVENTS, (instance_id, event, visible_at))  # raises the request's error
 
     async def get_instance(self, instance_id: str, *, fetch_payloads: bool = True) -> OrchestrationState | None:
         state: OrchestrationState | None = await self._run_coalesced(GET_INSTANCES, (instance_id, fetch_payloads))
@@ -288,16 +300,18 @@ class SqlBackend(Backend):
     ) -> list[OrchestrationWorkItem]:
         if max_count < 1 or (names is not None and not names):
             return []
+        lease = NewLease(new_token(), utc_now() + lock_for)
         program = partial(
             operations.lock_orchestration_work_items,
             self._dialect,
             max_count,
-            lock_for,
+            lease,
             entities,
             names,
             self.max_messages_per_work_item,
         )
-        items = await self._run(program, write=True, durable=False)
+        give_back = partial(operations.give_back_instance_leases, self._dialect, lease.lock_token, entities)
+        items = await self._lease(program, give_back, lease)
         empty = [item for item in items if not item.messages]
         if empty:  # never hand out an empty work item
             await self._run(partial(operations.release_empty_work_items, empty), write=True, durable=False)
@@ -390,8 +404,10 @@ class SqlBackend(Backend):
     ) -> list[ActivityWorkItem]:
         if max_count < 1 or (names is not None and not names):
             return []
-        program = partial(operations.lock_activity_work_items, self._dialect, max_count, lock_for, names)
-        return await self._run(program, write=True, durable=False)
+        lease = NewLease(new_token(), utc_now() + lock_for)
+        program = partial(operations.lock_activity_work_items, self._dialect, max_count, lease, names)
+        give_back = partial(operations.give_back_task_leases, self._dialect, lease.lock_token)
+        return await self._lease(program, give_back, lease)
 
     async def complete_activity_work_items(self, results: Sequence[ActivityResult]) -> list[bool]:
         if not results:
@@ -403,6 +419,46 @@ class SqlBackend(Backend):
 
     async def renew_activity_lease(self, item: ActivityWorkItem, lock_for: timedelta) -> bool:
         return await self._renew(item, partial(operations.renew_activity_lease, item, lock_for))
+
+    # A transaction that takes leases (a lock of work items, a creation leased to this process's
+    # worker) may fail with its commit in doubt. Had it committed, its leases would hold their
+    # work back until they expire (a minute by default), since nobody got the work items: their
+    # tokens are made here, so the leases are given back by token once the store answers.
+
+    async def _lease(
+        self, program: Callable[[], Program[T]], give_back: Callable[[], Program[None]], lease: NewLease
+    ) -> T:
+        """Run ``program``, which takes leases (``lease``'s) and commits without waiting for the
+        disk; if its outcome is lost, run ``give_back`` once possible."""
+        try:
+            return await self._run(program, write=True, durable=False)
+        except CommitInDoubtError:
+            self._give_back_once_possible(give_back, lease.locked_until)
+            raise
+
+    def _give_back_once_possible(self, give_back: Callable[[], Program[None]], until: datetime) -> None:
+        """Run ``give_back`` in the background: tried again while the store is unavailable, until
+        the leases it gives back would have ended anyway (``until``) or this object closes."""
+        task = asyncio.get_running_loop().create_task(self._give_back(give_back, until))
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
+
+    async def _give_back(self, give_back: Callable[[], Program[None]], until: datetime) -> None:
+        delay = _GIVE_BACK_FIRST_DELAY  # the server may still be finishing the commit in doubt
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._run(give_back, write=True)
+                return
+            except BackendUnavailableError as error:
+                if self._closed or utc_now() + timedelta(seconds=delay) >= until:
+                    logger.warning("Leases taken in a transaction whose commit is in doubt stay (%s)", error)
+                    return
+                delay = min(2 * delay, _GIVE_BACK_MAX_DELAY)
+                logger.warning("Giving back leases taken in a transaction whose commit is in doubt failed (%s)", error)
+            except Exception:
+                logger.exception("Giving back leases taken in a transaction whose commit is in doubt failed")
+                return
 
     async def _renew(
         self, item: OrchestrationWorkItem | ActivityWorkItem, program: Callable[[], Program[datetime | None]]

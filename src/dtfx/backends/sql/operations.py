@@ -222,23 +222,25 @@ _LOCKED_COLUMNS = f"{state_columns(payloads=True)}, lock_token, history_size"
 def lock_orchestration_work_items(
     dialect: Dialect,
     max_count: int,
-    lock_for: timedelta,
+    lease: NewLease,
     entities: bool,
     names: Collection[str] | None,
     max_messages: int,
 ) -> Program[list[OrchestrationWorkItem]]:
+    """Lease up to ``max_count`` instances with visible messages, each with ``lease`` (its
+    token names the lease of this transaction: see :func:`give_back_instance_leases`)."""
     now = utc_now()
-    until = now + lock_for
+    until = lease.locked_until
     now_micros = to_micros(now)
     params: list[Any] = [int(entities), now_micros, now_micros]
     name_filter = _name_filter(dialect, names, params)
-    params += [max_count, to_micros(until)]
+    params += [max_count, lease.lock_token, to_micros(until)]
     # Instances with a visible message and no live lease, most overdue first.
     rows = yield Fetch(
         "WITH picked AS MATERIALIZED (SELECT instance_id FROM instances"
         " WHERE is_entity = ? AND next_visible_at <= ? AND (locked_until IS NULL OR locked_until <= ?)"
         f"{name_filter} ORDER BY next_visible_at LIMIT ?{dialect.skip_locked})"
-        f" UPDATE instances SET lock_token = {dialect.new_token}, locked_until = ?"
+        " UPDATE instances SET lock_token = ?, locked_until = ?"
         f" WHERE {dialect.in_select('instance_id', 'SELECT instance_id FROM picked')} RETURNING {_LOCKED_COLUMNS}",
         params,
     )
@@ -321,6 +323,19 @@ def abandon_orchestration_work_item(
     yield from dialect.notify(Notify(frozenset([kind]), delayed=delayed))
 
 
+def give_back_instance_leases(dialect: Dialect, lock_token: str, entities: bool) -> Program[None]:
+    """Give back the leases that a lock of instances (or of entities) took under ``lock_token``,
+    or the creation of an instance leased with it, if it committed: its caller never learned
+    whether it had (:meth:`~dtfx.backends.sql.backend.SqlBackend._give_back_once_possible`).
+    A leased instance has a message, so only those are looked at (an index holds them)."""
+    yield Execute(
+        "UPDATE instances SET lock_token = NULL, locked_until = NULL"
+        " WHERE is_entity = ? AND next_visible_at IS NOT NULL AND lock_token = ?",
+        (int(entities), lock_token),
+    )
+    yield from dialect.notify(Notify(frozenset([WorkKind.ENTITY if entities else WorkKind.ORCHESTRATION])))
+
+
 def renew_orchestration_lease(item: OrchestrationWorkItem, lock_for: timedelta) -> Program[datetime | None]:
     """The lease's new expiry, or ``None`` if it was lost."""
     sql = "UPDATE instances SET locked_until = ? WHERE instance_id = ? AND lock_token = ? RETURNING instance_id"
@@ -338,18 +353,21 @@ def _extend_lease(sql: str, lease: tuple[Any, ...], lock_for: timedelta) -> Prog
 
 
 def lock_activity_work_items(
-    dialect: Dialect, max_count: int, lock_for: timedelta, names: Collection[str] | None
+    dialect: Dialect, max_count: int, lease: NewLease, names: Collection[str] | None
 ) -> Program[list[ActivityWorkItem]]:
+    """Lease up to ``max_count`` visible activity tasks until ``lease.locked_until``, each under
+    a token of its own: ``lease.lock_token``, a colon and the task's id (see
+    :func:`give_back_task_leases`)."""
     now = utc_now()
-    until = now + lock_for
+    until = lease.locked_until
     params: list[Any] = [to_micros(now)]
     name_filter = _name_filter(dialect, names, params)
-    params += [max_count, to_micros(until)]
+    params += [max_count, f"{lease.lock_token}:", to_micros(until)]
     # A leased task's visible_at is its lease's expiry (see the schema).
     rows = yield Fetch(
         f"WITH picked AS MATERIALIZED (SELECT id FROM tasks WHERE visible_at <= ?{name_filter}"
         f" ORDER BY visible_at, id LIMIT ?{dialect.skip_locked})"
-        f" UPDATE tasks SET lock_token = {dialect.new_token}, visible_at = ?, dequeue_count = dequeue_count + 1"
+        " UPDATE tasks SET lock_token = ? || CAST(id AS TEXT), visible_at = ?, dequeue_count = dequeue_count + 1"
         f" WHERE {dialect.in_select('id', 'SELECT id FROM picked')}"
         " RETURNING id, lock_token, instance_id, execution_id, event, dequeue_count",
         params,
@@ -398,6 +416,20 @@ def abandon_activity_work_item(dialect: Dialect, item: ActivityWorkItem, retry_a
     )
     delayed = [(WorkKind.ACTIVITY, visible_at)] if retry_at is not None else []
     yield from dialect.notify(Notify(frozenset([WorkKind.ACTIVITY]), delayed=delayed))
+
+
+def give_back_task_leases(dialect: Dialect, lock_token: str) -> Program[None]:
+    """Give back the leases that a lock of activity tasks took under ``lock_token``
+    (:func:`lock_activity_work_items`), if it committed: its caller never learned whether it
+    had. Nobody ran those tasks, so their dequeue count goes back too. A leased task is
+    invisible until its lease ends, so only invisible tasks are looked at (an index holds them)."""
+    now = to_micros(utc_now())
+    yield Execute(
+        "UPDATE tasks SET lock_token = NULL, visible_at = ?, dequeue_count = dequeue_count - 1"
+        " WHERE visible_at > ? AND lock_token LIKE ?",
+        (now, now, f"{lock_token}:%"),
+    )
+    yield from dialect.notify(Notify(frozenset([WorkKind.ACTIVITY])))
 
 
 def renew_activity_lease(item: ActivityWorkItem, lock_for: timedelta) -> Program[datetime | None]:

@@ -119,8 +119,6 @@ class Dialect(ABC):
     """Appended to a select that reads rows the transaction will change."""
     skip_locked: ClassVar[str]
     """Appended to the select that picks work items to lease."""
-    new_token: ClassVar[str]
-    """An expression giving a fresh random lock token."""
     serial_key: ClassVar[str]
     """The column type of an auto-incremented integer primary key whose values are never reused."""
     bigint: ClassVar[str]

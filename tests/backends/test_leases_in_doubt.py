@@ -1,0 +1,219 @@
+"""Leases taken by a transaction whose commit is in doubt (its connection dropped after the
+``COMMIT`` went out) are given back once the store answers, instead of holding their work
+back until they expire: nobody got the work items they lease."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import dtfx
+from dtfx.backends import open_backend
+from dtfx.backends.base import utc_now
+from dtfx.backends.postgres import PostgresBackend
+from dtfx.backends.postgres_pipeline import Pipeline
+from dtfx.backends.sql import backend as sql_backend
+from dtfx.backends.sql import operations
+from dtfx.backends.sql.backend import SqlBackend
+from dtfx.core.errors import CommitInDoubtError
+from dtfx.core.history import TaskScheduled
+from dtfx.core.workitems import ActivityTask, ActivityWorkItem, OrchestrationWorkItem
+from tests.backends.test_contract import _Intake, checkpoint_for, lock_one, start_event
+from tests.postgres import postgres_url
+
+HOUR = timedelta(hours=1)
+LOCKS = (operations.lock_orchestration_work_items, operations.lock_activity_work_items)
+GIVE_BACKS = (operations.give_back_instance_leases, operations.give_back_task_leases)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/hub.db" if request.param == "sqlite" else postgres_url()
+
+
+class Doubts:
+    """Makes a backend's first lock fail with its commit in doubt: with ``committed``, the
+    first that took something, after committing it; else the first, before it ran. Holds the
+    give-back that follows until :attr:`gate` is set."""
+
+    def __init__(self, backend: SqlBackend, monkeypatch: pytest.MonkeyPatch, *, committed: bool) -> None:
+        self.backend = backend
+        self.committed = committed
+        self.gate = asyncio.Event()
+        self.doubted = 0
+        self.given_back = 0
+        self._run = backend._run
+        monkeypatch.setattr(backend, "_run", self._in_doubt)
+
+    async def _in_doubt(self, program: Any, **options: Any) -> Any:
+        function = getattr(program, "func", None)
+        if function in LOCKS and not self.doubted:
+            taken = await self._run(program, **options) if self.committed else None
+            if taken == []:
+                return taken
+            self.doubted += 1
+            raise CommitInDoubtError("the connection dropped after the commit had gone out")
+        if function in GIVE_BACKS:
+            await self.gate.wait()
+            self.given_back += 1
+        return await self._run(program, **options)
+
+    async def given_back_all(self) -> None:
+        """Let the give-backs run, and wait until they are done."""
+        self.gate.set()
+        await asyncio.wait_for(asyncio.gather(*self.backend._giving_back), 10)
+        assert not self.backend._giving_back
+
+
+async def _schedule_an_activity(backend: SqlBackend) -> TaskScheduled:
+    await backend.create_instance(start_event("a"))
+    item = await lock_one(backend, "a")
+    scheduled = TaskScheduled(event_id=1, timestamp=utc_now(), name="act", input='"x"')
+    task = ActivityTask("a", item.state.execution_id, scheduled)
+    await backend.complete_orchestration_work_items([checkpoint_for(item, activity_tasks=[task])])
+    return scheduled
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "not committed"])
+@pytest.mark.parametrize("kind", ["orchestration", "activity"])
+async def test_the_leases_of_a_lock_whose_commit_is_in_doubt_are_given_back_once_it_had_committed(
+    sql_url: str, monkeypatch: pytest.MonkeyPatch, kind: str, committed: bool
+) -> None:
+    backend = open_backend(sql_url)
+    assert isinstance(backend, SqlBackend)
+    lock: Callable[[], Awaitable[list[OrchestrationWorkItem] | list[ActivityWorkItem]]]
+    if kind == "orchestration":
+        lock = lambda: backend.lock_orchestration_work_items(10, HOUR)  # noqa: E731
+    else:
+        lock = lambda: backend.lock_activity_work_items(10, HOUR)  # noqa: E731
+    try:
+        if kind == "orchestration":
+            await backend.create_instance(start_event("a"))
+        else:
+            scheduled = await _schedule_an_activity(backend)
+        doubts = Doubts(backend, monkeypatch, committed=committed)
+        with pytest.raises(CommitInDoubtError):
+            await lock()
+        taken = await lock()  # before the give-back
+        if committed:
+            assert taken == []  # leased for the hour to a lock whose items nobody got
+        else:  # nothing was leased: the next lock takes it, and the give-back leaves that lease alone
+            assert len(taken) == 1
+        await doubts.given_back_all()
+        assert doubts.given_back == 1
+        again = await lock()
+        assert len(again) == int(committed)
+        if kind == "activity" and committed:
+            [item] = again
+            assert isinstance(item, ActivityWorkItem)
+            assert (item.task.event, item.dequeue_count) == (scheduled, 1)  # the lost lock does not count
+    finally:
+        await backend.close()
+
+
+async def test_the_lease_of_an_instance_created_for_this_processs_worker_is_given_back_when_in_doubt(
+    sql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = open_backend(sql_url)
+    assert isinstance(backend, SqlBackend)
+    run_coalesced = backend._run_coalesced
+    gate = asyncio.Event()
+
+    async def in_doubt(kind: Any, request: Any) -> Any:
+        await run_coalesced(kind, request)  # created, leased to the intake
+        if kind is sql_backend.CREATE_INSTANCES:
+            raise CommitInDoubtError("the connection dropped after the commit had gone out")
+
+    run = backend._run
+
+    async def held(program: Any, **options: Any) -> Any:
+        if getattr(program, "func", None) in GIVE_BACKS:
+            await gate.wait()
+        return await run(program, **options)
+
+    monkeypatch.setattr(backend, "_run_coalesced", in_doubt)
+    monkeypatch.setattr(backend, "_run", held)
+    intake = _Intake(lease=HOUR)
+    backend.attach_intake(intake)
+    start = start_event("a")
+    try:
+        with pytest.raises(CommitInDoubtError):
+            await backend.create_instance(start)
+        assert (intake.accepted, intake.declined) == ([], 1)  # the worker's slot went back
+        assert await backend.lock_orchestration_work_items(10, HOUR) == []  # leased for the hour
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*backend._giving_back), 10)
+        item = await lock_one(backend, "a")
+        assert [message.event for message in item.messages] == [start]
+    finally:
+        await backend.close()
+
+
+async def test_a_postgres_lock_whose_answer_was_lost_after_its_commit_gives_its_leases_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The server commits; the connection drops before its answer arrives.
+    backend = PostgresBackend(postgres_url())
+    receive = Pipeline._receive
+    lost: list[bool] = []
+
+    def lose_the_commits_answer(self: Pipeline) -> Any:
+        yield from receive(self)
+        if self.committing and not lost:
+            lost.append(True)
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    try:
+        await backend.create_instance(start_event("a"))
+        monkeypatch.setattr(Pipeline, "_receive", lose_the_commits_answer)
+        with pytest.raises(CommitInDoubtError, match="may or may not have committed"):
+            await backend.lock_orchestration_work_items(10, HOUR)
+        monkeypatch.undo()
+        for _ in range(100):  # given back within moments, not the hour
+            if items := await backend.lock_orchestration_work_items(10, HOUR):
+                break
+            await asyncio.sleep(0.05)
+        assert [item.instance_id for item in items] == ["a"]
+    finally:
+        await backend.close()
+
+
+async def test_a_worker_whose_activity_lock_was_in_doubt_goes_on_at_once(
+    sql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = dtfx.App()
+    runs: list[int] = []
+
+    @app.activity
+    def step(ctx: dtfx.ActivityContext, n: int) -> int:
+        runs.append(n)
+        return n + 1
+
+    @app.orchestrator
+    def chain(ctx: dtfx.OrchestrationContext, length: int) -> Any:
+        value = 0
+        for _ in range(length):
+            value = yield ctx.call_activity(step, input=value)
+        return value
+
+    backend = open_backend(sql_url)
+    assert isinstance(backend, SqlBackend)
+    doubts = Doubts(backend, monkeypatch, committed=True)
+    doubts.gate.set()
+    options = dtfx.WorkerOptions(lease_duration=HOUR, eager_activities=False)
+    try:
+        client = dtfx.AsyncClient(backend)
+        async with dtfx.Worker(backend, app=app, options=options):
+            instance_id = await client.schedule_new_orchestration(chain, input=3)
+            state = await client.wait_for_orchestration_completion(instance_id, timeout=20)
+    finally:
+        await backend.close()
+    assert state is not None and state.get_output() == 3
+    assert (doubts.doubted, doubts.given_back) == (1, 1)
+    assert runs == [0, 1, 2]
