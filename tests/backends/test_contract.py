@@ -449,6 +449,21 @@ async def test_lock_returns_at_most_max_count(backend: Backend) -> None:
     assert len(await backend.lock_orchestration_work_items(4, LEASE)) == 3
 
 
+async def test_work_items_locked_together_each_have_a_token_of_their_own(backend: Backend) -> None:
+    # A work item is known by its token (the sidecar assigns each to a worker by it).
+    for index in range(3):
+        await backend.create_instance(start_event(f"i{index}"))
+    items = await backend.lock_orchestration_work_items(10, LEASE)
+    assert len({item.lock_token for item in items}) == len(items) == 3
+    tasks = [
+        ActivityTask("i0", items[0].state.execution_id, TaskScheduled(event_id=n, timestamp=utc_now(), name="act"))
+        for n in range(3)
+    ]
+    assert await backend.complete_orchestration_work_items([checkpoint_for(items[0], activity_tasks=tasks)]) == [True]
+    locked = await backend.lock_activity_work_items(10, LEASE)
+    assert len({task.lock_token for task in locked}) == len(locked) == 3
+
+
 async def test_locks_can_be_restricted_to_names(backend: Backend) -> None:
     await backend.create_instance(start_event("a", name="alpha"))
     await backend.create_instance(start_event("b", name="beta"))

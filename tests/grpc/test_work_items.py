@@ -547,6 +547,25 @@ def test_the_sidecar_locks_no_more_than_its_fetch_batch_size_at_once(
     assert max(asked) == 2
 
 
+def test_the_slots_of_work_items_locked_together_all_come_back(hub_url: str) -> None:
+    # Both instances wait before the worker connects, so that one lock takes them together.
+    with SidecarServer(hub_url, port=0, options=FAST) as server, grpc.insecure_channel(server.address) as channel:
+        stub = Stub(channel)
+        for index in range(2):
+            start(stub, "job", f"first-{index}")
+        stream = WorkItemStream(stub, pb.GetWorkItemsRequest(maxConcurrentOrchestrationWorkItems=2))
+        try:
+            for item in [stream.next() for _ in range(2)]:
+                finish(stub, item)
+            for index in range(2):
+                wait_until(lambda index=index: status_of(stub, f"first-{index}") == pb.ORCHESTRATION_STATUS_COMPLETED)
+                start(stub, "job", f"second-{index}")
+            second = [stream.next(5) for _ in range(2)]  # both at once: both slots came back
+        finally:
+            stream.close()
+    assert {item.orchestratorRequest.instanceId for item in second} == {"second-0", "second-1"}
+
+
 def test_a_freed_slot_wakes_only_the_fetch_loop_of_its_kind(hub_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Completed orchestration episodes make room for orchestrations only: the entity fetch
     loop, with no entity work in the hub, does not lock again for each of them."""

@@ -227,20 +227,21 @@ def lock_orchestration_work_items(
     names: Collection[str] | None,
     max_messages: int,
 ) -> Program[list[OrchestrationWorkItem]]:
-    """Lease up to ``max_count`` instances with visible messages, each with ``lease`` (its
-    token names the lease of this transaction: see :func:`give_back_instance_leases`)."""
+    """Lease up to ``max_count`` instances with visible messages until ``lease.locked_until``,
+    each under a token of its own: ``lease.lock_token``, a colon and the instance's id (see
+    :func:`give_back_instance_leases`)."""
     now = utc_now()
     until = lease.locked_until
     now_micros = to_micros(now)
     params: list[Any] = [int(entities), now_micros, now_micros]
     name_filter = _name_filter(dialect, names, params)
-    params += [max_count, lease.lock_token, to_micros(until)]
+    params += [max_count, f"{lease.lock_token}:", to_micros(until)]
     # Instances with a visible message and no live lease, most overdue first.
     rows = yield Fetch(
         "WITH picked AS MATERIALIZED (SELECT instance_id FROM instances"
         " WHERE is_entity = ? AND next_visible_at <= ? AND (locked_until IS NULL OR locked_until <= ?)"
         f"{name_filter} ORDER BY next_visible_at LIMIT ?{dialect.skip_locked})"
-        " UPDATE instances SET lock_token = ?, locked_until = ?"
+        " UPDATE instances SET lock_token = ? || instance_id, locked_until = ?"
         f" WHERE {dialect.in_select('instance_id', 'SELECT instance_id FROM picked')} RETURNING {_LOCKED_COLUMNS}",
         params,
     )
@@ -323,15 +324,16 @@ def abandon_orchestration_work_item(
     yield from dialect.notify(Notify(frozenset([kind]), delayed=delayed))
 
 
-def give_back_instance_leases(dialect: Dialect, lock_token: str, entities: bool) -> Program[None]:
-    """Give back the leases that a lock of instances (or of entities) took under ``lock_token``,
-    or the creation of an instance leased with it, if it committed: its caller never learned
-    whether it had (:meth:`~dtfx.backends.sql.backend.SqlBackend._give_back_once_possible`).
+def give_back_instance_leases(dialect: Dialect, prefix: str, entities: bool) -> Program[None]:
+    """Give back the leases of instances (or of entities) whose tokens begin with ``prefix``:
+    those that a lock took (:func:`lock_orchestration_work_items`) or that the creation of an
+    instance leased to this process's worker took, if it committed, when its caller never
+    learned whether it had (:meth:`~dtfx.backends.sql.backend.SqlBackend._give_back_once_possible`).
     A leased instance has a message, so only those are looked at (an index holds them)."""
     yield Execute(
         "UPDATE instances SET lock_token = NULL, locked_until = NULL"
-        " WHERE is_entity = ? AND next_visible_at IS NOT NULL AND lock_token = ?",
-        (int(entities), lock_token),
+        " WHERE is_entity = ? AND next_visible_at IS NOT NULL AND lock_token LIKE ?",
+        (int(entities), f"{prefix}%"),
     )
     yield from dialect.notify(Notify(frozenset([WorkKind.ENTITY if entities else WorkKind.ORCHESTRATION])))
 
@@ -418,16 +420,16 @@ def abandon_activity_work_item(dialect: Dialect, item: ActivityWorkItem, retry_a
     yield from dialect.notify(Notify(frozenset([WorkKind.ACTIVITY]), delayed=delayed))
 
 
-def give_back_task_leases(dialect: Dialect, lock_token: str) -> Program[None]:
-    """Give back the leases that a lock of activity tasks took under ``lock_token``
-    (:func:`lock_activity_work_items`), if it committed: its caller never learned whether it
-    had. Nobody ran those tasks, so their dequeue count goes back too. A leased task is
+def give_back_task_leases(dialect: Dialect, prefix: str) -> Program[None]:
+    """Give back the leases of activity tasks whose tokens begin with ``prefix``, which a lock
+    took (:func:`lock_activity_work_items`), if it committed: its caller never learned whether
+    it had. Nobody ran those tasks, so their dequeue count goes back too. A leased task is
     invisible until its lease ends, so only invisible tasks are looked at (an index holds them)."""
     now = to_micros(utc_now())
     yield Execute(
         "UPDATE tasks SET lock_token = NULL, visible_at = ?, dequeue_count = dequeue_count - 1"
         " WHERE visible_at > ? AND lock_token LIKE ?",
-        (now, now, f"{lock_token}:%"),
+        (now, now, f"{prefix}%"),
     )
     yield from dialect.notify(Notify(frozenset([WorkKind.ACTIVITY])))
 
