@@ -14,7 +14,7 @@ from tests.grpc.conftest import rpc_error, running_sidecar
 from tests.postgres import postgres_url
 
 import grpc
-from dtfx.core.errors import BackendError, BackendUnavailableError, UnstorableValueError
+from dtfx.core.errors import BackendError, BackendUnavailableError, CommitInDoubtError, UnstorableValueError
 from dtfx.grpc import SidecarServer
 
 Stub = pb_grpc.TaskHubSidecarServiceStub
@@ -171,6 +171,7 @@ def test_bad_work_item_requests(stub: Stub) -> None:
     ("error", "code", "word"),
     [
         (BackendUnavailableError("the database is down"), Code.UNAVAILABLE, "database is down"),  # worth a retry
+        (CommitInDoubtError("may or may not have committed"), Code.UNKNOWN, "may or may not"),  # never retried
         (UnstorableValueError("text cannot hold NUL"), Code.INVALID_ARGUMENT, "NUL"),  # the request's fault
         (BackendError("a constraint failed"), Code.INTERNAL, "constraint failed"),  # would fail again
         (KeyError("oops"), Code.INTERNAL, "KeyError"),  # a bug: logged, answered, survived

@@ -25,6 +25,7 @@ from tests.grpc.conftest import FAST, WorkItemStream, open_stream, rpc_error, ru
 from tests.postgres import postgres_url
 
 import grpc
+from dtfx.core.errors import BackendUnavailableError
 from dtfx.core.workitems import OrchestrationWorkItem
 from dtfx.grpc import SidecarOptions, SidecarServer
 
@@ -242,6 +243,32 @@ def test_concurrency_limits_and_a_slow_worker_does_not_block_others(stub: Stub, 
     finish(stub, held)
     for instance_id in ("job-1", "job-2"):
         wait_until(lambda instance_id=instance_id: status_of(stub, instance_id) == pb.ORCHESTRATION_STATUS_COMPLETED)
+
+
+def test_work_locked_for_one_worker_goes_out_though_the_lock_for_the_next_failed(
+    bare_sidecar: SidecarServer, stub: Stub, streams: list[WorkItemStream], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One fetch locks for each connection in turn; the second lock fails. Had the fetch failed
+    # whole, the first item would stay leased (a minute), its worker's one slot taken for good.
+    backend = bare_sidecar.backend
+    lock = backend.lock_orchestration_work_items
+    took, failed = [], []
+
+    async def failing_after_one_took(count: int, *args: Any, **kwargs: Any) -> list[OrchestrationWorkItem]:
+        if took and not failed and not kwargs.get("entities"):
+            failed.append(True)
+            raise BackendUnavailableError("the database went away")
+        items = await lock(count, *args, **kwargs)
+        took.extend(items)
+        return items
+
+    monkeypatch.setattr(backend, "lock_orchestration_work_items", failing_after_one_took)
+    workers = [open_stream(stub, streams, maxConcurrentOrchestrationWorkItems=1) for _ in range(2)]
+    wait_until(lambda: bare_sidecar._hub is not None and len(bare_sidecar._hub.connections) == 2)
+    start(stub, "job", "first")
+    start(stub, "job", "second")
+    received = {worker.next(10).orchestratorRequest.instanceId for worker in workers}  # one each, held
+    assert received == {"first", "second"} and failed
 
 
 def test_filters_route_work_by_name_and_version(stub: Stub, streams: list[WorkItemStream]) -> None:

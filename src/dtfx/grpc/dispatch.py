@@ -16,6 +16,7 @@ second loop could lock more than the connections have room for.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol, TypeVar
 
@@ -37,6 +38,8 @@ from dtfx.worker.entities import EntityProcessor
 from dtfx.worker.kind_dispatcher import dispatcher_for_kind
 from dtfx.worker.orchestrations import OrchestrationProcessor
 from dtfx.worker.waiting import WorkWaiter
+
+logger = logging.getLogger(__name__)
 
 
 class _Processor(Protocol):
@@ -153,13 +156,28 @@ class RemoteDispatchers:
             self._waiters[kind].wake()
 
     async def _lock_for_workers(self, kind: WorkKind, count: int, lock: Locker[Item]) -> list[Item]:
-        """Lock up to ``count`` work items, each for a connection with a free slot whose filters accept it."""
+        """Lock up to ``count`` work items, each for a connection with a free slot whose filters accept it.
+
+        A lock that fails once others have locked work for other connections ends the fetch with
+        what they locked (the failure logged): raising would leave that work leased, and its
+        slots taken, with nobody to run it or give it back."""
         items: list[Item] = []
         for connection in self._hub.with_free_slots(kind):
             wanted = min(connection.free_slots(kind), count - len(items))
             if wanted <= 0:
                 break
-            locked = await lock(wanted, connection.filters.names(kind))
+            try:
+                locked = await lock(wanted, connection.filters.names(kind))
+            except Exception:
+                if not items:
+                    raise
+                logger.warning(
+                    "Sidecar: locking %s work failed; the %d item(s) locked before go out",
+                    kind.value,
+                    len(items),
+                    exc_info=True,
+                )
+                break
             for item in locked:
                 self._hub.assign(item.lock_token, connection, kind)
             items.extend(locked)

@@ -7,7 +7,9 @@ failure that would happen again) is logged with its traceback and answered
 
 Only a store that cannot be reached, stays busy or is closed
 (:class:`~dtfx.BackendUnavailableError`) is answered ``UNAVAILABLE``: SDKs retry that
-status, which helps only when the same request can succeed later. A value the store
+status, which helps only when the same request can succeed later. A request whose commit
+is in doubt (:class:`~dtfx.CommitInDoubtError`) may have been carried out: it is answered
+``UNKNOWN``, which no retry policy repeats (an event raised twice, say). A value the store
 cannot hold (:class:`~dtfx.UnstorableValueError`) is the request's fault:
 ``INVALID_ARGUMENT``.
 """
@@ -22,6 +24,7 @@ from typing import Any, TypeVar
 import grpc
 from dtfx.core.errors import (
     BackendUnavailableError,
+    CommitInDoubtError,
     ConfigurationError,
     InvalidInstanceIdError,
     OrchestrationAlreadyExistsError,
@@ -80,6 +83,7 @@ _STATUS_OF_ERROR: list[tuple[type[Exception], grpc.StatusCode]] = [
     (InvalidInstanceIdError, grpc.StatusCode.INVALID_ARGUMENT),
     (SerializationError, grpc.StatusCode.INVALID_ARGUMENT),
     (ConfigurationError, grpc.StatusCode.INVALID_ARGUMENT),  # a bad continuation token, say
+    (CommitInDoubtError, grpc.StatusCode.UNKNOWN),  # done or not: look before doing it again
     (BackendUnavailableError, grpc.StatusCode.UNAVAILABLE),  # worth a retry
     (UnstorableValueError, grpc.StatusCode.INVALID_ARGUMENT),
     # Any other BackendError would fail again: it is answered INTERNAL and logged, as a bug is.
