@@ -183,6 +183,29 @@ async def test_a_wrong_next_visible_at_is_put_right_instead_of_handing_out_an_em
         await backend.close()
 
 
+async def test_work_items_go_out_though_the_release_of_empty_ones_locked_with_them_failed(
+    sql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = open_backend(sql_url)
+    assert isinstance(backend, SqlBackend)
+    run = backend._run
+
+    async def failing_release(program: Any, **options: Any) -> Any:
+        if getattr(program, "func", None) is operations.release_empty_work_items:
+            raise BackendUnavailableError("the database went away")
+        return await run(program, **options)
+
+    try:
+        await backend.create_instance(ExecutionStarted(timestamp=utc_now(), name="n", instance=_instance("a")))
+        await backend.create_instance(ExecutionStarted(timestamp=utc_now(), name="n", instance=_instance("b")))
+        _query(backend, "DELETE FROM inbox WHERE instance_id = 'a'")  # behind the backend's back
+        monkeypatch.setattr(backend, "_run", failing_release)
+        items = await backend.lock_orchestration_work_items(10, timedelta(minutes=1))
+        assert [item.instance_id for item in items] == ["b"]  # leased: had it not gone out, for the minute
+    finally:
+        await backend.close()
+
+
 async def test_next_visible_at_stays_the_earliest_inbox_time_through_every_kind_of_write(sql_url: str) -> None:
     # Transactions work each instance's next_visible_at out in memory; whatever the mix of
     # writes (creations, checkpoints kept and released, timers, events, sub-orchestrations,

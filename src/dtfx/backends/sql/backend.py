@@ -314,7 +314,10 @@ class SqlBackend(Backend):
         items = await self._lease(program, give_back, lease)
         empty = [item for item in items if not item.messages]
         if empty:  # never hand out an empty work item
-            await self._run(partial(operations.release_empty_work_items, empty), write=True, durable=False)
+            try:
+                await self._run(partial(operations.release_empty_work_items, empty), write=True, durable=False)
+            except Exception:  # the others are leased all the same: they go out; the empty ones' leases end
+                logger.warning("Releasing %d work item(s) with nothing to do failed", len(empty), exc_info=True)
         return [item for item in items if item.messages]
 
     async def complete_orchestration_work_items(
