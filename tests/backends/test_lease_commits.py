@@ -14,14 +14,8 @@ from dtfx.backends.postgres import PostgresBackend
 from dtfx.backends.sql.backend import SqlBackend
 from dtfx.backends.sql.program import Fetch, Program
 from dtfx.backends.sqlite import SqliteBackend
-from tests.postgres import postgres_url
 
 _FULL, _NORMAL = 2, 1  # PRAGMA synchronous
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/hub.db" if request.param == "sqlite" else postgres_url()
 
 
 def _flush_setting(backend: SqlBackend) -> Callable[[], Program[Any]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -26,15 +25,11 @@ from dtfx.core.history import TaskScheduled
 from dtfx.core.workitems import ActivityTask, ActivityWorkItem, OrchestrationWorkItem
 from tests.backends.test_contract import _Intake, checkpoint_for, lock_one, start_event
 from tests.postgres import postgres_url
+from tests.worker.test_chains import chain_app
 
 HOUR = timedelta(hours=1)
 LOCKS = (operations.lock_orchestration_work_items, operations.lock_activity_work_items)
 GIVE_BACKS = (operations.give_back_instance_leases, operations.give_back_task_leases)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/hub.db" if request.param == "sqlite" else postgres_url()
 
 
 class Doubts:
@@ -187,21 +182,8 @@ async def test_a_postgres_lock_whose_answer_was_lost_after_its_commit_gives_its_
 async def test_a_worker_whose_activity_lock_was_in_doubt_goes_on_at_once(
     sql_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = dtfx.App()
     runs: list[int] = []
-
-    @app.activity
-    def step(ctx: dtfx.ActivityContext, n: int) -> int:
-        runs.append(n)
-        return n + 1
-
-    @app.orchestrator
-    def chain(ctx: dtfx.OrchestrationContext, length: int) -> Any:
-        value = 0
-        for _ in range(length):
-            value = yield ctx.call_activity(step, input=value)
-        return value
-
+    app = chain_app(runs)
     backend = open_backend(sql_url)
     assert isinstance(backend, SqlBackend)
     doubts = Doubts(backend, monkeypatch, committed=True)
@@ -210,7 +192,7 @@ async def test_a_worker_whose_activity_lock_was_in_doubt_goes_on_at_once(
     try:
         client = dtfx.AsyncClient(backend)
         async with dtfx.Worker(backend, app=app, options=options):
-            instance_id = await client.schedule_new_orchestration(chain, input=3)
+            instance_id = await client.schedule_new_orchestration("chain", input=3)
             state = await client.wait_for_orchestration_completion(instance_id, timeout=20)
     finally:
         await backend.close()

@@ -100,11 +100,6 @@ async def test_the_default_sqlite_hub_is_created_on_first_use(tmp_path: Path, mo
     assert (tmp_path / ".dtfx" / "taskhub.db").is_file()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/hub.db" if request.param == "sqlite" else postgres_url()
-
-
 async def test_starting_a_started_backend_returns_at_once(sql_url: str) -> None:
     """A client's first calls each start the backend (a thousand at once, in the sequence
     benchmark): once it has started, that costs no trip to another thread."""
