@@ -20,7 +20,7 @@ from dtfx.backends.postgres_pipeline import Pipeline
 from dtfx.backends.sql import backend as sql_backend
 from dtfx.backends.sql import operations
 from dtfx.backends.sql.backend import SqlBackend
-from dtfx.core.errors import CommitInDoubtError
+from dtfx.core.errors import BackendUnavailableError, CommitInDoubtError
 from dtfx.core.history import TaskScheduled
 from dtfx.core.workitems import ActivityTask, ActivityWorkItem, OrchestrationWorkItem
 from tests.backends.test_contract import _Intake, checkpoint_for, lock_one, start_event
@@ -112,49 +112,92 @@ async def test_the_leases_of_a_lock_whose_commit_is_in_doubt_are_given_back_once
         await backend.close()
 
 
-async def test_the_lease_of_an_instance_created_for_this_processs_worker_is_given_back_when_in_doubt(
-    sql_url: str, monkeypatch: pytest.MonkeyPatch
+class CreationInDoubt:
+    """Makes a backend's first creation fail with its commit in doubt: after committing it,
+    before, or before but with the commit ending just after the creation's look at the
+    instance. Holds the give-backs until :attr:`gate` is set."""
+
+    def __init__(self, backend: SqlBackend, monkeypatch: pytest.MonkeyPatch, outcome: str) -> None:
+        self.outcome = outcome
+        self.gate = asyncio.Event()
+        self.doubted: list[Any] = []
+        self._run_coalesced = backend._run_coalesced
+        self._run = backend._run
+        self._get_instance = backend.get_instance
+        monkeypatch.setattr(backend, "_run_coalesced", self._in_doubt)
+        monkeypatch.setattr(backend, "_run", self._held)
+        monkeypatch.setattr(backend, "get_instance", self._look)
+
+    async def _in_doubt(self, kind: Any, request: Any) -> Any:
+        if kind is sql_backend.CREATE_INSTANCES and not self.doubted:
+            self.doubted.append(request)
+            if self.outcome == "committed":
+                await self._run_coalesced(kind, request)  # created, leased to the intake
+            raise CommitInDoubtError("the connection dropped after the commit had gone out")
+        return await self._run_coalesced(kind, request)
+
+    async def _look(self, instance_id: str, **options: Any) -> Any:
+        state = await self._get_instance(instance_id, **options)
+        if self.outcome == "committed after the look" and len(self.doubted) == 1:
+            self.doubted.append("ended")
+            await self._run_coalesced(sql_backend.CREATE_INSTANCES, self.doubted[0])  # it ends only now
+        return state
+
+    async def _held(self, program: Any, **options: Any) -> Any:
+        if getattr(program, "func", None) in GIVE_BACKS:
+            await self.gate.wait()
+        return await self._run(program, **options)
+
+
+@pytest.mark.parametrize("outcome", ["committed", "not committed", "committed after the look"])
+async def test_a_creation_whose_commit_is_in_doubt_finds_out_and_gives_the_lease_for_its_worker_back(
+    sql_url: str, monkeypatch: pytest.MonkeyPatch, outcome: str
 ) -> None:
     backend = open_backend(sql_url)
     assert isinstance(backend, SqlBackend)
-    run_coalesced = backend._run_coalesced
-    gate = asyncio.Event()
-
-    async def in_doubt(kind: Any, request: Any) -> Any:
-        await run_coalesced(kind, request)  # created, leased to the intake
-        if kind is sql_backend.CREATE_INSTANCES:
-            raise CommitInDoubtError("the connection dropped after the commit had gone out")
-
-    run = backend._run
-
-    async def held(program: Any, **options: Any) -> Any:
-        if getattr(program, "func", None) in GIVE_BACKS:
-            await gate.wait()
-        return await run(program, **options)
-
-    monkeypatch.setattr(backend, "_run_coalesced", in_doubt)
-    monkeypatch.setattr(backend, "_run", held)
+    doubt = CreationInDoubt(backend, monkeypatch, outcome)
     intake = _Intake(lease=HOUR)
     backend.attach_intake(intake)
     start = start_event("a")
     try:
-        with pytest.raises(CommitInDoubtError):
-            await backend.create_instance(start)
+        await backend.create_instance(start)  # no error: it committed, or it is made again
         assert (intake.accepted, intake.declined) == ([], 1)  # the worker's slot went back
-        assert await backend.lock_orchestration_work_items(10, HOUR) == []  # leased for the hour
-        gate.set()
-        await asyncio.wait_for(asyncio.gather(*backend._giving_back), 10)
-        item = await lock_one(backend, "a")
-        assert [message.event for message in item.messages] == [start]
+        state = await backend.get_instance("a")
+        assert state is not None and state.execution_id == start.instance.execution_id
+        taken = await backend.lock_orchestration_work_items(10, HOUR)
+        if outcome == "not committed":  # made again without a lease
+            assert [item.instance_id for item in taken] == ["a"]
+        else:  # leased for the hour to the worker, which never got it, until it is given back
+            assert taken == []
+            doubt.gate.set()
+            await asyncio.wait_for(asyncio.gather(*backend._giving_back), 10)
+            item = await lock_one(backend, "a")
+            assert [message.event for message in item.messages] == [start]
     finally:
         await backend.close()
 
 
-async def test_a_postgres_lock_whose_answer_was_lost_after_its_commit_gives_its_leases_back(
-    monkeypatch: pytest.MonkeyPatch,
+async def test_a_creation_whose_commit_is_in_doubt_says_so_while_the_store_cannot_tell(
+    sql_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The server commits; the connection drops before its answer arrives.
-    backend = PostgresBackend(postgres_url())
+    backend = open_backend(sql_url)
+    assert isinstance(backend, SqlBackend)
+    CreationInDoubt(backend, monkeypatch, "committed")
+
+    async def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise BackendUnavailableError("the database is restarting")
+
+    monkeypatch.setattr(backend, "get_instance", unavailable)
+    try:
+        with pytest.raises(CommitInDoubtError):
+            await backend.create_instance(start_event("a"))
+    finally:
+        await backend.close()
+
+
+def lose_the_next_commits_answer(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Have the server commit the next transaction and its connection drop before the answer
+    arrives (once: the list it returns then holds True)."""
     receive = Pipeline._receive
     lost: list[bool] = []
 
@@ -164,9 +207,17 @@ async def test_a_postgres_lock_whose_answer_was_lost_after_its_commit_gives_its_
             lost.append(True)
             raise psycopg.OperationalError("server closed the connection unexpectedly")
 
+    monkeypatch.setattr(Pipeline, "_receive", lose_the_commits_answer)
+    return lost
+
+
+async def test_a_postgres_lock_whose_answer_was_lost_after_its_commit_gives_its_leases_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend = PostgresBackend(postgres_url())
     try:
         await backend.create_instance(start_event("a"))
-        monkeypatch.setattr(Pipeline, "_receive", lose_the_commits_answer)
+        lose_the_next_commits_answer(monkeypatch)
         with pytest.raises(CommitInDoubtError, match="may or may not have committed"):
             await backend.lock_orchestration_work_items(10, HOUR)
         monkeypatch.undo()
@@ -175,6 +226,22 @@ async def test_a_postgres_lock_whose_answer_was_lost_after_its_commit_gives_its_
                 break
             await asyncio.sleep(0.05)
         assert [item.instance_id for item in items] == ["a"]
+    finally:
+        await backend.close()
+
+
+async def test_a_postgres_creation_whose_answer_was_lost_after_its_commit_succeeds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend = PostgresBackend(postgres_url())
+    client = dtfx.AsyncClient(backend)
+    try:
+        await backend.start()
+        lost = lose_the_next_commits_answer(monkeypatch)
+        instance_id = await client.schedule_new_orchestration("orch", instance_id="a")
+        assert lost and instance_id == "a"
+        [item] = await backend.lock_orchestration_work_items(10, HOUR)
+        assert (item.instance_id, item.history_size, len(item.messages)) == ("a", 0, 1)
     finally:
         await backend.close()
 

@@ -164,7 +164,8 @@ class BackendUnavailableError(BackendError):
 
 class CommitInDoubtError(BackendUnavailableError):
     """The connection dropped after the transaction's commit had gone out: it may or may not
-    have committed. Look before doing it again (an instance created, an event raised)."""
+    have committed. Look before doing it again (an event raised, say). A creation finds out
+    by itself once the store answers, and raises it only if the store cannot tell yet."""
 
 
 class UnstorableValueError(BackendError, ValueError):

@@ -17,7 +17,7 @@ from dtfx.backends.base import Backend, NewLease, WorkKind, utc_now
 from dtfx.backends.sql import operations
 from dtfx.backends.sql.program import AssumptionFailed, Dialect, Notify, Program
 from dtfx.backends.sql.transaction import KeptRow
-from dtfx.core.errors import BackendUnavailableError, CommitInDoubtError
+from dtfx.core.errors import BackendUnavailableError, CommitInDoubtError, OrchestrationAlreadyExistsError
 from dtfx.core.history import ExecutionStarted, HistoryEvent
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
 from dtfx.core.tokens import new_token
@@ -255,16 +255,43 @@ class SqlBackend(Backend):
     ) -> OrchestrationWorkItem | None:
         try:
             outcome = await self._run_coalesced(CREATE_INSTANCES, (start, scheduled_start_at, reuse_policy, lease))
-        except CommitInDoubtError:
+        except CommitInDoubtError as doubt:
             if lease is not None:
                 give_back = partial(operations.give_back_instance_leases, self._dialect, lease.lock_token, False)
                 self._give_back_once_possible(give_back, lease.locked_until)
-            raise
+            await self._settle_creation_in_doubt(start, scheduled_start_at, reuse_policy, doubt)
+            return None  # created without a lease this process's worker holds: for any worker
         if outcome is None:
             return None
         assert isinstance(outcome, operations.LeasedCreation)
         self._kept_rows[outcome.item.instance_id] = outcome.row  # its first commit assumes it
         return outcome.item
+
+    async def _settle_creation_in_doubt(
+        self,
+        start: ExecutionStarted,
+        scheduled_start_at: datetime | None,
+        reuse_policy: OrchestrationIdReusePolicy | None,
+        doubt: CommitInDoubtError,
+    ) -> None:
+        """After a creation whose commit is in doubt: return if it committed (the instance has
+        the execution id that the creating client made up), else create the instance again
+        (without a lease); raise ``doubt`` if the store cannot tell yet."""
+        try:
+            if await self._holds(start):
+                return
+            try:
+                await self._run_coalesced(CREATE_INSTANCES, (start, scheduled_start_at, reuse_policy, None))
+            except OrchestrationAlreadyExistsError:  # the commit in doubt had not ended when the instance was read
+                if not await self._holds(start):
+                    raise
+        except BackendUnavailableError:
+            raise doubt from None
+
+    async def _holds(self, start: ExecutionStarted) -> bool:
+        """Whether the instance ``start`` creates is stored with ``start``'s execution id."""
+        state = await self.get_instance(start.instance.instance_id, fetch_payloads=False)
+        return state is not None and state.execution_id == start.instance.execution_id
 
     async def send_event(self, instance_id: str, event: HistoryEvent, *, visible_at: datetime | None = None) -> None:
         await self._run_coalesced(SEND_EVENTS, (instance_id, event, visible_at))  # raises the request's error
