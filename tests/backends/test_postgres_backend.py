@@ -8,10 +8,12 @@ import logging
 import os
 import socket
 import threading
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+import psycopg.errors
 import pytest
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
@@ -20,7 +22,7 @@ from dtfx.backends import postgres
 from dtfx.backends.base import utc_now
 from dtfx.backends.postgres import PostgresBackend
 from dtfx.backends.sql.program import Fetch, Program
-from dtfx.core.errors import BackendUnavailableError
+from dtfx.core.errors import BackendUnavailableError, CommitInDoubtError
 from dtfx.core.history import TaskCompleted, TaskScheduled
 from dtfx.core.workitems import ActivityResult, ActivityTask, CommitResult
 from tests.backends.test_contract import LEASE, checkpoint_for, start_event
@@ -336,6 +338,34 @@ def test_a_pool_with_no_connection_to_give_says_so_once_its_retries_are_spent() 
         retries.after(exhausted, None)
     with pytest.raises(BackendUnavailableError, match="PostgreSQL connection failed"):
         retries.after(psycopg.OperationalError("server closed the connection unexpectedly"), None)
+
+
+@pytest.mark.parametrize(
+    ("error", "in_doubt"),
+    [
+        (psycopg.OperationalError("server closed the connection unexpectedly"), True),  # libpq's: no SQLSTATE
+        (psycopg.errors.AdminShutdown("terminating connection due to administrator command"), True),
+        (psycopg.errors.DiskFull('could not extend file "base/1/2": No space left on device'), False),
+    ],
+    ids=["connection lost", "terminated", "disk full"],
+)
+def test_only_a_lost_connection_leaves_a_commit_that_had_gone_out_in_doubt(
+    error: psycopg.OperationalError, in_doubt: bool
+) -> None:
+    # The server's own refusal aborts the transaction, COMMIT and all (the pipeline skips what
+    # follows an error): it is run again after a pause, like one whose connection was lost before.
+    committing = SimpleNamespace(committing=True)
+    retries = postgres._Retries()
+    if in_doubt:
+        with pytest.raises(CommitInDoubtError, match="may or may not have committed"):
+            retries.after(error, committing)  # type: ignore[arg-type]
+    else:
+        assert retries.after(error, committing) > 0  # type: ignore[arg-type]
+        for _ in range(postgres._MAX_CONNECTION_RETRIES - 1):
+            retries.after(error, committing)  # type: ignore[arg-type]
+        with pytest.raises(BackendUnavailableError, match=r"^PostgreSQL: could not extend file") as raised:
+            retries.after(error, committing)  # type: ignore[arg-type]
+        assert not isinstance(raised.value, CommitInDoubtError)
 
 
 def _slow_watch_rounds(monkeypatch: pytest.MonkeyPatch, seconds: float) -> tuple[threading.Event, list[str]]:

@@ -369,3 +369,47 @@ def test_the_log_of_a_file_another_process_is_writing_is_left_as_it_is(tmp_path:
     finally:
         holder.close()
         opener.close()
+
+
+async def test_work_held_back_by_a_full_disk_goes_on_once_there_is_room(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The file may not grow (SQLite's page limit stands for the disk). A full disk rolls
+    # back what tried to write, which may go through once there is room: the worker gives
+    # the work back as soon as it can, rather than when its lease (an hour here) ends.
+    backend = SqliteBackend(f"sqlite:///{tmp_path}/hub.db")
+    app = dtfx.App()
+
+    @app.activity
+    def bulky(ctx: dtfx.ActivityContext, n: int) -> str:
+        return "x" * 3000
+
+    @app.orchestrator
+    def chain(ctx: dtfx.OrchestrationContext, length: int) -> Any:
+        for n in range(length):
+            yield ctx.call_activity(bulky, input=n)
+        return length
+
+    def limit_pages(pages: int | None) -> None:
+        assert backend._connection is not None
+        with backend._connection_lock:
+            count = backend._connection.execute("PRAGMA page_count").fetchone()[0]
+            backend._connection.execute(f"PRAGMA max_page_count={pages or count}")
+
+    client = dtfx.AsyncClient(backend)
+    options = dtfx.WorkerOptions(lease_duration=timedelta(hours=1))
+    try:
+        async with dtfx.Worker(backend, app=app, options=options):
+            await backend.start()
+            instance_id = await client.schedule_new_orchestration(chain, input=60)
+            limit_pages(None)  # no more than it has now
+            for _ in range(2000):
+                if any("disk is full" in record.getMessage() for record in caplog.records):
+                    break
+                await asyncio.sleep(0.01)
+            assert any("disk is full" in record.getMessage() for record in caplog.records)
+            limit_pages(1_000_000)
+            state = await client.wait_for_orchestration_completion(instance_id, timeout=30)
+    finally:
+        await backend.close()
+    assert state is not None and state.runtime_status == OrchestrationStatus.COMPLETED

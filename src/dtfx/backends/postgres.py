@@ -109,11 +109,12 @@ def _closed_error() -> BackendUnavailableError:
 
 class _Retries:
     """What to do after each failed attempt at a transaction: run it again (at once after a
-    conflict, after a back-off once the connection was lost before the commit) or raise."""
+    conflict, after a back-off once the connection was lost before the commit or the server
+    could not carry the transaction out for now, a full disk say) or raise."""
 
     def __init__(self) -> None:
         self._conflicts = 0
-        self._lost = 0
+        self._unavailable = 0
 
     def after(self, error: Exception, pipeline: Pipeline | None) -> float:
         """The seconds to wait before the next attempt (0: at once); or raise the error as the caller sees it."""
@@ -126,16 +127,16 @@ class _Retries:
             logger.debug("Retrying a transaction after a conflict: %s", error)
             return 0.0
         if isinstance(error, psycopg.OperationalError):
-            self._lost += 1
-            if pipeline is not None and pipeline.committing:
+            self._unavailable += 1
+            if _connection_lost(error) and pipeline is not None and pipeline.committing:
                 raise CommitInDoubtError(
                     f"PostgreSQL: the connection failed after the commit had gone out, so the transaction may or "
                     f"may not have committed ({str(error).strip()})"
                 ) from error
-            if self._lost > _MAX_CONNECTION_RETRIES:
-                raise BackendUnavailableError(_connection_failure(error)) from error
-            delay = min(2.0, 0.05 * 2.0**self._lost)
-            logger.warning("%s; retrying in %.2fs", _connection_failure(error), delay)
+            if self._unavailable > _MAX_CONNECTION_RETRIES:
+                raise BackendUnavailableError(_unavailability(error)) from error
+            delay = min(2.0, 0.05 * 2.0**self._unavailable)
+            logger.warning("%s; retrying in %.2fs", _unavailability(error), delay)
             return delay
         if isinstance(error, psycopg.DataError | UnicodeEncodeError):  # a NUL in text, a lone surrogate, say
             raise UnstorableValueError(f"PostgreSQL: {error}") from error
@@ -144,13 +145,24 @@ class _Retries:
         raise error
 
 
-def _connection_failure(error: psycopg.OperationalError) -> str:
+def _connection_lost(error: psycopg.OperationalError) -> bool:
+    """Whether the connection failed, taking the server's answer with it if there was one. The
+    server's own refusals (a full disk, too many connections) come with a SQLSTATE of another
+    class, and a transaction it refused did not commit: in a pipeline, what follows an error
+    up to the next sync is skipped, the ``COMMIT`` too."""
+    state = error.sqlstate
+    return state is None or state.startswith(("08", "57P"))  # connection exception, operator intervention
+
+
+def _unavailability(error: psycopg.OperationalError) -> str:
     if isinstance(error, PoolTimeout):  # the pool had no connection to give
         return (
             f"PostgreSQL: the pool gave no connection ({error}): its connections are all in use "
             "(see pool_max_size), or the server cannot be reached"
         )
-    return f"PostgreSQL connection failed: {error}"
+    if _connection_lost(error):
+        return f"PostgreSQL connection failed: {error}"
+    return f"PostgreSQL: {error}"
 
 
 class _Announcement(msgspec.Struct, frozen=True, omit_defaults=True):

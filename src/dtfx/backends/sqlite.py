@@ -357,6 +357,8 @@ class SqliteBackend(SqlBackend):
             try:
                 return self._transact_once(program, write, durable)
             except sqlite3.OperationalError as error:
+                if _is_full(error):  # rolled back; it may go through once there is room
+                    raise BackendUnavailableError(f"SQLite task hub {self.path}: {error}") from error
                 if not _is_busy(error):
                     raise BackendError(f"SQLite task hub {self.path}: {error}") from error
                 if not patient:
@@ -467,9 +469,18 @@ def _data_version(connection: sqlite3.Connection) -> int:
     return version
 
 
+def _primary_code(error: sqlite3.Error) -> int:
+    code: int = getattr(error, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
+    return code
+
+
 def _is_busy(error: sqlite3.OperationalError) -> bool:
-    code = getattr(error, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
-    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return _primary_code(error) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _is_full(error: sqlite3.OperationalError) -> bool:
+    """The disk (or the file's size limit) is full."""
+    return _primary_code(error) == sqlite3.SQLITE_FULL
 
 
 def _drive(connection: sqlite3.Connection, stepper: Stepper[T]) -> T:
