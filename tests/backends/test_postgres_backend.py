@@ -604,3 +604,38 @@ async def test_a_blocking_commit_that_cannot_connect_fails_clearly_and_the_next_
         assert await asyncio.to_thread(commit, [checkpoint_for(item)]) == [CommitResult.COMMITTED]
     finally:
         await backend.close()
+
+
+async def test_connections_to_a_server_that_cannot_write_are_replaced(caplog: pytest.LogCaptureFixture) -> None:
+    # After a failover the old primary serves as a standby: its sessions refuse to write.
+    # The pool's connections to it are closed as they refuse, and a new one is made.
+    backend = PostgresBackend(postgres_url())
+    try:
+        await backend.start()
+        pool = backend._home_pool
+        assert pool is not None
+        idle = [await pool.getconn() for _ in range(pool.get_stats()["pool_available"])]
+        assert idle
+        for connection in idle:
+            await connection.execute("SET default_transaction_read_only = on")
+            await pool.putconn(connection)
+        caplog.set_level(logging.WARNING)
+        await backend.create_instance(start_event("a"))
+        assert await backend.get_instance("a") is not None
+        refusals = [record for record in caplog.records if "read-only transaction" in record.getMessage()]
+        assert 1 <= len(refusals) <= len(idle)
+        assert all(connection.closed for connection in idle)
+
+        # The sync connections that commit a chain's steps on its activity thread, likewise.
+        [item] = await backend.lock_orchestration_work_items(1, LEASE)
+        blocking_pool = backend._open_blocking_pool()
+        blocking_idle = [blocking_pool.getconn() for _ in range(blocking_pool.get_stats()["pool_available"])]
+        assert blocking_idle
+        for blocking in blocking_idle:
+            blocking.execute("SET default_transaction_read_only = on")
+            blocking_pool.putconn(blocking)
+        commit = backend.complete_orchestration_work_items_blocking
+        assert await asyncio.to_thread(commit, [checkpoint_for(item)]) == [CommitResult.COMMITTED]
+        assert all(blocking.closed for blocking in blocking_idle)
+    finally:
+        await backend.close()

@@ -110,7 +110,8 @@ def _closed_error() -> BackendUnavailableError:
 class _Retries:
     """What to do after each failed attempt at a transaction: run it again (at once after a
     conflict, after a back-off once the connection was lost before the commit or the server
-    could not carry the transaction out for now, a full disk say) or raise."""
+    could not carry the transaction out for now: a full disk, a standby that cannot write)
+    or raise."""
 
     def __init__(self) -> None:
         self._conflicts = 0
@@ -126,7 +127,7 @@ class _Retries:
                 raise BackendUnavailableError(f"PostgreSQL: {error}") from error
             logger.debug("Retrying a transaction after a conflict: %s", error)
             return 0.0
-        if isinstance(error, psycopg.OperationalError):
+        if isinstance(error, psycopg.OperationalError | pg_errors.ReadOnlySqlTransaction):  # a standby's refusal too
             self._unavailable += 1
             if _connection_lost(error) and pipeline is not None and pipeline.committing:
                 raise CommitInDoubtError(
@@ -145,7 +146,7 @@ class _Retries:
         raise error
 
 
-def _connection_lost(error: psycopg.OperationalError) -> bool:
+def _connection_lost(error: psycopg.Error) -> bool:
     """Whether the connection failed, taking the server's answer with it if there was one. The
     server's own refusals (a full disk, too many connections) come with a SQLSTATE of another
     class, and a transaction it refused did not commit: in a pipeline, what follows an error
@@ -154,7 +155,7 @@ def _connection_lost(error: psycopg.OperationalError) -> bool:
     return state is None or state.startswith(("08", "57P"))  # connection exception, operator intervention
 
 
-def _unavailability(error: psycopg.OperationalError) -> str:
+def _unavailability(error: psycopg.Error) -> str:
     if isinstance(error, PoolTimeout):  # the pool had no connection to give
         return (
             f"PostgreSQL: the pool gave no connection ({error}): its connections are all in use "

@@ -22,7 +22,10 @@ for the server has the server cancel the statement under way, sends nothing more
 ends rolled back (or committed, if its commit had gone out) within :data:`_STOP_GRACE`:
 its connection goes back to the pool clean. Anything else that interrupts a pipeline (a
 lost connection, an error in the program, a stop that takes longer) closes the
-connection: the server rolls back whatever was sent, and the pool replaces it.
+connection: the server rolls back whatever was sent, and the pool replaces it. So does a
+refusal to write in a read-only transaction: the server is a standby (the old primary,
+after a failover), and the pool's next connection may reach the new primary (libpq picks
+it among the URL's hosts with ``target_session_attrs=read-write``).
 
 A pipeline first makes sure that the server has not closed its connection while it was
 idle in the pool (a restart, a terminated session): such a connection fails before
@@ -42,6 +45,7 @@ from functools import lru_cache
 from typing import Any, TypeVar, cast
 
 import psycopg
+from psycopg import errors as pg_errors
 from psycopg import pq
 from psycopg.adapt import PyFormat, Transformer
 
@@ -180,6 +184,8 @@ class Pipeline:
         except StopIteration as done:
             return cast(T, done.value)
         except _RefusedError as refused:
+            if isinstance(refused.error, pg_errors.ReadOnlySqlTransaction):
+                await connection.close()  # a standby's: see the module docstring
             raise refused.error from None
         except asyncio.CancelledError:
             if not await self._stop(connection, steps, write):
@@ -229,6 +235,8 @@ class Pipeline:
         except StopIteration as done:
             return cast(T, done.value)
         except _RefusedError as refused:
+            if isinstance(refused.error, pg_errors.ReadOnlySqlTransaction):
+                connection.close()  # a standby's: see the module docstring
             raise refused.error from None
         except BaseException:  # as _close does
             self._give_up(steps)
