@@ -337,7 +337,8 @@ class SqlBackend(Backend):
             names,
             self.max_messages_per_work_item,
         )
-        give_back = partial(operations.give_back_instance_leases, self._dialect, f"{lease.lock_token}:", entities)
+        prefix = operations.lease_prefix(lease.lock_token)
+        give_back = partial(operations.give_back_instance_leases, self._dialect, prefix, entities)
         items = await self._lease(program, give_back, lease)
         empty = [item for item in items if not item.messages]
         if empty:  # never hand out an empty work item
@@ -436,7 +437,7 @@ class SqlBackend(Backend):
             return []
         lease = NewLease(new_token(), utc_now() + lock_for)
         program = partial(operations.lock_activity_work_items, self._dialect, max_count, lease, names)
-        give_back = partial(operations.give_back_task_leases, self._dialect, f"{lease.lock_token}:")
+        give_back = partial(operations.give_back_task_leases, self._dialect, operations.lease_prefix(lease.lock_token))
         return await self._lease(program, give_back, lease)
 
     async def complete_activity_work_items(self, results: Sequence[ActivityResult]) -> list[bool]:

@@ -219,6 +219,11 @@ def _name_filter(dialect: Dialect, names: Collection[str] | None, params: list[A
 _LOCKED_COLUMNS = f"{state_columns(payloads=True)}, lock_token, history_size"
 
 
+def lease_prefix(lock_token: str) -> str:
+    """How the token of each row that a lock under ``lock_token`` leases begins; the row's key follows."""
+    return f"{lock_token}:"
+
+
 def lock_orchestration_work_items(
     dialect: Dialect,
     max_count: int,
@@ -228,14 +233,14 @@ def lock_orchestration_work_items(
     max_messages: int,
 ) -> Program[list[OrchestrationWorkItem]]:
     """Lease up to ``max_count`` instances with visible messages until ``lease.locked_until``,
-    each under a token of its own: ``lease.lock_token``, a colon and the instance's id (see
+    each under a token of its own: :func:`lease_prefix` and the instance's id (see
     :func:`give_back_instance_leases`)."""
     now = utc_now()
     until = lease.locked_until
     now_micros = to_micros(now)
     params: list[Any] = [int(entities), now_micros, now_micros]
     name_filter = _name_filter(dialect, names, params)
-    params += [max_count, f"{lease.lock_token}:", to_micros(until)]
+    params += [max_count, lease_prefix(lease.lock_token), to_micros(until)]
     # Instances with a visible message and no live lease, most overdue first.
     rows = yield Fetch(
         "WITH picked AS MATERIALIZED (SELECT instance_id FROM instances"
@@ -358,13 +363,13 @@ def lock_activity_work_items(
     dialect: Dialect, max_count: int, lease: NewLease, names: Collection[str] | None
 ) -> Program[list[ActivityWorkItem]]:
     """Lease up to ``max_count`` visible activity tasks until ``lease.locked_until``, each under
-    a token of its own: ``lease.lock_token``, a colon and the task's id (see
+    a token of its own: :func:`lease_prefix` and the task's id (see
     :func:`give_back_task_leases`)."""
     now = utc_now()
     until = lease.locked_until
     params: list[Any] = [to_micros(now)]
     name_filter = _name_filter(dialect, names, params)
-    params += [max_count, f"{lease.lock_token}:", to_micros(until)]
+    params += [max_count, lease_prefix(lease.lock_token), to_micros(until)]
     # A leased task's visible_at is its lease's expiry (see the schema).
     rows = yield Fetch(
         f"WITH picked AS MATERIALIZED (SELECT id FROM tasks WHERE visible_at <= ?{name_filter}"
