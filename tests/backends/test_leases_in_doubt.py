@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -20,6 +21,7 @@ from dtfx.backends.postgres_pipeline import Pipeline
 from dtfx.backends.sql import backend as sql_backend
 from dtfx.backends.sql import operations
 from dtfx.backends.sql.backend import SqlBackend
+from dtfx.backends.sqlite import SqliteBackend
 from dtfx.core.errors import BackendUnavailableError, CommitInDoubtError
 from dtfx.core.history import TaskScheduled
 from dtfx.core.workitems import ActivityTask, ActivityWorkItem, OrchestrationWorkItem
@@ -43,6 +45,9 @@ class Doubts:
         self.gate = asyncio.Event()
         self.doubted = 0
         self.given_back = 0
+        self.store_away = 0
+        """How many attempts at giving back find the store unavailable."""
+        self.attempts = 0
         self._run = backend._run
         monkeypatch.setattr(backend, "_run", self._in_doubt)
 
@@ -56,6 +61,9 @@ class Doubts:
             raise CommitInDoubtError("the connection dropped after the commit had gone out")
         if function in GIVE_BACKS:
             await self.gate.wait()
+            self.attempts += 1
+            if self.attempts <= self.store_away:
+                raise BackendUnavailableError("the database is restarting")
             self.given_back += 1
         return await self._run(program, **options)
 
@@ -108,6 +116,37 @@ async def test_the_leases_of_a_lock_whose_commit_is_in_doubt_are_given_back_once
             [item] = again
             assert isinstance(item, ActivityWorkItem)
             assert (item.task.event, item.dequeue_count) == (scheduled, 1)  # the lost lock does not count
+    finally:
+        await backend.close()
+
+
+@pytest.mark.parametrize("ending", ["the store answers", "the leases end", "the backend closes"])
+async def test_a_give_back_is_tried_again_while_the_store_is_away_until(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    monkeypatch.setattr(sql_backend, "_GIVE_BACK_FIRST_DELAY", 0.01)
+    backend = SqliteBackend(f"sqlite:///{tmp_path}/hub.db")
+    lease = timedelta(milliseconds=300) if ending == "the leases end" else HOUR
+    try:
+        await backend.create_instance(start_event("a"))
+        doubts = Doubts(backend, monkeypatch, committed=True)
+        doubts.store_away = 3 if ending == "the store answers" else 1_000
+        with pytest.raises(CommitInDoubtError):
+            await backend.lock_orchestration_work_items(10, lease)
+        if ending == "the backend closes":
+            doubts.gate.set()
+            for _ in range(500):
+                if doubts.attempts >= 3:
+                    break
+                await asyncio.sleep(0.01)
+            await backend.close()
+        await doubts.given_back_all()  # the give-back has ended
+        assert doubts.given_back == int(ending == "the store answers")
+        assert doubts.attempts >= 3
+        if ending == "the store answers":
+            assert [item.instance_id for item in await backend.lock_orchestration_work_items(10, HOUR)] == ["a"]
+        elif ending == "the leases end":  # stopped trying about when the lease ended
+            assert doubts.attempts < 20
     finally:
         await backend.close()
 
