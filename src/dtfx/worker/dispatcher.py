@@ -213,7 +213,7 @@ class WorkItemDispatcher(Generic[T]):
                 continue
             self._fetch_backoff.succeeded()
             if not self._running:
-                await asyncio.gather(*(self._safe_release(item) for item in items))
+                await asyncio.gather(*(self._release_once_possible(item) for item in items))
                 break
             for item in items:
                 task = asyncio.create_task(self._run(item, self._process(item)))
@@ -226,7 +226,7 @@ class WorkItemDispatcher(Generic[T]):
             await work
             self._process_backoff.succeeded()
         except asyncio.CancelledError:
-            await self._safe_release(item)
+            await self._release_once_possible(item)
             raise
         except BackendUnavailableError as error:
             # The store failed, not the item: the release waits until the store answers again,
@@ -244,7 +244,8 @@ class WorkItemDispatcher(Generic[T]):
 
     async def _release_once_possible(self, item: T) -> None:
         """Release ``item``, trying again while the store is unavailable, for as long as the
-        dispatcher runs and :attr:`_release_patience` allows."""
+        dispatcher runs and :attr:`_release_patience` allows: once a stop has begun (work
+        fetched after it, work cancelled by it), once only; a failure is logged."""
         backoff = Backoff(*self._release_backoff)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._release_patience
@@ -264,12 +265,6 @@ class WorkItemDispatcher(Generic[T]):
             except Exception:
                 logger.warning("%s: releasing %s failed", self.name, self._describe(item), exc_info=True)
                 return
-
-    async def _safe_release(self, item: T) -> None:
-        try:
-            await self._release(item)
-        except Exception:
-            logger.warning("%s: releasing %s failed", self.name, self._describe(item), exc_info=True)
 
     async def _idle(self) -> None:
         waiting = asyncio.ensure_future(self._wait_for_work())
