@@ -340,6 +340,17 @@ def test_a_pool_with_no_connection_to_give_says_so_once_its_retries_are_spent() 
         retries.after(psycopg.OperationalError("server closed the connection unexpectedly"), None)
 
 
+def test_a_transaction_replaces_a_few_connections_closed_while_idle_at_once_then_backs_off() -> None:
+    retries = postgres._Retries()
+    stale = postgres.StaleConnection("server closed the connection unexpectedly")
+    for _ in range(postgres._MAX_STALE_CONNECTIONS):
+        assert retries.after(stale, None) == 0
+        assert retries.check_pool  # the pool's other idle connections may be closed too
+    assert retries.after(stale, None) > 0  # a server that closes every connection: as if unreachable
+    assert not retries.after(psycopg.errors.SerializationFailure("conflict"), None)
+    assert not retries.check_pool
+
+
 @pytest.mark.parametrize(
     ("error", "in_doubt"),
     [
@@ -539,8 +550,9 @@ async def test_connections_the_server_closed_while_idle_are_replaced_without_a_d
 ) -> None:
     # After a restart every pooled connection is closed: a transaction that found one so
     # had sent nothing, and runs again on a new one, rather than failing as if its commit
-    # might have gone through.
-    backend = PostgresBackend(postgres_url())
+    # might have gone through. The pool's other idle connections are checked then, rather
+    # than found closed one by one.
+    backend = PostgresBackend(postgres_url() + "&pool_min_size=6")
     try:
         await backend.create_instance(start_event("a"))
         [item] = await backend.lock_orchestration_work_items(1, LEASE)
@@ -548,15 +560,77 @@ async def test_connections_the_server_closed_while_idle_are_replaced_without_a_d
         assert await asyncio.to_thread(commit, [checkpoint_for(item, keep_lease_for=LEASE)]) == [
             CommitResult.LEASE_KEPT
         ]
-        caplog.set_level(logging.WARNING)
-        assert await asyncio.to_thread(terminate_connections, backend.schema) >= 2
+        blocking = backend._blocking_pool
+        assert blocking is not None
+        connections = [blocking.getconn() for _ in range(6)]  # as many idle in the sync pool
+        for connection in connections:
+            blocking.putconn(connection)
+        caplog.set_level(logging.DEBUG, logger=postgres.logger.name)
+        assert await asyncio.to_thread(terminate_connections, backend.schema) >= 12
         await asyncio.sleep(0.2)  # the server's farewells have arrived
         await backend.create_instance(start_event("b"))  # on the loop's pool
         assert await asyncio.to_thread(commit, [checkpoint_for(item)]) == [CommitResult.COMMITTED]  # on the sync pool
-        assert any("retrying" in record.getMessage() for record in caplog.records)
+        messages = [record.getMessage() for record in caplog.records]
+        # At once, on another connection: nothing had failed but an idle connection.
+        assert sum("Replacing a pooled connection that the server closed" in message for message in messages) >= 2
+        assert not any("retrying" in message for message in messages), messages
         assert await backend.get_instance("b") is not None
     finally:
         await backend.close()
+
+
+async def test_a_server_that_ends_idle_sessions_costs_new_connections_and_no_failures(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A server's idle_session_timeout (from the URL's libpq options, here) closes pooled
+    # connections between transactions: they are replaced without a back-off; the listening
+    # connection, whose session idles by design, is kept.
+    backend = PostgresBackend(postgres_url() + "&options=-c%20idle_session_timeout%3D200")
+    try:
+        await backend.create_instance(start_event("a"))
+        [item] = await backend.lock_orchestration_work_items(1, LEASE)
+        commit = backend.complete_orchestration_work_items_blocking
+        assert await asyncio.to_thread(commit, [checkpoint_for(item, keep_lease_for=LEASE)]) == [
+            CommitResult.LEASE_KEPT
+        ]
+        listener = backend._listener_pid
+        caplog.set_level(logging.DEBUG, logger=postgres.logger.name)
+        await asyncio.sleep(0.6)
+        await backend.create_instance(start_event("b"))
+        assert await asyncio.to_thread(commit, [checkpoint_for(item)]) == [CommitResult.COMMITTED]
+        messages = [record.getMessage() for record in caplog.records]
+        assert any("Replacing a pooled connection that the server closed" in message for message in messages)
+        warnings = [
+            record for record in caplog.records if record.name.startswith("dtfx") and record.levelno >= logging.WARNING
+        ]
+        assert not warnings, messages  # (psycopg_pool says that it discarded them)
+        assert backend._listener_pid == listener
+        assert await backend.get_instance("b") is not None
+    finally:
+        await backend.close()
+
+
+async def test_a_url_passes_libpq_options_with_spaces_to_every_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    def program() -> Program[list[str]]:
+        rows = yield Fetch(
+            "SELECT current_setting('statement_timeout'), current_setting('work_mem'), current_schema()", ()
+        )
+        return list(rows[0])
+
+    url = postgres_url()
+    schema = url.rpartition("schema=")[2]
+    monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=4321 -c work_mem=5MB")  # when the URL gives none
+    given = "&options=-c%20statement_timeout%3D1234%20-c%20work_mem%3D6MB"
+    for options, expected in ((given, ["1234ms", "6MB", schema]), ("", ["4321ms", "5MB", schema])):
+        backend = PostgresBackend(url + options)
+        try:
+            await backend.start()  # the listener too
+            settings = await backend._transact(program, write=False)
+            assert settings == expected
+            assert await asyncio.to_thread(backend._run_blocking, program) == settings  # the sync pool's sessions
+            assert backend._listener_pid  # it could connect
+        finally:
+            await backend.close()
 
 
 async def test_a_blocking_commit_rides_out_a_lost_connection_and_refuses_once_the_backend_is_closed(
@@ -569,10 +643,12 @@ async def test_a_blocking_commit_rides_out_a_lost_connection_and_refuses_once_th
         items = {item.instance_id: item for item in await backend.lock_orchestration_work_items(2, LEASE)}
         commit = backend.complete_orchestration_work_items_blocking
         assert await asyncio.to_thread(commit, [checkpoint_for(items["a"])]) == [CommitResult.COMMITTED]
-        caplog.set_level(logging.WARNING)
+        caplog.set_level(logging.DEBUG, logger=postgres.logger.name)
         assert await asyncio.to_thread(terminate_connections, backend.schema) >= 1
         assert await asyncio.to_thread(commit, [checkpoint_for(items["b"])]) == [CommitResult.COMMITTED]
-        assert any("retrying" in record.getMessage() for record in caplog.records)
+        messages = [record.getMessage() for record in caplog.records]
+        # The connection was found closed before it was used (at once), or while (after a back-off).
+        assert any("Replacing a pooled connection" in message or "retrying" in message for message in messages)
         state = await backend.get_instance("b")
         assert state is not None and state.runtime_status == dtfx.OrchestrationStatus.RUNNING
     finally:

@@ -79,6 +79,12 @@ def test_postgres_url_options() -> None:
     )
 
 
+def test_a_postgres_url_passes_its_libpq_settings_percent_encoded() -> None:
+    # libpq reads a ``+`` in a URL as a plus sign, not as a space, and ``%20`` as a space.
+    conninfo, _, _ = parse_postgres_url("postgresql://db/app?options=-c%20statement_timeout%3D5s&application_name=a+b")
+    assert conninfo.startswith("postgresql://db/app?options=-c%20statement_timeout%3D5s&application_name=a%2Bb&")
+
+
 def test_a_postgres_url_keeps_the_libpq_settings_it_gives() -> None:
     conninfo, _, _ = parse_postgres_url(
         "postgresql://db/app?tcp_user_timeout=0&application_name=mine&keepalives_idle=5"

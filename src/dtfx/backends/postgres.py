@@ -25,7 +25,8 @@ loop or thread (a worker's, a sync client's). A worker's chain of eager steps co
 on its activity thread instead, blocking it, through a pool of sync connections that the
 first such commit opens (:attr:`~dtfx.backends.base.Backend.blocking_commits`). A
 transaction that fails before its commit because the connection was lost (a database
-restart) is retried on a fresh connection with back-off; one lost during its commit is
+restart) is retried on a fresh connection with back-off (at once if the server had closed
+the connection while it idled in the pool: nothing was sent); one lost during its commit is
 reported, since it may or may not have committed (the lease guards keep that safe: the
 work item is simply redone).
 """
@@ -35,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import threading
 import time
@@ -45,7 +47,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent import futures
 from itertools import chain
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
@@ -66,9 +68,10 @@ from dtfx.core.errors import (
 try:
     import psycopg
     from psycopg import errors as pg_errors
+    from psycopg.conninfo import conninfo_to_dict
     from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolClosed, PoolTimeout
 
-    from dtfx.backends.postgres_pipeline import EXPECT_FUNCTION_SQL, Pipeline
+    from dtfx.backends.postgres_pipeline import EXPECT_FUNCTION_SQL, Pipeline, StaleConnection
 except ImportError as error:  # pragma: no cover - depends on the installed extras
     raise ImportError(f"PostgreSQL support needs `pip install 'dtfx[postgres]'` ({error})") from error
 
@@ -83,6 +86,10 @@ _VALUES_ROWS = 8  # rows inserted by a list of values, above which by a JSON doc
 _CONFLICTS = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.UniqueViolation)
 _MAX_CONFLICT_RETRIES = 10
 _MAX_CONNECTION_RETRIES = 5
+_MAX_STALE_CONNECTIONS = 3
+"""Pooled connections found closed by the server that a transaction replaces at once; the pool's
+other idle ones are checked after the first (as after any lost connection), so more are
+a server that closes connections as soon as they open: retried with back-off, like a lost one."""
 _TCP_SETTINGS = (
     ("keepalives_idle", "30"),
     ("keepalives_interval", "10"),
@@ -116,11 +123,20 @@ class _Retries:
     def __init__(self) -> None:
         self._conflicts = 0
         self._unavailable = 0
+        self._stale = 0
+        self.check_pool = False
+        """Whether the pool's idle connections should be checked before the next attempt:
+        the last one failed on a lost connection, and others may have been lost with it."""
 
     def after(self, error: Exception, pipeline: Pipeline | None) -> float:
         """The seconds to wait before the next attempt (0: at once); or raise the error as the caller sees it."""
+        self.check_pool = isinstance(error, psycopg.OperationalError) and _connection_lost(error)
         if isinstance(error, PoolClosed):  # close() ran meanwhile
             raise _closed_error() from error
+        if isinstance(error, StaleConnection) and self._stale < _MAX_STALE_CONNECTIONS:
+            self._stale += 1
+            logger.debug("Replacing a pooled connection that the server closed: %s", error)
+            return 0.0
         if isinstance(error, _CONFLICTS):
             self._conflicts += 1
             if self._conflicts > _MAX_CONFLICT_RETRIES:
@@ -302,7 +318,7 @@ def parse_postgres_url(url: str) -> tuple[str, str, dict[str, int]]:
     scheme = parts.scheme.lower().partition("+")[0]
     if scheme not in ("postgresql", "postgres"):
         raise ConfigurationError(f"Not a PostgreSQL URL: {url!r}")
-    options = parse_qsl(parts.query, keep_blank_values=True)
+    options = parse_qsl(parts.query.replace("+", "%2B"), keep_blank_values=True)  # libpq's reading: no + for a space
     schema = DEFAULT_SCHEMA
     pool: dict[str, int] = {}
     passed: list[tuple[str, str]] = []
@@ -324,7 +340,9 @@ def parse_postgres_url(url: str) -> tuple[str, str, dict[str, int]]:
     # The application name lets operators (and tests) find a hub's connections.
     defaults = (("application_name", f"dtfx:{schema}"), *_TCP_SETTINGS)
     passed.extend((key, value) for key, value in defaults if key not in given)
-    conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(passed), parts.fragment))
+    # Percent-encoded, as libpq reads a URL: it takes a ``+`` as it is, not as a space.
+    query = urlencode(passed, quote_via=quote)
+    conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, query, parts.fragment))
     return conninfo, schema, pool
 
 
@@ -527,7 +545,11 @@ class PostgresBackend(SqlBackend):
         # the table grew, until it was next analysed. Every statement here has an index to go
         # through (by key, by visible-at time, by creation time): no plan needs to read a table whole.
         options = f"-c search_path={self.schema} -c plan_cache_mode=force_generic_plan -c enable_seqscan=off"
-        return {"autocommit": True, "options": options}
+        # After the application's own (the URL's ``options``, or else ``PGOPTIONS``, which
+        # libpq would read itself if no options were given here): of two settings of one
+        # parameter, the server keeps the later.
+        given = conninfo_to_dict(self._conninfo).get("options") or os.environ.get("PGOPTIONS", "")
+        return {"autocommit": True, "options": f"{given} {options}".strip()}
 
     def _new_pool(
         self, configure: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None
@@ -612,8 +634,9 @@ class PostgresBackend(SqlBackend):
                         await pool.putconn(connection)
             except Exception as error:
                 delay = retries.after(error, pipeline)
-                if delay:
+                if retries.check_pool:
                     await pool.check()
+                if delay:
                     await asyncio.sleep(delay)
                 continue
             self._after_commit(stepper.notifications)
@@ -632,8 +655,9 @@ class PostgresBackend(SqlBackend):
                     result = pipeline.run_blocking(stepper)
             except Exception as error:
                 delay = retries.after(error, pipeline)
-                if delay:
+                if retries.check_pool:
                     pool.check()
+                if delay:
                     time.sleep(delay)
                 continue
             self._after_commit(stepper.notifications)
@@ -707,6 +731,10 @@ class PostgresBackend(SqlBackend):
                 continue
             try:
                 async with connection:
+                    if connection.info.server_version >= 140000:
+                        # This session idles by design, waiting for notifications: a server's
+                        # idle_session_timeout (which pooled connections keep) would end it again and again.
+                        await connection.execute("SET idle_session_timeout = 0")
                     await connection.execute(f"LISTEN {self._channel}")
                     # Held as long as this connection lives: how other backend objects know
                     # that this one listens (see PostgresDialect).

@@ -28,9 +28,10 @@ after a failover), and the pool's next connection may reach the new primary (lib
 it among the URL's hosts with ``target_session_attrs=read-write``).
 
 A pipeline first makes sure that the server has not closed its connection while it was
-idle in the pool (a restart, a terminated session): such a connection fails before
-anything is sent, so that the transaction can run again on another one, where one found
-closed during the commit would leave its outcome unknown.
+idle in the pool (a restart, a terminated session, the server's ``idle_session_timeout``):
+such a connection fails with :class:`StaleConnection` before anything is sent, so that the
+transaction can run again at once on another one, where one found closed during the commit
+would leave its outcome unknown.
 """
 
 from __future__ import annotations
@@ -104,15 +105,24 @@ class _ConnectionState:
         self.readable.register(connection.pgconn.socket, select.POLLIN)
 
     def ensure_open(self, pgconn: pq.abc.PGconn) -> None:
-        """Raise :class:`psycopg.OperationalError` if the server has closed this idle
-        connection. An idle connection has nothing to read: one that is readable holds the
-        server's farewell (which libpq takes in silently) and then the connection's end, which
-        fails the second read. Anything else it may hold (a notice, a setting's new value)
-        is read, and the connection is used."""
+        """Raise :class:`StaleConnection` if the server has closed this idle connection. An
+        idle connection has nothing to read: one that is readable holds the server's farewell
+        (which libpq takes in silently) and then the connection's end, which fails the second
+        read. Anything else it may hold (a notice, a setting's new value) is read, and the
+        connection is used."""
         for _ in range(3):
             if not self.readable.poll(0):
                 return
-            pgconn.consume_input()
+            try:
+                pgconn.consume_input()
+            except psycopg.OperationalError as error:
+                raise StaleConnection(str(error).strip()) from error
+
+
+class StaleConnection(psycopg.OperationalError):
+    """The server closed this connection while it was idle in the pool (a restart, a
+    terminated session, its ``idle_session_timeout``): nothing was sent on it, and the
+    transaction can run at once on another connection."""
 
 
 _states: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any] | psycopg.Connection[Any], _ConnectionState] = (
