@@ -24,7 +24,7 @@ from dtfx.backends.postgres import PostgresBackend
 from dtfx.backends.sql.program import Fetch, Program
 from dtfx.core.errors import BackendUnavailableError, CommitInDoubtError
 from dtfx.core.history import TaskCompleted, TaskScheduled
-from dtfx.core.workitems import ActivityResult, ActivityTask, CommitResult
+from dtfx.core.workitems import ActivityResult, ActivityTask, CommitResult, OrchestrationWorkItem
 from tests.backends.test_contract import LEASE, checkpoint_for, start_event
 from tests.backends.test_lease_commits import doubling_chain
 from tests.backends.test_sqlite_backend import greeter, greeting_from_another_process
@@ -545,6 +545,15 @@ async def test_a_chain_commits_its_steps_on_its_activity_thread_through_a_pool_o
     assert pool is not None and pool.closed and backend._blocking_pool is None
 
 
+async def _work_item_on_both_pools(backend: PostgresBackend) -> OrchestrationWorkItem:
+    """An instance's work item, locked on the loop's pool and kept with a commit on the sync pool."""
+    await backend.create_instance(start_event("a"))
+    [item] = await backend.lock_orchestration_work_items(1, LEASE)
+    commit = backend.complete_orchestration_work_items_blocking
+    assert await asyncio.to_thread(commit, [checkpoint_for(item, keep_lease_for=LEASE)]) == [CommitResult.LEASE_KEPT]
+    return item
+
+
 async def test_connections_the_server_closed_while_idle_are_replaced_without_a_doubt_about_commits(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -554,12 +563,8 @@ async def test_connections_the_server_closed_while_idle_are_replaced_without_a_d
     # than found closed one by one.
     backend = PostgresBackend(postgres_url() + "&pool_min_size=6")
     try:
-        await backend.create_instance(start_event("a"))
-        [item] = await backend.lock_orchestration_work_items(1, LEASE)
+        item = await _work_item_on_both_pools(backend)
         commit = backend.complete_orchestration_work_items_blocking
-        assert await asyncio.to_thread(commit, [checkpoint_for(item, keep_lease_for=LEASE)]) == [
-            CommitResult.LEASE_KEPT
-        ]
         blocking = backend._blocking_pool
         assert blocking is not None
         connections = [blocking.getconn() for _ in range(6)]  # as many idle in the sync pool
@@ -587,12 +592,8 @@ async def test_a_server_that_ends_idle_sessions_costs_new_connections_and_no_fai
     # connection, whose session idles by design, is kept.
     backend = PostgresBackend(postgres_url() + "&options=-c%20idle_session_timeout%3D200")
     try:
-        await backend.create_instance(start_event("a"))
-        [item] = await backend.lock_orchestration_work_items(1, LEASE)
+        item = await _work_item_on_both_pools(backend)
         commit = backend.complete_orchestration_work_items_blocking
-        assert await asyncio.to_thread(commit, [checkpoint_for(item, keep_lease_for=LEASE)]) == [
-            CommitResult.LEASE_KEPT
-        ]
         listener = backend._listener_pid
         caplog.set_level(logging.DEBUG, logger=postgres.logger.name)
         await asyncio.sleep(0.6)
