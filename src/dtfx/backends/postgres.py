@@ -87,9 +87,9 @@ _CONFLICTS = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_err
 _MAX_CONFLICT_RETRIES = 10
 _MAX_CONNECTION_RETRIES = 5
 _MAX_STALE_CONNECTIONS = 3
-"""Pooled connections found closed by the server that a transaction replaces at once; the pool's
-other idle ones are checked after the first (as after any lost connection), so more are
-a server that closes connections as soon as they open: retried with back-off, like a lost one."""
+"""Pooled connections found closed by the server that a transaction replaces at once. The pool's
+other idle connections are checked after the first (as after any lost connection), so finding
+more means a server that closes connections as soon as they open: those count as lost ones."""
 _TCP_SETTINGS = (
     ("keepalives_idle", "30"),
     ("keepalives_interval", "10"),
@@ -116,9 +116,9 @@ def _closed_error() -> BackendUnavailableError:
 
 class _Retries:
     """What to do after each failed attempt at a transaction: run it again (at once after a
-    conflict, after a back-off once the connection was lost before the commit or the server
-    could not carry the transaction out for now: a full disk, a standby that cannot write)
-    or raise."""
+    conflict or on a pooled connection found closed before anything was sent on it, after a
+    back-off once the connection was lost before the commit or the server could not carry
+    the transaction out for now: a full disk, a standby that cannot write) or raise."""
 
     def __init__(self) -> None:
         self._conflicts = 0
