@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from dtfx._portal import LoopThread
 from dtfx._tracing import creation_span, current_trace_context, event_span
 from dtfx.backends import open_backend
-from dtfx.backends.base import Backend, utc_now
+from dtfx.backends.base import Backend
 from dtfx.core.context import as_utc, function_name
 from dtfx.core.entities import (
     CleanEntityStorageResult,
@@ -147,7 +147,7 @@ class AsyncClient:
         traced = nullcontext(trace_context) if trace_context is not None else creation_span(name, instance_id)
         with traced as context:
             start = ExecutionStarted(
-                timestamp=utc_now(),
+                timestamp=self.backend.now(),
                 name=name,
                 instance=OrchestrationInstance(instance_id=instance_id, execution_id=new_token()),
                 version=version or self.default_version,
@@ -252,23 +252,25 @@ class AsyncClient:
 
     async def raise_orchestration_event(self, instance_id: str, event_name: str, *, data: Any = None) -> None:
         """Send an external event; it waits in the instance's inbox until the orchestrator asks for it."""
-        event = EventRaised(timestamp=utc_now(), name=event_name, input=self.converter.serialize(data))
+        event = EventRaised(timestamp=self.backend.now(), name=event_name, input=self.converter.serialize(data))
         with event_span(event_name, instance_id):
             await (await self._ready()).send_event(instance_id, event)
 
     async def terminate_orchestration(self, instance_id: str, *, output: Any = None, recursive: bool = True) -> None:
         """End the instance (and, if ``recursive``, its running sub-orchestrations) as TERMINATED."""
-        event = ExecutionTerminated(timestamp=utc_now(), input=self.converter.serialize(output), recurse=recursive)
+        event = ExecutionTerminated(
+            timestamp=self.backend.now(), input=self.converter.serialize(output), recurse=recursive
+        )
         await (await self._ready()).send_event(instance_id, event)
 
     async def suspend_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
         """Pause the instance; events that arrive meanwhile are kept for when it resumes."""
-        event = ExecutionSuspended(timestamp=utc_now(), input=reason)
+        event = ExecutionSuspended(timestamp=self.backend.now(), input=reason)
         await (await self._ready()).send_event(instance_id, event)
 
     async def resume_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
         """Resume a suspended instance."""
-        event = ExecutionResumed(timestamp=utc_now(), input=reason)
+        event = ExecutionResumed(timestamp=self.backend.now(), input=reason)
         await (await self._ready()).send_event(instance_id, event)
 
     async def rewind_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
@@ -280,7 +282,7 @@ class AsyncClient:
             raise OrchestrationNotFoundError(instance_id)
         if state.runtime_status != OrchestrationStatus.FAILED:
             raise OrchestrationStateError(instance_id, state.runtime_status, "only failed instances can be rewound.")
-        await backend.send_event(instance_id, ExecutionRewound(timestamp=utc_now(), reason=reason))
+        await backend.send_event(instance_id, ExecutionRewound(timestamp=self.backend.now(), reason=reason))
 
     async def restart_orchestration(self, instance_id: str, *, restart_with_new_instance_id: bool = False) -> str:
         """Start an ended instance again with its original name, input, version and tags; returns the id."""
@@ -293,7 +295,7 @@ class AsyncClient:
             raise OrchestrationStateError(instance_id, state.runtime_status, "only ended instances can be restarted.")
         new_id = uuid.uuid4().hex if restart_with_new_instance_id else instance_id
         start = ExecutionStarted(
-            timestamp=utc_now(),
+            timestamp=self.backend.now(),
             name=state.name,
             instance=OrchestrationInstance(instance_id=new_id, execution_id=new_token()),
             version=state.version,
@@ -340,7 +342,7 @@ class AsyncClient:
             created_time_to=created_time_to,
             max_instance_count=500,
         )
-        deadline = None if timeout is None else utc_now() + timeout
+        deadline = None if timeout is None else self.backend.now() + timeout
         deleted = 0
         while True:
             page = await backend.query_instances(query)
@@ -353,7 +355,7 @@ class AsyncClient:
             deleted += removed
             if removed == 0:  # what is left changed status meanwhile
                 return PurgeResult(deleted, False)
-            if deadline is not None and utc_now() >= deadline:
+            if deadline is not None and self.backend.now() >= deadline:
                 return PurgeResult(deleted, False)
 
     async def _with_children(self, instance_ids: list[str]) -> list[str]:
@@ -395,7 +397,7 @@ class AsyncClient:
         target = str(entity_instance_id)
         scheduled = as_utc(signal_time) if signal_time is not None else None
         signal = EntityOperationSignaled(
-            timestamp=utc_now(),
+            timestamp=self.backend.now(),
             request_id=request_id or new_token(),
             operation=operation_name,
             target_instance_id=target,
@@ -479,7 +481,7 @@ class AsyncClient:
         if owner is not None and not owner.runtime_status.is_terminal:
             return 0
         unlock = EntityUnlockSent(
-            timestamp=utc_now(),
+            timestamp=self.backend.now(),
             critical_section_id=lock.critical_section_id,
             parent_instance_id=lock.owner,
             target_instance_id=entity.instance_id,

@@ -310,7 +310,7 @@ async def test_a_value_the_store_cannot_hold_fails_its_own_request_not_those_run
 def _work_of_next_visible_at(backend: Any) -> int:
     """How much the store does to answer ``next_visible_at``: SQLite's virtual machine steps,
     or the rows PostgreSQL's plan reads (with the generic plan the backend uses)."""
-    fetch = Stepper(operations.next_visible_at(WorkKind.ORCHESTRATION)).advance()
+    fetch = Stepper(operations.next_visible_at(backend._dialect, WorkKind.ORCHESTRATION)).advance()
     assert isinstance(fetch, Fetch)
     if isinstance(backend, SqliteBackend):
         steps = 0

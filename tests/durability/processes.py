@@ -4,25 +4,56 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import glob
+import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def skewed_clock(seconds: int) -> dict[str, str]:
+    """The environment of a process whose wall clock is ``seconds`` ahead of this machine's
+    (behind, if negative), by Debian's libfaketime; its monotonic clock is left alone, as a
+    machine's clock that is off leaves it. Skips when libfaketime is missing (fails in CI)."""
+    libraries = sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))
+    if not libraries:
+        reason = "libfaketime is not installed (Debian's package faketime)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    env = {
+        **os.environ,
+        "LD_PRELOAD": libraries[0],
+        "FAKETIME": f"{seconds:+d}s",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_DONT_RESET": "1",
+    }
+    shown = subprocess.run(
+        [sys.executable, "-c", "import time; print(time.time())"], env=env, capture_output=True, text=True, check=True
+    )
+    off = float(shown.stdout) - time.time()
+    assert abs(off - seconds) < 10, f"the process's clock is {off:.1f} s off, not {seconds} s"
+    return env
 
 
 class WorkerProcess:
     """A ``tests.durability.worker_process`` running against one task hub."""
 
-    def __init__(self, url: str, log: Path) -> None:
+    def __init__(self, url: str, log: Path, env: dict[str, str] | None = None) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.durability.worker_process", url, str(log)],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
         )
 
     @property

@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from datetime import timedelta
 from typing import Any
 
@@ -23,6 +22,7 @@ LEASE = timedelta(seconds=2)
 
 app = dtfx.App()
 _log_fd: int | None = None
+_never = threading.Event()  # waited on for a while; never set
 
 
 def record(instance_id: str, step: int) -> None:
@@ -35,7 +35,8 @@ def record(instance_id: str, step: int) -> None:
 def work(ctx: dtfx.ActivityContext, job: dict[str, Any]) -> int:
     """Step ``job["step"]``: sleeps ``job["sleep"]`` seconds and returns ``10 * step``."""
     record(ctx.orchestration_id, job["step"])
-    time.sleep(job.get("sleep", 0))
+    # Not time.sleep, which libfaketime breaks (EINVAL) in the processes of tests/durability/test_clock_skew.py.
+    _never.wait(job.get("sleep", 0))
     return 10 * int(job["step"])
 
 
@@ -64,6 +65,12 @@ def timer_then_work(ctx: dtfx.OrchestrationContext, job: dict[str, Any]) -> Any:
     yield ctx.create_timer(ctx.current_utc_datetime + timedelta(seconds=job["delay"]))
     result = yield ctx.call_activity(work, input={"step": 0})
     return result
+
+
+@app.orchestrator
+def approval(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+    """Waits for the external event ``approval`` and returns its data."""
+    return (yield ctx.wait_for_external_event("approval"))
 
 
 def main() -> None:

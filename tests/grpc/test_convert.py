@@ -123,7 +123,7 @@ def test_events_round_trip(event: history.HistoryEvent) -> None:
     message = event_to_proto(event)
     assert message.HasField("timestamp")
     assert message.eventId == event.event_id
-    assert event_from_proto(pb.HistoryEvent.FromString(message.SerializeToString())) == event
+    assert event_from_proto(pb.HistoryEvent.FromString(message.SerializeToString()), NOW + timedelta(hours=1)) == event
 
 
 def test_event_fields_land_where_the_sdk_reads_them() -> None:
@@ -176,15 +176,15 @@ def test_an_orchestrations_span_round_trips() -> None:
 
 def test_events_from_peers() -> None:
     unstamped = pb.HistoryEvent(eventId=-1, eventRaised=pb.EventRaisedEvent(name="e"))
-    assert event_from_proto(unstamped).timestamp.tzinfo is not None
+    assert event_from_proto(unstamped, NOW).timestamp == NOW  # stamped by the receiver's clock
     with pytest.raises(InvalidMessageError, match="no event type"):
-        event_from_proto(pb.HistoryEvent(eventId=1))
+        event_from_proto(pb.HistoryEvent(eventId=1), NOW)
     with pytest.raises(InvalidMessageError, match="historyState"):
-        event_from_proto(pb.HistoryEvent(historyState=pb.HistoryStateEvent()))
+        event_from_proto(pb.HistoryEvent(historyState=pb.HistoryStateEvent()), NOW)
     with pytest.raises(InvalidMessageError, match="fireAt"):
-        event_from_proto(pb.HistoryEvent(timerCreated=pb.TimerCreatedEvent()))
+        event_from_proto(pb.HistoryEvent(timerCreated=pb.TimerCreatedEvent()), NOW)
     with pytest.raises(InvalidMessageError, match="failureDetails"):
-        event_from_proto(pb.HistoryEvent(taskFailed=pb.TaskFailedEvent(taskScheduledId=1)))
+        event_from_proto(pb.HistoryEvent(taskFailed=pb.TaskFailedEvent(taskScheduledId=1)), NOW)
 
 
 def test_failure_details_round_trip() -> None:
@@ -224,7 +224,7 @@ ACTIONS: list[actions.OrchestratorAction] = [
 @pytest.mark.parametrize("action", ACTIONS, ids=lambda action: type(action).__name__)
 def test_actions_round_trip(action: actions.OrchestratorAction) -> None:
     message = pb.OrchestratorAction.FromString(action_to_proto(action).SerializeToString())
-    received = action_from_proto(message, "i")
+    received = action_from_proto(message, "i", NOW)
     if isinstance(action, actions.SendEntityMessage):  # the wire carries no timestamp for it: stamped on arrival
         assert isinstance(received, actions.SendEntityMessage)
         assert received.event.timestamp.tzinfo is not None
@@ -236,7 +236,7 @@ def test_actions_round_trip(action: actions.OrchestratorAction) -> None:
 
 def test_a_sub_orchestration_without_an_id_gets_the_sdk_default() -> None:
     message = pb.OrchestratorAction(id=10, createSubOrchestration=pb.CreateSubOrchestrationAction(name="child"))
-    created = action_from_proto(message, "parent")
+    created = action_from_proto(message, "parent", NOW)
     assert isinstance(created, actions.CreateSubOrchestration)
     assert created.instance_id == "parent:000a"
 
@@ -245,7 +245,7 @@ def test_a_failure_without_details_still_fails() -> None:
     complete = pb.CompleteOrchestrationAction(
         orchestrationStatus=pb.ORCHESTRATION_STATUS_FAILED, details=wrappers_pb2.StringValue(value="it broke")
     )
-    action = action_from_proto(pb.OrchestratorAction(id=1, completeOrchestration=complete), "i")
+    action = action_from_proto(pb.OrchestratorAction(id=1, completeOrchestration=complete), "i", NOW)
     assert isinstance(action, actions.CompleteOrchestration)
     assert action.failure_details is not None and action.failure_details.message == "it broke"
 
@@ -274,7 +274,7 @@ def test_a_failure_without_details_still_fails() -> None:
 )
 def test_actions_dtfx_cannot_accept(message: pb.OrchestratorAction, complaint: str) -> None:
     with pytest.raises(InvalidMessageError, match=complaint):
-        action_from_proto(message, "i")
+        action_from_proto(message, "i", NOW)
 
 
 def test_state_round_trip() -> None:

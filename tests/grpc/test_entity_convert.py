@@ -45,7 +45,7 @@ def text(value: str) -> wrappers_pb2.StringValue:
 def test_both_request_shapes_carry_the_batch() -> None:
     v2 = entity_request_to_proto("@counter@k", "x1", "0", OPERATIONS)
     assert (v2.instanceId, v2.executionId, v2.entityState.value) == ("@counter@k", "x1", "0")
-    assert [event_from_proto(event) for event in v2.operationRequests] == OPERATIONS
+    assert [event_from_proto(event, NOW) for event in v2.operationRequests] == OPERATIONS
 
     older = entity_batch_request_to_proto("@counter@k", None, OPERATIONS)
     assert older.instanceId == "@counter@k" and not older.HasField("entityState")

@@ -30,10 +30,11 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import ClassVar, Protocol
 
+from dtfx.backends.clock import utc_now
 from dtfx.backends.signals import KeyedSignal, Signal, Waiter
 from dtfx.core.history import ExecutionStarted, HistoryEvent, OrchestrationStatus
 from dtfx.core.instance_ids import is_entity_id
@@ -54,11 +55,6 @@ class WorkKind(enum.Enum):
     ORCHESTRATION = "orchestration"
     ACTIVITY = "activity"
     ENTITY = "entity"
-
-
-def utc_now() -> datetime:
-    """The backends' clock."""
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +122,11 @@ class Backend(ABC):
         that watches for them: :meth:`_changed_outside`). A dispatcher asks the store
         again when its delayed work is due after each (:meth:`next_visible_at`)."""
 
+    def now(self) -> datetime:
+        """The task hub's clock, off which every time the hub stores or compares is read (see
+        :mod:`dtfx.backends.clock`): this machine's, unless the store is shared by machines."""
+        return utc_now()
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:  # noqa: B027 - an optional hook
@@ -162,7 +163,7 @@ class Backend(ABC):
         if intake is None or lock_for is None:
             await self._create_instance(start, scheduled_start_at, reuse_policy, None)
             return
-        lease = NewLease(new_token(), utc_now() + lock_for)
+        lease = NewLease(new_token(), self.now() + lock_for)
         try:
             item = await self._create_instance(start, None, reuse_policy, lease)
         except BaseException:
@@ -343,7 +344,7 @@ class Backend(ABC):
         no dispatcher (a client) never takes them out with :meth:`local_due`. Work at a
         moment dropped is found as other processes' is (:meth:`next_visible_at`, polling).
         """
-        now = utc_now()
+        now = self.now()
         with self._delayed_lock:
             pending = self._delayed[kind]
             while pending and pending[0] <= now:
@@ -363,7 +364,7 @@ class Backend(ABC):
         work delayed by other processes is found by polling (:attr:`poll_interval`) and by
         :meth:`next_visible_at`.
         """
-        now = utc_now()
+        now = self.now()
         with self._delayed_lock:
             pending = self._delayed[kind]
             while pending and pending[0] <= now:

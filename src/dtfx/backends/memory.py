@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from dtfx.backends.base import Backend, NewLease, WorkKind, utc_now
+from dtfx.backends.base import Backend, NewLease, WorkKind
 from dtfx.backends.delivery import (
     Route,
     checkpointed_state,
@@ -97,7 +97,7 @@ class MemoryBackend(Backend):
         lease: NewLease | None,
     ) -> OrchestrationWorkItem | None:
         instance_id = start.instance.instance_id
-        now = utc_now()
+        now = self.now()
         item = None
         with self._lock:
             existing = self._instances.get(instance_id)
@@ -149,7 +149,7 @@ class MemoryBackend(Backend):
             woken.add(kind)
 
     async def send_event(self, instance_id: str, event: HistoryEvent, *, visible_at: datetime | None = None) -> None:
-        now = utc_now()
+        now = self.now()
         with self._lock:
             instance = self._instances.get(instance_id)
             if instance is None and not is_entity_id(instance_id):
@@ -213,7 +213,7 @@ class MemoryBackend(Backend):
         entities: bool = False,
         names: Collection[str] | None = None,
     ) -> list[OrchestrationWorkItem]:
-        now = utc_now()
+        now = self.now()
         items: list[OrchestrationWorkItem] = []
         with self._lock:
             for instance_id, instance in self._instances.items():
@@ -246,7 +246,7 @@ class MemoryBackend(Backend):
         return self._complete_orchestration_work_items(checkpoints)
 
     def _complete_orchestration_work_items(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> list[CommitResult]:
-        now = utc_now()
+        now = self.now()
         results: list[CommitResult] = []
         changed: list[str] = []
         woken: set[WorkKind] = set()
@@ -352,7 +352,7 @@ class MemoryBackend(Backend):
             instance = self._instances.get(item.instance_id)
             if instance is None or instance.lock_token != item.lock_token:
                 return False
-            instance.locked_until = item.locked_until = utc_now() + lock_for
+            instance.locked_until = item.locked_until = self.now() + lock_for
             return True
 
     # -- activity work items -------------------------------------------------------------------
@@ -360,7 +360,7 @@ class MemoryBackend(Backend):
     async def lock_activity_work_items(
         self, max_count: int, lock_for: timedelta, *, names: Collection[str] | None = None
     ) -> list[ActivityWorkItem]:
-        now = utc_now()
+        now = self.now()
         items: list[ActivityWorkItem] = []
         with self._lock:
             for task in self._tasks.values():
@@ -379,7 +379,7 @@ class MemoryBackend(Backend):
         return items
 
     async def complete_activity_work_items(self, results: Sequence[ActivityResult]) -> list[bool]:
-        now = utc_now()
+        now = self.now()
         committed: list[bool] = []
         woken: set[WorkKind] = set()
         with self._lock:
@@ -400,7 +400,7 @@ class MemoryBackend(Backend):
             task = self._leased_task(item)
             if task is not None:
                 task.lock_token = task.locked_until = None
-                task.visible_at = retry_at or utc_now()
+                task.visible_at = retry_at or self.now()
         if retry_at is not None:
             self._note_delayed(WorkKind.ACTIVITY, retry_at)
         self._notify_work(WorkKind.ACTIVITY)
@@ -410,7 +410,7 @@ class MemoryBackend(Backend):
             task = self._leased_task(item)
             if task is None:
                 return False
-            task.locked_until = item.locked_until = utc_now() + lock_for
+            task.locked_until = item.locked_until = self.now() + lock_for
             return True
 
     def _leased_task(self, item: ActivityWorkItem) -> _Task | None:
@@ -423,7 +423,7 @@ class MemoryBackend(Backend):
     # -- waiting ------------------------------------------------------------------------------
 
     async def next_visible_at(self, kind: WorkKind) -> datetime | None:
-        now = utc_now()
+        now = self.now()
         with self._lock:
             if kind is WorkKind.ACTIVITY:
                 moments: Iterator[datetime] = (t.visible_at for t in self._tasks.values() if t.visible_at > now)

@@ -45,6 +45,7 @@ import weakref
 import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent import futures
+from datetime import datetime
 from itertools import chain
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -53,6 +54,7 @@ import msgspec
 
 from dtfx._portal import LoopThread
 from dtfx.backends.base import WorkKind
+from dtfx.backends.clock import ReferenceClock, utc_now
 from dtfx.backends.sql.backend import Coalesced, SqlBackend
 from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program, Step, Stepper
 from dtfx.backends.sql.rows import from_micros, to_micros
@@ -230,7 +232,12 @@ class PostgresDialect(Dialect):
         self.sender = sender
         self.others_listening = True
         """Whether another backend object listens on the channel (as last seen; at first, assume so)."""
+        self.clock = ReferenceClock("the PostgreSQL server")
+        """The hub's clock: the server's, which :meth:`PostgresBackend._read_clock` reads."""
         self._row_types: dict[tuple[str, ...], type[msgspec.Struct]] = {}
+
+    def now(self) -> datetime:
+        return self.clock.now()
 
     def in_list(self, column: str) -> str:
         return f"{column} = ANY(?)"
@@ -357,9 +364,10 @@ class PostgresBackend(SqlBackend):
     watch_interval: ClassVar[float] = 0.5
     """How often the backend reads the instances waited for (:meth:`_watch`)."""
     listeners_interval: ClassVar[float] = 10.0
-    """How often the backend looks for other backend objects listening to the hub. One that
-    starts listening says so itself (a hello), so this look only notices those that have
-    gone, after which commits stop announcing themselves."""
+    """How often the backend looks for other backend objects listening to the hub, and reads
+    the server's clock (:meth:`_read_clock`). One that starts listening says so itself (a
+    hello), so this look only notices those that have gone, after which commits stop
+    announcing themselves."""
     blocking_commits = True  # on a pool of sync connections, opened by the first such commit
 
     def __init__(self, url: str) -> None:
@@ -586,6 +594,7 @@ class PostgresBackend(SqlBackend):
             self._pool = None
             await pool.close()
             raise
+        await self._read_clock()
         self._listener = asyncio.create_task(self._listen())
         self._watcher = asyncio.create_task(self._watch())
         await self._look_for_listeners()
@@ -788,15 +797,35 @@ class PostgresBackend(SqlBackend):
             logger.debug("Looking for other listeners failed", exc_info=True)
         self._postgres_dialect.others_listening = listening or self._hellos != hellos
 
+    async def _read_clock(self) -> None:
+        """Set the hub's clock by the server's (see :mod:`dtfx.backends.clock`), so that the
+        machines sharing the hub agree on its times whatever their own clocks say. Read when
+        the backend starts and every :attr:`listeners_interval`, which follows a clock that
+        drifts or is set."""
+
+        def program() -> Program[tuple[datetime, datetime, datetime]]:
+            sent = utc_now()
+            rows = yield Fetch("SELECT clock_timestamp()")
+            return rows[0][0], sent, utc_now()
+
+        try:
+            reading, sent, received = await self._transact(program, write=False)
+        except BackendError:
+            logger.debug("Reading the server's clock failed", exc_info=True)
+            return
+        self._postgres_dialect.clock.set_by(reading, sent, received)
+
     async def _watch(self) -> None:
         """A watch round every :attr:`watch_interval` (see :class:`SqlBackend`), which catches what
-        notifications miss, and a look for listeners every :attr:`listeners_interval`."""
+        notifications miss, and a look for listeners and at the server's clock every
+        :attr:`listeners_interval`."""
         looked_at = time.monotonic()
         while True:
             await asyncio.sleep(self.watch_interval)
             if time.monotonic() - looked_at >= self.listeners_interval:
                 looked_at = time.monotonic()
                 await self._look_for_listeners()
+                await self._read_clock()
             watch = self._watch_round()
             if watch is None:
                 continue

@@ -21,7 +21,6 @@ from typing import Any, cast
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2, wrappers_pb2
 
-from dtfx.backends.base import utc_now
 from dtfx.core import actions, history
 from dtfx.core.entities import (
     BatchResult,
@@ -397,21 +396,21 @@ _EVENT_TO_PROTO: dict[type[HistoryEvent], Callable[[Any], tuple[str, Any]]] = {
 # -- history events: protobuf -> dtfx ---------------------------------------------------------
 
 
-def event_from_proto(message: pb.HistoryEvent) -> HistoryEvent:
-    """A ``HistoryEvent`` from a peer; one without a timestamp is stamped now."""
+def event_from_proto(message: pb.HistoryEvent, now: datetime) -> HistoryEvent:
+    """A ``HistoryEvent`` from a peer; one without a timestamp is stamped ``now``."""
     field = message.WhichOneof("eventType")
     if field is None:
         raise InvalidMessageError(f"History event {message.eventId} has no event type.")
     read = _EVENT_FROM_PROTO.get(field)
     if read is None:
         raise InvalidMessageError(f"History events of type '{field}' are not supported.")
-    moment = optional_datetime(message, "timestamp") or utc_now()
+    moment = optional_datetime(message, "timestamp") or now
     return read(getattr(message, field), message.eventId, moment)
 
 
-def events_from_proto(messages: Iterable[pb.HistoryEvent]) -> list[HistoryEvent]:
+def events_from_proto(messages: Iterable[pb.HistoryEvent], now: datetime) -> list[HistoryEvent]:
     """Several events, in order."""
-    return [event_from_proto(message) for message in messages]
+    return [event_from_proto(message, now) for message in messages]
 
 
 def _required_string(message: Any, field: str, what: str) -> str:
@@ -589,8 +588,9 @@ _COMPLETION_STATUSES = frozenset(
 )
 
 
-def action_from_proto(message: pb.OrchestratorAction, instance_id: str) -> actions.OrchestratorAction:
-    """An action an SDK worker returned for ``instance_id``."""
+def action_from_proto(message: pb.OrchestratorAction, instance_id: str, now: datetime) -> actions.OrchestratorAction:
+    """An action an SDK worker returned for ``instance_id``; the events it carries are stamped
+    ``now`` if the worker did not stamp them."""
     field = message.WhichOneof("orchestratorActionType")
     action_id = message.id
     if field == "scheduleTask":
@@ -630,7 +630,7 @@ def action_from_proto(message: pb.OrchestratorAction, instance_id: str) -> actio
             id=action_id, instance_id=send.instance.instanceId, name=send.name, data=optional_string(send, "data")
         )
     if field == "completeOrchestration":
-        return _completion_from_proto(message.completeOrchestration, action_id)
+        return _completion_from_proto(message.completeOrchestration, action_id, now)
     if field == "terminateOrchestration":
         terminate = message.terminateOrchestration
         if not terminate.instanceId:
@@ -646,16 +646,18 @@ def action_from_proto(message: pb.OrchestratorAction, instance_id: str) -> actio
         if entity_field is None:
             raise InvalidMessageError(f"sendEntityMessage action {action_id} carries no entity message.")
         read = _EVENT_FROM_PROTO[entity_field]
-        event = read(getattr(message.sendEntityMessage, entity_field), action_id, utc_now())
+        event = read(getattr(message.sendEntityMessage, entity_field), action_id, now)
         return actions.SendEntityMessage(id=action_id, event=event)
     if field == "rewindOrchestration":
         return actions.RewindOrchestration(
-            id=action_id, new_history=events_from_proto(message.rewindOrchestration.newHistory)
+            id=action_id, new_history=events_from_proto(message.rewindOrchestration.newHistory, now)
         )
     raise InvalidMessageError(f"Action {action_id} has no action type.")
 
 
-def _completion_from_proto(complete: pb.CompleteOrchestrationAction, action_id: int) -> actions.CompleteOrchestration:
+def _completion_from_proto(
+    complete: pb.CompleteOrchestrationAction, action_id: int, now: datetime
+) -> actions.CompleteOrchestration:
     status = status_from_proto(complete.orchestrationStatus)
     if status not in _COMPLETION_STATUSES:
         raise InvalidMessageError(
@@ -675,13 +677,15 @@ def _completion_from_proto(complete: pb.CompleteOrchestrationAction, action_id: 
         result=optional_string(complete, "result"),
         failure_details=failure,
         new_version=optional_string(complete, "newVersion"),
-        carryover_events=events_from_proto(complete.carryoverEvents),
+        carryover_events=events_from_proto(complete.carryoverEvents, now),
     )
 
 
-def actions_from_proto(messages: Iterable[pb.OrchestratorAction], instance_id: str) -> list[actions.OrchestratorAction]:
+def actions_from_proto(
+    messages: Iterable[pb.OrchestratorAction], instance_id: str, now: datetime
+) -> list[actions.OrchestratorAction]:
     """Several actions, in order."""
-    return [action_from_proto(message, instance_id) for message in messages]
+    return [action_from_proto(message, instance_id, now) for message in messages]
 
 
 def action_to_proto(action: actions.OrchestratorAction) -> pb.OrchestratorAction:

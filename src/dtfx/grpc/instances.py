@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 from google.protobuf import wrappers_pb2
 
-from dtfx.backends.base import utc_now
 from dtfx.client import AsyncClient
 from dtfx.core.errors import OrchestrationNotFoundError
 from dtfx.core.history import TERMINAL_STATUSES, EventRaised, OrchestrationStatus
@@ -209,7 +208,9 @@ class InstanceRpcs:
         if not request.name:
             raise invalid_argument("RaiseEvent needs the event's name.")
         # Through the backend: the SDK's client made the event's span (the AsyncClient would make another).
-        event = EventRaised(timestamp=utc_now(), name=request.name, input=optional_string(request, "input"))
+        event = EventRaised(
+            timestamp=self._client.backend.now(), name=request.name, input=optional_string(request, "input")
+        )
         await self._client.backend.send_event(instance_id, event)
         return pb.RaiseEventResponse()
 

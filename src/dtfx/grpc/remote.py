@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from dtfx.backends.base import Backend, utc_now
+from dtfx.backends.base import Backend
 from dtfx.core.entities import BatchPlan, BatchResult
 from dtfx.core.history import (
     ExecutionStarted,
@@ -115,7 +115,7 @@ class RemoteEpisodeRunner:
     ) -> EpisodeOutcome | Abandon:
         connection = self._hub.worker_for(item.lock_token, started.name, item.state.version)
         if connection is None:  # no open stream asked for this version: leave it for later
-            return Abandon(utc_now() + self._retry_delay)
+            return Abandon(self._retry_delay)
         sent = self._cache.lookup(item) if past_events is None else None
         if sent is None:
             if past_events is None:  # evicted since cached_start said otherwise
@@ -181,7 +181,7 @@ class RemoteActivityRunner:
         scheduled = item.task.event
         connection = self._hub.worker_for(item.lock_token, scheduled.name, scheduled.version)
         if connection is None:
-            return Abandon(utc_now() + self._retry_delay)
+            return Abandon(self._retry_delay)
         request = pb.ActivityRequest(
             name=scheduled.name,
             version=string_value(scheduled.version),
@@ -229,7 +229,7 @@ class RemoteEntityRunner:
     async def run(self, item: OrchestrationWorkItem, plan: BatchPlan) -> BatchResult | Abandon:
         connection = self._hub.worker_for(item.lock_token, plan.entity_id.entity, None)
         if connection is None:
-            return Abandon(utc_now() + self._retry_delay)
+            return Abandon(self._retry_delay)
         state = item.state.serialized_output
         if self._legacy_requests:
             work_item = pb.WorkItem(

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Callable
 from datetime import datetime
 
-from dtfx.backends.base import WorkKind, utc_now
+from dtfx.backends.base import Backend, WorkKind
 from dtfx.core.entities import BatchResult
 from dtfx.core.history import TaskCompleted, TaskFailed
 from dtfx.grpc.convert import (
@@ -34,6 +34,7 @@ from dtfx.worker.orchestrations import Abandon, EpisodeOutcome
 class WorkItemRpcs:
     """The work-item RPCs of ``TaskHubSidecarService``."""
 
+    _backend: Backend
     _hub: WorkerHub
     _options: SidecarOptions
 
@@ -57,7 +58,7 @@ class WorkItemRpcs:
             return pb.CompleteTaskResponse()
         try:
             _check_instance(item, request.instanceId)
-            actions = actions_from_proto(request.actions, item.instance_id)
+            actions = actions_from_proto(request.actions, item.instance_id, self._backend.now())
             span = optional_span(request)
         except InvalidMessageError as error:
             self._give_back(item, error)
@@ -73,7 +74,11 @@ class WorkItemRpcs:
 
     @unary
     async def CompleteActivityTask(self, request: pb.ActivityResponse, context: Context) -> pb.CompleteTaskResponse:
-        return self._complete(request.completionToken, WorkKind.ACTIVITY, lambda item: _activity_result(item, request))
+        return self._complete(
+            request.completionToken,
+            WorkKind.ACTIVITY,
+            lambda item: _activity_result(item, request, self._backend.now()),
+        )
 
     @unary
     async def CompleteEntityTask(self, request: pb.EntityBatchResult, context: Context) -> pb.CompleteTaskResponse:
@@ -117,16 +122,17 @@ class WorkItemRpcs:
     def _abandon(self, token: str, kind: WorkKind) -> None:
         item = self._hub.lookup(token, kind, completing=False)
         if item is not None:
-            self._hub.finish(item, Abandon(self._retry_at()), reason="the worker abandoned it")
+            self._hub.finish(item, Abandon(self._options.abandon_retry_delay), reason="the worker abandoned it")
 
     def _give_back(self, item: DispatchedWorkItem, error: InvalidMessageError) -> None:
-        self._hub.finish(item, Abandon(self._retry_at()), reason=f"its completion was malformed: {error}")
+        self._hub.finish(
+            item, Abandon(self._options.abandon_retry_delay), reason=f"its completion was malformed: {error}"
+        )
 
-    def _retry_at(self) -> datetime:
-        return utc_now() + self._options.abandon_retry_delay
 
-
-def _activity_result(item: DispatchedWorkItem, response: pb.ActivityResponse) -> TaskCompleted | TaskFailed:
+def _activity_result(
+    item: DispatchedWorkItem, response: pb.ActivityResponse, now: datetime
+) -> TaskCompleted | TaskFailed:
     _check_instance(item, response.instanceId)
     assert item.task_id is not None
     if response.taskId != item.task_id:
@@ -136,9 +142,9 @@ def _activity_result(item: DispatchedWorkItem, response: pb.ActivityResponse) ->
     # HasField, not the message text: an exception with an empty message is still a failure.
     if response.HasField("failureDetails"):
         failure = failure_from_proto(response.failureDetails)
-        return TaskFailed(timestamp=utc_now(), task_scheduled_id=item.task_id, failure_details=failure)
+        return TaskFailed(timestamp=now, task_scheduled_id=item.task_id, failure_details=failure)
     output = optional_string(response, "result")
-    return TaskCompleted(timestamp=utc_now(), task_scheduled_id=item.task_id, result=output)
+    return TaskCompleted(timestamp=now, task_scheduled_id=item.task_id, result=output)
 
 
 def _batch_result(item: DispatchedWorkItem, result: pb.EntityBatchResult) -> BatchResult:

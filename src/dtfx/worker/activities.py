@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from dtfx._loops import in_context_on
 from dtfx._tracing import activity_span
-from dtfx.backends.base import Backend, utc_now
+from dtfx.backends.base import Backend
 from dtfx.core.activity import ActivityContext
 from dtfx.core.errors import BackendUnavailableError, NotRegisteredError
 from dtfx.core.history import FailureDetails, TaskCompleted, TaskFailed
@@ -71,7 +71,7 @@ class ActivityProcessor:
         async with keep_lease(renew, self._lease_duration, what):
             outcome = await (running if running is not None else self._runner.run(item))
         if isinstance(outcome, Abandon):
-            await self._backend.abandon_activity_work_item(item, retry_at=outcome.retry_at)
+            await self._backend.abandon_activity_work_item(item, retry_at=outcome.retry_at(self._backend.now()))
             return
         result = ActivityResult(item, outcome)
         try:
@@ -110,10 +110,18 @@ class ActivityProcessor:
 class LocalActivityRunner:
     """Runs registered Python activities (sync ones in a thread pool); an exception becomes a ``TaskFailed``."""
 
-    def __init__(self, registry: Registry, converter: DataConverter, *, thread_pool: Executor | None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        converter: DataConverter,
+        *,
+        thread_pool: Executor | None,
+        clock: Callable[[], datetime],
+    ) -> None:
         self._registry = registry
         self._converter = converter
         self.thread_pool = thread_pool
+        self._clock = clock
         self._kinds: dict[str, tuple[Any, bool]] = {}
         """Activity name -> (function, whether it is a coroutine function): looked up once."""
 
@@ -124,7 +132,7 @@ class LocalActivityRunner:
                 result = await self._call(activity, context, value)
             return self._completed(item, result)
         except Exception as error:
-            return _failed(item, error)
+            return _failed(item, error, self._clock())
 
     def runs_here(self, name: str) -> bool:
         """Whether :meth:`run_here` can run the activity ``name``: a registered function that is
@@ -143,7 +151,7 @@ class LocalActivityRunner:
                     result = asyncio.run_coroutine_threadsafe(_awaited(result), loop).result()
             return self._completed(item, result)
         except Exception as error:
-            return _failed(item, error)
+            return _failed(item, error, self._clock())
 
     def _prepare(self, item: ActivityWorkItem) -> tuple[Any, ActivityContext, Any]:
         """The activity, its context and its input."""
@@ -156,7 +164,7 @@ class LocalActivityRunner:
 
     def _completed(self, item: ActivityWorkItem, result: Any) -> TaskCompleted:
         output = self._converter.serialize(result)
-        return TaskCompleted(timestamp=utc_now(), task_scheduled_id=item.task.event.event_id, result=output)
+        return TaskCompleted(timestamp=self._clock(), task_scheduled_id=item.task.event.event_id, result=output)
 
     def _is_async(self, name: str, activity: Any) -> bool:
         known = self._kinds.get(name)
@@ -177,11 +185,11 @@ async def _awaited(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
 
-def _failed(item: ActivityWorkItem, error: Exception) -> TaskFailed:
+def _failed(item: ActivityWorkItem, error: Exception, now: datetime) -> TaskFailed:
     scheduled = item.task.event
     logger.debug("Activity %s #%d failed", scheduled.name, scheduled.event_id, exc_info=True)
     return TaskFailed(
-        timestamp=utc_now(),
+        timestamp=now,
         task_scheduled_id=scheduled.event_id,
         failure_details=FailureDetails.from_exception(error),
     )

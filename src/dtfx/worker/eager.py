@@ -23,11 +23,10 @@ not hold an orchestration slot.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from dtfx.backends.base import utc_now
 from dtfx.core.history import TaskCompleted, TaskFailed
 from dtfx.core.tokens import new_token
 from dtfx.core.workitems import ActivityResult, ActivityTask, ActivityWorkItem, OrchestrationCheckpoint
@@ -54,8 +53,10 @@ class EagerActivities:
         *,
         lease_duration: timedelta,
         window: timedelta,
+        clock: Callable[[], datetime],
     ) -> None:
         self._registry = registry
+        self._clock = clock
         self._activities = activities
         self._runner = runner
         self._dispatcher = dispatcher
@@ -93,7 +94,7 @@ class EagerActivities:
         elif not self._dispatcher.reserve_slot():
             return None
         task.lock_token = new_token()
-        task.locked_until = utc_now() + self._lease_duration
+        task.locked_until = self._clock() + self._lease_duration
         checkpoint.keep_lease_for = self._lease_duration
         self._claims[task.lock_token] = None
         return ActivityWorkItem(None, task.lock_token, task.locked_until, task, dequeue_count=1)

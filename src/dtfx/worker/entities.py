@@ -15,7 +15,7 @@ from concurrent.futures import Executor
 from typing import Any, Protocol
 
 from dtfx._tracing import current_trace_context, entity_operation_span
-from dtfx.backends.base import Backend, utc_now
+from dtfx.backends.base import Backend
 from dtfx.core.entities import (
     BatchPlan,
     BatchResult,
@@ -57,13 +57,15 @@ class EntityProcessor:
 
     async def process(self, item: OrchestrationWorkItem) -> None:
         """Run the operations the entity's lock lets through, and commit the batch."""
-        now = utc_now()
+        now = self._backend.now()
         plan = plan_batch(item, now)
         result: BatchResult | None = None
         if plan.operations:
             outcome = await self._runner.run(item, plan)
             if isinstance(outcome, Abandon):  # given back (over gRPC: no SDK worker can take it now)
-                await self._backend.abandon_orchestration_work_item(item, retry_at=outcome.retry_at)
+                await self._backend.abandon_orchestration_work_item(
+                    item, retry_at=outcome.retry_at(self._backend.now())
+                )
                 return
             result = outcome
         if not await self._committer.commit(apply_batch(item, plan, result, now)):

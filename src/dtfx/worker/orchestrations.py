@@ -19,7 +19,7 @@ from functools import partial
 from typing import Protocol
 
 from dtfx._tracing import episode_traced, execution_ended
-from dtfx.backends.base import Backend, utc_now
+from dtfx.backends.base import Backend
 from dtfx.backends.delivery import checkpointed_state
 from dtfx.core.actions import CompleteOrchestration, OrchestratorAction
 from dtfx.core.apply import (
@@ -75,9 +75,13 @@ class EpisodeOutcome:
 
 @dataclass
 class Abandon:
-    """The executor declines the work item; offer it again at ``retry_at``."""
+    """The executor declines the work item; offer it again after ``retry_after`` (``None``: at once)."""
 
-    retry_at: datetime | None = None
+    retry_after: timedelta | None = None
+
+    def retry_at(self, now: datetime) -> datetime | None:
+        """When to offer the work item again, ``now`` being the hub's time."""
+        return None if self.retry_after is None else now + self.retry_after
 
 
 _Following = tuple[OrchestrationCheckpoint, int | None] | Abandon
@@ -189,7 +193,7 @@ class OrchestrationProcessor:
 
     async def process(self, item: OrchestrationWorkItem) -> None:
         """Run one episode of the work item's instance and commit it."""
-        now = utc_now()
+        now = self._backend.now()
         cached = self._runner.cached_start(item)
         history: list[HistoryEvent] | None = None
         if cached is None or needs_history(item):
@@ -213,7 +217,7 @@ class OrchestrationProcessor:
         outcome = await self._runner.run(item, started, history if cached is None else None, plan.new_events)
         if isinstance(outcome, Abandon):
             self._runner.finished(item, None, False)
-            await self._backend.abandon_orchestration_work_item(item, retry_at=outcome.retry_at)
+            await self._backend.abandon_orchestration_work_item(item, retry_at=outcome.retry_at(self._backend.now()))
             return
         checkpoint = apply_actions(
             item,
@@ -222,7 +226,7 @@ class OrchestrationProcessor:
             outcome.actions,
             outcome.custom_status,
             plan.consumed,
-            utc_now(),  # the actions' events date from when they came back (an SDK's: a round trip later)
+            self._backend.now(),  # the actions' events date from when they came back (an SDK's: a round trip later)
             history=history,
             span=outcome.span,
         )
@@ -267,7 +271,7 @@ class OrchestrationProcessor:
         if not await self._commit_keeping(lane, item, checkpoint, eager, ran, None):
             return
         assert eager is not None
-        item = _continued(item, checkpoint)
+        item = _continued(item, checkpoint, self._backend.now())
         if ran is None:
             step = await self._step(lane, item, started, eager)
             if step is None:
@@ -290,7 +294,7 @@ class OrchestrationProcessor:
             if not isinstance(following, tuple):
                 self._runner.finished(item, None, False)
                 await lane.deliver(eager, ran)
-                retry_at = following.retry_at if following is not None else None
+                retry_at = following.retry_at(self._backend.now()) if following is not None else None
                 await self._backend.abandon_orchestration_work_item(item, retry_at=retry_at)
                 return
             checkpoint, awaited = following
@@ -300,7 +304,7 @@ class OrchestrationProcessor:
             if not await self._commit_keeping(lane, item, checkpoint, claimed, None, recorded):
                 return
             assert claimed is not None
-            item = _continued(item, checkpoint)
+            item = _continued(item, checkpoint, self._backend.now())
             step = await self._step(lane, item, started, claimed)
             if step is None:
                 return
@@ -473,7 +477,7 @@ class OrchestrationProcessor:
             runner.finished(item, checkpoint, result is not CommitResult.LOST)
             if result is not CommitResult.LEASE_KEPT:
                 return Settled(result, recorded, claimed)
-            chain.stepped(_continued(item, checkpoint))
+            chain.stepped(_continued(item, checkpoint, self._backend.now()))
 
     def _follow_here(
         self,
@@ -487,7 +491,8 @@ class OrchestrationProcessor:
         item = self._going_on(item, uncommitted)
         if runner.cached_start(item) is None:
             return Abandon()
-        now, new_events = _episode_of(result)
+        now = self._backend.now()
+        new_events = _episode_of(result, now)
         return _followed(item, started, new_events, runner.run_here(item, started, None, new_events), now)
 
     async def _follow(
@@ -502,7 +507,8 @@ class OrchestrationProcessor:
         item = self._going_on(item, uncommitted)
         if self._runner.cached_start(item) is None:  # no live orchestration to go on with (evicted, no cache)
             return Abandon()
-        now, new_events = _episode_of(result)
+        now = self._backend.now()
+        new_events = _episode_of(result, now)
         outcome = await self._runner.run(item, started, None, new_events)
         return _followed(item, started, new_events, outcome, now)
 
@@ -514,7 +520,7 @@ class OrchestrationProcessor:
         if uncommitted is None:
             return item
         self._runner.finished(item, uncommitted, True)  # the live orchestration goes on from there
-        return _continued(item, uncommitted)
+        return _continued(item, uncommitted, self._backend.now())
 
     async def release(self, item: OrchestrationWorkItem) -> None:
         """Give the work item back after a failure or at shutdown.
@@ -557,10 +563,9 @@ _InDoubt = tuple[tuple[ActivityWorkItem, TaskCompleted | TaskFailed] | None, Act
 """An eager step whose commit's outcome is unknown: the eager result it recorded, the eager task it queued."""
 
 
-def _episode_of(result: TaskCompleted | TaskFailed) -> tuple[datetime, list[HistoryEvent]]:
-    """When the episode that an eager activity's ``result`` starts begins, and its new events."""
-    now = utc_now()
-    return now, [OrchestratorStarted(timestamp=now), result]
+def _episode_of(result: TaskCompleted | TaskFailed, now: datetime) -> list[HistoryEvent]:
+    """The new events of the episode that an eager activity's ``result`` starts ``now``."""
+    return [OrchestratorStarted(timestamp=now), result]
 
 
 def _followed(
@@ -582,13 +587,15 @@ def _log_lost(item: OrchestrationWorkItem, result: CommitResult) -> None:
         logger.warning("Instance %s: the lease was lost before the episode could be committed", item.instance_id)
 
 
-def _continued(item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint) -> OrchestrationWorkItem:
-    """The work item as it stands once ``checkpoint`` is committed with the lease kept."""
+def _continued(
+    item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint, now: datetime
+) -> OrchestrationWorkItem:
+    """The work item as it stands once ``checkpoint`` is committed with the lease kept, ``now``."""
     assert checkpoint.keep_lease_for is not None
     return OrchestrationWorkItem(
         instance_id=item.instance_id,
         lock_token=item.lock_token,
-        locked_until=utc_now() + checkpoint.keep_lease_for,
+        locked_until=now + checkpoint.keep_lease_for,
         state=checkpointed_state(item.state, checkpoint),
         messages=[],
         history_size=checkpoint.history_size_after(item.history_size),
@@ -676,7 +683,7 @@ class LocalRunner:
             assert self._versioning is not None
             if self._versioning.failure_strategy is VersionFailureStrategy.REJECT:
                 logger.info("Instance %s: %s Leaving it to another worker.", item.instance_id, failure.message)
-                return Abandon(utc_now() + self._reject_retry_delay)
+                return Abandon(self._reject_retry_delay)
             return _failed(failure)
 
         with self._lock:

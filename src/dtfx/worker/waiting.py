@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from dtfx.backends.base import Backend, WorkKind, utc_now
+from dtfx.backends.base import Backend, WorkKind
 from dtfx.backends.signals import Waiter
 
 _TIMER_SLACK = 0.002
@@ -44,7 +44,7 @@ class WorkWaiter:
         if self._checked_at != outside_changes:
             self._store_due = await backend.next_visible_at(self._kind)
             self._checked_at = outside_changes
-        now = utc_now()
+        now = backend.now()
         timeout = backend.poll_interval
         for due in (backend.local_due(self._kind), self._store_due):
             if due is not None and due > now:

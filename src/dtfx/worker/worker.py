@@ -137,7 +137,9 @@ class Worker(BackgroundRunnable):
         entities = EntityProcessor(
             self.backend, LocalEntityRunner(self.registry, self.converter, thread_pool=self._thread_pool), checkpoints
         )
-        activity_runner = LocalActivityRunner(self.registry, self.converter, thread_pool=self._thread_pool)
+        activity_runner = LocalActivityRunner(
+            self.registry, self.converter, thread_pool=self._thread_pool, clock=self.backend.now
+        )
         activities = ActivityProcessor(
             self.backend,
             activity_runner,
@@ -192,6 +194,7 @@ class Worker(BackgroundRunnable):
                 activity_dispatcher,
                 lease_duration=lease,
                 window=options.eager_activity_window,
+                clock=self.backend.now,
             )
         for dispatcher in self._dispatchers:
             dispatcher.start()

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-from dtfx.backends.base import Backend, NewLease, WorkKind, utc_now
+from dtfx.backends.base import Backend, NewLease, WorkKind
 from dtfx.backends.sql import operations
 from dtfx.backends.sql.program import AssumptionFailed, Dialect, Notify, Program
 from dtfx.backends.sql.transaction import KeptRow
@@ -136,6 +136,9 @@ class SqlBackend(Backend):
         """The rows of the instances whose lease the last commit of this object kept, as written."""
         self._giving_back: set[asyncio.Task[None]] = set()
         self._closed = False
+
+    def now(self) -> datetime:
+        return self._dialect.now()
 
     @abstractmethod
     async def _run(
@@ -327,7 +330,7 @@ class SqlBackend(Backend):
     ) -> list[OrchestrationWorkItem]:
         if max_count < 1 or (names is not None and not names):
             return []
-        lease = NewLease(new_token(), utc_now() + lock_for)
+        lease = NewLease(new_token(), self.now() + lock_for)
         program = partial(
             operations.lock_orchestration_work_items,
             self._dialect,
@@ -426,7 +429,7 @@ class SqlBackend(Backend):
         await self._run(program, write=True)
 
     async def renew_orchestration_lease(self, item: OrchestrationWorkItem, lock_for: timedelta) -> bool:
-        return await self._renew(item, partial(operations.renew_orchestration_lease, item, lock_for))
+        return await self._renew(item, partial(operations.renew_orchestration_lease, self._dialect, item, lock_for))
 
     # -- activity work items -------------------------------------------------------------------
 
@@ -435,7 +438,7 @@ class SqlBackend(Backend):
     ) -> list[ActivityWorkItem]:
         if max_count < 1 or (names is not None and not names):
             return []
-        lease = NewLease(new_token(), utc_now() + lock_for)
+        lease = NewLease(new_token(), self.now() + lock_for)
         program = partial(operations.lock_activity_work_items, self._dialect, max_count, lease, names)
         give_back = partial(operations.give_back_task_leases, self._dialect, operations.lease_prefix(lease.lock_token))
         return await self._lease(program, give_back, lease)
@@ -449,7 +452,7 @@ class SqlBackend(Backend):
         await self._run(partial(operations.abandon_activity_work_item, self._dialect, item, retry_at), write=True)
 
     async def renew_activity_lease(self, item: ActivityWorkItem, lock_for: timedelta) -> bool:
-        return await self._renew(item, partial(operations.renew_activity_lease, item, lock_for))
+        return await self._renew(item, partial(operations.renew_activity_lease, self._dialect, item, lock_for))
 
     # A transaction that takes leases (a lock of work items, a creation leased to this process's
     # worker) may fail with its commit in doubt. Had it committed, its leases would hold their
@@ -482,7 +485,7 @@ class SqlBackend(Backend):
                 await self._run(give_back, write=True)
                 return
             except BackendUnavailableError as error:
-                if self._closed or utc_now() + timedelta(seconds=delay) >= until:
+                if self._closed or self.now() + timedelta(seconds=delay) >= until:
                     logger.warning("Leases taken in a transaction whose commit is in doubt stay (%s)", error)
                     return
                 delay = min(2 * delay, _GIVE_BACK_MAX_DELAY)
@@ -503,4 +506,4 @@ class SqlBackend(Backend):
     # -- waiting ------------------------------------------------------------------------------
 
     async def next_visible_at(self, kind: WorkKind) -> datetime | None:
-        return await self._run(partial(operations.next_visible_at, kind), write=False)
+        return await self._run(partial(operations.next_visible_at, self._dialect, kind), write=False)

@@ -2,7 +2,7 @@
 
 Writes go through :class:`~dtfx.backends.sql.transaction.HubTransaction`; leases,
 queries and reads are written here, a statement or two each. Every program takes the
-moment it runs at from :func:`~dtfx.backends.base.utc_now` when it starts.
+moment it runs at from the hub's clock (:meth:`Dialect.now`) when it starts.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from dtfx.backends.base import NewLease, WorkKind, utc_now
+from dtfx.backends.base import NewLease, WorkKind
 from dtfx.backends.delivery import work_kind_of
 from dtfx.backends.paging import decode_token, encode_token
 from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program
@@ -66,7 +66,7 @@ def create_instances(
     ``assume_new``: take it that none of the instances exists yet instead of reading their rows
     (:meth:`HubTransaction.assume_absent`); on PostgreSQL, the creation is then one round trip.
     """
-    transaction = HubTransaction(dialect, utc_now())
+    transaction = HubTransaction(dialect)
     instance_ids = [request[0].instance.instance_id for request in requests]
     if assume_new:
         transaction.assume_absent(set(instance_ids))
@@ -116,7 +116,7 @@ def send_events(
 ) -> Program[list[OrchestrationNotFoundError | None]]:
     """Deliver events (each ``(instance_id, event, visible_at)``) in order, in one transaction;
     an event for an unknown orchestration gets its error and changes nothing."""
-    transaction = HubTransaction(dialect, utc_now())
+    transaction = HubTransaction(dialect)
     yield from transaction.load(instance_id for instance_id, _, _ in requests)
     outcomes: list[OrchestrationNotFoundError | None] = []
     for instance_id, event, visible_at in requests:
@@ -235,7 +235,7 @@ def lock_orchestration_work_items(
     """Lease up to ``max_count`` instances with visible messages until ``lease.locked_until``,
     each under a token of its own: :func:`lease_prefix` and the instance's id (see
     :func:`give_back_instance_leases`)."""
-    now = utc_now()
+    now = dialect.now()
     until = lease.locked_until
     now_micros = to_micros(now)
     params: list[Any] = [int(entities), now_micros, now_micros]
@@ -294,7 +294,7 @@ def complete_orchestration_work_items(
     """Commit the checkpoints; return what happened to each, and the rows of the instances
     whose lease was kept. ``kept``: the row of the (only) checkpoint's instance as the commit
     before left it, taken as it is unless it changed since (:meth:`HubTransaction.assume`)."""
-    transaction = HubTransaction(dialect, utc_now())
+    transaction = HubTransaction(dialect)
     if kept is not None:
         yield from transaction.assume(kept)
     yield from transaction.load(
@@ -343,15 +343,17 @@ def give_back_instance_leases(dialect: Dialect, prefix: str, entities: bool) -> 
     yield from dialect.notify(Notify(frozenset([WorkKind.ENTITY if entities else WorkKind.ORCHESTRATION])))
 
 
-def renew_orchestration_lease(item: OrchestrationWorkItem, lock_for: timedelta) -> Program[datetime | None]:
+def renew_orchestration_lease(
+    dialect: Dialect, item: OrchestrationWorkItem, lock_for: timedelta
+) -> Program[datetime | None]:
     """The lease's new expiry, or ``None`` if it was lost."""
     sql = "UPDATE instances SET locked_until = ? WHERE instance_id = ? AND lock_token = ? RETURNING instance_id"
-    return (yield from _extend_lease(sql, (item.instance_id, item.lock_token), lock_for))
+    return (yield from _extend_lease(dialect, sql, (item.instance_id, item.lock_token), lock_for))
 
 
-def _extend_lease(sql: str, lease: tuple[Any, ...], lock_for: timedelta) -> Program[datetime | None]:
+def _extend_lease(dialect: Dialect, sql: str, lease: tuple[Any, ...], lock_for: timedelta) -> Program[datetime | None]:
     """Run ``sql`` (parameters: the new expiry, then ``lease``; returning a row if the lease is held)."""
-    until = utc_now() + lock_for
+    until = dialect.now() + lock_for
     rows = yield Fetch(sql, (to_micros(until), *lease), last=True)
     return until if rows else None
 
@@ -365,7 +367,7 @@ def lock_activity_work_items(
     """Lease up to ``max_count`` visible activity tasks until ``lease.locked_until``, each under
     a token of its own: :func:`lease_prefix` and the task's id (see
     :func:`give_back_task_leases`)."""
-    now = utc_now()
+    now = dialect.now()
     until = lease.locked_until
     params: list[Any] = [to_micros(now)]
     name_filter = _name_filter(dialect, names, params)
@@ -390,7 +392,7 @@ def lock_activity_work_items(
 
 
 def complete_activity_work_items(dialect: Dialect, results: Sequence[ActivityResult]) -> Program[list[bool]]:
-    transaction = HubTransaction(dialect, utc_now())
+    transaction = HubTransaction(dialect)
     tokens = sorted({result.work_item.lock_token for result in results})
     rows = yield from transaction.load(
         (result.work_item.task.instance_id for result in results),
@@ -416,7 +418,7 @@ def complete_activity_work_items(dialect: Dialect, results: Sequence[ActivityRes
 
 
 def abandon_activity_work_item(dialect: Dialect, item: ActivityWorkItem, retry_at: datetime | None) -> Program[None]:
-    visible_at = retry_at or utc_now()
+    visible_at = retry_at or dialect.now()
     yield Execute(
         "UPDATE tasks SET lock_token = NULL, visible_at = ? WHERE lock_token = ?",
         (to_micros(visible_at), item.lock_token),
@@ -430,7 +432,7 @@ def give_back_task_leases(dialect: Dialect, prefix: str) -> Program[None]:
     took (:func:`lock_activity_work_items`), if it committed: its caller never learned whether
     it had. Nobody ran those tasks, so their dequeue count goes back too. A leased task is
     invisible until its lease ends, so only invisible tasks are looked at (an index holds them)."""
-    now = to_micros(utc_now())
+    now = to_micros(dialect.now())
     yield Execute(
         "UPDATE tasks SET lock_token = NULL, visible_at = ?, dequeue_count = dequeue_count - 1"
         " WHERE visible_at > ? AND lock_token LIKE ?",
@@ -439,10 +441,10 @@ def give_back_task_leases(dialect: Dialect, prefix: str) -> Program[None]:
     yield from dialect.notify(Notify(frozenset([WorkKind.ACTIVITY])))
 
 
-def renew_activity_lease(item: ActivityWorkItem, lock_for: timedelta) -> Program[datetime | None]:
+def renew_activity_lease(dialect: Dialect, item: ActivityWorkItem, lock_for: timedelta) -> Program[datetime | None]:
     """The lease's new expiry, or ``None`` if it was lost."""
     sql = "UPDATE tasks SET visible_at = ? WHERE lock_token = ? RETURNING id"
-    return (yield from _extend_lease(sql, (item.lock_token,), lock_for))
+    return (yield from _extend_lease(dialect, sql, (item.lock_token,), lock_for))
 
 
 # -- waiting --------------------------------------------------------------------------------------------
@@ -452,7 +454,7 @@ _LEASES_LOOKED_AT = 1000
 """How many instances with visible messages :func:`next_visible_at` looks at for the end of their lease."""
 
 
-def next_visible_at(kind: WorkKind) -> Program[datetime | None]:
+def next_visible_at(dialect: Dialect, kind: WorkKind) -> Program[datetime | None]:
     """When work of ``kind`` that cannot be leased yet can be.
 
     Both parts are read through an index, never from every instance that waits: the
@@ -460,7 +462,7 @@ def next_visible_at(kind: WorkKind) -> Program[datetime | None]:
     dispatcher looks, and asks again), and the earliest end of a lease on an instance whose
     messages are visible (the most overdue ones; polling finds the others).
     """
-    now = to_micros(utc_now())
+    now = to_micros(dialect.now())
     if kind is WorkKind.ACTIVITY:  # a leased task's visible_at is its lease's expiry (see the schema)
         rows = yield Fetch("SELECT visible_at FROM tasks WHERE visible_at > ? ORDER BY visible_at LIMIT 1", (now,))
         return optional_moment(rows[0][0]) if rows else None

@@ -21,6 +21,7 @@ from functools import cache
 from typing import Any, ClassVar, Generic, TypeVar
 
 from dtfx.backends.base import WorkKind
+from dtfx.backends.clock import utc_now
 from dtfx.core.history import OrchestrationStatus
 from dtfx.core.state import OrchestrationState
 
@@ -113,7 +114,7 @@ Program = Generator[Step, Any, T]
 
 
 class Dialect(ABC):
-    """The SQL fragments that differ between databases."""
+    """The SQL fragments that differ between databases, and their clocks."""
 
     for_update: ClassVar[str]
     """Appended to a select that reads rows the transaction will change."""
@@ -125,6 +126,11 @@ class Dialect(ABC):
     """The type of a 64-bit integer column."""
     writes_in_with: ClassVar[bool] = False
     """Whether a ``WITH`` clause may change rows (``WITH changed AS (UPDATE ... RETURNING ...)``)."""
+
+    def now(self) -> datetime:
+        """The moment a program runs at, off the task hub's clock (see :mod:`dtfx.backends.clock`):
+        this machine's, unless the database is shared by machines."""
+        return utc_now()
 
     @abstractmethod
     def in_list(self, column: str) -> str:

@@ -157,8 +157,8 @@ class _Writes:
 class HubTransaction:
     """The rules of the storage contract over the rows one transaction touches (see the module docstring)."""
 
-    def __init__(self, dialect: Dialect, now: datetime) -> None:
-        self.now = now
+    def __init__(self, dialect: Dialect) -> None:
+        self.now = dialect.now()
         self._dialect = dialect
         self._instances: dict[str, _Instance | None] = {}
         self._writes: dict[str, _Writes] = {}
