@@ -7,6 +7,7 @@ reachable, except in CI (``CI=true``), where they fail.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 
@@ -20,6 +21,16 @@ from dtfx.backends import Backend, MemoryBackend, open_backend
 from tests.postgres import drop_postgres_schemas, postgres_url  # noqa: F401 (an autouse fixture)
 
 CONTRACT_BACKENDS = os.environ.get("DTFX_TEST_BACKENDS", "memory,sqlite,postgres").split(",")
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """The CLI's commands configure the root logger; leave it as it was for the next test."""
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
 
 
 async def make_backend(kind: str, tmp_path: os.PathLike[str]) -> Backend:

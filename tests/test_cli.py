@@ -7,7 +7,6 @@ process would; every command opens the file on its own.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -88,16 +87,6 @@ def hub(tmp_path: Path) -> str:
 def worker(hub: str) -> Iterator[dtfx.Worker]:
     with dtfx.Worker(hub, app=app) as running:
         yield running
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """Commands configure the root logger; leave it as it was for the next test."""
-    root = logging.getLogger()
-    level, handlers = root.level, root.handlers[:]
-    yield
-    root.setLevel(level)
-    root.handlers[:] = handlers
 
 
 def wait_for_status(hub: str, instance_id: str, status: dtfx.OrchestrationStatus) -> dtfx.OrchestrationState:

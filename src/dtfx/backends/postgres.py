@@ -58,7 +58,7 @@ from dtfx.backends.clock import ReferenceClock, utc_now
 from dtfx.backends.sql.backend import Coalesced, SqlBackend
 from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program, Step, Stepper
 from dtfx.backends.sql.rows import from_micros, to_micros
-from dtfx.backends.sql.schema import migrate
+from dtfx.backends.sql.schema import MIGRATIONS, check_version, migrate
 from dtfx.core.errors import (
     BackendError,
     BackendUnavailableError,
@@ -73,7 +73,13 @@ try:
     from psycopg.conninfo import conninfo_to_dict
     from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolClosed, PoolTimeout
 
-    from dtfx.backends.postgres_pipeline import EXPECT_FUNCTION_SQL, Pipeline, StaleConnection
+    from dtfx.backends.postgres_pipeline import (
+        EXPECT_FUNCTION,
+        EXPECT_FUNCTION_BODY,
+        EXPECT_FUNCTION_SQL,
+        Pipeline,
+        StaleConnection,
+    )
 except ImportError as error:  # pragma: no cover - depends on the installed extras
     raise ImportError(f"PostgreSQL support needs `pip install 'dtfx[postgres]'` ({error})") from error
 
@@ -317,6 +323,11 @@ class PostgresDialect(Dialect):
             for chunk in chunks
         ]
         return [*announcements, notify]
+
+
+def _quoted(name: str) -> str:
+    """``name`` as a PostgreSQL identifier, in double quotes."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def parse_postgres_url(url: str) -> tuple[str, str, dict[str, int]]:
@@ -589,7 +600,7 @@ class PostgresBackend(SqlBackend):
             raise
         self._pool = pool
         try:
-            await self._transact(self._migration, write=True)
+            await self._set_up_hub()
         except BaseException:
             self._pool = None
             await pool.close()
@@ -600,13 +611,61 @@ class PostgresBackend(SqlBackend):
         await self._look_for_listeners()
         logger.debug("PostgreSQL task hub %r ready", self.schema)
 
+    async def _set_up_hub(self) -> None:
+        """Create the hub's schema, or migrate it to this version, unless it is there already."""
+        try:
+            await self._transact(self._migration, write=True)
+        except BackendError as error:
+            if not isinstance(error.__cause__, pg_errors.InsufficientPrivilege):
+                raise
+            raise ConfigurationError(
+                f"The task hub {self.schema!r} needs creating or migrating to this version of dtfx, which this"
+                f" database role may not do ({str(error.__cause__).strip()}). Run `dtfx migrate` once as a role"
+                " that may (the owner of the database or of the schema), with `--grant ROLE` to let a role"
+                " that may only read and write the hub's rows use it."
+            ) from error
+
     def _migration(self) -> Program[int]:
+        # A hub as this version made it is left alone: no lock, no DDL, so that a role that
+        # may only read and write its rows can start (see grant()).
+        found = yield Fetch(
+            "SELECT to_regclass('schema_version') IS NOT NULL,"
+            f" (SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure('{EXPECT_FUNCTION}(boolean)'))"
+        )
+        has_version, expect_source = found[0]
+        if has_version:
+            rows = yield Fetch("SELECT version FROM schema_version")
+            current = rows[0][0] if rows else 0
+            check_version(current)
+            if current == len(MIGRATIONS) and expect_source == EXPECT_FUNCTION_BODY:
+                return current
         # Concurrent first starts (several workers) take turns; the schema is created once.
         yield Execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"dtfx-migrate-{self.schema}",))
         yield Execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
         version = yield from migrate(self._dialect)
-        yield Execute(EXPECT_FUNCTION_SQL)  # replaced at every start: always this version's
+        yield Execute(EXPECT_FUNCTION_SQL)  # this version's
         return version
+
+    async def grant(self, role: str) -> None:
+        """Let the database role ``role`` use this task hub, as workers, clients and ``dtfx
+        serve`` do: read and write the rows of its tables, and of those a later migration by
+        the role calling this adds. Nothing more: a worker of that role starts on a hub that
+        is at its version of dtfx, and one at another version needs ``dtfx migrate`` (or a
+        start) by a role that may change the schema first."""
+        await self.start()
+        schema, grantee = _quoted(self.schema), _quoted(role)
+        statements = [
+            f"GRANT USAGE ON SCHEMA {schema} TO {grantee}",
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {grantee}",
+            f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} TO {grantee}",
+            f"ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {grantee}",
+        ]
+
+        def program() -> Program[None]:
+            for statement in statements:
+                yield Execute(statement)
+
+        await self._run(program, write=True)
 
     async def _shut_down(self) -> None:
         tasks = [task for task in (self._listener, self._watcher) if task is not None]

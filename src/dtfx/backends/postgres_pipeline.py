@@ -82,14 +82,16 @@ EXPECT_FUNCTION = "dtfx_expect"
 """The server-side function that checks an :class:`Expect`: it raises :data:`EXPECT_FAILED` on false."""
 EXPECT_FAILED = "DX001"
 """The SQLSTATE of an :class:`Expect` found false."""
-EXPECT_FUNCTION_SQL = f"""CREATE OR REPLACE FUNCTION {EXPECT_FUNCTION}(holds boolean) RETURNS boolean
-LANGUAGE plpgsql AS $$
+EXPECT_FUNCTION_BODY = f"""
 BEGIN
     IF NOT holds THEN
         RAISE EXCEPTION 'dtfx: a row changed since this process wrote it' USING ERRCODE = '{EXPECT_FAILED}';
     END IF;
     RETURN true;
-END $$"""
+END """
+"""The function's source, as the server keeps it (``pg_proc.prosrc``)."""
+EXPECT_FUNCTION_SQL = f"""CREATE OR REPLACE FUNCTION {EXPECT_FUNCTION}(holds boolean) RETURNS boolean
+LANGUAGE plpgsql AS $${EXPECT_FUNCTION_BODY}$$"""
 
 _OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.EMPTY_QUERY)
 _IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dtfx.cli import instances, worker
+from dtfx.cli import hub, instances, worker
 from dtfx.cli.root import cli
 from dtfx.grpc.cli import serve
 
@@ -27,6 +27,7 @@ COMMANDS: list[tuple[str, Callable[..., Any]]] = [
     ("restart", instances.restart),
     ("rewind", instances.rewind),
     ("purge", instances.purge),
+    ("migrate", hub.migrate),
 ]
 
 for _name, _function in COMMANDS:

@@ -80,6 +80,15 @@ MIGRATIONS: list[list[str]] = [
 ]
 
 
+def check_version(current: int) -> None:
+    """Raise :class:`~dtfx.ConfigurationError` if the hub's schema, at version ``current``, is newer than this."""
+    if current > len(MIGRATIONS):
+        raise ConfigurationError(
+            f"The task hub's schema is at version {current}, newer than this dtfx knows ({len(MIGRATIONS)}); "
+            "upgrade dtfx."
+        )
+
+
 def migrate(dialect: Dialect) -> Program[int]:
     """Create ``schema_version`` if needed and apply the missing migrations; return the version.
 
@@ -88,11 +97,7 @@ def migrate(dialect: Dialect) -> Program[int]:
     yield Execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     rows = yield Fetch("SELECT version FROM schema_version")
     current = rows[0][0] if rows else 0
-    if current > len(MIGRATIONS):
-        raise ConfigurationError(
-            f"The task hub's schema is at version {current}, newer than this dtfx knows ({len(MIGRATIONS)}); "
-            "upgrade dtfx."
-        )
+    check_version(current)
     for statements in MIGRATIONS[current:]:
         for statement in statements:
             yield Execute(statement.format(bigint=dialect.bigint, serial_key=dialect.serial_key))

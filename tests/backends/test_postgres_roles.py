@@ -1,0 +1,147 @@
+"""A PostgreSQL role that may only read and write a hub's rows runs it, once `dtfx migrate`
+has made the hub and granted the role its use; one that may not change the schema is told
+to run `dtfx migrate` when the hub needs it."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Generator, Iterator
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+import dtfx
+from dtfx.cli import cli
+from dtfx.core.errors import ConfigurationError
+from tests.postgres import SERVER_URL, postgres_url
+
+app = dtfx.App()
+
+
+@app.activity
+def shout(ctx: dtfx.ActivityContext, word: str) -> str:
+    return word.upper()
+
+
+@app.entity
+def tally(ctx: dtfx.EntityContext, amount: int) -> int:
+    total = (ctx.get_state(int) or 0) + amount
+    ctx.set_state(total)
+    return total
+
+
+@app.orchestrator
+def child(ctx: dtfx.OrchestrationContext, word: str) -> Generator[dtfx.Task[Any], Any, str]:
+    return (yield ctx.call_activity(shout, input=word))
+
+
+@app.orchestrator
+def errand(ctx: dtfx.OrchestrationContext, word: str) -> Generator[dtfx.Task[Any], Any, list[Any]]:
+    """Activities in a row, a timer, an external event, an entity call and a sub-orchestration."""
+    shouted = yield ctx.call_activity(shout, input=word)
+    shouted = yield ctx.call_activity(shout, input=shouted)
+    yield ctx.create_timer(ctx.current_utc_datetime + timedelta(milliseconds=100))
+    event = yield ctx.wait_for_external_event("go")
+    total = yield ctx.call_entity(dtfx.EntityInstanceId("tally", "a"), "add", 2)
+    nested = yield ctx.call_sub_orchestrator(child, input=event)
+    return [shouted, event, total, nested]
+
+
+@pytest.fixture
+def role() -> Iterator[str]:
+    """A role that may log in and nothing else, dropped with its privileges after the test."""
+    postgres_url()  # skips without a server
+    name = f"dtfx_app_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(SERVER_URL, autocommit=True) as connection:
+        connection.execute(f'CREATE ROLE "{name}" LOGIN')
+    yield name
+    with psycopg.connect(SERVER_URL, autocommit=True) as connection:
+        connection.execute(f'DROP OWNED BY "{name}"')
+        connection.execute(f'DROP ROLE "{name}"')
+
+
+def as_role(url: str, role: str) -> str:
+    """``url`` with ``role`` as its user."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
+
+
+def schema_of(url: str) -> str:
+    return urlsplit(url).query.rpartition("schema=")[2]
+
+
+def look(url: str) -> dtfx.OrchestrationState | None:
+    """Open the hub at ``url`` and read an instance from it."""
+    with dtfx.Client(url) as client:
+        return client.get_orchestration_state("any")
+
+
+def migrate(url: str, *grants: str) -> str:
+    result = CliRunner().invoke(cli, ["migrate", "-b", url, *(arg for role in grants for arg in ("--grant", role))])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_a_role_that_may_only_read_and_write_rows_runs_a_hub_made_by_dtfx_migrate(
+    role: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = postgres_url()
+    schema = schema_of(url)
+    migrate(url)
+    with psycopg.connect(SERVER_URL, autocommit=True) as connection:  # as a hardened database does
+        connection.execute(f'REVOKE EXECUTE ON FUNCTION "{schema}".dtfx_expect(boolean) FROM PUBLIC')
+    assert f"Granted its use to {role}." in migrate(url, role)
+    with psycopg.connect(as_role(SERVER_URL, role)) as connection, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        connection.execute(f'CREATE TABLE "{schema}".anything (id int)')
+    with psycopg.connect(SERVER_URL, autocommit=True) as connection:  # as a later migration would
+        connection.execute(f'CREATE TABLE "{schema}".later (id int GENERATED ALWAYS AS IDENTITY, note text)')
+    with psycopg.connect(as_role(SERVER_URL, role)) as connection:
+        connection.execute(f'INSERT INTO "{schema}".later (note) VALUES (%s)', ("the role's too",))
+
+    with dtfx.Worker(as_role(url, role), app=app) as worker, dtfx.Client(worker.backend) as client:
+        instance_id = client.schedule_new_orchestration(errand, input="hello")
+        client.wait_for_orchestration_start(instance_id, timeout=30)
+        client.raise_orchestration_event(instance_id, "go", data="there")
+        state = client.wait_for_orchestration_completion(instance_id, timeout=30)
+        assert state is not None and state.runtime_status == dtfx.OrchestrationStatus.COMPLETED, state
+        assert state.get_output() == ["HELLO", "there", 2, "THERE"]
+        ended = client.get_all_orchestration_states(dtfx.OrchestrationQuery())
+        assert {state.instance_id for state in ended} >= {instance_id}
+        assert client.purge_orchestration(instance_id, recursive=True).deleted_instance_count == 2
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+def test_a_role_that_may_not_change_the_schema_is_told_to_run_dtfx_migrate(role: str) -> None:
+    url = postgres_url()
+    schema = schema_of(url)
+    with pytest.raises(ConfigurationError, match="Run `dtfx migrate` once as a role that may"):
+        look(as_role(url, role))
+
+    # Made by an earlier version of dtfx, whose function differs: the role cannot replace it.
+    migrate(url, role)
+    with psycopg.connect(SERVER_URL, autocommit=True) as connection:
+        connection.execute(
+            f'CREATE OR REPLACE FUNCTION "{schema}".dtfx_expect(holds boolean) RETURNS boolean'
+            " LANGUAGE sql AS 'SELECT holds'"
+        )
+    with pytest.raises(ConfigurationError, match="needs creating or migrating"):
+        look(as_role(url, role))
+    migrate(url)  # the upgrade's migration, by a role that may
+    assert look(as_role(url, role)) is None
+
+    # Migrated by a later version of dtfx: upgrade dtfx, whatever the role.
+    with psycopg.connect(SERVER_URL, autocommit=True) as connection:
+        connection.execute(f'UPDATE "{schema}".schema_version SET version = 99')
+    with pytest.raises(ConfigurationError, match="newer than this dtfx knows"):
+        look(as_role(url, role))
+
+
+def test_grant_needs_a_postgresql_hub(tmp_path: Any) -> None:
+    result = CliRunner().invoke(cli, ["migrate", "-b", f"sqlite:///{tmp_path}/hub.db", "--grant", "someone"])
+    assert result.exit_code != 0
+    assert "--grant needs a PostgreSQL task hub" in result.output
