@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 import dtfx
+from dtfx.backends.postgres import parse_postgres_url
 from dtfx.cli import cli
 from dtfx.core.errors import ConfigurationError
 from tests.postgres import SERVER_URL, postgres_url
@@ -71,10 +72,6 @@ def as_role(url: str, role: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
 
 
-def schema_of(url: str) -> str:
-    return urlsplit(url).query.rpartition("schema=")[2]
-
-
 def look(url: str) -> dtfx.OrchestrationState | None:
     """Open the hub at ``url`` and read an instance from it."""
     with dtfx.Client(url) as client:
@@ -91,7 +88,7 @@ def test_a_role_that_may_only_read_and_write_rows_runs_a_hub_made_by_dtfx_migrat
     role: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     url = postgres_url()
-    schema = schema_of(url)
+    schema = parse_postgres_url(url)[1]
     migrate(url)
     with psycopg.connect(SERVER_URL, autocommit=True) as connection:  # as a hardened database does
         connection.execute(f'REVOKE EXECUTE ON FUNCTION "{schema}".dtfx_expect(boolean) FROM PUBLIC')
@@ -118,7 +115,7 @@ def test_a_role_that_may_only_read_and_write_rows_runs_a_hub_made_by_dtfx_migrat
 
 def test_a_role_that_may_not_change_the_schema_is_told_to_run_dtfx_migrate(role: str) -> None:
     url = postgres_url()
-    schema = schema_of(url)
+    schema = parse_postgres_url(url)[1]
     with pytest.raises(ConfigurationError, match="Run `dtfx migrate` once as a role that may"):
         look(as_role(url, role))
 

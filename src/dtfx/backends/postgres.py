@@ -58,7 +58,7 @@ from dtfx.backends.clock import ReferenceClock, utc_now
 from dtfx.backends.sql.backend import Coalesced, SqlBackend
 from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program, Step, Stepper
 from dtfx.backends.sql.rows import from_micros, to_micros
-from dtfx.backends.sql.schema import MIGRATIONS, check_version, migrate
+from dtfx.backends.sql.schema import MIGRATIONS, migrate, read_version
 from dtfx.core.errors import (
     BackendError,
     BackendUnavailableError,
@@ -70,6 +70,7 @@ from dtfx.core.errors import (
 try:
     import psycopg
     from psycopg import errors as pg_errors
+    from psycopg import sql
     from psycopg.conninfo import conninfo_to_dict
     from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolClosed, PoolTimeout
 
@@ -323,11 +324,6 @@ class PostgresDialect(Dialect):
             for chunk in chunks
         ]
         return [*announcements, notify]
-
-
-def _quoted(name: str) -> str:
-    """``name`` as a PostgreSQL identifier, in double quotes."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 def parse_postgres_url(url: str) -> tuple[str, str, dict[str, int]]:
@@ -634,9 +630,7 @@ class PostgresBackend(SqlBackend):
         )
         has_version, expect_source = found[0]
         if has_version:
-            rows = yield Fetch("SELECT version FROM schema_version")
-            current = rows[0][0] if rows else 0
-            check_version(current)
+            current = yield from read_version()
             if current == len(MIGRATIONS) and expect_source == EXPECT_FUNCTION_BODY:
                 return current
         # Concurrent first starts (several workers) take turns; the schema is created once.
@@ -652,8 +646,8 @@ class PostgresBackend(SqlBackend):
         the role calling this adds. Nothing more: a worker of that role starts on a hub that
         is at its version of dtfx, and one at another version needs ``dtfx migrate`` (or a
         start) by a role that may change the schema first."""
-        await self.start()
-        schema, grantee = _quoted(self.schema), _quoted(role)
+        schema = sql.Identifier(self.schema).as_string(None)
+        grantee = sql.Identifier(role).as_string(None)
         statements = [
             f"GRANT USAGE ON SCHEMA {schema} TO {grantee}",
             f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {grantee}",

@@ -80,13 +80,17 @@ MIGRATIONS: list[list[str]] = [
 ]
 
 
-def check_version(current: int) -> None:
-    """Raise :class:`~dtfx.ConfigurationError` if the hub's schema, at version ``current``, is newer than this."""
+def read_version() -> Program[int]:
+    """The version of the hub's schema in ``schema_version`` (0: none yet); a version newer than
+    this dtfx's raises :class:`~dtfx.ConfigurationError`."""
+    rows = yield Fetch("SELECT version FROM schema_version")
+    current: int = rows[0][0] if rows else 0
     if current > len(MIGRATIONS):
         raise ConfigurationError(
             f"The task hub's schema is at version {current}, newer than this dtfx knows ({len(MIGRATIONS)}); "
             "upgrade dtfx."
         )
+    return current
 
 
 def migrate(dialect: Dialect) -> Program[int]:
@@ -95,13 +99,11 @@ def migrate(dialect: Dialect) -> Program[int]:
     The backend runs it as a write transaction that excludes concurrent migrations.
     """
     yield Execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    rows = yield Fetch("SELECT version FROM schema_version")
-    current = rows[0][0] if rows else 0
-    check_version(current)
+    current = yield from read_version()
     for statements in MIGRATIONS[current:]:
         for statement in statements:
             yield Execute(statement.format(bigint=dialect.bigint, serial_key=dialect.serial_key))
-    if not rows:
+    if current == 0:  # no row yet: dtfx writes none below version 1
         yield Execute("INSERT INTO schema_version (version) VALUES (?)", (len(MIGRATIONS),))
     elif current < len(MIGRATIONS):
         yield Execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
