@@ -1,10 +1,12 @@
 """A PostgreSQL role that may only read and write a hub's rows runs it, once `dtfx migrate`
 has made the hub and granted the role its use; one that may not change the schema is told
-to run `dtfx migrate` when the hub needs it."""
+to run `dtfx migrate` when the hub needs it; one whose connections are limited runs a
+worker on those it has."""
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Generator, Iterator
 from datetime import timedelta
@@ -16,9 +18,10 @@ import pytest
 from typer.testing import CliRunner
 
 import dtfx
-from dtfx.backends.postgres import parse_postgres_url
+from dtfx.backends import postgres
+from dtfx.backends.postgres import PostgresBackend, parse_postgres_url
 from dtfx.cli import cli
-from dtfx.core.errors import ConfigurationError
+from dtfx.core.errors import BackendUnavailableError, ConfigurationError
 from tests.postgres import SERVER_URL, postgres_url
 
 app = dtfx.App()
@@ -136,6 +139,61 @@ def test_a_role_that_may_not_change_the_schema_is_told_to_run_dtfx_migrate(role:
         connection.execute(f'UPDATE "{schema}".schema_version SET version = 99')
     with pytest.raises(ConfigurationError, match="newer than this dtfx knows"):
         look(as_role(url, role))
+
+
+@app.orchestrator
+def three_shouts(ctx: dtfx.OrchestrationContext, word: str) -> Generator[dtfx.Task[Any], Any, str]:
+    for _ in range(3):
+        word = yield ctx.call_activity(shout, input=word + "!")
+    return word
+
+
+def connections_of(role: str) -> int:
+    with psycopg.connect(SERVER_URL, autocommit=True) as connection:
+        row = connection.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (role,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_worker_that_the_server_refuses_more_connections_commits_on_those_it_has(role: str) -> None:
+    # A chain of eager steps commits on a pool of sync connections of its own, opened by its
+    # first step. When the server will not open it one (the role's CONNECTION LIMIT is
+    # reached, by the process's other pools here), the steps commit through the worker's
+    # event loop instead: they had waited for a connection until the pool gave up, ten
+    # seconds a step.
+    url = postgres_url()
+    migrate(url, role)
+    with dtfx.Worker(as_role(url, role), app=app) as worker, dtfx.Client(worker.backend) as client:
+        backend = worker.backend
+        assert isinstance(backend, PostgresBackend)
+        deadline = time.monotonic() + 10
+        while not backend._listener_pid and time.monotonic() < deadline:  # its last connection
+            time.sleep(0.01)
+        opened = connections_of(role)
+        with psycopg.connect(SERVER_URL, autocommit=True) as connection:
+            connection.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT {opened}')
+        for index in range(3):
+            instance_id = client.schedule_new_orchestration(three_shouts, input=f"w{index}")
+            state = client.wait_for_orchestration_completion(instance_id, timeout=8)
+            assert state is not None and state.runtime_status == dtfx.OrchestrationStatus.COMPLETED, state
+            assert state.get_output() == f"W{index}!!!"
+        assert backend._blocking_pool is not None and backend._blocking_pool.get_stats()["pool_available"] == 0
+        assert connections_of(role) == opened
+
+
+def test_a_worker_that_the_server_allows_too_few_connections_to_start_says_so(
+    role: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = postgres_url()
+    migrate(url, role)
+    with psycopg.connect(SERVER_URL, autocommit=True) as connection:
+        connection.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 4')  # a backend opens 2 + 2 + 1 at its start
+    monkeypatch.setattr(postgres, "_OPEN_TIMEOUT", 1.0)
+    # The likely reasons, since a connection opens when the error is made (the pool that could
+    # not open has closed its connections); or the server's refusal, if it still counts them.
+    with pytest.raises(BackendUnavailableError, match=r"too many connections|CONNECTION LIMIT"):
+        dtfx.Worker(as_role(url, role), app=app).start()
+    assert connections_of(role) == 0
 
 
 def test_grant_needs_a_postgresql_hub(tmp_path: Any) -> None:

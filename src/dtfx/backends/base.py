@@ -281,6 +281,12 @@ class Backend(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} commits only through its event loop")
 
+    def can_commit_blocking(self) -> bool:
+        """Whether :meth:`complete_orchestration_work_items_blocking` would start at once,
+        without waiting for a connection; if not, the worker commits through its event loop.
+        Called on a worker's threads, before each blocking commit."""
+        return self.blocking_commits
+
     @abstractmethod
     async def abandon_orchestration_work_item(
         self, item: OrchestrationWorkItem, *, retry_at: datetime | None = None

@@ -23,7 +23,7 @@ loop, so the driver runs on a loop of its own in a background thread (the loop t
 started the backend runs its transactions itself); the backend can be awaited from any
 loop or thread (a worker's, a sync client's). A worker's chain of eager steps commits
 on its activity thread instead, blocking it, through a pool of sync connections that the
-first such commit opens (:attr:`~dtfx.backends.base.Backend.blocking_commits`). A
+first such commit opens, while that pool has one idle (:meth:`can_commit_blocking`). A
 transaction that fails before its commit because the connection was lost (a database
 restart) is retried on a fresh connection with back-off (at once if the server had closed
 the connection while it idled in the pool: nothing was sent); one lost during its commit is
@@ -746,11 +746,26 @@ class PostgresBackend(SqlBackend):
             psycopg.connect(self._conninfo, connect_timeout=5, **self._connection_options()).close()
         except psycopg.Error as refused:
             return BackendUnavailableError(f"Cannot connect to PostgreSQL: {refused}")
-        return BackendUnavailableError(f"Cannot connect to PostgreSQL ({error})")
+        return BackendUnavailableError(
+            f"Cannot open {self._pool_min_size} connections to PostgreSQL ({error}), though one opens now: the server"
+            " may allow no more to this role or database (max_connections, CONNECTION LIMIT), or see pool_min_size"
+        )
+
+    def can_commit_blocking(self) -> bool:
+        """Whether the pool of sync connections has an idle one. The first call opens the pool,
+        in the background; while it has none to give (its connections are opening, or the
+        server refuses more: ``max_connections`` or the role's or database's ``CONNECTION
+        LIMIT``, taken by this process's other pools, say), the worker commits on its event
+        loop's connections instead of waiting for one, and the pool keeps trying."""
+        pool = self._blocking_pool or self._open_blocking_pool()
+        if pool.get_stats()["pool_available"]:
+            return True
+        pool.check()  # with no connection left, the pool tries to open one again
+        return False
 
     def _open_blocking_pool(self) -> ConnectionPool:
         """The pool of sync connections on which worker threads commit, opened by the first
-        thread that needs it (the others wait for it)."""
+        thread that needs it; it connects in the background."""
         with self._blocking_lock:
             if self._blocking_pool is not None:
                 return self._blocking_pool
@@ -765,11 +780,7 @@ class PostgresBackend(SqlBackend):
                 timeout=10.0,
                 open=False,
             )
-            try:
-                pool.open(wait=True, timeout=_OPEN_TIMEOUT)
-            except PoolTimeout as error:
-                pool.close()
-                raise self._cannot_connect(error) from error
+            pool.open()
             with self._lock:
                 closed = self._closed
                 if not closed:

@@ -451,7 +451,7 @@ class OrchestrationProcessor:
                 return None  # taken over by the loop, or stopped
             following = self._follow_here(runner, item, pending, started, ran)
             stop = RanAhead(ran, following) if pending is not None else Stepped(item, eager, ran, following)
-            if not isinstance(following, tuple) or not lane.alone():
+            if not isinstance(following, tuple) or not lane.alone() or not self._backend.can_commit_blocking():
                 return stop
             checkpoint, awaited = following
             recorded: tuple[ActivityWorkItem, TaskCompleted | TaskFailed] | None = (eager, ran)
