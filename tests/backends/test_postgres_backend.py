@@ -535,6 +535,9 @@ async def test_a_chain_commits_its_steps_on_its_activity_thread_through_a_pool_o
     backend._run_blocking = spy  # type: ignore[method-assign]
     try:
         async with dtfx.Worker(backend, app=app):
+            # Its first connection, which a chain's first step would otherwise open in the
+            # background, committing through the loop until it is there.
+            await asyncio.to_thread(backend._open_blocking_pool().wait)
             client = dtfx.AsyncClient(backend)
             instance_id = await client.schedule_new_orchestration("chain", input=1)
             state = await client.wait_for_orchestration_completion(instance_id, timeout=30)
