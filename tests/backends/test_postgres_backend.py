@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -29,6 +28,7 @@ from dtfx.core.workitems import ActivityResult, ActivityTask, CommitResult, Orch
 from tests.backends.test_contract import LEASE, checkpoint_for, start_event
 from tests.backends.test_lease_commits import doubling_chain
 from tests.backends.test_sqlite_backend import greeter, greeting_from_another_process
+from tests.durability.processes import wait_until
 from tests.postgres import SERVER_URL, postgres_url, require_server, terminate_connections
 
 
@@ -670,10 +670,7 @@ async def test_a_blocking_commit_is_offered_once_a_sync_connection_is_idle() -> 
         await backend.create_instance(start_event("a"))
         [item] = await backend.lock_orchestration_work_items(1, LEASE)
         assert not backend.can_commit_blocking()
-        deadline = time.monotonic() + 10
-        while not backend.can_commit_blocking():
-            assert time.monotonic() < deadline, "the pool of sync connections did not connect"
-            await asyncio.sleep(0.01)
+        await wait_until(backend.can_commit_blocking, 10, "the pool of sync connections to connect")
         commit = backend.complete_orchestration_work_items_blocking
         assert await asyncio.to_thread(commit, [checkpoint_for(item)]) == [CommitResult.COMMITTED]
     finally:

@@ -6,7 +6,6 @@ worker on those it has."""
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Generator, Iterator
 from datetime import timedelta
@@ -22,6 +21,7 @@ from dtfx.backends import postgres
 from dtfx.backends.postgres import PostgresBackend, parse_postgres_url
 from dtfx.cli import cli
 from dtfx.core.errors import BackendUnavailableError, ConfigurationError
+from tests.polling import wait_until
 from tests.postgres import SERVER_URL, postgres_url
 
 app = dtfx.App()
@@ -166,9 +166,7 @@ def test_a_worker_that_the_server_refuses_more_connections_commits_on_those_it_h
     with dtfx.Worker(as_role(url, role), app=app) as worker, dtfx.Client(worker.backend) as client:
         backend = worker.backend
         assert isinstance(backend, PostgresBackend)
-        deadline = time.monotonic() + 10
-        while not backend._listener_pid and time.monotonic() < deadline:  # its last connection
-            time.sleep(0.01)
+        wait_until(lambda: backend._listener_pid)  # its last connection
         opened = connections_of(role)
         with psycopg.connect(SERVER_URL, autocommit=True) as connection:
             connection.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT {opened}')

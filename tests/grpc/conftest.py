@@ -145,17 +145,6 @@ def open_stream(
     return stream
 
 
-def wait_until(condition: Callable[[], Any], timeout: float = 10) -> Any:
-    """Poll ``condition`` until it returns something truthy, and return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.01)
-
-
 def rpc_error(call: Callable[[], Any]) -> grpc.RpcError:
     """The error ``call`` fails with (the test fails if it succeeds)."""
     with pytest.raises(grpc.RpcError) as caught:

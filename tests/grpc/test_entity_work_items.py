@@ -17,7 +17,8 @@ from durabletask.entities import EntityInstanceId
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as pb_grpc
 from google.protobuf import timestamp_pb2, wrappers_pb2
-from tests.grpc.conftest import FAST, WorkItemStream, open_stream, rpc_error, running_sidecar, wait_until
+from tests.grpc.conftest import FAST, WorkItemStream, open_stream, rpc_error, running_sidecar
+from tests.polling import wait_until
 
 import grpc
 from dtfx.grpc import SidecarOptions, SidecarServer

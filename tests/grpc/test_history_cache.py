@@ -12,7 +12,8 @@ from durabletask import task
 from durabletask import worker as sdk_worker
 from durabletask.client import OrchestrationStatus
 from tests.grpc import sdk_app
-from tests.grpc.conftest import FAST, run_sdk_sequence, running_sdk_worker, running_sidecar, wait_until
+from tests.grpc.conftest import FAST, run_sdk_sequence, running_sdk_worker, running_sidecar
+from tests.polling import wait_until
 
 import dtfx
 from dtfx.core.history import HistoryEvent

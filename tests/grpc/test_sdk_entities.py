@@ -22,7 +22,8 @@ from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as pb_grpc
 from google.protobuf import wrappers_pb2
 from tests.grpc import sdk_entities
-from tests.grpc.conftest import FAST, WorkItemStream, running_sdk_worker, running_sidecar, wait_until
+from tests.grpc.conftest import FAST, WorkItemStream, running_sdk_worker, running_sidecar
+from tests.polling import wait_until
 
 import dtfx
 import grpc

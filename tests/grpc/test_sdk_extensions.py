@@ -34,7 +34,8 @@ from durabletask.extensions.history_export import (
 from durabletask.payload.store import LargePayloadStorageOptions, PayloadStore
 from durabletask.scheduled import ScheduleCreationOptions, ScheduledTaskClient, ScheduleQuery, ScheduleStatus
 from tests.grpc import sdk_app
-from tests.grpc.conftest import running_sdk_worker, running_sidecar, wait_until
+from tests.grpc.conftest import running_sdk_worker, running_sidecar
+from tests.polling import wait_until
 
 import dtfx
 

@@ -11,7 +11,8 @@ from durabletask.client import OrchestrationQuery, OrchestrationStatus
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as pb_grpc
 from tests.grpc import sdk_app
-from tests.grpc.conftest import rpc_error, wait_until
+from tests.grpc.conftest import rpc_error
+from tests.polling import wait_until
 
 import dtfx
 import grpc

@@ -25,8 +25,8 @@ from tests.grpc.conftest import (
     WorkItemStream,
     run_sdk_sequence,
     running_sidecar,
-    wait_until,
 )
+from tests.polling import wait_until
 
 import dtfx
 import grpc

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from tests.grpc import sdk_app
-from tests.grpc.conftest import wait_until
+from tests.polling import wait_until
 
 import dtfx
 from dtfx.core.history import ExecutionStarted, OrchestratorStarted, TaskScheduled

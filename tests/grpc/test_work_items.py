@@ -21,7 +21,8 @@ from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as pb_grpc
 from google.protobuf import wrappers_pb2
 from tests.conftest import CONTRACT_BACKENDS
-from tests.grpc.conftest import FAST, WorkItemStream, open_stream, rpc_error, running_sidecar, wait_until
+from tests.grpc.conftest import FAST, WorkItemStream, open_stream, rpc_error, running_sidecar
+from tests.polling import wait_until
 from tests.postgres import postgres_url
 
 import grpc

@@ -491,8 +491,7 @@ class OrchestrationProcessor:
         item = self._going_on(item, uncommitted)
         if runner.cached_start(item) is None:
             return Abandon()
-        now = self._backend.now()
-        new_events = _episode_of(result, now)
+        now, new_events = self._episode_of(result)
         return _followed(item, started, new_events, runner.run_here(item, started, None, new_events), now)
 
     async def _follow(
@@ -507,10 +506,14 @@ class OrchestrationProcessor:
         item = self._going_on(item, uncommitted)
         if self._runner.cached_start(item) is None:  # no live orchestration to go on with (evicted, no cache)
             return Abandon()
-        now = self._backend.now()
-        new_events = _episode_of(result, now)
+        now, new_events = self._episode_of(result)
         outcome = await self._runner.run(item, started, None, new_events)
         return _followed(item, started, new_events, outcome, now)
+
+    def _episode_of(self, result: TaskCompleted | TaskFailed) -> tuple[datetime, list[HistoryEvent]]:
+        """When the episode that an eager activity's ``result`` starts begins (the hub's time), and its new events."""
+        now = self._backend.now()
+        return now, [OrchestratorStarted(timestamp=now), result]
 
     def _going_on(
         self, item: OrchestrationWorkItem, uncommitted: OrchestrationCheckpoint | None
@@ -561,11 +564,6 @@ class OrchestrationProcessor:
 
 _InDoubt = tuple[tuple[ActivityWorkItem, TaskCompleted | TaskFailed] | None, ActivityWorkItem | None]
 """An eager step whose commit's outcome is unknown: the eager result it recorded, the eager task it queued."""
-
-
-def _episode_of(result: TaskCompleted | TaskFailed, now: datetime) -> list[HistoryEvent]:
-    """The new events of the episode that an eager activity's ``result`` starts ``now``."""
-    return [OrchestratorStarted(timestamp=now), result]
 
 
 def _followed(
