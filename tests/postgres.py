@@ -7,7 +7,6 @@ When it cannot be reached, PostgreSQL tests skip, except in CI (``CI=true``), wh
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from functools import cache
@@ -53,22 +52,11 @@ def postgres_url() -> str:
     return f"{SERVER_URL}{separator}schema={schema}"
 
 
-def terminate_connections(schema: str, *, wait: bool = False) -> int:
-    """End every server connection of the task hub ``schema`` (as a database restart would); return how many.
-
-    With ``wait``, their server processes have gone when this returns, so the farewell each
-    sends its client is in that client's socket by then (a process leaves
-    ``pg_stat_activity`` after it has sent it)."""
+def terminate_connections(schema: str) -> int:
+    """End every server connection of the task hub ``schema`` (as a database restart would); return how many."""
     with psycopg.connect(SERVER_URL, autocommit=True) as connection:
-        terminate = "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s"
-        pids = [pid for pid, _ in connection.execute(terminate, (f"dtfx:{schema}",))]
-        deadline = time.monotonic() + 5
-        while wait and time.monotonic() < deadline:
-            left = connection.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)).fetchone()
-            if left is None or left[0] == 0:
-                break
-            time.sleep(0.005)
-    return len(pids)
+        terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s"
+        return len(connection.execute(terminate, (f"dtfx:{schema}",)).fetchall())
 
 
 @pytest.fixture(autouse=True)

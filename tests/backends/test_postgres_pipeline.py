@@ -4,8 +4,11 @@ waiting on an event loop (an async connection) or blocking a thread (a sync one)
 from __future__ import annotations
 
 import asyncio
+import gc
+import select
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -199,6 +202,37 @@ async def test_anything_else_that_interrupts_a_transaction_closes_the_connection
             await driver.run(connection, broken_program)
         assert connection.closed  # the server rolls back what it was sent
     assert await rows_of(table) == []
+
+
+def a_read() -> Program[Any]:
+    return (yield Fetch("SELECT 1"))
+
+
+async def test_a_connection_the_server_ended_while_idle_fails_as_stale_before_anything_is_sent(
+    table: str, driver: Driver
+) -> None:
+    def insert() -> Program[None]:
+        yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "not sent"))
+
+    async with driver.connect() as connection:
+        await driver.run(connection, a_read)
+        async with await psycopg.AsyncConnection.connect(SERVER_URL, autocommit=True) as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (connection.info.backend_pid,))
+        assert select.select([connection.pgconn.socket], [], [], 5)[0]  # its farewell has come, its end may not have
+        with pytest.raises(postgres_pipeline.StaleConnection, match="administrator command"):
+            await driver.run(connection, insert)
+        assert connection.closed
+    assert await rows_of(table) == []
+
+
+async def test_what_a_pipeline_keeps_on_a_connection_goes_with_the_connection(driver: Driver) -> None:
+    require_server()
+    async with driver.connect() as connection:
+        await driver.run(connection, a_read)
+        gone = weakref.ref(connection)
+    del connection
+    gc.collect()
+    assert gone() is None
 
 
 async def test_a_statement_whose_preparation_failed_is_prepared_again(table: str, driver: Driver) -> None:

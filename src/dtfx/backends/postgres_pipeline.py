@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import select
-import weakref
 from collections import deque
 from collections.abc import Generator, Sequence
 from functools import lru_cache
@@ -98,27 +97,48 @@ _IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 
 
 class _ConnectionState:
-    """What a connection keeps between transactions: its adapters and its prepared statements."""
+    """What a connection keeps between transactions: its adapters, its prepared statements
+    and the server's farewell, if it said one. It lives on the connection (an attribute),
+    and goes with it: a table of states by connection would keep every connection alive,
+    since a state's adapters refer to their connection."""
 
     def __init__(self, connection: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> None:
         self.transformer = Transformer(connection)
         self.prepared: dict[str, bytes] = {}
         self.readable = select.poll()
         self.readable.register(connection.pgconn.socket, select.POLLIN)
+        self.farewell: str | None = None
+        connection.add_notice_handler(self._note)
+
+    @staticmethod
+    def of(connection: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> _ConnectionState:
+        """The connection's state, made on its first pipeline."""
+        state = getattr(connection, _STATE_ATTRIBUTE, None)
+        if state is None:
+            state = _ConnectionState(connection)
+            setattr(connection, _STATE_ATTRIBUTE, state)
+        return cast(_ConnectionState, state)
+
+    def _note(self, diagnostic: psycopg.errors.Diagnostic) -> None:
+        if diagnostic.severity_nonlocalized == "FATAL":  # the server's last word before it closes
+            self.farewell = f"{diagnostic.message_primary} ({diagnostic.sqlstate})"
 
     def ensure_open(self, pgconn: pq.abc.PGconn) -> None:
         """Raise :class:`StaleConnection` if the server has closed this idle connection. An
         idle connection has nothing to read: one that is readable holds the server's farewell
-        (which libpq takes in silently) and then the connection's end, which fails the second
-        read. Anything else it may hold (a notice, a setting's new value) is read, and the
-        connection is used."""
+        (a FATAL error, which libpq passes on as a notice) and then the connection's end,
+        which may not have arrived yet. Anything else it may hold (a notice, a setting's new
+        value) is read, and the connection is used."""
         for _ in range(3):
             if not self.readable.poll(0):
                 return
             try:
                 pgconn.consume_input()
+                pgconn.is_busy()  # parses what was read: a farewell reaches _note
             except psycopg.OperationalError as error:
                 raise StaleConnection(str(error).strip()) from error
+            if self.farewell is not None:
+                raise StaleConnection(f"the server closed the connection: {self.farewell}")
 
 
 class StaleConnection(psycopg.OperationalError):
@@ -127,9 +147,7 @@ class StaleConnection(psycopg.OperationalError):
     transaction can run at once on another connection."""
 
 
-_states: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any] | psycopg.Connection[Any], _ConnectionState] = (
-    weakref.WeakKeyDictionary()
-)
+_STATE_ATTRIBUTE = "_dtfx_pipeline_state"
 
 
 @lru_cache(maxsize=512)
@@ -165,10 +183,7 @@ class Pipeline:
     ) -> None:
         self._connection = connection
         self._pgconn = connection.pgconn
-        state = _states.get(connection)
-        if state is None:
-            state = _states[connection] = _ConnectionState(connection)
-        self._state = state
+        self._state = _ConnectionState.of(connection)
         self._transaction = transaction
         self._durable = durable
         self._streaming = streaming
