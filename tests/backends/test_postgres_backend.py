@@ -331,19 +331,44 @@ async def test_a_closed_pool_is_reported_at_once_as_the_backend_being_closed(cap
     assert [record.getMessage() for record in caplog.records if "retrying" in record.getMessage()] == []
 
 
-def test_a_pool_with_no_connection_to_give_says_so_once_its_retries_are_spent() -> None:
-    retries = postgres._Retries()
-    exhausted = PoolTimeout("couldn't get a connection after 10.00 sec")
-    for _ in range(postgres._MAX_CONNECTION_RETRIES):
-        assert retries.after(exhausted, None) > 0
-    with pytest.raises(BackendUnavailableError, match="all in use \\(see pool_max_size\\)"):
-        retries.after(exhausted, None)
+class FakeClock:
+    """``time.monotonic`` for :class:`postgres._Retries`, moved on by hand."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 1000.0
+        monkeypatch.setattr(postgres.time, "monotonic", lambda: self.now)
+
+
+def test_a_transaction_the_server_cannot_carry_out_is_tried_again_until_its_pool_timeout_is_spent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock(monkeypatch)
+    retries = postgres._Retries(timeout=15.0)
+    lost = psycopg.OperationalError("server closed the connection unexpectedly")
+    assert retries.connection_wait() == 15.0  # the first attempt may wait for a connection that long
+    pauses = []
     with pytest.raises(BackendUnavailableError, match="PostgreSQL connection failed"):
-        retries.after(psycopg.OperationalError("server closed the connection unexpectedly"), None)
+        while True:
+            clock.now += 0.5  # the attempt
+            pauses.append(retries.after(lost, None))
+            clock.now += pauses[-1]
+            assert retries.connection_wait() == max(1000.0 + 15.0 - clock.now, postgres._LAST_WAIT)
+    assert pauses == sorted(pauses) and max(pauses) == 2.0  # backing off, up to 2 s
+    assert 1000.0 + 15.0 - 2.0 <= clock.now < 1000.0 + 15.0 + 0.5  # given up once a pause would end too late
+    with pytest.raises(BackendUnavailableError, match="all in use \\(see pool_max_size\\)"):
+        retries.after(PoolTimeout("couldn't get a connection after 0.50 sec"), None)
+    assert not retries.after(psycopg.errors.SerializationFailure("conflict"), None)  # conflicts do not count time
+    clock.now += 60.0
+    assert retries.connection_wait() == postgres._LAST_WAIT
+    retries = postgres._Retries(timeout=15.0)
+    clock.now += 20.0  # a transaction that ran past its pool_timeout before its connection was lost
+    assert retries.after(lost, None) > 0  # is tried once more
+    with pytest.raises(BackendUnavailableError, match="PostgreSQL connection failed"):
+        retries.after(lost, None)
 
 
 def test_a_transaction_replaces_a_few_connections_closed_while_idle_at_once_then_backs_off() -> None:
-    retries = postgres._Retries()
+    retries = postgres._Retries(timeout=postgres._POOL_TIMEOUT)
     stale = postgres.StaleConnection("server closed the connection unexpectedly")
     for _ in range(postgres._MAX_STALE_CONNECTIONS):
         assert retries.after(stale, None) == 0
@@ -363,19 +388,19 @@ def test_a_transaction_replaces_a_few_connections_closed_while_idle_at_once_then
     ids=["connection lost", "terminated", "disk full"],
 )
 def test_only_a_lost_connection_leaves_a_commit_that_had_gone_out_in_doubt(
-    error: psycopg.OperationalError, in_doubt: bool
+    error: psycopg.OperationalError, in_doubt: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The server's own refusal aborts the transaction, COMMIT and all (the pipeline skips what
     # follows an error): it is run again after a pause, like one whose connection was lost before.
     committing = SimpleNamespace(committing=True)
-    retries = postgres._Retries()
+    clock = FakeClock(monkeypatch)
+    retries = postgres._Retries(timeout=postgres._POOL_TIMEOUT)
     if in_doubt:
         with pytest.raises(CommitInDoubtError, match="may or may not have committed"):
             retries.after(error, committing)  # type: ignore[arg-type]
     else:
         assert retries.after(error, committing) > 0  # type: ignore[arg-type]
-        for _ in range(postgres._MAX_CONNECTION_RETRIES - 1):
-            retries.after(error, committing)  # type: ignore[arg-type]
+        clock.now += postgres._POOL_TIMEOUT
         with pytest.raises(BackendUnavailableError, match=r"^PostgreSQL: could not extend file") as raised:
             retries.after(error, committing)  # type: ignore[arg-type]
         assert not isinstance(raised.value, CommitInDoubtError)

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 import dtfx
 from dtfx.backends import postgres
 from dtfx.backends.postgres import PostgresBackend, parse_postgres_url
+from dtfx.backends.sql.program import Fetch, Program
 from dtfx.cli import cli
 from dtfx.core.errors import BackendUnavailableError, ConfigurationError
 from tests.polling import wait_until
@@ -198,6 +199,37 @@ def test_a_worker_that_the_server_allows_too_few_connections_to_start_says_so(
     ):
         pass
     assert connections_of(role) == 0
+
+
+def a_read() -> Program[Any]:
+    return (yield Fetch("SELECT 1"))
+
+
+def test_calls_that_the_server_refuses_connections_fail_with_its_reason_within_the_pool_timeout(role: str) -> None:
+    # As while a server is down: every connection a pool opens is refused. A call keeps trying
+    # for the URL's pool_timeout (15 s by default), then says why (the pools' own error says
+    # only that they gave up). Once the server takes connections again, the same backend goes
+    # on: its pools try at most four seconds apart while a transaction waits.
+    url = postgres_url()
+    migrate(url, role)
+    backend = PostgresBackend(as_role(url, role) + "&pool_timeout=4.5")
+    with dtfx.Client(backend) as client:
+        assert client.get_orchestration_state("any") is None
+        blocking = backend._open_blocking_pool()  # as a worker's chain commits, on its thread
+        blocking.wait()
+        assert backend._run_blocking(a_read) == [(1,)]
+        with psycopg.connect(SERVER_URL, autocommit=True) as connection:
+            connection.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
+            connection.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+        refused = f'too many connections for role "{role}"'
+        with pytest.raises(BackendUnavailableError, match=refused):
+            client.get_orchestration_state("any")
+        with pytest.raises(BackendUnavailableError, match=refused):
+            backend._run_blocking(a_read)
+        with psycopg.connect(SERVER_URL, autocommit=True) as connection:
+            connection.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
+        assert client.get_orchestration_state("any") is None
+        assert backend._run_blocking(a_read) == [(1,)]
 
 
 def test_grant_needs_a_postgresql_hub(tmp_path: Any) -> None:

@@ -20,7 +20,7 @@ import pytest
 import dtfx
 from dtfx.backends import Backend, open_backend
 from dtfx.backends.base import WorkKind, utc_now
-from dtfx.backends.postgres import PostgresBackend, parse_postgres_url
+from dtfx.backends.postgres import PoolOptions, PostgresBackend, parse_postgres_url
 from dtfx.backends.sql import backend as sql_backend
 from dtfx.backends.sql import operations
 from dtfx.backends.sql.backend import Coalesced, SqlBackend
@@ -71,12 +71,21 @@ def test_bad_urls_are_refused_clearly(url: str) -> None:
 
 
 def test_postgres_url_options() -> None:
-    conninfo, schema, pool = parse_postgres_url("postgresql+psycopg://u:p@db:5433/app?schema=hub&pool_max_size=4")
-    assert (schema, pool) == ("hub", {"max_size": 4})
+    conninfo, schema, pool = parse_postgres_url(
+        "postgresql+psycopg://u:p@db:5433/app?schema=hub&pool_max_size=4&pool_timeout=2.5"
+    )
+    assert (schema, pool) == ("hub", PoolOptions(min_size=2, max_size=4, timeout=2.5))
     assert conninfo == (
         "postgresql://u:p@db:5433/app?application_name=dtfx%3Ahub&keepalives_idle=30&keepalives_interval=10"
         "&keepalives_count=3&tcp_user_timeout=60000"
     )
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "soon", "inf", "nan"])
+def test_a_postgres_pool_timeout_is_a_positive_number_of_seconds(timeout: str) -> None:
+    expected = f"pool_timeout must be a positive number of seconds \\(got '{timeout}'"
+    with pytest.raises(ConfigurationError, match=expected):
+        parse_postgres_url(f"postgresql://db/app?pool_timeout={timeout}")
 
 
 def test_a_postgres_url_passes_its_libpq_settings_percent_encoded() -> None:

@@ -2,9 +2,10 @@
 
 URL: ``postgresql://user:password@host:port/database?schema=dtfx`` (``schema`` names
 the task hub; default ``dtfx``; it is created and migrated on first use). Optional
-``pool_min_size`` / ``pool_max_size`` size the connection pool; other parameters go to
-libpq, whose TCP keepalives and user timeout default here to finding a vanished server
-within about a minute (``_TCP_SETTINGS``).
+``pool_min_size`` / ``pool_max_size`` size the connection pools, and ``pool_timeout``
+bounds how long a transaction keeps trying while the server cannot carry it out (15 s
+by default); other parameters go to libpq, whose TCP keepalives and user timeout
+default here to finding a vanished server within about a minute (``_TCP_SETTINGS``).
 
 Work items are leased with ``FOR UPDATE SKIP LOCKED``, so concurrent workers never
 wait for each other's picks; completing one is one transaction guarded by the lease.
@@ -25,10 +26,10 @@ loop or thread (a worker's, a sync client's). A worker's chain of eager steps co
 on its activity thread instead, blocking it, through a pool of sync connections that the
 first such commit opens, while that pool has one idle (:meth:`can_commit_blocking`). A
 transaction that fails before its commit because the connection was lost (a database
-restart) is retried on a fresh connection with back-off (at once if the server had closed
-the connection while it idled in the pool: nothing was sent); one lost during its commit is
-reported, since it may or may not have committed (the lease guards keep that safe: the
-work item is simply redone).
+restart) is retried on a fresh connection with back-off, for up to ``pool_timeout`` in
+all (at once if the server had closed the connection while it idled in the pool: nothing
+was sent); one lost during its commit is reported, since it may or may not have
+committed (the lease guards keep that safe: the work item is simply redone).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 import threading
@@ -45,6 +47,7 @@ import weakref
 import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent import futures
+from dataclasses import dataclass
 from datetime import datetime
 from itertools import chain
 from typing import Any, ClassVar, TypeVar
@@ -94,7 +97,8 @@ _MAX_PAYLOAD = 7000  # NOTIFY payloads must stay below 8000 bytes
 _VALUES_ROWS = 8  # rows inserted by a list of values, above which by a JSON document
 _CONFLICTS = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.UniqueViolation)
 _MAX_CONFLICT_RETRIES = 10
-_MAX_CONNECTION_RETRIES = 5
+_POOL_TIMEOUT = 15.0  # seconds a transaction keeps trying while the server cannot carry it out
+_LAST_WAIT = 1.0  # seconds a transaction that runs again after a conflict may wait for a connection, at the least
 _MAX_STALE_CONNECTIONS = 3
 """Pooled connections found closed by the server that a transaction replaces at once. The pool's
 other idle connections are checked after the first (as after any lost connection), so finding
@@ -112,6 +116,12 @@ connection, a quarter of an hour of retransmissions for one that waits for its d
 be acknowledged). Then a transaction fails as on any lost connection, and a blocking
 commit does not hold its thread for hours. Unix-socket connections ignore them."""
 _OPEN_TIMEOUT = 10.0  # seconds a pool may take to open (a server that is starting, say) before it fails
+_RECONNECT_TIMEOUT = _OPEN_TIMEOUT
+"""Seconds a pool goes on trying to open a connection, at growing intervals (1, 2, 4 s, ...),
+before it gives up: then it tries again at once if transactions wait for a connection
+(:func:`_reconnect_while_awaited`), and otherwise when the next one does. So a pool finds a
+server that has come back within a few seconds, however long it was away (psycopg's own
+five minutes let the intervals grow to two)."""
 _HOME_POOL_GRACE = 5.0  # seconds close(), on another loop, waits for the home loop to close its pool
 _CATCH_UP_DELAY = 1.0  # seconds from a listener's hello to its look for what was not announced to it
 _LISTENERS = 0x64746678  # "dtfx": the class of the advisory locks by which listeners show themselves
@@ -127,15 +137,22 @@ class _Retries:
     """What to do after each failed attempt at a transaction: run it again (at once after a
     conflict or on a pooled connection found closed before anything was sent on it, after a
     back-off once the connection was lost before the commit or the server could not carry
-    the transaction out for now: a full disk, a standby that cannot write) or raise."""
+    the transaction out for now: a full disk, a standby that cannot write, no connection to
+    be had) or raise. The latter are tried again until ``timeout`` seconds after the first
+    attempt began, and at least once (a long transaction whose connection was lost, say)."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float) -> None:
+        self._deadline = time.monotonic() + timeout
         self._conflicts = 0
         self._unavailable = 0
         self._stale = 0
         self.check_pool = False
         """Whether the pool's idle connections should be checked before the next attempt:
         the last one failed on a lost connection, and others may have been lost with it."""
+
+    def connection_wait(self) -> float:
+        """The seconds the next attempt may wait for a pooled connection."""
+        return max(self._deadline - time.monotonic(), _LAST_WAIT)
 
     def after(self, error: Exception, pipeline: Pipeline | None) -> float:
         """The seconds to wait before the next attempt (0: at once); or raise the error as the caller sees it."""
@@ -159,9 +176,9 @@ class _Retries:
                     f"PostgreSQL: the connection failed after the commit had gone out, so the transaction may or "
                     f"may not have committed ({str(error).strip()})"
                 ) from error
-            if self._unavailable > _MAX_CONNECTION_RETRIES:
-                raise BackendUnavailableError(_unavailability(error)) from error
             delay = min(2.0, 0.05 * 2.0**self._unavailable)
+            if self._unavailable > 1 and time.monotonic() + delay >= self._deadline:
+                raise BackendUnavailableError(_unavailability(error)) from error
             logger.warning("%s; retrying in %.2fs", _unavailability(error), delay)
             return delay
         if isinstance(error, psycopg.DataError | UnicodeEncodeError):  # a NUL in text, a lone surrogate, say
@@ -169,6 +186,18 @@ class _Retries:
         if isinstance(error, psycopg.Error):
             raise BackendError(f"PostgreSQL: {error}") from error
         raise error
+
+
+async def _reconnect_while_awaited(pool: AsyncConnectionPool) -> None:
+    """Once ``pool`` has given up opening a connection: try again at once if a transaction waits for one."""
+    if pool.get_stats().get("requests_waiting"):
+        await pool.check()  # which grows a pool that is not growing
+
+
+def _reconnect_blocking_while_awaited(pool: ConnectionPool) -> None:
+    """:func:`_reconnect_while_awaited`, for a pool of sync connections."""
+    if pool.get_stats().get("requests_waiting"):
+        pool.check()
 
 
 def _connection_lost(error: psycopg.Error) -> bool:
@@ -326,7 +355,27 @@ class PostgresDialect(Dialect):
         return [*announcements, notify]
 
 
-def parse_postgres_url(url: str) -> tuple[str, str, dict[str, int]]:
+@dataclass(frozen=True)
+class PoolOptions:
+    """A backend URL's options for its connection pools."""
+
+    min_size: int = 2
+    max_size: int = 10
+    timeout: float = _POOL_TIMEOUT
+    """Seconds a transaction keeps trying while the server cannot carry it out (see :class:`_Retries`)."""
+
+
+def _positive_seconds(key: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ConfigurationError(f"{key} must be a positive number of seconds (got {value!r})")
+    return seconds
+
+
+def parse_postgres_url(url: str) -> tuple[str, str, PoolOptions]:
     """The libpq connection URL, the task hub's schema and the pool options of a backend URL."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower().partition("+")[0]
@@ -334,7 +383,7 @@ def parse_postgres_url(url: str) -> tuple[str, str, dict[str, int]]:
         raise ConfigurationError(f"Not a PostgreSQL URL: {url!r}")
     options = parse_qsl(parts.query.replace("+", "%2B"), keep_blank_values=True)  # libpq's reading: no + for a space
     schema = DEFAULT_SCHEMA
-    pool: dict[str, int] = {}
+    pool: dict[str, Any] = {}  # PoolOptions' fields
     passed: list[tuple[str, str]] = []
     for key, value in options:
         if key == "schema":
@@ -344,6 +393,8 @@ def parse_postgres_url(url: str) -> tuple[str, str, dict[str, int]]:
                 pool[key.removeprefix("pool_")] = int(value)
             except ValueError:
                 raise ConfigurationError(f"{key} must be an integer (got {value!r})") from None
+        elif key == "pool_timeout":
+            pool["timeout"] = _positive_seconds(key, value)
         else:
             passed.append((key, value))
     if not _SCHEMA_NAME.fullmatch(schema):
@@ -357,7 +408,7 @@ def parse_postgres_url(url: str) -> tuple[str, str, dict[str, int]]:
     # Percent-encoded, as libpq reads a URL: it takes a ``+`` as it is, not as a space.
     query = urlencode(passed, quote_via=quote)
     conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, query, parts.fragment))
-    return conninfo, schema, pool
+    return conninfo, schema, PoolOptions(**pool)
 
 
 class PostgresBackend(SqlBackend):
@@ -384,8 +435,9 @@ class PostgresBackend(SqlBackend):
         self._postgres_dialect = PostgresDialect(self._channel, self._sender)
         super().__init__(self._postgres_dialect)
         self._url = url
-        self._pool_min_size = pool_options.get("min_size", 2)
-        self._pool_max_size = max(pool_options.get("max_size", 10), self._pool_min_size)
+        self._pool_min_size = pool_options.min_size
+        self._pool_max_size = max(pool_options.max_size, self._pool_min_size)
+        self._pool_timeout = pool_options.timeout
         self._lock = threading.Lock()
         self._driver: LoopThread | None = None
         self._startup: futures.Future[None] | None = None
@@ -441,7 +493,7 @@ class PostgresBackend(SqlBackend):
             self._home = None
             await pool.close()
             if isinstance(error, Exception):
-                raise await asyncio.to_thread(self._cannot_connect, error) from error
+                raise await asyncio.to_thread(self._cannot_open, error) from error
             raise
         with self._lock:
             closed = self._closed
@@ -575,7 +627,9 @@ class PostgresBackend(SqlBackend):
             max_size=self._pool_max_size,
             kwargs=self._connection_options(),
             name=f"dtfx-{self.schema}",
-            timeout=10.0,
+            timeout=self._pool_timeout,
+            reconnect_timeout=_RECONNECT_TIMEOUT,
+            reconnect_failed=_reconnect_while_awaited,
             open=False,
             configure=configure,
         )
@@ -592,7 +646,7 @@ class PostgresBackend(SqlBackend):
         except BaseException as error:
             await pool.close()
             if isinstance(error, Exception):
-                raise await asyncio.to_thread(self._cannot_connect, error) from error
+                raise await asyncio.to_thread(self._cannot_open, error) from error
             raise
         self._pool = pool
         try:
@@ -682,20 +736,25 @@ class PostgresBackend(SqlBackend):
         pool = pool or self._pool
         if pool is None:
             raise _closed_error()
-        retries = _Retries()
+        retries = _Retries(self._pool_timeout)
         while True:
             stepper = Stepper(program())
             pipeline: Pipeline | None = None
             try:
                 with self._alone() as alone:
-                    connection = await pool.getconn()
+                    connection = await pool.getconn(retries.connection_wait())
                     try:  # the pipeline leaves the connection idle, or closes it
                         pipeline = Pipeline(connection, transaction=write, durable=durable, streaming=alone)
                         result = await pipeline.run(stepper)
                     finally:
                         await pool.putconn(connection)
             except Exception as error:
-                delay = retries.after(error, pipeline)
+                try:
+                    delay = retries.after(error, pipeline)
+                except BackendUnavailableError:
+                    if isinstance(error, PoolTimeout):
+                        raise await asyncio.to_thread(self._no_connection) from error
+                    raise
                 if retries.check_pool:
                     await pool.check()
                 if delay:
@@ -706,17 +765,22 @@ class PostgresBackend(SqlBackend):
 
     def _run_blocking(self, program: Callable[[], Program[T]]) -> T:
         pool = self._blocking_pool or self._open_blocking_pool()
-        retries = _Retries()
+        retries = _Retries(self._pool_timeout)
         while True:
             stepper = Stepper(program())
             pipeline: Pipeline | None = None
             try:
                 # The pipeline leaves the connection idle, or closes it.
-                with self._alone() as alone, pool.connection() as connection:
+                with self._alone() as alone, pool.connection(retries.connection_wait()) as connection:
                     pipeline = Pipeline(connection, transaction=True, streaming=alone)
                     result = pipeline.run_blocking(stepper)
             except Exception as error:
-                delay = retries.after(error, pipeline)
+                try:
+                    delay = retries.after(error, pipeline)
+                except BackendUnavailableError:
+                    if isinstance(error, PoolTimeout):
+                        raise self._no_connection() from error
+                    raise
                 if retries.check_pool:
                     pool.check()
                 if delay:
@@ -738,18 +802,30 @@ class PostgresBackend(SqlBackend):
             with self._under_way_lock:
                 self._under_way -= 1
 
-    def _cannot_connect(self, error: Exception) -> BackendUnavailableError:
-        """The error for a pool that did not open in time, with the reason the server gives a
-        connection of its own (a refused port, an unknown database, a wrong password): the pool
-        says only that it gave up."""
-        try:
-            psycopg.connect(self._conninfo, connect_timeout=5, **self._connection_options()).close()
-        except psycopg.Error as refused:
-            return BackendUnavailableError(f"Cannot connect to PostgreSQL: {refused}")
-        return BackendUnavailableError(
+    def _cannot_open(self, error: Exception) -> BackendUnavailableError:
+        """The error for a pool that did not open in time."""
+        return self._cannot_connect(
             f"Cannot open {self._pool_min_size} connections to PostgreSQL ({error}), though one opens now: the server"
             " may allow no more to this role or database (max_connections, CONNECTION LIMIT), or see pool_min_size"
         )
+
+    def _no_connection(self) -> BackendUnavailableError:
+        """The error for a transaction that got no connection from its pool in ``pool_timeout``."""
+        return self._cannot_connect(
+            f"PostgreSQL: the pool gave no connection within {self._pool_timeout:g} s, though one opens now: its"
+            " connections are all in use (see pool_max_size), or the server allows no more to this role or"
+            " database (max_connections, CONNECTION LIMIT)"
+        )
+
+    def _cannot_connect(self, otherwise: str) -> BackendUnavailableError:
+        """The error for pools that gave no connection, with the reason the server gives a
+        connection of its own (a refused port, an unknown database, a wrong password, too
+        many connections): a pool says only that it gave up. If one opens: ``otherwise``."""
+        try:
+            psycopg.connect(self._conninfo, connect_timeout=5, **self._connection_options()).close()
+        except psycopg.Error as refused:
+            return BackendUnavailableError(f"Cannot connect to PostgreSQL: {str(refused).strip()}")
+        return BackendUnavailableError(otherwise)
 
     def can_commit_blocking(self) -> bool:
         """Whether the pool of sync connections has an idle one. The first call opens the pool,
@@ -777,7 +853,9 @@ class PostgresBackend(SqlBackend):
                 max_size=self._pool_max_size,
                 kwargs=self._connection_options(),
                 name=f"dtfx-{self.schema}-blocking",
-                timeout=10.0,
+                timeout=self._pool_timeout,
+                reconnect_timeout=_RECONNECT_TIMEOUT,
+                reconnect_failed=_reconnect_blocking_while_awaited,
                 open=False,
             )
             pool.open()
