@@ -212,8 +212,9 @@ def test_calls_that_the_server_refuses_connections_fail_with_its_reason_within_t
     # on: its pools try at most four seconds apart while a transaction waits.
     url = postgres_url()
     migrate(url, role)
-    backend = PostgresBackend(as_role(url, role) + "&pool_timeout=4.5")
-    with dtfx.Client(backend) as client:
+    with dtfx.Client(as_role(url, role) + "&pool_timeout=4.5") as client:  # which closes the backend it opens
+        backend = client.backend
+        assert isinstance(backend, PostgresBackend)
         assert client.get_orchestration_state("any") is None
         blocking = backend._open_blocking_pool()  # as a worker's chain commits, on its thread
         blocking.wait()
