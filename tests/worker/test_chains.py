@@ -34,6 +34,8 @@ class ChainBackend(MemoryBackend):
         self.fail_after_commit: int | None = None
         """Which blocking commit goes through but fails, as when the connection drops while the
         database confirms it."""
+        self.stall_commit: tuple[int, float] | None = None
+        """Which blocking commit waits how long before it starts (for a database that went away)."""
 
     def _count(self, name: str) -> int:
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -48,6 +50,8 @@ class ChainBackend(MemoryBackend):
     ) -> list[CommitResult]:
         assert threading.current_thread() is not threading.main_thread()
         number = self._count("thread commits")
+        if self.stall_commit is not None and number == self.stall_commit[0]:
+            time.sleep(self.stall_commit[1])
         if number == self.fail_commit:
             raise BackendError("the database went away for a moment")
         if number == self.lose_commit:  # the lease expired and another worker took the instance and let it go
@@ -257,6 +261,27 @@ async def test_a_chain_step_whose_commit_is_in_doubt_goes_on_at_once_and_runs_no
     state = await run_chain(backend, chain_app(runs), 6, options=dtfx.WorkerOptions(lease_duration=timedelta(hours=1)))
     assert state.get_output() == 6
     assert runs == list(range(6))
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["its lease lost", "failing"])
+@pytest.mark.parametrize("stalled", [1, 3], ids=["the first commit", "a later one"])
+async def test_an_instance_taken_up_again_while_a_chain_step_commits_replays_its_history(
+    stalled: int, fails: bool
+) -> None:
+    # The step's commit waits past the leases (a database that went away), so the instance and
+    # the step's activity are taken up again meanwhile. The live orchestration had gone on with
+    # the step's episode, which is not committed: the instance is run again from its history.
+    # (Had the live one served again, it would have taken the activity's result for one it had
+    # already seen, and scheduled nothing more.)
+    backend = ChainBackend()
+    lease = timedelta(seconds=0.2)
+    backend.stall_commit = (stalled, 4 * lease.total_seconds())
+    if fails:
+        backend.fail_commit = stalled
+    runs: list[int] = []
+    state = await run_chain(backend, chain_app(runs), 6, options=dtfx.WorkerOptions(lease_duration=lease))
+    assert state.runtime_status == Status.COMPLETED and state.get_output() == 6
+    assert sorted(set(runs)) == list(range(6))  # the stalled step's activity may run twice
 
 
 @pytest.mark.parametrize("committed", [False, True], ids=["not committed", "committed"])

@@ -60,6 +60,15 @@ class InstanceCache(Generic[Entry]):
         self._entries.move_to_end(item.instance_id)
         return entry
 
+    def take(self, item: OrchestrationWorkItem) -> Entry | None:
+        """:meth:`lookup`, taking the entry out: its taker changes it as the episode runs, and
+        keeps it again once the episode is committed. Until then, another work item of the
+        instance (after the lease expired) does not find it, changed ahead of its history."""
+        entry = self.lookup(item)
+        if entry is not None:
+            del self._entries[item.instance_id]
+        return entry
+
     def keep(
         self,
         item: OrchestrationWorkItem,

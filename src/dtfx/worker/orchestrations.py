@@ -685,8 +685,10 @@ class LocalRunner:
             return _failed(failure)
 
         with self._lock:
-            entry = self._cache.lookup(item) if past_events is None else None
+            entry = self._cache.take(item) if past_events is None else None
         if entry is None:
+            if past_events is None:  # gone since cached_start said otherwise (evicted, or run meanwhile): replay
+                return Abandon()
             orchestrator = self._registry.orchestrators.get(started.name)
             if orchestrator is None:
                 return _failed(FailureDetails.from_exception(NotRegisteredError("orchestrator", started.name)))
