@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 import dtfx
 from dtfx.backends import postgres
 from dtfx.backends.postgres import PostgresBackend, parse_postgres_url
-from dtfx.backends.sql.program import Fetch, Program
 from dtfx.cli import cli
 from dtfx.core.errors import BackendUnavailableError, ConfigurationError
+from tests.backends.test_postgres_pipeline import a_read
 from tests.polling import wait_until
 from tests.postgres import SERVER_URL, postgres_url
 
@@ -199,10 +199,6 @@ def test_a_worker_that_the_server_allows_too_few_connections_to_start_says_so(
     ):
         pass
     assert connections_of(role) == 0
-
-
-def a_read() -> Program[Any]:
-    return (yield Fetch("SELECT 1"))
 
 
 def test_calls_that_the_server_refuses_connections_fail_with_its_reason_within_the_pool_timeout(role: str) -> None:

@@ -98,7 +98,7 @@ _VALUES_ROWS = 8  # rows inserted by a list of values, above which by a JSON doc
 _CONFLICTS = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.UniqueViolation)
 _MAX_CONFLICT_RETRIES = 10
 _POOL_TIMEOUT = 15.0  # seconds a transaction keeps trying while the server cannot carry it out
-_LAST_WAIT = 1.0  # seconds a transaction that runs again after a conflict may wait for a connection, at the least
+_LAST_WAIT = 1.0  # seconds an attempt may wait for a connection at the least (past pool_timeout: after a conflict, say)
 _MAX_STALE_CONNECTIONS = 3
 """Pooled connections found closed by the server that a transaction replaces at once. The pool's
 other idle connections are checked after the first (as after any lost connection), so finding
