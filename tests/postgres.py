@@ -55,8 +55,11 @@ def postgres_url() -> str:
 def terminate_connections(schema: str) -> int:
     """End every server connection of the task hub ``schema`` (as a database restart would); return how many."""
     with psycopg.connect(SERVER_URL, autocommit=True) as connection:
-        terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s"
-        return len(connection.execute(terminate, (f"dtfx:{schema}",)).fetchall())
+        rows = connection.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (f"dtfx:{schema}",),
+        ).fetchall()
+    return len(rows)
 
 
 @pytest.fixture(autouse=True)
