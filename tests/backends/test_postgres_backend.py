@@ -79,7 +79,7 @@ async def test_a_transaction_streams_its_statements_when_it_runs_alone(monkeypat
     class Spy(postgres.Pipeline):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            streaming.append(kwargs.get("streaming", False))
+            streaming.append(kwargs.get("alone", False))
 
     async def look_nowhere(self: PostgresBackend) -> None:
         pass

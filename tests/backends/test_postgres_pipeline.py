@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import select
+import socket
+import threading
 import time
 import uuid
 import weakref
@@ -50,11 +52,11 @@ async def table() -> AsyncIterator[str]:
 @dataclass(frozen=True)
 class Driver:
     """How a test's pipelines run: on an async connection, waiting on the event loop; or on a
-    sync one, blocking a thread, sending the statements together or each as it is queued
-    (``streaming``)."""
+    sync one, blocking a thread, sending the statements together or, ``alone`` (as the only
+    transaction under way), each as it is queued."""
 
     blocking: bool
-    streaming: bool = False
+    alone: bool = False
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[Any]:
@@ -66,15 +68,15 @@ class Driver:
                 yield opened
 
     async def run(self, connection: Any, program: Callable[[], Program[Any]], *, transaction: bool = True) -> Any:
-        pipeline = Pipeline(connection, transaction=transaction, streaming=self.streaming)
+        pipeline = Pipeline(connection, transaction=transaction, alone=self.alone)
         if not self.blocking:
             return await pipeline.run(Stepper(program()))
         return await asyncio.to_thread(pipeline.run_blocking, Stepper(program()))
 
 
 @pytest.fixture(
-    params=[Driver(blocking=False), Driver(blocking=True), Driver(blocking=True, streaming=True)],
-    ids=["async", "blocking", "streaming"],
+    params=[Driver(blocking=False), Driver(blocking=True), Driver(blocking=True, alone=True)],
+    ids=["async", "blocking", "alone"],
 )
 def driver(request: pytest.FixtureRequest) -> Driver:
     """Each test runs with every driver."""
@@ -294,7 +296,7 @@ async def test_a_last_fetch_comes_back_committed(table: str, driver: Driver) -> 
     assert await rows_of(table) == [(1, "dos")]  # committed with the last fetch; the rest never ran
 
 
-async def test_a_streaming_pipeline_sends_each_statement_as_it_is_queued(table: str, driver: Driver) -> None:
+async def test_a_pipeline_alone_sends_each_statement_as_it_is_queued(table: str, driver: Driver) -> None:
     key = uuid.uuid4().int % 2**31  # an advisory lock, taken by the transaction's first statement
 
     def lock_held(wait: float) -> bool:
@@ -315,14 +317,52 @@ async def test_a_streaming_pipeline_sends_each_statement_as_it_is_queued(table: 
     def program() -> Program[None]:
         yield Execute("SELECT pg_advisory_xact_lock(?)", (key,))
         # Queued only, the statement cannot have reached the server; streamed, it gets there.
-        held_while_building.append(lock_held(10.0 if driver.streaming else 0.0))
+        held_while_building.append(lock_held(10.0 if driver.alone else 0.0))
         yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "after the lock"))
 
     async with driver.connect() as connection:
         await driver.run(connection, program)
-    assert held_while_building == [driver.streaming]
+    assert held_while_building == [driver.alone]
     assert await rows_of(table) == [(1, "after the lock")]
     assert not await asyncio.to_thread(lock_held, 0.0)  # the commit released it
+
+
+async def test_a_blocking_pipeline_alone_polls_for_the_servers_answer_before_it_sleeps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    require_server()
+    spins: list[bool] = []
+    wait_here = postgres_pipeline._wait_here
+
+    def recording(fileno: int, *, write: bool, spin: bool = False) -> None:
+        spins.append(spin)
+        wait_here(fileno, write=write, spin=spin)
+
+    monkeypatch.setattr(postgres_pipeline, "_wait_here", recording)
+    for alone in (False, True):
+        driver = Driver(blocking=True, alone=alone)
+        async with driver.connect() as connection:
+            assert await driver.run(connection, a_read) == [(1,)]
+        assert spins and set(spins) == {alone}
+        spins.clear()
+
+
+def test_a_wait_that_polls_sleeps_once_its_polling_time_is_over() -> None:
+    reader, writer = socket.socketpair()
+    with reader, writer:
+        writer.send(b"x")
+        postgres_pipeline._wait_here(reader.fileno(), write=False, spin=True)  # readable already
+        assert reader.recv(1) == b"x"
+        answer = threading.Timer(0.3, writer.send, (b"y",))
+        answer.start()
+        used = time.thread_time()
+        postgres_pipeline._wait_here(reader.fileno(), write=False, spin=True)
+        used = time.thread_time() - used
+        answer.join()
+        assert reader.recv(1) == b"y"
+    # It polled for _SPIN (milliseconds), then slept until the answer came.
+    assert postgres_pipeline._SPIN < 0.01
+    assert used < 0.1
 
 
 async def _query_of(backend_pid: int) -> tuple[str, str]:
@@ -352,11 +392,11 @@ async def _cancel_while_sleeping(driver: Driver, connection: Any, program: Calla
         await running
 
 
-@pytest.mark.parametrize("streaming", [False, True], ids=["together", "streaming"])
+@pytest.mark.parametrize("alone", [False, True], ids=["together", "alone"])
 async def test_a_cancelled_pipeline_stops_the_servers_statement_and_keeps_its_connection(
-    table: str, streaming: bool
+    table: str, alone: bool
 ) -> None:
-    driver = Driver(blocking=False, streaming=streaming)
+    driver = Driver(blocking=False, alone=alone)
 
     def slow() -> Program[None]:
         yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "rolled back"))
@@ -382,7 +422,7 @@ async def test_a_cancelled_transaction_sends_nothing_more_even_when_the_server_h
         """The cancel reaches the server after its statement has ended: it does nothing."""
 
     monkeypatch.setattr(psycopg.AsyncConnection, "cancel_safe", too_late)
-    driver = Driver(blocking=False, streaming=True)
+    driver = Driver(blocking=False, alone=True)
 
     def program() -> Program[None]:
         yield Execute(f"INSERT INTO {table} (id, payload) VALUES (?, ?)", (1, "rolled back"))

@@ -19,7 +19,8 @@ Programs run through libpq's pipeline mode (:mod:`~dtfx.backends.postgres_pipeli
 a write transaction costs one round trip per fetch that its program waits for, plus
 the commit's. A transaction that starts while no other runs on the backend object (low
 load) streams its statements, which the server then runs while the program builds the
-next ones; under load they go out together. psycopg's async pool belongs to one event
+next ones, and one that waits on its thread polls for the answer briefly before it
+sleeps; under load they go out together. psycopg's async pool belongs to one event
 loop, so the driver runs on a loop of its own in a background thread (the loop that
 started the backend runs its transactions itself); the backend can be awaited from any
 loop or thread (a worker's, a sync client's). A worker's chain of eager steps commits
@@ -744,7 +745,7 @@ class PostgresBackend(SqlBackend):
                 with self._alone() as alone:
                     connection = await pool.getconn(retries.connection_wait())
                     try:  # the pipeline leaves the connection idle, or closes it
-                        pipeline = Pipeline(connection, transaction=write, durable=durable, streaming=alone)
+                        pipeline = Pipeline(connection, transaction=write, durable=durable, alone=alone)
                         result = await pipeline.run(stepper)
                     finally:
                         await pool.putconn(connection)
@@ -770,10 +771,13 @@ class PostgresBackend(SqlBackend):
             stepper = Stepper(program())
             pipeline: Pipeline | None = None
             try:
-                # The pipeline leaves the connection idle, or closes it.
-                with self._alone() as alone, pool.connection(retries.connection_wait()) as connection:
-                    pipeline = Pipeline(connection, transaction=True, streaming=alone)
-                    result = pipeline.run_blocking(stepper)
+                with self._alone() as alone:
+                    connection = pool.getconn(retries.connection_wait())
+                    try:  # the pipeline leaves the connection idle, or closes it
+                        pipeline = Pipeline(connection, transaction=True, alone=alone)
+                        result = pipeline.run_blocking(stepper)
+                    finally:
+                        pool.putconn(connection)
             except Exception as error:
                 try:
                     delay = retries.after(error, pipeline)
@@ -792,7 +796,7 @@ class PostgresBackend(SqlBackend):
     @contextlib.contextmanager
     def _alone(self) -> Iterator[bool]:
         """Count a transaction as under way while it runs; whether it started as the only one
-        (then its pipeline streams: see the module docstring)."""
+        (then its pipeline runs alone: see :mod:`dtfx.backends.postgres_pipeline`)."""
         with self._under_way_lock:
             self._under_way += 1
             alone = self._under_way == 1

@@ -7,12 +7,19 @@ prepared once per connection), and the buffer goes out once per round trip: when
 program needs rows, and at the end. A write transaction costs one round trip per
 fetch plus one for the commit (``BEGIN`` and ``COMMIT`` travel with the rest).
 
-A pipeline that *streams* sends each statement as soon as it is queued, so that the server
-runs it while the program builds the next one: the round trip then waits only for the
-last statements and the commit. That suits a transaction that has the machine to itself
-(at low load), where the server's work overlaps with the program's; under load, when both
-keep their cores busy anyway, a socket write per statement costs more than it saves, and
-the statements go out together.
+A pipeline that runs *alone* (the only transaction under way in its backend: at low load)
+sends each statement as soon as it is queued, so that the server runs it while the program
+builds the next one: the round trip then waits only for the last statements and the
+commit. Under load, when both keep their cores busy anyway, a socket write per statement
+costs more than it saves, and the statements go out together.
+
+A pipeline alone that waits for the server on its thread (:meth:`Pipeline.run_blocking`)
+also keeps polling the socket for up to :data:`_SPIN` before it sleeps: a thread woken
+from sleep by the server's answer starts again only tens of microseconds later on a
+virtual machine (as much again as the server took for a commit's statements), and a wait
+for a commit is mostly shorter than that. It yields its core at each poll, to a thread
+of the process that wants the interpreter or a process that wants the core (the server's).
+A loop's wait (:meth:`Pipeline.run`) sleeps at once: the loop has other work to run.
 
 A statement the server refuses fails the transaction cleanly (the rest of the
 pipeline is skipped, the transaction rolled back) and raises psycopg's error class
@@ -38,7 +45,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import select
+import time
 from collections import deque
 from collections.abc import Generator, Sequence
 from functools import lru_cache
@@ -74,6 +83,10 @@ _SYNC = "sync"
 _NEW_KEYS = "new keys"
 """A pending entry: the result of an :class:`InsertNew`'s statement."""
 _UNIQUE_VIOLATION = b"23505"
+_SPIN = 0.002
+"""Seconds a blocking wait of a pipeline alone polls the socket before it sleeps (see the
+module docstring): a commit's wait mostly ends sooner, a slow one then costs at most this
+much of a core more."""
 _STOP_GRACE = 1.0
 """Seconds a cancelled pipeline may take to end cleanly (see the module docstring)."""
 
@@ -165,8 +178,9 @@ class Pipeline:
 
     ``transaction``: wrap the statements in ``BEGIN`` / ``COMMIT``; otherwise each
     fetch is its own implicit transaction (reads). ``durable=False``: the transaction's
-    commit does not wait for the server's disk (``synchronous_commit=off``). ``streaming``:
-    each statement goes out as soon as it is queued (see the module docstring).
+    commit does not wait for the server's disk (``synchronous_commit=off``). ``alone``: the
+    only transaction under way in its backend; each statement goes out as soon as it is
+    queued, and a blocking wait spins before it sleeps (see the module docstring).
 
     The pipeline's work is one generator (:meth:`_steps`) that yields whenever it must
     wait for the connection's socket; :meth:`run` waits on an event loop, with an async
@@ -179,14 +193,14 @@ class Pipeline:
         *,
         transaction: bool,
         durable: bool = True,
-        streaming: bool = False,
+        alone: bool = False,
     ) -> None:
         self._connection = connection
         self._pgconn = connection.pgconn
         self._state = _ConnectionState.of(connection)
         self._transaction = transaction
         self._durable = durable
-        self._streaming = streaming
+        self._alone = alone
         self._pending: deque[list[pq.abc.PGresult] | str | None] = deque()
         """Per command sent, in order: where its result goes (``None``: nowhere; ``_NEW_KEYS``:
         nowhere, from an :class:`InsertNew`), or ``_SYNC``."""
@@ -257,7 +271,7 @@ class Pipeline:
         try:
             write = next(steps)
             while True:
-                _wait_here(self._pgconn.socket, write=write)
+                _wait_here(self._pgconn.socket, write=write, spin=self._alone)
                 write = steps.send(None)
         except StopIteration as done:
             return cast(T, done.value)
@@ -300,7 +314,7 @@ class Pipeline:
                 self._queue(statement.insert, _NEW_KEYS)
             else:
                 self._queue(statement)
-            if self._streaming:
+            if self._alone:
                 pgconn.flush()  # what the socket cannot take now goes with the next flush
         if self._transaction and not self.committing:
             self._commit()
@@ -462,10 +476,17 @@ async def _readable(fileno: int, *, write: bool) -> None:
             loop.remove_writer(fileno)
 
 
-def _wait_here(fileno: int, *, write: bool) -> None:
-    """Until the socket is readable (or, with ``write``, writable), blocking the calling thread."""
+def _wait_here(fileno: int, *, write: bool, spin: bool = False) -> None:
+    """Until the socket is readable (or, with ``write``, writable), blocking the calling
+    thread; with ``spin``, polling it for up to :data:`_SPIN` first (see the module docstring)."""
     poller = select.poll()
     poller.register(fileno, select.POLLIN | select.POLLOUT if write else select.POLLIN)
+    if spin:
+        until = time.perf_counter() + _SPIN
+        while time.perf_counter() < until:
+            if poller.poll(0):
+                return
+            os.sched_yield()
     poller.poll()
 
 
