@@ -284,6 +284,30 @@ async def test_an_instance_taken_up_again_while_a_chain_step_commits_replays_its
     assert sorted(set(runs)) == list(range(6))  # the stalled step's activity may run twice
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["its lease lost", "failing"])
+@pytest.mark.parametrize("stalled", [1, 3], ids=["the first commit", "a later one"])
+async def test_an_instance_taken_up_again_while_an_eager_step_on_the_loop_commits_replays_its_history_too(
+    stalled: int, fails: bool
+) -> None:
+    class LoopStalling(ChainBackend):
+        blocking_commits = False
+
+        async def complete_orchestration_work_items(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> Any:
+            number = self.calls.get("loop commits", 0) + 1
+            if number == stalled:
+                await asyncio.sleep(4 * lease.total_seconds())
+                if fails:
+                    self._count("loop commits")
+                    raise BackendError("the database went away for a moment")
+            return await super().complete_orchestration_work_items(checkpoints)
+
+    lease = timedelta(seconds=0.2)
+    runs: list[int] = []
+    state = await run_chain(LoopStalling(), chain_app(runs), 6, options=dtfx.WorkerOptions(lease_duration=lease))
+    assert state.runtime_status == Status.COMPLETED and state.get_output() == 6
+    assert sorted(set(runs)) == list(range(6))  # the stalled step's activity may run twice
+
+
 @pytest.mark.parametrize("committed", [False, True], ids=["not committed", "committed"])
 @pytest.mark.parametrize("failing", [1, 3], ids=["the first commit", "a later one"])
 async def test_an_eager_step_on_the_loop_whose_commit_is_in_doubt_goes_on_at_once_too(
