@@ -289,6 +289,8 @@ async def test_an_instance_taken_up_again_while_a_chain_step_commits_replays_its
 async def test_an_instance_taken_up_again_while_an_eager_step_on_the_loop_commits_replays_its_history_too(
     stalled: int, fails: bool
 ) -> None:
+    lease = timedelta(seconds=0.2)
+
     class LoopStalling(ChainBackend):
         blocking_commits = False
 
@@ -301,7 +303,6 @@ async def test_an_instance_taken_up_again_while_an_eager_step_on_the_loop_commit
                     raise BackendError("the database went away for a moment")
             return await super().complete_orchestration_work_items(checkpoints)
 
-    lease = timedelta(seconds=0.2)
     runs: list[int] = []
     state = await run_chain(LoopStalling(), chain_app(runs), 6, options=dtfx.WorkerOptions(lease_duration=lease))
     assert state.runtime_status == Status.COMPLETED and state.get_output() == 6

@@ -14,12 +14,12 @@ commit. Under load, when both keep their cores busy anyway, a socket write per s
 costs more than it saves, and the statements go out together.
 
 A pipeline alone that waits for the server on its thread (:meth:`Pipeline.run_blocking`)
-also keeps polling the socket for up to :data:`_SPIN` before it sleeps: a thread woken
-from sleep by the server's answer starts again only tens of microseconds later on a
-virtual machine (as much again as the server took for a commit's statements), and a wait
-for a commit is mostly shorter than that. It yields its core at each poll, to a thread
-of the process that wants the interpreter or a process that wants the core (the server's).
-A loop's wait (:meth:`Pipeline.run`) sleeps at once: the loop has other work to run.
+also keeps polling the socket for up to :data:`_SPIN` before it sleeps: on a virtual
+machine, a thread that the server's answer wakes from sleep runs again 75-100 µs later,
+about as long as the server takes for a commit's statements, and a commit's wait mostly
+ends within :data:`_SPIN`. It yields its core at each poll, to a thread of the process
+that wants the interpreter or a process that wants the core (the server's). A loop's
+wait (:meth:`Pipeline.run`) sleeps at once: the loop has other work to run.
 
 A statement the server refuses fails the transaction cleanly (the rest of the
 pipeline is skipped, the transaction rolled back) and raises psycopg's error class
@@ -180,7 +180,7 @@ class Pipeline:
     fetch is its own implicit transaction (reads). ``durable=False``: the transaction's
     commit does not wait for the server's disk (``synchronous_commit=off``). ``alone``: the
     only transaction under way in its backend; each statement goes out as soon as it is
-    queued, and a blocking wait spins before it sleeps (see the module docstring).
+    queued, and a blocking wait polls before it sleeps (see the module docstring).
 
     The pipeline's work is one generator (:meth:`_steps`) that yields whenever it must
     wait for the connection's socket; :meth:`run` waits on an event loop, with an async
