@@ -263,48 +263,40 @@ async def test_a_chain_step_whose_commit_is_in_doubt_goes_on_at_once_and_runs_no
     assert runs == list(range(6))
 
 
+class LoopChainBackend(ChainBackend):
+    """A :class:`ChainBackend` whose eager steps commit through the event loop, where
+    ``stall_commit`` and ``fail_commit`` count (and stall or fail) the loop's commits."""
+
+    blocking_commits = False
+
+    async def complete_orchestration_work_items(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> Any:
+        number = self.calls.get("loop commits", 0) + 1
+        if self.stall_commit is not None and number == self.stall_commit[0]:
+            await asyncio.sleep(self.stall_commit[1])
+        if number == self.fail_commit:
+            self._count("loop commits")
+            raise BackendError("the database went away for a moment")
+        return await super().complete_orchestration_work_items(checkpoints)
+
+
 @pytest.mark.parametrize("fails", [False, True], ids=["its lease lost", "failing"])
 @pytest.mark.parametrize("stalled", [1, 3], ids=["the first commit", "a later one"])
+@pytest.mark.parametrize("backend_class", [ChainBackend, LoopChainBackend], ids=["on its thread", "on the loop"])
 async def test_an_instance_taken_up_again_while_a_chain_step_commits_replays_its_history(
-    stalled: int, fails: bool
+    backend_class: type[ChainBackend], stalled: int, fails: bool
 ) -> None:
     # The step's commit waits past the leases (a database that went away), so the instance and
     # the step's activity are taken up again meanwhile. The live orchestration had gone on with
     # the step's episode, which is not committed: the instance is run again from its history.
     # (Had the live one served again, it would have taken the activity's result for one it had
     # already seen, and scheduled nothing more.)
-    backend = ChainBackend()
+    backend = backend_class()
     lease = timedelta(seconds=0.2)
     backend.stall_commit = (stalled, 4 * lease.total_seconds())
     if fails:
         backend.fail_commit = stalled
     runs: list[int] = []
     state = await run_chain(backend, chain_app(runs), 6, options=dtfx.WorkerOptions(lease_duration=lease))
-    assert state.runtime_status == Status.COMPLETED and state.get_output() == 6
-    assert sorted(set(runs)) == list(range(6))  # the stalled step's activity may run twice
-
-
-@pytest.mark.parametrize("fails", [False, True], ids=["its lease lost", "failing"])
-@pytest.mark.parametrize("stalled", [1, 3], ids=["the first commit", "a later one"])
-async def test_an_instance_taken_up_again_while_an_eager_step_on_the_loop_commits_replays_its_history_too(
-    stalled: int, fails: bool
-) -> None:
-    lease = timedelta(seconds=0.2)
-
-    class LoopStalling(ChainBackend):
-        blocking_commits = False
-
-        async def complete_orchestration_work_items(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> Any:
-            number = self.calls.get("loop commits", 0) + 1
-            if number == stalled:
-                await asyncio.sleep(4 * lease.total_seconds())
-                if fails:
-                    self._count("loop commits")
-                    raise BackendError("the database went away for a moment")
-            return await super().complete_orchestration_work_items(checkpoints)
-
-    runs: list[int] = []
-    state = await run_chain(LoopStalling(), chain_app(runs), 6, options=dtfx.WorkerOptions(lease_duration=lease))
     assert state.runtime_status == Status.COMPLETED and state.get_output() == 6
     assert sorted(set(runs)) == list(range(6))  # the stalled step's activity may run twice
 
