@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import psycopg.errors
 import pytest
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 import dtfx
 from dtfx.backends import postgres
@@ -365,6 +365,29 @@ def test_a_transaction_the_server_cannot_carry_out_is_tried_again_until_its_pool
     assert retries.after(lost, None) > 0  # is tried once more
     with pytest.raises(BackendUnavailableError, match="PostgreSQL connection failed"):
         retries.after(lost, None)
+
+
+async def test_a_call_that_gets_no_connection_from_a_full_pool_says_that_the_pool_is_too_small() -> None:
+    backend = PostgresBackend(postgres_url() + "&pool_min_size=1&pool_max_size=1&pool_timeout=0.5")
+    try:
+        await backend.start()
+        assert backend._home_pool is not None
+        async with backend._home_pool.connection():  # the pool's only connection, taken
+            with pytest.raises(BackendUnavailableError, match=r"though one opens now: its connections are all in use"):
+                await backend.get_instance("any")
+        assert await backend.get_instance("any") is None
+    finally:
+        await backend.close()
+
+
+def test_a_pool_that_gave_no_connection_holding_fewer_than_it_may_could_not_open_more() -> None:
+    # As after a restart: the pool was opening its connections again when the time was up.
+    require_server()
+    with ConnectionPool(SERVER_URL, min_size=1, max_size=2) as pool:
+        pool.wait()
+        assert "could not open connections in that time: the server was away" in postgres._why_no_connection(pool)
+        with pool.connection(), pool.connection():
+            assert postgres._why_no_connection(pool) == "its connections are all in use (see pool_max_size)"
 
 
 def test_a_transaction_replaces_a_few_connections_closed_while_idle_at_once_then_backs_off() -> None:

@@ -6,11 +6,8 @@ server sends and answer wrongly on purpose.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import queue
-import socket
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +21,7 @@ from tests.conftest import CONTRACT_BACKENDS
 from tests.grpc.conftest import FAST, WorkItemStream, open_stream, rpc_error, running_sidecar
 from tests.polling import wait_until
 from tests.postgres import postgres_url
+from tests.proxy import TcpProxy
 
 import grpc
 from dtfx.core.errors import BackendUnavailableError
@@ -171,47 +169,13 @@ def test_an_activity_held_by_a_stream_that_dies_is_dispatched_again(stub: Stub, 
     assert activity.activityRequest.orchestrationInstance.instanceId == "activity-orphan"
 
 
-class SilentProxy:
-    """A TCP proxy to ``port`` that can fall silent, its connections left open: a host that vanishes."""
-
-    def __init__(self, port: int) -> None:
-        self._port = port
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._silent = threading.Event()
-        self._sockets: list[socket.socket] = [self._listener]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):  # closed
-            while True:
-                near, _ = self._listener.accept()
-                far = socket.create_connection(("127.0.0.1", self._port))
-                self._sockets += [near, far]
-                for source, sink in ((near, far), (far, near)):
-                    threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while (data := source.recv(65536)) and not self._silent.is_set():
-                sink.sendall(data)
-
-    def fall_silent(self) -> None:
-        """Forward nothing more, and close nothing."""
-        self._silent.set()
-
-    def close(self) -> None:
-        for opened in self._sockets:
-            opened.close()
-
-
 def test_the_work_of_a_worker_whose_host_vanishes_is_dispatched_again_after_the_keepalive() -> None:
     # The health pings on the stream (every second here) cannot tell: nothing fails to write.
     keepalive = timedelta(milliseconds=300)
     options = dataclasses.replace(FAST, keepalive_interval=keepalive, keepalive_timeout=keepalive)
     with running_sidecar(options=options) as server, grpc.insecure_channel(server.address) as channel:
         stub = Stub(channel)
-        proxy = SilentProxy(server.port)
+        proxy = TcpProxy(server.port)
         try:
             with grpc.insecure_channel(proxy.address) as far_channel:
                 vanishing = WorkItemStream(Stub(far_channel))

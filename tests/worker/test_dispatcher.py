@@ -23,8 +23,12 @@ class Recorder:
         self.peak = 0
         self._work = work
         self.idle = asyncio.Event()
+        self.fetch_errors: list[Exception] = []
+        """Errors the next fetches raise, in order, before fetches go through again."""
 
     async def fetch(self, count: int) -> list[int]:
+        if self.fetch_errors:
+            raise self.fetch_errors.pop(0)
         self.fetch_sizes.append(count)
         batch, self.pending = self.pending[:count], self.pending[count:]
         return batch
@@ -93,21 +97,31 @@ async def test_several_fetch_loops_share_the_limit() -> None:
 
 async def test_fetch_errors_back_off_and_recover() -> None:
     recorder = Recorder(5)
-    failures = {"left": 3}
-    fetch = recorder.fetch
-
-    async def flaky_fetch(count: int) -> list[int]:
-        if failures["left"]:
-            failures["left"] -= 1
-            raise ConnectionError("database away")
-        return await fetch(count)
-
-    recorder.fetch = flaky_fetch  # type: ignore[method-assign]
+    recorder.fetch_errors = [ConnectionError("database away")] * 3
     dispatcher = recorder.dispatcher()
     dispatcher.start()
     await until(lambda: len(recorder.processed) == 5)
     await dispatcher.stop(1)
-    assert failures["left"] == 0
+    assert recorder.fetch_errors == []
+
+
+@pytest.mark.parametrize(
+    ("error", "traceback"),
+    [(BackendUnavailableError("Cannot connect to PostgreSQL: refused"), False), (ValueError("a bug"), True)],
+    ids=["store away", "unexpected"],
+)
+async def test_a_failed_fetch_logs_the_store_being_away_in_one_line_and_anything_else_with_its_traceback(
+    caplog: pytest.LogCaptureFixture, error: Exception, traceback: bool
+) -> None:
+    recorder = Recorder(1)
+    recorder.fetch_errors = [error]
+    dispatcher = recorder.dispatcher()
+    dispatcher.start()
+    await until(lambda: recorder.processed == [0])
+    await dispatcher.stop(1)
+    [record] = [record for record in caplog.records if "fetching work items failed" in record.getMessage()]
+    assert (record.exc_info is not None) is traceback
+    assert (str(error) in record.getMessage()) is not traceback  # the traceback says it otherwise
 
 
 async def test_a_failed_work_item_is_released_and_the_dispatcher_carries_on() -> None:

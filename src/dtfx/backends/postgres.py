@@ -201,6 +201,22 @@ def _reconnect_blocking_while_awaited(pool: ConnectionPool) -> None:
         pool.check()
 
 
+def _why_no_connection(pool: AsyncConnectionPool | ConnectionPool) -> str:
+    """Why ``pool`` gave a transaction no connection in time, by what it holds then. Holding as
+    many connections as it may, all in use, it is too small for the work; holding fewer, it
+    could not open more in that time: the server was away (a restart: the pool was opening
+    its connections again) or slow to take them, or refused them. A pool counts the
+    connections it is opening again as held, so one that the server left while it was full
+    reads as too small."""
+    stats = pool.get_stats()
+    if stats["pool_size"] >= stats["pool_max"]:
+        return "its connections are all in use (see pool_max_size)"
+    return (
+        "it could not open connections in that time: the server was away (a restart, say) or slow to take"
+        " them, or allowed no more to this role or database (max_connections, CONNECTION LIMIT)"
+    )
+
+
 def _connection_lost(error: psycopg.Error) -> bool:
     """Whether the connection failed, taking the server's answer with it if there was one. The
     server's own refusals (a full disk, too many connections) come with a SQLSTATE of another
@@ -754,7 +770,7 @@ class PostgresBackend(SqlBackend):
                     delay = retries.after(error, pipeline)
                 except BackendUnavailableError:
                     if isinstance(error, PoolTimeout):
-                        raise await asyncio.to_thread(self._no_connection) from error
+                        raise await asyncio.to_thread(self._no_connection, _why_no_connection(pool)) from error
                     raise
                 if retries.check_pool:
                     await pool.check()
@@ -783,7 +799,7 @@ class PostgresBackend(SqlBackend):
                     delay = retries.after(error, pipeline)
                 except BackendUnavailableError:
                     if isinstance(error, PoolTimeout):
-                        raise self._no_connection() from error
+                        raise self._no_connection(_why_no_connection(pool)) from error
                     raise
                 if retries.check_pool:
                     pool.check()
@@ -813,12 +829,11 @@ class PostgresBackend(SqlBackend):
             " may allow no more to this role or database (max_connections, CONNECTION LIMIT), or see pool_min_size"
         )
 
-    def _no_connection(self) -> BackendUnavailableError:
-        """The error for a transaction that got no connection from its pool in ``pool_timeout``."""
+    def _no_connection(self, why: str) -> BackendUnavailableError:
+        """The error for a transaction that got no connection from its pool in ``pool_timeout``
+        (``why``: :func:`_why_no_connection`)."""
         return self._cannot_connect(
-            f"PostgreSQL: the pool gave no connection within {self._pool_timeout:g} s, though one opens now: its"
-            " connections are all in use (see pool_max_size), or the server allows no more to this role or"
-            " database (max_connections, CONNECTION LIMIT)"
+            f"PostgreSQL: the pool gave no connection within {self._pool_timeout:g} s, though one opens now: {why}"
         )
 
     def _cannot_connect(self, otherwise: str) -> BackendUnavailableError:

@@ -204,11 +204,14 @@ class WorkItemDispatcher(Generic[T]):
                 self._before_fetch()
             try:
                 items = await self._fetch(wanted)
-            except Exception:
+            except Exception as error:
                 if not self._running:
                     break
                 delay = self._fetch_backoff.failed()
-                logger.warning("%s: fetching work items failed; retrying in %.1fs", self.name, delay, exc_info=True)
+                if isinstance(error, BackendUnavailableError):  # the store is away: what it said is all there is
+                    logger.warning("%s: fetching work items failed (%s); retrying in %.1fs", self.name, error, delay)
+                else:
+                    logger.warning("%s: fetching work items failed; retrying in %.1fs", self.name, delay, exc_info=True)
                 await self._sleep(delay)
                 continue
             self._fetch_backoff.succeeded()
