@@ -109,7 +109,8 @@ async def test_work_goes_on_once_the_server_is_back_without_waiting_for_its_leas
     if address.hostname not in ("127.0.0.1", "localhost") or address.port is None:
         pytest.skip("the test server is not reached over TCP on this host, where the proxy runs")
     proxy = TcpProxy(address.port)
-    proxied = urlunsplit(address._replace(netloc=f"{address.username}@127.0.0.1:{proxy.port}"))
+    user, at, _ = address.netloc.rpartition("@")  # the user and password, if any, stay
+    proxied = urlunsplit(address._replace(netloc=f"{user}{at}127.0.0.1:{proxy.port}"))
     caplog.set_level(logging.WARNING)
     job = {"steps": 6, "sleep": 0.05}
     try:
