@@ -6,6 +6,7 @@ worker on those it has."""
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Generator, Iterator
 from datetime import timedelta
@@ -156,6 +157,17 @@ def connections_of(role: str) -> int:
     return int(row[0])
 
 
+def settled_connections_of(role: str) -> int:
+    """The role's connections once their number has stayed the same for a moment (a pool that
+    grows, on calls at its start, opens its connections one after another)."""
+    counts = [connections_of(role)]
+    while len(counts) < 2 or counts[-1] != counts[-2]:
+        time.sleep(0.2)
+        counts.append(connections_of(role))
+        assert len(counts) < 50, counts
+    return counts[-1]
+
+
 def test_a_worker_that_the_server_refuses_more_connections_commits_on_those_it_has(role: str) -> None:
     # A chain of eager steps commits on a pool of sync connections of its own, opened by its
     # first step. When the server will not open it one (the role's CONNECTION LIMIT is
@@ -167,10 +179,10 @@ def test_a_worker_that_the_server_refuses_more_connections_commits_on_those_it_h
     with dtfx.Worker(as_role(url, role), app=app) as worker, dtfx.Client(worker.backend) as client:
         backend = worker.backend
         assert isinstance(backend, PostgresBackend)
-        wait_until(lambda: backend._listener_pid)  # its last connection
-        opened = connections_of(role)
+        wait_until(lambda: backend._listener_pid)  # its last connection at the start
         with psycopg.connect(SERVER_URL, autocommit=True) as connection:
-            connection.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT {opened}')
+            connection.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT {settled_connections_of(role)}')
+        opened = settled_connections_of(role)  # with any that was opening as the limit came
         for index in range(3):
             instance_id = client.schedule_new_orchestration(three_shouts, input=f"w{index}")
             state = client.wait_for_orchestration_completion(instance_id, timeout=8)
