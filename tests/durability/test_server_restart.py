@@ -1,0 +1,85 @@
+"""Workers and clients ride out a restart of the PostgreSQL server itself: a crash (the server
+killed and recovered from its log) or a clean shutdown, on a server of the test's own."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+import dtfx
+from dtfx.core.history import ExecutionCompleted
+from tests.private_postgres import PrivateServer, private_server
+
+Status = dtfx.OrchestrationStatus
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[PrivateServer]:
+    with private_server() as server:
+        yield server
+
+
+@pytest.mark.parametrize("mode", ["immediate", "fast"])
+async def test_work_goes_on_through_a_restart_of_the_server(
+    server: PrivateServer, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The leases last an hour: only the worker giving back what it held when the server went
+    # (the results of the activities it ran committed again) carries the orchestrations on
+    # within the test. A client's calls made meanwhile wait for the server (their
+    # pool_timeout is 15 s), and so does a wait for an orchestration's end begun before.
+    url = server.url(f"restart_{mode}")
+    runs: collections.Counter[tuple[str, int]] = collections.Counter()
+    counting = dtfx.App()
+
+    @counting.activity
+    def step(ctx: dtfx.ActivityContext, value: int) -> int:
+        runs[ctx.orchestration_id, ctx.task_id] += 1
+        return value + 1
+
+    @counting.orchestrator
+    def chain(ctx: dtfx.OrchestrationContext, length: int) -> Any:
+        value = 0
+        for _ in range(length):
+            value = yield ctx.call_activity(step, input=value)
+        return value
+
+    @counting.orchestrator
+    def fan(ctx: dtfx.OrchestrationContext, count: int) -> Any:
+        return sum((yield dtfx.when_all([ctx.call_activity(step, input=n) for n in range(count)])))
+
+    caplog.set_level(logging.WARNING)
+    async with (
+        dtfx.AsyncClient(url) as client,
+        dtfx.Worker(url, app=counting, options=dtfx.WorkerOptions(lease_duration=timedelta(hours=1))),
+    ):
+        chains = [await client.schedule_new_orchestration(chain, input=600) for _ in range(2)]
+        fans = [await client.schedule_new_orchestration(fan, input=200) for _ in range(2)]
+        await asyncio.sleep(0.3)
+        running = await client.query_orchestrations(dtfx.OrchestrationQuery(runtime_status=[Status.RUNNING]))
+        waiting = asyncio.create_task(client.wait_for_orchestration_completion(chains[0], timeout=60))
+        await asyncio.to_thread(server.stop, mode)
+        late = asyncio.create_task(client.schedule_new_orchestration(chain, input=5))
+        await asyncio.sleep(0.5)
+        assert not late.done()  # it waits for the server
+        await asyncio.to_thread(server.start)
+        instance_ids = [*chains, *fans, await late]
+        states = [await client.wait_for_orchestration_completion(i, timeout=60) for i in instance_ids]
+        histories = [await client.get_orchestration_history(i) for i in instance_ids]
+        waited = await waiting
+
+    assert running.items  # the server went while orchestrations were running
+    assert waited is not None and waited.get_output() == 600
+    assert [state.get_output() if state else None for state in states] == [600, 600, 20100, 20100, 5]
+    for state, history in zip(states, histories, strict=True):
+        assert state is not None and state.runtime_status == Status.COMPLETED
+        assert sum(isinstance(event, ExecutionCompleted) for event in history) == 1
+    assert len(runs) == 2 * 600 + 2 * 200 + 5  # every activity ran
+    noticed = [record for record in caplog.records if record.name.startswith("dtfx")]
+    assert noticed  # the connection that listens for notifications, at least, was lost
+    assert not [record.getMessage() for record in noticed if record.exc_info], "a restart is no bug"
