@@ -245,3 +245,36 @@ def test_grant_needs_a_postgresql_hub(tmp_path: Any) -> None:
     result = CliRunner().invoke(cli, ["migrate", "-b", f"sqlite:///{tmp_path}/hub.db", "--grant", "someone"])
     assert result.exit_code != 0
     assert "--grant needs a PostgreSQL task hub" in result.output
+
+
+def test_a_listener_that_the_server_refuses_while_it_takes_transactions_keeps_to_its_back_off(
+    role: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A transaction that goes through has a listener waiting to connect again try at once
+    # (the server is back), but only once: when the server takes the pools' transactions and
+    # refuses the listener's connection (the role's CONNECTION LIMIT reached), the listener
+    # is not tried again at every transaction, only as its back-off (0.4 s, 0.8 s, ...) says.
+    url = postgres_url()
+    migrate(url, role)
+    with dtfx.Client(as_role(url, role)) as client:
+        backend = client.backend
+        assert isinstance(backend, PostgresBackend)
+        assert client.get_orchestration_state("any") is None
+        listener = wait_until(lambda: backend._listener_pid)
+        with psycopg.connect(SERVER_URL, autocommit=True) as connection:
+            connection.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT {settled_connections_of(role) - 1}')
+            connection.execute("SELECT pg_terminate_backend(%s)", (listener,))
+        caplog.set_level(logging.WARNING, logger="dtfx.backends.postgres")
+        deadline = time.monotonic() + 1.0
+        reads = 0
+        while time.monotonic() < deadline:
+            assert client.get_orchestration_state("any") is None
+            reads += 1
+        refusals = [r for r in caplog.records if r.getMessage().startswith("Cannot listen for PostgreSQL")]
+        with psycopg.connect(SERVER_URL, autocommit=True) as connection:
+            connection.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
+        wait_until(lambda: backend._listener_pid not in (0, listener), timeout=10)
+
+    assert reads > 50
+    assert 1 <= len(refusals) <= 5, [r.getMessage() for r in refusals]
+    assert all("too many connections" in r.getMessage() for r in refusals)

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 import dtfx
+from dtfx.backends.postgres import PostgresBackend
 from dtfx.core.history import ExecutionCompleted
+from tests.durability.worker_process import app
 from tests.private_postgres import PrivateServer, private_server
 
 Status = dtfx.OrchestrationStatus
@@ -83,3 +85,29 @@ async def test_work_goes_on_through_a_restart_of_the_server(
     noticed = [record for record in caplog.records if record.name.startswith("dtfx")]
     assert noticed  # the connection that listens for notifications, at least, was lost
     assert not [record.getMessage() for record in noticed if record.exc_info], "a restart is no bug"
+
+
+async def test_a_worker_hears_of_new_work_as_soon_as_the_server_answers_again(
+    server: PrivateServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker that lost its notification connection opens it again after a back-off; here
+    # that back-off, and the polling that would otherwise find the work, take half a minute
+    # or more. The worker's own transactions going through again (its fetches, which wait
+    # for the server) have it listen again at once, so the work a client starts in another
+    # backend object once the server is back runs without waiting for either.
+    monkeypatch.setattr(PostgresBackend, "listener_retry_first", 30.0)
+    monkeypatch.setattr(PostgresBackend, "listener_retry_max", 60.0)
+    monkeypatch.setattr(PostgresBackend, "poll_interval", 60.0)
+    url = server.url("nudged")
+    job = {"steps": 2}
+    async with dtfx.AsyncClient(url) as client, dtfx.Worker(url, app=app):
+        before = await client.schedule_new_orchestration("sequence", input=job)
+        assert await client.wait_for_orchestration_completion(before, timeout=10)
+        await asyncio.to_thread(server.stop, "fast")
+        await asyncio.sleep(1.0)  # the worker's listener has failed to connect again, and waits
+        await asyncio.to_thread(server.start)
+        await asyncio.sleep(5.0)  # the worker's fetches, which waited for the server, have found nothing
+        after = await client.schedule_new_orchestration("sequence", input=job)
+        state = await client.wait_for_orchestration_completion(after, timeout=20)
+
+    assert state is not None and state.get_output() == [0, 10]

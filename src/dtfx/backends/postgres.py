@@ -444,6 +444,11 @@ class PostgresBackend(SqlBackend):
     hello), so this look only notices those that have gone, after which commits stop
     announcing themselves."""
     blocking_commits = True  # on a pool of sync connections, opened by the first such commit
+    listener_retry_first: ClassVar[float] = 0.2
+    listener_retry_max: ClassVar[float] = 5.0
+    """How long the notification connection waits to be opened again after it failed: the first
+    wait, doubled after each failure up to the longest; less if a transaction goes through
+    meanwhile (:meth:`_answered`)."""
 
     def __init__(self, url: str) -> None:
         self._conninfo, self.schema, pool_options = parse_postgres_url(url)
@@ -472,6 +477,8 @@ class PostgresBackend(SqlBackend):
         self._under_way_lock = threading.Lock()
         self._listener: asyncio.Task[None] | None = None
         self._listener_pid = 0  # the server process of this object's notification connection
+        self._listener_nudge: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        """While the listener waits to connect again: its loop, and what wakes it (:meth:`_answered`)."""
         self._listeners_key = zlib.crc32(self.schema.encode()) & 0x7FFFFFFF  # this hub's listener locks
         self._hellos = 0  # hellos heard from other backend objects
         self._watcher: asyncio.Task[None] | None = None
@@ -778,6 +785,7 @@ class PostgresBackend(SqlBackend):
                     await asyncio.sleep(delay)
                 continue
             self._after_commit(stepper.notifications)
+            self._answered()
             return result
 
     def _run_blocking(self, program: Callable[[], Program[T]]) -> T:
@@ -807,6 +815,7 @@ class PostgresBackend(SqlBackend):
                     time.sleep(delay)
                 continue
             self._after_commit(stepper.notifications)
+            self._answered()
             return result
 
     @contextlib.contextmanager
@@ -890,14 +899,18 @@ class PostgresBackend(SqlBackend):
     async def _listen(self) -> None:
         """Wake this process's waiters for what other processes commit; reconnect when the connection drops."""
         failures = 0
+        nudged = False  # since the connection was last lost
         while True:
             try:
                 connection = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
             except psycopg.Error as error:
                 failures += 1
-                delay = min(5.0, 0.1 * 2**failures)
+                delay = min(self.listener_retry_max, self.listener_retry_first * 2 ** (failures - 1))
                 logger.warning("Cannot listen for PostgreSQL notifications (%s); retrying in %.1fs", error, delay)
-                await asyncio.sleep(delay)
+                if nudged:  # once only: a server that takes transactions but refuses this connection is not hurried
+                    await asyncio.sleep(delay)
+                else:
+                    nudged = await self._answered_within(delay)
                 continue
             try:
                 async with connection:
@@ -919,7 +932,7 @@ class PostgresBackend(SqlBackend):
                     if failures:
                         logger.info("Listening for PostgreSQL notifications again")
                         self._wake_everyone()  # what was announced meanwhile is lost
-                    failures = 0
+                    failures, nudged = 0, False
                     # The others announce their commits once they have heard the hello: what
                     # they committed until then (or while not listening) is looked for later.
                     seen = asyncio.get_running_loop().call_later(_CATCH_UP_DELAY, self._changed_outside)
@@ -932,6 +945,30 @@ class PostgresBackend(SqlBackend):
                 failures += 1
                 logger.warning("Lost the PostgreSQL notification connection (%s); reconnecting", error)
                 self._wake_everyone()
+
+    async def _answered_within(self, delay: float) -> bool:
+        """Wait up to ``delay`` seconds, less if a transaction of this object goes through
+        meanwhile (:meth:`_answered`); whether one did. Then the server is back, and the
+        listener connects again at once: this process's dispatchers and waits hear of other
+        processes' commits without waiting for the back-off (or for their polling)."""
+        answered = asyncio.Event()
+        self._listener_nudge = (asyncio.get_running_loop(), answered)
+        try:
+            async with asyncio.timeout(delay):
+                await answered.wait()
+        except TimeoutError:
+            return False
+        finally:
+            self._listener_nudge = None
+        return True
+
+    def _answered(self) -> None:
+        """A transaction went through: a listener waiting to connect again tries at once."""
+        nudge = self._listener_nudge
+        if nudge is not None:
+            loop, answered = nudge
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(answered.set)
 
     async def _look_for_listeners(self) -> None:
         """See whether other backend objects listen to this hub: if none does, commits announce nothing.
