@@ -70,17 +70,19 @@ def private_server() -> Iterator[PrivateServer]:
 
 
 def _binaries() -> Path:
-    """Where the server's programs are; skips the test (fails it in CI) when they are not installed."""
-    try:
-        found = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError) as error:
-        found, why = "", f"pg_config failed: {error}"
-    else:
-        why = f"no initdb and pg_ctl in {found}"
-    binaries = Path(found)
-    if found and (binaries / "initdb").exists() and (binaries / "pg_ctl").exists():
-        return binaries
-    reason = f"PostgreSQL's server programs are not installed ({why})"
+    """Where the server's programs are (``pg_config --bindir``, or else where ``PATH`` finds
+    ``initdb``); skips the test (fails it in CI) when they are not installed."""
+    places: list[Path] = []
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        found = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
+        places.append(Path(found.stdout.strip()))
+    initdb = shutil.which("initdb")
+    if initdb is not None:
+        places.append(Path(initdb).parent)
+    for place in places:
+        if (place / "initdb").exists() and (place / "pg_ctl").exists():
+            return place
+    reason = "PostgreSQL's server programs (initdb, pg_ctl) are not installed: neither pg_config nor PATH finds them"
     if os.environ.get("CI") == "true":
         pytest.fail(reason)
     pytest.skip(reason)
