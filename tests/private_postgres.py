@@ -2,10 +2,9 @@
 
 The shared test server (:mod:`tests.postgres`) serves every other test, so it cannot be
 restarted under one. This one is a cluster made with ``initdb`` in a temporary directory,
-from the binaries of the installed server (``pg_config --bindir``), listening on a free
-port of 127.0.0.1. As root (CI), its commands run as the ``postgres`` user, since the
-server refuses to run as root. Without the binaries the test is skipped, except in CI,
-where it fails.
+from the programs of the installed server, listening on a free port of 127.0.0.1. As root
+(CI), its commands run as the ``postgres`` user, since the server refuses to run as root.
+Without those programs the test is skipped, except in CI, where it fails.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -47,7 +45,7 @@ class PrivateServer:
         _run(self._binaries / "pg_ctl", "--pgdata", str(self._directory / "data"), *arguments)
 
 
-@contextmanager
+@contextlib.contextmanager
 def private_server() -> Iterator[PrivateServer]:
     """A fresh cluster, started; stopped and removed afterwards."""
     binaries = _binaries()

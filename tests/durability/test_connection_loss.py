@@ -4,10 +4,8 @@ server going away for a while."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from datetime import timedelta
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -16,6 +14,7 @@ import dtfx
 from dtfx.backends.postgres import parse_postgres_url
 from dtfx.core.errors import BackendUnavailableError
 from dtfx.core.history import ExecutionCompleted
+from tests.durability.counting import counting_app
 from tests.durability.worker_process import LEASE, app
 from tests.postgres import postgres_url, terminate_connections
 from tests.proxy import TcpProxy
@@ -62,31 +61,14 @@ async def test_work_in_flight_when_connections_are_killed_goes_on_without_waitin
     # that activity runs again.
     url = postgres_url()
     _, schema, _ = parse_postgres_url(url)
-    runs: collections.Counter[tuple[str, int]] = collections.Counter()
-    counting = dtfx.App()
-
-    @counting.activity
-    def step(ctx: dtfx.ActivityContext, value: int) -> int:
-        runs[ctx.orchestration_id, ctx.task_id] += 1
-        return value + 1
-
-    @counting.orchestrator
-    def chain(ctx: dtfx.OrchestrationContext, length: int) -> Any:
-        value = 0
-        for _ in range(length):
-            value = yield ctx.call_activity(step, input=value)
-        return value
-
-    @counting.orchestrator
-    def fan(ctx: dtfx.OrchestrationContext, count: int) -> Any:
-        return sum((yield dtfx.when_all([ctx.call_activity(step, input=n) for n in range(count)])))
+    counting, runs = counting_app()
 
     async with (
         dtfx.AsyncClient(url) as client,
         dtfx.Worker(url, app=counting, options=dtfx.WorkerOptions(lease_duration=timedelta(hours=1))),
     ):
-        chains = [await client.schedule_new_orchestration(chain, input=600) for _ in range(2)]
-        fans = [await client.schedule_new_orchestration(fan, input=200) for _ in range(2)]
+        chains = [await client.schedule_new_orchestration("chain", input=600) for _ in range(2)]
+        fans = [await client.schedule_new_orchestration("fan", input=200) for _ in range(2)]
         await asyncio.sleep(0.3)
         for _ in range(3):
             assert await asyncio.to_thread(terminate_connections, schema) >= 1

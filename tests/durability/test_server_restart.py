@@ -4,17 +4,16 @@ killed and recovered from its log) or a clean shutdown, on a server of the test'
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
 
 import pytest
 
 import dtfx
 from dtfx.backends.postgres import PostgresBackend
 from dtfx.core.history import ExecutionCompleted
+from tests.durability.counting import counting_app
 from tests.durability.worker_process import app
 from tests.private_postgres import PrivateServer, private_server
 
@@ -36,37 +35,20 @@ async def test_work_goes_on_through_a_restart_of_the_server(
     # within the test. A client's calls made meanwhile wait for the server (their
     # pool_timeout is 15 s), and so does a wait for an orchestration's end begun before.
     url = server.url(f"restart_{mode}")
-    runs: collections.Counter[tuple[str, int]] = collections.Counter()
-    counting = dtfx.App()
-
-    @counting.activity
-    def step(ctx: dtfx.ActivityContext, value: int) -> int:
-        runs[ctx.orchestration_id, ctx.task_id] += 1
-        return value + 1
-
-    @counting.orchestrator
-    def chain(ctx: dtfx.OrchestrationContext, length: int) -> Any:
-        value = 0
-        for _ in range(length):
-            value = yield ctx.call_activity(step, input=value)
-        return value
-
-    @counting.orchestrator
-    def fan(ctx: dtfx.OrchestrationContext, count: int) -> Any:
-        return sum((yield dtfx.when_all([ctx.call_activity(step, input=n) for n in range(count)])))
+    counting, runs = counting_app()
 
     caplog.set_level(logging.WARNING)
     async with (
         dtfx.AsyncClient(url) as client,
         dtfx.Worker(url, app=counting, options=dtfx.WorkerOptions(lease_duration=timedelta(hours=1))),
     ):
-        chains = [await client.schedule_new_orchestration(chain, input=600) for _ in range(2)]
-        fans = [await client.schedule_new_orchestration(fan, input=200) for _ in range(2)]
+        chains = [await client.schedule_new_orchestration("chain", input=600) for _ in range(2)]
+        fans = [await client.schedule_new_orchestration("fan", input=200) for _ in range(2)]
         await asyncio.sleep(0.3)
         running = await client.query_orchestrations(dtfx.OrchestrationQuery(runtime_status=[Status.RUNNING]))
         waiting = asyncio.create_task(client.wait_for_orchestration_completion(chains[0], timeout=60))
         await asyncio.to_thread(server.stop, mode)
-        late = asyncio.create_task(client.schedule_new_orchestration(chain, input=5))
+        late = asyncio.create_task(client.schedule_new_orchestration("chain", input=5))
         await asyncio.sleep(0.5)
         assert not late.done()  # it waits for the server
         await asyncio.to_thread(server.start)

@@ -1,0 +1,37 @@
+"""An app whose one activity counts its runs, for the tests of work in flight when the store
+goes away: ``chain`` runs it ``length`` times one after the other (and returns ``length``),
+``fan`` ``count`` times at once (and returns the sum of 1 to ``count``)."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import dtfx
+
+Runs = collections.Counter[tuple[str, int]]
+"""The activity's runs, by instance id and task id."""
+
+
+def counting_app() -> tuple[dtfx.App, Runs]:
+    """A fresh app, and the counter of its activity's runs."""
+    runs: Runs = collections.Counter()
+    counting = dtfx.App()
+
+    @counting.activity
+    def step(ctx: dtfx.ActivityContext, value: int) -> int:
+        runs[ctx.orchestration_id, ctx.task_id] += 1
+        return value + 1
+
+    @counting.orchestrator
+    def chain(ctx: dtfx.OrchestrationContext, length: int) -> Any:
+        value = 0
+        for _ in range(length):
+            value = yield ctx.call_activity(step, input=value)
+        return value
+
+    @counting.orchestrator
+    def fan(ctx: dtfx.OrchestrationContext, count: int) -> Any:
+        return sum((yield dtfx.when_all([ctx.call_activity(step, input=n) for n in range(count)])))
+
+    return counting, runs
