@@ -79,8 +79,10 @@ def main() -> None:
     _log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    # Few activities at a time, so that one process cannot lease all of them at once.
-    concurrency = dtfx.ConcurrencyOptions(maximum_concurrent_activity_work_items=10)
+    # Few orchestrations and activities at a time, so that one process cannot lease all of them at once.
+    concurrency = dtfx.ConcurrencyOptions(
+        maximum_concurrent_orchestration_work_items=10, maximum_concurrent_activity_work_items=10
+    )
     with dtfx.Worker(url, app=app, concurrency=concurrency, options=dtfx.WorkerOptions(lease_duration=LEASE)):
         print("ready", flush=True)
         stop.wait()
