@@ -157,6 +157,12 @@ def connections_of(role: str) -> int:
     return int(row[0])
 
 
+def limit_connections(role: str, limit: int) -> None:
+    """Set the role's ``CONNECTION LIMIT`` (-1: none); connections beyond it stay open."""
+    with psycopg.connect(SERVER_URL, autocommit=True) as connection:
+        connection.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT {limit}')
+
+
 def settled_connections_of(role: str) -> int:
     """The role's connections once their number has stayed the same for a moment (a pool that
     grows, on calls at its start, opens its connections one after another)."""
@@ -180,8 +186,7 @@ def test_a_worker_that_the_server_refuses_more_connections_commits_on_those_it_h
         backend = worker.backend
         assert isinstance(backend, PostgresBackend)
         wait_until(lambda: backend._listener_pid)  # its last connection at the start
-        with psycopg.connect(SERVER_URL, autocommit=True) as connection:
-            connection.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT {settled_connections_of(role)}')
+        limit_connections(role, settled_connections_of(role))
         opened = settled_connections_of(role)  # with any that was opening as the limit came
         for index in range(3):
             instance_id = client.schedule_new_orchestration(three_shouts, input=f"w{index}")
@@ -197,11 +202,10 @@ def test_a_worker_that_the_server_allows_too_few_connections_to_start_says_so(
 ) -> None:
     url = postgres_url()
     migrate(url, role)
-    with psycopg.connect(SERVER_URL, autocommit=True) as connection:
-        # A backend opens two pools of two at its start, and its listener in the background
-        # (which a failure does not stop): whichever of the listener and the second pool
-        # connects first, that pool cannot open both of its connections.
-        connection.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 3')
+    # A backend opens two pools of two at its start, and its listener in the background
+    # (which a failure does not stop): whichever of the listener and the second pool
+    # connects first, that pool cannot open both of its connections.
+    limit_connections(role, 3)
     monkeypatch.setattr(postgres, "_OPEN_TIMEOUT", 1.0)
     # The server's refusal; or, if a connection opens when the error is made (the pool that
     # could not open has closed its connections), the likely reasons.
@@ -227,16 +231,14 @@ def test_calls_that_the_server_refuses_connections_fail_with_its_reason_within_t
         blocking = backend._open_blocking_pool()  # as a worker's chain commits, on its thread
         blocking.wait()
         assert backend._run_blocking(a_read) == [(1,)]
-        with psycopg.connect(SERVER_URL, autocommit=True) as connection:
-            connection.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
+        limit_connections(role, 0)
         assert terminate_connections(backend.schema) >= 5  # two pools of two on event loops, the sync pool's one
         refused = f'too many connections for role "{role}"'
         with pytest.raises(BackendUnavailableError, match=refused):
             client.get_orchestration_state("any")
         with pytest.raises(BackendUnavailableError, match=refused):
             backend._run_blocking(a_read)
-        with psycopg.connect(SERVER_URL, autocommit=True) as connection:
-            connection.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
+        limit_connections(role, -1)
         assert client.get_orchestration_state("any") is None
         assert backend._run_blocking(a_read) == [(1,)]
 
@@ -261,8 +263,8 @@ def test_a_listener_that_the_server_refuses_while_it_takes_transactions_keeps_to
         assert isinstance(backend, PostgresBackend)
         assert client.get_orchestration_state("any") is None
         listener = wait_until(lambda: backend._listener_pid)
+        limit_connections(role, settled_connections_of(role) - 1)
         with psycopg.connect(SERVER_URL, autocommit=True) as connection:
-            connection.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT {settled_connections_of(role) - 1}')
             connection.execute("SELECT pg_terminate_backend(%s)", (listener,))
         caplog.set_level(logging.WARNING, logger="dtfx.backends.postgres")
         deadline = time.monotonic() + 1.0
@@ -271,8 +273,7 @@ def test_a_listener_that_the_server_refuses_while_it_takes_transactions_keeps_to
             assert client.get_orchestration_state("any") is None
             reads += 1
         refusals = [r for r in caplog.records if r.getMessage().startswith("Cannot listen for PostgreSQL")]
-        with psycopg.connect(SERVER_URL, autocommit=True) as connection:
-            connection.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
+        limit_connections(role, -1)
         wait_until(lambda: backend._listener_pid not in (0, listener), timeout=10)
 
     assert reads > 50

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -14,7 +13,7 @@ import dtfx
 from dtfx.backends.postgres import parse_postgres_url
 from dtfx.core.errors import BackendUnavailableError
 from dtfx.core.history import ExecutionCompleted
-from tests.durability.counting import counting_app
+from tests.durability.counting import ACTIVITIES, HOUR_LEASES, OUTPUTS, counting_app, start_work
 from tests.durability.worker_process import LEASE, app
 from tests.postgres import postgres_url, terminate_connections
 from tests.proxy import TcpProxy
@@ -65,18 +64,17 @@ async def test_work_in_flight_when_connections_are_killed_goes_on_without_waitin
 
     async with (
         dtfx.AsyncClient(url) as client,
-        dtfx.Worker(url, app=counting, options=dtfx.WorkerOptions(lease_duration=timedelta(hours=1))),
+        dtfx.Worker(url, app=counting, options=HOUR_LEASES),
     ):
-        chains = [await client.schedule_new_orchestration("chain", input=600) for _ in range(2)]
-        fans = [await client.schedule_new_orchestration("fan", input=200) for _ in range(2)]
+        instance_ids = await start_work(client)
         await asyncio.sleep(0.3)
         for _ in range(3):
             assert await asyncio.to_thread(terminate_connections, schema) >= 1
             await asyncio.sleep(0.3)
-        states = [await client.wait_for_orchestration_completion(i, timeout=60) for i in chains + fans]
+        states = [await client.wait_for_orchestration_completion(i, timeout=60) for i in instance_ids]
 
-    assert [state.get_output() if state else None for state in states] == [600, 600, 20100, 20100]
-    assert len(runs) == 2 * 600 + 2 * 200  # every activity ran
+    assert [state.get_output() if state else None for state in states] == OUTPUTS
+    assert len(runs) == ACTIVITIES  # every activity ran
 
 
 async def test_work_goes_on_once_the_server_is_back_without_waiting_for_its_leases(
@@ -99,7 +97,7 @@ async def test_work_goes_on_once_the_server_is_back_without_waiting_for_its_leas
         async with (
             dtfx.AsyncClient(proxied) as client,
             dtfx.AsyncClient(proxied + "&pool_timeout=2") as impatient,
-            dtfx.Worker(proxied, app=app, options=dtfx.WorkerOptions(lease_duration=timedelta(hours=1))),
+            dtfx.Worker(proxied, app=app, options=HOUR_LEASES),
         ):
             instance_ids = [
                 await client.schedule_new_orchestration("sequence", input=job, instance_id=f"job-{index}")

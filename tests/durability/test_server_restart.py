@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
-from datetime import timedelta
 
 import pytest
 
 import dtfx
 from dtfx.backends.postgres import PostgresBackend
 from dtfx.core.history import ExecutionCompleted
-from tests.durability.counting import counting_app
+from tests.durability.counting import ACTIVITIES, HOUR_LEASES, OUTPUTS, counting_app, start_work
 from tests.durability.worker_process import app
 from tests.private_postgres import PrivateServer, private_server
 
@@ -40,30 +39,29 @@ async def test_work_goes_on_through_a_restart_of_the_server(
     caplog.set_level(logging.WARNING)
     async with (
         dtfx.AsyncClient(url) as client,
-        dtfx.Worker(url, app=counting, options=dtfx.WorkerOptions(lease_duration=timedelta(hours=1))),
+        dtfx.Worker(url, app=counting, options=HOUR_LEASES),
     ):
-        chains = [await client.schedule_new_orchestration("chain", input=600) for _ in range(2)]
-        fans = [await client.schedule_new_orchestration("fan", input=200) for _ in range(2)]
+        started = await start_work(client)
         await asyncio.sleep(0.3)
         running = await client.query_orchestrations(dtfx.OrchestrationQuery(runtime_status=[Status.RUNNING]))
-        waiting = asyncio.create_task(client.wait_for_orchestration_completion(chains[0], timeout=60))
+        waiting = asyncio.create_task(client.wait_for_orchestration_completion(started[0], timeout=60))
         await asyncio.to_thread(server.stop, mode)
         late = asyncio.create_task(client.schedule_new_orchestration("chain", input=5))
         await asyncio.sleep(0.5)
         assert not late.done()  # it waits for the server
         await asyncio.to_thread(server.start)
-        instance_ids = [*chains, *fans, await late]
+        instance_ids = [*started, await late]
         states = [await client.wait_for_orchestration_completion(i, timeout=60) for i in instance_ids]
         histories = [await client.get_orchestration_history(i) for i in instance_ids]
         waited = await waiting
 
     assert running.items  # the server went while orchestrations were running
     assert waited is not None and waited.get_output() == 600
-    assert [state.get_output() if state else None for state in states] == [600, 600, 20100, 20100, 5]
+    assert [state.get_output() if state else None for state in states] == [*OUTPUTS, 5]
     for state, history in zip(states, histories, strict=True):
         assert state is not None and state.runtime_status == Status.COMPLETED
         assert sum(isinstance(event, ExecutionCompleted) for event in history) == 1
-    assert len(runs) == 2 * 600 + 2 * 200 + 5  # every activity ran
+    assert len(runs) == ACTIVITIES + 5  # every activity ran
     noticed = [record for record in caplog.records if record.name.startswith("dtfx")]
     assert noticed  # the connection that listens for notifications, at least, was lost
     assert not [record.getMessage() for record in noticed if record.exc_info], "a restart is no bug"
