@@ -195,6 +195,30 @@ async def test_work_items_failed_by_the_store_being_away_do_not_hold_back_the_ne
     assert sorted(recorder.processed) == list(range(6))
 
 
+async def test_a_failure_shared_by_the_items_of_one_commit_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    # A group commit that fails hands its one error to each of its items.
+    one_commit = BackendUnavailableError("PostgreSQL connection failed: server closed the connection unexpectedly")
+    errors = {0: one_commit, 1: one_commit, 2: one_commit, 3: BackendUnavailableError("the next commit failed")}
+    gate = asyncio.Event()
+
+    async def work(item: int) -> None:
+        await gate.wait()
+        raise errors[item]
+
+    recorder = Recorder(4, work=work)
+    dispatcher = recorder.dispatcher(max_concurrent=3)
+    caplog.set_level("WARNING", logger="dtfx.worker.dispatcher")
+    dispatcher.start()
+    await until(lambda: recorder.running == 3)
+    gate.set()
+    await until(lambda: sorted(recorder.released) == [0, 1, 2, 3])
+    await dispatcher.stop(1)
+    failures = [record.getMessage() for record in caplog.records if "failed (" in record.getMessage()]
+    assert len(failures) == 2
+    assert "server closed the connection" in failures[0]
+    assert "the next commit failed" in failures[1]
+
+
 @pytest.mark.parametrize("error", [BackendUnavailableError("away"), RuntimeError("a bug")], ids=["patience", "bug"])
 async def test_a_release_is_tried_again_no_longer_than_its_patience_and_only_while_the_store_is_away(
     error: Exception,

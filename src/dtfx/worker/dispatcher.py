@@ -94,6 +94,8 @@ class WorkItemDispatcher(Generic[T]):
         """Seconds a failed work item's release is tried again while the store is unavailable:
         about a lease (a minute by default), after which the item is taken up again anyway."""
         self._delay = 0.0
+        self._last_unavailable: BackendUnavailableError | None = None
+        """The store's failure last logged for a work item (see :meth:`_run`)."""
         self._running = False
         self._in_flight: dict[asyncio.Task[None], T] = {}
         self._reserved = 0
@@ -228,13 +230,17 @@ class WorkItemDispatcher(Generic[T]):
         try:
             await work
             self._process_backoff.succeeded()
+            self._last_unavailable = None
         except asyncio.CancelledError:
             await self._release_once_possible(item)
             raise
         except BackendUnavailableError as error:
             # The store failed, not the item: the release waits until the store answers again,
-            # and fetches back off while it does not.
-            logger.warning("%s: processing %s failed (%s)", self.name, self._describe(item), error)
+            # and fetches back off while it does not. A group commit's failure reaches each of
+            # its items as the same error, which is worth one warning, not one per item.
+            level = logging.DEBUG if error is self._last_unavailable else logging.WARNING
+            self._last_unavailable = error
+            logger.log(level, "%s: processing %s failed (%s)", self.name, self._describe(item), error)
             await self._release_once_possible(item)
         except Exception:
             delay = self._process_backoff.failed()
