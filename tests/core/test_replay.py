@@ -314,6 +314,40 @@ def test_retries_wait_on_a_timer_then_schedule_a_new_attempt() -> None:
     assert end.failure_details.inner_failure.message == "again"
 
 
+def test_a_backoff_past_any_representable_wait_is_capped_or_leaves_no_attempt() -> None:
+    capped = RetryPolicy(
+        first_retry_interval=timedelta(seconds=1),
+        max_number_of_attempts=100_000,
+        backoff_coefficient=2.0,
+        max_retry_interval=timedelta(minutes=1),
+    )
+    assert capped.next_delay(1100, timedelta(0)) == timedelta(minutes=1)  # 2.0 ** 1099 is past a float's range
+    uncapped = RetryPolicy(
+        first_retry_interval=timedelta(seconds=1), max_number_of_attempts=100_000, backoff_coefficient=2.0
+    )
+    assert uncapped.next_delay(1100, timedelta(0)) is None
+    assert uncapped.next_delay(60, timedelta(0)) is None  # a finite wait of 2 ** 59 s is past a timedelta's
+    instant = RetryPolicy(first_retry_interval=timedelta(0), max_number_of_attempts=100_000, backoff_coefficient=2.0)
+    assert instant.next_delay(1100, timedelta(0)) == timedelta(0)
+
+
+def test_a_retry_that_would_come_after_the_year_9999_fails_the_task_the_orchestrator_awaits() -> None:
+    policy = RetryPolicy(first_retry_interval=timedelta(days=365 * 8000), max_number_of_attempts=2)
+
+    def giving_up(ctx: OrchestrationContext, _: Any) -> Any:
+        try:
+            yield ctx.call_activity("a", retry_policy=policy)
+        except TaskFailedError as error:
+            return f"gave up: {error}"
+
+    failed = TaskFailed(
+        timestamp=at(1), task_scheduled_id=1, failure_details=FailureDetails(error_type="E", message="m")
+    )
+    end = completion(run(giving_up, [*started(), scheduled(1, "a")], episode(1, failed)))
+    assert end.status == OrchestrationStatus.COMPLETED
+    assert end.result is not None and "gave up" in end.result
+
+
 def test_sub_orchestrations_get_a_default_id_and_the_default_version() -> None:
     def parent(ctx: OrchestrationContext, _: Any) -> Any:
         yield ctx.call_sub_orchestrator("child", input=1)

@@ -327,7 +327,10 @@ class OrchestrationExecutor:
         delay = task.policy.next_delay(task.attempts, context._current_utc_datetime - task.started)
         if delay is None:
             return False
-        fire_at = context._current_utc_datetime + delay
+        try:
+            fire_at = context._current_utc_datetime + delay
+        except OverflowError:  # after the year 9999: no attempt left either
+            return False
         timer_id = context.next_action_id()
         context.pending_actions[timer_id] = CreateTimer(id=timer_id, fire_at=fire_at, retry_of=failed_id)
         context.pending_tasks[timer_id] = PendingTask(

@@ -7,6 +7,7 @@ activity's ``TaskCompleted``, a ``TimerFired``, an ``EventRaised``. Composite ta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -192,7 +193,9 @@ class RetryPolicy:
     max_retry_interval: timedelta | None = None
     """No wait is longer than this."""
     retry_timeout: timedelta | None = None
-    """No attempt starts later than this after the first one."""
+    """No retry is scheduled for a failure that comes this long or longer after the first
+    attempt started (one scheduled before may start later, after its wait), as in the
+    Durable Task Framework and the official SDKs."""
 
     def __post_init__(self) -> None:
         if self.first_retry_interval < timedelta(0):
@@ -210,16 +213,22 @@ class RetryPolicy:
         """The wait before the next attempt, or ``None`` when no attempt is left.
 
         ``attempts_made`` counts the attempts so far; ``elapsed`` is the orchestration
-        time since the first one started.
+        time since the first one started. A wait that grows past what a ``timedelta`` holds
+        (about 2.7 million years: no ``max_retry_interval`` to cap it) leaves no attempt.
         """
         if attempts_made >= self.max_number_of_attempts:
             return None
         if self.retry_timeout is not None and elapsed >= self.retry_timeout:
             return None
-        coefficient = self.backoff_coefficient or 1.0
-        delay = self.first_retry_interval.total_seconds() * coefficient ** (attempts_made - 1)
+        first = self.first_retry_interval.total_seconds()
+        try:
+            delay = first * (self.backoff_coefficient or 1.0) ** (attempts_made - 1) if first else 0.0
+        except OverflowError:  # the coefficient's power is past a float's range
+            delay = math.inf
         if self.max_retry_interval is not None:
             delay = min(delay, self.max_retry_interval.total_seconds())
+        if delay >= timedelta.max.total_seconds():
+            return None
         return timedelta(seconds=delay)
 
 
