@@ -10,6 +10,7 @@ from dtfx.core.actions import (
     CompleteOrchestration,
     CreateSubOrchestration,
     CreateTimer,
+    OrchestratorAction,
     ScheduleTask,
     SendEvent,
     TerminateOrchestration,
@@ -42,7 +43,7 @@ from dtfx.core.history import (
     TraceContext,
 )
 from dtfx.core.state import OrchestrationState
-from dtfx.core.workitems import InboxMessage, OrchestrationWorkItem
+from dtfx.core.workitems import InboxMessage, OrchestrationCheckpoint, OrchestrationWorkItem
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
 Status = OrchestrationStatus
@@ -243,6 +244,44 @@ def test_continue_as_new_resets_history_and_queues_the_next_start() -> None:
     assert isinstance(restart.event, ExecutionStarted) and restart.execution_id == "e2"
     assert (restart.event.input, restart.event.version, restart.event.tags) == ('"next"', "2", {"t": "1"})
     assert (carry.event, carry.execution_id) == (carried, "e2")
+
+
+def _continued(
+    new_events: list[HistoryEvent], actions: list[OrchestratorAction] | None = None
+) -> OrchestrationCheckpoint:
+    """apply_actions for an episode with ``new_events`` that ends by continuing as new."""
+    end = CompleteOrchestration(id=9, status=Status.CONTINUED_AS_NEW, result='"next"')
+    episode = [OrchestratorStarted(timestamp=NOW), *new_events]
+    return apply_actions(item(), start(), episode, [*(actions or []), end], None, [], NOW, new_id=lambda: "e2")
+
+
+def test_a_termination_in_the_episode_that_continues_as_new_ends_the_instance() -> None:
+    tick = raised("tick")
+    terminate = ExecutionTerminated(timestamp=NOW, input='"stop"')
+    checkpoint = _continued([tick, terminate])
+    assert not checkpoint.replace_history
+    assert (checkpoint.status, checkpoint.output, checkpoint.execution_id) == (Status.TERMINATED, '"stop"', "e1")
+    completed = checkpoint.new_history[-1]
+    assert isinstance(completed, ExecutionCompleted) and completed.status == Status.TERMINATED
+    assert not any(isinstance(m.event, ExecutionStarted) for m in checkpoint.messages)
+
+
+def test_a_suspension_in_the_episode_that_continues_as_new_suspends_the_next_execution() -> None:
+    suspend = ExecutionSuspended(timestamp=NOW, input='"hold"')
+    checkpoint = _continued([raised("tick"), suspend])
+    assert checkpoint.replace_history and checkpoint.status == Status.SUSPENDED
+    restart, held = checkpoint.messages
+    assert isinstance(restart.event, ExecutionStarted)
+    assert (held.event, held.execution_id) == (suspend, "e2")
+
+
+def test_events_an_execution_sends_its_own_instance_wait_for_the_next_execution() -> None:
+    actions = [SendEvent(id=1, instance_id="i", name="note", data='"n"'), CreateTimer(id=2, fire_at=NOW)]
+    checkpoint = _continued([], actions)
+    restart, note = checkpoint.messages  # the timer went with the old execution
+    assert isinstance(restart.event, ExecutionStarted)
+    assert note.instance_id == "i" and note.execution_id is None
+    assert isinstance(note.event, EventRaised) and note.event.name == "note"
 
 
 TRACE = TraceContext(trace_parent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", trace_state="k=v")

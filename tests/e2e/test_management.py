@@ -125,6 +125,47 @@ async def test_terminate_without_recursion_leaves_children_running(hub: Hub, app
     assert child is not None and child.runtime_status == Status.RUNNING
 
 
+def _eternal_app(app: dtfx.App) -> None:
+    @app.orchestrator
+    def eternal(ctx: dtfx.OrchestrationContext, n: int) -> Any:
+        yield ctx.wait_for_external_event("tick")
+        ctx.continue_as_new(n + 1)
+
+
+async def _tick_then(hub: Hub, app: dtfx.App, request: Callable[[str], Any]) -> str:
+    """An instance of ``eternal`` that gets a tick and ``request`` while no worker runs, so
+    that one episode has both: the continuation as new and, after it, the request."""
+    _eternal_app(app)
+    async with hub.worker(app):
+        instance_id = await hub.client.schedule_new_orchestration("eternal", input=0)
+        await hub.wait_for_history(
+            instance_id, lambda history: any(type(e).__name__ == "OrchestratorCompleted" for e in history)
+        )
+    await hub.client.raise_orchestration_event(instance_id, "tick")
+    await request(instance_id)
+    return instance_id
+
+
+async def test_a_terminate_that_comes_with_a_continue_as_new_ends_the_instance(hub: Hub, app: dtfx.App) -> None:
+    instance_id = await _tick_then(hub, app, lambda i: hub.client.terminate_orchestration(i, output="stop"))
+    async with hub.worker(app):
+        state = await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None
+    assert (state.runtime_status, state.get_output(), state.get_input()) == (Status.TERMINATED, "stop", 0)
+
+
+async def test_a_suspend_that_comes_with_a_continue_as_new_suspends_the_next_execution(hub: Hub, app: dtfx.App) -> None:
+    instance_id = await _tick_then(hub, app, lambda i: hub.client.suspend_orchestration(i, reason="hold"))
+    async with hub.worker(app):
+        await hub.wait_for_state(instance_id, lambda s: s.get_input() == 1)
+        await hub.client.raise_orchestration_event(instance_id, "tick")  # held while suspended
+        await asyncio.sleep(0.3)
+        state = await hub.client.get_orchestration_state(instance_id)
+        assert state is not None and (state.runtime_status, state.get_input()) == (Status.SUSPENDED, 1)
+        await hub.client.resume_orchestration(instance_id)
+        await hub.wait_for_state(instance_id, lambda s: s.get_input() == 2 and s.runtime_status == Status.RUNNING)
+
+
 async def test_terminate_a_scheduled_instance_before_it_starts(hub: Hub, app: dtfx.App) -> None:
     _waiter_app(app)
     async with hub.worker(app):

@@ -277,6 +277,22 @@ async def test_continue_as_new_keeps_unprocessed_events_with_save_events(hub: Hu
     assert state is not None and state.get_output() == ["a", "b"]
 
 
+async def test_an_event_sent_to_itself_before_continuing_as_new_reaches_the_next_execution(
+    hub: Hub, app: dtfx.App
+) -> None:
+    @app.orchestrator
+    def note_to_self(ctx: dtfx.OrchestrationContext, generation: int) -> Any:
+        if generation == 0:
+            ctx.send_event(ctx.instance_id, "note", data="from the first execution")
+            ctx.continue_as_new(1)
+            return None
+        return (yield ctx.wait_for_external_event("note"))
+
+    async with hub.worker(app):
+        state = await hub.run(note_to_self, 0, timeout=10)
+    assert (state.runtime_status, state.get_output()) == (Status.COMPLETED, "from the first execution")
+
+
 async def test_custom_status_is_visible_to_clients(hub: Hub, app: dtfx.App) -> None:
     @app.orchestrator
     def progress(ctx: dtfx.OrchestrationContext, _: Any) -> Any:

@@ -295,9 +295,17 @@ def apply_actions(
     )
     if completion is None:
         return checkpoint
+    terminate = next((e for e in new_events if isinstance(e, ExecutionTerminated)), None)
     if completion.status == OrchestrationStatus.CONTINUED_AS_NEW:
-        _continue_as_new(checkpoint, started, completion, now, new_id())
-        return checkpoint
+        if terminate is None:
+            _continue_as_new(checkpoint, started, completion, now, new_id(), new_events)
+            return checkpoint
+        # Terminated in the episode that continued it as new, after what made it continue (had the
+        # termination come first, the orchestrator would have ended with it): the termination wins,
+        # as in the Durable Task Framework, rather than being lost with the execution.
+        completion = CompleteOrchestration(
+            id=completion.id, status=OrchestrationStatus.TERMINATED, result=terminate.input
+        )
 
     checkpoint.status = completion.status
     checkpoint.completed_at = now
@@ -314,7 +322,6 @@ def apply_actions(
     )
     if started.parent is not None:
         messages.append(_notify_parent(started.parent, completion, instance_id, now))
-    terminate = next((e for e in new_events if isinstance(e, ExecutionTerminated)), None)
     if completion.status == OrchestrationStatus.TERMINATED and terminate is not None and terminate.recurse:
         for child_id in open_children([*(history or []), *appended]):
             child_terminated = ExecutionTerminated(timestamp=now, input=terminate.input, recurse=True)
@@ -359,8 +366,14 @@ def _continue_as_new(
     completion: CompleteOrchestration,
     now: datetime,
     execution_id: str,
+    new_events: Sequence[HistoryEvent],
 ) -> None:
-    """Start the next execution: a fresh history, and its ``ExecutionStarted`` in the inbox."""
+    """Start the next execution: a fresh history, and its ``ExecutionStarted`` in the inbox.
+
+    What the episode's events asked of the instance rather than of the execution goes on to
+    the next one: a suspension or resumption (in order; one that came before what made the
+    orchestrator continue was undone by a later resumption, or the orchestrator would still be
+    waiting), and the events the orchestration sent to its own instance id."""
     version = completion.new_version or checkpoint.version
     restart = ExecutionStarted(
         timestamp=now,
@@ -372,18 +385,23 @@ def _continue_as_new(
         tags=started.tags,
         trace_context=started.trace_context,  # the next execution continues the same trace
     )
+    suspensions = [e for e in new_events if isinstance(e, ExecutionSuspended | ExecutionResumed)]
+    instance_id = checkpoint.instance_id
     checkpoint.replace_history = True
     checkpoint.new_history = []
-    checkpoint.status = OrchestrationStatus.RUNNING
+    checkpoint.status = _status_after(OrchestrationStatus.RUNNING, suspensions)
     checkpoint.execution_id = execution_id
     checkpoint.input = completion.result
     checkpoint.version = version
     checkpoint.activity_tasks = []
-    # Timers and other self-addressed messages belong to the old execution.
-    checkpoint.messages = [m for m in checkpoint.messages if m.instance_id != checkpoint.instance_id]
-    checkpoint.messages.append(OutboundMessage(checkpoint.instance_id, restart, execution_id))
-    for event in completion.carryover_events:
-        checkpoint.messages.append(OutboundMessage(checkpoint.instance_id, event, execution_id))
+    # Timers (and a refused child's failure) are for the old execution; the events it sent to
+    # its own instance id wait for the next.
+    sent_to_itself = [m for m in checkpoint.messages if m.instance_id == instance_id and m.execution_id is None]
+    checkpoint.messages = [m for m in checkpoint.messages if m.instance_id != instance_id]
+    checkpoint.messages.append(OutboundMessage(instance_id, restart, execution_id))
+    for event in [*completion.carryover_events, *suspensions]:
+        checkpoint.messages.append(OutboundMessage(instance_id, event, execution_id))
+    checkpoint.messages.extend(sent_to_itself)
 
 
 def _refused(created: SubOrchestrationInstanceCreated) -> bool:
