@@ -87,6 +87,21 @@ async def test_current_or_older_with_reject_leaves_newer_versions_to_another_wor
     assert newer is not None and newer.get_output() == "2.0"
 
 
+async def test_an_instance_no_worker_takes_for_its_version_can_be_terminated(hub: Hub, app: dtfx.App) -> None:
+    _version_app(app)
+    strict = VersioningOptions(
+        version="1.0", match_strategy=VersionMatchStrategy.STRICT, failure_strategy=VersionFailureStrategy.REJECT
+    )
+    options = dtfx.WorkerOptions(reject_retry_delay=timedelta(milliseconds=50))
+    async with hub.worker(app, versioning=strict, options=options):
+        instance_id = await hub.client.schedule_new_orchestration("report", version="2.0")
+        await asyncio.sleep(0.2)
+        await hub.client.terminate_orchestration(instance_id, output="retired")
+        state = await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None
+    assert (state.runtime_status, state.get_output()) == (Status.TERMINATED, "retired")
+
+
 def test_versions_compare_numerically_then_as_text() -> None:
     from dtfx.core.versioning import compare_versions
 

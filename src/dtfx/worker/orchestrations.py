@@ -33,6 +33,7 @@ from dtfx.core.apply import (
 from dtfx.core.errors import NotRegisteredError
 from dtfx.core.history import (
     ExecutionStarted,
+    ExecutionTerminated,
     FailureDetails,
     HistoryEvent,
     OrchestrationSpan,
@@ -679,6 +680,10 @@ class LocalRunner:
         failure = version_failure(self._versioning, started.version)
         if failure is not None:
             assert self._versioning is not None
+            terminate = next((e for e in new_events if isinstance(e, ExecutionTerminated)), None)
+            if terminate is not None:  # needs none of the orchestrator's code, which this worker may not run
+                end = CompleteOrchestration(id=-1, status=OrchestrationStatus.TERMINATED, result=terminate.input)
+                return EpisodeOutcome([end], None)
             if self._versioning.failure_strategy is VersionFailureStrategy.REJECT:
                 logger.info("Instance %s: %s Leaving it to another worker.", item.instance_id, failure.message)
                 return Abandon(self._reject_retry_delay)
