@@ -19,6 +19,7 @@ from dtfx.core.apply import EpisodeKind, apply_actions, needs_history, plan_epis
 from dtfx.core.history import (
     EventRaised,
     ExecutionCompleted,
+    ExecutionResumed,
     ExecutionRewound,
     ExecutionStarted,
     ExecutionSuspended,
@@ -107,6 +108,17 @@ def test_plan_drops_messages_for_other_executions_and_wake_ups() -> None:
 def test_plan_drops_a_duplicate_start() -> None:
     plan = plan_episode(item(start(), raised()), None, NOW)
     assert plan.new_events == [OrchestratorStarted(timestamp=NOW), raised()]
+
+
+def test_plan_drops_a_suspend_of_a_suspended_instance_and_a_resume_of_a_running_one() -> None:
+    suspend, resume = ExecutionSuspended(timestamp=NOW), ExecutionResumed(timestamp=NOW)
+    plan = plan_episode(item(suspend, suspend, resume, resume, suspend), None, NOW)
+    assert plan.new_events == [OrchestratorStarted(timestamp=NOW), suspend, resume, suspend]
+    assert plan.consumed == [0, 1, 2, 3, 4]
+    plan = plan_episode(item(suspend, raised(), resume, status=Status.SUSPENDED), None, NOW)
+    assert plan.new_events == [OrchestratorStarted(timestamp=NOW), raised(), resume]
+    plan = plan_episode(item(resume), None, NOW)
+    assert plan.new_events == [OrchestratorStarted(timestamp=NOW)]
 
 
 def test_plan_for_an_ended_instance_only_consumes() -> None:
@@ -269,7 +281,7 @@ def test_a_termination_in_the_episode_that_continues_as_new_ends_the_instance() 
 def test_a_suspension_in_the_episode_that_continues_as_new_suspends_the_next_execution() -> None:
     suspend = ExecutionSuspended(timestamp=NOW, input='"hold"')
     checkpoint = _continued([raised("tick"), suspend])
-    assert checkpoint.replace_history and checkpoint.status == Status.SUSPENDED
+    assert checkpoint.replace_history and checkpoint.status == Status.RUNNING  # the next execution suspends itself
     restart, held = checkpoint.messages
     assert isinstance(restart.event, ExecutionStarted)
     assert (held.event, held.execution_id) == (suspend, "e2")

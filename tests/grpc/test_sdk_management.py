@@ -45,6 +45,20 @@ def test_suspend_holds_events_until_resume(client: sdk_client.TaskHubGrpcClient)
     assert state.get_output() == "after resume"
 
 
+def test_a_second_suspend_changes_nothing(client: sdk_client.TaskHubGrpcClient) -> None:
+    # Recorded, it would be held back by the SDK's worker with the other events and replayed
+    # on resume, where the worker loops for ever re-suspending the orchestration.
+    instance_id = client.schedule_new_orchestration(sdk_app.waiter)
+    client.wait_for_orchestration_start(instance_id, timeout=10)
+    for _ in range(2):
+        client.suspend_orchestration(instance_id, reason="maintenance")
+        wait_until(lambda: client.get_orchestration_state(instance_id).runtime_status == OrchestrationStatus.SUSPENDED)
+    client.resume_orchestration(instance_id)
+    client.raise_orchestration_event(instance_id, "proceed", data="resumed once")
+    state = completed(client, instance_id)
+    assert (state.runtime_status, state.get_output()) == (OrchestrationStatus.COMPLETED, "resumed once")
+
+
 def test_terminate_is_recursive(client: sdk_client.TaskHubGrpcClient) -> None:
     root = new_id("nested")
     client.schedule_new_orchestration(sdk_app.nested, input=2, instance_id=root)

@@ -119,6 +119,7 @@ def plan_episode(item: OrchestrationWorkItem, history: Sequence[HistoryEvent] | 
     started = item.history_size > 0
     start: ExecutionStarted | None = None
     events: list[HistoryEvent] = []
+    suspended = state.runtime_status == OrchestrationStatus.SUSPENDED
     for message in item.messages:
         event = message.event
         if isinstance(event, ExecutionStarted):
@@ -129,6 +130,13 @@ def plan_episode(item: OrchestrationWorkItem, history: Sequence[HistoryEvent] | 
             continue
         if message.execution_id is not None and message.execution_id != state.execution_id:
             continue
+        if isinstance(event, ExecutionSuspended | ExecutionResumed):
+            if isinstance(event, ExecutionSuspended) == suspended:
+                # Already so: nothing to record. (A second suspend would be held back with the
+                # other events by the official Python SDK's worker, which then loops for ever
+                # replaying it on resume.)
+                continue
+            suspended = not suspended
         events.append(event)
 
     if any(isinstance(e, ExecutionRewound) for e in events) and history and _failed(history):
@@ -389,7 +397,7 @@ def _continue_as_new(
     instance_id = checkpoint.instance_id
     checkpoint.replace_history = True
     checkpoint.new_history = []
-    checkpoint.status = _status_after(OrchestrationStatus.RUNNING, suspensions)
+    checkpoint.status = OrchestrationStatus.RUNNING  # until the next execution takes in the suspensions
     checkpoint.execution_id = execution_id
     checkpoint.input = completion.result
     checkpoint.version = version
