@@ -176,11 +176,29 @@ def test_tls(certificate: tuple[Path, Path]) -> None:
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_messages_past_the_size_limit_are_refused_and_the_limit_can_be_raised() -> None:
+    large = "x" * (5 << 20)
+    with running_sidecar() as server, sdk_client.TaskHubGrpcClient(host_address=server.address) as client:
+        with pytest.raises(grpc.RpcError) as refused:
+            client.schedule_new_orchestration("served", input=large)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    raised = dataclasses.replace(FAST, max_message_bytes=8 << 20)
+    with (
+        running_sidecar(options=raised) as server,
+        sdk_client.TaskHubGrpcClient(host_address=server.address) as client,
+    ):
+        instance_id = client.schedule_new_orchestration("served", input=large)
+        state = client.get_orchestration_state(instance_id, fetch_payloads=False)
+        assert state is not None and state.runtime_status == OrchestrationStatus.PENDING
+    with pytest.raises(ValueError, match="max_message_bytes"):
+        SidecarOptions(max_message_bytes=0)
+
+
 def test_dtfx_serve(tmp_path: Path) -> None:
     """``dtfx serve`` runs until SIGINT; SDK clients reach it meanwhile."""
     env = {**os.environ, "DTFX_BACKEND": f"sqlite:///{tmp_path}/hub.db", "COLUMNS": "200"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "dtfx.cli", "serve", "--grpc-port", "0", "--health-ping", "1"],
+        [sys.executable, "-m", "dtfx.cli", "serve", "--grpc-port", "0", "--health-ping", "1", "--max-message-mib", "8"],
         stderr=subprocess.PIPE,
         text=True,
         env=env,
@@ -194,6 +212,7 @@ def test_dtfx_serve(tmp_path: Path) -> None:
             instance_id = client.schedule_new_orchestration("served", input=[1, 2])
             state = client.get_orchestration_state(instance_id, fetch_payloads=True)
             assert state is not None and state.get_input() == [1, 2]
+            assert client.schedule_new_orchestration("served", input="x" * (5 << 20))  # past gRPC's 4 MiB
         process.send_signal(signal.SIGINT)
         _, rest = process.communicate(timeout=20)
         assert process.returncode == 0, rest

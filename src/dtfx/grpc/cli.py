@@ -17,7 +17,13 @@ from dtfx.cli.options import BackendUrl, Verbosity
 from dtfx.cli.root import CommandError, configure_logging, run_async, stderr
 from dtfx.cli.serving import run_until_signalled
 from dtfx.cli.session import redact, started_backend
-from dtfx.grpc.options import DEFAULT_PORT, MAX_HEALTH_PING_INTERVAL, SidecarOptions, TlsOptions
+from dtfx.grpc.options import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_PORT,
+    MAX_HEALTH_PING_INTERVAL,
+    SidecarOptions,
+    TlsOptions,
+)
 
 
 @run_async
@@ -59,6 +65,15 @@ async def serve(
             help="Ping quiet worker streams this often.",
         ),
     ] = SidecarOptions.health_ping_interval.total_seconds(),
+    max_message_mib: Annotated[
+        int,
+        typer.Option(
+            "--max-message-mib",
+            min=1,
+            metavar="MIB",
+            help="The largest message taken or sent, in MiB; raise the SDK workers' and clients' limit with it.",
+        ),
+    ] = DEFAULT_MAX_MESSAGE_BYTES >> 20,
     verbose: Verbosity = 0,
 ) -> None:
     """Serve the Durable Task sidecar protocol (gRPC) on the task hub, until Ctrl-C or SIGTERM.
@@ -71,7 +86,9 @@ async def serve(
     from dtfx.grpc import SidecarServer  # needs the grpc extra; the error says so
 
     tls = _tls(tls_cert, tls_key, tls_client_ca)
-    options = SidecarOptions(health_ping_interval=timedelta(seconds=health_ping))
+    options = SidecarOptions(
+        health_ping_interval=timedelta(seconds=health_ping), max_message_bytes=max_message_mib << 20
+    )
     url = backend or default_url()
     async with started_backend(url) as store:
         server = SidecarServer(store, host=host, port=grpc_port, tls=tls, options=options)

@@ -11,6 +11,9 @@ from dtfx.worker.options import WorkerOptions
 DEFAULT_PORT = 4001
 """The port the official SDKs connect to by default (``localhost:4001``)."""
 
+DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
+"""gRPC's default limit on the size of a message received (4 MiB)."""
+
 MAX_HEALTH_PING_INTERVAL = timedelta(seconds=60)
 """The longest :attr:`SidecarOptions.health_ping_interval`: half the 120 s after which SDK
 workers take a quiet stream for lost and reconnect."""
@@ -50,6 +53,13 @@ class SidecarOptions:
     ``QueryEntities`` page returns; clients page on with the continuation token."""
     history_chunk_bytes: int = 1 << 20
     """Approximate size of one ``StreamInstanceHistory`` chunk."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """The largest message the server takes or sends: gRPC's default, 4 MiB, as in the SDKs'
+    own channels. A larger request (a worker's result, a client's input) is refused with
+    ``RESOURCE_EXHAUSTED``; a worker whose result is refused drops its work item, which
+    stays with it until its lease runs out or it disconnects. Raise this together with the
+    SDKs' own limit (the Python SDK's ``GrpcChannelOptions(max_receive_message_length=...)``)
+    where payloads are larger, or keep large payloads out of band (the SDKs' payload store)."""
     keepalive_interval: timedelta = timedelta(seconds=30)
     """How often the server pings each connection (an HTTP/2 ping, which the peer's gRPC
     library answers): the health pings on a work-item stream would not notice a worker whose
@@ -85,6 +95,7 @@ class SidecarOptions:
             "fetch_batch_size",
             "max_page_size",
             "history_chunk_bytes",
+            "max_message_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
