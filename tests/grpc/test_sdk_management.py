@@ -11,7 +11,7 @@ from durabletask.client import OrchestrationQuery, OrchestrationStatus
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as pb_grpc
 from tests.grpc import sdk_app
-from tests.grpc.conftest import rpc_error
+from tests.grpc.conftest import rpc_error, running_sdk_worker, running_sidecar
 from tests.polling import wait_until
 
 import dtfx
@@ -57,6 +57,19 @@ def test_a_second_suspend_changes_nothing(client: sdk_client.TaskHubGrpcClient) 
     client.raise_orchestration_event(instance_id, "proceed", data="resumed once")
     state = completed(client, instance_id)
     assert (state.runtime_status, state.get_output()) == (OrchestrationStatus.COMPLETED, "resumed once")
+
+
+def test_a_terminate_that_comes_with_a_continue_as_new_ends_the_instance() -> None:
+    with running_sidecar() as server, sdk_client.TaskHubGrpcClient(host_address=server.address) as client:
+        with running_sdk_worker(server.address):
+            instance_id = client.schedule_new_orchestration(sdk_app.collector, input=[])
+            client.wait_for_orchestration_start(instance_id, timeout=10)
+        # No worker: the event that makes it continue as new and the terminate make one episode.
+        client.raise_orchestration_event(instance_id, "item", data="a")
+        client.terminate_orchestration(instance_id, output="stop")
+        with running_sdk_worker(server.address):
+            state = completed(client, instance_id)
+    assert (state.runtime_status, state.get_output()) == (OrchestrationStatus.TERMINATED, "stop")
 
 
 def test_terminate_is_recursive(client: sdk_client.TaskHubGrpcClient) -> None:
