@@ -143,6 +143,24 @@ def test_plan_terminates_an_instance_that_has_not_started() -> None:
     assert isinstance(plan.checkpoint.new_history[-1], ExecutionCompleted)
 
 
+def test_plan_terminates_an_instance_whose_start_comes_with_the_terminate_without_running_it() -> None:
+    parent = ParentInstance(instance_id="p", execution_id="pe", name="parent", task_scheduled_id=4)
+    terminate = ExecutionTerminated(timestamp=NOW, input='"bye"')
+    plan = plan_episode(item(start(parent), raised(), terminate, history_size=0, status=Status.PENDING), [], NOW)
+    assert plan.kind is EpisodeKind.CHECKPOINT and plan.checkpoint is not None
+    checkpoint = plan.checkpoint
+    assert (checkpoint.status, checkpoint.output, checkpoint.consumed) == (Status.TERMINATED, '"bye"', [0, 1, 2])
+    assert [type(e).__name__ for e in checkpoint.new_history] == [
+        "OrchestratorStarted",
+        "ExecutionStarted",
+        "ExecutionTerminated",
+        "OrchestratorCompleted",
+        "ExecutionCompleted",
+    ]
+    [to_parent] = checkpoint.messages
+    assert to_parent.instance_id == "p" and isinstance(to_parent.event, SubOrchestrationInstanceFailed)
+
+
 def test_needs_history_for_rewind_and_recursive_terminate_only() -> None:
     assert not needs_history(item(raised()))
     assert needs_history(item(ExecutionRewound(timestamp=NOW)))

@@ -125,6 +125,28 @@ async def test_terminate_without_recursion_leaves_children_running(hub: Hub, app
     assert child is not None and child.runtime_status == Status.RUNNING
 
 
+async def test_terminating_an_instance_no_worker_has_started_runs_none_of_its_code(hub: Hub, app: dtfx.App) -> None:
+    ran: list[int] = []
+
+    @app.activity
+    def step(ctx: dtfx.ActivityContext, n: int) -> int:
+        ran.append(n)
+        return n
+
+    @app.orchestrator
+    def fan_out(ctx: dtfx.OrchestrationContext, count: int) -> Any:
+        return (yield dtfx.when_all([ctx.call_activity(step, input=n) for n in range(count)]))
+
+    instance_id = await hub.client.schedule_new_orchestration(fan_out, input=3)
+    await hub.client.terminate_orchestration(instance_id, output="never mind")
+    async with hub.worker(app):
+        state = await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+        await asyncio.sleep(0.2)  # an activity queued by mistake would run meanwhile
+    assert state is not None
+    assert (state.runtime_status, state.get_output()) == (Status.TERMINATED, "never mind")
+    assert ran == []
+
+
 def _eternal_app(app: dtfx.App) -> None:
     @app.orchestrator
     def eternal(ctx: dtfx.OrchestrationContext, n: int) -> Any:

@@ -144,8 +144,13 @@ def plan_episode(item: OrchestrationWorkItem, history: Sequence[HistoryEvent] | 
     if state.runtime_status.is_terminal:
         return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=unchanged_checkpoint(item, consumed, now))
 
+    terminate = None if started else next((e for e in events if isinstance(e, ExecutionTerminated)), None)
+    if terminate is not None and start is not None:  # terminated before any of its code ran: none will
+        end = CompleteOrchestration(id=-1, status=OrchestrationStatus.TERMINATED, result=terminate.input)
+        episode = [OrchestratorStarted(timestamp=now), start, terminate]
+        checkpoint = apply_actions(item, start, episode, [end], None, consumed, now)
+        return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=checkpoint)
     if not started and start is None:
-        terminate = next((e for e in events if isinstance(e, ExecutionTerminated)), None)
         if terminate is not None:
             return EpisodePlan(
                 EpisodeKind.CHECKPOINT, checkpoint=terminate_unstarted_checkpoint(item, terminate, consumed, now)
