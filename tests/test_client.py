@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,49 @@ async def test_restart_refuses_an_entity_id(backend: Backend) -> None:
     with pytest.raises(InvalidInstanceIdError, match="empty"):
         await client.restart_orchestration("")
     assert await _everything_stored(backend) == [str(entity)]
+
+
+async def test_messages_for_orchestrations_refuse_an_entity_id(backend: Backend) -> None:
+    # The entity would drop them, and the caller would believe them delivered.
+    client = dtfx.AsyncClient(backend)
+    entity = EntityInstanceId("counter", "messaged")
+    await client.signal_entity(entity, "add", 1)
+    for send in (
+        client.raise_orchestration_event(str(entity), "add", data=100),
+        client.terminate_orchestration(str(entity)),
+        client.suspend_orchestration(str(entity)),
+        client.resume_orchestration(str(entity)),
+        client.rewind_orchestration(str(entity)),
+    ):
+        with pytest.raises(InvalidInstanceIdError, match="belong to entities"):
+            await send
+    assert [type(event).__name__ for event in await _signals_waiting(backend)] == ["EntityOperationSignaled"]
+
+
+def test_queries_refuse_a_page_size_below_one() -> None:
+    for size in (0, -1):
+        with pytest.raises(ValueError, match="max_instance_count must be at least 1"):
+            dtfx.OrchestrationQuery(max_instance_count=size)
+        with pytest.raises(ValueError, match="page_size must be at least 1"):
+            dtfx.EntityQuery(page_size=size)
+
+
+async def test_naive_datetimes_in_filters_are_taken_as_utc(backend: Backend) -> None:
+    client = dtfx.AsyncClient(backend)
+    instance_id = await client.schedule_new_orchestration("anything")
+    now = datetime.now(UTC).replace(tzinfo=None)
+    query = dtfx.OrchestrationQuery(
+        created_time_from=now - timedelta(hours=1), created_time_to=now + timedelta(hours=1)
+    )
+    assert query.created_time_from is not None and query.created_time_from.tzinfo is UTC
+    page = await client.query_orchestrations(query)
+    assert [state.instance_id for state in page.items] == [instance_id]
+    later = dtfx.OrchestrationQuery(created_time_from=now + timedelta(minutes=30))
+    assert (await client.query_orchestrations(later)).items == []
+    result = await client.purge_orchestrations_by(created_time_to=now - timedelta(hours=1))
+    assert result.deleted_instance_count == 0
+    entities = await client.query_entities(dtfx.EntityQuery(last_modified_from=now - timedelta(hours=1)))
+    assert entities.items == []
 
 
 async def _signals_waiting(backend: Backend) -> list[EntityOperationSignaled]:

@@ -17,7 +17,7 @@ from dtfx._portal import LoopThread
 from dtfx._tracing import creation_span, current_trace_context, event_span
 from dtfx.backends import open_backend
 from dtfx.backends.base import Backend
-from dtfx.core.context import as_utc, function_name
+from dtfx.core.context import function_name
 from dtfx.core.entities import (
     CleanEntityStorageResult,
     EntityInstanceId,
@@ -47,6 +47,7 @@ from dtfx.core.history import (
     check_trace_context,
 )
 from dtfx.core.instance_ids import check_orchestration_id, orchestration_id_error
+from dtfx.core.moments import as_utc
 from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter
 from dtfx.core.state import (
     TERMINAL_REUSE_POLICY,
@@ -254,35 +255,39 @@ class AsyncClient:
         """Send an external event; it waits in the instance's inbox until the orchestrator asks for it."""
         event = EventRaised(timestamp=self.backend.now(), name=event_name, input=self.converter.serialize(data))
         with event_span(event_name, instance_id):
-            await (await self._ready()).send_event(instance_id, event)
+            await self._send(instance_id, event)
 
     async def terminate_orchestration(self, instance_id: str, *, output: Any = None, recursive: bool = True) -> None:
         """End the instance (and, if ``recursive``, its running sub-orchestrations) as TERMINATED."""
         event = ExecutionTerminated(
             timestamp=self.backend.now(), input=self.converter.serialize(output), recurse=recursive
         )
-        await (await self._ready()).send_event(instance_id, event)
+        await self._send(instance_id, event)
 
     async def suspend_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
         """Pause the instance; events that arrive meanwhile are kept for when it resumes."""
         event = ExecutionSuspended(timestamp=self.backend.now(), input=reason)
-        await (await self._ready()).send_event(instance_id, event)
+        await self._send(instance_id, event)
 
     async def resume_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
         """Resume a suspended instance."""
         event = ExecutionResumed(timestamp=self.backend.now(), input=reason)
-        await (await self._ready()).send_event(instance_id, event)
+        await self._send(instance_id, event)
 
     async def rewind_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
         """Run a FAILED instance again from its last good state: failed activities and
         sub-orchestrations run again; what succeeded is not repeated."""
-        backend = await self._ready()
-        state = await backend.get_instance(instance_id, fetch_payloads=False)
+        state = await (await self._ready()).get_instance(check_orchestration_id(instance_id), fetch_payloads=False)
         if state is None:
             raise OrchestrationNotFoundError(instance_id)
         if state.runtime_status != OrchestrationStatus.FAILED:
             raise OrchestrationStateError(instance_id, state.runtime_status, "only failed instances can be rewound.")
-        await backend.send_event(instance_id, ExecutionRewound(timestamp=self.backend.now(), reason=reason))
+        await self._send(instance_id, ExecutionRewound(timestamp=self.backend.now(), reason=reason))
+
+    async def _send(self, instance_id: str, event: HistoryEvent) -> None:
+        """Leave ``event`` in the orchestration's inbox; an entity's id is refused (the entity
+        would drop the event), and so is any other id no orchestration can have."""
+        await (await self._ready()).send_event(check_orchestration_id(instance_id), event)
 
     async def restart_orchestration(self, instance_id: str, *, restart_with_new_instance_id: bool = False) -> str:
         """Start an ended instance again with its original name, input, version and tags; returns the id."""

@@ -36,6 +36,7 @@ from dtfx.core.history import (
     OrchestrationStatus,
     ParentInstance,
 )
+from dtfx.core.moments import as_utc
 from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter, output_type_of
 from dtfx.core.tasks import CancellableTask, CompletableTask, RetryableTask, RetryPolicy, TimerTask
 
@@ -57,11 +58,6 @@ def function_name(fn: Callable[..., Any] | str) -> str:
     if not name or name == "<lambda>":
         raise ValueError(f"Cannot infer a name for {fn!r}; register it with an explicit name.")
     return str(name)
-
-
-def as_utc(moment: datetime) -> datetime:
-    """Naive datetimes are taken to be UTC."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 @dataclass

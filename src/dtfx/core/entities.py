@@ -43,6 +43,7 @@ from dtfx.core.history import (
     OrchestrationStatus,
     TraceContext,
 )
+from dtfx.core.moments import fields_as_utc
 from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter
 from dtfx.core.state import OrchestrationState
 from dtfx.core.tokens import new_token
@@ -340,6 +341,11 @@ class EntityQuery:
     include_transient: bool = False
     """Also return entities that have no state (for instance, one that is only locked)."""
     page_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.page_size is not None and self.page_size < 1:
+            raise ValueError(f"page_size must be at least 1 (got {self.page_size})")
+        fields_as_utc(self)
 
 
 @dataclass(frozen=True)

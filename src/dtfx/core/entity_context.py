@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from dtfx.core.context import as_utc
 from dtfx.core.entities import EntityAction, EntityInstanceId, SignalEntity, StartOrchestration
 from dtfx.core.history import TraceContext
 from dtfx.core.instance_ids import check_orchestration_id
+from dtfx.core.moments import as_utc
 from dtfx.core.serialization import DataConverter
 
 

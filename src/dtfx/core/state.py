@@ -9,6 +9,7 @@ from typing import Any, Generic, TypeVar
 
 from dtfx.core.errors import OrchestrationFailedError
 from dtfx.core.history import FailureDetails, OrchestrationStatus
+from dtfx.core.moments import fields_as_utc
 from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter
 
 T = TypeVar("T")
@@ -81,6 +82,11 @@ class OrchestrationQuery:
     fetch_inputs_and_outputs: bool = False
     """Include inputs, outputs and custom status."""
 
+    def __post_init__(self) -> None:
+        if self.max_instance_count < 1:
+            raise ValueError(f"max_instance_count must be at least 1 (got {self.max_instance_count})")
+        fields_as_utc(self)
+
 
 @dataclass(frozen=True)
 class Page(Generic[T]):
@@ -97,6 +103,9 @@ class PurgeFilter:
     created_time_from: datetime | None = None
     created_time_to: datetime | None = None
     runtime_status: Collection[OrchestrationStatus] | None = None
+
+    def __post_init__(self) -> None:
+        fields_as_utc(self)
 
 
 @dataclass(frozen=True)

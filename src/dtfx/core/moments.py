@@ -1,0 +1,19 @@
+"""Moments in time as dtfx keeps them: timezone-aware, in UTC."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from datetime import UTC, datetime
+
+
+def as_utc(moment: datetime) -> datetime:
+    """Naive datetimes are taken to be UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def fields_as_utc(options: object) -> None:
+    """Give a (frozen) dataclass's datetime fields in UTC, naive ones taken to be UTC already."""
+    for field in fields(options):  # type: ignore[arg-type]
+        value = getattr(options, field.name)
+        if isinstance(value, datetime):
+            object.__setattr__(options, field.name, as_utc(value))
