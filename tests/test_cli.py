@@ -289,6 +289,8 @@ def test_verbose_logs_the_traceback_of_an_error(hub: str) -> None:
         (["start", "hello_cities", "--input", "Tokyo"], ["'Tokyo' is not valid JSON", "double quotes"]),
         (["raise", "some-id", "approval", "--data", "[1,"], ["--data", "not valid JSON"]),
         (["terminate", "some-id", "--output", "nope"], ["--output", "not valid JSON"]),
+        (["start", "hello_cities", "--input", "NaN"], ["NaN is not a JSON number"]),
+        (["start", "hello_cities", "--input", "[1e999]"], ["1e999 is beyond the range of a number"]),
         (["list", "--status", "sleepy"], ["'sleepy' is not a status", "running"]),
         (["list", "--limit", "0"], ["--limit"]),
         (["status"], ["Missing argument 'ID'"]),
@@ -350,6 +352,9 @@ def test_a_postgresql_server_that_does_not_answer() -> None:
     nothing_listening = invoke("list", "-b", "postgresql://dtfx:secret@127.0.0.1:1/nothing")
     assert_one_line_error(nothing_listening, "postgresql://dtfx:***@127.0.0.1:1/nothing")
     assert "secret" not in nothing_listening.stderr
+    in_the_query = invoke("list", "-b", "postgresql://dtfx@127.0.0.1:1/nothing?password=secret&application_name=x")
+    assert_one_line_error(in_the_query, "postgresql://dtfx@127.0.0.1:1/nothing?password=***&application_name=x")
+    assert "secret" not in in_the_query.stderr
 
 
 SHOP = """

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+import math
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -16,11 +17,22 @@ STATUS_NAMES = ", ".join(status.name.lower() for status in OrchestrationStatus)
 def json_value(text: str) -> Any:
     """Parse an option given as JSON text (``--input``, ``--data``, ``--output``)."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite)
     except ValueError as error:
         raise typer.BadParameter(
             f"{text!r} is not valid JSON ({error}); a JSON string needs double quotes, as in '\"Tokyo\"'"
         ) from None
+
+
+def _not_json(constant: str) -> NoReturn:
+    raise ValueError(f"{constant} is not a JSON number")  # Python's json takes NaN and Infinity
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is beyond the range of a number")  # it would be stored as null
+    return number
 
 
 def status_value(text: str) -> OrchestrationStatus:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
@@ -47,10 +48,16 @@ async def connect(url: str | None, verbosity: int) -> AsyncIterator[AsyncClient]
 
 
 def redact(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***``."""
+    """``url`` with its password, if any (``user:password@`` or a ``password=`` parameter), replaced by ``***``."""
     parts = urlsplit(url)
-    if parts.password is None:
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = f"{parts.username}:***@" if parts.username else ":***@"
+        netloc = user + netloc.rpartition("@")[2]
+    query = _PASSWORD_PARAMETER.sub(r"\1***", parts.query)
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=user + host))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+_PASSWORD_PARAMETER = re.compile(r"((?:^|&)password=)[^&]*")
