@@ -186,6 +186,40 @@ async def test_stop_lets_a_running_activity_finish_and_commit() -> None:
     assert state is not None and state.get_output() == "finished"
 
 
+async def test_stop_sends_back_the_activities_still_waiting_for_a_thread() -> None:
+    app = dtfx.App()
+    go_on = threading.Event()
+    ran: list[int] = []
+
+    @app.activity
+    def blocking(ctx: dtfx.ActivityContext, n: int) -> int:
+        ran.append(n)
+        go_on.wait(10)
+        return n
+
+    @app.orchestrator
+    def fan(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield dtfx.when_all([ctx.call_activity(blocking, input=n) for n in range(4)]))
+
+    backend = MemoryBackend()
+    client = dtfx.AsyncClient(backend)
+    worker = dtfx.Worker(backend, app=app, concurrency=dtfx.ConcurrencyOptions(maximum_thread_pool_workers=1))
+    await worker.start_async()
+    instance_id = await client.schedule_new_orchestration(fan)
+    while not ran:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # the other three are leased, waiting for the one thread
+    stopping = asyncio.create_task(worker.stop_async(grace_period=10))
+    await asyncio.sleep(0.2)
+    go_on.set()
+    await stopping
+    assert len(ran) == 1  # the running one finished; none started once the stop began
+    async with dtfx.Worker(backend, app=app):
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == [0, 1, 2, 3]
+    assert sorted(ran) == [0, 1, 2, 3]
+
+
 class FetchRecordingBackend(MemoryBackend):
     """Records which instances the dispatchers fetch, and which the worker takes as they are created."""
 

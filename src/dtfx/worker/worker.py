@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 from dtfx import _collector as collector
@@ -29,6 +28,7 @@ from dtfx.worker.kind_dispatcher import WorkItem, dispatcher_for_kind
 from dtfx.worker.options import ConcurrencyOptions, VersioningOptions, WorkerOptions
 from dtfx.worker.orchestrations import LocalRunner, OrchestrationProcessor
 from dtfx.worker.registry import Registry
+from dtfx.worker.threads import WorkerThreads
 from dtfx.worker.waiting import WorkWaiter
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Worker(BackgroundRunnable):
         self.converter = data_converter or DEFAULT_CONVERTER
         self._dispatchers: list[WorkItemDispatcher[Any]] = []
         self._waiters: list[WorkWaiter] = []
-        self._thread_pool: ThreadPoolExecutor | None = None
+        self._thread_pool: WorkerThreads | None = None
         self._runner: LocalRunner | None = None
         self._intake: NewInstanceIntake | None = None
         self._gc_pace = collector.Hold()
@@ -120,9 +120,7 @@ class Worker(BackgroundRunnable):
         await self.backend.start()
         options = self.options
         lease = options.lease_duration
-        self._thread_pool = ThreadPoolExecutor(
-            max_workers=self.concurrency.maximum_thread_pool_workers, thread_name_prefix="dtfx-activity"
-        )
+        self._thread_pool = WorkerThreads(self.concurrency.maximum_thread_pool_workers)
         self._runner = LocalRunner(
             self.registry,
             self.converter,
@@ -245,6 +243,12 @@ class Worker(BackgroundRunnable):
             self.backend.detach_intake(self._intake)
             self._intake = None
         grace = self.options.shutdown_grace_period.total_seconds() if grace_period is None else grace_period
+        if self._thread_pool is not None:
+            # Work items that wait for a thread would be new work: they go back to the store at
+            # once, for other workers, rather than start during the grace period.
+            waiting = self._thread_pool.drop_waiting()
+            if waiting:
+                logger.info("Worker stopping: %d work item(s) still waiting for a thread go back", waiting)
         for dispatcher in self._dispatchers:
             await dispatcher.stop(grace)
         for waiter in self._waiters:
