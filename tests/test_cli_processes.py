@@ -186,6 +186,24 @@ def test_sigterm_lets_the_activity_in_flight_finish(tmp_path: Path) -> None:
     assert (tmp_path / "runs").read_text() == "ran\n"
 
 
+def test_a_worker_quits_when_its_grace_period_ends_even_with_a_sync_activity_running(tmp_path: Path) -> None:
+    (tmp_path / "slow_app.py").write_text(SLOW_APP)
+    hub = f"sqlite:///{tmp_path}/hub.db"
+    with worker_process("slow_app.py", "-b", hub, "--grace-period", "0.5", cwd=tmp_path) as worker:
+        assert dtfx_command("start", "slow_job", "--id", "job", "-b", hub, cwd=tmp_path).returncode == 0
+        wait_for_file(tmp_path / "started")
+        assert worker.stop(signal.SIGTERM) == 0  # the activity never gets its "go"
+    assert "1 sync activity(ies) outlasted the grace period; quitting without them" in "".join(worker.stderr)
+    assert not (tmp_path / "runs").exists()
+
+    # Its work item went back to the store: the next worker runs it at once.
+    (tmp_path / "go").write_text("")
+    with worker_process("slow_app.py", "-b", hub, cwd=tmp_path) as worker, dtfx.Client(hub) as client:
+        state = client.wait_for_orchestration_completion("job", timeout=10)
+        assert worker.stop(signal.SIGTERM) == 0
+    assert state is not None and state.get_output() == "done"
+
+
 def test_a_second_signal_quits_without_waiting_for_the_work_in_flight(tmp_path: Path) -> None:
     (tmp_path / "slow_app.py").write_text(SLOW_APP)
     hub = f"sqlite:///{tmp_path}/hub.db"

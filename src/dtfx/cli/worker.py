@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated
@@ -16,6 +18,7 @@ from dtfx.cli.options import BackendUrl, Verbosity
 from dtfx.cli.root import CommandError, configure_logging, run_async, stderr
 from dtfx.cli.serving import run_until_signalled
 from dtfx.cli.session import redact, started_backend
+from dtfx.worker.options import WorkerOptions
 from dtfx.worker.registry import Registry
 from dtfx.worker.worker import Worker
 
@@ -32,17 +35,27 @@ async def run(
         ),
     ],
     backend: BackendUrl = None,
+    grace_period: Annotated[
+        float,
+        typer.Option(
+            "--grace-period",
+            min=0,
+            metavar="SECONDS",
+            help="How long work in flight may go on finishing after the first Ctrl-C or SIGTERM.",
+        ),
+    ] = WorkerOptions.shutdown_grace_period.total_seconds(),
     verbose: Verbosity = 0,
 ) -> None:
     """Run a worker for the orchestrators, activities and entities of a dtfx.App, until Ctrl-C or SIGTERM.
 
     On the first signal the worker stops taking work and lets what is in flight
-    finish (for up to 30 seconds); a second one quits at once: the work left
-    unfinished runs again, on any worker, once its lease expires.
+    finish (for up to 30 seconds, --grace-period), then quits; a second one quits at
+    once: the work left unfinished runs again, on any worker, once its lease expires.
     """
     configure_logging(verbose)
     app = load_app(target)
     url = backend or default_url()
+    options = WorkerOptions(shutdown_grace_period=timedelta(seconds=grace_period))
     async with started_backend(url) as store:
         ready = (
             f"Worker running on {redact(url)}\n"
@@ -50,8 +63,18 @@ async def run(
             f"  activities: {', '.join(app.activities) or '-'}\n"
             f"  entities: {', '.join(app.entities) or '-'}"
         )
-        await run_until_signalled(Worker(store, app), lambda: ready)
+        worker = Worker(store, app, options=options)
+        await run_until_signalled(worker, lambda: ready)
     stderr.print("Worker stopped.")
+    if worker.threads_busy:
+        # Python would wait for them as it exits, however long they take.
+        stderr.print(
+            f"{worker.threads_busy} sync activity(ies) outlasted the grace period; quitting without them"
+            " (their work items went back to the store)."
+        )
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(0)
 
 
 def load_app(target: str) -> Registry:

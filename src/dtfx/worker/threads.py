@@ -24,6 +24,11 @@ class WorkerThreads(ThreadPoolExecutor):
         future.add_done_callback(self._submitted.discard)
         return future
 
+    @property
+    def unfinished(self) -> int:
+        """What was submitted and has not ended (after :meth:`drop_waiting`: what runs)."""
+        return len(self._submitted)
+
     def drop_waiting(self) -> int:
         """Cancel what has not started on a thread yet (its caller gets ``CancelledError``, and
         the work item goes back to the store); returns how many. What runs goes on."""

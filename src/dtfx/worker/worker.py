@@ -111,6 +111,13 @@ class Worker(BackgroundRunnable):
         """True between start and stop."""
         return self._started
 
+    @property
+    def threads_busy(self) -> int:
+        """Sync activities, eager chains and entity batches still running on the worker's threads:
+        after a stop, those that outlasted the grace period (their work items went back to the
+        store), which the process waits for as it exits (Python joins a thread pool's threads)."""
+        return self._thread_pool.unfinished if self._thread_pool is not None else 0
+
     # -- async lifecycle ----------------------------------------------------------------------
 
     async def start_async(self) -> None:
