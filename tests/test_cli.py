@@ -400,6 +400,7 @@ def test_run_reports_apps_it_cannot_load(tmp_path: Path, monkeypatch: pytest.Mon
     (tmp_path / "two_apps.py").write_text("import dtfx\nfirst = dtfx.App()\nsecond = dtfx.App()\n")
     (tmp_path / "empty_app.py").write_text("import dtfx\napp = dtfx.App()\n")
     (tmp_path / "broken_app.py").write_text("1 / 0\n")
+    (tmp_path / "queue.py").write_text("import dtfx\napp = dtfx.App()\n")
     hub = f"sqlite:///{tmp_path}/hub.db"
     cases = {
         "no_such_module": "No module named 'no_such_module'",
@@ -410,6 +411,7 @@ def test_run_reports_apps_it_cannot_load(tmp_path: Path, monkeypatch: pytest.Mon
         "empty_app": "registers no orchestrator, no activity and no entity",
         "broken_app.py": "Importing broken_app failed: ZeroDivisionError: division by zero",
         "needs_missing": "Importing needs_missing failed: No module named 'no_such_dependency'",
+        "queue.py": "queue.py would be imported as 'queue', the name of another module",
     }
     for target, message in cases.items():
         assert_one_line_error(invoke("run", target, "-b", hub), message, exit_code=1)

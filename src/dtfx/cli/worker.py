@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -103,12 +104,33 @@ def load_app(target: str) -> Registry:
     return app
 
 
+def _found_elsewhere(module_name: str, path: Path) -> str | None:
+    """Where the module ``module_name`` comes from, if not from the file ``path`` (a standard
+    module's name, say, which the file would shadow, or lose to if that module is loaded)."""
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    origin = spec.origin or "built in"
+    if spec.origin is not None and Path(spec.origin).resolve() == path.resolve():
+        return None
+    return origin
+
+
 def _import(module_name: str) -> ModuleType:
     if module_name.endswith(".py"):
         path = Path(module_name)
         if not path.is_file():
             raise CommandError(f"No such file: {module_name}")
         directory, module_name = str(path.resolve().parent), path.stem
+        elsewhere = _found_elsewhere(module_name, path)
+        if elsewhere is not None:
+            raise CommandError(
+                f"{path} would be imported as {module_name!r}, the name of another module"
+                f" ({elsewhere}); rename the file."
+            )
     else:
         # Like `python -m`, find modules in the current directory (console scripts do not).
         directory = os.getcwd()
