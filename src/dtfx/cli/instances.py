@@ -26,13 +26,17 @@ JsonInput = Annotated[
     typer.Option("--input", "-i", parser=json_value, metavar="JSON", help="The input, as JSON.", show_default=False),
 ]
 Reason = Annotated[str | None, typer.Option("--reason", help="Why; kept in the instance's history.")]
+RewindReason = Annotated[
+    str | None,
+    typer.Option("--reason", help="Why; passed on to the failed sub-orchestrations it rewinds too."),
+]
 
 
 @run_async
 async def start(
     name: Annotated[str, typer.Argument(help="The orchestrator's registered name.", show_default=False)],
     input_value: JsonInput = None,
-    instance_id: Annotated[str | None, typer.Option("--id", help="The instance id [default: a new random id].")] = None,
+    instance_id: Annotated[str | None, typer.Option("--id", help="The instance id (default: a new random id).")] = None,
     version: Annotated[str | None, typer.Option("--version", help="The orchestration's version.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until it ends and show its state.")] = False,
     timeout: Timeout = 60,
@@ -189,7 +193,7 @@ async def restart(
 @run_async
 async def rewind(
     instance_id: InstanceId,
-    reason: Reason = None,
+    reason: RewindReason = None,
     backend: BackendUrl = None,
     json_output: JsonOutput = False,
     verbose: Verbosity = 0,
