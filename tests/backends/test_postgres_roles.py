@@ -243,6 +243,18 @@ def test_calls_that_the_server_refuses_connections_fail_with_its_reason_within_t
         assert backend._run_blocking(a_read) == [(1,)]
 
 
+def test_a_bad_connection_parameter_is_the_reason_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The diagnosis opens a connection of its own with a connect_timeout, unless the URL has
+    # one: a bad one is what it must report, not overrule.
+    monkeypatch.setattr(postgres, "_OPEN_TIMEOUT", 0.5)
+    url = postgres_url() + "&connect_timeout=abc&pool_timeout=0.5"
+    with (
+        pytest.raises(BackendUnavailableError, match="bad value for connect_timeout: 'abc'"),
+        dtfx.Client(url) as client,
+    ):
+        client.get_orchestration_state("any")
+
+
 def test_grant_needs_a_postgresql_hub(tmp_path: Any) -> None:
     result = CliRunner().invoke(cli, ["migrate", "-b", f"sqlite:///{tmp_path}/hub.db", "--grant", "someone"])
     assert result.exit_code != 0

@@ -849,8 +849,11 @@ class PostgresBackend(SqlBackend):
         """The error for pools that gave no connection, with the reason the server gives a
         connection of its own (a refused port, an unknown database, a wrong password, too
         many connections): a pool says only that it gave up. If one opens: ``otherwise``."""
+        options = self._connection_options()
+        if "connect_timeout" not in conninfo_to_dict(self._conninfo):  # one given, even a bad one, is kept
+            options["connect_timeout"] = 5
         try:
-            psycopg.connect(self._conninfo, connect_timeout=5, **self._connection_options()).close()
+            psycopg.connect(self._conninfo, **options).close()
         except psycopg.Error as refused:
             return BackendUnavailableError(f"Cannot connect to PostgreSQL: {str(refused).strip()}")
         return BackendUnavailableError(otherwise)
