@@ -293,6 +293,7 @@ def test_verbose_logs_the_traceback_of_an_error(hub: str) -> None:
         (["start", "hello_cities", "--input", "[1e999]"], ["1e999 is beyond the range of a number"]),
         (["list", "--status", "sleepy"], ["'sleepy' is not a status", "running"]),
         (["list", "--limit", "0"], ["--limit"]),
+        (["list", "--limit", "100000000000000000000"], ["--limit"]),
         (["status"], ["Missing argument 'ID'"]),
         (["stauts", "x"], ["No such command 'stauts'"]),
     ],
@@ -332,6 +333,11 @@ def test_an_unknown_orchestrator_name_fails_the_instance(hub: str, worker: dtfx.
 def test_waiting_without_a_worker_times_out_with_a_hint(hub: str) -> None:
     result = invoke("start", "hello_cities", "--id", "lonely", "--wait", "--timeout", "0.3", "-b", hub)
     assert_one_line_error(result, "lonely is still PENDING after 0.3s", "is a worker running", exit_code=1)
+
+
+def test_an_empty_orchestrator_name_is_refused(hub: str) -> None:
+    assert_one_line_error(invoke("start", "", "-b", hub), "the name given is empty", exit_code=1)
+    assert invoke_json("list", "-b", hub) == []
 
 
 def test_a_taken_id_is_refused(hub: str) -> None:

@@ -87,6 +87,12 @@ async def test_messages_for_orchestrations_refuse_an_entity_id(backend: Backend)
     assert [type(event).__name__ for event in await _signals_waiting(backend)] == ["EntityOperationSignaled"]
 
 
+async def test_start_refuses_an_empty_orchestrator_name(backend: Backend) -> None:
+    with pytest.raises(ValueError, match="the name given is empty"):
+        await dtfx.AsyncClient(backend).schedule_new_orchestration("")
+    assert await _everything_stored(backend) == []
+
+
 def test_queries_refuse_a_page_size_below_one() -> None:
     for size in (0, -1):
         with pytest.raises(ValueError, match="max_instance_count must be at least 1"):

@@ -145,6 +145,8 @@ class AsyncClient:
         backend = await self._ready()
         scheduled = as_utc(start_at) if start_at is not None else None
         name = function_name(orchestrator)
+        if not name:
+            raise ValueError("An orchestration needs the name of its orchestrator; the name given is empty.")
         traced = nullcontext(trace_context) if trace_context is not None else creation_span(name, instance_id)
         with traced as context:
             start = ExecutionStarted(

@@ -93,7 +93,7 @@ async def list_instances(
             help="Only instances with this status (repeat for several): pending, running, completed, failed, ...",
         ),
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most this many.")] = 100,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=2**31 - 1, help="Show at most this many.")] = 100,
     backend: BackendUrl = None,
     json_output: JsonOutput = False,
     verbose: Verbosity = 0,
