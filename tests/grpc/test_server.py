@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -51,6 +52,17 @@ def test_a_taken_port_is_a_clear_error() -> None:
         with pytest.raises(ConfigurationError, match=str(first.port)):
             second.start()
         assert not second.is_running
+
+
+def test_a_port_taken_on_one_of_the_hosts_addresses_is_a_clear_error() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        server = SidecarServer(dtfx.MemoryBackend(), host="localhost", port=port, options=FAST)
+        with pytest.raises(ConfigurationError, match=f"127.0.0.1:{port} is taken"):
+            server.start()
+        assert not server.is_running
 
 
 def _new_sqlite_threads(before: set[threading.Thread]) -> list[threading.Thread]:

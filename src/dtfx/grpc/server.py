@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from datetime import timedelta
 
 import grpc
@@ -56,6 +58,26 @@ def _server_options(options: SidecarOptions) -> list[tuple[str, int]]:
         # minute by default.
         ("grpc.http2.ping_timeout_ms", timeout_ms),
     ]
+
+
+def _taken_address(host: str, port: int) -> str | None:
+    """One of the addresses ``host`` resolves to (``localhost``: 127.0.0.1 and ::1) where
+    something listens on ``port`` already, or ``None``."""
+    if port == 0:
+        return None
+    try:
+        resolved = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return None  # gRPC's bind says why
+    for family, kind, protocol, _, address in resolved:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's, so TIME_WAIT is no obstacle
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    return f"{address[0]}:{port}"
+    return None
 
 
 def _milliseconds(duration: timedelta) -> int:
@@ -160,6 +182,9 @@ class SidecarServer(BackgroundRunnable):
 
     def _bind(self, server: grpc.aio.Server) -> int:
         address = f"{self.host}:{self.port}"
+        taken = _taken_address(self.host, self.port)
+        if taken is not None:  # gRPC would listen on the host's other addresses only, and say so only in its log
+            raise ConfigurationError(f"Cannot listen on {address}: {taken} is taken.")
         try:
             if self.tls is None:
                 port = server.add_insecure_port(address)
