@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from durabletask import client as sdk_client
 from durabletask.client import OrchestrationStatus
+from durabletask.grpc_options import GrpcChannelOptions
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as pb_grpc
 from google.protobuf import empty_pb2
@@ -190,18 +191,28 @@ def test_tls(certificate: tuple[Path, Path]) -> None:
 
 def test_messages_past_the_size_limit_are_refused_and_the_limit_can_be_raised() -> None:
     large = "x" * (5 << 20)
-    with running_sidecar() as server, sdk_client.TaskHubGrpcClient(host_address=server.address) as client:
+    backend = dtfx.MemoryBackend()
+    channel = GrpcChannelOptions(max_receive_message_length=8 << 20)  # what the server sends, the client limits
+    with (
+        running_sidecar(backend) as server,
+        sdk_client.TaskHubGrpcClient(host_address=server.address, channel_options=channel) as client,
+    ):
         with pytest.raises(grpc.RpcError) as refused:
             client.schedule_new_orchestration("served", input=large)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with dtfx.Client(backend) as native:  # stored another way, it goes out whole
+            native_id = native.schedule_new_orchestration("served", input=large)
+        state = client.get_orchestration_state(native_id, fetch_payloads=True)
+        assert state is not None and state.get_input() == large
     raised = dataclasses.replace(FAST, max_message_bytes=8 << 20)
     with (
         running_sidecar(options=raised) as server,
-        sdk_client.TaskHubGrpcClient(host_address=server.address) as client,
+        sdk_client.TaskHubGrpcClient(host_address=server.address, channel_options=channel) as client,
     ):
         instance_id = client.schedule_new_orchestration("served", input=large)
-        state = client.get_orchestration_state(instance_id, fetch_payloads=False)
+        state = client.get_orchestration_state(instance_id, fetch_payloads=True)
         assert state is not None and state.runtime_status == OrchestrationStatus.PENDING
+        assert state.get_input() == large
     with pytest.raises(ValueError, match="max_message_bytes"):
         SidecarOptions(max_message_bytes=0)
 

@@ -71,7 +71,7 @@ async def serve(
             "--max-message-mib",
             min=1,
             metavar="MIB",
-            help="The largest message taken or sent, in MiB; raise the SDK workers' and clients' limit with it.",
+            help="The largest message taken, in MiB; raise the SDK workers' and clients' limit with it.",
         ),
     ] = DEFAULT_MAX_MESSAGE_BYTES >> 20,
     verbose: Verbosity = 0,

@@ -54,12 +54,13 @@ class SidecarOptions:
     history_chunk_bytes: int = 1 << 20
     """Approximate size of one ``StreamInstanceHistory`` chunk."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    """The largest message the server takes or sends: gRPC's default, 4 MiB, as in the SDKs'
-    own channels. A larger request (a worker's result, a client's input) is refused with
+    """The largest message the server takes: gRPC's default, 4 MiB, as the SDKs' channels take.
+    A larger request (a worker's result, a client's input) is refused with
     ``RESOURCE_EXHAUSTED``; a worker whose result is refused drops its work item, which
-    stays with it until its lease runs out or it disconnects. Raise this together with the
-    SDKs' own limit (the Python SDK's ``GrpcChannelOptions(max_receive_message_length=...)``)
-    where payloads are larger, or keep large payloads out of band (the SDKs' payload store)."""
+    stays with it until its lease runs out or it disconnects. What the server sends is not
+    limited here: the peer's own limit applies (the Python SDK's
+    ``GrpcChannelOptions(max_receive_message_length=...)``). Raise both where payloads are
+    larger, or keep large payloads out of band (the SDKs' payload store)."""
     keepalive_interval: timedelta = timedelta(seconds=30)
     """How often the server pings each connection (an HTTP/2 ping, which the peer's gRPC
     library answers): the health pings on a work-item stream would not notice a worker whose

@@ -45,12 +45,11 @@ _SERVER_OPTIONS: list[tuple[str, int]] = [
 
 
 def _server_options(options: SidecarOptions) -> list[tuple[str, int]]:
-    """gRPC's settings: :data:`_SERVER_OPTIONS`, the size limit and the keepalive pings' pace from ``options``."""
+    """gRPC's settings: :data:`_SERVER_OPTIONS`, and from ``options`` the size limit and the keepalive pings' pace."""
     timeout_ms = _milliseconds(options.keepalive_timeout)
     return [
         *_SERVER_OPTIONS,
         ("grpc.max_receive_message_length", options.max_message_bytes),
-        ("grpc.max_send_message_length", options.max_message_bytes),
         ("grpc.keepalive_time_ms", _milliseconds(options.keepalive_interval)),
         ("grpc.keepalive_timeout_ms", timeout_ms),
         # What closes a connection whose pings go unanswered, in the gRPC releases tested
