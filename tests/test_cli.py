@@ -345,6 +345,11 @@ def test_a_taken_id_is_refused(hub: str) -> None:
     assert_one_line_error(invoke("start", "hello_cities", "--id", "taken", "-b", hub), "'taken' already exists")
 
 
+def test_one_shot_commands_refuse_a_memory_hub() -> None:
+    for args in (["start", "hello_cities"], ["list"], ["status", "x"], ["terminate", "x"]):
+        assert_one_line_error(invoke(*args, "-b", "memory://"), "memory:// keeps nothing past this", exit_code=1)
+
+
 def test_backends_that_cannot_be_opened(tmp_path: Path) -> None:
     not_a_directory = tmp_path / "file"
     not_a_directory.write_text("")

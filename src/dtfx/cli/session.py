@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
 from dtfx.backends import Backend, default_url, open_backend
-from dtfx.cli.root import configure_logging
+from dtfx.backends.memory import MemoryBackend
+from dtfx.cli.root import CommandError, configure_logging
 from dtfx.client import AsyncClient
 from dtfx.core.errors import BackendError
 
@@ -44,6 +45,11 @@ async def connect(url: str | None, verbosity: int) -> AsyncIterator[AsyncClient]
     """
     configure_logging(verbosity, quiet=logging.ERROR)
     async with started_backend(url) as backend:
+        if isinstance(backend, MemoryBackend):
+            raise CommandError(
+                "memory:// keeps nothing past this command; use the task hub your workers use"
+                " (sqlite:///path.db or postgresql://...)."
+            )
         yield AsyncClient(backend)
 
 
