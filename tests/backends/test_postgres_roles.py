@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Generator, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -259,6 +260,7 @@ def test_grant_needs_a_postgresql_hub(tmp_path: Any) -> None:
     result = CliRunner().invoke(cli, ["migrate", "-b", f"sqlite:///{tmp_path}/hub.db", "--grant", "someone"])
     assert result.exit_code != 0
     assert "--grant needs a PostgreSQL task hub" in result.output
+    assert not (Path(tmp_path) / "hub.db").exists()  # refused before a task hub was made
 
 
 def test_a_listener_that_the_server_refuses_while_it_takes_transactions_keeps_to_its_back_off(

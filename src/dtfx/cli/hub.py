@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtfx.backends import default_url
+from dtfx.backends import MemoryBackend, default_url, open_backend
 from dtfx.backends.sql.schema import MIGRATIONS
 from dtfx.cli.options import BackendUrl, JsonOutput, Verbosity
 from dtfx.cli.output import print_outcome
@@ -40,12 +40,13 @@ async def migrate(
     configure_logging(verbose, quiet=logging.ERROR)
     url = backend or default_url()
     roles = grant or []
+    if roles and await _has_no_roles(url):  # said before a task hub is made
+        raise CommandError("--grant needs a PostgreSQL task hub: only PostgreSQL has roles.")
     async with started_backend(url) as store:
         if roles:
             from dtfx.backends.postgres import PostgresBackend  # the postgres extra, needed only here
 
-            if not isinstance(store, PostgresBackend):
-                raise CommandError("--grant needs a PostgreSQL task hub: only PostgreSQL has roles.")
+            assert isinstance(store, PostgresBackend)
             for role in roles:
                 await store.grant(role)
     version = len(MIGRATIONS)
@@ -53,3 +54,14 @@ async def migrate(
     if roles:
         message += f" Granted its use to {', '.join(roles)}."
     print_outcome(message, {"schema_version": version, "granted": roles}, json_output)
+
+
+async def _has_no_roles(url: str) -> bool:
+    """Whether the store at ``url`` is one without database roles (SQLite, memory); nothing is made."""
+    from dtfx.backends.sqlite import SqliteBackend
+
+    unstarted = open_backend(url)
+    try:
+        return isinstance(unstarted, SqliteBackend | MemoryBackend)
+    finally:
+        await unstarted.close()
