@@ -88,6 +88,12 @@ def test_a_postgres_pool_timeout_is_a_positive_number_of_seconds(timeout: str) -
         parse_postgres_url(f"postgresql://db/app?pool_timeout={timeout}")
 
 
+@pytest.mark.parametrize("schema", ["1abc", "Hub", "a-b", "x" * 49])
+def test_a_postgres_schema_name_is_refused_with_the_rule_it_breaks(schema: str) -> None:
+    with pytest.raises(ConfigurationError, match="underscores, not starting with a digit, at most 48"):
+        parse_postgres_url(f"postgresql://db/app?schema={schema}")
+
+
 def test_a_postgres_url_passes_its_libpq_settings_percent_encoded() -> None:
     # libpq reads a ``+`` in a URL as a plus sign, not as a space, and ``%20`` as a space.
     conninfo, _, _ = parse_postgres_url("postgresql://db/app?options=-c%20statement_timeout%3D5s&application_name=a+b")

@@ -416,7 +416,8 @@ def parse_postgres_url(url: str) -> tuple[str, str, PoolOptions]:
             passed.append((key, value))
     if not _SCHEMA_NAME.fullmatch(schema):
         raise ConfigurationError(
-            f"The schema name must be lowercase letters, digits and underscores, at most 48 (got {schema!r})"
+            "The schema name must be lowercase letters, digits and underscores, not starting with a digit,"
+            f" at most 48 (got {schema!r})"
         )
     given = {key for key, _ in passed}
     # The application name lets operators (and tests) find a hub's connections.
