@@ -72,3 +72,24 @@ def test_the_sync_client_runs_its_loop_on_uvloop(tmp_path: Path) -> None:
         state = client.wait_for_orchestration_completion(instance_id, timeout=30)
         assert isinstance(client._portal._loop, uvloop.Loop)
     assert state is not None and state.get_output() == 2 * (3 + 4 + 5)
+
+
+def test_closing_a_loop_thread_lets_what_still_runs_on_it_end() -> None:
+    # As asyncio.run does: a start that Ctrl-C interrupted leaves a task closing a pool, say,
+    # which a loop stopped under it would leave half done ("Task was destroyed but it is pending!").
+    from dtfx._portal import LoopThread
+
+    thread = LoopThread("dtfx-test")
+    ended: list[str] = []
+
+    async def runs_until_cancelled() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0.01)  # a clean-up that awaits
+            ended.append("cleaned up")
+
+    thread.submit(runs_until_cancelled())
+    thread.submit(asyncio.sleep(0))  # lets the first one start
+    thread.close()
+    assert ended == ["cleaned up"]

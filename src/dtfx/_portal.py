@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Coroutine
@@ -34,12 +35,28 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     def close(self) -> None:
-        """Stop the loop and its thread."""
+        """Cancel what still runs on the loop and let it end (for up to
+        :data:`_CLOSE_PATIENCE` seconds), as :func:`asyncio.run` does, then stop the loop and
+        its thread. (A start interrupted by Ctrl-C leaves its task closing a pool, say.)"""
         if not self._thread.is_alive():
             return
+        ending = asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self._loop)
+        with contextlib.suppress(Exception):
+            ending.result(timeout=_CLOSE_PATIENCE)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+
+_CLOSE_PATIENCE = 5.0
+
+
+async def _cancel_the_rest() -> None:
+    """Cancel the loop's other tasks and wait for them to end."""
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
 
 
 class BackgroundRunnable(ABC):
