@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -346,6 +347,27 @@ def test_a_retry_that_would_come_after_the_year_9999_fails_the_task_the_orchestr
     end = completion(run(giving_up, [*started(), scheduled(1, "a")], episode(1, failed)))
     assert end.status == OrchestrationStatus.COMPLETED
     assert end.result is not None and "gave up" in end.result
+
+
+@dataclass
+class Approval:
+    by: list[str]
+
+
+def test_an_event_unreadable_as_its_data_type_fails_at_the_yield_whether_it_came_before_or_after_the_wait() -> None:
+    def waiting(ctx: OrchestrationContext, _: Any) -> Any:
+        yield ctx.create_timer(at(5))
+        approval = ctx.wait_for_external_event("approval", data_type=Approval)
+        try:
+            return (yield approval)
+        except Exception as error:
+            return f"caught {type(error).__name__}"
+
+    unreadable = EventRaised(timestamp=at(1), name="approval", input='{"by": 42}')
+    fired = TimerFired(timestamp=at(5), timer_id=1, fire_at=at(5))
+    for new in ([*started(), unreadable, fired], [*started(), fired, unreadable]):  # buffered, then awaited
+        end = completion(run(waiting, [], new))
+        assert (end.status, end.result) == (OrchestrationStatus.COMPLETED, '"caught SerializationError"')
 
 
 def test_sub_orchestrations_get_a_default_id_and_the_default_version() -> None:

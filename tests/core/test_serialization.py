@@ -78,6 +78,38 @@ def test_pydantic_models_round_trip() -> None:
     assert converter.deserialize(converter.serialize(model), Model) == model
 
 
+class Aliased(pydantic.BaseModel):
+    user_name: str = pydantic.Field(alias="userName")
+
+
+@dataclass
+class Boxed:
+    model: Model
+
+
+def test_pydantic_models_inside_containers_dataclasses_and_optionals_round_trip() -> None:
+    model = Model(title="t", at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
+    for value, target in (
+        ([model, model], list[Model]),
+        ({"a": model}, dict[str, Model]),
+        (model, Model | None),
+        (Boxed(model), Boxed),
+    ):
+        assert converter.deserialize(converter.serialize(value), target) == value
+    with pytest.raises(SerializationError, match="Cannot read payload as list"):
+        converter.deserialize('[{"title": "no time"}]', list[Model])
+
+
+def test_pydantic_models_with_aliases_round_trip() -> None:
+    aliased = Aliased(userName="bob")
+    assert converter.serialize(aliased) == '{"userName":"bob"}'
+    assert converter.deserialize(converter.serialize(aliased), Aliased) == aliased
+
+
+def test_dict_keys_take_their_annotated_type() -> None:
+    assert converter.deserialize(converter.serialize({1: "a", 2: "b"}), dict[int, str]) == {1: "a", 2: "b"}
+
+
 def test_other_encodable_values() -> None:
     identifier = uuid.uuid4()
     assert converter.deserialize(converter.serialize(identifier), uuid.UUID) == identifier

@@ -295,7 +295,10 @@ class OrchestrationContext:
             event = buffered.pop(0)
             if not buffered:
                 del self.buffered_events[key]
-            task.complete(self._converter.deserialize(event.input, data_type))
+            try:
+                task.complete(self._converter.deserialize(event.input, data_type))
+            except Exception as error:  # raised where the task is awaited, as for an event that comes later
+                task.fail(error)
             return task
         waiters = self.event_waiters.setdefault(key, [])
         waiters.append(task)

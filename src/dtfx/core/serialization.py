@@ -40,7 +40,7 @@ class DataConverter(ABC):
 def _encode_hook(value: Any) -> Any:
     model_dump = getattr(value, "model_dump", None)
     if callable(model_dump):  # a pydantic model
-        return model_dump(mode="json")
+        return model_dump(mode="json", by_alias=True)  # as model_validate reads it
     to_json = getattr(value, "to_json", None)
     if callable(to_json):
         return to_json()
@@ -93,7 +93,10 @@ def convert(value: Any, target_type: Any) -> Any:
             return model_validate(value)
         return msgspec.convert(value, target_type, strict=False)
     except msgspec.ValidationError as error:
-        raise SerializationError(f"Cannot read payload as {_type_name(target_type)}: {error}") from error
+        try:  # a pydantic model inside a list, a dict, an Optional: msgspec cannot build one
+            return _convert_with_pydantic(value, target_type)
+        except SerializationError:
+            raise SerializationError(f"Cannot read payload as {_type_name(target_type)}: {error}") from error
     except TypeError:
         return _convert_with_pydantic(value, target_type)
     except Exception as error:
@@ -122,6 +125,7 @@ def _type_name(target_type: Any) -> str:
 
 
 _PLAIN_JSON_TYPES: frozenset[Any] = frozenset({Any, object, str, int, float, bool, dict, list, type(None)})
+_PLAIN_JSON_KEYS: frozenset[Any] = frozenset({Any, object, str})
 
 
 def needs_conversion(target_type: Any) -> bool:
@@ -130,7 +134,10 @@ def needs_conversion(target_type: Any) -> bool:
         return False
     origin = typing.get_origin(target_type)
     if origin in (dict, list):
-        return any(needs_conversion(argument) for argument in typing.get_args(target_type))
+        arguments = typing.get_args(target_type)
+        if origin is dict and arguments and arguments[0] not in _PLAIN_JSON_KEYS:
+            return True  # JSON's keys are strings: dict[int, str] needs its keys made ints
+        return any(needs_conversion(argument) for argument in arguments)
     return not isinstance(target_type, typing.TypeVar)
 
 
