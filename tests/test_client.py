@@ -52,6 +52,12 @@ async def test_start_takes_any_other_id(backend: Backend, instance_id: str) -> N
     assert state is not None and state.runtime_status == dtfx.OrchestrationStatus.PENDING
 
 
+def test_closing_a_client_twice_is_harmless() -> None:
+    with dtfx.Client(dtfx.MemoryBackend()) as client:
+        client.close()
+    client.close()
+
+
 def test_the_message_of_a_long_id_is_short() -> None:
     with dtfx.Client(dtfx.MemoryBackend()) as client, pytest.raises(InvalidInstanceIdError) as refused:
         client.schedule_new_orchestration("anything", instance_id="y" * 5000)

@@ -23,13 +23,18 @@ class LoopThread:
         self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has stopped the loop."""
+        return not self._thread.is_alive()
+
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on the loop and wait for its result."""
         return self.submit(coroutine).result()
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Start ``coroutine`` on the loop; async callers await ``asyncio.wrap_future(...)`` of the result."""
-        if not self._thread.is_alive():
+        if self.closed:
             coroutine.close()
             raise RuntimeError("This object has been closed.")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
@@ -38,7 +43,7 @@ class LoopThread:
         """Cancel what still runs on the loop and let it end (for up to
         :data:`_CLOSE_PATIENCE` seconds), as :func:`asyncio.run` does, then stop the loop and
         its thread. (A start interrupted by Ctrl-C leaves its task closing a pool, say.)"""
-        if not self._thread.is_alive():
+        if self.closed:
             return
         ending = asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self._loop)
         with contextlib.suppress(Exception):

@@ -543,7 +543,9 @@ class Client:
         self.backend = self._async.backend
 
     def close(self) -> None:
-        """Close the backend if this client opened it, and the client's loop."""
+        """Close the backend if this client opened it, and the client's loop; again, nothing."""
+        if self._portal.closed:
+            return
         try:
             self._portal.run(self._async.close())
         finally:

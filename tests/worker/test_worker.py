@@ -311,3 +311,23 @@ def test_options_at_their_limits_are_accepted() -> None:
     assert (options.cached_instances, options.eager_activity_window, options.shutdown_grace_period) == (0, zero, zero)
     second = timedelta(seconds=1)
     assert dtfx.WorkerOptions(backoff_initial=second, backoff_max=second).backoff_max == second
+
+
+def test_a_worker_that_opened_its_backend_from_a_url_starts_again_after_a_stop(tmp_path: Any) -> None:
+    app = dtfx.App()
+
+    @app.orchestrator
+    def hello(ctx: dtfx.OrchestrationContext, name: str) -> str:
+        return f"Hello, {name}!"
+
+    url = f"sqlite:///{tmp_path}/hub.db"
+    worker = dtfx.Worker(url, app=app)
+    for name in ("first", "second"):
+        worker.start()
+        try:
+            with dtfx.Client(url) as client:
+                instance_id = client.schedule_new_orchestration(hello, input=name)
+                state = client.wait_for_orchestration_completion(instance_id, timeout=10)
+        finally:
+            worker.stop()
+        assert state is not None and state.get_output() == f"Hello, {name}!"

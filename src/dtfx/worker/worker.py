@@ -72,7 +72,10 @@ class Worker(BackgroundRunnable):
         data_converter: DataConverter | None = None,
     ) -> None:
         self._owns_backend = not isinstance(backend, Backend)
+        self._url = None if isinstance(backend, Backend) else backend
+        """The URL of the backend the worker opens (and closes when it stops), if it opens one."""
         self.backend: Backend = backend if isinstance(backend, Backend) else open_backend(backend)
+        self._backend_closed = False
         self.registry = Registry()
         if app is not None:
             self.registry.update(app)
@@ -124,6 +127,8 @@ class Worker(BackgroundRunnable):
         """Start the dispatchers on the running event loop."""
         if self._started:
             raise RuntimeError("The worker is already running.")
+        if self._backend_closed:  # a restart of a worker that opened its backend from a URL: a new one
+            self.backend, self._backend_closed = open_backend(self._url), False
         await self.backend.start()
         options = self.options
         lease = options.lease_duration
@@ -265,4 +270,5 @@ class Worker(BackgroundRunnable):
             self._thread_pool.shutdown(wait=False, cancel_futures=True)
         if self._owns_backend:
             await self.backend.close()
+            self._backend_closed = True
         logger.info("Worker stopped")
