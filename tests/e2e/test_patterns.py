@@ -70,6 +70,17 @@ async def test_worker_add_methods_register_like_the_sdk(hub: Hub) -> None:
     assert state.get_output() == [1, 4, 9]
 
 
+def test_an_async_orchestrator_is_refused_when_registered() -> None:
+    app = dtfx.App()
+
+    async def not_a_generator(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return None
+
+    with pytest.raises(TypeError, match="'not_a_generator' is an async function: orchestrators are generator"):
+        app.orchestrator(not_a_generator)
+    assert app.orchestrators == {}
+
+
 async def test_fan_out_fan_in(hub: Hub, app: dtfx.App) -> None:
     @app.activity
     def work(ctx: dtfx.ActivityContext, item: int) -> int:

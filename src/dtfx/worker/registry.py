@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, Protocol, TypeVar, overload
@@ -33,6 +34,11 @@ class Registry:
 
     def add_orchestrator(self, fn: Callable[..., Any], name: str | None = None) -> str:
         """Register an orchestrator ``fn(ctx, input)``; returns the name it is registered under."""
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"The orchestrator {function_name(fn)!r} is an async function: orchestrators are generator"
+                " functions, which yield the tasks they wait for (`result = yield ctx.call_activity(...)`)."
+            )
         registered = _name_function(fn, name)
         self._check_free(self.orchestrators, "orchestrator", registered, fn)
         self.orchestrators[registered] = fn
