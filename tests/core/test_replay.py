@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from dtfx.core.actions import CompleteOrchestration, CreateSubOrchestration, CreateTimer, ScheduleTask, SendEvent
 from dtfx.core.context import OrchestrationContext
 from dtfx.core.entities import EntityInstanceId
@@ -368,6 +370,18 @@ def test_an_event_unreadable_as_its_data_type_fails_at_the_yield_whether_it_came
     for new in ([*started(), unreadable, fired], [*started(), fired, unreadable]):  # buffered, then awaited
         end = completion(run(waiting, [], new))
         assert (end.status, end.result) == (OrchestrationStatus.COMPLETED, '"caught SerializationError"')
+
+
+def test_an_input_unreadable_as_the_orchestrators_type_fails_it_without_an_engine_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def approve(ctx: OrchestrationContext, approval: Approval) -> Any:
+        return approval.by
+
+    end = completion(run(approve, [], started('{"by": 42}')))
+    assert end.status == OrchestrationStatus.FAILED
+    assert end.failure_details is not None and end.failure_details.error_type.endswith("SerializationError")
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
 
 
 def test_sub_orchestrations_get_a_default_id_and_the_default_version() -> None:

@@ -215,8 +215,8 @@ class OrchestrationExecutor:
         context._execution_id = event.instance.execution_id
         if context._current_utc_datetime.year == 1970:
             context._current_utc_datetime = event.timestamp
-        orchestrator_input = self._converter.deserialize(event.input, input_type_of(self.orchestrator))
-        try:
+        try:  # an input that cannot be read as the orchestrator's type fails it, as its own error would
+            orchestrator_input = self._converter.deserialize(event.input, input_type_of(self.orchestrator))
             result = self.orchestrator(context, orchestrator_input)
         except Exception as error:
             self._fail(error)
