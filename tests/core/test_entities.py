@@ -113,6 +113,19 @@ def test_an_unlock_for_another_section_changes_nothing() -> None:
     assert plan.operations == [] and len(plan.scheduler.queue) == 2 and plan.scheduler.lock is not None
 
 
+def test_an_unlock_withdraws_its_sections_lock_request_still_waiting_for_the_lock() -> None:
+    # The orchestration ended (a lock timeout, a termination) while its request waited here:
+    # granted later, the lock would be held for ever by an orchestration that has ended.
+    stored = plan_batch(item(lock_request("holder", [ENTITY], section="held")), NOW).scheduler
+    waiting = lock_request("gone", [ENTITY, "@counter@z"], section="given-up")
+    queued = plan_batch(item(waiting, scheduler=stored), NOW).scheduler
+    assert queued.queue == [waiting]
+    withdrawn = plan_batch(item(unlock("gone", section="given-up"), scheduler=queued), NOW)
+    assert withdrawn.scheduler.queue == [] and withdrawn.lock_messages == []
+    released = plan_batch(item(unlock("holder", section="held"), scheduler=withdrawn.scheduler), NOW)
+    assert released.scheduler.is_empty and released.lock_messages == []
+
+
 def test_apply_replies_to_calls_and_sends_actions() -> None:
     the_call, the_signal = call("orch", "r1"), signal(request_id="r2")
     failing_call = call("orch2", "r3")

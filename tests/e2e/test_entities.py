@@ -57,6 +57,13 @@ async def _wait_for_entity_state(hub: Hub, entity: EntityInstanceId, expected: A
         await asyncio.sleep(0.01)
 
 
+async def _wait_for_unlocked(hub: Hub, entity: EntityInstanceId, timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (metadata := await hub.client.get_entity(entity)) is not None and metadata.locked_by is not None:
+        assert asyncio.get_running_loop().time() < deadline, f"{entity} stays locked by {metadata.locked_by}"
+        await asyncio.sleep(0.01)
+
+
 async def test_client_signals_run_in_order_and_state_is_visible(hub: Hub, app: dtfx.App) -> None:
     @app.entity
     def journal(ctx: dtfx.EntityContext, entry: str) -> None:
@@ -277,6 +284,38 @@ async def test_locks_are_released_when_the_orchestration_fails(hub: Hub, app: dt
         later = await hub.run(after)
     assert failed.runtime_status == Status.FAILED
     assert later.get_output() == 2
+
+
+async def test_a_lock_given_up_while_it_waits_is_not_granted_later(hub: Hub, app: dtfx.App) -> None:
+    app.add_entity(counter)
+    # Locks are taken in the ids' order: the request waits at the first entity, held, while the
+    # second, free, has not heard of it yet.
+    held, free = EntityInstanceId("counter", "a-held"), EntityInstanceId("counter", "b-free")
+
+    @app.orchestrator
+    def holder(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        with (yield ctx.lock_entities([held])):
+            yield ctx.wait_for_external_event("release")
+
+    @app.orchestrator
+    def impatient(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        lock = ctx.lock_entities([held, free])
+        winner = yield dtfx.when_any([lock, ctx.create_timer(timedelta(milliseconds=300))])
+        return "locked" if winner is lock else "gave up"
+
+    @app.orchestrator
+    def later(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        with (yield ctx.lock_entities([held, free])):
+            return (yield ctx.call_entity(free, "add", 1))
+
+    async with hub.worker(app):
+        holder_id = await hub.client.schedule_new_orchestration(holder)
+        await hub.wait_for_history(holder_id, lambda h: any(type(e).__name__ == "EntityLockGranted" for e in h))
+        assert (await hub.run(impatient)).get_output() == "gave up"
+        await hub.client.raise_orchestration_event(holder_id, "release")
+        assert (await hub.run(later, timeout=10)).get_output() == 1  # it got both locks
+        for entity in (held, free):
+            await _wait_for_unlocked(hub, entity)
 
 
 async def test_critical_section_misuse_raises_the_documented_errors(hub: Hub, app: dtfx.App) -> None:

@@ -203,6 +203,8 @@ def plan_batch(item: OrchestrationWorkItem, now: datetime) -> BatchPlan:
     while pending:
         event = pending.popleft()
         if lock is not None and not _from_holder(event, lock):
+            if isinstance(event, EntityUnlockSent) and _withdrawn(waiting, event.critical_section_id):
+                continue  # its orchestration ended before the lock came: it must not get it now
             waiting.append(event)
             continue
         if isinstance(event, EntityOperationSignaled | EntityOperationCalled):
@@ -216,6 +218,15 @@ def plan_batch(item: OrchestrationWorkItem, now: datetime) -> BatchPlan:
             waiting = []
     scheduler = EntitySchedulerState(lock=lock, queue=waiting)  # type: ignore[arg-type]
     return BatchPlan(entity_id, operations, scheduler, lock_messages, [m.id for m in item.messages])
+
+
+def _withdrawn(waiting: list[HistoryEvent], critical_section_id: str) -> bool:
+    """Take the section's lock request out of ``waiting``, if it waits there; whether it did."""
+    for index, event in enumerate(waiting):
+        if isinstance(event, EntityLockRequested) and event.critical_section_id == critical_section_id:
+            del waiting[index]
+            return True
+    return False
 
 
 def _pass_lock_on(request: EntityLockRequested, now: datetime) -> OutboundMessage:
