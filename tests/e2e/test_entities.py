@@ -438,3 +438,10 @@ def test_entity_ids_are_validated_and_parsed() -> None:
         EntityInstanceId("bad@name", "k")
     with pytest.raises(ValueError):
         EntityInstanceId.parse("counter@key")
+    # No instance can have these ids: a NUL, which SQLite stored and then could not find, or too long.
+    with pytest.raises(dtfx.InvalidInstanceIdError, match="control character"):
+        EntityInstanceId("counter", "a\x00b")
+    with pytest.raises(dtfx.InvalidInstanceIdError, match="at most 1024"):
+        EntityInstanceId("counter", "k" * 1024)
+    with pytest.raises(TypeError, match="An entity key is a string"):
+        EntityInstanceId("counter", 5)  # type: ignore[arg-type]

@@ -43,6 +43,7 @@ from dtfx.core.history import (
     OrchestrationStatus,
     TraceContext,
 )
+from dtfx.core.instance_ids import instance_id_error
 from dtfx.core.moments import fields_as_utc
 from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter
 from dtfx.core.state import OrchestrationState
@@ -63,7 +64,12 @@ class EntityInstanceId:
             raise ValueError("An entity name cannot be empty.")
         if "@" in self.entity:
             raise ValueError("An entity name cannot contain '@'.")
+        if not isinstance(self.key, str):
+            raise TypeError(f"An entity key is a string (got {type(self.key).__name__} {self.key!r}).")
         object.__setattr__(self, "entity", self.entity.lower())
+        error = instance_id_error(str(self))  # a NUL in the key, say, which the store could not hold
+        if error is not None:
+            raise error
 
     def __str__(self) -> str:
         return f"@{self.entity}@{self.key}"

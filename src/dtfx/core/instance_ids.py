@@ -1,4 +1,4 @@
-"""Which instance ids an orchestration can have: one rule for every way an instance is started.
+"""Which instance ids an orchestration or an entity can have: one rule for every way an instance is started.
 
 Clients refuse a bad id at once (:class:`~dtfx.InvalidInstanceIdError`); the engine fails
 a sub-orchestration started under one instead of letting the id reach the store, where
@@ -20,6 +20,16 @@ def is_entity_id(instance_id: str) -> bool:
 
 def orchestration_id_error(instance_id: str) -> InvalidInstanceIdError | None:
     """Why an orchestration cannot have ``instance_id``, or ``None`` if it can."""
+    error = instance_id_error(instance_id)
+    if error is None and is_entity_id(instance_id):
+        return InvalidInstanceIdError(
+            instance_id, "ids of the form '@name@key' belong to entities (use signal_entity to reach one)."
+        )
+    return error
+
+
+def instance_id_error(instance_id: str) -> InvalidInstanceIdError | None:
+    """Why no instance, orchestration or entity, can have ``instance_id``, or ``None``."""
     if not instance_id:
         return InvalidInstanceIdError(instance_id, "it is empty.")
     if len(instance_id) > MAX_INSTANCE_ID_LENGTH:
@@ -30,10 +40,6 @@ def orchestration_id_error(instance_id: str) -> InvalidInstanceIdError | None:
     if control is not None:
         return InvalidInstanceIdError(
             instance_id, f"it contains the control character {instance_id[control]!r} at position {control}."
-        )
-    if is_entity_id(instance_id):
-        return InvalidInstanceIdError(
-            instance_id, "ids of the form '@name@key' belong to entities (use signal_entity to reach one)."
         )
     return None
 
