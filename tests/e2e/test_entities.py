@@ -46,6 +46,9 @@ class Account(dtfx.DurableEntity):
     def balance(self) -> int:
         return int(self.get_state(int, 0))
 
+    def close(self) -> None:
+        self.delete_state()
+
 
 async def _wait_for_entity_state(hub: Hub, entity: EntityInstanceId, expected: Any, timeout: float = 10) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
@@ -154,11 +157,14 @@ async def test_class_entities_and_entity_to_entity_signals(hub: Hub, app: dtfx.A
             await hub.client.signal_entity(EntityInstanceId("forwarder", "f"), "forward", 25)
         await _wait_for_entity_state(hub, EntityInstanceId("account", "savings"), 75)
         state = await hub.run(check)
-        await hub.client.signal_entity(EntityInstanceId("account", "savings"), "delete")
-        deadline = asyncio.get_running_loop().time() + 10
-        while await hub.client.get_entity(EntityInstanceId("account", "savings")) is not None:
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.01)
+        for deleting in ("close", "delete"):  # its own operation, then the built-in one
+            await hub.client.signal_entity(EntityInstanceId("account", "savings"), "deposit", 5)
+            await _wait_for_entity_state(hub, EntityInstanceId("account", "savings"), 80 if deleting == "close" else 5)
+            await hub.client.signal_entity(EntityInstanceId("account", "savings"), deleting)
+            deadline = asyncio.get_running_loop().time() + 10
+            while await hub.client.get_entity(EntityInstanceId("account", "savings")) is not None:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
     assert state.get_output() == ["insufficient funds: 75 < 1000000", 75]
 
 

@@ -131,6 +131,10 @@ class DurableEntity:
         """See :meth:`EntityContext.set_state`."""
         self.entity_context.set_state(state)
 
+    def delete_state(self) -> None:
+        """See :meth:`EntityContext.delete_state`."""
+        self.entity_context.delete_state()
+
     def signal_entity(
         self,
         entity_instance_id: EntityInstanceId,
@@ -149,4 +153,4 @@ class DurableEntity:
 
     def delete(self, input: Any = None) -> None:
         """The built-in ``delete`` operation: remove the entity's state."""
-        self.entity_context.delete_state()
+        self.delete_state()

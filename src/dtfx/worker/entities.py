@@ -142,7 +142,9 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
-_HELPERS = frozenset({"get_state", "set_state", "signal_entity", "schedule_new_orchestration", "entity_context"})
+_HELPERS = frozenset(
+    {"get_state", "set_state", "delete_state", "signal_entity", "schedule_new_orchestration", "entity_context"}
+)
 
 
 def _operation_method(instance: DurableEntity, operation: str) -> Callable[..., Any]:
