@@ -42,3 +42,20 @@ async def test_work_due_later_is_found_when_due_even_if_the_timer_fires_early() 
         # Had a wait ended before the work was visible, and the moment passed during the
         # fetch, the next wait would be the backend's whole poll interval (5 s here).
         assert max(waiter.timeouts) < backend.poll_interval
+
+
+async def test_work_that_falls_due_while_the_dispatcher_looks_for_work_is_looked_for_again_at_once() -> None:
+    backend = dtfx.MemoryBackend()
+    await backend.create_instance(start_event("retried"))
+    [item] = await backend.lock_orchestration_work_items(1, LEASE)
+    await backend.abandon_orchestration_work_item(item, retry_at=utc_now() + timedelta(milliseconds=30))
+    waiter = EarlyTimers()
+    wait_for_work = WorkWaiter(backend, WorkKind.ORCHESTRATION, waiter)
+    wait_for_work.prepare()
+    assert await backend.lock_orchestration_work_items(1, LEASE) == []  # looked before it was due
+    time.sleep(0.05)  # and it falls due before the dispatcher waits
+    started = time.monotonic()
+    await wait_for_work()
+    assert time.monotonic() - started < 1  # not the backend's poll interval (5 s)
+    wait_for_work.prepare()
+    assert await backend.lock_orchestration_work_items(1, LEASE)

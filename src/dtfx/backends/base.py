@@ -30,7 +30,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import ClassVar, Protocol
 
@@ -116,6 +116,8 @@ class Backend(ABC):
         self._instance_signals = KeyedSignal()
         self._delayed_lock = threading.Lock()
         self._delayed: dict[WorkKind, list[datetime]] = {kind: [] for kind in WorkKind}
+        self._latest_passed: dict[WorkKind, datetime] = {kind: datetime.min.replace(tzinfo=UTC) for kind in WorkKind}
+        """The latest of the moments that have been dropped from ``_delayed`` as passed."""
         self._intake: Intake | None = None
         self.outside_changes = 0
         """How many times this object has seen other processes change the store (a backend
@@ -353,8 +355,7 @@ class Backend(ABC):
         now = self.now()
         with self._delayed_lock:
             pending = self._delayed[kind]
-            while pending and pending[0] <= now:
-                heapq.heappop(pending)
+            self._drop_passed(kind, pending, now)
             earliest = not pending or visible_at < pending[0]
             heapq.heappush(pending, visible_at)
             if len(pending) > 2 * _MAX_NOTED_DELAYS:
@@ -373,9 +374,21 @@ class Backend(ABC):
         now = self.now()
         with self._delayed_lock:
             pending = self._delayed[kind]
-            while pending and pending[0] <= now:
-                heapq.heappop(pending)
+            self._drop_passed(kind, pending, now)
             return pending[0] if pending else None
+
+    def due_since(self, kind: WorkKind, moment: datetime) -> bool:
+        """Whether work of ``kind`` that :meth:`local_due` knew of became visible after
+        ``moment`` and before now: a dispatcher that looked for work at ``moment`` may have
+        looked too early for it, and should look again rather than wait."""
+        now = self.now()
+        with self._delayed_lock:
+            self._drop_passed(kind, self._delayed[kind], now)
+            return self._latest_passed[kind] > moment
+
+    def _drop_passed(self, kind: WorkKind, pending: list[datetime], now: datetime) -> None:
+        while pending and pending[0] <= now:
+            self._latest_passed[kind] = max(self._latest_passed[kind], heapq.heappop(pending))
 
     def _changed_outside(self) -> None:
         """Other processes have changed the store, in ways unknown: every dispatcher looks

@@ -29,6 +29,8 @@ class WorkWaiter:
         self._kind = kind
         self._waiter = waiter or backend.subscribe(kind)
         self._store_due: datetime | None = None
+        self._looked_at: datetime | None = None
+        """When :meth:`prepare` was last called: when the dispatcher last looked for work."""
         self._checked_at: int | None = None
         """The backend's count of other processes' changes when the store was last asked
         (``None``: ask it, never asked or a wait has timed out since)."""
@@ -36,10 +38,13 @@ class WorkWaiter:
     def prepare(self) -> None:
         """Forget notifications received so far: call it before looking for work."""
         self._waiter.clear()
+        self._looked_at = self._backend.now()
 
     async def __call__(self) -> None:
         """Wait for a notification, the next due time, or the poll interval."""
         backend = self._backend
+        if self._looked_at is not None and backend.due_since(self._kind, self._looked_at):
+            return  # due while the dispatcher was looking for work, perhaps after its fetch read
         outside_changes = backend.outside_changes
         if self._checked_at != outside_changes:
             self._store_due = await backend.next_visible_at(self._kind)
