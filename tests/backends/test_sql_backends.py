@@ -94,6 +94,20 @@ def test_a_postgres_schema_name_is_refused_with_the_rule_it_breaks(schema: str) 
         parse_postgres_url(f"postgresql://db/app?schema={schema}")
 
 
+@pytest.mark.parametrize(
+    ("query", "complaint"),
+    [
+        ("pool_min_size=-1", "pool_min_size must be at least 0 \\(got -1\\)"),
+        ("pool_max_size=0", "pool_max_size must be at least 1 \\(got 0\\)"),
+        ("pool_min_size=5&pool_max_size=2", "pool_max_size must be at least pool_min_size \\(got 2 and 5\\)"),
+    ],
+)
+def test_postgres_pool_sizes_that_no_pool_can_have_are_refused(query: str, complaint: str) -> None:
+    with pytest.raises(ConfigurationError, match=complaint):
+        parse_postgres_url(f"postgresql://db/app?{query}")
+    assert parse_postgres_url("postgresql://db/app?pool_min_size=0&pool_max_size=1")[2].max_size == 1
+
+
 def test_a_postgres_url_passes_its_libpq_settings_percent_encoded() -> None:
     # libpq reads a ``+`` in a URL as a plus sign, not as a space, and ``%20`` as a space.
     conninfo, _, _ = parse_postgres_url("postgresql://db/app?options=-c%20statement_timeout%3D5s&application_name=a+b")

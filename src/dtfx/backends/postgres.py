@@ -382,6 +382,18 @@ class PoolOptions:
     """Seconds a transaction keeps trying while the server cannot carry it out (see :class:`_Retries`)."""
 
 
+def _check_pool_sizes(pool: dict[str, Any]) -> None:
+    """Refuse pool sizes given in a URL that no pool can have (a maximum given below the
+    minimum is refused too; a minimum given alone raises the default maximum to it)."""
+    for name, least in (("min_size", 0), ("max_size", 1)):
+        if name in pool and pool[name] < least:
+            raise ConfigurationError(f"pool_{name} must be at least {least} (got {pool[name]})")
+    if pool.get("max_size", math.inf) < pool.get("min_size", 0):
+        raise ConfigurationError(
+            f"pool_max_size must be at least pool_min_size (got {pool['max_size']} and {pool['min_size']})"
+        )
+
+
 def _positive_seconds(key: str, value: str) -> float:
     try:
         seconds = float(value)
@@ -414,6 +426,7 @@ def parse_postgres_url(url: str) -> tuple[str, str, PoolOptions]:
             pool["timeout"] = _positive_seconds(key, value)
         else:
             passed.append((key, value))
+    _check_pool_sizes(pool)
     if not _SCHEMA_NAME.fullmatch(schema):
         raise ConfigurationError(
             "The schema name must be lowercase letters, digits and underscores, not starting with a digit,"
