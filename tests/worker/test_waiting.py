@@ -26,13 +26,18 @@ class EarlyTimers(Waiter):
         return await super().wait(max(0.0, timeout - 0.001))
 
 
-async def test_work_due_later_is_found_when_due_even_if_the_timer_fires_early() -> None:
+async def _work_due_in(milliseconds: int) -> tuple[dtfx.MemoryBackend, EarlyTimers, WorkWaiter]:
+    """A backend with an orchestration's work retried in ``milliseconds``, and a waiter for it."""
     backend = dtfx.MemoryBackend()
     await backend.create_instance(start_event("retried"))
     [item] = await backend.lock_orchestration_work_items(1, LEASE)
-    await backend.abandon_orchestration_work_item(item, retry_at=utc_now() + timedelta(milliseconds=50))
+    await backend.abandon_orchestration_work_item(item, retry_at=utc_now() + timedelta(milliseconds=milliseconds))
     waiter = EarlyTimers()
-    wait_for_work = WorkWaiter(backend, WorkKind.ORCHESTRATION, waiter)
+    return backend, waiter, WorkWaiter(backend, WorkKind.ORCHESTRATION, waiter)
+
+
+async def test_work_due_later_is_found_when_due_even_if_the_timer_fires_early() -> None:
+    backend, waiter, wait_for_work = await _work_due_in(50)
     while True:  # a dispatcher's fetch loop
         wait_for_work.prepare()
         if await backend.lock_orchestration_work_items(1, LEASE):
@@ -45,12 +50,7 @@ async def test_work_due_later_is_found_when_due_even_if_the_timer_fires_early() 
 
 
 async def test_work_that_falls_due_while_the_dispatcher_looks_for_work_is_looked_for_again_at_once() -> None:
-    backend = dtfx.MemoryBackend()
-    await backend.create_instance(start_event("retried"))
-    [item] = await backend.lock_orchestration_work_items(1, LEASE)
-    await backend.abandon_orchestration_work_item(item, retry_at=utc_now() + timedelta(milliseconds=30))
-    waiter = EarlyTimers()
-    wait_for_work = WorkWaiter(backend, WorkKind.ORCHESTRATION, waiter)
+    backend, _, wait_for_work = await _work_due_in(30)
     wait_for_work.prepare()
     assert await backend.lock_orchestration_work_items(1, LEASE) == []  # looked before it was due
     time.sleep(0.05)  # and it falls due before the dispatcher waits
