@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -183,6 +184,36 @@ async def test_non_retriable_failures_are_not_retried(hub: Hub, app: dtfx.App) -
         state = await hub.run(order)
     assert state.get_output() == [True, "quantity must be positive"]
     assert calls == ["validate"]
+
+
+@dataclass
+class Order:
+    quantity: int
+
+
+async def test_an_activity_input_that_cannot_be_read_is_not_retried(hub: Hub, app: dtfx.App) -> None:
+    calls: list[Order] = []
+
+    @app.activity
+    def place(ctx: dtfx.ActivityContext, order: Order) -> None:
+        calls.append(order)
+
+    @app.orchestrator
+    def ordering(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        try:
+            yield ctx.call_activity(place, input={"quantity": "many"}, retry_policy=FAST_RETRY)
+        except dtfx.TaskFailedError as error:
+            inner = error.details.inner_failure
+            return [error.details.is_non_retriable, error.details.message, inner and inner.error_type]
+        return None
+
+    async with hub.worker(app):
+        state = await hub.run(ordering)
+    non_retriable, message, inner_type = state.get_output()
+    assert non_retriable and message.startswith("The input of activity 'place' cannot be read")
+    assert inner_type == "dtfx.core.errors.SerializationError"
+    history = await hub.client.get_orchestration_history(state.instance_id)
+    assert sum(isinstance(event, TaskScheduled) for event in history) == 1 and calls == []
 
 
 async def test_retry_timeout_stops_retrying(hub: Hub, app: dtfx.App) -> None:

@@ -20,7 +20,7 @@ from dtfx._loops import in_context_on
 from dtfx._tracing import activity_span
 from dtfx.backends.base import Backend
 from dtfx.core.activity import ActivityContext
-from dtfx.core.errors import BackendUnavailableError, NotRegisteredError
+from dtfx.core.errors import BackendUnavailableError, NonRetriableError, NotRegisteredError, SerializationError
 from dtfx.core.history import FailureDetails, TaskCompleted, TaskFailed
 from dtfx.core.serialization import DataConverter, input_type_of
 from dtfx.core.workitems import ActivityResult, ActivityWorkItem
@@ -160,7 +160,11 @@ class LocalActivityRunner:
         if activity is None:
             raise NotRegisteredError("activity", scheduled.name)
         context = ActivityContext(item.task.instance_id, scheduled.event_id, scheduled.name, item.dequeue_count)
-        return activity, context, self._converter.deserialize(scheduled.input, input_type_of(activity))
+        try:
+            value = self._converter.deserialize(scheduled.input, input_type_of(activity))
+        except SerializationError as error:  # the same for every attempt: a retry policy would only wait
+            raise NonRetriableError(f"The input of activity '{scheduled.name}' cannot be read: {error}") from error
+        return activity, context, value
 
     def _completed(self, item: ActivityWorkItem, result: Any) -> TaskCompleted:
         output = self._converter.serialize(result)
