@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import functools
 import uuid
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -147,6 +148,25 @@ def test_types_come_from_annotations() -> None:
     assert input_type_of(activity) is Point and output_type_of(activity) is Shape
     assert output_type_of(orchestrator) is Shape
     assert input_type_of(untyped) is None and output_type_of(untyped) is None
+
+
+def test_types_come_from_a_callable_objects_call_and_a_partials_function() -> None:
+    class Activity:
+        def __call__(self, ctx: Any, point: Point) -> Shape:
+            raise NotImplementedError
+
+    def with_prefix(prefix: str, ctx: Any, point: Point) -> Shape:
+        raise NotImplementedError
+
+    for activity in (Activity(), functools.partial(with_prefix, "p")):
+        assert input_type_of(activity) is Point and output_type_of(activity) is Shape
+
+
+def test_a_generator_annotated_as_an_iterator_has_no_output_type() -> None:
+    def orchestrator(ctx: Any, value: int) -> Iterator[Any]:
+        yield value
+
+    assert output_type_of(orchestrator) is None
 
 
 def test_history_events_round_trip() -> None:

@@ -14,7 +14,7 @@ import inspect
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 import msgspec
@@ -149,10 +149,20 @@ def _signature_types(fn: Callable[..., Any]) -> tuple[tuple[Any, ...], Any]:
     except (TypeError, ValueError):  # builtins and other callables without a signature
         return (), None
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(_annotated(fn))
     except Exception:  # unresolvable forward references
         hints = {}
     return tuple(hints.get(parameter.name) for parameter in parameters), hints.get("return")
+
+
+def _annotated(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What holds ``fn``'s annotations: the function a ``functools.partial`` wraps, or a
+    callable object's ``__call__`` (its signature leaves out what they bind, by name)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if not inspect.isroutine(fn) and not isinstance(fn, type):
+        return type(fn).__call__
+    return fn
 
 
 def parameter_types(fn: Callable[..., Any]) -> tuple[Any, ...]:
@@ -171,9 +181,12 @@ def input_type_of(fn: Callable[..., Any]) -> Any:
 def output_type_of(fn: Callable[..., Any]) -> Any:
     """The annotated result type of an activity or orchestrator (a generator's return type)."""
     output = _signature_types(getattr(fn, "__func__", fn))[1]
-    if typing.get_origin(output) in (Generator, typing.Generator):
+    origin = typing.get_origin(output) or output
+    if origin in (Generator, typing.Generator):
         arguments = typing.get_args(output)
         return arguments[2] if len(arguments) == 3 else None
+    if origin in (Iterator, Iterable, typing.Iterator, typing.Iterable):  # a generator whose return type is unsaid
+        return None
     return output
 
 
