@@ -25,6 +25,7 @@ from dtfx.core.history import (
     decode_events,
     encode_event,
     encode_events,
+    qualified_name,
 )
 from dtfx.core.serialization import JsonDataConverter, input_type_of, output_type_of
 
@@ -183,3 +184,15 @@ def test_history_events_round_trip() -> None:
     assert decode_events(encode_events(events)) == events
     assert [decode_event(encode_event(e)) for e in events] == events
     assert b'"type":"EventRaised"' in encode_event(events[1])
+
+
+def test_a_failure_is_caused_by_a_builtin_named_with_or_without_its_module() -> None:
+    class RefusalError(ValueError):
+        pass
+
+    for recorded in ("ValueError", "builtins.ValueError"):  # dtfx's name, and the official SDK's
+        details = FailureDetails(error_type=recorded, message="x")
+        assert details.is_caused_by(ValueError) and details.is_caused_by(Exception)
+        assert details.is_caused_by("ValueError") and details.is_caused_by("builtins.ValueError")
+        assert not details.is_caused_by(RefusalError) and not details.is_caused_by(KeyError)
+    assert FailureDetails(error_type=qualified_name(RefusalError), message="x").is_caused_by(ValueError)

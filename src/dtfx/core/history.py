@@ -67,14 +67,18 @@ class FailureDetails(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
         """True if the failure's error type is ``error_type`` (a class or a type name).
 
         A class matches its own name and the names of its already-imported subclasses;
-        a string matches the full qualified name or, if unqualified, the class name.
+        a string matches the full qualified name or, if unqualified, the class name. A
+        built-in's name matches with or without ``builtins.`` (the official Python SDK's
+        workers write ``builtins.ValueError``, dtfx ``ValueError``).
         """
+        recorded = self.error_type.removeprefix("builtins.")
         if isinstance(error_type, str):
-            return self.error_type == error_type or self.error_type.rsplit(".", 1)[-1] == error_type
+            wanted = error_type.removeprefix("builtins.")
+            return recorded == wanted or recorded.rsplit(".", 1)[-1] == wanted
         pending: list[type[BaseException]] = [error_type]
         while pending:
             candidate = pending.pop()
-            if self.error_type == qualified_name(candidate):
+            if recorded == qualified_name(candidate):
                 return True
             pending.extend(candidate.__subclasses__())
         return False
