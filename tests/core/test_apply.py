@@ -117,8 +117,10 @@ def test_plan_drops_a_suspend_of_a_suspended_instance_and_a_resume_of_a_running_
     assert plan.consumed == [0, 1, 2, 3, 4]
     plan = plan_episode(item(suspend, raised(), resume, status=Status.SUSPENDED), None, NOW)
     assert plan.new_events == [OrchestratorStarted(timestamp=NOW), raised(), resume]
-    plan = plan_episode(item(resume), None, NOW)
-    assert plan.new_events == [OrchestratorStarted(timestamp=NOW)]
+    for alone in (item(resume), item(suspend, status=Status.SUSPENDED)):  # not even an empty episode
+        plan = plan_episode(alone, None, NOW)
+        assert plan.kind is EpisodeKind.CHECKPOINT and plan.checkpoint is not None
+        assert plan.checkpoint.new_history == [] and plan.checkpoint.consumed == [0]
 
 
 def test_plan_for_an_ended_instance_only_consumes() -> None:

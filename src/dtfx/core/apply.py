@@ -120,6 +120,7 @@ def plan_episode(item: OrchestrationWorkItem, history: Sequence[HistoryEvent] | 
     start: ExecutionStarted | None = None
     events: list[HistoryEvent] = []
     suspended = state.runtime_status == OrchestrationStatus.SUSPENDED
+    redundant = 0
     for message in item.messages:
         event = message.event
         if isinstance(event, ExecutionStarted):
@@ -135,10 +136,13 @@ def plan_episode(item: OrchestrationWorkItem, history: Sequence[HistoryEvent] | 
                 # Already so: nothing to record. (A second suspend would be held back with the
                 # other events by the official Python SDK's worker, which then loops for ever
                 # replaying it on resume.)
+                redundant += 1
                 continue
             suspended = not suspended
         events.append(event)
 
+    if redundant == len(item.messages):  # nothing but those: no episode either
+        return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=unchanged_checkpoint(item, consumed, now))
     if any(isinstance(e, ExecutionRewound) for e in events) and history and _failed(history):
         return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=rewind_checkpoint(item, history, consumed, now))
     if state.runtime_status.is_terminal:
