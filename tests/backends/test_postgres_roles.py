@@ -19,7 +19,6 @@ import pytest
 from typer.testing import CliRunner
 
 import dtfx
-from dtfx.backends import postgres
 from dtfx.backends.postgres import PostgresBackend, parse_postgres_url
 from dtfx.cli import cli
 from dtfx.core.errors import BackendUnavailableError, ConfigurationError
@@ -198,21 +197,18 @@ def test_a_worker_that_the_server_refuses_more_connections_commits_on_those_it_h
         assert connections_of(role) == opened
 
 
-def test_a_worker_that_the_server_allows_too_few_connections_to_start_says_so(
-    role: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_worker_that_the_server_allows_too_few_connections_to_start_says_so(role: str) -> None:
     url = postgres_url()
     migrate(url, role)
     # A backend opens two pools of two at its start, and its listener in the background
     # (which a failure does not stop): whichever of the listener and the second pool
     # connects first, that pool cannot open both of its connections.
     limit_connections(role, 3)
-    monkeypatch.setattr(postgres, "_OPEN_TIMEOUT", 1.0)
     # The server's refusal; or, if a connection opens when the error is made (the pool that
     # could not open has closed its connections), the likely reasons.
     with (
         pytest.raises(BackendUnavailableError, match=r"too many connections|CONNECTION LIMIT"),
-        dtfx.Worker(as_role(url, role), app=app),  # stopped again, should it start
+        dtfx.Worker(as_role(url, role) + "&pool_timeout=1", app=app),  # stopped again, should it start
     ):
         pass
     assert connections_of(role) == 0
@@ -244,10 +240,9 @@ def test_calls_that_the_server_refuses_connections_fail_with_its_reason_within_t
         assert backend._run_blocking(a_read) == [(1,)]
 
 
-def test_a_bad_connection_parameter_is_the_reason_given(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bad_connection_parameter_is_the_reason_given() -> None:
     # The diagnosis opens a connection of its own with a connect_timeout, unless the URL has
     # one: a bad one is what it must report, not overrule.
-    monkeypatch.setattr(postgres, "_OPEN_TIMEOUT", 0.5)
     url = postgres_url() + "&connect_timeout=abc&pool_timeout=0.5"
     with (
         pytest.raises(BackendUnavailableError, match="bad value for connect_timeout: 'abc'"),

@@ -116,8 +116,7 @@ dead within about a minute, instead of the system's defaults (two hours for an i
 connection, a quarter of an hour of retransmissions for one that waits for its data to
 be acknowledged). Then a transaction fails as on any lost connection, and a blocking
 commit does not hold its thread for hours. Unix-socket connections ignore them."""
-_OPEN_TIMEOUT = 10.0  # seconds a pool may take to open (a server that is starting, say) before it fails
-_RECONNECT_TIMEOUT = _OPEN_TIMEOUT
+_RECONNECT_TIMEOUT = 10.0
 """Seconds a pool goes on trying to open a connection, at growing intervals (1, 2, 4 s, ...),
 before it gives up: then it tries again at once if transactions wait for a connection
 (:func:`_reconnect_while_awaited`), and otherwise when the next one does. So a pool finds a
@@ -526,7 +525,7 @@ class PostgresBackend(SqlBackend):
         self._home = asyncio.get_running_loop()
         pool = self._new_pool(configure=self._adopt_home_connection)
         try:
-            await pool.open(wait=True, timeout=_OPEN_TIMEOUT)
+            await pool.open(wait=True, timeout=self._pool_timeout)  # a server that is starting, say
         except BaseException as error:
             self._home = None
             await pool.close()
@@ -680,7 +679,7 @@ class PostgresBackend(SqlBackend):
             return
         pool = self._new_pool()
         try:
-            await pool.open(wait=True, timeout=_OPEN_TIMEOUT)
+            await pool.open(wait=True, timeout=self._pool_timeout)  # a server that is starting, say
         except BaseException as error:
             await pool.close()
             if isinstance(error, Exception):
