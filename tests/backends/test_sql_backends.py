@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -662,3 +664,15 @@ async def test_each_instance_row_is_written_once_per_transaction(tmp_path: Path)
         statement for statement in statements if statement.startswith(("UPDATE instances", "INSERT INTO instances"))
     ]
     assert len(written) == 3  # two checkpoints and one creation
+
+
+def test_a_missing_postgres_driver_names_the_extra_once() -> None:
+    script = (
+        "import sys; sys.modules['psycopg'] = None\n"  # as if psycopg were not installed
+        "from dtfx.backends import open_backend\n"
+        "try:\n    open_backend('postgresql://db/app')\n"
+        "except Exception as error:\n    print(type(error).__name__, error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.startswith("ConfigurationError PostgreSQL support needs `pip install 'dtfx[postgres]'`")
+    assert result.stdout.count("dtfx[postgres]") == 1

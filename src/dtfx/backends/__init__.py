@@ -30,8 +30,8 @@ def open_backend(url: str | None = None) -> Backend:
     if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
         try:
             from dtfx.backends.postgres import PostgresBackend
-        except ImportError as error:
-            raise ConfigurationError(f"PostgreSQL support needs `pip install 'dtfx[postgres]'` ({error})") from error
+        except ImportError as error:  # its message says which extra to install
+            raise ConfigurationError(str(error)) from error
         return PostgresBackend(url)
     raise ConfigurationError(
         f"Unknown backend URL {url!r}: use memory://, sqlite:///path/to/file.db or postgresql://user@host/db"
