@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import dtfx
+from tests.chain_orchestrators import chain
 
 Runs = collections.Counter[tuple[str, int]]
 """The activity's runs, by instance id and task id."""
@@ -32,12 +33,7 @@ def counting_app() -> tuple[dtfx.App, Runs]:
         runs[ctx.orchestration_id, ctx.task_id] += 1
         return value + 1
 
-    @counting.orchestrator
-    def chain(ctx: dtfx.OrchestrationContext, length: int) -> Any:
-        value = 0
-        for _ in range(length):
-            value = yield ctx.call_activity(step, input=value)
-        return value
+    counting.orchestrator(chain)
 
     @counting.orchestrator
     def fan(ctx: dtfx.OrchestrationContext, count: int) -> Any:

@@ -17,6 +17,7 @@ from dtfx.backends.memory import MemoryBackend
 from dtfx.core.errors import BackendError, BackendUnavailableError
 from dtfx.core.history import TaskCompleted
 from dtfx.core.workitems import CommitResult, OrchestrationCheckpoint
+from tests.chain_orchestrators import chain, chain_then_wait
 
 
 class ChainBackend(MemoryBackend):
@@ -84,19 +85,8 @@ def chain_app(runs: list[int], slow: dict[int, float] | None = None) -> dtfx.App
         time.sleep((slow or {}).get(n, 0))
         return n + 1
 
-    @app.orchestrator
-    def chain(ctx: dtfx.OrchestrationContext, length: int) -> Any:
-        value = 0
-        for _ in range(length):
-            value = yield ctx.call_activity(step, input=value)
-        return value
-
-    @app.orchestrator
-    def chain_then_wait(ctx: dtfx.OrchestrationContext, length: int) -> Any:
-        value = 0
-        for _ in range(length):
-            value = yield ctx.call_activity(step, input=value)
-        return [value, (yield ctx.wait_for_external_event("go"))]
+    app.orchestrator(chain)
+    app.orchestrator(chain_then_wait)
 
     return app
 

@@ -13,6 +13,7 @@ from dtfx import OrchestrationStatus as Status
 from dtfx.backends.memory import MemoryBackend
 from dtfx.core.errors import BackendError
 from dtfx.core.history import TaskCompleted
+from tests.chain_orchestrators import chain, chain_then_wait
 
 
 class CountingBackend(MemoryBackend):
@@ -58,19 +59,8 @@ def chain_app(events: asyncio.Queue[str] | None = None) -> dtfx.App:
             await asyncio.sleep(0.2)
         return n + 1
 
-    @app.orchestrator
-    def chain(ctx: dtfx.OrchestrationContext, length: int) -> Any:
-        value = 0
-        for _ in range(length):
-            value = yield ctx.call_activity(step, input=value)
-        return value
-
-    @app.orchestrator
-    def chain_then_wait(ctx: dtfx.OrchestrationContext, length: int) -> Any:
-        value = 0
-        for _ in range(length):
-            value = yield ctx.call_activity(step, input=value)
-        return [value, (yield ctx.wait_for_external_event("go"))]
+    app.orchestrator(chain)
+    app.orchestrator(chain_then_wait)
 
     return app
 
