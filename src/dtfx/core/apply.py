@@ -148,7 +148,7 @@ def plan_episode(item: OrchestrationWorkItem, history: Sequence[HistoryEvent] | 
     if state.runtime_status.is_terminal:
         return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=unchanged_checkpoint(item, consumed, now))
 
-    terminate = None if started else next((e for e in events if isinstance(e, ExecutionTerminated)), None)
+    terminate = None if started else termination(events)
     if terminate is not None and start is not None:  # terminated before any of its code ran: none will
         end = CompleteOrchestration(id=-1, status=OrchestrationStatus.TERMINATED, result=terminate.input)
         episode = [OrchestratorStarted(timestamp=now), start, terminate]
@@ -171,6 +171,11 @@ def plan_episode(item: OrchestrationWorkItem, history: Sequence[HistoryEvent] | 
         new_events.append(start)
     new_events.extend(events)
     return EpisodePlan(EpisodeKind.RUN, new_events=new_events, consumed=consumed)
+
+
+def termination(events: Sequence[HistoryEvent]) -> ExecutionTerminated | None:
+    """The first request to terminate among ``events``, if any."""
+    return next((event for event in events if isinstance(event, ExecutionTerminated)), None)
 
 
 def _failed(history: Sequence[HistoryEvent]) -> bool:
@@ -312,7 +317,7 @@ def apply_actions(
     )
     if completion is None:
         return checkpoint
-    terminate = next((e for e in new_events if isinstance(e, ExecutionTerminated)), None)
+    terminate = termination(new_events)
     if completion.status == OrchestrationStatus.CONTINUED_AS_NEW:
         if terminate is None:
             _continue_as_new(checkpoint, started, completion, now, new_id(), new_events)

@@ -181,11 +181,11 @@ def input_type_of(fn: Callable[..., Any]) -> Any:
 def output_type_of(fn: Callable[..., Any]) -> Any:
     """The annotated result type of an activity or orchestrator (a generator's return type)."""
     output = _signature_types(getattr(fn, "__func__", fn))[1]
-    origin = typing.get_origin(output) or output
-    if origin in (Generator, typing.Generator):
+    origin = typing.get_origin(output) or output  # typing's aliases have collections.abc's classes as origins
+    if origin is Generator:
         arguments = typing.get_args(output)
         return arguments[2] if len(arguments) == 3 else None
-    if origin in (Iterator, Iterable, typing.Iterator, typing.Iterable):  # a generator whose return type is unsaid
+    if origin in (Iterator, Iterable):  # a generator whose return type is unsaid
         return None
     return output
 

@@ -28,12 +28,12 @@ from dtfx.core.apply import (
     merge_checkpoints,
     needs_history,
     plan_episode,
+    termination,
     unchanged_checkpoint,
 )
 from dtfx.core.errors import NotRegisteredError
 from dtfx.core.history import (
     ExecutionStarted,
-    ExecutionTerminated,
     FailureDetails,
     HistoryEvent,
     OrchestrationSpan,
@@ -680,7 +680,7 @@ class LocalRunner:
         failure = version_failure(self._versioning, started.version)
         if failure is not None:
             assert self._versioning is not None
-            terminate = next((e for e in new_events if isinstance(e, ExecutionTerminated)), None)
+            terminate = termination(new_events)
             if terminate is not None:  # needs none of the orchestrator's code, which this worker may not run
                 end = CompleteOrchestration(id=-1, status=OrchestrationStatus.TERMINATED, result=terminate.input)
                 return EpisodeOutcome([end], None)
