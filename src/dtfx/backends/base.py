@@ -352,10 +352,9 @@ class Backend(ABC):
         no dispatcher (a client) never takes them out with :meth:`local_due`. Work at a
         moment dropped is found as other processes' is (:meth:`next_visible_at`, polling).
         """
-        now = self.now()
         with self._delayed_lock:
             pending = self._delayed[kind]
-            self._drop_passed(kind, pending, now)
+            self._drop_passed(kind)
             earliest = not pending or visible_at < pending[0]
             heapq.heappush(pending, visible_at)
             if len(pending) > 2 * _MAX_NOTED_DELAYS:
@@ -371,22 +370,23 @@ class Backend(ABC):
         work delayed by other processes is found by polling (:attr:`poll_interval`) and by
         :meth:`next_visible_at`.
         """
-        now = self.now()
         with self._delayed_lock:
             pending = self._delayed[kind]
-            self._drop_passed(kind, pending, now)
+            self._drop_passed(kind)
             return pending[0] if pending else None
 
     def due_since(self, kind: WorkKind, moment: datetime) -> bool:
         """Whether work of ``kind`` that :meth:`local_due` knew of became visible after
         ``moment`` and before now: a dispatcher that looked for work at ``moment`` may have
         looked too early for it, and should look again rather than wait."""
-        now = self.now()
         with self._delayed_lock:
-            self._drop_passed(kind, self._delayed[kind], now)
+            self._drop_passed(kind)
             return self._latest_passed[kind] > moment
 
-    def _drop_passed(self, kind: WorkKind, pending: list[datetime], now: datetime) -> None:
+    def _drop_passed(self, kind: WorkKind) -> None:
+        """Take the moments of ``kind`` now passed out of ``_delayed``, noting the latest (under the lock)."""
+        now = self.now()
+        pending = self._delayed[kind]
         while pending and pending[0] <= now:
             self._latest_passed[kind] = max(self._latest_passed[kind], heapq.heappop(pending))
 
