@@ -143,6 +143,11 @@ def test_start_without_a_worker_then_status_and_list(hub: str) -> None:
     assert invoke_json("list", "--status", "pending", "--status", "RUNNING", "-b", hub) == listed
     assert invoke_json("list", "--status", "completed", "-b", hub) == []
     assert [item["instance_id"] for item in invoke_json("list", "--limit", "1", "-b", hub)] == ["later"]
+    assert [item["instance_id"] for item in invoke_json("list", "--prefix", "oth", "-b", hub)] == ["other"]
+    between = ("--created-after", "2000-01-01", "--created-before", "2999-01-01T00:00Z")
+    assert invoke_json("list", *between, "-b", hub) == listed
+    assert invoke_json("list", "--created-before", "2000-01-01T00:00+01:00", "-b", hub) == []
+    assert invoke_json("list", "--created-after", state["created_at"], "--prefix", "lat", "-b", hub) == listed[:1]
 
     table = invoke("list", "--limit", "1", "-b", hub).stdout
     assert "later" in table and "other" not in table and "raise --limit to see more" in table
@@ -293,6 +298,7 @@ def test_verbose_logs_the_traceback_of_an_error(hub: str) -> None:
         (["start", "hello_cities", "--input", "[1e999]"], ["1e999 is beyond the range of a number"]),
         (["list", "--status", "sleepy"], ["'sleepy' is not a status", "running"]),
         (["list", "--limit", "0"], ["--limit"]),
+        (["list", "--created-after", "yesterday"], ["'yesterday' is not a date or moment", "ISO 8601"]),
         (["list", "--limit", "100000000000000000000"], ["--limit"]),
         (["status"], ["Missing argument 'ID'"]),
         (["stauts", "x"], ["No such command 'stauts'"]),

@@ -7,12 +7,22 @@ the instance's inbox: a worker running on the same backend carries it out.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from dtfx.cli.options import BackendUrl, InstanceId, JsonOutput, Timeout, Verbosity, json_value, status_value
+from dtfx.cli.options import (
+    BackendUrl,
+    InstanceId,
+    JsonOutput,
+    Timeout,
+    Verbosity,
+    json_value,
+    moment_value,
+    status_value,
+)
 from dtfx.cli.output import failure_text, print_outcome, print_state, print_states
 from dtfx.cli.root import CommandError, run_async, stderr
 from dtfx.cli.session import connect
@@ -93,6 +103,27 @@ async def list_instances(
             help="Only instances with this status (repeat for several): pending, running, completed, failed, ...",
         ),
     ] = None,
+    prefix: Annotated[
+        str | None, typer.Option("--prefix", metavar="TEXT", help="Only instances whose id starts with this.")
+    ] = None,
+    created_after: Annotated[
+        datetime | None,
+        typer.Option(
+            "--created-after",
+            parser=moment_value,
+            metavar="MOMENT",
+            help="Only instances created at or after this ISO 8601 date or moment (UTC unless it says).",
+        ),
+    ] = None,
+    created_before: Annotated[
+        datetime | None,
+        typer.Option(
+            "--created-before",
+            parser=moment_value,
+            metavar="MOMENT",
+            help="Only instances created at or before this ISO 8601 date or moment (UTC unless it says).",
+        ),
+    ] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=2**31 - 1, help="Show at most this many.")] = 100,
     backend: BackendUrl = None,
     json_output: JsonOutput = False,
@@ -101,7 +132,12 @@ async def list_instances(
     """List orchestration instances, oldest first."""
     # One more than asked for tells whether there are more.
     query = OrchestrationQuery(
-        runtime_status=statuses or None, max_instance_count=limit + 1, fetch_inputs_and_outputs=json_output
+        runtime_status=statuses or None,
+        instance_id_prefix=prefix,
+        created_time_from=created_after,
+        created_time_to=created_before,
+        max_instance_count=limit + 1,
+        fetch_inputs_and_outputs=json_output,
     )
     async with connect(backend, verbose) as client:
         page = await client.query_orchestrations(query)

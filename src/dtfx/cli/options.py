@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import datetime
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -41,6 +42,14 @@ def status_value(text: str) -> OrchestrationStatus:
         return OrchestrationStatus[text.strip().upper()]
     except KeyError:
         raise typer.BadParameter(f"{text!r} is not a status; use one of: {STATUS_NAMES}") from None
+
+
+def moment_value(text: str) -> datetime:
+    """Parse an ISO 8601 date or moment (``2026-12-07``, ``2026-12-07T09:30``, ``...+01:00``); UTC unless it says."""
+    try:
+        return datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a date or moment; use ISO 8601, as in 2026-12-07T09:30Z") from None
 
 
 BackendUrl = Annotated[
