@@ -17,6 +17,7 @@ from dtfx._portal import LoopThread
 from dtfx._tracing import creation_span, current_trace_context, event_span
 from dtfx.backends import open_backend
 from dtfx.backends.base import Backend
+from dtfx.core.apply import created_children
 from dtfx.core.context import function_name
 from dtfx.core.entities import (
     CleanEntityStorageResult,
@@ -42,11 +43,10 @@ from dtfx.core.history import (
     HistoryEvent,
     OrchestrationInstance,
     OrchestrationStatus,
-    SubOrchestrationInstanceCreated,
     TraceContext,
     check_trace_context,
 )
-from dtfx.core.instance_ids import check_orchestration_id, orchestration_id_error
+from dtfx.core.instance_ids import check_orchestration_id
 from dtfx.core.moments import as_utc
 from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter
 from dtfx.core.state import (
@@ -366,19 +366,19 @@ class AsyncClient:
                 return PurgeResult(deleted, False)
 
     async def _with_children(self, instance_ids: list[str]) -> list[str]:
-        """The instances and, transitively, the sub-orchestrations their histories created."""
+        """The instances and, transitively, the sub-orchestrations their histories created that
+        are still theirs (not refused at their start, nor purged and their ids used again)."""
         found = dict.fromkeys(instance_ids)
         pending = list(instance_ids)
         while pending:
-            history = await self.backend.get_history(pending.pop())
-            for event in history:
-                if (
-                    isinstance(event, SubOrchestrationInstanceCreated)
-                    and event.instance_id not in found
-                    and orchestration_id_error(event.instance_id) is None  # refused for its id: never created
-                ):
-                    found[event.instance_id] = None
-                    pending.append(event.instance_id)
+            parent_id = pending.pop()
+            for child_id in created_children(await self.backend.get_history(parent_id)):
+                if child_id in found:
+                    continue
+                child = await self.backend.get_instance(child_id, fetch_payloads=False)
+                if child is not None and child.parent_instance_id == parent_id:
+                    found[child_id] = None
+                    pending.append(child_id)
         return list(found)
 
     # -- entities ---------------------------------------------------------------------------------

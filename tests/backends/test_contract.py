@@ -1048,6 +1048,22 @@ async def test_an_event_that_changes_the_status_wakes_the_waiters_of_that_status
     assert state is not None and state.runtime_status == Status.RUNNING
 
 
+async def test_a_wait_is_not_ended_by_the_late_news_of_a_commit_older_than_the_wait(backend: Backend) -> None:
+    """A commit's waiters are woken after the commit, on its thread: a rewind can come in between."""
+    await run_to(backend, "failed", Status.FAILED)
+    failed = await backend.get_instance("failed")
+    await backend.send_event("failed", ExecutionRewound(timestamp=utc_now(), reason="retry"))
+    waiting = asyncio.create_task(
+        backend.wait_for_instance(
+            "failed", lambda s: s.runtime_status.is_terminal, 0.3, may_satisfy=lambda status: status.is_terminal
+        )
+    )
+    await asyncio.sleep(0.05)
+    backend._notify_instance("failed", failed)  # the failing commit's news, late
+    with pytest.raises(TimeoutError):  # it reads the instance instead: RUNNING since the rewind
+        await waiting
+
+
 async def test_subscribers_are_woken_by_new_work(backend: Backend) -> None:
     with (
         backend.subscribe(WorkKind.ORCHESTRATION) as orchestrations,

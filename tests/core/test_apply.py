@@ -401,8 +401,11 @@ def test_rewind_drops_final_failures_keeps_retried_attempts_and_rewinds_children
         ("TimerFired", None),
         ("SubOrchestrationInstanceCreated", 5),
         ("OrchestratorCompleted", None),
+        ("ExecutionRewound", None),
     ]
+    assert checkpoint.new_history[-1] == rewind  # why, for the record
     assert checkpoint.replace_history and checkpoint.status == Status.RUNNING and checkpoint.failure_details is None
     child, wake_up = checkpoint.messages
-    assert (child.instance_id, child.event) == ("kid", ExecutionRewound(timestamp=NOW, reason="fixed"))
+    parent = ParentInstance(instance_id="i", execution_id=work.state.execution_id, task_scheduled_id=5)
+    assert (child.instance_id, child.event) == ("kid", ExecutionRewound(timestamp=NOW, reason="fixed", parent=parent))
     assert wake_up.instance_id == "i" and isinstance(wake_up.event, GenericEvent)

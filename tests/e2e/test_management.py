@@ -12,7 +12,7 @@ import pytest
 import dtfx
 from dtfx import OrchestrationStatus as Status
 from dtfx.backends.base import utc_now
-from dtfx.core.history import ExecutionStarted, SubOrchestrationInstanceFailed, TaskCompleted
+from dtfx.core.history import ExecutionRewound, ExecutionStarted, SubOrchestrationInstanceFailed, TaskCompleted
 from tests.e2e.conftest import Hub
 
 
@@ -348,6 +348,111 @@ async def test_rewind_keeps_succeeded_retries(hub: Hub, app: dtfx.App) -> None:
         state = await hub.client.wait_for_orchestration_completion(failed.instance_id, timeout=10)
     assert state is not None and state.get_output() == ["retried ok", "final ok"]
     assert attempts == {"retried": 2, "final": 3}
+
+
+def _rewound_family(app: dtfx.App, broken: dict[str, bool], calls: dict[str, int]) -> None:
+    """Registers ``family``, which returns what its child ``fragile_child`` returns, and the child
+    fails (after an activity that succeeds) while ``broken["value"]``."""
+
+    @app.activity
+    def steady(ctx: dtfx.ActivityContext, _: Any) -> str:
+        calls["steady"] = calls.get("steady", 0) + 1
+        return "steady"
+
+    @app.activity
+    def breakable(ctx: dtfx.ActivityContext, _: Any) -> str:
+        if broken["value"]:
+            raise RuntimeError("still broken")
+        return "mended"
+
+    @app.orchestrator
+    def fragile_child(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return [(yield ctx.call_activity(steady)), (yield ctx.call_activity(breakable))]
+
+    @app.orchestrator
+    def family(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_sub_orchestrator(fragile_child, instance_id=f"{ctx.instance_id}-child"))
+
+
+def _rewinds(history: list[Any]) -> list[str | None]:
+    return [event.reason for event in history if isinstance(event, ExecutionRewound)]
+
+
+async def test_rewinding_a_parent_whose_child_was_rewound_first_takes_the_childs_result(
+    hub: Hub, app: dtfx.App
+) -> None:
+    broken, calls = {"value": True}, {"steady": 0}
+    _rewound_family(app, broken, calls)
+    async with hub.worker(app):
+        failed = await hub.run("family", instance_id="fam")
+        assert failed.runtime_status == Status.FAILED
+        broken["value"] = False
+        await hub.client.rewind_orchestration("fam-child", reason="child first")
+        child = await hub.client.wait_for_orchestration_completion("fam-child", timeout=10)
+        assert child is not None and child.runtime_status == Status.COMPLETED
+        parent = await hub.client.get_orchestration_state("fam")
+        assert parent is not None and parent.runtime_status == Status.FAILED  # it dropped the child's news
+
+        await hub.client.rewind_orchestration("fam", reason="then the parent")
+        state = await hub.client.wait_for_orchestration_completion("fam", timeout=10)
+    assert state is not None and state.runtime_status == Status.COMPLETED
+    assert state.get_output() == ["steady", "mended"]
+    assert calls["steady"] == 1  # the child was not run again
+    assert _rewinds(await hub.client.get_orchestration_history("fam")) == ["then the parent"]
+    assert _rewinds(await hub.client.get_orchestration_history("fam-child")) == ["child first"]
+
+
+async def test_a_rewind_reaches_the_failed_child_with_its_reason(hub: Hub, app: dtfx.App) -> None:
+    broken, calls = {"value": True}, {"steady": 0}
+    _rewound_family(app, broken, calls)
+    async with hub.worker(app):
+        assert (await hub.run("family", instance_id="fam")).runtime_status == Status.FAILED
+        broken["value"] = False
+        await hub.client.rewind_orchestration("fam", reason="mended")
+        state = await hub.client.wait_for_orchestration_completion("fam", timeout=10)
+    assert state is not None and state.get_output() == ["steady", "mended"]
+    assert _rewinds(await hub.client.get_orchestration_history("fam")) == ["mended"]
+    assert _rewinds(await hub.client.get_orchestration_history("fam-child")) == ["mended"]
+
+
+async def test_rewinding_a_parent_whose_failed_child_was_purged_fails_it_again(hub: Hub, app: dtfx.App) -> None:
+    broken, calls = {"value": True}, {"steady": 0}
+    _rewound_family(app, broken, calls)
+    async with hub.worker(app):
+        assert (await hub.run("family", instance_id="fam")).runtime_status == Status.FAILED
+        assert (await hub.client.purge_orchestration("fam-child")).deleted_instance_count == 1
+        await hub.client.rewind_orchestration("fam")
+        state = await hub.client.wait_for_orchestration_completion("fam", timeout=10)
+    assert state is not None and state.runtime_status == Status.FAILED
+    assert state.failure_details is not None
+    assert "'fam-child' cannot be rewound: it was purged" in str(state.failure_details)
+
+
+async def test_a_child_refused_because_its_id_was_taken_is_not_the_parents(hub: Hub, app: dtfx.App) -> None:
+    """Neither rewound nor purged with the parent: the instance under that id is another's."""
+    _waiter_app(app)
+
+    @app.orchestrator
+    def borrower(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_sub_orchestrator("waiter", instance_id="taken"))
+
+    async with hub.worker(app):
+        await hub.client.schedule_new_orchestration("waiter", instance_id="taken")
+        await hub.client.wait_for_orchestration_start("taken", timeout=10)
+        failed = await hub.run(borrower, instance_id="borrower")
+        assert failed.runtime_status == Status.FAILED
+        refusal = failed.failure_details.inner_failure if failed.failure_details else None
+        assert refusal is not None and refusal.is_caused_by(dtfx.OrchestrationAlreadyExistsError)
+        await hub.client.rewind_orchestration("borrower")  # asks for the child again: refused again
+        again = await hub.client.wait_for_orchestration_completion("borrower", timeout=10)
+        assert again is not None and again.runtime_status == Status.FAILED
+        taken = await hub.client.get_orchestration_state("taken")
+        assert taken is not None and taken.runtime_status == Status.RUNNING and taken.parent_instance_id is None
+        await hub.client.raise_orchestration_event("taken", "go", data="its own")
+        done = await hub.client.wait_for_orchestration_completion("taken", timeout=10)
+        assert done is not None and done.get_output() == "its own"
+        assert (await hub.client.purge_orchestration("borrower", recursive=True)).deleted_instance_count == 1
+    assert await hub.client.get_orchestration_state("taken") is not None
 
 
 BAD_CHILD_IDS = ["child\x00with-nul", "@counter@child", "c" * 1025]

@@ -430,6 +430,7 @@ class Backend(ABC):
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        began = self.now()
         with self._instance_signals.subscribe(instance_id, _ignored_by(may_satisfy)) as waiter:
             known = self._instance_signals.recent(instance_id)  # a commit here has just left it so
             read = _worth_reading(None if known is None else [known], may_satisfy)
@@ -445,7 +446,9 @@ class Backend(ABC):
                 notified = await waiter.wait(remaining)
                 hints = waiter.take_hints()
                 last = hints[-1] if hints else None
-                if isinstance(last, OrchestrationState) and predicate(last):  # a commit here ended it
+                # A commit here ended it; unless it did so before the wait began: a commit's
+                # waiters are woken after the commit, and a rewind may have come in between.
+                if isinstance(last, OrchestrationState) and predicate(last) and last.last_updated_at >= began:
                     return _as_read(last, fetch_payloads)
                 read = not notified or _worth_reading(hints, may_satisfy)
 

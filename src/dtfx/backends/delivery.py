@@ -11,6 +11,7 @@ import enum
 from datetime import datetime
 
 from dtfx.backends.base import WorkKind
+from dtfx.core.apply import REFUSED_START
 from dtfx.core.errors import OrchestrationAlreadyExistsError
 from dtfx.core.history import (
     EntityLockRequested,
@@ -40,8 +41,8 @@ class Route(enum.Enum):
     """Insert the message into the target's inbox."""
     DROP = "drop"
     """Discard the message."""
-    REFUSE_START = "refuse_start"
-    """Discard it and send :func:`refused_start` to the parent instead."""
+    REFUSE = "refuse"
+    """Discard it and send :func:`refusal` to the parent instead."""
 
 
 def work_kind_of(instance_id: str) -> WorkKind:
@@ -60,11 +61,17 @@ def _is_entity_request(target: OrchestrationState, event: HistoryEvent) -> bool:
 
 
 def accepts(target: OrchestrationState, event: HistoryEvent) -> bool:
-    """Whether the existing instance ``target`` takes ``event`` into its inbox."""
+    """Whether the existing instance ``target`` takes ``event`` into its inbox.
+
+    A rewind from a parent reaches its child whatever the child's status: a FAILED child is
+    rewound, one that ended otherwise tells the parent again how it ended.
+    """
     status = target.runtime_status
     if not status.is_terminal or _is_entity_request(target, event):
         return True
-    return isinstance(event, ExecutionRewound) and status == OrchestrationStatus.FAILED
+    if isinstance(event, ExecutionRewound):
+        return status == OrchestrationStatus.FAILED or event.parent is not None
+    return False
 
 
 def status_on_delivery(target: OrchestrationState, event: HistoryEvent) -> OrchestrationStatus:
@@ -89,24 +96,37 @@ def route(message: OutboundMessage, sender_id: str, target: OrchestrationState |
     if isinstance(event, ExecutionStarted) and message.instance_id != sender_id:
         if target is None or target.runtime_status.is_terminal:
             return Route.CREATE
-        return Route.REFUSE_START
+        return Route.REFUSE
+    if isinstance(event, ExecutionRewound) and event.parent is not None:
+        if target is None or target.parent_instance_id != event.parent.instance_id:
+            return Route.REFUSE  # purged, or its id reused since: nothing of the child is left
     if target is None:
         return Route.CREATE_ENTITY if is_entity_id(message.instance_id) else Route.DROP
     return Route.DELIVER if accepts(target, event) else Route.DROP
 
 
-def refused_start(message: OutboundMessage, existing: OrchestrationStatus, now: datetime) -> OutboundMessage | None:
-    """The failure a parent receives when its sub-orchestration's id is taken."""
+def refusal(message: OutboundMessage, target: OrchestrationState | None, now: datetime) -> OutboundMessage | None:
+    """The failure a parent receives when its sub-orchestration's id is taken, or when the
+    sub-orchestration it rewinds is gone."""
     event = message.event
-    assert isinstance(event, ExecutionStarted)
-    parent = event.parent
+    details: FailureDetails
+    if isinstance(event, ExecutionRewound):
+        parent = event.parent
+        details = FailureDetails(
+            error_type="SubOrchestrationGone",
+            message=f"Sub-orchestration '{message.instance_id}' cannot be rewound: it was purged"
+            + ("." if target is None else ", and its id has been used again since."),
+            is_non_retriable=True,
+        )
+    else:
+        assert isinstance(event, ExecutionStarted) and target is not None
+        parent = event.parent
+        error = OrchestrationAlreadyExistsError(message.instance_id, target.runtime_status)
+        details = FailureDetails(error_type=REFUSED_START, message=str(error), is_non_retriable=True)
     if parent is None:
         return None
-    error = OrchestrationAlreadyExistsError(message.instance_id, existing)
     failure = SubOrchestrationInstanceFailed(
-        timestamp=now,
-        task_scheduled_id=parent.task_scheduled_id,
-        failure_details=FailureDetails(error_type=type(error).__name__, message=str(error), is_non_retriable=True),
+        timestamp=now, task_scheduled_id=parent.task_scheduled_id, failure_details=details
     )
     return OutboundMessage(parent.instance_id, failure, parent.execution_id)
 

@@ -19,7 +19,7 @@ from dtfx.backends.delivery import (
     checkpointed_state,
     new_entity_state,
     new_instance_state,
-    refused_start,
+    refusal,
     route,
     status_on_delivery,
     with_pending_requests,
@@ -316,11 +316,10 @@ class MemoryBackend(Backend):
         decision = route(message, sender_id, target.state if target else None)
         if decision is Route.DROP:
             return
-        if decision is Route.REFUSE_START:
-            assert target is not None
-            refusal = refused_start(message, target.state.runtime_status, now)
-            if refusal is not None:
-                self._deliver(refusal, message.instance_id, now, woken)
+        if decision is Route.REFUSE:
+            refused = refusal(message, None if target is None else target.state, now)
+            if refused is not None:
+                self._deliver(refused, message.instance_id, now, woken)
             return
         if decision is Route.CREATE:
             assert isinstance(message.event, ExecutionStarted)

@@ -36,7 +36,7 @@ from dtfx.core.actions import (
     TerminateOrchestration,
 )
 from dtfx.core.entities import entity_target
-from dtfx.core.errors import InvalidInstanceIdError
+from dtfx.core.errors import InvalidInstanceIdError, OrchestrationAlreadyExistsError
 from dtfx.core.history import (
     EntityOperationCalled,
     EntityOperationSignaled,
@@ -77,6 +77,13 @@ from dtfx.core.workitems import (
 )
 
 logger = logging.getLogger(__name__)
+
+REFUSED_START = qualified_name(OrchestrationAlreadyExistsError)
+"""The error type of the failure a parent gets when its sub-orchestration's id is taken
+(:func:`~dtfx.backends.delivery.refusal`); no orchestration fails with it (a refusal it does
+not catch fails it with a ``TaskFailedError``), so it tells the refusal apart."""
+_REFUSED_START_BEFORE = OrchestrationAlreadyExistsError.__name__
+"""The same, in histories written before 2026-12-07."""
 
 DEFER_RETRY = timedelta(seconds=1)
 """How long to wait before looking again at events for an instance that has not started."""
@@ -141,10 +148,19 @@ def plan_episode(item: OrchestrationWorkItem, history: Sequence[HistoryEvent] | 
             suspended = not suspended
         events.append(event)
 
+    rewind = next((e for e in events if isinstance(e, ExecutionRewound)), None)
+    if rewind is not None:
+        if history and _failed(history):
+            return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=rewind_checkpoint(item, history, consumed, now))
+        if rewind.parent is not None and state.runtime_status.is_terminal and history:
+            checkpoint = unchanged_checkpoint(item, consumed, now)
+            checkpoint.messages.extend(_outcome_again(history, rewind.parent, item.instance_id, now))
+            return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=checkpoint)
+        # Nothing failed to rewind: a child still running reports to its parent when it ends.
+        redundant += sum(isinstance(e, ExecutionRewound) for e in events)
+        events = [e for e in events if not isinstance(e, ExecutionRewound)]
     if redundant == len(item.messages):  # nothing but those: no episode either
         return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=unchanged_checkpoint(item, consumed, now))
-    if any(isinstance(e, ExecutionRewound) for e in events) and history and _failed(history):
-        return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=rewind_checkpoint(item, history, consumed, now))
     if state.runtime_status.is_terminal:
         return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=unchanged_checkpoint(item, consumed, now))
 
@@ -426,9 +442,37 @@ def _continue_as_new(
     checkpoint.messages.extend(sent_to_itself)
 
 
-def _refused(created: SubOrchestrationInstanceCreated) -> bool:
-    """True if the sub-orchestration was refused for its id (:func:`_refused_child`), so never existed."""
-    return orchestration_id_error(created.instance_id) is not None
+def _refused_starts(history: Sequence[HistoryEvent]) -> set[int]:
+    """The task ids of the sub-orchestrations in ``history`` whose start was refused, for an id
+    no orchestration can have (:func:`_refused_child`) or for an id taken (:data:`REFUSED_START`):
+    they never existed."""
+    refused = set()
+    for event in history:
+        if isinstance(event, SubOrchestrationInstanceCreated) and orchestration_id_error(event.instance_id):
+            refused.add(event.event_id)
+        elif isinstance(event, SubOrchestrationInstanceFailed) and _is_refusal(event.failure_details):
+            refused.add(event.task_scheduled_id)
+    return refused
+
+
+def _is_refusal(failure: FailureDetails | None) -> bool:
+    return (
+        failure is not None
+        and failure.error_type in (REFUSED_START, _REFUSED_START_BEFORE)
+        and failure.is_non_retriable
+    )
+
+
+def created_children(history: Sequence[HistoryEvent]) -> list[str]:
+    """Ids of the sub-orchestrations ``history`` created, without those whose start was refused."""
+    refused = _refused_starts(history)
+    return list(
+        dict.fromkeys(
+            event.instance_id
+            for event in history
+            if isinstance(event, SubOrchestrationInstanceCreated) and event.event_id not in refused
+        )
+    )
 
 
 def _refused_child(
@@ -460,11 +504,26 @@ def _notify_parent(
     return OutboundMessage(parent.instance_id, event, parent.execution_id)
 
 
+def _outcome_again(
+    history: Sequence[HistoryEvent], parent: ParentInstance, instance_id: str, now: datetime
+) -> list[OutboundMessage]:
+    """A child that ended otherwise than FAILED tells its rewound parent again how it ended
+    (the parent, FAILED when it first told it, dropped it)."""
+    ended = next((e for e in reversed(history) if isinstance(e, ExecutionCompleted)), None)
+    if ended is None:
+        return []
+    completion = CompleteOrchestration(
+        id=-1, status=ended.status, result=ended.result, failure_details=ended.failure_details
+    )
+    return [_notify_parent(parent, completion, instance_id, now)]
+
+
 def open_children(history: Sequence[HistoryEvent]) -> list[str]:
     """Ids of sub-orchestrations created in ``history`` that have not reported back."""
+    refused = _refused_starts(history)
     created: dict[int, str] = {}
     for event in history:
-        if isinstance(event, SubOrchestrationInstanceCreated) and not _refused(event):
+        if isinstance(event, SubOrchestrationInstanceCreated) and event.event_id not in refused:
             created[event.event_id] = event.instance_id
         elif isinstance(event, SubOrchestrationInstanceCompleted | SubOrchestrationInstanceFailed):
             created.pop(event.task_scheduled_id, None)
@@ -518,8 +577,10 @@ def rewind_checkpoint(
 
     Failed activities lose their ``TaskScheduled`` and ``TaskFailed`` events, so the
     replay schedules them again; failed sub-orchestrations lose their failure and are
-    rewound themselves. An attempt that a retry policy retried stays: the retry
-    chain replays as before and only its last attempt runs again.
+    rewound themselves (one whose start was refused never existed: it is asked for again,
+    like an activity). An attempt that a retry policy retried stays: the retry chain
+    replays as before and only its last attempt runs again. The ``ExecutionRewound`` is
+    kept at the end of the history, with its reason; the execution id stays.
     """
     retried = {event.retry_of for event in history if isinstance(event, TimerCreated) and event.retry_of is not None}
     failed_tasks = {
@@ -532,8 +593,9 @@ def rewind_checkpoint(
         for event in history
         if isinstance(event, SubOrchestrationInstanceFailed) and event.task_scheduled_id not in retried
     }
+    refused = _refused_starts(history)
     kept: list[HistoryEvent] = []
-    children: list[str] = []
+    children: dict[str, int] = {}
     for event in history:
         if isinstance(event, ExecutionCompleted):
             continue
@@ -544,10 +606,12 @@ def rewind_checkpoint(
         if isinstance(event, SubOrchestrationInstanceFailed) and event.task_scheduled_id in failed_children:
             continue
         if isinstance(event, SubOrchestrationInstanceCreated) and event.event_id in failed_children:
-            if _refused(event):  # it never existed: like a failed activity, the replay asks for it again
+            if event.event_id in refused:  # it never existed: like a failed activity, the replay asks for it again
                 continue
-            children.append(event.instance_id)
+            children.setdefault(event.instance_id, event.event_id)
         kept.append(event)
+    rewind = next(e for e in (m.event for m in item.messages) if isinstance(e, ExecutionRewound))
+    kept.append(rewind)  # why it was rewound, for the record
 
     checkpoint = unchanged_checkpoint(item, consumed, now)
     checkpoint.replace_history = True
@@ -557,9 +621,11 @@ def rewind_checkpoint(
     checkpoint.failure_details = None
     checkpoint.completed_at = None
     checkpoint.updated_at = now
-    reason = next((m.event.reason for m in item.messages if isinstance(m.event, ExecutionRewound)), None)
-    for child_id in dict.fromkeys(children):
-        checkpoint.messages.append(OutboundMessage(child_id, ExecutionRewound(timestamp=now, reason=reason)))
+    execution_id = item.state.execution_id
+    for child_id, task_id in children.items():
+        parent = ParentInstance(instance_id=item.instance_id, execution_id=execution_id, task_scheduled_id=task_id)
+        child_rewind = ExecutionRewound(timestamp=now, reason=rewind.reason, parent=parent)
+        checkpoint.messages.append(OutboundMessage(child_id, child_rewind))
     wake_up = GenericEvent(timestamp=now, data="rewound")
     checkpoint.messages.append(OutboundMessage(item.instance_id, wake_up, item.state.execution_id))
     return checkpoint

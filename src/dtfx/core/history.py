@@ -223,6 +223,9 @@ class ExecutionResumed(HistoryEvent, tag="ExecutionResumed", frozen=True, kw_onl
 
 class ExecutionRewound(HistoryEvent, tag="ExecutionRewound", frozen=True, kw_only=True, omit_defaults=True):
     reason: str | None = None
+    parent: ParentInstance | None = None
+    """The parent that rewinds this sub-orchestration with itself, and the task it called it as;
+    ``None`` for a rewind asked for by a client."""
 
 
 class TaskScheduled(HistoryEvent, tag="TaskScheduled", frozen=True, kw_only=True, omit_defaults=True):

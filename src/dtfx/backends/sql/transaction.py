@@ -32,7 +32,7 @@ from dtfx.backends.delivery import (
     checkpointed_state,
     new_entity_state,
     new_instance_state,
-    refused_start,
+    refusal,
     route,
     status_on_delivery,
     with_pending_requests,
@@ -330,11 +330,10 @@ class HubTransaction:
         decision = route(message, sender_id, None if target is None else target.state)
         if decision is Route.DROP:
             return
-        if decision is Route.REFUSE_START:
-            assert target is not None
-            refusal = refused_start(message, target.state.runtime_status, self.now)
-            if refusal is not None:
-                yield from self.deliver(refusal, message.instance_id)
+        if decision is Route.REFUSE:
+            refused = refusal(message, None if target is None else target.state, self.now)
+            if refused is not None:
+                yield from self.deliver(refused, message.instance_id)
             return
         if decision is Route.CREATE:
             assert isinstance(message.event, ExecutionStarted)
