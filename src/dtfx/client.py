@@ -7,6 +7,7 @@ official ``durabletask`` SDK's ``TaskHubGrpcClient``.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Awaitable, Callable, Collection
 from contextlib import nullcontext
@@ -156,7 +157,7 @@ class AsyncClient:
                 version=version or self.default_version,
                 input=self.converter.serialize(input),
                 scheduled_start_time=scheduled,
-                tags=tags,
+                tags=dict(tags) if tags is not None else None,  # the caller's dict may change after the call
                 trace_context=context,
             )
             await backend.create_instance(start, scheduled_start_at=scheduled, reuse_policy=reuse_id_policy)
@@ -200,9 +201,13 @@ class AsyncClient:
         page_size: int | None = None,
         continuation_token: str | None = None,
     ) -> Page[str]:
-        """Ids of instances that have ended, one page at a time."""
+        """Ids of instances that have ended, one page at a time (of ``runtime_status``, those
+        that are ended statuses; the others match nothing, as over gRPC)."""
+        statuses = [status for status in (runtime_status or _TERMINAL) if status.is_terminal]
+        if not statuses:
+            return Page([], None)
         query = OrchestrationQuery(
-            runtime_status=runtime_status or _TERMINAL,
+            runtime_status=statuses,
             completed_time_from=completed_time_from,
             completed_time_to=completed_time_to,
             max_instance_count=page_size or 100,
@@ -292,14 +297,20 @@ class AsyncClient:
         await (await self._ready()).send_event(check_orchestration_id(instance_id), event)
 
     async def restart_orchestration(self, instance_id: str, *, restart_with_new_instance_id: bool = False) -> str:
-        """Start an ended instance again with its original name, input, version and tags; returns the id."""
+        """Start an instance again with its original name, input, version and tags; returns the id.
+
+        Under the same id the instance must have ended; under a new one it may be running
+        still, as in the .NET SDK.
+        """
         check_orchestration_id(instance_id)  # an entity's id, say: restarting it would start no orchestration
         backend = await self._ready()
         state = await backend.get_instance(instance_id)
         if state is None:
             raise OrchestrationNotFoundError(instance_id)
-        if not state.runtime_status.is_terminal:
-            raise OrchestrationStateError(instance_id, state.runtime_status, "only ended instances can be restarted.")
+        if not state.runtime_status.is_terminal and not restart_with_new_instance_id:
+            raise OrchestrationStateError(
+                instance_id, state.runtime_status, "only ended instances can be restarted under the same id."
+            )
         new_id = uuid.uuid4().hex if restart_with_new_instance_id else instance_id
         start = ExecutionStarted(
             timestamp=self.backend.now(),
@@ -363,7 +374,8 @@ class AsyncClient:
             if removed == 0:  # what is left changed status meanwhile
                 return PurgeResult(deleted, False)
             if deadline is not None and self.backend.now() >= deadline:
-                return PurgeResult(deleted, False)
+                left = await backend.query_instances(dataclasses.replace(query, max_instance_count=1))
+                return PurgeResult(deleted, not left.items)
 
     async def _with_children(self, instance_ids: list[str]) -> list[str]:
         """The instances and, transitively, the sub-orchestrations their histories created that

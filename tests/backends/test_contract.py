@@ -12,7 +12,7 @@ import pytest
 
 from dtfx.backends import signals
 from dtfx.backends.base import Backend, WorkKind, utc_now
-from dtfx.core.errors import OrchestrationAlreadyExistsError, OrchestrationNotFoundError
+from dtfx.core.errors import ConfigurationError, OrchestrationAlreadyExistsError, OrchestrationNotFoundError
 from dtfx.core.history import (
     EntityOperationSignaled,
     EventRaised,
@@ -899,6 +899,14 @@ async def test_query_filters_and_pages(backend: Backend) -> None:
     assert [s.instance_id for s in updated.items] == ["run-1"]
     not_updated = await backend.query_instances(OrchestrationQuery(last_updated_time_to=touched_after))
     assert [s.instance_id for s in not_updated.items] == ["done-1", "done-2", "new-1"]
+
+
+@pytest.mark.parametrize("token", ["nope", "yesterday|run-1", "2026-12-07T10:00:00|run-1", "|"])
+async def test_a_continuation_token_no_page_gave_is_refused(backend: Backend, token: str) -> None:
+    await run_to(backend, "run-1", Status.RUNNING)
+    with pytest.raises(ConfigurationError, match="Invalid continuation token"):
+        await backend.query_instances(OrchestrationQuery(), token)
+    assert [s.instance_id for s in (await backend.query_instances(OrchestrationQuery())).items] == ["run-1"]
 
 
 async def test_purge_removes_only_ended_instances(backend: Backend) -> None:

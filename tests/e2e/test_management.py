@@ -55,6 +55,18 @@ async def test_schedule_options_are_stored(hub: Hub, app: dtfx.App) -> None:
     assert start.tags == {"team": "a"} and start.version == "2.0" and start.trace_context == trace
 
 
+async def test_the_tags_stored_are_not_the_callers_dicts(hub: Hub, app: dtfx.App) -> None:
+    _waiter_app(app)
+    tags = {"team": "a"}
+    await hub.client.schedule_new_orchestration("waiter", instance_id="tagged", tags=tags)
+    tags["team"] = "changed after the call"
+    state = await hub.client.get_orchestration_state("tagged")
+    assert state is not None and state.tags == {"team": "a"}
+    state.tags["team"] = "changed on a state read"
+    again = await hub.client.get_orchestration_state("tagged")
+    assert again is not None and again.tags == {"team": "a"}
+
+
 async def test_reuse_policy_decides_which_existing_instances_are_replaced(hub: Hub, app: dtfx.App) -> None:
     _waiter_app(app)
     async with hub.worker(app):
@@ -215,12 +227,19 @@ async def test_restart_with_the_same_or_a_new_id(hub: Hub, app: dtfx.App) -> Non
     assert again.get_output()["execution"] != first.get_output()["execution"]
 
 
-async def test_restart_refuses_running_and_unknown_instances(hub: Hub, app: dtfx.App) -> None:
+async def test_restart_of_a_running_instance_needs_a_new_id_and_of_an_unknown_one_fails(
+    hub: Hub, app: dtfx.App
+) -> None:
     _waiter_app(app)
     async with hub.worker(app):
-        instance_id = await hub.client.schedule_new_orchestration("waiter")
-        with pytest.raises(dtfx.OrchestrationStateError):
+        instance_id = await hub.client.schedule_new_orchestration("waiter", input="same input", tags={"t": "1"})
+        with pytest.raises(dtfx.OrchestrationStateError, match="under the same id"):
             await hub.client.restart_orchestration(instance_id)
+        copy = await hub.client.restart_orchestration(instance_id, restart_with_new_instance_id=True)
+        for running in (instance_id, copy):
+            state = await hub.client.wait_for_orchestration_start(running, timeout=10, fetch_payloads=True)
+            assert state is not None and state.runtime_status == Status.RUNNING
+            assert (state.get_input(), state.tags) == ("same input", {"t": "1"})
     with pytest.raises(dtfx.OrchestrationNotFoundError):
         await hub.client.restart_orchestration("nope")
 
@@ -557,6 +576,31 @@ async def test_purge_single_recursive_and_by_filter(hub: Hub, app: dtfx.App) -> 
     assert [s.instance_id for s in remaining] == [running]
 
 
+async def test_a_purge_that_runs_out_of_time_says_whether_any_were_left(hub: Hub, app: dtfx.App) -> None:
+    @app.orchestrator
+    def quick(ctx: dtfx.OrchestrationContext, n: int) -> Any:
+        return n
+
+    async with hub.worker(app):
+        for n in range(3):
+            await hub.run(quick, n)
+    no_time = timedelta(0)
+    everything = await hub.client.purge_orchestrations_by(timeout=no_time)  # one page, every instance
+    assert (everything.deleted_instance_count, everything.is_complete) == (3, True)
+
+    async with hub.worker(app):
+        for n in range(501):  # more than a page
+            await hub.client.schedule_new_orchestration(quick, input=n, instance_id=f"q{n:03}")
+        for n in range(501):
+            await hub.client.wait_for_orchestration_completion(f"q{n:03}", timeout=30)
+    done = await hub.client.get_all_orchestration_states(dtfx.OrchestrationQuery(runtime_status=[Status.COMPLETED]))
+    assert len(done) == 501
+    first_page = await hub.client.purge_orchestrations_by(timeout=no_time)
+    assert (first_page.deleted_instance_count, first_page.is_complete) == (500, False)
+    rest = await hub.client.purge_orchestrations_by()
+    assert (rest.deleted_instance_count, rest.is_complete) == (1, True)
+
+
 async def test_query_filters_and_paging(hub: Hub, app: dtfx.App) -> None:
     _waiter_app(app)
 
@@ -589,6 +633,11 @@ async def test_query_filters_and_paging(hub: Hub, app: dtfx.App) -> None:
         assert ids.items == ["batch-0", "batch-1", "batch-2"] and ids.continuation_token
         rest = await hub.client.list_instance_ids(page_size=3, continuation_token=ids.continuation_token)
         assert rest.items == ["batch-3", "batch-4"] and rest.continuation_token is None
+        assert (await hub.client.list_instance_ids([Status.RUNNING])).items == []  # only ended ones, as over gRPC
+        assert (await hub.client.list_instance_ids([Status.RUNNING, Status.COMPLETED])).items == [
+            *ids.items,
+            *rest.items,
+        ]
 
 
 async def test_history_tells_the_story(hub: Hub, app: dtfx.App) -> None:

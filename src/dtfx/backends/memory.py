@@ -272,8 +272,8 @@ class MemoryBackend(Backend):
         instance = self._instances.get(instance_id)
         if instance is None:
             return None
-        state = instance.state  # replaced, never changed in place: waiters get copies of it
-        return state if state.runtime_status.is_terminal else state.runtime_status
+        state = instance.state
+        return _snapshot(state, fetch_payloads=True) if state.runtime_status.is_terminal else state.runtime_status
 
     def _commit(
         self, instance: _Instance, checkpoint: OrchestrationCheckpoint, now: datetime, woken: set[WorkKind]
@@ -453,9 +453,13 @@ def _work_item(instance: _Instance, messages: Sequence[_Message]) -> Orchestrati
 
 
 def _snapshot(state: OrchestrationState, fetch_payloads: bool) -> OrchestrationState:
+    """A copy of a stored state for a caller, who may change it (its tags too)."""
+    tags = dict(state.tags) if state.tags is not None else None
     if fetch_payloads:
-        return dataclasses.replace(state)
-    return dataclasses.replace(state, serialized_input=None, serialized_output=None, serialized_custom_status=None)
+        return dataclasses.replace(state, tags=tags)
+    return dataclasses.replace(
+        state, tags=tags, serialized_input=None, serialized_output=None, serialized_custom_status=None
+    )
 
 
 def _matches(state: OrchestrationState, query: OrchestrationQuery) -> bool:

@@ -13,11 +13,13 @@ def encode_token(created_at: datetime, instance_id: str) -> str:
 
 
 def decode_token(token: str) -> tuple[datetime, str]:
-    """The (created_at, instance_id) a token resumes after."""
+    """The (created_at, instance_id) a token resumes after; a token :func:`encode_token` did
+    not make raises :class:`~dtfx.core.errors.ConfigurationError`."""
     created, separator, instance_id = token.partition("|")
     try:
-        if not separator:
-            raise ValueError(token)
-        return datetime.fromisoformat(created), instance_id
-    except ValueError as error:
-        raise ConfigurationError(f"Invalid continuation token: {token!r}") from error
+        moment = datetime.fromisoformat(created)
+    except ValueError:
+        moment = None
+    if not separator or moment is None or moment.tzinfo is None:  # encoded times say their zone
+        raise ConfigurationError(f"Invalid continuation token: {token!r}")
+    return moment, instance_id

@@ -7,6 +7,7 @@ the instance's inbox: a worker running on the same backend carries it out.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -67,7 +68,12 @@ async def start(
         if not wait:
             print_outcome(f"Started {name} as instance {new_id}.", {"instance_id": new_id}, json_output)
             return
-        state = await _wait_with_progress(client, new_id, timeout)
+        try:
+            state = await _wait_with_progress(client, new_id, timeout)
+        except asyncio.CancelledError:  # Ctrl-C: say which instance goes on (its id may be a new one)
+            note = f"Started {name} as instance {new_id}; it goes on, only the wait was interrupted."
+            stderr.print(note, soft_wrap=True, markup=False, highlight=False)
+            raise
     print_state(state, json_output)
     if state.failure_details is not None:
         raise CommandError(f"Orchestration {new_id} failed: {failure_text(state.failure_details)}")
@@ -219,7 +225,7 @@ async def restart(
     json_output: JsonOutput = False,
     verbose: Verbosity = 0,
 ) -> None:
-    """Start an ended instance again, with its original name, input and version."""
+    """Start an instance again, with its original name, input and version (under its own id, once it has ended)."""
     async with connect(backend, verbose) as client:
         restarted = await client.restart_orchestration(instance_id, restart_with_new_instance_id=new_id)
     message = f"Restarted instance {instance_id}" + (f" as {restarted}." if restarted != instance_id else ".")

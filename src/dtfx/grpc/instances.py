@@ -16,7 +16,7 @@ from google.protobuf import wrappers_pb2
 
 from dtfx.client import AsyncClient
 from dtfx.core.errors import OrchestrationNotFoundError
-from dtfx.core.history import TERMINAL_STATUSES, EventRaised, OrchestrationStatus
+from dtfx.core.history import EventRaised, OrchestrationStatus
 from dtfx.core.serialization import DataConverter
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, PurgeResult
 from dtfx.grpc.convert import (
@@ -161,13 +161,8 @@ class InstanceRpcs:
 
     @unary
     async def ListInstanceIds(self, request: pb.ListInstanceIdsRequest, context: Context) -> pb.ListInstanceIdsResponse:
-        requested = set(_statuses(request.runtimeStatus))
-        # The RPC lists instances that have ended; other statuses asked for match nothing.
-        statuses = sorted(status for status in TERMINAL_STATUSES if not requested or status in requested)
-        if not statuses:
-            return pb.ListInstanceIdsResponse()
-        page = await self._client.list_instance_ids(
-            statuses,
+        page = await self._client.list_instance_ids(  # instances that have ended: other statuses match nothing
+            _statuses(request.runtimeStatus) or None,
             optional_datetime(request, "completedTimeFrom"),
             optional_datetime(request, "completedTimeTo"),
             page_size(request.pageSize, self._options),

@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from dtfx.backends.base import Backend, NewLease, WorkKind
+from dtfx.backends.paging import decode_token
 from dtfx.backends.sql import operations
 from dtfx.backends.sql.program import AssumptionFailed, Dialect, Notify, Program
 from dtfx.backends.sql.transaction import KeptRow
@@ -309,7 +310,8 @@ class SqlBackend(Backend):
     async def query_instances(
         self, query: OrchestrationQuery, continuation_token: str | None = None, *, entities: bool = False
     ) -> Page[OrchestrationState]:
-        program = partial(operations.query_instances, self._dialect, query, continuation_token, entities)
+        after = decode_token(continuation_token) if continuation_token else None  # before a connection is taken
+        program = partial(operations.query_instances, self._dialect, query, after, entities)
         return await self._run(program, write=False, brief=False)
 
     async def purge_instances(self, instance_ids: Collection[str]) -> int:

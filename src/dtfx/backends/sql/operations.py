@@ -14,7 +14,7 @@ from typing import Any
 
 from dtfx.backends.base import NewLease, WorkKind
 from dtfx.backends.delivery import work_kind_of
-from dtfx.backends.paging import decode_token, encode_token
+from dtfx.backends.paging import encode_token
 from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program
 from dtfx.backends.sql.rows import (
     optional_micros,
@@ -153,12 +153,13 @@ def get_history(instance_id: str) -> Program[list[HistoryEvent]]:
 
 
 def query_instances(
-    dialect: Dialect, query: OrchestrationQuery, continuation_token: str | None, entities: bool
+    dialect: Dialect, query: OrchestrationQuery, after: tuple[datetime, str] | None, entities: bool
 ) -> Program[Page[OrchestrationState]]:
+    """One page of instances, after the (created_at, instance_id) of a decoded continuation token."""
     conditions = ["is_entity = ?"]
     params: list[Any] = [int(entities)]
-    if continuation_token:
-        created_at, instance_id = decode_token(continuation_token)
+    if after is not None:
+        created_at, instance_id = after
         conditions.append("(created_at > ? OR (created_at = ? AND instance_id > ?))")
         params += [to_micros(created_at), to_micros(created_at), instance_id]
     if query.runtime_status:
