@@ -216,6 +216,34 @@ async def test_a_creation_whose_commit_is_in_doubt_finds_out_and_gives_the_lease
         await backend.close()
 
 
+async def test_a_creation_in_doubt_knows_its_instance_after_a_continue_as_new(
+    sql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker may have run the instance into its next execution (another execution id)
+    before the creating client looks: it was created all the same, and is not made again."""
+    backend = open_backend(sql_url)
+    assert isinstance(backend, SqlBackend)
+    run_coalesced = backend._run_coalesced
+    start = start_event("a")
+
+    async def committed_then_continued(kind: Any, request: Any) -> Any:
+        if kind is sql_backend.CREATE_INSTANCES and request[0] is start:
+            await run_coalesced(kind, request)
+            item = await lock_one(backend, "a")
+            await backend.complete_orchestration_work_items([checkpoint_for(item, execution_id="the next one")])
+            raise CommitInDoubtError("the connection dropped after the commit had gone out")
+        return await run_coalesced(kind, request)
+
+    monkeypatch.setattr(backend, "_run_coalesced", committed_then_continued)
+    try:
+        await backend.create_instance(start)  # no OrchestrationAlreadyExistsError for its own instance
+        state = await backend.get_instance("a")
+        assert state is not None and state.execution_id == "the next one"  # not made again
+        assert state.created_at == start.timestamp
+    finally:
+        await backend.close()
+
+
 async def test_a_creation_whose_commit_is_in_doubt_says_so_while_the_store_cannot_tell(
     sql_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -134,12 +134,14 @@ def refusal(message: OutboundMessage, target: OrchestrationState | None, now: da
 def new_instance_state(
     start: ExecutionStarted, now: datetime, scheduled_start_at: datetime | None = None
 ) -> OrchestrationState:
-    """The row of an instance created from ``start``."""
+    """The row of an instance created from ``start``: created at ``start``'s timestamp (as in
+    DTFx), which tells this creation apart from any other of the same id for good, whatever
+    execution the instance has reached since."""
     return OrchestrationState(
         instance_id=start.instance.instance_id,
         name=start.name,
         runtime_status=OrchestrationStatus.PENDING,
-        created_at=now,
+        created_at=start.timestamp,
         last_updated_at=now,
         serialized_input=start.input,
         version=start.version,

@@ -278,9 +278,9 @@ class SqlBackend(Backend):
         reuse_policy: OrchestrationIdReusePolicy | None,
         doubt: CommitInDoubtError,
     ) -> None:
-        """After a creation whose commit is in doubt: return if it committed (the instance has
-        the execution id that the creating client made up), else create the instance again
-        (without a lease); raise ``doubt`` if the store cannot tell yet."""
+        """After a creation whose commit is in doubt: return if it committed (the instance was
+        created at ``start``'s timestamp), else create the instance again (without a lease);
+        raise ``doubt`` if the store cannot tell yet."""
         try:
             if await self._holds(start):
                 return
@@ -293,9 +293,10 @@ class SqlBackend(Backend):
             raise doubt from None
 
     async def _holds(self, start: ExecutionStarted) -> bool:
-        """Whether the instance ``start`` creates is stored with ``start``'s execution id."""
+        """Whether the instance stored under ``start``'s id is the one ``start`` created, even
+        if it has continued as new since (and so has another execution id)."""
         state = await self.get_instance(start.instance.instance_id, fetch_payloads=False)
-        return state is not None and state.execution_id == start.instance.execution_id
+        return state is not None and state.created_at == start.timestamp
 
     async def send_event(self, instance_id: str, event: HistoryEvent, *, visible_at: datetime | None = None) -> None:
         await self._run_coalesced(SEND_EVENTS, (instance_id, event, visible_at))  # raises the request's error
