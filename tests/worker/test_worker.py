@@ -13,7 +13,7 @@ import dtfx
 from dtfx.backends.base import Backend
 from dtfx.backends.memory import MemoryBackend
 from dtfx.core.errors import BackendUnavailableError
-from dtfx.core.workitems import OrchestrationWorkItem
+from dtfx.core.workitems import ActivityWorkItem, OrchestrationWorkItem
 
 
 async def test_activity_concurrency_limit_is_respected() -> None:
@@ -218,6 +218,46 @@ async def test_stop_sends_back_the_activities_still_waiting_for_a_thread() -> No
         state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
     assert state is not None and state.get_output() == [0, 1, 2, 3]
     assert sorted(ran) == [0, 1, 2, 3]
+
+
+async def test_an_activity_whose_lease_is_lost_while_it_waits_for_a_thread_does_not_start() -> None:
+    app = dtfx.App()
+    go_on = threading.Event()
+    ran: list[int] = []
+
+    @app.activity
+    def blocking(ctx: dtfx.ActivityContext, n: int) -> int:
+        ran.append(n)
+        go_on.wait(10)
+        return n
+
+    @app.orchestrator
+    def pair(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield dtfx.when_all([ctx.call_activity(blocking, input=n) for n in range(2)]))
+
+    backend = MemoryBackend()
+    renew = backend.renew_activity_lease
+    stolen: list[ActivityWorkItem] = []
+
+    async def renew_or_lose(item: ActivityWorkItem, lock_for: timedelta) -> bool:
+        if item.task.event.input == "1" and not stolen:  # the one waiting: another worker takes it, say
+            stolen.append(item)
+            await backend.abandon_activity_work_item(item)
+            return False
+        return await renew(item, lock_for)
+
+    backend.renew_activity_lease = renew_or_lose  # type: ignore[method-assign]
+    options = dtfx.WorkerOptions(lease_duration=timedelta(seconds=0.6))  # renewed every 0.2 s
+    threads = dtfx.ConcurrencyOptions(maximum_thread_pool_workers=1)
+    async with dtfx.Worker(backend, app=app, concurrency=threads, options=options):
+        instance_id = await dtfx.AsyncClient(backend).schedule_new_orchestration(pair)
+        while not stolen:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the lost one is leased again, and waits for the thread again
+        go_on.set()
+        state = await dtfx.AsyncClient(backend).wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == [0, 1]
+    assert sorted(ran) == [0, 1]  # the one whose lease was lost ran once: under its new lease
 
 
 class FetchRecordingBackend(MemoryBackend):

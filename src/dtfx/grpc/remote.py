@@ -37,7 +37,7 @@ from dtfx.grpc.convert import (
 from dtfx.grpc.hub import DispatchedWorkItem, EntityBatch, Outcome, WorkerHub
 from dtfx.grpc.protos import pb
 from dtfx.worker.cache import InstanceCache
-from dtfx.worker.leases import keep_lease
+from dtfx.worker.leases import Lease, keep_lease
 from dtfx.worker.orchestrations import Abandon, EpisodeOutcome
 
 
@@ -177,8 +177,8 @@ class RemoteActivityRunner:
         self._hub = hub
         self._retry_delay = retry_delay
 
-    async def run(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed | Abandon:
-        scheduled = item.task.event
+    async def run(self, item: ActivityWorkItem, lease: Lease | None = None) -> TaskCompleted | TaskFailed | Abandon:
+        scheduled = item.task.event  # sent at once: none waits for a thread here
         connection = self._hub.worker_for(item.lock_token, scheduled.name, scheduled.version)
         if connection is None:
             return Abandon(self._retry_delay)

@@ -25,7 +25,7 @@ from dtfx.core.history import FailureDetails, TaskCompleted, TaskFailed
 from dtfx.core.serialization import DataConverter, input_type_of
 from dtfx.core.workitems import ActivityResult, ActivityWorkItem
 from dtfx.worker.commit import GroupCommitter
-from dtfx.worker.leases import keep_lease
+from dtfx.worker.leases import Lease, keep_lease
 from dtfx.worker.orchestrations import Abandon
 from dtfx.worker.registry import Registry
 
@@ -35,8 +35,9 @@ logger = logging.getLogger(__name__)
 class ActivityRunner(Protocol):
     """Runs the activity of one work item."""
 
-    async def run(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed | Abandon:
-        """The activity's result event, or :class:`Abandon` to give the task back unrun."""
+    async def run(self, item: ActivityWorkItem, lease: Lease | None = None) -> TaskCompleted | TaskFailed | Abandon:
+        """The activity's result event, or :class:`Abandon` to give the task back unrun (an
+        activity that waits for a thread does not start once its ``lease`` is lost)."""
 
 
 class ActivityProcessor:
@@ -68,8 +69,8 @@ class ActivityProcessor:
 
         scheduled = item.task.event
         what = f"Activity {scheduled.name} #{scheduled.event_id} of {item.task.instance_id}"
-        async with keep_lease(renew, self._lease_duration, what):
-            outcome = await (running if running is not None else self._runner.run(item))
+        async with keep_lease(renew, self._lease_duration, what) as lease:
+            outcome = await (running if running is not None else self._runner.run(item, lease))
         if isinstance(outcome, Abandon):
             await self._backend.abandon_activity_work_item(item, retry_at=outcome.retry_at(self._backend.now()))
             return
@@ -125,12 +126,31 @@ class LocalActivityRunner:
         self._kinds: dict[str, tuple[Any, bool]] = {}
         """Activity name -> (function, whether it is a coroutine function): looked up once."""
 
-    async def run(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed:
+    async def run(self, item: ActivityWorkItem, lease: Lease | None = None) -> TaskCompleted | TaskFailed | Abandon:
+        try:
+            return await self._run(item, lease)
+        except _LeaseLostError:
+            scheduled = item.task.event
+            logger.info(
+                "Activity %s #%d of %s: not started, its lease was lost while it waited for a thread",
+                scheduled.name,
+                scheduled.event_id,
+                item.task.instance_id,
+            )
+            return Abandon()  # its lease is another worker's: the task is left to it
+
+    async def run_claimed(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed:
+        """:meth:`run` for an eager activity, which has no lease of its own to lose."""
+        return await self._run(item, None)
+
+    async def _run(self, item: ActivityWorkItem, lease: Lease | None) -> TaskCompleted | TaskFailed:
         try:
             activity, context, value = self._prepare(item)
             with activity_span(item.task.event, item.task.instance_id):
-                result = await self._call(activity, context, value)
+                result = await self._call(activity, context, value, lease)
             return self._completed(item, result)
+        except _LeaseLostError:
+            raise
         except Exception as error:
             return _failed(item, error, self._clock())
 
@@ -176,13 +196,25 @@ class LocalActivityRunner:
             known = self._kinds[name] = (activity, inspect.iscoroutinefunction(activity))
         return known[1]
 
-    async def _call(self, activity: Any, context: ActivityContext, value: Any) -> Any:
+    async def _call(self, activity: Any, context: ActivityContext, value: Any, lease: Lease | None) -> Any:
         if self._is_async(context.name, activity):
             return await activity(context, value)
-        result = await in_context_on(asyncio.get_running_loop(), self.thread_pool, activity, context, value)
+        loop = asyncio.get_running_loop()
+        result = await in_context_on(loop, self.thread_pool, _unless_lost, lease, activity, context, value)
         if inspect.isawaitable(result):
             result = await result
         return result
+
+
+class _LeaseLostError(Exception):
+    """The activity's lease was lost before a thread took it up."""
+
+
+def _unless_lost(lease: Lease | None, activity: Any, context: ActivityContext, value: Any) -> Any:
+    """Run the activity on this thread, unless its lease was lost while it waited for one."""
+    if lease is not None and lease.lost:
+        raise _LeaseLostError
+    return activity(context, value)
 
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:

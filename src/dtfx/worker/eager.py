@@ -112,7 +112,7 @@ class EagerActivities:
         return self._runner.run_here(item, loop)
 
     async def run(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed | None:
-        running = asyncio.create_task(self._runner.run(item))
+        running = asyncio.create_task(self._runner.run_claimed(item))
         self._claims[item.lock_token] = running
         try:
             await asyncio.wait((running,), timeout=self.window)

@@ -11,22 +11,34 @@ from datetime import timedelta
 logger = logging.getLogger(__name__)
 
 
+class Lease:
+    """What :func:`keep_lease` has found out about a work item's lease."""
+
+    lost = False
+    """Whether a renewal found the lease lost (another worker may hold the work item now)."""
+
+
 @asynccontextmanager
-async def keep_lease(renew: Callable[[], Awaitable[bool]], lease_duration: timedelta, what: str) -> AsyncIterator[None]:
+async def keep_lease(
+    renew: Callable[[], Awaitable[bool]], lease_duration: timedelta, what: str
+) -> AsyncIterator[Lease]:
     """Call ``renew`` every third of ``lease_duration`` while the block runs.
 
     ``renew`` extends the lease and returns False once it was lost; renewing then
-    stops (the work item's commit will fail and another worker redoes it).
-    ``what`` names the work item in log messages. A block that ends within the
-    first third costs only a timer: most work items never need a renewal.
+    stops (the work item's commit will fail and another worker redoes it) and the
+    :class:`Lease` the block gets says so. ``what`` names the work item in log messages.
+    A block that ends within the first third costs only a timer: most work items never
+    need a renewal.
     """
     loop = asyncio.get_running_loop()
     interval = lease_duration.total_seconds() / 3
     renewer: asyncio.Task[None] | None = None
+    lease = Lease()
 
     async def renew_periodically() -> None:
         while True:
             if not await renew():
+                lease.lost = True
                 logger.warning("%s: lease lost while running", what)
                 return
             await asyncio.sleep(interval)
@@ -37,7 +49,7 @@ async def keep_lease(renew: Callable[[], Awaitable[bool]], lease_duration: timed
 
     timer = loop.call_later(interval, start_renewing)
     try:
-        yield
+        yield lease
     finally:
         timer.cancel()
         if renewer is not None:
