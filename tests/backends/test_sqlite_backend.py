@@ -56,6 +56,31 @@ async def test_a_hub_closed_can_be_opened_again_by_a_new_backend(tmp_path: Path)
         await second.close()
 
 
+def test_backends_opening_a_new_file_at_the_same_moment_all_open_it(tmp_path: Path) -> None:
+    """As processes starting together do: one's switch to WAL mode finds the file locked by another's."""
+    failures: list[BaseException] = []
+    for round_ in range(10):
+        path = tmp_path / f"hub-{round_}.db"
+        together = threading.Barrier(6)
+
+        def open_and_query(path: Path = path, together: threading.Barrier = together) -> None:
+            backend = SqliteBackend(f"sqlite:///{path}")
+            together.wait()
+            try:
+                asyncio.run(backend.query_instances(OrchestrationQuery()))
+            except BaseException as error:
+                failures.append(error)
+            finally:
+                asyncio.run(backend.close())
+
+        threads = [threading.Thread(target=open_and_query) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+
+
 async def test_a_watch_round_reads_the_instances_waited_for_only_once_another_connection_has_committed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

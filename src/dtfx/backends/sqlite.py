@@ -275,7 +275,7 @@ class SqliteBackend(SqlBackend):
             connection = sqlite3.connect(
                 self.path, isolation_level=None, timeout=_BUSY_WAIT, cached_statements=256, check_same_thread=False
             )
-            connection.execute("PRAGMA journal_mode=WAL")
+            _while_busy(partial(connection.execute, "PRAGMA journal_mode=WAL"))  # other processes opening it
             connection.execute(f"PRAGMA synchronous={self._synchronous}")
         except sqlite3.Error as error:
             raise BackendUnavailableError(f"Cannot open the SQLite task hub {self.path}: {error}") from error
@@ -349,27 +349,17 @@ class SqliteBackend(SqlBackend):
     def _transact(
         self, program: Callable[[], Program[T]], write: bool, durable: bool = True, *, patient: bool = True
     ) -> T:
-        # SQLite's own busy handler backs off up to 100 ms at a time, which lets busy
-        # processes starve a third one; waiting briefly and trying again is fairer. What
-        # failed as busy was never committed, so running the program again is safe.
-        deadline = time.monotonic() + _BUSY_TIMEOUT
-        while True:
-            try:
-                return self._transact_once(program, write, durable)
-            except sqlite3.OperationalError as error:
-                if _is_full(error):  # rolled back; it may go through once there is room
-                    raise BackendUnavailableError(f"SQLite task hub {self.path}: {error}") from error
-                if not _is_busy(error):
-                    raise BackendError(f"SQLite task hub {self.path}: {error}") from error
-                if not patient:
-                    raise _BusyError from error
-                if time.monotonic() > deadline:
-                    raise BackendUnavailableError(f"SQLite task hub {self.path}: {error}") from error
-            except (sqlite3.DataError, UnicodeEncodeError) as error:  # one past the size limit, a lone surrogate
-                raise UnstorableValueError(f"SQLite task hub {self.path}: {error}") from error
-            except sqlite3.Error as error:
-                raise BackendError(f"SQLite task hub {self.path}: {error}") from error
-            time.sleep(random.uniform(0.0005, 0.003))
+        # What failed as busy was never committed, so running the program again is safe.
+        try:
+            return _while_busy(partial(self._transact_once, program, write, durable), patient=patient)
+        except sqlite3.OperationalError as error:
+            if _is_full(error) or _is_busy(error):  # rolled back; it may go through once there is room, or time
+                raise BackendUnavailableError(f"SQLite task hub {self.path}: {error}") from error
+            raise BackendError(f"SQLite task hub {self.path}: {error}") from error
+        except (sqlite3.DataError, UnicodeEncodeError) as error:  # one past the size limit, a lone surrogate
+            raise UnstorableValueError(f"SQLite task hub {self.path}: {error}") from error
+        except sqlite3.Error as error:
+            raise BackendError(f"SQLite task hub {self.path}: {error}") from error
 
     def _transact_once(self, program: Callable[[], Program[T]], write: bool, durable: bool) -> T:
         connection = self._open()
@@ -472,6 +462,25 @@ def _data_version(connection: sqlite3.Connection) -> int:
 def _primary_code(error: sqlite3.Error) -> int:
     code: int = getattr(error, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
     return code
+
+
+def _while_busy(attempt: Callable[[], T], *, patient: bool = True) -> T:
+    """``attempt()``, made again while the file is busy, for up to :data:`_BUSY_TIMEOUT` (then
+    the busy error is raised; if not ``patient``, :class:`_BusyError` at once).
+
+    SQLite's own busy handler backs off up to 100 ms at a time, which lets busy processes
+    starve a third one; waiting briefly and trying again is fairer.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT
+    while True:
+        try:
+            return attempt()
+        except sqlite3.OperationalError as error:
+            if not _is_busy(error) or time.monotonic() > deadline:
+                raise
+            if not patient:
+                raise _BusyError from error
+        time.sleep(random.uniform(0.0005, 0.003))
 
 
 def _is_busy(error: sqlite3.OperationalError) -> bool:
