@@ -238,6 +238,29 @@ async def test_a_new_listener_looks_for_work_that_was_not_announced_to_it(monkey
     assert await greeting_from_another_process(workers, other) == "Hello, Ada!"
 
 
+async def test_a_start_whose_check_of_the_hub_is_in_doubt_checks_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Creating or migrating the hub, or finding it ready, changes nothing the second time."""
+    backend = PostgresBackend(postgres_url())
+    transact = backend._transact
+    doubted: list[object] = []
+
+    async def in_doubt_once(program: Any, *args: Any, **options: Any) -> Any:
+        result = await transact(program, *args, **options)
+        if program == backend._migration and not doubted:
+            doubted.append(program)
+            raise CommitInDoubtError("the connection dropped after the commit had gone out")
+        return result
+
+    monkeypatch.setattr(backend, "_transact", in_doubt_once)
+    try:
+        await backend.start()
+        assert doubted
+        await backend.create_instance(start_event("a"))
+        assert await backend.get_instance("a") is not None
+    finally:
+        await backend.close()
+
+
 @pytest.mark.parametrize("unknown_database", [False, True], ids=["refused", "unknown database"])
 async def test_a_server_that_cannot_be_reached_is_reported_with_its_reason(unknown_database: bool) -> None:
     if unknown_database:

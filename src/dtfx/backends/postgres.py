@@ -104,6 +104,7 @@ _MAX_STALE_CONNECTIONS = 3
 """Pooled connections found closed by the server that a transaction replaces at once. The pool's
 other idle connections are checked after the first (as after any lost connection), so finding
 more means a server that closes connections as soon as they open: those count as lost ones."""
+_MIGRATION_ATTEMPTS = 3  # a start checks (or migrates) the hub again while that commit is in doubt
 _TCP_SETTINGS = (
     ("keepalives_idle", "30"),
     ("keepalives_interval", "10"),
@@ -699,9 +700,16 @@ class PostgresBackend(SqlBackend):
         logger.debug("PostgreSQL task hub %r ready", self.schema)
 
     async def _set_up_hub(self) -> None:
-        """Create the hub's schema, or migrate it to this version, unless it is there already."""
+        """Create the hub's schema, or migrate it to this version, unless it is there already
+        (which makes it safe to do again when its commit is in doubt)."""
         try:
-            await self._transact(self._migration, write=True)
+            for attempt in range(_MIGRATION_ATTEMPTS):
+                try:
+                    await self._transact(self._migration, write=True)
+                    return
+                except CommitInDoubtError:
+                    if attempt == _MIGRATION_ATTEMPTS - 1:
+                        raise
         except BackendError as error:
             if not isinstance(error.__cause__, pg_errors.InsufficientPrivilege):
                 raise
