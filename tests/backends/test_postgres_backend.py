@@ -238,6 +238,29 @@ async def test_a_new_listener_looks_for_work_that_was_not_announced_to_it(monkey
     assert await greeting_from_another_process(workers, other) == "Hello, Ada!"
 
 
+@pytest.mark.parametrize("given", [None, "-c idle_in_transaction_session_timeout=0"])
+def test_the_server_ends_a_session_left_in_an_open_transaction(
+    monkeypatch: pytest.MonkeyPatch, given: str | None
+) -> None:
+    """Its client vanished, say: its row locks must not keep other workers out for hours.
+    The URL's options may say otherwise."""
+    monkeypatch.setattr(postgres, "_IDLE_IN_TRANSACTION", "300ms")
+    url = postgres_url() + (f"&options={given.replace(' ', '%20')}" if given else "")
+    backend = PostgresBackend(url)
+    connection = psycopg.connect(backend._conninfo, **backend._connection_options())
+    try:
+        connection.execute("BEGIN")
+        connection.execute("SELECT 1")
+        time.sleep(0.6)
+        if given is None:
+            with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+                connection.execute("SELECT 1")
+        else:
+            connection.execute("COMMIT")
+    finally:
+        connection.close()
+
+
 async def test_a_start_whose_check_of_the_hub_is_in_doubt_checks_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """Creating or migrating the hub, or finding it ready, changes nothing the second time."""
     backend = PostgresBackend(postgres_url())

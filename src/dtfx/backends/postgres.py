@@ -117,6 +117,13 @@ dead within about a minute, instead of the system's defaults (two hours for an i
 connection, a quarter of an hour of retransmissions for one that waits for its data to
 be acknowledged). Then a transaction fails as on any lost connection, and a blocking
 commit does not hold its thread for hours. Unix-socket connections ignore them."""
+_IDLE_IN_TRANSACTION = "60s"
+"""How long the server lets a session of the hub sit in an open transaction waiting for its
+client before it ends the session (unless the URL's ``options`` say otherwise). A hub's
+transactions last milliseconds; one whose client has vanished (its host lost, its process
+stopped) would otherwise hold its row locks, and keep other workers from the instances it
+had locked, until the server noticed the connection was dead: with the server's TCP defaults,
+after two hours."""
 _RECONNECT_TIMEOUT = 10.0
 """Seconds a pool goes on trying to open a connection, at growing intervals (1, 2, 4 s, ...),
 before it gives up: then it tries again at once if transactions wait for a connection
@@ -652,9 +659,10 @@ class PostgresBackend(SqlBackend):
         options = f"-c search_path={self.schema} -c plan_cache_mode=force_generic_plan -c enable_seqscan=off"
         # After the application's own (the URL's ``options``, or else ``PGOPTIONS``, which
         # libpq would read itself if no options were given here): of two settings of one
-        # parameter, the server keeps the later.
+        # parameter, the server keeps the later. The defaults come before them.
         given = conninfo_to_dict(self._conninfo).get("options") or os.environ.get("PGOPTIONS", "")
-        return {"autocommit": True, "options": f"{given} {options}".strip()}
+        defaults = f"-c idle_in_transaction_session_timeout={_IDLE_IN_TRANSACTION}"
+        return {"autocommit": True, "options": f"{defaults} {given} {options}".replace("  ", " ")}
 
     def _new_pool(
         self, configure: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None
