@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 
 import pytest
 
@@ -18,6 +19,7 @@ class Recorder:
         self.pending = list(range(items))
         self.processed: list[int] = []
         self.released: list[int] = []
+        self.retry_afters: list[timedelta | None] = []
         self.fetch_sizes: list[int] = []
         self.running = 0
         self.peak = 0
@@ -45,8 +47,9 @@ class Recorder:
         finally:
             self.running -= 1
 
-    async def release(self, item: int) -> None:
+    async def release(self, item: int, retry_after: timedelta | None = None) -> None:
         self.released.append(item)
+        self.retry_afters.append(retry_after)
 
     async def wait_for_work(self) -> None:
         self.idle.set()
@@ -135,7 +138,37 @@ async def test_a_failed_work_item_is_released_and_the_dispatcher_carries_on() ->
     await until(lambda: len(recorder.processed) == 5)
     await dispatcher.stop(1)
     assert recorder.released == [2]
+    assert recorder.retry_afters == [timedelta(seconds=0.01)]  # offered again after its back-off
     assert sorted(recorder.processed) == [0, 1, 3, 4, 5]
+
+
+async def test_a_work_item_that_keeps_failing_backs_off_alone_and_holds_back_no_other() -> None:
+    """A poison instance: its back-off grows with its failures; the rest of the work flows."""
+    offered_again: list[int] = []
+
+    async def work(item: int) -> None:
+        if item == 0:
+            raise RuntimeError("poison")
+
+    recorder = Recorder(0, work=work)
+    recorder.pending = [0]
+    fetch = recorder.fetch
+    fresh = iter(range(1, 1000))
+
+    async def fetch_again(count: int) -> list[int]:  # the poison item comes back at once, with new work
+        if recorder.released:
+            offered_again.append(recorder.released.pop())
+            recorder.pending.append(0)
+        recorder.pending.append(next(fresh))
+        return await fetch(count)
+
+    recorder.fetch = fetch_again  # type: ignore[method-assign]
+    dispatcher = recorder.dispatcher(backoff_initial=10.0, backoff_max=40.0)
+    dispatcher.start()
+    await until(lambda: len(offered_again) >= 3 and len(recorder.processed) >= 20)
+    await dispatcher.stop(1)
+    assert recorder.retry_afters[:3] == [timedelta(seconds=s) for s in (10, 20, 40)]  # the item's own back-off
+    assert 0 not in recorder.processed  # and none of the others waited for it
 
 
 def _releases_refused(recorder: Recorder, refusals: int, error: Exception) -> list[int]:
@@ -143,11 +176,11 @@ def _releases_refused(recorder: Recorder, refusals: int, error: Exception) -> li
     attempts: list[int] = []
     release = recorder.release
 
-    async def refusing_release(item: int) -> None:
+    async def refusing_release(item: int, retry_after: timedelta | None = None) -> None:
         attempts.append(item)
         if len(attempts) <= refusals:
             raise error
-        await release(item)
+        await release(item, retry_after)
 
     recorder.release = refusing_release  # type: ignore[method-assign]
     return attempts

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any, Protocol, TypeVar
+from datetime import timedelta
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from dtfx.backends.base import Backend, WorkKind
 from dtfx.core.workitems import (
@@ -45,10 +46,11 @@ logger = logging.getLogger(__name__)
 class _Processor(Protocol):
     async def process(self, item: Any) -> None: ...
 
-    async def release(self, item: Any) -> None: ...
+    async def release(self, item: Any, retry_after: timedelta | None = None) -> None: ...
 
 
 Item = TypeVar("Item", bound=ActivityWorkItem | OrchestrationWorkItem)
+Arguments = ParamSpec("Arguments")
 Locker = Callable[[int, Collection[str] | None], Awaitable[list[Item]]]
 """Locks up to so many work items, of these names only (``None``: any)."""
 
@@ -183,12 +185,15 @@ class RemoteDispatchers:
             items.extend(locked)
         return items
 
-    def _holding_slot(self, handle: Callable[[Item], Awaitable[None]]) -> Callable[[Item], Awaitable[None]]:
-        """``handle``, then give the work item's connection slot back, whatever happened."""
+    def _holding_slot(
+        self, handle: Callable[Concatenate[Item, Arguments], Awaitable[None]]
+    ) -> Callable[Concatenate[Item, Arguments], Awaitable[None]]:
+        """``handle`` (a processor's ``process`` or ``release``), then give the work item's
+        connection slot back, whatever happened."""
 
-        async def handle_then_release(item: Item) -> None:
+        async def handle_then_release(item: Item, /, *args: Arguments.args, **kwargs: Arguments.kwargs) -> None:
             try:
-                await handle(item)
+                await handle(item, *args, **kwargs)
             finally:
                 self._hub.release(item.lock_token)
 

@@ -92,8 +92,9 @@ class ActivityProcessor:
                 result.work_item.task.instance_id,
             )
 
-    async def release(self, item: ActivityWorkItem) -> None:
-        """Give the task back after a failure or at shutdown.
+    async def release(self, item: ActivityWorkItem, retry_after: timedelta | None = None) -> None:
+        """Give the task back after a failure or at shutdown (to be offered again after
+        ``retry_after``; ``None``: at once).
 
         If the activity ran and the commit of its result failed with its outcome unknown, the
         result is committed again instead, and the activity does not run again: had the
@@ -102,7 +103,8 @@ class ActivityProcessor:
         """
         result = self._in_doubt.get(item.lock_token)
         if result is None:
-            await self._backend.abandon_activity_work_item(item)
+            retry_at = None if retry_after is None else self._backend.now() + retry_after
+            await self._backend.abandon_activity_work_item(item, retry_at=retry_at)
             return
         await self._committer.commit(result)
         del self._in_doubt[item.lock_token]

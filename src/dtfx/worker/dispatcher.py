@@ -5,11 +5,11 @@ concurrency slot, fetches as many work items as there are free slots (one backen
 call), and starts one task per item. When a fetch finds fewer items than it asked
 for, the queue is drained, and the loop waits for a wake-up (``before_fetch``
 resets the wake-up flag, so that nothing that arrives during the fetch is missed).
-Fetch errors and processing errors back off exponentially, but for processing that failed
-because the store could not be reached. A work item whose processing failed is released,
-and while the store cannot be reached (a database restart) the release is tried again
-with back-off, so that the item is taken up again once the store is back rather than
-when its lease expires. A work item fetched
+Fetch errors back off exponentially. A work item whose processing failed is released: for
+the item's own reason, to be offered again after a back-off of its own (a poison instance
+delays no other work); because the store could not be reached (a database restart), at
+once, and while the store cannot be reached the release is tried again with back-off, so
+that the item is taken up again once the store is back rather than when its lease expires. A work item fetched
 after :meth:`stop` began is released at once; on stop, in-flight items get a grace
 period to finish, and the ones still running are cancelled and released. Slots reserved
 for work from outside the fetch loop (:meth:`reserve_slot`) are waited for too, within the
@@ -24,6 +24,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Generic, TypeVar
 
 from dtfx.core.errors import BackendUnavailableError
@@ -31,6 +32,10 @@ from dtfx.core.errors import BackendUnavailableError
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
+
+
+_MAX_FAILING = 10_000
+"""Most failing work items whose back-off a dispatcher remembers (the oldest is forgotten)."""
 
 
 @dataclass
@@ -66,7 +71,7 @@ class WorkItemDispatcher(Generic[T]):
         *,
         fetch: Callable[[int], Awaitable[list[T]]],
         process: Callable[[T], Awaitable[None]],
-        release: Callable[[T], Awaitable[None]],
+        release: Callable[[T, timedelta | None], Awaitable[None]],
         wait_for_work: Callable[[], Awaitable[None]],
         describe: Callable[[T], str],
         before_fetch: Callable[[], None] | None = None,
@@ -88,12 +93,14 @@ class WorkItemDispatcher(Generic[T]):
         self._dispatcher_count = dispatcher_count
         self._max_batch = max_batch
         self._fetch_backoff = Backoff(backoff_initial, backoff_max)
-        self._process_backoff = Backoff(backoff_initial, backoff_max)
         self._release_backoff = (backoff_initial, backoff_max)
+        self._failing: dict[str, Backoff] = {}
+        """By :attr:`_describe`, the back-off of work items whose processing failed (not for the
+        store being away) since they last went through: each is offered again after its own
+        back-off, while the others go on (at most :data:`_MAX_FAILING` are remembered)."""
         self._release_patience = release_patience
         """Seconds a failed work item's release is tried again while the store is unavailable:
         about a lease (a minute by default), after which the item is taken up again anyway."""
-        self._delay = 0.0
         self._last_unavailable: BackendUnavailableError | None = None
         """The store's failure last logged for a work item (see :meth:`_run`)."""
         self._running = False
@@ -197,10 +204,6 @@ class WorkItemDispatcher(Generic[T]):
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
-            if self._delay > 0:
-                delay, self._delay = self._delay, 0.0
-                await self._sleep(delay)
-                continue
             wanted = min(free, self._max_batch)
             if self._before_fetch is not None:
                 self._before_fetch()
@@ -229,8 +232,9 @@ class WorkItemDispatcher(Generic[T]):
     async def _run(self, item: T, work: Awaitable[None]) -> None:
         try:
             await work
-            self._process_backoff.succeeded()
             self._last_unavailable = None
+            if self._failing:
+                self._failing.pop(self._describe(item), None)
         except asyncio.CancelledError:
             await self._release_once_possible(item)
             raise
@@ -243,24 +247,29 @@ class WorkItemDispatcher(Generic[T]):
             logger.log(level, "%s: processing %s failed (%s)", self.name, self._describe(item), error)
             await self._release_once_possible(item)
         except Exception:
-            delay = self._process_backoff.failed()
-            self._delay = max(self._delay, delay)
-            logger.exception("%s: processing %s failed; backing off %.1fs", self.name, self._describe(item), delay)
-            await self._release_once_possible(item)
+            described = self._describe(item)
+            backoff = self._failing.pop(described, None) or Backoff(*self._release_backoff)
+            self._failing[described] = backoff  # the most recent last
+            if len(self._failing) > _MAX_FAILING:
+                del self._failing[next(iter(self._failing))]
+            delay = backoff.failed()
+            logger.exception("%s: processing %s failed; offering it again in %.1fs", self.name, described, delay)
+            await self._release_once_possible(item, timedelta(seconds=delay))
         finally:
             self._in_flight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             self._slot_freed.set()
 
-    async def _release_once_possible(self, item: T) -> None:
-        """Release ``item``, trying again while the store is unavailable, for as long as the
-        dispatcher runs and :attr:`_release_patience` allows: once a stop has begun (work
-        fetched after it, work cancelled by it), once only; a failure is logged."""
+    async def _release_once_possible(self, item: T, retry_after: timedelta | None = None) -> None:
+        """Release ``item`` (to be offered again after ``retry_after``; ``None``: at once), trying
+        again while the store is unavailable, for as long as the dispatcher runs and
+        :attr:`_release_patience` allows: once a stop has begun (work fetched after it, work
+        cancelled by it), once only; a failure is logged."""
         backoff = Backoff(*self._release_backoff)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._release_patience
         while True:
             try:
-                await self._release(item)
+                await self._release(item, retry_after)
                 return
             except BackendUnavailableError as error:
                 if not self._running or loop.time() >= deadline:

@@ -12,6 +12,7 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from datetime import timedelta
 from typing import Any, Protocol
 
 from dtfx._tracing import current_trace_context, entity_operation_span
@@ -71,9 +72,10 @@ class EntityProcessor:
         if not await self._committer.commit(apply_batch(item, plan, result, now)):
             logger.warning("Entity %s: the lease was lost before the batch could be committed", item.instance_id)
 
-    async def release(self, item: OrchestrationWorkItem) -> None:
-        """Give the work item back after a failure or at shutdown."""
-        await self._backend.abandon_orchestration_work_item(item)
+    async def release(self, item: OrchestrationWorkItem, retry_after: timedelta | None = None) -> None:
+        """Give the work item back after a failure or at shutdown (offered again after ``retry_after``)."""
+        retry_at = None if retry_after is None else self._backend.now() + retry_after
+        await self._backend.abandon_orchestration_work_item(item, retry_at=retry_at)
 
 
 class LocalEntityRunner:

@@ -44,7 +44,7 @@ def dispatcher_for_kind(
     *,
     fetch: Callable[[int], Awaitable[list[WorkItem]]],
     process: Callable[[WorkItem], Awaitable[None]],
-    release: Callable[[WorkItem], Awaitable[None]],
+    release: Callable[[WorkItem, timedelta | None], Awaitable[None]],
     max_concurrent: int,
     dispatcher_count: int = 1,
     tuning: DispatcherTuning,
@@ -57,7 +57,8 @@ def dispatcher_for_kind(
         waiter: Wakes the dispatcher when work of ``kind`` may be available.
         fetch: Locks up to so many work items.
         process: Runs one work item to its end (commit or abandon).
-        release: Gives back a work item that will not be processed (shutdown, failure).
+        release: Gives back a work item that will not be processed (shutdown, failure), to be
+            offered again after so long (``None``: at once).
         max_concurrent: Work items in flight at once.
         dispatcher_count: Fetch loops.
         tuning: Batch size and back-off.

@@ -526,8 +526,9 @@ class OrchestrationProcessor:
         self._runner.finished(item, uncommitted, True)  # the live orchestration goes on from there
         return _continued(item, uncommitted, self._backend.now())
 
-    async def release(self, item: OrchestrationWorkItem) -> None:
-        """Give the work item back after a failure or at shutdown.
+    async def release(self, item: OrchestrationWorkItem, retry_after: timedelta | None = None) -> None:
+        """Give the work item back after a failure or at shutdown (to be offered again after
+        ``retry_after``; ``None``: at once).
 
         After an eager step whose commit may or may not have gone through, the step's eager
         tasks would otherwise wait for their leases to expire: the result it recorded is
@@ -545,7 +546,8 @@ class OrchestrationProcessor:
             if queued is not None:
                 await self._backend.abandon_activity_work_item(queued)
             del self._in_doubt[item.instance_id]
-        await self._backend.abandon_orchestration_work_item(item)
+        retry_at = None if retry_after is None else self._backend.now() + retry_after
+        await self._backend.abandon_orchestration_work_item(item, retry_at=retry_at)
 
     def _doubt(
         self,

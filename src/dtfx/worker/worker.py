@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Collection
+from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
 from dtfx import _collector as collector
@@ -39,7 +40,7 @@ T_contra = TypeVar("T_contra", contravariant=True)
 class _Processor(Protocol[T_contra]):
     async def process(self, item: T_contra) -> None: ...
 
-    async def release(self, item: T_contra) -> None: ...
+    async def release(self, item: T_contra, retry_after: timedelta | None = None) -> None: ...
 
 
 class Worker(BackgroundRunnable):
