@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
+
+import pytest
 
 import dtfx
 from dtfx.backends.base import WorkKind, utc_now
@@ -54,6 +57,32 @@ async def test_work_that_falls_due_while_the_dispatcher_looks_for_work_is_looked
     wait_for_work.prepare()
     assert await backend.lock_orchestration_work_items(1, LEASE) == []  # looked before it was due
     time.sleep(0.05)  # and it falls due before the dispatcher waits
+    started = time.monotonic()
+    await wait_for_work()
+    assert time.monotonic() - started < 1  # not the backend's poll interval (5 s)
+    wait_for_work.prepare()
+    assert await backend.lock_orchestration_work_items(1, LEASE)
+
+
+@pytest.mark.parametrize("known_here", [True, False])
+async def test_work_that_falls_due_while_the_store_is_asked_is_looked_for_again_at_once(
+    monkeypatch: pytest.MonkeyPatch, known_here: bool
+) -> None:
+    """Work this process delayed (``known_here``), or only the store knows of: either way the
+    moment passes during the store's answer, and waiting for it would wait a poll interval."""
+    backend, _, wait_for_work = await _work_due_in(30)
+    if not known_here:
+        backend._delayed[WorkKind.ORCHESTRATION].clear()  # as if another process had delayed it
+    next_visible_at = backend.next_visible_at
+
+    async def slow_answer(kind: WorkKind) -> datetime | None:
+        answer = await next_visible_at(kind)
+        await asyncio.sleep(0.06)  # a round trip to a busy server
+        return answer
+
+    monkeypatch.setattr(backend, "next_visible_at", slow_answer)
+    wait_for_work.prepare()
+    assert await backend.lock_orchestration_work_items(1, LEASE) == []  # looked before it was due
     started = time.monotonic()
     await wait_for_work()
     assert time.monotonic() - started < 1  # not the backend's poll interval (5 s)

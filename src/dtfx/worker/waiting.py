@@ -43,19 +43,28 @@ class WorkWaiter:
     async def __call__(self) -> None:
         """Wait for a notification, the next due time, or the poll interval."""
         backend = self._backend
-        if self._looked_at is not None and backend.due_since(self._kind, self._looked_at):
+        if self._fell_due():
             return  # due while the dispatcher was looking for work, perhaps after its fetch read
         outside_changes = backend.outside_changes
         if self._checked_at != outside_changes:
             self._store_due = await backend.next_visible_at(self._kind)
             self._checked_at = outside_changes
+            if self._fell_due():  # while the store was asked
+                return
         now = backend.now()
+        if self._store_due is not None and self._store_due <= now:  # the store's, while it answered
+            self._store_due = None
+            return
         timeout = backend.poll_interval
         for due in (backend.local_due(self._kind), self._store_due):
-            if due is not None and due > now:
+            if due is not None:
                 timeout = min(timeout, (due - now).total_seconds() + _TIMER_SLACK)
         if not await self._waiter.wait(timeout):
             self._checked_at = None
+
+    def _fell_due(self) -> bool:
+        """Whether work this process knew of fell due since the dispatcher last looked for work."""
+        return self._looked_at is not None and self._backend.due_since(self._kind, self._looked_at)
 
     def wake(self) -> None:
         """End the current (or next) wait at once."""
