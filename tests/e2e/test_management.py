@@ -474,6 +474,22 @@ async def test_a_child_refused_because_its_id_was_taken_is_not_the_parents(hub: 
     assert await hub.client.get_orchestration_state("taken") is not None
 
 
+async def test_a_sub_orchestration_asked_for_under_its_parents_own_id_is_refused(hub: Hub, app: dtfx.App) -> None:
+    _waiter_app(app)
+
+    @app.orchestrator
+    def narcissus(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        try:
+            yield ctx.call_sub_orchestrator("waiter", instance_id=ctx.instance_id)
+        except dtfx.TaskFailedError as error:
+            return error.details.is_caused_by(dtfx.OrchestrationAlreadyExistsError)
+        return "the child took its parent's place"
+
+    async with hub.worker(app):
+        state = await hub.run(narcissus)
+    assert state.runtime_status == Status.COMPLETED and state.get_output() is True
+
+
 BAD_CHILD_IDS = ["child\x00with-nul", "@counter@child", "c" * 1025]
 
 

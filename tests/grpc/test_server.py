@@ -307,3 +307,36 @@ def test_a_sqlite_hub_transacts_on_its_database_thread_not_on_the_servers_loop(t
     run_sdk_sequence(backend)
     assert not backend.callers_transact
     assert threads and all(name.startswith("dtfx-sqlite") for name in threads), threads
+
+
+def test_history_chunks_stay_within_their_size_unless_one_event_is_larger() -> None:
+    """So that a chunk fits in a message whenever its events each do (a large output after
+    many small events went out as one chunk past gRPC's 4 MiB)."""
+    app = dtfx.App()
+
+    @app.activity
+    def sized(ctx: dtfx.ActivityContext, size: int) -> str:
+        return "x" * size
+
+    @app.orchestrator
+    def growing(ctx: dtfx.OrchestrationContext, sizes: list[int]) -> object:
+        lengths = []
+        for size in sizes:
+            lengths.append(len((yield ctx.call_activity(sized, input=size))))
+        return lengths
+
+    limit = 1000
+    options = dataclasses.replace(FAST, history_chunk_bytes=limit)
+    with running_sidecar(options=options) as server, dtfx.Worker(server.backend, app=app):
+        with dtfx.Client(server.backend) as native:
+            instance_id = native.schedule_new_orchestration(growing, input=[100, 100, 100, 100, 900, 3000, 10])
+            state = native.wait_for_orchestration_completion(instance_id, timeout=15)
+            assert state is not None and state.runtime_status == dtfx.OrchestrationStatus.COMPLETED
+            stored = native.get_orchestration_history(instance_id)
+        with grpc.insecure_channel(server.address) as channel:
+            request = pb.StreamInstanceHistoryRequest(instanceId=instance_id)
+            chunks = list(pb_grpc.TaskHubSidecarServiceStub(channel).StreamInstanceHistory(request))
+    assert sum(len(chunk.events) for chunk in chunks) == len(stored)
+    for chunk in chunks:
+        assert len(chunk.events) == 1 or sum(event.ByteSize() for event in chunk.events) <= limit
+    assert any(len(chunk.events) == 1 and chunk.events[0].ByteSize() > limit for chunk in chunks)

@@ -93,7 +93,7 @@ def status_on_delivery(target: OrchestrationState, event: HistoryEvent) -> Orche
 def route(message: OutboundMessage, sender_id: str, target: OrchestrationState | None) -> Route:
     """Decide the fate of ``message`` sent by ``sender_id`` to ``target`` (``None``: no such instance)."""
     event = message.event
-    if isinstance(event, ExecutionStarted) and message.instance_id != sender_id:
+    if isinstance(event, ExecutionStarted) and (message.instance_id != sender_id or _is_own_child(event)):
         if target is None or target.runtime_status.is_terminal:
             return Route.CREATE
         return Route.REFUSE
@@ -103,6 +103,12 @@ def route(message: OutboundMessage, sender_id: str, target: OrchestrationState |
     if target is None:
         return Route.CREATE_ENTITY if is_entity_id(message.instance_id) else Route.DROP
     return Route.DELIVER if accepts(target, event) else Route.DROP
+
+
+def _is_own_child(start: ExecutionStarted) -> bool:
+    """A sub-orchestration an orchestration asked for under its own id (its next execution's
+    start, which it also sends itself, names its parent, if any, as the parent)."""
+    return start.parent is not None and start.parent.instance_id == start.instance.instance_id
 
 
 def refusal(message: OutboundMessage, target: OrchestrationState | None, now: datetime) -> OutboundMessage | None:

@@ -186,12 +186,14 @@ class InstanceRpcs:
             )
         chunk: list[pb.HistoryEvent] = []
         size = 0
+        limit = self._options.history_chunk_bytes
         for event in events_to_proto(await self._client.get_orchestration_history(instance_id)):
-            chunk.append(event)
-            size += event.ByteSize()
-            if size >= self._options.history_chunk_bytes:
+            event_size = event.ByteSize()
+            if chunk and size + event_size > limit:  # a chunk goes before the event that would overfill it
                 yield pb.HistoryChunk(events=chunk)
                 chunk, size = [], 0
+            chunk.append(event)
+            size += event_size
         if chunk:
             yield pb.HistoryChunk(events=chunk)
 

@@ -52,7 +52,7 @@ class SidecarOptions:
     """Most instances (or entities) one ``QueryInstances``, ``ListInstanceIds`` or
     ``QueryEntities`` page returns; clients page on with the continuation token."""
     history_chunk_bytes: int = 1 << 20
-    """Approximate size of one ``StreamInstanceHistory`` chunk."""
+    """Most bytes of events in one ``StreamInstanceHistory`` chunk (an event larger than that goes alone)."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """The largest message the server takes: gRPC's default, 4 MiB, as the SDKs' channels take.
     A larger request (a worker's result, a client's input) is refused with
