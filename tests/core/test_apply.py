@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import msgspec
+import pytest
 
 from dtfx.core.actions import (
     CompleteOrchestration,
@@ -16,6 +17,7 @@ from dtfx.core.actions import (
     TerminateOrchestration,
 )
 from dtfx.core.apply import EpisodeKind, apply_actions, needs_history, plan_episode, rewind_checkpoint
+from dtfx.core.errors import UnstorableValueError
 from dtfx.core.history import (
     EventRaised,
     ExecutionCompleted,
@@ -168,6 +170,28 @@ def test_needs_history_for_rewind_and_recursive_terminate_only() -> None:
     assert needs_history(item(ExecutionRewound(timestamp=NOW)))
     assert needs_history(item(ExecutionTerminated(timestamp=NOW, recurse=True)))
     assert not needs_history(item(ExecutionTerminated(timestamp=NOW, recurse=False)))
+
+
+@pytest.mark.parametrize(
+    ("actions", "custom_status", "what"),
+    [
+        ([ScheduleTask(id=1, name="act\x00ivity")], None, "ScheduleTask action's name"),
+        ([CreateSubOrchestration(id=1, instance_id="kid", name="sub", input='"a\x00"')], None, "action's input"),
+        ([CompleteOrchestration(id=2, status=Status.COMPLETED, result="\x00")], None, "action's result"),
+        ([], "\x00", "custom status"),
+    ],
+)
+def test_actions_a_task_hub_cannot_store_fail_the_orchestration(
+    actions: list[OrchestratorAction], custom_status: str | None, what: str
+) -> None:
+    """Their commit would fail every time the episode ran (a NUL in an activity's name, say)."""
+    new_events = [OrchestratorStarted(timestamp=NOW), raised()]
+    checkpoint = apply_actions(item(raised()), start(), new_events, actions, custom_status, [0], NOW)
+    assert checkpoint.status == Status.FAILED and checkpoint.activity_tasks == [] and checkpoint.messages == []
+    assert checkpoint.failure_details is not None and checkpoint.failure_details.is_caused_by(UnstorableValueError)
+    assert what in checkpoint.failure_details.message and checkpoint.custom_status is None
+    escaped = [ScheduleTask(id=1, name="act", input='"a\\u0000b"')]  # JSON's way of writing it: stored
+    assert apply_actions(item(raised()), start(), new_events, escaped, None, [0], NOW).status == Status.RUNNING
 
 
 def test_apply_turns_actions_into_history_tasks_and_messages() -> None:

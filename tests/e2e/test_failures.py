@@ -109,6 +109,26 @@ async def test_unknown_names_fail_the_instance_and_the_worker_carries_on(hub: Hu
     assert healthy.get_output() == "still working"
 
 
+async def test_an_activity_name_no_store_can_hold_fails_the_instance_and_the_worker_carries_on(
+    hub: Hub, app: dtfx.App
+) -> None:
+    @app.orchestrator
+    def garbled(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity("act\x00ivity"))
+
+    @app.orchestrator
+    def fine(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return "fine"
+
+    async with hub.worker(app):
+        failed = await hub.run(garbled)
+        after = await hub.run(fine)
+    assert failed.runtime_status == Status.FAILED and failed.failure_details is not None
+    assert failed.failure_details.is_caused_by(dtfx.UnstorableValueError)
+    assert "NUL" in failed.failure_details.message
+    assert after.get_output() == "fine"
+
+
 async def test_retries_use_durable_timers_until_success(hub: Hub, app: dtfx.App) -> None:
     attempts: list[int] = []
 

@@ -203,3 +203,10 @@ def test_a_nul_in_an_input_on_postgresql_is_invalid_and_the_hub_keeps_working() 
         start(stub, "after", input=wrappers_pb2.StringValue(value='"a\\u0000b"'))
         response = stub.GetInstance(pb.GetInstanceRequest(instanceId="after", getInputsAndOutputs=True))
         assert response.exists and response.orchestrationState.input.value == '"a\\u0000b"'
+
+
+def test_a_nul_in_a_terminations_output_is_invalid(stub: Stub) -> None:
+    start(stub, "to-end")
+    with_nul = pb.TerminateRequest(instanceId="to-end", output=wrappers_pb2.StringValue(value='"a\x00b"'))
+    expect(lambda: stub.TerminateInstance(with_nul), Code.INVALID_ARGUMENT, "NUL")
+    stub.TerminateInstance(pb.TerminateRequest(instanceId="to-end", output=wrappers_pb2.StringValue(value='"ok"')))

@@ -36,7 +36,7 @@ from dtfx.core.actions import (
     TerminateOrchestration,
 )
 from dtfx.core.entities import entity_target
-from dtfx.core.errors import InvalidInstanceIdError, OrchestrationAlreadyExistsError
+from dtfx.core.errors import InvalidInstanceIdError, OrchestrationAlreadyExistsError, UnstorableValueError
 from dtfx.core.history import (
     EntityOperationCalled,
     EntityOperationSignaled,
@@ -223,6 +223,10 @@ def apply_actions(
     recorded on the episode's ``OrchestratorStarted``. An activity, sub-orchestration or
     entity operation that comes with no trace context of its own continues the execution's.
     """
+    unstorable = _unstorable(actions, custom_status)
+    if unstorable is not None:  # it would fail every commit, for ever: the orchestration fails instead
+        actions = [CompleteOrchestration(id=-1, status=OrchestrationStatus.FAILED, failure_details=unstorable)]
+        custom_status = None
     state = item.state
     instance_id = item.instance_id
     execution_id = state.execution_id
@@ -440,6 +444,37 @@ def _continue_as_new(
     for event in [*completion.carryover_events, *suspensions]:
         checkpoint.messages.append(OutboundMessage(instance_id, event, execution_id))
     checkpoint.messages.extend(sent_to_itself)
+
+
+def _unstorable(actions: Sequence[OrchestratorAction], custom_status: str | None) -> FailureDetails | None:
+    """The failure of an episode whose actions put a NUL character where a task hub keeps
+    text as it is (:data:`_TEXT_FIELDS`, the custom status), which none can (PostgreSQL refuses
+    it, SQLite cuts the text at it); ``None`` if they do not. (Events are stored as JSON,
+    which writes it escaped.)"""
+    if custom_status is not None and "\x00" in custom_status:
+        what = "custom status"
+    else:
+        for action in actions:
+            field = next((f for f in _TEXT_FIELDS.get(type(action), ()) if "\x00" in (getattr(action, f) or "")), None)
+            if field is not None:
+                break
+        else:
+            return None
+        what = f"{type(action).__name__} action's {field}"
+    return FailureDetails(
+        error_type=qualified_name(UnstorableValueError),
+        message=f"The orchestration's {what} holds a NUL character, which a task hub cannot store.",
+        is_non_retriable=True,
+    )
+
+
+_TEXT_FIELDS: dict[type[OrchestratorAction], tuple[str, ...]] = {
+    ScheduleTask: ("name",),
+    CreateSubOrchestration: ("name", "version", "input"),
+    CompleteOrchestration: ("result", "new_version"),
+}
+"""The fields of actions that a task hub keeps as text (an activity task's name, an instance's
+name, version, input and output); sub-orchestration ids are checked as ids."""
 
 
 def _refused_starts(history: Sequence[HistoryEvent]) -> set[int]:

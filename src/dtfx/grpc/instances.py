@@ -214,9 +214,10 @@ class InstanceRpcs:
     @unary
     async def TerminateInstance(self, request: pb.TerminateRequest, context: Context) -> pb.TerminateResponse:
         instance_id = instance_id_of(request, "TerminateInstance")
-        await self._client.terminate_orchestration(
-            instance_id, output=optional_string(request, "output"), recursive=request.recursive
-        )
+        output = optional_string(request, "output")
+        if output is not None and "\x00" in output:  # it becomes the instance's output, kept as text
+            raise invalid_argument("TerminateInstance: the output holds a NUL character, which no task hub stores.")
+        await self._client.terminate_orchestration(instance_id, output=output, recursive=request.recursive)
         return pb.TerminateResponse()
 
     @unary
