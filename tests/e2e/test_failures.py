@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+
+import pytest
 
 import dtfx
 from dtfx import OrchestrationStatus as Status
@@ -127,6 +130,60 @@ async def test_an_activity_name_no_store_can_hold_fails_the_instance_and_the_wor
     assert failed.failure_details.is_caused_by(dtfx.UnstorableValueError)
     assert "NUL" in failed.failure_details.message
     assert after.get_output() == "fine"
+
+
+ESCAPING = {"cancelled": asyncio.CancelledError, "exit": SystemExit, "generator-exit": GeneratorExit}
+"""What user code may raise that is no ``Exception``."""
+
+
+@pytest.mark.parametrize("eager", [True, False])
+async def test_what_user_code_raises_that_is_no_exception_fails_its_task_and_the_worker_carries_on(
+    hub: Hub, app: dtfx.App, eager: bool
+) -> None:
+    @app.activity
+    def sync_raiser(ctx: dtfx.ActivityContext, kind: str) -> None:
+        raise ESCAPING[kind]()
+
+    @app.activity
+    async def async_raiser(ctx: dtfx.ActivityContext, kind: str) -> None:
+        raise ESCAPING[kind]()
+
+    @app.orchestrator
+    def calls(ctx: dtfx.OrchestrationContext, job: list[str]) -> Any:
+        activity, kind = job
+        try:
+            yield ctx.call_activity(activity, input=kind)
+        except dtfx.TaskFailedError as error:
+            return error.details.error_type
+        return "no failure"
+
+    @app.entity
+    def exiting(ctx: dtfx.EntityContext, kind: str) -> None:
+        raise ESCAPING[kind]()
+
+    @app.orchestrator
+    def operates(ctx: dtfx.OrchestrationContext, kind: str) -> Any:
+        try:
+            yield ctx.call_entity(dtfx.EntityInstanceId("exiting", kind), "any", kind)
+        except dtfx.TaskFailedError as error:
+            return error.details.error_type
+        return "no failure"
+
+    @app.orchestrator
+    def raises(ctx: dtfx.OrchestrationContext, kind: str) -> Any:
+        yield ctx.create_timer(timedelta(0))
+        raise ESCAPING[kind]()
+
+    jobs = [[activity, kind] for activity in ("sync_raiser", "async_raiser") for kind in ESCAPING]
+    async with hub.worker(app, options=dtfx.WorkerOptions(eager_activities=eager)):
+        caught = [(await hub.run(calls, job)).get_output() for job in jobs]
+        caught += [(await hub.run(operates, kind)).get_output() for kind in ESCAPING]
+        failed = [await hub.run(raises, kind) for kind in ESCAPING]
+    expected = [ESCAPING[kind].__qualname__ for kind in [*(kind for _, kind in jobs), *ESCAPING]]
+    assert [error_type.rsplit(".", 1)[-1] for error_type in caught] == expected
+    for state, kind in zip(failed, ESCAPING, strict=True):
+        assert state.runtime_status == Status.FAILED and state.failure_details is not None
+        assert state.failure_details.is_caused_by(ESCAPING[kind])
 
 
 async def test_retries_use_durable_timers_until_success(hub: Hub, app: dtfx.App) -> None:

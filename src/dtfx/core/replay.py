@@ -26,7 +26,7 @@ from dtfx.core.actions import (
 )
 from dtfx.core.context import EntityLock, FiredTimer, OrchestrationContext, PendingTask, Traced
 from dtfx.core.entities import entity_target
-from dtfx.core.errors import EntityOperationFailedError, NonDeterminismError, TaskFailedError
+from dtfx.core.errors import USER_CODE_ERRORS, EntityOperationFailedError, NonDeterminismError, TaskFailedError
 from dtfx.core.history import (
     EntityLockGranted,
     EntityLockRequested,
@@ -218,7 +218,7 @@ class OrchestrationExecutor:
         try:  # an input that cannot be read as the orchestrator's type fails it, as its own error would
             orchestrator_input = self._converter.deserialize(event.input, input_type_of(self.orchestrator))
             result = self.orchestrator(context, orchestrator_input)
-        except Exception as error:
+        except USER_CODE_ERRORS as error:
             self._fail(error)
             return
         if inspect.isgenerator(result):
@@ -416,7 +416,7 @@ class OrchestrationExecutor:
             except StopIteration as stop:
                 self._succeed(stop.value)
                 return
-            except Exception as raised:
+            except USER_CODE_ERRORS as raised:
                 self._fail(raised)
                 return
             if self.context.completion is not None:  # continue_as_new() was called

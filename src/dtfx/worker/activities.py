@@ -20,7 +20,13 @@ from dtfx._loops import in_context_on
 from dtfx._tracing import activity_span
 from dtfx.backends.base import Backend
 from dtfx.core.activity import ActivityContext
-from dtfx.core.errors import BackendUnavailableError, NonRetriableError, NotRegisteredError, SerializationError
+from dtfx.core.errors import (
+    USER_CODE_ERRORS,
+    BackendUnavailableError,
+    NonRetriableError,
+    NotRegisteredError,
+    SerializationError,
+)
 from dtfx.core.history import FailureDetails, TaskCompleted, TaskFailed
 from dtfx.core.serialization import DataConverter, input_type_of
 from dtfx.core.workitems import ActivityResult, ActivityWorkItem
@@ -153,6 +159,8 @@ class LocalActivityRunner:
             return self._completed(item, result)
         except _LeaseLostError:
             raise
+        except _EscapedError as escaped:
+            return _failed(item, escaped.error, self._clock())
         except Exception as error:
             return _failed(item, error, self._clock())
 
@@ -172,7 +180,7 @@ class LocalActivityRunner:
                 if inspect.isawaitable(result):
                     result = asyncio.run_coroutine_threadsafe(_awaited(result), loop).result()
             return self._completed(item, result)
-        except Exception as error:
+        except USER_CODE_ERRORS as error:  # on a worker thread: none is the worker's
             return _failed(item, error, self._clock())
 
     def _prepare(self, item: ActivityWorkItem) -> tuple[Any, ActivityContext, Any]:
@@ -200,7 +208,15 @@ class LocalActivityRunner:
 
     async def _call(self, activity: Any, context: ActivityContext, value: Any, lease: Lease | None) -> Any:
         if self._is_async(context.name, activity):
-            return await activity(context, value)
+            try:
+                return await activity(context, value)
+            except asyncio.CancelledError as error:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # the worker's (a stop, say), not the activity's own
+                    raise
+                raise _EscapedError(error) from None
+            except (GeneratorExit, SystemExit) as error:
+                raise _EscapedError(error) from None
         loop = asyncio.get_running_loop()
         result = await in_context_on(loop, self.thread_pool, _unless_lost, lease, activity, context, value)
         if inspect.isawaitable(result):
@@ -212,18 +228,32 @@ class _LeaseLostError(Exception):
     """The activity's lease was lost before a thread took it up."""
 
 
+class _EscapedError(Exception):
+    """What an activity raised that is no ``Exception`` (:data:`USER_CODE_ERRORS`), carried to
+    the loop as one: a ``CancelledError`` would read there as the worker's own cancellation."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _unless_lost(lease: Lease | None, activity: Any, context: ActivityContext, value: Any) -> Any:
     """Run the activity on this thread, unless its lease was lost while it waited for one."""
     if lease is not None and lease.lost:
         raise _LeaseLostError
-    return activity(context, value)
+    try:
+        return activity(context, value)
+    except Exception:
+        raise
+    except USER_CODE_ERRORS as error:
+        raise _EscapedError(error) from None
 
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
 
-def _failed(item: ActivityWorkItem, error: Exception, now: datetime) -> TaskFailed:
+def _failed(item: ActivityWorkItem, error: BaseException, now: datetime) -> TaskFailed:
     scheduled = item.task.event
     logger.debug("Activity %s #%d failed", scheduled.name, scheduled.event_id, exc_info=True)
     return TaskFailed(

@@ -27,7 +27,7 @@ from dtfx.core.entities import (
     plan_batch,
 )
 from dtfx.core.entity_context import DurableEntity, EntityBatchState, EntityContext
-from dtfx.core.errors import NotRegisteredError
+from dtfx.core.errors import USER_CODE_ERRORS, NotRegisteredError
 from dtfx.core.history import FailureDetails
 from dtfx.core.serialization import DataConverter, input_type_of, parameter_types
 from dtfx.core.workitems import CommitResult, OrchestrationCheckpoint, OrchestrationWorkItem
@@ -120,7 +120,7 @@ class LocalEntityRunner:
                     if inspect.isawaitable(output):
                         output = asyncio.run_coroutine_threadsafe(_awaited(output), loop).result()
                 results.append(OperationResult(output=self._converter.serialize(output)))
-            except Exception as error:
+            except USER_CODE_ERRORS as error:  # on a thread of the pool: none is the worker's
                 logger.debug("Entity %s: operation %s failed", entity_id, operation.operation, exc_info=True)
                 batch.state = saved_state
                 del batch.actions[saved_actions:]
