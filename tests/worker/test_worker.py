@@ -371,3 +371,29 @@ def test_a_worker_that_opened_its_backend_from_a_url_starts_again_after_a_stop(t
         finally:
             worker.stop()
         assert state is not None and state.get_output() == f"Hello, {name}!"
+
+
+async def test_an_activity_that_awaits_the_stop_of_its_own_worker_is_told_it_cannot() -> None:
+    """The stop would wait for the activity, which waits for the stop."""
+    app = dtfx.App()
+    workers: list[dtfx.Worker] = []
+
+    @app.activity
+    async def stopper(ctx: dtfx.ActivityContext, _: Any) -> str:
+        try:
+            await workers[0].stop_async(grace_period=1)
+        except RuntimeError as error:
+            return str(error)
+        return "stopped"
+
+    @app.orchestrator
+    def stop_me(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(stopper))
+
+    backend = MemoryBackend()
+    async with dtfx.Worker(backend, app=app) as worker:
+        workers.append(worker)
+        instance_id = await dtfx.AsyncClient(backend).schedule_new_orchestration(stop_me)
+        state = await dtfx.AsyncClient(backend).wait_for_orchestration_completion(instance_id, timeout=10)
+        assert worker.is_running
+    assert state is not None and "cannot await the stop of the worker that runs it" in state.get_output()

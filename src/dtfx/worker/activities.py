@@ -9,6 +9,7 @@ SDK worker.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -116,6 +117,10 @@ class ActivityProcessor:
         del self._in_doubt[item.lock_token]
 
 
+RUNNING_ON: contextvars.ContextVar[LocalActivityRunner | None] = contextvars.ContextVar("RUNNING_ON", default=None)
+"""The runner of the async activity whose code runs now (``None``: none's)."""
+
+
 class LocalActivityRunner:
     """Runs registered Python activities (sync ones in a thread pool); an exception becomes a ``TaskFailed``."""
 
@@ -208,6 +213,7 @@ class LocalActivityRunner:
 
     async def _call(self, activity: Any, context: ActivityContext, value: Any, lease: Lease | None) -> Any:
         if self._is_async(context.name, activity):
+            running = RUNNING_ON.set(self)
             try:
                 return await activity(context, value)
             except asyncio.CancelledError as error:
@@ -217,6 +223,8 @@ class LocalActivityRunner:
                 raise _EscapedError(error) from None
             except (GeneratorExit, SystemExit) as error:
                 raise _EscapedError(error) from None
+            finally:
+                RUNNING_ON.reset(running)
         loop = asyncio.get_running_loop()
         result = await in_context_on(loop, self.thread_pool, _unless_lost, lease, activity, context, value)
         if inspect.isawaitable(result):

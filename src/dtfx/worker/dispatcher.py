@@ -176,8 +176,10 @@ class WorkItemDispatcher(Generic[T]):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_period
         await self._settle_reservations(deadline)
-        if self._in_flight:
-            _done, pending = await asyncio.wait(list(self._in_flight), timeout=max(0.0, deadline - loop.time()))
+        # Not the task that stops it, if it is one of its work items (an activity that stops its worker).
+        in_flight = [task for task in self._in_flight if task is not asyncio.current_task()]
+        if in_flight:
+            _done, pending = await asyncio.wait(in_flight, timeout=max(0.0, deadline - loop.time()))
             for task in pending:
                 task.cancel()
             if pending:

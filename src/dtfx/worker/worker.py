@@ -19,7 +19,7 @@ from dtfx.core.workitems import (
     OrchestrationCheckpoint,
     OrchestrationWorkItem,
 )
-from dtfx.worker.activities import ActivityProcessor, LocalActivityRunner
+from dtfx.worker.activities import RUNNING_ON, ActivityProcessor, LocalActivityRunner
 from dtfx.worker.commit import GroupCommitter
 from dtfx.worker.dispatcher import WorkItemDispatcher
 from dtfx.worker.eager import EagerActivities
@@ -148,7 +148,7 @@ class Worker(BackgroundRunnable):
         entities = EntityProcessor(
             self.backend, LocalEntityRunner(self.registry, self.converter, thread_pool=self._thread_pool), checkpoints
         )
-        activity_runner = LocalActivityRunner(
+        activity_runner = self._activity_runner = LocalActivityRunner(
             self.registry, self.converter, thread_pool=self._thread_pool, clock=self.backend.now
         )
         activities = ActivityProcessor(
@@ -247,9 +247,18 @@ class Worker(BackgroundRunnable):
         )
 
     async def stop_async(self, grace_period: float | None = None) -> None:
-        """Stop fetching, let in-flight work finish (up to the grace period), release the rest."""
+        """Stop fetching, let in-flight work finish (up to the grace period), release the rest.
+
+        One of the worker's own async activities cannot await it: it would wait for itself
+        (start it as a task of its own instead, or call :meth:`stop` from a thread).
+        """
         if not self._started:
             return
+        if RUNNING_ON.get() is self._activity_runner:
+            raise RuntimeError(
+                "An activity cannot await the stop of the worker that runs it: the stop would wait for the"
+                " activity. Start it as a task of its own (asyncio.create_task(worker.stop_async()))."
+            )
         self._started = False
         self._gc_pace.give_back()
         if self._intake is not None:
