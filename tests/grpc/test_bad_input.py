@@ -90,6 +90,9 @@ def test_acting_on_unknown_instances(stub: Stub) -> None:
     expect(lambda: stub.RewindInstance(pb.RewindInstanceRequest(instanceId="ghost")), Code.NOT_FOUND)
     entity = pb.RestartInstanceRequest(instanceId="@counter@one")
     expect(lambda: stub.RestartInstance(entity), Code.INVALID_ARGUMENT, "entities")
+    to_an_entity = pb.RaiseEventRequest(instanceId="@counter@one", name="e")  # the entity would drop it
+    expect(lambda: stub.RaiseEvent(to_an_entity), Code.INVALID_ARGUMENT, "entities")
+    assert not stub.GetInstance(pb.GetInstanceRequest(instanceId="@counter@one")).exists
     expect(lambda: stub.RaiseEvent(pb.RaiseEventRequest(instanceId="ghost")), Code.INVALID_ARGUMENT, "name")
     expect(lambda: stub.TerminateInstance(pb.TerminateRequest()), Code.INVALID_ARGUMENT, "instanceId")
 

@@ -250,6 +250,12 @@ def test_a_failure_without_details_still_fails() -> None:
     assert action.failure_details is not None and action.failure_details.message == "it broke"
 
 
+def _lock_request(lock_set: list[str], position: int = 0) -> pb.OrchestratorAction:
+    p = wrappers_pb2.StringValue(value="o")
+    lock = pb.EntityLockRequestedEvent(criticalSectionId="s", lockSet=lock_set, position=position, parentInstanceId=p)
+    return pb.OrchestratorAction(id=1, sendEntityMessage=pb.SendEntityMessageAction(entityLockRequested=lock))
+
+
 @pytest.mark.parametrize(
     ("message", "complaint"),
     [
@@ -270,6 +276,10 @@ def test_a_failure_without_details_still_fails() -> None:
             pb.OrchestratorAction(id=1, completeOrchestration=pb.CompleteOrchestrationAction(orchestrationStatus=12)),
             "12",
         ),
+        (_lock_request([]), "distinct entity ids"),
+        (_lock_request(["@counter@a", "@counter@a"]), "distinct entity ids"),
+        (_lock_request(["not-an-entity"]), "distinct entity ids"),
+        (_lock_request(["@counter@a"], position=1), "position 1"),
     ],
 )
 def test_actions_dtfx_cannot_accept(message: pb.OrchestratorAction, complaint: str) -> None:

@@ -41,7 +41,7 @@ from dtfx.core.history import (
     is_span_id,
     trace_context_problem,
 )
-from dtfx.core.instance_ids import orchestration_id_error
+from dtfx.core.instance_ids import is_entity_id, orchestration_id_error
 from dtfx.core.state import OrchestrationState
 from dtfx.grpc.protos import pb
 
@@ -465,11 +465,16 @@ def _entity_called_from(m: pb.EntityOperationCalledEvent, event_id: int, at: dat
 
 
 def _entity_lock_requested_from(m: pb.EntityLockRequestedEvent, event_id: int, at: datetime) -> HistoryEvent:
+    lock_set = list(m.lockSet)
+    if not lock_set or len(set(lock_set)) < len(lock_set) or not all(map(is_entity_id, lock_set)):
+        raise InvalidMessageError(f"entityLockRequested needs a lockSet of distinct entity ids (got {lock_set}).")
+    if not 0 <= m.position < len(lock_set):
+        raise InvalidMessageError(f"entityLockRequested's position {m.position} is not in its lockSet.")
     return history.EntityLockRequested(
         event_id=event_id,
         timestamp=at,
         critical_section_id=m.criticalSectionId,
-        lock_set=list(m.lockSet),
+        lock_set=lock_set,
         position=m.position,
         parent_instance_id=_required_string(m, "parentInstanceId", "entityLockRequested"),
     )

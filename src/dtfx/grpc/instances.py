@@ -17,6 +17,7 @@ from google.protobuf import wrappers_pb2
 from dtfx.client import AsyncClient
 from dtfx.core.errors import OrchestrationNotFoundError
 from dtfx.core.history import EventRaised, OrchestrationStatus
+from dtfx.core.instance_ids import check_orchestration_id
 from dtfx.core.serialization import DataConverter
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, PurgeResult
 from dtfx.grpc.convert import (
@@ -208,7 +209,7 @@ class InstanceRpcs:
         event = EventRaised(
             timestamp=self._client.backend.now(), name=request.name, input=optional_string(request, "input")
         )
-        await self._client.backend.send_event(instance_id, event)
+        await self._client.backend.send_event(check_orchestration_id(instance_id), event)  # as the client's _send
         return pb.RaiseEventResponse()
 
     @unary
