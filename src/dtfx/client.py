@@ -216,7 +216,7 @@ class AsyncClient:
         return Page([state.instance_id for state in page.items], page.continuation_token)
 
     async def wait_for_orchestration_start(
-        self, instance_id: str, *, fetch_payloads: bool = False, timeout: float = 60
+        self, instance_id: str, *, fetch_payloads: bool = False, timeout: float | timedelta = 60
     ) -> OrchestrationState | None:
         """Wait until the instance has left PENDING; ``None`` if it does not exist.
 
@@ -227,7 +227,7 @@ class AsyncClient:
         )
 
     async def wait_for_orchestration_completion(
-        self, instance_id: str, *, fetch_payloads: bool = True, timeout: float = 60
+        self, instance_id: str, *, fetch_payloads: bool = True, timeout: float | timedelta = 60
     ) -> OrchestrationState | None:
         """Wait until the instance has ended; ``None`` if it does not exist.
 
@@ -240,9 +240,11 @@ class AsyncClient:
         instance_id: str,
         until: Callable[[OrchestrationStatus], bool],
         what: str,
-        timeout: float,
+        timeout: float | timedelta,
         fetch_payloads: bool,
     ) -> OrchestrationState | None:
+        if isinstance(timeout, timedelta):  # as purge_orchestrations_by takes it
+            timeout = timeout.total_seconds()
         backend = await self._ready()
         try:
             state = await backend.wait_for_instance(
@@ -629,7 +631,7 @@ class Client:
         )
 
     def wait_for_orchestration_start(
-        self, instance_id: str, *, fetch_payloads: bool = False, timeout: float = 60
+        self, instance_id: str, *, fetch_payloads: bool = False, timeout: float | timedelta = 60
     ) -> OrchestrationState | None:
         """See :meth:`AsyncClient.wait_for_orchestration_start`."""
         return self._portal.run(
@@ -637,7 +639,7 @@ class Client:
         )
 
     def wait_for_orchestration_completion(
-        self, instance_id: str, *, fetch_payloads: bool = True, timeout: float = 60
+        self, instance_id: str, *, fetch_payloads: bool = True, timeout: float | timedelta = 60
     ) -> OrchestrationState | None:
         """See :meth:`AsyncClient.wait_for_orchestration_completion`."""
         return self._portal.run(

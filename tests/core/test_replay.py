@@ -87,6 +87,16 @@ def test_a_new_orchestration_schedules_its_first_activity() -> None:
     assert actions == [ScheduleTask(id=1, name="a", input="1")]
 
 
+@pytest.mark.parametrize("fire_at", [5, 2.5, "2026-03-01T00:00:00Z", None])
+def test_a_timer_for_anything_but_a_moment_or_a_delay_fails_clearly(fire_at: Any) -> None:
+    def sleeper(ctx: OrchestrationContext, _: Any) -> Any:
+        yield ctx.create_timer(fire_at)
+
+    failure = completion(run(sleeper, [], started())).failure_details
+    assert failure is not None and failure.is_caused_by(TypeError)
+    assert f"create_timer takes a datetime or a timedelta, not {type(fire_at).__name__}" in failure.message
+
+
 def test_replay_matches_history_and_continues_with_new_events() -> None:
     past = [*started(), scheduled(1, "a"), OrchestratorCompleted(timestamp=at(0))]
     actions = run(sequence, past, episode(1, done(1, '"x"')))

@@ -91,6 +91,10 @@ async def test_waits_time_out_and_unknown_instances_give_none(hub: Hub, app: dtf
         with pytest.raises(dtfx.OrchestrationTimeoutError) as raised:
             await hub.client.wait_for_orchestration_completion(instance_id, timeout=0.2)
         assert isinstance(raised.value, TimeoutError)
+        with pytest.raises(dtfx.OrchestrationTimeoutError):  # a timedelta, as purge_orchestrations_by takes
+            await hub.client.wait_for_orchestration_completion(instance_id, timeout=timedelta(milliseconds=50))
+        started = await hub.client.wait_for_orchestration_start(instance_id, timeout=timedelta(seconds=10))
+        assert started is not None and started.runtime_status == Status.RUNNING
         assert await hub.client.get_orchestration_state("nope") is None
         assert await hub.client.wait_for_orchestration_completion("nope", timeout=1) is None
     with pytest.raises(dtfx.OrchestrationNotFoundError):

@@ -227,7 +227,12 @@ class OrchestrationContext:
 
     def create_timer(self, fire_at: datetime | timedelta) -> TimerTask:
         """A task that completes at ``fire_at`` (a moment, or a delay from now)."""
-        moment = self._current_utc_datetime + fire_at if isinstance(fire_at, timedelta) else as_utc(fire_at)
+        if isinstance(fire_at, timedelta):
+            moment = self._current_utc_datetime + fire_at
+        elif isinstance(fire_at, datetime):
+            moment = as_utc(fire_at)
+        else:  # a number of seconds, say: which unit would be a guess
+            raise TypeError(f"create_timer takes a datetime or a timedelta, not {type(fire_at).__name__}")
         task = TimerTask()
         action_id = self._record(lambda action_id: CreateTimer(id=action_id, fire_at=moment))
         self.pending_tasks[action_id] = PendingTask(task, since=self._current_utc_datetime)
