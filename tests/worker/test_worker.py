@@ -186,7 +186,9 @@ async def test_stop_lets_a_running_activity_finish_and_commit() -> None:
     assert state is not None and state.get_output() == "finished"
 
 
-async def test_stop_sends_back_the_activities_still_waiting_for_a_thread() -> None:
+def _blocking_fan_out(activities: int) -> tuple[dtfx.App, threading.Event, list[int]]:
+    """An app whose orchestrator ``fan`` runs so many activities at once, each of which records
+    its input and then blocks until the event returned is set."""
     app = dtfx.App()
     go_on = threading.Event()
     ran: list[int] = []
@@ -199,13 +201,18 @@ async def test_stop_sends_back_the_activities_still_waiting_for_a_thread() -> No
 
     @app.orchestrator
     def fan(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
-        return (yield dtfx.when_all([ctx.call_activity(blocking, input=n) for n in range(4)]))
+        return (yield dtfx.when_all([ctx.call_activity(blocking, input=n) for n in range(activities)]))
 
+    return app, go_on, ran
+
+
+async def test_stop_sends_back_the_activities_still_waiting_for_a_thread() -> None:
+    app, go_on, ran = _blocking_fan_out(4)
     backend = MemoryBackend()
     client = dtfx.AsyncClient(backend)
     worker = dtfx.Worker(backend, app=app, concurrency=dtfx.ConcurrencyOptions(maximum_thread_pool_workers=1))
     await worker.start_async()
-    instance_id = await client.schedule_new_orchestration(fan)
+    instance_id = await client.schedule_new_orchestration("fan")
     while not ran:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.2)  # the other three are leased, waiting for the one thread
@@ -221,20 +228,7 @@ async def test_stop_sends_back_the_activities_still_waiting_for_a_thread() -> No
 
 
 async def test_an_activity_whose_lease_is_lost_while_it_waits_for_a_thread_does_not_start() -> None:
-    app = dtfx.App()
-    go_on = threading.Event()
-    ran: list[int] = []
-
-    @app.activity
-    def blocking(ctx: dtfx.ActivityContext, n: int) -> int:
-        ran.append(n)
-        go_on.wait(10)
-        return n
-
-    @app.orchestrator
-    def pair(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
-        return (yield dtfx.when_all([ctx.call_activity(blocking, input=n) for n in range(2)]))
-
+    app, go_on, ran = _blocking_fan_out(2)
     backend = MemoryBackend()
     renew = backend.renew_activity_lease
     stolen: list[ActivityWorkItem] = []
@@ -250,7 +244,7 @@ async def test_an_activity_whose_lease_is_lost_while_it_waits_for_a_thread_does_
     options = dtfx.WorkerOptions(lease_duration=timedelta(seconds=0.6))  # renewed every 0.2 s
     threads = dtfx.ConcurrencyOptions(maximum_thread_pool_workers=1)
     async with dtfx.Worker(backend, app=app, concurrency=threads, options=options):
-        instance_id = await dtfx.AsyncClient(backend).schedule_new_orchestration(pair)
+        instance_id = await dtfx.AsyncClient(backend).schedule_new_orchestration("fan")
         while not stolen:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.1)  # the lost one is leased again, and waits for the thread again
