@@ -363,6 +363,9 @@ def test_backends_that_cannot_be_opened(tmp_path: Path) -> None:
         invoke("list", "-b", f"sqlite:///{not_a_directory}/hub.db"), f"sqlite:///{not_a_directory}/hub.db"
     )
     assert_one_line_error(invoke("status", "x", "-b", "mysql://localhost/db"), "Unknown backend URL")
+    misspelt = invoke("list", "-b", "postgressql://app:hunter2@db.internal/app")
+    assert_one_line_error(misspelt, "Unknown backend URL 'postgressql://app:***@db.internal/app'")
+    assert "hunter2" not in misspelt.stderr
 
 
 def test_a_postgresql_server_that_does_not_answer() -> None:

@@ -6,6 +6,7 @@ import os
 
 from dtfx.backends.base import Backend, WorkKind
 from dtfx.backends.memory import MemoryBackend
+from dtfx.backends.urls import redact
 from dtfx.core.errors import ConfigurationError
 
 DEFAULT_URL = "sqlite:///./.dtfx/taskhub.db"
@@ -34,7 +35,7 @@ def open_backend(url: str | None = None) -> Backend:
             raise ConfigurationError(str(error)) from error
         return PostgresBackend(url)
     raise ConfigurationError(
-        f"Unknown backend URL {url!r}: use memory://, sqlite:///path/to/file.db or postgresql://user@host/db"
+        f"Unknown backend URL {redact(url)!r}: use memory://, sqlite:///path/to/file.db or postgresql://user@host/db"
     )
 
 

@@ -63,6 +63,7 @@ from dtfx.backends.sql.backend import Coalesced, SqlBackend
 from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program, Step, Stepper
 from dtfx.backends.sql.rows import from_micros, to_micros
 from dtfx.backends.sql.schema import MIGRATIONS, migrate, read_version
+from dtfx.backends.urls import redact
 from dtfx.core.errors import (
     BackendError,
     BackendUnavailableError,
@@ -416,7 +417,7 @@ def parse_postgres_url(url: str) -> tuple[str, str, PoolOptions]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower().partition("+")[0]
     if scheme not in ("postgresql", "postgres"):
-        raise ConfigurationError(f"Not a PostgreSQL URL: {url!r}")
+        raise ConfigurationError(f"Not a PostgreSQL URL: {redact(url)!r}")
     options = parse_qsl(parts.query.replace("+", "%2B"), keep_blank_values=True)  # libpq's reading: no + for a space
     schema = DEFAULT_SCHEMA
     pool: dict[str, Any] = {}  # PoolOptions' fields

@@ -9,10 +9,11 @@ import typer
 
 from dtfx.backends import MemoryBackend, default_url, open_backend
 from dtfx.backends.sql.schema import MIGRATIONS
+from dtfx.backends.urls import redact
 from dtfx.cli.options import BackendUrl, JsonOutput, Verbosity
 from dtfx.cli.output import print_outcome
 from dtfx.cli.root import CommandError, configure_logging, run_async
-from dtfx.cli.session import redact, started_backend
+from dtfx.cli.session import started_backend
 
 Roles = Annotated[
     list[str] | None,

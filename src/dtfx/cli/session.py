@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 from dtfx.backends import Backend, default_url, open_backend
 from dtfx.backends.memory import MemoryBackend
+from dtfx.backends.urls import redact
 from dtfx.cli.root import CommandError, configure_logging
 from dtfx.client import AsyncClient
 from dtfx.core.errors import BackendError
@@ -51,19 +50,3 @@ async def connect(url: str | None, verbosity: int) -> AsyncIterator[AsyncClient]
                 " (sqlite:///path.db or postgresql://...)."
             )
         yield AsyncClient(backend)
-
-
-def redact(url: str) -> str:
-    """``url`` with its password, if any (``user:password@`` or a ``password=`` parameter), replaced by ``***``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        user = f"{parts.username}:***@" if parts.username else ":***@"
-        netloc = user + netloc.rpartition("@")[2]
-    query = _PASSWORD_PARAMETER.sub(r"\1***", parts.query)
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-_PASSWORD_PARAMETER = re.compile(r"((?:^|&)password=)[^&]*")

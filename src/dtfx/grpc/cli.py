@@ -13,10 +13,11 @@ from typing import Annotated
 import typer
 
 from dtfx.backends import default_url
+from dtfx.backends.urls import redact
 from dtfx.cli.options import BackendUrl, Verbosity
 from dtfx.cli.root import CommandError, configure_logging, run_async, stderr
 from dtfx.cli.serving import run_until_signalled
-from dtfx.cli.session import redact, started_backend
+from dtfx.cli.session import started_backend
 from dtfx.grpc.options import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_PORT,
