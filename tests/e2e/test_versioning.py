@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 from typing import Any
+
+import pytest
 
 import dtfx
 from dtfx import OrchestrationStatus as Status
@@ -65,7 +68,10 @@ async def test_strict_matching_with_fail_fails_other_versions(hub: Hub, app: dtf
     assert "'1.0' does not match the worker version '2.0'" in older.failure_details.message
 
 
-async def test_current_or_older_with_reject_leaves_newer_versions_to_another_worker(hub: Hub, app: dtfx.App) -> None:
+async def test_current_or_older_with_reject_leaves_newer_versions_to_another_worker(
+    hub: Hub, app: dtfx.App, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="dtfx.worker.orchestrations")
     _version_app(app)
     old_worker = VersioningOptions(
         version="1.5",
@@ -85,6 +91,8 @@ async def test_current_or_older_with_reject_leaves_newer_versions_to_another_wor
             newer = await hub.client.wait_for_orchestration_completion(newer_id, timeout=10)
     assert older.get_output() == "1.0" and same.get_output() == "1.5"
     assert newer is not None and newer.get_output() == "2.0"
+    left = [record.levelno for record in caplog.records if "Leaving it to another worker" in record.getMessage()]
+    assert left.count(logging.INFO) == 1 and left.count(logging.DEBUG) >= 2  # said once, offered again and again
 
 
 async def test_an_instance_no_worker_takes_for_its_version_can_be_terminated(hub: Hub, app: dtfx.App) -> None:

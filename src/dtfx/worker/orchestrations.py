@@ -74,6 +74,10 @@ class EpisodeOutcome:
     """The execution's span, if the worker began or changed it in this episode."""
 
 
+_REJECTED_REMEMBERED = 10_000
+"""Most instances a worker remembers having left to others for their version."""
+
+
 @dataclass
 class Abandon:
     """The executor declines the work item; offer it again after ``retry_after`` (``None``: at once)."""
@@ -649,13 +653,27 @@ class LocalRunner:
         self._versioning = versioning
         self._reject_retry_delay = reject_retry_delay
         self._running: dict[str, CachedExecution] = {}
+        self._rejected: dict[str, None] = {}
+        """The instances left to other workers for their version, the latest last: each is said
+        once at INFO (it is offered again every ``reject_retry_delay``)."""
         self._lock = threading.Lock()
-        """Guards the cache and ``_running`` (never held while orchestrator code runs)."""
+        """Guards the cache, ``_running`` and ``_rejected`` (never held while orchestrator code runs)."""
 
     @property
     def cache(self) -> InstanceCache[CachedExecution]:
         """The live orchestrations."""
         return self._cache
+
+    def _newly_rejected(self, instance_id: str) -> bool:
+        """Note that the instance is left to other workers; whether it was not already (of the
+        last :data:`_REJECTED_REMEMBERED`)."""
+        with self._lock:
+            if instance_id in self._rejected:
+                return False
+            self._rejected[instance_id] = None
+            if len(self._rejected) > _REJECTED_REMEMBERED:
+                del self._rejected[next(iter(self._rejected))]
+            return True
 
     def cached_start(self, item: OrchestrationWorkItem) -> ExecutionStarted | None:
         with self._lock:
@@ -687,7 +705,8 @@ class LocalRunner:
                 end = CompleteOrchestration(id=-1, status=OrchestrationStatus.TERMINATED, result=terminate.input)
                 return EpisodeOutcome([end], None)
             if self._versioning.failure_strategy is VersionFailureStrategy.REJECT:
-                logger.info("Instance %s: %s Leaving it to another worker.", item.instance_id, failure.message)
+                level = logging.INFO if self._newly_rejected(item.instance_id) else logging.DEBUG
+                logger.log(level, "Instance %s: %s Leaving it to another worker.", item.instance_id, failure.message)
                 return Abandon(self._reject_retry_delay)
             return _failed(failure)
 
