@@ -6,7 +6,8 @@ trace context is stored. An application that sets a provider has imported OpenTe
 first, so dtfx never imports it itself. The spans follow the official SDKs' names, so
 that native and SDK workers on one hub make the same traces:
 
-- a client's start of an orchestration is a PRODUCER span ``create_orchestration:<name>``,
+- a client's start of an orchestration is a PRODUCER span ``create_orchestration:<name>``
+  (``<name>@(<version>)`` for a version, in every span's name, as the SDKs name them),
   a child of the current span, unless the caller passes a trace context of its own (as
   the gRPC sidecar does for the SDKs, whose clients make that span themselves); the
   context is kept with the start;
@@ -62,17 +63,21 @@ def _tracer() -> trace.Tracer | None:
     return tracer
 
 
-def creation_span(name: str, instance_id: str) -> AbstractContextManager[TraceContext | None]:
+def creation_span(
+    name: str, instance_id: str, version: str | None = None
+) -> AbstractContextManager[TraceContext | None]:
     """The span of a client's start of orchestration ``name``; it gives the context to keep
     with the start (``None`` when nothing is traced)."""
     tracer = _tracer()
     if tracer is None:  # the usual case: no generator for each creation
         return nullcontext(None)
-    return _creation_span(tracer, name, instance_id)
+    return _creation_span(tracer, name, instance_id, version)
 
 
 @contextmanager
-def _creation_span(tracer: trace.Tracer, name: str, instance_id: str) -> Iterator[TraceContext | None]:
+def _creation_span(
+    tracer: trace.Tracer, name: str, instance_id: str, version: str | None
+) -> Iterator[TraceContext | None]:
     from opentelemetry.trace import SpanKind
 
     attributes = {
@@ -80,8 +85,21 @@ def _creation_span(tracer: trace.Tracer, name: str, instance_id: str) -> Iterato
         "durabletask.task.name": name,
         "durabletask.task.instance_id": instance_id,
     }
-    with tracer.start_as_current_span(f"create_orchestration:{name}", kind=SpanKind.PRODUCER, attributes=attributes):
+    span_name = _span_name("create_orchestration", name, version)
+    with tracer.start_as_current_span(span_name, kind=SpanKind.PRODUCER, attributes=_versioned(attributes, version)):
         yield _current()
+
+
+def _span_name(kind: str, name: str, version: str | None) -> str:
+    """``kind:name``, or ``kind:name@(version)`` for a version, as the SDKs name spans."""
+    return f"{kind}:{name}@({version})" if version else f"{kind}:{name}"
+
+
+def _versioned(attributes: dict[str, str], version: str | None) -> dict[str, str]:
+    """``attributes``, with the task's version if it has one."""
+    if version:
+        attributes["durabletask.task.version"] = version
+    return attributes
 
 
 def event_span(name: str, instance_id: str) -> AbstractContextManager[object]:
@@ -129,7 +147,8 @@ def activity_span(scheduled: TaskScheduled, instance_id: str) -> AbstractContext
         "durabletask.task.instance_id": instance_id,
         "durabletask.task.task_id": str(scheduled.event_id),  # a string, as the SDKs give it
     }
-    return _server_span(f"activity:{scheduled.name}", scheduled.trace_context, attributes)
+    name = _span_name("activity", scheduled.name, scheduled.version)
+    return _server_span(name, scheduled.trace_context, _versioned(attributes, scheduled.version))
 
 
 def entity_operation_span(entity_id: EntityInstanceId, operation: OperationRequest) -> AbstractContextManager[object]:
@@ -176,10 +195,10 @@ def execution_ended(started: ExecutionStarted, checkpoint: OrchestrationCheckpoi
     }
     began = started.scheduled_start_time or started.timestamp
     span = tracer.start_span(
-        f"orchestration:{started.name}",
+        _span_name("orchestration", started.name, started.version),
         context=_parent(context),
         kind=SpanKind.SERVER,
-        attributes=attributes,
+        attributes=_versioned(attributes, started.version),
         start_time=_nanoseconds(began),
     )
     if checkpoint.status == OrchestrationStatus.FAILED:

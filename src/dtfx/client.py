@@ -148,13 +148,14 @@ class AsyncClient:
         name = function_name(orchestrator)
         if not name:
             raise ValueError("An orchestration needs the name of its orchestrator; the name given is empty.")
-        traced = nullcontext(trace_context) if trace_context is not None else creation_span(name, instance_id)
+        version = version or self.default_version
+        traced = nullcontext(trace_context) if trace_context is not None else creation_span(name, instance_id, version)
         with traced as context:
             start = ExecutionStarted(
                 timestamp=self.backend.now(),
                 name=name,
                 instance=OrchestrationInstance(instance_id=instance_id, execution_id=new_token()),
-                version=version or self.default_version,
+                version=version,
                 input=self.converter.serialize(input),
                 scheduled_start_time=scheduled,
                 tags=dict(tags) if tags is not None else None,  # the caller's dict may change after the call

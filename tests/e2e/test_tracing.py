@@ -91,6 +91,13 @@ def _traced_app(app: dtfx.App, seen: list[trace.Span]) -> None:
         return (yield ctx.call_activity("shout", input="rested"))
 
     @app.orchestrator
+    def greets_then_again(ctx: dtfx.OrchestrationContext, round: int) -> Any:
+        greeting = yield ctx.call_activity("greet", input=str(round))  # eager, ahead of the first commit
+        if round < 2:
+            ctx.continue_as_new(round + 1)
+        return greeting
+
+    @app.orchestrator
     def twice(ctx: dtfx.OrchestrationContext, round: int) -> Any:
         if round < 2:
             ctx.continue_as_new(round + 1)
@@ -205,6 +212,36 @@ async def test_failed_terminated_and_continued_executions_are_spans(
     assert len(executions) == 3 and {span.parent.span_id for span in executions if span.parent} == {
         create.context.span_id
     }
+
+
+@pytest.mark.parametrize("eager", [True, False])
+async def test_each_execution_after_an_activity_and_a_continue_as_new_is_a_span(
+    hub: Hub, app: dtfx.App, spans: InMemorySpanExporter, eager: bool
+) -> None:
+    _traced_app(app, [])
+    async with hub.worker(app, options=dtfx.WorkerOptions(eager_activities=eager)):
+        with _request():
+            instance_id = await hub.client.schedule_new_orchestration("greets_then_again", input=0)
+        done = await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert done is not None and done.get_output() == "Hello, 2!"
+    found = await _ended(spans, *["orchestration:greets_then_again"] * 3, *["activity:greet"] * 3)
+    assert sum(span.name == "orchestration:greets_then_again" for span in found) == 3
+
+
+async def test_a_version_is_in_the_spans_names_and_attributes(
+    hub: Hub, app: dtfx.App, spans: InMemorySpanExporter
+) -> None:
+    _traced_app(app, [])
+    async with hub.worker(app):
+        with _request():
+            instance_id = await hub.client.schedule_new_orchestration("child", input="ada", version="2.0")
+        await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+    found = await _ended(spans, "orchestration:child@(2.0)")
+    for name in ("create_orchestration:child@(2.0)", "orchestration:child@(2.0)"):
+        attributes = _one_named(found, name).attributes
+        assert attributes is not None and attributes["durabletask.task.version"] == "2.0"
+    activity = _one_named(found, "activity:shout").attributes  # an activity has a version of its own: none
+    assert activity is not None and "durabletask.task.version" not in activity
 
 
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "replayed"])

@@ -337,7 +337,10 @@ class OrchestrationProcessor:
             else:
                 self._doubt(item, recorded, eager)
             raise
-        self._runner.finished(item, checkpoint, result is not CommitResult.LOST)
+        if ran is None or result is CommitResult.LOST:
+            self._runner.finished(item, checkpoint, result is not CommitResult.LOST)
+        # Else its activity ran ahead, and the episode that follows: the runner went on from
+        # this checkpoint then (_going_on), and the commit of that episode settles the rest.
         return await self._lease_kept(lane, item, result, eager, ran, recorded)
 
     async def _lease_kept(
