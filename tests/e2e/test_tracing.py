@@ -244,6 +244,31 @@ async def test_a_version_is_in_the_spans_names_and_attributes(
     assert activity is not None and "durabletask.task.version" not in activity
 
 
+async def test_executions_that_end_before_any_of_their_code_runs_are_spans(
+    hub: Hub, app: dtfx.App, spans: InMemorySpanExporter
+) -> None:
+    """Not registered, of a version the worker fails, terminated before they started."""
+    _traced_app(app, [])
+    strict = dtfx.VersioningOptions(
+        version="1.0",
+        match_strategy=dtfx.VersionMatchStrategy.STRICT,
+        failure_strategy=dtfx.VersionFailureStrategy.FAIL,
+    )
+    with _request():
+        unknown = await hub.client.schedule_new_orchestration("nobody_registered_this")
+        too_new = await hub.client.schedule_new_orchestration("child", input="x", version="2.0")
+        stopped = await hub.client.schedule_new_orchestration("waits", version="1.0")
+    await hub.client.terminate_orchestration(stopped, output="never mind")
+    async with hub.worker(app, versioning=strict):
+        for instance_id in (unknown, too_new, stopped):
+            await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+    names = ["orchestration:nobody_registered_this", "orchestration:child@(2.0)", "orchestration:waits@(1.0)"]
+    found = await _ended(spans, *names)
+    statuses = [(_one_named(found, name).attributes or {}).get("durabletask.task.status") for name in names]
+    assert statuses == ["Failed", "Failed", "Terminated"]
+    assert _one_named(found, names[0]).status.status_code == StatusCode.ERROR
+
+
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "replayed"])
 async def test_timers_and_events_are_spans_made_once(
     hub: Hub, app: dtfx.App, spans: InMemorySpanExporter, cached: bool

@@ -74,6 +74,14 @@ class EpisodeOutcome:
     """The execution's span, if the worker began or changed it in this episode."""
 
 
+def ended_unrun(checkpoint: OrchestrationCheckpoint) -> None:
+    """Trace the end of an execution that ended in its first episode without running its
+    orchestrator (not registered, a version it may not run, terminated before it started)."""
+    started = next((e for e in checkpoint.new_history if isinstance(e, ExecutionStarted)), None)
+    if started is not None:
+        execution_ended(started, checkpoint)
+
+
 _REJECTED_REMEMBERED = 10_000
 """Most instances a worker remembers having left to others for their version."""
 
@@ -211,7 +219,8 @@ class OrchestrationProcessor:
         if plan.kind is EpisodeKind.CHECKPOINT:
             assert plan.checkpoint is not None
             self._runner.finished(item, None, False)
-            await self._commit(item, plan.checkpoint)
+            if await self._commit(item, plan.checkpoint) is not CommitResult.LOST:
+                ended_unrun(plan.checkpoint)
             return
 
         started = cached or _find_start([*(history or []), *plan.new_events])
@@ -737,9 +746,14 @@ class LocalRunner:
     ) -> None:
         with self._lock:
             entry = self._running.pop(item.instance_id, None)
-            if entry is None or checkpoint is None or not committed:
+            if entry is not None and checkpoint is not None and committed:
+                self._cache.keep(item, entry, checkpoint, ended=entry.executor.is_complete)
+            else:
                 self._cache.evict(item.instance_id)
-                return
-            self._cache.keep(item, entry, checkpoint, ended=entry.executor.is_complete)
+        if checkpoint is None or not committed:
+            return
+        if entry is None:  # no orchestrator code ran
+            ended_unrun(checkpoint)
+            return
         execution_ended(entry.started, checkpoint)
         episode_traced(entry.started, item.instance_id, entry.executor.take_traced())
