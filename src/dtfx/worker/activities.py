@@ -263,7 +263,8 @@ async def _awaited(awaitable: Awaitable[Any]) -> Any:
 
 def _failed(item: ActivityWorkItem, error: BaseException, now: datetime) -> TaskFailed:
     scheduled = item.task.event
-    logger.debug("Activity %s #%d failed", scheduled.name, scheduled.event_id, exc_info=True)
+    instance_id = item.task.instance_id
+    logger.debug("Activity %s #%d of %s failed", scheduled.name, scheduled.event_id, instance_id, exc_info=True)
     return TaskFailed(
         timestamp=now,
         task_scheduled_id=scheduled.event_id,
