@@ -148,6 +148,10 @@ async def test_what_user_code_raises_that_is_no_exception_fails_its_task_and_the
     async def async_raiser(ctx: dtfx.ActivityContext, kind: str) -> None:
         raise ESCAPING[kind]()
 
+    @app.activity
+    def coroutine_raiser(ctx: dtfx.ActivityContext, kind: str) -> Any:  # a sync function that returns one
+        return async_raiser(ctx, kind)
+
     @app.orchestrator
     def calls(ctx: dtfx.OrchestrationContext, job: list[str]) -> Any:
         activity, kind = job
@@ -158,29 +162,38 @@ async def test_what_user_code_raises_that_is_no_exception_fails_its_task_and_the
         return "no failure"
 
     @app.entity
-    def exiting(ctx: dtfx.EntityContext, kind: str) -> None:
+    def exiting(ctx: dtfx.EntityContext, kind: str) -> Any:
+        async def exits() -> None:  # awaited on the worker's loop
+            raise ESCAPING[kind]()
+
+        if ctx.operation == "later":
+            return exits()
         raise ESCAPING[kind]()
 
     @app.orchestrator
     def operates(ctx: dtfx.OrchestrationContext, kind: str) -> Any:
-        try:
-            yield ctx.call_entity(dtfx.EntityInstanceId("exiting", kind), "any", kind)
-        except dtfx.TaskFailedError as error:
-            return error.details.error_type
-        return "no failure"
+        failures = []
+        for operation in ("now", "later"):
+            try:
+                yield ctx.call_entity(dtfx.EntityInstanceId("exiting", kind), operation, kind)
+            except dtfx.TaskFailedError as error:
+                failures.append(error.details.error_type)
+        return failures
 
     @app.orchestrator
     def raises(ctx: dtfx.OrchestrationContext, kind: str) -> Any:
         yield ctx.create_timer(timedelta(0))
         raise ESCAPING[kind]()
 
-    jobs = [[activity, kind] for activity in ("sync_raiser", "async_raiser") for kind in ESCAPING]
+    jobs = [[activity, kind] for activity in ("sync_raiser", "async_raiser", "coroutine_raiser") for kind in ESCAPING]
     async with hub.worker(app, options=dtfx.WorkerOptions(eager_activities=eager)):
         caught = [(await hub.run(calls, job)).get_output() for job in jobs]
-        caught += [(await hub.run(operates, kind)).get_output() for kind in ESCAPING]
+        operated = [(await hub.run(operates, kind)).get_output() for kind in ESCAPING]
         failed = [await hub.run(raises, kind) for kind in ESCAPING]
-    expected = [ESCAPING[kind].__qualname__ for kind in [*(kind for _, kind in jobs), *ESCAPING]]
-    assert [error_type.rsplit(".", 1)[-1] for error_type in caught] == expected
+    assert [error_type.rsplit(".", 1)[-1] for error_type in caught] == [ESCAPING[kind].__qualname__ for _, kind in jobs]
+    assert [[error_type.rsplit(".", 1)[-1] for error_type in pair] for pair in operated] == [
+        [error.__qualname__] * 2 for error in ESCAPING.values()
+    ]
     for state, kind in zip(failed, ESCAPING, strict=True):
         assert state.runtime_status == Status.FAILED and state.failure_details is not None
         assert state.failure_details.is_caused_by(ESCAPING[kind])

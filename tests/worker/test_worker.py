@@ -14,6 +14,7 @@ from dtfx.backends.base import Backend
 from dtfx.backends.memory import MemoryBackend
 from dtfx.core.errors import BackendUnavailableError
 from dtfx.core.workitems import ActivityWorkItem, OrchestrationWorkItem
+from tests.worker.test_dispatcher import until
 
 
 async def test_activity_concurrency_limit_is_respected() -> None:
@@ -391,3 +392,90 @@ async def test_an_activity_that_awaits_the_stop_of_its_own_worker_is_told_it_can
         state = await dtfx.AsyncClient(backend).wait_for_orchestration_completion(instance_id, timeout=10)
         assert worker.is_running
     assert state is not None and "cannot await the stop of the worker that runs it" in state.get_output()
+
+
+async def test_an_activity_may_start_the_stop_of_its_own_worker_as_a_task_of_its_own() -> None:
+    app = dtfx.App()
+    workers: list[dtfx.Worker] = []
+    stopping: list[asyncio.Task[None]] = []
+
+    @app.activity
+    async def stopper(ctx: dtfx.ActivityContext, _: Any) -> str:
+        stopping.append(asyncio.create_task(workers[0].stop_async(grace_period=5)))
+        return "asked"
+
+    @app.orchestrator
+    def stop_me(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(stopper))
+
+    backend = MemoryBackend()
+    worker = dtfx.Worker(backend, app=app)
+    workers.append(worker)
+    await worker.start_async()
+    await dtfx.AsyncClient(backend).schedule_new_orchestration(stop_me)
+    await until(lambda: bool(stopping))
+    await asyncio.wait_for(stopping[0], 10)  # it stopped: no RuntimeError, no wait on itself
+    assert not worker.is_running
+
+
+async def test_an_activity_that_cancels_its_own_task_is_offered_again_after_a_back_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not at once, tens of thousands of times a second: no stop cancelled it."""
+    app = dtfx.App()
+    runs: list[int] = []
+
+    @app.activity
+    async def self_cancelling(ctx: dtfx.ActivityContext, _: Any) -> None:
+        runs.append(ctx.attempt)
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await asyncio.sleep(1)
+
+    @app.orchestrator
+    def calls_it(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(self_cancelling))
+
+    backend = MemoryBackend()
+    options = dtfx.WorkerOptions(eager_activities=False, backoff_initial=timedelta(milliseconds=20))
+    async with dtfx.Worker(backend, app=app, options=options) as worker:
+        await dtfx.AsyncClient(backend).schedule_new_orchestration(calls_it)
+        await until(lambda: len(runs) >= 3)
+        assert worker.is_running
+    offered = [r.getMessage() for r in caplog.records if "offering it again in" in r.getMessage()]
+    assert [message.rsplit(" ", 1)[-1] for message in offered[:3]] == ["0.0s", "0.0s", "0.1s"]  # 20, 40, 80 ms
+
+
+async def test_a_stop_is_no_failure_of_the_activity_it_cancels_whatever_the_activity_makes_of_it() -> None:
+    app = dtfx.App()
+    started = asyncio.Event()
+    runs: list[int] = []
+
+    @app.activity
+    async def aborts_on_cancel(ctx: dtfx.ActivityContext, _: Any) -> str:
+        runs.append(ctx.attempt)
+        if len(runs) > 1:
+            return "done"
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise RuntimeError("request aborted") from None  # as an HTTP client's wrapper may
+        return "slept"
+
+    @app.orchestrator
+    def calls_it(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(aborts_on_cancel))
+
+    backend = MemoryBackend()
+    options = dtfx.WorkerOptions(eager_activities=False, lease_duration=timedelta(seconds=3))
+    client = dtfx.AsyncClient(backend)
+    worker = dtfx.Worker(backend, app=app, options=options)
+    await worker.start_async()
+    instance_id = await client.schedule_new_orchestration(calls_it)
+    await asyncio.wait_for(started.wait(), 10)
+    await worker.stop_async(grace_period=0.1)  # cancels it
+    async with dtfx.Worker(backend, app=app, options=options):
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == "done"  # run again, not failed

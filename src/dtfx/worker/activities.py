@@ -9,7 +9,6 @@ SDK worker.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,7 +21,6 @@ from dtfx._tracing import activity_span
 from dtfx.backends.base import Backend
 from dtfx.core.activity import ActivityContext
 from dtfx.core.errors import (
-    USER_CODE_ERRORS,
     BackendUnavailableError,
     NonRetriableError,
     NotRegisteredError,
@@ -35,6 +33,7 @@ from dtfx.worker.commit import GroupCommitter
 from dtfx.worker.leases import Lease, keep_lease
 from dtfx.worker.orchestrations import Abandon
 from dtfx.worker.registry import Registry
+from dtfx.worker.user_code import awaited, called, escaped
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +116,6 @@ class ActivityProcessor:
         del self._in_doubt[item.lock_token]
 
 
-RUNNING_ON: contextvars.ContextVar[LocalActivityRunner | None] = contextvars.ContextVar("RUNNING_ON", default=None)
-"""The runner of the async activity whose code runs now (``None``: none's)."""
-
-
 class LocalActivityRunner:
     """Runs registered Python activities (sync ones in a thread pool); an exception becomes a ``TaskFailed``."""
 
@@ -138,6 +133,8 @@ class LocalActivityRunner:
         self._clock = clock
         self._kinds: dict[str, tuple[Any, bool]] = {}
         """Activity name -> (function, whether it is a coroutine function): looked up once."""
+        self.running_tasks: set[asyncio.Task[Any] | None] = set()
+        """The tasks running activities now (whose code, on the loop, must not await the worker's stop)."""
 
     async def run(self, item: ActivityWorkItem, lease: Lease | None = None) -> TaskCompleted | TaskFailed | Abandon:
         try:
@@ -164,10 +161,8 @@ class LocalActivityRunner:
             return self._completed(item, result)
         except _LeaseLostError:
             raise
-        except _EscapedError as escaped:
-            return _failed(item, escaped.error, self._clock())
         except Exception as error:
-            return _failed(item, error, self._clock())
+            return _failed(item, escaped(error), self._clock())
 
     def runs_here(self, name: str) -> bool:
         """Whether :meth:`run_here` can run the activity ``name``: a registered function that is
@@ -181,12 +176,12 @@ class LocalActivityRunner:
         try:
             activity, context, value = self._prepare(item)
             with activity_span(item.task.event, item.task.instance_id):
-                result = activity(context, value)
+                result = called(activity, context, value)
                 if inspect.isawaitable(result):
-                    result = asyncio.run_coroutine_threadsafe(_awaited(result), loop).result()
+                    result = asyncio.run_coroutine_threadsafe(awaited(result), loop).result()
             return self._completed(item, result)
-        except USER_CODE_ERRORS as error:  # on a worker thread: none is the worker's
-            return _failed(item, error, self._clock())
+        except Exception as error:
+            return _failed(item, escaped(error), self._clock())
 
     def _prepare(self, item: ActivityWorkItem) -> tuple[Any, ActivityContext, Any]:
         """The activity, its context and its input."""
@@ -212,53 +207,27 @@ class LocalActivityRunner:
         return known[1]
 
     async def _call(self, activity: Any, context: ActivityContext, value: Any, lease: Lease | None) -> Any:
-        if self._is_async(context.name, activity):
-            running = RUNNING_ON.set(self)
-            try:
-                return await activity(context, value)
-            except asyncio.CancelledError as error:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():  # the worker's (a stop, say), not the activity's own
-                    raise
-                raise _EscapedError(error) from None
-            except (GeneratorExit, SystemExit) as error:
-                raise _EscapedError(error) from None
-            finally:
-                RUNNING_ON.reset(running)
-        loop = asyncio.get_running_loop()
-        result = await in_context_on(loop, self.thread_pool, _unless_lost, lease, activity, context, value)
-        if inspect.isawaitable(result):
-            result = await result
-        return result
+        task = asyncio.current_task()
+        self.running_tasks.add(task)
+        try:
+            if self._is_async(context.name, activity):
+                return await awaited(activity(context, value))
+            loop = asyncio.get_running_loop()
+            result = await in_context_on(loop, self.thread_pool, _unless_lost, lease, activity, context, value)
+            return await awaited(result) if inspect.isawaitable(result) else result
+        finally:
+            self.running_tasks.discard(task)
 
 
 class _LeaseLostError(Exception):
     """The activity's lease was lost before a thread took it up."""
 
 
-class _EscapedError(Exception):
-    """What an activity raised that is no ``Exception`` (:data:`USER_CODE_ERRORS`), carried to
-    the loop as one: a ``CancelledError`` would read there as the worker's own cancellation."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 def _unless_lost(lease: Lease | None, activity: Any, context: ActivityContext, value: Any) -> Any:
     """Run the activity on this thread, unless its lease was lost while it waited for one."""
     if lease is not None and lease.lost:
         raise _LeaseLostError
-    try:
-        return activity(context, value)
-    except Exception:
-        raise
-    except USER_CODE_ERRORS as error:
-        raise _EscapedError(error) from None
-
-
-async def _awaited(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
+    return called(activity, context, value)
 
 
 def _failed(item: ActivityWorkItem, error: BaseException, now: datetime) -> TaskFailed:

@@ -238,8 +238,12 @@ class WorkItemDispatcher(Generic[T]):
             if self._failing:
                 self._failing.pop(self._describe(item), None)
         except asyncio.CancelledError:
-            await self._release_once_possible(item)
-            raise
+            task = asyncio.current_task()
+            if self._running and task is not None and task.cancelling() and task.uncancel() == 0:
+                await self._failed(item)  # no stop cancelled it: the work item's own code did, its task
+            else:  # a stop: cancelled, or its work was still waiting for a thread
+                await self._release_once_possible(item)
+                raise
         except BackendUnavailableError as error:
             # The store failed, not the item: the release waits until the store answers again,
             # and fetches back off while it does not. A group commit's failure reaches each of
@@ -249,17 +253,22 @@ class WorkItemDispatcher(Generic[T]):
             logger.log(level, "%s: processing %s failed (%s)", self.name, self._describe(item), error)
             await self._release_once_possible(item)
         except Exception:
-            described = self._describe(item)
-            backoff = self._failing.pop(described, None) or Backoff(*self._release_backoff)
-            self._failing[described] = backoff  # the most recent last
-            if len(self._failing) > _MAX_FAILING:
-                del self._failing[next(iter(self._failing))]
-            delay = backoff.failed()
-            logger.exception("%s: processing %s failed; offering it again in %.1fs", self.name, described, delay)
-            await self._release_once_possible(item, timedelta(seconds=delay))
+            await self._failed(item)
         finally:
             self._in_flight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             self._slot_freed.set()
+
+    async def _failed(self, item: T) -> None:
+        """Release a work item whose processing failed for a reason of its own (logged with its
+        traceback) to be offered again after its back-off."""
+        described = self._describe(item)
+        backoff = self._failing.pop(described, None) or Backoff(*self._release_backoff)
+        self._failing[described] = backoff  # the most recent last
+        if len(self._failing) > _MAX_FAILING:
+            del self._failing[next(iter(self._failing))]
+        delay = backoff.failed()
+        logger.exception("%s: processing %s failed; offering it again in %.1fs", self.name, described, delay)
+        await self._release_once_possible(item, timedelta(seconds=delay))
 
     async def _release_once_possible(self, item: T, retry_after: timedelta | None = None) -> None:
         """Release ``item`` (to be offered again after ``retry_after``; ``None``: at once), trying

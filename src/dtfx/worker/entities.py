@@ -27,13 +27,14 @@ from dtfx.core.entities import (
     plan_batch,
 )
 from dtfx.core.entity_context import DurableEntity, EntityBatchState, EntityContext
-from dtfx.core.errors import USER_CODE_ERRORS, NotRegisteredError
+from dtfx.core.errors import NotRegisteredError
 from dtfx.core.history import FailureDetails
 from dtfx.core.serialization import DataConverter, input_type_of, parameter_types
 from dtfx.core.workitems import CommitResult, OrchestrationCheckpoint, OrchestrationWorkItem
 from dtfx.worker.commit import GroupCommitter
 from dtfx.worker.orchestrations import Abandon
 from dtfx.worker.registry import Registry
+from dtfx.worker.user_code import awaited, called, escaped
 
 logger = logging.getLogger(__name__)
 
@@ -116,15 +117,15 @@ class LocalEntityRunner:
                 with entity_operation_span(entity_id, operation):
                     traced = current_trace_context()  # the operation's span, when it has one
                     context = EntityContext(entity_id, operation.operation, batch, self._converter, traced)
-                    output = self._invoke(entity, context, operation.input)
+                    output = called(self._invoke, entity, context, operation.input)
                     if inspect.isawaitable(output):
-                        output = asyncio.run_coroutine_threadsafe(_awaited(output), loop).result()
+                        output = asyncio.run_coroutine_threadsafe(awaited(output), loop).result()
                 results.append(OperationResult(output=self._converter.serialize(output)))
-            except USER_CODE_ERRORS as error:  # on a thread of the pool: none is the worker's
+            except Exception as error:  # on a thread of the pool: none is the worker's
                 logger.debug("Entity %s: operation %s failed", entity_id, operation.operation, exc_info=True)
                 batch.state = saved_state
                 del batch.actions[saved_actions:]
-                results.append(OperationResult(failure=FailureDetails.from_exception(error)))
+                results.append(OperationResult(failure=FailureDetails.from_exception(escaped(error))))
         return BatchResult(batch.state, results, batch.actions)
 
     def _invoke(self, entity: Any, context: EntityContext, payload: str | None) -> Any:
@@ -138,10 +139,6 @@ class LocalEntityRunner:
             return method(self._converter.deserialize(payload, types[0]))
         value = self._converter.deserialize(payload, input_type_of(entity))
         return entity(context, value)
-
-
-async def _awaited(awaitable: Any) -> Any:
-    return await awaitable
 
 
 _HELPERS = frozenset(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
@@ -19,7 +20,7 @@ from dtfx.core.workitems import (
     OrchestrationCheckpoint,
     OrchestrationWorkItem,
 )
-from dtfx.worker.activities import RUNNING_ON, ActivityProcessor, LocalActivityRunner
+from dtfx.worker.activities import ActivityProcessor, LocalActivityRunner
 from dtfx.worker.commit import GroupCommitter
 from dtfx.worker.dispatcher import WorkItemDispatcher
 from dtfx.worker.eager import EagerActivities
@@ -254,10 +255,10 @@ class Worker(BackgroundRunnable):
         """
         if not self._started:
             return
-        if RUNNING_ON.get() is self._activity_runner:
+        if asyncio.current_task() in self._activity_runner.running_tasks:
             raise RuntimeError(
                 "An activity cannot await the stop of the worker that runs it: the stop would wait for the"
-                " activity. Start it as a task of its own (asyncio.create_task(worker.stop_async()))."
+                " activity. Start it as a task of its own (asyncio.create_task(worker.stop_async())), not awaited."
             )
         self._started = False
         self._gc_pace.give_back()
