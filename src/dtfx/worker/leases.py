@@ -26,9 +26,10 @@ async def keep_lease(
 
     ``renew`` extends the lease and returns False once it was lost; renewing then
     stops (the work item's commit will fail and another worker redoes it) and the
-    :class:`Lease` the block gets says so. ``what`` names the work item in log messages.
-    A block that ends within the first third costs only a timer: most work items never
-    need a renewal.
+    :class:`Lease` the block gets says so. A renewal that fails (raises) is tried again at
+    the next third, until a whole lease has passed since the last one went through.
+    ``what`` names the work item in log messages. A block that ends within the first third
+    costs only a timer: most work items never need a renewal.
     """
     loop = asyncio.get_running_loop()
     interval = lease_duration.total_seconds() / 3
@@ -36,11 +37,20 @@ async def keep_lease(
     lease = Lease()
 
     async def renew_periodically() -> None:
+        renewed = loop.time()
         while True:
-            if not await renew():
-                lease.lost = True
-                logger.warning("%s: lease lost while running", what)
-                return
+            try:
+                if not await renew():
+                    lease.lost = True
+                    logger.warning("%s: lease lost while running", what)
+                    return
+                renewed = loop.time()
+            except Exception as error:  # the store away for a moment, say: the lease may hold still
+                if loop.time() - renewed >= lease_duration.total_seconds():
+                    lease.lost = True
+                    logger.warning("%s: lease lost while running: it could not be renewed (%s)", what, error)
+                    return
+                logger.warning("%s: renewing the lease failed (%s); trying again", what, error)
             await asyncio.sleep(interval)
 
     def start_renewing() -> None:
