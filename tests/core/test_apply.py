@@ -20,6 +20,7 @@ from dtfx.core.apply import EpisodeKind, apply_actions, needs_history, plan_epis
 from dtfx.core.errors import UnstorableValueError
 from dtfx.core.history import (
     EventRaised,
+    EventSent,
     ExecutionCompleted,
     ExecutionResumed,
     ExecutionRewound,
@@ -192,6 +193,20 @@ def test_actions_a_task_hub_cannot_store_fail_the_orchestration(
     assert what in checkpoint.failure_details.message and checkpoint.custom_status is None
     escaped = [ScheduleTask(id=1, name="act", input='"a\\u0000b"')]  # JSON's way of writing it: stored
     assert apply_actions(item(raised()), start(), new_events, escaped, None, [0], NOW).status == Status.RUNNING
+
+
+def test_events_and_terminations_for_ids_no_instance_can_have_go_nowhere() -> None:
+    """As to an instance that is gone (the store could not even look such an id up)."""
+    new_events = [OrchestratorStarted(timestamp=NOW), raised()]
+    actions = [
+        SendEvent(id=1, instance_id="tar\x00get", name="hello"),
+        TerminateOrchestration(id=2, instance_id="", reason="why"),
+        SendEvent(id=3, instance_id="target", name="hello"),
+    ]
+    checkpoint = apply_actions(item(raised()), start(), new_events, actions, None, [0], NOW)
+    assert checkpoint.status == Status.RUNNING
+    assert [e.instance_id for e in checkpoint.new_history if isinstance(e, EventSent)] == ["tar\x00get", "target"]
+    assert [message.instance_id for message in checkpoint.messages] == ["target"]
 
 
 def test_apply_turns_actions_into_history_tasks_and_messages() -> None:

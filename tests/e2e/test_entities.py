@@ -204,10 +204,27 @@ async def test_an_entity_cannot_start_an_orchestration_under_a_bad_id(hub: Hub, 
                 outcomes.append(error.details.error_type)
         return outcomes
 
+    @app.entity
+    def named_starter(ctx: dtfx.EntityContext, name: str) -> str:
+        return ctx.schedule_new_orchestration(name, "ann", instance_id=f"named-{len(name)}")
+
+    @app.orchestrator
+    def start_named(ctx: dtfx.OrchestrationContext, names: list[str]) -> Any:
+        outcomes = []
+        for name in names:
+            try:
+                outcomes.append((yield ctx.call_entity(EntityInstanceId("named_starter", "k"), "start", name)))
+            except dtfx.EntityOperationFailedError as error:
+                outcomes.append(error.details.error_type)
+        return outcomes
+
     async with hub.worker(app):
         state = await hub.run(start_all, ["bad\x00id", "@greet@x", "good"])
         await hub.wait_for_state("good", lambda s: s.runtime_status.is_terminal)
         metadata = await hub.client.get_entity(EntityInstanceId("starter", "k"))
+        named = await hub.run(start_named, ["gr\x00eet", "greet"])  # no store keeps a NUL: the entity goes on
+        await hub.wait_for_state("named-5", lambda s: s.runtime_status.is_terminal)
+    assert named.get_output() == ["ValueError", "named-5"]
     refused = "dtfx.core.errors.InvalidInstanceIdError"
     assert state.get_output() == [refused, refused, "good"]
     assert metadata is not None and metadata.get_state() == "good"

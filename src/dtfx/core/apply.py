@@ -66,7 +66,7 @@ from dtfx.core.history import (
     TimerFired,
     qualified_name,
 )
-from dtfx.core.instance_ids import orchestration_id_error
+from dtfx.core.instance_ids import instance_id_error, orchestration_id_error
 from dtfx.core.tokens import new_token
 from dtfx.core.workitems import (
     ActivityTask,
@@ -299,11 +299,13 @@ def apply_actions(
                     input=action.data,
                 )
             )
-            raised = EventRaised(timestamp=now, name=action.name, input=action.data)
-            messages.append(OutboundMessage(action.instance_id, raised))
+            if instance_id_error(action.instance_id) is None:  # else no instance has it: as to one that is gone
+                raised = EventRaised(timestamp=now, name=action.name, input=action.data)
+                messages.append(OutboundMessage(action.instance_id, raised))
         elif isinstance(action, TerminateOrchestration):
-            terminated = ExecutionTerminated(timestamp=now, input=action.reason, recurse=action.recurse)
-            messages.append(OutboundMessage(action.instance_id, terminated))
+            if instance_id_error(action.instance_id) is None:
+                terminated = ExecutionTerminated(timestamp=now, input=action.reason, recurse=action.recurse)
+                messages.append(OutboundMessage(action.instance_id, terminated))
         elif isinstance(action, SendEntityMessage):
             event = action.event
             if isinstance(event, EntityOperationSignaled | EntityOperationCalled) and event.trace_context is None:

@@ -94,10 +94,13 @@ class EntityContext:
     ) -> str:
         """Start an orchestration once this operation succeeds; returns its instance id.
 
-        An id no orchestration can have raises :class:`~dtfx.InvalidInstanceIdError` (the
-        operation then fails, and its changes are rolled back).
+        An id no orchestration can have raises :class:`~dtfx.InvalidInstanceIdError`, and a name
+        with a NUL character, which no task hub stores, ``ValueError`` (the operation then
+        fails, and its changes are rolled back).
         """
         instance_id = uuid.uuid4().hex if instance_id is None else check_orchestration_id(instance_id)
+        if "\x00" in orchestration_name:
+            raise ValueError(f"An orchestrator's name cannot hold a NUL character ({orchestration_name!r}).")
         self._batch.actions.append(
             StartOrchestration(
                 instance_id, orchestration_name, self._converter.serialize(input), trace_context=self._trace_context
