@@ -404,6 +404,52 @@ async def test_a_rewind_reaches_the_failed_child_with_its_reason(hub: Hub, app: 
     assert _rewinds(await hub.client.get_orchestration_history("fam-child")) == ["mended"]
 
 
+async def test_a_rewind_asks_again_for_what_had_not_come_back_when_the_instance_failed(hub: Hub, app: dtfx.App) -> None:
+    """An activity, a timer and a sub-orchestration still under way then: their news reached
+    a FAILED instance, which dropped it. So does an event raised along with the rewind."""
+    _waiter_app(app)
+    broken = {"value": True}
+    slow_may_finish = asyncio.Event()
+
+    @app.activity
+    def fails_fast(ctx: dtfx.ActivityContext, _: Any) -> str:
+        if broken["value"]:
+            raise RuntimeError("broken")
+        return "fast"
+
+    @app.activity
+    async def slow(ctx: dtfx.ActivityContext, _: Any) -> str:
+        await slow_may_finish.wait()
+        return "slow"
+
+    @app.orchestrator
+    def many_at_once(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        fast = ctx.call_activity(fails_fast)
+        rest = [
+            ctx.call_activity(slow),
+            ctx.create_timer(timedelta(milliseconds=100)),
+            ctx.call_sub_orchestrator("waiter", instance_id="many-child"),
+        ]
+        first = yield fast  # fails the instance while the rest are under way
+        others = yield dtfx.when_all(rest)
+        approval = yield ctx.wait_for_external_event("approve")
+        return [first, others[0], others[2], approval]
+
+    async with hub.worker(app):
+        failed = await hub.run(many_at_once, instance_id="many")
+        assert failed.runtime_status == Status.FAILED
+        slow_may_finish.set()  # its result, the timer's and the child's reach the FAILED parent
+        await hub.client.raise_orchestration_event("many-child", "go", data="child")
+        await hub.wait_for_state("many-child", lambda s: s.runtime_status == Status.COMPLETED)
+        await asyncio.sleep(0.2)
+    broken["value"] = False
+    await hub.client.rewind_orchestration("many")
+    await hub.client.raise_orchestration_event("many", "approve", data="yes")  # with the rewind, in one work item
+    async with hub.worker(app):
+        state = await hub.client.wait_for_orchestration_completion("many", timeout=10)
+    assert state is not None and state.get_output() == ["fast", "slow", "child", "yes"]
+
+
 async def test_rewinding_a_parent_whose_failed_child_was_purged_fails_it_again(hub: Hub, app: dtfx.App) -> None:
     broken, calls = {"value": True}, {"steady": 0}
     _rewound_family(app, broken, calls)

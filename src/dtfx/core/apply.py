@@ -60,6 +60,7 @@ from dtfx.core.history import (
     SubOrchestrationInstanceCompleted,
     SubOrchestrationInstanceCreated,
     SubOrchestrationInstanceFailed,
+    TaskCompleted,
     TaskFailed,
     TaskScheduled,
     TimerCreated,
@@ -151,7 +152,8 @@ def plan_episode(item: OrchestrationWorkItem, history: Sequence[HistoryEvent] | 
     rewind = next((e for e in events if isinstance(e, ExecutionRewound)), None)
     if rewind is not None:
         if history and _failed(history):
-            return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=rewind_checkpoint(item, history, consumed, now))
+            rewinds = [m.id for m in item.messages if isinstance(m.event, ExecutionRewound | GenericEvent)]
+            return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=rewind_checkpoint(item, history, rewinds, now))
         if rewind.parent is not None and state.runtime_status.is_terminal and history:
             checkpoint = unchanged_checkpoint(item, consumed, now)
             checkpoint.messages.extend(_outcome_again(history, rewind.parent, item.instance_id, now))
@@ -555,6 +557,10 @@ def _outcome_again(
     return [_notify_parent(parent, completion, instance_id, now)]
 
 
+_ANSWERS = (TaskCompleted, TaskFailed, SubOrchestrationInstanceCompleted, SubOrchestrationInstanceFailed)
+"""The events that bring back what an activity or a sub-orchestration came to."""
+
+
 def open_children(history: Sequence[HistoryEvent]) -> list[str]:
     """Ids of sub-orchestrations created in ``history`` that have not reported back."""
     refused = _refused_starts(history)
@@ -615,34 +621,41 @@ def rewind_checkpoint(
     Failed activities lose their ``TaskScheduled`` and ``TaskFailed`` events, so the
     replay schedules them again; failed sub-orchestrations lose their failure and are
     rewound themselves (one whose start was refused never existed: it is asked for again,
-    like an activity). An attempt that a retry policy retried stays: the retry chain
-    replays as before and only its last attempt runs again. The ``ExecutionRewound`` is
-    kept at the end of the history, with its reason; the execution id stays.
+    like an activity). What had not come back when the execution failed, whose news the
+    FAILED instance then dropped, is asked for again too: an activity or a timer, by the
+    replay; a sub-orchestration, by the rewind sent to it, which it answers with its
+    outcome if it has ended otherwise than FAILED. An attempt that a retry policy retried
+    stays: the retry chain replays as before and only its last attempt runs again. The
+    ``ExecutionRewound`` is kept at the end of the history, with its reason; the execution
+    id stays. Only ``consumed`` messages are consumed: an event that came with the rewind
+    waits for the episodes that follow.
     """
     retried = {event.retry_of for event in history if isinstance(event, TimerCreated) and event.retry_of is not None}
-    failed_tasks = {
-        event.task_scheduled_id
-        for event in history
-        if isinstance(event, TaskFailed) and event.task_scheduled_id not in retried
-    }
+    answered = {event.task_scheduled_id for event in history if isinstance(event, _ANSWERS)}
+    fired = {event.timer_id for event in history if isinstance(event, TimerFired)}
+    again = {event.task_scheduled_id for event in history if isinstance(event, TaskFailed)} - retried
+    again |= {event.event_id for event in history if isinstance(event, TaskScheduled)} - answered
+    again |= {event.event_id for event in history if isinstance(event, TimerCreated)} - fired
     failed_children = {
         event.task_scheduled_id
         for event in history
         if isinstance(event, SubOrchestrationInstanceFailed) and event.task_scheduled_id not in retried
     }
+    open_children = {event.event_id for event in history if isinstance(event, SubOrchestrationInstanceCreated)}
+    open_children -= answered
     refused = _refused_starts(history)
     kept: list[HistoryEvent] = []
     children: dict[str, int] = {}
     for event in history:
         if isinstance(event, ExecutionCompleted):
             continue
-        if isinstance(event, TaskFailed | TaskScheduled):
-            task_id = event.task_scheduled_id if isinstance(event, TaskFailed) else event.event_id
-            if task_id in failed_tasks:
-                continue
+        if isinstance(event, TaskFailed) and event.task_scheduled_id in again:
+            continue
+        if isinstance(event, TaskScheduled | TimerCreated) and event.event_id in again:
+            continue
         if isinstance(event, SubOrchestrationInstanceFailed) and event.task_scheduled_id in failed_children:
             continue
-        if isinstance(event, SubOrchestrationInstanceCreated) and event.event_id in failed_children:
+        if isinstance(event, SubOrchestrationInstanceCreated) and event.event_id in failed_children | open_children:
             if event.event_id in refused:  # it never existed: like a failed activity, the replay asks for it again
                 continue
             children.setdefault(event.instance_id, event.event_id)
