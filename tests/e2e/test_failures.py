@@ -132,6 +132,37 @@ async def test_an_activity_name_no_store_can_hold_fails_the_instance_and_the_wor
     assert after.get_output() == "fine"
 
 
+NOT_UTF8 = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
+"""What ``os.listdir()`` makes of a file name in Latin-1: a lone surrogate, which no store keeps."""
+
+
+async def test_a_lone_surrogate_in_an_error_is_kept_escaped_and_in_a_name_fails_the_instance(
+    hub: Hub, app: dtfx.App
+) -> None:
+    """Never an episode whose every commit the store refuses, leaving the instance stuck."""
+
+    @app.activity
+    def read_file(ctx: dtfx.ActivityContext, _: Any) -> None:
+        raise FileNotFoundError(f"no such file: {NOT_UTF8}")
+
+    @app.orchestrator
+    def reads(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(read_file))
+
+    @app.orchestrator
+    def names_badly(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(NOT_UTF8))
+
+    async with hub.worker(app):
+        failed = await hub.run(reads)
+        misnamed = await hub.run(names_badly)
+    assert failed.failure_details is not None and failed.failure_details.inner_failure is not None
+    assert failed.failure_details.inner_failure.message == "no such file: caf\\udce9.txt"
+    assert misnamed.runtime_status == Status.FAILED and misnamed.failure_details is not None
+    if not isinstance(hub.backend, dtfx.MemoryBackend):  # which keeps any string: the activity is not registered
+        assert misnamed.failure_details.is_caused_by(dtfx.UnstorableValueError)
+
+
 ESCAPING = {"cancelled": asyncio.CancelledError, "exit": SystemExit, "generator-exit": GeneratorExit}
 """What user code may raise that is no ``Exception``."""
 

@@ -66,6 +66,7 @@ from dtfx.core.history import (
     TimerCreated,
     TimerFired,
     qualified_name,
+    storable_text,
 )
 from dtfx.core.instance_ids import instance_id_error, orchestration_id_error
 from dtfx.core.tokens import new_token
@@ -593,6 +594,39 @@ def unchanged_checkpoint(
         completed_at=state.completed_at,
         updated_at=state.last_updated_at,
     )
+
+
+def unstorable_checkpoint(
+    item: OrchestrationWorkItem,
+    checkpoint: OrchestrationCheckpoint,
+    started: ExecutionStarted,
+    error: Exception,
+    now: datetime,
+) -> OrchestrationCheckpoint:
+    """The checkpoint that fails the instance instead of ``checkpoint``, whose commit the store
+    refused for a value it cannot hold (a lone surrogate in an error message, say): committed
+    again, it would be refused again every time the episode ran. The episode's events are
+    left out; its messages are consumed, and its parent, if any, is told."""
+    details = FailureDetails(
+        error_type=qualified_name(UnstorableValueError),
+        message=storable_text(f"The episode holds a value the task hub cannot store: {error}"),
+        is_non_retriable=True,
+    )
+    failed = unchanged_checkpoint(item, checkpoint.consumed, now)
+    failed.finished_tasks = checkpoint.finished_tasks
+    failed.new_history = [OrchestratorStarted(timestamp=now)]
+    if item.history_size == 0:
+        failed.new_history.append(started)
+    ended = ExecutionCompleted(timestamp=now, status=OrchestrationStatus.FAILED, failure_details=details)
+    failed.new_history.append(ended)
+    failed.status = OrchestrationStatus.FAILED
+    failed.output = None
+    failed.failure_details = details
+    failed.completed_at = now
+    if started.parent is not None:
+        end = CompleteOrchestration(id=-1, status=OrchestrationStatus.FAILED, failure_details=details)
+        failed.messages.append(_notify_parent(started.parent, end, item.instance_id, now))
+    return failed
 
 
 def terminate_unstarted_checkpoint(

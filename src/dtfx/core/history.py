@@ -94,11 +94,19 @@ class FailureDetails(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
             non_retriable = bool(getattr(error, "is_non_retriable", False))
         return cls(
             error_type=qualified_name(type(error)),
-            message=str(error),
-            stack_trace="".join(traceback.format_exception(type(error), error, error.__traceback__)),
+            message=storable_text(str(error)),
+            stack_trace=storable_text("".join(traceback.format_exception(type(error), error, error.__traceback__))),
             inner_failure=inner,
             is_non_retriable=non_retriable,
         )
+
+
+def storable_text(text: str) -> str:
+    """``text``, with a lone surrogate (which no task hub stores, nor JSON encodes) written out
+    as an escape: what Python makes of a file name that is not UTF-8, say."""
+    if text.isascii():  # the usual case
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def qualified_name(error_type: type[BaseException]) -> str:

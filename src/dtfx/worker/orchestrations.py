@@ -30,8 +30,9 @@ from dtfx.core.apply import (
     plan_episode,
     termination,
     unchanged_checkpoint,
+    unstorable_checkpoint,
 )
-from dtfx.core.errors import NotRegisteredError
+from dtfx.core.errors import NotRegisteredError, UnstorableValueError
 from dtfx.core.history import (
     ExecutionStarted,
     FailureDetails,
@@ -576,7 +577,17 @@ class OrchestrationProcessor:
             self._in_doubt[item.instance_id] = (recorded, queued)
 
     async def _commit(self, item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint) -> CommitResult:
-        result = await self._committer.commit(checkpoint)
+        try:
+            result = await self._committer.commit(checkpoint)
+        except UnstorableValueError as error:  # it would be refused every time the episode ran
+            logger.warning("Instance %s: the store refused its episode (%s); failing it", item.instance_id, error)
+            started = self._runner.cached_start(item) or _find_start(
+                [*await self._backend.get_history(item.instance_id), *checkpoint.new_history]
+            )
+            if started is None:
+                raise
+            failed = unstorable_checkpoint(item, checkpoint, started, error, self._backend.now())
+            result = await self._committer.commit(failed)
         _log_lost(item, result)
         return result
 
