@@ -24,7 +24,7 @@ from dtfx.backends import postgres
 from dtfx.backends.base import utc_now
 from dtfx.backends.postgres import PostgresBackend
 from dtfx.backends.sql.program import Fetch, Program
-from dtfx.core.errors import BackendUnavailableError, CommitInDoubtError
+from dtfx.core.errors import BackendUnavailableError, CommitInDoubtError, UnstorableValueError
 from dtfx.core.history import TaskCompleted, TaskScheduled
 from dtfx.core.workitems import ActivityResult, ActivityTask, CommitResult, OrchestrationWorkItem
 from tests.backends.test_contract import LEASE, checkpoint_for, start_event
@@ -259,6 +259,19 @@ def test_the_server_ends_a_session_left_in_an_open_transaction(
             connection.execute("COMMIT")
     finally:
         connection.close()
+
+
+async def test_a_value_too_large_for_an_index_row_is_refused_at_once() -> None:
+    """Not taken for the server being away and tried again for the pool's timeout: an id of
+    1,000 characters is short enough, but of four bytes each, too long for an index row."""
+    backend = PostgresBackend(postgres_url())
+    long_id = "".join(chr(0x1F300 + n % 700) for n in range(1000))
+    try:
+        with pytest.raises(UnstorableValueError, match="index row"):
+            await asyncio.wait_for(backend.create_instance(start_event(long_id)), 5)
+        await backend.create_instance(start_event("after"))  # and the hub goes on
+    finally:
+        await backend.close()
 
 
 async def test_a_start_whose_check_of_the_hub_is_in_doubt_checks_again(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,7 +35,7 @@ from dtfx.core.history import (
     TimerFired,
 )
 from dtfx.core.replay import OrchestrationExecutor
-from dtfx.core.tasks import RetryPolicy, when_all, when_any
+from dtfx.core.tasks import CompletableTask, RetryPolicy, when_all, when_any
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -473,3 +473,13 @@ def test_an_entity_call_to_another_operation_is_nondeterminism() -> None:
     assert changed.failure_details.error_type == "dtfx.core.errors.NonDeterminismError"
     assert "operation 'add'" in changed.failure_details.message
     assert "operation 'subtract'" in changed.failure_details.message
+
+
+def test_a_when_any_that_has_completed_leaves_the_tasks_still_under_way() -> None:
+    """A loop that waits for whichever of the rest comes first would otherwise keep each of its
+    when_any tasks in every task still under way: memory that grows with the square of their number."""
+    first, second, third = (CompletableTask[Any]() for _ in range(3))
+    either = when_any([first, second, third])
+    first.complete("first")
+    assert either.is_complete and either.get_result() is first
+    assert second._parents == [] and third._parents == []

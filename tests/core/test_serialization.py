@@ -196,3 +196,18 @@ def test_a_failure_is_caused_by_a_builtin_named_with_or_without_its_module() -> 
         assert details.is_caused_by("ValueError") and details.is_caused_by("builtins.ValueError")
         assert not details.is_caused_by(RefusalError) and not details.is_caused_by(KeyError)
     assert FailureDetails(error_type=qualified_name(RefusalError), message="x").is_caused_by(ValueError)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"caf\xe9".decode("utf-8", "surrogateescape"), functools.reduce(lambda inner, _: [inner], range(2000), [])],
+    ids=["lone surrogate", "nested too deep"],
+)
+def test_what_json_cannot_hold_is_a_serialization_error(value: Any) -> None:
+    with pytest.raises(SerializationError, match="Cannot serialize"):
+        JsonDataConverter().serialize(value)
+
+
+def test_json_nested_too_deep_to_read_is_a_serialization_error() -> None:
+    with pytest.raises(SerializationError, match="Invalid JSON"):
+        JsonDataConverter().deserialize("[" * 100_000 + "]" * 100_000)

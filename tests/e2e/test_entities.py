@@ -174,8 +174,8 @@ async def test_an_entity_starts_an_orchestration(hub: Hub, app: dtfx.App) -> Non
         return f"hello {name}"
 
     @app.entity
-    def starter(ctx: dtfx.EntityContext, name: str) -> str:
-        return ctx.schedule_new_orchestration("greet", name, instance_id=f"started-by-{ctx.entity_id.key}")
+    def starter(ctx: dtfx.EntityContext, name: str) -> str:  # by function, as orchestrations call it
+        return ctx.schedule_new_orchestration(greet, name, instance_id=f"started-by-{ctx.entity_id.key}")
 
     async with hub.worker(app):
         await hub.client.signal_entity(EntityInstanceId("starter", "k"), "start", "ann")

@@ -178,6 +178,8 @@ class _Retries:
                 raise BackendUnavailableError(f"PostgreSQL: {error}") from error
             logger.debug("Retrying a transaction after a conflict: %s", error)
             return 0.0
+        if isinstance(error, pg_errors.ProgramLimitExceeded):  # an index row too large, say: an operational error
+            raise UnstorableValueError(f"PostgreSQL: {error}") from error  # that retries would only repeat
         if isinstance(error, psycopg.OperationalError | pg_errors.ReadOnlySqlTransaction):  # a standby's refusal too
             self._unavailable += 1
             if _connection_lost(error) and pipeline is not None and pipeline.committing:

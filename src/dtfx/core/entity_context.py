@@ -8,10 +8,12 @@ operations. Names and signatures follow the official ``durabletask`` SDK.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from dtfx.core.context import function_name
 from dtfx.core.entities import EntityAction, EntityInstanceId, SignalEntity, StartOrchestration
 from dtfx.core.history import TraceContext
 from dtfx.core.instance_ids import check_orchestration_id
@@ -90,14 +92,16 @@ class EntityContext:
         )
 
     def schedule_new_orchestration(
-        self, orchestration_name: str, input: Any = None, instance_id: str | None = None
+        self, orchestrator: Callable[..., Any] | str, input: Any = None, instance_id: str | None = None
     ) -> str:
-        """Start an orchestration once this operation succeeds; returns its instance id.
+        """Start an orchestration (by function or by registered name) once this operation
+        succeeds; returns its instance id.
 
         An id no orchestration can have raises :class:`~dtfx.InvalidInstanceIdError`, and a name
         with a NUL character, which no task hub stores, ``ValueError`` (the operation then
         fails, and its changes are rolled back).
         """
+        orchestration_name = function_name(orchestrator)
         instance_id = uuid.uuid4().hex if instance_id is None else check_orchestration_id(instance_id)
         if "\x00" in orchestration_name:
             raise ValueError(f"An orchestrator's name cannot hold a NUL character ({orchestration_name!r}).")
@@ -149,10 +153,10 @@ class DurableEntity:
         self.entity_context.signal_entity(entity_instance_id, operation, input, signal_time)
 
     def schedule_new_orchestration(
-        self, orchestration_name: str, input: Any = None, instance_id: str | None = None
+        self, orchestrator: Callable[..., Any] | str, input: Any = None, instance_id: str | None = None
     ) -> str:
         """See :meth:`EntityContext.schedule_new_orchestration`."""
-        return self.entity_context.schedule_new_orchestration(orchestration_name, input, instance_id)
+        return self.entity_context.schedule_new_orchestration(orchestrator, input, instance_id)
 
     def delete(self, input: Any = None) -> None:
         """The built-in ``delete`` operation: remove the entity's state."""

@@ -57,6 +57,11 @@ def _drop_sdk_markers(value: Any) -> Any:
     return value
 
 
+_UNENCODABLE = (TypeError, NotImplementedError, msgspec.EncodeError, OverflowError, ValueError, RecursionError)
+"""What encoding a value as JSON raises for a value it cannot encode: a type it does not know, a
+number too large, a lone surrogate (a ``UnicodeEncodeError``), nesting too deep."""
+
+
 class JsonDataConverter(DataConverter):
     """The default converter: compact JSON via msgspec, typed decoding via msgspec or pydantic."""
 
@@ -68,7 +73,7 @@ class JsonDataConverter(DataConverter):
             return None
         try:
             return self._encoder.encode(value).decode()
-        except (TypeError, NotImplementedError, msgspec.EncodeError, OverflowError) as error:
+        except _UNENCODABLE as error:
             raise SerializationError(f"Cannot serialize {type(value).__qualname__} to JSON: {error}") from error
 
     def deserialize(self, data: str | None, target_type: Any = None) -> Any:
@@ -76,7 +81,7 @@ class JsonDataConverter(DataConverter):
             return None
         try:
             value = msgspec.json.decode(data)
-        except msgspec.DecodeError as error:
+        except (msgspec.DecodeError, RecursionError) as error:
             raise SerializationError(f"Invalid JSON payload: {error}") from error
         if isinstance(value, dict) and _SDK_OBJECT_MARKER in value:
             value = _drop_sdk_markers(value)

@@ -168,6 +168,9 @@ class WhenAnyTask(CompositeTask[Task[T]]):
     def _on_child_completed(self, task: Task[Any]) -> None:
         if not self._is_complete:
             self._finish(task, None)
+            for child in self._tasks:  # the others' news is no longer wanted: a loop over what is
+                if child is not task and self in child._parents:  # left would keep n² of them
+                    child._parents.remove(self)
 
 
 def when_all(tasks: Sequence[Task[T]]) -> WhenAllTask[T]:

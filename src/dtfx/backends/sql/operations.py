@@ -160,8 +160,8 @@ def query_instances(
     params: list[Any] = [int(entities)]
     if after is not None:
         created_at, instance_id = after
-        conditions.append("(created_at > ? OR (created_at = ? AND instance_id > ?))")
-        params += [to_micros(created_at), to_micros(created_at), instance_id]
+        conditions.append("(created_at, instance_id) > (?, ?)")  # a row value: one range of the index
+        params += [to_micros(created_at), instance_id]
     if query.runtime_status:
         conditions.append(dialect.in_list("status"))
         params.append(dialect.list_param([int(status) for status in query.runtime_status]))
