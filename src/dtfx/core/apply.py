@@ -675,8 +675,8 @@ def rewind_checkpoint(
         for event in history
         if isinstance(event, SubOrchestrationInstanceFailed) and event.task_scheduled_id not in retried
     }
-    open_children = {event.event_id for event in history if isinstance(event, SubOrchestrationInstanceCreated)}
-    open_children -= answered
+    unanswered = {event.event_id for event in history if isinstance(event, SubOrchestrationInstanceCreated)}
+    unanswered -= answered
     refused = _refused_starts(history)
     kept: list[HistoryEvent] = []
     children: dict[str, int] = {}
@@ -689,7 +689,7 @@ def rewind_checkpoint(
             continue
         if isinstance(event, SubOrchestrationInstanceFailed) and event.task_scheduled_id in failed_children:
             continue
-        if isinstance(event, SubOrchestrationInstanceCreated) and event.event_id in failed_children | open_children:
+        if isinstance(event, SubOrchestrationInstanceCreated) and event.event_id in failed_children | unanswered:
             if event.event_id in refused:  # it never existed: like a failed activity, the replay asks for it again
                 continue
             children.setdefault(event.instance_id, event.event_id)

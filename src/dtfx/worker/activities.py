@@ -20,12 +20,7 @@ from dtfx._loops import in_context_on
 from dtfx._tracing import activity_span
 from dtfx.backends.base import Backend
 from dtfx.core.activity import ActivityContext
-from dtfx.core.errors import (
-    BackendUnavailableError,
-    NonRetriableError,
-    NotRegisteredError,
-    SerializationError,
-)
+from dtfx.core.errors import BackendUnavailableError, NonRetriableError, NotRegisteredError, SerializationError
 from dtfx.core.history import FailureDetails, TaskCompleted, TaskFailed
 from dtfx.core.serialization import DataConverter, input_type_of
 from dtfx.core.workitems import ActivityResult, ActivityWorkItem

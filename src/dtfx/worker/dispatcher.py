@@ -9,9 +9,10 @@ Fetch errors back off exponentially. A work item whose processing failed is rele
 the item's own reason, to be offered again after a back-off of its own (a poison instance
 delays no other work); because the store could not be reached (a database restart), at
 once, and while the store cannot be reached the release is tried again with back-off, so
-that the item is taken up again once the store is back rather than when its lease expires. A work item fetched
-after :meth:`stop` began is released at once; on stop, in-flight items get a grace
-period to finish, and the ones still running are cancelled and released. Slots reserved
+that the item is taken up again once the store is back rather than when its lease
+expires. A work item fetched after :meth:`stop` began is released at once; on stop,
+in-flight items get a grace period to finish, and the ones still running are cancelled and
+released. Slots reserved
 for work from outside the fetch loop (:meth:`reserve_slot`) are waited for too, within the
 same grace period: work adopted once the stop began is in flight like the rest.
 """
