@@ -456,21 +456,24 @@ def _unstorable(actions: Sequence[OrchestratorAction], custom_status: str | None
     text as it is (:data:`_TEXT_FIELDS`, the custom status), which none can (PostgreSQL refuses
     it, SQLite cuts the text at it); ``None`` if they do not. (Events are stored as JSON,
     which writes it escaped.)"""
-    if custom_status is not None and "\x00" in custom_status:
-        what = "custom status"
-    else:
-        for action in actions:
-            field = next((f for f in _TEXT_FIELDS.get(type(action), ()) if "\x00" in (getattr(action, f) or "")), None)
-            if field is not None:
-                break
-        else:
-            return None
-        what = f"{type(action).__name__} action's {field}"
+    what = "custom status" if custom_status is not None and "\x00" in custom_status else _nul_field(actions)
+    if what is None:
+        return None
     return FailureDetails(
         error_type=qualified_name(UnstorableValueError),
         message=f"The orchestration's {what} holds a NUL character, which a task hub cannot store.",
         is_non_retriable=True,
     )
+
+
+def _nul_field(actions: Sequence[OrchestratorAction]) -> str | None:
+    """The first field of ``actions`` kept as text that holds a NUL, named; ``None`` if none does."""
+    for action in actions:
+        for name in _TEXT_FIELDS.get(type(action), ()):
+            value = getattr(action, name)
+            if value and "\x00" in value:
+                return f"{type(action).__name__} action's {name}"
+    return None
 
 
 _TEXT_FIELDS: dict[type[OrchestratorAction], tuple[str, ...]] = {

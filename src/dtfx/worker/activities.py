@@ -202,14 +202,18 @@ class LocalActivityRunner:
         return known[1]
 
     async def _call(self, activity: Any, context: ActivityContext, value: Any, lease: Lease | None) -> Any:
+        if self._is_async(context.name, activity):
+            return await self._awaited_here(activity(context, value))
+        loop = asyncio.get_running_loop()
+        result = await in_context_on(loop, self.thread_pool, _unless_lost, lease, activity, context, value)
+        return await self._awaited_here(result) if inspect.isawaitable(result) else result
+
+    async def _awaited_here(self, awaitable: Awaitable[Any]) -> Any:
+        """Await the activity's code on the loop, its task in :attr:`running_tasks` meanwhile."""
         task = asyncio.current_task()
         self.running_tasks.add(task)
         try:
-            if self._is_async(context.name, activity):
-                return await awaited(activity(context, value))
-            loop = asyncio.get_running_loop()
-            result = await in_context_on(loop, self.thread_pool, _unless_lost, lease, activity, context, value)
-            return await awaited(result) if inspect.isawaitable(result) else result
+            return await awaited(awaitable)
         finally:
             self.running_tasks.discard(task)
 
