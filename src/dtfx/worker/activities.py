@@ -104,7 +104,7 @@ class ActivityProcessor:
         """
         result = self._in_doubt.get(item.lock_token)
         if result is None:
-            retry_at = None if retry_after is None else self._backend.now() + retry_after
+            retry_at = Abandon(retry_after).retry_at(self._backend.now())
             await self._backend.abandon_activity_work_item(item, retry_at=retry_at)
             return
         await self._committer.commit(result)

@@ -75,7 +75,7 @@ class EntityProcessor:
 
     async def release(self, item: OrchestrationWorkItem, retry_after: timedelta | None = None) -> None:
         """Give the work item back after a failure or at shutdown (offered again after ``retry_after``)."""
-        retry_at = None if retry_after is None else self._backend.now() + retry_after
+        retry_at = Abandon(retry_after).retry_at(self._backend.now())
         await self._backend.abandon_orchestration_work_item(item, retry_at=retry_at)
 
 

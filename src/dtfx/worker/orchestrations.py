@@ -78,7 +78,7 @@ class EpisodeOutcome:
 def ended_unrun(checkpoint: OrchestrationCheckpoint) -> None:
     """Trace the end of an execution that ended in its first episode without running its
     orchestrator (not registered, a version it may not run, terminated before it started)."""
-    started = next((e for e in checkpoint.new_history if isinstance(e, ExecutionStarted)), None)
+    started = _find_start(checkpoint.new_history)
     if started is not None:
         execution_ended(started, checkpoint)
 
@@ -563,7 +563,7 @@ class OrchestrationProcessor:
             if queued is not None:
                 await self._backend.abandon_activity_work_item(queued)
             del self._in_doubt[item.instance_id]
-        retry_at = None if retry_after is None else self._backend.now() + retry_after
+        retry_at = Abandon(retry_after).retry_at(self._backend.now())
         await self._backend.abandon_orchestration_work_item(item, retry_at=retry_at)
 
     def _doubt(
