@@ -195,11 +195,13 @@ async def test_an_entity_cannot_start_an_orchestration_under_a_bad_id(hub: Hub, 
         return ctx.schedule_new_orchestration("greet", "ann", instance_id=instance_id)
 
     @app.orchestrator
-    def start_all(ctx: dtfx.OrchestrationContext, ids: list[str]) -> Any:
+    def start_all(ctx: dtfx.OrchestrationContext, job: tuple[str, list[str]]) -> Any:
+        """Call the entity ``job[0]`` to start once with each input, collecting results or error types."""
+        entity, inputs = job
         outcomes = []
-        for instance_id in ids:
+        for value in inputs:
             try:
-                outcomes.append((yield ctx.call_entity(EntityInstanceId("starter", "k"), "start", instance_id)))
+                outcomes.append((yield ctx.call_entity(EntityInstanceId(entity, "k"), "start", value)))
             except dtfx.EntityOperationFailedError as error:
                 outcomes.append(error.details.error_type)
         return outcomes
@@ -208,21 +210,11 @@ async def test_an_entity_cannot_start_an_orchestration_under_a_bad_id(hub: Hub, 
     def named_starter(ctx: dtfx.EntityContext, name: str) -> str:
         return ctx.schedule_new_orchestration(name, "ann", instance_id=f"named-{len(name)}")
 
-    @app.orchestrator
-    def start_named(ctx: dtfx.OrchestrationContext, names: list[str]) -> Any:
-        outcomes = []
-        for name in names:
-            try:
-                outcomes.append((yield ctx.call_entity(EntityInstanceId("named_starter", "k"), "start", name)))
-            except dtfx.EntityOperationFailedError as error:
-                outcomes.append(error.details.error_type)
-        return outcomes
-
     async with hub.worker(app):
-        state = await hub.run(start_all, ["bad\x00id", "@greet@x", "good"])
+        state = await hub.run(start_all, ("starter", ["bad\x00id", "@greet@x", "good"]))
         await hub.wait_for_state("good", lambda s: s.runtime_status.is_terminal)
         metadata = await hub.client.get_entity(EntityInstanceId("starter", "k"))
-        named = await hub.run(start_named, ["gr\x00eet", "greet"])  # no store keeps a NUL: the entity goes on
+        named = await hub.run(start_all, ("named_starter", ["gr\x00eet", "greet"]))  # a NUL: the entity goes on
         await hub.wait_for_state("named-5", lambda s: s.runtime_status.is_terminal)
     assert named.get_output() == ["ValueError", "named-5"]
     refused = "dtfx.core.errors.InvalidInstanceIdError"
