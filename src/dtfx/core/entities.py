@@ -20,6 +20,7 @@ batch of them:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import total_ordering
@@ -178,6 +179,11 @@ class BatchResult:
     state: str | None
     results: list[OperationResult]
     actions: list[EntityAction] = field(default_factory=list)
+
+    @classmethod
+    def failing(cls, state: str | None, operations: Sequence[OperationRequest], failure: FailureDetails) -> BatchResult:
+        """A batch that failed as a whole: every operation fails, and the state stays ``state``."""
+        return cls(state, [OperationResult(failure=failure) for _ in operations])
 
 
 def entity_target(event: HistoryEvent) -> str:

@@ -18,6 +18,7 @@
     ├── NotRegisteredError                an orchestrator / activity / entity name is unknown
     ├── VersionMismatchError              the worker's versioning rules refuse an instance
     ├── SerializationError                a payload cannot be encoded or decoded
+    ├── MessageTooLargeError              a sidecar message to or from an SDK worker is over the size limit
     ├── ConfigurationError                a bad backend URL, a missing extra, a bad option
     └── BackendError                      the store failed
         ├── BackendUnavailableError       the store cannot be reached, is busy or is closed: try again later
@@ -149,6 +150,11 @@ class VersionMismatchError(DtfxError):
 
 class SerializationError(DtfxError):
     """A payload could not be serialized to JSON or deserialized from it."""
+
+
+class MessageTooLargeError(DtfxError):
+    """A message between the sidecar and an SDK worker (a work item, or the worker's result)
+    is larger than the sidecar's ``max_message_bytes``: the work it carries fails with it."""
 
 
 class ConfigurationError(DtfxError):

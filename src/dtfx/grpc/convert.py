@@ -868,8 +868,7 @@ def batch_result_from_proto(
     order, and an unset ``entityState`` means the entity's state was deleted.
     """
     if message.HasField("failureDetails"):
-        failure = failure_from_proto(message.failureDetails)
-        return BatchResult(state_before, [OperationResult(failure=failure) for _ in operations])
+        return BatchResult.failing(state_before, operations, failure_from_proto(message.failureDetails))
     if len(message.results) != len(operations):
         raise InvalidMessageError(
             f"The batch has {len(operations)} operation(s), but the result has {len(message.results)} result(s)."

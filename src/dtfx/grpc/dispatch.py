@@ -72,6 +72,7 @@ class RemoteDispatchers:
                 hub,
                 lease_duration=self._lease,
                 retry_delay=retry_delay,
+                max_message_bytes=options.max_message_bytes,
                 cached_instances=options.cached_instances,
             ),
             checkpoints,
@@ -81,12 +82,13 @@ class RemoteDispatchers:
             hub,
             lease_duration=self._lease,
             retry_delay=retry_delay,
+            max_message_bytes=options.max_message_bytes,
             legacy_requests=options.legacy_entity_requests,
         )
         entities = EntityProcessor(backend, entity_runner, checkpoints)
         activities = ActivityProcessor(
             backend,
-            RemoteActivityRunner(hub, retry_delay=retry_delay),
+            RemoteActivityRunner(backend, hub, retry_delay=retry_delay, max_message_bytes=options.max_message_bytes),
             GroupCommitter[ActivityResult, bool](backend.complete_activity_work_items),
             lease_duration=self._lease,
         )

@@ -54,13 +54,14 @@ class SidecarOptions:
     history_chunk_bytes: int = 1 << 20
     """Most bytes of events in one ``StreamInstanceHistory`` chunk (an event larger than that goes alone)."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    """The largest message the server takes: gRPC's default, 4 MiB, as the SDKs' channels take.
-    A larger request (a worker's result, a client's input) is refused with
-    ``RESOURCE_EXHAUSTED``; a worker whose result is refused drops its work item, which
-    stays with it until its lease runs out or it disconnects. What the server sends is not
-    limited here: the peer's own limit applies (the Python SDK's
-    ``GrpcChannelOptions(max_receive_message_length=...)``). Raise both where payloads are
-    larger, or keep large payloads out of band (the SDKs' payload store)."""
+    """The largest message between the server and its peers: gRPC's default, 4 MiB, as the
+    SDKs' channels take. A client's request over it is refused with ``RESOURCE_EXHAUSTED``.
+    Work whose message to or from an SDK worker would be larger fails with a
+    :class:`~dtfx.MessageTooLargeError` (see :mod:`dtfx.grpc.sizes`): an orchestration
+    whose history or response is too large, an activity whose input or result is, each
+    operation of an entity batch whose request or result is. Raise it together with the
+    peers' own limit (the Python SDK's ``GrpcChannelOptions(max_receive_message_length=...)``)
+    where payloads are larger, or keep large payloads out of band (the SDKs' payload store)."""
     keepalive_interval: timedelta = timedelta(seconds=30)
     """How often the server pings each connection (an HTTP/2 ping, which the peer's gRPC
     library answers): the health pings on a work-item stream would not notice a worker whose

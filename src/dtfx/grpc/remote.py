@@ -36,9 +36,10 @@ from dtfx.grpc.convert import (
 )
 from dtfx.grpc.hub import DispatchedWorkItem, EntityBatch, Outcome, WorkerHub
 from dtfx.grpc.protos import pb
+from dtfx.grpc.sizes import ENVELOPE, too_large_failure
 from dtfx.worker.cache import InstanceCache
 from dtfx.worker.leases import Lease, keep_lease
-from dtfx.worker.orchestrations import Abandon, EpisodeOutcome
+from dtfx.worker.orchestrations import Abandon, EpisodeOutcome, failed_episode
 
 
 async def _answer(hub: WorkerHub, item: DispatchedWorkItem) -> Outcome:
@@ -92,12 +93,14 @@ class RemoteEpisodeRunner:
         *,
         lease_duration: timedelta,
         retry_delay: timedelta,
+        max_message_bytes: int,
         cached_instances: int = 0,
     ) -> None:
         self._backend = backend
         self._hub = hub
         self._lease_duration = lease_duration
         self._retry_delay = retry_delay
+        self._max_message_bytes = max_message_bytes
         self._cache = InstanceCache[SentHistory](cached_instances)
         self._running: dict[str, SentHistory] = {}
         """The histories sent for the episodes out with workers, by instance id (without the new events)."""
@@ -135,6 +138,10 @@ class RemoteEpisodeRunner:
             newEvents=events_to_proto(new_events),
             orchestrationTraceContext=span_to_proto(sent.span),
         )
+        size = request.ByteSize() + len(sent.events) + ENVELOPE
+        if size > self._max_message_bytes:
+            what = f"The work item of orchestration '{item.instance_id}' (its history and new events)"
+            return failed_episode(too_large_failure(what, size, self._max_message_bytes, history=True))
         request.MergeFromString(sent.events)  # its pastEvents
         self._running[item.instance_id] = sent
         dispatched = self._hub.dispatch(connection, pb.WorkItem(orchestratorRequest=request), item.instance_id)
@@ -173,9 +180,11 @@ def _execution_span(past_events: Sequence[HistoryEvent]) -> OrchestrationSpan | 
 class RemoteActivityRunner:
     """Runs activities on SDK workers (an :class:`~dtfx.worker.activities.ActivityRunner`)."""
 
-    def __init__(self, hub: WorkerHub, *, retry_delay: timedelta) -> None:
+    def __init__(self, backend: Backend, hub: WorkerHub, *, retry_delay: timedelta, max_message_bytes: int) -> None:
+        self._backend = backend
         self._hub = hub
         self._retry_delay = retry_delay
+        self._max_message_bytes = max_message_bytes
 
     async def run(self, item: ActivityWorkItem, lease: Lease | None = None) -> TaskCompleted | TaskFailed | Abandon:
         scheduled = item.task.event  # sent at once: none waits for a thread here
@@ -193,6 +202,12 @@ class RemoteActivityRunner:
             parentTraceContext=trace_context_to_proto(scheduled.trace_context),
             tags=scheduled.tags,
         )
+        size = request.ByteSize() + ENVELOPE
+        if size > self._max_message_bytes:
+            what = f"The work item of activity task {scheduled.event_id} of instance '{item.task.instance_id}'"
+            failure = too_large_failure(what, size, self._max_message_bytes)
+            now = self._backend.now()
+            return TaskFailed(timestamp=now, task_scheduled_id=scheduled.event_id, failure_details=failure)
         dispatched = self._hub.dispatch(
             connection, pb.WorkItem(activityRequest=request), item.task.instance_id, scheduled.event_id
         )
@@ -218,12 +233,14 @@ class RemoteEntityRunner:
         *,
         lease_duration: timedelta,
         retry_delay: timedelta,
+        max_message_bytes: int,
         legacy_requests: bool = False,
     ) -> None:
         self._backend = backend
         self._hub = hub
         self._lease_duration = lease_duration
         self._retry_delay = retry_delay
+        self._max_message_bytes = max_message_bytes
         self._legacy_requests = legacy_requests
 
     async def run(self, item: OrchestrationWorkItem, plan: BatchPlan) -> BatchResult | Abandon:
@@ -238,6 +255,10 @@ class RemoteEntityRunner:
         else:
             request = entity_request_to_proto(item.instance_id, item.state.execution_id, state, plan.operations)
             work_item = pb.WorkItem(entityRequestV2=request)
+        size = work_item.ByteSize() + ENVELOPE
+        if size > self._max_message_bytes:
+            what = f"The work item of entity '{item.instance_id}' (its state and {len(plan.operations)} operation(s))"
+            return BatchResult.failing(state, plan.operations, too_large_failure(what, size, self._max_message_bytes))
         batch = EntityBatch(state, plan.operations)
         dispatched = self._hub.dispatch(connection, work_item, item.instance_id, entity_batch=batch)
         outcome = await _answer_keeping_lease(self._backend, self._hub, item, dispatched, self._lease_duration)

@@ -19,6 +19,7 @@ from dtfx.grpc.hub import WorkerHub
 from dtfx.grpc.options import DEFAULT_PORT, SidecarOptions, TlsOptions
 from dtfx.grpc.protos import pb_grpc
 from dtfx.grpc.service import SidecarService
+from dtfx.grpc.sizes import transport_limit
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +46,12 @@ _SERVER_OPTIONS: list[tuple[str, int]] = [
 
 
 def _server_options(options: SidecarOptions) -> list[tuple[str, int]]:
-    """gRPC's settings: :data:`_SERVER_OPTIONS`, and from ``options`` the size limit and the keepalive pings' pace."""
+    """gRPC's settings: :data:`_SERVER_OPTIONS`, and from ``options`` the size limit (see
+    :mod:`dtfx.grpc.sizes`) and the keepalive pings' pace."""
     timeout_ms = _milliseconds(options.keepalive_timeout)
     return [
         *_SERVER_OPTIONS,
-        ("grpc.max_receive_message_length", options.max_message_bytes),
+        ("grpc.max_receive_message_length", transport_limit(options.max_message_bytes)),
         ("grpc.keepalive_time_ms", _milliseconds(options.keepalive_interval)),
         ("grpc.keepalive_timeout_ms", timeout_ms),
         # What closes a connection whose pings go unanswered, in the gRPC releases tested

@@ -35,6 +35,7 @@ from dtfx.core.errors import (
     UnstorableValueError,
 )
 from dtfx.grpc.convert import InvalidMessageError
+from dtfx.grpc.sizes import too_large
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +107,22 @@ StreamHandler = Callable[[Any, Request, grpc.aio.ServicerContext[Request, Respon
 
 
 def unary(handler: Handler[Request, Response]) -> Handler[Request, Response]:
-    """Answer errors a unary handler raises with their status (see :func:`status_of`)."""
+    """Answer errors a unary handler raises with their status (see :func:`status_of`), and
+    refuse a request over the size limit (see :mod:`dtfx.grpc.sizes`) before it runs."""
+    return _answering(handler, refuse_oversized=True)
 
+
+def unary_any_size(handler: Handler[Request, Response]) -> Handler[Request, Response]:
+    """:func:`unary`, for a handler that deals with a request over the size limit itself."""
+    return _answering(handler, refuse_oversized=False)
+
+
+def _answering(handler: Handler[Request, Response], *, refuse_oversized: bool) -> Handler[Request, Response]:
     @functools.wraps(handler)
     async def answer(self: Any, request: Request, context: grpc.aio.ServicerContext[Request, Response]) -> Response:
         try:
+            if refuse_oversized:
+                refuse_if_oversized(request, self._options.max_message_bytes)
             return await handler(self, request, context)
         except Exception as error:
             code, details = status_of(error, handler.__name__)
@@ -120,13 +132,25 @@ def unary(handler: Handler[Request, Response]) -> Handler[Request, Response]:
     return answer
 
 
+def refuse_if_oversized(request: Any, limit: int) -> None:
+    """Raise ``RESOURCE_EXHAUSTED`` if ``request`` (a message) is larger than ``limit`` bytes."""
+    size: int = request.ByteSize()
+    if size > limit:
+        raise RpcStatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, too_large("The request", size, limit))
+
+
 def streaming(handler: StreamHandler[Request, Response]) -> StreamHandler[Request, Response]:
-    """Answer errors a server-streaming handler raises with their status (see :func:`status_of`)."""
+    """Answer errors a server-streaming handler raises with their status (see :func:`status_of`),
+    and refuse a request over the size limit."""
 
     @functools.wraps(handler)
     async def answer(
         self: Any, request: Request, context: grpc.aio.ServicerContext[Request, Response]
     ) -> AsyncGenerator[Response, None]:
+        try:
+            refuse_if_oversized(request, self._options.max_message_bytes)
+        except RpcStatusError as error:
+            await context.abort(error.code, error.details)
         stream = handler(self, request, context)
         try:
             async for response in stream:

@@ -5,14 +5,17 @@ A completion is honoured once, by its token (see :mod:`dtfx.grpc.hub`); a retry
 of an accepted completion is accepted again. A completion the server cannot read
 (an unknown action, a response for another instance) is answered
 ``INVALID_ARGUMENT`` and its work item is given back to be dispatched again, so a
-misbehaving worker never loses an instance.
+misbehaving worker never loses an instance. A completion over the size limit fails the
+work it carries and is answered ``RESOURCE_EXHAUSTED`` (see :mod:`dtfx.grpc.sizes`).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
 from datetime import datetime
+from typing import Any
 
+import grpc
 from dtfx.backends.base import Backend, WorkKind
 from dtfx.core.entities import BatchResult
 from dtfx.core.history import TaskCompleted, TaskFailed
@@ -27,8 +30,9 @@ from dtfx.grpc.convert import (
 from dtfx.grpc.hub import DispatchedWorkItem, Outcome, WorkerHub
 from dtfx.grpc.options import SidecarOptions
 from dtfx.grpc.protos import pb
-from dtfx.grpc.status import Context, streaming, unary
-from dtfx.worker.orchestrations import Abandon, EpisodeOutcome
+from dtfx.grpc.sizes import too_large, too_large_failure
+from dtfx.grpc.status import Context, RpcStatusError, streaming, unary, unary_any_size
+from dtfx.worker.orchestrations import Abandon, EpisodeOutcome, failed_episode
 
 
 class WorkItemRpcs:
@@ -49,13 +53,14 @@ class WorkItemRpcs:
         finally:
             self._hub.disconnect(connection)
 
-    @unary
+    @unary_any_size
     async def CompleteOrchestratorTask(
         self, request: pb.OrchestratorResponse, context: Context
     ) -> pb.CompleteTaskResponse:
         item = self._hub.lookup(request.completionToken, WorkKind.ORCHESTRATION, completing=True)
         if item is None:
             return pb.CompleteTaskResponse()
+        self._refuse_oversized(item, request)
         try:
             _check_instance(item, request.instanceId)
             actions = actions_from_proto(request.actions, item.instance_id, self._backend.now())
@@ -72,24 +77,28 @@ class WorkItemRpcs:
         self._hub.finish(item, EpisodeOutcome(earlier + actions, status, span=span))
         return pb.CompleteTaskResponse()
 
-    @unary
+    @unary_any_size
     async def CompleteActivityTask(self, request: pb.ActivityResponse, context: Context) -> pb.CompleteTaskResponse:
         return self._complete(
             request.completionToken,
             WorkKind.ACTIVITY,
+            request,
             lambda item: _activity_result(item, request, self._backend.now()),
         )
 
-    @unary
+    @unary_any_size
     async def CompleteEntityTask(self, request: pb.EntityBatchResult, context: Context) -> pb.CompleteTaskResponse:
-        return self._complete(request.completionToken, WorkKind.ENTITY, lambda item: _batch_result(item, request))
+        return self._complete(
+            request.completionToken, WorkKind.ENTITY, request, lambda item: _batch_result(item, request)
+        )
 
     def _complete(
-        self, token: str, kind: WorkKind, read: Callable[[DispatchedWorkItem], Outcome]
+        self, token: str, kind: WorkKind, request: Any, read: Callable[[DispatchedWorkItem], Outcome]
     ) -> pb.CompleteTaskResponse:
         """Finish the work item of ``token`` with what ``read`` makes of the worker's response."""
         item = self._hub.lookup(token, kind, completing=True)
         if item is not None:
+            self._refuse_oversized(item, request)
             try:
                 outcome = read(item)
             except InvalidMessageError as error:
@@ -123,6 +132,32 @@ class WorkItemRpcs:
         item = self._hub.lookup(token, kind, completing=False)
         if item is not None:
             self._hub.finish(item, Abandon(self._options.abandon_retry_delay), reason="the worker abandoned it")
+
+    def _refuse_oversized(self, item: DispatchedWorkItem, response: Any) -> None:
+        """Fail the work of ``item`` if the worker's ``response`` is over the size limit, and
+        refuse the response (see :mod:`dtfx.grpc.sizes`)."""
+        limit = self._options.max_message_bytes
+        size: int = response.ByteSize()
+        if size <= limit:
+            return
+        outcome: Outcome
+        if item.kind is WorkKind.ORCHESTRATION:
+            what, failed = f"The orchestrator's response for instance '{item.instance_id}'", "orchestration"
+            outcome = failed_episode(too_large_failure(what, size, limit))
+        elif item.kind is WorkKind.ACTIVITY:
+            assert item.task_id is not None
+            what, failed = f"The result of activity task {item.task_id} of instance '{item.instance_id}'", "task"
+            failure = too_large_failure(what, size, limit)
+            outcome = TaskFailed(timestamp=self._backend.now(), task_scheduled_id=item.task_id, failure_details=failure)
+        else:
+            assert item.entity_batch is not None
+            what, failed = f"The result of a batch of entity '{item.instance_id}'", "batch's operations"
+            failure = too_large_failure(what, size, limit)
+            outcome = BatchResult.failing(item.entity_batch.state, item.entity_batch.operations, failure)
+        self._hub.finish(item, outcome)
+        raise RpcStatusError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"{too_large(what, size, limit)} The {failed} failed with it."
+        )
 
     def _give_back(self, item: DispatchedWorkItem, error: InvalidMessageError) -> None:
         self._hub.finish(

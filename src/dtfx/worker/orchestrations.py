@@ -648,7 +648,8 @@ def version_failure(versioning: VersioningOptions | None, version: str | None) -
     return FailureDetails(error_type="VersionMismatch", message=message, is_non_retriable=True)
 
 
-def _failed(details: FailureDetails) -> EpisodeOutcome:
+def failed_episode(details: FailureDetails) -> EpisodeOutcome:
+    """An episode that fails the orchestration with ``details``."""
     return EpisodeOutcome(
         [CompleteOrchestration(id=-1, status=OrchestrationStatus.FAILED, failure_details=details)], None
     )
@@ -731,7 +732,7 @@ class LocalRunner:
                 level = logging.INFO if self._newly_rejected(item.instance_id) else logging.DEBUG
                 logger.log(level, "Instance %s: %s Leaving it to another worker.", item.instance_id, failure.message)
                 return Abandon(self._reject_retry_delay)
-            return _failed(failure)
+            return failed_episode(failure)
 
         with self._lock:
             entry = self._cache.take(item) if past_events is None else None
@@ -740,7 +741,7 @@ class LocalRunner:
                 return Abandon()
             orchestrator = self._registry.orchestrators.get(started.name)
             if orchestrator is None:
-                return _failed(FailureDetails.from_exception(NotRegisteredError("orchestrator", started.name)))
+                return failed_episode(FailureDetails.from_exception(NotRegisteredError("orchestrator", started.name)))
             default_version = self._versioning.default_version if self._versioning else None
             executor = OrchestrationExecutor(
                 orchestrator, item.instance_id, converter=self._converter, default_version=default_version
