@@ -346,6 +346,17 @@ def test_a_suspension_in_the_episode_that_continues_as_new_suspends_the_next_exe
     assert (held.event, held.execution_id) == (suspend, "e2")
 
 
+def test_the_next_execution_takes_what_was_carried_over_before_what_arrived_meanwhile() -> None:
+    """Continue-as-new sends the events it carries over to the inbox behind the next start,
+    so behind events that arrived while the execution before ran: they still come first."""
+    earlier, later, meanwhile = raised("earlier"), raised("later"), raised("meanwhile")
+    suspend = ExecutionSuspended(timestamp=NOW, input=None)
+    work = item(meanwhile, (start(), "e1"), (earlier, "e1"), (later, "e1"), (suspend, "e1"), history_size=0)
+    plan = plan_episode(work, [], NOW)
+    assert plan.new_events == [OrchestratorStarted(timestamp=NOW), start(), earlier, later, suspend, meanwhile]
+    assert plan.consumed == [0, 1, 2, 3, 4]
+
+
 def test_events_an_execution_sends_its_own_instance_wait_for_the_next_execution() -> None:
     actions = [SendEvent(id=1, instance_id="i", name="note", data='"n"'), CreateTimer(id=2, fire_at=NOW)]
     checkpoint = _continued([], actions)

@@ -288,6 +288,27 @@ async def test_continue_as_new_keeps_unprocessed_events_with_save_events(hub: Hu
     assert state is not None and state.get_output() == ["a", "b"]
 
 
+async def test_an_eternal_orchestration_takes_events_in_the_order_they_were_raised(hub: Hub, app: dtfx.App) -> None:
+    """One event per execution, the rest carried over: those carried over come before the
+    ones raised while an execution ran."""
+    count = 200
+
+    @app.orchestrator
+    def eater(ctx: dtfx.OrchestrationContext, eaten: list[int]) -> Any:
+        eaten = [*eaten, (yield ctx.wait_for_external_event("item"))]
+        if len(eaten) == count:
+            return eaten
+        ctx.continue_as_new(eaten, save_events=True)
+        return None
+
+    async with hub.worker(app):
+        instance_id = await hub.client.schedule_new_orchestration(eater, input=[])
+        for index in range(count):
+            await hub.client.raise_orchestration_event(instance_id, "item", data=index)
+        state = await hub.client.wait_for_orchestration_completion(instance_id, timeout=30)
+    assert state is not None and state.get_output() == list(range(count))
+
+
 async def test_an_event_sent_to_itself_before_continuing_as_new_reaches_the_next_execution(
     hub: Hub, app: dtfx.App
 ) -> None:

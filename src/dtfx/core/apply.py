@@ -72,6 +72,7 @@ from dtfx.core.instance_ids import instance_id_error, orchestration_id_error
 from dtfx.core.tokens import new_token
 from dtfx.core.workitems import (
     ActivityTask,
+    InboxMessage,
     MessageId,
     OrchestrationCheckpoint,
     OrchestrationWorkItem,
@@ -130,7 +131,7 @@ def plan_episode(item: OrchestrationWorkItem, history: Sequence[HistoryEvent] | 
     events: list[HistoryEvent] = []
     suspended = state.runtime_status == OrchestrationStatus.SUSPENDED
     redundant = 0
-    for message in item.messages:
+    for message in item.messages if started else _carried_first(item.messages, state.execution_id):
         event = message.event
         if isinstance(event, ExecutionStarted):
             if not started and start is None and event.instance.execution_id == state.execution_id:
@@ -395,6 +396,17 @@ def merge_checkpoints(
         messages=[*first.messages, *second.messages],
         finished_tasks=[*first.finished_tasks, *second.finished_tasks],
     )
+
+
+def _carried_first(messages: Sequence[InboxMessage], execution_id: str | None) -> Sequence[InboxMessage]:
+    """An execution's first messages in the order it takes them: what the execution before it
+    carried over to it (on continue-as-new: the events it had not taken, then suspensions),
+    which are addressed to it, ahead of what reached the inbox while that execution ran.
+    (They went to the inbox behind those, with its start.)"""
+    if execution_id is None or not any(message.execution_id == execution_id for message in messages):
+        return messages
+    carried = [message for message in messages if message.execution_id == execution_id]
+    return [*carried, *(message for message in messages if message.execution_id != execution_id)]
 
 
 def _status_after(status: OrchestrationStatus, new_events: Sequence[HistoryEvent]) -> OrchestrationStatus:
