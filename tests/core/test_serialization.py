@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 import functools
+import json
+import math
 import uuid
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -120,11 +122,32 @@ def test_other_encodable_values() -> None:
     assert converter.deserialize(converter.serialize(moment), datetime) == moment
 
 
+@dataclass
+class Reading:
+    value: float
+    at: datetime
+
+
+def test_nan_and_the_infinities_round_trip_as_python_and_the_sdk_write_them() -> None:
+    moment = datetime(2026, 5, 6, tzinfo=UTC)
+    value = {"ratio": math.nan, "bounds": [-math.inf, None, 1.5], "reading": Reading(math.inf, moment)}
+    text = converter.serialize(value)
+    assert text == (
+        '{"ratio":NaN,"bounds":[-Infinity,null,1.5],"reading":{"value":Infinity,"at":"2026-05-06T00:00:00Z"}}'
+    )
+    back = converter.deserialize(text)
+    assert math.isnan(back["ratio"]) and back["bounds"] == [-math.inf, None, 1.5]
+    assert converter.deserialize(converter.serialize(Reading(-math.inf, moment)), Reading) == Reading(-math.inf, moment)
+    assert converter.serialize({"none": None, "finite": 2.0}) == '{"none":null,"finite":2.0}'
+    assert converter.deserialize(json.dumps([math.nan, math.inf])) == [pytest.approx(math.nan, nan_ok=True), math.inf]
+
+
 def test_errors_are_clear() -> None:
     with pytest.raises(SerializationError, match="Cannot serialize object"):
         converter.serialize(object())
-    with pytest.raises(SerializationError, match="Invalid JSON"):
-        converter.deserialize("{not json")
+    for invalid in ("{not json", "[NaN,", "nan"):
+        with pytest.raises(SerializationError, match="Invalid JSON"):
+            converter.deserialize(invalid)
     with pytest.raises(SerializationError, match="Point"):
         converter.deserialize('{"x": "not a number"}', Point)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import math
 import types
 import typing
 from abc import ABC, abstractmethod
@@ -72,7 +74,12 @@ class JsonDataConverter(DataConverter):
         if value is None:
             return None
         try:
-            return self._encoder.encode(value).decode()
+            encoded = self._encoder.encode(value)
+            if b"null" in encoded:  # msgspec writes NaN and the infinities as null
+                as_builtins = msgspec.to_builtins(value, enc_hook=_encode_hook)
+                if _has_non_finite(as_builtins):
+                    return _python_json(as_builtins)
+            return encoded.decode()
         except _UNENCODABLE as error:
             raise SerializationError(f"Cannot serialize {type(value).__qualname__} to JSON: {error}") from error
 
@@ -81,13 +88,41 @@ class JsonDataConverter(DataConverter):
             return None
         try:
             value = msgspec.json.decode(data)
-        except (msgspec.DecodeError, RecursionError) as error:
+        except msgspec.DecodeError as error:
+            value = _with_non_finite(data, error)
+        except RecursionError as error:
             raise SerializationError(f"Invalid JSON payload: {error}") from error
         if isinstance(value, dict) and _SDK_OBJECT_MARKER in value:
             value = _drop_sdk_markers(value)
         if target_type is None or not needs_conversion(target_type):
             return value
         return convert(value, target_type)
+
+
+def _has_non_finite(value: Any) -> bool:
+    """Whether a JSON-like ``value`` holds NaN or an infinity anywhere."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_has_non_finite(item) for item in value)
+    return False
+
+
+def _python_json(value: Any) -> str:
+    """``value`` as Python's ``json`` and the official SDK write it: NaN and the infinities as
+    ``NaN``, ``Infinity`` and ``-Infinity`` (which JSON itself lacks), not as ``null``."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _with_non_finite(data: str, error: msgspec.DecodeError) -> Any:
+    """A payload msgspec cannot read, read as Python's ``json`` does: with NaN or an infinity,
+    as Python code (an SDK worker, say) writes them."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise SerializationError(f"Invalid JSON payload: {error}") from error
 
 
 def convert(value: Any, target_type: Any) -> Any:
