@@ -221,6 +221,21 @@ def test_a_failure_is_caused_by_a_builtin_named_with_or_without_its_module() -> 
     assert FailureDetails(error_type=qualified_name(RefusalError), message="x").is_caused_by(ValueError)
 
 
+class LedgerError(Exception):
+    pass
+
+
+def test_a_failure_named_without_its_module_is_caused_by_the_class_of_that_name() -> None:
+    """As the official SDK decides: older SDKs and other languages record bare names."""
+    bare = FailureDetails(error_type="LedgerError", message="x")
+    assert bare.is_caused_by(LedgerError) and bare.is_caused_by(Exception)
+    assert bare.is_caused_by("LedgerError") and bare.is_caused_by("accounts.LedgerError")
+    qualified = FailureDetails(error_type=qualified_name(LedgerError), message="x")
+    assert qualified.is_caused_by("LedgerError") and qualified.is_caused_by(qualified_name(LedgerError))
+    assert not qualified.is_caused_by("accounts.LedgerError")  # both qualified: the modules differ
+    assert not FailureDetails(error_type="", message="x").is_caused_by("")
+
+
 @pytest.mark.parametrize(
     "value",
     [b"caf\xe9".decode("utf-8", "surrogateescape"), functools.reduce(lambda inner, _: [inner], range(2000), [])],

@@ -64,21 +64,35 @@ class FailureDetails(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
         return f"{self.error_type}: {self.message}"
 
     def is_caused_by(self, error_type: str | type[BaseException]) -> bool:
-        """True if the failure's error type is ``error_type`` (a class or a type name).
+        """True if the failure's error type is ``error_type`` (a class or a type name), as
+        the official SDK's ``FailureDetails.is_caused_by`` decides.
 
         A class matches its own name and the names of its already-imported subclasses;
-        a string matches the full qualified name or, if unqualified, the class name. A
-        built-in's name matches with or without ``builtins.`` (the official Python SDK's
-        workers write ``builtins.ValueError``, dtfx ``ValueError``).
+        a string matches the recorded name exactly, or by its last part unless both are
+        qualified. A recorded name without a module (as older SDKs and other languages
+        write it) matches a class by its name alone. A built-in's name matches with or
+        without ``builtins.`` (the official Python SDK's workers write ``builtins.ValueError``,
+        dtfx ``ValueError``).
         """
         recorded = self.error_type.removeprefix("builtins.")
+        if not recorded:
+            return False
         if isinstance(error_type, str):
             wanted = error_type.removeprefix("builtins.")
-            return recorded == wanted or recorded.rsplit(".", 1)[-1] == wanted
+            if recorded == wanted:
+                return True
+            if "." in recorded and "." in wanted:
+                return False
+            return bool(wanted) and recorded.rsplit(".", 1)[-1] == wanted.rsplit(".", 1)[-1]
         pending: list[type[BaseException]] = [error_type]
+        seen: set[type[BaseException]] = set()
         while pending:
             candidate = pending.pop()
-            if recorded == qualified_name(candidate):
+            if candidate in seen:
+                continue
+            seen.add(candidate)
+            name = qualified_name(candidate)
+            if recorded == name or ("." not in recorded and recorded == candidate.__name__):
                 return True
             pending.extend(candidate.__subclasses__())
         return False
