@@ -101,18 +101,22 @@ def _run(main: Callable[[], Coroutine[Any, Any, dict[str, Any]]]) -> dict[str, A
     return loops.run(main())
 
 
+async def many_hello_cities(client: dtfx.AsyncClient, count: int) -> float:
+    """Seconds from the schedule of ``count`` hello-cities orchestrations, all at once, to their completion."""
+    started = time.perf_counter()
+    ids = await asyncio.gather(*(client.schedule_new_orchestration(hello_cities, input=CITIES) for _ in range(count)))
+    outputs = await asyncio.gather(*(_complete(client, instance_id) for instance_id in ids))
+    elapsed = time.perf_counter() - started
+    assert all(output == GREETINGS for output in outputs)
+    return elapsed
+
+
 def sequence(url: str, count: int = 1000) -> dict[str, Any]:
     """``count`` hello-cities orchestrations (3 sequential activities each), all started at once."""
 
     async def main() -> dict[str, Any]:
         async with hub(url) as client:
-            started = time.perf_counter()
-            ids = await asyncio.gather(
-                *(client.schedule_new_orchestration(hello_cities, input=CITIES) for _ in range(count))
-            )
-            outputs = await asyncio.gather(*(_complete(client, instance_id) for instance_id in ids))
-            elapsed = time.perf_counter() - started
-        assert all(output == GREETINGS for output in outputs)
+            elapsed = await many_hello_cities(client, count)
         return {"count": count, "seconds": elapsed, "per_second": count / elapsed}
 
     return _run(main)

@@ -9,9 +9,10 @@ the median ratio with its quartiles. A ratio below 1 means the change made it fa
 The change is a Python file defining ``on()`` and ``off()``, which switch between the two
 behaviours (by monkeypatching, typically: the new code is in place, and ``on()`` puts the
 old one back, or the reverse). Workloads: ``latency`` (the median of 40 hello-cities
-orchestrations, one at a time) and ``chain`` (a step of one 200-activity sequence).
+orchestrations, one at a time), ``chain`` (a step of one 200-activity sequence) and
+``sequence`` (300 hello-cities orchestrations started at once, per orchestration).
 
-Usage: ``python -m benchmarks.paired sqlite|postgres CHANGE.py [--rounds 20] [--workload latency|chain]``
+Usage: ``python -m benchmarks.paired sqlite|postgres CHANGE.py [--rounds 20] [--workload latency|chain|sequence]``
 """
 
 from __future__ import annotations
@@ -38,7 +39,17 @@ async def chain(client: dtfx.AsyncClient) -> float:
     return await dtfx_bench.one_long_sequence(client, 200) / 200
 
 
-WORKLOADS: dict[str, Callable[[dtfx.AsyncClient], Awaitable[float]]] = {"latency": latency, "chain": chain}
+async def sequence(client: dtfx.AsyncClient) -> float:
+    """Seconds per orchestration of 300 hello-cities orchestrations started at once (the
+    inverse of the sequence workload's throughput)."""
+    return await dtfx_bench.many_hello_cities(client, 300) / 300
+
+
+WORKLOADS: dict[str, Callable[[dtfx.AsyncClient], Awaitable[float]]] = {
+    "latency": latency,
+    "chain": chain,
+    "sequence": sequence,
+}
 
 
 def load_change(path: str) -> ModuleType:
