@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -83,6 +84,24 @@ async def test_client_signals_run_in_order_and_state_is_visible(hub: Hub, app: d
     assert metadata is not None and metadata.last_modified >= before and metadata.locked_by is None
     assert (await hub.client.get_entity(entity, include_state=False)).serialized_state is None  # type: ignore[union-attr]
     assert await hub.client.get_entity(EntityInstanceId("journal", "never-used")) is None
+
+
+async def test_a_batch_that_outlasts_the_lease_keeps_it_and_runs_once(hub: Hub, app: dtfx.App) -> None:
+    runs: list[int] = []
+
+    @app.entity
+    def slow(ctx: dtfx.EntityContext, amount: int) -> None:
+        runs.append(amount)
+        time.sleep(0.8)  # longer than the lease
+        ctx.set_state(ctx.get_state(int, 0) + amount)
+
+    entity = EntityInstanceId("slow", "one")
+    options = dtfx.WorkerOptions(lease_duration=timedelta(milliseconds=500))
+    async with hub.worker(app, options=options):
+        for amount in (1, 2, 4):
+            await hub.client.signal_entity(entity, "add", amount)
+        await _wait_for_entity_state(hub, entity, 7)
+    assert runs == [1, 2, 4]
 
 
 async def test_orchestrations_call_and_signal_entities(hub: Hub, app: dtfx.App) -> None:

@@ -78,14 +78,12 @@ class RemoteDispatchers:
             checkpoints,
         )
         entity_runner = RemoteEntityRunner(
-            backend,
             hub,
-            lease_duration=self._lease,
             retry_delay=retry_delay,
             max_message_bytes=options.max_message_bytes,
             legacy_requests=options.legacy_entity_requests,
         )
-        entities = EntityProcessor(backend, entity_runner, checkpoints)
+        entities = EntityProcessor(backend, entity_runner, checkpoints, lease_duration=self._lease)
         activities = ActivityProcessor(
             backend,
             RemoteActivityRunner(backend, hub, retry_delay=retry_delay, max_message_bytes=options.max_message_bytes),

@@ -53,7 +53,7 @@ async def _answer(hub: WorkerHub, item: DispatchedWorkItem) -> Outcome:
 async def _answer_keeping_lease(
     backend: Backend, hub: WorkerHub, item: OrchestrationWorkItem, dispatched: DispatchedWorkItem, lease: timedelta
 ) -> Outcome:
-    """:func:`_answer`, renewing the lease of the orchestration or entity work item meanwhile."""
+    """:func:`_answer`, renewing the lease of the orchestration work item meanwhile."""
 
     async def renew() -> bool:
         return await backend.renew_orchestration_lease(item, lease)
@@ -228,17 +228,13 @@ class RemoteEntityRunner:
 
     def __init__(
         self,
-        backend: Backend,
         hub: WorkerHub,
         *,
-        lease_duration: timedelta,
         retry_delay: timedelta,
         max_message_bytes: int,
         legacy_requests: bool = False,
     ) -> None:
-        self._backend = backend
         self._hub = hub
-        self._lease_duration = lease_duration
         self._retry_delay = retry_delay
         self._max_message_bytes = max_message_bytes
         self._legacy_requests = legacy_requests
@@ -261,7 +257,7 @@ class RemoteEntityRunner:
             return BatchResult.failing(state, plan.operations, too_large_failure(what, size, self._max_message_bytes))
         batch = EntityBatch(state, plan.operations)
         dispatched = self._hub.dispatch(connection, work_item, item.instance_id, entity_batch=batch)
-        outcome = await _answer_keeping_lease(self._backend, self._hub, item, dispatched, self._lease_duration)
+        outcome = await _answer(self._hub, dispatched)  # the processor keeps the lease meanwhile
         if not isinstance(outcome, BatchResult | Abandon):
             raise TypeError(f"An entity work item came back as {type(outcome).__name__}")
         return outcome

@@ -32,6 +32,7 @@ from dtfx.core.history import FailureDetails
 from dtfx.core.serialization import DataConverter, input_type_of, parameter_types
 from dtfx.core.workitems import CommitResult, OrchestrationCheckpoint, OrchestrationWorkItem
 from dtfx.worker.commit import GroupCommitter
+from dtfx.worker.leases import keep_lease
 from dtfx.worker.orchestrations import Abandon
 from dtfx.worker.registry import Registry
 from dtfx.worker.user_code import awaited, called, escaped
@@ -51,19 +52,31 @@ class EntityProcessor:
     """Takes an entity work item from lock to commit."""
 
     def __init__(
-        self, backend: Backend, runner: EntityRunner, committer: GroupCommitter[OrchestrationCheckpoint, CommitResult]
+        self,
+        backend: Backend,
+        runner: EntityRunner,
+        committer: GroupCommitter[OrchestrationCheckpoint, CommitResult],
+        *,
+        lease_duration: timedelta,
     ) -> None:
         self._backend = backend
         self._runner = runner
         self._committer = committer
+        self._lease_duration = lease_duration
 
     async def process(self, item: OrchestrationWorkItem) -> None:
-        """Run the operations the entity's lock lets through, and commit the batch."""
+        """Run the operations the entity's lock lets through, renewing the work item's lease
+        meanwhile (a batch may hold thousands of them), and commit the batch."""
         now = self._backend.now()
         plan = plan_batch(item, now)
         result: BatchResult | None = None
         if plan.operations:
-            outcome = await self._runner.run(item, plan)
+
+            async def renew() -> bool:
+                return await self._backend.renew_orchestration_lease(item, self._lease_duration)
+
+            async with keep_lease(renew, self._lease_duration, f"Entity {item.instance_id}"):
+                outcome = await self._runner.run(item, plan)
             if isinstance(outcome, Abandon):  # given back (over gRPC: no SDK worker can take it now)
                 await self._backend.abandon_orchestration_work_item(
                     item, retry_at=outcome.retry_at(self._backend.now())

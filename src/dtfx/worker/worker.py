@@ -147,7 +147,10 @@ class Worker(BackgroundRunnable):
         )
         orchestrations = OrchestrationProcessor(self.backend, self._runner, checkpoints)
         entities = EntityProcessor(
-            self.backend, LocalEntityRunner(self.registry, self.converter, thread_pool=self._thread_pool), checkpoints
+            self.backend,
+            LocalEntityRunner(self.registry, self.converter, thread_pool=self._thread_pool),
+            checkpoints,
+            lease_duration=lease,
         )
         activity_runner = self._activity_runner = LocalActivityRunner(
             self.registry, self.converter, thread_pool=self._thread_pool, clock=self.backend.now
