@@ -26,6 +26,7 @@ from dtfx.core.entities import (
     EntityMetadata,
     EntityQuery,
     decode_scheduler_state,
+    entity_id_text,
 )
 from dtfx.core.errors import (
     OrchestrationNotFoundError,
@@ -416,7 +417,7 @@ class AsyncClient:
         raises ``ValueError``; by default, once a tracer provider is set, the current span's).
         """
         check_trace_context(trace_context)
-        target = str(entity_instance_id)
+        target = entity_id_text(entity_instance_id)
         scheduled = as_utc(signal_time) if signal_time is not None else None
         signal = EntityOperationSignaled(
             timestamp=self.backend.now(),
@@ -434,7 +435,7 @@ class AsyncClient:
     ) -> EntityMetadata | None:
         """The entity's state, last-modified time and lock holder; ``None`` if it has no state and no lock."""
         backend = await self._ready()
-        state = await backend.get_instance(str(entity_instance_id))
+        state = await backend.get_instance(entity_id_text(entity_instance_id))
         metadata = EntityMetadata.of(state, include_state=include_state) if state is not None else None
         if metadata is not None:
             metadata.converter = self.converter

@@ -187,6 +187,56 @@ async def test_class_entities_and_entity_to_entity_signals(hub: Hub, app: dtfx.A
     assert state.get_output() == ["insufficient funds: 75 < 1000000", 75]
 
 
+class Tally(dtfx.DurableEntity):
+    def add(self, amount: int = 1) -> int:
+        total = self.get_state(int, 0) + amount
+        self.set_state(total)
+        return total
+
+
+async def test_a_class_entitys_parameter_default_applies_when_no_input_comes(hub: Hub, app: dtfx.App) -> None:
+    app.add_entity(Tally)
+
+    @app.orchestrator
+    def tally(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        once = yield ctx.call_entity(EntityInstanceId("tally", "t"), "add")
+        return [once, (yield ctx.call_entity(EntityInstanceId("tally", "t"), "add", 10))]
+
+    async with hub.worker(app):
+        state = await hub.run(tally)
+    assert state.runtime_status == Status.COMPLETED and state.get_output() == [1, 11]
+
+
+async def test_an_entity_is_named_by_its_id_and_never_by_another_instances(hub: Hub, app: dtfx.App) -> None:
+    """A plain instance id as an entity would send the entity's message to that orchestration."""
+    app.add_entity(counter)
+
+    @app.orchestrator
+    def bystander(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.wait_for_external_event("go"))
+
+    @app.orchestrator
+    def misnamed(ctx: dtfx.OrchestrationContext, target: str) -> Any:
+        outcomes = []
+        for send in (ctx.signal_entity, ctx.call_entity, lambda target, _: ctx.lock_entities([target])):
+            try:
+                send(target, "add")
+            except ValueError as error:
+                outcomes.append(str(error))
+        outcomes.append((yield ctx.call_entity("@counter@text", "add", 2)))  # the id's text form is fine
+        return outcomes
+
+    async with hub.worker(app):
+        await hub.client.schedule_new_orchestration(bystander, instance_id="bystander")
+        state = await hub.run(misnamed, "bystander")
+        with pytest.raises(ValueError, match="Not an entity id"):
+            await hub.client.signal_entity("bystander", "add")  # type: ignore[arg-type]
+        await hub.client.raise_orchestration_event("bystander", "go", data="unharmed")
+        bystanding = await hub.client.wait_for_orchestration_completion("bystander", timeout=10)
+    assert state.get_output() == ["Not an entity id (expected '@name@key'): 'bystander'"] * 3 + [2]
+    assert bystanding is not None and bystanding.get_output() == "unharmed"
+
+
 async def test_an_entity_starts_an_orchestration(hub: Hub, app: dtfx.App) -> None:
     @app.orchestrator
     def greet(ctx: dtfx.OrchestrationContext, name: str) -> str:

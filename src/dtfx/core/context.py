@@ -25,7 +25,7 @@ from dtfx.core.actions import (
     SendEntityMessage,
     SendEvent,
 )
-from dtfx.core.entities import EntityInstanceId
+from dtfx.core.entities import EntityInstanceId, entity_id_text
 from dtfx.core.errors import LockingRulesViolationError
 from dtfx.core.history import (
     EntityLockRequested,
@@ -319,7 +319,7 @@ class OrchestrationContext:
         self, entity: EntityInstanceId, operation: str, input: Any = None, *, return_type: Any = None
     ) -> CompletableTask[Any]:
         """Call an entity operation; the task completes with its result (or its failure)."""
-        target = str(entity)
+        target = entity_id_text(entity)
         section = self.critical_section
         if section is not None:
             if not section.granted:
@@ -354,7 +354,7 @@ class OrchestrationContext:
         self, entity_id: EntityInstanceId, operation_name: str, input: Any = None, signal_time: datetime | None = None
     ) -> None:
         """Send an entity an operation without waiting for it, now or at ``signal_time``."""
-        target = str(entity_id)
+        target = entity_id_text(entity_id)
         section = self.critical_section
         if section is not None and target in section.lock_set:
             raise LockingRulesViolationError(f"Entity '{target}' is locked by this orchestration; call it instead.")
@@ -385,7 +385,7 @@ class OrchestrationContext:
         """
         if self.critical_section is not None:
             raise LockingRulesViolationError("Critical sections cannot be nested.")
-        lock_set = sorted({str(entity) for entity in entities})
+        lock_set = sorted({entity_id_text(entity) for entity in entities})
         if not lock_set:
             raise ValueError("lock_entities needs at least one entity.")
         section_id = self.new_uuid()

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from dtfx.core.context import function_name
-from dtfx.core.entities import EntityAction, EntityInstanceId, SignalEntity, StartOrchestration
+from dtfx.core.entities import EntityAction, EntityInstanceId, SignalEntity, StartOrchestration, entity_id_text
 from dtfx.core.history import TraceContext
 from dtfx.core.instance_ids import check_orchestration_id
 from dtfx.core.moments import as_utc
@@ -87,7 +87,11 @@ class EntityContext:
         scheduled = as_utc(signal_time) if signal_time is not None else None
         self._batch.actions.append(
             SignalEntity(
-                str(entity_instance_id), operation, self._converter.serialize(input), scheduled, self._trace_context
+                entity_id_text(entity_instance_id),
+                operation,
+                self._converter.serialize(input),
+                scheduled,
+                self._trace_context,
             )
         )
 

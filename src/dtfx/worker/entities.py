@@ -147,8 +147,8 @@ class LocalEntityRunner:
             instance._initialize_entity_context(context)
             method = _operation_method(instance, context.operation)
             types = parameter_types(method)
-            if not types:
-                return method()
+            if not types or (payload is None and not _requires_argument(method)):
+                return method()  # as the official SDK: a parameter's default applies when no input came
             return method(self._converter.deserialize(payload, types[0]))
         value = self._converter.deserialize(payload, input_type_of(entity))
         return entity(context, value)
@@ -157,6 +157,16 @@ class LocalEntityRunner:
 _HELPERS = frozenset(
     {"get_state", "set_state", "delete_state", "signal_entity", "schedule_new_orchestration", "entity_context"}
 )
+
+
+def _requires_argument(method: Callable[..., Any]) -> bool:
+    """Whether ``method`` has a parameter without a default (``*args`` and ``**kwargs`` aside)."""
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return any(
+        parameter.default is inspect.Parameter.empty
+        for parameter in inspect.signature(method).parameters.values()
+        if parameter.kind not in variadic
+    )
 
 
 def _operation_method(instance: DurableEntity, operation: str) -> Callable[..., Any]:
