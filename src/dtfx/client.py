@@ -18,7 +18,7 @@ from dtfx._portal import LoopThread
 from dtfx._tracing import creation_span, current_trace_context, event_span
 from dtfx.backends import open_backend
 from dtfx.backends.base import Backend
-from dtfx.core.apply import created_children
+from dtfx.core.apply import created_children, locks_a_rewind_cannot_take_back
 from dtfx.core.context import function_name
 from dtfx.core.entities import (
     CleanEntityStorageResult,
@@ -287,12 +287,22 @@ class AsyncClient:
 
     async def rewind_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
         """Run a FAILED instance again from its last good state: failed activities and
-        sub-orchestrations run again; what succeeded is not repeated."""
-        state = await (await self._ready()).get_instance(check_orchestration_id(instance_id), fetch_payloads=False)
+        sub-orchestrations run again; what succeeded is not repeated. An instance that failed
+        inside a critical section is refused: its locks were released when it failed."""
+        backend = await self._ready()
+        state = await backend.get_instance(check_orchestration_id(instance_id), fetch_payloads=False)
         if state is None:
             raise OrchestrationNotFoundError(instance_id)
         if state.runtime_status != OrchestrationStatus.FAILED:
             raise OrchestrationStateError(instance_id, state.runtime_status, "only failed instances can be rewound.")
+        released = locks_a_rewind_cannot_take_back(await backend.get_history(instance_id))
+        if released:
+            raise OrchestrationStateError(
+                instance_id,
+                state.runtime_status,
+                f"it failed inside a critical section, whose locks on {', '.join(released)} were released then;"
+                " a rewind would go on inside the section without them. Restart it instead.",
+            )
         await self._send(instance_id, ExecutionRewound(timestamp=self.backend.now(), reason=reason))
 
     async def _send(self, instance_id: str, event: HistoryEvent) -> None:

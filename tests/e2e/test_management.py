@@ -300,6 +300,47 @@ async def test_rewind_refuses_instances_that_did_not_fail(hub: Hub, app: dtfx.Ap
         await hub.client.rewind_orchestration("nope")
 
 
+async def test_rewind_refuses_an_instance_that_failed_inside_a_critical_section(hub: Hub, app: dtfx.App) -> None:
+    """Its locks went when it failed: a rewind would go on inside the section without them.
+    A section that had ended before the failure is no obstacle."""
+    broken = {"value": True}
+
+    @app.entity
+    def ledger(ctx: dtfx.EntityContext, amount: int | None) -> int:
+        ctx.set_state(ctx.get_state(int, 0) + (amount or 0))
+        return int(ctx.get_state(int, 0))
+
+    @app.activity
+    def flaky(ctx: dtfx.ActivityContext, _: Any) -> str:
+        if broken["value"]:
+            raise RuntimeError("dependency down")
+        return "flaky"
+
+    @app.orchestrator
+    def transfer(ctx: dtfx.OrchestrationContext, inside: bool) -> Any:
+        books = dtfx.EntityInstanceId("ledger", "books")
+        with (yield ctx.lock_entities([books])):
+            total = yield ctx.call_entity(books, "add", 1)
+            if inside:
+                yield ctx.call_activity(flaky)
+        if not inside:
+            yield ctx.call_activity(flaky)
+        return total
+
+    async with hub.worker(app):
+        inside = await hub.run(transfer, True, instance_id="rw-inside")
+        outside = await hub.run(transfer, False, instance_id="rw-outside")
+        assert inside.runtime_status == outside.runtime_status == Status.FAILED
+        broken["value"] = False
+        with pytest.raises(dtfx.OrchestrationStateError, match=r"critical section.*@ledger@books.*Restart it"):
+            await hub.client.rewind_orchestration("rw-inside")
+        await hub.client.rewind_orchestration("rw-outside")
+        state = await hub.client.wait_for_orchestration_completion("rw-outside", timeout=10)
+    assert state is not None and state.runtime_status == Status.COMPLETED and state.get_output() == 2
+    refused = await hub.client.get_orchestration_state("rw-inside")
+    assert refused is not None and refused.runtime_status == Status.FAILED
+
+
 async def test_rewind_keeps_succeeded_retries(hub: Hub, app: dtfx.App) -> None:
     attempts = {"retried": 0, "final": 0}
     broken = {"value": True}

@@ -38,8 +38,10 @@ from dtfx.core.actions import (
 from dtfx.core.entities import entity_target
 from dtfx.core.errors import InvalidInstanceIdError, OrchestrationAlreadyExistsError, UnstorableValueError
 from dtfx.core.history import (
+    EntityLockRequested,
     EntityOperationCalled,
     EntityOperationSignaled,
+    EntityUnlockSent,
     EventRaised,
     EventSent,
     ExecutionCompleted,
@@ -662,6 +664,49 @@ def terminate_unstarted_checkpoint(
     return checkpoint
 
 
+def _rewound_work(history: Sequence[HistoryEvent]) -> tuple[set[int], set[int], set[int]]:
+    """What a rewind does again, by the event id of its scheduling: the activities and timers
+    (failed, or not come back), the failed sub-orchestrations, and the unanswered ones."""
+    retried = {event.retry_of for event in history if isinstance(event, TimerCreated) and event.retry_of is not None}
+    answered = {event.task_scheduled_id for event in history if isinstance(event, _ANSWERS)}
+    fired = {event.timer_id for event in history if isinstance(event, TimerFired)}
+    again = {event.task_scheduled_id for event in history if isinstance(event, TaskFailed)} - retried
+    again |= {event.event_id for event in history if isinstance(event, TaskScheduled)} - answered
+    again |= {event.event_id for event in history if isinstance(event, TimerCreated)} - fired
+    failed_children = {
+        event.task_scheduled_id
+        for event in history
+        if isinstance(event, SubOrchestrationInstanceFailed) and event.task_scheduled_id not in retried
+    }
+    unanswered = {event.event_id for event in history if isinstance(event, SubOrchestrationInstanceCreated)}
+    return again, failed_children, unanswered - answered
+
+
+def locks_a_rewind_cannot_take_back(history: Sequence[HistoryEvent]) -> list[str]:
+    """The entities whose locks the failure released from a critical section that a rewind
+    would run again (work it does again was asked for inside the section); none if it can
+    be rewound. The replay would go on inside the section, without its locks."""
+    last_episode = max((i for i, e in enumerate(history) if isinstance(e, OrchestratorStarted)), default=0)
+    released = {e.critical_section_id: e for e in history[last_episode:] if isinstance(e, EntityUnlockSent)}
+    if not released:
+        return []
+    again, failed_children, unanswered = _rewound_work(history)
+    rerun = again | failed_children | unanswered
+    sections_began = [
+        index
+        for index, event in enumerate(history)
+        if isinstance(event, EntityLockRequested) and event.critical_section_id in released
+    ]
+    for index, event in enumerate(history):
+        if (
+            isinstance(event, TaskScheduled | TimerCreated | SubOrchestrationInstanceCreated)
+            and event.event_id in rerun
+            and any(began < index for began in sections_began)
+        ):
+            return sorted(e.target_instance_id for e in history[last_episode:] if isinstance(e, EntityUnlockSent))
+    return []
+
+
 def rewind_checkpoint(
     item: OrchestrationWorkItem, history: Sequence[HistoryEvent], consumed: list[MessageId], now: datetime
 ) -> OrchestrationCheckpoint:
@@ -679,19 +724,7 @@ def rewind_checkpoint(
     id stays. Only ``consumed`` messages are consumed: an event that came with the rewind
     waits for the episodes that follow.
     """
-    retried = {event.retry_of for event in history if isinstance(event, TimerCreated) and event.retry_of is not None}
-    answered = {event.task_scheduled_id for event in history if isinstance(event, _ANSWERS)}
-    fired = {event.timer_id for event in history if isinstance(event, TimerFired)}
-    again = {event.task_scheduled_id for event in history if isinstance(event, TaskFailed)} - retried
-    again |= {event.event_id for event in history if isinstance(event, TaskScheduled)} - answered
-    again |= {event.event_id for event in history if isinstance(event, TimerCreated)} - fired
-    failed_children = {
-        event.task_scheduled_id
-        for event in history
-        if isinstance(event, SubOrchestrationInstanceFailed) and event.task_scheduled_id not in retried
-    }
-    unanswered = {event.event_id for event in history if isinstance(event, SubOrchestrationInstanceCreated)}
-    unanswered -= answered
+    again, failed_children, unanswered = _rewound_work(history)
     refused = _refused_starts(history)
     kept: list[HistoryEvent] = []
     children: dict[str, int] = {}
