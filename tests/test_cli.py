@@ -79,8 +79,10 @@ def assert_one_line_error(result: Result, *fragments: str, exit_code: int | None
 
 @pytest.fixture
 def hub(tmp_path: Path) -> str:
-    """The URL of an SQLite task hub in a fresh directory."""
-    return f"sqlite:///{tmp_path}/hub.db"
+    """The URL of a new, empty SQLite task hub in a fresh directory."""
+    url = f"sqlite:///{tmp_path}/hub.db"
+    assert invoke("migrate", "-b", url).exit_code == 0
+    return url
 
 
 @pytest.fixture
@@ -175,7 +177,23 @@ def test_the_backend_comes_from_dtfx_backend(hub: str) -> None:
     assert invoke("status", "from-env", "--json", env={"DTFX_BACKEND": hub}).exit_code == 0
     # --backend wins over the environment
     other = hub.replace("hub.db", "other.db")
-    assert_one_line_error(invoke("status", "from-env", "-b", other, env={"DTFX_BACKEND": hub}), "from-env")
+    assert_one_line_error(invoke("status", "from-env", "-b", other, env={"DTFX_BACKEND": hub}), "other.db")
+
+
+def test_a_sqlite_file_that_does_not_exist_is_no_task_hub(tmp_path: Path) -> None:
+    """A mistyped path would make an empty task hub, whose instances would all seem gone;
+    only a command that creates instances makes the file."""
+    missing = tmp_path / "typo" / "hub.db"
+    url = f"sqlite:///{missing}"
+    for args in (["list"], ["status", "any"], ["purge", "any"], ["raise", "any", "approval"]):
+        assert_one_line_error(invoke(*args, "-b", url), f"No task hub at {url}", "does not exist")
+    assert not missing.parent.exists()
+    assert invoke("start", "hello_cities", "--id", "made", "-b", url).exit_code == 0
+    assert invoke_json("status", "made", "-b", url)["runtime_status"] == "PENDING"
+
+
+def test_migrate_refuses_a_memory_task_hub() -> None:
+    assert_one_line_error(invoke("migrate", "-b", "memory://"), "memory:// keeps nothing past this command")
 
 
 def test_raise_delivers_the_event_data(hub: str, worker: dtfx.Worker) -> None:

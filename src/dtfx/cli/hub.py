@@ -13,7 +13,7 @@ from dtfx.backends.urls import redact
 from dtfx.cli.options import BackendUrl, JsonOutput, Verbosity
 from dtfx.cli.output import print_outcome
 from dtfx.cli.root import CommandError, configure_logging, run_async
-from dtfx.cli.session import started_backend
+from dtfx.cli.session import refuse_memory, started_backend
 
 Roles = Annotated[
     list[str] | None,
@@ -44,6 +44,7 @@ async def migrate(
     if roles and await _has_no_roles(url):  # said before a task hub is made
         raise CommandError("--grant needs a PostgreSQL task hub: only PostgreSQL has roles.")
     async with started_backend(url) as store:
+        refuse_memory(store)
         if roles:
             from dtfx.backends.postgres import PostgresBackend  # the postgres extra, needed only here
 

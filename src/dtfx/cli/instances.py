@@ -61,7 +61,7 @@ async def start(
     has registered no orchestrator named NAME, the orchestration fails with
     NotRegisteredError, which `dtfx status` shows and `--wait` reports.
     """
-    async with connect(backend, verbose) as client:
+    async with connect(backend, verbose, creates=True) as client:
         new_id = await client.schedule_new_orchestration(
             name, input=input_value, instance_id=instance_id, version=version
         )
