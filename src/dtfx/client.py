@@ -287,8 +287,8 @@ class AsyncClient:
 
     async def rewind_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
         """Run a FAILED instance again from its last good state: failed activities and
-        sub-orchestrations run again; what succeeded is not repeated. An instance that failed
-        inside a critical section is refused: its locks were released when it failed."""
+        sub-orchestrations run again; what succeeded is not repeated. An instance that would
+        run work again inside a critical section is refused: the section's locks are gone."""
         backend = await self._ready()
         state = await backend.get_instance(check_orchestration_id(instance_id), fetch_payloads=False)
         if state is None:
@@ -300,8 +300,9 @@ class AsyncClient:
             raise OrchestrationStateError(
                 instance_id,
                 state.runtime_status,
-                f"it failed inside a critical section, whose locks on {', '.join(released)} were released then;"
-                " a rewind would go on inside the section without them. Restart it instead.",
+                f"a rewind would run again work it asked for inside a critical section, whose locks on"
+                f" {', '.join(released)} it no longer holds; it would go on inside the section without them."
+                " Restart it instead.",
             )
         await self._send(instance_id, ExecutionRewound(timestamp=self.backend.now(), reason=reason))
 

@@ -13,12 +13,15 @@ from dtfx.core.actions import (
     CreateTimer,
     OrchestratorAction,
     ScheduleTask,
+    SendEntityMessage,
     SendEvent,
     TerminateOrchestration,
 )
 from dtfx.core.apply import EpisodeKind, apply_actions, needs_history, plan_episode, rewind_checkpoint
-from dtfx.core.errors import UnstorableValueError
+from dtfx.core.errors import InvalidInstanceIdError, UnstorableValueError
 from dtfx.core.history import (
+    EntityLockRequested,
+    EntityOperationSignaled,
     EventRaised,
     EventSent,
     ExecutionCompleted,
@@ -193,6 +196,21 @@ def test_actions_a_task_hub_cannot_store_fail_the_orchestration(
     assert what in checkpoint.failure_details.message and checkpoint.custom_status is None
     escaped = [ScheduleTask(id=1, name="act", input='"a\\u0000b"')]  # JSON's way of writing it: stored
     assert apply_actions(item(raised()), start(), new_events, escaped, None, [0], NOW).status == Status.RUNNING
+
+
+def test_an_entity_message_to_an_id_that_is_no_entitys_fails_the_orchestration() -> None:
+    """It would reach the orchestration of that id (an SDK worker's actions are not checked before)."""
+    signal = EntityOperationSignaled(event_id=1, timestamp=NOW, request_id="r", operation="add", target_instance_id="o")
+    lock = EntityLockRequested(
+        event_id=1, timestamp=NOW, critical_section_id="s", lock_set=["@e@k", "o"], position=0, parent_instance_id="i"
+    )
+    new_events = [OrchestratorStarted(timestamp=NOW), raised()]
+    for event in (signal, lock):
+        checkpoint = apply_actions(item(), start(), new_events, [SendEntityMessage(id=1, event=event)], None, [0], NOW)
+        assert checkpoint.status == Status.FAILED and checkpoint.messages == []
+        assert checkpoint.failure_details is not None
+        assert checkpoint.failure_details.is_caused_by(InvalidInstanceIdError)
+        assert "'o', which is not an entity's id" in checkpoint.failure_details.message
 
 
 def test_events_and_terminations_for_ids_no_instance_can_have_go_nowhere() -> None:

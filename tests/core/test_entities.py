@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+from durabletask.entities import EntityInstanceId as SdkEntityInstanceId
+
 from dtfx.core.entities import (
     BatchResult,
+    EntityInstanceId,
     EntitySchedulerState,
     OperationResult,
     SignalEntity,
@@ -13,6 +17,7 @@ from dtfx.core.entities import (
     apply_batch,
     decode_scheduler_state,
     encode_scheduler_state,
+    entity_id_text,
     plan_batch,
 )
 from dtfx.core.history import (
@@ -156,3 +161,12 @@ def test_an_entity_without_state_lock_or_queue_is_stored_as_completed() -> None:
     plan = plan_batch(item(signal("delete"), state="3"), NOW)
     checkpoint = apply_batch(item(signal("delete"), state="3"), plan, BatchResult(None, [OperationResult()]), NOW)
     assert checkpoint.status == OrchestrationStatus.COMPLETED and checkpoint.custom_status is None
+
+
+def test_an_entity_is_named_by_its_id_or_anything_written_as_one() -> None:
+    assert entity_id_text(EntityInstanceId("Counter", "k")) == "@counter@k"
+    assert entity_id_text("@Counter@k") == "@counter@k"
+    assert entity_id_text(SdkEntityInstanceId("Counter", "k")) == "@counter@k"  # the official SDK's
+    for wrong in ("counter", "@counter", 42):
+        with pytest.raises(ValueError, match="Not an entity id"):
+            entity_id_text(wrong)

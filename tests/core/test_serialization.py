@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import enum
 import functools
 import json
@@ -234,6 +235,16 @@ def test_a_failure_named_without_its_module_is_caused_by_the_class_of_that_name(
     assert qualified.is_caused_by("LedgerError") and qualified.is_caused_by(qualified_name(LedgerError))
     assert not qualified.is_caused_by("accounts.LedgerError")  # both qualified: the modules differ
     assert not FailureDetails(error_type="", message="x").is_caused_by("")
+
+
+def test_a_builtin_failure_is_not_caused_by_a_class_of_the_same_name_elsewhere() -> None:
+    class ConnectionError(Exception):
+        pass
+
+    for recorded in ("ConnectionError", "builtins.ConnectionError"):
+        details = FailureDetails(error_type=recorded, message="x")
+        assert details.is_caused_by(builtins.ConnectionError) and details.is_caused_by("ConnectionError")
+        assert not details.is_caused_by(ConnectionError) and not details.is_caused_by(qualified_name(ConnectionError))
 
 
 @pytest.mark.parametrize(

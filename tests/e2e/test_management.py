@@ -332,7 +332,7 @@ async def test_rewind_refuses_an_instance_that_failed_inside_a_critical_section(
         outside = await hub.run(transfer, False, instance_id="rw-outside")
         assert inside.runtime_status == outside.runtime_status == Status.FAILED
         broken["value"] = False
-        with pytest.raises(dtfx.OrchestrationStateError, match=r"critical section.*@ledger@books.*Restart it"):
+        with pytest.raises(dtfx.OrchestrationStateError, match=r"inside a critical section.*@ledger@books.*Restart it"):
             await hub.client.rewind_orchestration("rw-inside")
         await hub.client.rewind_orchestration("rw-outside")
         state = await hub.client.wait_for_orchestration_completion("rw-outside", timeout=10)

@@ -8,7 +8,9 @@ over 4 MiB would break the SDK worker's stream.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -67,6 +69,13 @@ class Store(DurableEntity):
         return len(self.get_state(str, ""))
 
 
+class Tally(DurableEntity):
+    def add(self, text: str) -> int:
+        total = self.get_state(int, 0) + len(text)
+        self.set_state(total)
+        return total
+
+
 def call_store(ctx: task.OrchestrationContext, calls: list[list[Any]]) -> Any:
     """Each ``[operation, input]`` in turn: its output, or the message it failed with."""
     outcomes: list[Any] = []
@@ -84,6 +93,7 @@ def register(worker: sdk_worker.TaskHubGrpcWorker) -> None:
     for orchestrator in (text_of_size, activity_result_of_size, two_results_of_size, call_store):
         worker.add_orchestrator(orchestrator)
     worker.add_entity(Store)
+    worker.add_entity(Tally)
     worker.use_work_item_filters()  # leaves a native worker its own orchestrations
 
 
@@ -152,8 +162,23 @@ def test_entity_results_and_requests_over_the_limit_fail_their_operations(
     outcomes = run(client, call_store, calls).get_output()
     assert outcomes[1:3] == [0, fits] and outcomes[4] == fits
     assert "The result of a batch of entity '@store@one' is" in outcomes[0]
-    assert "The work item of entity '@store@one' (its state and 1 operation(s)) is" in outcomes[3]
+    assert "The work item of entity '@store@one' (its state and an operation) is" in outcomes[3]
     assert all(f"more than the {LIMIT:,}" in outcomes[index] for index in (0, 3))
+
+
+def test_a_batch_of_signals_too_large_to_send_at_once_goes_in_parts(
+    sidecar: SidecarServer, client: sdk_client.TaskHubGrpcClient
+) -> None:
+    """Each signal fits, all of them do not: none may be lost. (Due at one moment, they come
+    in one batch.)"""
+    tally = EntityInstanceId("Tally", "parts")
+    due = datetime.now(UTC) + timedelta(seconds=1)
+    for _ in range(100):
+        client.signal_entity(tally, "add", "t" * 1024, signal_time=due)
+    deadline = time.monotonic() + TIMEOUT
+    while (entity := client.get_entity(tally)) is None or entity.get_state(int) != 100 * 1024:
+        assert time.monotonic() < deadline, entity and entity.get_state(int)
+        time.sleep(0.05)
 
 
 def test_a_client_request_over_the_limit_is_refused_and_creates_nothing(

@@ -32,7 +32,7 @@ def _not_json(constant: str) -> NoReturn:
 def _finite(text: str) -> float:
     number = float(text)
     if not math.isfinite(number):
-        raise ValueError(f"{text} is beyond the range of a number")  # it would be stored as null
+        raise ValueError(f"{text} is beyond the range of a number")  # 1e999, say: JSON has no infinity
     return number
 
 

@@ -70,7 +70,7 @@ from dtfx.core.history import (
     qualified_name,
     storable_text,
 )
-from dtfx.core.instance_ids import instance_id_error, orchestration_id_error
+from dtfx.core.instance_ids import instance_id_error, is_entity_id, orchestration_id_error
 from dtfx.core.tokens import new_token
 from dtfx.core.workitems import (
     ActivityTask,
@@ -229,9 +229,9 @@ def apply_actions(
     recorded on the episode's ``OrchestratorStarted``. An activity, sub-orchestration or
     entity operation that comes with no trace context of its own continues the execution's.
     """
-    unstorable = _unstorable(actions, custom_status)
-    if unstorable is not None:  # it would fail every commit, for ever: the orchestration fails instead
-        actions = [CompleteOrchestration(id=-1, status=OrchestrationStatus.FAILED, failure_details=unstorable)]
+    invalid = _unstorable(actions, custom_status) or _misaddressed(actions)
+    if invalid is not None:  # it would fail every commit, or another instance: the orchestration fails instead
+        actions = [CompleteOrchestration(id=-1, status=OrchestrationStatus.FAILED, failure_details=invalid)]
         custom_status = None
     state = item.state
     instance_id = item.instance_id
@@ -465,6 +465,26 @@ def _continue_as_new(
     checkpoint.messages.extend(sent_to_itself)
 
 
+def _misaddressed(actions: Sequence[OrchestratorAction]) -> FailureDetails | None:
+    """The failure of an episode that sends an entity's message to an id that is not an
+    entity's (an SDK worker's; dtfx's own context refuses it), which would reach the
+    orchestration of that id; ``None`` if it sends none."""
+    for action in actions:
+        if not isinstance(action, SendEntityMessage):
+            continue
+        event = action.event
+        targets = event.lock_set if isinstance(event, EntityLockRequested) else [entity_target(event)]
+        for target in targets:
+            if not is_entity_id(target):
+                return FailureDetails(
+                    error_type=qualified_name(InvalidInstanceIdError),
+                    message=f"The orchestration sent an entity's message to '{target}', which is not an entity's"
+                    " id ('@name@key').",
+                    is_non_retriable=True,
+                )
+    return None
+
+
 def _unstorable(actions: Sequence[OrchestratorAction], custom_status: str | None) -> FailureDetails | None:
     """The failure of an episode whose actions put a NUL character where a task hub keeps
     text as it is (:data:`_TEXT_FIELDS`, the custom status), which none can (PostgreSQL refuses
@@ -683,27 +703,25 @@ def _rewound_work(history: Sequence[HistoryEvent]) -> tuple[set[int], set[int], 
 
 
 def locks_a_rewind_cannot_take_back(history: Sequence[HistoryEvent]) -> list[str]:
-    """The entities whose locks the failure released from a critical section that a rewind
-    would run again (work it does again was asked for inside the section); none if it can
-    be rewound. The replay would go on inside the section, without its locks."""
-    last_episode = max((i for i, e in enumerate(history) if isinstance(e, OrchestratorStarted)), default=0)
-    released = {e.critical_section_id: e for e in history[last_episode:] if isinstance(e, EntityUnlockSent)}
-    if not released:
-        return []
+    """The entities locked by a critical section inside which a rewind would run work again
+    (work that failed, or had not come back, was asked for while the section held its
+    locks); none if it can be rewound. The section's locks are gone (released when it ended,
+    or when the instance failed), and the replay would go on inside it without them."""
     again, failed_children, unanswered = _rewound_work(history)
     rerun = again | failed_children | unanswered
-    sections_began = [
-        index
-        for index, event in enumerate(history)
-        if isinstance(event, EntityLockRequested) and event.critical_section_id in released
-    ]
+    sections: dict[str, tuple[int, list[str]]] = {}  # by id: where it began, and its lock set
+    ended: dict[str, int] = {}
     for index, event in enumerate(history):
-        if (
-            isinstance(event, TaskScheduled | TimerCreated | SubOrchestrationInstanceCreated)
-            and event.event_id in rerun
-            and any(began < index for began in sections_began)
-        ):
-            return sorted(e.target_instance_id for e in history[last_episode:] if isinstance(e, EntityUnlockSent))
+        if isinstance(event, EntityLockRequested):
+            sections.setdefault(event.critical_section_id, (index, event.lock_set))
+        elif isinstance(event, EntityUnlockSent):
+            ended.setdefault(event.critical_section_id, index)
+    for index, event in enumerate(history):
+        scheduling = isinstance(event, TaskScheduled | TimerCreated | SubOrchestrationInstanceCreated)
+        if scheduling and event.event_id in rerun:
+            for section_id, (began, lock_set) in sections.items():
+                if began < index < ended.get(section_id, len(history)):
+                    return sorted(lock_set)
     return []
 
 

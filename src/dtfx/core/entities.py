@@ -89,17 +89,16 @@ class EntityInstanceId:
         return cls(name, key)
 
 
-def entity_id_text(entity: EntityInstanceId | str) -> str:
-    """The instance id of ``entity``, an :class:`EntityInstanceId` or its ``@name@key`` form.
+def entity_id_text(entity: object) -> str:
+    """The instance id of ``entity``: an :class:`EntityInstanceId`, or anything whose text is
+    ``@name@key`` (the id written out, the official SDK's ``EntityInstanceId``).
 
-    Raises ``ValueError`` (or ``TypeError``) for anything else: a plain instance id would send
-    an entity's message to an orchestration of that id.
+    Raises ``ValueError`` for anything else: a plain instance id would send an entity's
+    message to an orchestration of that id.
     """
     if isinstance(entity, EntityInstanceId):
         return str(entity)
-    if isinstance(entity, str):
-        return str(EntityInstanceId.parse(entity))
-    raise TypeError(f"An entity is named by an EntityInstanceId (got {type(entity).__name__} {entity!r}).")
+    return str(EntityInstanceId.parse(str(entity)))
 
 
 class EntityLockHolder(msgspec.Struct, frozen=True):

@@ -11,6 +11,7 @@ which is what the SQL backends store.
 
 from __future__ import annotations
 
+import builtins
 import enum
 import re
 import traceback
@@ -77,11 +78,12 @@ class FailureDetails(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
         recorded = self.error_type.removeprefix("builtins.")
         if not recorded:
             return False
+        bare = "." not in recorded and not _is_builtin_error(recorded)  # dtfx writes builtins without a module
         if isinstance(error_type, str):
             wanted = error_type.removeprefix("builtins.")
             if recorded == wanted:
                 return True
-            if "." in recorded and "." in wanted:
+            if not bare and ("." in wanted or _is_builtin_error(wanted)):
                 return False
             return bool(wanted) and recorded.rsplit(".", 1)[-1] == wanted.rsplit(".", 1)[-1]
         pending: list[type[BaseException]] = [error_type]
@@ -91,8 +93,7 @@ class FailureDetails(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
             if candidate in seen:
                 continue
             seen.add(candidate)
-            name = qualified_name(candidate)
-            if recorded == name or ("." not in recorded and recorded == candidate.__name__):
+            if recorded == qualified_name(candidate) or (bare and recorded == candidate.__name__):
                 return True
             pending.extend(candidate.__subclasses__())
         return False
@@ -113,6 +114,12 @@ class FailureDetails(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
             inner_failure=inner,
             is_non_retriable=non_retriable,
         )
+
+
+def _is_builtin_error(name: str) -> bool:
+    """Whether ``name`` is that of a built-in exception (``ValueError``)."""
+    value = getattr(builtins, name, None)
+    return isinstance(value, type) and issubclass(value, BaseException)
 
 
 def storable_text(text: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import math
 import types
 import typing
 from abc import ABC, abstractmethod
@@ -76,9 +75,7 @@ class JsonDataConverter(DataConverter):
         try:
             encoded = self._encoder.encode(value)
             if b"null" in encoded:  # msgspec writes NaN and the infinities as null
-                as_builtins = msgspec.to_builtins(value, enc_hook=_encode_hook)
-                if _has_non_finite(as_builtins):
-                    return _python_json(as_builtins)
+                return _with_non_finite_kept(value, encoded)
             return encoded.decode()
         except _UNENCODABLE as error:
             raise SerializationError(f"Cannot serialize {type(value).__qualname__} to JSON: {error}") from error
@@ -99,21 +96,19 @@ class JsonDataConverter(DataConverter):
         return convert(value, target_type)
 
 
-def _has_non_finite(value: Any) -> bool:
-    """Whether a JSON-like ``value`` holds NaN or an infinity anywhere."""
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, dict):
-        return any(_has_non_finite(item) for item in value.values())
-    if isinstance(value, list):
-        return any(_has_non_finite(item) for item in value)
-    return False
-
-
-def _python_json(value: Any) -> str:
-    """``value`` as Python's ``json`` and the official SDK write it: NaN and the infinities as
-    ``NaN``, ``Infinity`` and ``-Infinity`` (which JSON itself lacks), not as ``null``."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+def _with_non_finite_kept(value: Any, encoded: bytes) -> str:
+    """``value``, which msgspec encoded as ``encoded``, as Python's ``json`` and the official SDK
+    write it if it holds NaN or an infinity: ``NaN``, ``Infinity`` and ``-Infinity`` (which
+    JSON itself lacks), not ``null``: the value read back differs from the value only then."""
+    as_builtins = msgspec.to_builtins(value, enc_hook=_encode_hook)
+    try:
+        if msgspec.json.decode(encoded) != as_builtins:  # a NaN is no null (nor any other value)
+            json.dumps(as_builtins, allow_nan=False)  # or only written differently (an int key)
+    except ValueError:  # NaN or an infinity
+        return json.dumps(as_builtins, separators=(",", ":"), ensure_ascii=False)
+    except RecursionError:  # nested deeper than Python compares or encodes, but not msgspec: as msgspec wrote it
+        pass
+    return encoded.decode()
 
 
 def _with_non_finite(data: str, error: msgspec.DecodeError) -> Any:

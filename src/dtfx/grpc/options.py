@@ -58,8 +58,9 @@ class SidecarOptions:
     SDKs' channels take. A client's request over it is refused with ``RESOURCE_EXHAUSTED``.
     Work whose message to or from an SDK worker would be larger fails with a
     :class:`~dtfx.MessageTooLargeError` (see :mod:`dtfx.grpc.sizes`): an orchestration
-    whose history or response is too large, an activity whose input or result is, each
-    operation of an entity batch whose request or result is. Raise it together with the
+    whose history or response is too large, an activity whose input or result is, an
+    entity operation too large on its own, each operation of an entity batch whose result
+    is (a batch too large to send goes in parts). Raise it together with the
     peers' own limit (the Python SDK's ``GrpcChannelOptions(max_receive_message_length=...)``)
     where payloads are larger, or keep large payloads out of band (the SDKs' payload store)."""
     keepalive_interval: timedelta = timedelta(seconds=30)

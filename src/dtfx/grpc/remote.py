@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from dtfx.backends.base import Backend
-from dtfx.core.entities import BatchPlan, BatchResult
+from dtfx.core.entities import BatchPlan, BatchResult, OperationRequest
 from dtfx.core.history import (
     ExecutionStarted,
     HistoryEvent,
@@ -26,6 +26,7 @@ from dtfx.core.history import (
     TaskFailed,
 )
 from dtfx.core.workitems import ActivityWorkItem, OrchestrationCheckpoint, OrchestrationWorkItem
+from dtfx.grpc.connections import WorkerConnection
 from dtfx.grpc.convert import (
     entity_batch_request_to_proto,
     entity_request_to_proto,
@@ -243,20 +244,38 @@ class RemoteEntityRunner:
         connection = self._hub.worker_for(item.lock_token, plan.entity_id.entity, None)
         if connection is None:
             return Abandon(self._retry_delay)
-        state = item.state.serialized_output
+        return await self._run_in_parts(connection, item, item.state.serialized_output, plan.operations)
+
+    async def _run_in_parts(
+        self,
+        connection: WorkerConnection,
+        item: OrchestrationWorkItem,
+        state: str | None,
+        operations: Sequence[OperationRequest],
+    ) -> BatchResult | Abandon:
+        """Run ``operations`` on ``state`` as one work item, or, if that is too large to send,
+        as two halves one after the other (an operation too large on its own fails)."""
         if self._legacy_requests:
-            work_item = pb.WorkItem(
-                entityRequest=entity_batch_request_to_proto(item.instance_id, state, plan.operations)
-            )
+            work_item = pb.WorkItem(entityRequest=entity_batch_request_to_proto(item.instance_id, state, operations))
         else:
-            request = entity_request_to_proto(item.instance_id, item.state.execution_id, state, plan.operations)
+            request = entity_request_to_proto(item.instance_id, item.state.execution_id, state, operations)
             work_item = pb.WorkItem(entityRequestV2=request)
         size = work_item.ByteSize() + ENVELOPE
         if size > self._max_message_bytes:
-            what = f"The work item of entity '{item.instance_id}' (its state and {len(plan.operations)} operation(s))"
-            return BatchResult.failing(state, plan.operations, too_large_failure(what, size, self._max_message_bytes))
-        batch = EntityBatch(state, plan.operations)
-        dispatched = self._hub.dispatch(connection, work_item, item.instance_id, entity_batch=batch)
+            if len(operations) == 1:
+                what = f"The work item of entity '{item.instance_id}' (its state and an operation)"
+                return BatchResult.failing(state, operations, too_large_failure(what, size, self._max_message_bytes))
+            half = len(operations) // 2
+            first = await self._run_in_parts(connection, item, state, operations[:half])
+            if isinstance(first, Abandon):
+                return first
+            rest = await self._run_in_parts(connection, item, first.state, operations[half:])
+            if isinstance(rest, Abandon):
+                return rest
+            return BatchResult(rest.state, first.results + rest.results, first.actions + rest.actions)
+        dispatched = self._hub.dispatch(
+            connection, work_item, item.instance_id, entity_batch=EntityBatch(state, operations)
+        )
         outcome = await _answer(self._hub, dispatched)  # the processor keeps the lease meanwhile
         if not isinstance(outcome, BatchResult | Abandon):
             raise TypeError(f"An entity work item came back as {type(outcome).__name__}")

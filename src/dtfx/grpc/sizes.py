@@ -9,10 +9,13 @@ is sent again on the next one, so that the worker runs nothing else.
 
 So the server lets gRPC read :data:`READ_BEYOND` bytes past the limit, and fails the work
 that a message over it carries with a :class:`~dtfx.MessageTooLargeError`: an
-orchestration whose history or result is too large fails; an activity whose input or
-result is too large fails as a task, for its orchestration to handle; an entity batch
-fails each of its operations and keeps the state it had. Any other request over the limit
-is refused with ``RESOURCE_EXHAUSTED``, as gRPC would.
+orchestration whose history or response is too large fails; an activity whose input or
+result is too large fails as a task, for its orchestration to handle; an entity batch too
+large to send goes in parts, and an operation too large on its own fails; an entity
+batch's result too large fails each of its operations, and the entity keeps the state it
+had. Any other request over the limit is refused with ``RESOURCE_EXHAUSTED``, as gRPC
+would. A result larger still is refused by gRPC as it arrives, and its work item stays
+with the worker until it disconnects.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from __future__ import annotations
 from dtfx.core.errors import MessageTooLargeError
 from dtfx.core.history import FailureDetails, qualified_name
 
-READ_BEYOND = 64 << 20
+READ_BEYOND = 16 << 20
 """How far past ``max_message_bytes`` the server still reads a message, to say which work it
 was for. A larger one is refused by gRPC as it arrives."""
+
+_GRPC_MAX = (1 << 31) - 1
+"""The largest size gRPC's channel arguments take."""
 
 ENVELOPE = 64
 """At most the bytes a work item adds to the request it carries: its own tag and length, and
@@ -37,7 +43,7 @@ _ADVICE = (
 
 def transport_limit(max_message_bytes: int) -> int:
     """The size up to which gRPC reads a message for the server."""
-    return max_message_bytes + READ_BEYOND
+    return min(max_message_bytes + READ_BEYOND, _GRPC_MAX)
 
 
 def too_large(what: str, size: int, limit: int) -> str:
