@@ -72,6 +72,6 @@ def _refuse_missing_file(url: str) -> None:
     path, _ = parse_sqlite_url(url)
     if not Path(path).exists():
         raise CommandError(
-            f"No task hub at {redact(url)}: {path} does not exist (a worker, `dtfx start` or `dtfx migrate`"
-            " creates it). Check --backend or DTFX_BACKEND."
+            f"No task hub at {redact(url)}: {path} does not exist (a worker, `dtfx start`, `dtfx serve` or"
+            " `dtfx migrate` creates it). Check --backend or DTFX_BACKEND."
         )
