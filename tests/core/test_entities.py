@@ -99,6 +99,22 @@ def test_a_lock_request_is_passed_on_then_granted_by_the_last_entity() -> None:
     assert (grant.instance_id, grant.event) == ("orch", EntityLockGranted(timestamp=NOW, critical_section_id="cs"))
 
 
+def test_a_lock_request_that_comes_after_its_sections_unlock_is_dropped() -> None:
+    """The orchestration ended while its request travelled along the lock set: the entity
+    must not hold a lock for it ever after."""
+    free = plan_batch(item(unlock("orch", "gone")), NOW)
+    assert free.scheduler.lock is None and free.scheduler.released == ["gone"]
+    stored = decode_scheduler_state(encode_scheduler_state(free.scheduler))
+    late = plan_batch(item(lock_request("orch", ["@counter@a", ENTITY], 1, "gone"), signal(), scheduler=stored), NOW)
+    assert late.lock_messages == [] and late.operations == [signal()] and late.scheduler.is_empty
+
+    held = plan_batch(item(lock_request("other", [ENTITY], section="held"), unlock("orch", "gone")), NOW)
+    assert held.scheduler.lock is not None and held.scheduler.lock.owner == "other"
+    assert held.scheduler.released == ["gone"] and held.scheduler.queue == []
+    both = plan_batch(item(unlock("orch", "gone"), lock_request("orch", [ENTITY], section="gone")), NOW)
+    assert both.lock_messages == [] and both.scheduler.is_empty
+
+
 def test_others_wait_while_locked_and_go_first_after_the_unlock() -> None:
     other_signal, other_call, owner_call = signal(request_id="x"), call("someone-else", "y"), call("orch", "z")
     plan = plan_batch(item(lock_request("orch", [ENTITY]), other_signal, other_call, owner_call), NOW)
@@ -112,10 +128,11 @@ def test_others_wait_while_locked_and_go_first_after_the_unlock() -> None:
     assert released.scheduler.is_empty
 
 
-def test_an_unlock_for_another_section_changes_nothing() -> None:
+def test_an_unlock_for_another_section_leaves_the_lock_alone() -> None:
     stored = plan_batch(item(lock_request("orch", [ENTITY])), NOW).scheduler
     plan = plan_batch(item(unlock("orch", section="other"), signal(), scheduler=stored), NOW)
-    assert plan.operations == [] and len(plan.scheduler.queue) == 2 and plan.scheduler.lock is not None
+    assert plan.operations == [] and plan.scheduler.queue == [signal()] and plan.scheduler.lock == stored.lock
+    assert plan.scheduler.released == ["other"]  # its request, should it come, is dropped
 
 
 def test_an_unlock_withdraws_its_sections_lock_request_still_waiting_for_the_lock() -> None:

@@ -108,16 +108,23 @@ class EntityLockHolder(msgspec.Struct, frozen=True):
     owner: str
 
 
+_RELEASED_REMEMBERED = 32
+"""Most critical sections an entity remembers as released before their lock request came."""
+
+
 class EntitySchedulerState(msgspec.Struct, omit_defaults=True):
-    """What an entity keeps besides its state: its lock and the requests waiting for it."""
+    """What an entity keeps besides its state: its lock, the requests waiting for it, and the
+    critical sections released before their lock request reached it (an orchestration that
+    ended while its request travelled along the lock set): the request is dropped when it comes."""
 
     lock: EntityLockHolder | None = None
     queue: list[AnyHistoryEvent] = msgspec.field(default_factory=list)
+    released: list[str] = msgspec.field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        """No lock and nothing waiting."""
-        return self.lock is None and not self.queue
+        """No lock, nothing waiting, nothing to remember."""
+        return self.lock is None and not self.queue and not self.released
 
 
 _scheduler_encoder = msgspec.json.Encoder()
@@ -220,15 +227,22 @@ def plan_batch(item: OrchestrationWorkItem, now: datetime) -> BatchPlan:
     entity_id = EntityInstanceId.parse(item.instance_id)
     stored = decode_scheduler_state(item.state.serialized_custom_status)
     lock = stored.lock
+    released = list(stored.released)
     pending: deque[HistoryEvent] = deque([*stored.queue, *(message.event for message in item.messages)])
     waiting: list[HistoryEvent] = []
     operations: list[OperationRequest] = []
     lock_messages: list[OutboundMessage] = []
     while pending:
         event = pending.popleft()
+        if isinstance(event, EntityLockRequested) and event.critical_section_id in released:
+            released.remove(event.critical_section_id)  # its orchestration ended before it came
+            continue
+        if isinstance(event, EntityUnlockSent) and (lock is None or not _from_holder(event, lock)):
+            # Its section never held this lock: its orchestration ended before the lock came.
+            if not _withdrawn(waiting, event.critical_section_id):  # the request is still on its way
+                released = [*released, event.critical_section_id][-_RELEASED_REMEMBERED:]
+            continue
         if lock is not None and not _from_holder(event, lock):
-            if isinstance(event, EntityUnlockSent) and _withdrawn(waiting, event.critical_section_id):
-                continue  # its orchestration ended before the lock came: it must not get it now
             waiting.append(event)
             continue
         if isinstance(event, EntityOperationSignaled | EntityOperationCalled):
@@ -240,7 +254,7 @@ def plan_batch(item: OrchestrationWorkItem, now: datetime) -> BatchPlan:
             lock = None
             pending.extendleft(reversed(waiting))  # what waited for the lock goes first
             waiting = []
-    scheduler = EntitySchedulerState(lock=lock, queue=waiting)  # type: ignore[arg-type]
+    scheduler = EntitySchedulerState(lock=lock, queue=waiting, released=released)  # type: ignore[arg-type]
     return BatchPlan(entity_id, operations, scheduler, lock_messages, [m.id for m in item.messages])
 
 
