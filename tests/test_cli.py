@@ -320,6 +320,11 @@ def test_verbose_logs_the_traceback_of_an_error(hub: str) -> None:
         (["list", "--limit", "100000000000000000000"], ["--limit"]),
         (["status"], ["Missing argument 'ID'"]),
         (["stauts", "x"], ["No such command 'stauts'"]),
+        (["start", ""], ["'name': cannot be empty"]),
+        (["start", "hello_cities", "--id", " "], ["'--id': cannot be empty"]),
+        (["raise", "some-id", ""], ["'EVENT': cannot be empty"]),
+        (["status", ""], ["'ID': cannot be empty"]),
+        (["run", ""], ["'MODULE[:APP]': cannot be empty"]),
     ],
 )
 def test_usage_errors(hub: str, args: list[str], fragments: list[str]) -> None:

@@ -257,8 +257,8 @@ def test_dtfx_serve_tls_needs_both_files(tmp_path: Path) -> None:
         text=True,
         timeout=20,
     )
-    assert result.returncode == 1
-    assert "--tls-key" in result.stderr
+    assert result.returncode == 2  # a usage error
+    assert "TLS needs both --tls-cert and --tls-key" in result.stderr
 
 
 def test_stopping_gives_back_the_work_out_with_workers() -> None:

@@ -22,6 +22,7 @@ from dtfx.cli.options import (
     Verbosity,
     json_value,
     moment_value,
+    non_empty,
     status_value,
 )
 from dtfx.cli.output import failure_text, print_outcome, print_state, print_states
@@ -45,9 +46,14 @@ RewindReason = Annotated[
 
 @run_async
 async def start(
-    name: Annotated[str, typer.Argument(help="The orchestrator's registered name.", show_default=False)],
+    name: Annotated[
+        str, typer.Argument(help="The orchestrator's registered name.", show_default=False, callback=non_empty)
+    ],
     input_value: JsonInput = None,
-    instance_id: Annotated[str | None, typer.Option("--id", help="The instance id (default: a new random id).")] = None,
+    instance_id: Annotated[
+        str | None,
+        typer.Option("--id", help="The instance id (default: a new random id).", callback=non_empty),
+    ] = None,
     version: Annotated[str | None, typer.Option("--version", help="The orchestration's version.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until it ends and show its state.")] = False,
     timeout: Timeout = 60,
@@ -153,7 +159,9 @@ async def list_instances(
 @run_async
 async def raise_event(
     instance_id: InstanceId,
-    event: Annotated[str, typer.Argument(metavar="EVENT", help="The event's name.", show_default=False)],
+    event: Annotated[
+        str, typer.Argument(metavar="EVENT", help="The event's name.", show_default=False, callback=non_empty)
+    ],
     data: Annotated[
         Any, typer.Option("--data", "-d", parser=json_value, metavar="JSON", help="The event's data, as JSON.")
     ] = None,

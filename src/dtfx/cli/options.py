@@ -65,7 +65,19 @@ BackendUrl = Annotated[
 ]
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 Verbosity = Annotated[int, typer.Option("--verbose", "-v", count=True, help="Log more: -v for info, -vv for debug.")]
-InstanceId = Annotated[str, typer.Argument(metavar="ID", help="The orchestration instance id.", show_default=False)]
+
+
+def non_empty(value: str | None) -> str | None:
+    """Refuse an empty value of a name or an id as a usage error."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("cannot be empty")
+    return value
+
+
+InstanceId = Annotated[
+    str,
+    typer.Argument(metavar="ID", help="The orchestration instance id.", show_default=False, callback=non_empty),
+]
 Timeout = Annotated[
     float, typer.Option("--timeout", min=0, metavar="SECONDS", help="How long --wait waits before giving up.")
 ]

@@ -16,7 +16,7 @@ import typer
 
 from dtfx.backends import default_url
 from dtfx.backends.urls import redact
-from dtfx.cli.options import BackendUrl, Verbosity
+from dtfx.cli.options import BackendUrl, Verbosity, non_empty
 from dtfx.cli.root import CommandError, configure_logging, run_async, stderr
 from dtfx.cli.serving import run_until_signalled
 from dtfx.cli.session import started_backend
@@ -34,6 +34,7 @@ async def run(
             show_default=False,
             help="Where the app is: a module (my_package.orders), a file (orders.py), "
             "and after a colon the dtfx.App's name if it is not `app`.",
+            callback=non_empty,
         ),
     ],
     backend: BackendUrl = None,

@@ -15,7 +15,7 @@ import typer
 from dtfx.backends import default_url
 from dtfx.backends.urls import redact
 from dtfx.cli.options import BackendUrl, Verbosity
-from dtfx.cli.root import CommandError, configure_logging, run_async, stderr
+from dtfx.cli.root import configure_logging, run_async, stderr
 from dtfx.cli.serving import run_until_signalled
 from dtfx.cli.session import started_backend
 from dtfx.grpc.options import (
@@ -103,8 +103,8 @@ async def serve(
 def _tls(cert: Path | None, key: Path | None, client_ca: Path | None) -> TlsOptions | None:
     if cert is None and key is None:
         if client_ca is not None:
-            raise CommandError("--tls-client-ca needs --tls-cert and --tls-key.")
+            raise typer.BadParameter("needs --tls-cert and --tls-key", param_hint="--tls-client-ca")
         return None
     if cert is None or key is None:
-        raise CommandError("TLS needs both --tls-cert and --tls-key.")
+        raise typer.BadParameter("TLS needs both --tls-cert and --tls-key", param_hint="--tls-cert/--tls-key")
     return TlsOptions.from_files(cert, key, client_ca)
