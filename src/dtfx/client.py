@@ -18,7 +18,7 @@ from dtfx._portal import LoopThread
 from dtfx._tracing import creation_span, current_trace_context, event_span
 from dtfx.backends import open_backend
 from dtfx.backends.base import Backend
-from dtfx.core.apply import created_children, locks_a_rewind_cannot_take_back
+from dtfx.core.apply import created_children, failed_children, locks_a_rewind_cannot_take_back
 from dtfx.core.context import function_name
 from dtfx.core.entities import (
     CleanEntityStorageResult,
@@ -295,16 +295,37 @@ class AsyncClient:
             raise OrchestrationNotFoundError(instance_id)
         if state.runtime_status != OrchestrationStatus.FAILED:
             raise OrchestrationStateError(instance_id, state.runtime_status, "only failed instances can be rewound.")
-        released = locks_a_rewind_cannot_take_back(await backend.get_history(instance_id))
-        if released:
+        unrewindable = await self._locks_a_rewind_cannot_take_back(backend, instance_id, {instance_id})
+        if unrewindable is not None:
+            which, released = unrewindable
+            who = "it" if which == instance_id else f"its sub-orchestration '{which}', which it rewinds too,"
             raise OrchestrationStateError(
                 instance_id,
                 state.runtime_status,
-                f"a rewind would run again work it asked for inside a critical section, whose locks on"
-                f" {', '.join(released)} it no longer holds; it would go on inside the section without them."
+                f"a rewind would run again work {who} asked for inside a critical section, whose locks on"
+                f" {', '.join(released)} are gone; it would go on inside the section without them."
                 " Restart it instead.",
             )
         await self._send(instance_id, ExecutionRewound(timestamp=self.backend.now(), reason=reason))
+
+    async def _locks_a_rewind_cannot_take_back(
+        self, backend: Backend, instance_id: str, seen: set[str]
+    ) -> tuple[str, list[str]] | None:
+        """The instance (this one, or a failed sub-orchestration its rewind rewinds) that would
+        run work again inside a critical section, with the entities the section had locked."""
+        history = await backend.get_history(instance_id)
+        released = locks_a_rewind_cannot_take_back(history)
+        if released:
+            return instance_id, released
+        for child_id in failed_children(history):
+            child = await backend.get_instance(child_id, fetch_payloads=False)
+            if child_id in seen or child is None or child.runtime_status != OrchestrationStatus.FAILED:
+                continue
+            seen.add(child_id)
+            found = await self._locks_a_rewind_cannot_take_back(backend, child_id, seen)
+            if found is not None:
+                return found
+        return None
 
     async def _send(self, instance_id: str, event: HistoryEvent) -> None:
         """Leave ``event`` in the orchestration's inbox; an entity's id is refused (the entity

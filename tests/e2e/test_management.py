@@ -301,8 +301,9 @@ async def test_rewind_refuses_instances_that_did_not_fail(hub: Hub, app: dtfx.Ap
 
 
 async def test_rewind_refuses_an_instance_that_failed_inside_a_critical_section(hub: Hub, app: dtfx.App) -> None:
-    """Its locks went when it failed: a rewind would go on inside the section without them.
-    A section that had ended before the failure is no obstacle."""
+    """Its locks went when it failed: a rewind would go on inside the section without them, and
+    so would a rewind of its parent, which rewinds it. A section that had ended before the
+    failure is no obstacle."""
     broken = {"value": True}
 
     @app.entity
@@ -327,13 +328,20 @@ async def test_rewind_refuses_an_instance_that_failed_inside_a_critical_section(
             yield ctx.call_activity(flaky)
         return total
 
+    @app.orchestrator
+    def parent(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_sub_orchestrator(transfer, input=True, instance_id="rw-child"))
+
     async with hub.worker(app):
         inside = await hub.run(transfer, True, instance_id="rw-inside")
         outside = await hub.run(transfer, False, instance_id="rw-outside")
-        assert inside.runtime_status == outside.runtime_status == Status.FAILED
+        above = await hub.run(parent, instance_id="rw-parent")
+        assert inside.runtime_status == outside.runtime_status == above.runtime_status == Status.FAILED
         broken["value"] = False
         with pytest.raises(dtfx.OrchestrationStateError, match=r"inside a critical section.*@ledger@books.*Restart it"):
             await hub.client.rewind_orchestration("rw-inside")
+        with pytest.raises(dtfx.OrchestrationStateError, match="its sub-orchestration 'rw-child'"):
+            await hub.client.rewind_orchestration("rw-parent")
         await hub.client.rewind_orchestration("rw-outside")
         state = await hub.client.wait_for_orchestration_completion("rw-outside", timeout=10)
     assert state is not None and state.runtime_status == Status.COMPLETED and state.get_output() == 2

@@ -725,6 +725,22 @@ def locks_a_rewind_cannot_take_back(history: Sequence[HistoryEvent]) -> list[str
     return []
 
 
+def failed_children(history: Sequence[HistoryEvent]) -> list[str]:
+    """The instance ids of the sub-orchestrations whose failure a rewind of ``history`` rewinds
+    (a refused start, which never existed, aside)."""
+    failed = _rewound_work(history)[1]
+    refused = _refused_starts(history)
+    return list(
+        dict.fromkeys(
+            event.instance_id
+            for event in history
+            if isinstance(event, SubOrchestrationInstanceCreated)
+            and event.event_id in failed
+            and event.event_id not in refused
+        )
+    )
+
+
 def rewind_checkpoint(
     item: OrchestrationWorkItem, history: Sequence[HistoryEvent], consumed: list[MessageId], now: datetime
 ) -> OrchestrationCheckpoint:
