@@ -37,7 +37,7 @@ from dtfx.grpc.convert import (
 )
 from dtfx.grpc.hub import DispatchedWorkItem, EntityBatch, Outcome, WorkerHub
 from dtfx.grpc.protos import pb
-from dtfx.grpc.sizes import ENVELOPE, too_large_failure
+from dtfx.grpc.sizes import oversized_work_item, too_large_failure
 from dtfx.worker.cache import InstanceCache
 from dtfx.worker.leases import Lease, keep_lease
 from dtfx.worker.orchestrations import Abandon, EpisodeOutcome, failed_episode
@@ -139,8 +139,8 @@ class RemoteEpisodeRunner:
             newEvents=events_to_proto(new_events),
             orchestrationTraceContext=span_to_proto(sent.span),
         )
-        size = request.ByteSize() + len(sent.events) + ENVELOPE
-        if size > self._max_message_bytes:
+        size = oversized_work_item(request, self._max_message_bytes, more=len(sent.events))
+        if size is not None:
             what = f"The work item of orchestration '{item.instance_id}' (its history and new events)"
             return failed_episode(too_large_failure(what, size, self._max_message_bytes, history=True))
         request.MergeFromString(sent.events)  # its pastEvents
@@ -203,8 +203,8 @@ class RemoteActivityRunner:
             parentTraceContext=trace_context_to_proto(scheduled.trace_context),
             tags=scheduled.tags,
         )
-        size = request.ByteSize() + ENVELOPE
-        if size > self._max_message_bytes:
+        size = oversized_work_item(request, self._max_message_bytes)
+        if size is not None:
             what = f"The work item of activity task {scheduled.event_id} of instance '{item.task.instance_id}'"
             failure = too_large_failure(what, size, self._max_message_bytes)
             now = self._backend.now()
@@ -260,8 +260,8 @@ class RemoteEntityRunner:
         else:
             request = entity_request_to_proto(item.instance_id, item.state.execution_id, state, operations)
             work_item = pb.WorkItem(entityRequestV2=request)
-        size = work_item.ByteSize() + ENVELOPE
-        if size > self._max_message_bytes:
+        size = oversized_work_item(work_item, self._max_message_bytes)
+        if size is not None:
             if len(operations) == 1:
                 what = f"The work item of entity '{item.instance_id}' (its state and an operation)"
                 return BatchResult.failing(state, operations, too_large_failure(what, size, self._max_message_bytes))

@@ -20,6 +20,8 @@ with the worker until it disconnects.
 
 from __future__ import annotations
 
+from typing import Any
+
 from dtfx.core.errors import MessageTooLargeError
 from dtfx.core.history import FailureDetails, qualified_name
 
@@ -44,6 +46,13 @@ _ADVICE = (
 def transport_limit(max_message_bytes: int) -> int:
     """The size up to which gRPC reads a message for the server."""
     return min(max_message_bytes + READ_BEYOND, _GRPC_MAX)
+
+
+def oversized_work_item(request: Any, limit: int, *, more: int = 0) -> int | None:
+    """The size of a work item carrying ``request`` (and ``more`` bytes besides, sent with it),
+    if it is over ``limit``; ``None`` if it fits."""
+    size: int = request.ByteSize() + more + ENVELOPE
+    return size if size > limit else None
 
 
 def too_large(what: str, size: int, limit: int) -> str:
