@@ -90,9 +90,10 @@ class BackgroundRunnable(ABC):
         await self.stop_async()
 
     def start(self) -> None:
-        """Start on a background thread."""
+        """Start on a background thread; nothing more if it runs there already (the official
+        SDK's workers start in ``start()``, after ``with``, which starts a dtfx one)."""
         if self._portal is not None:
-            raise RuntimeError(f"The {type(self).__name__} is already running.")
+            return
         self._portal = LoopThread(self._thread_name)
         try:
             self._portal.run(self.start_async())

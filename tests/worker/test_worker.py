@@ -368,6 +368,22 @@ def test_a_worker_that_opened_its_backend_from_a_url_starts_again_after_a_stop(t
         assert state is not None and state.get_output() == f"Hello, {name}!"
 
 
+def test_the_official_sdks_pattern_of_with_then_register_then_start_runs(tmp_path: Any) -> None:
+    """``with`` starts a dtfx worker; the SDK's examples then register and call ``start()``."""
+
+    def hello(ctx: dtfx.OrchestrationContext, name: str) -> str:
+        return f"Hello, {name}!"
+
+    url = f"sqlite:///{tmp_path}/hub.db"
+    with dtfx.Worker(url) as worker:
+        worker.add_orchestrator(hello)
+        worker.start()
+        with dtfx.Client(url) as client:
+            instance_id = client.schedule_new_orchestration(hello, input="SDK")
+            state = client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == "Hello, SDK!"
+
+
 async def test_an_activity_that_awaits_the_stop_of_its_own_worker_is_told_it_cannot() -> None:
     """The stop would wait for the activity, which waits for the stop."""
     app = dtfx.App()
