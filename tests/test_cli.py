@@ -365,7 +365,7 @@ def test_waiting_without_a_worker_times_out_with_a_hint(hub: str) -> None:
 
 
 def test_an_empty_orchestrator_name_is_refused(hub: str) -> None:
-    assert_one_line_error(invoke("start", "", "-b", hub), "the name given is empty", exit_code=1)
+    assert_one_line_error(invoke("start", "", "-b", hub), "'name': cannot be empty", exit_code=2)
     assert invoke_json("list", "-b", hub) == []
 
 
