@@ -13,6 +13,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -132,27 +133,26 @@ class LocalActivityRunner:
         """The tasks running activities now (whose code, on the loop, must not await the worker's stop)."""
 
     async def run(self, item: ActivityWorkItem, lease: Lease | None = None) -> TaskCompleted | TaskFailed | Abandon:
+        """Run the activity; :class:`Abandon` if its lease was lost, or has run out by the clock,
+        before its code began (an eager activity's, which ``lease`` does not renew, is its
+        orchestration's: see :mod:`dtfx.worker.eager`)."""
         try:
-            return await self._run(item, lease)
+            return await self._run(item, _Held(item, lease, self._clock))
         except _LeaseLostError:
             scheduled = item.task.event
             logger.info(
-                "Activity %s #%d of %s: not started, its lease was lost while it waited for a thread",
+                "Activity %s #%d of %s: not started, its lease was lost (or ran out) before it could begin",
                 scheduled.name,
                 scheduled.event_id,
                 item.task.instance_id,
             )
             return Abandon()  # its lease is another worker's: the task is left to it
 
-    async def run_claimed(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed:
-        """:meth:`run` for an eager activity, which has no lease of its own to lose."""
-        return await self._run(item, None)
-
-    async def _run(self, item: ActivityWorkItem, lease: Lease | None) -> TaskCompleted | TaskFailed:
+    async def _run(self, item: ActivityWorkItem, held: _Held) -> TaskCompleted | TaskFailed:
         try:
             activity, context, value = self._prepare(item)
             with activity_span(item.task.event, item.task.instance_id):
-                result = await self._call(activity, context, value, lease)
+                result = await self._call(activity, context, value, held)
             return self._completed(item, result)
         except _LeaseLostError:
             raise
@@ -201,11 +201,12 @@ class LocalActivityRunner:
             known = self._kinds[name] = (activity, inspect.iscoroutinefunction(activity))
         return known[1]
 
-    async def _call(self, activity: Any, context: ActivityContext, value: Any, lease: Lease | None) -> Any:
+    async def _call(self, activity: Any, context: ActivityContext, value: Any, held: _Held) -> Any:
         if self._is_async(context.name, activity):
+            held.check()
             return await self._awaited_here(activity(context, value))
         loop = asyncio.get_running_loop()
-        result = await in_context_on(loop, self.thread_pool, _unless_lost, lease, activity, context, value)
+        result = await in_context_on(loop, self.thread_pool, _unless_lost, held, activity, context, value)
         return await self._awaited_here(result) if inspect.isawaitable(result) else result
 
     async def _awaited_here(self, awaitable: Awaitable[Any]) -> Any:
@@ -219,13 +220,31 @@ class LocalActivityRunner:
 
 
 class _LeaseLostError(Exception):
-    """The activity's lease was lost before a thread took it up."""
+    """The activity's lease was lost before its code began."""
 
 
-def _unless_lost(lease: Lease | None, activity: Any, context: ActivityContext, value: Any) -> Any:
+@dataclass(frozen=True)
+class _Held:
+    """What tells whether an activity's lease still holds as its code is about to begin."""
+
+    item: ActivityWorkItem
+    lease: Lease | None
+    clock: Callable[[], datetime] | None
+    """The store's clock, to see the lease run out by; ``None``: the lease is not the item's own."""
+
+    def check(self) -> None:
+        """Raise :class:`_LeaseLostError` if a renewal found the lease lost, or if it has run
+        out by the clock: the process may have been stopped (SIGSTOP, a paused VM) while the
+        activity waited, and another worker may have run it and committed its result meanwhile."""
+        if self.lease is not None and self.lease.lost:
+            raise _LeaseLostError
+        if self.clock is not None and self.item.locked_until <= self.clock():
+            raise _LeaseLostError
+
+
+def _unless_lost(held: _Held, activity: Any, context: ActivityContext, value: Any) -> Any:
     """Run the activity on this thread, unless its lease was lost while it waited for one."""
-    if lease is not None and lease.lost:
-        raise _LeaseLostError
+    held.check()
     return called(activity, context, value)
 
 

@@ -112,9 +112,14 @@ class ThreadChain:
     # -- on the activity thread ----------------------------------------------------------------
 
     def run_activity(self, loop: asyncio.AbstractEventLoop) -> TaskCompleted | TaskFailed | None:
-        """Run the claimed activity; ``None`` if the loop took it over or stopped the chain meanwhile."""
+        """Run the claimed activity; ``None`` if the loop took it over or stopped the chain
+        meanwhile, or if the lease has run out by the clock (the process was stopped past it,
+        and another worker may have run the activity since: the queues have it)."""
         with self._lock:
             if self._stopped:
+                return None
+            if self.item.locked_until <= self.lane.now():
+                self._stopped = True
                 return None
             self._activity_since = time.monotonic()
         ran = self.lane.run_here(self.eager, loop)
@@ -158,10 +163,13 @@ class ThreadChain:
                 self.lane.drop(self.eager)
             raise
         try:
-            return chain.result()
+            end = chain.result()
         except BaseException:
             self.lane.drop(self.eager)
             raise
+        if end is None:  # stopped: the claim's slot is free again
+            self.lane.drop(self.eager)
+        return end
 
     def _until_overdue(self) -> float:
         with self._lock:

@@ -32,6 +32,7 @@ from dtfx.core.tokens import new_token
 from dtfx.core.workitems import ActivityResult, ActivityTask, ActivityWorkItem, OrchestrationCheckpoint
 from dtfx.worker.activities import ActivityProcessor, LocalActivityRunner
 from dtfx.worker.dispatcher import WorkItemDispatcher
+from dtfx.worker.orchestrations import Abandon
 from dtfx.worker.registry import Registry
 
 
@@ -64,7 +65,7 @@ class EagerActivities:
         # Within the window nothing needs renewing: it ends before the first renewal is due.
         self.window = min(window, lease_duration / 3).total_seconds()
         """How long, in seconds, an orchestration's lease waits for its eager activity."""
-        self._claims: dict[str, Awaitable[TaskCompleted | TaskFailed] | None] = {}
+        self._claims: dict[str, Awaitable[TaskCompleted | TaskFailed | Abandon] | None] = {}
         """The claims holding a slot, by lock token, with the activity once it runs."""
 
     @property
@@ -103,6 +104,9 @@ class EagerActivities:
         """Whether one claim's activity is all the activity work of this worker."""
         return self._dispatcher.in_flight + self._dispatcher.reserved == 1
 
+    def now(self) -> datetime:
+        return self._clock()
+
     def runs_here(self, name: str) -> bool:
         """Whether :meth:`run_here` can run the activity ``name`` (a sync one)."""
         return self._runner.runs_here(name)
@@ -112,7 +116,7 @@ class EagerActivities:
         return self._runner.run_here(item, loop)
 
     async def run(self, item: ActivityWorkItem) -> TaskCompleted | TaskFailed | None:
-        running = asyncio.create_task(self._runner.run_claimed(item))
+        running = asyncio.create_task(self._runner.run(item))
         self._claims[item.lock_token] = running
         try:
             await asyncio.wait((running,), timeout=self.window)
@@ -121,8 +125,11 @@ class EagerActivities:
             raise
         if not running.done():
             return None
+        ran = running.result()
+        if isinstance(ran, Abandon):  # its lease ran out before it began: handed over, it is given back
+            return None
         self.finish(item)
-        return running.result()
+        return ran
 
     def finish(self, item: ActivityWorkItem) -> None:
         """The claim's activity has run and its result is the orchestration's: give its slot back."""

@@ -149,6 +149,9 @@ class EagerLane(Protocol):
     def alone(self) -> bool:
         """Whether one claim's activity is all the activity work of this process."""
 
+    def now(self) -> datetime:
+        """The store's time, to tell whether a kept lease has run out."""
+
     def runs_here(self, name: str) -> bool:
         """Whether :meth:`run_here` can run the activity ``name``."""
 
@@ -251,6 +254,10 @@ class OrchestrationProcessor:
             return
         await self._commit_episodes(self.eager, item, started, checkpoint, outcome.awaited)
 
+    def _lease_ran_out(self, item: OrchestrationWorkItem) -> bool:
+        """Whether ``item``'s lease has run out by the store's clock."""
+        return item.locked_until <= self._backend.now()
+
     async def _commit_episodes(
         self,
         lane: EagerLane,
@@ -266,7 +273,9 @@ class OrchestrationProcessor:
         holds its result and the episode that follows. Later activities run after the
         commit that schedules them.
         """
-        eager = lane.claim(checkpoint, awaited)
+        # An eager activity runs only while the lease holds by the clock: a process stopped past it
+        # (SIGSTOP, a paused VM) may find that another worker has run the episode, and the activity.
+        eager = None if self._lease_ran_out(item) else lane.claim(checkpoint, awaited)
         ran: TaskCompleted | TaskFailed | None = None  # the eager activity's result, if it ran ahead
         following: _Following | None = None
         if eager is not None:
@@ -411,6 +420,9 @@ class OrchestrationProcessor:
         """Run the claimed activity and the episode its result starts, after ``item``'s kept
         lease: the work item as it then stands, the claim that ran, its result and the episode.
         ``None`` when the queues took over meanwhile (the activity outlasted the window)."""
+        if self._lease_ran_out(item):  # another worker may have run it by now: the queues have it
+            lane.drop(eager)
+            return None
         chain = self._thread_chain(lane, item, eager, None)
         if chain is None:
             ran = await lane.run(eager)
