@@ -229,16 +229,14 @@ class _Held:
 
     item: ActivityWorkItem
     lease: Lease | None
-    clock: Callable[[], datetime] | None
-    """The store's clock, to see the lease run out by; ``None``: the lease is not the item's own."""
+    clock: Callable[[], datetime]
+    """The store's clock, to see the lease run out by."""
 
     def check(self) -> None:
         """Raise :class:`_LeaseLostError` if a renewal found the lease lost, or if it has run
         out by the clock: the process may have been stopped (SIGSTOP, a paused VM) while the
         activity waited, and another worker may have run it and committed its result meanwhile."""
-        if self.lease is not None and self.lease.lost:
-            raise _LeaseLostError
-        if self.clock is not None and self.item.locked_until <= self.clock():
+        if (self.lease is not None and self.lease.lost) or self.item.locked_until <= self.clock():
             raise _LeaseLostError
 
 

@@ -105,6 +105,8 @@ class ThreadChain:
         """When the activity running now started (``time.monotonic()``)."""
         self.taken_over = False
         """Whether the loop took the running activity over."""
+        self.ran_out = False
+        """Whether the chain stopped because its lease had run out by the clock."""
         self._stopped = False
         self._handed: TaskCompleted | TaskFailed | None = None
         """The result of the activity the loop took over, once it has finished."""
@@ -119,7 +121,7 @@ class ThreadChain:
             if self._stopped:
                 return None
             if self.item.locked_until <= self.lane.now():
-                self._stopped = True
+                self._stopped = self.ran_out = True
                 return None
             self._activity_since = time.monotonic()
         ran = self.lane.run_here(self.eager, loop)

@@ -454,6 +454,9 @@ class OrchestrationProcessor:
         assert self._chain_runner is not None
         lane = chain.lane
         end = await chain.run(partial(self._steps_here, self._chain_runner, started))
+        if chain.ran_out:  # what ran since the last commit (an episode run ahead of it) is forgotten
+            self._runner.finished(chain.item, None, False)
+            return None
         if isinstance(end, Settled):
             if end.claimed is None:
                 lane.finish(chain.eager)
