@@ -39,7 +39,7 @@ from dtfx.grpc.hub import DispatchedWorkItem, EntityBatch, Outcome, WorkerHub
 from dtfx.grpc.protos import pb
 from dtfx.grpc.sizes import oversized_work_item, too_large_failure
 from dtfx.worker.cache import InstanceCache
-from dtfx.worker.leases import Lease, keep_lease
+from dtfx.worker.leases import Lease, keep_orchestration_lease
 from dtfx.worker.orchestrations import Abandon, EpisodeOutcome, failed_episode
 
 
@@ -55,11 +55,7 @@ async def _answer_keeping_lease(
     backend: Backend, hub: WorkerHub, item: OrchestrationWorkItem, dispatched: DispatchedWorkItem, lease: timedelta
 ) -> Outcome:
     """:func:`_answer`, renewing the lease of the orchestration work item meanwhile."""
-
-    async def renew() -> bool:
-        return await backend.renew_orchestration_lease(item, lease)
-
-    async with keep_lease(renew, lease, f"{dispatched.kind.value.capitalize()} {item.instance_id}"):
+    async with keep_orchestration_lease(backend, item, lease, f"Orchestration {item.instance_id}"):
         return await _answer(hub, dispatched)
 
 

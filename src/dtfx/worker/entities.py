@@ -32,7 +32,7 @@ from dtfx.core.history import FailureDetails
 from dtfx.core.serialization import DataConverter, input_type_of, parameter_types
 from dtfx.core.workitems import CommitResult, OrchestrationCheckpoint, OrchestrationWorkItem
 from dtfx.worker.commit import GroupCommitter
-from dtfx.worker.leases import keep_lease
+from dtfx.worker.leases import keep_orchestration_lease
 from dtfx.worker.orchestrations import Abandon
 from dtfx.worker.registry import Registry
 from dtfx.worker.user_code import awaited, called, escaped
@@ -71,11 +71,8 @@ class EntityProcessor:
         plan = plan_batch(item, now)
         result: BatchResult | None = None
         if plan.operations:
-
-            async def renew() -> bool:
-                return await self._backend.renew_orchestration_lease(item, self._lease_duration)
-
-            async with keep_lease(renew, self._lease_duration, f"Entity {item.instance_id}"):
+            what = f"Entity {item.instance_id}"
+            async with keep_orchestration_lease(self._backend, item, self._lease_duration, what):
                 outcome = await self._runner.run(item, plan)
             if isinstance(outcome, Abandon):  # given back (over gRPC: no SDK worker can take it now)
                 await self._backend.abandon_orchestration_work_item(

@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dtfx.backends.base import Backend
+    from dtfx.core.workitems import OrchestrationWorkItem
 
 logger = logging.getLogger(__name__)
 
@@ -70,3 +75,14 @@ async def keep_lease(
                 pass
             except Exception:
                 logger.warning("Renewing the lease of %s failed", what, exc_info=True)
+
+
+def keep_orchestration_lease(
+    backend: Backend, item: OrchestrationWorkItem, lease_duration: timedelta, what: str
+) -> AbstractAsyncContextManager[Lease]:
+    """:func:`keep_lease` for an orchestration or entity work item."""
+
+    async def renew() -> bool:
+        return await backend.renew_orchestration_lease(item, lease_duration)
+
+    return keep_lease(renew, lease_duration, what)
