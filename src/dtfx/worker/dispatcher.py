@@ -29,6 +29,7 @@ from datetime import timedelta
 from typing import Generic, TypeVar
 
 from dtfx.core.errors import BackendUnavailableError
+from dtfx.worker.recent import remember_latest
 
 T = TypeVar("T")
 
@@ -263,10 +264,8 @@ class WorkItemDispatcher(Generic[T]):
         """Release a work item whose processing failed for a reason of its own (logged with its
         traceback) to be offered again after its back-off."""
         described = self._describe(item)
-        backoff = self._failing.pop(described, None) or Backoff(*self._release_backoff)
-        self._failing[described] = backoff  # the most recent last
-        if len(self._failing) > _MAX_FAILING:
-            del self._failing[next(iter(self._failing))]
+        backoff = self._failing.get(described) or Backoff(*self._release_backoff)
+        remember_latest(self._failing, described, backoff, _MAX_FAILING)
         delay = backoff.failed()
         logger.exception("%s: processing %s failed; offering it again in %.1fs", self.name, described, delay)
         await self._release_once_possible(item, timedelta(seconds=delay))

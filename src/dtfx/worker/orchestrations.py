@@ -57,6 +57,7 @@ from dtfx.worker.cache import CachedExecution, InstanceCache
 from dtfx.worker.chains import ChainEnd, RanAhead, Settled, Stepped, Taken, ThreadChain
 from dtfx.worker.commit import GroupCommitter
 from dtfx.worker.options import VersionFailureStrategy, VersioningOptions, VersionMatchStrategy
+from dtfx.worker.recent import remember_latest
 from dtfx.worker.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -709,9 +710,7 @@ class LocalRunner:
         with self._lock:
             if instance_id in self._rejected:
                 return False
-            self._rejected[instance_id] = None
-            if len(self._rejected) > _REJECTED_REMEMBERED:
-                del self._rejected[next(iter(self._rejected))]
+            remember_latest(self._rejected, instance_id, None, _REJECTED_REMEMBERED)
             return True
 
     def cached_start(self, item: OrchestrationWorkItem) -> ExecutionStarted | None:
