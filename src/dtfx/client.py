@@ -318,8 +318,10 @@ class AsyncClient:
         if released:
             return instance_id, released
         for child_id in failed_children(history):
+            if child_id in seen:
+                continue
             child = await backend.get_instance(child_id, fetch_payloads=False)
-            if child_id in seen or child is None or child.runtime_status != OrchestrationStatus.FAILED:
+            if child is None or child.runtime_status != OrchestrationStatus.FAILED:
                 continue
             seen.add(child_id)
             found = await self._locks_a_rewind_cannot_take_back(backend, child_id, seen)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -405,9 +405,9 @@ def _carried_first(messages: Sequence[InboxMessage], execution_id: str | None) -
     carried over to it (on continue-as-new: the events it had not taken, then suspensions),
     which are addressed to it, ahead of what reached the inbox while that execution ran.
     (They went to the inbox behind those, with its start.)"""
-    if execution_id is None or not any(message.execution_id == execution_id for message in messages):
+    carried = [message for message in messages if execution_id is not None and message.execution_id == execution_id]
+    if not carried:
         return messages
-    carried = [message for message in messages if message.execution_id == execution_id]
     return [*carried, *(message for message in messages if message.execution_id != execution_id)]
 
 
@@ -540,14 +540,17 @@ def _is_refusal(failure: FailureDetails | None) -> bool:
     )
 
 
-def created_children(history: Sequence[HistoryEvent]) -> list[str]:
-    """Ids of the sub-orchestrations ``history`` created, without those whose start was refused."""
+def created_children(history: Sequence[HistoryEvent], among: Collection[int] | None = None) -> list[str]:
+    """Ids of the sub-orchestrations ``history`` created (those whose task id is ``among``
+    the given ones, if given), without those whose start was refused."""
     refused = _refused_starts(history)
     return list(
         dict.fromkeys(
             event.instance_id
             for event in history
-            if isinstance(event, SubOrchestrationInstanceCreated) and event.event_id not in refused
+            if isinstance(event, SubOrchestrationInstanceCreated)
+            and event.event_id not in refused
+            and (among is None or event.event_id in among)
         )
     )
 
@@ -728,17 +731,7 @@ def locks_a_rewind_cannot_take_back(history: Sequence[HistoryEvent]) -> list[str
 def failed_children(history: Sequence[HistoryEvent]) -> list[str]:
     """The instance ids of the sub-orchestrations whose failure a rewind of ``history`` rewinds
     (a refused start, which never existed, aside)."""
-    failed = _rewound_work(history)[1]
-    refused = _refused_starts(history)
-    return list(
-        dict.fromkeys(
-            event.instance_id
-            for event in history
-            if isinstance(event, SubOrchestrationInstanceCreated)
-            and event.event_id in failed
-            and event.event_id not in refused
-        )
-    )
+    return created_children(history, among=_rewound_work(history)[1])
 
 
 def rewind_checkpoint(
