@@ -300,6 +300,19 @@ async def test_rewind_refuses_instances_that_did_not_fail(hub: Hub, app: dtfx.Ap
         await hub.client.rewind_orchestration("nope")
 
 
+def _breakable(app: dtfx.App, broken: dict[str, bool], name: str, works: str) -> str:
+    """Registers the activity ``name``, which fails while ``broken["value"]`` and returns
+    ``works`` after; returns its name, to call it by."""
+
+    def activity(ctx: dtfx.ActivityContext, _: Any) -> str:
+        if broken["value"]:
+            raise RuntimeError(f"{name} is broken")
+        return works
+
+    app.add_activity(activity, name=name)
+    return name
+
+
 async def test_rewind_refuses_an_instance_that_failed_inside_a_critical_section(hub: Hub, app: dtfx.App) -> None:
     """Its locks went when it failed: a rewind would go on inside the section without them, and
     so would a rewind of its parent, which rewinds it. A section that had ended before the
@@ -311,11 +324,7 @@ async def test_rewind_refuses_an_instance_that_failed_inside_a_critical_section(
         ctx.set_state(ctx.get_state(int, 0) + (amount or 0))
         return int(ctx.get_state(int, 0))
 
-    @app.activity
-    def flaky(ctx: dtfx.ActivityContext, _: Any) -> str:
-        if broken["value"]:
-            raise RuntimeError("dependency down")
-        return "flaky"
+    flaky = _breakable(app, broken, "flaky", "flaky")
 
     @app.orchestrator
     def transfer(ctx: dtfx.OrchestrationContext, inside: bool) -> Any:
@@ -394,11 +403,7 @@ def _rewound_family(app: dtfx.App, broken: dict[str, bool], calls: dict[str, int
         calls["steady"] = calls.get("steady", 0) + 1
         return "steady"
 
-    @app.activity
-    def breakable(ctx: dtfx.ActivityContext, _: Any) -> str:
-        if broken["value"]:
-            raise RuntimeError("still broken")
-        return "mended"
+    breakable = _breakable(app, broken, "breakable", "mended")
 
     @app.orchestrator
     def fragile_child(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
@@ -460,11 +465,7 @@ async def test_a_rewind_asks_again_for_what_had_not_come_back_when_the_instance_
     broken = {"value": True}
     slow_may_finish = asyncio.Event()
 
-    @app.activity
-    def fails_fast(ctx: dtfx.ActivityContext, _: Any) -> str:
-        if broken["value"]:
-            raise RuntimeError("broken")
-        return "fast"
+    fails_fast = _breakable(app, broken, "fails_fast", "fast")
 
     @app.activity
     async def slow(ctx: dtfx.ActivityContext, _: Any) -> str:
