@@ -20,13 +20,16 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._silent = threading.Event()
         self._sockets: list[socket.socket] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
+        self._listener: socket.socket | None = None
+        self.port: int = self._listen(socket.create_server(("127.0.0.1", 0)))
         self.address = f"127.0.0.1:{self.port}"
-        self._listen()
 
-    def _listen(self) -> None:
-        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+    def _listen(self, listener: socket.socket) -> int:
+        with self._lock:
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        port: int = listener.getsockname()[1]
+        return port
 
     def _accept(self, listener: socket.socket) -> None:
         with contextlib.suppress(OSError):  # closed
@@ -34,6 +37,10 @@ class TcpProxy:
                 near, _ = listener.accept()
                 far = socket.create_connection(("127.0.0.1", self._port))
                 with self._lock:
+                    if listener is not self._listener:  # went down while this one was being taken
+                        near.close()
+                        far.close()
+                        return
                     self._sockets += [near, far]
                 for source, sink in ((near, far), (far, near)):
                     threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
@@ -51,9 +58,13 @@ class TcpProxy:
 
     def go_down(self) -> None:
         """Close every connection and take no new one (a connection attempt is refused)."""
-        self._listener.close()
         with self._lock:
+            listener, self._listener = self._listener, None
             opened, self._sockets = self._sockets, []
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes an accept() that close() alone would not
+            listener.close()
         for connection in opened:
             with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
@@ -61,8 +72,7 @@ class TcpProxy:
 
     def come_up(self) -> None:
         """Take connections on the same port again."""
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        self._listen()
+        self._listen(socket.create_server(("127.0.0.1", self.port)))
 
     def close(self) -> None:
         self.go_down()
