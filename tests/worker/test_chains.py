@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -289,6 +289,46 @@ async def test_an_instance_taken_up_again_while_a_chain_step_commits_replays_its
     state = await run_chain(backend, chain_app(runs), 6, options=dtfx.WorkerOptions(lease_duration=lease))
     assert state.runtime_status == Status.COMPLETED and state.get_output() == 6
     assert sorted(set(runs)) == list(range(6))  # the stalled step's activity may run twice
+
+
+@pytest.mark.parametrize("backend_class", [ChainBackend, LoopChainBackend], ids=["on its thread", "on the loop"])
+async def test_a_chain_resumed_after_its_lease_ran_out_by_the_clock_runs_no_activity_another_took(
+    backend_class: type[ChainBackend],
+) -> None:
+    # The process stops (SIGSTOP, a paused VM) during a step's commit for longer than the lease:
+    # the next activity's task goes back to the queues, which run it. When the chain resumes, no
+    # renewal has found the lease lost yet; the clock has (the kept lease runs from the commit's
+    # start, not its end). On the loop, the activity runner's own check of an eager claim holds too.
+    class Stalling(backend_class):  # type: ignore[misc,valid-type]
+        skipped = timedelta(0)
+
+        def now(self) -> datetime:
+            return super().now() + self.skipped
+
+        def _stall_after(self, kind: str) -> None:
+            if self.calls.get(kind) == 2 and not self.skipped:  # the commit that scheduled step 2
+                self.skipped = 2 * lease
+                deadline = time.monotonic() + 5
+                while 2 not in runs and time.monotonic() < deadline:  # run meanwhile from the queues
+                    time.sleep(0.01)
+
+        def complete_orchestration_work_items_blocking(
+            self, checkpoints: Sequence[OrchestrationCheckpoint]
+        ) -> list[CommitResult]:
+            results = super().complete_orchestration_work_items_blocking(checkpoints)
+            self._stall_after("thread commits")
+            return results
+
+        async def complete_orchestration_work_items(self, checkpoints: Sequence[OrchestrationCheckpoint]) -> Any:
+            results = await super().complete_orchestration_work_items(checkpoints)
+            await asyncio.to_thread(self._stall_after, "loop commits")
+            return results
+
+    lease = timedelta(seconds=30)
+    runs: list[int] = []
+    state = await run_chain(Stalling(), chain_app(runs), 6, options=dtfx.WorkerOptions(lease_duration=lease))
+    assert state.get_output() == 6
+    assert runs == list(range(6))
 
 
 @pytest.mark.parametrize("committed", [False, True], ids=["not committed", "committed"])

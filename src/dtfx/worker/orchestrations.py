@@ -293,10 +293,11 @@ class OrchestrationProcessor:
                 if merged is not None:
                     checkpoint, awaited = merged, following[1]
                     eager, ran, following = lane.claim(checkpoint, awaited), None, None
-        if not await self._commit_keeping(lane, item, checkpoint, eager, ran, None):
+        kept = await self._commit_keeping(lane, item, checkpoint, eager, ran, None)
+        if kept is None:
             return
         assert eager is not None
-        item = _continued(item, checkpoint, self._backend.now())
+        item = kept
         if ran is None:
             step = await self._step(lane, item, started, eager)
             if step is None:
@@ -326,11 +327,11 @@ class OrchestrationProcessor:
             checkpoint.finished_tasks.append(eager.lock_token)
             recorded = (eager, ran)
             claimed = lane.claim(checkpoint, awaited)
-            if not await self._commit_keeping(lane, item, checkpoint, claimed, None, recorded):
+            kept = await self._commit_keeping(lane, item, checkpoint, claimed, None, recorded)
+            if kept is None:
                 return
             assert claimed is not None
-            item = _continued(item, checkpoint, self._backend.now())
-            step = await self._step(lane, item, started, claimed)
+            step = await self._step(lane, kept, started, claimed)
             if step is None:
                 return
             item, eager, ran, following = step
@@ -343,10 +344,11 @@ class OrchestrationProcessor:
         eager: ActivityWorkItem | None,
         ran: TaskCompleted | TaskFailed | None,
         recorded: tuple[ActivityWorkItem, TaskCompleted | TaskFailed] | None,
-    ) -> bool:
+    ) -> OrchestrationWorkItem | None:
         """Commit ``checkpoint``, which queued the claim ``eager`` (whose result is ``ran`` if
-        it ran ahead) and holds the eager result ``recorded``; whether the chain goes on (the
-        lease was kept: ``eager``'s activity is to run next)."""
+        it ran ahead) and holds the eager result ``recorded``: the work item after it if the
+        chain goes on (the lease was kept: ``eager``'s activity is to run next), else ``None``."""
+        committing_at = self._backend.now()  # the kept lease runs from the commit's start, or later
         try:
             result = await self._commit(item, checkpoint)
         except BaseException:
@@ -361,7 +363,9 @@ class OrchestrationProcessor:
             self._runner.finished(item, checkpoint, result is not CommitResult.LOST)
         # Else its activity ran ahead, and the episode that follows: the runner went on from
         # this checkpoint then (_going_on), and the commit of that episode settles the rest.
-        return await self._lease_kept(lane, item, result, eager, ran, recorded)
+        if not await self._lease_kept(lane, item, result, eager, ran, recorded):
+            return None
+        return _continued(item, checkpoint, committing_at)
 
     async def _lease_kept(
         self,
@@ -502,6 +506,7 @@ class OrchestrationProcessor:
                 return None
             if recorded is not None:
                 checkpoint.finished_tasks.append(eager.lock_token)
+            committing_at = self._backend.now()  # the kept lease runs from the commit's start, or later
             try:
                 result = self._backend.complete_orchestration_work_items_blocking([checkpoint])[0]
             except BaseException:
@@ -511,7 +516,7 @@ class OrchestrationProcessor:
             runner.finished(item, checkpoint, result is not CommitResult.LOST)
             if result is not CommitResult.LEASE_KEPT:
                 return Settled(result, recorded, claimed)
-            chain.stepped(_continued(item, checkpoint, self._backend.now()))
+            chain.stepped(_continued(item, checkpoint, committing_at))
 
     def _follow_here(
         self,
