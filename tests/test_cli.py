@@ -287,6 +287,21 @@ def test_stored_text_with_brackets_prints_as_written(hub: str, worker: dtfx.Work
     assert raised.stdout.strip() == "Raised event '[/x]' on instance [x]waiting."
 
 
+def test_json_output_stays_json_when_a_payload_holds_nan(hub: str, worker: dtfx.Worker) -> None:
+    # Python's json (and the SDK) write NaN and the infinities as bare words, which JSON has not.
+    with dtfx.Client(hub) as client:
+        client.schedule_new_orchestration(echo, input=[1.5, float("nan")], instance_id="nan")
+        client.wait_for_orchestration_completion("nan", timeout=20)
+    result = invoke("status", "nan", "--json", "-b", hub)
+    assert result.exit_code == 0, result.output
+
+    def strict(name: str) -> None:
+        raise AssertionError(f"{name} in the output")
+
+    state = json.loads(result.stdout, parse_constant=strict)
+    assert state["output"] == state["input"] == "[1.5,NaN]"  # the payload as stored
+
+
 def test_ctrl_c_exits_130_with_one_line(hub: str, monkeypatch: pytest.MonkeyPatch) -> None:
     async def interrupted(*_: Any, **__: Any) -> None:
         raise KeyboardInterrupt

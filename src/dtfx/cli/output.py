@@ -171,13 +171,19 @@ def _event_details(event: HistoryEvent) -> str:
 
 
 def _decoded(payload: str | None) -> Any:
-    """A stored payload as JSON data; a payload that is not JSON stays a string."""
+    """A stored payload as JSON data; a payload that is not strict JSON stays a string (one
+    holding ``NaN`` or ``Infinity``, as Python's ``json`` writes them, would make the output
+    invalid JSON)."""
     if payload is None:
         return None
     try:
-        return json.loads(payload)
+        return json.loads(payload, parse_constant=_refuse_constant)
     except ValueError:
         return payload
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _compact(value: Any) -> str:
