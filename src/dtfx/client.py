@@ -29,6 +29,7 @@ from dtfx.core.entities import (
     entity_id_text,
 )
 from dtfx.core.errors import (
+    OrchestrationAlreadyExistsError,
     OrchestrationNotFoundError,
     OrchestrationStateError,
     OrchestrationTimeoutError,
@@ -346,9 +347,7 @@ class AsyncClient:
         if state is None:
             raise OrchestrationNotFoundError(instance_id)
         if not state.runtime_status.is_terminal and not restart_with_new_instance_id:
-            raise OrchestrationStateError(
-                instance_id, state.runtime_status, "only ended instances can be restarted under the same id."
-            )
+            raise _not_restartable(instance_id, state.runtime_status)
         new_id = uuid.uuid4().hex if restart_with_new_instance_id else instance_id
         start = ExecutionStarted(
             timestamp=self.backend.now(),
@@ -358,7 +357,12 @@ class AsyncClient:
             input=await self._original_input(state),
             tags=state.tags,
         )
-        await backend.create_instance(start, reuse_policy=TERMINAL_REUSE_POLICY)
+        try:
+            await backend.create_instance(start, reuse_policy=TERMINAL_REUSE_POLICY)
+        except OrchestrationAlreadyExistsError as error:  # another restart came first
+            if restart_with_new_instance_id:
+                raise
+            raise _not_restartable(instance_id, error.status) from None
         return new_id
 
     async def _original_input(self, state: OrchestrationState) -> str | None:
@@ -550,6 +554,10 @@ class AsyncClient:
         if state is not None:
             state.converter = self.converter
         return state
+
+
+def _not_restartable(instance_id: str, status: OrchestrationStatus) -> OrchestrationStateError:
+    return OrchestrationStateError(instance_id, status, "only ended instances can be restarted under the same id.")
 
 
 def _entity_id_prefix(starts_with: str) -> str:

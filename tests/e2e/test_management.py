@@ -248,6 +248,20 @@ async def test_restart_of_a_running_instance_needs_a_new_id_and_of_an_unknown_on
         await hub.client.restart_orchestration("nope")
 
 
+async def test_restarts_racing_under_one_id_start_it_once_and_refuse_the_others_alike(hub: Hub, app: dtfx.App) -> None:
+    _waiter_app(app)
+    async with hub.worker(app):
+        instance_id = await hub.client.schedule_new_orchestration("waiter")
+        await hub.client.terminate_orchestration(instance_id)
+        await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+        outcomes = await asyncio.gather(
+            *(hub.client.restart_orchestration(instance_id) for _ in range(4)), return_exceptions=True
+        )
+    assert outcomes.count(instance_id) == 1
+    refusals = [outcome for outcome in outcomes if outcome != instance_id]
+    assert all(isinstance(refused, dtfx.OrchestrationStateError) for refused in refusals), refusals
+
+
 async def test_rewind_reruns_only_what_failed(hub: Hub, app: dtfx.App) -> None:
     calls: dict[str, int] = {"good": 0, "flaky": 0, "child": 0}
     broken = {"value": True}
