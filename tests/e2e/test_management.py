@@ -214,6 +214,21 @@ async def test_terminate_a_scheduled_instance_before_it_starts(hub: Hub, app: dt
     assert state.runtime_status == Status.TERMINATED and state.get_output() == "never mind"
 
 
+async def test_terminate_a_scheduled_instance_whose_earlier_events_wait_for_its_start(hub: Hub, app: dtfx.App) -> None:
+    # The suspend (or an event) cannot be applied before the start: the worker leaves it in the
+    # inbox until the scheduled start. A terminate does not wait for that.
+    _waiter_app(app)
+    async with hub.worker(app):
+        instance_id = await hub.client.schedule_new_orchestration("waiter", start_at=utc_now() + timedelta(hours=1))
+        await hub.client.suspend_orchestration(instance_id)
+        await hub.client.raise_orchestration_event(instance_id, "go", data="early")
+        await asyncio.sleep(0.3)  # the worker looks at them, and puts them off
+        await hub.client.terminate_orchestration(instance_id, output="never mind")
+        state = await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None
+    assert state.runtime_status == Status.TERMINATED and state.get_output() == "never mind"
+
+
 async def test_restart_with_the_same_or_a_new_id(hub: Hub, app: dtfx.App) -> None:
     @app.orchestrator
     def echo(ctx: dtfx.OrchestrationContext, value: Any) -> Any:

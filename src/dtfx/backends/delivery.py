@@ -20,6 +20,7 @@ from dtfx.core.history import (
     EntityUnlockSent,
     ExecutionRewound,
     ExecutionStarted,
+    ExecutionTerminated,
     FailureDetails,
     HistoryEvent,
     OrchestrationStatus,
@@ -88,6 +89,13 @@ def status_on_delivery(target: OrchestrationState, event: HistoryEvent) -> Orche
     if status.is_terminal and _is_entity_request(target, event):
         return OrchestrationStatus.RUNNING
     return status
+
+
+def ends_wait(event: HistoryEvent) -> bool:
+    """Whether ``event``, delivered, ends the wait of an instance no worker holds: the back-off
+    after a failed episode, or the deferral of events that came before its scheduled start
+    (the work item given back with a ``retry_at``). A terminate takes effect at once."""
+    return isinstance(event, ExecutionTerminated)
 
 
 def route(message: OutboundMessage, sender_id: str, target: OrchestrationState | None) -> Route:

@@ -17,6 +17,7 @@ from dtfx.backends.base import Backend, NewLease, WorkKind
 from dtfx.backends.delivery import (
     Route,
     checkpointed_state,
+    ends_wait,
     new_entity_state,
     new_instance_state,
     refusal,
@@ -332,6 +333,8 @@ class MemoryBackend(Backend):
         status = status_on_delivery(target.state, message.event)
         if status != target.state.runtime_status:
             target.state = dataclasses.replace(target.state, runtime_status=status, last_updated_at=now)
+        if target.lock_token is None and ends_wait(message.event):
+            target.locked_until = None
         self._enqueue(target, message.event, message.execution_id, message.visible_at or now, now, woken)
 
     async def abandon_orchestration_work_item(

@@ -30,6 +30,7 @@ from dtfx.backends.base import NewLease, WorkKind
 from dtfx.backends.delivery import (
     Route,
     checkpointed_state,
+    ends_wait,
     new_entity_state,
     new_instance_state,
     refusal,
@@ -148,6 +149,8 @@ class _Writes:
     checkpointed: bool = False
     status_changed: bool = False
     reset_history: bool = False
+    ends_wait: bool = False
+    """A delivery ends the wait of the instance if no worker holds it (:func:`~dtfx.backends.delivery.ends_wait`)."""
     history: list[tuple[int, HistoryEvent]] = field(default_factory=list)
     consumed: list[MessageId] = field(default_factory=list)
     inbox: list[tuple[str | None, datetime, HistoryEvent]] = field(default_factory=list)
@@ -346,6 +349,8 @@ class HubTransaction:
         if status != target.state.runtime_status:
             target.state = dataclasses.replace(target.state, runtime_status=status, last_updated_at=self.now)
             self._writes_of(message.instance_id).status_changed = True
+        if ends_wait(message.event):
+            self._writes_of(message.instance_id).ends_wait = True
         self._enqueue(message.instance_id, message.event, message.execution_id, message.visible_at or self.now)
 
     def delete_task(self, task_id: int) -> None:
@@ -402,6 +407,7 @@ class HubTransaction:
         checkpointed: list[tuple[Any, ...]] = []
         updated: list[tuple[Any, ...]] = []
         history_reset: list[str] = []
+        waits_ended: list[str] = []
         consumed: list[MessageId] = []
         history: list[tuple[Any, ...]] = []
         inbox: list[tuple[Any, ...]] = []
@@ -443,6 +449,8 @@ class HubTransaction:
                     changed[instance_id] = state.runtime_status
                     if writes.checkpointed and state.runtime_status.is_terminal:  # a checkpoint writes the payloads
                         ended[instance_id] = state
+                if writes.ends_wait and instance.lock_token is None and not writes.new_row:
+                    waits_ended.append(instance_id)
             if writes.reset_history:
                 history_reset.append(instance_id)
             consumed.extend(writes.consumed)
@@ -470,6 +478,9 @@ class HubTransaction:
             yield dialect.update_rows("instances", _CHECKPOINTED_COLUMNS, "instance_id", checkpointed)
         if updated:
             yield dialect.update_rows("instances", _STATUS_COLUMNS, "instance_id", updated)
+        if waits_ended:  # the back-off or deferral of a work item given back with a retry_at
+            sql = f"UPDATE instances SET locked_until = NULL WHERE {in_list('instance_id')} AND lock_token IS NULL"
+            yield Execute(sql, (dialect.list_param(waits_ended),))
         if history_reset:
             yield Execute(f"DELETE FROM history WHERE {in_list('instance_id')}", (dialect.list_param(history_reset),))
         if consumed:
