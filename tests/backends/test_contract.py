@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -863,6 +864,8 @@ async def test_query_filters_and_pages(backend: Backend) -> None:
     assert [s.instance_id for s in everything.items] == ["done-1", "done-2", "run-1", "new-1"]
     assert everything.continuation_token is None
     assert everything.items[0].serialized_input is None
+    for huge in (sys.maxsize, 2**100):  # any page size larger than every match
+        assert await backend.query_instances(OrchestrationQuery(max_instance_count=huge)) == everything
 
     completed = await backend.query_instances(OrchestrationQuery(runtime_status=[Status.COMPLETED]))
     assert [s.instance_id for s in completed.items] == ["done-1", "done-2"]

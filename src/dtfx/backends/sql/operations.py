@@ -152,6 +152,10 @@ def get_history(instance_id: str) -> Program[list[HistoryEvent]]:
     return [decode_event(row[0]) for row in rows]
 
 
+_LARGEST_PAGE = 2**62
+"""A query's page size as the stores bind it: larger ones (``sys.maxsize``, say) all mean every match."""
+
+
 def query_instances(
     dialect: Dialect, query: OrchestrationQuery, after: tuple[datetime, str] | None, entities: bool
 ) -> Program[Page[OrchestrationState]]:
@@ -179,7 +183,7 @@ def query_instances(
     if query.instance_id_prefix:
         conditions.append("substr(instance_id, 1, ?) = ?")
         params += [len(query.instance_id_prefix), query.instance_id_prefix]
-    params.append(query.max_instance_count + 1)
+    params.append(min(query.max_instance_count, _LARGEST_PAGE) + 1)  # bound in a 64-bit integer
     rows = yield Fetch(
         f"SELECT {state_columns(payloads=query.fetch_inputs_and_outputs)} FROM instances"
         f" WHERE {' AND '.join(conditions)} ORDER BY created_at, instance_id LIMIT ?",
