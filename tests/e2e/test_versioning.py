@@ -110,7 +110,7 @@ async def test_an_instance_no_worker_takes_for_its_version_can_be_terminated(hub
     assert (state.runtime_status, state.get_output()) == (Status.TERMINATED, "retired")
 
 
-def test_versions_compare_numerically_then_as_text() -> None:
+def test_versions_compare_as_the_sdk_compares_them() -> None:
     from dtfx.core.versioning import compare_versions
 
     assert compare_versions(None, None) == 0
@@ -119,5 +119,31 @@ def test_versions_compare_numerically_then_as_text() -> None:
     assert compare_versions("1.10", "1.9") == 1
     assert compare_versions("1.0", "1.0.0") == 0
     assert compare_versions("2.0", "10.0") == -1
+    assert compare_versions("v10", "v9") == 1
+    assert compare_versions("2.0rc1", "2.0") == -1
+    assert compare_versions("V1", "v1") == 0  # both the version 1
+    # Not versions of Python packages: as text, both of them.
+    assert compare_versions("beta", "alpha") == 1
     assert compare_versions("beta", "Alpha") == 1
-    assert compare_versions("V1", "v1") == 0
+    assert compare_versions("1.\u00b2", "2.0") == -1  # a superscript two is no digit of a version
+    assert compare_versions("1.\u00b2", "1.3") == 1  # as text, "\u00b2" comes after "3"
+
+
+async def test_an_instance_whose_version_is_no_version_of_a_package_runs_by_the_text(hub: Hub, app: dtfx.App) -> None:
+    @app.orchestrator
+    def report(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return ctx.version
+
+    older = VersioningOptions(
+        version="2.0",
+        match_strategy=VersionMatchStrategy.CURRENT_OR_OLDER,
+        failure_strategy=VersionFailureStrategy.FAIL,
+    )
+    async with hub.worker(app, versioning=older):
+        runs = await hub.client.schedule_new_orchestration("report", version="1.\u00b2")
+        fails = await hub.client.schedule_new_orchestration("report", version="3.\u2460")
+        ran = await hub.client.wait_for_orchestration_completion(runs, timeout=10)
+        failed = await hub.client.wait_for_orchestration_completion(fails, timeout=10)
+    assert ran is not None and (ran.runtime_status, ran.get_output()) == (Status.COMPLETED, "1.\u00b2")
+    assert failed is not None and failed.runtime_status == Status.FAILED
+    assert failed.failure_details is not None and failed.failure_details.error_type == "VersionMismatch"

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 
 def as_utc(moment: datetime) -> datetime:
-    """Naive datetimes are taken to be UTC."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    """Naive datetimes are taken to be UTC (those whose ``tzinfo`` gives no offset are naive too)."""
+    return moment.replace(tzinfo=UTC) if moment.utcoffset() is None else moment.astimezone(UTC)
 
 
 def fields_as_utc(options: object) -> None:

@@ -1,21 +1,17 @@
-"""Comparing orchestration versions (DurableTask.Core's ``VersioningSettings.CompareVersions``)."""
+"""Comparing orchestration versions, as the official Python SDK's worker compares them."""
 
 from __future__ import annotations
 
-
-def _numeric(version: str) -> tuple[int, ...] | None:
-    parts = version.split(".")
-    if not all(part.isdigit() for part in parts):
-        return None
-    return tuple(int(part) for part in parts)
+from packaging.version import InvalidVersion, Version
 
 
 def compare_versions(left: str | None, right: str | None) -> int:
     """-1, 0 or 1 as ``left`` is older than, equal to or newer than ``right``.
 
-    Two empty versions are equal and an empty version is older than any other.
-    Dotted numbers (``1.10.0``) compare numerically; anything else compares as
-    case-insensitive text.
+    Two empty versions are equal and an empty version is older than any other. Versions
+    compare by the rules of Python packages (``1.10`` after ``1.9``, ``1.0`` equal to
+    ``1.0.0``, ``2.0rc1`` before ``2.0``, ``v10`` after ``v9``); if either is not such a
+    version, both compare as text.
     """
     if not left and not right:
         return 0
@@ -23,12 +19,8 @@ def compare_versions(left: str | None, right: str | None) -> int:
         return -1
     if not right:
         return 1
-    left_numbers, right_numbers = _numeric(left), _numeric(right)
-    if left_numbers is not None and right_numbers is not None:
-        # Pad so that 1.0 equals 1.0.0, as System.Version's missing parts do.
-        width = max(len(left_numbers), len(right_numbers))
-        left_numbers += (0,) * (width - len(left_numbers))
-        right_numbers += (0,) * (width - len(right_numbers))
-        return (left_numbers > right_numbers) - (left_numbers < right_numbers)
-    left_text, right_text = left.casefold(), right.casefold()
-    return (left_text > right_text) - (left_text < right_text)
+    try:
+        left_version, right_version = Version(left), Version(right)
+    except InvalidVersion:
+        return (left > right) - (left < right)
+    return (left_version > right_version) - (left_version < right_version)

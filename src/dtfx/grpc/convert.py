@@ -42,6 +42,7 @@ from dtfx.core.history import (
     trace_context_problem,
 )
 from dtfx.core.instance_ids import is_entity_id, orchestration_id_error
+from dtfx.core.moments import as_utc
 from dtfx.core.state import OrchestrationState
 from dtfx.grpc.protos import pb
 
@@ -68,7 +69,7 @@ def timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
     if moment is None:
         return None
     value = timestamp_pb2.Timestamp()
-    value.FromDatetime(moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC))
+    value.FromDatetime(as_utc(moment))
     return value
 
 
