@@ -340,6 +340,9 @@ def test_verbose_logs_the_traceback_of_an_error(hub: str) -> None:
         (["raise", "some-id", ""], ["'EVENT': cannot be empty"]),
         (["status", ""], ["'ID': cannot be empty"]),
         (["run", ""], ["'MODULE[:APP]': cannot be empty"]),
+        (["run", "dtfx.examples.hello_cities", "--match", "strict"], ["'--match'", "give one"]),
+        (["run", "dtfx.examples.hello_cities", "--match", "newest"], ["'newest' is not one of"]),
+        (["run", "dtfx.examples.hello_cities", "--version", ""], ["'--version': cannot be empty"]),
     ],
 )
 def test_usage_errors(hub: str, args: list[str], fragments: list[str]) -> None:

@@ -70,6 +70,23 @@ def waiting(ctx, _):
 """
 
 
+VERSIONED_APP = """
+import dtfx
+
+app = dtfx.App()
+
+
+@app.orchestrator
+def child(ctx, _):
+    return ctx.version
+
+
+@app.orchestrator
+def report(ctx, _):
+    return [ctx.version, (yield ctx.call_sub_orchestrator(child))]
+"""
+
+
 def environment(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key != "DTFX_BACKEND"}
     return env | extra
@@ -163,6 +180,21 @@ def test_a_worker_for_an_app_of_entities_only(tmp_path: Path) -> None:
     assert metadata.get_state(int) == 2
     assert "orchestrators: -" in worker.stderr[1] and "activities: -" in worker.stderr[2]
     assert "entities: counter" in worker.stderr[3]
+
+
+def test_a_worker_of_one_version(tmp_path: Path) -> None:
+    (tmp_path / "versioned_app.py").write_text(VERSIONED_APP)
+    hub = f"sqlite:///{tmp_path}/hub.db"
+    versioning = ("--version", "2.0", "--match", "current-or-older", "--on-mismatch", "fail")
+    with worker_process("versioned_app", "-b", hub, *versioning, cwd=tmp_path) as worker, dtfx.Client(hub) as client:
+        older = client.schedule_new_orchestration("report", version="1.5")
+        newer = client.schedule_new_orchestration("report", version="3.0")
+        ran = client.wait_for_orchestration_completion(older, timeout=30)
+        refused = client.wait_for_orchestration_completion(newer, timeout=30)
+        assert worker.stop(signal.SIGTERM) == 0
+    assert ran is not None and ran.get_output() == ["1.5", "2.0"]  # its child got the worker's version
+    assert refused is not None and refused.runtime_status == dtfx.OrchestrationStatus.FAILED
+    assert refused.failure_details is not None and refused.failure_details.error_type == "VersionMismatch"
 
 
 def test_sigterm_lets_the_activity_in_flight_finish(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import importlib
 import importlib.util
 import logging
@@ -20,9 +21,25 @@ from dtfx.cli.options import BackendUrl, Verbosity, non_empty
 from dtfx.cli.root import CommandError, configure_logging, run_async, stderr
 from dtfx.cli.serving import run_until_signalled
 from dtfx.cli.session import started_backend
-from dtfx.worker.options import WorkerOptions
+from dtfx.worker.options import (
+    VersionFailureStrategy,
+    VersioningOptions,
+    VersionMatchStrategy,
+    WorkerOptions,
+)
 from dtfx.worker.registry import Registry
 from dtfx.worker.worker import Worker
+
+
+class _Match(enum.Enum):
+    ANY = "any"
+    STRICT = "strict"
+    CURRENT_OR_OLDER = "current-or-older"
+
+
+class _OnMismatch(enum.Enum):
+    REJECT = "reject"
+    FAIL = "fail"
 
 
 @run_async
@@ -47,6 +64,34 @@ async def run(
             help="How long work in flight may go on finishing after the first Ctrl-C or SIGTERM.",
         ),
     ] = WorkerOptions.shutdown_grace_period.total_seconds(),
+    version: Annotated[
+        str | None,
+        typer.Option(
+            "--version",
+            show_default=False,
+            help="The version of the orchestrations this worker runs; also the version of the"
+            " sub-orchestrations they start without one.",
+            callback=non_empty,
+        ),
+    ] = None,
+    match: Annotated[
+        _Match,
+        typer.Option(
+            "--match",
+            case_sensitive=False,
+            help="Which orchestration versions it runs: any, only its --version (strict), or its"
+            " --version and older ones (current-or-older).",
+        ),
+    ] = _Match.ANY,
+    on_mismatch: Annotated[
+        _OnMismatch,
+        typer.Option(
+            "--on-mismatch",
+            case_sensitive=False,
+            help="What becomes of an orchestration of another version: left for another worker"
+            " (reject), or failed (fail).",
+        ),
+    ] = _OnMismatch.REJECT,
     verbose: Verbosity = 0,
 ) -> None:
     """Run a worker for the orchestrators, activities and entities of a dtfx.App, until Ctrl-C or SIGTERM.
@@ -56,6 +101,8 @@ async def run(
     once: the work left unfinished runs again, on any worker, once its lease expires.
     """
     configure_logging(verbose)
+    if match is not _Match.ANY and version is None:
+        raise typer.BadParameter("compares with the worker's --version: give one", param_hint="'--match'")
     app = load_app(target)
     url = backend or default_url()
     options = WorkerOptions(shutdown_grace_period=timedelta(seconds=grace_period))
@@ -66,7 +113,7 @@ async def run(
             f"  activities: {', '.join(app.activities) or '-'}\n"
             f"  entities: {', '.join(app.entities) or '-'}"
         )
-        worker = Worker(store, app, options=options)
+        worker = Worker(store, app, options=options, versioning=_versioning(version, match, on_mismatch))
         await run_until_signalled(worker, lambda: ready)
     stderr.print("Worker stopped.")
     if worker.threads_busy:
@@ -78,6 +125,17 @@ async def run(
         sys.stderr.flush()
         logging.shutdown()
         os._exit(0)
+
+
+def _versioning(version: str | None, match: _Match, on_mismatch: _OnMismatch) -> VersioningOptions | None:
+    if version is None:
+        return None
+    return VersioningOptions(
+        version=version,
+        default_version=version,
+        match_strategy=VersionMatchStrategy.NONE if match is _Match.ANY else VersionMatchStrategy[match.name],
+        failure_strategy=VersionFailureStrategy[on_mismatch.name],
+    )
 
 
 def load_app(target: str) -> Registry:
