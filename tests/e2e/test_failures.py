@@ -230,6 +230,76 @@ async def test_what_user_code_raises_that_is_no_exception_fails_its_task_and_the
         assert state.failure_details.is_caused_by(ESCAPING[kind])
 
 
+class UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no words")
+
+    @property
+    def is_non_retriable(self) -> bool:
+        raise AttributeError("no answer either")
+
+
+def _raise_the_first_again() -> None:
+    """Raise an error whose chain loops: the first error raised again while handling the second."""
+    try:
+        raise ConnectionError("refused")
+    except ConnectionError as first:
+        try:
+            raise RuntimeError("cleanup failed") from first
+        except RuntimeError:
+            raise first  # noqa: B904 - its __context__ is now the second, whose cause it is
+
+
+async def test_errors_that_cannot_describe_themselves_fail_their_task_once(hub: Hub, app: dtfx.App) -> None:
+    runs: list[str] = []
+
+    @app.activity
+    def looping(ctx: dtfx.ActivityContext, _: Any) -> None:
+        runs.append("looping")
+        _raise_the_first_again()
+
+    @app.activity
+    def unprintable(ctx: dtfx.ActivityContext, _: Any) -> None:
+        runs.append("unprintable")
+        raise UnprintableError
+
+    @app.entity
+    def mute(ctx: dtfx.EntityContext, _: Any) -> None:
+        runs.append("mute")
+        raise UnprintableError
+
+    @app.orchestrator
+    def calls(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        failures = []
+        for task in (
+            lambda: ctx.call_activity(looping),
+            lambda: ctx.call_activity(unprintable),
+            lambda: ctx.call_entity(dtfx.EntityInstanceId("mute", "k"), "speak"),
+        ):
+            try:
+                yield task()
+            except dtfx.TaskFailedError as error:
+                failures.append([error.details.error_type.rsplit(".", 1)[-1], error.details.message])
+        return failures
+
+    @app.orchestrator
+    def raises(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        yield ctx.create_timer(timedelta(0))
+        raise UnprintableError
+
+    async with hub.worker(app):
+        caught = await hub.run(calls)
+        failed = await hub.run(raises)
+    assert caught.get_output() == [
+        ["ConnectionError", "refused"],
+        ["UnprintableError", "<str() of the UnprintableError raised RuntimeError>"],
+        ["UnprintableError", "<str() of the UnprintableError raised RuntimeError>"],
+    ]
+    assert runs == ["looping", "unprintable", "mute"]
+    assert failed.runtime_status == Status.FAILED and failed.failure_details is not None
+    assert failed.failure_details.message == "<str() of the UnprintableError raised RuntimeError>"
+
+
 async def test_retries_use_durable_timers_until_success(hub: Hub, app: dtfx.App) -> None:
     attempts: list[int] = []
 

@@ -16,8 +16,11 @@ import enum
 import re
 import traceback
 from datetime import datetime
+from typing import Any
 
 import msgspec
+
+from dtfx.core.errors import USER_CODE_ERRORS
 
 
 class OrchestrationStatus(enum.IntEnum):
@@ -100,20 +103,52 @@ class FailureDetails(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
 
     @classmethod
     def from_exception(cls, error: BaseException, *, non_retriable: bool | None = None) -> FailureDetails:
-        """Describe an exception, its stack trace and its cause chain."""
-        cause = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
-        inner = getattr(error, "failure_details", None)
-        if not isinstance(inner, FailureDetails):
-            inner = cls.from_exception(cause) if cause is not None else None
-        if non_retriable is None:
-            non_retriable = bool(getattr(error, "is_non_retriable", False))
-        return cls(
-            error_type=qualified_name(type(error)),
-            message=storable_text(str(error)),
-            stack_trace=storable_text("".join(traceback.format_exception(type(error), error, error.__traceback__))),
-            inner_failure=inner,
-            is_non_retriable=non_retriable,
-        )
+        """Describe an exception, its stack trace and its cause chain (up to
+        :data:`_CAUSES_DESCRIBED` causes, each once: a re-raised error's chain can loop).
+
+        It never raises for what the error's own code does: a ``__str__`` or a property
+        that raises gives a message that says so.
+        """
+        chain: list[BaseException] = []
+        cause: BaseException | None = error
+        while cause is not None and len(chain) <= _CAUSES_DESCRIBED and all(cause is not seen for seen in chain):
+            chain.append(cause)
+            cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+        inner: FailureDetails | None = None
+        for link in reversed(chain):
+            own = _attribute(link, "failure_details")
+            details = cls(
+                error_type=qualified_name(type(link)),
+                message=storable_text(_message(link)),
+                stack_trace=storable_text("".join(traceback.format_exception(type(link), link, link.__traceback__))),
+                inner_failure=own if isinstance(own, FailureDetails) else inner,
+                is_non_retriable=bool(_attribute(link, "is_non_retriable")),
+            )
+            inner = details
+        assert inner is not None
+        if non_retriable is not None:
+            inner = msgspec.structs.replace(inner, is_non_retriable=non_retriable)
+        return inner
+
+
+_CAUSES_DESCRIBED = 10
+"""How many causes of an error :meth:`FailureDetails.from_exception` describes, as the SDK does."""
+
+
+def _attribute(error: BaseException, name: str) -> Any:
+    """``error``'s attribute ``name`` (``None`` if it has none, or if reading it raises)."""
+    try:
+        return getattr(error, name, None)
+    except USER_CODE_ERRORS:
+        return None
+
+
+def _message(error: BaseException) -> str:
+    """``str(error)``, or what went wrong when it would not give one."""
+    try:
+        return str(error)
+    except USER_CODE_ERRORS as failed:  # a __str__ that raises, or returns no text
+        return f"<str() of the {type(error).__name__} raised {type(failed).__name__}>"
 
 
 def _is_builtin_error(name: str) -> bool:
