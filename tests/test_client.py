@@ -76,6 +76,33 @@ async def test_restart_refuses_an_entity_id(backend: Backend) -> None:
     assert await _everything_stored(backend) == [str(entity)]
 
 
+async def test_arguments_of_the_wrong_type_are_refused_before_anything_is_stored(backend: Backend) -> None:
+    # Each would be written into a message or a row that no worker could read back.
+    client = dtfx.AsyncClient(backend)
+    await client.schedule_new_orchestration("anything", instance_id="target")
+    stored_before = await _everything_stored(backend)
+    counter = EntityInstanceId("counter", "c")
+    calls: list[tuple[str, Any]] = [
+        ("instance_id must be a str, not int", client.schedule_new_orchestration("anything", instance_id=5)),  # type: ignore[arg-type]
+        ("version must be a str, not int", client.schedule_new_orchestration("anything", version=2)),  # type: ignore[arg-type]
+        ("tags must be a dict of str to str: 'a': 5", client.schedule_new_orchestration("anything", tags={"a": 5})),  # type: ignore[dict-item]
+        ("tags must be a dict of str to str, not list", client.schedule_new_orchestration("anything", tags=["a"])),  # type: ignore[arg-type]
+        ("a moment must be a datetime, not str", client.schedule_new_orchestration("anything", start_at="tomorrow")),  # type: ignore[arg-type]
+        ("event_name must be a str, not int", client.raise_orchestration_event("target", 5)),  # type: ignore[arg-type]
+        ("reason must be a str, not int", client.suspend_orchestration("target", reason=5)),  # type: ignore[arg-type]
+        ("reason must be a str, not int", client.resume_orchestration("target", reason=5)),  # type: ignore[arg-type]
+        ("recursive must be a bool, not str", client.terminate_orchestration("target", recursive="x")),  # type: ignore[arg-type]
+        ("instance_id must be a str, not int", client.terminate_orchestration(5)),  # type: ignore[arg-type]
+        ("operation_name must be a str, not int", client.signal_entity(counter, 5)),  # type: ignore[arg-type]
+        ("timeout must be a finite number", client.wait_for_orchestration_completion("target", timeout=float("nan"))),
+    ]
+    for complaint, call in calls:
+        with pytest.raises((TypeError, ValueError), match=complaint):
+            await call
+    assert await _everything_stored(backend) == stored_before
+    assert await backend.lock_orchestration_work_items(10, timedelta(seconds=30)) != []  # its start is readable
+
+
 async def test_messages_for_orchestrations_refuse_an_entity_id(backend: Backend) -> None:
     # The entity would drop them, and the caller would believe them delivered.
     client = dtfx.AsyncClient(backend)

@@ -8,6 +8,7 @@ official ``durabletask`` SDK's ``TaskHubGrpcClient``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import uuid
 from collections.abc import Awaitable, Callable, Collection
 from contextlib import nullcontext
@@ -18,6 +19,7 @@ from dtfx._portal import LoopThread
 from dtfx._tracing import creation_span, current_trace_context, event_span
 from dtfx.backends import open_backend
 from dtfx.backends.base import Backend
+from dtfx.core import arguments
 from dtfx.core.apply import created_children, failed_children, locks_a_rewind_cannot_take_back
 from dtfx.core.context import function_name
 from dtfx.core.entities import (
@@ -145,6 +147,7 @@ class AsyncClient:
         """
         instance_id = uuid.uuid4().hex if instance_id is None else check_orchestration_id(instance_id)
         check_trace_context(trace_context)
+        version, tags = arguments.optional_text("version", version), arguments.tags(tags)
         backend = await self._ready()
         scheduled = as_utc(start_at) if start_at is not None else None
         name = function_name(orchestrator)
@@ -160,7 +163,7 @@ class AsyncClient:
                 version=version,
                 input=self.converter.serialize(input),
                 scheduled_start_time=scheduled,
-                tags=dict(tags) if tags is not None else None,  # the caller's dict may change after the call
+                tags=tags,  # a copy: the caller's dict may change after the call
                 trace_context=context,
             )
             await backend.create_instance(start, scheduled_start_at=scheduled, reuse_policy=reuse_id_policy)
@@ -248,6 +251,8 @@ class AsyncClient:
     ) -> OrchestrationState | None:
         if isinstance(timeout, timedelta):  # as purge_orchestrations_by takes it
             timeout = timeout.total_seconds()
+        if not 0 <= timeout < math.inf:  # NaN too, which would wait for ever
+            raise ValueError(f"timeout must be a finite number of seconds, at least 0 (got {timeout})")
         backend = await self._ready()
         try:
             state = await backend.wait_for_instance(
@@ -265,6 +270,7 @@ class AsyncClient:
 
     async def raise_orchestration_event(self, instance_id: str, event_name: str, *, data: Any = None) -> None:
         """Send an external event; it waits in the instance's inbox until the orchestrator asks for it."""
+        arguments.text("event_name", event_name)
         event = EventRaised(timestamp=self.backend.now(), name=event_name, input=self.converter.serialize(data))
         with event_span(event_name, instance_id):
             await self._send(instance_id, event)
@@ -272,18 +278,20 @@ class AsyncClient:
     async def terminate_orchestration(self, instance_id: str, *, output: Any = None, recursive: bool = True) -> None:
         """End the instance (and, if ``recursive``, its running sub-orchestrations) as TERMINATED."""
         event = ExecutionTerminated(
-            timestamp=self.backend.now(), input=self.converter.serialize(output), recurse=recursive
+            timestamp=self.backend.now(),
+            input=self.converter.serialize(output),
+            recurse=arguments.flag("recursive", recursive),
         )
         await self._send(instance_id, event)
 
     async def suspend_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
         """Pause the instance; events that arrive meanwhile are kept for when it resumes."""
-        event = ExecutionSuspended(timestamp=self.backend.now(), input=reason)
+        event = ExecutionSuspended(timestamp=self.backend.now(), input=arguments.optional_text("reason", reason))
         await self._send(instance_id, event)
 
     async def resume_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
         """Resume a suspended instance."""
-        event = ExecutionResumed(timestamp=self.backend.now(), input=reason)
+        event = ExecutionResumed(timestamp=self.backend.now(), input=arguments.optional_text("reason", reason))
         await self._send(instance_id, event)
 
     async def rewind_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
@@ -307,7 +315,8 @@ class AsyncClient:
                 f" {', '.join(released)} are gone; it would go on inside the section without them."
                 " Restart it instead.",
             )
-        await self._send(instance_id, ExecutionRewound(timestamp=self.backend.now(), reason=reason))
+        rewind = ExecutionRewound(timestamp=self.backend.now(), reason=arguments.optional_text("reason", reason))
+        await self._send(instance_id, rewind)
 
     async def _locks_a_rewind_cannot_take_back(
         self, backend: Backend, instance_id: str, seen: set[str]
@@ -459,8 +468,8 @@ class AsyncClient:
         scheduled = as_utc(signal_time) if signal_time is not None else None
         signal = EntityOperationSignaled(
             timestamp=self.backend.now(),
-            request_id=request_id or new_token(),
-            operation=operation_name,
+            request_id=arguments.optional_text("request_id", request_id) or new_token(),
+            operation=arguments.text("operation_name", operation_name),
             target_instance_id=target,
             input=self.converter.serialize(input),
             scheduled_time=scheduled,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -342,6 +343,14 @@ def test_a_backoff_past_any_representable_wait_is_capped_or_leaves_no_attempt() 
     assert uncapped.next_delay(60, timedelta(0)) is None  # a finite wait of 2 ** 59 s is past a timedelta's
     instant = RetryPolicy(first_retry_interval=timedelta(0), max_number_of_attempts=100_000, backoff_coefficient=2.0)
     assert instant.next_delay(1100, timedelta(0)) == timedelta(0)
+
+
+@pytest.mark.parametrize("coefficient", [0.5, math.nan, math.inf])
+def test_a_backoff_coefficient_below_one_or_not_finite_is_refused(coefficient: float) -> None:
+    with pytest.raises(ValueError, match="backoff_coefficient must be >= 1 and finite"):
+        RetryPolicy(
+            first_retry_interval=timedelta(seconds=1), max_number_of_attempts=3, backoff_coefficient=coefficient
+        )
 
 
 def test_a_retry_that_would_come_after_the_year_9999_fails_the_task_the_orchestrator_awaits() -> None:

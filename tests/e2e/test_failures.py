@@ -300,6 +300,53 @@ async def test_errors_that_cannot_describe_themselves_fail_their_task_once(hub: 
     assert failed.failure_details.message == "<str() of the UnprintableError raised RuntimeError>"
 
 
+async def test_arguments_of_the_wrong_type_raise_in_the_orchestrator_code(hub: Hub, app: dtfx.App) -> None:
+    # Each would otherwise reach the commit, which could not store it, or a message no worker could read.
+    @app.orchestrator
+    def child(ctx: dtfx.OrchestrationContext, _: Any) -> None:
+        return None
+
+    @app.orchestrator
+    def careless(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        counter = dtfx.EntityInstanceId("counter", "c")
+        calls = [
+            lambda: ctx.send_event(42, "approval"),
+            lambda: ctx.send_event("other", None),
+            lambda: ctx.call_sub_orchestrator(child, instance_id=7),
+            lambda: ctx.call_sub_orchestrator(child, version=5),
+            lambda: ctx.call_activity("act", tags={"a": 1}),
+            lambda: ctx.call_activity("act", retry_policy={"max_number_of_attempts": 3}),
+            lambda: ctx.wait_for_external_event(5),
+            lambda: ctx.signal_entity(counter, 5),
+            lambda: ctx.call_entity(counter, None),
+            lambda: ctx.continue_as_new(None, new_version=2),
+        ]
+        refused = []
+        for call in calls:
+            try:
+                call()
+            except TypeError as error:
+                refused.append(str(error))
+        yield ctx.create_timer(timedelta(0))
+        return refused
+
+    async with hub.worker(app):
+        state = await hub.run(careless)
+    assert state.runtime_status == Status.COMPLETED
+    assert state.get_output() == [
+        "instance_id must be a str, not int",
+        "event_name must be a str, not NoneType",
+        "instance_id must be a str, not int",
+        "version must be a str, not int",
+        "tags must be a dict of str to str: 'a': 1 is not",
+        "retry_policy must be a RetryPolicy, not dict",
+        "name must be a str, not int",
+        "operation_name must be a str, not int",
+        "operation must be a str, not NoneType",
+        "new_version must be a str, not int",
+    ]
+
+
 async def test_retries_use_durable_timers_until_success(hub: Hub, app: dtfx.App) -> None:
     attempts: list[int] = []
 

@@ -129,6 +129,13 @@ def test_versions_compare_as_the_sdk_compares_them() -> None:
     assert compare_versions("1.\u00b2", "1.3") == 1  # as text, "\u00b2" comes after "3"
 
 
+def test_versioning_options_of_the_wrong_type_are_refused() -> None:
+    with pytest.raises(TypeError, match="version must be a str, not int"):
+        VersioningOptions(version=2)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="match_strategy must be a VersionMatchStrategy, not str"):
+        VersioningOptions(version="2", match_strategy="strict")  # type: ignore[arg-type]
+
+
 async def test_an_instance_whose_version_is_no_version_of_a_package_runs_by_the_text(hub: Hub, app: dtfx.App) -> None:
     @app.orchestrator
     def report(ctx: dtfx.OrchestrationContext, _: Any) -> Any:

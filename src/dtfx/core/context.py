@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from dtfx.core import arguments
 from dtfx.core.actions import (
     CompleteOrchestration,
     CreateSubOrchestration,
@@ -252,6 +253,7 @@ class OrchestrationContext:
         if return_type is None and not isinstance(activity, str):
             return_type = output_type_of(activity)
         payload = self._converter.serialize(input)
+        tags = arguments.tags(tags)
         return self._call(
             lambda action_id: ScheduleTask(id=action_id, name=name, input=payload, tags=tags),
             retry_policy,
@@ -278,7 +280,8 @@ class OrchestrationContext:
         if return_type is None and not isinstance(orchestrator, str):
             return_type = output_type_of(orchestrator)
         payload = self._converter.serialize(input)
-        child_version = version or self._default_version
+        instance_id = arguments.optional_text("instance_id", instance_id)
+        child_version = arguments.optional_text("version", version) or self._default_version
 
         def make_action(action_id: int) -> OrchestratorAction:
             child_id = instance_id or f"{self._instance_id}:{action_id:04x}"
@@ -293,7 +296,7 @@ class OrchestrationContext:
 
         Events raised before anyone waits are buffered and delivered in arrival order.
         """
-        key = name.casefold()
+        key = arguments.text("name", name).casefold()
         task: CancellableTask[Any] = CancellableTask(data_type)
         buffered = self.buffered_events.get(key)
         if buffered:
@@ -329,6 +332,7 @@ class OrchestrationContext:
             if target in section.calls_in_flight:
                 raise LockingRulesViolationError(f"Entity '{target}' already has a call in flight.")
             section.calls_in_flight.add(target)
+        arguments.text("operation", operation)
         request_id = self.new_uuid()
         payload = self._converter.serialize(input)
         self._record(
@@ -358,6 +362,7 @@ class OrchestrationContext:
         section = self.critical_section
         if section is not None and target in section.lock_set:
             raise LockingRulesViolationError(f"Entity '{target}' is locked by this orchestration; call it instead.")
+        arguments.text("operation_name", operation_name)
         request_id = self.new_uuid()
         payload = self._converter.serialize(input)
         scheduled = as_utc(signal_time) if signal_time is not None else None
@@ -427,6 +432,7 @@ class OrchestrationContext:
 
     def send_event(self, instance_id: str, event_name: str, *, data: Any = None) -> None:
         """Raise an event on another instance; dropped if it does not exist or has ended."""
+        arguments.text("instance_id", instance_id), arguments.text("event_name", event_name)
         payload = self._converter.serialize(data)
         self._record(lambda action_id: SendEvent(id=action_id, instance_id=instance_id, name=event_name, data=payload))
         if not self._is_replaying:
@@ -437,6 +443,7 @@ class OrchestrationContext:
 
         With ``save_events``, external events not yet received carry over to the new run.
         """
+        arguments.optional_text("new_version", new_version)
         self._save_events = save_events
         carryover = [event for events in self.buffered_events.values() for event in events] if save_events else []
         self.complete(
@@ -496,6 +503,8 @@ class OrchestrationContext:
         retry_policy: RetryPolicy | None,
         return_type: Any,
     ) -> CompletableTask[Any]:
+        if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
+            raise TypeError(f"retry_policy must be a RetryPolicy, not {type(retry_policy).__name__}")
         action_id = self._record(make_action)
         if retry_policy is None:
             task: CompletableTask[Any] = CompletableTask(return_type)

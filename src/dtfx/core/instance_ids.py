@@ -7,6 +7,7 @@ it would fail the commit of a whole batch (PostgreSQL text cannot hold NUL, say)
 
 from __future__ import annotations
 
+from dtfx.core.arguments import text
 from dtfx.core.errors import InvalidInstanceIdError
 
 MAX_INSTANCE_ID_LENGTH = 1024
@@ -45,8 +46,9 @@ def instance_id_error(instance_id: str) -> InvalidInstanceIdError | None:
 
 
 def check_orchestration_id(instance_id: str) -> str:
-    """``instance_id``, if an orchestration can have it; raises :class:`~dtfx.InvalidInstanceIdError` if not."""
-    error = orchestration_id_error(instance_id)
+    """``instance_id``, if an orchestration can have it; raises :class:`~dtfx.InvalidInstanceIdError` if not
+    (``TypeError`` if it is no ``str``)."""
+    error = orchestration_id_error(text("instance_id", instance_id))
     if error is not None:
         raise error
     return instance_id

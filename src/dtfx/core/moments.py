@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 
 def as_utc(moment: datetime) -> datetime:
     """Naive datetimes are taken to be UTC (those whose ``tzinfo`` gives no offset are naive too)."""
+    if not isinstance(moment, datetime):
+        raise TypeError(f"a moment must be a datetime, not {type(moment).__name__}")
     return moment.replace(tzinfo=UTC) if moment.utcoffset() is None else moment.astimezone(UTC)
 
 

@@ -205,8 +205,8 @@ class RetryPolicy:
             raise ValueError("first_retry_interval must be >= 0")
         if self.max_number_of_attempts < 1:
             raise ValueError("max_number_of_attempts must be >= 1")
-        if self.backoff_coefficient is not None and self.backoff_coefficient < 1:
-            raise ValueError("backoff_coefficient must be >= 1")
+        if self.backoff_coefficient is not None and not 1 <= self.backoff_coefficient < math.inf:
+            raise ValueError("backoff_coefficient must be >= 1 and finite")
         if self.max_retry_interval is not None and self.max_retry_interval < timedelta(0):
             raise ValueError("max_retry_interval must be >= 0")
         if self.retry_timeout is not None and self.retry_timeout < timedelta(0):

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from dtfx.core import arguments
+
 
 def _default_concurrency() -> int:
     return 100 * (os.cpu_count() or 1)
@@ -73,6 +75,16 @@ class VersioningOptions:
     """Which orchestration versions this worker runs."""
     failure_strategy: VersionFailureStrategy = VersionFailureStrategy.REJECT
     """What happens to the others."""
+
+    def __post_init__(self) -> None:
+        arguments.optional_text("version", self.version)
+        arguments.optional_text("default_version", self.default_version)
+        if not isinstance(self.match_strategy, VersionMatchStrategy):
+            raise TypeError(f"match_strategy must be a VersionMatchStrategy, not {type(self.match_strategy).__name__}")
+        if not isinstance(self.failure_strategy, VersionFailureStrategy):
+            raise TypeError(
+                f"failure_strategy must be a VersionFailureStrategy, not {type(self.failure_strategy).__name__}"
+            )
 
 
 @dataclass(kw_only=True)
