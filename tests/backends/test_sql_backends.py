@@ -676,3 +676,32 @@ def test_a_missing_postgres_driver_names_the_extra_once() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.startswith("ConfigurationError PostgreSQL support needs `pip install 'dtfx[postgres]'`")
     assert result.stdout.count("dtfx[postgres]") == 1
+
+
+async def test_an_inbox_message_no_worker_can_read_holds_back_only_its_instance(
+    sql_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Written by a newer dtfx, say, in a rolling deploy: it waits for a worker that reads it.
+    backend = open_backend(sql_url)
+    assert isinstance(backend, SqlBackend)
+    try:
+        for instance_id in ("garbled", "fine"):
+            await backend.create_instance(start_event(instance_id))
+
+        def garble() -> Program[None]:
+            event = '{"type":"FromTheFuture","timestamp":"2026-12-07T17:22:01Z"}'
+            yield Execute("UPDATE inbox SET event = ? WHERE instance_id = ?", (event, "garbled"))
+
+        await backend._run(garble, write=True)
+        items = await backend.lock_orchestration_work_items(10, LEASE)
+        assert [item.instance_id for item in items] == ["fine"]
+        assert "Instance garbled: an inbox message cannot be read" in caplog.text
+        assert await backend.lock_orchestration_work_items(10, LEASE) == []  # put off: not offered at once again
+
+        def inbox() -> Program[list[str]]:
+            rows = yield Fetch("SELECT instance_id FROM inbox ORDER BY instance_id")
+            return [row[0] for row in rows]
+
+        assert await backend._run(inbox, write=False) == ["fine", "garbled"]  # nothing was dropped
+    finally:
+        await backend.close()

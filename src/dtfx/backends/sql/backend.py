@@ -34,6 +34,9 @@ T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
+UNREADABLE_RETRY = timedelta(minutes=1)
+"""How long an instance with an inbox message that cannot be read waits before it is looked at again."""
+
 _GIVE_BACK_FIRST_DELAY = 0.1
 _GIVE_BACK_MAX_DELAY = 2.0
 
@@ -345,8 +348,11 @@ class SqlBackend(Backend):
         )
         prefix = operations.lease_prefix(lease.lock_token)
         give_back = partial(operations.give_back_instance_leases, self._dialect, prefix, entities)
-        items = await self._lease(program, give_back, lease)
-        empty = [item for item in items if not item.messages]
+        items, unreadable = await self._lease(program, give_back, lease)
+        for item in items:
+            if item.instance_id in unreadable:
+                await self._put_off_unreadable(item, unreadable[item.instance_id])
+        empty = [item for item in items if not item.messages and item.instance_id not in unreadable]
         if empty:  # never hand out an empty work item
             try:
                 await self._run(partial(operations.release_empty_work_items, empty), write=True, durable=False)
@@ -453,6 +459,20 @@ class SqlBackend(Backend):
 
     async def abandon_activity_work_item(self, item: ActivityWorkItem, *, retry_at: datetime | None = None) -> None:
         await self._run(partial(operations.abandon_activity_work_item, self._dialect, item, retry_at), write=True)
+
+    async def _put_off_unreadable(self, item: OrchestrationWorkItem, why: str) -> None:
+        """Leave an instance with a message no worker of this version can read for a while: it
+        blocks no other, and a worker that can read it (a newer one, in a rolling deploy) may."""
+        logger.error(
+            "Instance %s: an inbox message cannot be read (%s); looking again in %s",
+            item.instance_id,
+            why,
+            UNREADABLE_RETRY,
+        )
+        try:
+            await self.abandon_orchestration_work_item(item, retry_at=self.now() + UNREADABLE_RETRY)
+        except Exception:  # its lease ends, and it is looked at again then
+            logger.warning("Putting off instance %s failed", item.instance_id, exc_info=True)
 
     async def renew_activity_lease(self, item: ActivityWorkItem, lock_for: timedelta) -> bool:
         return await self._renew(item, partial(operations.renew_activity_lease, self._dialect, item, lock_for))

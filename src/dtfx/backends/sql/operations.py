@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+import msgspec
+
 from dtfx.backends.base import NewLease, WorkKind
 from dtfx.backends.delivery import work_kind_of
 from dtfx.backends.paging import encode_token
@@ -236,10 +238,11 @@ def lock_orchestration_work_items(
     entities: bool,
     names: Collection[str] | None,
     max_messages: int,
-) -> Program[list[OrchestrationWorkItem]]:
+) -> Program[tuple[list[OrchestrationWorkItem], dict[str, str]]]:
     """Lease up to ``max_count`` instances with visible messages until ``lease.locked_until``,
     each under a token of its own: :func:`lease_prefix` and the instance's id (see
-    :func:`give_back_instance_leases`)."""
+    :func:`give_back_instance_leases`). Also, by instance id, why a message of an instance
+    could not be read (its work item then has no message)."""
     now = dialect.now()
     until = lease.locked_until
     now_micros = to_micros(now)
@@ -256,7 +259,7 @@ def lock_orchestration_work_items(
         params,
     )
     if not rows:
-        return []
+        return [], {}
     messages = yield Fetch(
         "SELECT id, instance_id, execution_id, event FROM (SELECT id, instance_id, execution_id, event,"
         " row_number() OVER (PARTITION BY instance_id ORDER BY id) AS position FROM inbox"
@@ -266,8 +269,15 @@ def lock_orchestration_work_items(
         last=True,
     )
     inboxes: dict[str, list[InboxMessage]] = {row[0]: [] for row in rows}
+    unreadable: dict[str, str] = {}
     for message_id, instance_id, execution_id, event in messages:
-        inboxes[instance_id].append(InboxMessage(message_id, decode_event(event), execution_id))
+        if instance_id in unreadable:
+            continue
+        try:
+            inboxes[instance_id].append(InboxMessage(message_id, decode_event(event), execution_id))
+        except msgspec.DecodeError as error:  # written by a newer dtfx, say, or by hand
+            unreadable[instance_id] = f"message {message_id}: {error}"
+            inboxes[instance_id] = []
     items = [
         OrchestrationWorkItem(
             instance_id=row[0],
@@ -279,7 +289,7 @@ def lock_orchestration_work_items(
         )
         for row in rows
     ]
-    return items  # an empty one is released by release_empty_work_items
+    return items, unreadable  # an empty one is released by release_empty_work_items
 
 
 def release_empty_work_items(items: Sequence[OrchestrationWorkItem]) -> Program[None]:
