@@ -230,6 +230,47 @@ async def test_what_user_code_raises_that_is_no_exception_fails_its_task_and_the
         assert state.failure_details.is_caused_by(ESCAPING[kind])
 
 
+class Exiting:
+    """A value whose conversion to JSON (user code, run by the engine) exits."""
+
+    def to_json(self) -> Any:
+        raise SystemExit("no JSON for you")
+
+
+@pytest.mark.parametrize("eager", [True, False])
+async def test_a_conversion_to_json_that_exits_fails_its_task_or_instance(hub: Hub, app: dtfx.App, eager: bool) -> None:
+    @app.activity
+    def sync_result(ctx: dtfx.ActivityContext, _: Any) -> Any:
+        return Exiting()
+
+    @app.activity
+    async def async_result(ctx: dtfx.ActivityContext, _: Any) -> Any:
+        return Exiting()
+
+    @app.orchestrator
+    def calls(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        failures = []
+        for activity in (sync_result, async_result):
+            try:
+                yield ctx.call_activity(activity)
+            except dtfx.TaskFailedError as error:
+                failures.append(error.details.error_type)
+        return failures
+
+    @app.orchestrator
+    def returns(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        yield ctx.create_timer(timedelta(0))
+        return Exiting()
+
+    async with hub.worker(app, options=dtfx.WorkerOptions(eager_activities=eager)):
+        caught = await hub.run(calls)
+        failed = await hub.run(returns)
+        still = await hub.run(calls)  # the worker carries on
+    assert caught.get_output() == still.get_output() == ["SystemExit", "SystemExit"]
+    assert failed.runtime_status == Status.FAILED and failed.failure_details is not None
+    assert failed.failure_details.error_type == "SystemExit"
+
+
 class UnprintableError(Exception):
     def __str__(self) -> str:
         raise RuntimeError("no words")

@@ -177,7 +177,7 @@ class OrchestrationExecutor:
                 self._process(event)
             except NonDeterminismError as error:
                 self._fail(error)
-            except Exception as error:  # an engine bug must fail the instance, not loop forever
+            except USER_CODE_ERRORS as error:  # an engine bug (or a hook's SystemExit) fails the instance
                 logger.exception("Processing %s for instance %s failed", type(event).__name__, self.context.instance_id)
                 self._fail(error)
 
@@ -272,7 +272,7 @@ class OrchestrationExecutor:
         task = pending.task
         try:
             value = self._converter.deserialize(event.result, task.result_type)
-        except Exception as error:
+        except USER_CODE_ERRORS as error:  # a converter's hooks are user code
             self._resolve(task, error=error)
             return
         self._resolve(task, result=value)
@@ -307,7 +307,7 @@ class OrchestrationExecutor:
             return
         try:
             value = self._converter.deserialize(event.output, request.task.result_type)
-        except Exception as error:
+        except USER_CODE_ERRORS as error:
             self._resolve(request.task, error=error)
             return
         self._resolve(request.task, result=value)
@@ -365,7 +365,7 @@ class OrchestrationExecutor:
             del context.event_waiters[key]
         try:
             value = self._converter.deserialize(event.input, task.result_type)
-        except Exception as error:
+        except USER_CODE_ERRORS as error:
             self._resolve(task, error=error)
             return
         self._resolve(task, result=value)
@@ -443,7 +443,7 @@ class OrchestrationExecutor:
             return
         try:
             output = self._converter.serialize(result)
-        except Exception as error:
+        except USER_CODE_ERRORS as error:
             self._fail(error)
             return
         self.context.complete(OrchestrationStatus.COMPLETED, result=output)
@@ -458,7 +458,7 @@ class OrchestrationExecutor:
         if generator is not None:
             try:
                 generator.close()
-            except Exception:
+            except USER_CODE_ERRORS:  # its finally blocks are user code
                 logger.debug("Closing the generator of %s raised", self.context.instance_id, exc_info=True)
 
 
