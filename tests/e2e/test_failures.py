@@ -11,7 +11,7 @@ import pytest
 
 import dtfx
 from dtfx import OrchestrationStatus as Status
-from dtfx.core.history import TaskCompleted, TaskScheduled, TimerCreated
+from dtfx.core.history import ExecutionStarted, TaskCompleted, TaskScheduled, TimerCreated
 from tests.e2e.conftest import Hub
 
 FAST_RETRY = dtfx.RetryPolicy(first_retry_interval=timedelta(milliseconds=50), max_number_of_attempts=3)
@@ -153,14 +153,25 @@ async def test_a_lone_surrogate_in_an_error_is_kept_escaped_and_in_a_name_fails_
     def names_badly(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
         return (yield ctx.call_activity(NOT_UTF8))
 
+    @app.orchestrator
+    def continues_badly(ctx: dtfx.OrchestrationContext, n: int) -> Any:
+        if n == 0:  # in its first episode, whose start is not in the history yet
+            ctx.continue_as_new(1, new_version=f"2.{NOT_UTF8}")
+        return n
+
     async with hub.worker(app):
         failed = await hub.run(reads)
         misnamed = await hub.run(names_badly)
+        misversioned = await hub.run(continues_badly, 0)
     assert failed.failure_details is not None and failed.failure_details.inner_failure is not None
     assert failed.failure_details.inner_failure.message == "no such file: caf\\udce9.txt"
     assert misnamed.runtime_status == Status.FAILED and misnamed.failure_details is not None
     if not isinstance(hub.backend, dtfx.MemoryBackend):  # which keeps any string: the activity is not registered
         assert misnamed.failure_details.is_caused_by(dtfx.UnstorableValueError)
+        assert misversioned.runtime_status == Status.FAILED and misversioned.failure_details is not None
+        assert misversioned.failure_details.is_caused_by(dtfx.UnstorableValueError)
+        history = await hub.client.get_orchestration_history(misversioned.instance_id)
+        assert [event.version for event in history if isinstance(event, ExecutionStarted)] == [None]
 
 
 ESCAPING = {"cancelled": asyncio.CancelledError, "exit": SystemExit, "generator-exit": GeneratorExit}

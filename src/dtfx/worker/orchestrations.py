@@ -603,7 +603,12 @@ class OrchestrationProcessor:
         except UnstorableValueError as error:  # it would be refused every time the episode ran
             logger.warning("Instance %s: the store refused its episode (%s); failing it", item.instance_id, error)
             started = self._runner.cached_start(item) or _find_start(
-                [*await self._backend.get_history(item.instance_id), *checkpoint.new_history]
+                # The execution's own start: one that continues it as new comes after it.
+                [
+                    *await self._backend.get_history(item.instance_id),
+                    *(message.event for message in item.messages),
+                    *checkpoint.new_history,
+                ]
             )
             if started is None:
                 raise
