@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import pytest
 
 import dtfx
 from dtfx import _loops as loops
+from dtfx._portal import LoopThread
 from dtfx.backends import open_backend
 from tests.postgres import postgres_url
 
@@ -93,3 +96,26 @@ def test_closing_a_loop_thread_lets_what_still_runs_on_it_end() -> None:
     thread.submit(asyncio.sleep(0))  # lets the first one start
     thread.close()
     assert ended == ["cleaned up"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_loop_thread_ended_by_an_interrupt_says_so() -> None:
+    # User code raising KeyboardInterrupt on a worker's loop stops it, as Ctrl-C would; what
+    # the program does with the worker next says why, not only that it is closed.
+    portal = LoopThread("interrupted")
+
+    async def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(BaseException):
+        portal.run(interrupt())
+    deadline = time.monotonic() + 5
+    while not portal.closed:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+    async def anything() -> None:
+        return None
+
+    with pytest.raises(RuntimeError, match="event loop has ended: KeyboardInterrupt was raised on it"):
+        portal.run(anything())

@@ -20,8 +20,17 @@ class LoopThread:
 
     def __init__(self, name: str) -> None:
         self._loop = new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
+        self._ended_by: BaseException | None = None
+        """What ended the loop, if it was not :meth:`close` (a ``KeyboardInterrupt`` raised in user code, say)."""
+        self._thread = threading.Thread(target=self._run_forever, name=name, daemon=True)
         self._thread.start()
+
+    def _run_forever(self) -> None:
+        try:
+            self._loop.run_forever()
+        except BaseException as error:
+            self._ended_by = error
+            raise
 
     @property
     def closed(self) -> bool:
@@ -36,6 +45,11 @@ class LoopThread:
         """Start ``coroutine`` on the loop; async callers await ``asyncio.wrap_future(...)`` of the result."""
         if self.closed:
             coroutine.close()
+            if self._ended_by is not None:
+                ended = self._ended_by
+                raise RuntimeError(
+                    f"This object's event loop has ended: {type(ended).__name__} was raised on it."
+                ) from ended
             raise RuntimeError("This object has been closed.")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
