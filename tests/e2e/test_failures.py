@@ -372,12 +372,14 @@ async def test_arguments_of_the_wrong_type_raise_in_the_orchestrator_code(hub: H
             lambda: ctx.signal_entity(counter, 5),
             lambda: ctx.call_entity(counter, None),
             lambda: ctx.continue_as_new(None, new_version=2),
+            lambda: dtfx.when_all([ctx.create_timer(timedelta(0)), 2]),
+            lambda: dtfx.when_any([]),
         ]
         refused = []
         for call in calls:
             try:
                 call()
-            except TypeError as error:
+            except (TypeError, ValueError) as error:
                 refused.append(str(error))
         yield ctx.create_timer(timedelta(0))
         return refused
@@ -396,6 +398,8 @@ async def test_arguments_of_the_wrong_type_raise_in_the_orchestrator_code(hub: H
         "operation_name must be a str, not int",
         "operation must be a str, not NoneType",
         "new_version must be a str, not int",
+        "when_all and when_any take tasks, not int",
+        "when_any needs at least one task",
     ]
 
 

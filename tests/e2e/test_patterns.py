@@ -81,6 +81,30 @@ def test_an_async_orchestrator_is_refused_when_registered() -> None:
     assert app.orchestrators == {}
 
 
+def test_registrations_that_could_not_run_are_refused() -> None:
+    app = dtfx.App()
+
+    def act(ctx: dtfx.ActivityContext, _: Any) -> None:
+        return None
+
+    cases: list[tuple[type[Exception], str, Any]] = [
+        (TypeError, "The activity to register must be callable, not str", lambda: app.add_activity("act")),  # type: ignore[arg-type]
+        (ValueError, "The name of the activity is empty", lambda: app.add_activity(act, name="")),
+        (TypeError, "name must be a str, not int", lambda: app.add_activity(act, name=5)),  # type: ignore[arg-type]
+        (ValueError, "has a NUL character", lambda: app.add_orchestrator(act, name="a\x00b")),
+        (ValueError, "The name of the entity is empty", lambda: app.add_entity(act, name=" ")),
+        (
+            ValueError,
+            "maximum_thread_pool_workers must be at least 1",
+            lambda: dtfx.ConcurrencyOptions(maximum_thread_pool_workers=0),
+        ),
+    ]
+    for error, complaint, register in cases:
+        with pytest.raises(error, match=complaint):
+            register()
+    assert (app.orchestrators, app.activities, app.entities) == ({}, {}, {})
+
+
 async def test_fan_out_fan_in(hub: Hub, app: dtfx.App) -> None:
     @app.activity
     def work(ctx: dtfx.ActivityContext, item: int) -> int:

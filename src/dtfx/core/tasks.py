@@ -120,6 +120,9 @@ class CompositeTask(Task[T]):
     def __init__(self, tasks: Sequence[Task[Any]]) -> None:
         super().__init__()
         self._tasks = list(tasks)
+        not_task = next((task for task in self._tasks if not isinstance(task, Task)), None)
+        if not_task is not None:
+            raise TypeError(f"when_all and when_any take tasks, not {type(not_task).__name__}")
         self._completed = 0
         for task in self._tasks:
             if task.is_complete:
@@ -164,6 +167,11 @@ class WhenAllTask(CompositeTask[list[T]]):
 
 class WhenAnyTask(CompositeTask[Task[T]]):
     """Completes with the first child to complete (its result is that child task)."""
+
+    def __init__(self, tasks: Sequence[Task[T]]) -> None:
+        super().__init__(tasks)
+        if not self._tasks:  # it would never complete
+            raise ValueError("when_any needs at least one task")
 
     def _on_child_completed(self, task: Task[Any]) -> None:
         if not self._is_complete:

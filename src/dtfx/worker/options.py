@@ -41,6 +41,8 @@ class ConcurrencyOptions:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.maximum_thread_pool_workers is not None and self.maximum_thread_pool_workers < 1:
+            raise ValueError("maximum_thread_pool_workers must be at least 1 (or None, for Python's default)")
 
 
 class VersionMatchStrategy(enum.Enum):

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, Protocol, TypeVar, overload
 
+from dtfx.core import arguments
 from dtfx.core.context import function_name
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -16,11 +17,23 @@ class _Decorator(Protocol):
     def __call__(self, fn: F, /) -> F: ...
 
 
-def _name_function(fn: Callable[..., Any], name: str | None) -> str:
-    registered = name or function_name(fn)
+def _name_function(fn: Callable[..., Any], name: str | None, kind: str) -> str:
+    registered = _checked_name(fn, name, kind)
     if name is not None:
         with suppress(AttributeError, TypeError):  # lets ctx.call_activity(fn) find the name
             fn.__dtfx_name__ = name  # type: ignore[attr-defined]
+    return registered
+
+
+def _checked_name(fn: Callable[..., Any], name: str | None, kind: str) -> str:
+    """The name ``fn`` is registered under (``name``, or its own), once both are found fit."""
+    if not callable(fn):
+        raise TypeError(f"The {kind} to register must be callable, not {type(fn).__name__}")
+    if name is not None and not arguments.text("name", name).strip():
+        raise ValueError(f"The name of the {kind} is empty; leave it out to register it under its function's name")
+    registered = name or function_name(fn)
+    if "\x00" in registered:
+        raise ValueError(f"The name of the {kind} has a NUL character, which no task hub stores: {registered!r}")
     return registered
 
 
@@ -39,14 +52,14 @@ class Registry:
                 f"The orchestrator {function_name(fn)!r} is an async function: orchestrators are generator"
                 " functions, which yield the tasks they wait for (`result = yield ctx.call_activity(...)`)."
             )
-        registered = _name_function(fn, name)
+        registered = _name_function(fn, name, "orchestrator")
         self._check_free(self.orchestrators, "orchestrator", registered, fn)
         self.orchestrators[registered] = fn
         return registered
 
     def add_activity(self, fn: Callable[..., Any], name: str | None = None) -> str:
         """Register an activity ``fn(ctx, input)`` (sync or async); returns its name."""
-        registered = _name_function(fn, name)
+        registered = _name_function(fn, name, "activity")
         self._check_free(self.activities, "activity", registered, fn)
         self.activities[registered] = fn
         return registered
@@ -54,7 +67,7 @@ class Registry:
     def add_entity(self, entity: Callable[..., Any] | type[Any], name: str | None = None) -> str:
         """Register an entity: a function ``fn(ctx, input)`` or a :class:`~dtfx.DurableEntity`
         subclass. Entity names are case-insensitive; returns the (lower-case) name."""
-        registered = (name or function_name(entity)).lower()
+        registered = _checked_name(entity, name, "entity").lower()
         if "@" in registered:
             raise ValueError(f"An entity name cannot contain '@': {registered!r}")
         self._check_free(self.entities, "entity", registered, entity)
