@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Coroutine
 from typing import Any, ClassVar, Self, TypeVar
@@ -68,6 +69,32 @@ class LoopThread:
 
 
 _CLOSE_PATIENCE = 5.0
+
+_workers_on: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
+"""How many workers run on each event loop: sync waits there are refused (:func:`refuse_to_wait_on_a_workers_loop`)."""
+
+
+def refuse_to_wait_on_a_workers_loop(what: str) -> None:
+    """Raise ``RuntimeError`` if the calling thread runs the event loop of a worker: a sync
+    ``what`` there would block the worker, which then could not run what is waited for."""
+    calling = asyncio._get_running_loop()
+    if calling is not None and _workers_on.get(calling):
+        raise RuntimeError(
+            f"A sync {what} on the event loop a worker runs on would block the worker until it timed out;"
+            " use dtfx.AsyncClient there (or run the call in a thread: await asyncio.to_thread(...))."
+        )
+
+
+def worker_started_on(loop: asyncio.AbstractEventLoop) -> None:
+    """A worker runs on ``loop`` from now on."""
+    _workers_on[loop] = _workers_on.get(loop, 0) + 1
+
+
+def worker_stopped_on(loop: asyncio.AbstractEventLoop) -> None:
+    """A worker that ran on ``loop`` has stopped."""
+    left = _workers_on.pop(loop, 0) - 1
+    if left > 0:
+        _workers_on[loop] = left
 
 
 async def _cancel_the_rest() -> None:

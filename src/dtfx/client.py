@@ -15,7 +15,7 @@ from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from dtfx._portal import LoopThread
+from dtfx._portal import LoopThread, refuse_to_wait_on_a_workers_loop
 from dtfx._tracing import creation_span, current_trace_context, event_span
 from dtfx.backends import open_backend
 from dtfx.backends.base import Backend
@@ -687,6 +687,7 @@ class Client:
         self, instance_id: str, *, fetch_payloads: bool = False, timeout: float | timedelta = 60
     ) -> OrchestrationState | None:
         """See :meth:`AsyncClient.wait_for_orchestration_start`."""
+        refuse_to_wait_on_a_workers_loop("wait for an orchestration")
         return self._portal.run(
             self._async.wait_for_orchestration_start(instance_id, fetch_payloads=fetch_payloads, timeout=timeout)
         )
@@ -695,6 +696,7 @@ class Client:
         self, instance_id: str, *, fetch_payloads: bool = True, timeout: float | timedelta = 60
     ) -> OrchestrationState | None:
         """See :meth:`AsyncClient.wait_for_orchestration_completion`."""
+        refuse_to_wait_on_a_workers_loop("wait for an orchestration")
         return self._portal.run(
             self._async.wait_for_orchestration_completion(instance_id, fetch_payloads=fetch_payloads, timeout=timeout)
         )

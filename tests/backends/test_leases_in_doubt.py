@@ -55,7 +55,7 @@ class Doubts:
         function = getattr(program, "func", None)
         if function in LOCKS and not self.doubted:
             taken = await self._run(program, **options) if self.committed else None
-            if taken == []:
+            if taken in ([], ([], {})):  # an activity lock's result, or an orchestration lock's: nothing taken
                 return taken
             self.doubted += 1
             raise CommitInDoubtError("the connection dropped after the commit had gone out")

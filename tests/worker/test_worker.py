@@ -495,3 +495,23 @@ async def test_a_stop_is_no_failure_of_the_activity_it_cancels_whatever_the_acti
     async with dtfx.Worker(backend, app=app, options=options):
         state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
     assert state is not None and state.get_output() == "done"  # run again, not failed
+
+
+async def test_a_sync_wait_on_the_loop_a_worker_runs_on_is_refused_with_what_to_do_instead() -> None:
+    # It would block the worker, which could then not run what the call waits for.
+    backend = dtfx.MemoryBackend()
+    app = dtfx.App()
+
+    @app.orchestrator
+    def quick(ctx: dtfx.OrchestrationContext, _: Any) -> str:
+        return "done"
+
+    with dtfx.Client(backend) as client:
+        async with dtfx.Worker(backend, app=app):
+            instance_id = client.schedule_new_orchestration(quick)  # blocks the loop only while it is stored
+            for wait in (client.wait_for_orchestration_start, client.wait_for_orchestration_completion):
+                with pytest.raises(RuntimeError, match=r"use dtfx\.AsyncClient there"):
+                    wait(instance_id, timeout=10)
+            state = await asyncio.to_thread(client.wait_for_orchestration_completion, instance_id, timeout=10)
+            assert state is not None and state.get_output() == "done"  # as it says
+        assert client.wait_for_orchestration_completion(instance_id, timeout=1) is not None  # no worker now

@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
 from dtfx import _collector as collector
-from dtfx._portal import BackgroundRunnable
+from dtfx._portal import BackgroundRunnable, worker_started_on, worker_stopped_on
 from dtfx.backends import open_backend
 from dtfx.backends.base import Backend, WorkKind
 from dtfx.core.serialization import DEFAULT_CONVERTER, DataConverter
@@ -91,6 +91,8 @@ class Worker(BackgroundRunnable):
         self._runner: LocalRunner | None = None
         self._intake: NewInstanceIntake | None = None
         self._gc_pace = collector.Hold()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The event loop the worker runs on, while it runs."""
         self._started = False
 
     # -- registration ---------------------------------------------------------------------
@@ -220,6 +222,8 @@ class Worker(BackgroundRunnable):
             self._intake = intake
         if options.tune_gc:
             self._gc_pace.take()
+        self._loop = asyncio.get_running_loop()
+        worker_started_on(self._loop)
         self._started = True
         logger.info(
             "Worker started on %s with %d orchestrator(s), %d activity(ies) and %d entity(ies)",
@@ -265,6 +269,9 @@ class Worker(BackgroundRunnable):
             )
         self._started = False
         self._gc_pace.give_back()
+        if self._loop is not None:
+            worker_stopped_on(self._loop)
+            self._loop = None
         if self._intake is not None:
             self.backend.detach_intake(self._intake)
             self._intake = None
