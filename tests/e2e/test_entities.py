@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import timedelta
 from typing import Any
@@ -152,6 +153,35 @@ async def test_a_failed_operation_rolls_back_only_its_own_change(hub: Hub, app: 
     async with hub.worker(app):
         state = await hub.run(failing_call)
     assert state.get_output() == [["@counter@rollback", "fail_after_add", "add rolled back", True], 2]
+
+
+async def test_a_failed_signal_is_a_warning_in_the_log_and_a_failed_call_is_the_callers(
+    hub: Hub, app: dtfx.App, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No one hears of a signal's failure but the log (a deploy that renamed the operation, say).
+    app.add_entity(Account)
+    entity = EntityInstanceId("account", "renamed")
+
+    @app.orchestrator
+    def calls(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        try:
+            yield ctx.call_entity(entity, "add_funds", 1)
+        except dtfx.EntityOperationFailedError as error:
+            return error.details.message
+        return None
+
+    caplog.set_level(logging.DEBUG, logger="dtfx.worker.entities")
+    async with hub.worker(app):
+        await hub.client.signal_entity(entity, "add", 5)
+        await hub.client.signal_entity(entity, "deposit", 5)
+        await _wait_for_entity_state(hub, entity, 5)
+        called = await hub.run(calls)
+    failures = [(r.levelno, r.getMessage()) for r in caplog.records if "failed" in r.getMessage()]
+    assert failures == [
+        (logging.WARNING, "Entity @account@renamed: operation add failed"),
+        (logging.DEBUG, "Entity @account@renamed: operation add_funds failed"),
+    ]
+    assert "add_funds" in called.get_output()  # the caller hears of it
 
 
 async def test_class_entities_and_entity_to_entity_signals(hub: Hub, app: dtfx.App) -> None:

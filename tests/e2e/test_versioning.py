@@ -92,7 +92,7 @@ async def test_current_or_older_with_reject_leaves_newer_versions_to_another_wor
     assert older.get_output() == "1.0" and same.get_output() == "1.5"
     assert newer is not None and newer.get_output() == "2.0"
     left = [record.levelno for record in caplog.records if "Leaving it to another worker" in record.getMessage()]
-    assert left.count(logging.INFO) == 1 and left.count(logging.DEBUG) >= 2  # said once, offered again and again
+    assert left.count(logging.WARNING) == 1 and left.count(logging.DEBUG) >= 2  # said once, offered again and again
 
 
 async def test_an_instance_no_worker_takes_for_its_version_can_be_terminated(hub: Hub, app: dtfx.App) -> None:

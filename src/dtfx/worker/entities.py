@@ -28,7 +28,7 @@ from dtfx.core.entities import (
 )
 from dtfx.core.entity_context import DurableEntity, EntityBatchState, EntityContext
 from dtfx.core.errors import NotRegisteredError
-from dtfx.core.history import FailureDetails
+from dtfx.core.history import EntityOperationSignaled, FailureDetails
 from dtfx.core.serialization import DataConverter, input_type_of, parameter_types
 from dtfx.core.workitems import CommitResult, OrchestrationCheckpoint, OrchestrationWorkItem
 from dtfx.worker.commit import GroupCommitter
@@ -132,7 +132,9 @@ class LocalEntityRunner:
                         output = asyncio.run_coroutine_threadsafe(awaited(output), loop).result()
                 results.append(OperationResult(output=self._converter.serialize(output)))
             except Exception as error:  # on a thread of the pool: none is the worker's
-                logger.debug("Entity %s: operation %s failed", entity_id, operation.operation, exc_info=True)
+                # A caller gets the failure; a signal's sender never hears of it, so the log says it.
+                level = logging.WARNING if isinstance(operation, EntityOperationSignaled) else logging.DEBUG
+                logger.log(level, "Entity %s: operation %s failed", entity_id, operation.operation, exc_info=True)
                 batch.state = saved_state
                 del batch.actions[saved_actions:]
                 results.append(OperationResult(failure=FailureDetails.from_exception(escaped(error))))

@@ -705,7 +705,7 @@ class LocalRunner:
         self._running: dict[str, CachedExecution] = {}
         self._rejected: dict[str, None] = {}
         """The instances left to other workers for their version, the latest last: each is said
-        once at INFO (it is offered again every ``reject_retry_delay``)."""
+        once as a warning (it is offered again every ``reject_retry_delay``)."""
         self._lock = threading.Lock()
         """Guards the cache, ``_running`` and ``_rejected`` (never held while orchestrator code runs)."""
 
@@ -753,7 +753,7 @@ class LocalRunner:
                 end = CompleteOrchestration(id=-1, status=OrchestrationStatus.TERMINATED, result=terminate.input)
                 return EpisodeOutcome([end], None)
             if self._versioning.failure_strategy is VersionFailureStrategy.REJECT:
-                level = logging.INFO if self._newly_rejected(item.instance_id) else logging.DEBUG
+                level = logging.WARNING if self._newly_rejected(item.instance_id) else logging.DEBUG
                 logger.log(level, "Instance %s: %s Leaving it to another worker.", item.instance_id, failure.message)
                 return Abandon(self._reject_retry_delay)
             return failed_episode(failure)
