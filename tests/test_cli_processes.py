@@ -182,16 +182,19 @@ def test_a_worker_for_an_app_of_entities_only(tmp_path: Path) -> None:
     assert "entities: counter" in worker.stderr[3]
 
 
-def test_a_worker_of_one_version(tmp_path: Path) -> None:
+def test_a_worker_of_one_version_and_its_own_orchestrators(tmp_path: Path) -> None:
     (tmp_path / "versioned_app.py").write_text(VERSIONED_APP)
     hub = f"sqlite:///{tmp_path}/hub.db"
-    versioning = ("--version", "2.0", "--match", "current-or-older", "--on-mismatch", "fail")
+    versioning = ("--version", "2.0", "--match", "current-or-older", "--on-mismatch", "fail", "--registered-only")
     with worker_process("versioned_app", "-b", hub, *versioning, cwd=tmp_path) as worker, dtfx.Client(hub) as client:
         older = client.schedule_new_orchestration("report", version="1.5")
         newer = client.schedule_new_orchestration("report", version="3.0")
+        unknown = client.schedule_new_orchestration("from_the_next_deploy", version="2.0")
         ran = client.wait_for_orchestration_completion(older, timeout=30)
         refused = client.wait_for_orchestration_completion(newer, timeout=30)
+        left = client.get_orchestration_state(unknown)
         assert worker.stop(signal.SIGTERM) == 0
+    assert left is not None and left.runtime_status == dtfx.OrchestrationStatus.PENDING  # for another worker
     assert ran is not None and ran.get_output() == ["1.5", "2.0"]  # its child got the worker's version
     assert refused is not None and refused.runtime_status == dtfx.OrchestrationStatus.FAILED
     assert refused.failure_details is not None and refused.failure_details.error_type == "VersionMismatch"

@@ -64,6 +64,15 @@ async def run(
             help="How long work in flight may go on finishing after the first Ctrl-C or SIGTERM.",
         ),
     ] = WorkerOptions.shutdown_grace_period.total_seconds(),
+    registered_only: Annotated[
+        bool,
+        typer.Option(
+            "--registered-only",
+            help="Take only the orchestrations, activities and entities the app registers, and leave"
+            " the rest to other workers (in a rolling deploy, say); by default a worker fails what it"
+            " has no registration for.",
+        ),
+    ] = False,
     version: Annotated[
         str | None,
         typer.Option(
@@ -105,7 +114,7 @@ async def run(
         raise typer.BadParameter("compares with the worker's --version: give one", param_hint="'--match'")
     app = load_app(target)
     url = backend or default_url()
-    options = WorkerOptions(shutdown_grace_period=timedelta(seconds=grace_period))
+    options = WorkerOptions(shutdown_grace_period=timedelta(seconds=grace_period), registered_only=registered_only)
     async with started_backend(url) as store:
         ready = (
             f"Worker running on {redact(url)}\n"
