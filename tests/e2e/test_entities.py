@@ -184,6 +184,33 @@ async def test_a_failed_signal_is_a_warning_in_the_log_and_a_failed_call_is_the_
     assert "add_funds" in called.get_output()  # the caller hears of it
 
 
+async def test_a_state_of_another_plain_type_is_converted_as_the_sdk_does_or_refused(hub: Hub, app: dtfx.App) -> None:
+    # The state a deploy's earlier code kept: 5, read by code that keeps a dict now.
+    @app.entity
+    def tally(ctx: dtfx.EntityContext, _: Any) -> Any:
+        if ctx.operation == "start":
+            ctx.set_state(5)
+            return None
+        kinds = {"as_text": str, "as_number": float, "as_dict": dict}
+        return ctx.get_state(kinds[ctx.operation])
+
+    entity = EntityInstanceId("tally", "t")
+
+    @app.orchestrator
+    def reads(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        yield ctx.call_entity(entity, "start")
+        seen = [(yield ctx.call_entity(entity, "as_text")), (yield ctx.call_entity(entity, "as_number"))]
+        try:
+            yield ctx.call_entity(entity, "as_dict")
+        except dtfx.EntityOperationFailedError as error:
+            seen.append(error.details.message)
+        return seen
+
+    async with hub.worker(app):
+        state = await hub.run(reads)
+    assert state.get_output() == ["5", 5.0, "Could not convert state of type 'int' to 'dict'"]
+
+
 async def test_class_entities_and_entity_to_entity_signals(hub: Hub, app: dtfx.App) -> None:
     app.add_entity(Account)
 

@@ -29,6 +29,10 @@ class EntityBatchState:
     actions: list[EntityAction] = field(default_factory=list)
 
 
+_PLAIN_TYPES = frozenset({str, int, float, bool, dict, list})
+"""The types of JSON values, which a payload holds without being converted to them."""
+
+
 class EntityContext:
     """What an entity operation receives as ``ctx``."""
 
@@ -63,10 +67,23 @@ class EntityContext:
         return self._batch.state is not None
 
     def get_state(self, intended_type: Any = None, default: Any = None) -> Any:
-        """The entity's state (rebuilt as ``intended_type`` if given), or ``default`` if it has none."""
+        """The entity's state (rebuilt as ``intended_type`` if given), or ``default`` if it has none.
+
+        A state that is not of a plain ``intended_type`` (``int``, ``str``, ``dict``, ...) is
+        passed to it, as the official SDK does (``int("5")``), and a ``TypeError`` raised if
+        that fails: a state written by code that kept another type is not taken for this one.
+        """
         if self._batch.state is None:
             return default
-        return self._converter.deserialize(self._batch.state, intended_type)
+        state = self._converter.deserialize(self._batch.state, intended_type)
+        if intended_type in _PLAIN_TYPES and not isinstance(state, intended_type):
+            try:
+                return intended_type(state)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"Could not convert state of type '{type(state).__name__}' to '{intended_type.__name__}'"
+                ) from None
+        return state
 
     def set_state(self, new_state: Any) -> None:
         """Replace the entity's state (``None`` deletes it)."""
