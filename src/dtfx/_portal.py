@@ -21,6 +21,7 @@ class LoopThread:
 
     def __init__(self, name: str) -> None:
         self._loop = new_event_loop()
+        self._closing = False
         self._ended_by: BaseException | None = None
         """What ended the loop, if it was not :meth:`close` (a ``KeyboardInterrupt`` raised in user code, say)."""
         self._thread = threading.Thread(target=self._run_forever, name=name, daemon=True)
@@ -40,7 +41,12 @@ class LoopThread:
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on the loop and wait for its result."""
-        return self.submit(coroutine).result()
+        try:
+            return self.submit(coroutine).result()
+        except concurrent.futures.CancelledError:
+            if self._closing:
+                raise RuntimeError("This object was closed while the call waited.") from None
+            raise
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Start ``coroutine`` on the loop; async callers await ``asyncio.wrap_future(...)`` of the result."""
@@ -60,6 +66,7 @@ class LoopThread:
         its thread. (A start interrupted by Ctrl-C leaves its task closing a pool, say.)"""
         if self.closed:
             return
+        self._closing = True
         ending = asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self._loop)
         with contextlib.suppress(Exception):
             ending.result(timeout=_CLOSE_PATIENCE)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import uuid
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -95,12 +96,18 @@ class AsyncClient:
         default_version: str | None = None,
     ) -> None:
         self._owns_backend = not isinstance(backend, Backend)
+        self._url = None if isinstance(backend, Backend) else backend
         self.backend: Backend = backend if isinstance(backend, Backend) else open_backend(backend)
         self.converter = data_converter or DEFAULT_CONVERTER
         self.default_version = default_version
         self._started = False
+        self._closed = False
 
     async def _ready(self) -> Backend:
+        if self._owns_backend and not self._closed and self.backend.opened_in_another_process():
+            # This process forked from the one that opened it (gunicorn --preload, say): it opens
+            # its own. The other's is left alone: closing it here would close that process's connections.
+            self.backend, self._started = open_backend(self._url), False
         if not self._started:
             await self.backend.start()
             self._started = True
@@ -108,6 +115,7 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Close the backend if this client opened it."""
+        self._closed = True
         if self._owns_backend:
             await self.backend.close()
 
@@ -607,16 +615,31 @@ class Client:
     ) -> None:
         self._async = AsyncClient(backend, data_converter=data_converter, default_version=default_version)
         self._portal = LoopThread("dtfx-client")
-        self.backend = self._async.backend
+        self._pid = os.getpid()
+        self._closed = False
+
+    @property
+    def backend(self) -> Backend:
+        """The task hub's backend."""
+        return self._async.backend
 
     def close(self) -> None:
         """Close the backend if this client opened it, and the client's loop; again, nothing."""
-        if self._portal.closed:
+        if self._closed:
+            return
+        self._closed = True
+        if self._portal.closed:  # in a process forked from the one that used it, say
             return
         try:
             self._portal.run(self._async.close())
         finally:
             self._portal.close()
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on the client's loop, and return its result."""
+        if self._pid != os.getpid() and not self._closed:  # forked: the loop's thread did not come along
+            self._pid, self._portal = os.getpid(), LoopThread("dtfx-client")
+        return self._portal.run(coroutine)
 
     def __enter__(self) -> Client:
         return self
@@ -637,7 +660,7 @@ class Client:
         trace_context: TraceContext | None = None,
     ) -> str:
         """See :meth:`AsyncClient.schedule_new_orchestration`."""
-        return self._portal.run(
+        return self._run(
             self._async.schedule_new_orchestration(
                 orchestrator,
                 input=input,
@@ -652,21 +675,21 @@ class Client:
 
     def get_orchestration_state(self, instance_id: str, *, fetch_payloads: bool = True) -> OrchestrationState | None:
         """See :meth:`AsyncClient.get_orchestration_state`."""
-        return self._portal.run(self._async.get_orchestration_state(instance_id, fetch_payloads=fetch_payloads))
+        return self._run(self._async.get_orchestration_state(instance_id, fetch_payloads=fetch_payloads))
 
     def get_orchestration_history(self, instance_id: str) -> list[HistoryEvent]:
         """See :meth:`AsyncClient.get_orchestration_history`."""
-        return self._portal.run(self._async.get_orchestration_history(instance_id))
+        return self._run(self._async.get_orchestration_history(instance_id))
 
     def query_orchestrations(
         self, query: OrchestrationQuery | None = None, continuation_token: str | None = None
     ) -> Page[OrchestrationState]:
         """See :meth:`AsyncClient.query_orchestrations`."""
-        return self._portal.run(self._async.query_orchestrations(query, continuation_token))
+        return self._run(self._async.query_orchestrations(query, continuation_token))
 
     def get_all_orchestration_states(self, query: OrchestrationQuery | None = None) -> list[OrchestrationState]:
         """See :meth:`AsyncClient.get_all_orchestration_states`."""
-        return self._portal.run(self._async.get_all_orchestration_states(query))
+        return self._run(self._async.get_all_orchestration_states(query))
 
     def list_instance_ids(
         self,
@@ -677,7 +700,7 @@ class Client:
         continuation_token: str | None = None,
     ) -> Page[str]:
         """See :meth:`AsyncClient.list_instance_ids`."""
-        return self._portal.run(
+        return self._run(
             self._async.list_instance_ids(
                 runtime_status, completed_time_from, completed_time_to, page_size, continuation_token
             )
@@ -688,7 +711,7 @@ class Client:
     ) -> OrchestrationState | None:
         """See :meth:`AsyncClient.wait_for_orchestration_start`."""
         refuse_to_wait_on_a_workers_loop("wait for an orchestration")
-        return self._portal.run(
+        return self._run(
             self._async.wait_for_orchestration_start(instance_id, fetch_payloads=fetch_payloads, timeout=timeout)
         )
 
@@ -697,39 +720,39 @@ class Client:
     ) -> OrchestrationState | None:
         """See :meth:`AsyncClient.wait_for_orchestration_completion`."""
         refuse_to_wait_on_a_workers_loop("wait for an orchestration")
-        return self._portal.run(
+        return self._run(
             self._async.wait_for_orchestration_completion(instance_id, fetch_payloads=fetch_payloads, timeout=timeout)
         )
 
     def raise_orchestration_event(self, instance_id: str, event_name: str, *, data: Any = None) -> None:
         """See :meth:`AsyncClient.raise_orchestration_event`."""
-        self._portal.run(self._async.raise_orchestration_event(instance_id, event_name, data=data))
+        self._run(self._async.raise_orchestration_event(instance_id, event_name, data=data))
 
     def terminate_orchestration(self, instance_id: str, *, output: Any = None, recursive: bool = True) -> None:
         """See :meth:`AsyncClient.terminate_orchestration`."""
-        self._portal.run(self._async.terminate_orchestration(instance_id, output=output, recursive=recursive))
+        self._run(self._async.terminate_orchestration(instance_id, output=output, recursive=recursive))
 
     def suspend_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
         """See :meth:`AsyncClient.suspend_orchestration`."""
-        self._portal.run(self._async.suspend_orchestration(instance_id, reason=reason))
+        self._run(self._async.suspend_orchestration(instance_id, reason=reason))
 
     def resume_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
         """See :meth:`AsyncClient.resume_orchestration`."""
-        self._portal.run(self._async.resume_orchestration(instance_id, reason=reason))
+        self._run(self._async.resume_orchestration(instance_id, reason=reason))
 
     def rewind_orchestration(self, instance_id: str, *, reason: str | None = None) -> None:
         """See :meth:`AsyncClient.rewind_orchestration`."""
-        self._portal.run(self._async.rewind_orchestration(instance_id, reason=reason))
+        self._run(self._async.rewind_orchestration(instance_id, reason=reason))
 
     def restart_orchestration(self, instance_id: str, *, restart_with_new_instance_id: bool = False) -> str:
         """See :meth:`AsyncClient.restart_orchestration`."""
-        return self._portal.run(
+        return self._run(
             self._async.restart_orchestration(instance_id, restart_with_new_instance_id=restart_with_new_instance_id)
         )
 
     def purge_orchestration(self, instance_id: str, recursive: bool = True) -> PurgeResult:
         """See :meth:`AsyncClient.purge_orchestration`."""
-        return self._portal.run(self._async.purge_orchestration(instance_id, recursive))
+        return self._run(self._async.purge_orchestration(instance_id, recursive))
 
     def purge_orchestrations_by(
         self,
@@ -740,7 +763,7 @@ class Client:
         timeout: timedelta | None = None,
     ) -> PurgeResult:
         """See :meth:`AsyncClient.purge_orchestrations_by`."""
-        return self._portal.run(
+        return self._run(
             self._async.purge_orchestrations_by(created_time_from, created_time_to, runtime_status, recursive, timeout)
         )
 
@@ -755,7 +778,7 @@ class Client:
         trace_context: TraceContext | None = None,
     ) -> None:
         """See :meth:`AsyncClient.signal_entity`."""
-        self._portal.run(
+        self._run(
             self._async.signal_entity(
                 entity_instance_id,
                 operation_name,
@@ -768,20 +791,20 @@ class Client:
 
     def get_entity(self, entity_instance_id: EntityInstanceId, include_state: bool = True) -> EntityMetadata | None:
         """See :meth:`AsyncClient.get_entity`."""
-        return self._portal.run(self._async.get_entity(entity_instance_id, include_state))
+        return self._run(self._async.get_entity(entity_instance_id, include_state))
 
     def query_entities(
         self, query: EntityQuery | None = None, continuation_token: str | None = None
     ) -> Page[EntityMetadata]:
         """See :meth:`AsyncClient.query_entities`."""
-        return self._portal.run(self._async.query_entities(query, continuation_token))
+        return self._run(self._async.query_entities(query, continuation_token))
 
     def get_all_entities(self, query: EntityQuery | None = None) -> list[EntityMetadata]:
         """See :meth:`AsyncClient.get_all_entities`."""
-        return self._portal.run(self._async.get_all_entities(query))
+        return self._run(self._async.get_all_entities(query))
 
     def clean_entity_storage(
         self, remove_empty_entities: bool = True, release_orphaned_locks: bool = True
     ) -> CleanEntityStorageResult:
         """See :meth:`AsyncClient.clean_entity_storage`."""
-        return self._portal.run(self._async.clean_entity_storage(remove_empty_entities, release_orphaned_locks))
+        return self._run(self._async.clean_entity_storage(remove_empty_entities, release_orphaned_locks))

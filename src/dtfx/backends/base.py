@@ -137,6 +137,11 @@ class Backend(ABC):
     async def close(self) -> None:  # noqa: B027 - an optional hook
         """Release connections and threads. The backend is not used afterwards."""
 
+    def opened_in_another_process(self) -> bool:
+        """Whether the connections and threads this object holds were opened by another process
+        (this one forked from it): they are no use here, and using them would harm that process."""
+        return False
+
     # -- instances ------------------------------------------------------------------------
 
     async def create_instance(

@@ -516,6 +516,7 @@ class PostgresBackend(SqlBackend):
         with self._lock:
             if self._closed:
                 raise _closed_error()
+            self._opening()
             if self._driver is None:
                 self._driver = LoopThread(f"dtfx-postgres-{self.schema}")
                 self._startup = self._driver.submit(self._open())
@@ -614,6 +615,7 @@ class PostgresBackend(SqlBackend):
     ) -> T:
         if self._pool is None:
             await self.start()
+        self._opening()
         if self._home_pool is not None and self._home is asyncio.get_running_loop():
             return await self._transact(program, write, self._home_pool, durable=durable)
         driver = self._driver
@@ -821,6 +823,7 @@ class PostgresBackend(SqlBackend):
             return result
 
     def _run_blocking(self, program: Callable[[], Program[T]]) -> T:
+        self._opening()
         pool = self._blocking_pool or self._open_blocking_pool()
         retries = _Retries(self._pool_timeout)
         while True:

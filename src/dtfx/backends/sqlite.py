@@ -157,6 +157,7 @@ class SqliteBackend(SqlBackend):
         return self._url
 
     async def start(self) -> None:
+        self._opening()
         if self._connection is None:  # once open, no trip to the database thread
             await self._on_thread(self._open)
 
@@ -173,6 +174,7 @@ class SqliteBackend(SqlBackend):
     async def _run(
         self, program: Callable[[], Program[T]], *, write: bool, durable: bool = True, brief: bool = True
     ) -> T:
+        self._opening()
         transaction = partial(self._transact, program, write, durable)
         if brief and self._take_connection():
             try:
@@ -186,6 +188,7 @@ class SqliteBackend(SqlBackend):
     def _run_blocking(self, program: Callable[[], Program[T]]) -> T:
         if self._closed:
             raise self._closed_error()
+        self._opening()
         with self._connection_lock:
             return self._transact(program, True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 from abc import abstractmethod
 from collections.abc import Callable, Collection, Sequence
@@ -18,7 +19,7 @@ from dtfx.backends.paging import decode_token
 from dtfx.backends.sql import operations
 from dtfx.backends.sql.program import AssumptionFailed, Dialect, Notify, Program
 from dtfx.backends.sql.transaction import KeptRow
-from dtfx.core.errors import BackendUnavailableError, CommitInDoubtError, OrchestrationAlreadyExistsError
+from dtfx.core.errors import BackendError, BackendUnavailableError, CommitInDoubtError, OrchestrationAlreadyExistsError
 from dtfx.core.history import ExecutionStarted, HistoryEvent
 from dtfx.core.state import OrchestrationIdReusePolicy, OrchestrationQuery, OrchestrationState, Page
 from dtfx.core.tokens import new_token
@@ -140,6 +141,23 @@ class SqlBackend(Backend):
         """The rows of the instances whose lease the last commit of this object kept, as written."""
         self._giving_back: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._opened_in: int | None = None
+        """The process that opened its connections and threads (``None``: none yet)."""
+
+    def opened_in_another_process(self) -> bool:
+        return self._opened_in is not None and self._opened_in != os.getpid()
+
+    def _opening(self) -> None:
+        """Note that this process opens the backend's connections and threads, unless another
+        did: then raise :class:`~dtfx.BackendError` (see :meth:`opened_in_another_process`)."""
+        if self.opened_in_another_process():
+            raise BackendError(
+                f"This backend was opened by process {self._opened_in}, from which this one forked: its"
+                " connections and threads are no use here. Open clients and workers in the process that uses"
+                " them (after the fork: with gunicorn, without --preload or in a post_fork hook); a dtfx.Client"
+                " or AsyncClient that opened its backend from a URL opens it again by itself."
+            )
+        self._opened_in = os.getpid()
 
     def now(self) -> datetime:
         return self._dialect.now()
@@ -171,6 +189,7 @@ class SqlBackend(Backend):
     async def _run_coalesced(self, kind: Coalesced, request: Any) -> Any:
         """Queue ``request``; return its result once a program of ``kind`` has run it (or raise
         the exception its program gave as its result)."""
+        self._opening()
         await self._ensure_started()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         with self._queue_lock:
