@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -119,3 +120,10 @@ def test_a_loop_thread_ended_by_an_interrupt_says_so() -> None:
 
     with pytest.raises(RuntimeError, match="event loop has ended: KeyboardInterrupt was raised on it"):
         portal.run(anything())
+
+
+def test_a_call_cut_short_by_a_close_from_another_thread_says_so() -> None:
+    portal = LoopThread("closed-meanwhile")
+    threading.Timer(0.1, portal.close).start()
+    with pytest.raises(RuntimeError, match="closed while the call waited"):
+        portal.run(asyncio.sleep(30))
