@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import pytest
@@ -174,6 +176,17 @@ async def test_a_lone_surrogate_in_an_error_is_kept_escaped_and_in_a_name_fails_
         assert [event.version for event in history if isinstance(event, ExecutionStarted)] == [None]
 
 
+def _failure_types(calls: Iterable[Callable[[], dtfx.Task[Any]]]) -> Generator[dtfx.Task[Any], Any, list[str]]:
+    """Orchestrator code: make and await each call's task in turn; the error types of those that failed."""
+    failures = []
+    for call in calls:
+        try:
+            yield call()
+        except dtfx.TaskFailedError as error:
+            failures.append(error.details.error_type)
+    return failures
+
+
 ESCAPING = {"cancelled": asyncio.CancelledError, "exit": SystemExit, "generator-exit": GeneratorExit}
 """What user code may raise that is no ``Exception``."""
 
@@ -214,13 +227,12 @@ async def test_what_user_code_raises_that_is_no_exception_fails_its_task_and_the
 
     @app.orchestrator
     def operates(ctx: dtfx.OrchestrationContext, kind: str) -> Any:
-        failures = []
-        for operation in ("now", "later"):
-            try:
-                yield ctx.call_entity(dtfx.EntityInstanceId("exiting", kind), operation, kind)
-            except dtfx.TaskFailedError as error:
-                failures.append(error.details.error_type)
-        return failures
+        entity = dtfx.EntityInstanceId("exiting", kind)
+        return (
+            yield from _failure_types(
+                partial(ctx.call_entity, entity, operation, kind) for operation in ("now", "later")
+            )
+        )
 
     @app.orchestrator
     def raises(ctx: dtfx.OrchestrationContext, kind: str) -> Any:
@@ -260,13 +272,9 @@ async def test_a_conversion_to_json_that_exits_fails_its_task_or_instance(hub: H
 
     @app.orchestrator
     def calls(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
-        failures = []
-        for activity in (sync_result, async_result):
-            try:
-                yield ctx.call_activity(activity)
-            except dtfx.TaskFailedError as error:
-                failures.append(error.details.error_type)
-        return failures
+        return (
+            yield from _failure_types(partial(ctx.call_activity, activity) for activity in (sync_result, async_result))
+        )
 
     @app.orchestrator
     def returns(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
