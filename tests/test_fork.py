@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,3 +78,41 @@ def test_a_backend_object_opened_before_a_fork_is_refused_in_the_child_saying_wh
         assert BackendError.__name__ in said and "from which this one forked" in said, said
     finally:
         asyncio.run(backend.close())
+
+
+def test_a_client_closed_in_the_child_leaves_the_parents_connections_alone(hub_url: str, tmp_path: Path) -> None:
+    client = dtfx.AsyncClient(hub_url)
+
+    async def start(instance_id: str) -> str:
+        return await client.schedule_new_orchestration("anything", instance_id=instance_id)
+
+    asyncio.run(start("before"))
+    try:
+        assert in_a_forked_child(lambda: asyncio.run(client.close()), tmp_path) == "None"  # as at a child's exit
+        assert asyncio.run(start("after")) == "after"
+    finally:
+        asyncio.run(client.close())
+
+
+def test_threads_that_first_use_a_sync_client_in_the_child_at_once_share_one_loop(hub_url: str, tmp_path: Path) -> None:
+    with dtfx.Client(hub_url) as client:
+        client.get_orchestration_state("x")
+
+        def child_work() -> object:
+            answered: list[object] = []
+
+            def call() -> None:
+                try:
+                    answered.append(client.get_orchestration_state("x"))
+                except Exception as error:
+                    answered.append(error)
+
+            callers = [threading.Thread(target=call) for _ in range(8)]
+            for caller in callers:
+                caller.start()
+            for caller in callers:
+                caller.join()
+            client.close()
+            return answered, sum(thread.name == "dtfx-client" for thread in threading.enumerate())
+
+        assert in_a_forked_child(child_work, tmp_path) == repr(([None] * 8, 0))  # no loop thread is left

@@ -8,8 +8,8 @@ official ``durabletask`` SDK's ``TaskHubGrpcClient``.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Coroutine
 from contextlib import nullcontext
@@ -102,21 +102,24 @@ class AsyncClient:
         self.default_version = default_version
         self._started = False
         self._closed = False
+        self._reopening = threading.Lock()
 
     async def _ready(self) -> Backend:
         if self._owns_backend and not self._closed and self.backend.opened_in_another_process():
             # This process forked from the one that opened it (gunicorn --preload, say): it opens
             # its own. The other's is left alone: closing it here would close that process's connections.
-            self.backend, self._started = open_backend(self._url), False
+            with self._reopening:
+                if self.backend.opened_in_another_process():  # not already done by a caller on another thread
+                    self.backend, self._started = open_backend(self._url), False
         if not self._started:
             await self.backend.start()
             self._started = True
         return self.backend
 
     async def close(self) -> None:
-        """Close the backend if this client opened it."""
+        """Close the backend if this client opened it (in this process: another's is left to it)."""
         self._closed = True
-        if self._owns_backend:
+        if self._owns_backend and not self.backend.opened_in_another_process():
             await self.backend.close()
 
     async def __aenter__(self) -> AsyncClient:
@@ -259,8 +262,8 @@ class AsyncClient:
     ) -> OrchestrationState | None:
         if isinstance(timeout, timedelta):  # as purge_orchestrations_by takes it
             timeout = timeout.total_seconds()
-        if not 0 <= timeout < math.inf:  # NaN too, which would wait for ever
-            raise ValueError(f"timeout must be a finite number of seconds, at least 0 (got {timeout})")
+        if not timeout >= 0:  # NaN too, which no clock reaches (math.inf: no timeout, as the sidecar asks)
+            raise ValueError(f"timeout must be a number of seconds, at least 0 (got {timeout})")
         backend = await self._ready()
         try:
             state = await backend.wait_for_instance(
@@ -617,6 +620,7 @@ class Client:
         self._portal = LoopThread("dtfx-client")
         self._pid = os.getpid()
         self._closed = False
+        self._forking = threading.Lock()
 
     @property
     def backend(self) -> Backend:
@@ -638,7 +642,9 @@ class Client:
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on the client's loop, and return its result."""
         if self._pid != os.getpid() and not self._closed:  # forked: the loop's thread did not come along
-            self._pid, self._portal = os.getpid(), LoopThread("dtfx-client")
+            with self._forking:
+                if self._pid != os.getpid():  # not already done by a caller on another thread
+                    self._portal, self._pid = LoopThread("dtfx-client"), os.getpid()
         return self._portal.run(coroutine)
 
     def __enter__(self) -> Client:

@@ -45,6 +45,23 @@ def test_suspend_holds_events_until_resume(client: sdk_client.TaskHubGrpcClient)
     assert state.get_output() == "after resume"
 
 
+def test_a_wait_without_a_deadline_lasts_until_the_instance_ends(
+    sidecar_stub: pb_grpc.TaskHubSidecarServiceStub, client: sdk_client.TaskHubGrpcClient
+) -> None:
+    # As the .NET SDK waits with a cancellation token.
+    instance_id = client.schedule_new_orchestration(sdk_app.waiter)
+    client.wait_for_orchestration_start(instance_id, timeout=10)
+    waiting = sidecar_stub.WaitForInstanceCompletion.future(pb.GetInstanceRequest(instanceId=instance_id))
+    try:
+        with pytest.raises(grpc.FutureTimeoutError):  # still waiting: no deadline has run out
+            waiting.result(timeout=0.5)
+        client.raise_orchestration_event(instance_id, "proceed", data="in the end")
+        answer = waiting.result(timeout=15)
+    finally:
+        waiting.cancel()
+    assert answer.exists and answer.orchestrationState.orchestrationStatus == pb.ORCHESTRATION_STATUS_COMPLETED
+
+
 def test_a_second_suspend_changes_nothing(client: sdk_client.TaskHubGrpcClient) -> None:
     # Recorded, it would be held back by the SDK's worker with the other events and replayed
     # on resume, where the worker loops for ever re-suspending the orchestration.

@@ -557,6 +557,8 @@ class PostgresBackend(SqlBackend):
             if self._closed:
                 return
             self._closed = True
+            if self.opened_in_another_process():  # its connections and threads are that process's to close
+                return
             driver = self._driver
             blocking_pool, self._blocking_pool = self._blocking_pool, None
         home, home_pool = self._home, self._home_pool

@@ -164,6 +164,9 @@ class SqliteBackend(SqlBackend):
     async def close(self) -> None:
         if self._closed:
             return
+        if self.opened_in_another_process():  # its thread and connection are that process's to close
+            self._closed = True
+            return
         self._stopping.set()
         try:
             await self._on_thread(self._close)
@@ -174,6 +177,8 @@ class SqliteBackend(SqlBackend):
     async def _run(
         self, program: Callable[[], Program[T]], *, write: bool, durable: bool = True, brief: bool = True
     ) -> T:
+        if self._closed:
+            raise self._closed_error()
         self._opening()
         transaction = partial(self._transact, program, write, durable)
         if brief and self._take_connection():
