@@ -341,6 +341,7 @@ def test_verbose_logs_the_traceback_of_an_error(hub: str) -> None:
         (["status", ""], ["'ID': cannot be empty"]),
         (["run", ""], ["'MODULE[:APP]': cannot be empty"]),
         (["run", "dtfx.examples.hello_cities", "--match", "strict"], ["'--match'", "give one"]),
+        (["run", "dtfx.examples.hello_cities", "--version", "2", "--on-mismatch", "fail"], ["'--on-mismatch'"]),
         (["run", "dtfx.examples.hello_cities", "--match", "newest"], ["'newest' is not one of"]),
         (["run", "dtfx.examples.hello_cities", "--version", ""], ["'--version': cannot be empty"]),
     ],

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 
@@ -191,7 +191,7 @@ async def test_a_state_of_another_plain_type_is_converted_as_the_sdk_does_or_ref
         if ctx.operation == "start":
             ctx.set_state(5)
             return None
-        kinds = {"as_text": str, "as_number": float, "as_dict": dict}
+        kinds = {"as_text": str, "as_number": float, "as_dict": dict, "annotated": Annotated[int, {"unit": "apples"}]}
         return ctx.get_state(kinds[ctx.operation])
 
     entity = EntityInstanceId("tally", "t")
@@ -199,7 +199,9 @@ async def test_a_state_of_another_plain_type_is_converted_as_the_sdk_does_or_ref
     @app.orchestrator
     def reads(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
         yield ctx.call_entity(entity, "start")
-        seen = [(yield ctx.call_entity(entity, "as_text")), (yield ctx.call_entity(entity, "as_number"))]
+        seen = []
+        for operation in ("as_text", "as_number", "annotated"):
+            seen.append((yield ctx.call_entity(entity, operation)))
         try:
             yield ctx.call_entity(entity, "as_dict")
         except dtfx.EntityOperationFailedError as error:
@@ -208,7 +210,7 @@ async def test_a_state_of_another_plain_type_is_converted_as_the_sdk_does_or_ref
 
     async with hub.worker(app):
         state = await hub.run(reads)
-    assert state.get_output() == ["5", 5.0, "Could not convert state of type 'int' to 'dict'"]
+    assert state.get_output() == ["5", 5.0, 5, "Could not convert state of type 'int' to 'dict'"]
 
 
 async def test_class_entities_and_entity_to_entity_signals(hub: Hub, app: dtfx.App) -> None:

@@ -112,6 +112,8 @@ async def run(
     configure_logging(verbose)
     if match is not _Match.ANY and version is None:
         raise typer.BadParameter("compares with the worker's --version: give one", param_hint="'--match'")
+    if on_mismatch is not _OnMismatch.REJECT and match is _Match.ANY:
+        raise typer.BadParameter("applies to the versions --match refuses: give it too", param_hint="'--on-mismatch'")
     app = load_app(target)
     url = backend or default_url()
     options = WorkerOptions(shutdown_grace_period=timedelta(seconds=grace_period), registered_only=registered_only)

@@ -29,7 +29,7 @@ class EntityBatchState:
     actions: list[EntityAction] = field(default_factory=list)
 
 
-_PLAIN_TYPES = frozenset({str, int, float, bool, dict, list})
+_PLAIN_TYPES = (str, int, float, bool, dict, list)
 """The types of JSON values, which a payload holds without being converted to them."""
 
 
@@ -76,7 +76,7 @@ class EntityContext:
         if self._batch.state is None:
             return default
         state = self._converter.deserialize(self._batch.state, intended_type)
-        if intended_type in _PLAIN_TYPES and not isinstance(state, intended_type):
+        if any(intended_type is plain for plain in _PLAIN_TYPES) and not isinstance(state, intended_type):
             try:
                 return intended_type(state)
             except (TypeError, ValueError):

@@ -120,7 +120,7 @@ class FailureDetails(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
             details = cls(
                 error_type=qualified_name(type(link)),
                 message=storable_text(_message(link)),
-                stack_trace=storable_text("".join(traceback.format_exception(type(link), link, link.__traceback__))),
+                stack_trace=storable_text(_stack_trace(link)),
                 inner_failure=own if isinstance(own, FailureDetails) else inner,
                 is_non_retriable=bool(_attribute(link, "is_non_retriable")),
             )
@@ -141,6 +141,14 @@ def _attribute(error: BaseException, name: str) -> Any:
         return getattr(error, name, None)
     except USER_CODE_ERRORS:
         return None
+
+
+def _stack_trace(error: BaseException) -> str:
+    """The traceback of ``error`` as Python prints it, or what went wrong when it would not print."""
+    try:
+        return "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    except USER_CODE_ERRORS as failed:  # its __notes__, say, a property that raises
+        return f"<the traceback of the {type(error).__name__} could not be written: {type(failed).__name__}>"
 
 
 def _message(error: BaseException) -> str:

@@ -163,14 +163,21 @@ _PLAIN_JSON_TYPES: frozenset[Any] = frozenset({Any, object, str, int, float, boo
 _PLAIN_JSON_KEYS: frozenset[Any] = frozenset({Any, object, str})
 
 
+def _one_of(target_type: Any, types: frozenset[Any]) -> bool:
+    try:
+        return target_type in types
+    except TypeError:  # no hash (Annotated[int, {...}]): none of them, which all have one
+        return False
+
+
 def needs_conversion(target_type: Any) -> bool:
     """False for annotations that plain JSON values already satisfy."""
-    if target_type in _PLAIN_JSON_TYPES:
+    if _one_of(target_type, _PLAIN_JSON_TYPES):
         return False
     origin = typing.get_origin(target_type)
     if origin in (dict, list):
         arguments = typing.get_args(target_type)
-        if origin is dict and arguments and arguments[0] not in _PLAIN_JSON_KEYS:
+        if origin is dict and arguments and not _one_of(arguments[0], _PLAIN_JSON_KEYS):
             return True  # JSON's keys are strings: dict[int, str] needs its keys made ints
         return any(needs_conversion(argument) for argument in arguments)
     return not isinstance(target_type, typing.TypeVar)
