@@ -94,7 +94,11 @@ async def test_arguments_of_the_wrong_type_are_refused_before_anything_is_stored
         ("recursive must be a bool, not str", client.terminate_orchestration("target", recursive="x")),  # type: ignore[arg-type]
         ("instance_id must be a str, not int", client.terminate_orchestration(5)),  # type: ignore[arg-type]
         ("operation_name must be a str, not int", client.signal_entity(counter, 5)),  # type: ignore[arg-type]
-        ("timeout must be a finite number", client.wait_for_orchestration_completion("target", timeout=float("nan"))),
+        (
+            "timeout must be a number of seconds",
+            client.wait_for_orchestration_completion("target", timeout=float("nan")),
+        ),
+        ("at least 0", client.wait_for_orchestration_completion("target", timeout=-1)),
     ]
     for complaint, call in calls:
         with pytest.raises((TypeError, ValueError), match=complaint):
