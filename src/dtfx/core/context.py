@@ -432,7 +432,8 @@ class OrchestrationContext:
 
     def send_event(self, instance_id: str, event_name: str, *, data: Any = None) -> None:
         """Raise an event on another instance; dropped if it does not exist or has ended."""
-        arguments.text("instance_id", instance_id), arguments.text("event_name", event_name)
+        arguments.text("instance_id", instance_id)
+        arguments.text("event_name", event_name)
         payload = self._converter.serialize(data)
         self._record(lambda action_id: SendEvent(id=action_id, instance_id=instance_id, name=event_name, data=payload))
         if not self._is_replaying:
