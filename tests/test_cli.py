@@ -381,6 +381,18 @@ def test_an_unknown_orchestrator_name_fails_the_instance(hub: str, worker: dtfx.
 def test_waiting_without_a_worker_times_out_with_a_hint(hub: str) -> None:
     result = invoke("start", "hello_cities", "--id", "lonely", "--wait", "--timeout", "0.3", "-b", hub)
     assert_one_line_error(result, "lonely is still PENDING after 0.3s", "is a worker running", exit_code=1)
+    versioned = invoke("start", "hello_cities", "--version", "2.0", "--wait", "--timeout", "0.3", "-b", hub)
+    assert_one_line_error(versioned, "is a worker running on this backend that runs version 2.0", exit_code=1)
+
+
+def test_a_list_cut_short_says_so_beside_its_json(hub: str) -> None:
+    for index in range(3):
+        invoke_json("start", "hello_cities", "--id", f"i{index}", "-b", hub)
+    result = invoke("list", "--limit", "2", "--json", "-b", hub)
+    assert result.exit_code == 0, result.output
+    assert [state["instance_id"] for state in json.loads(result.stdout)] == ["i0", "i1"]
+    assert "raise --limit to see more" in result.stderr
+    assert invoke("list", "--limit", "3", "--json", "-b", hub).stderr == ""
 
 
 def test_an_empty_orchestrator_name_is_refused(hub: str) -> None:

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from dtfx.cli.root import stdout
+from dtfx.cli.root import stderr, stdout
 from dtfx.core.history import FailureDetails, HistoryEvent, OrchestrationStatus
 from dtfx.core.state import OrchestrationState
 
@@ -113,9 +113,11 @@ def history_table(history: list[HistoryEvent]) -> Table:
 
 
 def print_states(states: list[OrchestrationState], more: bool, json_output: bool) -> None:
-    """A list of instances: a table (noting when more exist), or a JSON array."""
+    """A list of instances: a table (noting when more exist), or a JSON array (noting it on stderr)."""
     if json_output:
         print_json([state_json(state) for state in states])
+        if more:  # stdout holds the JSON alone
+            stderr.print(f"(the first {len(states)}, oldest first; raise --limit to see more)")
         return
     if not states:
         stdout.print("No orchestration instances.")
