@@ -76,8 +76,14 @@ def test_an_async_orchestrator_is_refused_when_registered() -> None:
     async def not_a_generator(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
         return None
 
+    class CallsAsync:
+        async def __call__(self, ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+            return None
+
     with pytest.raises(TypeError, match="'not_a_generator' is an async function: orchestrators are generator"):
         app.orchestrator(not_a_generator)
+    with pytest.raises(TypeError, match="'calls_async' is an async function"):
+        app.add_orchestrator(CallsAsync(), name="calls_async")
     assert app.orchestrators == {}
 
 

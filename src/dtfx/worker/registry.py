@@ -37,6 +37,12 @@ def _checked_name(fn: Callable[..., Any], name: str | None, kind: str) -> str:
     return registered
 
 
+def _is_async(fn: Any) -> bool:
+    """Whether calling ``fn`` makes a coroutine or an async generator (an object's ``__call__`` too)."""
+    calls = (fn,) if inspect.isroutine(fn) or isinstance(fn, type) else (fn, type(fn).__call__)
+    return any(inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call) for call in calls)
+
+
 class Registry:
     """Named orchestrators, activities and entities."""
 
@@ -47,10 +53,11 @@ class Registry:
 
     def add_orchestrator(self, fn: Callable[..., Any], name: str | None = None) -> str:
         """Register an orchestrator ``fn(ctx, input)``; returns the name it is registered under."""
-        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        if _is_async(fn):
             raise TypeError(
-                f"The orchestrator {function_name(fn)!r} is an async function: orchestrators are generator"
-                " functions, which yield the tasks they wait for (`result = yield ctx.call_activity(...)`)."
+                f"The orchestrator {_checked_name(fn, name, 'orchestrator')!r} is an async function: orchestrators"
+                " are generator functions, which yield the tasks they wait for"
+                " (`result = yield ctx.call_activity(...)`)."
             )
         registered = _name_function(fn, name, "orchestrator")
         self._check_free(self.orchestrators, "orchestrator", registered, fn)
