@@ -54,6 +54,11 @@ def fail_with(ctx: dtfx.OrchestrationContext, message: str) -> None:
     raise ValueError(message)
 
 
+@app.entity
+def tally(ctx: dtfx.EntityContext, amount: int) -> None:
+    ctx.set_state(ctx.get_state(int, 0) + amount)
+
+
 def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(cli, list(args), env=env)
 
@@ -300,6 +305,31 @@ def test_json_output_stays_json_when_a_payload_holds_nan(hub: str, worker: dtfx.
 
     state = json.loads(result.stdout, parse_constant=strict)
     assert state["output"] == state["input"] == "[1.5,NaN]"  # the payload as stored
+
+
+def test_status_of_an_entity_shows_its_state_and_purge_says_entities_are_not_purged(
+    hub: str, worker: dtfx.Worker
+) -> None:
+    entity = dtfx.EntityInstanceId("tally", "t1")
+    with dtfx.Client(hub) as client:
+        client.signal_entity(entity, "add", 5)
+        deadline = time.monotonic() + 20
+        while client.get_entity(entity) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    shown = invoke_json("status", "@tally@t1", "-b", hub)
+    assert (shown["entity_id"], shown["name"], shown["key"], shown["state"], shown["locked_by"]) == (
+        "@tally@t1",
+        "tally",
+        "t1",
+        5,
+        None,
+    )
+    table = invoke("status", "@tally@t1", "-b", hub)
+    assert table.exit_code == 0 and "State" in table.stdout and "Status" not in table.stdout, table.output
+    assert_one_line_error(invoke("status", "@tally@none", "-b", hub), "No entity with id '@tally@none'", exit_code=1)
+    assert_one_line_error(invoke("status", "@tally@t1", "--history", "-b", hub), "keeps no history", exit_code=1)
+    assert_one_line_error(invoke("purge", "@tally@t1", "-b", hub), "entities are not purged", exit_code=1)
 
 
 def test_ctrl_c_exits_130_with_one_line(hub: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,12 +25,14 @@ from dtfx.cli.options import (
     non_empty,
     status_value,
 )
-from dtfx.cli.output import failure_text, print_outcome, print_state, print_states
+from dtfx.cli.output import failure_text, print_entity, print_outcome, print_state, print_states
 from dtfx.cli.root import CommandError, run_async, stderr
 from dtfx.cli.session import connect
 from dtfx.client import AsyncClient
+from dtfx.core.entities import EntityInstanceId
 from dtfx.core.errors import OrchestrationNotFoundError, OrchestrationStateError
 from dtfx.core.history import OrchestrationStatus
+from dtfx.core.instance_ids import is_entity_id
 from dtfx.core.state import OrchestrationQuery, OrchestrationState
 
 JsonInput = Annotated[
@@ -95,7 +97,16 @@ async def status(
     json_output: JsonOutput = False,
     verbose: Verbosity = 0,
 ) -> None:
-    """Show an instance's status, input, output and failure."""
+    """Show an instance's status, input, output and failure (an entity's state and lock)."""
+    if is_entity_id(instance_id):
+        if history:
+            raise CommandError("An entity keeps no history: leave out --history.")
+        async with connect(backend, verbose) as client:
+            entity = await client.get_entity(EntityInstanceId.parse(instance_id))
+        if entity is None:
+            raise CommandError(f"No entity with id '{instance_id}' (or it has no state).")
+        print_entity(entity, json_output)
+        return
     async with connect(backend, verbose) as client:
         state = await _existing(client, instance_id)
         events = await client.get_orchestration_history(instance_id) if history else None
@@ -262,6 +273,11 @@ async def purge(
     verbose: Verbosity = 0,
 ) -> None:
     """Delete an ended instance and its history (and its sub-orchestrations')."""
+    if is_entity_id(instance_id):
+        raise CommandError(
+            f"'{instance_id}' is an entity's id: entities are not purged; one that deletes its state is"
+            " removed by a client's clean_entity_storage()."
+        )
     async with connect(backend, verbose) as client:
         state = await _existing(client, instance_id)
         if not state.runtime_status.is_terminal:

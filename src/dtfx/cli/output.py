@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dtfx.cli.root import stderr, stdout
+from dtfx.core.entities import EntityMetadata
 from dtfx.core.history import FailureDetails, HistoryEvent, OrchestrationStatus
 from dtfx.core.state import OrchestrationState
 
@@ -39,6 +40,45 @@ def print_outcome(message: str, result: dict[str, Any], json_output: bool) -> No
         print_json(result)
     else:
         stdout.print(message, soft_wrap=True)
+
+
+def print_entity(entity: EntityMetadata, json_output: bool) -> None:
+    """One entity: its state and lock, as a two-column table or JSON."""
+    if json_output:
+        print_json(
+            {
+                "entity_id": str(entity.id),
+                "name": entity.id.entity,
+                "key": entity.id.key,
+                "last_modified": _iso(entity.last_modified),
+                "locked_by": entity.locked_by,
+                "backlog_queue_size": entity.backlog_queue_size,
+                "state": _decoded(entity.serialized_state),
+            }
+        )
+        return
+    _print_rows(
+        [
+            ("Entity", str(entity.id)),
+            ("Name", entity.id.entity),
+            ("Key", entity.id.key),
+            ("Last modified", _readable_time(entity.last_modified)),
+            ("Locked by", entity.locked_by),
+            ("Waiting", str(entity.backlog_queue_size) if entity.backlog_queue_size else None),
+            ("State", entity.serialized_state),
+        ]
+    )
+
+
+def _print_rows(rows: list[tuple[str, str | Text | None]]) -> None:
+    """A two-column table of the rows that have a value."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for label, value in rows:
+        if value is not None:
+            table.add_row(label, value)
+    stdout.print(table)
 
 
 def state_json(state: OrchestrationState) -> dict[str, Any]:
@@ -71,9 +111,6 @@ def print_state(state: OrchestrationState, json_output: bool, history: list[Hist
             data["history"] = [event_json(event) for event in history]
         print_json(data)
         return
-    table = Table.grid(padding=(0, 2))
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
     rows: list[tuple[str, str | Text | None]] = [
         ("Instance", state.instance_id),
         ("Name", state.name),
@@ -90,10 +127,7 @@ def print_state(state: OrchestrationState, json_output: bool, history: list[Hist
         ("Output", state.serialized_output),
         ("Failure", failure_text(state.failure_details) if state.failure_details else None),
     ]
-    for label, value in rows:
-        if value is not None:
-            table.add_row(label, value)
-    stdout.print(table)
+    _print_rows(rows)
     if history is not None:
         stdout.print()
         stdout.print(history_table(history))
