@@ -18,15 +18,16 @@ STATUS_NAMES = ", ".join(status.name.lower() for status in OrchestrationStatus)
 def json_value(text: str) -> Any:
     """Parse an option given as JSON text (``--input``, ``--data``, ``--output``)."""
     try:
-        return json.loads(text, parse_constant=_not_json, parse_float=_finite)
+        return json.loads(text, parse_constant=not_json, parse_float=_finite)
     except ValueError as error:
         raise typer.BadParameter(
             f"{text!r} is not valid JSON ({error}); a JSON string needs double quotes, as in '\"Tokyo\"'"
         ) from None
 
 
-def _not_json(constant: str) -> NoReturn:
-    raise ValueError(f"{constant} is not a JSON number")  # Python's json takes NaN and Infinity
+def not_json(constant: str) -> NoReturn:
+    """Refuse ``NaN`` or ``Infinity`` (``json.loads``'s ``parse_constant``): Python's json takes them, JSON has none."""
+    raise ValueError(f"{constant} is not a JSON number")
 
 
 def _finite(text: str) -> float:

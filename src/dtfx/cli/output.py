@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from dtfx.cli.options import not_json
 from dtfx.cli.root import stderr, stdout
 from dtfx.core.entities import EntityMetadata
 from dtfx.core.history import FailureDetails, HistoryEvent, OrchestrationStatus
@@ -213,13 +214,9 @@ def _decoded(payload: str | None) -> Any:
     if payload is None:
         return None
     try:
-        return json.loads(payload, parse_constant=_refuse_constant)
+        return json.loads(payload, parse_constant=not_json)
     except ValueError:
         return payload
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _compact(value: Any) -> str:

@@ -117,14 +117,13 @@ class FailureDetails(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
         inner: FailureDetails | None = None
         for link in reversed(chain):
             own = _attribute(link, "failure_details")
-            details = cls(
+            inner = cls(
                 error_type=qualified_name(type(link)),
                 message=storable_text(_message(link)),
                 stack_trace=storable_text(_stack_trace(link)),
                 inner_failure=own if isinstance(own, FailureDetails) else inner,
                 is_non_retriable=bool(_attribute(link, "is_non_retriable")),
             )
-            inner = details
         assert inner is not None
         if non_retriable is not None:
             inner = msgspec.structs.replace(inner, is_non_retriable=non_retriable)
