@@ -51,18 +51,24 @@ def test_a_sync_client_used_before_a_fork_works_in_the_child(hub_url: str, tmp_p
         assert client.get_orchestration_state("childs") is not None  # and the parent's client still works
 
 
-def test_an_async_client_used_before_a_fork_works_in_the_child(hub_url: str, tmp_path: Path) -> None:
+@pytest.fixture
+def used_async_client(hub_url: str) -> Iterator[dtfx.AsyncClient]:
+    """An AsyncClient that opened its backend from the URL, and started an instance with it."""
     client = dtfx.AsyncClient(hub_url)
+    asyncio.run(start(client, "parents"))
+    yield client
+    asyncio.run(client.close())
 
-    async def start(instance_id: str) -> str:
-        return await client.schedule_new_orchestration("anything", instance_id=instance_id)
 
-    asyncio.run(start("parents"))
-    try:
-        assert in_a_forked_child(lambda: asyncio.run(start("childs")), tmp_path) == "'childs'"
-        assert asyncio.run(client.get_orchestration_state("childs")) is not None
-    finally:
-        asyncio.run(client.close())
+async def start(client: dtfx.AsyncClient, instance_id: str) -> str:
+    return await client.schedule_new_orchestration("anything", instance_id=instance_id)
+
+
+def test_an_async_client_used_before_a_fork_works_in_the_child(
+    used_async_client: dtfx.AsyncClient, tmp_path: Path
+) -> None:
+    assert in_a_forked_child(lambda: asyncio.run(start(used_async_client, "childs")), tmp_path) == "'childs'"
+    assert asyncio.run(used_async_client.get_orchestration_state("childs")) is not None
 
 
 def test_a_backend_object_opened_before_a_fork_is_refused_in_the_child_saying_why(hub_url: str, tmp_path: Path) -> None:
@@ -80,18 +86,11 @@ def test_a_backend_object_opened_before_a_fork_is_refused_in_the_child_saying_wh
         asyncio.run(backend.close())
 
 
-def test_a_client_closed_in_the_child_leaves_the_parents_connections_alone(hub_url: str, tmp_path: Path) -> None:
-    client = dtfx.AsyncClient(hub_url)
-
-    async def start(instance_id: str) -> str:
-        return await client.schedule_new_orchestration("anything", instance_id=instance_id)
-
-    asyncio.run(start("before"))
-    try:
-        assert in_a_forked_child(lambda: asyncio.run(client.close()), tmp_path) == "None"  # as at a child's exit
-        assert asyncio.run(start("after")) == "after"
-    finally:
-        asyncio.run(client.close())
+def test_a_client_closed_in_the_child_leaves_the_parents_connections_alone(
+    used_async_client: dtfx.AsyncClient, tmp_path: Path
+) -> None:
+    assert in_a_forked_child(lambda: asyncio.run(used_async_client.close()), tmp_path) == "None"  # as at its exit
+    assert asyncio.run(start(used_async_client, "after")) == "after"
 
 
 def test_threads_that_first_use_a_sync_client_in_the_child_at_once_share_one_loop(hub_url: str, tmp_path: Path) -> None:
