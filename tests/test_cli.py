@@ -158,6 +158,9 @@ def test_start_without_a_worker_then_status_and_list(hub: str) -> None:
 
     table = invoke("list", "--limit", "1", "-b", hub).stdout
     assert "later" in table and "other" not in table and "raise --limit to see more" in table
+    header = invoke("list", "-b", hub).stdout.splitlines()[0].replace("┃", " ").split()
+    assert header[:3] == ["Instance", "Name", "Version"]
+    assert "Version" not in invoke("list", "--prefix", "oth", "-b", hub).stdout  # none of these has one
     assert "No orchestration instances." in invoke("list", "--status", "failed", "-b", hub).stdout
 
 

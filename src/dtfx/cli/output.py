@@ -157,12 +157,16 @@ def print_states(states: list[OrchestrationState], more: bool, json_output: bool
     if not states:
         stdout.print("No orchestration instances.")
         return
-    table = Table("Instance", "Name", "Status", "Created", "Last updated", show_edge=False)
+    versioned = any(state.version for state in states)  # a column only where a deploy uses versions
+    table = Table(
+        "Instance", "Name", *(("Version",) if versioned else ()), "Status", "Created", "Last updated", show_edge=False
+    )
     table.columns[0].no_wrap = True
     for state in states:
         table.add_row(
             state.instance_id,
             state.name,
+            *((state.version or "",) if versioned else ()),
             status_text(state.runtime_status),
             _readable_time(state.created_at),
             _readable_time(state.last_updated_at),
