@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,24 @@ def test_closing_a_client_twice_is_harmless() -> None:
     with dtfx.Client(dtfx.MemoryBackend()) as client:
         client.close()
     client.close()
+
+
+def test_a_client_dropped_without_closing_its_connections_warns(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    unclosed = dtfx.Client(url)
+    unclosed.list_instance_ids()  # opens its connections
+    with pytest.warns(ResourceWarning, match=r"never closed.*one client per application"):
+        del unclosed
+        gc.collect()
+
+    with dtfx.Client(url) as closed:
+        closed.list_instance_ids()
+    never_used = dtfx.Client(url)
+    not_its_own = dtfx.AsyncClient(dtfx.MemoryBackend())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        del closed, never_used, not_its_own
+        gc.collect()
 
 
 def test_the_message_of_a_long_id_is_short() -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import threading
 import uuid
+import warnings
 from collections.abc import Awaitable, Callable, Collection, Coroutine
 from contextlib import nullcontext
 from datetime import datetime, timedelta
@@ -121,6 +122,20 @@ class AsyncClient:
         self._closed = True
         if self._owns_backend and not self.backend.opened_in_another_process():
             await self.backend.close()
+
+    def __del__(self) -> None:
+        # As an unclosed file or event loop does: the connections stay open until the process ends.
+        # (getattr: __init__ may have failed before setting them, on a bad URL say.)
+        if getattr(self, "_started", False) and self._owns_backend and not self._closed:
+            if self.backend.opened_in_another_process():  # a forked child's copy: the parent's to close
+                return
+            warnings.warn(
+                f"A dtfx client ({type(self.backend).__name__}) was never closed: its connections stay open "
+                "until the process ends (make one client per application and close it, or use it in a with block)",
+                ResourceWarning,
+                source=self,
+                stacklevel=1,
+            )
 
     async def __aenter__(self) -> AsyncClient:
         await self._ready()
