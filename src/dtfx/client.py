@@ -384,20 +384,23 @@ class AsyncClient:
         if not state.runtime_status.is_terminal and not restart_with_new_instance_id:
             raise _not_restartable(instance_id, state.runtime_status)
         new_id = uuid.uuid4().hex if restart_with_new_instance_id else instance_id
-        start = ExecutionStarted(
-            timestamp=self.backend.now(),
-            name=state.name,
-            instance=OrchestrationInstance(instance_id=new_id, execution_id=new_token()),
-            version=state.version,
-            input=await self._original_input(state),
-            tags=state.tags,
-        )
-        try:
-            await backend.create_instance(start, reuse_policy=TERMINAL_REUSE_POLICY)
-        except OrchestrationAlreadyExistsError as error:  # another restart came first
-            if restart_with_new_instance_id:
-                raise
-            raise _not_restartable(instance_id, error.status) from None
+        original_input = await self._original_input(state)
+        with creation_span(state.name, new_id, state.version) as context:  # a new start: traced as one
+            start = ExecutionStarted(
+                timestamp=self.backend.now(),
+                name=state.name,
+                instance=OrchestrationInstance(instance_id=new_id, execution_id=new_token()),
+                version=state.version,
+                input=original_input,
+                tags=state.tags,
+                trace_context=context,
+            )
+            try:
+                await backend.create_instance(start, reuse_policy=TERMINAL_REUSE_POLICY)
+            except OrchestrationAlreadyExistsError as error:  # another restart came first
+                if restart_with_new_instance_id:
+                    raise
+                raise _not_restartable(instance_id, error.status) from None
         return new_id
 
     async def _original_input(self, state: OrchestrationState) -> str | None:
