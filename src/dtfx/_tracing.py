@@ -194,6 +194,8 @@ def execution_ended(started: ExecutionStarted, checkpoint: OrchestrationCheckpoi
         "durabletask.task.status": _STATUS_NAMES.get(checkpoint.status, "Completed"),
     }
     began = started.scheduled_start_time or started.timestamp
+    if began > checkpoint.updated_at:  # terminated before its scheduled start: it ends where it was made
+        began = started.timestamp
     span = tracer.start_span(
         _span_name("orchestration", started.name, started.version),
         context=_parent(context),

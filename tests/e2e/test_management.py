@@ -11,7 +11,7 @@ import pytest
 
 import dtfx
 from dtfx import OrchestrationStatus as Status
-from dtfx.backends.base import utc_now
+from dtfx.backends.base import WorkKind, utc_now
 from dtfx.core.history import ExecutionRewound, ExecutionStarted, SubOrchestrationInstanceFailed, TaskCompleted
 from tests.e2e.conftest import Hub
 
@@ -207,11 +207,25 @@ async def test_a_suspend_that_comes_with_a_continue_as_new_suspends_the_next_exe
 async def test_terminate_a_scheduled_instance_before_it_starts(hub: Hub, app: dtfx.App) -> None:
     _waiter_app(app)
     async with hub.worker(app):
-        instance_id = await hub.client.schedule_new_orchestration("waiter", start_at=utc_now() + timedelta(hours=1))
+        instance_id = await hub.client.schedule_new_orchestration(
+            "waiter", input="in", start_at=utc_now() + timedelta(hours=1)
+        )
         await hub.client.terminate_orchestration(instance_id, output="never mind")
         state = await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+        await asyncio.sleep(0.1)  # nothing more comes of its start
     assert state is not None
     assert state.runtime_status == Status.TERMINATED and state.get_output() == "never mind"
+    # Its history is that of an execution ended at its start, as for one not scheduled.
+    history = await hub.client.get_orchestration_history(instance_id)
+    assert [type(event).__name__ for event in history] == [
+        "OrchestratorStarted",
+        "ExecutionStarted",
+        "ExecutionTerminated",
+        "OrchestratorCompleted",
+        "ExecutionCompleted",
+    ]
+    assert isinstance(history[1], ExecutionStarted) and history[1].input == '"in"'
+    assert await hub.backend.next_visible_at(WorkKind.ORCHESTRATION) is None  # its start is not left behind
 
 
 async def test_terminate_a_scheduled_instance_whose_earlier_events_wait_for_its_start(hub: Hub, app: dtfx.App) -> None:

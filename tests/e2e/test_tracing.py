@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -214,6 +214,28 @@ async def test_failed_terminated_and_continued_executions_are_spans(
     }
 
 
+async def test_a_restart_is_a_start_of_its_own_traced_as_one(
+    hub: Hub, app: dtfx.App, spans: InMemorySpanExporter
+) -> None:
+    _traced_app(app, [])
+    async with hub.worker(app):
+        first = await hub.client.schedule_new_orchestration("child", input="ada")
+        await hub.client.wait_for_orchestration_completion(first, timeout=10)
+        spans.clear()
+        with _request() as request:
+            await hub.client.restart_orchestration(first)
+            copy = await hub.client.restart_orchestration(first, restart_with_new_instance_id=True)
+        for instance_id in (first, copy):
+            await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+    found = await _ended(spans, *["orchestration:child"] * 2, *["activity:shout"] * 2)
+    creations = [span for span in found if span.name == "create_orchestration:child"]
+    made_for = sorted((span.attributes or {})["durabletask.task.instance_id"] for span in creations)
+    assert made_for == sorted([first, copy])
+    assert {span.parent.span_id for span in creations if span.parent} == {request.get_span_context().span_id}
+    runs = [span for span in found if span.name in ("orchestration:child", "activity:shout")]
+    assert {span.parent.span_id for span in runs if span.parent} == {span.context.span_id for span in creations}
+
+
 @pytest.mark.parametrize("eager", [True, False])
 async def test_each_execution_after_an_activity_and_a_continue_as_new_is_a_span(
     hub: Hub, app: dtfx.App, spans: InMemorySpanExporter, eager: bool
@@ -258,15 +280,25 @@ async def test_executions_that_end_before_any_of_their_code_runs_are_spans(
         unknown = await hub.client.schedule_new_orchestration("nobody_registered_this")
         too_new = await hub.client.schedule_new_orchestration("child", input="x", version="2.0")
         stopped = await hub.client.schedule_new_orchestration("waits", version="1.0")
-    await hub.client.terminate_orchestration(stopped, output="never mind")
+        later = await hub.client.schedule_new_orchestration("naps", start_at=datetime.now(UTC) + timedelta(hours=1))
+    for instance_id in (stopped, later):
+        await hub.client.terminate_orchestration(instance_id, output="never mind")
     async with hub.worker(app, versioning=strict):
-        for instance_id in (unknown, too_new, stopped):
+        for instance_id in (unknown, too_new, stopped, later):
             await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
-    names = ["orchestration:nobody_registered_this", "orchestration:child@(2.0)", "orchestration:waits@(1.0)"]
+    names = [
+        "orchestration:nobody_registered_this",
+        "orchestration:child@(2.0)",
+        "orchestration:waits@(1.0)",
+        "orchestration:naps",
+    ]
     found = await _ended(spans, *names)
     statuses = [(_one_named(found, name).attributes or {}).get("durabletask.task.status") for name in names]
-    assert statuses == ["Failed", "Failed", "Terminated"]
+    assert statuses == ["Failed", "Failed", "Terminated", "Terminated"]
     assert _one_named(found, names[0]).status.status_code == StatusCode.ERROR
+    scheduled = _one_named(found, names[3])  # it began where it was made, not an hour after it ended
+    assert scheduled.start_time is not None and scheduled.end_time is not None
+    assert scheduled.start_time <= scheduled.end_time
 
 
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "replayed"])

@@ -98,6 +98,13 @@ def ends_wait(event: HistoryEvent) -> bool:
     return isinstance(event, ExecutionTerminated)
 
 
+def brings_the_start_forward(target: OrchestrationState, history_size: int, event: HistoryEvent) -> bool:
+    """Whether ``event``, delivered, makes the instance's messages visible at once: a terminate
+    for an instance whose scheduled start has not run. The start then comes with the terminate
+    to the worker, which records both (the history of the execution it ends holds its start)."""
+    return ends_wait(event) and history_size == 0 and target.runtime_status == OrchestrationStatus.PENDING
+
+
 def route(message: OutboundMessage, sender_id: str, target: OrchestrationState | None) -> Route:
     """Decide the fate of ``message`` sent by ``sender_id`` to ``target`` (``None``: no such instance)."""
     event = message.event

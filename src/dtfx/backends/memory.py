@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from dtfx.backends.base import Backend, NewLease, WorkKind
 from dtfx.backends.delivery import (
     Route,
+    brings_the_start_forward,
     checkpointed_state,
     ends_wait,
     new_entity_state,
@@ -335,6 +336,9 @@ class MemoryBackend(Backend):
             target.state = dataclasses.replace(target.state, runtime_status=status, last_updated_at=now)
         if target.lock_token is None and ends_wait(message.event):
             target.locked_until = None
+        if brings_the_start_forward(target.state, len(target.history), message.event):
+            for waiting in target.inbox:
+                waiting.visible_at = min(waiting.visible_at, now)
         self._enqueue(target, message.event, message.execution_id, message.visible_at or now, now, woken)
 
     async def abandon_orchestration_work_item(

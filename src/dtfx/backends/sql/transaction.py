@@ -29,6 +29,7 @@ from typing import Any
 from dtfx.backends.base import NewLease, WorkKind
 from dtfx.backends.delivery import (
     Route,
+    brings_the_start_forward,
     checkpointed_state,
     ends_wait,
     new_entity_state,
@@ -151,6 +152,8 @@ class _Writes:
     reset_history: bool = False
     ends_wait: bool = False
     """A delivery ends the wait of the instance if no worker holds it (:func:`~dtfx.backends.delivery.ends_wait`)."""
+    start_forward: bool = False
+    """Its inbox's messages are visible at once (:func:`~dtfx.backends.delivery.brings_the_start_forward`)."""
     history: list[tuple[int, HistoryEvent]] = field(default_factory=list)
     consumed: list[MessageId] = field(default_factory=list)
     inbox: list[tuple[str | None, datetime, HistoryEvent]] = field(default_factory=list)
@@ -351,6 +354,8 @@ class HubTransaction:
             self._writes_of(message.instance_id).status_changed = True
         if ends_wait(message.event):
             self._writes_of(message.instance_id).ends_wait = True
+        if brings_the_start_forward(target.state, target.history_size, message.event):
+            self._writes_of(message.instance_id).start_forward = True
         self._enqueue(message.instance_id, message.event, message.execution_id, message.visible_at or self.now)
 
     def delete_task(self, task_id: int) -> None:
@@ -408,6 +413,7 @@ class HubTransaction:
         updated: list[tuple[Any, ...]] = []
         history_reset: list[str] = []
         waits_ended: list[str] = []
+        starts_forward: list[str] = []
         consumed: list[MessageId] = []
         history: list[tuple[Any, ...]] = []
         inbox: list[tuple[Any, ...]] = []
@@ -451,6 +457,8 @@ class HubTransaction:
                         ended[instance_id] = state
                 if writes.ends_wait and instance.lock_token is None and not writes.new_row:
                     waits_ended.append(instance_id)
+                if writes.start_forward:
+                    starts_forward.append(instance_id)
             if writes.reset_history:
                 history_reset.append(instance_id)
             consumed.extend(writes.consumed)
@@ -481,6 +489,9 @@ class HubTransaction:
         if waits_ended:  # the back-off or deferral of a work item given back with a retry_at
             sql = f"UPDATE instances SET locked_until = NULL WHERE {in_list('instance_id')} AND lock_token IS NULL"
             yield Execute(sql, (dialect.list_param(waits_ended),))
+        if starts_forward:
+            sql = f"UPDATE inbox SET visible_at = ? WHERE {in_list('instance_id')} AND visible_at > ?"
+            yield Execute(sql, (to_micros(self.now), dialect.list_param(starts_forward), to_micros(self.now)))
         if history_reset:
             yield Execute(f"DELETE FROM history WHERE {in_list('instance_id')}", (dialect.list_param(history_reset),))
         if consumed:
