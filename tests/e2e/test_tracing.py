@@ -59,6 +59,24 @@ def _traced_app(app: dtfx.App, seen: list[trace.Span]) -> None:
             outcome = "refused"
         return [first, second, outcome]
 
+    @app.activity
+    def unstorable(ctx: dtfx.ActivityContext, _: Any) -> object:
+        return object()  # no JSON for it: the task fails after the code returned
+
+    @app.orchestrator
+    def tries_what_cannot_work(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        failed = []
+        for name in ("unstorable", "nobody_registered_this"):
+            try:
+                yield ctx.call_activity(name)
+            except dtfx.TaskFailedError:
+                failed.append(name)
+        try:
+            yield ctx.call_entity(dtfx.EntityInstanceId("no_such_entity", "k"), "add", 1)
+        except dtfx.TaskFailedError:
+            failed.append("no_such_entity")
+        return failed
+
     @app.orchestrator
     def doomed(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
         yield ctx.call_activity("refuse")
@@ -212,6 +230,24 @@ async def test_failed_terminated_and_continued_executions_are_spans(
     assert len(executions) == 3 and {span.parent.span_id for span in executions if span.parent} == {
         create.context.span_id
     }
+
+
+async def test_tasks_that_fail_outside_the_users_code_are_failed_spans(
+    hub: Hub, app: dtfx.App, spans: InMemorySpanExporter
+) -> None:
+    """An output that cannot be stored, an activity or entity that is not registered."""
+    _traced_app(app, [])
+    async with hub.worker(app):
+        with _request():
+            instance_id = await hub.client.schedule_new_orchestration("tries_what_cannot_work")
+        done = await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert done is not None and done.get_output() == ["unstorable", "nobody_registered_this", "no_such_entity"]
+    names = ["activity:unstorable", "activity:nobody_registered_this", "entity:no_such_entity:add"]
+    found = await _ended(spans, *names)
+    for name in names:
+        span = _one_named(found, name)
+        assert span.status.status_code == StatusCode.ERROR, name
+        assert [event.name for event in span.events] == ["exception"], name
 
 
 async def test_a_restart_is_a_start_of_its_own_traced_as_one(

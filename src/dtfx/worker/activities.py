@@ -150,10 +150,11 @@ class LocalActivityRunner:
 
     async def _run(self, item: ActivityWorkItem, held: _Held) -> TaskCompleted | TaskFailed:
         try:
-            activity, context, value = self._prepare(item)
+            # The span covers what can fail the task: finding the activity, its input and output too.
             with activity_span(item.task.event, item.task.instance_id):
+                activity, context, value = self._prepare(item)
                 result = await self._call(activity, context, value, held)
-            return self._completed(item, result)
+                return self._completed(item, result)
         except _LeaseLostError:
             raise
         except Exception as error:
@@ -169,12 +170,12 @@ class LocalActivityRunner:
         """Run a sync activity (see :meth:`runs_here`) on the calling thread, a worker thread:
         what :meth:`run` does on ``loop`` (an awaitable it returns is awaited there)."""
         try:
-            activity, context, value = self._prepare(item)
-            with activity_span(item.task.event, item.task.instance_id):
+            with activity_span(item.task.event, item.task.instance_id):  # as in _run
+                activity, context, value = self._prepare(item)
                 result = called(activity, context, value)
                 if inspect.isawaitable(result):
                     result = asyncio.run_coroutine_threadsafe(awaited(result), loop).result()
-            return self._completed(item, result)
+                return self._completed(item, result)
         except Exception as error:
             return _failed(item, escaped(error), self._clock())
 

@@ -122,15 +122,15 @@ class LocalEntityRunner:
         for operation in operations:
             saved_state, saved_actions = batch.state, len(batch.actions)
             try:
-                if entity is None:
-                    raise NotRegisteredError("entity", entity_id.entity)
-                with entity_operation_span(entity_id, operation):
+                with entity_operation_span(entity_id, operation):  # over all that can fail it, its output too
+                    if entity is None:
+                        raise NotRegisteredError("entity", entity_id.entity)
                     traced = current_trace_context()  # the operation's span, when it has one
                     context = EntityContext(entity_id, operation.operation, batch, self._converter, traced)
                     output = called(self._invoke, entity, context, operation.input)
                     if inspect.isawaitable(output):
                         output = asyncio.run_coroutine_threadsafe(awaited(output), loop).result()
-                results.append(OperationResult(output=self._converter.serialize(output)))
+                    results.append(OperationResult(output=self._converter.serialize(output)))
             except Exception as error:  # on a thread of the pool: none is the worker's
                 # A caller gets the failure; a signal's sender never hears of it, so the log says it.
                 level = logging.WARNING if isinstance(operation, EntityOperationSignaled) else logging.DEBUG
