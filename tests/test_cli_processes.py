@@ -221,6 +221,42 @@ def test_sigterm_lets_the_activity_in_flight_finish(tmp_path: Path) -> None:
     assert (tmp_path / "runs").read_text() == "ran\n"
 
 
+TRACED_SLOW_APP = (
+    SLOW_APP
+    + """
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+
+class ToFile(SpanExporter):
+    def export(self, spans):
+        with open(HERE / "exported", "a") as exported:
+            exported.writelines(f"{span.name}\\n" for span in spans)
+        return SpanExportResult.SUCCESS
+
+
+provider = TracerProvider()
+provider.add_span_processor(BatchSpanProcessor(ToFile(), schedule_delay_millis=60_000))
+trace.set_tracer_provider(provider)
+with trace.get_tracer(__name__).start_as_current_span("loaded"):  # held by the batch until a flush
+    pass
+"""
+)
+
+
+def test_a_worker_that_quits_past_its_grace_period_exports_the_spans_it_holds(tmp_path: Path) -> None:
+    (tmp_path / "slow_app.py").write_text(TRACED_SLOW_APP)
+    hub = f"sqlite:///{tmp_path}/hub.db"
+    with worker_process("slow_app.py", "-b", hub, "--grace-period", "0.5", cwd=tmp_path) as worker:
+        assert dtfx_command("start", "slow_job", "--id", "job", "-b", hub, cwd=tmp_path).returncode == 0
+        wait_for_file(tmp_path / "started")
+        assert not (tmp_path / "exported").exists()
+        assert worker.stop(signal.SIGTERM) == 0
+    assert "outlasted the grace period" in "".join(worker.stderr)
+    assert (tmp_path / "exported").read_text().splitlines() == ["loaded"]
+
+
 def test_a_worker_quits_when_its_grace_period_ends_even_with_a_sync_activity_running(tmp_path: Path) -> None:
     (tmp_path / "slow_app.py").write_text(SLOW_APP)
     hub = f"sqlite:///{tmp_path}/hub.db"

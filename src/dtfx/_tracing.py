@@ -32,6 +32,7 @@ that native and SDK workers on one hub make the same traces:
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -61,6 +62,20 @@ def _tracer() -> trace.Tracer | None:
         return None
     tracer: trace.Tracer = provider.get_tracer("dtfx")
     return tracer
+
+
+def flush(timeout: float = 5.0) -> None:
+    """Export the spans the application's tracer provider holds, before a quit that skips its
+    exit hooks (``os._exit``); at most ``timeout`` seconds."""
+    api = sys.modules.get("opentelemetry.trace")
+    if api is None:
+        return
+    force_flush = getattr(api.get_tracer_provider(), "force_flush", None)  # the SDK's provider has one
+    if force_flush is not None:
+        try:
+            force_flush(int(timeout * 1000))
+        except Exception:  # an exporter's failure: the quit goes on
+            logging.getLogger(__name__).warning("Exporting the last spans failed", exc_info=True)
 
 
 def creation_span(

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from dtfx._tracing import flush as flush_traces
 from dtfx.backends import default_url
 from dtfx.backends.urls import redact
 from dtfx.cli.options import BackendUrl, Verbosity, non_empty
@@ -135,6 +136,7 @@ async def run(
         )
         sys.stderr.flush()
         logging.shutdown()
+        flush_traces()  # the exit hooks that would have are skipped
         os._exit(0)
 
 
