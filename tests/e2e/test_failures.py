@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -90,7 +91,11 @@ async def test_unhandled_orchestrator_exception_fails_the_instance(hub: Hub, app
         raise AssertionError("raise_if_failed did not raise")
 
 
-async def test_unknown_names_fail_the_instance_and_the_worker_carries_on(hub: Hub, app: dtfx.App) -> None:
+async def test_unknown_names_fail_the_instance_and_the_worker_carries_on(
+    hub: Hub, app: dtfx.App, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dtfx.worker.orchestrations")
+
     @app.orchestrator
     def calls_missing_activity(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
         yield ctx.call_activity("no_such_activity")
@@ -112,6 +117,21 @@ async def test_unknown_names_fail_the_instance_and_the_worker_carries_on(hub: Hu
     inner = unknown_activity.failure_details.inner_failure if unknown_activity.failure_details else None
     assert inner is not None and "No activity named 'no_such_activity'" in inner.message
     assert healthy.get_output() == "still working"
+    # The worker's log says which failed, a warning where none of the code could run.
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "dtfx.worker.orchestrations"]
+    assert logged == [
+        (
+            logging.WARNING,
+            f"Instance {unknown_orchestrator.instance_id} (no_such_orchestrator) failed: dtfx.core.errors."
+            "NotRegisteredError: No orchestrator named 'no_such_orchestrator' is registered with this worker.",
+        ),
+        (
+            logging.INFO,
+            f"Instance {unknown_activity.instance_id} (calls_missing_activity) failed: dtfx.core.errors."
+            "TaskFailedError: Activity task #1 failed: No activity named 'no_such_activity' is registered with "
+            "this worker.",
+        ),
+    ]
 
 
 async def test_an_activity_name_no_store_can_hold_fails_the_instance_and_the_worker_carries_on(

@@ -674,6 +674,16 @@ def version_failure(versioning: VersioningOptions | None, version: str | None) -
     return FailureDetails(error_type="VersionMismatch", message=message, is_non_retriable=True)
 
 
+def _log_failure(item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint, *, ran: bool) -> None:
+    """Log an execution that ``checkpoint`` (committed) failed: at INFO when its code failed it,
+    as the SDK's worker does, and as a WARNING when none of its code could run (an orchestrator
+    this worker does not have, a version it may not run), which a deploy should mend."""
+    details = checkpoint.failure_details
+    if checkpoint.status is OrchestrationStatus.FAILED and details is not None:
+        level = logging.INFO if ran else logging.WARNING
+        logger.log(level, "Instance %s (%s) failed: %s", item.instance_id, item.state.name, details)
+
+
 def failed_episode(details: FailureDetails) -> EpisodeOutcome:
     """An episode that fails the orchestration with ``details``."""
     return EpisodeOutcome(
@@ -788,6 +798,7 @@ class LocalRunner:
                 self._cache.evict(item.instance_id)
         if checkpoint is None or not committed:
             return
+        _log_failure(item, checkpoint, ran=entry is not None)
         if entry is None:  # no orchestrator code ran
             ended_unrun(checkpoint)
             return
