@@ -41,7 +41,7 @@ FAILURE = FailureDetails(
     stack_trace="Traceback ...",
     inner_failure=FailureDetails(error_type="KeyError", message="'k'"),
     is_non_retriable=True,
-    properties={"code": "42"},
+    properties={"code": 42.0, "text": "42", "retry": False, "none": None, "nested": {"a": [1.0, "b"]}},
 )
 
 EVENTS: list[history.HistoryEvent] = [
@@ -192,7 +192,9 @@ def test_failure_details_round_trip() -> None:
     message = pb.TaskFailureDetails(errorType="E", errorMessage="m")
     message.properties["count"].CopyFrom(struct_pb2.Value(number_value=3))
     message.properties["name"].CopyFrom(struct_pb2.Value(string_value="x"))
-    assert failure_from_proto(message).properties == {"count": "3.0", "name": "x"}
+    message.properties["flag"].CopyFrom(struct_pb2.Value(bool_value=True))
+    # The JSON values they are, as the SDK reads them, not their text.
+    assert failure_from_proto(message).properties == {"count": 3.0, "name": "x", "flag": True}
 
 
 ACTIONS: list[actions.OrchestratorAction] = [

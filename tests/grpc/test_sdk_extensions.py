@@ -201,3 +201,50 @@ def test_large_payloads_pass_through_the_hub_as_tokens() -> None:
             stored = native.get_orchestration_state(instance_id)
     assert stored is not None and stored.serialized_input is not None and stored.serialized_output is not None
     assert payloads.is_known_token(stored.serialized_input) and payloads.is_known_token(stored.serialized_output)
+
+
+class _Properties:
+    """An exception properties provider (the SDK's ``exception_properties_provider``)."""
+
+    def get_exception_properties(self, exception: Exception) -> dict[str, Any]:
+        return {"code": 42, "retry": False, "none": None, "text": "42", "nested": {"a": [1, "b"]}}
+
+
+def _failing(ctx: task.ActivityContext, _: Any) -> None:
+    raise ValueError("with properties")
+
+
+def _catches(ctx: task.OrchestrationContext, _: Any) -> Any:
+    try:
+        yield ctx.call_activity(_failing)
+    except task.TaskFailedError as error:
+        return error.details.properties
+    return None
+
+
+def _throws(ctx: task.OrchestrationContext, _: Any) -> Any:
+    yield ctx.call_activity(_failing)
+
+
+def _register_properties(worker: sdk_worker.TaskHubGrpcWorker) -> None:
+    worker.add_activity(_failing)
+    worker.add_orchestrator(_catches)
+    worker.add_orchestrator(_throws)
+
+
+def test_failure_properties_keep_their_json_types() -> None:
+    """As on the SDK's own backends: ``retry`` false is not the text "false", which would be true."""
+    expected = {"code": 42.0, "retry": False, "none": None, "text": "42", "nested": {"a": [1.0, "b"]}}
+    with (
+        running_sidecar() as server,
+        running_sdk_worker(server.address, _register_properties, exception_properties_provider=_Properties()),
+        sdk_client.TaskHubGrpcClient(host_address=server.address) as client,
+    ):
+        caught = client.schedule_new_orchestration(_catches)
+        thrown = client.schedule_new_orchestration(_throws)
+        caught_state = client.wait_for_orchestration_completion(caught, timeout=15)
+        thrown_state = client.wait_for_orchestration_completion(thrown, timeout=15)
+    assert caught_state is not None and json.loads(caught_state.serialized_output or "") == expected
+    assert thrown_state is not None and thrown_state.failure_details is not None
+    assert thrown_state.failure_details.inner_failure is not None
+    assert thrown_state.failure_details.inner_failure.properties == expected

@@ -62,7 +62,8 @@ class FailureDetails(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     stack_trace: str | None = None
     inner_failure: FailureDetails | None = None
     is_non_retriable: bool = False
-    properties: dict[str, str] | None = None
+    properties: dict[str, Any] | None = None
+    """Custom properties of the failure (JSON values), as an SDK's exception properties provider gives them."""
 
     def __str__(self) -> str:
         return f"{self.error_type}: {self.message}"

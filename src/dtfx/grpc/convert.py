@@ -13,13 +13,12 @@ answers such requests with ``INVALID_ARGUMENT``.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2, wrappers_pb2
+from google.protobuf import json_format, timestamp_pb2, wrappers_pb2
 
 from dtfx.core import actions, history
 from dtfx.core.entities import (
@@ -166,13 +165,14 @@ def failure_to_proto(details: FailureDetails | None) -> pb.TaskFailureDetails | 
         isNonRetriable=details.is_non_retriable,
     )
     for key, value in (details.properties or {}).items():
-        message.properties[key].CopyFrom(struct_pb2.Value(string_value=value))
+        json_format.ParseDict(value, message.properties[key])
     return message
 
 
 def failure_from_proto(message: pb.TaskFailureDetails) -> FailureDetails:
-    """The inverse of :func:`failure_to_proto`; non-text property values become JSON text."""
-    properties = {key: _property_text(value) for key, value in message.properties.items()}
+    """The inverse of :func:`failure_to_proto`; property values are kept as the JSON values they are
+    (a number as a float: protobuf's ``Value`` has no integers)."""
+    properties = {key: json_format.MessageToDict(value) for key, value in message.properties.items()}
     return FailureDetails(
         error_type=message.errorType,
         message=message.errorMessage,
@@ -181,12 +181,6 @@ def failure_from_proto(message: pb.TaskFailureDetails) -> FailureDetails:
         is_non_retriable=message.isNonRetriable,
         properties=properties or None,
     )
-
-
-def _property_text(value: struct_pb2.Value) -> str:
-    if value.WhichOneof("kind") == "string_value":
-        return value.string_value
-    return json.dumps(json_format.MessageToDict(value))
 
 
 def optional_failure(message: Any, field: str = "failureDetails") -> FailureDetails | None:
