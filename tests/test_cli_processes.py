@@ -182,6 +182,49 @@ def test_a_worker_for_an_app_of_entities_only(tmp_path: Path) -> None:
     assert "entities: counter" in worker.stderr[3]
 
 
+BUSY_APP = """
+import threading
+import time
+
+import dtfx
+
+app = dtfx.App()
+lock = threading.Lock()
+running = peak = 0
+
+
+@app.activity
+def busy(ctx, _):
+    global running, peak
+    with lock:
+        running += 1
+        peak = max(peak, running)
+    time.sleep(0.2)
+    with lock:
+        running -= 1
+    return peak
+
+
+@app.orchestrator
+def fan_out(ctx, count):
+    peaks = yield dtfx.when_all([ctx.call_activity(busy) for _ in range(count)])
+    return max(peaks)
+"""
+
+
+def test_a_worker_runs_at_most_as_many_activities_at_once_as_it_is_told(tmp_path: Path) -> None:
+    (tmp_path / "busy_app.py").write_text(BUSY_APP)
+    hub = f"sqlite:///{tmp_path}/hub.db"
+    limits = ("--max-activities", "2", "--threads", "2", "--max-orchestrations", "1")
+    with worker_process("busy_app", "-b", hub, *limits, cwd=tmp_path) as worker, dtfx.Client(hub) as client:
+        instance_id = client.schedule_new_orchestration("fan_out", input=8)
+        state = client.wait_for_orchestration_completion(instance_id, timeout=30)
+        assert worker.stop(signal.SIGTERM) == 0
+    assert state is not None and state.get_output() in (1, 2), state.failure_details  # by default, 6+ at once
+    refused = dtfx_command("run", "busy_app", "-b", hub, "--threads", "0", cwd=tmp_path)
+    assert refused.returncode == 2 and "--threads" in refused.stderr
+
+
 def test_a_worker_of_one_version_and_its_own_orchestrators(tmp_path: Path) -> None:
     (tmp_path / "versioned_app.py").write_text(VERSIONED_APP)
     hub = f"sqlite:///{tmp_path}/hub.db"

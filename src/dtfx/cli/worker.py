@@ -23,6 +23,7 @@ from dtfx.cli.root import CommandError, configure_logging, run_async, stderr
 from dtfx.cli.serving import run_until_signalled
 from dtfx.cli.session import started_backend
 from dtfx.worker.options import (
+    ConcurrencyOptions,
     VersionFailureStrategy,
     VersioningOptions,
     VersionMatchStrategy,
@@ -74,6 +75,34 @@ async def run(
             " has no registration for.",
         ),
     ] = False,
+    max_orchestrations: Annotated[
+        int | None,
+        typer.Option(
+            "--max-orchestrations",
+            min=1,
+            show_default=False,
+            help="Orchestration episodes in flight at once; by default 100 per core.",
+        ),
+    ] = None,
+    max_activities: Annotated[
+        int | None,
+        typer.Option(
+            "--max-activities",
+            min=1,
+            show_default=False,
+            help="Activities running at once; by default 100 per core. Set it to --threads where"
+            " several workers should share slow sync activities: a worker leases up to this many.",
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            show_default=False,
+            help="Threads for sync activities; by default Python's, min(32, cores + 4).",
+        ),
+    ] = None,
     version: Annotated[
         str | None,
         typer.Option(
@@ -125,7 +154,9 @@ async def run(
             f"  activities: {', '.join(app.activities) or '-'}\n"
             f"  entities: {', '.join(app.entities) or '-'}"
         )
-        worker = Worker(store, app, options=options, versioning=_versioning(version, match, on_mismatch))
+        concurrency = _concurrency(max_orchestrations, max_activities, threads)
+        versioning = _versioning(version, match, on_mismatch)
+        worker = Worker(store, app, concurrency=concurrency, options=options, versioning=versioning)
         await run_until_signalled(worker, lambda: ready)
     stderr.print("Worker stopped.")
     if worker.threads_busy:
@@ -138,6 +169,15 @@ async def run(
         logging.shutdown()
         flush_traces()  # the exit hooks that would have are skipped
         os._exit(0)
+
+
+def _concurrency(orchestrations: int | None, activities: int | None, threads: int | None) -> ConcurrencyOptions:
+    given = {
+        "maximum_concurrent_orchestration_work_items": orchestrations,
+        "maximum_concurrent_activity_work_items": activities,
+        "maximum_thread_pool_workers": threads,
+    }
+    return ConcurrencyOptions(**{name: value for name, value in given.items() if value is not None})
 
 
 def _versioning(version: str | None, match: _Match, on_mismatch: _OnMismatch) -> VersioningOptions | None:
