@@ -429,6 +429,52 @@ async def test_locks_are_released_when_the_orchestration_fails(hub: Hub, app: dt
     assert later.get_output() == 2
 
 
+@pytest.mark.parametrize("ending", ["not registered", "terminated by a worker of another version"])
+async def test_locks_are_released_when_the_orchestration_ends_without_its_code(
+    hub: Hub, app: dtfx.App, ending: str
+) -> None:
+    """A deploy that dropped the orchestrator, or a terminate that a worker which may not run
+    its version carries out: its code cannot release the locks, so the worker does."""
+    app.add_entity(counter)
+    held = EntityInstanceId("counter", "held")
+
+    @app.orchestrator
+    def holds_a_lock(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        with (yield ctx.lock_entities([held])):
+            yield ctx.call_entity(held, "add", 1)
+            ctx.set_custom_status("in the section")
+            yield ctx.wait_for_external_event("go")
+
+    @app.orchestrator
+    def calls(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_entity(held, "add", 1))
+
+    async with hub.worker(app):
+        holder = await hub.client.schedule_new_orchestration(holds_a_lock, version="1.0")
+        await hub.wait_for_state(holder, lambda state: state.serialized_custom_status is not None)
+
+    next_deploy = dtfx.App()
+    next_deploy.add_entity(counter)
+    next_deploy.add_orchestrator(calls)
+    strict = dtfx.VersioningOptions(
+        version="2.0",
+        match_strategy=dtfx.VersionMatchStrategy.STRICT,
+        failure_strategy=dtfx.VersionFailureStrategy.FAIL,
+    )
+    async with hub.worker(next_deploy if ending == "not registered" else app, versioning=strict):
+        if ending == "not registered":
+            await hub.client.raise_orchestration_event(holder, "go")
+        else:
+            await hub.client.terminate_orchestration(holder)
+        ended = await hub.client.wait_for_orchestration_completion(holder, timeout=10)
+        assert ended is not None and ended.runtime_status == (
+            Status.FAILED if ending == "not registered" else Status.TERMINATED
+        )
+        await _unlocked(hub, held)
+        after = await hub.run(calls, version="2.0", timeout=10)
+    assert after.get_output() == 2
+
+
 async def test_a_lock_given_up_while_it_waits_is_not_granted_later(hub: Hub, app: dtfx.App) -> None:
     app.add_entity(counter)
     # Locks are taken in the ids' order: the request waits at the first entity, held, while the

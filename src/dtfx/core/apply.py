@@ -728,6 +728,33 @@ def locks_a_rewind_cannot_take_back(history: Sequence[HistoryEvent]) -> list[str
     return []
 
 
+def unlocks_of_open_sections(
+    history: Sequence[HistoryEvent], instance_id: str, now: datetime
+) -> list[SendEntityMessage]:
+    """The unlocks that end the critical section ``history`` left open (none if it left none),
+    which the orchestrator's code sends as it ends: for an execution ended without its code
+    (not registered, a version the worker may not run). An entity that holds the lock
+    releases it; one whose queue holds the request drops it."""
+    open_sections = {event.critical_section_id: event for event in history if isinstance(event, EntityLockRequested)}
+    for event in history:
+        if isinstance(event, EntityUnlockSent):
+            open_sections.pop(event.critical_section_id, None)
+    next_id = max((event.event_id for event in history), default=-1) + 1
+    unlocks = []
+    for section in open_sections.values():
+        for target in section.lock_set:
+            unlock = EntityUnlockSent(
+                event_id=next_id,
+                timestamp=now,
+                critical_section_id=section.critical_section_id,
+                parent_instance_id=instance_id,
+                target_instance_id=target,
+            )
+            unlocks.append(SendEntityMessage(id=next_id, event=unlock))
+            next_id += 1
+    return unlocks
+
+
 def failed_children(history: Sequence[HistoryEvent]) -> list[str]:
     """The instance ids of the sub-orchestrations whose failure a rewind of ``history`` rewinds
     (a refused start, which never existed, aside)."""

@@ -30,6 +30,7 @@ from dtfx.core.apply import (
     plan_episode,
     termination,
     unchanged_checkpoint,
+    unlocks_of_open_sections,
     unstorable_checkpoint,
 )
 from dtfx.core.errors import NotRegisteredError, UnstorableValueError
@@ -684,6 +685,19 @@ def _log_failure(item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoin
         logger.log(level, "Instance %s (%s) failed: %s", item.instance_id, item.state.name, details)
 
 
+def _ended_unrun(
+    item: OrchestrationWorkItem,
+    ending: EpisodeOutcome,
+    past_events: Sequence[HistoryEvent] | None,
+    new_events: Sequence[HistoryEvent],
+) -> EpisodeOutcome:
+    """``ending``, which ends the execution without its code, and the unlocks of the critical
+    section it was in, which its code would have sent as it ended."""
+    history = [*(past_events or ()), *new_events]
+    unlocks = unlocks_of_open_sections(history, item.instance_id, new_events[0].timestamp)
+    return EpisodeOutcome([*unlocks, *ending.actions], ending.custom_status)
+
+
 def failed_episode(details: FailureDetails) -> EpisodeOutcome:
     """An episode that fails the orchestration with ``details``."""
     return EpisodeOutcome(
@@ -761,12 +775,12 @@ class LocalRunner:
             terminate = termination(new_events)
             if terminate is not None:  # needs none of the orchestrator's code, which this worker may not run
                 end = CompleteOrchestration(id=-1, status=OrchestrationStatus.TERMINATED, result=terminate.input)
-                return EpisodeOutcome([end], None)
+                return _ended_unrun(item, EpisodeOutcome([end], None), past_events, new_events)
             if self._versioning.failure_strategy is VersionFailureStrategy.REJECT:
                 level = logging.WARNING if self._newly_rejected(item.instance_id) else logging.DEBUG
                 logger.log(level, "Instance %s: %s Leaving it to another worker.", item.instance_id, failure.message)
                 return Abandon(self._reject_retry_delay)
-            return failed_episode(failure)
+            return _ended_unrun(item, failed_episode(failure), past_events, new_events)
 
         with self._lock:
             entry = self._cache.take(item) if past_events is None else None
@@ -775,7 +789,8 @@ class LocalRunner:
                 return Abandon()
             orchestrator = self._registry.orchestrators.get(started.name)
             if orchestrator is None:
-                return failed_episode(FailureDetails.from_exception(NotRegisteredError("orchestrator", started.name)))
+                missing = FailureDetails.from_exception(NotRegisteredError("orchestrator", started.name))
+                return _ended_unrun(item, failed_episode(missing), past_events, new_events)
             default_version = self._versioning.default_version if self._versioning else None
             executor = OrchestrationExecutor(
                 orchestrator, item.instance_id, converter=self._converter, default_version=default_version
