@@ -475,6 +475,37 @@ async def test_locks_are_released_when_the_orchestration_ends_without_its_code(
     assert after.get_output() == 2
 
 
+async def test_a_start_that_replaces_a_lock_holder_releases_its_locks(hub: Hub, app: dtfx.App) -> None:
+    app.add_entity(counter)
+    held = EntityInstanceId("counter", "held")
+
+    @app.orchestrator
+    def holds_a_lock(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        with (yield ctx.lock_entities([held])):
+            yield ctx.call_entity(held, "add", 1)
+            ctx.set_custom_status("in the section")
+            yield ctx.wait_for_external_event("go")
+
+    @app.orchestrator
+    def calls(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_entity(held, "add", 1))
+
+    replace_live = dtfx.OrchestrationIdReusePolicy.of(Status.RUNNING, Status.PENDING, Status.COMPLETED)
+    async with hub.worker(app):
+        await hub.client.schedule_new_orchestration(holds_a_lock, instance_id="same")
+        await hub.wait_for_state("same", lambda state: state.serialized_custom_status is not None)
+        await hub.client.schedule_new_orchestration(calls, instance_id="same", reuse_id_policy=replace_live)
+        replaced = await hub.client.wait_for_orchestration_completion("same", timeout=10)
+        # And the lock that the new execution takes under the same id is its own.
+        await hub.client.schedule_new_orchestration(holds_a_lock, instance_id="same", reuse_id_policy=replace_live)
+        await hub.wait_for_state("same", lambda state: state.serialized_custom_status is not None)
+        await hub.client.raise_orchestration_event("same", "go")
+        await hub.client.wait_for_orchestration_completion("same", timeout=10)
+        unlocked = await _unlocked(hub, held)
+    assert replaced is not None and replaced.get_output() == 2
+    assert unlocked.get_state(int) == 3
+
+
 async def test_a_lock_given_up_while_it_waits_is_not_granted_later(hub: Hub, app: dtfx.App) -> None:
     app.add_entity(counter)
     # Locks are taken in the ids' order: the request waits at the first entity, held, while the
