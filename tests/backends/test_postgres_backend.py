@@ -314,6 +314,30 @@ async def test_a_server_that_cannot_be_reached_is_reported_with_its_reason(unkno
     assert time.monotonic() - started < 5  # the URL's pool_timeout, not a fixed 10 s
 
 
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [({"path": "/dtfx_no_such_database"}, "does not exist"), ({"user": "dtfx_no_such_role"}, "does not exist")],
+    ids=["unknown database", "unknown role"],
+)
+async def test_a_refusal_that_waiting_cannot_end_ends_the_start_without_waiting(
+    change: dict[str, str], reason: str
+) -> None:
+    """Not after pool_timeout (here 600 s), which is for a server that is starting, say."""
+    require_server()
+    parts = urlsplit(SERVER_URL)
+    if "user" in change:
+        parts = parts._replace(netloc=f"{change['user']}@{parts.hostname}:{parts.port or 5432}")
+    else:
+        parts = parts._replace(**change)
+    url = urlunsplit(parts)
+    backend = PostgresBackend(url + ("&" if "?" in url else "?") + "pool_timeout=600")
+    try:
+        with pytest.raises(BackendUnavailableError, match=f"Cannot connect to PostgreSQL: .*{reason}"):
+            await asyncio.wait_for(backend.start(), timeout=60)
+    finally:
+        await backend.close()
+
+
 def tcp_settings(fileno: int) -> tuple[int, int, int, int, int]:
     """A connection's socket's keepalive (on, idle, interval, count) and user timeout (ms)."""
     with socket.socket(fileno=os.dup(fileno)) as connected:

@@ -105,6 +105,13 @@ _MAX_STALE_CONNECTIONS = 3
 """Pooled connections found closed by the server that a transaction replaces at once. The pool's
 other idle connections are checked after the first (as after any lost connection), so finding
 more means a server that closes connections as soon as they open: those count as lost ones."""
+_REFUSAL_CHECK_AFTER = 1.0
+"""Seconds a pool may take to open before a connection of its own asks the server why: a
+refusal that waiting cannot end (an unknown database or role, a wrong password) ends the start."""
+_LASTING_REFUSALS = re.compile(
+    r"FATAL:.*(does not exist|authentication failed|no pg_hba\.conf entry|permission denied for database)"
+)
+"""What the server (in English) answers a connection that trying again cannot help."""
 _MIGRATION_ATTEMPTS = 3  # a start checks (or migrates) the hub again while that commit is in doubt
 _TCP_SETTINGS = (
     ("keepalives_idle", "30"),
@@ -537,7 +544,7 @@ class PostgresBackend(SqlBackend):
         self._home = asyncio.get_running_loop()
         pool = self._new_pool(configure=self._adopt_home_connection)
         try:
-            await pool.open(wait=True, timeout=self._pool_timeout)  # a server that is starting, say
+            await self._open_pool(pool)
         except BaseException as error:
             self._home = None
             await pool.close()
@@ -695,7 +702,7 @@ class PostgresBackend(SqlBackend):
             return
         pool = self._new_pool()
         try:
-            await pool.open(wait=True, timeout=self._pool_timeout)  # a server that is starting, say
+            await self._open_pool(pool)
         except BaseException as error:
             await pool.close()
             if isinstance(error, Exception):
@@ -713,6 +720,20 @@ class PostgresBackend(SqlBackend):
         self._watcher = asyncio.create_task(self._watch())
         await self._look_for_listeners()
         logger.debug("PostgreSQL task hub %r ready", self.schema)
+
+    async def _open_pool(self, pool: AsyncConnectionPool[Any]) -> None:
+        """Open ``pool``, waiting up to ``pool_timeout`` for its connections (a server that is
+        starting, say), but not for a server that refuses them for good."""
+        opening = asyncio.ensure_future(pool.open(wait=True, timeout=self._pool_timeout))
+        done, _ = await asyncio.wait({opening}, timeout=min(_REFUSAL_CHECK_AFTER, self._pool_timeout))
+        if not done:
+            refused = await asyncio.to_thread(self._refusal)
+            if refused is not None and _LASTING_REFUSALS.search(str(refused)):
+                opening.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await opening
+                raise refused
+        await opening
 
     async def _set_up_hub(self) -> None:
         """Create the hub's schema, or migrate it to this version, unless it is there already
@@ -886,14 +907,21 @@ class PostgresBackend(SqlBackend):
         """The error for pools that gave no connection, with the reason the server gives a
         connection of its own (a refused port, an unknown database, a wrong password, too
         many connections): a pool says only that it gave up. If one opens: ``otherwise``."""
+        refused = self._refusal()
+        if refused is not None:
+            return BackendUnavailableError(f"Cannot connect to PostgreSQL: {str(refused).strip()}")
+        return BackendUnavailableError(otherwise)
+
+    def _refusal(self) -> psycopg.Error | None:
+        """Why the server refuses a connection of its own (``None``: it opens)."""
         options = self._connection_options()
         if "connect_timeout" not in conninfo_to_dict(self._conninfo):  # one given, even a bad one, is kept
             options["connect_timeout"] = 5
         try:
             psycopg.connect(self._conninfo, **options).close()
         except psycopg.Error as refused:
-            return BackendUnavailableError(f"Cannot connect to PostgreSQL: {str(refused).strip()}")
-        return BackendUnavailableError(otherwise)
+            return refused
+        return None
 
     def can_commit_blocking(self) -> bool:
         """Whether the pool of sync connections has an idle one. The first call opens the pool,
