@@ -415,7 +415,16 @@ def test_waiting_without_a_worker_times_out_with_a_hint(hub: str) -> None:
     result = invoke("start", "hello_cities", "--id", "lonely", "--wait", "--timeout", "0.3", "-b", hub)
     assert_one_line_error(result, "lonely is still PENDING after 0.3s", "is a worker running", exit_code=1)
     versioned = invoke("start", "hello_cities", "--version", "2.0", "--wait", "--timeout", "0.3", "-b", hub)
-    assert_one_line_error(versioned, "is a worker running on this backend that runs version 2.0", exit_code=1)
+    assert_one_line_error(versioned, f"is a worker running on {hub} that runs version 2.0", exit_code=1)
+
+
+def test_a_relative_sqlite_path_is_shown_with_the_file_it_means(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started from another directory, it would be another task hub."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("start", "hello_cities", "--wait", "--timeout", "0.3", "-b", "sqlite:///hubs/a.db")
+    assert_one_line_error(result, f"is a worker running on sqlite:///hubs/a.db ({tmp_path / 'hubs' / 'a.db'})")
 
 
 def test_a_list_cut_short_says_so_beside_its_json(hub: str) -> None:

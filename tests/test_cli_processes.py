@@ -166,6 +166,12 @@ def test_a_worker_process_and_a_client_process(tmp_path: Path) -> None:
     assert worker.stderr[-1].rstrip().endswith("Worker stopped.")
 
 
+def test_a_worker_on_a_memory_hub_says_nothing_else_can_reach_it(tmp_path: Path) -> None:
+    with worker_process("dtfx.examples.hello_cities", "-b", "memory://", cwd=tmp_path) as worker:
+        assert worker.stop(signal.SIGTERM) == 0
+    assert "no client or other worker can reach it" in "".join(worker.stderr)
+
+
 def test_a_worker_for_an_app_of_entities_only(tmp_path: Path) -> None:
     (tmp_path / "counter_app.py").write_text(COUNTER_APP)
     hub = f"sqlite:///{tmp_path}/hub.db"

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from dtfx.backends import default_url
 from dtfx.cli.options import (
     BackendUrl,
     InstanceId,
@@ -27,7 +28,7 @@ from dtfx.cli.options import (
 )
 from dtfx.cli.output import failure_text, print_entity, print_outcome, print_state, print_states
 from dtfx.cli.root import CommandError, run_async, stderr
-from dtfx.cli.session import connect
+from dtfx.cli.session import connect, shown
 from dtfx.client import AsyncClient
 from dtfx.core.entities import EntityInstanceId
 from dtfx.core.errors import OrchestrationNotFoundError, OrchestrationStateError
@@ -77,7 +78,7 @@ async def start(
             print_outcome(f"Started {name} as instance {new_id}.", {"instance_id": new_id}, json_output)
             return
         try:
-            state = await _wait_with_progress(client, new_id, timeout)
+            state = await _wait_with_progress(client, new_id, timeout, backend or default_url())
         except asyncio.CancelledError:  # Ctrl-C: say which instance goes on (its id may be a new one)
             note = f"Started {name} as instance {new_id}; it goes on, only the wait was interrupted."
             stderr.print(note, soft_wrap=True, markup=False, highlight=False)
@@ -311,7 +312,7 @@ def _print_requested(operation: str, instance_id: str, json_output: bool) -> Non
     )
 
 
-async def _wait_with_progress(client: AsyncClient, instance_id: str, timeout: float) -> OrchestrationState:
+async def _wait_with_progress(client: AsyncClient, instance_id: str, timeout: float, url: str) -> OrchestrationState:
     """Wait until the instance ends, with a spinner on stderr that shows its status and elapsed time."""
     latest: OrchestrationState | None = None
     # The description holds the custom status, stored data: shown as written, not as markup.
@@ -328,7 +329,7 @@ async def _wait_with_progress(client: AsyncClient, instance_id: str, timeout: fl
         try:
             state = await client.backend.wait_for_instance(instance_id, has_ended, timeout)
         except TimeoutError:
-            raise CommandError(_timed_out(instance_id, timeout, latest)) from None
+            raise CommandError(_timed_out(instance_id, timeout, latest, url)) from None
     if state is None:
         raise OrchestrationNotFoundError(instance_id)
     return state
@@ -343,10 +344,10 @@ def _progress_line(state: OrchestrationState) -> str:
     return line
 
 
-def _timed_out(instance_id: str, timeout: float, state: OrchestrationState | None) -> str:
+def _timed_out(instance_id: str, timeout: float, state: OrchestrationState | None, url: str) -> str:
     status = state.runtime_status if state is not None else OrchestrationStatus.PENDING
     message = f"Instance {instance_id} is still {status.name} after {timeout:g}s"
     if status == OrchestrationStatus.PENDING:
         runs = f" that runs version {state.version}" if state is not None and state.version else ""
-        return message + f": is a worker running on this backend{runs} (dtfx run MODULE)?"
+        return message + f": is a worker running on {shown(url)}{runs} (dtfx run MODULE)?"
     return message + f"; see how far it got with: dtfx status {instance_id} --history"

@@ -75,3 +75,13 @@ def _refuse_missing_file(url: str) -> None:
             f"No task hub at {redact(url)}: {path} does not exist (a worker, `dtfx start`, `dtfx serve` or"
             " `dtfx migrate` creates it). Check --backend or DTFX_BACKEND."
         )
+
+
+def shown(url: str) -> str:
+    """``url`` as a command shows it: its password hidden, and a relative SQLite path with the
+    file it means (another directory means another task hub)."""
+    if urlsplit(url).scheme.lower() == "sqlite":
+        path, _ = parse_sqlite_url(url)
+        if path != ":memory:" and not Path(path).is_absolute():
+            return f"{redact(url)} ({Path(path).resolve()})"
+    return redact(url)

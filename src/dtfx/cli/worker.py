@@ -17,11 +17,11 @@ import typer
 
 from dtfx._tracing import flush as flush_traces
 from dtfx.backends import default_url
-from dtfx.backends.urls import redact
+from dtfx.backends.memory import MemoryBackend
 from dtfx.cli.options import BackendUrl, Verbosity, non_empty
 from dtfx.cli.root import CommandError, configure_logging, run_async, stderr
 from dtfx.cli.serving import run_until_signalled
-from dtfx.cli.session import started_backend
+from dtfx.cli.session import shown, started_backend
 from dtfx.worker.options import (
     ConcurrencyOptions,
     VersionFailureStrategy,
@@ -148,8 +148,11 @@ async def run(
     url = backend or default_url()
     options = WorkerOptions(shutdown_grace_period=timedelta(seconds=grace_period), registered_only=registered_only)
     async with started_backend(url) as store:
+        if isinstance(store, MemoryBackend):
+            note = "Note: memory:// is a task hub inside this process: no client or other worker can reach it."
+            stderr.print(note, soft_wrap=True)
         ready = (
-            f"Worker running on {redact(url)}\n"
+            f"Worker running on {shown(url)}\n"
             f"  orchestrators: {', '.join(app.orchestrators) or '-'}\n"
             f"  activities: {', '.join(app.activities) or '-'}\n"
             f"  entities: {', '.join(app.entities) or '-'}"
