@@ -7,6 +7,7 @@ process would; every command opens the file on its own.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -117,6 +118,9 @@ def test_every_command_has_help_and_the_version_prints() -> None:
         result = invoke(name, "--help")
         assert result.exit_code == 0, result.output
         assert f"dtfx {name} [OPTIONS]" in result.stdout
+        # An option says what it takes (ID, SECONDS), and a flag nothing, not its Python type.
+        options = [line for line in result.stdout.splitlines() if line.startswith("│ --") and "--help" not in line]
+        assert not [line for line in options if re.search(r"<(bool|str|int|float)>", line)], name
     assert invoke("--version").stdout.strip() == f"dtfx {dtfx.__version__}"
 
 
@@ -368,7 +372,7 @@ def test_verbose_logs_the_traceback_of_an_error(hub: str) -> None:
         (["list", "--limit", "100000000000000000000"], ["--limit"]),
         (["status"], ["Missing argument 'ID'"]),
         (["stauts", "x"], ["No such command 'stauts'"]),
-        (["start", ""], ["'name': cannot be empty"]),
+        (["start", ""], ["'NAME': cannot be empty"]),
         (["start", "hello_cities", "--id", " "], ["'--id': cannot be empty"]),
         (["raise", "some-id", ""], ["'EVENT': cannot be empty"]),
         (["status", ""], ["'ID': cannot be empty"]),
@@ -438,7 +442,7 @@ def test_a_list_cut_short_says_so_beside_its_json(hub: str) -> None:
 
 
 def test_an_empty_orchestrator_name_is_refused(hub: str) -> None:
-    assert_one_line_error(invoke("start", "", "-b", hub), "'name': cannot be empty", exit_code=2)
+    assert_one_line_error(invoke("start", "", "-b", hub), "'NAME': cannot be empty", exit_code=2)
     assert invoke_json("list", "-b", hub) == []
 
 

@@ -40,25 +40,30 @@ JsonInput = Annotated[
     Any,
     typer.Option("--input", "-i", parser=json_value, metavar="JSON", help="The input, as JSON.", show_default=False),
 ]
-Reason = Annotated[str | None, typer.Option("--reason", help="Why; kept in the instance's history.")]
+Reason = Annotated[str | None, typer.Option("--reason", metavar="TEXT", help="Why; kept in the instance's history.")]
 RewindReason = Annotated[
     str | None,
-    typer.Option("--reason", help="Why; passed on to the failed sub-orchestrations it rewinds too."),
+    typer.Option("--reason", metavar="TEXT", help="Why; passed on to the failed sub-orchestrations it rewinds too."),
 ]
 
 
 @run_async
 async def start(
     name: Annotated[
-        str, typer.Argument(help="The orchestrator's registered name.", show_default=False, callback=non_empty)
+        str,
+        typer.Argument(
+            metavar="NAME", help="The orchestrator's registered name.", show_default=False, callback=non_empty
+        ),
     ],
     input_value: JsonInput = None,
     instance_id: Annotated[
         str | None,
-        typer.Option("--id", help="The instance id (default: a new random id).", callback=non_empty),
+        typer.Option("--id", metavar="ID", help="The instance id (default: a new random id).", callback=non_empty),
     ] = None,
-    version: Annotated[str | None, typer.Option("--version", help="The orchestration's version.")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait until it ends and show its state.")] = False,
+    version: Annotated[
+        str | None, typer.Option("--version", metavar="VERSION", help="The orchestration's version.")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", metavar="", help="Wait until it ends and show its state.")] = False,
     timeout: Timeout = 60,
     backend: BackendUrl = None,
     json_output: JsonOutput = False,
@@ -93,7 +98,7 @@ async def start(
 @run_async
 async def status(
     instance_id: InstanceId,
-    history: Annotated[bool, typer.Option("--history", help="Show the history events too.")] = False,
+    history: Annotated[bool, typer.Option("--history", metavar="", help="Show the history events too.")] = False,
     backend: BackendUrl = None,
     json_output: JsonOutput = False,
     verbose: Verbosity = 0,
@@ -148,7 +153,9 @@ async def list_instances(
             help="Only instances created at or before this ISO 8601 date or moment (UTC unless it says).",
         ),
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=2**31 - 1, help="Show at most this many.")] = 100,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", metavar="N", min=1, max=2**31 - 1, help="Show at most this many.")
+    ] = 100,
     backend: BackendUrl = None,
     json_output: JsonOutput = False,
     verbose: Verbosity = 0,
@@ -240,7 +247,7 @@ async def resume(
 @run_async
 async def restart(
     instance_id: InstanceId,
-    new_id: Annotated[bool, typer.Option("--new-id", help="Run it under a new instance id.")] = False,
+    new_id: Annotated[bool, typer.Option("--new-id", metavar="", help="Run it under a new instance id.")] = False,
     backend: BackendUrl = None,
     json_output: JsonOutput = False,
     verbose: Verbosity = 0,

@@ -64,8 +64,10 @@ BackendUrl = Annotated[
         help="The task hub: sqlite:///path/to/file.db, postgresql://user@host/db or memory://.",
     ),
 ]
-JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
-Verbosity = Annotated[int, typer.Option("--verbose", "-v", count=True, help="Log more: -v for info, -vv for debug.")]
+JsonOutput = Annotated[bool, typer.Option("--json", metavar="", help="Print JSON instead of tables.")]
+Verbosity = Annotated[
+    int, typer.Option("--verbose", "-v", count=True, metavar="", help="Log more: -v for info, -vv for debug.")
+]
 
 
 def non_empty(value: str | None) -> str | None:

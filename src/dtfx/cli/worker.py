@@ -70,6 +70,7 @@ async def run(
         bool,
         typer.Option(
             "--registered-only",
+            metavar="",
             help="Take only the orchestrations, activities and entities the app registers, and leave"
             " the rest to other workers (in a rolling deploy, say); by default a worker fails what it"
             " has no registration for.",
@@ -107,6 +108,7 @@ async def run(
         str | None,
         typer.Option(
             "--version",
+            metavar="VERSION",
             show_default=False,
             help="The version of the orchestrations this worker runs; also the version of the"
             " sub-orchestrations they start without one.",

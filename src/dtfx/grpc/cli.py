@@ -34,7 +34,10 @@ async def serve(
         int, typer.Option("--grpc-port", "-p", min=0, max=65535, help="The port to listen on (0: any free port).")
     ] = DEFAULT_PORT,
     host: Annotated[
-        str, typer.Option("--host", help="The address to listen on; 0.0.0.0 or [::] for every interface.")
+        str,
+        typer.Option(
+            "--host", metavar="ADDRESS", help="The address to listen on; 0.0.0.0 or [::] for every interface."
+        ),
     ] = "localhost",
     tls_cert: Annotated[
         Path | None,
