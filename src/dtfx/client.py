@@ -345,9 +345,9 @@ class AsyncClient:
             raise OrchestrationStateError(
                 instance_id,
                 state.runtime_status,
-                f"a rewind would run again work {who} asked for inside a critical section, whose locks on"
-                f" {', '.join(released)} are gone; it would go on inside the section without them."
-                " Restart it instead.",
+                f"a rewind would take {who} back inside a critical section, whose locks on"
+                f" {', '.join(released)} are gone (released when it failed); it would go on inside the section"
+                " without them. Restart it instead.",
             )
         rewind = ExecutionRewound(timestamp=self.backend.now(), reason=arguments.optional_text("reason", reason))
         await self._send(instance_id, rewind)

@@ -36,7 +36,12 @@ from dtfx.core.actions import (
     TerminateOrchestration,
 )
 from dtfx.core.entities import entity_target
-from dtfx.core.errors import InvalidInstanceIdError, OrchestrationAlreadyExistsError, UnstorableValueError
+from dtfx.core.errors import (
+    InvalidInstanceIdError,
+    NotRegisteredError,
+    OrchestrationAlreadyExistsError,
+    UnstorableValueError,
+)
 from dtfx.core.history import (
     EntityLockRequested,
     EntityOperationCalled,
@@ -709,7 +714,12 @@ def locks_a_rewind_cannot_take_back(history: Sequence[HistoryEvent]) -> list[str
     """The entities locked by a critical section inside which a rewind would run work again
     (work that failed, or had not come back, was asked for while the section held its
     locks); none if it can be rewound. The section's locks are gone (released when it ended,
-    or when the instance failed), and the replay would go on inside it without them."""
+    or when the instance failed), and the replay would go on inside it without them. So does
+    a section that a worker ended for an execution it failed without its code (see
+    :func:`unlocks_of_open_sections`): the code would go on inside it."""
+    unrun = _released_without_the_code(history)
+    if unrun:
+        return unrun
     again, failed_children, unanswered = _rewound_work(history)
     rerun = again | failed_children | unanswered
     sections: dict[str, tuple[int, list[str]]] = {}  # by id: where it began, and its lock set
@@ -726,6 +736,21 @@ def locks_a_rewind_cannot_take_back(history: Sequence[HistoryEvent]) -> list[str
                 if began < index < ended.get(section_id, len(history)):
                     return sorted(lock_set)
     return []
+
+
+_FAILED_WITHOUT_THE_CODE = frozenset({qualified_name(NotRegisteredError), "VersionMismatch"})
+
+
+def _released_without_the_code(history: Sequence[HistoryEvent]) -> list[str]:
+    """The entities whose locks the last episode released for an execution that failed
+    without its code (its orchestrator not registered, or of a version the worker may not run)."""
+    end = history[-1] if history else None
+    if not isinstance(end, ExecutionCompleted) or end.failure_details is None:
+        return []
+    if end.failure_details.error_type not in _FAILED_WITHOUT_THE_CODE:
+        return []
+    began = max((index for index, event in enumerate(history) if isinstance(event, OrchestratorStarted)), default=0)
+    return sorted(event.target_instance_id for event in history[began:] if isinstance(event, EntityUnlockSent))
 
 
 def unlocks_of_open_sections(
