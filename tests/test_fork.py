@@ -6,6 +6,7 @@ import asyncio
 import os
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -115,3 +116,18 @@ def test_threads_that_first_use_a_sync_client_in_the_child_at_once_share_one_loo
             return answered, sum(thread.name == "dtfx-client" for thread in threading.enumerate())
 
         assert in_a_forked_child(child_work, tmp_path) == repr(([None] * 8, 0))  # no loop thread is left
+
+
+def test_a_memory_client_closed_in_a_child_says_nothing_of_never_being_closed(tmp_path: Path) -> None:
+    """Its loop's thread did not come along: nothing of it can be closed there, nor warned about."""
+    with dtfx.Client("memory://") as client:
+        client.schedule_new_orchestration("anything")
+
+        def child_work() -> object:
+            client.close()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                client._async.__del__()  # what the child's collector would run
+            return [str(warning.message) for warning in caught]
+
+        assert in_a_forked_child(child_work, tmp_path) == "[]"

@@ -26,7 +26,6 @@ from dtfx.core.apply import (
     created_children,
     failed_children,
     locks_a_rewind_cannot_take_back,
-    unlocks_of_open_sections,
 )
 from dtfx.core.context import function_name
 from dtfx.core.entities import (
@@ -185,7 +184,6 @@ class AsyncClient:
         if not name:
             raise ValueError("An orchestration needs the name of its orchestrator; the name given is empty.")
         version = version or self.default_version
-        unlocks = await _unlocks_of_a_replaced_instance(backend, instance_id, reuse_id_policy)
         traced = nullcontext(trace_context) if trace_context is not None else creation_span(name, instance_id, version)
         with traced as context:
             start = ExecutionStarted(
@@ -199,8 +197,6 @@ class AsyncClient:
                 trace_context=context,
             )
             await backend.create_instance(start, scheduled_start_at=scheduled, reuse_policy=reuse_id_policy)
-        for unlock in unlocks:  # what the replaced execution's code would have sent as it ended
-            await backend.send_event(unlock.target_instance_id, unlock)
         return instance_id
 
     # -- reading ----------------------------------------------------------------------------
@@ -632,25 +628,6 @@ async def _every_page(query_page: Callable[[str | None], Awaitable[Page[T]]]) ->
             return items
 
 
-async def _unlocks_of_a_replaced_instance(
-    backend: Backend, instance_id: str, policy: OrchestrationIdReusePolicy | None
-) -> list[EntityUnlockSent]:
-    """The unlocks of the critical section of the live instance that a start under ``policy``
-    replaces (none if it replaces none): the replaced execution's code never runs again to
-    release its locks. (Read before the start, which drops its history.)"""
-    if policy is None or all(status.is_terminal for status in policy.replaceable_statuses):
-        return []
-    state = await backend.get_instance(instance_id, fetch_payloads=False)
-    if state is None or state.runtime_status.is_terminal or state.runtime_status not in policy.replaceable_statuses:
-        return []
-    history = await backend.get_history(instance_id)
-    return [
-        action.event
-        for action in unlocks_of_open_sections(history, instance_id, backend.now())
-        if isinstance(action.event, EntityUnlockSent)
-    ]
-
-
 class Client:
     """The :class:`AsyncClient` API for sync code (each call runs on a private event loop)."""
 
@@ -678,6 +655,7 @@ class Client:
             return
         self._closed = True
         if self._portal.closed:  # in a process forked from the one that used it, say
+            self._async._closed = True  # nothing of it can be closed from here: no warning that it was not
             return
         try:
             self._portal.run(self._async.close())

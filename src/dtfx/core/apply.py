@@ -755,11 +755,11 @@ def _released_without_the_code(history: Sequence[HistoryEvent]) -> list[str]:
 
 def unlocks_of_open_sections(
     history: Sequence[HistoryEvent], instance_id: str, now: datetime
-) -> list[SendEntityMessage]:
+) -> list[EntityUnlockSent]:
     """The unlocks that end the critical section ``history`` left open (none if it left none),
     which the orchestrator's code sends as it ends: for an execution ended without its code
-    (not registered, a version the worker may not run). An entity that holds the lock
-    releases it; one whose queue holds the request drops it."""
+    (not registered, a version the worker may not run) or replaced by a start under its id.
+    An entity that holds the lock releases it; one whose queue holds the request drops it."""
     open_sections = {event.critical_section_id: event for event in history if isinstance(event, EntityLockRequested)}
     for event in history:
         if isinstance(event, EntityUnlockSent):
@@ -769,13 +769,13 @@ def unlocks_of_open_sections(
     for section in open_sections.values():
         for target in section.lock_set:
             unlock = EntityUnlockSent(
-                event_id=next_id,
+                event_id=next_id,  # the id of the action that would send it, the next after the history's
                 timestamp=now,
                 critical_section_id=section.critical_section_id,
                 parent_instance_id=instance_id,
                 target_instance_id=target,
             )
-            unlocks.append(SendEntityMessage(id=next_id, event=unlock))
+            unlocks.append(unlock)
             next_id += 1
     return unlocks
 

@@ -21,7 +21,7 @@ from typing import Protocol
 from dtfx._tracing import episode_traced, execution_ended
 from dtfx.backends.base import Backend
 from dtfx.backends.delivery import checkpointed_state
-from dtfx.core.actions import CompleteOrchestration, OrchestratorAction
+from dtfx.core.actions import CompleteOrchestration, OrchestratorAction, SendEntityMessage
 from dtfx.core.apply import (
     EpisodeKind,
     apply_actions,
@@ -695,7 +695,8 @@ def _ended_unrun(
     section it was in, which its code would have sent as it ended."""
     history = [*(past_events or ()), *new_events]
     unlocks = unlocks_of_open_sections(history, item.instance_id, new_events[0].timestamp)
-    return EpisodeOutcome([*unlocks, *ending.actions], ending.custom_status)
+    sends = [SendEntityMessage(id=unlock.event_id, event=unlock) for unlock in unlocks]
+    return EpisodeOutcome([*sends, *ending.actions], ending.custom_status)
 
 
 def failed_episode(details: FailureDetails) -> EpisodeOutcome:

@@ -26,6 +26,7 @@ from dtfx.backends.sql.rows import (
     to_micros,
 )
 from dtfx.backends.sql.transaction import HubTransaction, KeptRow
+from dtfx.core.apply import unlocks_of_open_sections
 from dtfx.core.errors import OrchestrationAlreadyExistsError, OrchestrationNotFoundError
 from dtfx.core.history import TERMINAL_STATUSES, ExecutionStarted, HistoryEvent, TaskScheduled, decode_event
 from dtfx.core.instance_ids import is_entity_id
@@ -83,7 +84,13 @@ def create_instances(
             if reuse_policy is None or status not in reuse_policy.replaceable_statuses:
                 outcomes.append(OrchestrationAlreadyExistsError(instance_id, status))
                 continue
+        unlocks: list[OutboundMessage] = []
+        if existing is not None and not existing.runtime_status.is_terminal:
+            # A live execution replaced never runs again to release its entity locks: released here.
+            unlocks = yield from _unlocks_of(instance_id, transaction.now)
         transaction.create(start, scheduled_start_at, lease)
+        for unlock in unlocks:
+            yield from transaction.deliver(unlock, instance_id)
         outcomes.append(None)
     yield from transaction.flush()
     leased = {
@@ -147,6 +154,13 @@ def get_instances(dialect: Dialect, requests: Sequence[tuple[str, bool]]) -> Pro
             state.serialized_input = state.serialized_output = state.serialized_custom_status = None
         states.append(state)
     return states
+
+
+def _unlocks_of(instance_id: str, now: datetime) -> Program[list[OutboundMessage]]:
+    """The unlocks of the critical section the instance's execution is in (none if none)."""
+    history = yield from get_history(instance_id)
+    unlocks = unlocks_of_open_sections(history, instance_id, now)
+    return [OutboundMessage(unlock.target_instance_id, unlock) for unlock in unlocks]
 
 
 def get_history(instance_id: str) -> Program[list[HistoryEvent]]:
