@@ -109,7 +109,8 @@ _REFUSAL_CHECK_AFTER = 1.0
 """Seconds a pool may take to open before a connection of its own asks the server why: a
 refusal that waiting cannot end (an unknown database or role, a wrong password) ends the start."""
 _LASTING_REFUSALS = re.compile(
-    r"FATAL:.*(does not exist|authentication failed|no pg_hba\.conf entry|permission denied for database)"
+    r"FATAL:.*(does not exist|authentication failed|no pg_hba\.conf entry|permission denied for database"
+    r"|not permitted to log in)"
 )
 """What the server (in English) answers a connection that trying again cannot help."""
 _MIGRATION_ATTEMPTS = 3  # a start checks (or migrates) the hub again while that commit is in doubt
@@ -725,15 +726,20 @@ class PostgresBackend(SqlBackend):
         """Open ``pool``, waiting up to ``pool_timeout`` for its connections (a server that is
         starting, say), but not for a server that refuses them for good."""
         opening = asyncio.ensure_future(pool.open(wait=True, timeout=self._pool_timeout))
-        done, _ = await asyncio.wait({opening}, timeout=min(_REFUSAL_CHECK_AFTER, self._pool_timeout))
-        if not done:
-            refused = await asyncio.to_thread(self._refusal)
-            if refused is not None and _LASTING_REFUSALS.search(str(refused)):
+        try:
+            done, _ = await asyncio.wait({opening}, timeout=min(_REFUSAL_CHECK_AFTER, self._pool_timeout))
+            if not done:  # ask the server why, unless the pool opens meanwhile
+                asking = asyncio.ensure_future(asyncio.to_thread(self._refusal))
+                await asyncio.wait({opening, asking}, return_when=asyncio.FIRST_COMPLETED)
+                refused = None if opening.done() else await asking
+                if refused is not None and _LASTING_REFUSALS.search(str(refused)):
+                    raise refused
+            await opening
+        finally:
+            if not opening.done():  # refused for good, or the start was cancelled: stop opening
                 opening.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await opening
-                raise refused
-        await opening
 
     async def _set_up_hub(self) -> None:
         """Create the hub's schema, or migrate it to this version, unless it is there already
