@@ -120,7 +120,7 @@ def test_every_command_has_help_and_the_version_prints() -> None:
         assert f"dtfx {name} [OPTIONS]" in result.stdout
         # An option says what it takes (ID, SECONDS), and a flag nothing, not its Python type.
         options = [line for line in result.stdout.splitlines() if line.startswith("│ --") and "--help" not in line]
-        assert not [line for line in options if re.search(r"<(bool|str|int|float)>", line)], name
+        assert not [line for line in options if re.search(r"<(bool|str|int|float)( range)?>", line)], name
     assert invoke("--version").stdout.strip() == f"dtfx {dtfx.__version__}"
 
 

@@ -80,6 +80,7 @@ async def run(
         int | None,
         typer.Option(
             "--max-orchestrations",
+            metavar="N",
             min=1,
             show_default=False,
             help="Orchestration episodes in flight at once; by default 100 per core.",
@@ -89,6 +90,7 @@ async def run(
         int | None,
         typer.Option(
             "--max-activities",
+            metavar="N",
             min=1,
             show_default=False,
             help="Activities running at once; by default 100 per core. Set it to --threads where"
@@ -99,6 +101,7 @@ async def run(
         int | None,
         typer.Option(
             "--threads",
+            metavar="N",
             min=1,
             show_default=False,
             help="Threads for sync activities; by default Python's, min(32, cores + 4).",
@@ -171,8 +174,8 @@ async def run(
             " (their work items went back to the store)."
         )
         sys.stderr.flush()
+        flush_traces()  # the exit hooks that would have are skipped (before logging's, which may say it failed)
         logging.shutdown()
-        flush_traces()  # the exit hooks that would have are skipped
         os._exit(0)
 
 

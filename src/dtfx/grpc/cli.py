@@ -31,7 +31,10 @@ from dtfx.grpc.options import (
 async def serve(
     backend: BackendUrl = None,
     grpc_port: Annotated[
-        int, typer.Option("--grpc-port", "-p", min=0, max=65535, help="The port to listen on (0: any free port).")
+        int,
+        typer.Option(
+            "--grpc-port", "-p", metavar="PORT", min=0, max=65535, help="The port to listen on (0: any free port)."
+        ),
     ] = DEFAULT_PORT,
     host: Annotated[
         str,
