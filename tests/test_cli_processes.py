@@ -294,26 +294,27 @@ with trace.get_tracer(__name__).start_as_current_span("loaded"):  # held by the 
 )
 
 
-def test_a_worker_that_quits_past_its_grace_period_exports_the_spans_it_holds(tmp_path: Path) -> None:
-    (tmp_path / "slow_app.py").write_text(TRACED_SLOW_APP)
+def quit_past_the_grace_period(app_source: str, tmp_path: Path) -> str:
+    """Run ``slow_job`` of ``app_source`` on a worker stopped while its activity runs (it never
+    gets its "go"), with a grace period shorter than that; the hub's URL."""
+    (tmp_path / "slow_app.py").write_text(app_source)
     hub = f"sqlite:///{tmp_path}/hub.db"
     with worker_process("slow_app.py", "-b", hub, "--grace-period", "0.5", cwd=tmp_path) as worker:
         assert dtfx_command("start", "slow_job", "--id", "job", "-b", hub, cwd=tmp_path).returncode == 0
         wait_for_file(tmp_path / "started")
         assert not (tmp_path / "exported").exists()
         assert worker.stop(signal.SIGTERM) == 0
-    assert "outlasted the grace period" in "".join(worker.stderr)
+    assert "1 sync activity(ies) outlasted the grace period; quitting without them" in "".join(worker.stderr)
+    return hub
+
+
+def test_a_worker_that_quits_past_its_grace_period_exports_the_spans_it_holds(tmp_path: Path) -> None:
+    quit_past_the_grace_period(TRACED_SLOW_APP, tmp_path)
     assert (tmp_path / "exported").read_text().splitlines() == ["loaded"]
 
 
 def test_a_worker_quits_when_its_grace_period_ends_even_with_a_sync_activity_running(tmp_path: Path) -> None:
-    (tmp_path / "slow_app.py").write_text(SLOW_APP)
-    hub = f"sqlite:///{tmp_path}/hub.db"
-    with worker_process("slow_app.py", "-b", hub, "--grace-period", "0.5", cwd=tmp_path) as worker:
-        assert dtfx_command("start", "slow_job", "--id", "job", "-b", hub, cwd=tmp_path).returncode == 0
-        wait_for_file(tmp_path / "started")
-        assert worker.stop(signal.SIGTERM) == 0  # the activity never gets its "go"
-    assert "1 sync activity(ies) outlasted the grace period; quitting without them" in "".join(worker.stderr)
+    hub = quit_past_the_grace_period(SLOW_APP, tmp_path)
     assert not (tmp_path / "runs").exists()
 
     # Its work item went back to the store: the next worker runs it at once.

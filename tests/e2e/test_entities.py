@@ -429,33 +429,40 @@ async def test_locks_are_released_when_the_orchestration_fails(hub: Hub, app: dt
     assert later.get_output() == 2
 
 
+HELD = EntityInstanceId("counter", "held")
+
+
+def holds_a_lock(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+    with (yield ctx.lock_entities([HELD])):
+        yield ctx.call_entity(HELD, "add", 1)
+        ctx.set_custom_status("in the section")
+        yield ctx.wait_for_external_event("go")
+
+
+def calls_held(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+    return (yield ctx.call_entity(HELD, "add", 1))
+
+
+_LOCK_HOLDER_APP = dtfx.App()
+_LOCK_HOLDER_APP.add_entity(counter)
+_LOCK_HOLDER_APP.add_orchestrator(holds_a_lock)
+_LOCK_HOLDER_APP.add_orchestrator(calls_held)
+
+
 @pytest.mark.parametrize("ending", ["not registered", "terminated by a worker of another version"])
 async def test_locks_are_released_when_the_orchestration_ends_without_its_code(
     hub: Hub, app: dtfx.App, ending: str
 ) -> None:
     """A deploy that dropped the orchestrator, or a terminate that a worker which may not run
     its version carries out: its code cannot release the locks, so the worker does."""
-    app.add_entity(counter)
-    held = EntityInstanceId("counter", "held")
-
-    @app.orchestrator
-    def holds_a_lock(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
-        with (yield ctx.lock_entities([held])):
-            yield ctx.call_entity(held, "add", 1)
-            ctx.set_custom_status("in the section")
-            yield ctx.wait_for_external_event("go")
-
-    @app.orchestrator
-    def calls(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
-        return (yield ctx.call_entity(held, "add", 1))
-
+    app.update(_LOCK_HOLDER_APP)
     async with hub.worker(app):
         holder = await hub.client.schedule_new_orchestration(holds_a_lock, version="1.0")
         await hub.wait_for_state(holder, lambda state: state.serialized_custom_status is not None)
 
     next_deploy = dtfx.App()
     next_deploy.add_entity(counter)
-    next_deploy.add_orchestrator(calls)
+    next_deploy.add_orchestrator(calls_held)
     strict = dtfx.VersioningOptions(
         version="2.0",
         match_strategy=dtfx.VersionMatchStrategy.STRICT,
@@ -470,8 +477,8 @@ async def test_locks_are_released_when_the_orchestration_ends_without_its_code(
         assert ended is not None and ended.runtime_status == (
             Status.FAILED if ending == "not registered" else Status.TERMINATED
         )
-        await _unlocked(hub, held)
-        after = await hub.run(calls, version="2.0", timeout=10)
+        await _unlocked(hub, HELD)
+        after = await hub.run(calls_held, version="2.0", timeout=10)
     assert after.get_output() == 2
     if ending == "not registered":  # its code would go on inside the section, without the lock
         with pytest.raises(dtfx.OrchestrationStateError, match=r"inside a critical section.*@counter@held.*Restart"):
@@ -479,32 +486,19 @@ async def test_locks_are_released_when_the_orchestration_ends_without_its_code(
 
 
 async def test_a_start_that_replaces_a_lock_holder_releases_its_locks(hub: Hub, app: dtfx.App) -> None:
-    app.add_entity(counter)
-    held = EntityInstanceId("counter", "held")
-
-    @app.orchestrator
-    def holds_a_lock(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
-        with (yield ctx.lock_entities([held])):
-            yield ctx.call_entity(held, "add", 1)
-            ctx.set_custom_status("in the section")
-            yield ctx.wait_for_external_event("go")
-
-    @app.orchestrator
-    def calls(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
-        return (yield ctx.call_entity(held, "add", 1))
-
+    app.update(_LOCK_HOLDER_APP)
     replace_live = dtfx.OrchestrationIdReusePolicy.of(Status.RUNNING, Status.PENDING, Status.COMPLETED)
     async with hub.worker(app):
         await hub.client.schedule_new_orchestration(holds_a_lock, instance_id="same")
         await hub.wait_for_state("same", lambda state: state.serialized_custom_status is not None)
-        await hub.client.schedule_new_orchestration(calls, instance_id="same", reuse_id_policy=replace_live)
+        await hub.client.schedule_new_orchestration(calls_held, instance_id="same", reuse_id_policy=replace_live)
         replaced = await hub.client.wait_for_orchestration_completion("same", timeout=10)
         # And the lock that the new execution takes under the same id is its own.
         await hub.client.schedule_new_orchestration(holds_a_lock, instance_id="same", reuse_id_policy=replace_live)
         await hub.wait_for_state("same", lambda state: state.serialized_custom_status is not None)
         await hub.client.raise_orchestration_event("same", "go")
         await hub.client.wait_for_orchestration_completion("same", timeout=10)
-        unlocked = await _unlocked(hub, held)
+        unlocked = await _unlocked(hub, HELD)
     assert replaced is not None and replaced.get_output() == 2
     assert unlocked.get_state(int) == 3
 
