@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -202,6 +203,32 @@ async def test_a_suspend_that_comes_with_a_continue_as_new_suspends_the_next_exe
         assert state is not None and (state.runtime_status, state.get_input()) == (Status.SUSPENDED, 1)
         await hub.client.resume_orchestration(instance_id)
         await hub.wait_for_state(instance_id, lambda s: s.get_input() == 2 and s.runtime_status == Status.RUNNING)
+
+
+async def test_a_terminated_instance_runs_none_of_its_activities_not_yet_begun(hub: Hub, app: dtfx.App) -> None:
+    began: list[int] = []
+    go_on = threading.Event()
+
+    @app.activity
+    def waits(ctx: dtfx.ActivityContext, index: int) -> None:
+        began.append(index)
+        go_on.wait(10)
+
+    @app.orchestrator
+    def fans_out(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        yield dtfx.when_all([ctx.call_activity(waits, input=index) for index in range(10)])
+
+    one_at_a_time = dtfx.ConcurrencyOptions(maximum_concurrent_activity_work_items=1, maximum_thread_pool_workers=1)
+    async with hub.worker(app, concurrency=one_at_a_time):
+        instance_id = await hub.client.schedule_new_orchestration(fans_out)
+        while not began:
+            await asyncio.sleep(0.01)
+        await hub.client.terminate_orchestration(instance_id)
+        state = await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+        go_on.set()  # the one running finishes; the nine queued are gone
+        await asyncio.sleep(0.5)
+    assert state is not None and state.runtime_status == Status.TERMINATED
+    assert len(began) == 1
 
 
 async def test_terminate_a_scheduled_instance_before_it_starts(hub: Hub, app: dtfx.App) -> None:

@@ -299,6 +299,11 @@ class MemoryBackend(Backend):
         if finished:
             for task_id in [key for key, task in self._tasks.items() if task.lock_token in finished]:
                 del self._tasks[task_id]
+        if checkpoint.status is OrchestrationStatus.TERMINATED:  # its activities not yet begun never will
+            for task_id, queued in list(self._tasks.items()):
+                held = queued.lock_token is not None and queued.locked_until is not None and queued.locked_until > now
+                if queued.task.instance_id == checkpoint.instance_id and not held:
+                    del self._tasks[task_id]
         for task in checkpoint.activity_tasks:
             task_id = next(self._ids)
             if task.lock_token is None:

@@ -171,6 +171,7 @@ class HubTransaction:
         self._wiped: dict[str, None] = {}
         self._deleted_tasks: list[int] = []
         self._finished_tasks: list[str] = []
+        self._terminated: list[str] = []
         self._recycled: list[tuple[str, ActivityTask]] = []
         """Finished eager tasks whose rows become the next eager task of the same instance."""
         self._keeping: dict[str, int] = {}  # instance id -> until when its lease is kept, if nothing is ready
@@ -311,6 +312,8 @@ class HubTransaction:
         recycled = list(zip(checkpoint.finished_tasks, leased, strict=False))  # [] without finished tasks
         self._recycled.extend(recycled)
         self._finished_tasks.extend(checkpoint.finished_tasks[len(recycled) :])
+        if checkpoint.status is OrchestrationStatus.TERMINATED:  # its activities not yet begun never will
+            self._terminated.append(instance_id)
         writes = self._writes_of(instance_id)
         writes.checkpointed = True
         if checkpoint.replace_history:
@@ -396,6 +399,9 @@ class HubTransaction:
         if self._finished_tasks:
             finished = dialect.list_param(self._finished_tasks)
             yield Execute(f"DELETE FROM tasks WHERE {in_list('lock_token')}", (finished,))
+        if self._terminated:  # the tasks no worker holds (a task's lease is its visible_at)
+            terminated = dialect.list_param(self._terminated)
+            yield Execute(f"DELETE FROM tasks WHERE {in_list('instance_id')} AND visible_at <= ?", (terminated, now))
         recycled = [(finished, task, _task_row(task, now)) for finished, task in self._recycled]  # rows built once
         if recycled and dialect.writes_in_with:
             yield ExecuteMany(_RECYCLE_OR_INSERT_TASK, [(*row[1:], finished, *row) for finished, _, row in recycled])
