@@ -1157,6 +1157,23 @@ async def test_replacing_or_purging_an_instance_removes_its_tasks_and_messages(b
     assert [type(m.event).__name__ for m in item.messages] == ["ExecutionStarted"]
 
 
+async def test_terminating_drops_the_tasks_no_worker_holds_and_leaves_a_held_one(backend: Backend) -> None:
+    """Queued, or given back to run later: not begun; held by a lease: left to its worker."""
+    for instance_id in ("queued", "put-off", "held"):
+        await _with_activity(backend, instance_id)
+    tasks = {task.task.instance_id: task for task in await backend.lock_activity_work_items(10, LEASE)}
+    await backend.abandon_activity_work_item(tasks["queued"])
+    await backend.abandon_activity_work_item(tasks["put-off"], retry_at=utc_now() + timedelta(milliseconds=300))
+    for instance_id in ("queued", "put-off", "held"):  # a work item for each
+        await backend.send_event(instance_id, EventRaised(timestamp=utc_now(), name="poke"))
+    items = await backend.lock_orchestration_work_items(10, LEASE)
+    checkpoints = [checkpoint_for(item, status=Status.TERMINATED) for item in items]
+    assert await backend.complete_orchestration_work_items(checkpoints) == [True] * 3
+    await asyncio.sleep(0.4)  # past the put-off task's time: it is gone too
+    assert await backend.lock_activity_work_items(10, LEASE) == []
+    assert await backend.renew_activity_lease(tasks["held"], LEASE) is True
+
+
 async def test_an_event_sent_for_later_waits_until_then(backend: Backend) -> None:
     assert await backend.next_visible_at(WorkKind.ORCHESTRATION) is None
     assert await backend.next_visible_at(WorkKind.ACTIVITY) is None

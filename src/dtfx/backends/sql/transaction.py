@@ -399,9 +399,10 @@ class HubTransaction:
         if self._finished_tasks:
             finished = dialect.list_param(self._finished_tasks)
             yield Execute(f"DELETE FROM tasks WHERE {in_list('lock_token')}", (finished,))
-        if self._terminated:  # the tasks no worker holds (a task's lease is its visible_at)
+        if self._terminated:  # the tasks no worker holds: not leased, or their lease (their visible_at) ran out
             terminated = dialect.list_param(self._terminated)
-            yield Execute(f"DELETE FROM tasks WHERE {in_list('instance_id')} AND visible_at <= ?", (terminated, now))
+            sql = f"DELETE FROM tasks WHERE {in_list('instance_id')} AND (lock_token IS NULL OR visible_at <= ?)"
+            yield Execute(sql, (terminated, now))
         recycled = [(finished, task, _task_row(task, now)) for finished, task in self._recycled]  # rows built once
         if recycled and dialect.writes_in_with:
             yield ExecuteMany(_RECYCLE_OR_INSERT_TASK, [(*row[1:], finished, *row) for finished, _, row in recycled])
