@@ -77,6 +77,7 @@ from dtfx.core.history import (
 )
 from dtfx.core.instance_ids import instance_id_error, is_entity_id, orchestration_id_error
 from dtfx.core.tokens import new_token
+from dtfx.core.versioning import VERSION_MISMATCH
 from dtfx.core.workitems import (
     ActivityTask,
     InboxMessage,
@@ -738,7 +739,7 @@ def locks_a_rewind_cannot_take_back(history: Sequence[HistoryEvent]) -> list[str
     return []
 
 
-_FAILED_WITHOUT_THE_CODE = frozenset({qualified_name(NotRegisteredError), "VersionMismatch"})
+_FAILED_WITHOUT_THE_CODE = frozenset({qualified_name(NotRegisteredError), VERSION_MISMATCH})
 
 
 def _released_without_the_code(history: Sequence[HistoryEvent]) -> list[str]:

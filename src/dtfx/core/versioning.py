@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from packaging.version import InvalidVersion, Version
 
+VERSION_MISMATCH = "VersionMismatch"
+"""The error type of an orchestration a worker's versioning rules fail, as the official SDKs name it."""
+
 
 def compare_versions(left: str | None, right: str | None) -> int:
     """-1, 0 or 1 as ``left`` is older than, equal to or newer than ``right``.

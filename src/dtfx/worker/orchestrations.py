@@ -46,7 +46,7 @@ from dtfx.core.history import (
 )
 from dtfx.core.replay import OrchestrationExecutor
 from dtfx.core.serialization import DataConverter
-from dtfx.core.versioning import compare_versions
+from dtfx.core.versioning import VERSION_MISMATCH, compare_versions
 from dtfx.core.workitems import (
     ActivityTask,
     ActivityWorkItem,
@@ -672,7 +672,7 @@ def version_failure(versioning: VersioningOptions | None, version: str | None) -
         message = f"The orchestration version '{version}' is greater than the worker version '{versioning.version}'."
     else:
         return None
-    return FailureDetails(error_type="VersionMismatch", message=message, is_non_retriable=True)
+    return FailureDetails(error_type=VERSION_MISMATCH, message=message, is_non_retriable=True)
 
 
 def _log_failure(item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint, *, ran: bool) -> None:
@@ -685,7 +685,7 @@ def _log_failure(item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoin
         logger.log(level, "Instance %s (%s) failed: %s", item.instance_id, item.state.name, details)
 
 
-def _ended_unrun(
+def _ending_without_the_code(
     item: OrchestrationWorkItem,
     ending: EpisodeOutcome,
     past_events: Sequence[HistoryEvent] | None,
@@ -776,12 +776,12 @@ class LocalRunner:
             terminate = termination(new_events)
             if terminate is not None:  # needs none of the orchestrator's code, which this worker may not run
                 end = CompleteOrchestration(id=-1, status=OrchestrationStatus.TERMINATED, result=terminate.input)
-                return _ended_unrun(item, EpisodeOutcome([end], None), past_events, new_events)
+                return _ending_without_the_code(item, EpisodeOutcome([end], None), past_events, new_events)
             if self._versioning.failure_strategy is VersionFailureStrategy.REJECT:
                 level = logging.WARNING if self._newly_rejected(item.instance_id) else logging.DEBUG
                 logger.log(level, "Instance %s: %s Leaving it to another worker.", item.instance_id, failure.message)
                 return Abandon(self._reject_retry_delay)
-            return _ended_unrun(item, failed_episode(failure), past_events, new_events)
+            return _ending_without_the_code(item, failed_episode(failure), past_events, new_events)
 
         with self._lock:
             entry = self._cache.take(item) if past_events is None else None
@@ -791,7 +791,7 @@ class LocalRunner:
             orchestrator = self._registry.orchestrators.get(started.name)
             if orchestrator is None:
                 missing = FailureDetails.from_exception(NotRegisteredError("orchestrator", started.name))
-                return _ended_unrun(item, failed_episode(missing), past_events, new_events)
+                return _ending_without_the_code(item, failed_episode(missing), past_events, new_events)
             default_version = self._versioning.default_version if self._versioning else None
             executor = OrchestrationExecutor(
                 orchestrator, item.instance_id, converter=self._converter, default_version=default_version
