@@ -662,3 +662,46 @@ def test_entity_ids_are_validated_and_parsed() -> None:
         EntityInstanceId("counter", "k" * 1024)
     with pytest.raises(TypeError, match="An entity key is a string"):
         EntityInstanceId("counter", 5)  # type: ignore[arg-type]
+
+
+def fails_its_episode_in_a_section(ctx: dtfx.OrchestrationContext, how: str) -> Any:
+    with (yield ctx.lock_entities([HELD])):
+        yield ctx.call_entity(HELD, "add", 1)
+        if how == "after an activity":  # the episode that follows an eager activity's result
+            yield ctx.call_activity(echo, input="x")
+        else:  # the episode of an event, run by the cached orchestration
+            ctx.set_custom_status("in the section")
+            yield ctx.wait_for_external_event("go")
+        yield ctx.call_activity(NOT_STORABLE if how == "refused by the store" else "no\x00such activity")
+
+
+def echo(ctx: dtfx.ActivityContext, value: Any) -> Any:
+    return value
+
+
+NOT_STORABLE = "a lone \ud800 surrogate"
+"""A name that passes the worker's own checks and that the store's commit refuses."""
+
+
+@pytest.mark.parametrize("how", ["after an event", "after an activity", "refused by the store"])
+async def test_locks_are_released_when_the_worker_fails_an_episode_it_cannot_store(
+    hub: Hub, app: dtfx.App, how: str
+) -> None:
+    if how == "refused by the store" and isinstance(hub.backend, dtfx.MemoryBackend):
+        pytest.skip("the memory store keeps any string")
+    app.update(_LOCK_HOLDER_APP)
+    app.add_activity(echo)
+    app.add_orchestrator(fails_its_episode_in_a_section)
+    async with hub.worker(app):
+        holder = await hub.client.schedule_new_orchestration(fails_its_episode_in_a_section, input=how)
+        if how != "after an activity":
+            await hub.wait_for_state(holder, lambda state: state.serialized_custom_status is not None)
+            await hub.client.raise_orchestration_event(holder, "go")
+        failed = await hub.client.wait_for_orchestration_completion(holder, timeout=10)
+        await _unlocked(hub, HELD)
+        after = await hub.run(calls_held, timeout=10)
+    assert failed is not None and failed.failure_details is not None
+    assert failed.failure_details.is_caused_by(dtfx.UnstorableValueError)
+    assert after.get_output() == 2
+    with pytest.raises(dtfx.OrchestrationStateError, match=r"inside a critical section.*@counter@held"):
+        await hub.client.rewind_orchestration(holder)

@@ -214,6 +214,10 @@ def _failed(history: Sequence[HistoryEvent]) -> bool:
     return False
 
 
+class HistoryNeededError(Exception):
+    """:func:`apply_actions` needs the past history, which it was not given."""
+
+
 def apply_actions(
     item: OrchestrationWorkItem,
     started: ExecutionStarted,
@@ -230,14 +234,19 @@ def apply_actions(
     """Turn an episode's actions into a checkpoint.
 
     ``started`` is the execution's ``ExecutionStarted`` (from history or ``new_events``);
-    ``history`` is the past history, needed only when :func:`needs_history` says so;
+    ``history`` is the past history, needed when :func:`needs_history` says so, and for an
+    episode that must fail instead (its actions could not be stored), for the unlocks of the
+    critical section it was in: without it, that raises :class:`HistoryNeededError`;
     ``span``, the execution's span as the episode's worker began or changed it, is
     recorded on the episode's ``OrchestratorStarted``. An activity, sub-orchestration or
     entity operation that comes with no trace context of its own continues the execution's.
     """
     invalid = _unstorable(actions, custom_status) or _misaddressed(actions)
     if invalid is not None:  # it would fail every commit, or another instance: the orchestration fails instead
-        actions = [CompleteOrchestration(id=-1, status=OrchestrationStatus.FAILED, failure_details=invalid)]
+        if history is None:
+            raise HistoryNeededError
+        end = CompleteOrchestration(id=-1, status=OrchestrationStatus.FAILED, failure_details=invalid)
+        actions = [*releases_of_open_sections(history, item.instance_id, now), end]
         custom_status = None
     state = item.state
     instance_id = item.instance_id
@@ -648,11 +657,13 @@ def unstorable_checkpoint(
     started: ExecutionStarted,
     error: Exception,
     now: datetime,
+    history: Sequence[HistoryEvent],
 ) -> OrchestrationCheckpoint:
     """The checkpoint that fails the instance instead of ``checkpoint``, whose commit the store
     refused for a value it cannot hold (a lone surrogate in an error message, say): committed
     again, it would be refused again every time the episode ran. The episode's events are
-    left out; its messages are consumed, and its parent, if any, is told."""
+    left out; its messages are consumed, its parent, if any, is told, and the entities that
+    the critical section it was in (by ``history``, the past history) had locked are unlocked."""
     details = FailureDetails(
         error_type=qualified_name(UnstorableValueError),
         message=storable_text(f"The episode holds a value the task hub cannot store: {error}"),
@@ -663,6 +674,9 @@ def unstorable_checkpoint(
     failed.new_history = [OrchestratorStarted(timestamp=now)]
     if item.history_size == 0:
         failed.new_history.append(started)
+    for unlock in unlocks_of_open_sections(history, item.instance_id, now):
+        failed.new_history.append(unlock)
+        failed.messages.append(OutboundMessage(unlock.target_instance_id, unlock))
     ended = ExecutionCompleted(timestamp=now, status=OrchestrationStatus.FAILED, failure_details=details)
     failed.new_history.append(ended)
     failed.status = OrchestrationStatus.FAILED
@@ -716,11 +730,11 @@ def locks_a_rewind_cannot_take_back(history: Sequence[HistoryEvent]) -> list[str
     (work that failed, or had not come back, was asked for while the section held its
     locks); none if it can be rewound. The section's locks are gone (released when it ended,
     or when the instance failed), and the replay would go on inside it without them. So does
-    a section that a worker ended for an execution it failed without its code (see
+    a section that a worker ended for an execution it failed in place of its code (see
     :func:`unlocks_of_open_sections`): the code would go on inside it."""
-    unrun = _released_without_the_code(history)
-    if unrun:
-        return unrun
+    released = _released_by_the_worker(history)
+    if released:
+        return released
     again, failed_children, unanswered = _rewound_work(history)
     rerun = again | failed_children | unanswered
     sections: dict[str, tuple[int, list[str]]] = {}  # by id: where it began, and its lock set
@@ -739,16 +753,21 @@ def locks_a_rewind_cannot_take_back(history: Sequence[HistoryEvent]) -> list[str
     return []
 
 
-_FAILED_WITHOUT_THE_CODE = frozenset({qualified_name(NotRegisteredError), VERSION_MISMATCH})
+_FAILED_BY_THE_WORKER = frozenset(
+    qualified_name(error) for error in (NotRegisteredError, UnstorableValueError, InvalidInstanceIdError)
+) | {VERSION_MISMATCH}
+"""The error types of failures that a worker gives an execution in place of its code's episode
+(with the unlocks the code would have sent): its orchestrator not registered, a version the
+worker may not run, an episode that no store could keep or that sent an entity's message astray."""
 
 
-def _released_without_the_code(history: Sequence[HistoryEvent]) -> list[str]:
-    """The entities whose locks the last episode released for an execution that failed
-    without its code (its orchestrator not registered, or of a version the worker may not run)."""
+def _released_by_the_worker(history: Sequence[HistoryEvent]) -> list[str]:
+    """The entities whose locks the last episode released for an execution that a worker
+    failed in place of its code (:data:`_FAILED_BY_THE_WORKER`)."""
     end = history[-1] if history else None
     if not isinstance(end, ExecutionCompleted) or end.failure_details is None:
         return []
-    if end.failure_details.error_type not in _FAILED_WITHOUT_THE_CODE:
+    if end.failure_details.error_type not in _FAILED_BY_THE_WORKER:
         return []
     began = max((index for index, event in enumerate(history) if isinstance(event, OrchestratorStarted)), default=0)
     return sorted(event.target_instance_id for event in history[began:] if isinstance(event, EntityUnlockSent))
@@ -759,7 +778,8 @@ def unlocks_of_open_sections(
 ) -> list[EntityUnlockSent]:
     """The unlocks that end the critical section ``history`` left open (none if it left none),
     which the orchestrator's code sends as it ends: for an execution ended without its code
-    (not registered, a version the worker may not run) or replaced by a start under its id.
+    (not registered, a version the worker may not run), failed in place of an episode that
+    could not be stored, or replaced by a start under its id.
     An entity that holds the lock releases it; one whose queue holds the request drops it."""
     open_sections = {event.critical_section_id: event for event in history if isinstance(event, EntityLockRequested)}
     for event in history:
@@ -779,6 +799,16 @@ def unlocks_of_open_sections(
             unlocks.append(unlock)
             next_id += 1
     return unlocks
+
+
+def releases_of_open_sections(
+    history: Sequence[HistoryEvent], instance_id: str, now: datetime
+) -> list[SendEntityMessage]:
+    """The actions that send :func:`unlocks_of_open_sections`."""
+    return [
+        SendEntityMessage(id=unlock.event_id, event=unlock)
+        for unlock in unlocks_of_open_sections(history, instance_id, now)
+    ]
 
 
 def failed_children(history: Sequence[HistoryEvent]) -> list[str]:

@@ -21,16 +21,17 @@ from typing import Protocol
 from dtfx._tracing import episode_traced, execution_ended
 from dtfx.backends.base import Backend
 from dtfx.backends.delivery import checkpointed_state
-from dtfx.core.actions import CompleteOrchestration, OrchestratorAction, SendEntityMessage
+from dtfx.core.actions import CompleteOrchestration, OrchestratorAction
 from dtfx.core.apply import (
     EpisodeKind,
+    HistoryNeededError,
     apply_actions,
     merge_checkpoints,
     needs_history,
     plan_episode,
+    releases_of_open_sections,
     termination,
     unchanged_checkpoint,
-    unlocks_of_open_sections,
     unstorable_checkpoint,
 )
 from dtfx.core.errors import NotRegisteredError, UnstorableValueError
@@ -239,7 +240,8 @@ class OrchestrationProcessor:
             self._runner.finished(item, None, False)
             await self._backend.abandon_orchestration_work_item(item, retry_at=outcome.retry_at(self._backend.now()))
             return
-        checkpoint = apply_actions(
+        applying = partial(
+            apply_actions,
             item,
             started,
             plan.new_events,
@@ -247,9 +249,12 @@ class OrchestrationProcessor:
             outcome.custom_status,
             plan.consumed,
             self._backend.now(),  # the actions' events date from when they came back (an SDK's: a round trip later)
-            history=history,
             span=outcome.span,
         )
+        try:
+            checkpoint = applying(history=history)
+        except HistoryNeededError:  # an episode it fails instead, inside a critical section, maybe: rare
+            checkpoint = applying(history=await self._backend.get_history(item.instance_id))
         if self.eager is None:
             committed = await self._commit(item, checkpoint)
             self._runner.finished(item, checkpoint, committed is not CommitResult.LOST)
@@ -603,17 +608,14 @@ class OrchestrationProcessor:
             result = await self._committer.commit(checkpoint)
         except UnstorableValueError as error:  # it would be refused every time the episode ran
             logger.warning("Instance %s: the store refused its episode (%s); failing it", item.instance_id, error)
+            history = await self._backend.get_history(item.instance_id)
             started = self._runner.cached_start(item) or _find_start(
                 # The execution's own start: one that continues it as new comes after it.
-                [
-                    *await self._backend.get_history(item.instance_id),
-                    *(message.event for message in item.messages),
-                    *checkpoint.new_history,
-                ]
+                [*history, *(message.event for message in item.messages), *checkpoint.new_history]
             )
             if started is None:
                 raise
-            failed = unstorable_checkpoint(item, checkpoint, started, error, self._backend.now())
+            failed = unstorable_checkpoint(item, checkpoint, started, error, self._backend.now(), history)
             result = await self._committer.commit(failed)
         _log_lost(item, result)
         return result
@@ -633,7 +635,10 @@ def _followed(
     """The checkpoint of an episode that follows an eager activity, with what it then awaits."""
     if isinstance(outcome, Abandon):
         return outcome
-    checkpoint = apply_actions(item, started, new_events, outcome.actions, outcome.custom_status, [], now)
+    try:
+        checkpoint = apply_actions(item, started, new_events, outcome.actions, outcome.custom_status, [], now)
+    except HistoryNeededError:  # the episode is run again from the history, as ordinary work
+        return Abandon()
     return checkpoint, outcome.awaited
 
 
@@ -694,9 +699,8 @@ def _ending_without_the_code(
     """``ending``, which ends the execution without its code, and the unlocks of the critical
     section it was in, which its code would have sent as it ended."""
     history = [*(past_events or ()), *new_events]
-    unlocks = unlocks_of_open_sections(history, item.instance_id, new_events[0].timestamp)
-    sends = [SendEntityMessage(id=unlock.event_id, event=unlock) for unlock in unlocks]
-    return EpisodeOutcome([*sends, *ending.actions], ending.custom_status)
+    releases = releases_of_open_sections(history, item.instance_id, new_events[0].timestamp)
+    return EpisodeOutcome([*releases, *ending.actions], ending.custom_status)
 
 
 def failed_episode(details: FailureDetails) -> EpisodeOutcome:
