@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime, timedelta
+import time
+from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -12,49 +14,68 @@ from dtfx.backends.clock import ReferenceClock, utc_now
 from dtfx.backends.postgres import PostgresBackend
 from tests.postgres import postgres_url
 
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
-RTT = timedelta(microseconds=200)
+RTT = 0.0002
+"""A reading's round trip, in seconds."""
+
+
+def _read(clock: ReferenceClock, ahead: timedelta, rtt: float = RTT) -> None:
+    """Set ``clock`` by a reading of a reference clock ``ahead`` of this machine's, just taken."""
+    received = time.monotonic()
+    clock.set_by(utc_now() - timedelta(seconds=rtt / 2) + ahead, received - rtt, received)
 
 
 def test_a_clock_that_agrees_within_the_tolerance_is_left_alone() -> None:
     clock = ReferenceClock("the server")
-    clock.set_by(T0 + timedelta(microseconds=900), T0, T0 + RTT)
+    _read(clock, timedelta(microseconds=900))
     assert clock.offset == timedelta(0)
+    assert abs(clock.now() - utc_now()) < timedelta(milliseconds=50)
 
 
-def test_the_offset_follows_the_reference_clock_but_not_the_noise_of_its_readings(
+def test_the_time_follows_the_reference_clock_but_not_the_noise_of_its_readings(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = ReferenceClock("the server")
     with caplog.at_level(logging.INFO, logger="dtfx.backends"):
-        clock.set_by(T0 + timedelta(seconds=5, microseconds=100), T0, T0 + RTT)  # read halfway
-        assert clock.offset == timedelta(seconds=5)
+        _read(clock, timedelta(seconds=5))
+        assert abs(clock.offset - timedelta(seconds=5)) < timedelta(milliseconds=50)
+        assert abs(clock.now() - utc_now() - timedelta(seconds=5)) < timedelta(milliseconds=50)
         assert caplog.records[-1].levelno == logging.WARNING
         assert "5.000 s behind the server's" in caplog.records[-1].getMessage()
 
-        # Within the reading's uncertainty (half its 1 ms round trip) and the tolerance: no change.
-        clock.set_by(T0 + timedelta(seconds=5, microseconds=1900), T0, T0 + timedelta(milliseconds=1))
-        assert clock.offset == timedelta(seconds=5)
-        assert len(caplog.records) == 1
+        # Within the reading's uncertainty (half its 10 ms round trip) and the tolerance: no change.
+        received, kept = time.monotonic(), clock.now()
+        clock.set_by(kept - timedelta(milliseconds=2), received - 0.01, received)  # 3 ms off the time kept midway
+        assert len(caplog.records) == 1 and abs(clock.now() - kept) < timedelta(milliseconds=50)
 
-        clock.set_by(T0 - timedelta(seconds=2), T0 - RTT, T0 + RTT)  # this machine's clock was set ahead
-        assert clock.offset == timedelta(seconds=-2)
+        _read(clock, timedelta(seconds=-2))  # this machine's clock was set ahead
         assert "2.000 s ahead of the server's" in caplog.records[-1].getMessage()
 
-        clock.set_by(T0 + timedelta(milliseconds=30), T0, T0)  # more than the tolerance: kept, but worth no warning
-        assert clock.offset == timedelta(milliseconds=30)
+        _read(clock, timedelta(milliseconds=30))  # more than the tolerance: kept, but worth no warning
         assert caplog.records[-1].levelno == logging.INFO
 
-        clock.set_by(T0, T0 - RTT, T0 + RTT)
+        _read(clock, timedelta(0))
         assert clock.offset == timedelta(0)
         assert "agrees with the server's again" in caplog.records[-1].getMessage()
 
 
-def test_now_is_the_reference_clocks_time() -> None:
+def test_a_step_of_this_machines_wall_clock_does_not_move_the_time_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An NTP step, or a virtual machine's resume, between two readings: leases would end and
+    timers fire early by the step, had the time been kept by the wall clock."""
     clock = ReferenceClock("the server")
-    sent = utc_now()
-    clock.set_by(sent + timedelta(hours=1), sent, sent)
-    assert abs(clock.now() - (utc_now() + timedelta(hours=1))) < timedelta(seconds=1)
+    _read(clock, timedelta(0))
+    before = clock.now()
+    stepped = utc_now() + timedelta(minutes=10)
+    monkeypatch.setattr("dtfx.backends.clock.utc_now", lambda: stepped)
+    monkeypatch.setattr("dtfx.backends.clock.datetime", _Stepped)
+    assert timedelta(0) <= clock.now() - before < timedelta(seconds=1)
+
+
+class _Stepped(datetime):
+    """A wall clock ten minutes ahead."""
+
+    @classmethod
+    def now(cls, tz: Any = None) -> Any:
+        return datetime.now(tz) + timedelta(minutes=10)
 
 
 async def test_a_postgres_backend_reads_the_servers_clock_again_and_again(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,7 +86,7 @@ async def test_a_postgres_backend_reads_the_servers_clock_again_and_again(monkey
         # The server runs on this machine: the backend's first reading found the clocks agreeing.
         assert backend._postgres_dialect.clock.offset == timedelta(0)
         # As if the server's clock had been an hour ahead of this machine's until now.
-        backend._postgres_dialect.clock.set_by(utc_now() + timedelta(hours=1), utc_now(), utc_now())
+        _read(backend._postgres_dialect.clock, timedelta(hours=1))
         assert backend.now() - utc_now() > timedelta(minutes=59)
         for _ in range(100):  # the next reading, within about a second
             if backend._postgres_dialect.clock.offset == timedelta(0):

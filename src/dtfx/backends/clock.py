@@ -13,6 +13,7 @@ leases of live workers and fire timers early. A backend whose store is shared by
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 
 logger = logging.getLogger("dtfx.backends")
@@ -30,40 +31,50 @@ def utc_now() -> datetime:
 
 
 class ReferenceClock:
-    """This machine's clock, set by a reference clock (a database server's) that it reads
-    now and then (:meth:`set_by`)."""
+    """The reference clock's time (a database server's), read now and then (:meth:`set_by`)
+    and kept between readings by this machine's monotonic clock: a step of this machine's
+    wall clock (NTP's, an operator's, a virtual machine's resume) does not move it."""
 
     def __init__(self, reference: str) -> None:
         self._reference = reference
+        self._at = utc_now()
+        """The reference clock's time at :attr:`_since`, this machine's monotonic time."""
+        self._since = time.monotonic()
         self._offset = timedelta(0)
 
     @property
     def offset(self) -> timedelta:
-        """How far the reference clock is ahead of this machine's (negative: behind)."""
+        """How far the reference clock was ahead of this machine's wall clock (negative: behind)
+        when it was last found to differ from the time kept."""
         return self._offset
 
     def now(self) -> datetime:
         """The reference clock's time now."""
-        return datetime.now(UTC) + self._offset
+        return self._at + timedelta(seconds=time.monotonic() - self._since)
 
-    def set_by(self, reading: datetime, sent: datetime, received: datetime) -> None:
-        """Take the offset from ``reading``, the reference clock's time, asked for at ``sent``
-        and received at ``received`` (this machine's clock): it was read in between, taken to
-        be halfway. A new offset within that uncertainty (plus :data:`TOLERANCE`) of the one
-        kept is not a change, so that times do not jitter from one reading to the next."""
-        uncertainty = (received - sent) / 2
-        offset = reading - (sent + uncertainty)
-        if abs(offset - self._offset) <= uncertainty + TOLERANCE:
+    def set_by(self, reading: datetime, sent: float, received: float) -> None:
+        """Take the time from ``reading``, the reference clock's, asked for at ``sent`` and
+        received at ``received`` (this machine's monotonic time, :func:`time.monotonic`): it was
+        read in between, taken to be halfway. A reading within that uncertainty (plus
+        :data:`TOLERANCE`) of the time kept is not a change, so that times do not jitter
+        from one reading to the next."""
+        uncertainty = timedelta(seconds=(received - sent) / 2)
+        midway = sent + uncertainty.total_seconds()
+        kept = self._at + timedelta(seconds=midway - self._since)
+        if abs(reading - kept) <= uncertainty + TOLERANCE:
             return
+        self._at, self._since = reading, midway
+        offset = reading - (utc_now() - timedelta(seconds=time.monotonic() - midway))  # against the wall clock
         if abs(offset) <= TOLERANCE:
-            offset = timedelta(0)
-            logger.info("This machine's clock agrees with %s's again", self._reference)
-        else:
-            logger.log(
-                logging.WARNING if abs(offset) >= _WORTH_A_WARNING else logging.INFO,
-                "This machine's clock is %.3f s %s %s's; the task hub's times are kept by the latter",
-                abs(offset.total_seconds()),
-                "behind" if offset > timedelta(0) else "ahead of",
-                self._reference,
-            )
+            if self._offset:
+                logger.info("This machine's clock agrees with %s's again", self._reference)
+            self._offset = timedelta(0)
+            return
+        logger.log(
+            logging.WARNING if abs(offset) >= _WORTH_A_WARNING else logging.INFO,
+            "This machine's clock is %.3f s %s %s's; the task hub's times are kept by the latter",
+            abs(offset.total_seconds()),
+            "behind" if offset > timedelta(0) else "ahead of",
+            self._reference,
+        )
         self._offset = offset

@@ -58,7 +58,7 @@ import msgspec
 
 from dtfx._portal import LoopThread
 from dtfx.backends.base import WorkKind
-from dtfx.backends.clock import ReferenceClock, utc_now
+from dtfx.backends.clock import ReferenceClock
 from dtfx.backends.sql.backend import Coalesced, SqlBackend
 from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program, Step, Stepper
 from dtfx.backends.sql.rows import from_micros, to_micros
@@ -1075,10 +1075,10 @@ class PostgresBackend(SqlBackend):
         the backend starts and every :attr:`listeners_interval`, which follows a clock that
         drifts or is set."""
 
-        def program() -> Program[tuple[datetime, datetime, datetime]]:
-            sent = utc_now()
+        def program() -> Program[tuple[datetime, float, float]]:
+            sent = time.monotonic()
             rows = yield Fetch("SELECT clock_timestamp()")
-            return rows[0][0], sent, utc_now()
+            return rows[0][0], sent, time.monotonic()
 
         try:
             reading, sent, received = await self._transact(program, write=False)
