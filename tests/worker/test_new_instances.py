@@ -90,3 +90,24 @@ async def test_a_start_that_the_reuse_rules_refuse_runs_nothing(backend: Backend
         state = await client.wait_for_orchestration_completion("once", timeout=10)
     assert state is not None and state.get_output() == ["Hello, third!"]
     assert [name for name, _ in seen] == ["first", "third"]
+
+
+async def test_a_start_cancelled_as_it_creates_the_instance_leaves_it_to_any_worker(backend: Backend) -> None:
+    """A request cancelled as it waited, or a timeout around it: the creation it had queued may
+    go through all the same, leased to the worker of the client's process, which never hears
+    of it. The lease is given back, so that the instance runs at once, not a lease later."""
+    seen: list[tuple[str, Any]] = []
+    async with dtfx.Worker(backend, app=watching_app(backend, seen)):
+        client = dtfx.AsyncClient(backend)
+        await client.get_orchestration_state("warm-up")
+        ids = [f"cancelled-{n}" for n in range(60)]
+        for n, instance_id in enumerate(ids):
+            start = asyncio.create_task(client.schedule_new_orchestration("greet", input=[n], instance_id=instance_id))
+            await asyncio.sleep(0.0005 * (n % 10))  # at each point of its way
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+        created = [i for i in ids if await client.get_orchestration_state(i) is not None]
+        assert created  # (most of them are: each is queued at once, and runs with the others)
+        for instance_id in created:  # within seconds, where a lease is a minute
+            state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+            assert state is not None and state.runtime_status == dtfx.OrchestrationStatus.COMPLETED

@@ -100,10 +100,13 @@ class CoalescedRun:
             self.outcomes.extend([outcome] * len(group))
 
 
-def _resolve(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
-    """Give each future its outcome (a result, or an exception to raise), unless its caller gave up."""
+def _resolve(settled: list[tuple[asyncio.Future[Any], Any]], unclaimed: Callable[[Any], None]) -> None:
+    """Give each future its outcome (a result, or an exception to raise), unless its caller gave
+    up (cancelled): then a result goes to ``unclaimed``."""
     for future, outcome in settled:
         if future.done():
+            if not isinstance(outcome, BaseException):
+                unclaimed(outcome)
             continue
         if isinstance(outcome, BaseException):
             future.set_exception(outcome)
@@ -198,7 +201,12 @@ class SqlBackend(Backend):
             first = len(queue) == 1
         if first:
             self._start_draining(kind)
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:  # cancelled once it had it
+                self._unclaimed(future.result())
+            raise
 
     def _drain(self, kind: Coalesced) -> CoalescedRun | None:
         """Take ``kind``'s queue (``None``: it is empty)."""
@@ -214,8 +222,7 @@ class SqlBackend(Backend):
         if run is not None:
             self._settle(run.futures, [error] * len(run.futures))
 
-    @staticmethod
-    def _settle(futures: list[asyncio.Future[Any]], outcomes: list[Any]) -> None:
+    def _settle(self, futures: list[asyncio.Future[Any]], outcomes: list[Any]) -> None:
         """Hand each caller its outcome (a result, or an exception to raise) on the caller's own event loop.
 
         Callers on the running loop get theirs at once; each other loop is woken once for
@@ -229,12 +236,21 @@ class SqlBackend(Backend):
         for future, outcome in zip(futures, outcomes, strict=True):
             loop = future.get_loop()
             if loop is running:
-                _resolve([(future, outcome)])
+                _resolve([(future, outcome)], self._unclaimed)
             else:
                 elsewhere.setdefault(loop, []).append((future, outcome))
         for loop, settled in elsewhere.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there any more
-                loop.call_soon_threadsafe(_resolve, settled)
+                loop.call_soon_threadsafe(_resolve, settled, self._unclaimed)
+
+    def _unclaimed(self, outcome: Any) -> None:
+        """A coalesced call's result that its caller, cancelled as it waited, never got: an
+        instance created leased to this process's worker, which never hears of it, is given
+        back for any worker to take (else it would wait for its lease to end)."""
+        if isinstance(outcome, operations.LeasedCreation):
+            item = outcome.item
+            give_back = partial(operations.give_back_instance_leases, self._dialect, item.lock_token, False)
+            self._give_back_once_possible(give_back, item.locked_until)
 
     def _after_commit(self, notifications: Sequence[Notify]) -> None:
         """Wake this process's waiters for what a committed transaction changed."""
