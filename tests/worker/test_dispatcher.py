@@ -351,6 +351,70 @@ async def test_stop_waits_for_reserved_slots_no_longer_than_the_grace_period(cap
     assert "1 reserved slot(s) still unused at shutdown" in caplog.text
 
 
+async def test_a_fetch_that_outlasts_the_grace_period_is_given_up_by_the_stop() -> None:
+    """The store is away: a fetch waits for a connection until the pool's timeout."""
+    fetching = asyncio.Event()
+
+    async def stuck_fetch(count: int) -> list[int]:
+        fetching.set()
+        await asyncio.sleep(3600)
+        return []
+
+    recorder = Recorder(0)
+    dispatcher = recorder.dispatcher()
+    dispatcher._fetch = stuck_fetch
+    dispatcher.start()
+    await fetching.wait()
+    await asyncio.wait_for(dispatcher.stop(0.05), 5)
+    assert not dispatcher.running
+
+
+async def test_dispatchers_stopped_together_share_one_grace_period() -> None:
+    """Each has stopped fetching before any of them waits for its work (one after another, each
+    would have had a period of its own)."""
+    started = [asyncio.Event(), asyncio.Event()]
+    stopped_fetching: list[bool] = []
+    dispatchers: list[WorkItemDispatcher[int]] = []
+
+    def work_of(index: int) -> Callable[[int], Awaitable[None]]:
+        async def work(item: int) -> None:
+            started[index].set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                stopped_fetching.append(not any(dispatcher.running for dispatcher in dispatchers))
+                raise
+
+        return work
+
+    recorders = [Recorder(1, work=work_of(index)) for index in range(2)]
+    dispatchers.extend(recorder.dispatcher() for recorder in recorders)
+    for dispatcher in dispatchers:
+        dispatcher.start()
+    await asyncio.gather(*(event.wait() for event in started))
+    await asyncio.wait_for(WorkItemDispatcher.stop_together(dispatchers, 0.05), 5)
+    assert stopped_fetching == [True, True]
+    assert [recorder.released for recorder in recorders] == [[0], [0]]
+
+
+async def test_a_cancellation_that_no_stop_made_fails_the_work_item_with_a_back_off() -> None:
+    """What a work item's own code cancelled, not the worker: taken up again at once, it would
+    fail again at once, for ever."""
+    calls = 0
+
+    async def cancelled_by_itself(item: int) -> None:
+        nonlocal calls
+        calls += 1
+        raise asyncio.CancelledError  # as a future cancelled on a thread turns up on the loop
+
+    recorder = Recorder(1, work=cancelled_by_itself)
+    dispatcher = recorder.dispatcher(backoff_initial=0.5, backoff_max=1)
+    dispatcher.start()
+    await until(lambda: recorder.released == [0])
+    await dispatcher.stop(1)
+    assert calls == 1 and recorder.retry_afters == [timedelta(seconds=0.5)]
+
+
 def test_backoff_doubles_up_to_the_maximum_and_resets_after_successes() -> None:
     backoff = Backoff(0.1, 0.5)
     assert [backoff.failed() for _ in range(5)] == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])

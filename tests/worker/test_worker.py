@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -515,3 +516,93 @@ async def test_a_sync_wait_on_the_loop_a_worker_runs_on_is_refused_with_what_to_
             state = await asyncio.to_thread(client.wait_for_orchestration_completion, instance_id, timeout=10)
             assert state is not None and state.get_output() == "done"  # as it says
         assert client.wait_for_orchestration_completion(instance_id, timeout=1) is not None  # no worker now
+
+
+def _sequence_app(gate: threading.Event) -> dtfx.App:
+    app = dtfx.App()
+
+    @app.activity
+    def step(ctx: dtfx.ActivityContext, n: int) -> int:
+        gate.wait(10)
+        return n
+
+    @app.orchestrator
+    def sequence(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        for n in range(3):
+            yield ctx.call_activity(step, input=n)
+
+    return app
+
+
+async def test_a_stop_sends_back_the_eager_activities_still_waiting_for_a_thread(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Sequences run their activities eagerly: one waiting for a thread held its claim's slot
+    after the stop had dropped it, and the stop waited the whole grace period for it."""
+    gate = threading.Event()
+    backend = MemoryBackend()
+    client = dtfx.AsyncClient(backend)
+    worker = dtfx.Worker(
+        backend, app=_sequence_app(gate), concurrency=dtfx.ConcurrencyOptions(maximum_thread_pool_workers=1)
+    )
+    await worker.start_async()
+    for _ in range(4):
+        await client.schedule_new_orchestration("sequence")
+    await until(lambda: worker.threads_busy == 4)  # one runs, three wait for the thread
+    stopping = asyncio.create_task(worker.stop_async(grace_period=30))
+    await asyncio.sleep(0.1)
+    gate.set()
+    await asyncio.wait_for(stopping, 10)  # else it waits out the 30 s
+    assert "reserved slot(s) still unused at shutdown" not in caplog.text
+    async with dtfx.Worker(backend, app=_sequence_app(gate)):
+        for state in await client.get_all_orchestration_states():
+            ended = await client.wait_for_orchestration_completion(state.instance_id, timeout=10)
+            assert ended is not None and ended.runtime_status == dtfx.OrchestrationStatus.COMPLETED
+
+
+async def test_a_stop_cancels_an_async_entity_operation_that_outlasts_the_grace_period() -> None:
+    """As it does an async activity's code: else it ran on, on the application's loop, after
+    the stop, and the next worker ran it again."""
+    app = dtfx.App()
+    began, cancelled = asyncio.Event(), asyncio.Event()
+
+    @app.entity
+    async def slow(ctx: dtfx.EntityContext, _: Any) -> None:
+        began.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    backend = MemoryBackend()
+    client = dtfx.AsyncClient(backend)
+    worker = dtfx.Worker(backend, app=app)
+    await worker.start_async()
+    await client.signal_entity(dtfx.EntityInstanceId("slow", "k"), "run")
+    await began.wait()
+    await worker.stop_async(grace_period=0.05)
+    await asyncio.wait_for(cancelled.wait(), 5)
+
+
+def test_a_worker_started_on_its_own_thread_is_stopped_by_stop_async_on_another_loop(tmp_path: Any) -> None:
+    before = set(threading.enumerate())
+    worker = dtfx.Worker(f"sqlite:///{tmp_path}/hub.db", app=dtfx.App())
+    worker.start()
+    asyncio.run(worker.stop_async())
+    assert not worker.is_running
+    for _ in range(500):  # its loop's thread and its backend's end
+        if not set(threading.enumerate()) - before:
+            break
+        time.sleep(0.01)
+    assert not set(threading.enumerate()) - before
+
+
+async def test_a_worker_started_on_a_loop_is_stopped_by_stop_from_another_thread_but_not_from_its_own() -> None:
+    worker = dtfx.Worker(MemoryBackend(), app=dtfx.App())
+    await worker.start_async()
+    with pytest.raises(RuntimeError, match=r"await worker\.stop_async"):
+        worker.stop()
+    assert worker.is_running
+    await asyncio.to_thread(worker.stop)
+    assert not worker.is_running

@@ -28,7 +28,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -181,11 +180,3 @@ class UnstorableValueError(BackendError, ValueError):
 
 class LeaseLostError(BackendError):
     """The lease on a work item expired and another worker may hold it now."""
-
-
-USER_CODE_ERRORS: tuple[type[BaseException], ...] = (Exception, asyncio.CancelledError, GeneratorExit, SystemExit)
-"""What the code of an orchestrator, an activity or an entity operation may raise that fails
-it like an error of its own, instead of ending the worker's event loop: besides exceptions,
-a ``CancelledError`` it raises itself (the worker cancels no code that runs without awaiting,
-nor any on a thread), ``sys.exit()`` and ``GeneratorExit``. ``KeyboardInterrupt`` still stops
-the process."""

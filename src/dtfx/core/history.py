@@ -20,8 +20,6 @@ from typing import Any
 
 import msgspec
 
-from dtfx.core.errors import USER_CODE_ERRORS
-
 
 class OrchestrationStatus(enum.IntEnum):
     """Runtime status of an orchestration instance (values match the protocol)."""
@@ -139,7 +137,9 @@ def _attribute(error: BaseException, name: str) -> Any:
     """``error``'s attribute ``name`` (``None`` if it has none, or if reading it raises)."""
     try:
         return getattr(error, name, None)
-    except USER_CODE_ERRORS:
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
         return None
 
 
@@ -147,7 +147,9 @@ def _stack_trace(error: BaseException) -> str:
     """The traceback of ``error`` as Python prints it, or what went wrong when it would not print."""
     try:
         return "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    except USER_CODE_ERRORS as failed:  # its __notes__, say, a property that raises
+    except KeyboardInterrupt:
+        raise
+    except BaseException as failed:  # its __notes__, say, a property that raises
         return f"<the traceback of the {type(error).__name__} could not be written: {type(failed).__name__}>"
 
 
@@ -155,7 +157,9 @@ def _message(error: BaseException) -> str:
     """``str(error)``, or what went wrong when it would not give one."""
     try:
         return str(error)
-    except USER_CODE_ERRORS as failed:  # a __str__ that raises, or returns no text
+    except KeyboardInterrupt:
+        raise
+    except BaseException as failed:  # a __str__ that raises, or returns no text
         return f"<str() of the {type(error).__name__} raised {type(failed).__name__}>"
 
 

@@ -6,6 +6,10 @@ takes must match the event recorded for its id); :meth:`~OrchestrationExecutor.e
 feeds it the new events of an episode and returns the actions it took. An executor
 that is kept between episodes (the worker's cache) continues with the next episode's
 new events without replaying anything.
+
+Whatever the orchestrator's code raises fails the orchestration (or the task whose result it
+was reading), ``sys.exit()``, ``GeneratorExit`` and any other ``BaseException`` too, but
+``KeyboardInterrupt``, which stops the process.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dtfx.core.actions import (
 )
 from dtfx.core.context import EntityLock, FiredTimer, OrchestrationContext, PendingTask, Traced
 from dtfx.core.entities import entity_target
-from dtfx.core.errors import USER_CODE_ERRORS, EntityOperationFailedError, NonDeterminismError, TaskFailedError
+from dtfx.core.errors import EntityOperationFailedError, NonDeterminismError, TaskFailedError
 from dtfx.core.history import (
     EntityLockGranted,
     EntityLockRequested,
@@ -177,7 +181,9 @@ class OrchestrationExecutor:
                 self._process(event)
             except NonDeterminismError as error:
                 self._fail(error)
-            except USER_CODE_ERRORS as error:  # an engine bug (or a hook's SystemExit) fails the instance
+            except KeyboardInterrupt:
+                raise
+            except BaseException as error:  # an engine bug (or a hook's SystemExit) fails the instance
                 logger.exception("Processing %s for instance %s failed", type(event).__name__, self.context.instance_id)
                 self._fail(error)
 
@@ -218,7 +224,9 @@ class OrchestrationExecutor:
         try:  # an input that cannot be read as the orchestrator's type fails it, as its own error would
             orchestrator_input = self._converter.deserialize(event.input, input_type_of(self.orchestrator))
             result = self.orchestrator(context, orchestrator_input)
-        except USER_CODE_ERRORS as error:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:
             self._fail(error)
             return
         if inspect.isgenerator(result):
@@ -272,7 +280,9 @@ class OrchestrationExecutor:
         task = pending.task
         try:
             value = self._converter.deserialize(event.result, task.result_type)
-        except USER_CODE_ERRORS as error:  # a converter's hooks are user code
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # a converter's hooks are user code
             self._resolve(task, error=error)
             return
         self._resolve(task, result=value)
@@ -307,7 +317,9 @@ class OrchestrationExecutor:
             return
         try:
             value = self._converter.deserialize(event.output, request.task.result_type)
-        except USER_CODE_ERRORS as error:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:
             self._resolve(request.task, error=error)
             return
         self._resolve(request.task, result=value)
@@ -365,7 +377,9 @@ class OrchestrationExecutor:
             del context.event_waiters[key]
         try:
             value = self._converter.deserialize(event.input, task.result_type)
-        except USER_CODE_ERRORS as error:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:
             self._resolve(task, error=error)
             return
         self._resolve(task, result=value)
@@ -416,7 +430,9 @@ class OrchestrationExecutor:
             except StopIteration as stop:
                 self._succeed(stop.value)
                 return
-            except USER_CODE_ERRORS as raised:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as raised:
                 self._fail(raised)
                 return
             if self.context.completion is not None:  # continue_as_new() was called
@@ -443,7 +459,9 @@ class OrchestrationExecutor:
             return
         try:
             output = self._converter.serialize(result)
-        except USER_CODE_ERRORS as error:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:
             self._fail(error)
             return
         self.context.complete(OrchestrationStatus.COMPLETED, result=output)
@@ -458,7 +476,9 @@ class OrchestrationExecutor:
         if generator is not None:
             try:
                 generator.close()
-            except USER_CODE_ERRORS:  # its finally blocks are user code
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # its finally blocks are user code
                 logger.debug("Closing the generator of %s raised", self.context.instance_id, exc_info=True)
 
 

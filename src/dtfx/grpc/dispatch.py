@@ -146,8 +146,7 @@ class RemoteDispatchers:
 
     async def stop(self, grace_period: float) -> None:
         """Stop fetching; give work out with workers ``grace_period`` seconds, then give it back."""
-        for dispatcher in self._dispatchers:
-            await dispatcher.stop(grace_period)
+        await WorkItemDispatcher.stop_together(self._dispatchers, grace_period)
         for waiter in self._waiters.values():
             waiter.close()
 

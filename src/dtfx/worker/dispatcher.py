@@ -23,10 +23,10 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from dtfx.core.errors import BackendUnavailableError
 from dtfx.worker.recent import remember_latest
@@ -156,7 +156,7 @@ class WorkItemDispatcher(Generic[T]):
 
     def start(self) -> None:
         """Start the fetch loops on the running event loop."""
-        if self._running:
+        if self._loops:
             raise RuntimeError(f"Dispatcher {self.name} has already started")
         self._running = True
         self._stopping.clear()
@@ -166,17 +166,27 @@ class WorkItemDispatcher(Generic[T]):
         ]
         logger.debug("%s started with %d fetch loop(s)", self.name, self._dispatcher_count)
 
-    async def stop(self, grace_period: float) -> None:
-        """Stop fetching; give in-flight items ``grace_period`` seconds, then cancel and release them."""
-        if not self._running:
-            return
+    def begin_stop(self) -> None:
+        """Stop fetching and reserving slots: the start of :meth:`stop`, which work then
+        cancelled (a thread's queue dropped, say) takes for the stop's."""
         with self._reserving:  # no slot is reserved from here on (see reserve_slot)
             self._running = False
         self._stopping.set()
         self._slot_freed.set()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+
+    async def stop(self, grace_period: float) -> None:
+        """Stop fetching; give in-flight items ``grace_period`` seconds, then cancel and release
+        them. A fetch that outlasts the grace period (the store is away) is given up too."""
+        loops, self._loops = self._loops, []
+        if not loops:  # not started, or stopped
+            return
+        self.begin_stop()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_period
+        _ended, fetching = await asyncio.wait(loops, timeout=grace_period)
+        for task in fetching:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
         await self._settle_reservations(deadline)
         # Not the task that stops it, if it is one of its work items (an activity that stops its worker).
         in_flight = [task for task in self._in_flight if task is not asyncio.current_task()]
@@ -188,6 +198,15 @@ class WorkItemDispatcher(Generic[T]):
                 logger.warning("%s: cancelled %d work item(s) still running at shutdown", self.name, len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
         logger.debug("%s stopped", self.name)
+
+    @staticmethod
+    async def stop_together(dispatchers: Sequence[WorkItemDispatcher[Any]], grace_period: float) -> None:
+        """:meth:`stop` ``dispatchers`` within one grace period: they all stop fetching at once,
+        and their in-flight work shares the period (stopped one after another, each would have
+        had a period of its own, and a stop could take several)."""
+        for dispatcher in dispatchers:
+            dispatcher.begin_stop()
+        await asyncio.gather(*(dispatcher.stop(grace_period) for dispatcher in dispatchers))
 
     async def _settle_reservations(self, deadline: float) -> None:
         """Wait until every reserved slot has been used (:meth:`adopt`) or given back, or ``deadline``."""
@@ -241,8 +260,8 @@ class WorkItemDispatcher(Generic[T]):
                 self._failing.pop(self._describe(item), None)
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if self._running and task is not None and task.cancelling() and task.uncancel() == 0:
-                await self._failed(item)  # no stop cancelled it: the work item's own code did, its task
+            if self._running and task is not None and (not task.cancelling() or task.uncancel() == 0):
+                await self._failed(item)  # no stop cancelled it: the work item's own code did, its task or a future
             else:  # a stop: cancelled, or its work was still waiting for a thread
                 await self._release_once_possible(item)
                 raise

@@ -125,7 +125,11 @@ class EagerActivities:
             raise
         if not running.done():
             return None
-        ran = running.result()
+        try:
+            ran = running.result()
+        except asyncio.CancelledError:  # it still waited for a thread as the worker stopped: it goes back
+            self.drop(item)
+            raise
         if isinstance(ran, Abandon):  # its lease ran out before it began: handed over, it is given back
             return None
         self.finish(item)

@@ -8,8 +8,10 @@ functions and classes), or the gRPC sidecar's runner for SDK workers.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from datetime import timedelta
@@ -105,9 +107,14 @@ class LocalEntityRunner:
     async def run(self, item: OrchestrationWorkItem, plan: BatchPlan) -> BatchResult:
         loop = asyncio.get_running_loop()
         state = item.state.serialized_output
-        return await loop.run_in_executor(
-            self._thread_pool, self._run_batch, loop, plan.entity_id, state, plan.operations
-        )
+        stop = _Stop()
+        try:
+            return await loop.run_in_executor(
+                self._thread_pool, self._run_batch, loop, plan.entity_id, state, plan.operations, stop
+            )
+        except asyncio.CancelledError:  # a stop: the batch's thread runs no more of it, nor its awaited code
+            stop.now()
+            raise
 
     def _run_batch(
         self,
@@ -115,11 +122,14 @@ class LocalEntityRunner:
         entity_id: EntityInstanceId,
         state: str | None,
         operations: Sequence[OperationRequest],
+        stop: _Stop,
     ) -> BatchResult:
         entity = self._registry.entities.get(entity_id.entity)
         batch = EntityBatchState(state)
         results: list[OperationResult] = []
         for operation in operations:
+            if stop.stopped:  # what it returns now goes nowhere
+                break
             saved_state, saved_actions = batch.state, len(batch.actions)
             try:
                 with entity_operation_span(entity_id, operation):  # over all that can fail it, its output too
@@ -129,9 +139,11 @@ class LocalEntityRunner:
                     context = EntityContext(entity_id, operation.operation, batch, self._converter, traced)
                     output = called(self._invoke, entity, context, operation.input)
                     if inspect.isawaitable(output):
-                        output = asyncio.run_coroutine_threadsafe(awaited(output), loop).result()
+                        output = stop.awaiting(asyncio.run_coroutine_threadsafe(awaited(output), loop)).result()
                     results.append(OperationResult(output=self._converter.serialize(output)))
             except Exception as error:  # on a thread of the pool: none is the worker's
+                if stop.stopped:  # cancelled by the stop, its outcome unknown: the batch goes back
+                    break
                 # A caller gets the failure; a signal's sender never hears of it, so the log says it.
                 level = logging.WARNING if isinstance(operation, EntityOperationSignaled) else logging.DEBUG
                 logger.log(level, "Entity %s: operation %s failed", entity_id, operation.operation, exc_info=True)
@@ -151,6 +163,30 @@ class LocalEntityRunner:
             return method(self._converter.deserialize(payload, types[0]))
         value = self._converter.deserialize(payload, input_type_of(entity))
         return entity(context, value)
+
+
+class _Stop:
+    """Tells a batch's thread that the worker stopped it, and cancels the operation it awaits on the loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.stopped = False
+        self._awaited: concurrent.futures.Future[Any] | None = None
+
+    def now(self) -> None:
+        """Stop the batch (on the loop)."""
+        with self._lock:
+            self.stopped = True
+            if self._awaited is not None:
+                self._awaited.cancel()
+
+    def awaiting(self, awaited: concurrent.futures.Future[Any]) -> concurrent.futures.Future[Any]:
+        """``awaited``, the operation's code on the loop (on the batch's thread), cancelled if stopped."""
+        with self._lock:
+            self._awaited = awaited
+            if self.stopped:
+                awaited.cancel()
+        return awaited
 
 
 _HELPERS = frozenset(

@@ -1,20 +1,25 @@
 """Running user code (activities, entity operations) on the worker's threads and event loop.
 
-What the code raises that is no ``Exception`` (:data:`~dtfx.core.errors.USER_CODE_ERRORS`:
-``sys.exit()``, a ``CancelledError`` of its own, ``GeneratorExit``) fails it like an error
-of its own: it travels as :class:`EscapedError`, because on the loop a ``SystemExit`` would
-end the loop, and a ``CancelledError`` would read as the worker's own cancellation. The
-other way round, the worker's cancellation of a task running user code (a stop) stays a
+What the code raises that is no ``Exception`` (all but ``KeyboardInterrupt``: ``sys.exit()``,
+a ``CancelledError`` of its own, ``GeneratorExit``, a test framework's outcome) fails it like
+an error of its own: it travels as :class:`EscapedError`, because on the loop a ``SystemExit``
+would end the loop, and a ``CancelledError`` would read as the worker's own cancellation. So
+do the exceptions that a future cannot carry back from a thread as they are (:data:`_UNCARRIED`).
+The other way round, the worker's cancellation of a task running user code (a stop) stays a
 cancellation, whatever the code turned it into.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dtfx.core.errors import USER_CODE_ERRORS
+_UNCARRIED = (StopIteration, concurrent.futures.CancelledError)
+"""Exceptions that a future does not carry across threads as they are: asyncio refuses a
+``StopIteration`` (the future is never done), and makes its own ``CancelledError``, a
+cancellation, of ``concurrent.futures``' (the result of ``.result()`` on a cancelled future)."""
 
 
 class EscapedError(Exception):
@@ -30,14 +35,21 @@ def escaped(error: BaseException) -> BaseException:
     return error.error if isinstance(error, EscapedError) else error
 
 
+def _escapes(error: BaseException) -> bool:
+    """Whether ``error``, which user code raised, travels as :class:`EscapedError`."""
+    if isinstance(error, Exception):
+        return isinstance(error, _UNCARRIED)
+    return not isinstance(error, KeyboardInterrupt)
+
+
 def called(function: Callable[..., Any], *args: Any) -> Any:
     """``function(*args)``, on a thread: none of what it raises is the worker's."""
     try:
         return function(*args)
-    except Exception:
+    except BaseException as error:
+        if _escapes(error):
+            raise EscapedError(error) from None
         raise
-    except USER_CODE_ERRORS as error:
-        raise EscapedError(error) from None
 
 
 async def awaited(awaitable: Awaitable[Any]) -> Any:
@@ -51,6 +63,6 @@ async def awaited(awaitable: Awaitable[Any]) -> Any:
             if isinstance(error, asyncio.CancelledError):
                 raise
             raise asyncio.CancelledError from error
-        if isinstance(error, Exception) or not isinstance(error, USER_CODE_ERRORS):  # KeyboardInterrupt
-            raise
-        raise EscapedError(error) from None
+        if _escapes(error):
+            raise EscapedError(error) from None
+        raise

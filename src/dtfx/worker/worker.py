@@ -188,8 +188,8 @@ class Worker(BackgroundRunnable):
             concurrency.maximum_concurrent_activity_work_items,
             concurrency.activity_dispatcher_count,
         )
-        # Stopped in this order: an orchestration that finishes during its grace period
-        # may still hand an eager activity over to the activity dispatcher.
+        # An orchestration that finishes during the grace period may still hand an eager activity
+        # over to the activity dispatcher, whose stop waits for that (its reserved slot).
         self._dispatchers = [
             self._dispatcher(
                 WorkKind.ORCHESTRATION,
@@ -254,13 +254,36 @@ class Worker(BackgroundRunnable):
             tuning=self.options,
         )
 
+    def stop(self, grace_period: float | None = None) -> None:
+        """Stop the worker: what :meth:`start` started, or one started with :meth:`start_async`
+        on an event loop of another thread, which this thread waits for."""
+        loop = self._loop
+        if self._portal is not None or loop is None:
+            super().stop(grace_period)
+            return
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            raise RuntimeError("The worker runs on this thread's event loop: stop it with `await worker.stop_async()`.")
+        asyncio.run_coroutine_threadsafe(self.stop_async(grace_period), loop).result()
+
     async def stop_async(self, grace_period: float | None = None) -> None:
         """Stop fetching, let in-flight work finish (up to the grace period), release the rest.
 
         One of the worker's own async activities cannot await it: it would wait for itself
-        (start it as a task of its own instead, or call :meth:`stop` from a thread).
+        (start it as a task of its own instead, or call :meth:`stop` from a thread). A worker
+        that runs on another event loop (started with :meth:`start`, on its own thread) is
+        stopped there.
         """
         if not self._started:
+            return
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            if self._portal is not None:  # started with start(): stopped on its thread, which then ends
+                await asyncio.to_thread(self.stop, grace_period)
+            else:
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.stop_async(grace_period), self._loop))
             return
         if asyncio.current_task() in self._activity_runner.running_tasks:
             raise RuntimeError(
@@ -276,14 +299,15 @@ class Worker(BackgroundRunnable):
             self.backend.detach_intake(self._intake)
             self._intake = None
         grace = self.options.shutdown_grace_period.total_seconds() if grace_period is None else grace_period
+        for dispatcher in self._dispatchers:
+            dispatcher.begin_stop()
         if self._thread_pool is not None:
             # Work items that wait for a thread would be new work: they go back to the store at
             # once, for other workers, rather than start during the grace period.
             waiting = self._thread_pool.drop_waiting()
             if waiting:
                 logger.info("Worker stopping: %d work item(s) still waiting for a thread go back", waiting)
-        for dispatcher in self._dispatchers:
-            await dispatcher.stop(grace)
+        await WorkItemDispatcher.stop_together(self._dispatchers, grace)
         for waiter in self._waiters:
             waiter.close()
         self._waiters.clear()
