@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import sqlite3
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -667,3 +668,91 @@ async def test_an_activity_that_raises_never_kills_the_worker(hub: Hub, app: dtf
         state = await hub.run(many)
         assert worker.is_running
     assert state.get_output() == [0, "boom 1", 2, "boom 3", 4, "boom 5", 6, "boom 7", 8, "boom 9"]
+
+
+SQLITE_LIMIT = 100_000
+"""The longest text or blob that the SQLite connections of a test with :func:`small_sqlite` store."""
+
+
+@pytest.fixture
+def small_sqlite(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> str:
+    """A SQLite task hub that refuses values over :data:`SQLITE_LIMIT` (SQLite's default limit
+    is a billion bytes): the URL."""
+    connect = sqlite3.connect
+
+    def limited(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        connection = connect(*args, **kwargs)
+        connection.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, SQLITE_LIMIT)
+        return connection
+
+    monkeypatch.setattr(sqlite3, "connect", limited)
+    return f"sqlite:///{tmp_path}/hub.db"
+
+
+BIG = "x" * (2 * SQLITE_LIMIT)
+
+
+def returns_big(ctx: dtfx.ActivityContext, _: Any) -> str:
+    return BIG
+
+
+def small(ctx: dtfx.ActivityContext, _: Any) -> str:
+    return "small"
+
+
+def catches_a_big_result(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+    try:
+        yield ctx.call_activity(returns_big)
+    except dtfx.TaskFailedError as error:
+        return error.details.error_type
+    return "stored"
+
+
+def returns_big_after_an_activity(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+    yield ctx.call_activity(small)
+    return BIG
+
+
+def big_state(ctx: dtfx.EntityContext, _: Any) -> None:
+    if ctx.operation == "grow":
+        ctx.set_state(BIG)
+
+
+def calls_big_state(ctx: dtfx.OrchestrationContext, operation: str) -> Any:
+    try:
+        yield ctx.call_entity(dtfx.EntityInstanceId("big_state", "k"), operation)
+    except dtfx.EntityOperationFailedError as error:
+        return error.details.error_type
+    return "stored"
+
+
+async def test_what_the_store_refuses_fails_the_task_the_instance_or_the_operation_and_nothing_runs_for_ever(
+    small_sqlite: str,
+) -> None:
+    """An activity's result, an episode after an eager activity (committed on the activity's
+    thread), an entity's batch: each was retried for ever, the instance never ending."""
+    app = dtfx.App()
+    for activity in (returns_big, small):
+        app.add_activity(activity)
+    for orchestrator in (catches_a_big_result, returns_big_after_an_activity, calls_big_state):
+        app.add_orchestrator(orchestrator)
+    app.add_entity(big_state)
+    refused = dtfx.UnstorableValueError.__module__ + ".UnstorableValueError"
+    async with dtfx.Worker(small_sqlite, app=app, options=dtfx.WorkerOptions(eager_activities=False)) as worker:
+        client = dtfx.AsyncClient(worker.backend)
+
+        async def output(orchestrator: Callable[..., Any], argument: Any = None) -> Any:
+            instance_id = await client.schedule_new_orchestration(orchestrator, input=argument)
+            state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+            assert state is not None
+            return state.get_output()
+
+        assert await output(catches_a_big_result) == refused
+        assert await output(calls_big_state, "grow") == refused
+        assert await output(calls_big_state, "read") == "stored"  # the entity goes on
+    async with dtfx.Worker(small_sqlite, app=app) as worker:  # eager activities: chains on their threads
+        client = dtfx.AsyncClient(worker.backend)
+        chained = await client.schedule_new_orchestration(returns_big_after_an_activity)
+        state = await client.wait_for_orchestration_completion(chained, timeout=10)
+    assert state is not None and state.runtime_status == Status.FAILED and state.failure_details is not None
+    assert state.failure_details.is_caused_by(dtfx.UnstorableValueError)

@@ -21,8 +21,14 @@ from dtfx._loops import in_context_on
 from dtfx._tracing import activity_span
 from dtfx.backends.base import Backend
 from dtfx.core.activity import ActivityContext
-from dtfx.core.errors import BackendUnavailableError, NonRetriableError, NotRegisteredError, SerializationError
-from dtfx.core.history import FailureDetails, TaskCompleted, TaskFailed
+from dtfx.core.errors import (
+    BackendUnavailableError,
+    NonRetriableError,
+    NotRegisteredError,
+    SerializationError,
+    UnstorableValueError,
+)
+from dtfx.core.history import FailureDetails, TaskCompleted, TaskFailed, qualified_name, storable_text
 from dtfx.core.serialization import DataConverter, input_type_of
 from dtfx.core.workitems import ActivityResult, ActivityWorkItem
 from dtfx.worker.commit import GroupCommitter
@@ -84,8 +90,15 @@ class ActivityProcessor:
             raise
 
     async def deliver(self, result: ActivityResult) -> None:
-        """Commit an activity's result: the task goes, the result joins its orchestration's inbox."""
-        if not await self._committer.commit(result):
+        """Commit an activity's result: the task goes, the result joins its orchestration's inbox.
+        A result the store refuses (too large for it, say) fails the task instead: it would be
+        refused every time the activity ran."""
+        try:
+            committed = await self._committer.commit(result)
+        except UnstorableValueError as error:
+            result = ActivityResult(result.work_item, _refused(result, error, self._backend.now()))
+            committed = await self._committer.commit(result)
+        if not committed:
             scheduled = result.work_item.task.event
             logger.warning(
                 "Activity %s #%d of %s: the lease was lost; its result was discarded",
@@ -245,6 +258,25 @@ def _unless_lost(held: _Held, activity: Any, context: ActivityContext, value: An
     """Run the activity on this thread, unless its lease was lost while it waited for one."""
     held.check()
     return called(activity, context, value)
+
+
+def _refused(result: ActivityResult, error: UnstorableValueError, now: datetime) -> TaskFailed:
+    """The failure of the task whose result ``result`` the store refused with ``error``."""
+    scheduled = result.work_item.task.event
+    instance_id = result.work_item.task.instance_id
+    logger.warning(
+        "Activity %s #%d of %s: the store refused its result (%s); failing its task",
+        scheduled.name,
+        scheduled.event_id,
+        instance_id,
+        error,
+    )
+    details = FailureDetails(
+        error_type=qualified_name(UnstorableValueError),
+        message=storable_text(f"The activity's result cannot be stored: {error}"),
+        is_non_retriable=True,
+    )
+    return TaskFailed(timestamp=now, task_scheduled_id=scheduled.event_id, failure_details=details)
 
 
 def _failed(item: ActivityWorkItem, error: BaseException, now: datetime) -> TaskFailed:

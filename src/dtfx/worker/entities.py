@@ -29,8 +29,8 @@ from dtfx.core.entities import (
     plan_batch,
 )
 from dtfx.core.entity_context import DurableEntity, EntityBatchState, EntityContext
-from dtfx.core.errors import NotRegisteredError
-from dtfx.core.history import EntityOperationSignaled, FailureDetails
+from dtfx.core.errors import NotRegisteredError, UnstorableValueError
+from dtfx.core.history import EntityOperationSignaled, FailureDetails, qualified_name, storable_text
 from dtfx.core.serialization import DataConverter, input_type_of, parameter_types
 from dtfx.core.workitems import CommitResult, OrchestrationCheckpoint, OrchestrationWorkItem
 from dtfx.worker.commit import GroupCommitter
@@ -82,13 +82,30 @@ class EntityProcessor:
                 )
                 return
             result = outcome
-        if not await self._committer.commit(apply_batch(item, plan, result, now)):
+        try:
+            committed = await self._committer.commit(apply_batch(item, plan, result, now))
+        except UnstorableValueError as error:  # it would be refused every time the batch ran
+            logger.warning(
+                "Entity %s: the store refused its batch (%s); failing its operations", item.instance_id, error
+            )
+            refused = BatchResult.failing(item.state.serialized_output, plan.operations, _refusal(error))
+            committed = await self._committer.commit(apply_batch(item, plan, refused, now))
+        if not committed:
             logger.warning("Entity %s: the lease was lost before the batch could be committed", item.instance_id)
 
     async def release(self, item: OrchestrationWorkItem, retry_after: timedelta | None = None) -> None:
         """Give the work item back after a failure or at shutdown (offered again after ``retry_after``)."""
         retry_at = Abandon(retry_after).retry_at(self._backend.now())
         await self._backend.abandon_orchestration_work_item(item, retry_at=retry_at)
+
+
+def _refusal(error: UnstorableValueError) -> FailureDetails:
+    """The failure of each operation of a batch whose outcome the store refused with ``error``."""
+    return FailureDetails(
+        error_type=qualified_name(UnstorableValueError),
+        message=storable_text(f"The outcome of the entity's batch of operations cannot be stored: {error}"),
+        is_non_retriable=True,
+    )
 
 
 class LocalEntityRunner:

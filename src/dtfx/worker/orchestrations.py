@@ -514,7 +514,7 @@ class OrchestrationProcessor:
                 checkpoint.finished_tasks.append(eager.lock_token)
             committing_at = self._backend.now()  # the kept lease runs from the commit's start, or later
             try:
-                result = self._backend.complete_orchestration_work_items_blocking([checkpoint])[0]
+                result = self._commit_here(item, checkpoint, loop)
             except BaseException:
                 self._doubt(item, recorded, claimed)
                 raise
@@ -523,6 +523,16 @@ class OrchestrationProcessor:
             if result is not CommitResult.LEASE_KEPT:
                 return Settled(result, recorded, claimed)
             chain.stepped(_continued(item, checkpoint, committing_at))
+
+    def _commit_here(
+        self, item: OrchestrationWorkItem, checkpoint: OrchestrationCheckpoint, loop: asyncio.AbstractEventLoop
+    ) -> CommitResult:
+        """Commit ``checkpoint`` on this thread, a chain's; one the store refuses fails the
+        instance instead, as :meth:`_commit` does (on ``loop``)."""
+        try:
+            return self._backend.complete_orchestration_work_items_blocking([checkpoint])[0]
+        except UnstorableValueError:
+            return asyncio.run_coroutine_threadsafe(self._commit(item, checkpoint), loop).result()
 
     def _follow_here(
         self,
