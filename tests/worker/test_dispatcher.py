@@ -369,6 +369,29 @@ async def test_a_fetch_that_outlasts_the_grace_period_is_given_up_by_the_stop() 
     assert not dispatcher.running
 
 
+async def test_a_release_at_shutdown_that_the_store_does_not_answer_is_given_up(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It would wait for a connection as long as the pool's timeout, work item by work item."""
+    monkeypatch.setattr("dtfx.worker.dispatcher._RELEASE_AT_STOP_PATIENCE", 0.05)
+    started = asyncio.Event()
+
+    async def work(item: int) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    async def unanswered(item: int, retry_after: timedelta | None = None) -> None:
+        await asyncio.sleep(3600)
+
+    recorder = Recorder(2, work=work)
+    dispatcher = recorder.dispatcher()
+    dispatcher._release = unanswered
+    dispatcher.start()
+    await started.wait()
+    await asyncio.wait_for(dispatcher.stop(0.05), 5)
+    assert caplog.text.count("its lease will run out instead") == 2
+
+
 async def test_dispatchers_stopped_together_share_one_grace_period() -> None:
     """Each has stopped fetching before any of them waits for its work (one after another, each
     would have had a period of its own)."""

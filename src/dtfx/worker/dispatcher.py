@@ -36,6 +36,20 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
+_RELEASE_AT_STOP_PATIENCE = 2.0
+"""Seconds a stop waits for one release of a work item (a store that does not answer, as it
+waits for a connection: the stop would wait as long as the pool's timeout)."""
+
+
+async def _within(work: Awaitable[None], seconds: float) -> bool:
+    """Await ``work`` for up to ``seconds`` (then cancel it); whether it ended in time."""
+    try:
+        await asyncio.wait_for(work, seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
 _MAX_FAILING = 10_000
 """Most failing work items whose back-off a dispatcher remembers (the oldest is forgotten)."""
 
@@ -299,7 +313,15 @@ class WorkItemDispatcher(Generic[T]):
         deadline = loop.time() + self._release_patience
         while True:
             try:
-                await self._release(item, retry_after)
+                if self._running:
+                    await self._release(item, retry_after)
+                elif not await _within(self._release(item, retry_after), _RELEASE_AT_STOP_PATIENCE):
+                    logger.warning(
+                        "%s: releasing %s took longer than %.0f s at shutdown; its lease will run out instead",
+                        self.name,
+                        self._describe(item),
+                        _RELEASE_AT_STOP_PATIENCE,
+                    )
                 return
             except BackendUnavailableError as error:
                 if not self._running or loop.time() >= deadline:
