@@ -417,7 +417,9 @@ def test_an_unknown_orchestrator_name_fails_the_instance(hub: str, worker: dtfx.
 
 def test_waiting_without_a_worker_times_out_with_a_hint(hub: str) -> None:
     result = invoke("start", "hello_cities", "--id", "lonely", "--wait", "--timeout", "0.3", "-b", hub)
-    assert_one_line_error(result, "lonely is still PENDING after 0.3s", "is a worker running", exit_code=1)
+    assert_one_line_error(
+        result, "lonely is still PENDING after 0.3s", "that runs instances without a version", exit_code=1
+    )
     versioned = invoke("start", "hello_cities", "--version", "2.0", "--wait", "--timeout", "0.3", "-b", hub)
     assert_one_line_error(versioned, f"is a worker running on {hub} that runs version 2.0", exit_code=1)
 
@@ -521,6 +523,7 @@ def test_run_reports_apps_it_cannot_load(tmp_path: Path, monkeypatch: pytest.Mon
     (tmp_path / "empty_app.py").write_text("import dtfx\napp = dtfx.App()\n")
     (tmp_path / "broken_app.py").write_text("1 / 0\n")
     (tmp_path / "queue.py").write_text("import dtfx\napp = dtfx.App()\n")
+    (tmp_path / "json.py").write_text("import dtfx\napp = dtfx.App()\n")
     hub = f"sqlite:///{tmp_path}/hub.db"
     cases = {
         "no_such_module": "No module named 'no_such_module'",
@@ -532,10 +535,24 @@ def test_run_reports_apps_it_cannot_load(tmp_path: Path, monkeypatch: pytest.Mon
         "broken_app.py": "Importing broken_app failed: ZeroDivisionError: division by zero",
         "needs_missing": "Importing needs_missing failed: No module named 'no_such_dependency'",
         "queue.py": "queue.py would be imported as 'queue', the name of another module",
+        "json": "json.py would be imported as 'json', the name of another module",  # not "json has no dtfx.App"
     }
     for target, message in cases.items():
         assert_one_line_error(invoke("run", target, "-b", hub), message, exit_code=1)
     assert not (tmp_path / "hub.db").exists()  # nothing was opened for an app that did not load
+
+
+def test_a_file_named_as_a_standard_module_not_imported_yet_loads_in_both_forms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory comes first on the path: the file is what an import of its name finds."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    (tmp_path / "colorsys.py").write_text("import dtfx\napp = dtfx.App()\napp.add_activity(lambda ctx, x: x, 'echo')\n")
+    for target in ("colorsys.py", "colorsys"):
+        assert list(load_app(target).activities) == ["echo"]
+        del sys.modules["colorsys"]
 
 
 def test_the_bundled_example_runs_a_worker_and_a_client(hub: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,12 +60,15 @@ async def test_strict_matching_with_fail_fails_other_versions(hub: Hub, app: dtf
     async with hub.worker(app, versioning=versioning):
         matching = await hub.run("report", version="2.0")
         older = await hub.run("report", version="1.0")
+        unversioned = await hub.run("report")
     assert matching.get_output() == "2.0"
     assert older.runtime_status == Status.FAILED
     assert older.failure_details is not None
     assert older.failure_details.error_type == "VersionMismatch"
     assert older.failure_details.is_non_retriable
     assert "'1.0' does not match the worker version '2.0'" in older.failure_details.message
+    assert unversioned.failure_details is not None
+    assert "which has no version, does not match the worker version '2.0'" in unversioned.failure_details.message
 
 
 async def test_current_or_older_with_reject_leaves_newer_versions_to_another_worker(

@@ -355,6 +355,7 @@ def _timed_out(instance_id: str, timeout: float, state: OrchestrationState | Non
     status = state.runtime_status if state is not None else OrchestrationStatus.PENDING
     message = f"Instance {instance_id} is still {status.name} after {timeout:g}s"
     if status == OrchestrationStatus.PENDING:
-        runs = f" that runs version {state.version}" if state is not None and state.version else ""
-        return message + f": is a worker running on {shown(url)}{runs} (dtfx run MODULE)?"
+        version = state.version if state is not None else None
+        runs = f"version {version}" if version else "instances without a version"  # a --match may refuse them
+        return message + f": is a worker running on {shown(url)} that runs {runs} (dtfx run MODULE)?"
     return message + f"; see how far it got with: dtfx status {instance_id} --history"

@@ -246,17 +246,19 @@ def _import(module_name: str) -> ModuleType:
         if not path.is_file():
             raise CommandError(f"No such file: {module_name}")
         directory, module_name = str(path.resolve().parent), path.stem
-        elsewhere = _found_elsewhere(module_name, path)
-        if elsewhere is not None:
-            raise CommandError(
-                f"{path} would be imported as {module_name!r}, the name of another module"
-                f" ({elsewhere}); rename the file."
-            )
     else:
         # Like `python -m`, find modules in the current directory (console scripts do not).
         directory = os.getcwd()
+        path = Path(*module_name.split(".")).with_suffix(".py")
     if directory not in sys.path:
         sys.path.insert(0, directory)
+    # A file of the directory loses to a module of its name already imported (the standard
+    # library's json, say) or built in: the import would not be of the file.
+    elsewhere = _found_elsewhere(module_name, path) if path.is_file() else None
+    if elsewhere is not None:
+        raise CommandError(
+            f"{path} would be imported as {module_name!r}, the name of another module ({elsewhere}); rename the file."
+        )
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as error:

@@ -681,10 +681,13 @@ def version_failure(versioning: VersioningOptions | None, version: str | None) -
     if versioning is None or versioning.match_strategy is VersionMatchStrategy.NONE:
         return None
     comparison = compare_versions(version, versioning.version)
+    orchestration = (
+        "The orchestration, which has no version," if version is None else f"The orchestration version '{version}'"
+    )
     if versioning.match_strategy is VersionMatchStrategy.STRICT and comparison != 0:
-        message = f"The orchestration version '{version}' does not match the worker version '{versioning.version}'."
+        message = f"{orchestration} does not match the worker version '{versioning.version}'."
     elif versioning.match_strategy is VersionMatchStrategy.CURRENT_OR_OLDER and comparison > 0:
-        message = f"The orchestration version '{version}' is greater than the worker version '{versioning.version}'."
+        message = f"{orchestration} is greater than the worker version '{versioning.version}'."
     else:
         return None
     return FailureDetails(error_type=VERSION_MISMATCH, message=message, is_non_retriable=True)
