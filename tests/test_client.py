@@ -262,3 +262,19 @@ async def test_a_nul_in_an_input_on_postgresql_is_refused_and_the_hub_keeps_work
         assert state is not None and state.get_input() == "a\x00b"
     finally:
         await backend.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_closing_a_client_ends_the_waits_on_it_at_once(
+    kind: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They had gone on until their next poll, then failed (a sync client's ended at once)."""
+    url = f"sqlite:///{tmp_path}/hub.db" if kind == "sqlite" else postgres_url()
+    client = dtfx.AsyncClient(url)
+    monkeypatch.setattr(type(client.backend), "instance_poll_interval", 3600.0)
+    instance_id = await client.schedule_new_orchestration("never_run")
+    waits = [asyncio.create_task(client.wait_for_orchestration_completion(instance_id, timeout=600)) for _ in range(3)]
+    await asyncio.sleep(0.2)
+    await client.close()
+    ended = await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), 10)
+    assert all(isinstance(error, dtfx.BackendUnavailableError) for error in ended)

@@ -584,6 +584,7 @@ class PostgresBackend(SqlBackend):
         finally:
             if driver is not None:
                 await self._stop_driver(driver)
+            self._instance_signals.notify_all()  # their waits end, told that it has closed
 
     async def _close_home_pool_on(self, home: asyncio.AbstractEventLoop, pool: AsyncConnectionPool) -> None:
         """Have the home loop close its pool; if it does not in time (blocked, perhaps on this

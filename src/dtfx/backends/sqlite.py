@@ -173,6 +173,7 @@ class SqliteBackend(SqlBackend):
         finally:
             self._closed = True
             self._thread.shutdown(wait=False)
+            self._instance_signals.notify_all()  # their waits end, told that it has closed
 
     async def _run(
         self, program: Callable[[], Program[T]], *, write: bool, durable: bool = True, brief: bool = True
