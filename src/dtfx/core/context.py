@@ -272,8 +272,7 @@ class OrchestrationContext:
     ) -> CompletableTask[Any]:
         """Start a sub-orchestration; the task completes with its output.
 
-        Without ``instance_id`` the child gets ``"<parent id>:<action id as 4 hex digits>"``;
-        with ``retry_policy``, each attempt starts it again under its first attempt's id.
+        Without ``instance_id`` the child gets ``"<parent id>:<action id as 4 hex digits>"``.
         """
         if self.critical_section is not None:
             raise LockingRulesViolationError("Sub-orchestrations cannot be started inside a critical section.")
@@ -284,12 +283,8 @@ class OrchestrationContext:
         instance_id = arguments.optional_text("instance_id", instance_id)
         child_version = arguments.optional_text("version", version) or self._default_version
 
-        child_id = instance_id
-
         def make_action(action_id: int) -> OrchestratorAction:
-            nonlocal child_id
-            if child_id is None:  # from the first attempt's id: a retry starts the child again under it, as the SDKs do
-                child_id = f"{self._instance_id}:{action_id:04x}"
+            child_id = instance_id or f"{self._instance_id}:{action_id:04x}"
             return CreateSubOrchestration(
                 id=action_id, instance_id=child_id, name=name, version=child_version, input=payload
             )
