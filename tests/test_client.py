@@ -22,7 +22,6 @@ from tests.postgres import postgres_url
 REFUSED_IDS = [
     ("", "empty"),
     ("x" * 1025, "at most 1024"),
-    ("字" * 342, "1026 bytes long in UTF-8"),  # PostgreSQL's index of ids holds at most 2,704 bytes
     ("lone \ud800 surrogate", "lone surrogate"),
     ("nul\x00inside", "control character '\\\\x00'"),
     ("line\nbreak", "control character '\\\\n'"),
@@ -85,7 +84,7 @@ def test_a_client_dropped_without_closing_its_connections_warns(tmp_path: Path) 
 def test_the_message_of_a_long_id_is_short() -> None:
     with dtfx.Client(dtfx.MemoryBackend()) as client, pytest.raises(InvalidInstanceIdError) as refused:
         client.schedule_new_orchestration("anything", instance_id="y" * 5000)
-    assert len(str(refused.value)) < 200 and "5000 bytes long" in str(refused.value)
+    assert len(str(refused.value)) < 200 and "5000 characters" in str(refused.value)
 
 
 async def test_restart_refuses_an_entity_id(backend: Backend) -> None:

@@ -44,7 +44,7 @@ def test_start_instance(stub: Stub) -> None:
     expect(lambda: start(stub, "@counter@one"), Code.INVALID_ARGUMENT, "entities")
     expect(lambda: start(stub, "tab\there"), Code.INVALID_ARGUMENT, "control character")
     expect(lambda: start(stub, "nul\x00inside"), Code.INVALID_ARGUMENT, "control character")
-    expect(lambda: start(stub, "x" * 1025), Code.INVALID_ARGUMENT, "1025 bytes")
+    expect(lambda: start(stub, "x" * 1025), Code.INVALID_ARGUMENT, "1025 characters")
     for refused in ("@counter@one", "tab\there", "nul\x00inside", "x" * 1025):
         assert not stub.GetInstance(pb.GetInstanceRequest(instanceId=refused)).exists
     start(stub, "taken")

@@ -11,8 +11,9 @@ from dtfx.core.arguments import text
 from dtfx.core.errors import InvalidInstanceIdError
 
 MAX_INSTANCE_ID_LENGTH = 1024
-"""The longest instance id, in bytes of UTF-8 (PostgreSQL's indexes count bytes): 1024
-characters of ASCII, fewer of other scripts."""
+"""The longest instance id, in characters. (PostgreSQL's index of ids holds at most 2,704 bytes
+of one: it refuses a longer one, of about 900 characters of three bytes each in UTF-8, with
+:class:`~dtfx.UnstorableValueError`.)"""
 
 
 def is_entity_id(instance_id: str) -> bool:
@@ -34,18 +35,19 @@ def instance_id_error(instance_id: str) -> InvalidInstanceIdError | None:
     """Why no instance, orchestration or entity, can have ``instance_id``, or ``None``."""
     if not instance_id:
         return InvalidInstanceIdError(instance_id, "it is empty.")
-    try:
-        size = len(instance_id) if instance_id.isascii() else len(instance_id.encode("utf-8"))
-    except UnicodeEncodeError as error:
+    if len(instance_id) > MAX_INSTANCE_ID_LENGTH:
         return InvalidInstanceIdError(
-            instance_id,
-            f"it contains the lone surrogate {instance_id[error.start]!r} at position {error.start},"
-            " which no task hub stores.",
+            instance_id, f"it has {len(instance_id)} characters; instance ids have at most {MAX_INSTANCE_ID_LENGTH}."
         )
-    if size > MAX_INSTANCE_ID_LENGTH:
-        return InvalidInstanceIdError(
-            instance_id, f"it is {size} bytes long in UTF-8; instance ids have at most {MAX_INSTANCE_ID_LENGTH}."
-        )
+    if not instance_id.isascii():
+        try:
+            instance_id.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return InvalidInstanceIdError(
+                instance_id,
+                f"it contains the lone surrogate {instance_id[error.start]!r} at position {error.start},"
+                " which no task hub stores.",
+            )
     control = next((position for position, char in enumerate(instance_id) if char < " "), None)
     if control is not None:
         return InvalidInstanceIdError(
