@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
-from dtfx.backends.clock import ReferenceClock, utc_now
+from dtfx.backends.clock import ReferenceClock, ticks, utc_now
 from dtfx.backends.postgres import PostgresBackend
 from tests.postgres import postgres_url
 
@@ -20,7 +19,7 @@ RTT = 0.0002
 
 def _read(clock: ReferenceClock, ahead: timedelta, rtt: float = RTT) -> None:
     """Set ``clock`` by a reading of a reference clock ``ahead`` of this machine's, just taken."""
-    received = time.monotonic()
+    received = ticks()
     clock.set_by(utc_now() - timedelta(seconds=rtt / 2) + ahead, received - rtt, received)
 
 
@@ -43,7 +42,7 @@ def test_the_time_follows_the_reference_clock_but_not_the_noise_of_its_readings(
         assert "5.000 s behind the server's" in caplog.records[-1].getMessage()
 
         # Within the reading's uncertainty (half its 10 ms round trip) and the tolerance: no change.
-        received, kept = time.monotonic(), clock.now()
+        received, kept = ticks(), clock.now()
         clock.set_by(kept - timedelta(milliseconds=2), received - 0.01, received)  # 3 ms off the time kept midway
         assert len(caplog.records) == 1 and abs(clock.now() - kept) < timedelta(milliseconds=50)
 

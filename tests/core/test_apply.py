@@ -21,6 +21,7 @@ from dtfx.core.apply import (
     EpisodeKind,
     HistoryNeededError,
     apply_actions,
+    locks_a_rewind_cannot_take_back,
     needs_history,
     plan_episode,
     rewind_checkpoint,
@@ -29,6 +30,7 @@ from dtfx.core.errors import InvalidInstanceIdError, UnstorableValueError
 from dtfx.core.history import (
     EntityLockRequested,
     EntityOperationSignaled,
+    EntityUnlockSent,
     EventRaised,
     EventSent,
     ExecutionCompleted,
@@ -55,6 +57,7 @@ from dtfx.core.history import (
     TimerCreated,
     TimerFired,
     TraceContext,
+    qualified_name,
 )
 from dtfx.core.state import OrchestrationState
 from dtfx.core.workitems import InboxMessage, OrchestrationCheckpoint, OrchestrationWorkItem
@@ -156,6 +159,37 @@ def test_plan_terminates_an_instance_that_has_not_started() -> None:
     assert plan.kind is EpisodeKind.CHECKPOINT and plan.checkpoint is not None
     assert (plan.checkpoint.status, plan.checkpoint.output) == (Status.TERMINATED, '"bye"')
     assert isinstance(plan.checkpoint.new_history[-1], ExecutionCompleted)
+
+
+def test_a_terminate_with_its_start_whose_output_no_store_keeps_fails_the_instance() -> None:
+    """A NUL that a client's converter left raw: the checkpoint fails the instance, as it does
+    for an orchestration's own output, rather than raise."""
+    terminate = ExecutionTerminated(timestamp=NOW, input="bye\x00")
+    plan = plan_episode(item(start(), terminate, history_size=0, status=Status.PENDING), [], NOW)
+    assert plan.checkpoint is not None and plan.checkpoint.status == Status.FAILED
+    assert plan.checkpoint.failure_details is not None
+    assert plan.checkpoint.failure_details.is_caused_by(UnstorableValueError)
+
+
+def test_a_rewind_is_refused_for_the_unlocks_a_worker_sent_in_place_of_the_code_only() -> None:
+    """Not for those the code sent as it failed with an error of the same type of its own."""
+    lock = EntityLockRequested(
+        event_id=0, timestamp=NOW, critical_section_id="s", lock_set=["@e@k"], position=0, parent_instance_id="i"
+    )
+    unlock = EntityUnlockSent(
+        event_id=1, timestamp=NOW, critical_section_id="s", parent_instance_id="i", target_instance_id="@e@k"
+    )
+    details = FailureDetails(error_type=qualified_name(InvalidInstanceIdError), message="bad key")
+    history: list[HistoryEvent] = [
+        OrchestratorStarted(timestamp=NOW),
+        start(),
+        lock,
+        OrchestratorStarted(timestamp=NOW),
+    ]
+    by_the_code = ExecutionCompleted(event_id=2, timestamp=NOW, status=Status.FAILED, failure_details=details)
+    by_the_worker = ExecutionCompleted(timestamp=NOW, status=Status.FAILED, failure_details=details)
+    assert locks_a_rewind_cannot_take_back([*history, unlock, by_the_code]) == []
+    assert locks_a_rewind_cannot_take_back([*history, unlock, by_the_worker]) == ["@e@k"]
 
 
 def test_plan_terminates_an_instance_whose_start_comes_with_the_terminate_without_running_it() -> None:

@@ -411,6 +411,53 @@ async def test_an_activity_that_awaits_the_stop_of_its_own_worker_is_told_it_can
     assert state is not None and "cannot await the stop of the worker that runs it" in state.get_output()
 
 
+@pytest.mark.parametrize("started", ["start_async", "start"])
+async def test_a_sync_activity_that_waits_for_the_stop_of_its_own_worker_is_told_it_cannot(started: str) -> None:
+    """The stop would wait for the activity, which waits for the stop: the grace period, then
+    the activity cancelled (it would run again)."""
+    app = dtfx.App()
+    workers: list[dtfx.Worker] = []
+
+    @app.activity
+    def stopper(ctx: dtfx.ActivityContext, _: Any) -> str:
+        try:
+            workers[0].stop(grace_period=30)
+        except RuntimeError as error:
+            return str(error)
+        return "stopped"
+
+    @app.orchestrator
+    def stop_me(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(stopper))
+
+    backend = MemoryBackend()
+    worker = dtfx.Worker(backend, app=app, options=dtfx.WorkerOptions(eager_activities=False))
+    workers.append(worker)
+    if started == "start":
+        await asyncio.to_thread(worker.start)
+    else:
+        await worker.start_async()
+    client = dtfx.AsyncClient(backend)
+    instance_id = await client.schedule_new_orchestration(stop_me)
+    state = await asyncio.wait_for(client.wait_for_orchestration_completion(instance_id, timeout=10), 20)
+    assert worker.is_running
+    await asyncio.to_thread(worker.stop)
+    assert state is not None and "cannot wait for the stop of the worker that runs it" in state.get_output()
+
+
+def test_stopping_a_worker_whose_loop_no_longer_runs_says_so() -> None:
+    """It waited for good: nothing runs on that loop to stop it."""
+    loop = asyncio.new_event_loop()
+    worker = dtfx.Worker(MemoryBackend(), app=dtfx.App())
+    loop.run_until_complete(worker.start_async())
+    try:
+        with pytest.raises(RuntimeError, match="is not running"):
+            worker.stop()
+    finally:
+        loop.run_until_complete(worker.stop_async())
+        loop.close()
+
+
 async def test_an_activity_may_start_the_stop_of_its_own_worker_as_a_task_of_its_own() -> None:
     app = dtfx.App()
     workers: list[dtfx.Worker] = []

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 logger = logging.getLogger("dtfx.backends")
 
@@ -30,16 +32,26 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def ticks() -> float:
+    """Seconds on a clock of this machine that no setting of its wall clock moves, and that
+    counts a suspension (Linux's ``CLOCK_BOOTTIME``; elsewhere, :func:`time.monotonic`)."""
+    return _ticks()
+
+
+_ticks: Callable[[], float] = (
+    partial(time.clock_gettime, time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic
+)
+
+
 class ReferenceClock:
     """The reference clock's time (a database server's), read now and then (:meth:`set_by`)
-    and kept between readings by this machine's monotonic clock: a step of this machine's
-    wall clock (NTP's, an operator's, a virtual machine's resume) does not move it."""
+    and kept between readings by this machine's :func:`ticks`: a step of this machine's wall
+    clock (NTP's, an operator's, a virtual machine's resume) does not move it."""
 
     def __init__(self, reference: str) -> None:
         self._reference = reference
-        self._at = utc_now()
-        """The reference clock's time at :attr:`_since`, this machine's monotonic time."""
-        self._since = time.monotonic()
+        self._anchor = (utc_now(), ticks())
+        """The reference clock's time at a moment of :func:`ticks`, set as one (threads read it)."""
         self._offset = timedelta(0)
 
     @property
@@ -50,21 +62,21 @@ class ReferenceClock:
 
     def now(self) -> datetime:
         """The reference clock's time now."""
-        return self._at + timedelta(seconds=time.monotonic() - self._since)
+        at, since = self._anchor
+        return at + timedelta(seconds=ticks() - since)
 
     def set_by(self, reading: datetime, sent: float, received: float) -> None:
         """Take the time from ``reading``, the reference clock's, asked for at ``sent`` and
-        received at ``received`` (this machine's monotonic time, :func:`time.monotonic`): it was
-        read in between, taken to be halfway. A reading within that uncertainty (plus
-        :data:`TOLERANCE`) of the time kept is not a change, so that times do not jitter
-        from one reading to the next."""
+        received at ``received`` (:func:`ticks`): it was read in between, taken to be halfway.
+        A reading within that uncertainty (plus :data:`TOLERANCE`) of the time kept is not a
+        change, so that times do not jitter from one reading to the next."""
         uncertainty = timedelta(seconds=(received - sent) / 2)
         midway = sent + uncertainty.total_seconds()
-        kept = self._at + timedelta(seconds=midway - self._since)
-        if abs(reading - kept) <= uncertainty + TOLERANCE:
+        at, since = self._anchor
+        if abs(reading - (at + timedelta(seconds=midway - since))) <= uncertainty + TOLERANCE:
             return
-        self._at, self._since = reading, midway
-        offset = reading - (utc_now() - timedelta(seconds=time.monotonic() - midway))  # against the wall clock
+        self._anchor = (reading, midway)
+        offset = reading - (utc_now() - timedelta(seconds=ticks() - midway))  # against the wall clock
         if abs(offset) <= TOLERANCE:
             if self._offset:
                 logger.info("This machine's clock agrees with %s's again", self._reference)

@@ -58,7 +58,7 @@ import msgspec
 
 from dtfx._portal import LoopThread
 from dtfx.backends.base import WorkKind
-from dtfx.backends.clock import ReferenceClock
+from dtfx.backends.clock import ReferenceClock, ticks
 from dtfx.backends.sql.backend import Coalesced, SqlBackend
 from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program, Step, Stepper
 from dtfx.backends.sql.rows import from_micros, to_micros
@@ -1077,9 +1077,9 @@ class PostgresBackend(SqlBackend):
         drifts or is set."""
 
         def program() -> Program[tuple[datetime, float, float]]:
-            sent = time.monotonic()
+            sent = ticks()
             rows = yield Fetch("SELECT clock_timestamp()")
-            return rows[0][0], sent, time.monotonic()
+            return rows[0][0], sent, ticks()
 
         try:
             reading, sent, received = await self._transact(program, write=False)

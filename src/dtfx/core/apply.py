@@ -180,7 +180,7 @@ def plan_episode(item: OrchestrationWorkItem, history: Sequence[HistoryEvent] | 
     if terminate is not None and start is not None:  # terminated before any of its code ran: none will
         end = CompleteOrchestration(id=-1, status=OrchestrationStatus.TERMINATED, result=terminate.input)
         episode = [OrchestratorStarted(timestamp=now), start, terminate]
-        checkpoint = apply_actions(item, start, episode, [end], None, consumed, now)
+        checkpoint = apply_actions(item, start, episode, [end], None, consumed, now, history=())
         return EpisodePlan(EpisodeKind.CHECKPOINT, checkpoint=checkpoint)
     if not started and start is None:
         if terminate is not None:
@@ -763,9 +763,10 @@ worker may not run, an episode that no store could keep or that sent an entity's
 
 def _released_by_the_worker(history: Sequence[HistoryEvent]) -> list[str]:
     """The entities whose locks the last episode released for an execution that a worker
-    failed in place of its code (:data:`_FAILED_BY_THE_WORKER`)."""
+    failed in place of its code (:data:`_FAILED_BY_THE_WORKER`; its end has no action's id,
+    where the code's own end of the same type has its completion's)."""
     end = history[-1] if history else None
-    if not isinstance(end, ExecutionCompleted) or end.failure_details is None:
+    if not isinstance(end, ExecutionCompleted) or end.event_id != -1 or end.failure_details is None:
         return []
     if end.failure_details.error_type not in _FAILED_BY_THE_WORKER:
         return []

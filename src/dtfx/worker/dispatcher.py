@@ -190,17 +190,15 @@ class WorkItemDispatcher(Generic[T]):
 
     async def stop(self, grace_period: float) -> None:
         """Stop fetching; give in-flight items ``grace_period`` seconds, then cancel and release
-        them. A fetch that outlasts the grace period (the store is away) is given up too."""
+        them. A fetch under way is waited for (its items released at once): cancelled, it could
+        still commit the leases it takes (SQLite's transaction runs on), which then ran out."""
         loops, self._loops = self._loops, []
         if not loops:  # not started, or stopped
             return
         self.begin_stop()
+        await asyncio.gather(*loops, return_exceptions=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_period
-        _ended, fetching = await asyncio.wait(loops, timeout=grace_period)
-        for task in fetching:
-            task.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
         await self._settle_reservations(deadline)
         # Not the task that stops it, if it is one of its work items (an activity that stops its worker).
         in_flight = [task for task in self._in_flight if task is not asyncio.current_task()]
@@ -220,7 +218,12 @@ class WorkItemDispatcher(Generic[T]):
         had a period of its own, and a stop could take several)."""
         for dispatcher in dispatchers:
             dispatcher.begin_stop()
-        await asyncio.gather(*(dispatcher.stop(grace_period) for dispatcher in dispatchers))
+        stops = await asyncio.gather(
+            *(dispatcher.stop(grace_period) for dispatcher in dispatchers), return_exceptions=True
+        )
+        failed = next((stop for stop in stops if isinstance(stop, BaseException)), None)
+        if failed is not None:  # once every one has stopped
+            raise failed
 
     async def _settle_reservations(self, deadline: float) -> None:
         """Wait until every reserved slot has been used (:meth:`adopt`) or given back, or ``deadline``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
@@ -14,7 +15,9 @@ class WorkerThreads(ThreadPoolExecutor):
     """A thread pool that can drop the work still waiting for a thread (:meth:`drop_waiting`)."""
 
     def __init__(self, max_workers: int | None) -> None:
-        super().__init__(max_workers=max_workers, thread_name_prefix="dtfx-activity")
+        self._members: set[threading.Thread] = set()
+        """The pool's threads, each added before it runs any work (the pool's own set, after it starts)."""
+        super().__init__(max_workers=max_workers, thread_name_prefix="dtfx-activity", initializer=self._joined)
         self._submitted: set[Future[Any]] = set()
         """What was submitted and has not ended (the set's changes are atomic under the GIL)."""
 
@@ -23,6 +26,13 @@ class WorkerThreads(ThreadPoolExecutor):
         self._submitted.add(future)
         future.add_done_callback(self._submitted.discard)
         return future
+
+    def _joined(self) -> None:
+        self._members.add(threading.current_thread())
+
+    def runs_this_thread(self) -> bool:
+        """Whether the calling thread is one of the pool's."""
+        return threading.current_thread() in self._members
 
     @property
     def unfinished(self) -> int:

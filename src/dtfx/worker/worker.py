@@ -258,6 +258,11 @@ class Worker(BackgroundRunnable):
         """Stop the worker: what :meth:`start` started, or one started with :meth:`start_async`
         on an event loop of another thread, which this thread waits for."""
         loop = self._loop
+        if self._started and self._thread_pool is not None and self._thread_pool.runs_this_thread():
+            raise RuntimeError(
+                "An activity cannot wait for the stop of the worker that runs it: the stop would wait for the"
+                " activity. Stop it from another thread (threading.Thread(target=worker.stop).start())."
+            )
         if self._portal is not None or loop is None:
             super().stop(grace_period)
             return
@@ -267,6 +272,8 @@ class Worker(BackgroundRunnable):
             here = None
         if here is loop:
             raise RuntimeError("The worker runs on this thread's event loop: stop it with `await worker.stop_async()`.")
+        if not loop.is_running():
+            raise RuntimeError("The event loop the worker runs on is not running: nothing there could stop it.")
         asyncio.run_coroutine_threadsafe(self.stop_async(grace_period), loop).result()
 
     async def stop_async(self, grace_period: float | None = None) -> None:
