@@ -286,11 +286,8 @@ class Worker(BackgroundRunnable):
         """
         if not self._started:
             return
-        if self._loop is not None and self._loop is not asyncio.get_running_loop():
-            if self._portal is not None:  # started with start(): stopped on its thread, which then ends
-                await asyncio.to_thread(self.stop, grace_period)
-            else:
-                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.stop_async(grace_period), self._loop))
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():  # stopped there (see stop)
+            await asyncio.to_thread(self.stop, grace_period)
             return
         if asyncio.current_task() in self._activity_runner.running_tasks:
             raise RuntimeError(
