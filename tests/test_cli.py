@@ -7,6 +7,7 @@ process would; every command opens the file on its own.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 import time
@@ -19,6 +20,7 @@ from typer.testing import CliRunner, Result
 
 import dtfx
 from dtfx.cli import COMMANDS, cli
+from dtfx.cli.root import configure_logging
 from dtfx.cli.worker import load_app
 from dtfx.examples import hello_cities
 
@@ -369,6 +371,7 @@ def test_verbose_logs_the_traceback_of_an_error(hub: str) -> None:
         (["list", "--status", "sleepy"], ["'sleepy' is not a status", "running"]),
         (["list", "--limit", "0"], ["--limit"]),
         (["list", "--created-after", "yesterday"], ["'yesterday' is not a date or moment", "ISO 8601"]),
+        (["list", "--created-after", "9999-12-31T23:59:59-14:00"], ["out of the range of datetime in UTC"]),
         (["list", "--limit", "100000000000000000000"], ["--limit"]),
         (["status"], ["Missing argument 'ID'"]),
         (["stauts", "x"], ["No such command 'stauts'"]),
@@ -559,3 +562,35 @@ def test_the_bundled_example_runs_a_worker_and_a_client(hub: str, monkeypatch: p
     monkeypatch.setenv("DTFX_BACKEND", hub)
     assert hello_cities.main(["Oslo", "Lima"]) == ["Hello, Oslo!", "Hello, Lima!"]
     assert [state["name"] for state in invoke_json("list", "-b", hub)] == ["hello_cities"]
+
+
+class _Raw(dtfx.JsonDataConverter):
+    """Leaves a string as it is: a payload as another SDK may have stored it."""
+
+    def serialize(self, value: Any) -> str | None:
+        return value if isinstance(value, str) else super().serialize(value)
+
+
+def test_what_the_hub_holds_reaches_the_terminal_escaped_and_one_instance_never_breaks_a_listing(hub: str) -> None:
+    """A name with an ESC that would clear the screen, a payload too deep to read: whoever
+    starts an instance writes them, an operator's terminal shows them."""
+    with dtfx.Client(hub, data_converter=_Raw()) as client:
+        client.schedule_new_orchestration("clear\x1b[2Jscreen [bold]not markup[/bold]", instance_id="escaped")
+        client.schedule_new_orchestration("deep", input="[" * 5000 + "]" * 5000, instance_id="deep")
+    listed = invoke("list", "-b", hub)
+    shown = invoke("status", "escaped", "-b", hub)
+    for result in (listed, shown):
+        assert result.exit_code == 0, result.output
+        assert "\x1b" not in result.stdout
+        assert "clear\\x1b[2Jscreen" in result.stdout.replace("\n", "").replace(" ", "")
+    assert "[bold]not markup[/bold]" in shown.stdout
+    states = invoke_json("list", "-b", hub)
+    assert [state["input"] for state in states if state["instance_id"] == "deep"] == ["[" * 5000 + "]" * 5000]
+
+
+def test_the_cli_log_shows_control_characters_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    """`dtfx run` logs a failed orchestration with its name, which its starter wrote."""
+    configure_logging(0)
+    logging.getLogger("dtfx.test").warning("Instance %s (%s) failed", "i", "clear\x1b[2Jscreen")
+    logged = capsys.readouterr().err
+    assert "\x1b[2J" not in logged and "clear\\x1b[2Jscreen" in logged

@@ -444,7 +444,7 @@ class AsyncClient:
             created_time_to=created_time_to,
             max_instance_count=500,
         )
-        deadline = None if timeout is None else self.backend.now() + timeout
+        deadline = None if timeout is None else _deadline(self.backend.now(), timeout)
         deleted = 0
         while True:
             page = await backend.query_instances(query)
@@ -596,6 +596,14 @@ class AsyncClient:
         if state is not None:
             state.converter = self.converter
         return state
+
+
+def _deadline(now: datetime, timeout: timedelta) -> datetime | None:
+    """``now`` plus ``timeout``; ``None`` (no limit) past the last datetime."""
+    try:
+        return now + timeout
+    except OverflowError:
+        return None
 
 
 def _not_restartable(instance_id: str, status: OrchestrationStatus) -> OrchestrationStateError:

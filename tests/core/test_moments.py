@@ -38,3 +38,9 @@ def test_naive_datetimes_are_utc_whatever_the_local_zone(far_from_utc: None) -> 
     plus_five = timezone(timedelta(hours=5))
     assert as_utc(wall.replace(tzinfo=plus_five)) == datetime(2026, 12, 7, 7, 0, tzinfo=UTC)
     assert as_utc(wall.replace(tzinfo=plus_five)).tzinfo is UTC
+
+
+def test_a_moment_beyond_the_range_of_datetime_in_utc_is_a_value_error() -> None:
+    """Not an ``OverflowError`` from deep inside a query: the year 10000 in UTC, say."""
+    with pytest.raises(ValueError, match="out of the range"):
+        as_utc(datetime(9999, 12, 31, 23, 59, tzinfo=timezone(timedelta(hours=-14))))

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as pb_grpc
-from google.protobuf import empty_pb2, timestamp_pb2, wrappers_pb2
+from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2, wrappers_pb2
 from tests.grpc.conftest import rpc_error, running_sidecar
 from tests.postgres import postgres_url
 
@@ -142,6 +142,14 @@ def test_purges(stub: Stub) -> None:
     running_only = pb.PurgeInstanceFilter(runtimeStatus=[pb.ORCHESTRATION_STATUS_RUNNING])
     response = stub.PurgeInstances(pb.PurgeInstancesRequest(purgeInstanceFilter=running_only))
     assert response.deletedInstanceCount == 0 and response.isComplete.value  # nothing to purge: all done
+
+    def within(seconds: int) -> pb.PurgeInstancesRequest:
+        bounded = pb.PurgeInstanceFilter(createdTimeFrom=since, timeout=duration_pb2.Duration(seconds=seconds))
+        return pb.PurgeInstancesRequest(purgeInstanceFilter=bounded)
+
+    beyond_a_timedelta = within(-(2**63))
+    expect(lambda: stub.PurgeInstances(beyond_a_timedelta), Code.INVALID_ARGUMENT, "timeout", "out of range")
+    assert stub.PurgeInstances(within(2**40)).isComplete.value  # past the last datetime from now: no limit
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import typer
 
 from dtfx.backends import DEFAULT_URL
 from dtfx.core.history import OrchestrationStatus
+from dtfx.core.moments import as_utc
 
 STATUS_NAMES = ", ".join(status.name.lower() for status in OrchestrationStatus)
 
@@ -48,9 +49,13 @@ def status_value(text: str) -> OrchestrationStatus:
 def moment_value(text: str) -> datetime:
     """Parse an ISO 8601 date or moment (``2026-12-07``, ``2026-12-07T09:30``, ``...+01:00``); UTC unless it says."""
     try:
-        return datetime.fromisoformat(text.strip())
+        moment = datetime.fromisoformat(text.strip())
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not a date or moment; use ISO 8601, as in 2026-12-07T09:30Z") from None
+    try:
+        return as_utc(moment)
+    except ValueError as error:  # the year 10000 in UTC, say
+        raise typer.BadParameter(str(error)) from None
 
 
 BackendUrl = Annotated[

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dtfx.cli.options import not_json
+from dtfx.cli.printable import cell
 from dtfx.cli.root import stderr, stdout
 from dtfx.core.entities import EntityMetadata
 from dtfx.core.history import FailureDetails, HistoryEvent, OrchestrationStatus
@@ -78,7 +79,7 @@ def _print_rows(rows: list[tuple[str, str | Text | None]]) -> None:
     table.add_column(overflow="fold")
     for label, value in rows:
         if value is not None:
-            table.add_row(label, value)
+            table.add_row(label, cell(value) if isinstance(value, str) else value)
     stdout.print(table)
 
 
@@ -142,7 +143,7 @@ def history_table(history: list[HistoryEvent]) -> Table:
             str(event.event_id) if event.event_id >= 0 else "",
             type(event).__name__,
             _readable_time(event.timestamp),
-            _event_details(event),
+            cell(_event_details(event)),
         )
     return table
 
@@ -164,9 +165,9 @@ def print_states(states: list[OrchestrationState], more: bool, json_output: bool
     table.columns[0].no_wrap = True
     for state in states:
         table.add_row(
-            state.instance_id,
-            state.name,
-            *((state.version or "",) if versioned else ()),
+            cell(state.instance_id),
+            cell(state.name),
+            *((cell(state.version or ""),) if versioned else ()),
             status_text(state.runtime_status),
             _readable_time(state.created_at),
             _readable_time(state.last_updated_at),
@@ -214,12 +215,13 @@ def _event_details(event: HistoryEvent) -> str:
 def _decoded(payload: str | None) -> Any:
     """A stored payload as JSON data; a payload that is not strict JSON stays a string (one
     holding ``NaN`` or ``Infinity``, as Python's ``json`` writes them, would make the output
-    invalid JSON)."""
+    invalid JSON), and so does one nested too deep to read (one instance's, which would
+    fail the listing of all)."""
     if payload is None:
         return None
     try:
         return json.loads(payload, parse_constant=not_json)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested deeper than Python reads
         return payload
 
 

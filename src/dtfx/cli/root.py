@@ -15,12 +15,13 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleRenderable
 from rich.logging import RichHandler
 from rich.text import Text
 from typer.core import TyperGroup
 
 from dtfx import _loops as loops
+from dtfx.cli.printable import printable
 from dtfx.core.errors import DtfxError
 
 P = ParamSpec("P")
@@ -123,7 +124,12 @@ def configure_logging(verbosity: int, *, quiet: int = logging.WARNING) -> None:
 
 class _CliLogHandler(RichHandler):
     """Marks the handler this module installed, so that running a command twice in one
-    process (as tests do) replaces it instead of adding a second one."""
+    process (as tests do) replaces it instead of adding a second one. Messages name what
+    the hub holds (an orchestration's name, a failure's message): their control characters
+    are shown escaped."""
+
+    def render_message(self, record: logging.LogRecord, message: str) -> ConsoleRenderable:
+        return super().render_message(record, printable(message))
 
 
 def run_async(function: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:

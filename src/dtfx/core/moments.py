@@ -10,7 +10,12 @@ def as_utc(moment: datetime) -> datetime:
     """Naive datetimes are taken to be UTC (those whose ``tzinfo`` gives no offset are naive too)."""
     if not isinstance(moment, datetime):
         raise TypeError(f"a moment must be a datetime, not {type(moment).__name__}")
-    return moment.replace(tzinfo=UTC) if moment.utcoffset() is None else moment.astimezone(UTC)
+    if moment.utcoffset() is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59-01:00, say, is in the year 10000 in UTC
+        raise ValueError(f"{moment.isoformat()} is out of the range of datetime in UTC") from None
 
 
 def fields_as_utc(options: object) -> None:

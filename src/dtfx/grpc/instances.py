@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncGenerator
+from datetime import timedelta
 from typing import Any, Protocol
 
 from google.protobuf import wrappers_pb2
@@ -277,8 +278,16 @@ class InstanceRpcs:
             optional_datetime(purge_filter, "createdTimeTo"),
             _statuses(purge_filter.runtimeStatus) or None,
             recursive,
-            purge_filter.timeout.ToTimedelta() if purge_filter.HasField("timeout") else None,
+            _timeout(purge_filter) if purge_filter.HasField("timeout") else None,
         )
+
+
+def _timeout(purge_filter: pb.PurgeInstanceFilter) -> timedelta:
+    """The filter's timeout; one beyond what a ``timedelta`` holds (about 2.7 million years) is refused."""
+    try:
+        return purge_filter.timeout.ToTimedelta()
+    except OverflowError:
+        raise invalid_argument(f"The purge's timeout of {purge_filter.timeout.seconds} s is out of range.") from None
 
 
 def _deadline(context: Context) -> float:
