@@ -35,7 +35,11 @@ class TcpProxy:
         with contextlib.suppress(OSError):  # closed
             while True:
                 near, _ = listener.accept()
-                far = socket.create_connection(("127.0.0.1", self._port))
+                try:
+                    far = socket.create_connection(("127.0.0.1", self._port))
+                except OSError:  # the server is away: the client's connection ends with it
+                    near.close()
+                    raise
                 with self._lock:
                     if listener is not self._listener:  # went down while this one was being taken
                         near.close()
