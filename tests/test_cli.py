@@ -20,7 +20,8 @@ from typer.testing import CliRunner, Result
 
 import dtfx
 from dtfx.cli import COMMANDS, cli
-from dtfx.cli.root import configure_logging
+from dtfx.cli.printable import printable
+from dtfx.cli.root import configure_logging, print_error
 from dtfx.cli.worker import load_app
 from dtfx.examples import hello_cities
 
@@ -586,6 +587,17 @@ def test_what_the_hub_holds_reaches_the_terminal_escaped_and_one_instance_never_
     assert "[bold]not markup[/bold]" in shown.stdout
     states = invoke_json("list", "-b", hub)
     assert [state["input"] for state in states if state["instance_id"] == "deep"] == ["[" * 5000 + "]" * 5000]
+
+
+def test_an_error_line_shows_control_characters_escaped_and_crlf_as_a_newline(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`start --wait` prints the failure's message, which an activity wrote."""
+    print_error("Orchestration o failed: ValueError: evil\x1b]0;title\x07 at line\r\nnext")
+    shown = capsys.readouterr().err
+    assert "\x1b" not in shown and "\r" not in shown
+    assert "evil\\x1b]0;title\\x07 at line next" in shown
+    assert printable("a\r\nb\rc") == "a\nb\\x0dc"
 
 
 def test_the_cli_log_shows_control_characters_escaped(capsys: pytest.CaptureFixture[str]) -> None:

@@ -599,9 +599,9 @@ class AsyncClient:
 
 
 def _deadline(now: datetime, timeout: timedelta) -> datetime | None:
-    """``now`` plus ``timeout``; ``None`` (no limit) past the last datetime."""
+    """``now`` plus ``timeout`` (a negative one: ``now``); ``None`` (no limit) past the last datetime."""
     try:
-        return now + timeout
+        return now + max(timeout, timedelta(0))
     except OverflowError:
         return None
 

@@ -370,6 +370,26 @@ async def test_a_fetch_under_way_at_the_stop_is_waited_for_and_its_items_release
     assert recorder.released == [7] and recorder.processed == []
 
 
+async def test_a_fetch_that_the_store_leaves_unanswered_is_given_up_by_the_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that has stopped answering: the stop would wait for it for good."""
+    monkeypatch.setattr("dtfx.worker.dispatcher._FETCH_AT_STOP_PATIENCE", 0.05)
+    fetching = asyncio.Event()
+
+    async def unanswered(count: int) -> list[int]:
+        fetching.set()
+        await asyncio.sleep(3600)
+        return []
+
+    recorder = Recorder(0)
+    dispatcher = recorder.dispatcher()
+    dispatcher._fetch = unanswered
+    dispatcher.start()
+    await fetching.wait()
+    await asyncio.wait_for(dispatcher.stop(0.01), 5)
+
+
 async def test_a_release_at_shutdown_that_the_store_does_not_answer_is_given_up(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

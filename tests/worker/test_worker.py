@@ -386,7 +386,7 @@ def test_the_official_sdks_pattern_of_with_then_register_then_start_runs(tmp_pat
 
 
 @pytest.mark.parametrize("started", ["start_async", "start"])
-@pytest.mark.parametrize("kind", ["async", "sync"])
+@pytest.mark.parametrize("kind", ["async", "sync", "async calling stop()", "sync running stop_async()"])
 async def test_an_activity_that_waits_for_the_stop_of_its_own_worker_is_told_it_cannot(kind: str, started: str) -> None:
     """The stop would wait for the activity, which waits for the stop (a sync one's: the grace
     period, then the activity cancelled, to run again)."""
@@ -407,7 +407,23 @@ async def test_an_activity_that_waits_for_the_stop_of_its_own_worker_is_told_it_
             return str(error)
         return "stopped"
 
-    app.add_activity(awaits_the_stop if kind == "async" else waits_for_the_stop, "stopper")
+    async def blocks_its_loop_on_the_stop(ctx: dtfx.ActivityContext, _: Any) -> str:
+        return waits_for_the_stop(ctx, _)
+
+    def runs_the_stop(ctx: dtfx.ActivityContext, _: Any) -> str:
+        try:
+            asyncio.run(workers[0].stop_async(grace_period=30))
+        except RuntimeError as error:
+            return str(error)
+        return "stopped"
+
+    activities = {
+        "async": awaits_the_stop,
+        "sync": waits_for_the_stop,
+        "async calling stop()": blocks_its_loop_on_the_stop,
+        "sync running stop_async()": runs_the_stop,
+    }
+    app.add_activity(activities[kind], "stopper")
 
     @app.orchestrator
     def stop_me(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
@@ -425,7 +441,10 @@ async def test_an_activity_that_waits_for_the_stop_of_its_own_worker_is_told_it_
     state = await asyncio.wait_for(client.wait_for_orchestration_completion(instance_id, timeout=10), 20)
     assert worker.is_running
     await asyncio.to_thread(worker.stop)
-    assert state is not None and "the stop of the worker that runs it" in state.get_output()
+    assert state is not None
+    assert (
+        "the stop of the worker that runs it" in state.get_output() or "await worker.stop_async()" in state.get_output()
+    )
 
 
 def test_stopping_a_worker_whose_loop_no_longer_runs_says_so() -> None:

@@ -27,6 +27,7 @@ from dtfx.cli.options import (
     status_value,
 )
 from dtfx.cli.output import failure_text, print_entity, print_outcome, print_state, print_states
+from dtfx.cli.printable import printable
 from dtfx.cli.root import CommandError, run_async, stderr
 from dtfx.cli.session import connect, shown
 from dtfx.client import AsyncClient
@@ -330,7 +331,7 @@ async def _wait_with_progress(client: AsyncClient, instance_id: str, timeout: fl
         def has_ended(state: OrchestrationState) -> bool:
             nonlocal latest
             latest = state
-            progress.update(task, description=_progress_line(state))
+            progress.update(task, description=printable(_progress_line(state)))
             return state.runtime_status.is_terminal
 
         try:

@@ -16,8 +16,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def printable(text: str) -> str:
-    """``text`` with its control characters (but tab and newline) written as ``\\xNN``."""
-    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+    """``text`` with its control characters (but tab and newline) written as ``\\xNN``; a line
+    that ends with CRLF (a .NET worker's stack trace) ends with its newline alone."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text.replace("\r\n", "\n"))
 
 
 def cell(text: str) -> Text:

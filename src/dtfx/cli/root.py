@@ -108,7 +108,7 @@ def describe(error: BaseException) -> str:
 
 def print_error(message: str) -> None:
     """``error: message`` on stderr, on one line whatever the terminal's width."""
-    stderr.print(Text.assemble(("error: ", "bold red"), message.replace("\n", " ")), soft_wrap=True)
+    stderr.print(Text.assemble(("error: ", "bold red"), printable(message).replace("\n", " ")), soft_wrap=True)
 
 
 def configure_logging(verbosity: int, *, quiet: int = logging.WARNING) -> None:

@@ -36,6 +36,10 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
+_FETCH_AT_STOP_PATIENCE = 15.0
+"""Seconds at least that a stop waits for a fetch under way: a store's transactions wait about
+this long for a connection or a lock (a pool's timeout, SQLite's busy timeout) before they fail."""
+
 _RELEASE_AT_STOP_PATIENCE = 2.0
 """Seconds a stop waits for one release of a work item (a store that does not answer, as it
 waits for a connection: the stop would wait as long as the pool's timeout)."""
@@ -190,12 +194,17 @@ class WorkItemDispatcher(Generic[T]):
 
     async def stop(self, grace_period: float) -> None:
         """Stop fetching; give in-flight items ``grace_period`` seconds, then cancel and release
-        them. A fetch under way is waited for (its items released at once): cancelled, it could
-        still commit the leases it takes (SQLite's transaction runs on), which then ran out."""
+        them. A fetch under way is waited for, its items released at once (cancelled, it could
+        still commit the leases it takes: SQLite's transaction runs on), for up to the grace
+        period or :data:`_FETCH_AT_STOP_PATIENCE`, whichever is longer; then given up (a store
+        that has stopped answering)."""
         loops, self._loops = self._loops, []
         if not loops:  # not started, or stopped
             return
         self.begin_stop()
+        _ended, fetching = await asyncio.wait(loops, timeout=max(grace_period, _FETCH_AT_STOP_PATIENCE))
+        for task in fetching:
+            task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_period

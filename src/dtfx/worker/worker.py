@@ -258,23 +258,26 @@ class Worker(BackgroundRunnable):
         """Stop the worker: what :meth:`start` started, or one started with :meth:`start_async`
         on an event loop of another thread, which this thread waits for."""
         loop = self._loop
+        self._refuse_a_stop_from_its_threads()
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is not None and here is loop:  # (an async activity's, say) it would wait on the loop it blocks
+            raise RuntimeError("The worker runs on this thread's event loop: stop it with `await worker.stop_async()`.")
+        if self._portal is not None or loop is None:
+            super().stop(grace_period)
+            return
+        if not loop.is_running():
+            raise RuntimeError("The event loop the worker runs on is not running: nothing there could stop it.")
+        asyncio.run_coroutine_threadsafe(self.stop_async(grace_period), loop).result()
+
+    def _refuse_a_stop_from_its_threads(self) -> None:
         if self._started and self._thread_pool is not None and self._thread_pool.runs_this_thread():
             raise RuntimeError(
                 "An activity cannot wait for the stop of the worker that runs it: the stop would wait for the"
                 " activity. Stop it from another thread (threading.Thread(target=worker.stop).start())."
             )
-        if self._portal is not None or loop is None:
-            super().stop(grace_period)
-            return
-        try:
-            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            here = None
-        if here is loop:
-            raise RuntimeError("The worker runs on this thread's event loop: stop it with `await worker.stop_async()`.")
-        if not loop.is_running():
-            raise RuntimeError("The event loop the worker runs on is not running: nothing there could stop it.")
-        asyncio.run_coroutine_threadsafe(self.stop_async(grace_period), loop).result()
 
     async def stop_async(self, grace_period: float | None = None) -> None:
         """Stop fetching, let in-flight work finish (up to the grace period), release the rest.
@@ -287,6 +290,7 @@ class Worker(BackgroundRunnable):
         if not self._started:
             return
         if self._loop is not None and self._loop is not asyncio.get_running_loop():  # stopped there (see stop)
+            self._refuse_a_stop_from_its_threads()  # (asyncio.run(worker.stop_async()) in a sync activity)
             await asyncio.to_thread(self.stop, grace_period)
             return
         if asyncio.current_task() in self._activity_runner.running_tasks:
