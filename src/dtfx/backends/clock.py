@@ -32,15 +32,11 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def ticks() -> float:
-    """Seconds on a clock of this machine that no setting of its wall clock moves, and that
-    counts a suspension (Linux's ``CLOCK_BOOTTIME``; elsewhere, :func:`time.monotonic`)."""
-    return _ticks()
-
-
-_ticks: Callable[[], float] = (
+ticks: Callable[[], float] = (
     partial(time.clock_gettime, time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic
 )
+"""Seconds on a clock of this machine that no setting of its wall clock moves, and that counts
+a suspension (Linux's ``CLOCK_BOOTTIME``; elsewhere, :func:`time.monotonic`)."""
 
 
 class ReferenceClock:

@@ -28,7 +28,7 @@ from dtfx.backends.delivery import (
     work_kind_of,
 )
 from dtfx.backends.paging import decode_token, encode_token
-from dtfx.core.apply import unlocks_of_open_sections
+from dtfx.core.apply import unlock_messages
 from dtfx.core.errors import OrchestrationAlreadyExistsError, OrchestrationNotFoundError
 from dtfx.core.history import ExecutionStarted, HistoryEvent, OrchestrationStatus
 from dtfx.core.instance_ids import is_entity_id
@@ -110,10 +110,10 @@ class MemoryBackend(Backend):
                 if reuse_policy is None or status not in reuse_policy.replaceable_statuses:
                     raise OrchestrationAlreadyExistsError(instance_id, status)
                 if not status.is_terminal:  # it never runs again to release its entity locks: released here
-                    unlocks = unlocks_of_open_sections(existing.history, instance_id, now)
+                    unlocks = unlock_messages(existing.history, instance_id, now)
             instance = self._create(start, now, scheduled_start_at)
             for unlock in unlocks:
-                self._deliver(OutboundMessage(unlock.target_instance_id, unlock), instance_id, now)
+                self._deliver(unlock, instance_id, now)
             if lease is not None:
                 instance.lock_token, instance.locked_until = lease.lock_token, lease.locked_until
                 item = _work_item(instance, instance.inbox)

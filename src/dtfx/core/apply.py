@@ -508,10 +508,13 @@ def _unstorable(actions: Sequence[OrchestratorAction], custom_status: str | None
     what = "custom status" if custom_status is not None and "\x00" in custom_status else _nul_field(actions)
     if what is None:
         return None
+    return unstorable_failure(f"The orchestration's {what} holds a NUL character, which a task hub cannot store.")
+
+
+def unstorable_failure(message: str) -> FailureDetails:
+    """The failure of work that a task hub cannot store, which no retry would store either."""
     return FailureDetails(
-        error_type=qualified_name(UnstorableValueError),
-        message=f"The orchestration's {what} holds a NUL character, which a task hub cannot store.",
-        is_non_retriable=True,
+        error_type=qualified_name(UnstorableValueError), message=storable_text(message), is_non_retriable=True
     )
 
 
@@ -664,19 +667,15 @@ def unstorable_checkpoint(
     again, it would be refused again every time the episode ran. The episode's events are
     left out; its messages are consumed, its parent, if any, is told, and the entities that
     the critical section it was in (by ``history``, the past history) had locked are unlocked."""
-    details = FailureDetails(
-        error_type=qualified_name(UnstorableValueError),
-        message=storable_text(f"The episode holds a value the task hub cannot store: {error}"),
-        is_non_retriable=True,
-    )
+    details = unstorable_failure(f"The episode holds a value the task hub cannot store: {error}")
     failed = unchanged_checkpoint(item, checkpoint.consumed, now)
     failed.finished_tasks = checkpoint.finished_tasks
     failed.new_history = [OrchestratorStarted(timestamp=now)]
     if item.history_size == 0:
         failed.new_history.append(started)
-    for unlock in unlocks_of_open_sections(history, item.instance_id, now):
-        failed.new_history.append(unlock)
-        failed.messages.append(OutboundMessage(unlock.target_instance_id, unlock))
+    for message in unlock_messages(history, item.instance_id, now):
+        failed.new_history.append(message.event)
+        failed.messages.append(message)
     ended = ExecutionCompleted(timestamp=now, status=OrchestrationStatus.FAILED, failure_details=details)
     failed.new_history.append(ended)
     failed.status = OrchestrationStatus.FAILED
@@ -800,6 +799,14 @@ def unlocks_of_open_sections(
             unlocks.append(unlock)
             next_id += 1
     return unlocks
+
+
+def unlock_messages(history: Sequence[HistoryEvent], instance_id: str, now: datetime) -> list[OutboundMessage]:
+    """The messages that deliver :func:`unlocks_of_open_sections` (each unlock is its message's event)."""
+    return [
+        OutboundMessage(unlock.target_instance_id, unlock)
+        for unlock in unlocks_of_open_sections(history, instance_id, now)
+    ]
 
 
 def releases_of_open_sections(

@@ -21,6 +21,7 @@ from dtfx._loops import in_context_on
 from dtfx._tracing import activity_span
 from dtfx.backends.base import Backend
 from dtfx.core.activity import ActivityContext
+from dtfx.core.apply import unstorable_failure
 from dtfx.core.errors import (
     BackendUnavailableError,
     NonRetriableError,
@@ -28,7 +29,7 @@ from dtfx.core.errors import (
     SerializationError,
     UnstorableValueError,
 )
-from dtfx.core.history import FailureDetails, TaskCompleted, TaskFailed, qualified_name, storable_text
+from dtfx.core.history import FailureDetails, TaskCompleted, TaskFailed
 from dtfx.core.serialization import DataConverter, input_type_of
 from dtfx.core.workitems import ActivityResult, ActivityWorkItem
 from dtfx.worker.commit import GroupCommitter
@@ -271,11 +272,7 @@ def _refused(result: ActivityResult, error: UnstorableValueError, now: datetime)
         instance_id,
         error,
     )
-    details = FailureDetails(
-        error_type=qualified_name(UnstorableValueError),
-        message=storable_text(f"The activity's result cannot be stored: {error}"),
-        is_non_retriable=True,
-    )
+    details = unstorable_failure(f"The activity's result cannot be stored: {error}")
     return TaskFailed(timestamp=now, task_scheduled_id=scheduled.event_id, failure_details=details)
 
 

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from dtfx._tracing import current_trace_context, entity_operation_span
 from dtfx.backends.base import Backend
+from dtfx.core.apply import unstorable_failure
 from dtfx.core.entities import (
     BatchPlan,
     BatchResult,
@@ -30,7 +31,7 @@ from dtfx.core.entities import (
 )
 from dtfx.core.entity_context import DurableEntity, EntityBatchState, EntityContext
 from dtfx.core.errors import NotRegisteredError, UnstorableValueError
-from dtfx.core.history import EntityOperationSignaled, FailureDetails, qualified_name, storable_text
+from dtfx.core.history import EntityOperationSignaled, FailureDetails
 from dtfx.core.serialization import DataConverter, input_type_of, parameter_types
 from dtfx.core.workitems import CommitResult, OrchestrationCheckpoint, OrchestrationWorkItem
 from dtfx.worker.commit import GroupCommitter
@@ -88,7 +89,8 @@ class EntityProcessor:
             logger.warning(
                 "Entity %s: the store refused its batch (%s); failing its operations", item.instance_id, error
             )
-            refused = BatchResult.failing(item.state.serialized_output, plan.operations, _refusal(error))
+            refusal = unstorable_failure(f"The outcome of the entity's batch of operations cannot be stored: {error}")
+            refused = BatchResult.failing(item.state.serialized_output, plan.operations, refusal)
             committed = await self._committer.commit(apply_batch(item, plan, refused, now))
         if not committed:
             logger.warning("Entity %s: the lease was lost before the batch could be committed", item.instance_id)
@@ -97,15 +99,6 @@ class EntityProcessor:
         """Give the work item back after a failure or at shutdown (offered again after ``retry_after``)."""
         retry_at = Abandon(retry_after).retry_at(self._backend.now())
         await self._backend.abandon_orchestration_work_item(item, retry_at=retry_at)
-
-
-def _refusal(error: UnstorableValueError) -> FailureDetails:
-    """The failure of each operation of a batch whose outcome the store refused with ``error``."""
-    return FailureDetails(
-        error_type=qualified_name(UnstorableValueError),
-        message=storable_text(f"The outcome of the entity's batch of operations cannot be stored: {error}"),
-        is_non_retriable=True,
-    )
 
 
 class LocalEntityRunner:

@@ -26,7 +26,7 @@ from dtfx.backends.sql.rows import (
     to_micros,
 )
 from dtfx.backends.sql.transaction import HubTransaction, KeptRow
-from dtfx.core.apply import unlocks_of_open_sections
+from dtfx.core.apply import unlock_messages
 from dtfx.core.errors import OrchestrationAlreadyExistsError, OrchestrationNotFoundError
 from dtfx.core.history import TERMINAL_STATUSES, ExecutionStarted, HistoryEvent, TaskScheduled, decode_event
 from dtfx.core.instance_ids import is_entity_id
@@ -159,8 +159,7 @@ def get_instances(dialect: Dialect, requests: Sequence[tuple[str, bool]]) -> Pro
 def _unlocks_of(instance_id: str, now: datetime) -> Program[list[OutboundMessage]]:
     """The unlocks of the critical section the instance's execution is in (none if none)."""
     history = yield from get_history(instance_id)
-    unlocks = unlocks_of_open_sections(history, instance_id, now)
-    return [OutboundMessage(unlock.target_instance_id, unlock) for unlock in unlocks]
+    return unlock_messages(history, instance_id, now)
 
 
 def get_history(instance_id: str) -> Program[list[HistoryEvent]]:
