@@ -120,15 +120,44 @@ class BackgroundRunnable(ABC):
     """
 
     _thread_name: ClassVar[str] = "dtfx"
-    _portal: LoopThread | None = None
+
+    def __init__(self) -> None:
+        self._portal: LoopThread | None = None
+        self._lifecycle = threading.Lock()
+        """Held by :meth:`start` and :meth:`stop`: a second caller waits for the first."""
+        self._stopping: asyncio.Task[None] | None = None
+        """The stop under way, if one is."""
+
+    @property
+    @abstractmethod
+    def is_running(self) -> bool:
+        """True between start and stop."""
 
     @abstractmethod
     async def start_async(self) -> None:
         """Start on the running event loop."""
 
     @abstractmethod
+    def _begin_stop(self, grace_period: float | None) -> Coroutine[Any, Any, None]:
+        """Stop taking new work, at once, and return what ends the stop; :meth:`stop_async`
+        calls it once per start."""
+
     async def stop_async(self, grace_period: float | None = None) -> None:
-        """Stop; in-flight work gets ``grace_period`` seconds (``None``: the configured default)."""
+        """Stop; in-flight work gets ``grace_period`` seconds (``None``: the configured default).
+
+        A stop once begun runs to its end: a caller cancelled meanwhile (by a timeout around
+        it, say) leaves it running, and a second caller waits for it.
+        """
+        if self._stopping is None:
+            if not self.is_running:
+                return
+            stopping = self._stopping = asyncio.ensure_future(self._begin_stop(grace_period))
+            stopping.add_done_callback(self._stopped)
+        await asyncio.shield(self._stopping)
+
+    def _stopped(self, stopping: asyncio.Task[None]) -> None:
+        if self._stopping is stopping:
+            self._stopping = None
 
     async def __aenter__(self) -> Self:
         await self.start_async()
@@ -140,25 +169,28 @@ class BackgroundRunnable(ABC):
     def start(self) -> None:
         """Start on a background thread; nothing more if it runs there already (the official
         SDK's workers start in ``start()``, after ``with``, which starts a dtfx one)."""
-        if self._portal is not None:
-            return
-        self._portal = LoopThread(self._thread_name)
-        try:
-            self._portal.run(self.start_async())
-        except BaseException:
-            self._portal.close()
-            self._portal = None
-            raise
+        with self._lifecycle:
+            if self._portal is not None:
+                return
+            self._portal = LoopThread(self._thread_name)
+            try:
+                self._portal.run(self.start_async())
+            except BaseException:
+                self._portal.close()
+                self._portal = None
+                raise
 
     def stop(self, grace_period: float | None = None) -> None:
-        """Stop what :meth:`start` started."""
-        portal, self._portal = self._portal, None
-        if portal is None:
-            return
-        try:
-            portal.run(self.stop_async(grace_period))
-        finally:
-            portal.close()
+        """Stop what :meth:`start` started; a second caller meanwhile waits for the stop."""
+        with self._lifecycle:
+            portal = self._portal
+            if portal is None:
+                return
+            try:
+                portal.run(self.stop_async(grace_period))
+            finally:
+                self._portal = None
+                portal.close()
 
     def __enter__(self) -> Self:
         self.start()

@@ -456,6 +456,42 @@ def test_a_response_in_chunks_is_applied_whole(stub: Stub, streams: list[WorkIte
     assert names == {"a", "b"}
 
 
+def test_a_response_in_chunks_adding_up_to_over_the_limit_fails_its_orchestration() -> None:
+    # The server keeps the chunks until the last one: without a limit, a worker could fill its memory.
+    options = dataclasses.replace(FAST, max_response_bytes=10_000)
+    with running_sidecar(options=options) as server, grpc.insecure_channel(server.address) as channel:
+        stub = Stub(channel)
+        stream = WorkItemStream(stub)
+        try:
+            start(stub, "chunked", "chunked")
+            item = stream.next()
+
+            def chunk(index: int, last: bool = False) -> None:
+                stub.CompleteOrchestratorTask(
+                    pb.OrchestratorResponse(
+                        instanceId="chunked",
+                        completionToken=item.completionToken,
+                        actions=[schedule(index + 1, "a" * 4_000)],
+                        isPartial=not last,
+                        chunkIndex=wrappers_pb2.Int32Value(value=index),
+                    )
+                )
+
+            chunk(0)
+            chunk(1)
+            refused = rpc_error(lambda: chunk(2))
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_response_bytes" in str(refused.details())
+            chunk(3, last=True)  # too late: the work item is done with
+            wait_until(lambda: status_of(stub, "chunked") == pb.ORCHESTRATION_STATUS_FAILED)
+            state = stub.GetInstance(pb.GetInstanceRequest(instanceId="chunked")).orchestrationState
+            assert state.failureDetails.errorType == "dtfx.core.errors.MessageTooLargeError"
+            assert "adds up to" in state.failureDetails.errorMessage
+            assert stream.nothing_within(0.5)  # no activity was scheduled
+        finally:
+            stream.close()
+
+
 def test_the_server_survives_a_worker_that_hangs_up_mid_episode() -> None:
     with running_sidecar(options=FAST) as server, grpc.insecure_channel(server.address) as channel:
         stub = Stub(channel)

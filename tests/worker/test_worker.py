@@ -634,17 +634,22 @@ async def test_a_stop_cancels_an_async_entity_operation_that_outlasts_the_grace_
     await asyncio.wait_for(cancelled.wait(), 5)
 
 
+def _ends_its_threads(before: set[threading.Thread]) -> bool:
+    """Whether the threads started since ``before`` end (but asyncio's, which runs this one)."""
+    for _ in range(500):
+        if not {thread for thread in threading.enumerate() if not thread.name.startswith("asyncio_")} - before:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def test_a_worker_started_on_its_own_thread_is_stopped_by_stop_async_on_another_loop(tmp_path: Any) -> None:
     before = set(threading.enumerate())
     worker = dtfx.Worker(f"sqlite:///{tmp_path}/hub.db", app=dtfx.App())
     worker.start()
     asyncio.run(worker.stop_async())
     assert not worker.is_running
-    for _ in range(500):  # its loop's thread and its backend's end
-        if not set(threading.enumerate()) - before:
-            break
-        time.sleep(0.01)
-    assert not set(threading.enumerate()) - before
+    assert _ends_its_threads(before)  # its loop's thread and its backend's
 
 
 async def test_a_worker_started_on_a_loop_is_stopped_by_stop_from_another_thread_but_not_from_its_own() -> None:
@@ -655,3 +660,71 @@ async def test_a_worker_started_on_a_loop_is_stopped_by_stop_from_another_thread
     assert worker.is_running
     await asyncio.to_thread(worker.stop)
     assert not worker.is_running
+
+
+async def test_a_stop_whose_caller_is_cancelled_runs_on_and_a_second_stop_waits_for_it(tmp_path: Any) -> None:
+    app = dtfx.App()
+    started, finish = asyncio.Event(), asyncio.Event()
+    ran: list[str] = []
+
+    @app.activity
+    async def slow(ctx: dtfx.ActivityContext, _: Any) -> str:
+        started.set()
+        await finish.wait()
+        ran.append("slow")
+        return "finished"
+
+    @app.orchestrator
+    def one(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(slow))
+
+    url = f"sqlite:///{tmp_path}/hub.db"
+    async with dtfx.AsyncClient(url) as client:
+        instance_id = await client.schedule_new_orchestration(one)
+        before = set(threading.enumerate())
+        worker = dtfx.Worker(url, app=app)
+        await worker.start_async()
+        await started.wait()
+        with pytest.raises(TimeoutError):  # a timeout around the stop, shorter than the activity
+            await asyncio.wait_for(worker.stop_async(grace_period=10), 0.1)
+        assert not worker.is_running
+        finish.set()
+        await asyncio.wait_for(worker.stop_async(), 10)  # waits for the stop under way
+        assert await asyncio.to_thread(_ends_its_threads, before)  # its backend was closed
+        async with dtfx.Worker(url, app=app):
+            state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == "finished"
+    assert ran == ["slow"]  # its result was committed by the stop, not run again
+
+
+def test_a_second_stop_from_another_thread_returns_once_the_first_has_stopped_the_worker(tmp_path: Any) -> None:
+    app = dtfx.App()
+    started, finish = threading.Event(), threading.Event()
+    finished: list[str] = []
+
+    @app.activity
+    def slow(ctx: dtfx.ActivityContext, _: Any) -> str:
+        started.set()
+        finish.wait(10)
+        finished.append("slow")
+        return "finished"
+
+    @app.orchestrator
+    def one(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(slow))
+
+    before = set(threading.enumerate())
+    worker = dtfx.Worker(f"sqlite:///{tmp_path}/hub.db", app=app)
+    worker.start()
+    with dtfx.Client(f"sqlite:///{tmp_path}/hub.db") as client:
+        client.schedule_new_orchestration(one)
+        assert started.wait(10)
+        first = threading.Thread(target=worker.stop, kwargs={"grace_period": 10})
+        first.start()
+        while worker.is_running:
+            time.sleep(0.01)
+        threading.Timer(0.3, finish.set).start()
+        worker.stop()
+        assert finished == ["slow"]  # the first stop's grace period was waited for
+        first.join(10)
+    assert _ends_its_threads(before)

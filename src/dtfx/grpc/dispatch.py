@@ -144,6 +144,11 @@ class RemoteDispatchers:
         for dispatcher in self._dispatchers:
             dispatcher.start()
 
+    def begin_stop(self) -> None:
+        """Stop fetching, at once: the start of :meth:`stop`."""
+        for dispatcher in self._dispatchers:
+            dispatcher.begin_stop()
+
     async def stop(self, grace_period: float) -> None:
         """Stop fetching; give work out with workers ``grace_period`` seconds, then give it back."""
         await WorkItemDispatcher.stop_together(self._dispatchers, grace_period)

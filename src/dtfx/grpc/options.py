@@ -63,6 +63,11 @@ class SidecarOptions:
     is (a batch too large to send goes in parts). Raise it together with the
     peers' own limit (the Python SDK's ``GrpcChannelOptions(max_receive_message_length=...)``)
     where payloads are larger, or keep large payloads out of band (the SDKs' payload store)."""
+    max_response_bytes: int = 128 << 20
+    """The largest orchestrator response an SDK worker may send in parts (``isPartial``, as the
+    .NET SDK does with one over its chunk size), all its parts together: the server keeps the
+    parts until the last one. An orchestration whose response adds up to more fails with a
+    :class:`~dtfx.MessageTooLargeError`."""
     keepalive_interval: timedelta = timedelta(seconds=30)
     """How often the server pings each connection (an HTTP/2 ping, which the peer's gRPC
     library answers): the health pings on a work-item stream would not notice a worker whose
@@ -99,6 +104,7 @@ class SidecarOptions:
             "max_page_size",
             "history_chunk_bytes",
             "max_message_bytes",
+            "max_response_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from collections.abc import Coroutine
 from datetime import timedelta
+from typing import Any
 
 import grpc
 from dtfx import _collector as collector
@@ -121,6 +123,7 @@ class SidecarServer(BackgroundRunnable):
         tls: TlsOptions | None = None,
         options: SidecarOptions | None = None,
     ) -> None:
+        super().__init__()
         self._owns_backend = not isinstance(backend, Backend)
         self.backend: Backend = backend if isinstance(backend, Backend) else open_backend(backend)
         self.host = host
@@ -203,11 +206,21 @@ class SidecarServer(BackgroundRunnable):
         return port
 
     async def stop_async(self, grace_period: float | None = None) -> None:
-        """Stop: work out with SDK workers gets the grace period to come back, then is given back."""
+        """Stop: work out with SDK workers gets the grace period to come back, then is given back.
+
+        A stop once begun runs to its end: a caller cancelled meanwhile leaves it running, and
+        a second caller waits for it.
+        """
+        await super().stop_async(grace_period)
+
+    def _begin_stop(self, grace_period: float | None) -> Coroutine[Any, Any, None]:
         server, self._server = self._server, None
-        if server is None:
-            return
+        assert server is not None and self._dispatchers is not None
+        self._dispatchers.begin_stop()
         grace = self.options.shutdown_grace_period.total_seconds() if grace_period is None else grace_period
+        return self._end_stop(server, grace)
+
+    async def _end_stop(self, server: grpc.aio.Server, grace: float) -> None:
         assert self._dispatchers is not None and self._hub is not None
         await self._dispatchers.stop(grace)
         self._hub.close_all()

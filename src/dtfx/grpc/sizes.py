@@ -13,9 +13,11 @@ orchestration whose history or response is too large fails; an activity whose in
 result is too large fails as a task, for its orchestration to handle; an entity batch too
 large to send goes in parts, and an operation too large on its own fails; an entity
 batch's result too large fails each of its operations, and the entity keeps the state it
-had. Any other request over the limit is refused with ``RESOURCE_EXHAUSTED``, as gRPC
-would. A result larger still is refused by gRPC as it arrives, and its work item stays
-with the worker until it disconnects.
+had; an orchestrator's response sent in parts that add up to more than
+``SidecarOptions.max_response_bytes`` fails its orchestration. Any other request over the
+limit is refused with ``RESOURCE_EXHAUSTED``, as gRPC would. A result larger still is
+refused by gRPC as it arrives, and its work item stays with the worker until it
+disconnects.
 """
 
 from __future__ import annotations
@@ -58,6 +60,16 @@ def oversized_work_item(request: Any, limit: int, *, more: int = 0) -> int | Non
 def too_large(what: str, size: int, limit: int) -> str:
     """Why ``what``, of ``size`` bytes, cannot go between the server and an SDK worker."""
     return f"{what} is {size:,} bytes, more than the {limit:,} a message between the sidecar and its workers may carry."
+
+
+def too_large_in_parts(what: str, size: int, limit: int) -> FailureDetails:
+    """The failure of an orchestration whose response, sent in parts, adds up to over ``limit``."""
+    return FailureDetails(
+        error_type=qualified_name(MessageTooLargeError),
+        message=f"{what} adds up to {size:,} bytes in its parts, more than the {limit:,} the sidecar takes"
+        " (SidecarOptions.max_response_bytes). Fan out in several episodes, or keep large payloads out of the"
+        " messages (the SDKs' payload store).",
+    )
 
 
 def too_large_failure(what: str, size: int, limit: int, *, history: bool = False) -> FailureDetails:

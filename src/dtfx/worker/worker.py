@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -73,6 +73,7 @@ class Worker(BackgroundRunnable):
         options: WorkerOptions | None = None,
         data_converter: DataConverter | None = None,
     ) -> None:
+        super().__init__()
         self._owns_backend = not isinstance(backend, Backend)
         self._url = None if isinstance(backend, Backend) else backend
         """The URL of the backend the worker opens (and closes when it stops), if it opens one."""
@@ -282,27 +283,28 @@ class Worker(BackgroundRunnable):
     async def stop_async(self, grace_period: float | None = None) -> None:
         """Stop fetching, let in-flight work finish (up to the grace period), release the rest.
 
-        One of the worker's own async activities cannot await it: it would wait for itself
-        (start it as a task of its own instead, or call :meth:`stop` from a thread). A worker
-        that runs on another event loop (started with :meth:`start`, on its own thread) is
-        stopped there.
+        A stop once begun runs to its end: a caller cancelled meanwhile (by a timeout around
+        it, say) leaves it running, and a second caller waits for it. One of the worker's own
+        async activities cannot await it: it would wait for itself (start it as a task of its
+        own instead, or call :meth:`stop` from a thread). A worker that runs on another event
+        loop (started with :meth:`start`, on its own thread) is stopped there.
         """
-        if not self._started:
-            return
         if self._loop is not None and self._loop is not asyncio.get_running_loop():  # stopped there (see stop)
             self._refuse_a_stop_from_its_threads()  # (asyncio.run(worker.stop_async()) in a sync activity)
             await asyncio.to_thread(self.stop, grace_period)
             return
-        if asyncio.current_task() in self._activity_runner.running_tasks:
+        if self._started and asyncio.current_task() in self._activity_runner.running_tasks:
             raise RuntimeError(
                 "An activity cannot await the stop of the worker that runs it: the stop would wait for the"
                 " activity. Start it as a task of its own (asyncio.create_task(worker.stop_async())), not awaited."
             )
+        await super().stop_async(grace_period)
+
+    def _begin_stop(self, grace_period: float | None) -> Coroutine[Any, Any, None]:
         self._started = False
         self._gc_pace.give_back()
         if self._loop is not None:
             worker_stopped_on(self._loop)
-            self._loop = None
         if self._intake is not None:
             self.backend.detach_intake(self._intake)
             self._intake = None
@@ -315,6 +317,9 @@ class Worker(BackgroundRunnable):
             waiting = self._thread_pool.drop_waiting()
             if waiting:
                 logger.info("Worker stopping: %d work item(s) still waiting for a thread go back", waiting)
+        return self._end_stop(grace)
+
+    async def _end_stop(self, grace: float) -> None:
         await WorkItemDispatcher.stop_together(self._dispatchers, grace)
         for waiter in self._waiters:
             waiter.close()
@@ -324,4 +329,5 @@ class Worker(BackgroundRunnable):
         if self._owns_backend:
             await self.backend.close()
             self._backend_closed = True
+        self._loop = None  # (kept so far: a stop from another loop meanwhile waits for this one there)
         logger.info("Worker stopped")
