@@ -528,6 +528,8 @@ def test_run_reports_apps_it_cannot_load(tmp_path: Path, monkeypatch: pytest.Mon
     (tmp_path / "broken_app.py").write_text("1 / 0\n")
     (tmp_path / "queue.py").write_text("import dtfx\napp = dtfx.App()\n")
     (tmp_path / "json.py").write_text("import dtfx\napp = dtfx.App()\n")
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "__init__.py").write_text("import dtfx\napp = dtfx.App()\n")
     hub = f"sqlite:///{tmp_path}/hub.db"
     cases = {
         "no_such_module": "No module named 'no_such_module'",
@@ -540,6 +542,7 @@ def test_run_reports_apps_it_cannot_load(tmp_path: Path, monkeypatch: pytest.Mon
         "needs_missing": "Importing needs_missing failed: No module named 'no_such_dependency'",
         "queue.py": "queue.py would be imported as 'queue', the name of another module",
         "json": "json.py would be imported as 'json', the name of another module",  # not "json has no dtfx.App"
+        "email": "email/__init__.py would be imported as 'email', the name of another module",
     }
     for target, message in cases.items():
         assert_one_line_error(invoke("run", target, "-b", hub), message, exit_code=1)

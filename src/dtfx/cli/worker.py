@@ -249,7 +249,9 @@ def _import(module_name: str) -> ModuleType:
     else:
         # Like `python -m`, find modules in the current directory (console scripts do not).
         directory = os.getcwd()
-        path = Path(*module_name.split(".")).with_suffix(".py")
+        where = Path(*module_name.split("."))
+        package = where / "__init__.py"
+        path = package if package.is_file() else where.with_suffix(".py")  # a package comes first, as for import
     if directory not in sys.path:
         sys.path.insert(0, directory)
     # A file of the directory loses to a module of its name already imported (the standard
