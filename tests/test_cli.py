@@ -338,7 +338,7 @@ def test_status_of_an_entity_shows_its_state_and_purge_says_entities_are_not_pur
     table = invoke("status", "@tally@t1", "-b", hub)
     assert table.exit_code == 0 and "State" in table.stdout and "Status" not in table.stdout, table.output
     assert_one_line_error(invoke("status", "@tally@none", "-b", hub), "No entity with id '@tally@none'", exit_code=1)
-    assert_one_line_error(invoke("status", "@tally@t1", "--history", "-b", hub), "keeps no history", exit_code=1)
+    assert_one_line_error(invoke("status", "@tally@t1", "--history", "-b", hub), "keeps no history", exit_code=2)
     assert_one_line_error(invoke("purge", "@tally@t1", "-b", hub), "entities are not purged", exit_code=1)
 
 
@@ -369,6 +369,7 @@ def test_verbose_logs_the_traceback_of_an_error(hub: str) -> None:
         (["terminate", "some-id", "--output", "nope"], ["--output", "not valid JSON"]),
         (["start", "hello_cities", "--input", "NaN"], ["NaN is not a JSON number"]),
         (["start", "hello_cities", "--input", "[1e999]"], ["1e999 is beyond the range of a number"]),
+        (["start", "hello_cities", "--input", "[" * 5000 + "]" * 5000], ["--input", "nested too deeply"]),
         (["list", "--status", "sleepy"], ["'sleepy' is not a status", "running"]),
         (["list", "--limit", "0"], ["--limit"]),
         (["list", "--created-after", "yesterday"], ["'yesterday' is not a date or moment", "ISO 8601"]),
@@ -422,10 +423,12 @@ def test_an_unknown_orchestrator_name_fails_the_instance(hub: str, worker: dtfx.
 def test_waiting_without_a_worker_times_out_with_a_hint(hub: str) -> None:
     result = invoke("start", "hello_cities", "--id", "lonely", "--wait", "--timeout", "0.3", "-b", hub)
     assert_one_line_error(
-        result, "lonely is still PENDING after 0.3s", "that runs instances without a version", exit_code=1
+        result, "lonely is still PENDING after 0.3s", "and runs instances without a version", exit_code=1
     )
     versioned = invoke("start", "hello_cities", "--version", "2.0", "--wait", "--timeout", "0.3", "-b", hub)
-    assert_one_line_error(versioned, f"is a worker running on {hub} that runs version 2.0", exit_code=1)
+    assert_one_line_error(
+        versioned, f"is a worker running on {hub} that registers 'hello_cities' and runs version 2.0", exit_code=1
+    )
 
 
 def test_a_relative_sqlite_path_is_shown_with_the_file_it_means(

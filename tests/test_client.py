@@ -106,6 +106,7 @@ async def test_arguments_of_the_wrong_type_are_refused_before_anything_is_stored
     stored_before = await _everything_stored(backend)
     counter = EntityInstanceId("counter", "c")
     calls: list[tuple[str, Any]] = [
+        ("a name must be a str or a function, not int", client.schedule_new_orchestration(5)),  # type: ignore[arg-type]
         ("instance_id must be a str, not int", client.schedule_new_orchestration("anything", instance_id=5)),  # type: ignore[arg-type]
         ("version must be a str, not int", client.schedule_new_orchestration("anything", version=2)),  # type: ignore[arg-type]
         ("tags must be a dict of str to str: 'a': 5", client.schedule_new_orchestration("anything", tags={"a": 5})),  # type: ignore[dict-item]

@@ -107,7 +107,7 @@ async def status(
     """Show an instance's status, input, output and failure (an entity's state and lock)."""
     if is_entity_id(instance_id):
         if history:
-            raise CommandError("An entity keeps no history: leave out --history.")
+            raise typer.BadParameter("an entity keeps no history: leave it out", param_hint="'--history'")
         async with connect(backend, verbose) as client:
             entity = await client.get_entity(EntityInstanceId.parse(instance_id))
         if entity is None:
@@ -358,5 +358,6 @@ def _timed_out(instance_id: str, timeout: float, state: OrchestrationState | Non
     if status == OrchestrationStatus.PENDING:
         version = state.version if state is not None else None
         runs = f"version {version}" if version else "instances without a version"  # a --match may refuse them
-        return message + f": is a worker running on {shown(url)} that runs {runs} (dtfx run MODULE)?"
+        registers = f" that registers {state.name!r}" if state is not None else ""  # (--registered-only)
+        return message + f": is a worker running on {shown(url)}{registers} and runs {runs} (dtfx run MODULE)?"
     return message + f"; see how far it got with: dtfx status {instance_id} --history"

@@ -24,6 +24,8 @@ def json_value(text: str) -> Any:
         raise typer.BadParameter(
             f"{text!r} is not valid JSON ({error}); a JSON string needs double quotes, as in '\"Tokyo\"'"
         ) from None
+    except RecursionError:
+        raise typer.BadParameter("the JSON is nested too deeply to read") from None
 
 
 def not_json(constant: str) -> NoReturn:

@@ -52,6 +52,8 @@ def function_name(fn: Callable[..., Any] | str) -> str:
     """The name an orchestrator, activity or entity is registered and called by."""
     if isinstance(fn, str):
         return fn
+    if not callable(fn):
+        raise TypeError(f"a name must be a str or a function, not {type(fn).__name__}")
     registered = getattr(fn, "__dtfx_name__", None)
     if isinstance(registered, str):
         return registered

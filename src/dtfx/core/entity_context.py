@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from dtfx.core.context import function_name
 from dtfx.core.entities import EntityAction, EntityInstanceId, SignalEntity, StartOrchestration, entity_id_text
@@ -19,6 +19,9 @@ from dtfx.core.history import TraceContext
 from dtfx.core.instance_ids import check_orchestration_id
 from dtfx.core.moments import as_utc
 from dtfx.core.serialization import DataConverter
+
+S = TypeVar("S")
+"""The type of an entity's state."""
 
 
 @dataclass
@@ -65,6 +68,15 @@ class EntityContext:
     def has_state(self) -> bool:
         """True if the entity has state (even a falsy one such as 0 or "")."""
         return self._batch.state is not None
+
+    @overload
+    def get_state(self, intended_type: type[S], default: S) -> S: ...
+
+    @overload
+    def get_state(self, intended_type: type[S], default: None = None) -> S | None: ...
+
+    @overload
+    def get_state(self, intended_type: None = None, default: Any = None) -> Any: ...
 
     def get_state(self, intended_type: Any = None, default: Any = None) -> Any:
         """The entity's state (rebuilt as ``intended_type`` if given), or ``default`` if it has none.
@@ -150,6 +162,15 @@ class DurableEntity:
 
     def _initialize_entity_context(self, context: EntityContext) -> None:
         self.entity_context = context
+
+    @overload
+    def get_state(self, intended_type: type[S], default: S) -> S: ...
+
+    @overload
+    def get_state(self, intended_type: type[S], default: None = None) -> S | None: ...
+
+    @overload
+    def get_state(self, intended_type: None = None, default: Any = None) -> Any: ...
 
     def get_state(self, intended_type: Any = None, default: Any = None) -> Any:
         """See :meth:`EntityContext.get_state`."""

@@ -98,7 +98,7 @@ class Registry:
 
 
 class App(Registry):
-    """Register orchestrators and activities with decorators, then hand the app to a worker.
+    """Register orchestrators, activities and entities with decorators, then hand the app to a worker.
 
     Example::
 
