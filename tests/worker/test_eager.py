@@ -91,6 +91,34 @@ async def test_without_eager_activities_every_step_goes_through_the_queues() -> 
     assert backend.calls["orchestration work items"] == 6
 
 
+class StallingBackend(CountingBackend):
+    """Takes ``stall`` seconds after locking orchestrations: a worker paused (SIGSTOP, a VM) just after."""
+
+    stall = 0.0
+
+    async def lock_orchestration_work_items(self, *args: Any, **kwargs: Any) -> Any:
+        items = await super().lock_orchestration_work_items(*args, **kwargs)
+        if items:
+            await asyncio.sleep(self.stall)
+        return items
+
+
+async def test_a_first_activity_does_not_run_ahead_on_a_lease_near_its_end() -> None:
+    # It would hold the lease for its window and a commit: run past the lease's end, another worker
+    # would take the orchestration and run the activity again.
+    backend = StallingBackend()
+    client = dtfx.AsyncClient(backend)
+    instance_id = await client.schedule_new_orchestration("chain", input=1)  # no worker yet: from the queue
+    options = dtfx.WorkerOptions(lease_duration=timedelta(seconds=1.5))  # a window of 0.5 s
+    backend.stall = 1.0
+    async with dtfx.Worker(backend, app=chain_app(), options=options):
+        await asyncio.sleep(1.2)  # the first lock and its stall
+        backend.stall = 0.0
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == 1
+    assert backend.calls["activities locked"] == 1  # from the queue, once
+
+
 async def test_a_message_that_arrives_during_an_eager_chain_is_not_kept_waiting() -> None:
     events: asyncio.Queue[str] = asyncio.Queue()
     backend = CountingBackend()

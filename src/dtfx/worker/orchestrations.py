@@ -280,9 +280,12 @@ class OrchestrationProcessor:
         holds its result and the episode that follows. Later activities run after the
         commit that schedules them.
         """
-        # An eager activity runs only while the lease holds by the clock: a process stopped past it
-        # (SIGSTOP, a paused VM) may find that another worker has run the episode, and the activity.
-        eager = None if self._lease_ran_out(item) else lane.claim(checkpoint, awaited)
+        # An eager activity runs ahead only while the lease holds by the clock for its window and the
+        # commit after it (twice the window, at most two thirds of a fresh lease): a process stopped
+        # (SIGSTOP, a paused VM) near or past its end would find that another worker has run the
+        # episode, and the activity; the queues run it once.
+        left = item.locked_until - self._backend.now()
+        eager = lane.claim(checkpoint, awaited) if left.total_seconds() >= 2 * lane.window else None
         ran: TaskCompleted | TaskFailed | None = None  # the eager activity's result, if it ran ahead
         following: _Following | None = None
         if eager is not None:
