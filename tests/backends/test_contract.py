@@ -570,6 +570,27 @@ async def test_replace_history_resets_the_execution(backend: Backend) -> None:
     assert item.state.serialized_input == '"gen2"'
 
 
+async def test_a_rewritten_history_that_counts_on_only_grows_in_size(backend: Backend) -> None:
+    # A rewind rewrites an execution's history shorter: were its size to fall back to one a worker
+    # cached before the failure, that worker would take its cached orchestration for the rewound one.
+    await run_to(backend, "a", Status.RUNNING)
+    await backend.send_event("a", EventRaised(timestamp=utc_now(), name="go"))
+    item = await lock_one(backend, "a")
+    assert item.history_size == 2
+    kept = (await backend.get_history("a"))[:1]
+    rewound = EventRaised(timestamp=utc_now(), name="rewound")
+    checkpoint = checkpoint_for(item, history=[*kept, rewound], replace_history=True, counts_on=True)
+    assert await backend.complete_orchestration_work_items([checkpoint]) == [True]
+    assert await backend.get_history("a") == [*kept, rewound]
+    await backend.send_event("a", EventRaised(timestamp=utc_now(), name="next"))
+    item = await lock_one(backend, "a")
+    assert item.history_size == 4  # 2, then 2 more: never 2 again
+    assert item.state.execution_id == checkpoint.execution_id
+    appended = EventRaised(timestamp=utc_now(), name="next")
+    assert await backend.complete_orchestration_work_items([checkpoint_for(item, history=[appended])]) == [True]
+    assert await backend.get_history("a") == [*kept, rewound, appended]
+
+
 async def test_messages_to_other_instances_follow_the_delivery_rules(backend: Backend) -> None:
     await run_to(backend, "target", Status.RUNNING)
     await run_to(backend, "ended", Status.COMPLETED)

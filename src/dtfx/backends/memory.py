@@ -58,6 +58,8 @@ class _Message:
 class _Instance:
     state: OrchestrationState
     history: list[HistoryEvent] = field(default_factory=list)
+    history_size: int = 0
+    """What work items carry as their history's size (see ``OrchestrationCheckpoint.history_size_after``)."""
     inbox: list[_Message] = field(default_factory=list)
     lock_token: str | None = None
     locked_until: datetime | None = None
@@ -290,6 +292,7 @@ class MemoryBackend(Backend):
             instance.history = list(checkpoint.new_history)
         else:
             instance.history.extend(checkpoint.new_history)
+        instance.history_size = checkpoint.history_size_after(instance.history_size)
         instance.state = checkpointed_state(instance.state, checkpoint)
         consumed = set(checkpoint.consumed)
         instance.inbox = [m for m in instance.inbox if m.id not in consumed]
@@ -466,7 +469,7 @@ def _work_item(instance: _Instance, messages: Sequence[_Message]) -> Orchestrati
         locked_until=instance.locked_until,
         state=_snapshot(instance.state, True),
         messages=[InboxMessage(m.id, m.event, m.execution_id) for m in messages],
-        history_size=len(instance.history),
+        history_size=instance.history_size,
     )
 
 

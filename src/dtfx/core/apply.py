@@ -864,7 +864,7 @@ def rewind_checkpoint(
     kept.append(rewind)  # why it was rewound, for the record
 
     checkpoint = unchanged_checkpoint(item, consumed, now)
-    checkpoint.replace_history = True
+    checkpoint.replace_history = checkpoint.counts_on = True
     checkpoint.new_history = kept
     checkpoint.status = OrchestrationStatus.RUNNING
     checkpoint.output = None

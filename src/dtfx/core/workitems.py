@@ -95,6 +95,9 @@ class OrchestrationCheckpoint:
     completed_at: datetime | None
     updated_at: datetime
     replace_history: bool = False
+    counts_on: bool = False
+    """With ``replace_history``, for a rewind: the history's size counts on from the old one's
+    instead of from 0, so that it only grows within an execution (see :meth:`history_size_after`)."""
     activity_tasks: list[ActivityTask] = field(default_factory=list)
     messages: list[OutboundMessage] = field(default_factory=list)
     finished_tasks: list[str] = field(default_factory=list)
@@ -105,8 +108,14 @@ class OrchestrationCheckpoint:
     inbox messages are left once ``consumed`` is deleted."""
 
     def history_size_after(self, previous_size: int) -> int:
-        """How many events the history holds once this checkpoint is committed."""
-        return len(self.new_history) if self.replace_history else previous_size + len(self.new_history)
+        """The history's size once this checkpoint is committed: how many events have been
+        written to it in this execution, which only grows. A worker's cached instance matches
+        a work item by this size (:mod:`dtfx.worker.cache`): a rewind, which rewrites the history
+        of the execution with fewer events, counts them on from the old size (``counts_on``),
+        so that no cache holds an older state of that size."""
+        if self.replace_history and not self.counts_on:
+            return len(self.new_history)
+        return previous_size + len(self.new_history)
 
 
 class CommitResult(enum.IntEnum):

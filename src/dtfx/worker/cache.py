@@ -5,7 +5,10 @@ gRPC sidecar keeps the history it last sent an SDK worker. An entry is valid for
 item only if the instance is still on the same execution and its history has exactly
 the size this worker left it at: any other writer (another worker after a lost lease, a
 rewind, continue-as-new) changes one of the two, and the entry is dropped in favour of
-the history in the store.
+the history in the store. Within an execution the size only grows (a rewind, which
+rewrites the history shorter, counts on from the old size: see
+``OrchestrationCheckpoint.history_size_after``), so no entry of another worker, left
+behind at an older size, matches a later history.
 """
 
 from __future__ import annotations

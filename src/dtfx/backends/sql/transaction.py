@@ -319,10 +319,10 @@ class HubTransaction:
         if checkpoint.replace_history:
             writes.reset_history = True
             writes.history.clear()
-            instance.history_size = 0
-        for sequence, event in enumerate(checkpoint.new_history, instance.history_size):
+        size = checkpoint.history_size_after(instance.history_size)
+        for sequence, event in enumerate(checkpoint.new_history, size - len(checkpoint.new_history)):
             writes.history.append((sequence, event))
-        instance.history_size += len(checkpoint.new_history)
+        instance.history_size = size
         writes.consumed.extend(checkpoint.consumed)
         reused = {id(task) for _, task in recycled} if recycled else ()
         for task in checkpoint.activity_tasks:
