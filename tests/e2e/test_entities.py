@@ -503,6 +503,27 @@ async def test_a_start_that_replaces_a_lock_holder_releases_its_locks(hub: Hub, 
     assert unlocked.get_state(int) == 3
 
 
+async def test_a_start_that_replaces_a_lock_holder_lets_a_call_that_waits_for_the_lock_in_at_once(
+    hub: Hub, app: dtfx.App
+) -> None:
+    app.update(_LOCK_HOLDER_APP)
+
+    @app.orchestrator
+    def touches_nothing(ctx: dtfx.OrchestrationContext, _: Any) -> str:
+        return "replaced"
+
+    replace_live = dtfx.OrchestrationIdReusePolicy.of(Status.RUNNING)
+    async with hub.worker(app):
+        await hub.client.schedule_new_orchestration(holds_a_lock, instance_id="holder")
+        await hub.wait_for_state("holder", lambda state: state.serialized_custom_status is not None)
+        waiting = await hub.client.schedule_new_orchestration(calls_held)
+        await hub.wait_for_history(waiting, lambda h: any(type(e).__name__ == "EntityOperationCalled" for e in h))
+        await hub.client.schedule_new_orchestration(touches_nothing, instance_id="holder", reuse_id_policy=replace_live)
+        # Sooner than the dispatchers' next look for work (every 5 s on memory): the unlock woke the entity's.
+        called = await hub.client.wait_for_orchestration_completion(waiting, timeout=3)
+    assert called is not None and called.get_output() == 2
+
+
 async def test_a_lock_given_up_while_it_waits_is_not_granted_later(hub: Hub, app: dtfx.App) -> None:
     app.add_entity(counter)
     # Locks are taken in the ids' order: the request waits at the first entity, held, while the

@@ -107,6 +107,7 @@ class MemoryBackend(Backend):
         with self._lock:
             existing = self._instances.get(instance_id)
             unlocks = []
+            woken: set[WorkKind] = set() if lease is not None else {WorkKind.ORCHESTRATION}
             if existing is not None:
                 status = existing.state.runtime_status
                 if reuse_policy is None or status not in reuse_policy.replaceable_statuses:
@@ -115,12 +116,11 @@ class MemoryBackend(Backend):
                     unlocks = unlock_messages(existing.history, instance_id, now)
             instance = self._create(start, now, scheduled_start_at)
             for unlock in unlocks:
-                self._deliver(unlock, instance_id, now)
+                self._deliver(unlock, instance_id, now, woken)
             if lease is not None:
                 instance.lock_token, instance.locked_until = lease.lock_token, lease.locked_until
                 item = _work_item(instance, instance.inbox)
-        if lease is None:
-            self._notify_work(WorkKind.ORCHESTRATION)
+        self._notify_work(*woken)
         self._notify_instance(instance_id, OrchestrationStatus.PENDING)
         return item
 
