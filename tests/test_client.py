@@ -17,6 +17,7 @@ from dtfx import EntityInstanceId, InvalidInstanceIdError, UnstorableValueError
 from dtfx.backends import Backend, open_backend
 from dtfx.core.history import EntityOperationSignaled
 from dtfx.core.serialization import DataConverter
+from tests.backends.test_contract import run_to
 from tests.postgres import postgres_url
 
 REFUSED_IDS = [
@@ -178,6 +179,22 @@ async def test_naive_datetimes_in_filters_are_taken_as_utc(backend: Backend) -> 
     assert result.deleted_instance_count == 0
     entities = await client.query_entities(dtfx.EntityQuery(last_modified_from=now - timedelta(hours=1)))
     assert entities.items == []
+
+
+async def test_a_purge_by_filter_that_another_purge_got_ahead_of_says_it_is_complete(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for instance_id in ("a", "b"):
+        await run_to(backend, instance_id, dtfx.OrchestrationStatus.COMPLETED)
+    purge = backend.purge_instances
+
+    async def another_caller_first(instance_ids: Any) -> int:
+        await purge(instance_ids)
+        return await purge(instance_ids)
+
+    monkeypatch.setattr(backend, "purge_instances", another_caller_first)
+    result = await dtfx.AsyncClient(backend).purge_orchestrations_by()
+    assert (result.deleted_instance_count, result.is_complete) == (0, True)  # nothing is left
 
 
 async def _signals_waiting(backend: Backend) -> list[EntityOperationSignaled]:

@@ -446,17 +446,21 @@ class AsyncClient:
         )
         deadline = None if timeout is None else _deadline(self.backend.now(), timeout)
         deleted = 0
+        unpurged: list[str] = []
         while True:
             page = await backend.query_instances(query)
             ids = [state.instance_id for state in page.items]
             if not ids:
                 return PurgeResult(deleted, True)
+            if ids == unpurged:  # still there, though a purge of them deleted none
+                return PurgeResult(deleted, False)
+            found = ids
             if recursive:
                 ids = await self._with_children(ids)
             removed = await backend.purge_instances(ids)
             deleted += removed
-            if removed == 0:  # what is left changed status meanwhile
-                return PurgeResult(deleted, False)
+            # None deleted: another caller purged them first, or they changed status meanwhile.
+            unpurged = found if removed == 0 else []
             if deadline is not None and self.backend.now() >= deadline:
                 left = await backend.query_instances(dataclasses.replace(query, max_instance_count=1))
                 return PurgeResult(deleted, not left.items)
