@@ -159,6 +159,16 @@ class BackgroundRunnable(ABC):
         if self._stopping is stopping:
             self._stopping = None
 
+    async def _after_the_last_stop(self) -> None:
+        """Wait for a stop still under way (one whose caller was cancelled): a start meanwhile
+        would have that stop close what it opened."""
+        stopping = self._stopping
+        if stopping is None:
+            return
+        if stopping.get_loop() is not asyncio.get_running_loop():
+            raise RuntimeError("The last stop is still under way, on another event loop: wait for it there first.")
+        await asyncio.shield(stopping)
+
     async def __aenter__(self) -> Self:
         await self.start_async()
         return self

@@ -697,6 +697,43 @@ async def test_a_stop_whose_caller_is_cancelled_runs_on_and_a_second_stop_waits_
     assert ran == ["slow"]  # its result was committed by the stop, not run again
 
 
+async def test_a_start_after_a_stop_whose_caller_was_cancelled_waits_for_that_stop() -> None:
+    # The stop, still under way, would close what the new start opened (its threads, its waiters).
+    app = dtfx.App()
+    started, finish = asyncio.Event(), asyncio.Event()
+
+    @app.activity
+    async def slow(ctx: dtfx.ActivityContext, _: Any) -> str:
+        started.set()
+        await finish.wait()
+        return "finished"
+
+    @app.orchestrator
+    def one(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(slow))
+
+    backend = MemoryBackend()
+    client = dtfx.AsyncClient(backend)
+    worker = dtfx.Worker(backend, app=app)
+    await worker.start_async()
+    first = await client.schedule_new_orchestration(one)
+    await started.wait()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(worker.stop_async(grace_period=10), 0.1)
+    restarting = asyncio.create_task(worker.start_async())
+    await asyncio.sleep(0.2)
+    assert not restarting.done()
+    finish.set()
+    await asyncio.wait_for(restarting, 10)
+    try:
+        second = await client.schedule_new_orchestration(one)
+        for instance_id in (first, second):
+            state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+            assert state is not None and state.get_output() == "finished"
+    finally:
+        await worker.stop_async()
+
+
 def test_a_second_stop_from_another_thread_returns_once_the_first_has_stopped_the_worker(tmp_path: Any) -> None:
     app = dtfx.App()
     started, finish = threading.Event(), threading.Event()

@@ -153,6 +153,7 @@ class SidecarServer(BackgroundRunnable):
         If starting fails (a taken port, say), a backend the server owns is closed again
         before the error is raised: the server is left with nothing open.
         """
+        await self._after_the_last_stop()
         if self._server is not None:
             raise RuntimeError("The sidecar server is already running.")
         if isinstance(self.backend, SqliteBackend):

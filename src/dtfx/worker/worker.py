@@ -129,7 +129,8 @@ class Worker(BackgroundRunnable):
     # -- async lifecycle ----------------------------------------------------------------------
 
     async def start_async(self) -> None:
-        """Start the dispatchers on the running event loop."""
+        """Start the dispatchers on the running event loop (once the last stop has ended)."""
+        await self._after_the_last_stop()
         if self._started:
             raise RuntimeError("The worker is already running.")
         if self._backend_closed:  # a restart of a worker that opened its backend from a URL: a new one
