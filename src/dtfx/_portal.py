@@ -8,7 +8,7 @@ import contextlib
 import threading
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any, ClassVar, Self, TypeVar
 
 from dtfx._loops import new_event_loop
@@ -125,6 +125,8 @@ class BackgroundRunnable(ABC):
         self._portal: LoopThread | None = None
         self._lifecycle = threading.Lock()
         """Held by :meth:`start` and :meth:`stop`: a second caller waits for the first."""
+        self._lifecycle_holder: int | None = None
+        """The thread that holds ``_lifecycle``."""
         self._stopping: asyncio.Task[None] | None = None
         """The stop under way, if one is."""
 
@@ -167,7 +169,7 @@ class BackgroundRunnable(ABC):
             return
         if stopping.get_loop() is not asyncio.get_running_loop():
             raise RuntimeError("The last stop is still under way, on another event loop: wait for it there first.")
-        await asyncio.shield(stopping)
+        await asyncio.wait([stopping])  # (how it ended is its callers' to hear)
 
     async def __aenter__(self) -> Self:
         await self.start_async()
@@ -179,8 +181,8 @@ class BackgroundRunnable(ABC):
     def start(self) -> None:
         """Start on a background thread; nothing more if it runs there already (the official
         SDK's workers start in ``start()``, after ``with``, which starts a dtfx one)."""
-        with self._lifecycle:
-            if self._portal is not None:
+        with self._holding_the_lifecycle() as holding:
+            if not holding or self._portal is not None:
                 return
             self._portal = LoopThread(self._thread_name)
             try:
@@ -191,16 +193,31 @@ class BackgroundRunnable(ABC):
                 raise
 
     def stop(self, grace_period: float | None = None) -> None:
-        """Stop what :meth:`start` started; a second caller meanwhile waits for the stop."""
-        with self._lifecycle:
+        """Stop what :meth:`start` started; a second caller meanwhile waits for the stop, but
+        on the thread that is stopping it (a signal handler's) returns at once."""
+        with self._holding_the_lifecycle() as holding:
             portal = self._portal
-            if portal is None:
+            if not holding or portal is None:
                 return
             try:
                 portal.run(self.stop_async(grace_period))
             finally:
                 self._portal = None
                 portal.close()
+
+    @contextlib.contextmanager
+    def _holding_the_lifecycle(self) -> Iterator[bool]:
+        """Hold ``_lifecycle``; ``False`` (not holding it) for a caller on the thread that holds it
+        already, a signal handler's say, which would wait for itself."""
+        if self._lifecycle_holder == threading.get_ident():
+            yield False
+            return
+        with self._lifecycle:
+            self._lifecycle_holder = threading.get_ident()
+            try:
+                yield True
+            finally:
+                self._lifecycle_holder = None
 
     def __enter__(self) -> Self:
         self.start()

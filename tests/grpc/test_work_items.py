@@ -458,11 +458,15 @@ def test_a_response_in_chunks_is_applied_whole(stub: Stub, streams: list[WorkIte
 
 def test_a_response_in_chunks_adding_up_to_over_the_limit_fails_its_orchestration() -> None:
     # The server keeps the chunks until the last one: without a limit, a worker could fill its memory.
-    options = dataclasses.replace(FAST, max_response_bytes=10_000)
+    options = dataclasses.replace(FAST, max_message_bytes=8_000, max_response_bytes=10_000)
     with running_sidecar(options=options) as server, grpc.insecure_channel(server.address) as channel:
         stub = Stub(channel)
         stream = WorkItemStream(stub)
         try:
+            start(stub, "whole", "whole")
+            respond(stub, stream.next(), schedule(1, "a" * 6_000), schedule(2, "b"))  # not in chunks: not counted
+            assert {stream.next().activityRequest.name for _ in range(2)} == {"a" * 6_000, "b"}
+
             start(stub, "chunked", "chunked")
             item = stream.next()
 
@@ -479,6 +483,7 @@ def test_a_response_in_chunks_adding_up_to_over_the_limit_fails_its_orchestratio
 
             chunk(0)
             chunk(1)
+            chunk(1)  # sent again: counted once
             refused = rpc_error(lambda: chunk(2))
             assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "max_response_bytes" in str(refused.details())

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from datetime import timedelta
@@ -765,3 +768,95 @@ def test_a_second_stop_from_another_thread_returns_once_the_first_has_stopped_th
         assert finished == ["slow"]  # the first stop's grace period was waited for
         first.join(10)
     assert _ends_its_threads(before)
+
+
+_STOP_IN_A_SIGNAL_HANDLER = """
+import signal, threading, dtfx
+
+app = dtfx.App()
+began, finish = threading.Event(), threading.Event()
+
+@app.activity
+def slow(ctx, _):
+    began.set()
+    finish.wait(10)
+    return "finished"
+
+@app.orchestrator
+def one(ctx, _):
+    return (yield ctx.call_activity(slow))
+
+worker = dtfx.Worker(dtfx.MemoryBackend(), app=app)
+worker.start()
+dtfx.Client(worker.backend).schedule_new_orchestration(one)
+began.wait(10)
+handled = []
+signal.signal(signal.SIGUSR1, lambda *_: (worker.stop(), handled.append(True)))
+threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGUSR1)).start()
+threading.Timer(0.6, finish.set).start()
+worker.stop(grace_period=10)  # the handler's stop comes while this one waits for the activity
+print("stopped", handled)
+"""
+
+
+def test_a_stop_in_a_signal_handler_on_the_thread_that_is_stopping_returns_at_once() -> None:
+    # It would wait for the stop it interrupted, which cannot go on until it returns.
+    ran = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_STOP_IN_A_SIGNAL_HANDLER)], capture_output=True, text=True, timeout=60
+    )
+    assert ran.stdout.strip() == "stopped [True]", ran.stderr
+
+
+async def test_an_activity_cannot_await_a_stop_under_way_either() -> None:
+    app = dtfx.App()
+    stops: list[asyncio.Task[None]] = []
+
+    @app.activity
+    async def stops_its_worker(ctx: dtfx.ActivityContext, _: Any) -> str:
+        stops.append(asyncio.create_task(worker.stop_async(grace_period=10)))
+        await asyncio.sleep(0.05)  # the stop is under way, and waits for this activity
+        try:
+            await worker.stop_async()
+        except RuntimeError as error:
+            return str(error)
+        return "waited"
+
+    @app.orchestrator
+    def one(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(stops_its_worker))
+
+    backend = MemoryBackend()
+    client = dtfx.AsyncClient(backend)
+    worker = dtfx.Worker(backend, app=app)
+    await worker.start_async()
+    instance_id = await client.schedule_new_orchestration(one)
+    await until(lambda: bool(stops))
+    await asyncio.wait_for(stops[0], 5)  # a stop that waited for the activity would take 10 s
+    async with dtfx.Worker(backend, app=app):
+        state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and "cannot await the stop" in state.get_output()
+
+
+def test_a_worker_whose_stop_its_loop_cut_short_stops_quietly_afterwards() -> None:
+    app = dtfx.App()
+
+    @app.activity
+    async def endless(ctx: dtfx.ActivityContext, _: Any) -> None:
+        await asyncio.Event().wait()
+
+    @app.orchestrator
+    def one(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(endless))
+
+    worker = dtfx.Worker(MemoryBackend(), app=app)
+
+    async def run_then_leave_the_stop_running() -> None:
+        await worker.start_async()
+        await dtfx.AsyncClient(worker.backend).schedule_new_orchestration(one)
+        await asyncio.sleep(0.2)  # the activity runs
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(worker.stop_async(grace_period=10), 0.1)
+
+    asyncio.run(run_then_leave_the_stop_running())  # its end cancels the stop
+    worker.stop()  # nothing left to stop: no "event loop is not running"
+    assert not worker.is_running

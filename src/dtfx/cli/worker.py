@@ -259,7 +259,7 @@ def _import(module_name: str) -> ModuleType:
     elsewhere = _found_elsewhere(module_name, path) if path.is_file() else None
     if elsewhere is not None:
         raise CommandError(
-            f"{path} would be imported as {module_name!r}, the name of another module ({elsewhere}); rename the file."
+            f"{path} would be imported as {module_name!r}, the name of another module ({elsewhere}); rename it."
         )
     try:
         return importlib.import_module(module_name)

@@ -71,8 +71,8 @@ class DispatchedWorkItem:
     """What an entity work item sent (``None`` for orchestrations and activities)."""
     partial_actions: dict[int, list[OrchestratorAction]] = field(default_factory=dict)
     """Actions of a chunked orchestrator response, by chunk index, until its last chunk."""
-    response_bytes: int = 0
-    """The bytes of the orchestrator response's chunks so far."""
+    part_sizes: dict[int, int] = field(default_factory=dict)
+    """The size of each chunk of a chunked orchestrator response so far, by chunk index."""
 
 
 @dataclass(frozen=True)

@@ -65,9 +65,9 @@ class SidecarOptions:
     where payloads are larger, or keep large payloads out of band (the SDKs' payload store)."""
     max_response_bytes: int = 128 << 20
     """The largest orchestrator response an SDK worker may send in parts (``isPartial``, as the
-    .NET SDK does with one over its chunk size), all its parts together: the server keeps the
-    parts until the last one. An orchestration whose response adds up to more fails with a
-    :class:`~dtfx.MessageTooLargeError`."""
+    .NET SDK does with one over its chunk size), all its parts together (or one message, if
+    ``max_message_bytes`` is larger): the server keeps the parts until the last one. An
+    orchestration whose response adds up to more fails with a :class:`~dtfx.MessageTooLargeError`."""
     keepalive_interval: timedelta = timedelta(seconds=30)
     """How often the server pings each connection (an HTTP/2 ping, which the peer's gRPC
     library answers): the health pings on a work-item stream would not notice a worker whose

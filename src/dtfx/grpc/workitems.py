@@ -30,7 +30,7 @@ from dtfx.grpc.convert import (
 from dtfx.grpc.hub import DispatchedWorkItem, Outcome, WorkerHub
 from dtfx.grpc.options import SidecarOptions
 from dtfx.grpc.protos import pb
-from dtfx.grpc.sizes import too_large_failure, too_large_in_parts
+from dtfx.grpc.sizes import too_large, too_large_failure, too_large_in_parts
 from dtfx.grpc.status import Context, RpcStatusError, streaming, unary, unary_any_size
 from dtfx.worker.orchestrations import Abandon, EpisodeOutcome, failed_episode
 
@@ -68,8 +68,11 @@ class WorkItemRpcs:
         except InvalidMessageError as error:
             self._give_back(item, error)
             raise
-        if request.isPartial:  # a large response in chunks (.NET): keep them until the last one
-            index = request.chunkIndex.value if request.HasField("chunkIndex") else len(item.partial_actions)
+        index = request.chunkIndex.value if request.HasField("chunkIndex") else len(item.partial_actions)
+        if request.isPartial or item.partial_actions:  # a large response in chunks (.NET)
+            item.part_sizes[index] = request.ByteSize()
+            self._refuse_too_large_in_parts(item)
+        if request.isPartial:  # kept until the last one
             item.partial_actions[index] = actions
             return pb.CompleteTaskResponse()
         earlier = [action for _, chunk in sorted(item.partial_actions.items()) for action in chunk]
@@ -134,24 +137,16 @@ class WorkItemRpcs:
             self._hub.finish(item, Abandon(self._options.abandon_retry_delay), reason="the worker abandoned it")
 
     def _refuse_oversized(self, item: DispatchedWorkItem, response: Any) -> None:
-        """Fail the work of ``item`` if the worker's ``response`` is over the size limit, or
-        is the part of an orchestrator's response that takes it over ``max_response_bytes``,
-        and refuse the response (see :mod:`dtfx.grpc.sizes`)."""
+        """Fail the work of ``item`` if the worker's ``response`` is over the size limit, and
+        refuse the response (see :mod:`dtfx.grpc.sizes`)."""
         limit = self._options.max_message_bytes
         size: int = response.ByteSize()
+        if size <= limit:
+            return
         outcome: Outcome
         if item.kind is WorkKind.ORCHESTRATION:
             what, failed = f"The orchestrator's response for instance '{item.instance_id}'", "orchestration"
-            item.response_bytes += size
-            if size > limit:
-                failure = too_large_failure(what, size, limit)
-            elif item.response_bytes > self._options.max_response_bytes:
-                failure = too_large_in_parts(what, item.response_bytes, self._options.max_response_bytes)
-            else:
-                return
-            outcome = failed_episode(failure)
-        elif size <= limit:
-            return
+            outcome = failed_episode(too_large_failure(what, size, limit))
         elif item.kind is WorkKind.ACTIVITY:
             assert item.task_id is not None
             what, failed = f"The result of activity task {item.task_id} of instance '{item.instance_id}'", "task"
@@ -163,7 +158,20 @@ class WorkItemRpcs:
             failure = too_large_failure(what, size, limit)
             outcome = BatchResult.failing(item.entity_batch.state, item.entity_batch.operations, failure)
         self._hub.finish(item, outcome)
-        raise RpcStatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{failure.message} The {failed} failed with it.")
+        raise RpcStatusError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"{too_large(what, size, limit)} The {failed} failed with it."
+        )
+
+    def _refuse_too_large_in_parts(self, item: DispatchedWorkItem) -> None:
+        """Fail the orchestration of ``item`` if the parts of its response so far add up to
+        more than ``max_response_bytes`` (or one message, if that is larger), and refuse the part."""
+        limit = max(self._options.max_response_bytes, self._options.max_message_bytes)
+        size = sum(item.part_sizes.values())
+        if size <= limit:
+            return
+        failure = too_large_in_parts(f"The orchestrator's response for instance '{item.instance_id}'", size, limit)
+        self._hub.finish(item, failed_episode(failure))
+        raise RpcStatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{failure.message} The orchestration failed with it.")
 
     def _give_back(self, item: DispatchedWorkItem, error: InvalidMessageError) -> None:
         self._hub.finish(

@@ -95,6 +95,7 @@ class Worker(BackgroundRunnable):
         self._loop: asyncio.AbstractEventLoop | None = None
         """The event loop the worker runs on, while it runs."""
         self._started = False
+        self._activity_runner: LocalActivityRunner | None = None
 
     # -- registration ---------------------------------------------------------------------
 
@@ -275,7 +276,7 @@ class Worker(BackgroundRunnable):
         asyncio.run_coroutine_threadsafe(self.stop_async(grace_period), loop).result()
 
     def _refuse_a_stop_from_its_threads(self) -> None:
-        if self._started and self._thread_pool is not None and self._thread_pool.runs_this_thread():
+        if self._stops_ahead() and self._thread_pool is not None and self._thread_pool.runs_this_thread():
             raise RuntimeError(
                 "An activity cannot wait for the stop of the worker that runs it: the stop would wait for the"
                 " activity. Stop it from another thread (threading.Thread(target=worker.stop).start())."
@@ -294,12 +295,17 @@ class Worker(BackgroundRunnable):
             self._refuse_a_stop_from_its_threads()  # (asyncio.run(worker.stop_async()) in a sync activity)
             await asyncio.to_thread(self.stop, grace_period)
             return
-        if self._started and asyncio.current_task() in self._activity_runner.running_tasks:
+        running = self._activity_runner
+        if self._stops_ahead() and running is not None and asyncio.current_task() in running.running_tasks:
             raise RuntimeError(
                 "An activity cannot await the stop of the worker that runs it: the stop would wait for the"
                 " activity. Start it as a task of its own (asyncio.create_task(worker.stop_async())), not awaited."
             )
         await super().stop_async(grace_period)
+
+    def _stops_ahead(self) -> bool:
+        """Whether a stop is still to come or under way: one that an activity would wait for."""
+        return self._started or self._stopping is not None
 
     def _begin_stop(self, grace_period: float | None) -> Coroutine[Any, Any, None]:
         self._started = False
@@ -321,14 +327,16 @@ class Worker(BackgroundRunnable):
         return self._end_stop(grace)
 
     async def _end_stop(self, grace: float) -> None:
-        await WorkItemDispatcher.stop_together(self._dispatchers, grace)
-        for waiter in self._waiters:
-            waiter.close()
-        self._waiters.clear()
-        if self._thread_pool is not None:
-            self._thread_pool.shutdown(wait=False, cancel_futures=True)
-        if self._owns_backend:
-            await self.backend.close()
-            self._backend_closed = True
-        self._loop = None  # (kept so far: a stop from another loop meanwhile waits for this one there)
+        try:
+            await WorkItemDispatcher.stop_together(self._dispatchers, grace)
+            for waiter in self._waiters:
+                waiter.close()
+            self._waiters.clear()
+            if self._thread_pool is not None:
+                self._thread_pool.shutdown(wait=False, cancel_futures=True)
+            if self._owns_backend:
+                await self.backend.close()
+                self._backend_closed = True
+        finally:
+            self._loop = None  # (kept so far: a stop from another loop meanwhile waits for this one there)
         logger.info("Worker stopped")
