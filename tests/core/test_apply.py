@@ -21,6 +21,7 @@ from dtfx.core.apply import (
     EpisodeKind,
     HistoryNeededError,
     apply_actions,
+    in_time_order,
     locks_a_rewind_cannot_take_back,
     needs_history,
     plan_episode,
@@ -521,3 +522,20 @@ def test_rewind_drops_final_failures_keeps_retried_attempts_and_rewinds_children
     parent = ParentInstance(instance_id="i", execution_id=work.state.execution_id, task_scheduled_id=5)
     assert (child.instance_id, child.event) == ("kid", ExecutionRewound(timestamp=NOW, reason="fixed", parent=parent))
     assert wake_up.instance_id == "i" and isinstance(wake_up.event, GenericEvent)
+
+
+def test_a_timer_takes_its_place_at_its_moment_and_the_others_keep_their_order() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def at(seconds: float, name: str) -> EventRaised:
+        return EventRaised(timestamp=t0 + timedelta(seconds=seconds), name=name)
+
+    timer = TimerFired(timestamp=t0 + timedelta(seconds=3), timer_id=1, fire_at=t0 + timedelta(seconds=3))
+    messages = [
+        InboxMessage(1, timer),  # written when the timer was made
+        InboxMessage(2, at(1.0, "a")),
+        InboxMessage(3, at(0.9, "b")),  # written after a, by a clock a little behind: still after a
+        InboxMessage(4, at(5.0, "c")),
+    ]
+    assert [m.id for m in in_time_order(messages)] == [2, 3, 1, 4]
+    assert in_time_order(messages[1:]) == messages[1:]  # no timer: as written

@@ -221,6 +221,30 @@ async def test_external_event_with_timeout(hub: Hub, app: dtfx.App, send_event: 
     assert state.get_output() == ("got 42" if send_event else "timed out")
 
 
+async def test_an_event_raised_before_the_deadline_wins_though_no_worker_ran_until_after_it(
+    hub: Hub, app: dtfx.App
+) -> None:
+    # Both messages wait in the inbox, the timer's written first (when the timer was made).
+    @app.orchestrator
+    def approval(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        answer = ctx.wait_for_external_event("approval")
+        deadline = ctx.create_timer(timedelta(seconds=0.5))
+        winner = yield dtfx.when_any([answer, deadline])
+        return "expired" if winner is deadline else f"approved: {answer.get_result()}"
+
+    async with hub.worker(app):
+        instance_id = await hub.client.schedule_new_orchestration(approval)
+        await hub.wait_for_history(instance_id, lambda h: any(isinstance(e, TimerCreated) for e in h))
+    await hub.client.raise_orchestration_event(instance_id, "approval", data="yes")  # in time
+    await asyncio.sleep(0.7)  # the deadline passes, no worker running
+    async with hub.worker(app):
+        state = await hub.client.wait_for_orchestration_completion(instance_id, timeout=10)
+    assert state is not None and state.get_output() == "approved: yes"
+    history = await hub.client.get_orchestration_history(instance_id)
+    taken = [type(event).__name__ for event in history if isinstance(event, EventRaised | TimerFired)]
+    assert taken == ["EventRaised", "TimerFired"]  # in the order they happened
+
+
 async def test_sub_orchestrations_with_explicit_and_default_ids(hub: Hub, app: dtfx.App) -> None:
     @app.orchestrator
     def child(ctx: dtfx.OrchestrationContext, value: int) -> Any:

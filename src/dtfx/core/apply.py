@@ -76,6 +76,7 @@ from dtfx.core.history import (
     storable_text,
 )
 from dtfx.core.instance_ids import instance_id_error, is_entity_id, orchestration_id_error
+from dtfx.core.moments import as_utc
 from dtfx.core.tokens import new_token
 from dtfx.core.versioning import VERSION_MISMATCH
 from dtfx.core.workitems import (
@@ -139,7 +140,7 @@ def plan_episode(item: OrchestrationWorkItem, history: Sequence[HistoryEvent] | 
     events: list[HistoryEvent] = []
     suspended = state.runtime_status == OrchestrationStatus.SUSPENDED
     redundant = 0
-    for message in item.messages if started else _carried_first(item.messages, state.execution_id):
+    for message in in_time_order(item.messages) if started else _carried_first(item.messages, state.execution_id):
         event = message.event
         if isinstance(event, ExecutionStarted):
             if not started and start is None and event.instance.execution_id == state.execution_id:
@@ -413,6 +414,26 @@ def merge_checkpoints(
         messages=[*first.messages, *second.messages],
         finished_tasks=[*first.finished_tasks, *second.finished_tasks],
     )
+
+
+def in_time_order(messages: Sequence[InboxMessage]) -> Sequence[InboxMessage]:
+    """``messages`` in the order things happened: the message of a timer, written when the
+    timer was made, takes its place at the moment the timer fired, among the others, which
+    keep the order they were written in (their moments, from the clocks of several processes,
+    may disagree a little). So an event raised before a timer came due comes before it when
+    both waited for a worker (one that was away, or busy): an approval that came before its
+    deadline wins, as it would have with a worker ready."""
+    if len(messages) < 2 or not any(isinstance(message.event, TimerFired) for message in messages):
+        return messages
+    moments: list[datetime] = []
+    latest: datetime | None = None
+    for message in messages:
+        moment = as_utc(message.event.timestamp)
+        if not isinstance(message.event, TimerFired):
+            latest = moment = moment if latest is None else max(latest, moment)
+        moments.append(moment)
+    order = sorted(range(len(messages)), key=lambda position: (moments[position], position))
+    return [messages[position] for position in order]
 
 
 def _carried_first(messages: Sequence[InboxMessage], execution_id: str | None) -> Sequence[InboxMessage]:
