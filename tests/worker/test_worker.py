@@ -665,71 +665,66 @@ async def test_a_worker_started_on_a_loop_is_stopped_by_stop_from_another_thread
     assert not worker.is_running
 
 
+class _Held:
+    """An app whose orchestrator ``one`` calls one async activity, which sets ``started`` as it
+    begins, then waits for ``finish`` and returns "finished"; ``ran`` counts its ends."""
+
+    def __init__(self) -> None:
+        self.started, self.finish = asyncio.Event(), asyncio.Event()
+        self.ran: list[str] = []
+        self.app = dtfx.App()
+
+        @self.app.activity
+        async def slow(ctx: dtfx.ActivityContext, _: Any) -> str:
+            self.started.set()
+            await self.finish.wait()
+            self.ran.append("slow")
+            return "finished"
+
+        @self.app.orchestrator
+        def one(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+            return (yield ctx.call_activity(slow))
+
+
 async def test_a_stop_whose_caller_is_cancelled_runs_on_and_a_second_stop_waits_for_it(tmp_path: Any) -> None:
-    app = dtfx.App()
-    started, finish = asyncio.Event(), asyncio.Event()
-    ran: list[str] = []
-
-    @app.activity
-    async def slow(ctx: dtfx.ActivityContext, _: Any) -> str:
-        started.set()
-        await finish.wait()
-        ran.append("slow")
-        return "finished"
-
-    @app.orchestrator
-    def one(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
-        return (yield ctx.call_activity(slow))
-
+    held = _Held()
     url = f"sqlite:///{tmp_path}/hub.db"
     async with dtfx.AsyncClient(url) as client:
-        instance_id = await client.schedule_new_orchestration(one)
+        instance_id = await client.schedule_new_orchestration("one")
         before = set(threading.enumerate())
-        worker = dtfx.Worker(url, app=app)
+        worker = dtfx.Worker(url, app=held.app)
         await worker.start_async()
-        await started.wait()
+        await held.started.wait()
         with pytest.raises(TimeoutError):  # a timeout around the stop, shorter than the activity
             await asyncio.wait_for(worker.stop_async(grace_period=10), 0.1)
         assert not worker.is_running
-        finish.set()
+        held.finish.set()
         await asyncio.wait_for(worker.stop_async(), 10)  # waits for the stop under way
         assert await asyncio.to_thread(_ends_its_threads, before)  # its backend was closed
-        async with dtfx.Worker(url, app=app):
+        async with dtfx.Worker(url, app=held.app):
             state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
     assert state is not None and state.get_output() == "finished"
-    assert ran == ["slow"]  # its result was committed by the stop, not run again
+    assert held.ran == ["slow"]  # its result was committed by the stop, not run again
 
 
 async def test_a_start_after_a_stop_whose_caller_was_cancelled_waits_for_that_stop() -> None:
     # The stop, still under way, would close what the new start opened (its threads, its waiters).
-    app = dtfx.App()
-    started, finish = asyncio.Event(), asyncio.Event()
-
-    @app.activity
-    async def slow(ctx: dtfx.ActivityContext, _: Any) -> str:
-        started.set()
-        await finish.wait()
-        return "finished"
-
-    @app.orchestrator
-    def one(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
-        return (yield ctx.call_activity(slow))
-
+    held = _Held()
     backend = MemoryBackend()
     client = dtfx.AsyncClient(backend)
-    worker = dtfx.Worker(backend, app=app)
+    worker = dtfx.Worker(backend, app=held.app)
     await worker.start_async()
-    first = await client.schedule_new_orchestration(one)
-    await started.wait()
+    first = await client.schedule_new_orchestration("one")
+    await held.started.wait()
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(worker.stop_async(grace_period=10), 0.1)
     restarting = asyncio.create_task(worker.start_async())
     await asyncio.sleep(0.2)
     assert not restarting.done()
-    finish.set()
+    held.finish.set()
     await asyncio.wait_for(restarting, 10)
     try:
-        second = await client.schedule_new_orchestration(one)
+        second = await client.schedule_new_orchestration("one")
         for instance_id in (first, second):
             state = await client.wait_for_orchestration_completion(instance_id, timeout=10)
             assert state is not None and state.get_output() == "finished"
