@@ -544,11 +544,12 @@ def test_run_reports_apps_it_cannot_load(tmp_path: Path, monkeypatch: pytest.Mon
         "broken_app.py": "Importing broken_app failed: ZeroDivisionError: division by zero",
         "needs_missing": "Importing needs_missing failed: No module named 'no_such_dependency'",
         "queue.py": "queue.py would be imported as 'queue', the name of another module",
-        "json": "json.py would be imported as 'json', the name of another module",  # not "json has no dtfx.App"
-        "email": "email/__init__.py would be imported as 'email', the name of another module",
+        "json": ("json.py would be imported as 'json', the name of another module", "rename the file"),
+        "email": ("email/__init__.py would be imported as 'email', the name of another module", "rename the package"),
     }
     for target, message in cases.items():
-        assert_one_line_error(invoke("run", target, "-b", hub), message, exit_code=1)
+        fragments = (message,) if isinstance(message, str) else message
+        assert_one_line_error(invoke("run", target, "-b", hub), *fragments, exit_code=1)
     assert not (tmp_path / "hub.db").exists()  # nothing was opened for an app that did not load
 
 

@@ -123,10 +123,10 @@ class BackgroundRunnable(ABC):
 
     def __init__(self) -> None:
         self._portal: LoopThread | None = None
-        self._lifecycle = threading.Lock()
+        self._lifecycle = threading.RLock()
         """Held by :meth:`start` and :meth:`stop`: a second caller waits for the first."""
-        self._lifecycle_holder: int | None = None
-        """The thread that holds ``_lifecycle``."""
+        self._lifecycle_busy = False
+        """Whether a :meth:`start` or :meth:`stop` holds ``_lifecycle``."""
         self._stopping: asyncio.Task[None] | None = None
         """The stop under way, if one is."""
 
@@ -167,6 +167,9 @@ class BackgroundRunnable(ABC):
         stopping = self._stopping
         if stopping is None:
             return
+        if stopping.get_loop().is_closed():  # it will never end: nothing of it is left to wait for
+            self._stopping = None
+            return
         if stopping.get_loop() is not asyncio.get_running_loop():
             raise RuntimeError("The last stop is still under way, on another event loop: wait for it there first.")
         await asyncio.wait([stopping])  # (how it ended is its callers' to hear)
@@ -194,7 +197,8 @@ class BackgroundRunnable(ABC):
 
     def stop(self, grace_period: float | None = None) -> None:
         """Stop what :meth:`start` started; a second caller meanwhile waits for the stop, but
-        on the thread that is stopping it (a signal handler's) returns at once."""
+        one on the thread that is starting or stopping it (a signal handler's) returns at once,
+        having done nothing."""
         with self._holding_the_lifecycle() as holding:
             portal = self._portal
             if not holding or portal is None:
@@ -207,17 +211,17 @@ class BackgroundRunnable(ABC):
 
     @contextlib.contextmanager
     def _holding_the_lifecycle(self) -> Iterator[bool]:
-        """Hold ``_lifecycle``; ``False`` (not holding it) for a caller on the thread that holds it
-        already, a signal handler's say, which would wait for itself."""
-        if self._lifecycle_holder == threading.get_ident():
-            yield False
-            return
+        """Hold ``_lifecycle``; ``False`` for a caller on the thread that holds it already, a
+        signal handler's say, which would otherwise wait for itself (the lock lets it in)."""
         with self._lifecycle:
-            self._lifecycle_holder = threading.get_ident()
+            if self._lifecycle_busy:
+                yield False
+                return
+            self._lifecycle_busy = True
             try:
                 yield True
             finally:
-                self._lifecycle_holder = None
+                self._lifecycle_busy = False
 
     def __enter__(self) -> Self:
         self.start()

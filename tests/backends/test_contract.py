@@ -591,6 +591,16 @@ async def test_a_rewritten_history_that_counts_on_only_grows_in_size(backend: Ba
     assert await backend.get_history("a") == [*kept, rewound, appended]
 
 
+async def test_a_message_says_when_it_became_visible(backend: Backend) -> None:
+    await run_to(backend, "a", Status.RUNNING)
+    before = backend.now()
+    await backend.send_event("a", EventRaised(timestamp=before - timedelta(hours=1), name="go"))
+    item = await lock_one(backend, "a")
+    (message,) = item.messages
+    assert message.visible_at is not None
+    assert abs((message.visible_at - before).total_seconds()) < 5  # when written, not its event's moment
+
+
 async def test_messages_to_other_instances_follow_the_delivery_rules(backend: Backend) -> None:
     await run_to(backend, "target", Status.RUNNING)
     await run_to(backend, "ended", Status.COMPLETED)

@@ -539,3 +539,7 @@ def test_a_timer_takes_its_place_at_its_moment_and_the_others_keep_their_order()
     ]
     assert [m.id for m in in_time_order(messages)] == [2, 3, 1, 4]
     assert in_time_order(messages[1:]) == messages[1:]  # no timer: as written
+    # A message is placed by when it was written, where the store says: an entity's reply carries
+    # the moment its batch began, and may be written after the timer fired, by a long operation.
+    late_reply = InboxMessage(5, at(1.0, "reply"), visible_at=t0 + timedelta(seconds=4))
+    assert [m.id for m in in_time_order([messages[0], late_reply])] == [1, 5]

@@ -855,3 +855,30 @@ def test_a_worker_whose_stop_its_loop_cut_short_stops_quietly_afterwards() -> No
     asyncio.run(run_then_leave_the_stop_running())  # its end cancels the stop
     worker.stop()  # nothing left to stop: no "event loop is not running"
     assert not worker.is_running
+
+
+def test_a_worker_whose_stop_was_left_on_a_closed_loop_starts_again() -> None:
+    # The stop will never end: a start that waited for it could never start.
+    app = dtfx.App()
+
+    @app.activity
+    async def endless(ctx: dtfx.ActivityContext, _: Any) -> None:
+        await asyncio.Event().wait()
+
+    @app.orchestrator
+    def one(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
+        return (yield ctx.call_activity(endless))
+
+    worker = dtfx.Worker(MemoryBackend(), app=app)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(worker.start_async())
+    loop.run_until_complete(dtfx.AsyncClient(worker.backend).schedule_new_orchestration(one))
+    loop.run_until_complete(asyncio.sleep(0.2))
+    with pytest.raises(TimeoutError):
+        loop.run_until_complete(asyncio.wait_for(worker.stop_async(grace_period=10), 0.1))
+    loop.close()  # not asyncio.run: its tasks, the stop's too, are left as they were
+    worker.start()
+    try:
+        assert worker.is_running
+    finally:
+        worker.stop(grace_period=0.1)

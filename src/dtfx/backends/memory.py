@@ -468,7 +468,7 @@ def _work_item(instance: _Instance, messages: Sequence[_Message]) -> Orchestrati
         lock_token=instance.lock_token,
         locked_until=instance.locked_until,
         state=_snapshot(instance.state, True),
-        messages=[InboxMessage(m.id, m.event, m.execution_id) for m in messages],
+        messages=[InboxMessage(m.id, m.event, m.execution_id, m.visible_at) for m in messages],
         history_size=instance.history_size,
     )
 

@@ -258,8 +258,9 @@ def _import(module_name: str) -> ModuleType:
     # library's json, say) or built in: the import would not be of the file.
     elsewhere = _found_elsewhere(module_name, path) if path.is_file() else None
     if elsewhere is not None:
+        renamed = "the package" if path.name == "__init__.py" else "the file"
         raise CommandError(
-            f"{path} would be imported as {module_name!r}, the name of another module ({elsewhere}); rename it."
+            f"{path} would be imported as {module_name!r}, the name of another module ({elsewhere}); rename {renamed}."
         )
     try:
         return importlib.import_module(module_name)

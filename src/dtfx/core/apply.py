@@ -419,18 +419,21 @@ def merge_checkpoints(
 def in_time_order(messages: Sequence[InboxMessage]) -> Sequence[InboxMessage]:
     """``messages`` in the order things happened: the message of a timer, written when the
     timer was made, takes its place at the moment the timer fired, among the others, which
-    keep the order they were written in (their moments, from the clocks of several processes,
-    may disagree a little). So an event raised before a timer came due comes before it when
-    both waited for a worker (one that was away, or busy): an approval that came before its
-    deadline wins, as it would have with a worker ready."""
+    keep the order they were written in (the moments they became visible, from the clocks
+    of several processes, may disagree a little). So an event raised before a timer came
+    due comes before it when both waited for a worker (one that was away, or busy): an
+    approval that came before its deadline wins, as it would have with a worker ready."""
     if len(messages) < 2 or not any(isinstance(message.event, TimerFired) for message in messages):
         return messages
     moments: list[datetime] = []
     latest: datetime | None = None
     for message in messages:
-        moment = as_utc(message.event.timestamp)
-        if not isinstance(message.event, TimerFired):
-            latest = moment = moment if latest is None else max(latest, moment)
+        event = message.event
+        if isinstance(event, TimerFired):
+            moment = as_utc(event.fire_at)
+        else:
+            written = as_utc(message.visible_at or event.timestamp)
+            latest = moment = written if latest is None else max(latest, written)
         moments.append(moment)
     order = sorted(range(len(messages)), key=lambda position: (moments[position], position))
     return [messages[position] for position in order]

@@ -28,6 +28,9 @@ class InboxMessage:
     event: HistoryEvent
     execution_id: str | None = None
     """The execution it is addressed to; ``None`` means whichever execution is current."""
+    visible_at: datetime | None = None
+    """When it became visible: when it was written, or, for a timer's, when the timer fired
+    (``None``: unknown, its event's timestamp stands for it)."""
 
 
 @dataclass(frozen=True, slots=True)

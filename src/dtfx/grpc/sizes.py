@@ -14,7 +14,8 @@ result is too large fails as a task, for its orchestration to handle; an entity 
 large to send goes in parts, and an operation too large on its own fails; an entity
 batch's result too large fails each of its operations, and the entity keeps the state it
 had; an orchestrator's response sent in parts that add up to more than
-``SidecarOptions.max_response_bytes`` fails its orchestration. Any other request over the
+``SidecarOptions.max_response_bytes`` (or ``max_message_bytes``, if larger) fails its
+orchestration. Any other request over the
 limit is refused with ``RESOURCE_EXHAUSTED``, as gRPC would. A result larger still is
 refused by gRPC as it arrives, and its work item stays with the worker until it
 disconnects.
@@ -62,12 +63,13 @@ def too_large(what: str, size: int, limit: int) -> str:
     return f"{what} is {size:,} bytes, more than the {limit:,} a message between the sidecar and its workers may carry."
 
 
-def too_large_in_parts(what: str, size: int, limit: int) -> FailureDetails:
-    """The failure of an orchestration whose response, sent in parts, adds up to over ``limit``."""
+def too_large_in_parts(what: str, size: int, limit: int, option: str) -> FailureDetails:
+    """The failure of an orchestration whose response, sent in parts, adds up to over ``limit``,
+    the value of the sidecar's ``option``."""
     return FailureDetails(
         error_type=qualified_name(MessageTooLargeError),
         message=f"{what} adds up to {size:,} bytes in its parts, more than the {limit:,} the sidecar takes"
-        " (SidecarOptions.max_response_bytes). Fan out in several episodes, or keep large payloads out of the"
+        f" (SidecarOptions.{option}). Fan out in several episodes, or keep large payloads out of the"
         " messages (the SDKs' payload store).",
     )
 

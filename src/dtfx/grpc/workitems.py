@@ -165,11 +165,15 @@ class WorkItemRpcs:
     def _refuse_too_large_in_parts(self, item: DispatchedWorkItem) -> None:
         """Fail the orchestration of ``item`` if the parts of its response so far add up to
         more than ``max_response_bytes`` (or one message, if that is larger), and refuse the part."""
-        limit = max(self._options.max_response_bytes, self._options.max_message_bytes)
+        options = self._options
+        limit, option = max(
+            (options.max_response_bytes, "max_response_bytes"), (options.max_message_bytes, "max_message_bytes")
+        )
         size = sum(item.part_sizes.values())
         if size <= limit:
             return
-        failure = too_large_in_parts(f"The orchestrator's response for instance '{item.instance_id}'", size, limit)
+        what = f"The orchestrator's response for instance '{item.instance_id}'"
+        failure = too_large_in_parts(what, size, limit, option)
         self._hub.finish(item, failed_episode(failure))
         raise RpcStatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{failure.message} The orchestration failed with it.")
 

@@ -305,7 +305,7 @@ class Worker(BackgroundRunnable):
 
     def _stops_ahead(self) -> bool:
         """Whether a stop is still to come or under way: one that an activity would wait for."""
-        return self._started or self._stopping is not None
+        return self._loop is not None or self._stopping is not None
 
     def _begin_stop(self, grace_period: float | None) -> Coroutine[Any, Any, None]:
         self._started = False

@@ -19,6 +19,7 @@ from dtfx.backends.delivery import work_kind_of
 from dtfx.backends.paging import encode_token
 from dtfx.backends.sql.program import Dialect, Execute, ExecuteMany, Fetch, Notify, Program
 from dtfx.backends.sql.rows import (
+    from_micros,
     optional_micros,
     optional_moment,
     state_columns,
@@ -274,8 +275,8 @@ def lock_orchestration_work_items(
     if not rows:
         return [], {}
     messages = yield Fetch(
-        "SELECT id, instance_id, execution_id, event FROM (SELECT id, instance_id, execution_id, event,"
-        " row_number() OVER (PARTITION BY instance_id ORDER BY id) AS position FROM inbox"
+        "SELECT id, instance_id, execution_id, event, visible_at FROM (SELECT id, instance_id, execution_id, event,"
+        " visible_at, row_number() OVER (PARTITION BY instance_id ORDER BY id) AS position FROM inbox"
         f" WHERE {dialect.in_list('instance_id')} AND visible_at <= ?) AS visible"
         " WHERE position <= ? ORDER BY instance_id, id",
         (dialect.list_param([row[0] for row in rows]), now_micros, max_messages),
@@ -283,11 +284,12 @@ def lock_orchestration_work_items(
     )
     inboxes: dict[str, list[InboxMessage]] = {row[0]: [] for row in rows}
     unreadable: dict[str, str] = {}
-    for message_id, instance_id, execution_id, event in messages:
+    for message_id, instance_id, execution_id, event, visible_at in messages:
         if instance_id in unreadable:
             continue
         try:
-            inboxes[instance_id].append(InboxMessage(message_id, decode_event(event), execution_id))
+            message = InboxMessage(message_id, decode_event(event), execution_id, from_micros(visible_at))
+            inboxes[instance_id].append(message)
         except msgspec.DecodeError as error:  # written by a newer dtfx, say, or by hand
             unreadable[instance_id] = f"message {message_id}: {error}"
             inboxes[instance_id] = []
