@@ -15,10 +15,9 @@ large to send goes in parts, and an operation too large on its own fails; an ent
 batch's result too large fails each of its operations, and the entity keeps the state it
 had; an orchestrator's response sent in parts that add up to more than
 ``SidecarOptions.max_response_bytes`` (or ``max_message_bytes``, if larger) fails its
-orchestration. Any other request over the
-limit is refused with ``RESOURCE_EXHAUSTED``, as gRPC would. A result larger still is
-refused by gRPC as it arrives, and its work item stays with the worker until it
-disconnects.
+orchestration. Any other request over the limit is refused with ``RESOURCE_EXHAUSTED``,
+as gRPC would. A result larger still is refused by gRPC as it arrives, and its work item
+stays with the worker until it disconnects.
 """
 
 from __future__ import annotations
