@@ -832,7 +832,8 @@ async def test_an_activity_cannot_await_a_stop_under_way_either() -> None:
     assert state is not None and "cannot await the stop" in state.get_output()
 
 
-def test_a_worker_whose_stop_its_loop_cut_short_stops_quietly_afterwards() -> None:
+def _runs_endlessly() -> dtfx.Worker:
+    """A worker whose orchestration ``one`` calls an activity that never ends."""
     app = dtfx.App()
 
     @app.activity
@@ -843,39 +844,31 @@ def test_a_worker_whose_stop_its_loop_cut_short_stops_quietly_afterwards() -> No
     def one(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
         return (yield ctx.call_activity(endless))
 
-    worker = dtfx.Worker(MemoryBackend(), app=app)
+    return dtfx.Worker(MemoryBackend(), app=app)
 
-    async def run_then_leave_the_stop_running() -> None:
-        await worker.start_async()
-        await dtfx.AsyncClient(worker.backend).schedule_new_orchestration(one)
-        await asyncio.sleep(0.2)  # the activity runs
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(worker.stop_async(grace_period=10), 0.1)
 
-    asyncio.run(run_then_leave_the_stop_running())  # its end cancels the stop
+async def _leave_its_stop_running(worker: dtfx.Worker) -> None:
+    """Start ``worker`` on the running loop with its endless activity under way, then stop it
+    from a caller that a timeout cancels: the stop goes on, waiting for the activity."""
+    await worker.start_async()
+    await dtfx.AsyncClient(worker.backend).schedule_new_orchestration("one")
+    await asyncio.sleep(0.2)  # the activity runs
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(worker.stop_async(grace_period=10), 0.1)
+
+
+def test_a_worker_whose_stop_its_loop_cut_short_stops_quietly_afterwards() -> None:
+    worker = _runs_endlessly()
+    asyncio.run(_leave_its_stop_running(worker))  # its end cancels the stop
     worker.stop()  # nothing left to stop: no "event loop is not running"
     assert not worker.is_running
 
 
 def test_a_worker_whose_stop_was_left_on_a_closed_loop_starts_again() -> None:
     # The stop will never end: a start that waited for it could never start.
-    app = dtfx.App()
-
-    @app.activity
-    async def endless(ctx: dtfx.ActivityContext, _: Any) -> None:
-        await asyncio.Event().wait()
-
-    @app.orchestrator
-    def one(ctx: dtfx.OrchestrationContext, _: Any) -> Any:
-        return (yield ctx.call_activity(endless))
-
-    worker = dtfx.Worker(MemoryBackend(), app=app)
+    worker = _runs_endlessly()
     loop = asyncio.new_event_loop()
-    loop.run_until_complete(worker.start_async())
-    loop.run_until_complete(dtfx.AsyncClient(worker.backend).schedule_new_orchestration(one))
-    loop.run_until_complete(asyncio.sleep(0.2))
-    with pytest.raises(TimeoutError):
-        loop.run_until_complete(asyncio.wait_for(worker.stop_async(grace_period=10), 0.1))
+    loop.run_until_complete(_leave_its_stop_running(worker))
     loop.close()  # not asyncio.run: its tasks, the stop's too, are left as they were
     worker.start()
     try:
